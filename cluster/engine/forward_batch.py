@@ -1,0 +1,59 @@
+"""The contract between a scheduler and the engine: one forward in, one result out.
+
+A scheduler builds a `ForwardInput` on its own thread when it launches a batch; the
+engine's `ModelRunner.forward(ForwardInput) -> ForwardOutput` runs it (on the forward
+thread under overlap). Everything here is plain CPU tensors / lists so that building it
+never waits for the device.
+
+Per request i, the forward covers the token positions
+`prefix_lens[i] .. prefix_lens[i] + extend_lens[i] - 1`; its KV is written into the pages
+`page_tables[i]` (page p holds positions p*page_size .. (p+1)*page_size-1 of that
+request, in page-table order). Tokens attend causally to everything before them,
+except that the last `bidirectional_lens[i]` tokens of the request's extend segment
+also attend to each other in both directions (DLLM blocks; 0 = plain causal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from cluster.sampling_params import SamplingParams
+
+
+@dataclass
+class ForwardInput:
+    input_ids: torch.Tensor                 # int64 [num_tokens]; value -(k+1) = future token of slot k
+    extend_lens: list[int]                  # new tokens per request (1 for decode)
+    prefix_lens: list[int]                  # tokens already in the KV cache per request
+    page_tables: list[list[int]]            # pages per request, enough for prefix + extend
+    sample: list[bool]                      # sample a next token from the request's last position
+    sampling: list[SamplingParams]
+    generators: list[Optional[torch.Generator]] = field(default_factory=list)
+    prior_ids: list[list[int]] = field(default_factory=list)   # ids seen so far, for penalties
+    min_tokens_left: list[int] = field(default_factory=list)   # >0 masks EOS for the request
+    eos_token_ids: list[frozenset] = field(default_factory=list)
+    future_slots: list[int] = field(default_factory=list)      # slot that stores the sampled token, -1 = none
+    bidirectional_lens: list[int] = field(default_factory=list)  # DLLM: trailing tokens attending both ways
+    return_logits: bool = False             # DLLM: return logits of every extend token
+    is_decode: bool = False                 # every extend_len is 1 (lets the engine take a batched path)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(p, p + e) for p, e in zip(self.prefix_lens, self.extend_lens)])
+
+
+@dataclass
+class ForwardOutput:
+    next_token_ids: torch.Tensor            # int64 [num_reqs] on CPU; -1 where sample[i] is False
+    logprobs: Optional[torch.Tensor] = None # float32 [num_reqs]: logprob of each chosen token
+    logits: Optional[torch.Tensor] = None   # float32 [num_tokens, vocab] when return_logits
+    timings: dict[str, Any] = field(default_factory=dict)

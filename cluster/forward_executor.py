@@ -1,0 +1,51 @@
+"""Runs forwards: inline (normal loop) or on one forward thread (overlap loop).
+
+One thread, so forwards stay in launch order: batch N+1's forward starts only after
+N's finished, which is what lets N+1 read N's sampled tokens from the future map and
+lets pages freed while N+1 runs be reused only by N+2.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+
+class ForwardExecutor:
+    def __init__(self, forward_fn: Callable[[Any], Any], threaded: bool, on_cuda: bool = False):
+        self.forward_fn = forward_fn
+        self.threaded = threaded
+        self._pool: Optional[ThreadPoolExecutor] = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward") if threaded else None)
+        self._stream = None
+        if threaded and on_cuda:
+            import torch
+            self._stream = torch.cuda.Stream()
+        self.trace: Optional[list[tuple[str, int, float, float]]] = None   # ("forward", iter, t0, t1)
+        self._trace_lock = threading.Lock()
+
+    def submit(self, forward_iter: int, forward_input: Any) -> Future:
+        if self._pool is None:
+            fut: Future = Future()
+            fut.set_result(self._run(forward_iter, forward_input))
+            return fut
+        return self._pool.submit(self._run, forward_iter, forward_input)
+
+    def _run(self, forward_iter: int, forward_input: Any) -> Any:
+        t0 = time.perf_counter()
+        if self._stream is not None:
+            import torch
+            with torch.cuda.stream(self._stream):
+                out = self.forward_fn(forward_input)
+                self._stream.synchronize()
+        else:
+            out = self.forward_fn(forward_input)
+        if self.trace is not None:
+            with self._trace_lock:
+                self.trace.append(("forward", forward_iter, t0, time.perf_counter()))
+        return out
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

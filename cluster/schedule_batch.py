@@ -1,0 +1,144 @@
+"""Req and ScheduleBatch: the two objects every scheduler passes around.
+
+A ScheduleBatch is what one `run_batch` launches. Its `forward_iter` is the value of
+the worker's `forward_ct` right after `run_batch` incremented it, so the batch keeps
+the identity of the iteration that launched it even when (under overlap) it is
+processed after later batches were launched. `copy()` and the wire form keep it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cluster.sampling_params import SamplingParams
+
+
+class ForwardMode(str, enum.Enum):
+    EXTEND = "extend"      # prompt tokens (a whole prompt, a chunk, or past a cached prefix)
+    DECODE = "decode"      # exactly one new token per request
+    DLLM = "dllm"          # one block-diffusion round (prefill-like, bidirectional tail)
+
+
+class Req:
+    """One request as a worker sees it. The prompt is never modified."""
+
+    __slots__ = (
+        "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
+        "kv_len", "num_pending", "finish_reason", "error", "future_slot", "generator",
+        "num_streamed", "output_logprobs", "arrival_time", "peer", "extra",
+    )
+
+    def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
+                 eos_token_ids: frozenset[int] = frozenset(), output_ids: Optional[list[int]] = None):
+        if not input_ids:
+            raise ValueError(f"request {rid}: empty prompt")
+        self.rid = rid
+        self.input_ids = tuple(input_ids)
+        self.output_ids: list[int] = list(output_ids or [])
+        self.sampling = sampling
+        self.eos_token_ids = eos_token_ids
+        self.page_table: list[int] = []
+        self.kv_len = 0            # tokens whose KV is written or being written by a launched forward
+        self.num_pending = 0       # tokens launched for sampling whose result is not processed yet
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.future_slot = -1      # overlap: where the forward side stores this request's last sampled token
+        self.generator: Any = None # torch.Generator when sampling.seed is set
+        self.num_streamed = 0      # output tokens already sent to the router
+        self.output_logprobs: list[float] = []
+        self.arrival_time = 0.0
+        self.peer: Optional[dict] = None   # disaggregation: the other side's worker id and address
+        self.extra: dict = {}              # role-specific state (e.g. DLLM block)
+
+    # derived lengths are properties, never copies kept in sync
+    @property
+    def prompt_len(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return list(self.input_ids) + self.output_ids
+
+    def to_wire(self) -> dict:
+        return {"rid": self.rid, "input_ids": list(self.input_ids), "output_ids": list(self.output_ids),
+                "sampling": self.sampling.to_wire(), "kv_len": self.kv_len,
+                "finish_reason": self.finish_reason}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Req":
+        req = cls(d["rid"], list(d["input_ids"]), SamplingParams.from_wire(d["sampling"]),
+                  output_ids=list(d["output_ids"]))
+        req.kv_len = int(d["kv_len"])
+        req.finish_reason = d["finish_reason"]
+        return req
+
+    def __repr__(self) -> str:
+        return f"Req({self.rid!r}, prompt={self.prompt_len}, out={self.num_output}, kv={self.kv_len})"
+
+
+@dataclass
+class ScheduleBatch:
+    """The requests one forward runs over, plus the per-request token counts it launched."""
+
+    reqs: list[Req]
+    mode: ForwardMode
+    extend_lens: list[int] = field(default_factory=list)   # new tokens per request in this forward
+    prefix_lens: list[int] = field(default_factory=list)   # tokens already in KV before it
+    sample: list[bool] = field(default_factory=list)       # whether this forward samples for the request
+    forward_iter: Optional[int] = None                     # set by Scheduler.run_batch, never later
+
+    def __post_init__(self) -> None:
+        n = len(self.reqs)
+        if not self.extend_lens:
+            self.extend_lens = [1] * n if self.mode == ForwardMode.DECODE else [0] * n
+        if not self.prefix_lens:
+            self.prefix_lens = [0] * n
+        if not self.sample:
+            self.sample = [True] * n
+        assert len(self.extend_lens) == len(self.prefix_lens) == len(self.sample) == n
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self.prefix_lens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    def copy(self) -> "ScheduleBatch":
+        """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""
+        return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
+                             prefix_lens=list(self.prefix_lens), sample=list(self.sample),
+                             forward_iter=self.forward_iter)
+
+    def to_wire(self) -> dict:
+        return {"mode": self.mode.value, "forward_iter": self.forward_iter,
+                "extend_lens": list(self.extend_lens), "prefix_lens": list(self.prefix_lens),
+                "sample": list(self.sample), "reqs": [r.to_wire() for r in self.reqs]}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "ScheduleBatch":
+        return cls(reqs=[Req.from_wire(r) for r in d["reqs"]], mode=ForwardMode(d["mode"]),
+                   extend_lens=list(d["extend_lens"]), prefix_lens=list(d["prefix_lens"]),
+                   sample=list(d["sample"]), forward_iter=d["forward_iter"])

@@ -1,0 +1,112 @@
+"""Scheduler base: `run_batch`, and the normal and overlap loops side by side.
+
+A role (prefill, decode, unified, dllm) subclasses `Scheduler` and supplies four steps:
+`recv_requests`, `get_next_batch_to_run`, `build_forward_input` and
+`process_batch_result`. The two loops share every step; only the order differs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from typing import Any, Optional
+
+from cluster.config import SchedulerConfig
+from cluster.forward_executor import ForwardExecutor
+from cluster.metrics import SchedulerMetricsMixin, log_forward_iters_enabled
+from cluster.schedule_batch import ScheduleBatch
+
+logger = logging.getLogger("pdcluster.scheduler")
+
+FORWARD_TIMEOUT_S = 600.0   # a forward that takes longer is a hang, not a slow batch
+
+
+class Scheduler(SchedulerMetricsMixin):
+    role = "base"
+
+    def __init__(self, config: SchedulerConfig, worker_id: str, forward_fn, on_cuda: bool = False):
+        self.config = config
+        self.worker_id = worker_id
+        self.forward_ct = 0             # only run_batch increments it
+        self.log_forward_iters = log_forward_iters_enabled(config.log_forward_iters)
+        self.decode_log_interval = config.decode_log_interval
+        self.executor = ForwardExecutor(forward_fn, threaded=config.overlap, on_cuda=on_cuda)
+        self.is_running = True
+        self.trace: Optional[list[tuple[str, int, float, float]]] = None   # ("process", iter, t0, t1)
+        self.init_metrics()
+
+    # ---- the four role steps -------------------------------------------------
+    def recv_requests(self) -> None:
+        raise NotImplementedError
+
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        raise NotImplementedError
+
+    def build_forward_input(self, batch: ScheduleBatch) -> Any:
+        raise NotImplementedError
+
+    def process_batch_result(self, batch: ScheduleBatch, result: Any) -> None:
+        raise NotImplementedError
+
+    def on_idle(self) -> None:
+        """Nothing launched and nothing to process: wait briefly for input."""
+        time.sleep(0.001)
+
+    # ---- shared machinery ----------------------------------------------------
+    def run_batch(self, batch: ScheduleBatch) -> Future:
+        self.forward_ct += 1
+        batch.forward_iter = self.forward_ct   # NOTE: snapshot first, before anything else
+        return self.executor.submit(batch.forward_iter, self.build_forward_input(batch))
+
+    def _process(self, batch: ScheduleBatch, future: Future) -> None:
+        result = future.result(timeout=FORWARD_TIMEOUT_S)
+        t0 = time.perf_counter()
+        self.process_batch_result(batch, result)
+        if self.trace is not None:
+            self.trace.append(("process", batch.forward_iter, t0, time.perf_counter()))
+
+    def normal_step(self) -> None:
+        self.recv_requests()
+        batch = self.get_next_batch_to_run()
+        if batch is None:
+            self.on_idle()
+            return
+        future = self.run_batch(batch)
+        self._process(batch, future)
+
+    def overlap_step(self, last: Optional[tuple[ScheduleBatch, Future]]) -> Optional[tuple[ScheduleBatch, Future]]:
+        """Launch batch N+1, then process batch N while N+1's forward runs."""
+        self.recv_requests()
+        batch = self.get_next_batch_to_run()
+        ongoing = None
+        if batch is not None:
+            future = self.run_batch(batch)
+            ongoing = (batch.copy(), future)   # the copy carries the launch snapshot
+        if last is not None:
+            self._process(*last)
+        elif ongoing is None:
+            self.on_idle()
+        return ongoing
+
+    def event_loop_normal(self) -> None:
+        while self.is_running:
+            self.normal_step()
+
+    def event_loop_overlap(self) -> None:
+        last = None
+        while self.is_running:
+            last = self.overlap_step(last)
+        if last is not None:
+            self._process(*last)
+
+    def event_loop(self) -> None:
+        try:
+            if self.config.overlap:
+                self.event_loop_overlap()
+            else:
+                self.event_loop_normal()
+        finally:
+            self.executor.shutdown()
+
+    def stop(self) -> None:
+        self.is_running = False

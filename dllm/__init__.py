@@ -1,0 +1,1 @@
+"""pdcluster dllm role."""

@@ -1,0 +1,1 @@
+"""pdcluster prefill_worker role."""
