@@ -1,0 +1,63 @@
+"""PrefillManager: the waiting queue and the token-budget adder that forms prefill batches."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from cluster.cache_manager import CacheManager
+from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+
+
+class PrefillManager:
+    def __init__(self, cache: CacheManager, max_prefill_tokens: int, max_running_requests: int):
+        self.cache = cache
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_running_requests = max_running_requests
+        self.waiting: deque[Req] = deque()
+
+    def add(self, req: Req, front: bool = False) -> None:
+        (self.waiting.appendleft if front else self.waiting.append)(req)
+
+    def remove(self, rid: str) -> Optional[Req]:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                return req
+        return None
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def schedule(self, num_running: int, reserve_pages: int = 0) -> Optional[ScheduleBatch]:
+        """Take waiting requests (whole, or the first one chunked) within the token budget.
+
+        A request's remaining tokens are `all_ids[kv_len:]` (prompt, plus output when it
+        is re-prefilled after retraction or decode failure). Only the chunk that reaches
+        the end of the sequence samples. `reserve_pages` keeps room for running decodes.
+        """
+        budget = self.max_prefill_tokens
+        reqs, extend_lens, prefix_lens, sample = [], [], [], []
+        for req in list(self.waiting):
+            if budget <= 0 or num_running + len(reqs) >= self.max_running_requests:
+                break
+            if req.num_pending:      # a result for it is still in flight
+                continue
+            remaining = req.seq_len - req.kv_len
+            chunk = min(remaining, budget)
+            if not self.cache.can_grow(req, req.kv_len + chunk, reserve_pages):
+                break
+            self.cache.grow(req, req.kv_len + chunk)
+            reqs.append(req)
+            prefix_lens.append(req.kv_len)
+            extend_lens.append(chunk)
+            sample.append(chunk == remaining)
+            budget -= chunk
+        if not reqs:
+            return None
+        for req, chunk, done in zip(reqs, extend_lens, sample):
+            req.kv_len += chunk
+            if done:
+                self.waiting.remove(req)
+                req.num_pending += 1
+        return ScheduleBatch(reqs, ForwardMode.EXTEND, extend_lens=extend_lens,
+                             prefix_lens=prefix_lens, sample=sample)

@@ -1,0 +1,70 @@
+"""The colocated worker: prefill and decode in one process, no KV handoff.
+
+The setup a small deployment uses and the baseline disaggregation is measured against.
+Run: `python -m cluster.unified --config C --worker-id unified-0 --router EP`.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from cluster.decode_manager import DecodeManager
+from cluster.output_processor import OutputProcessorMixin
+from cluster.prefill_manager import PrefillManager
+from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.worker_scheduler import WorkerScheduler
+
+
+class UnifiedScheduler(OutputProcessorMixin, WorkerScheduler):
+    role = "unified"
+
+    def __init__(self, config, worker_id, runner, control):
+        super().__init__(config, worker_id, runner, control)
+        self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
+        self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
+
+    def admit(self, req: Req, msg) -> None:
+        self.prefill.add(req)
+
+    def retract(self, req: Req) -> None:
+        self.prefill.add(req, front=True)   # re-prefilled with its tokens so far
+
+    def forget(self, req: Req) -> None:
+        self.prefill.remove(req.rid)
+        self.decode.remove(req)
+
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        # prefill first; keep one page per running request free for its next decode step
+        batch = self.prefill.schedule(len(self.decode), reserve_pages=len(self.decode))
+        if batch is not None:
+            for req, done in zip(batch.reqs, batch.sample):
+                if done:
+                    self.decode.add(req)   # its next decode reads the sampled token from its future slot
+            return batch
+        return self.decode.schedule()
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        if batch.mode == ForwardMode.EXTEND:
+            self.process_batch_result_prefill(batch, result)
+        else:
+            self.process_batch_result_decode(batch, result)
+
+    @property
+    def num_running_reqs(self) -> int:
+        return len(self.decode)
+
+    @property
+    def num_queue_reqs(self) -> int:
+        return len(self.prefill)
+
+
+def main(argv=None) -> int:
+    from cluster.worker_main import run_worker
+
+    def build(args, config, group, runner, control):
+        return UnifiedScheduler(group.scheduler, args.worker_id, runner, control), {"model": config.model.name}
+    return run_worker("unified", argv, build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Process entry shared by every role: `python -m <role package> --config C --worker-id ID --router EP`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Callable
+
+from cluster.config import ClusterConfig, WorkerGroup
+
+logger = logging.getLogger("pdcluster.worker")
+
+
+def parse_args(role: str, argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=f"pdcluster worker --role {role}")
+    ap.add_argument("--config", required=True, help="cluster TOML config")
+    ap.add_argument("--worker-id", required=True, help=f"e.g. {role}-0")
+    ap.add_argument("--router", required=True, help="router control endpoint, e.g. tcp://127.0.0.1:5557")
+    ap.add_argument("--log-dir", default=None, help="log to DIR/<worker-id>.log instead of stderr")
+    ap.add_argument("--host", default=None, help="address to bind the data plane on (default: router.host)")
+    return ap.parse_args(argv)
+
+
+def setup_logging(worker_id: str, log_dir) -> None:
+    handlers: list[logging.Handler]
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        handlers = [logging.FileHandler(os.path.join(log_dir, f"{worker_id}.log"))]
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+    level = os.environ.get("PDCLUSTER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format=f"%(asctime)s {worker_id} %(levelname)s %(name)s: %(message)s")
+
+
+def set_threads(group: WorkerGroup, config: ClusterConfig) -> None:
+    """Several workers on one machine must not oversubscribe its cores."""
+    import torch
+    n = group.scheduler.threads or int(os.environ.get("PDCLUSTER_THREADS", "0") or 0)
+    if n <= 0:
+        n = max(1, (os.cpu_count() or 1) // max(1, len(config.worker_ids())))
+    torch.set_num_threads(n)
+    logger.info("torch threads: %d", n)
+
+
+def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = ""):
+    from cluster.engine.loader import load_model
+    from cluster.engine.model_runner import ModelRunner
+    m = config.model
+    loaded = load_model(name=m.name, path=model_path or m.path, load_format=m.load_format,
+                        dtype=m.dtype, device=m.device)
+    return ModelRunner(loaded, num_pages=group.scheduler.num_pages, page_size=group.scheduler.page_size,
+                       device=m.device, dtype=m.dtype)
+
+
+def run_worker(role: str, argv, build: Callable) -> int:
+    """Load config and model, connect, register, then run the scheduler loop until stopped.
+
+    `build(args, config, group, runner, control) -> (scheduler, register_kwargs)`.
+    """
+    from cluster import protocol as P
+    from cluster.config import load_config
+    from cluster.transport import ControlClient
+    from cluster.worker_scheduler import start_heartbeat
+
+    args = parse_args(role, argv)
+    setup_logging(args.worker_id, args.log_dir)
+    config = load_config(args.config)
+    group = config.group_of(args.worker_id)
+    if group.role != role:
+        raise SystemExit(f"{args.config}: {args.worker_id} is a {group.role} worker, not {role}")
+    set_threads(group, config)
+    runner = load_runner(config, group, group.path)
+    control = ControlClient(args.router, args.worker_id)
+    scheduler, register = build(args, config, group, runner, control)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
+    control.send(P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),
+                            capacity={"num_pages": group.scheduler.num_pages,
+                                      "page_size": group.scheduler.page_size,
+                                      "max_running_requests": group.scheduler.max_running_requests},
+                            kv_fingerprint=runner.kv_fingerprint(), **register))
+    start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
+    logger.info("%s (%s) serving; overlap=%s", args.worker_id, role, group.scheduler.overlap)
+    try:
+        scheduler.event_loop()
+    finally:
+        scheduler.close()
+        control.close()
+    logger.info("%s stopped", args.worker_id)
+    return 0
+
+
+def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
+    """Prefill and decode workers: a scheduler plus a data plane for the KV handoff."""
+    from cluster.transport import DataPlane
+
+    def build(args, config, group, runner, control):
+        data_plane = DataPlane(args.worker_id, bind_host=args.host or config.router.host)
+        scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts)
+        return scheduler, {"model": config.model.name, "data_addr": data_plane.address}
+    return run_worker(role, argv, build)

@@ -1,0 +1,172 @@
+"""WorkerScheduler: what every serving role shares on top of the Scheduler loops.
+
+Intake of `generate` / `abort` from the router, per-request resources (pages, future
+slot, seeded generator), token streaming back to the router (one `tokens` message per
+processed batch), failing a request with a reason, and the heartbeat gauges.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from cluster import protocol as P
+from cluster.batch_builder import build_forward_input
+from cluster.cache_manager import CacheManager, SlotAllocator
+from cluster.config import SchedulerConfig
+from cluster.sampling_params import SamplingParams
+from cluster.schedule_batch import Req, ScheduleBatch
+from cluster.scheduler import Scheduler
+
+logger = logging.getLogger("pdcluster.worker")
+
+IDLE_WAIT_S = 0.005   # how long an idle pass blocks waiting for the next message
+
+
+class WorkerScheduler(Scheduler):
+    def __init__(self, config: SchedulerConfig, worker_id: str, runner, control):
+        super().__init__(config, worker_id, runner.forward, on_cuda=str(runner.device).startswith("cuda"))
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.cache = CacheManager(runner.page_allocator, runner.page_size)
+        self.slots = SlotAllocator(runner.num_future_slots)
+        self.control = control
+        self.reqs: dict[str, Req] = {}          # live requests by rid
+        self.outbox: list[dict] = []
+        self._idle = False
+
+    # ---- intake --------------------------------------------------------------
+    def recv_requests(self) -> None:
+        timeout = IDLE_WAIT_S if self._idle else 0.0
+        self._idle = False
+        while True:
+            got = self.control.recv(timeout=timeout)
+            if got is None:
+                break
+            timeout = 0.0
+            self.handle_control(got)
+        self.recv_data()
+
+    def recv_data(self) -> None:
+        """Data-plane messages (disaggregated roles override)."""
+
+    def on_idle(self) -> None:
+        self._idle = True
+
+    def handle_control(self, msg) -> None:
+        if isinstance(msg, P.Generate):
+            try:
+                req = self.new_req(msg)
+            except (ValueError, TypeError) as e:
+                self.control.send(P.Error(rid=msg.rid, reason=f"bad request: {e}", worker_id=self.worker_id))
+                return
+            self.reqs[req.rid] = req
+            self.admit(req, msg)
+        elif isinstance(msg, P.Abort):
+            req = self.reqs.get(msg.rid)
+            if req is not None:
+                req.finish_reason, req.error = "abort", msg.reason
+                self.release(req)
+        elif isinstance(msg, P.Shutdown):
+            logger.info("%s: shutdown requested (%s)", self.worker_id, msg.reason)
+            self.stop()
+        else:
+            logger.warning("%s: unexpected control message %s", self.worker_id, type(msg).__name__)
+
+    def new_req(self, msg: "P.Generate") -> Req:
+        sampling = SamplingParams.from_wire(dict(msg.sampling))
+        input_ids = [int(t) for t in msg.input_ids]
+        vocab = self.runner.config.vocab_size
+        if any(t < 0 or t >= vocab for t in input_ids):
+            raise ValueError(f"token id out of range [0, {vocab})")
+        req = Req(msg.rid, input_ids, sampling, eos_token_ids=self.tokenizer.eos_token_ids,
+                  output_ids=[int(t) for t in msg.output_ids])
+        # a resumed request arrives with the tokens it already streamed and the router's
+        # max_tokens counting only the rest; the worker counts all output tokens
+        if req.num_output:
+            req.sampling = SamplingParams.from_wire({**sampling.to_wire(),
+                                                     "max_tokens": sampling.max_tokens + req.num_output})
+        req.arrival_time = time.time()
+        req.peer = dict(msg.peer) if msg.peer else None
+        req.extra = dict(msg.extra)
+        req.future_slot = self.slots.allocate()
+        if sampling.seed is not None:
+            req.generator = torch.Generator().manual_seed(sampling.seed)
+        return req
+
+    def admit(self, req: Req, msg) -> None:
+        raise NotImplementedError
+
+    # ---- output ----------------------------------------------------------------
+    def emit(self, req: Req, token_ids: list[int], finish_reason: Optional[str],
+             logprobs: Optional[list[float]] = None, error: Optional[str] = None) -> None:
+        self.outbox.append(P.tokens_item(req.rid, token_ids, finish_reason, error, logprobs))
+
+    def flush_outputs(self) -> None:
+        if self.outbox:
+            self.control.send(P.Tokens(worker_id=self.worker_id, items=self.outbox))
+            self.outbox = []
+
+    def fail(self, req: Req, reason: str) -> None:
+        logger.warning("%s: request %s failed: %s", self.worker_id, req.rid, reason)
+        req.finish_reason, req.error = "abort", reason
+        self.control.send(P.Error(rid=req.rid, reason=reason, worker_id=self.worker_id))
+        self.release(req)
+
+    def release(self, req: Req) -> None:
+        """Free everything a finished, aborted or failed request holds."""
+        self.cache.free(req)
+        self.forget(req)
+        if self.reqs.pop(req.rid, None) is not None:
+            # NOTE: a forward already launched may still write this slot; forwards run in
+            # launch order, so a new owner's prefill writes it before its decode reads it.
+            self.slots.free(req.future_slot)
+            req.future_slot = -1
+
+    def forget(self, req: Req) -> None:
+        """Drop the request from the role's queues."""
+        raise NotImplementedError
+
+    # ---- forward -----------------------------------------------------------------
+    def build_forward_input(self, batch: ScheduleBatch):
+        return build_forward_input(batch)
+
+    # ---- gauges ------------------------------------------------------------------
+    @property
+    def num_running_reqs(self) -> int:
+        return 0
+
+    @property
+    def num_queue_reqs(self) -> int:
+        return 0
+
+    def heartbeat_stats(self) -> dict:
+        stats = dict(self.gauges)
+        stats.update(num_running_reqs=self.num_running_reqs, num_queue_reqs=self.num_queue_reqs,
+                     token_usage=self.cache.token_usage,
+                     protocol_errors_total=self.num_protocol_errors())
+        return stats
+
+    def num_protocol_errors(self) -> int:
+        return getattr(self.control, "num_protocol_errors", 0)
+
+    def close(self) -> None:
+        """Release role resources (data plane) after the loop ends."""
+
+
+def start_heartbeat(scheduler: WorkerScheduler, control, interval: float) -> threading.Thread:
+    """Gauges go to the router every `interval` seconds, from their own thread."""
+    def beat() -> None:
+        while scheduler.is_running:
+            try:
+                control.send(P.Heartbeat(worker_id=scheduler.worker_id, forward_ct=scheduler.forward_ct,
+                                         stats=scheduler.heartbeat_stats()))
+            except Exception:   # never let a gauge kill the worker
+                logger.exception("heartbeat failed")
+            time.sleep(interval)
+    t = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    t.start()
+    return t

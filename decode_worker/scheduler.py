@@ -1,0 +1,156 @@
+"""DecodeScheduler: prealloc queue -> decode_ready -> transfer queue -> running batch.
+
+Decode never runs a forward over a handed-off prompt: the KV arrives in pages it
+reserved, the first token comes from prefill, and its first forward has one new token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from cluster import protocol as P
+from cluster.decode_manager import DecodeManager
+from cluster.metrics import DecodeStats
+from cluster.output_processor import OutputProcessorMixin
+from cluster.schedule_batch import Req, ScheduleBatch
+from cluster.worker_scheduler import WorkerScheduler
+from decode_worker.prealloc_queue import PreallocQueue
+from decode_worker.transfer_queue import TransferQueue
+
+logger = logging.getLogger("pdcluster.decode")
+
+# test-only fault switch: perturb the first received page, to prove the handoff is used
+CORRUPT_KV_ENV = "PDCLUSTER_TEST_CORRUPT_KV"
+
+
+class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
+    role = "decode"
+
+    def __init__(self, config, worker_id, runner, control, data_plane, timeouts):
+        super().__init__(config, worker_id, runner, control)
+        self.data_plane = data_plane
+        self.prealloc_queue = PreallocQueue(self.cache)
+        self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
+        self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
+        self.retracted: set[str] = set()      # rids that must be prefilled again
+        self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
+        self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
+        if self.corrupt_kv:
+            logger.warning("%s: %s=1, received KV will be corrupted (tests only)", worker_id, CORRUPT_KV_ENV)
+
+    # ---- intake ----------------------------------------------------------------
+    def admit(self, req: Req, msg) -> None:
+        if req.peer is None:
+            self.fail(req, "decode worker got a request without a prefill peer")
+            return
+        self.prealloc_queue.add(req)
+
+    def recv_data(self) -> None:
+        while (got := self.data_plane.recv(timeout=0)) is not None:
+            sender, msg = got
+            if isinstance(msg, P.KvBatch):
+                self.handle_kv_batch(msg)
+            else:
+                logger.warning("%s: unexpected data-plane message %s from %s",
+                               self.worker_id, type(msg).__name__, sender)
+
+    def handle_kv_batch(self, msg: "P.KvBatch") -> None:
+        fp = self.runner.kv_fingerprint()
+        acked, failed = [], {}
+        for item, kv in zip(msg.reqs, msg.tensors):
+            rid = item["rid"]
+            entry = self.transfer_queue.pop(rid)
+            if entry is None:
+                failed[rid] = "not expected (aborted or timed out)"
+                continue
+            req, waited = entry
+            want = (fp["num_layers"], 2, item["prompt_len"], fp["num_kv_heads"], fp["head_dim"])
+            if tuple(kv.shape) != want or item["prompt_len"] != req.seq_len or str(kv.dtype) != fp["dtype"]:
+                reason = f"KV shape {tuple(kv.shape)} {kv.dtype} does not match {want} {fp['dtype']}"
+                failed[rid] = reason
+                self.fail(req, reason)
+                continue
+            if self.corrupt_kv:
+                kv = kv.clone()
+                kv[:, :, : self.cache.page_size] += 1.0
+            self.runner.import_kv(req.page_table, kv)
+            num_bytes = kv.numel() * kv.element_size()
+            self.record_kv_transfer(num_bytes, waited)
+            logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d", self.worker_id,
+                         msg.prefill_worker_id, msg.forward_iter, rid, item["prompt_len"], num_bytes)
+            req.kv_len = item["prompt_len"]
+            acked.append(rid)
+            self.retracted.discard(rid)
+            self.commit_token(req, item["first_token"], item["first_logprob"])
+            if not req.is_finished:
+                self.decode.add(req)
+        self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),
+                                P.KvAck(rids=acked, failed=failed, decode_worker_id=self.worker_id))
+        self.flush_outputs()
+
+    def peer_addr(self, prefill_worker_id: str) -> str:
+        return self.prefill_addrs[prefill_worker_id]
+
+    # ---- scheduling --------------------------------------------------------------
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        for req in self.transfer_queue.pop_expired():
+            self.fail(req, f"no KV from {req.peer['worker_id']} in time")
+        for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests):
+            self.send_ready(req)
+        return self.decode.schedule()
+
+    def send_ready(self, req: Req) -> None:
+        addr = req.peer["data_addr"]
+        self.prefill_addrs[req.peer["worker_id"]] = addr
+        if req.rid in self.retracted:
+            # the prefill worker forgot it after the handoff: send the tokens so far
+            self.data_plane.send_to(addr, P.Generate(
+                rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling.to_wire(),
+                peer={"worker_id": self.worker_id, "data_addr": self.data_plane.address},
+                output_ids=list(req.output_ids)))
+        self.transfer_queue.add(req)
+        self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
+                                                    decode_data_addr=self.data_plane.address))
+
+    def retract(self, req: Req) -> None:
+        logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)
+        self.retracted.add(req.rid)
+        self.prealloc_queue.add(req, front=True)
+
+    def forget(self, req: Req) -> None:
+        self.prealloc_queue.remove(req.rid)
+        self.transfer_queue.remove(req.rid)
+        self.decode.remove(req)
+        self.retracted.discard(req.rid)
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        self.process_batch_result_decode(batch, result)
+
+    def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
+        stats = super().decode_stats(batch)
+        stats.num_prealloc_reqs = len(self.prealloc_queue)
+        stats.num_transfer_reqs = len(self.transfer_queue)
+        stats.num_retracted_reqs = self.decode.num_retracted_total
+        return stats
+
+    # ---- gauges ------------------------------------------------------------------
+    @property
+    def num_running_reqs(self) -> int:
+        return len(self.decode)
+
+    @property
+    def num_queue_reqs(self) -> int:
+        return len(self.prealloc_queue)
+
+    def heartbeat_stats(self) -> dict:
+        stats = super().heartbeat_stats()
+        stats.update(num_prealloc_reqs=len(self.prealloc_queue), num_transfer_reqs=len(self.transfer_queue),
+                     num_retracted_reqs_total=self.decode.num_retracted_total)
+        return stats
+
+    def num_protocol_errors(self) -> int:
+        return super().num_protocol_errors() + self.data_plane.num_protocol_errors
+
+    def close(self) -> None:
+        self.data_plane.close()

@@ -1,0 +1,127 @@
+"""PrefillScheduler: bootstrap queue -> prefill batch -> KV sent to decode -> inflight queue."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Optional
+
+from cluster import protocol as P
+from cluster.metrics import PrefillStats
+from cluster.prefill_manager import PrefillManager
+from cluster.schedule_batch import Req, ScheduleBatch
+from cluster.worker_scheduler import WorkerScheduler
+from prefill_worker.bootstrap_queue import BootstrapQueue
+from prefill_worker.inflight_queue import InflightQueue
+
+logger = logging.getLogger("pdcluster.prefill")
+
+
+class PrefillScheduler(WorkerScheduler):
+    role = "prefill"
+
+    def __init__(self, config, worker_id, runner, control, data_plane, timeouts):
+        super().__init__(config, worker_id, runner, control)
+        self.data_plane = data_plane
+        self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
+        self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
+        self.inflight_queue = InflightQueue(timeouts.kv_transfer)
+
+    # ---- intake ----------------------------------------------------------------
+    def admit(self, req: Req, msg) -> None:
+        if req.peer is None:
+            self.fail(req, "prefill worker got a request without a decode peer")
+            return
+        ready = self.bootstrap_queue.add(req)
+        if ready is not None:
+            self.prefill.add(ready)
+
+    def recv_data(self) -> None:
+        while (got := self.data_plane.recv(timeout=0)) is not None:
+            sender, msg = got
+            if isinstance(msg, P.DecodeReady):
+                req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode_worker_id, msg.decode_data_addr)
+                if req is not None:
+                    self.prefill.add(req)
+            elif isinstance(msg, P.KvAck):
+                self.handle_ack(msg)
+            elif isinstance(msg, P.Generate):
+                # a decode worker retracted a request: prefill it again with its tokens so far
+                self.handle_control(msg)
+            else:
+                logger.warning("%s: unexpected data-plane message %s from %s",
+                               self.worker_id, type(msg).__name__, sender)
+
+    def handle_ack(self, msg: "P.KvAck") -> None:
+        for rid in msg.rids:
+            acked = self.inflight_queue.ack(rid)
+            if acked is not None:
+                req, seconds, num_bytes = acked
+                self.record_kv_transfer(num_bytes, seconds)
+                req.finish_reason = "handed_off"
+                self.release(req)
+        for rid, reason in msg.failed.items():
+            acked = self.inflight_queue.ack(rid)
+            if acked is not None:
+                self.fail(acked[0], f"decode worker {msg.decode_worker_id} rejected the KV: {reason}")
+
+    def forget(self, req: Req) -> None:
+        self.prefill.remove(req.rid)
+        self.bootstrap_queue.remove(req.rid)
+        self.inflight_queue.remove(req.rid)
+
+    # ---- scheduling --------------------------------------------------------------
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        for req in self.bootstrap_queue.pop_expired():
+            self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s")
+        for req in self.inflight_queue.pop_expired():
+            self.fail(req, f"no kv_ack from {req.peer['worker_id']} within {self.inflight_queue.timeout_s:g}s")
+        return self.prefill.schedule(num_running=0)
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        self.process_batch_result_disagg_prefill(batch, result)
+
+    def process_batch_result_disagg_prefill(self, batch: ScheduleBatch, result) -> None:
+        """Ship each finished prompt's KV and first token: one kv_batch per decode worker."""
+        tokens = result.next_token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        by_dest: dict[str, list[tuple[Req, int, Optional[float]]]] = defaultdict(list)
+        for i, req in enumerate(batch.reqs):
+            if not batch.sample[i]:
+                continue                                # not the last chunk yet
+            req.num_pending -= 1
+            if req.is_finished:
+                continue                                # aborted while its forward ran
+            lp = logprobs[i] if logprobs is not None and req.sampling.logprobs else None
+            by_dest[req.peer["data_addr"]].append((req, tokens[i], lp))
+        for addr, items in by_dest.items():
+            reqs, tensors = [], []
+            for req, token, lp in items:
+                kv = self.runner.export_kv(req.page_table, req.kv_len)
+                reqs.append(P.kv_req(req.rid, token, req.kv_len, lp))
+                tensors.append(kv)
+                self.inflight_queue.add(req, kv.numel() * kv.element_size())
+                self.cache.free(req)                    # the exported copy is what travels
+            self.data_plane.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter,
+                                                    prefill_worker_id=self.worker_id,
+                                                    reqs=reqs, tensors=tensors))
+        self.report_prefill_stats(batch, PrefillStats(
+            num_new_seqs=sum(batch.sample), num_new_tokens=batch.num_tokens,
+            num_cached_tokens=batch.num_cached_tokens, token_usage=self.cache.token_usage,
+            num_running_reqs=0, num_queue_reqs=len(self.prefill),
+            num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue)))
+
+    # ---- gauges ------------------------------------------------------------------
+    @property
+    def num_queue_reqs(self) -> int:
+        return len(self.prefill) + len(self.bootstrap_queue)
+
+    def heartbeat_stats(self) -> dict:
+        stats = super().heartbeat_stats()
+        stats.update(num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue))
+        return stats
+
+    def num_protocol_errors(self) -> int:
+        return super().num_protocol_errors() + self.data_plane.num_protocol_errors
+
+    def close(self) -> None:
+        self.data_plane.close()
