@@ -1,0 +1,212 @@
+"""Wire messages between router and workers, and their msgpack codec.
+
+Every message is a list of frames. Frame 0 is a msgpack map `{"v": 1, "type": T, ...}`
+holding the message's fields; tensors (KV caches, long token-id lists) follow as extra
+frames described in the body (see `cluster/wire_tensor.py`). There is one frozen
+dataclass per message type (defined in `cluster/wire_messages.py`, re-exported here) and
+two functions:
+
+    encode(msg) -> list[bytes | memoryview]     # send with send_multipart(copy=False)
+    decode(frames) -> Message                   # raises ProtocolError, nothing else
+
+`decode` validates everything (version, type, exact key set, field types and ranges,
+tensor dtype/shape/byte counts, frame indices, unused frames) so a bad frame is one
+`ProtocolError` that the transport logs, counts and drops. `encode` runs the same checks,
+so a message that encodes also decodes, and a sender's bug fails at the sender.
+Pickle is never used.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence, Union
+
+import msgpack
+import torch
+
+from cluster.sampling_params import SamplingParams
+from cluster.schedule_batch import ForwardMode
+from cluster.wire_check import (INT32_MAX, MAX_ITEMS, MAX_KEYS, MAX_STR, Bool, Check, Float, Int,
+                                List, Map, Number, Opt, ProtocolError, Record, Scalar, Str,
+                                TokenIds, fail)
+from cluster.wire_messages import (Abort, Batch, DecodeReady, Error, Generate, Heartbeat, KvAck,
+                                   KvBatch, Message, Register, Shutdown, Tokens, kv_req,
+                                   tokens_item)
+from cluster.wire_tensor import FRAME_BYTES, TENSOR_DESC, TensorFrames, frame_buffer, tensor_from_frames
+
+__all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
+           "Register", "Heartbeat", "Generate", "DecodeReady", "KvBatch", "KvAck", "Tokens",
+           "Abort", "Error", "Batch", "Shutdown", "tokens_item", "kv_req"]
+
+PROTOCOL_VERSION = 1
+INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
+MAX_HEADER_BYTES = 64 << 20      # frame 0 (msgpack body)
+MAX_FRAMES = 1 << 16
+ROLES = ("prefill", "decode", "unified", "dllm")
+
+
+# field checks ------------------------------------------------------------------------
+
+def _sampling_check() -> Check:
+    """Types from SamplingParams' annotations, then its own __post_init__ validation."""
+    by_annotation = {"int": Int(), "float": Float(), "bool": Bool(), "str": Str(),
+                     "Optional[int]": Opt(Int()), "Optional[float]": Opt(Float()),
+                     "Optional[str]": Opt(Str()), "list[str]": List(Str(), max_len=1024),
+                     "list[int]": List(Int(), max_len=MAX_KEYS)}
+    record = Record({f.name: by_annotation.get(str(f.type), lambda v, p: v)
+                     for f in dataclasses.fields(SamplingParams)})
+
+    def check(v: Any, path: str) -> dict:
+        d = record(v, path)
+        try:
+            SamplingParams.from_wire(d)
+        except (TypeError, ValueError) as e:
+            fail(path, str(e))
+        return d
+    return check
+
+
+def _ids_or_tensor(v: Any, path: str) -> Any:
+    if isinstance(v, dict):
+        desc = TENSOR_DESC(v, path)
+        if desc["dtype"] != "int32" or len(desc["shape"]) != 1:
+            fail(path, f"token ids must be a 1-D int32 tensor, got {desc['dtype']}{desc['shape']}")
+        return desc
+    return TokenIds(min_len=1)(v, path)
+
+
+ID, TEXT, SAMPLING = Str(max_len=1024), Str(), _sampling_check()
+REQ_WIRE = Record({"rid": ID, "input_ids": TokenIds(min_len=1), "output_ids": TokenIds(),
+                   "sampling": SAMPLING, "kv_len": Int(lo=0), "finish_reason": Opt(TEXT)})
+
+_FIELDS: dict[type, dict[str, Check]] = {
+    Register: {"worker_id": ID, "role": Str(choices=ROLES), "model": TEXT,
+               "capacity": Record({"num_pages": Int(lo=0), "page_size": Int(lo=1),
+                                   "max_running_requests": Int(lo=0)}),
+               "kv_fingerprint": Record({"num_layers": Int(lo=0), "num_kv_heads": Int(lo=0),
+                                         "head_dim": Int(lo=0), "dtype": Str(max_len=64),
+                                         "page_size": Int(lo=1)}),
+               "data_addr": TEXT, "pid": Int(lo=0)},
+    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), Number())},
+    Generate: {"rid": ID, "input_ids": _ids_or_tensor, "sampling": SAMPLING,
+               "peer": Opt(Record({"worker_id": ID, "data_addr": TEXT})), "model": TEXT,
+               "extra": Map(Str(max_len=256), Scalar(), max_len=256), "output_ids": TokenIds()},
+    DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT},
+    KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
+              "reqs": List(Record({"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
+                                   "prompt_len": Int(lo=1), "first_logprob": Opt(Float())}),
+                           max_len=MAX_KEYS),
+              "tensors": List(TENSOR_DESC, max_len=MAX_KEYS)},
+    KvAck: {"rids": List(ID, max_len=MAX_KEYS), "failed": Map(ID, TEXT),
+            "decode_worker_id": ID},
+    Tokens: {"worker_id": ID,
+             "items": List(Record({"rid": ID, "token_ids": TokenIds(), "finish_reason": Opt(TEXT),
+                                   "error": Opt(TEXT), "logprobs": Opt(List(Float()))}),
+                           max_len=MAX_KEYS)},
+    Abort: {"rid": ID, "reason": TEXT},
+    Error: {"rid": ID, "reason": TEXT, "worker_id": ID},
+    Batch: {"batch": Record({"mode": Str(choices=[m.value for m in ForwardMode]),
+                             "forward_iter": Opt(Int(lo=0)),
+                             "extend_lens": List(Int(lo=0)), "prefix_lens": List(Int(lo=0)),
+                             "sample": List(Bool()), "reqs": List(REQ_WIRE, max_len=MAX_KEYS)})},
+    Shutdown: {"reason": TEXT},
+}
+_TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
+_RECORDS: dict[type, Check] = {cls: Record(f) for cls, f in _FIELDS.items()}
+for _cls, _f in _FIELDS.items():   # the schema and the dataclass must agree
+    assert [x.name for x in dataclasses.fields(_cls)] == list(_f), _cls
+
+
+def _check_body(cls: type, body: dict) -> dict:
+    body = _RECORDS[cls](body, cls.TYPE)
+    if cls is KvBatch:
+        if len(body["reqs"]) != len(body["tensors"]):
+            fail("kv_batch", f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
+        if len({r["rid"] for r in body["reqs"]}) != len(body["reqs"]):
+            fail("kv_batch.reqs", "duplicate rid")
+        for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
+            shape = t["shape"]
+            if len(shape) != 5 or shape[1] != 2 or shape[2] != r["prompt_len"]:
+                fail(f"kv_batch.tensors[{i}]", f"shape {shape} is not [layers, 2, "
+                     f"prompt_len={r['prompt_len']}, kv_heads, head_dim]")
+    elif cls is Batch:
+        b = body["batch"]
+        n = len(b["reqs"])
+        for key in ("extend_lens", "prefix_lens", "sample"):
+            if len(b[key]) != n:
+                fail(f"batch.batch.{key}", f"{len(b[key])} entries for {n} reqs")
+    elif cls is Tokens:
+        for i, item in enumerate(body["items"]):
+            if item["logprobs"] is not None and len(item["logprobs"]) != len(item["token_ids"]):
+                fail(f"tokens.items[{i}].logprobs", f"{len(item['logprobs'])} logprobs for "
+                     f"{len(item['token_ids'])} tokens")
+    return body
+
+
+# codec -------------------------------------------------------------------------------
+
+def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, memoryview]]:
+    """Frames of `msg`: msgpack body, then tensor frames of at most `frame_bytes` each.
+
+    Tensor frames are memoryviews of the tensors' storage (zero copy): send them with
+    `send_multipart(frames, copy=False)` and do not modify the tensors until sent.
+    """
+    cls = type(msg)
+    if cls not in _FIELDS:
+        raise ProtocolError(f"cannot encode {cls.__name__}: not a wire message")
+    body = {name: getattr(msg, name) for name in _FIELDS[cls]}
+    tensors = TensorFrames(frame_bytes)
+    if cls is Generate:
+        ids = TokenIds(min_len=1)(body["input_ids"], "generate.input_ids")
+        body["input_ids"] = tensors.add(torch.tensor(ids, dtype=torch.int32)) if len(ids) > INLINE_IDS else ids
+    elif cls is KvBatch:
+        if not isinstance(body["tensors"], (list, tuple)) or not all(
+                isinstance(t, torch.Tensor) for t in body["tensors"]):
+            raise ProtocolError("kv_batch.tensors: expected a list of torch.Tensor")
+        body["tensors"] = [tensors.add(t) for t in body["tensors"]]
+    body = _check_body(cls, body)
+    head = msgpack.packb({"v": PROTOCOL_VERSION, "type": cls.TYPE, **body}, use_bin_type=True)
+    return [head, *tensors.frames]
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Rebuild a message from received frames (zmq.Frame, bytes or memoryview).
+
+    Raises ProtocolError, and only ProtocolError, for anything malformed.
+    """
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ProtocolError("a message needs at least one frame")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{len(frames)} frames exceed {MAX_FRAMES}")
+    buffers = [frame_buffer(f) for f in frames]
+    if len(buffers[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame 0 of {len(buffers[0])} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        # limits: frame 0's size is checked above (msgpack's max_buffer_size for a
+        # one-shot unpack); strings, arrays and maps are bounded; no bin, no ext
+        body = msgpack.unpackb(buffers[0], raw=False, strict_map_key=True, use_list=True,
+                               max_str_len=MAX_STR, max_bin_len=0, max_ext_len=0,
+                               max_array_len=MAX_ITEMS, max_map_len=MAX_KEYS)
+    except Exception as e:  # msgpack raises several types (ValueError, ExtraData, OutOfData...)
+        raise ProtocolError(f"frame 0 is not one msgpack object: {type(e).__name__}: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"frame 0 must be a map, got {type(body).__name__}")
+    version, type_name = body.pop("v", None), body.pop("type", None)
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r} (expected {PROTOCOL_VERSION})")
+    cls = _TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(type_name)[:64]!r}")
+    body = _check_body(cls, body)
+    used = [True] + [False] * (len(buffers) - 1)
+    if cls is Generate and isinstance(body["input_ids"], dict):
+        ids = tensor_from_frames(body["input_ids"], buffers, used, "generate.input_ids")
+        if ids.numel() == 0 or int(ids.min()) < 0:
+            raise ProtocolError("generate.input_ids: empty or negative token ids")
+        body["input_ids"] = ids.tolist()
+    elif cls is KvBatch:
+        body["tensors"] = [tensor_from_frames(d, buffers, used, f"kv_batch.tensors[{i}]")
+                           for i, d in enumerate(body["tensors"])]
+    if not all(used):
+        unused = [i for i, u in enumerate(used) if not u]
+        raise ProtocolError(f"{cls.TYPE}: frames {unused[:8]} are not referenced by the body")
+    return cls(**body)

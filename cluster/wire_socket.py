@@ -1,0 +1,228 @@
+"""SocketLoop: ZeroMQ sockets owned by one I/O thread, fed and drained through queues.
+
+ZeroMQ sockets are not thread-safe, so each transport object owns one thread that does
+all the socket work: it sends what callers put in the outbox and decodes what arrives
+into the inbox (or hands it to an `on_message` callback). A scheduler therefore never
+blocks on the network: `send` only encodes and enqueues, `recv` reads a queue.
+
+- Wakeup: callers ping an inproc PUSH/PULL pair after enqueueing (under a lock: the PUSH
+  end is shared), so sends leave at once instead of at the next poll tick.
+- Back-pressure: a send that would block (peer's high-water mark) goes to a per-destination
+  backlog retried every few ms, so one slow peer does not hold back the others.
+- Bad frames: `ProtocolError` is logged (rate limited), counted in `num_protocol_errors`
+  and dropped; the socket keeps working.
+- Shutdown: `close()` sets a flag and wakes the thread, which closes its sockets with
+  linger 0; then the context is terminated, so the port is free when close() returns.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Hashable, Optional
+
+import zmq
+
+from cluster.protocol import Message, ProtocolError, encode
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 100              # idle poll tick (the stop flag is seen within this)
+BACKLOG_POLL_MS = 5        # poll tick while some send waits for a peer
+MAX_BACKLOG = 10_000       # queued messages per destination before dropping
+RECV_BURST = 256           # messages read per socket per pass before sending again
+CLOSE_TIMEOUT_S = 2.0
+_ids = itertools.count()
+
+
+class SocketLoop:
+    """Base of the transports; subclasses create sockets and say how frames map to items."""
+
+    def __init__(self, name: str, on_message: Optional[Callable[[Any], None]] = None):
+        self.name = name
+        self.num_protocol_errors = 0
+        self.num_send_errors = 0           # dropped sends (unknown peer, backlog overflow)
+        self._on_message = on_message
+        self._ctx = zmq.Context(io_threads=1)
+        self._inbox: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()   # (destination key, frames | None)
+        self._backlog: dict[Hashable, deque] = {}
+        self._closed = threading.Event()
+        self._close_lock = threading.Lock()
+        self._wake_lock = threading.Lock()
+        addr = f"inproc://wake-{next(_ids)}"
+        self._wake_rx = self._socket(zmq.PULL)
+        self._wake_rx.bind(addr)
+        self._wake_tx = self._ctx.socket(zmq.PUSH)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(addr)
+        self._thread = threading.Thread(target=self._run, name=f"io-{name}", daemon=True)
+
+    # subclass hooks ----------------------------------------------------------------
+    def _recv_sockets(self) -> list[zmq.Socket]:
+        raise NotImplementedError
+
+    def _parse(self, sock: zmq.Socket, frames: list) -> Any:
+        """Frames of one received message -> inbox item; raise ProtocolError if bad."""
+        raise NotImplementedError
+
+    def _send_frames(self, key: Hashable, frames: list) -> None:
+        """Send without blocking; raise zmq.Again to retry later, ZMQError to drop."""
+        raise NotImplementedError
+
+    def _forget(self, key: Hashable) -> None:
+        """A destination is gone (see `_enqueue(key, None)`)."""
+
+    def _close_sockets(self) -> None:
+        """Close sockets other than the recv sockets (runs on the I/O thread)."""
+
+    # caller side -------------------------------------------------------------------
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    def _enqueue(self, key: Hashable, msg: Optional[Message]) -> None:
+        if self._closed.is_set():
+            raise RuntimeError(f"{self.name}: send after close()")
+        self._outbox.put((key, None if msg is None else encode(msg)))
+        with self._wake_lock:
+            if not self._closed.is_set():
+                try:
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass                       # the thread has wakeups pending already
+
+    def _get(self, timeout: Optional[float]) -> Any:
+        """Next inbox item, or None after `timeout` seconds (None = until close())."""
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            left = POLL_MS / 1000 if end is None else min(POLL_MS / 1000, end - time.monotonic())
+            try:
+                return self._inbox.get(timeout=max(0.0, left))
+            except queue.Empty:
+                if self._closed.is_set() or (end is not None and time.monotonic() >= end):
+                    return None
+
+    def close(self) -> None:
+        """Stop the I/O thread and release sockets and ports; idempotent, bounded wait."""
+        with self._close_lock:
+            if self._closed.is_set():
+                return
+            with self._wake_lock:
+                self._closed.set()
+                try:
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                self._wake_tx.close(linger=0)
+            self._thread.join(CLOSE_TIMEOUT_S)
+            if self._thread.is_alive():
+                logger.error("%s: I/O thread did not stop in %.1fs; leaving its context",
+                             self.name, CLOSE_TIMEOUT_S)
+                return
+            self._ctx.term()
+
+    def _abandon(self, *socks: zmq.Socket) -> None:
+        """A constructor failed before the I/O thread started: free what it created."""
+        self._closed.set()
+        for sock in (*socks, self._wake_rx, self._wake_tx):
+            sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # I/O thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_rx, zmq.POLLIN)
+        for sock in self._recv_sockets():
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._closed.is_set():
+                events = dict(poller.poll(BACKLOG_POLL_MS if self._backlog else POLL_MS))
+                if self._wake_rx in events:
+                    while self._wake_rx.poll(0):
+                        self._wake_rx.recv()
+                self._flush()
+                for sock in self._recv_sockets():
+                    if sock in events:
+                        self._drain(sock)
+        except Exception:                      # a bug here must not hang callers silently
+            logger.exception("%s: I/O thread failed", self.name)
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        self._close_sockets()
+        for sock in self._recv_sockets():
+            sock.close(linger=0)
+        self._wake_rx.close(linger=0)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        for _ in range(RECV_BURST):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                item = self._parse(sock, frames)
+            except ProtocolError as e:
+                self.num_protocol_errors += 1
+                n = self.num_protocol_errors
+                if n <= 10 or n % 1000 == 0:
+                    logger.warning("%s: dropped bad message (%d so far): %s", self.name, n, e)
+                continue
+            if self._on_message is None:
+                self._inbox.put(item)
+                continue
+            try:
+                self._on_message(item)
+            except Exception:
+                logger.exception("%s: on_message callback failed", self.name)
+
+    def _flush(self) -> None:
+        for key in list(self._backlog):        # retry waiting destinations first, in order
+            pending = self._backlog[key]
+            while pending and self._try_send(key, pending[0]):
+                pending.popleft()
+            if not pending:
+                del self._backlog[key]
+        while True:
+            try:
+                key, frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if frames is None:
+                self._backlog.pop(key, None)
+                self._forget(key)
+            elif key in self._backlog:
+                self._queue_for_retry(key, frames)
+            elif not self._try_send(key, frames):
+                self._queue_for_retry(key, frames)
+
+    def _queue_for_retry(self, key: Hashable, frames: list) -> None:
+        pending = self._backlog.setdefault(key, deque())
+        if len(pending) >= MAX_BACKLOG:
+            self.num_send_errors += 1
+            logger.warning("%s: backlog for %s is full; dropping a message", self.name, key)
+            return
+        pending.append(frames)
+
+    def _try_send(self, key: Hashable, frames: list) -> bool:
+        """True when the message left (or was dropped for good), False to retry later."""
+        try:
+            self._send_frames(key, frames)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            self.num_send_errors += 1
+            logger.warning("%s: dropped a message to %s: %s", self.name, key, e)
+        return True

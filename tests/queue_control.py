@@ -1,0 +1,48 @@
+"""An in-process stand-in for the router end of a worker's control socket.
+
+Drives a real scheduler with a real model in one process: `generate()` queues a
+request like the router would, `tokens()` collects what the worker streamed back.
+"""
+from __future__ import annotations
+
+import queue
+from typing import Optional
+
+from cluster import protocol as P
+from cluster.sampling_params import SamplingParams
+
+
+class QueueControl:
+    num_protocol_errors = 0
+
+    def __init__(self):
+        self.inbound: queue.Queue = queue.Queue()
+        self.sent: list = []
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+    def recv(self, timeout: Optional[float] = None):
+        try:
+            return self.inbound.get(timeout=timeout) if timeout else self.inbound.get_nowait()
+        except queue.Empty:
+            return None
+
+    def generate(self, rid: str, input_ids: list[int], **sampling) -> None:
+        self.inbound.put(P.Generate(rid=rid, input_ids=list(input_ids),
+                                    sampling=SamplingParams(**sampling).to_wire()))
+
+    def outputs(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for msg in self.sent:
+            if isinstance(msg, P.Tokens):
+                for item in msg.items:
+                    out.setdefault(item["rid"], []).extend(item["token_ids"])
+        return out
+
+    def finished(self) -> dict[str, str]:
+        return {item["rid"]: item["finish_reason"] for msg in self.sent if isinstance(msg, P.Tokens)
+                for item in msg.items if item["finish_reason"]}
+
+    def errors(self) -> list:
+        return [m for m in self.sent if isinstance(m, P.Error)]
