@@ -1,0 +1,1 @@
+"""pdcluster: prefill/decode disaggregated LLM serving."""

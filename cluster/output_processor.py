@@ -5,7 +5,7 @@ launched the batch, not the later one the worker is already running under overla
 """
 from __future__ import annotations
 
-from cluster.finish import check_finish
+from cluster.engine.stop_checker import check_finish
 from cluster.metrics import DecodeStats, PrefillStats
 from cluster.schedule_batch import Req, ScheduleBatch
 

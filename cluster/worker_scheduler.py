@@ -32,7 +32,7 @@ class WorkerScheduler(Scheduler):
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.cache = CacheManager(runner.page_allocator, runner.page_size)
-        self.slots = SlotAllocator(runner.num_future_slots)
+        self.slots = SlotAllocator(runner.future_map.numel())
         self.control = control
         self.reqs: dict[str, Req] = {}          # live requests by rid
         self.outbox: list[dict] = []

@@ -66,7 +66,7 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
                 continue
             req, waited = entry
             want = (fp["num_layers"], 2, item["prompt_len"], fp["num_kv_heads"], fp["head_dim"])
-            if tuple(kv.shape) != want or item["prompt_len"] != req.seq_len or str(kv.dtype) != fp["dtype"]:
+            if tuple(kv.shape) != want or item["prompt_len"] != req.seq_len or str(kv.dtype).removeprefix("torch.") != fp["dtype"]:
                 reason = f"KV shape {tuple(kv.shape)} {kv.dtype} does not match {want} {fp['dtype']}"
                 failed[rid] = reason
                 self.fail(req, reason)

@@ -3,7 +3,7 @@ from cluster.batch_builder import build_forward_input
 from cluster.cache_manager import CacheManager
 from cluster.decode_manager import DecodeManager
 from cluster.engine.page_allocator import PageAllocator
-from cluster.finish import check_finish
+from cluster.engine.stop_checker import check_finish
 from cluster.prefill_manager import PrefillManager
 from cluster.sampling_params import SamplingParams
 from cluster.schedule_batch import ForwardMode, Req
