@@ -1,0 +1,148 @@
+"""GGUF -> HF-named float32 tensors + config + tokenizer state, cached once on disk.
+
+llama.cpp's converter permutes the rows of Q and K (for arch "llama") so that its rotary
+kernel can rotate adjacent pairs; HF rotates halves. `_unpermute` undoes it.
+
+Dequantizing is the slow part of loading, and a cluster starts several workers on the
+same file: the first one writes `<cache>/<stem>-<key>.safetensors` (+ `.json`)
+atomically under a file lock; the others wait on the lock and read the result.
+The key hashes the file's absolute path, size and mtime, so a changed file re-converts.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def cache_dir() -> str:
+    return os.environ.get("PDCLUSTER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdcluster")
+
+
+def load_gguf_cached(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """-> (HF config dict, tokenizer state, HF-named tensors); converts at most once per file."""
+    from safetensors.torch import load_file, save_file
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    base = os.path.join(cache_dir(), f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(base + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # one process converts, the others wait and then read
+        if os.path.exists(base + ".json") and os.path.exists(base + ".safetensors"):
+            logger.info("loading dequantized weights from cache %s.safetensors", base)
+            with open(base + ".json") as f:
+                meta = json.load(f)
+            return meta["config"], meta["tokenizer"], load_file(base + ".safetensors")
+        config, tok_state, tensors = read_gguf(path)
+        tmp = f"{base}.{os.getpid()}.tmp"
+        save_file(tensors, tmp + ".safetensors")
+        with open(tmp + ".json", "w") as f:
+            json.dump({"config": config, "tokenizer": tok_state, "source": os.path.abspath(path)}, f)
+        os.replace(tmp + ".safetensors", base + ".safetensors")
+        os.replace(tmp + ".json", base + ".json")   # written last: its presence means the pair is complete
+        logger.info("cached dequantized weights at %s.safetensors", base)
+        return config, tok_state, tensors
+
+
+def gguf_tokenizer(path: str):
+    """Only the tokenizer of a GGUF file (metadata only, no dequantizing)."""
+    import gguf
+
+    from cluster.engine.tokenizer import Tokenizer
+    reader = gguf.GGUFReader(path)
+    return Tokenizer.from_gguf_fields({n: _field_value(f) for n, f in reader.fields.items()
+                                       if n.startswith("tokenizer.")})
+
+
+def read_gguf(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    import gguf
+
+    from cluster.engine.tokenizer import Tokenizer
+    reader = gguf.GGUFReader(path)
+    fields = {name: _field_value(f) for name, f in reader.fields.items()}
+    arch = fields["general.architecture"]
+    if arch not in _ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} not supported (supported: {sorted(_ARCHS)})")
+    config = _hf_config(fields, arch)
+    tok = Tokenizer.from_gguf_fields(fields)
+    names = {t.name for t in reader.tensors}
+    config["tie_word_embeddings"] = "output.weight" not in names
+    if not config.get("eos_token_id"):
+        config["eos_token_id"] = sorted(tok.eos_token_ids)
+    tensors: dict[str, torch.Tensor] = {}
+    t0, total = time.monotonic(), len(reader.tensors)
+    for i, t in enumerate(reader.tensors):
+        if t.name == "rope_freqs.weight":
+            logger.warning("%s: rope_freqs (Llama-3 rope scaling) is not applied from GGUF", path)
+            continue
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
+            w = _unpermute(w, heads)
+        tensors[_hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))   # copy: the mmap is read-only
+        if (i + 1) % 32 == 0 or i + 1 == total:
+            logger.info("dequantizing %s: %d/%d tensors (%.1fs)", os.path.basename(path), i + 1, total,
+                        time.monotonic() - t0)
+    return config, tok.to_state(), tensors
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute`: rows (head, pair, 2) -> (head, 2, pair)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+
+
+def _hf_config(f: dict, arch: str) -> dict:
+    heads = f[f"{arch}.attention.head_count"]
+    hidden = f[f"{arch}.embedding_length"]
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    return {
+        "architectures": [_ARCHS[arch]], "vocab_size": f.get(f"{arch}.vocab_size", len(f["tokenizer.ggml.tokens"])),
+        "hidden_size": hidden, "intermediate_size": f[f"{arch}.feed_forward_length"],
+        "num_hidden_layers": f[f"{arch}.block_count"], "num_attention_heads": heads,
+        "num_key_value_heads": f.get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": f.get(f"{arch}.attention.key_length", hidden // heads),
+        "rms_norm_eps": f[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "rope_theta": f.get(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": f.get(f"{arch}.context_length", 4096),
+        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"), "eos_token_id": [] if eos is None else [eos],
+    }
+
+
+def _field_value(field):
+    """A GGUF metadata field as a plain Python value (str, number, or list of them)."""
+    import gguf
+    types = field.types
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return field.parts[field.data[0]].tolist()[0]

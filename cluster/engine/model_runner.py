@@ -1,0 +1,100 @@
+"""ModelRunner: runs one ForwardInput through the model over the paged KV cache and samples.
+
+Future tokens (overlap scheduling): the scheduler launches decode batch N+1 before it has
+seen batch N's sampled tokens. Such an input id is written as `-(k + 1)`: "the token last
+sampled into slot k". `forward` resolves those from `future_map` before the embedding
+lookup and, after sampling, stores each request's new token into its `future_slots[i]`.
+Forwards run in launch order on one thread, so N's store happens before N+1's resolve.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cluster.engine.attention import AttentionContext
+from cluster.engine.forward_batch import ForwardInput, ForwardOutput
+from cluster.engine.kv_cache import KVPool
+from cluster.engine.loader import DTYPES, LoadedModel
+from cluster.engine.page_allocator import PageAllocator
+from cluster.engine.sampler import sample
+
+NUM_FUTURE_SLOTS = 4096
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32"):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.model = loaded.model
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.page_size = page_size
+        self.page_allocator = PageAllocator(num_pages)
+        cfg = self.config
+        self.kv_pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages, page_size,
+                              self.dtype, self.device)
+        self.kv_caches = self.kv_pool.layer_caches()
+        self.future_map = torch.zeros(NUM_FUTURE_SLOTS, dtype=torch.int64, device=self.device)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def kv_fingerprint(self) -> dict:
+        cfg = self.config
+        return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+                "dtype": str(self.dtype).removeprefix("torch."), "page_size": self.page_size}
+
+    # future-token map
+    def resolve_future(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_future = input_ids < 0
+        if not bool(is_future.any()):
+            return input_ids
+        return torch.where(is_future, self.future_map[(-input_ids - 1).clamp(min=0)], input_ids)
+
+    def store_future(self, slots: list[int], tokens: torch.Tensor) -> None:
+        keep = [i for i, s in enumerate(slots) if s >= 0]
+        if keep:
+            idx = torch.tensor([slots[i] for i in keep], device=self.device)
+            self.future_map[idx] = tokens[keep].to(self.device)
+
+    # KV handoff
+    def export_kv(self, page_table: list[int], length: int) -> torch.Tensor:
+        return self.kv_pool.export_kv(page_table, length).cpu()
+
+    def import_kv(self, page_table: list[int], tensor: torch.Tensor) -> None:
+        self.kv_pool.import_kv(page_table, tensor)
+
+    @torch.inference_mode()
+    def forward(self, fi: ForwardInput) -> ForwardOutput:
+        t0 = time.perf_counter()
+        input_ids = self.resolve_future(fi.input_ids.to(self.device, non_blocking=True))
+        ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
+                                     fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
+                                     fi.is_decode, self.device)
+        positions = fi.positions().to(self.device, non_blocking=True)
+        hidden = self.model(input_ids, positions, self.kv_caches, ctx)
+        t1 = time.perf_counter()
+        ends = torch.tensor(fi.extend_lens).cumsum(0) - 1   # each request's last new token
+        rows = [i for i, s in enumerate(fi.sample) if s]
+        next_ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
+        logprobs = None
+        logits_all = None
+        if fi.return_logits:
+            logits_all = self.model.compute_logits(hidden)
+        if rows:
+            last = ends[rows].to(self.device)
+            logits = logits_all[last] if logits_all is not None else self.model.compute_logits(hidden[last])
+            pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
+            ids, lps = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
+                              pick(fi.min_tokens_left), pick(fi.eos_token_ids))
+            if fi.future_slots:
+                self.store_future([fi.future_slots[i] for i in rows], ids)
+            next_ids[rows] = ids.cpu()
+            if lps is not None:
+                logprobs = torch.zeros(fi.num_reqs, dtype=torch.float32)
+                logprobs[rows] = lps.float().cpu()
+        return ForwardOutput(next_token_ids=next_ids, logprobs=logprobs,
+                             logits=None if logits_all is None else logits_all.float().cpu(),
+                             timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})

@@ -1,0 +1,303 @@
+"""Launcher: spawns and supervises one cluster's processes on this host (psutil).
+
+Order: pick a concrete control port (when `router.control` uses port 0), start the router,
+wait for its HTTP side, start every worker of the config, wait until all registered
+(`timeouts.register`; on failure name the worker, print the tail of its log, stop
+everything, exit 1), print the URL, then supervise:
+- a worker exits -> the router hears it at once (`POST /internal/workers/{id}/exit`), and
+  with `recovery.restart_workers` it is restarted with backoff (1 s, 2 s, 4 s ... 30 s),
+  at most MAX_RESTARTS times; the restarted worker registers under the same id;
+- the router exits -> everything stops, exit 1.
+SIGTERM / SIGINT: SIGTERM to the router (it stops admitting and drains), wait for it, then
+SIGTERM to every worker, SIGKILL after KILL_AFTER_S. Children run in their own sessions
+(a terminal's Ctrl-C reaches the launcher only, which orders the shutdown) and get
+PR_SET_PDEATHSIG, so not even a SIGKILLed launcher leaves orphans.
+Logs: DIR/<worker-id>.log, DIR/router.log, DIR/launcher.log; child stdout/stderr are
+appended to the same file, so a crash before logging starts is still in the tail.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import httpx
+import psutil
+
+from cluster.config import ROLE_PACKAGES, ClusterConfig
+
+log = logging.getLogger("pdcluster.launcher")
+TOKEN_ENV = "PDCLUSTER_ROUTER_TOKEN"
+ROUTER_START_S = 120.0
+DRAIN_S = 5.0
+KILL_AFTER_S = 10.0
+MAX_RESTARTS = 5
+MAX_BACKOFF_S = 30.0
+TAIL_LINES = 30
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str                          # "router" or a worker id
+    argv: list[str]
+    env: dict
+    log_path: str
+    proc: Optional[subprocess.Popen] = None
+    num_restarts: int = 0
+    restart_at: Optional[float] = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+
+    @property
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, n: int = TAIL_LINES) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 64 * 1024))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError as e:
+            return f"(no log: {e})"
+        return "\n".join(lines[-n:])
+
+
+def _die_with_parent() -> None:
+    try:                               # Linux: SIGTERM the child when the launcher dies
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def concrete_control(endpoint: str) -> str:
+    """tcp://HOST:0 -> tcp://HOST:<free port>; other endpoints unchanged."""
+    if not endpoint.startswith("tcp://") or not endpoint.endswith(":0"):
+        return endpoint
+    host = endpoint[len("tcp://"):-2].strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host if host != "*" else "0.0.0.0", 0))
+        port = s.getsockname()[1]
+    return endpoint[:-1] + str(port)
+
+
+def threads_per_worker(cfg: ClusterConfig, wid: str) -> int:
+    n = cfg.group_of(wid).scheduler.threads
+    return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, len(cfg.worker_ids())))
+
+
+class Launcher:
+    def __init__(self, cfg: ClusterConfig, config_path: str, log_dir: str):
+        self.cfg, self.config_path, self.log_dir = cfg, os.path.abspath(config_path), log_dir
+        self.control = concrete_control(cfg.router.control)
+        self.token = secrets.token_hex(16)
+        host = cfg.router.host
+        local = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else \
+            "::1" if host == "::" else host
+        self.http_base = f"http://{'[' + local + ']' if ':' in local else local}:{cfg.router.port}"
+        self.url = f"http://{host}:{cfg.router.port}/v1"
+        self.router: Optional[Child] = None
+        self.workers: dict[str, Child] = {}
+        self.stop_reason: Optional[str] = None
+        self._http = httpx.Client(timeout=2.0, headers={"X-PDCluster-Token": self.token})
+
+    # startup
+    def start(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        base_env = {**os.environ, TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1"}
+        r = self.cfg.router
+        self.router = Child("router", [sys.executable, "-m", "cluster.router", "--config",
+                                       self.config_path, "--control", self.control, "--host",
+                                       r.host, "--port", str(r.port), "--log-dir",
+                                       self.log_dir, "--drain-timeout", str(DRAIN_S)],
+                            {**base_env, "OMP_NUM_THREADS": "1"},
+                            os.path.join(self.log_dir, "router.log"))
+        self.router.spawn()
+        self._wait_router_http()
+        for wid, group in self.cfg.worker_ids():
+            n = str(threads_per_worker(self.cfg, wid))
+            argv = [sys.executable, "-m", ROLE_PACKAGES[group.role], "--config",
+                    self.config_path, "--worker-id", wid, "--router", self.control,
+                    "--log-dir", self.log_dir]
+            env = {**base_env, "PDCLUSTER_THREADS": n, "OMP_NUM_THREADS": n,
+                   "MKL_NUM_THREADS": n}
+            self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
+            self.workers[wid].spawn()
+        self._wait_registered()
+
+    def _wait_router_http(self) -> None:
+        deadline = time.monotonic() + ROUTER_START_S
+        while time.monotonic() < deadline and self.stop_reason is None:
+            if not self.router.is_running:
+                raise LaunchError(f"the router exited with code {self.router.proc.returncode}"
+                                  f"; tail of {self.router.log_path}:\n{self.router.tail()}")
+            if self.registered() is not None:
+                return
+            time.sleep(0.2)
+        if self.stop_reason is None:
+            raise LaunchError(f"the router did not answer on {self.http_base} within "
+                              f"{ROUTER_START_S:g} s; tail of {self.router.log_path}:\n"
+                              f"{self.router.tail()}")
+
+    def _wait_registered(self) -> None:
+        limit = self.cfg.timeouts.register
+        deadline = time.monotonic() + limit
+        while self.stop_reason is None:
+            for c in self.workers.values():
+                if not c.is_running:
+                    raise LaunchError(f"worker {c.name} exited with code {c.proc.returncode} "
+                                      f"before registering; tail of {c.log_path}:\n{c.tail()}")
+            if not self.router.is_running:
+                raise LaunchError(f"the router exited; tail of {self.router.log_path}:\n"
+                                  f"{self.router.tail()}")
+            missing = sorted(set(self.workers) - set(self.registered() or []))
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                c = self.workers[missing[0]]
+                raise LaunchError(f"worker(s) {', '.join(missing)} did not register within "
+                                  f"timeouts.register = {limit:g} s; tail of {c.log_path}:\n"
+                                  f"{c.tail()}")
+            time.sleep(0.2)
+
+    # router's internal endpoints
+    def registered(self) -> Optional[list[str]]:
+        try:
+            resp = self._http.get(f"{self.http_base}/internal/workers")
+            resp.raise_for_status()
+            return [w["worker_id"] for w in resp.json()["workers"]]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    def notify_exit(self, wid: str, reason: str) -> None:
+        try:
+            self._http.post(f"{self.http_base}/internal/workers/{wid}/exit",
+                            json={"reason": reason})
+        except httpx.HTTPError as e:
+            log.warning("could not tell the router that %s exited: %s", wid, e)
+
+    # supervision
+    def supervise(self) -> int:
+        """Run until a signal (0) or the router's death (1)."""
+        while self.stop_reason is None:
+            if not self.router.is_running:
+                log.error("the router exited with code %s; stopping the cluster",
+                          self.router.proc.returncode)
+                print(f"pdcluster: the router exited; tail of {self.router.log_path}:\n"
+                      f"{self.router.tail()}", file=sys.stderr)
+                return 1
+            now = time.monotonic()
+            for c in self.workers.values():
+                if c.restart_at is not None and now >= c.restart_at:
+                    c.num_restarts += 1
+                    c.spawn()
+                elif c.restart_at is None and c.proc is not None and not c.is_running:
+                    self._on_worker_exit(c)
+            time.sleep(0.2)
+        return 0
+
+    def _on_worker_exit(self, c: Child) -> None:
+        reason = f"process {c.proc.pid} exited with code {c.proc.returncode}"
+        log.warning("worker %s: %s", c.name, reason)
+        self.notify_exit(c.name, reason)
+        if not self.cfg.recovery.restart_workers:
+            c.proc = None
+            return
+        if c.num_restarts >= MAX_RESTARTS:
+            log.error("worker %s: %d restarts already; not restarting it again", c.name,
+                      c.num_restarts)
+            c.proc = None
+            return
+        backoff = min(MAX_BACKOFF_S, 2.0 ** c.num_restarts)
+        c.restart_at = time.monotonic() + backoff
+        log.info("worker %s: restart %d/%d in %.0f s", c.name, c.num_restarts + 1,
+                 MAX_RESTARTS, backoff)
+
+    # shutdown
+    def shutdown(self) -> None:
+        if self.router is not None and self.router.is_running:
+            log.info("stopping the router (drain up to %.0f s)", DRAIN_S)
+            _stop([self.router.proc], DRAIN_S + KILL_AFTER_S)
+        procs = [c.proc for c in self.workers.values() if c.is_running]
+        log.info("stopping %d worker(s)", len(procs))
+        _stop(procs, KILL_AFTER_S)
+        self._http.close()
+
+
+def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM, wait, then SIGKILL whatever is left of these processes and their children."""
+    family = []
+    for p in procs:
+        try:
+            ps = psutil.Process(p.pid)
+            family += [ps] + ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for ps in family:
+        try:
+            ps.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for ps in alive:
+        log.warning("killing pid %d (no exit after SIGTERM)", ps.pid)
+        try:
+            ps.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    for p in procs:
+        p.poll()                                           # reap
+
+
+def run(cfg: ClusterConfig, config_path: str, log_dir: str) -> int:
+    """Launch, supervise until SIGTERM/SIGINT, stop everything. Returns the exit code."""
+    os.makedirs(log_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(log_dir, "launcher.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s launcher %(levelname)s: %(message)s"))
+    logging.getLogger("pdcluster").addHandler(handler)
+    logging.getLogger("pdcluster").setLevel(logging.INFO)
+    launcher = Launcher(cfg, config_path, log_dir)
+
+    def on_signal(sig, frame):
+        launcher.stop_reason = signal.Signals(sig).name
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        launcher.start()
+        if launcher.stop_reason is None:
+            roles = ", ".join(f"{wid}" for wid in launcher.workers)
+            print(f"pdcluster: serving {cfg.model.name} at {launcher.url} ({roles}); "
+                  f"logs in {log_dir}", flush=True)
+            log.info("ready: %s", launcher.url)
+            code = launcher.supervise()
+    except LaunchError as e:
+        log.error("%s", e)
+        print(f"pdcluster: launch failed: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        log.info("shutting down (%s)", launcher.stop_reason or "error")
+        launcher.shutdown()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return code

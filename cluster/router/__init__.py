@@ -1,0 +1,14 @@
+"""The router: OpenAI-compatible HTTP front end of a pdcluster.
+
+- `app.py`          FastAPI routes (completions, chat, models, health, metrics, internal)
+- `openai_request.py` request bodies -> validated `ParsedRequest` (400s are raised here)
+- `openai_response.py` response bodies, SSE chunks, logprobs formatting
+- `service.py`      admission: model, tokenize, lengths, sampling; events -> text deltas
+- `request_state.py` per-request state and the events handed to the HTTP side
+- `completion.py`   one request's text: incremental detokenizing, stop-string trimming
+- `dispatcher.py`   the control loop: registration, heartbeats, dispatch, tokens, failover
+- `worker_directory.py` live workers, their gauges and the dispatch policies
+- `metrics.py`      Prometheus text for router histograms and worker gauges
+- `errors.py`       `APIError` and the `{"error": {...}}` body
+- `__main__.py`     `python -m cluster.router --config C --control ENDPOINT`
+"""

@@ -1,0 +1,166 @@
+"""FastAPI routes of the router: OpenAI API, /health, /metrics and the launcher's endpoints.
+
+Internal endpoints (`/internal/...`) answer local clients only (loopback, or the router's
+own bound address when it listens on one interface) and, when the router was
+started with PDCLUSTER_ROUTER_TOKEN in its environment (the launcher always sets it), only
+requests carrying it in `X-PDCluster-Token`:
+- `GET  /internal/workers`             registered, live workers (the launcher waits on it)
+- `POST /internal/workers/{id}/exit`   {"reason": ...}: the launcher saw the process exit
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.router.errors import APIError, bad_request, error_body
+from cluster.router.metrics import render_worker_stats
+from cluster.router.openai_request import parse_chat, parse_completion
+from cluster.router.openai_response import ResponseWriter, sse
+from cluster.router.service import Generation, RouterService
+
+log = logging.getLogger("pdcluster.router")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
+    app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    cfg = service.cfg
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError):
+        return bad_request(str(e.errors()[:3])).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind, e.status_code),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
+                                       "internal_error", 500), status_code=500)
+
+    def authorize(request: Request) -> None:
+        key = cfg.router.api_key
+        if not key:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
+                           "<key>'", "invalid_request_error", code="invalid_api_key")
+
+    def internal_only(request: Request) -> None:
+        host = request.client.host if request.client else ""
+        server = (request.scope.get("server") or ("",))[0]
+        token = request.headers.get("x-pdcluster-token", "")
+        is_local = host in LOOPBACK or host == server       # same machine, bound interface
+        if not is_local or (internal_token and
+                                    not hmac.compare_digest(token, internal_token)):
+            raise APIError(403, "internal endpoint", "permission_error", code=403)
+
+    async def read_json(request: Request):
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"the body is not valid JSON: {e}") from None
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        return await respond(parse_completion(await read_json(request)), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        return await respond(parse_chat(await read_json(request)), request)
+
+    async def respond(parsed, request: Request):
+        gen = service.start(parsed)
+        if parsed.stream:
+            return StreamingResponse(stream_body(gen), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        texts, logprobs, finish = [], [], None
+        async for delta in service.deltas(gen, request.is_disconnected):
+            texts.append(delta.text)
+            logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs))
+            finish = delta.finish_reason
+        if finish is None:                                # client went away
+            return JSONResponse(error_body("client disconnected", "aborted", 499), 499)
+        return JSONResponse(gen.writer.full("".join(texts), finish,
+                                            ResponseWriter.merge_logprobs(logprobs),
+                                            gen.num_prompt, len(gen.text.token_ids)))
+
+    async def stream_body(gen: Generation):
+        w = gen.writer
+        first = w.kind == "chat"
+        deltas = service.deltas(gen)
+        try:
+            if first:                                     # the role chunk, at once
+                yield sse(w.chunk("", None, None, first=True))
+            async for delta in deltas:
+                lp = w.format_logprobs(delta.token_ids, delta.logprobs)
+                if delta.text or lp is not None or delta.finish_reason is not None:
+                    yield sse(w.chunk(delta.text, delta.finish_reason, lp))
+            if w.include_usage:
+                yield sse(w.usage_chunk(gen.num_prompt, len(gen.text.token_ids)))
+            yield sse("[DONE]")
+        except APIError as e:                             # one error event, no [DONE]
+            yield sse(e.body())
+        finally:                                          # NOTE: aborts on disconnect
+            await deltas.aclose()
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdcluster",
+                 "max_model_len": cfg.model.max_model_len} for m in service.served_models()]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        d = service.dispatcher
+        with d.lock:
+            counts = {r: d.directory.count(r) for r in ("prefill", "decode", "unified", "dllm")}
+            ok = d.directory.can_serve_main() and not service.is_draining
+        body = {"status": "ok" if ok else ("draining" if service.is_draining else "unavailable"),
+                "workers": counts, "num_requests_in_flight": d.num_in_flight}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = service.metrics.render(service.dispatcher.num_in_flight)
+        lines += render_worker_stats(service.dispatcher.worker_stats())
+        return PlainTextResponse("\n".join(lines) + "\n",
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/internal/workers")
+    async def internal_workers(request: Request):
+        internal_only(request)
+        return {"workers": service.dispatcher.snapshot(),
+                "control_endpoint": service.dispatcher.control_endpoint}
+
+    @app.post("/internal/workers/{worker_id}/exit")
+    async def internal_worker_exit(worker_id: str, request: Request):
+        internal_only(request)
+        body = await read_json(request) if await request.body() else {}
+        reason = str(body.get("reason", "process exited")) if isinstance(body, dict) else ""
+        known = service.dispatcher.worker_exited(worker_id, reason or "process exited")
+        return {"worker_id": worker_id, "was_registered": known}
+
+    return app

@@ -1,0 +1,54 @@
+"""One request's output text: incremental detokenizing, stop-string hold-back and trimming.
+
+Workers stop on stop strings themselves; when they do, the text ends with (or just past)
+the matched string and the router cuts it off. While streaming, the last
+`longest_stop - 1` characters are held back, so a stop string that arrives over several
+tokens is never half-sent: the client sees exactly the trimmed text, chunk by chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: Optional[list[float]]
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class CompletionText:
+    detokenizer: object                        # IncrementalDetokenizer
+    stop: list[str]
+    text: str = ""                             # everything decoded so far
+    num_emitted: int = 0                       # characters handed to the client
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def hold_back(self) -> int:
+        return max((len(s) for s in self.stop), default=1) - 1
+
+    def add(self, token_ids: list[int], logprobs: Optional[list[float]],
+            finish_reason: Optional[str]) -> TextDelta:
+        """New tokens in; the text that may be sent now out (all of it once finished)."""
+        self.token_ids += token_ids
+        if token_ids:
+            self.text += self.detokenizer.add(token_ids)
+        if finish_reason is None:
+            end = max(self.num_emitted, len(self.text) - self.hold_back)
+        else:
+            end = len(self.text)
+            if finish_reason == "stop" and self.stop:
+                end = self._stop_position()
+                self.text = self.text[:end]
+        delta = self.text[self.num_emitted:end]
+        self.num_emitted = end
+        return TextDelta(delta, token_ids, logprobs, finish_reason)
+
+    def _stop_position(self) -> int:
+        """Start of the earliest stop string not yet sent, or the text's end if none."""
+        hits = [i for s in self.stop if (i := self.text.find(s, self.num_emitted)) >= 0]
+        return min(hits) if hits else len(self.text)

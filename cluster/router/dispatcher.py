@@ -1,0 +1,295 @@
+"""The router's control loop: worker registry, dispatch, token fan-in, failure handling.
+
+One thread owns the ControlServer's receive side and, under `self.lock`, all request and
+worker state; HTTP coroutines enter only through `submit`, `abort`, `worker_exited` and the
+read-only snapshots, each taking the lock briefly. Events reach a request's coroutine
+through its thread-safe `sink`, so the loop never blocks on a client.
+
+Failure rules (shared/DESIGN.md, issue 4):
+- a worker is gone when the launcher says so (`worker_exited`), when it is silent for
+  `timeouts.heartbeat_dead_after`, or when it registers again under the same id;
+- a request with no token yet is re-dispatched to another worker / pair;
+- a request with tokens already sent resumes (prompt + sent tokens, the rest of
+  max_tokens) when `recovery.resume_on_decode_failure`, else fails with the reason;
+- the surviving side of a pair gets `abort` for the attempt; tokens of an old attempt are
+  ignored (every attempt has its own wire rid);
+- a request without progress for `timeouts.request` fails with a timeout.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+from cluster import protocol
+from cluster.config import ClusterConfig
+from cluster.router.errors import APIError, overloaded
+from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
+from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
+
+log = logging.getLogger("pdcluster.router")
+MAX_ATTEMPTS = 4
+TICK_S = 0.05
+
+
+class Dispatcher:
+    def __init__(self, cfg: ClusterConfig, control_endpoint: Optional[str] = None):
+        self.cfg = cfg
+        self.control_endpoint = control_endpoint or cfg.router.control
+        self.lock = threading.RLock()
+        self.directory = WorkerDirectory(cfg.router.policy)
+        self.requests: dict[str, RequestState] = {}       # wire rid -> state
+        self.server = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+
+    # lifecycle
+    def start(self) -> str:
+        from cluster.transport import ControlServer
+        self.server = ControlServer(self.control_endpoint)
+        self.control_endpoint = self.server.endpoint
+        self._thread = threading.Thread(target=self._loop, name="router-control", daemon=True)
+        self._thread.start()
+        log.info("control endpoint %s", self.control_endpoint)
+        return self.control_endpoint
+
+    def fail_all(self, reason: str) -> None:
+        with self.lock:
+            for st in list(self.requests.values()):
+                self._drop(st, abort_on=st.workers, reason=reason)
+                st.sink(FailedEvent(503, reason, "service_unavailable"))
+
+    def close(self, reason: str = "router shutting down") -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.server is not None:
+            self.fail_all(reason)
+            self.server.close()
+
+    # entry points from the HTTP side
+    def submit(self, st: RequestState) -> None:
+        with self.lock:
+            if self.num_in_flight >= self.cfg.router.max_queued_requests:
+                raise overloaded(f"{self.num_in_flight} requests in flight "
+                                 f"(router.max_queued_requests = "
+                                 f"{self.cfg.router.max_queued_requests}); retry later")
+            if not self._pick(st):
+                raise overloaded(f"no live worker serves model {st.model!r}", retry_after=2)
+            self._send_generate(st)
+
+    def abort(self, st: RequestState, reason: str) -> None:
+        with self.lock:
+            if self.requests.get(st.wire_rid) is st:
+                self._drop(st, abort_on=st.workers, reason=reason)
+
+    def worker_exited(self, worker_id: str, reason: str) -> bool:
+        with self.lock:
+            return self._worker_gone(worker_id, reason)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.requests)
+
+    # dispatch
+    def _pick(self, st: RequestState) -> bool:
+        d = self.directory
+        if st.route == "dllm":
+            w = d.pick("dllm", model=st.model)
+            st.workers = (w.worker_id,) if w else ()
+        elif d.count("unified") and not d.has_pair():
+            w = d.pick("unified")
+            st.workers, st.route = ((w.worker_id,) if w else ()), "unified"
+        else:
+            pair = d.pick_pair()
+            st.workers = (pair[0].worker_id, pair[1].worker_id) if pair else ()
+            st.route = "pd"
+        return bool(st.workers)
+
+    def _send_generate(self, st: RequestState) -> None:
+        sampling = st.remaining_sampling()
+        if sampling is None:                               # resumed with nothing left
+            self._finish(st, TokensEvent([], None, "length"))
+            return
+        st.attempt += 1
+        st.is_parked = False
+        st.last_progress = time.monotonic()
+        self.requests[st.wire_rid] = st
+        infos = [self.directory.get(w) for w in st.workers]
+        for info in infos:
+            info.num_inflight += 1
+        peers = [infos[1].peer, infos[0].peer] if len(infos) == 2 else [None]
+        for info, peer in zip(infos, peers):
+            self._send(info.worker_id, protocol.Generate(
+                rid=st.wire_rid, input_ids=list(st.input_ids), sampling=sampling, peer=peer,
+                model=st.model, extra=dict(st.extra), output_ids=list(st.output_ids)))
+
+    def _redispatch(self, st: RequestState, reason: str) -> None:
+        """Move `st` off its workers (already aborted/dead) onto new ones, or park it."""
+        self._release(st)
+        if st.attempt >= MAX_ATTEMPTS:
+            self._fail(st, FailedEvent(500, f"{reason}; gave up after {st.attempt} attempts"))
+            return
+        if self._pick(st):
+            log.info("request %s: %s; re-dispatched to %s", st.rid, reason, ",".join(st.workers))
+            self._send_generate(st)
+        else:
+            log.warning("request %s: %s; parked until a worker is available", st.rid, reason)
+            st.is_parked, st.workers = True, ()
+            self.requests[st.wire_rid] = st
+
+    def _retry_parked(self) -> None:
+        for st in [s for s in self.requests.values() if s.is_parked]:
+            if self._pick(st):
+                del self.requests[st.wire_rid]
+                self._send_generate(st)
+
+    # request endings
+    def _release(self, st: RequestState) -> None:
+        self.requests.pop(st.wire_rid, None)
+        for w in st.workers:
+            info = self.directory.get(w)
+            if info is not None and info.num_inflight > 0:
+                info.num_inflight -= 1
+
+    def _finish(self, st: RequestState, event: TokensEvent) -> None:
+        self._release(st)
+        st.sink(event)
+
+    def _fail(self, st: RequestState, event: FailedEvent) -> None:
+        self._release(st)
+        st.sink(event)
+
+    def _drop(self, st: RequestState, abort_on: tuple, reason: str) -> None:
+        for w in abort_on:
+            self._send(w, protocol.Abort(rid=st.wire_rid, reason=reason))
+        self._release(st)
+
+    # control loop
+    def _loop(self) -> None:
+        next_check = 0.0
+        while not self._stopping.is_set():
+            try:
+                got = self.server.recv(timeout=TICK_S)
+                with self.lock:
+                    while got is not None:
+                        self._handle(*got)
+                        got = self.server.recv(timeout=0)
+                    now = time.monotonic()
+                    if now >= next_check:
+                        self._check_liveness(now)
+                        next_check = now + TICK_S * 2
+            except Exception:                              # the loop must survive anything
+                log.exception("control loop error")
+
+    def _handle(self, sender: str, msg) -> None:
+        if isinstance(msg, protocol.Tokens):
+            self._on_tokens(sender, msg)
+        elif isinstance(msg, protocol.Heartbeat):
+            self._on_heartbeat(sender, msg)
+        elif isinstance(msg, protocol.Error):
+            self._on_error(sender, msg)
+        elif isinstance(msg, protocol.Register):
+            self._on_register(sender, msg)
+        else:
+            log.warning("unexpected %s from %s: dropped", type(msg).__name__, sender)
+
+    def _on_register(self, sender: str, msg) -> None:
+        if msg.worker_id != sender:
+            log.error("register from socket %r claims worker_id %r: dropped", sender, msg.worker_id)
+            return
+        info = WorkerInfo(msg.worker_id, msg.role, msg.model, dict(msg.capacity),
+                          dict(msg.kv_fingerprint), msg.data_addr, msg.pid)
+        self._worker_gone(msg.worker_id, "worker registered again (restarted)")
+        self.directory.add(info)
+        log.info("registered %s (role=%s model=%s pid=%d data=%s)", msg.worker_id, msg.role,
+                 msg.model, msg.pid, msg.data_addr or "-")
+        self._retry_parked()
+
+    def _on_heartbeat(self, sender: str, msg) -> None:
+        info = self.directory.get(sender)
+        if info is None:
+            info = self.directory.revive(sender)
+            if info is None:
+                return                                     # never registered here
+            log.warning("%s is alive again after being declared dead", sender)
+            self._retry_parked()
+        info.last_seen = time.monotonic()
+        info.stats = dict(msg.stats)
+        info.forward_ct = msg.forward_ct
+
+    def _on_tokens(self, sender: str, msg) -> None:
+        info = self.directory.get(sender)
+        if info is not None:
+            info.last_seen = time.monotonic()
+        for item in msg.items:
+            st = self.requests.get(item["rid"])
+            if st is None or st.token_source != sender:
+                continue                                   # finished, aborted or stale attempt
+            if item["error"]:
+                self._fail_and_abort(st, f"worker {sender}: {item['error']}", sender)
+                continue
+            st.output_ids += item["token_ids"]
+            st.last_progress = time.monotonic()
+            event = TokensEvent(list(item["token_ids"]), item["logprobs"], item["finish_reason"])
+            if item["finish_reason"] is not None:
+                self._finish(st, event)
+            else:
+                st.sink(event)
+
+    def _on_error(self, sender: str, msg) -> None:
+        st = self.requests.get(msg.rid)
+        if st is not None and sender in st.workers:
+            self._fail_and_abort(st, f"worker {sender}: {msg.reason}", sender)
+
+    def _fail_and_abort(self, st: RequestState, reason: str, sender: str) -> None:
+        for w in st.workers:
+            if w != sender:
+                self._send(w, protocol.Abort(rid=st.wire_rid, reason=reason))
+        self._fail(st, FailedEvent(500, reason))
+
+    def _check_liveness(self, now: float) -> None:
+        dead_after = self.cfg.timeouts.heartbeat_dead_after
+        for wid in self.directory.silent_since(now - dead_after):
+            self._worker_gone(wid, f"no heartbeat for {dead_after:g} s")
+        limit = self.cfg.timeouts.request
+        for st in [s for s in self.requests.values() if now - s.last_progress > limit]:
+            reason = f"request timed out: no progress for {limit:g} s"
+            self._drop(st, abort_on=st.workers, reason=reason)
+            st.sink(FailedEvent(504, reason, "timeout"))
+
+    def _worker_gone(self, worker_id: str, reason: str) -> bool:
+        """Take `worker_id` out of service and move or fail the requests it held."""
+        if self.directory.remove(worker_id) is None:
+            return False
+        affected = [s for s in self.requests.values() if worker_id in s.workers]
+        log.warning("worker %s is gone (%s): %d request(s) affected", worker_id, reason,
+                    len(affected))
+        resume = self.cfg.recovery.resume_on_decode_failure
+        why = f"worker {worker_id} failed: {reason}"
+        for st in affected:
+            for w in st.workers:                           # survivors (and a stalled worker)
+                self._send(w, protocol.Abort(rid=st.wire_rid, reason=why))
+            if st.token_source == worker_id and st.output_ids and not resume:
+                self._fail(st, FailedEvent(500, why))
+            else:
+                self._redispatch(st, why)
+        return True
+
+    def _send(self, worker_id: str, msg) -> None:
+        try:
+            self.server.send(worker_id, msg)
+        except Exception as e:                             # unroutable peer, closed socket
+            log.warning("send %s to %s failed: %s", type(msg).__name__, worker_id, e)
+
+    # snapshots (for /health, /metrics, /internal/workers)
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        with self.lock:
+            return [w.describe(now) for w in self.directory.workers.values()]
+
+    def worker_stats(self) -> list[tuple[str, str, dict]]:
+        with self.lock:
+            return [(w.role, w.worker_id, dict(w.stats))
+                    for w in sorted(self.directory.workers.values(), key=lambda w: w.worker_id)]

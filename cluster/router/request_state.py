@@ -1,0 +1,66 @@
+"""What the router keeps per in-flight request, and the events it hands to the HTTP side.
+
+A request keeps one public `rid` for its whole life; every dispatch attempt gets its own
+wire rid (`<rid>.<attempt>`), so tokens or errors from a worker that lost the request
+(declared dead, then back) can never be mistaken for the current attempt's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from cluster.sampling_params import SamplingParams
+
+
+@dataclass
+class TokensEvent:
+    token_ids: list[int]
+    logprobs: Optional[list[float]]
+    finish_reason: Optional[str]
+
+
+@dataclass
+class FailedEvent:
+    status: int                       # HTTP status the client gets (500, 503, 504)
+    message: str
+    type: str = "internal_error"
+
+
+Event = TokensEvent | FailedEvent
+
+
+@dataclass
+class RequestState:
+    rid: str
+    model: str
+    route: str                        # "pd" | "unified" | "dllm"
+    input_ids: list[int]
+    sampling: SamplingParams
+    sink: Callable[[Event], None]     # thread-safe hand-off to the HTTP coroutine
+    extra: dict = field(default_factory=dict)
+    output_ids: list[int] = field(default_factory=list)
+    attempt: int = 0
+    workers: tuple[str, ...] = ()     # (prefill, decode) or (worker,) of the current attempt
+    last_progress: float = field(default_factory=time.monotonic)
+    is_parked: bool = False           # waiting for a worker to (re)appear
+
+    @property
+    def wire_rid(self) -> str:
+        return f"{self.rid}.{self.attempt}"
+
+    @property
+    def token_source(self) -> Optional[str]:
+        """The worker whose `tokens` count: decode in a pair, else the single worker."""
+        return self.workers[-1] if self.workers else None
+
+    def remaining_sampling(self) -> Optional[dict]:
+        """Sampling for a resumed attempt (tokens already sent are not generated again),
+        or None when nothing is left to generate."""
+        done = len(self.output_ids)
+        if done >= self.sampling.max_tokens:
+            return None
+        wire = self.sampling.to_wire()
+        wire["max_tokens"] = self.sampling.max_tokens - done
+        wire["min_tokens"] = max(0, self.sampling.min_tokens - done)
+        return wire

@@ -1,0 +1,191 @@
+"""RouterService: from a parsed OpenAI request to a stream of text deltas.
+
+It resolves the model, renders the chat template, tokenizes, checks lengths, builds the
+SamplingParams, admits the request through the Dispatcher and turns dispatcher events
+into `TextDelta`s, observing TTFT / ITL / e2e latency and counting outcomes on the way.
+Tokenizers are the only model state the router loads (never weights):
+`cluster.engine.loader.load_tokenizer(name, path, load_format)`, one per distinct path.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+from cluster.config import ClusterConfig
+from cluster.router.completion import CompletionText, TextDelta
+from cluster.router.dispatcher import Dispatcher
+from cluster.router.errors import APIError, bad_request, overloaded
+from cluster.router.metrics import RouterMetrics
+from cluster.router.openai_request import ParsedRequest
+from cluster.router.openai_response import ResponseWriter
+from cluster.router.request_state import FailedEvent, RequestState
+from cluster.sampling_params import SamplingParams
+
+log = logging.getLogger("pdcluster.router")
+COMPLETION_DEFAULT_MAX_TOKENS = 16             # OpenAI's legacy completions default
+DISCONNECT_POLL_S = 1.0
+
+
+@dataclass
+class Generation:
+    st: RequestState
+    queue: asyncio.Queue
+    text: CompletionText
+    writer: ResponseWriter
+    num_prompt: int
+    arrival: float
+    is_done: bool = False
+
+
+class RouterService:
+    def __init__(self, cfg: ClusterConfig, dispatcher: Dispatcher):
+        self.cfg, self.dispatcher = cfg, dispatcher
+        self.metrics = RouterMetrics()
+        self.is_draining = False
+        self._tokenizers: dict[str, object] = {}
+
+    # models
+    def configured_dllm(self) -> dict[str, str]:
+        """Served dllm model name -> weights path ("" = the main model's)."""
+        return {g.model: g.path for g in self.cfg.groups if g.role == "dllm" and g.model}
+
+    def served_models(self) -> list[str]:
+        dllm = set(self.configured_dllm()) | set(self.dispatcher.directory.dllm_models())
+        return [self.cfg.model.name] + sorted(dllm - {self.cfg.model.name})
+
+    def route_of(self, model: Optional[str]) -> tuple[str, str]:
+        name = model or self.cfg.model.name
+        if name == self.cfg.model.name:
+            return name, "pd"
+        if name in self.served_models():
+            return name, "dllm"
+        raise APIError(404, f"The model `{name}` does not exist. Served models: "
+                       f"{', '.join(self.served_models())}", "invalid_request_error",
+                       code="model_not_found")
+
+    def tokenizer_for(self, model: str):
+        path = self.configured_dllm().get(model, "") or self.cfg.model.path
+        if path not in self._tokenizers:
+            from cluster.engine.loader import load_tokenizer
+            m = self.cfg.model
+            self._tokenizers[path] = load_tokenizer(m.name if path == m.path else model, path,
+                                                    m.load_format)
+        return self._tokenizers[path]
+
+    def load_tokenizers(self) -> None:
+        for model in self.served_models():
+            self.tokenizer_for(model)
+
+    # admission
+    def start(self, parsed: ParsedRequest) -> Generation:
+        if self.is_draining:
+            self.metrics.count_outcome("rejected")
+            raise overloaded("the server is shutting down", retry_after=5)
+        model, route = self.route_of(parsed.model)
+        if parsed.dllm and route != "dllm":
+            raise bad_request(f"{', '.join(parsed.dllm)} only apply to dllm models "
+                              f"({', '.join(self.served_models()[1:]) or 'none served'})")
+        tokenizer = self.tokenizer_for(model)
+        if parsed.kind == "chat":
+            prompt = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            input_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        elif parsed.prompt_ids is not None:
+            input_ids = list(parsed.prompt_ids)
+        else:
+            # NOTE: the tokenizer's default (no BOS for SmolLM2, as its HF tokenizer does);
+            # a model that needs BOS gets it from its tokenizer's own encode default
+            input_ids = tokenizer.encode(parsed.prompt)
+        if not input_ids:
+            raise bad_request("the prompt has no tokens", "prompt")
+        sampling = self._sampling(parsed, len(input_ids))
+        rid = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        st = RequestState(rid=rid, model=model, route=route, input_ids=input_ids,
+                          sampling=sampling, extra=dict(parsed.dllm),
+                          sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        writer = ResponseWriter(parsed.kind, rid, model, tokenizer, parsed.logprobs,
+                                parsed.top_logprobs, parsed.include_usage)
+        from cluster.engine.tokenizer import IncrementalDetokenizer
+        text = CompletionText(IncrementalDetokenizer(tokenizer), list(sampling.stop))
+        gen = Generation(st, queue, text, writer, len(input_ids), time.monotonic())
+        try:
+            self.dispatcher.submit(st)
+        except APIError as e:
+            if e.status == 503:
+                self.metrics.count_outcome("rejected")
+            raise
+        return gen
+
+    def _sampling(self, parsed: ParsedRequest, num_prompt: int) -> SamplingParams:
+        max_len = self.cfg.model.max_model_len
+        room = max_len - num_prompt
+        if room < 1:
+            raise bad_request(f"the prompt has {num_prompt} tokens; this model's maximum "
+                              f"context length is {max_len} tokens", "prompt")
+        max_tokens = parsed.max_tokens
+        if max_tokens is None:
+            max_tokens = min(room, COMPLETION_DEFAULT_MAX_TOKENS) if parsed.kind == "completion" \
+                else room
+        elif num_prompt + max_tokens > max_len:
+            raise bad_request(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) "
+                              f"exceeds this model's maximum context length of {max_len} "
+                              "tokens", "max_tokens")
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=parsed.logprobs,
+                                  **parsed.sampling)
+        except (TypeError, ValueError) as e:
+            raise bad_request(str(e)) from None
+
+    # events -> text
+    async def deltas(self, gen: Generation,
+                     disconnected: Optional[Callable[[], Awaitable[bool]]] = None
+                     ) -> AsyncIterator[TextDelta]:
+        """Text deltas until the finishing one; raises APIError when the request fails."""
+        last = None
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(gen.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if disconnected is not None and await disconnected():
+                        return
+                    continue
+                now = time.monotonic()
+                if isinstance(ev, FailedEvent):
+                    gen.is_done = True
+                    self.metrics.count_outcome("timeout" if ev.status == 504 else "error")
+                    raise APIError(ev.status, ev.message, ev.type, code=ev.status)
+                if ev.token_ids:
+                    if last is None:
+                        self.metrics.observe(self.metrics.ttft, now - gen.arrival)
+                    else:
+                        n = len(ev.token_ids)
+                        self.metrics.observe(self.metrics.itl, (now - last) / n, times=n)
+                    last = now
+                delta = gen.text.add(ev.token_ids, ev.logprobs, ev.finish_reason)
+                if ev.finish_reason is not None:
+                    gen.is_done = True
+                    self.metrics.observe(self.metrics.e2e, now - gen.arrival)
+                    self.metrics.count_outcome("success")
+                yield delta
+                if gen.is_done:
+                    return
+        finally:
+            if not gen.is_done:
+                gen.is_done = True
+                self.metrics.count_outcome("aborted")
+                self.dispatcher.abort(gen.st, "client disconnected")
+
+    # shutdown
+    async def drain(self, seconds: float) -> None:
+        """Stop admitting (503), then wait up to `seconds` for in-flight requests."""
+        self.is_draining = True
+        deadline = time.monotonic() + seconds
+        while self.dispatcher.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drain done: %d request(s) still in flight", self.dispatcher.num_in_flight)

@@ -1,0 +1,130 @@
+"""The worker directory: who is registered, alive, how loaded, and who gets the next request.
+
+Policies (`router.policy`):
+- `round_robin`: rotate over the alive workers of a role, independently per role.
+- `least_load`: power of two choices - sample two candidates, take the one with the lower
+  load = reported num_queue_reqs + num_running_reqs + the router's own in-flight count
+  (the reported gauges lag by up to one heartbeat; the in-flight count does not).
+A (prefill, decode) pair must have equal KV fingerprints when both reported one.
+Not thread-safe by itself: the dispatcher holds its lock around every call.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str
+    model: str
+    capacity: dict
+    kv_fingerprint: dict
+    data_addr: str
+    pid: int
+    registered_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    stats: dict = field(default_factory=dict)
+    forward_ct: int = 0
+    num_inflight: int = 0                     # router-side: requests assigned and not done
+
+    @property
+    def load(self) -> float:
+        reported = self.stats.get("num_queue_reqs", 0) + self.stats.get("num_running_reqs", 0)
+        return float(reported) + self.num_inflight
+
+    @property
+    def peer(self) -> dict:
+        return {"worker_id": self.worker_id, "data_addr": self.data_addr}
+
+    def describe(self, now: float) -> dict:
+        return {"worker_id": self.worker_id, "role": self.role, "model": self.model,
+                "pid": self.pid, "data_addr": self.data_addr,
+                "seconds_since_heartbeat": round(now - self.last_seen, 3),
+                "num_inflight": self.num_inflight, "forward_ct": self.forward_ct}
+
+
+class WorkerDirectory:
+    def __init__(self, policy: str, rng: Optional[random.Random] = None):
+        self.policy = policy
+        self.workers: dict[str, WorkerInfo] = {}
+        self.departed: dict[str, WorkerInfo] = {}  # declared dead; revived by a heartbeat
+        self._rr: dict[str, int] = {}
+        self._rng = rng or random.Random()
+
+    # membership
+    def add(self, info: WorkerInfo) -> Optional[WorkerInfo]:
+        """Register (or re-register) a worker; returns the entry it replaces, if any."""
+        self.departed.pop(info.worker_id, None)
+        old = self.workers.get(info.worker_id)
+        self.workers[info.worker_id] = info
+        return old
+
+    def remove(self, worker_id: str) -> Optional[WorkerInfo]:
+        info = self.workers.pop(worker_id, None)
+        if info is not None:
+            info.num_inflight = 0
+            self.departed[worker_id] = info
+        return info
+
+    def revive(self, worker_id: str) -> Optional[WorkerInfo]:
+        info = self.departed.pop(worker_id, None)
+        if info is not None:
+            info.last_seen = time.monotonic()
+            self.workers[worker_id] = info
+        return info
+
+    def get(self, worker_id: str) -> Optional[WorkerInfo]:
+        return self.workers.get(worker_id)
+
+    def silent_since(self, deadline: float) -> list[str]:
+        return [w.worker_id for w in self.workers.values() if w.last_seen < deadline]
+
+    def of_role(self, role: str, model: Optional[str] = None) -> list[WorkerInfo]:
+        return sorted((w for w in self.workers.values()
+                       if w.role == role and (model is None or w.model == model)),
+                      key=lambda w: w.worker_id)
+
+    def count(self, role: str) -> int:
+        return len(self.of_role(role))
+
+    def dllm_models(self) -> list[str]:
+        return sorted({w.model for w in self.workers.values() if w.role == "dllm"})
+
+    # dispatch
+    def can_serve_main(self) -> bool:
+        return self.has_pair() or self.count("unified") > 0
+
+    def has_pair(self) -> bool:
+        return self.count("prefill") > 0 and self.count("decode") > 0
+
+    def pick(self, role: str, model: Optional[str] = None,
+             exclude: frozenset = frozenset(), fingerprint: Optional[dict] = None
+             ) -> Optional[WorkerInfo]:
+        candidates = [w for w in self.of_role(role, model) if w.worker_id not in exclude
+                      and _compatible(fingerprint, w.kv_fingerprint)]
+        if not candidates:
+            return None
+        if self.policy == "least_load":
+            if len(candidates) == 1:
+                return candidates[0]
+            a, b = self._rng.sample(candidates, 2)
+            return a if a.load <= b.load else b
+        k = self._rr.get(role, 0)
+        self._rr[role] = k + 1
+        return candidates[k % len(candidates)]
+
+    def pick_pair(self, exclude: frozenset = frozenset()
+                  ) -> Optional[tuple[WorkerInfo, WorkerInfo]]:
+        prefill = self.pick("prefill", exclude=exclude)
+        if prefill is None:
+            return None
+        decode = self.pick("decode", exclude=exclude, fingerprint=prefill.kv_fingerprint)
+        return (prefill, decode) if decode is not None else None
+
+
+def _compatible(want: Optional[dict], have: dict) -> bool:
+    return not want or not have or want == have

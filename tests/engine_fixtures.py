@@ -1,0 +1,43 @@
+"""Shared helpers for the engine tests (imported by tests/test_engine_*.py)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cluster.engine.forward_batch import ForwardInput
+from cluster.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=1)
+
+
+def hf_gguf_location() -> tuple[str, str]:
+    from cluster.engine.loader import default_gguf_path
+    path = default_gguf_path()
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def prefill_input(ids: list[int], pages: list[int], prefix_len: int = 0, sample: bool = True,
+                  return_logits: bool = False, bidirectional_len: int = 0) -> ForwardInput:
+    """One request's extend forward of `ids` after `prefix_len` cached tokens."""
+    return ForwardInput(input_ids=torch.tensor(ids, dtype=torch.int64), extend_lens=[len(ids)],
+                        prefix_lens=[prefix_len], page_tables=[pages], sample=[sample], sampling=[GREEDY],
+                        return_logits=return_logits, bidirectional_lens=[bidirectional_len])
+
+
+def batch_input(chunks: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]],
+                is_decode: bool = False, sampling=None) -> ForwardInput:
+    n = len(chunks)
+    return ForwardInput(input_ids=torch.tensor([t for c in chunks for t in c], dtype=torch.int64),
+                        extend_lens=[len(c) for c in chunks], prefix_lens=list(prefix_lens),
+                        page_tables=[list(p) for p in page_tables], sample=[True] * n,
+                        sampling=sampling or [GREEDY] * n, is_decode=is_decode)
+
+
+def greedy_decode(runner, ids: list[int], num_tokens: int, pages: list[int]) -> list[int]:
+    """Prefill `ids` then decode greedily one request alone."""
+    out = runner.forward(prefill_input(ids, pages)).next_token_ids.tolist()
+    for _ in range(num_tokens - 1):
+        fi = batch_input([[out[-1]]], [len(ids) + len(out) - 1], [pages], is_decode=True)
+        out.append(int(runner.forward(fi).next_token_ids[0]))
+    return out

@@ -1,0 +1,200 @@
+"""Config loading: defaults, every key of the DESIGN.md example, errors naming file+key+reason."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cluster.config import (ClusterConfig, ConfigError, SchedulerConfig, default_config,
+                            load_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+DESIGN_EXAMPLE = """
+[model]
+name = "smollm2-135m-instruct"
+path = ""
+load_format = "auto"
+dtype = "float32"
+device = "cpu"
+max_model_len = 4096
+
+[router]
+host = "127.0.0.1"
+port = 8000
+control = "tcp://127.0.0.1:0"
+policy = "round_robin"
+api_key = ""
+max_queued_requests = 1024
+
+[scheduler]
+overlap = true
+log_forward_iters = true
+page_size = 16
+num_pages = 2048
+max_running_requests = 64
+max_prefill_tokens = 4096
+decode_log_interval = 1
+
+[timeouts]
+register = 120
+heartbeat_interval = 1.0
+heartbeat_dead_after = 3.0
+decode_ready = 30
+kv_transfer = 30
+request = 600
+
+[recovery]
+restart_workers = true
+resume_on_decode_failure = true
+
+[[prefill]]
+count = 1
+[[decode]]
+count = 1
+[[dllm]]
+count = 1
+model = "smollm2-135m-instruct-dllm"
+block_size = 1
+algorithm = "low_confidence"
+threshold = 0.9
+steps_per_block = 1
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cluster.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def load_error(tmp_path: Path, text: str) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    assert str(path) in str(e.value)
+    return e.value
+
+
+def test_default_config_is_one_prefill_one_decode_with_design_defaults():
+    cfg = default_config(env={})
+    assert [w for w, _ in cfg.worker_ids()] == ["prefill-0", "decode-0"]
+    assert cfg.router.port == 8000 and cfg.router.policy == "round_robin"
+    assert cfg.scheduler == SchedulerConfig()
+    assert cfg.timeouts.heartbeat_dead_after == 3.0
+
+
+def test_design_example_parses_every_key(tmp_path):
+    cfg = load_config(write(tmp_path, DESIGN_EXAMPLE), env={})
+    assert isinstance(cfg, ClusterConfig)
+    assert [w for w, _ in cfg.worker_ids()] == ["prefill-0", "decode-0", "dllm-0"]
+    dllm = cfg.group_of("dllm-0")
+    assert dllm.model == "smollm2-135m-instruct-dllm" and dllm.algorithm == "low_confidence"
+    assert cfg.timeouts.register == 120.0 and isinstance(cfg.timeouts.register, float)
+    assert cfg.recovery.resume_on_decode_failure is True
+    assert cfg.source == str(tmp_path / "cluster.toml")
+
+
+@pytest.mark.parametrize("name", ["local", "2p2d", "unified"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.toml", env={})
+    roles = {g.role for g in cfg.groups}
+    expected = {"local": {"prefill", "decode", "dllm"}, "2p2d": {"prefill", "decode"},
+                "unified": {"unified"}}[name]
+    assert roles == expected
+
+
+def test_group_overrides_scheduler_keys_via_replace(tmp_path):
+    cfg = load_config(write(tmp_path, """
+        [scheduler]
+        num_pages = 512
+        page_size = 32
+        [[prefill]]
+        count = 2
+        [[decode]]
+        count = 1
+        num_pages = 64
+        overlap = false
+    """), env={})
+    prefill, decode = cfg.group_of("prefill-1"), cfg.group_of("decode-0")
+    assert prefill.scheduler == cfg.scheduler
+    assert decode.scheduler == SchedulerConfig(num_pages=64, page_size=32, overlap=False)
+    assert cfg.scheduler.num_pages == 512 and cfg.scheduler.overlap is True
+
+
+def test_unknown_key_names_file_key_and_reason(tmp_path):
+    e = load_error(tmp_path, "[scheduler]\nnum_pagez = 3\n")
+    assert e.key == "scheduler.num_pagez" and "unknown key" in e.reason
+
+
+def test_unknown_table_is_rejected(tmp_path):
+    e = load_error(tmp_path, "[schedular]\nnum_pages = 3\n")
+    assert e.key == "schedular" and "unknown" in e.reason
+
+
+def test_unknown_key_in_group_names_its_index(tmp_path):
+    e = load_error(tmp_path, "[[prefill]]\n[[decode]]\n[[decode]]\nbogus = 1\n")
+    assert e.key == "decode[1].bogus"
+
+
+def test_dllm_key_outside_dllm_group_is_rejected(tmp_path):
+    e = load_error(tmp_path, "[[prefill]]\n[[decode]]\nblock_size = 4\n")
+    assert e.key == "decode[0].block_size" and "dllm" in e.reason
+
+
+@pytest.mark.parametrize("text,key,reason", [
+    ('[scheduler]\nnum_pages = "many"\n', "scheduler.num_pages", "expected int"),
+    ("[scheduler]\noverlap = 1\n", "scheduler.overlap", "expected bool"),
+    ("[router]\nport = true\n", "router.port", "expected int"),
+    ("[timeouts]\nrequest = \"1s\"\n", "timeouts.request", "expected float"),
+    ("[[prefill]]\n[[decode]]\nnum_pages = 1.5\n", "decode[0].num_pages", "expected int"),
+])
+def test_bad_type_names_key(tmp_path, text, key, reason):
+    e = load_error(tmp_path, text)
+    assert e.key == key and reason in e.reason
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[[prefill]]\ncount = -1\n[[decode]]\n", "prefill[0].count"),
+    ("[[prefill]]\n[[decode]]\nnum_pages = 0\n", "decode[0].num_pages"),
+    ('[router]\npolicy = "random"\n', "router.policy"),
+    ('[model]\nload_format = "pickle"\n', "model.load_format"),
+    ('[model]\ndevice = "tpu"\n', "model.device"),
+    ("[router]\nport = 70000\n", "router.port"),
+    ('[router]\ncontrol = "127.0.0.1:5555"\n', "router.control"),
+    ("[timeouts]\nheartbeat_interval = 5\nheartbeat_dead_after = 3\n",
+     "timeouts.heartbeat_dead_after"),
+    ("[timeouts]\nrequest = 0\n", "timeouts.request"),
+    ('[[dllm]]\nmodel = "d"\nalgorithm = "greedy"\n', "dllm[0].algorithm"),
+    ('[[dllm]]\nmodel = "d"\nblock_size = 65\n', "dllm[0].block_size"),
+    ('[[dllm]]\nmodel = "d"\nthreshold = 0.0\n', "dllm[0].threshold"),
+    ('[[dllm]]\nmodel = "d"\nsteps_per_block = 0\n', "dllm[0].steps_per_block"),
+    ("[[dllm]]\ncount = 1\n", "dllm[0].model"),
+    ('[[dllm]]\nmodel = "smollm2-135m-instruct"\n', "dllm[0].model"),
+    ("[[prefill]]\ncount = 1\n", "decode"),
+])
+def test_bad_value_names_key(tmp_path, text, key):
+    assert load_error(tmp_path, text).key == key
+
+
+def test_invalid_toml_and_missing_file_name_the_file(tmp_path):
+    e = load_error(tmp_path, "[model\n")
+    assert "invalid TOML" in e.reason
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_env_overrides_log_forward_iters_everywhere(tmp_path):
+    path = write(tmp_path, "[[prefill]]\nlog_forward_iters = true\n[[decode]]\n")
+    cfg = load_config(path, env={"PDCLUSTER_LOG_FORWARD_ITERS": "0"})
+    assert cfg.scheduler.log_forward_iters is False
+    assert all(g.scheduler.log_forward_iters is False for g in cfg.groups)
+    assert load_config(path, env={"PDCLUSTER_LOG_FORWARD_ITERS": "1"}).scheduler.log_forward_iters
+    with pytest.raises(ConfigError, match="PDCLUSTER_LOG_FORWARD_ITERS"):
+        load_config(path, env={"PDCLUSTER_LOG_FORWARD_ITERS": "yes"})
+
+
+def test_env_override_reads_process_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDCLUSTER_LOG_FORWARD_ITERS", "0")
+    assert default_config().scheduler.log_forward_iters is False

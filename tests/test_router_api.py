@@ -1,0 +1,427 @@
+"""Router HTTP API against a real router (uvicorn on a free loopback port) and scripted
+workers speaking the real protocol through ControlClient sockets: validation and error
+bodies, auth, health, metrics text, admission limits, dispatch, streaming, failover."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import replace
+from typing import Callable, Optional
+
+import httpx
+import pytest
+import uvicorn
+
+from cluster import protocol
+from cluster.config import default_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningRouter:
+    def __init__(self, tokenizer_cache: dict, internal_token: str = "", **sections):
+        from cluster.router.app import create_app
+        from cluster.router.dispatcher import Dispatcher
+        from cluster.router.service import RouterService
+        cfg = default_config(env={})
+        for name, fields in sections.items():
+            if name == "groups":
+                cfg = replace(cfg, groups=fields)
+            else:
+                cfg = replace(cfg, **{name: replace(getattr(cfg, name), **fields)})
+        self.cfg = cfg
+        self.dispatcher = Dispatcher(cfg, "tcp://127.0.0.1:0")
+        self.control = self.dispatcher.start()
+        self.service = RouterService(cfg, self.dispatcher)
+        self.service._tokenizers = tokenizer_cache
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        app = create_app(self.service, internal_token)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_config=None, access_log=False,
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.dispatcher.close()
+
+
+Reply = Callable[["ScriptedWorker", protocol.Generate], None]
+
+
+class ScriptedWorker:
+    """A worker process stand-in: registers, heartbeats, and answers `generate` via `reply`."""
+
+    def __init__(self, endpoint: str, worker_id: str, role: str, model: str,
+                 reply: Optional[Reply] = None, stats: Optional[dict] = None):
+        from cluster.transport import ControlClient
+        self.worker_id, self.role, self.reply = worker_id, role, reply
+        self.stats = stats or {}
+        self.received: list = []
+        self.client = ControlClient(endpoint, worker_id)
+        self.client.send(protocol.Register(
+            worker_id=worker_id, role=role, model=model,
+            capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
+            kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8,
+                            "dtype": "float32", "page_size": 16},
+            data_addr=f"tcp://127.0.0.1:1{abs(hash(worker_id)) % 9000 + 1000}", pid=1))
+        self._stop = threading.Event()
+        self.heartbeats = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while not self._stop.is_set():
+            if self.heartbeats and time.monotonic() >= next_beat:
+                self.client.send(protocol.Heartbeat(worker_id=self.worker_id, forward_ct=3,
+                                                    stats=dict(self.stats)))
+                next_beat = time.monotonic() + 0.2
+            msg = self.client.recv(timeout=0.05)
+            if msg is None:
+                continue
+            self.received.append(msg)
+            if isinstance(msg, protocol.Generate) and self.reply is not None:
+                self.reply(self, msg)
+
+    def tokens(self, rid: str, ids: list[int], finish: Optional[str] = None,
+               error: Optional[str] = None, logprobs=None) -> None:
+        self.client.send(protocol.Tokens(worker_id=self.worker_id, items=[
+            protocol.tokens_item(rid, ids, finish, error, logprobs)]))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=2)
+        self.client.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """Tokenizer cache shared by every router of this module (loading takes seconds)."""
+    return {}
+
+
+@pytest.fixture
+def make_router(tokenizers):
+    routers, workers = [], []
+
+    def make(**sections):
+        r = RunningRouter(tokenizers, **sections)
+        routers.append(r)
+        r.worker = lambda *a, **k: workers.append(ScriptedWorker(r.control, *a, **k)) or workers[-1]
+        return r
+    yield make
+    for w in workers:
+        w.close()
+    for r in routers:
+        r.close()
+
+
+@pytest.fixture
+def router(make_router):
+    return make_router()
+
+
+def assert_error(resp: httpx.Response, status: int, *needles: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"])
+    for n in needles:
+        assert n in body["error"]["message"], body
+    return body["error"]
+
+
+def pd_pair(r, reply_decode: Optional[Reply] = None, suffix: str = "0"):
+    prefill = r.worker(f"prefill-{suffix}", "prefill", MODEL)
+    decode = r.worker(f"decode-{suffix}", "decode", MODEL, reply=reply_decode)
+    assert wait_for(lambda: r.dispatcher.directory.has_pair())
+    return prefill, decode
+
+
+def sse_events(resp: httpx.Response) -> list:
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+MODEL = "smollm2-135m-instruct"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8}
+
+
+# ----------------------------------------------------------------------- validation: 400s
+
+def test_bad_json_is_400_with_error_body(router):
+    resp = router.http.post("/v1/completions", content=b"{not json",
+                            headers={"content-type": "application/json"})
+    assert_error(resp, 400, "not valid JSON")
+
+
+@pytest.mark.parametrize("path,patch,field", [
+    ("/v1/completions", {"temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"top_p": 0}, "top_p"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": None}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"logprobs": 5}, "logprobs"),
+    ("/v1/completions", {"stop": [1]}, "stop"),
+    ("/v1/completions", {"stream": "yes"}, "stream"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]},
+     "messages[0].role"),
+    ("/v1/chat/completions", {"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"min_tokens": 9}, "min_tokens"),
+])
+def test_bad_field_is_400_naming_the_field(router, path, patch, field):
+    body = {**(CHAT if "chat" in path else COMPLETION), **patch}
+    assert_error(router.http.post(path, json=body), 400, field)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_n_above_one_is_400(router, path):
+    body = {**(CHAT if "chat" in path else COMPLETION), "n": 2}
+    assert_error(router.http.post(path, json=body), 400, "n=1")
+
+
+def test_prompt_longer_than_max_model_len_is_400(make_router):
+    r = make_router(model={"max_model_len": 64})
+    pd_pair(r)
+    long_prompt = "hello " * 100
+    assert_error(r.http.post("/v1/completions", json={**COMPLETION, "prompt": long_prompt}),
+                 400, "maximum context length")
+    resp = r.http.post("/v1/completions", json={**COMPLETION, "prompt": "hi", "max_tokens": 64})
+    assert_error(resp, 400, "max_tokens")
+
+
+def test_dllm_fields_validated_and_only_for_dllm_models(router):
+    assert_error(router.http.post("/v1/completions", json={**COMPLETION, "block_size": 4}),
+                 400, "dllm")
+    assert_error(router.http.post("/v1/completions", json={**COMPLETION, "block_size": 65}),
+                 400, "block_size")
+    assert_error(router.http.post("/v1/completions", json={**COMPLETION, "algorithm": "x"}),
+                 400, "algorithm")
+
+
+def test_unknown_model_is_404(router):
+    err = assert_error(router.http.post("/v1/completions", json={**COMPLETION, "model": "gpt-9"}),
+                       404, "gpt-9")
+    assert err["code"] == "model_not_found"
+
+
+def test_unknown_route_has_error_body(router):
+    assert_error(router.http.get("/v1/nothing"), 404)
+
+
+def test_api_key_required_when_configured(make_router):
+    r = make_router(router={"api_key": "sekrit"})
+    assert_error(r.http.get("/v1/models"), 401, "API key")
+    assert_error(r.http.post("/v1/completions", json=COMPLETION,
+                             headers={"Authorization": "Bearer wrong"}), 401)
+    ok = r.http.get("/v1/models", headers={"Authorization": "Bearer sekrit"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
+    assert r.http.get("/health").status_code == 503          # no workers; but no 401
+
+
+# ------------------------------------------------------------------ health, models, metrics
+
+def test_health_is_503_without_workers_and_200_with_a_pair(router):
+    resp = router.http.get("/health")
+    assert resp.status_code == 503 and resp.json()["status"] == "unavailable"
+    router.worker("prefill-0", "prefill", MODEL)
+    assert router.http.get("/health").status_code == 503     # decode missing
+    router.worker("decode-0", "decode", MODEL)
+    assert wait_for(lambda: router.http.get("/health").status_code == 200)
+
+
+def test_no_workers_is_503_with_retry_after(router):
+    resp = router.http.post("/v1/completions", json=COMPLETION)
+    assert_error(resp, 503, "no live worker")
+    assert resp.headers["retry-after"]
+
+
+def test_models_lists_main_and_dllm_models(make_router):
+    from cluster.config import WorkerGroup
+    r = make_router(groups=(WorkerGroup("unified"), WorkerGroup("dllm", model="tiny-dllm")))
+    ids = [m["id"] for m in r.http.get("/v1/models").json()["data"]]
+    assert ids == [MODEL, "tiny-dllm"]
+
+
+METRIC_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? '
+                         r'(-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
+
+
+def test_metrics_text_parses_and_exports_worker_gauges(router):
+    stats = {"num_running_reqs": 2, "num_queue_reqs": 1, "token_usage": 0.25,
+             "kv_transfer_bytes_total": 4096, "kv_transfer_seconds_sum": 0.5,
+             "kv_transfer_seconds_count": 3, "kv_transfer_seconds_bucket_0.1": 1,
+             "kv_transfer_seconds_bucket_1.0": 3, "protocol_errors_total": 0}
+    router.worker("decode-0", "decode", MODEL, stats=stats)
+    assert wait_for(lambda: router.dispatcher.worker_stats()
+                    and router.dispatcher.worker_stats()[0][2])
+    resp = router.http.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    lines = resp.text.strip().split("\n")
+    for line in lines:
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or \
+            METRIC_LINE.match(line), line
+    text = resp.text
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "e2e_request_latency_seconds", "kv_transfer_seconds"):
+        assert f"# TYPE pdcluster:{name} histogram" in text
+    assert 'pdcluster:requests_total{outcome="success"} 0' in text
+    assert 'pdcluster:num_running_reqs{role="decode",worker="decode-0"} 2' in text
+    assert 'pdcluster:token_usage{role="decode",worker="decode-0"} 0.25' in text
+    assert "# TYPE pdcluster:kv_transfer_bytes_total counter" in text
+    assert ('pdcluster:kv_transfer_seconds_bucket{role="decode",worker="decode-0",le="+Inf"} 3'
+            in text)
+    assert 'pdcluster:kv_transfer_seconds_count{role="decode",worker="decode-0"} 3' in text
+
+
+# ----------------------------------------------------------- dispatch through real sockets
+
+def test_over_max_queued_requests_is_503_with_retry_after(make_router):
+    r = make_router(router={"max_queued_requests": 1})
+    pd_pair(r)                                          # workers that never answer
+    def hold_one():
+        with httpx.Client(base_url=r.url, timeout=30) as client:
+            try:
+                client.post("/v1/completions", json=COMPLETION)
+            except httpx.HTTPError:
+                pass                                    # the router closes at teardown
+    threading.Thread(target=hold_one, daemon=True).start()
+    assert wait_for(lambda: r.dispatcher.num_in_flight == 1)
+    resp = r.http.post("/v1/completions", json=COMPLETION)
+    assert_error(resp, 503, "max_queued_requests")
+    assert resp.headers["retry-after"] == "1"
+
+
+def echo_reply(text_ids: list[int], finish: str = "length") -> Reply:
+    def reply(worker, gen):
+        for i, t in enumerate(text_ids):
+            last = i == len(text_ids) - 1
+            worker.tokens(gen.rid, [t], finish if last else None, logprobs=[-0.5])
+    return reply
+
+
+def test_generate_goes_to_both_sides_of_a_pair_with_peers(router, tokenizers):
+    tok = router.service.tokenizer_for(MODEL)
+    ids = tok.encode(" world, and more")
+    prefill, decode = pd_pair(router, echo_reply(ids))
+    resp = router.http.post("/v1/completions", json=COMPLETION)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["choices"][0]["text"] == " world, and more"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == len(ids)
+    gp, gd = prefill.received[0], decode.received[0]
+    assert gp.rid == gd.rid and gp.input_ids == gd.input_ids == tok.encode("Hello")
+    assert gp.peer["worker_id"] == "decode-0" and gd.peer["worker_id"] == "prefill-0"
+    assert gp.sampling["max_tokens"] == 8
+
+
+def test_stream_trims_stop_string_and_ends_with_done(router):
+    tok = router.service.tokenizer_for(MODEL)
+    ids = tok.encode("one two STOP three")
+    stop_at = next(i for i in range(len(ids)) if "STOP" in tok.decode(ids[:i + 1]))
+    pd_pair(router, echo_reply(ids[:stop_at + 1], finish="stop"))
+    body = {**COMPLETION, "stream": True, "stop": ["STOP"],
+            "stream_options": {"include_usage": True}}
+    with router.http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["text"] for e in events[:-2])
+    assert text == "one two "
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == stop_at + 1
+
+
+def test_chat_stream_worker_error_sends_one_error_event_without_done(router):
+    def fail(worker, gen):
+        worker.tokens(gen.rid, [42])
+        worker.client.send(protocol.Error(rid=gen.rid, reason="boom", worker_id=worker.worker_id))
+    pd_pair(router, fail)
+    with router.http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        events = sse_events(resp)
+    assert "[DONE]" not in events
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "boom" in events[-1]["error"]["message"]
+
+
+def test_chat_logprobs_are_returned(router):
+    tok = router.service.tokenizer_for(MODEL)
+    pd_pair(router, echo_reply(tok.encode("Hi there")))
+    resp = router.http.post("/v1/chat/completions", json={**CHAT, "logprobs": True})
+    choice = resp.json()["choices"][0]
+    assert choice["message"]["content"] == "Hi there"
+    assert [c["logprob"] for c in choice["logprobs"]["content"]] == [-0.5] * 2
+
+
+def test_dead_decode_resumes_on_another_pair_with_sent_tokens(make_router):
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(" alpha beta gamma delta")
+
+    def first_half(worker, gen):
+        worker.tokens(gen.rid, ids[:2])
+        worker.heartbeats = False                     # then goes silent
+    pd_pair(r, first_half, suffix="0")
+    with r.http.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True,
+                                                        "max_tokens": len(ids)}) as resp:
+        assert wait_for(lambda: any(s.output_ids for s in r.dispatcher.requests.values()))
+        _, decode1 = pd_pair(r, echo_reply(ids[2:]), suffix="1")
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == " alpha beta gamma delta"
+    resumed = decode1.received[0]
+    assert resumed.output_ids == ids[:2] and resumed.sampling["max_tokens"] == len(ids) - 2
+
+
+def test_launcher_exit_notice_fails_over_at_once_and_internal_endpoints_are_guarded(make_router):
+    r = make_router()
+    pd_pair(r)
+    workers = r.http.get("/internal/workers").json()["workers"]
+    assert sorted(w["worker_id"] for w in workers) == ["decode-0", "prefill-0"]
+    resp = r.http.post("/internal/workers/decode-0/exit", json={"reason": "exit code -9"})
+    assert resp.json()["was_registered"] is True
+    assert r.http.get("/health").status_code == 503
+
+
+def test_internal_endpoints_need_the_token(tokenizers):
+    r = RunningRouter(tokenizers, internal_token="t0ken")
+    try:
+        assert_error(r.http.get("/internal/workers"), 403)
+        ok = r.http.get("/internal/workers", headers={"X-PDCluster-Token": "t0ken"})
+        assert ok.status_code == 200 and ok.json()["workers"] == []
+    finally:
+        r.close()
