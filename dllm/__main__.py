@@ -1,0 +1,33 @@
+"""The DLLM worker: `python -m dllm --config C --worker-id dllm-0 --router EP`.
+
+Registers with `model` = the group's served name (e.g. `smollm2-135m-instruct-dllm`); the
+weights are the group's `path`, else `[model]`'s. LLaDA / SDAR layouts are registered with the
+engine's loader on import (`dllm.model_spec`).
+"""
+from __future__ import annotations
+
+import sys
+
+from dllm.model_spec import detect_spec
+from dllm.params import DllmParams
+
+
+def served_name(config, group) -> str:
+    return group.model or f"{config.model.name}-dllm"
+
+
+def build(args, config, group, runner, control):
+    from dllm.scheduler import DllmScheduler
+    spec = detect_spec(group.path or config.model.path, runner.tokenizer, runner.tokenizer.eos_token_ids,
+                       group.mask_token_id)
+    scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, DllmParams.from_group(group))
+    return scheduler, {"model": served_name(config, group)}
+
+
+def main(argv=None) -> int:
+    from cluster.worker_main import run_worker
+    return run_worker("dllm", argv, build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

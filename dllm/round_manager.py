@@ -1,0 +1,204 @@
+"""RoundManager: the DLLM worker's waiting queue and running set, and the rounds it launches.
+
+A round is one forward over, per request, its uncached committed tokens followed by its
+active block (masked positions carry the mask token / placeholder). The prefix comes from
+the paged KV cache.
+
+KV policy: only final KV is kept. `req.kv_len` advances (at launch) over committed tokens
+only, up to `final_kv`: the block's own positions are written by every round but never
+counted, so the next round overwrites them; once a block completes, its tokens are
+uncached committed tokens and the next round's forward re-runs them with their final values
+(together with the new block: no extra forward per block). A shifted model keeps its last
+committed token uncached, since its logits predict the block's first position; aligned
+blocks (SDAR) keep the prompt's tail uncached, since it sits in the bidirectional block;
+with the engine's `attn_block_sizes` every committed aligned block also attends both ways
+inside itself (SDAR-exact), and prompt chunks then end on block boundaries.
+
+Pages for prompt + max_tokens are reserved when a request is admitted, so a running request
+never waits for memory and the pool cannot deadlock.
+
+Overlap policy: a request is in at most one in-flight round (its next round depends on
+which positions this one commits; `num_pending` marks it). What the other requests do while
+a round is in flight is `split`:
+
+- merge (split False): nothing launches; ready requests and newcomers join the next round
+  once the in-flight one is processed. One forward per step for everybody.
+- alternate (split True): the ready requests launch at once, so two groups alternate and
+  group A's forward runs while group B's result is processed; with nothing in flight and two
+  or more ready requests, a round takes half of them to start the two groups.
+
+Alternating hides the result processing (P) but pays one more forward per step: with
+forward time a + b * tokens it wins only when P > a. On CPU the forward is bound by reading
+the weights (a ~ 150 ms for SmolLM2-135M) while P is 1-5 ms, and alternating measured 0.6x
+the merged throughput, so the scheduler picks `split` from measured times
+(`DllmScheduler.split_groups`). SGLang instead runs a whole block's denoising loop inside one
+`run_batch`; per-forward rounds keep each forward a scheduler iteration with its own `[N]`
+line and let requests join and leave at every forward.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional
+
+import torch
+
+from cluster.cache_manager import CacheManager
+from cluster.engine.forward_batch import ForwardInput
+from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from dllm.block import ActiveBlock
+from dllm.model_spec import DllmModelSpec
+from dllm.params import DllmParams
+
+# SDAR-exact KV (whole aligned blocks of committed tokens attend both ways) needs the engine's
+# `ForwardInput.attn_block_sizes`; without it committed tokens are plain causal.
+ENGINE_HAS_BLOCK_SIZES = "attn_block_sizes" in {f.name for f in fields(ForwardInput)}
+
+
+@dataclass
+class DllmReq:
+    """A request's DLLM state beside its `Req`."""
+    req: Req
+    params: DllmParams
+    block: Optional[ActiveBlock] = None
+    stop_ids: frozenset = field(default_factory=frozenset)   # EOS (unless ignore_eos) and stop ids
+
+
+class RoundManager:
+    def __init__(self, cache: CacheManager, spec: DllmModelSpec, max_running_requests: int,
+                 max_round_tokens: int, on_fail: Callable[[Req, str], None]):
+        self.cache = cache
+        self.spec = spec
+        self.max_running_requests = max_running_requests
+        self.max_round_tokens = max_round_tokens
+        self.on_fail = on_fail
+        self.waiting: deque[DllmReq] = deque()
+        self.running: dict[str, DllmReq] = {}
+
+    # ---- queues ----------------------------------------------------------------
+    def add(self, state: DllmReq) -> None:
+        sp = state.req.sampling
+        state.stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else state.req.eos_token_ids)
+        self.waiting.append(state)
+
+    def remove(self, rid: str) -> None:
+        self.running.pop(rid, None)
+        for s in self.waiting:
+            if s.req.rid == rid:
+                self.waiting.remove(s)
+                break
+
+    def get(self, rid: str) -> Optional[DllmReq]:
+        return self.running.get(rid)
+
+    def pages_needed(self, req: Req) -> int:
+        return self.cache.pages_for(req.prompt_len + req.sampling.max_tokens)
+
+    def admit(self) -> None:
+        """Waiting -> running while slots and pages for the whole sequence are free."""
+        while self.waiting and len(self.running) < self.max_running_requests:
+            state = self.waiting[0]
+            need = self.pages_needed(state.req)
+            if need > self.cache.num_pages:
+                self.on_fail(state.req, f"prompt + max_tokens needs {need} pages; the pool has {self.cache.num_pages}")
+                continue   # on_fail removed it from the queue
+            if not self.cache.can_grow(state.req, need * self.cache.page_size):
+                break
+            self.cache.grow(state.req, need * self.cache.page_size)
+            self.waiting.popleft()
+            self.running[state.req.rid] = state
+
+    # ---- rounds ----------------------------------------------------------------
+    def new_block(self, state: DllmReq) -> ActiveBlock:
+        req, size = state.req, state.params.block_size
+        seq_len, left = req.seq_len, req.sampling.max_tokens - req.num_output
+        attn_start = seq_len - seq_len % size if self.spec.aligned_blocks else seq_len
+        return ActiveBlock(seq_len, min(attn_start + size - seq_len, left), state.params, attn_start)
+
+    def final_kv(self, state: DllmReq) -> int:
+        """Positions whose KV is final once the coming round is launched."""
+        return min(state.req.seq_len - self.spec.shift, state.block.attn_start)
+
+    def schedule(self, split: bool = False) -> Optional[ScheduleBatch]:
+        """The next round, or None. `split`: alternate two groups (see the module doc)."""
+        self.admit()
+        ready = [s for s in self.running.values() if not s.req.num_pending]
+        num_inflight = len(self.running) - len(ready)
+        if not ready or num_inflight and not split:
+            return None
+        if split and not num_inflight and len(ready) >= 2:
+            ready = ready[: (len(ready) + 1) // 2]   # start two alternating groups
+        budget = self.max_round_tokens
+        reqs, extend_lens, prefix_lens, with_block = [], [], [], []
+        for state in ready:
+            req = state.req
+            if state.block is None:
+                state.block = self.new_block(state)
+            final_kv = self.final_kv(state)
+            need = req.seq_len - req.kv_len + len(state.block)
+            if need <= budget or not reqs and final_kv <= req.kv_len:
+                extend, full = need, True
+            elif final_kv > req.kv_len and budget > 0:
+                extend, full = self.chunk_len(state, min(budget, final_kv - req.kv_len)), False   # prompt only
+            else:
+                break
+            reqs.append(req)
+            prefix_lens.append(req.kv_len)
+            extend_lens.append(extend)
+            with_block.append(full)
+            req.kv_len = final_kv if full else req.kv_len + extend
+            req.num_pending = 1
+            budget -= extend
+        if not reqs:
+            return None
+        # `sample[i]`: the round carries request i's block (it commits tokens); False = prompt chunk
+        return ScheduleBatch(reqs, ForwardMode.DLLM, extend_lens=extend_lens, prefix_lens=prefix_lens,
+                             sample=with_block)
+
+    def chunk_len(self, state: DllmReq, n: int) -> int:
+        """A prompt chunk ends on a block boundary when blocks are aligned (a block split
+        across forwards could not attend both ways), unless it is shorter than a block."""
+        if not (self.spec.aligned_blocks and ENGINE_HAS_BLOCK_SIZES):
+            return n
+        size = state.params.block_size
+        end = (state.req.kv_len + n) // size * size
+        return end - state.req.kv_len if end > state.req.kv_len else n
+
+    def forward_input(self, batch: ScheduleBatch) -> ForwardInput:
+        ids: list[int] = []
+        bidirectional_lens = []
+        for req, prefix, extend, full in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.sample):
+            if not full:
+                ids += req.all_ids[prefix:prefix + extend]
+                bidirectional_lens.append(0)
+                continue
+            block = self.running[req.rid].block
+            ids += req.all_ids[prefix:] + block.input_ids(self.spec.mask_token_id)
+            bidi = prefix + extend - block.attn_start if self.spec.block_attention else 0
+            bidirectional_lens.append(bidi)
+        n = batch.batch_size
+        fi = ForwardInput(
+            input_ids=torch.tensor(ids, dtype=torch.int64), extend_lens=list(batch.extend_lens),
+            prefix_lens=list(batch.prefix_lens), page_tables=[list(r.page_table) for r in batch.reqs],
+            sample=[False] * n, sampling=[r.sampling for r in batch.reqs],
+            bidirectional_lens=bidirectional_lens, return_logits=True)
+        if self.spec.aligned_blocks and ENGINE_HAS_BLOCK_SIZES:
+            fi.attn_block_sizes = [self.running[r.rid].params.block_size for r in batch.reqs]
+        return fi
+
+    def block_logits(self, batch: ScheduleBatch, logits: torch.Tensor) -> list[Optional[torch.Tensor]]:
+        """Per request: the rows whose row j predicts block position j (None for a prompt chunk)."""
+        out, offset = [], 0
+        for req, extend, full in zip(batch.reqs, batch.extend_lens, batch.sample):
+            end = offset + extend
+            state = self.running.get(req.rid)
+            if full and state is not None and state.block is not None:
+                n, shift = len(state.block), self.spec.shift
+                out.append(logits[end - n - shift:end - shift])
+            else:
+                out.append(None)
+            offset = end
+        return out
+
+    def __len__(self) -> int:
+        return len(self.running)

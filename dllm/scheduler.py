@@ -1,0 +1,138 @@
+"""DllmScheduler: diffusion-LLM requests end to end, one block-diffusion round per forward.
+
+Each request's answer grows block by block (see `round_manager.py` for rounds, the KV policy
+and the overlap policy; `block.py` / `algorithms.py` for the commit rules). The loops are the
+base Scheduler's; this class supplies the four role steps and `process_batch_result_dllm`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from cluster.engine.stop_checker import check_finish
+from cluster.metrics import PrefillStats
+from cluster.schedule_batch import Req, ScheduleBatch
+from cluster.worker_scheduler import WorkerScheduler
+from dllm.model_spec import DllmModelSpec
+from dllm.params import DllmParams
+from dllm.round_manager import DllmReq, RoundManager
+
+SPLIT_WHEN_PROCESS_OVER = 0.5   # of a forward's time (see round_manager's overlap policy)
+
+
+class DllmScheduler(WorkerScheduler):
+    role = "dllm"
+
+    def __init__(self, config, worker_id, runner, control, spec: Optional[DllmModelSpec] = None,
+                 params: Optional[DllmParams] = None, split_groups: Optional[bool] = None):
+        super().__init__(config, worker_id, runner, control)
+        self.spec = spec or DllmModelSpec.causal(min(self.tokenizer.eos_token_ids, default=0))
+        self.params = params or DllmParams()
+        self.rounds = RoundManager(self.cache, self.spec, config.max_running_requests,
+                                   config.max_prefill_tokens, on_fail=self.fail)
+        self.num_commits = 0            # tokens committed, over all blocks
+        self.num_block_forwards = 0     # request-forwards that carried a block
+        self.num_blocks = 0             # blocks completed
+        self.num_finished_block_forwards = 0
+        self.gauges.update(dllm_tokens_per_forward=0.0, dllm_forwards_per_block=0.0)
+        self.commit_trace: Optional[list[tuple]] = None   # (rid, forward_iter, block_start, block_len, positions)
+        # overlap: alternate two request groups (True), merge them (False), or decide from
+        # measured times (None): alternate while processing a round costs over half a forward
+        self.split_groups = split_groups
+        self.forward_s = self.process_s = 0.0   # moving averages per round
+
+    # ---- intake ----------------------------------------------------------------
+    def admit(self, req: Req, msg) -> None:
+        try:
+            params = self.params.with_overrides(req.extra)
+        except (ValueError, TypeError) as e:
+            self.fail(req, f"bad request: {e}")
+            return
+        self.rounds.add(DllmReq(req, params))
+
+    def forget(self, req: Req) -> None:
+        self.rounds.remove(req.rid)
+
+    # ---- the role steps ----------------------------------------------------------
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        return self.rounds.schedule(split=self.config.overlap and self.should_split())
+
+    def should_split(self) -> bool:
+        if self.split_groups is not None:
+            return self.split_groups
+        return self.process_s > SPLIT_WHEN_PROCESS_OVER * self.forward_s > 0
+
+    def build_forward_input(self, batch: ScheduleBatch):
+        return self.rounds.forward_input(batch)
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        self.process_batch_result_dllm(batch, result)
+
+    def process_batch_result_dllm(self, batch: ScheduleBatch, result) -> None:
+        """Commit this round's tokens, stream finished blocks, finish requests, then report
+        the round under the iteration that launched it (`batch.forward_iter`)."""
+        t0 = time.perf_counter()
+        rows = self.rounds.block_logits(batch, result.logits)
+        for req, logits in zip(batch.reqs, rows):
+            req.num_pending = 0
+            state = self.rounds.get(req.rid)
+            if req.is_finished or state is None or logits is None:
+                continue   # aborted while in flight, or a prompt chunk
+            self.step_block(state, logits, batch.forward_iter)
+        self.report_prefill_stats(batch, PrefillStats(
+            num_new_seqs=batch.batch_size, num_new_tokens=batch.num_tokens,
+            num_cached_tokens=batch.num_cached_tokens, token_usage=self.cache.token_usage,
+            num_running_reqs=self.num_running_reqs, num_queue_reqs=self.num_queue_reqs))
+        self.flush_outputs()
+        self.forward_s = _average(self.forward_s, result.timings.get("total_s", 0.0))
+        self.process_s = _average(self.process_s, time.perf_counter() - t0)
+
+    def step_block(self, state: DllmReq, logits, forward_iter: Optional[int]) -> None:
+        req, block = state.req, state.block
+        sp = req.sampling
+        positions = block.step(
+            logits, state.params, sp.temperature, req.generator,
+            banned=frozenset([self.spec.mask_token_id]) if self.spec.bans_mask else frozenset(),
+            banned_before=max(0, sp.min_tokens - 1 - req.num_output), stop_ids=state.stop_ids)
+        self.num_commits += len(positions)
+        self.num_block_forwards += 1
+        self.gauges["dllm_tokens_per_forward"] = self.num_commits / self.num_block_forwards
+        if self.commit_trace is not None:
+            self.commit_trace.append((req.rid, forward_iter, block.start, len(block), positions))
+        if block.is_done(state.stop_ids):
+            self.finish_block(state)
+
+    def finish_block(self, state: DllmReq) -> None:
+        """Append the block's tokens (up to the first finish), stream them, free a finished request."""
+        req, block = state.req, state.block
+        self.num_blocks += 1
+        self.num_finished_block_forwards += block.num_steps
+        self.gauges["dllm_forwards_per_block"] = self.num_finished_block_forwards / self.num_blocks
+        tokens, reason = [], None
+        for tok in block.final_tokens(state.stop_ids):
+            req.output_ids.append(tok)
+            tokens.append(tok)
+            reason = check_finish(req, self.tokenizer)
+            if reason is not None:
+                break
+        logprobs = block.logprobs[:len(tokens)] if req.sampling.logprobs else None
+        if logprobs is not None:
+            req.output_logprobs += logprobs
+        state.block = None
+        self.emit(req, tokens, reason, logprobs)
+        if reason is not None:
+            req.finish_reason = reason
+            self.release(req)
+
+    # ---- gauges ------------------------------------------------------------------
+    @property
+    def num_running_reqs(self) -> int:
+        return len(self.rounds.running)
+
+    @property
+    def num_queue_reqs(self) -> int:
+        return len(self.rounds.waiting)
+
+
+def _average(avg: float, x: float, weight: float = 0.2) -> float:
+    return x if avg == 0.0 else (1 - weight) * avg + weight * x

@@ -1,0 +1,326 @@
+"""DllmScheduler driven in-process: a real ModelRunner on a tiny random Llama, fed through a
+queue pair (tests/queue_control.py) the way the router feeds a worker."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+
+import pytest
+
+from cluster import protocol as P
+from cluster.config import SchedulerConfig
+from cluster.engine.llm import LLM
+from cluster.engine.loader import load_model
+from cluster.engine.model_runner import ModelRunner
+from cluster.sampling_params import SamplingParams
+from cluster.schedule_batch import ForwardMode
+from dllm.model_spec import DllmModelSpec
+from dllm.params import DllmParams
+from dllm.scheduler import DllmScheduler
+from tests.queue_control import QueueControl
+
+VOCAB = 512
+PLACEHOLDER = 0
+TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+PROMPTS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Untied random lm_head: greedy outputs vary with the context (tied ones echo the input)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    (d / "config.json").write_text(json.dumps(TINY))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_dir):
+    return ModelRunner(load_model("tiny", tiny_dir, load_format="dummy"), num_pages=256, page_size=4)
+
+
+def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, trace=False,
+             on_forward=None, split=None, timeout=120.0):
+    """requests: [(rid, prompt, sampling kwargs, extra)] -> (control, scheduler) once all finished."""
+    control = QueueControl()
+    sched = DllmScheduler(SchedulerConfig(overlap=overlap, max_prefill_tokens=64), "dllm-0", runner, control,
+                          spec or DllmModelSpec.causal(PLACEHOLDER), params, split_groups=split)
+    sched.commit_trace = []
+    if trace:
+        sched.trace, sched.executor.trace = [], []
+    if on_forward is not None:
+        build = sched.build_forward_input
+        sched.build_forward_input = lambda b: on_forward(b, build(b))
+    free_before = runner.page_allocator.num_free_pages
+    for rid, prompt, sampling, extra in requests:
+        control.inbound.put(P.Generate(rid=rid, input_ids=list(prompt), sampling=SamplingParams(**sampling).to_wire(),
+                                       extra=dict(extra)))
+    loop = threading.Thread(target=sched.event_loop, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + timeout
+    while len(control.finished()) + len(control.errors()) < len(requests) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sched.stop()
+    loop.join(timeout=30)
+    assert len(control.finished()) == len(requests), f"unfinished: {control.finished()} {control.errors()}"
+    assert runner.page_allocator.num_free_pages == free_before, "pages leaked"
+    return control, sched
+
+
+def reqs(prompts=PROMPTS, extra=None, **sampling):
+    sampling = {"max_tokens": 11, **sampling}
+    return [(f"r{i}", p, sampling, extra or {}) for i, p in enumerate(prompts)]
+
+
+# ---- invariants -------------------------------------------------------------------
+@pytest.mark.parametrize("params", [DllmParams(block_size=4, threshold=0.0),
+                                    DllmParams(block_size=8, threshold=0.003),
+                                    DllmParams(block_size=3, algorithm="fixed_steps", steps_per_block=2)])
+def test_answers_grow_left_to_right_in_the_active_block_to_exactly_max_tokens(runner, params):
+    requests = reqs(ignore_eos=True)
+    control, sched = run_dllm(runner, requests, params)
+    outputs = control.outputs()
+    for rid, prompt, sampling, _ in requests:
+        assert len(outputs[rid]) == sampling["max_tokens"] and control.finished()[rid] == "length"
+        commits = [c for c in sched.commit_trace if c[0] == rid]
+        filled: dict[int, set] = {}
+        expected_start = len(prompt)
+        for _, _, start, length, positions in commits:
+            assert positions and all(0 <= j < length for j in positions), "a commit left the active block"
+            if start not in filled:                              # a new block opens where the last ended
+                assert start == expected_start
+                expected_start = start + length
+                filled[start] = set()
+            assert max(filled) == start, "an older block was touched"
+            assert not filled[start] & set(positions), "a position was committed twice"
+            filled[start] |= set(positions)
+        assert expected_start == len(prompt) + sampling["max_tokens"]
+    assert sched.reqs == {} and len(sched.rounds) == 0
+
+
+def test_prompt_is_never_modified_and_streamed_blocks_are_the_output(runner):
+    seen = {}
+
+    def check(batch, fi):
+        for req in batch.reqs:
+            seen.setdefault(req.rid, tuple(req.input_ids))
+            assert req.input_ids == seen[req.rid]
+        return fi
+    requests = reqs(ignore_eos=True)
+    control, _ = run_dllm(runner, requests, DllmParams(block_size=4, threshold=0.0), on_forward=check)
+    for rid, prompt, _, _ in requests:
+        assert seen[rid] == tuple(prompt)
+    for msg in control.sent:
+        for item in msg.items:
+            assert 1 <= len(item["token_ids"]) <= 4   # one message item per finished block
+
+
+def test_fixed_steps_commit_the_planned_count_each_step(runner):
+    params = DllmParams(block_size=8, algorithm="fixed_steps", steps_per_block=3)
+    _, sched = run_dllm(runner, reqs(max_tokens=13, ignore_eos=True), params)
+    per_block: dict[tuple, list[int]] = {}
+    for rid, _, start, length, positions in sched.commit_trace:
+        per_block.setdefault((rid, start, length), []).append(len(positions))
+    for (_, _, length), counts in per_block.items():
+        assert counts == {8: [3, 3, 2], 5: [2, 2, 1]}[length]
+    assert sched.gauges["dllm_forwards_per_block"] == pytest.approx(3.0)
+    assert sched.gauges["dllm_tokens_per_forward"] == pytest.approx(13 / 6)
+
+
+def test_mask_token_never_comes_out(runner):
+    # pick a "mask" token the model likes: the first greedy token of the first prompt
+    control, _ = run_dllm(runner, reqs(prompts=PROMPTS[:1], max_tokens=1, ignore_eos=True))
+    favourite = control.outputs()["r0"][0]
+    spec = DllmModelSpec("sdar", favourite, shifted=True, block_attention=False, aligned_blocks=False)
+    control, _ = run_dllm(runner, reqs(ignore_eos=True), DllmParams(block_size=4, threshold=0.0), spec=spec)
+    for out in control.outputs().values():
+        assert favourite not in out and len(out) == 11
+
+
+def test_eos_inside_a_block_ends_the_request_there(runner):
+    control, _ = run_dllm(runner, reqs(max_tokens=16, ignore_eos=True), DllmParams(block_size=8, threshold=0.0))
+    out = control.outputs()["r1"]
+    stop = out[5]                     # make the 6th token a stop id: the request must end there
+    control, _ = run_dllm(runner, reqs(max_tokens=16, stop_token_ids=[stop]), DllmParams(block_size=8, threshold=0.0))
+    got = control.outputs()["r1"]
+    assert got == out[:out.index(stop) + 1] and control.finished()["r1"] == "stop"
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_greedy_runs_are_deterministic_and_a_request_alone_equals_it_in_a_batch(runner, split):
+    params = DllmParams(block_size=4, threshold=0.003)
+    batched = run_dllm(runner, reqs(ignore_eos=True), params)[0].outputs()
+    again = run_dllm(runner, reqs(ignore_eos=True), params, overlap=True, split=split)[0].outputs()
+    assert batched == again
+    for i, prompt in enumerate(PROMPTS):
+        alone = run_dllm(runner, reqs(prompts=[prompt], ignore_eos=True), params)[0].outputs()["r0"]
+        assert alone == batched[f"r{i}"]
+
+
+def test_seeded_temperature_runs_repeat(runner):
+    params = DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)
+    a = run_dllm(runner, reqs(temperature=0.8, seed=7, ignore_eos=True), params)[0].outputs()
+    b = run_dllm(runner, reqs(prompts=PROMPTS[::-1], temperature=0.8, seed=7, ignore_eos=True), params,
+                 overlap=True)[0].outputs()
+    assert [a[f"r{i}"] for i in range(3)] == [b[f"r{2 - i}"] for i in range(3)]
+
+
+def test_per_request_overrides_win_over_group_defaults(runner):
+    requests = [("r0", PROMPTS[0], {"max_tokens": 8, "ignore_eos": True}, {"block_size": 8, "threshold": 0.0}),
+                ("r1", PROMPTS[1], {"max_tokens": 8, "ignore_eos": True}, {})]
+    _, sched = run_dllm(runner, requests, DllmParams(block_size=2, threshold=0.0))
+    lens = {rid: {length for r, _, _, length, _ in sched.commit_trace if r == rid} for rid in ("r0", "r1")}
+    assert lens == {"r0": {8}, "r1": {2}}
+
+
+def test_bad_override_fails_only_that_request(runner):
+    control = QueueControl()
+    sched = DllmScheduler(SchedulerConfig(overlap=False), "dllm-0", runner, control, DllmModelSpec.causal(0))
+    control.inbound.put(P.Generate(rid="bad", input_ids=[5, 6], sampling=SamplingParams().to_wire(),
+                                   extra={"algorithm": "nope"}))
+    sched.recv_requests()
+    assert [e.rid for e in control.errors()] == ["bad"] and sched.reqs == {}
+
+
+# ---- block size 1 is autoregressive greedy decoding -------------------------------------
+@pytest.mark.parametrize("overlap", [False, True])
+def test_block_size_one_reproduces_autoregressive_greedy(runner, tiny_dir, overlap):
+    forwards = []
+
+    def record(batch, fi):
+        forwards.append((batch.mode, fi))
+        return fi
+    control, _ = run_dllm(runner, reqs(max_tokens=12), DllmParams(block_size=1), overlap=overlap,
+                          on_forward=record)
+    llm = LLM("tiny", tiny_dir, load_format="dummy", num_pages=64, page_size=4)
+    ar = llm.generate(PROMPTS, SamplingParams(max_tokens=12))
+    outputs = control.outputs()
+    assert [outputs[f"r{i}"] for i in range(len(PROMPTS))] == [o.token_ids for o in ar]
+    # the same masked-block loop as any block size: never a decode forward
+    for mode, fi in forwards:
+        assert mode == ForwardMode.DLLM and fi.return_logits and not any(fi.sample) and not fi.is_decode
+        ends = [sum(fi.extend_lens[:i + 1]) - 1 for i in range(fi.num_reqs)]
+        assert all(int(fi.input_ids[e]) == PLACEHOLDER for e in ends)
+
+
+# ---- iteration identity under overlap ---------------------------------------------------
+LINE = re.compile(r"Prefill batch \[(\d+)\]")
+
+
+def test_dllm_lines_carry_the_launching_iteration_under_overlap(runner, caplog):
+    caplog.set_level(logging.INFO, logger="pdcluster.scheduler")
+    control, sched = run_dllm(runner, reqs(prompts=PROMPTS + [[4, 4, 4]], ignore_eos=True),
+                              DllmParams(block_size=4, threshold=0.003), overlap=True, trace=True, split=True)
+    iters = [int(m.group(1)) for r in caplog.records if (m := LINE.search(r.getMessage()))]
+    launched = [it for kind, it, _, _ in sched.executor.trace]
+    assert iters == sorted(set(iters)), "iterations must be strictly increasing and unique"
+    assert iters == launched == list(range(1, sched.forward_ct + 1))
+    assert [it for _, it, _, _ in sched.trace] == iters
+    assert all(c[1] in launched for c in sched.commit_trace)
+    # real overlap: round N's processing runs while round N+1's forward does
+    forward = {it: (t0, t1) for _, it, t0, t1 in sched.executor.trace}
+    overlapped = sum(1 for _, it, p0, p1 in sched.trace
+                     if it + 1 in forward and forward[it + 1][0] < p1 and p0 < forward[it + 1][1])
+    assert overlapped >= len(iters) // 2
+
+
+def test_merged_groups_under_overlap_keep_one_round_in_flight(runner):
+    """split off: every running request rides in every round, rounds never overlap each other."""
+    control, sched = run_dllm(runner, reqs(ignore_eos=True), DllmParams(block_size=4, threshold=0.003),
+                              overlap=True, trace=True, split=False)
+    by_iter: dict[int, set] = {}
+    for rid, it, *_ in sched.commit_trace:
+        by_iter.setdefault(it, set()).add(rid)
+    rounds = [by_iter[it] for it in sorted(by_iter)]
+    assert rounds[0] == {"r0", "r1", "r2"}
+    assert all(a >= b for a, b in zip(rounds, rounds[1:])), "a round left out a running request"
+    forward = {it: t0 for _, it, t0, _ in sched.executor.trace}
+    assert all(forward[it + 1] >= p1 for _, it, _, p1 in sched.trace if it + 1 in forward)
+    assert sched.reported_iters == [("prefill", i) for i in range(1, sched.forward_ct + 1)]
+
+
+def test_a_long_prompt_is_chunked_and_answers_like_an_unchunked_one(runner):
+    long_prompt = [(7 * i + 3) % VOCAB for i in range(150)]
+    params = DllmParams(block_size=4, threshold=0.003)
+    chunked = run_dllm(runner, reqs(prompts=[long_prompt, PROMPTS[0]], ignore_eos=True), params)[0].outputs()
+    control = QueueControl()
+    whole = DllmScheduler(SchedulerConfig(overlap=False, max_prefill_tokens=4096), "dllm-0", runner, control,
+                          DllmModelSpec.causal(PLACEHOLDER), params)
+    control.inbound.put(P.Generate(rid="r0", input_ids=long_prompt,
+                                   sampling=SamplingParams(max_tokens=11, ignore_eos=True).to_wire()))
+    while not control.finished():
+        whole.normal_step()
+    assert control.outputs()["r0"] == chunked["r0"] and len(chunked["r0"]) == 11
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_mid_answer_frees_the_request_and_spares_the_others(runner, overlap):
+    control = QueueControl()
+    sched = DllmScheduler(SchedulerConfig(overlap=overlap), "dllm-0", runner, control,
+                          DllmModelSpec.causal(PLACEHOLDER), DllmParams(block_size=2, threshold=0.0))
+    free_before = runner.page_allocator.num_free_pages
+    long, short = SamplingParams(max_tokens=200, ignore_eos=True), SamplingParams(max_tokens=30, ignore_eos=True)
+    control.inbound.put(P.Generate(rid="long", input_ids=PROMPTS[0], sampling=long.to_wire()))
+    control.inbound.put(P.Generate(rid="short", input_ids=PROMPTS[1], sampling=short.to_wire()))
+    loop = threading.Thread(target=sched.event_loop, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 60
+    while len(control.outputs().get("long", [])) < 4 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    control.inbound.put(P.Abort(rid="long", reason="client went away"))
+    while "short" not in control.finished() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    while "long" in sched.reqs and time.monotonic() < deadline:
+        time.sleep(0.002)
+    sched.stop()
+    loop.join(timeout=30)
+    assert len(control.outputs()["short"]) == 30 and "long" not in control.finished()
+    assert 4 <= len(control.outputs()["long"]) < 200
+    assert sched.reqs == {} and runner.page_allocator.num_free_pages == free_before
+
+
+def test_worker_build_registers_the_groups_served_name(tmp_path, tiny_dir):
+    from cluster.config import load_config
+    from dllm.__main__ import build
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nname = "tiny"\npath = "{tiny_dir}"\nload_format = "dummy"\n'
+                   '[[unified]]\ncount = 1\n'
+                   '[[dllm]]\ncount = 1\nmodel = "tiny-dllm"\nblock_size = 4\nalgorithm = "fixed_steps"\n'
+                   'steps_per_block = 2\nmask_token_id = 7\n')
+    config = load_config(str(cfg))
+    group = config.group_of("dllm-0")
+    runner = ModelRunner(load_model("tiny", tiny_dir, load_format="dummy"), num_pages=16, page_size=4)
+
+    class Args:
+        worker_id = "dllm-0"
+    sched, register = build(Args, config, group, runner, QueueControl())
+    assert register == {"model": "tiny-dllm"}
+    assert sched.params == DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)
+    assert sched.spec == DllmModelSpec.causal(7)
+
+
+def test_stop_string_ends_the_answer_mid_block(runner):
+    params = DllmParams(block_size=8, threshold=0.0)
+    full = run_dllm(runner, reqs(prompts=PROMPTS[1:2], max_tokens=16, ignore_eos=True), params)[0].outputs()["r0"]
+    decode = runner.tokenizer.decode
+    k = next(i for i in range(3, 16) if decode(full[i:i + 1]).strip())
+    stop = decode(full[k:k + 1]).strip()
+    control, _ = run_dllm(runner, reqs(prompts=PROMPTS[1:2], max_tokens=16, ignore_eos=True, stop=[stop]), params)
+    got = control.outputs()["r0"]
+    first = next(i for i in range(16) if stop in decode(full[:i + 1]))
+    assert got == full[:first + 1] and control.finished()["r0"] == "stop"
+
+
+def test_a_request_that_can_never_fit_fails_with_a_reason(runner):
+    control = QueueControl()
+    sched = DllmScheduler(SchedulerConfig(overlap=False), "dllm-0", runner, control, DllmModelSpec.causal(0))
+    control.inbound.put(P.Generate(rid="huge", input_ids=[5, 6], sampling=SamplingParams(max_tokens=5000).to_wire()))
+    sched.recv_requests()
+    assert sched.get_next_batch_to_run() is None
+    assert [e.rid for e in control.errors()] == ["huge"] and "pages" in control.errors()[0].reason
+    assert sched.reqs == {} and len(sched.rounds.waiting) == 0
