@@ -7,7 +7,7 @@ import pytest
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
 from tests.cluster_harness import LaunchedCluster, cluster_config
-from tests.test_e2e_disagg import MAX_TOKENS, PROMPTS
+from tests.test_e2e_local import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.integration
 

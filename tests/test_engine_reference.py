@@ -6,7 +6,7 @@ import torch
 
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.engine_fixtures import hf_gguf_location, prefill_input
+from tests.engine_fixtures import hf_gguf_location, prefill_input, single_thread  # noqa: F401
 
 PLAIN = [
     "The capital of France is",
@@ -25,6 +25,8 @@ TOKENIZER_TEXTS = [
     "code: x = [i**2 for i in range(10)]  # squares",
 ]
 NUM_GREEDY = 48
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from cluster.engine.llm import LLM
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from tests.engine_fixtures import batch_input, greedy_decode, prefill_input
+from tests.engine_fixtures import batch_input, greedy_decode, prefill_input, single_thread  # noqa: F401
 
 PROMPTS = [
     "The capital of France is", "List three colors:", "In 1969, the first humans landed on",
@@ -17,6 +17,8 @@ PROMPTS = [
     "Q: What is the largest planet in the solar system?\nA:",
 ]
 NUM_NEW = 12
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

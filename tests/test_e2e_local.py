@@ -1,5 +1,7 @@
-"""The product end to end: `pdcluster launch` with 1 prefill + 1 decode worker, the
-official openai client, the real default model, greedy output equal to LLM.generate."""
+"""The product end to end: `pdcluster launch configs/local.toml` (what `make run` starts:
+1 prefill + 1 decode + 1 DLLM worker), the official openai client, the real default model,
+greedy output equal to LLM.generate."""
+import os
 import concurrent.futures as cf
 
 import httpx
@@ -8,7 +10,7 @@ import pytest
 
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +21,8 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LaunchedCluster(cluster_config("[[prefill]]\ncount = 1\n\n[[decode]]\ncount = 1\n"), "disagg")
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "local.toml")) as f:
+        c = LaunchedCluster(f.read(), "local")
     yield c
     c.stop()
 
@@ -124,6 +127,27 @@ def test_worker_log_iterations_are_strictly_increasing_and_unique(cluster):
     assert cluster.iterations("decode-0", "Prefill") == []    # decode never prefills a handed-off prompt
 
 
+def test_dllm_model_is_listed_and_block_size_1_equals_the_disaggregated_path(cluster, reference):
+    ref, tok = reference
+    assert "smollm2-135m-instruct-dllm" in [m.id for m in cluster.client.models.list().data]
+    for prompt in PROMPTS[:3]:
+        r = cluster.client.completions.create(model="smollm2-135m-instruct-dllm", prompt=prompt,
+                                              max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].text == tok.decode(ref[prompt]), prompt
+    dllm_iters = cluster.iterations("dllm-0", "Prefill")
+    assert dllm_iters and dllm_iters == sorted(set(dllm_iters))
+
+
+def test_dllm_streams_by_blocks(cluster):
+    chunks = [c.choices[0].text for c in cluster.client.completions.create(
+        model="smollm2-135m-instruct-dllm", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True,
+        extra_body={"block_size": 4, "algorithm": "fixed_steps", "steps_per_block": 2}) if c.choices]
+    assert len(chunks) >= 2 and "".join(chunks)
+    with pytest.raises(openai.BadRequestError):
+        cluster.client.completions.create(model="smollm2-135m-instruct-dllm", prompt="hi", max_tokens=4,
+                                          extra_body={"algorithm": "no-such-algorithm"})
+
+
 def test_sigterm_leaves_no_child_process(cluster):
-    assert len(cluster.descendants) >= 3          # router + prefill + decode
+    assert len(cluster.descendants) >= 4          # router + prefill + decode + dllm
     assert cluster.stop() == []
