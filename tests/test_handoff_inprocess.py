@@ -129,20 +129,19 @@ def test_decode_receives_the_prompt_kv_and_runs_one_token_per_forward(loaded):
         pair.close()
 
 
+def handed_off_tokens(loaded, prompt):
+    pair = Pair(loaded)
+    try:
+        pair.submit("r0", prompt)
+        return pair.run(1)["r0"]
+    finally:
+        pair.close()
+
+
 def test_corrupted_kv_page_changes_the_output(loaded, monkeypatch):
-    clean = Pair(loaded)
-    try:
-        clean.submit("r0", PROMPTS[1])
-        good = clean.run(1)["r0"]
-    finally:
-        clean.close()
+    good = handed_off_tokens(loaded, PROMPTS[1])
     monkeypatch.setenv(CORRUPT_KV_ENV, "1")
-    bad_pair = Pair(loaded)
-    try:
-        bad_pair.submit("r0", PROMPTS[1])
-        bad = bad_pair.run(1)["r0"]
-    finally:
-        bad_pair.close()
+    bad = handed_off_tokens(loaded, PROMPTS[1])
     assert good[0] == bad[0]        # the first token comes from prefill, before the handoff
     assert good != bad
 
