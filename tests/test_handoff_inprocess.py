@@ -48,9 +48,14 @@ def drain(schedulers, lasts, done, timeout=120):
             s._process(*last)
 
 
+def runner_for(loaded, num_pages=256):
+    weight = next(loaded.model.parameters())
+    return ModelRunner(loaded, num_pages, 16, device=str(weight.device), dtype=weight.dtype)
+
+
 def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS):
     ctl = QueueControl()
-    s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", ModelRunner(loaded, 256, 16), ctl)
+    s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded), ctl)
     for i, p in enumerate(prompts):
         ctl.generate(f"r{i}", loaded.tokenizer.encode(p), max_tokens=max_tokens)
     drain([s], [None], lambda: len(ctl.finished()) == len(prompts))
@@ -67,9 +72,9 @@ class Pair:
         self.pdp, self.ddp = DataPlane("prefill-0"), DataPlane("decode-0")
         t = TimeoutsConfig()
         self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0",
-                                        ModelRunner(loaded, 256, 16), self.pc, self.pdp, t)
+                                        runner_for(loaded), self.pc, self.pdp, t)
         self.decode = DecodeScheduler(SchedulerConfig(overlap=overlap), "decode-0",
-                                      ModelRunner(loaded, decode_pages, 16), self.dc, self.ddp, t)
+                                      runner_for(loaded, decode_pages), self.dc, self.ddp, t)
         self.decode_forwards: list = []
         forward = self.decode.executor.forward_fn
         self.decode.executor.forward_fn = lambda fi: (self.decode_forwards.append(list(fi.extend_lens)), forward(fi))[1]
