@@ -131,8 +131,12 @@ class SchedulerMetricsMixin:
         self.reported_iters.append(("decode", it))
         return line
 
-    def record_kv_transfer(self, num_bytes: int, seconds: float) -> None:
+    def record_kv_transfer(self, num_bytes: int, seconds: Optional[float] = None) -> None:
+        """Bytes a worker sent (prefill) or received (decode); seconds only where the
+        whole transfer is seen: prefill, from sending a kv_batch to its kv_ack."""
         self.gauges["kv_transfer_bytes_total"] += num_bytes
+        if seconds is None:
+            return
         self.gauges["kv_transfer_seconds_sum"] += seconds
         self.gauges["kv_transfer_seconds_count"] += 1
         for le in KV_TRANSFER_BUCKETS:

@@ -60,13 +60,13 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
         acked, failed = [], {}
         for item, kv in zip(msg.reqs, msg.tensors):
             rid = item["rid"]
-            entry = self.transfer_queue.pop(rid)
-            if entry is None:
+            req = self.transfer_queue.pop(rid)
+            if req is None:
                 failed[rid] = "not expected (aborted or timed out)"
                 continue
-            req, waited = entry
             want = (fp["num_layers"], 2, item["prompt_len"], fp["num_kv_heads"], fp["head_dim"])
-            if tuple(kv.shape) != want or item["prompt_len"] != req.seq_len or str(kv.dtype).removeprefix("torch.") != fp["dtype"]:
+            dtype = str(kv.dtype).removeprefix("torch.")
+            if tuple(kv.shape) != want or item["prompt_len"] != req.seq_len or dtype != fp["dtype"]:
                 reason = f"KV shape {tuple(kv.shape)} {kv.dtype} does not match {want} {fp['dtype']}"
                 failed[rid] = reason
                 self.fail(req, reason)
@@ -76,7 +76,7 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
                 kv[:, :, : self.cache.page_size] += 1.0
             self.runner.import_kv(req.page_table, kv)
             num_bytes = kv.numel() * kv.element_size()
-            self.record_kv_transfer(num_bytes, waited)
+            self.record_kv_transfer(num_bytes)   # the prefill side times the transfer
             logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d", self.worker_id,
                          msg.prefill_worker_id, msg.forward_iter, rid, item["prompt_len"], num_bytes)
             req.kv_len = item["prompt_len"]

@@ -35,6 +35,3 @@ class InflightQueue:
         for req in expired:
             del self.entries[req.rid]
         return expired
-
-    def reqs_for_peer(self, decode_worker_id: str) -> list[Req]:
-        return [req for req, *_ in self.entries.values() if req.peer and req.peer["worker_id"] == decode_worker_id]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from typing import Optional
 
@@ -93,10 +94,15 @@ class PrefillScheduler(WorkerScheduler):
                 continue                                # aborted while its forward ran
             lp = logprobs[i] if logprobs is not None and req.sampling.logprobs else None
             by_dest[req.peer["data_addr"]].append((req, tokens[i], lp))
+        forward_s = result.timings.get("model_s", 0.0)
         for addr, items in by_dest.items():
             reqs, tensors = [], []
             for req, token, lp in items:
+                t0 = time.perf_counter()
                 kv = self.runner.export_kv(req.page_table, req.kv_len)
+                logger.debug("%s: kv_batch to %s [%d]: %s kv_len=%d forward_s=%.3f export_s=%.3f",
+                             self.worker_id, req.peer["worker_id"], batch.forward_iter, req.rid, req.kv_len,
+                             forward_s, time.perf_counter() - t0)
                 reqs.append(P.kv_req(req.rid, token, req.kv_len, lp))
                 tensors.append(kv)
                 self.inflight_queue.add(req, kv.numel() * kv.element_size())
