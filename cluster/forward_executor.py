@@ -22,18 +22,20 @@ class ForwardExecutor:
         if threaded and on_cuda:
             import torch
             self._stream = torch.cuda.Stream()
-        self.trace: Optional[list[tuple[str, int, float, float]]] = None   # ("forward", iter, t0, t1)
+        # ("forward", iter, launched_at, finished_at): a batch is in flight from its launch
+        # (the forward thread may wake a little later) until its forward returns
+        self.trace: Optional[list[tuple[str, int, float, float]]] = None
         self._trace_lock = threading.Lock()
 
     def submit(self, forward_iter: int, forward_input: Any) -> Future:
+        t0 = time.perf_counter()
         if self._pool is None:
             fut: Future = Future()
-            fut.set_result(self._run(forward_iter, forward_input))
+            fut.set_result(self._run(forward_iter, forward_input, t0))
             return fut
-        return self._pool.submit(self._run, forward_iter, forward_input)
+        return self._pool.submit(self._run, forward_iter, forward_input, t0)
 
-    def _run(self, forward_iter: int, forward_input: Any) -> Any:
-        t0 = time.perf_counter()
+    def _run(self, forward_iter: int, forward_input: Any, t0: float) -> Any:
         if self._stream is not None:
             import torch
             with torch.cuda.stream(self._stream):

@@ -185,3 +185,16 @@ def test_disaggregated_prefill_line_names_the_iteration_that_launched_it(loaded,
         assert [i for i in sent_iters if i is not None] == iters  # the kv_batch carries the same iteration
     finally:
         pair.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_real_model_forward_overlaps_previous_result_processing(loaded, overlap):
+    from tests.test_scheduler_iterations import overlap_fraction
+    ctl = QueueControl()
+    s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded), ctl)
+    s.trace, s.executor.trace = [], []
+    for i, p in enumerate(PROMPTS):
+        ctl.generate(f"r{i}", loaded.tokenizer.encode(p), max_tokens=MAX_TOKENS)
+    drain([s], [None], lambda: len(ctl.finished()) == len(PROMPTS))
+    frac = overlap_fraction(s.trace + s.executor.trace)
+    assert frac >= 0.9 if overlap else frac == 0.0, frac
