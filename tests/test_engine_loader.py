@@ -94,7 +94,8 @@ def test_gguf_weights_are_cached_once(tmp_path, monkeypatch):
     first = load_model()
     second = load_model()
     assert len(calls) == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
-    assert torch.equal(first.model.layers[3].self_attn.qkv_proj.weight, second.model.layers[3].self_attn.qkv_proj.weight)
+    w1, w2 = (m.model.layers[3].self_attn.qkv_proj.weight for m in (first, second))
+    assert torch.equal(w1, w2)
     assert first.tokenizer.encode("hello there") == second.tokenizer.encode("hello there")
 
 

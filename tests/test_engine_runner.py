@@ -55,7 +55,7 @@ def test_prefill_in_two_chunks_equals_one(llm):
     first = runner.forward(prefill_input(ids[:cut], pages, sample=False, return_logits=True)).logits
     second = runner.forward(prefill_input(ids[cut:], pages, prefix_len=cut, return_logits=True)).logits
     torch.testing.assert_close(torch.cat([first, second]), one, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(runner.export_kv(pages, len(ids)), kv_one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runner.export_kv(pages, len(ids)), kv_one, atol=1e-4, rtol=1e-4)
     runner.page_allocator.free(pages)
 
 
@@ -120,8 +120,8 @@ def test_bidirectional_tail_sees_later_block_tokens_and_keeps_prefix_causal(llm)
     causal = runner.forward(prefill_input(ids, pages, return_logits=True)).logits
     bidi = runner.forward(prefill_input(ids, pages, return_logits=True, bidirectional_len=k)).logits
     one = runner.forward(prefill_input(ids, pages, return_logits=True, bidirectional_len=1)).logits
-    torch.testing.assert_close(one, causal)
-    torch.testing.assert_close(bidi[:-k], causal[:-k])            # before the block: unchanged
+    torch.testing.assert_close(one, causal, atol=1e-4, rtol=1e-4)   # masked vs SDPA-causal kernels
+    torch.testing.assert_close(bidi[:-k], causal[:-k], atol=1e-4, rtol=1e-4)   # before the block: unchanged
     assert (bidi[-k] - causal[-k]).abs().max() > 1e-2               # block start now sees the block
     changed = list(ids)
     changed[-1] = changed[-2]

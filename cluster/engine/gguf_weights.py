@@ -97,7 +97,8 @@ def read_gguf(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
             w = _unpermute(w, heads)
-        tensors[_hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))   # copy: the mmap is read-only
+        # copy: the mmap is read-only
+        tensors[_hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
         if (i + 1) % 32 == 0 or i + 1 == total:
             logger.info("dequantizing %s: %d/%d tensors (%.1fs)", os.path.basename(path), i + 1, total,
                         time.monotonic() - t0)

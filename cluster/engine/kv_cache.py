@@ -38,16 +38,23 @@ class KVPool:
         pos = torch.arange(length)
         return (pages[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
 
-    def _flat(self) -> torch.Tensor:
-        return self.kv.view(self.num_layers, 2, self.num_kv_heads, self.num_pages * self.page_size, self.head_dim)
+    def _rows(self, page_table: list[int], length: int) -> torch.Tensor:
+        """Row ids, in handoff order (layer, K/V, position, head), of the pool viewed as rows of
+        head_dim values: export and import are then one gather / scatter, no permute copy."""
+        slots = self.slots(page_table, length)
+        lkv = torch.arange(self.num_layers * 2, device=self.device)[:, None, None]
+        heads = torch.arange(self.num_kv_heads, device=self.device)[None, None, :]
+        base = (lkv * self.num_kv_heads + heads) * (self.num_pages * self.page_size)
+        return (base + slots[None, :, None]).view(-1)
 
     def export_kv(self, page_table: list[int], length: int) -> torch.Tensor:
         """-> `[num_layers, 2, length, num_kv_heads, head_dim]` contiguous, on the pool's device."""
-        return self._flat().index_select(3, self.slots(page_table, length)).permute(0, 1, 3, 2, 4).contiguous()
+        rows = self.kv.view(-1, self.head_dim).index_select(0, self._rows(page_table, length))
+        return rows.view(self.num_layers, 2, length, self.num_kv_heads, self.head_dim)
 
     def import_kv(self, page_table: list[int], kv: torch.Tensor) -> None:
         expected = (self.num_layers, 2, kv.shape[2], self.num_kv_heads, self.head_dim)
         if kv.dim() != 5 or tuple(kv.shape) != expected:
             raise ValueError(f"KV tensor of shape {tuple(kv.shape)}, expected {expected}")
-        src = kv.to(device=self.device, dtype=self.dtype).permute(0, 1, 3, 2, 4)
-        self._flat().index_copy_(3, self.slots(page_table, kv.shape[2]), src)
+        src = kv.to(device=self.device, dtype=self.dtype).reshape(-1, self.head_dim)
+        self.kv.view(-1, self.head_dim).index_copy_(0, self._rows(page_table, kv.shape[2]), src)

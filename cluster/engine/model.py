@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.engine.attention import AttentionContext, paged_attention
+from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig
 from cluster.engine.rotary import RotaryEmbedding
 
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         self.sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
 
     def forward(self, x, positions, rope, kv, ctx: AttentionContext):
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.sizes, dim=-1)
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -51,7 +52,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
-        return self.o_proj(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale))
+        return linear(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -61,8 +62,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -98,7 +99,7 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     # weights
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -120,7 +121,7 @@ class LlamaModel(nn.Module):
                 sizes = self._shard_sizes(fused)
                 start = sum(sizes[:shard])
                 target[start:start + sizes[shard]].copy_(w)
-                loaded.add(f"{m.group(1)}{fused}.{m.group(3)}#{shard}")
+                loaded.add(f"{m.group(1)}{fused}.{m.group(3)}#{shard}")   # every shard must come
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue   # tied: some checkpoints still ship a copy
@@ -128,7 +129,10 @@ class LlamaModel(nn.Module):
                 raise KeyError(f"unexpected weight {name!r}")
             params[name].copy_(w)
             loaded.add(name)
-        missing = [n for n in params if n not in loaded and not any(k.startswith(n + "#") for k in loaded)]
+        shards = {n: len(self._shard_sizes(n.split(".")[-2])) for n in params
+                  if ".qkv_proj." in n or ".gate_up_proj." in n}
+        missing = [n for n in params if n not in loaded and
+                   not (n in shards and all(f"{n}#{i}" in loaded for i in range(shards[n])))]
         if missing:
             raise KeyError(f"weights missing from checkpoint: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
 

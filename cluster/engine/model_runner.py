@@ -9,6 +9,7 @@ Forwards run in launch order on one thread, so N's store happens before N+1's re
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,10 @@ NUM_FUTURE_SLOTS = 4096
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32"):
+    def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32",
+                 num_threads: Optional[int] = None):
+        if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
+            torch.set_num_threads(num_threads)
         self.loaded = loaded
         self.config = loaded.config
         self.model = loaded.model
@@ -48,10 +52,11 @@ class ModelRunner:
 
     # future-token map
     def resolve_future(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_future = input_ids < 0
-        if not bool(is_future.any()):
-            return input_ids
-        return torch.where(is_future, self.future_map[(-input_ids - 1).clamp(min=0)], input_ids)
+        """Replace each `-(k + 1)` by future_map[k]; ids on the CPU decide, so no device sync."""
+        if not bool((input_ids < 0).any()):
+            return input_ids.to(self.device, non_blocking=True)
+        ids = input_ids.to(self.device, non_blocking=True)
+        return torch.where(ids < 0, self.future_map[(-ids - 1).clamp(min=0)], ids)
 
     def store_future(self, slots: list[int], tokens: torch.Tensor) -> None:
         keep = [i for i, s in enumerate(slots) if s >= 0]
@@ -69,12 +74,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, fi: ForwardInput) -> ForwardOutput:
         t0 = time.perf_counter()
-        input_ids = self.resolve_future(fi.input_ids.to(self.device, non_blocking=True))
+        input_ids = self.resolve_future(fi.input_ids)
         ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
                                      fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
                                      fi.is_decode, self.device)
-        positions = fi.positions().to(self.device, non_blocking=True)
-        hidden = self.model(input_ids, positions, self.kv_caches, ctx)
+        hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
         ends = torch.tensor(fi.extend_lens).cumsum(0) - 1   # each request's last new token
         rows = [i for i, s in enumerate(fi.sample) if s]
