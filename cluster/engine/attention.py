@@ -42,11 +42,12 @@ class AttentionContext:
         num_reqs = len(extend_lens)
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
         num_pages = max((s + page_size - 1) // page_size for s in seq_lens)
-        pt = torch.zeros(num_reqs, num_pages, dtype=torch.int64)
+        rows = []
         for i, (pages, s) in enumerate(zip(page_tables, seq_lens)):
             n = (s + page_size - 1) // page_size
             assert len(pages) >= n, f"request {i}: {len(pages)} pages for {s} tokens"
-            pt[i, :n] = torch.tensor(pages[:n], dtype=torch.int64)
+            rows.append(list(pages[:n]) + [0] * (num_pages - n))
+        pt = torch.tensor(rows, dtype=torch.int64)
         if all(e == 1 for e in extend_lens):
             positions = torch.tensor(prefix_lens, dtype=torch.int64)
         else:
@@ -113,26 +114,32 @@ def gather_kv(cache: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
                      scale: float) -> torch.Tensor:
-    """One query per request. GQA as batched matmuls `[n, G, D] @ [n, D, L]` per KV head, over
-    chunks of requests small enough (~DECODE_CHUNK_BYTES of K) that the gathered K and V are
-    still in cache when the matmuls read them; buffers are reused across chunks and layers."""
+    """One query per request; GQA as batched matmuls `[.., G, D] @ [.., D, L]`. On CPU per KV head
+    over chunks of requests small enough (~DECODE_CHUNK_BYTES of K) that the gathered K and V
+    are still in cache when the matmuls read them, with buffers reused across chunks and layers."""
     num_reqs, num_heads, d = q.shape
     kvh, num_pages, page_size, _ = k_cache.shape
     group = num_heads // kvh
     p = ctx.page_table.shape[1]
     length = p * page_size
     qg = q.view(num_reqs, kvh, group, d).transpose(0, 1).mul(scale).contiguous()   # [kvh, B, G, D]
+    if ctx.mask.dtype != q.dtype:   # cast once per forward, not per layer
+        ctx.mask = ctx.mask.to(q.dtype)
+    mask = ctx.mask
+    exact = q.dtype == torch.float32   # bf16 / fp16: softmax in float32
+    if k_cache.is_cuda:   # GPU: few large kernels beat cache-sized chunks
+        scores = torch.matmul(qg, gather_kv(k_cache, ctx).transpose(-1, -2)).add_(mask)
+        probs = scores.softmax(dim=-1) if exact else scores.float().softmax(dim=-1).to(q.dtype)
+        out = torch.matmul(probs, gather_kv(v_cache, ctx))                          # [kvh, B, G, D]
+        return out.transpose(0, 1).reshape(num_reqs, num_heads * d)
     rows = _kv_rows(k_cache, ctx).view(kvh, num_reqs * p)
-    per_chunk = num_reqs if k_cache.is_cuda else \
-        max(1, min(num_reqs, DECODE_CHUNK_BYTES // (length * d * k_cache.element_size())))   # GPU: one chunk
+    per_chunk = max(1, min(num_reqs, DECODE_CHUNK_BYTES // (length * d * k_cache.element_size())))
     if ctx.kv_buffers is None or ctx.kv_buffers[0].shape[0] != per_chunk * p:
         ctx.kv_buffers = [k_cache.new_empty(per_chunk * p, page_size * d) for _ in range(2)]
     kbuf, vbuf = ctx.kv_buffers
     k_flat = k_cache.view(kvh * num_pages, page_size * d)
     v_flat = v_cache.view(kvh * num_pages, page_size * d)
     out = q.new_empty(kvh, num_reqs, group, d)
-    mask = ctx.mask.to(q.dtype)
-    exact = q.dtype == torch.float32   # bf16 / fp16: softmax in float32
     for h in range(kvh):
         for b0 in range(0, num_reqs, per_chunk):
             b1 = min(num_reqs, b0 + per_chunk)

@@ -15,7 +15,7 @@ from torch import nn
 from cluster.engine.attention import AttentionContext, paged_attention
 from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig
-from cluster.engine.rotary import RotaryEmbedding
+from cluster.engine.rotary import RotaryEmbedding, apply_rope
 
 MAX_ROPE_POSITIONS = 32768   # cos/sin tables beyond this cost memory for nothing here
 
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
 
-    def forward(self, x, positions, rope, kv, ctx: AttentionContext):
+    def forward(self, x, rope, kv, ctx: AttentionContext):
         q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.sizes, dim=-1)
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, k, *rope)
         return linear(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale), self.o_proj.weight)
 
 
@@ -74,8 +74,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, kv, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, ctx)
+    def forward(self, x, rope, kv, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,8 +93,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, ctx: AttentionContext):
         """-> final hidden states [num_tokens, hidden] (normed); `compute_logits` maps rows to vocab."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.lookup(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, kv, ctx)
+            x = layer(x, rope, kv, ctx)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
