@@ -13,8 +13,8 @@ greedy decoding, token for token). A real mask token never comes out.
 
 SDAR is trained with blocks aligned to multiples of the block size from position 0, so the
 prompt's tail and the first answer positions share a block (as in SDAR's generate.py), and
-committed blocks attend both ways inside themselves; the latter needs the engine's
-`ForwardInput.attn_block_sizes` (see round_manager.py), else committed tokens are causal.
+committed blocks attend both ways inside themselves (the engine's
+`ForwardInput.attn_block_sizes`, see round_manager.py).
 LLaDA was trained fully bidirectional: a cached causal prefix with a bidirectional block is
 the usual approximation (Fast-dLLM's prefix cache) that lets its KV be reused.
 """

@@ -11,8 +11,8 @@ uncached committed tokens and the next round's forward re-runs them with their f
 (together with the new block: no extra forward per block). A shifted model keeps its last
 committed token uncached, since its logits predict the block's first position; aligned
 blocks (SDAR) keep the prompt's tail uncached, since it sits in the bidirectional block;
-with the engine's `attn_block_sizes` every committed aligned block also attends both ways
-inside itself (SDAR-exact), and prompt chunks then end on block boundaries.
+through the engine's `attn_block_sizes` every committed aligned block also attends both ways
+inside itself (SDAR-exact), and prompt chunks end on block boundaries.
 
 Pages for prompt + max_tokens are reserved when a request is admitted, so a running request
 never waits for memory and the pool cannot deadlock.
@@ -38,7 +38,7 @@ line and let requests join and leave at every forward.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -50,9 +50,6 @@ from dllm.block import ActiveBlock
 from dllm.model_spec import DllmModelSpec
 from dllm.params import DllmParams
 
-# SDAR-exact KV (whole aligned blocks of committed tokens attend both ways) needs the engine's
-# `ForwardInput.attn_block_sizes`; without it committed tokens are plain causal.
-ENGINE_HAS_BLOCK_SIZES = "attn_block_sizes" in {f.name for f in fields(ForwardInput)}
 
 
 @dataclass
@@ -158,7 +155,7 @@ class RoundManager:
     def chunk_len(self, state: DllmReq, n: int) -> int:
         """A prompt chunk ends on a block boundary when blocks are aligned (a block split
         across forwards could not attend both ways), unless it is shorter than a block."""
-        if not (self.spec.aligned_blocks and ENGINE_HAS_BLOCK_SIZES):
+        if not self.spec.aligned_blocks:
             return n
         size = state.params.block_size
         end = (state.req.kv_len + n) // size * size
@@ -182,7 +179,7 @@ class RoundManager:
             prefix_lens=list(batch.prefix_lens), page_tables=[list(r.page_table) for r in batch.reqs],
             sample=[False] * n, sampling=[r.sampling for r in batch.reqs],
             bidirectional_lens=bidirectional_lens, return_logits=True)
-        if self.spec.aligned_blocks and ENGINE_HAS_BLOCK_SIZES:
+        if self.spec.aligned_blocks:
             fi.attn_block_sizes = [self.running[r.rid].params.block_size for r in batch.reqs]
         return fi
 

@@ -16,7 +16,7 @@ from cluster.sampling_params import SamplingParams
 from cluster.schedule_batch import Req
 from dllm.model_spec import DllmModelSpec, detect_spec
 from dllm.params import DllmParams
-from dllm.round_manager import ENGINE_HAS_BLOCK_SIZES, DllmReq, RoundManager
+from dllm.round_manager import DllmReq, RoundManager
 from tests.test_dllm_scheduler import reqs, run_dllm
 
 V, D, HEADS, KV_HEADS, HD, FF, LAYERS, THETA, EPS = 160, 64, 4, 2, 16, 96, 2, 10000.0, 1e-5
@@ -209,7 +209,7 @@ def test_rounds_read_the_prefix_from_the_kv_cache_and_match_reference(which, lla
         block = state.block
         ids = seq + block.input_ids(MASK)
         mask = round_mask(len(ids), block.attn_start)
-        if which == "sdar" and ENGINE_HAS_BLOCK_SIZES:
+        if which == "sdar":
             mask = sdar_mask(len(ids), 4)
         want = reference_logits(w, ids, mask)[block.start:]
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
@@ -229,7 +229,6 @@ def test_rounds_read_the_prefix_from_the_kv_cache_and_match_reference(which, lla
     runner.page_allocator.free(state.req.page_table)
 
 
-@pytest.mark.skipif(not ENGINE_HAS_BLOCK_SIZES, reason="engine lacks ForwardInput.attn_block_sizes")
 @pytest.mark.parametrize("round_tokens", [256, 5])
 def test_sdar_rounds_are_exactly_sdars_block_causal_mask_across_blocks(sdar_dir, round_tokens):
     """Prompt blocks and finished blocks attend both ways inside their aligned block, as SDAR's

@@ -38,8 +38,10 @@ class AttentionContext:
 
     @classmethod
     def build(cls, extend_lens: list[int], prefix_lens: list[int], page_tables: list[list[int]],
-              bidirectional_lens: list[int], page_size: int, is_decode: bool, device) -> "AttentionContext":
+              bidirectional_lens: list[int], page_size: int, is_decode: bool, device,
+              attn_block_sizes: Optional[list[int]] = None) -> "AttentionContext":
         num_reqs = len(extend_lens)
+        blocky = attn_block_sizes is not None and any(b > 1 for b in attn_block_sizes)
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
         num_pages = max((s + page_size - 1) // page_size for s in seq_lens)
         rows = []
@@ -56,7 +58,7 @@ class AttentionContext:
         slot_mapping = pt[req_of_token, positions // page_size] * page_size + positions % page_size
         kpos = torch.arange(num_pages * page_size)
         seq_t = torch.tensor(seq_lens)
-        is_decode = is_decode or all(e == 1 for e in extend_lens) and not any(bidirectional_lens)
+        is_decode = is_decode or all(e == 1 for e in extend_lens) and not any(bidirectional_lens) and not blocky
         if is_decode:
             mask = torch.zeros(num_reqs, 1, kpos.numel())
             mask.masked_fill_(kpos[None, None, :] >= seq_t[:, None, None], float("-inf"))
@@ -65,13 +67,17 @@ class AttentionContext:
         max_q = max(extend_lens)
         qj = torch.arange(max_q)
         mask = None   # plain prompts from position 0: SDPA's own causal mask (it skips masked blocks)
-        if any(prefix_lens) or any(bidirectional_lens):
+        if any(prefix_lens) or any(bidirectional_lens) or blocky:
             qpos = torch.tensor(prefix_lens)[:, None] + qj[None, :]                    # [B, Lq]
             bidi = torch.tensor(bidirectional_lens or [0] * num_reqs)
             bstart = (seq_t - bidi)[:, None, None]
             causal = kpos[None, None, :] <= qpos[:, :, None]
             both_in_block = (qpos[:, :, None] >= bstart) & (kpos[None, None, :] >= bstart)
-            mask = ((causal | both_in_block) & (kpos[None, None, :] < seq_t[:, None, None]))[:, None].to(device)
+            # block-causal models (SDAR): a token also sees its whole aligned block
+            blk = torch.tensor(attn_block_sizes if blocky else [1] * num_reqs).clamp(min=1)[:, None, None]
+            same_block = (kpos[None, None, :] // blk) == (qpos[:, :, None] // blk)
+            visible = causal | both_in_block | same_block
+            mask = (visible & (kpos[None, None, :] < seq_t[:, None, None]))[:, None].to(device)
         q_index = out_index = None
         if any(e != max_q for e in extend_lens):
             starts = torch.cumsum(torch.tensor([0] + extend_lens[:-1]), 0)

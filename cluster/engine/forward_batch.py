@@ -36,6 +36,7 @@ class ForwardInput:
     eos_token_ids: list[frozenset] = field(default_factory=list)
     future_slots: list[int] = field(default_factory=list)      # slot that stores the sampled token, -1 = none
     bidirectional_lens: list[int] = field(default_factory=list)  # DLLM: trailing tokens attending both ways
+    attn_block_sizes: list[int] = field(default_factory=list)  # SDAR: a token also sees its aligned block
     return_logits: bool = False             # DLLM: return logits of every extend token
     is_decode: bool = False                 # every extend_len is 1 (lets the engine take a batched path)
 

@@ -77,7 +77,7 @@ class ModelRunner:
         input_ids = self.resolve_future(fi.input_ids)
         ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
                                      fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
-                                     fi.is_decode, self.device)
+                                     fi.is_decode, self.device, fi.attn_block_sizes or None)
         hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
         ends = torch.tensor(fi.extend_lens).cumsum(0) - 1   # each request's last new token
