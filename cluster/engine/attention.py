@@ -3,12 +3,14 @@
 Cache layout per layer (see kv_cache.py): K and V are each `[num_kv_heads, num_pages, page_size,
 head_dim]`, so one (head, page) is a contiguous `page_size * head_dim` row. Decode gathers
 those rows per request into a small buffer and runs grouped-query attention as batched
-matmuls (the G query heads of a KV head share one K/V read, no repeat of K/V). Prompts that
+matmuls (the G query heads of a KV head share one K/V read, no repeat of K/V): on CUDA all
+heads and requests at once (few large kernels), on CPU per head in cache-sized chunks. Prompts that
 start at position 0 attend to their fresh K/V directly through SDPA's causal kernel; an
 extend over a cached prefix (chunked prefill, prefix reuse, DLLM blocks) gathers the
 prefix from the pages and uses an explicit mask.
 
-All metadata of one forward travels in one `AttentionContext`, built once on the CPU.
+All metadata of one forward travels in one `AttentionContext`, built once on the CPU and
+copied to the device without a host sync; layers share everything derived from it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ import torch
 import torch.nn.functional as F
 
 DECODE_CHUNK_BYTES = 2 << 20   # K bytes gathered per decode chunk: fits L2/L3 next to its V
+BATCHED_DECODE: Optional[bool] = None   # None: batched on CUDA, chunked on CPU; tests force either path
+
+
+def use_batched_decode(cache: torch.Tensor) -> bool:
+    """Decode all KV heads and requests in one gather and two bmm (GPU: launches dominate), or per
+    head in chunks whose K/V stay in the CPU caches (CPU)."""
+    return cache.is_cuda if BATCHED_DECODE is None else BATCHED_DECODE
 
 
 @dataclass
@@ -34,12 +43,15 @@ class AttentionContext:
     out_index: Optional[torch.Tensor] # int64 [T]: padded row of each token, to unpad the output
     is_decode: bool
     kv_index: Optional[torch.Tensor] = None   # [kv_heads * B * P] rows of the flat cache; see gather_kv
+    kv_pair_index: Optional[torch.Tensor] = None   # [2 * B * kv_heads * P] K then V rows; see gather_kv_pair
     kv_buffers: Optional[list] = None         # decode gather buffers for K and V, shared by all layers
 
     @classmethod
     def build(cls, extend_lens: list[int], prefix_lens: list[int], page_tables: list[list[int]],
               bidirectional_lens: list[int], page_size: int, is_decode: bool, device,
-              attn_block_sizes: Optional[list[int]] = None) -> "AttentionContext":
+              attn_block_sizes: Optional[list[int]] = None,
+              dtype: torch.dtype = torch.float32) -> "AttentionContext":
+        """`dtype`: the model's; the decode mask is made in it on the CPU (no cast on the device)."""
         num_reqs = len(extend_lens)
         blocky = attn_block_sizes is not None and any(b > 1 for b in attn_block_sizes)
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
@@ -60,10 +72,10 @@ class AttentionContext:
         seq_t = torch.tensor(seq_lens)
         is_decode = is_decode or all(e == 1 for e in extend_lens) and not any(bidirectional_lens) and not blocky
         if is_decode:
-            mask = torch.zeros(num_reqs, 1, kpos.numel())
+            mask = torch.zeros(num_reqs, 1, kpos.numel(), dtype=dtype)
             mask.masked_fill_(kpos[None, None, :] >= seq_t[:, None, None], float("-inf"))
-            return cls(num_reqs, 1, positions.to(device), slot_mapping.to(device), pt.to(device), mask.to(device),
-                       None, None, True)
+            positions, slot_mapping, pt = _to_device(device, positions, slot_mapping, pt)
+            return cls(num_reqs, 1, positions, slot_mapping, pt, _to_device(device, mask)[0], None, None, True)
         max_q = max(extend_lens)
         qj = torch.arange(max_q)
         mask = None   # plain prompts from position 0: SDPA's own causal mask (it skips masked blocks)
@@ -77,16 +89,26 @@ class AttentionContext:
             blk = torch.tensor(attn_block_sizes if blocky else [1] * num_reqs).clamp(min=1)[:, None, None]
             same_block = (kpos[None, None, :] // blk) == (qpos[:, :, None] // blk)
             visible = causal | both_in_block | same_block
-            mask = (visible & (kpos[None, None, :] < seq_t[:, None, None]))[:, None].to(device)
-        q_index = out_index = None
-        if any(e != max_q for e in extend_lens):
-            starts = torch.cumsum(torch.tensor([0] + extend_lens[:-1]), 0)
-            ext = torch.tensor(extend_lens)
-            q_index = (starts[:, None] + torch.minimum(qj[None, :], ext[:, None] - 1))  # pad rows repeat the last
-            out_index = req_of_token * max_q + (torch.arange(positions.numel()) - starts[req_of_token])
-            q_index, out_index = q_index.to(device), out_index.to(device)
-        return cls(num_reqs, max_q, positions.to(device), slot_mapping.to(device), pt.to(device), mask,
-                   q_index, out_index, False)
+            mask = _to_device(device, (visible & (kpos[None, None, :] < seq_t[:, None, None]))[:, None])[0]
+        if all(e == max_q for e in extend_lens):
+            positions, slot_mapping, pt = _to_device(device, positions, slot_mapping, pt)
+            return cls(num_reqs, max_q, positions, slot_mapping, pt, mask, None, None, False)
+        starts = torch.cumsum(torch.tensor([0] + extend_lens[:-1]), 0)
+        ext = torch.tensor(extend_lens)
+        q_index = (starts[:, None] + torch.minimum(qj[None, :], ext[:, None] - 1))   # pad rows repeat the last
+        out_index = req_of_token * max_q + (torch.arange(positions.numel()) - starts[req_of_token])
+        positions, slot_mapping, pt, q_index, out_index = _to_device(device, positions, slot_mapping, pt,
+                                                                     q_index, out_index)
+        return cls(num_reqs, max_q, positions, slot_mapping, pt, mask, q_index, out_index, False)
+
+
+def _to_device(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """One non-blocking host-to-device copy for tensors of one dtype (a blocking `.to` waits for the
+    device to drain; one copy per tensor is one launch each)."""
+    if torch.device(device).type == "cpu":
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,26 +140,62 @@ def gather_kv(cache: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     return rows.view(kvh, b, p * page_size, d)
 
 
+def gather_kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext):
+    """-> K, V `[B, kv_heads, P * page_size, D]`, each contiguous, ordered (request, head) so the
+    batched decode needs no transpose copy of q or of its output. One gather for both when V
+    follows K in memory (the KVPool layout); the index is built by the first layer."""
+    kvh, num_pages, page_size, d = k_cache.shape
+    b, p = ctx.page_table.shape
+    if ctx.kv_pair_index is None:
+        heads = torch.arange(kvh, device=k_cache.device)[None, :, None] * num_pages
+        rows = (ctx.page_table[:, None, :] + heads).view(-1)
+        ctx.kv_pair_index = torch.cat((rows, rows + kvh * num_pages))
+    row = page_size * d
+    shape = (b, kvh, p * page_size, d)
+    if (k_cache.is_contiguous() and v_cache.is_contiguous()
+            and v_cache.data_ptr() == k_cache.data_ptr() + k_cache.numel() * k_cache.element_size()):
+        both = k_cache.as_strided((2 * kvh * num_pages, row), (row, 1)).index_select(0, ctx.kv_pair_index)
+        return both.view(2, *shape).unbind(0)
+    rows = ctx.kv_pair_index[:b * kvh * p]
+    return (k_cache.view(-1, row).index_select(0, rows).view(shape),
+            v_cache.view(-1, row).index_select(0, rows).view(shape))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
                      scale: float) -> torch.Tensor:
-    """One query per request; GQA as batched matmuls `[.., G, D] @ [.., D, L]`. On CPU per KV head
-    over chunks of requests small enough (~DECODE_CHUNK_BYTES of K) that the gathered K and V
-    are still in cache when the matmuls read them, with buffers reused across chunks and layers."""
+    """One query per request; GQA as batched matmuls `[.., G, D] @ [.., D, L]`, softmax in float32."""
+    if ctx.mask.dtype != q.dtype:   # cast once per forward, not per layer
+        ctx.mask = ctx.mask.to(q.dtype)
+    if use_batched_decode(k_cache):
+        return _decode_batched(q, k_cache, v_cache, ctx, scale)
+    return _decode_chunked(q, k_cache, v_cache, ctx, scale)
+
+
+def _decode_batched(q, k_cache, v_cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """All heads and requests at once: 7 kernels per layer (bf16), whatever the batch."""
+    num_reqs, num_heads, d = q.shape
+    kvh = k_cache.shape[0]
+    qg = q.mul(scale).view(num_reqs, kvh, num_heads // kvh, d)                     # [B, kvh, G, D]
+    keys, values = gather_kv_pair(k_cache, v_cache, ctx)                           # [B, kvh, L, D]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).add_(ctx.mask.unsqueeze(1))  # [B, kvh, G, L]
+    if q.dtype == torch.float32:
+        probs = scores.softmax(dim=-1)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values).view(num_reqs, num_heads * d)
+
+
+def _decode_chunked(q, k_cache, v_cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """Per KV head over chunks of requests small enough (~DECODE_CHUNK_BYTES of K) that the gathered
+    K and V are still in cache when the matmuls read them, with buffers reused across chunks and layers."""
     num_reqs, num_heads, d = q.shape
     kvh, num_pages, page_size, _ = k_cache.shape
     group = num_heads // kvh
     p = ctx.page_table.shape[1]
     length = p * page_size
     qg = q.view(num_reqs, kvh, group, d).transpose(0, 1).mul(scale).contiguous()   # [kvh, B, G, D]
-    if ctx.mask.dtype != q.dtype:   # cast once per forward, not per layer
-        ctx.mask = ctx.mask.to(q.dtype)
     mask = ctx.mask
     exact = q.dtype == torch.float32   # bf16 / fp16: softmax in float32
-    if k_cache.is_cuda:   # GPU: few large kernels beat cache-sized chunks
-        scores = torch.matmul(qg, gather_kv(k_cache, ctx).transpose(-1, -2)).add_(mask)
-        probs = scores.softmax(dim=-1) if exact else scores.float().softmax(dim=-1).to(q.dtype)
-        out = torch.matmul(probs, gather_kv(v_cache, ctx))                          # [kvh, B, G, D]
-        return out.transpose(0, 1).reshape(num_reqs, num_heads * d)
     rows = _kv_rows(k_cache, ctx).view(kvh, num_reqs * p)
     per_chunk = max(1, min(num_reqs, DECODE_CHUNK_BYTES // (length * d * k_cache.element_size())))
     if ctx.kv_buffers is None or ctx.kv_buffers[0].shape[0] != per_chunk * p:

@@ -52,8 +52,10 @@ class ModelRunner:
 
     # future-token map
     def resolve_future(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Replace each `-(k + 1)` by future_map[k]; ids on the CPU decide, so no device sync."""
-        if not bool((input_ids < 0).any()):
+        """Replace each `-(k + 1)` by future_map[k]. Ids on the CPU decide whether any is a future
+        (no device sync, and no kernels when none is); ids already on the device always go through
+        the `where` (`bool()` of a device tensor would wait for the device)."""
+        if input_ids.is_cpu and not bool((input_ids < 0).any()):
             return input_ids.to(self.device, non_blocking=True)
         ids = input_ids.to(self.device, non_blocking=True)
         return torch.where(ids < 0, self.future_map[(-ids - 1).clamp(min=0)], ids)
@@ -61,8 +63,10 @@ class ModelRunner:
     def store_future(self, slots: list[int], tokens: torch.Tensor) -> None:
         keep = [i for i, s in enumerate(slots) if s >= 0]
         if keep:
-            idx = torch.tensor([slots[i] for i in keep], device=self.device)
-            self.future_map[idx] = tokens[keep].to(self.device)
+            idx = torch.tensor([slots[i] for i in keep]).to(self.device, non_blocking=True)
+            if len(keep) < len(slots):
+                tokens = tokens[torch.tensor(keep).to(tokens.device, non_blocking=True)]
+            self.future_map[idx] = tokens.to(self.device)
 
     # KV handoff
     def export_kv(self, page_table: list[int], length: int) -> torch.Tensor:
@@ -77,7 +81,7 @@ class ModelRunner:
         input_ids = self.resolve_future(fi.input_ids)
         ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
                                      fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
-                                     fi.is_decode, self.device, fi.attn_block_sizes or None)
+                                     fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype)
         hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
         ends = torch.tensor(fi.extend_lens).cumsum(0) - 1   # each request's last new token
@@ -88,8 +92,11 @@ class ModelRunner:
         if fi.return_logits:
             logits_all = self.model.compute_logits(hidden)
         if rows:
-            last = ends[rows].to(self.device)
-            logits = logits_all[last] if logits_all is not None else self.model.compute_logits(hidden[last])
+            if len(rows) == fi.num_reqs and all(e == 1 for e in fi.extend_lens):   # hidden rows are the rows
+                logits = logits_all if logits_all is not None else self.model.compute_logits(hidden)
+            else:
+                last = ends[rows].to(self.device, non_blocking=True)
+                logits = logits_all[last] if logits_all is not None else self.model.compute_logits(hidden[last])
             pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
             ids, lps = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
                               pick(fi.min_tokens_left), pick(fi.eos_token_ids))
