@@ -58,10 +58,13 @@ class WorkerScheduler(Scheduler):
 
     def handle_control(self, msg) -> None:
         if isinstance(msg, P.Generate):
+            if msg.rid in self.reqs:
+                self.control.send(P.Error(rid=msg.rid, reason="duplicate request id", worker_id=self.worker_id))
+                return
             try:
                 req = self.new_req(msg)
-            except (ValueError, TypeError) as e:
-                self.control.send(P.Error(rid=msg.rid, reason=f"bad request: {e}", worker_id=self.worker_id))
+            except (ValueError, TypeError, RuntimeError) as e:   # bad fields, or out of slots
+                self.control.send(P.Error(rid=msg.rid, reason=f"rejected: {e}", worker_id=self.worker_id))
                 return
             self.reqs[req.rid] = req
             self.admit(req, msg)
@@ -85,10 +88,11 @@ class WorkerScheduler(Scheduler):
         req = Req(msg.rid, input_ids, sampling, eos_token_ids=self.tokenizer.eos_token_ids,
                   output_ids=[int(t) for t in msg.output_ids])
         # a resumed request arrives with the tokens it already streamed and the router's
-        # max_tokens counting only the rest; the worker counts all output tokens
+        # max_tokens / min_tokens counting only the rest; the worker counts all output tokens
         if req.num_output:
-            req.sampling = SamplingParams.from_wire({**sampling.to_wire(),
-                                                     "max_tokens": sampling.max_tokens + req.num_output})
+            req.sampling = SamplingParams.from_wire({
+                **sampling.to_wire(), "max_tokens": sampling.max_tokens + req.num_output,
+                "min_tokens": sampling.min_tokens + req.num_output if sampling.min_tokens else 0})
         req.arrival_time = time.time()
         req.peer = dict(msg.peer) if msg.peer else None
         req.extra = dict(msg.extra)

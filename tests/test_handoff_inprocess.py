@@ -198,3 +198,17 @@ def test_real_model_forward_overlaps_previous_result_processing(loaded, overlap)
     drain([s], [None], lambda: len(ctl.finished()) == len(PROMPTS))
     frac = overlap_fraction(s.trace + s.executor.trace)
     assert frac >= 0.9 if overlap else frac == 0.0, frac
+
+
+def test_bad_generate_is_rejected_with_an_error_and_the_worker_keeps_serving(loaded):
+    ctl = QueueControl()
+    s = UnifiedScheduler(SchedulerConfig(overlap=True), "unified-0", runner_for(loaded), ctl)
+    ctl.generate("bad-token", [loaded.config.vocab_size + 5], max_tokens=4)
+    ctl.inbound.put(P.Generate(rid="bad-sampling", input_ids=[1, 2], sampling={"max_tokens": 0}))
+    ctl.generate("ok", loaded.tokenizer.encode(PROMPTS[0]), max_tokens=4)
+    ctl.generate("ok", loaded.tokenizer.encode(PROMPTS[0]), max_tokens=4)      # duplicate id
+    drain([s], [None], lambda: "ok" in ctl.finished())
+    reasons = {e.rid: e.reason for e in ctl.errors()}
+    assert "out of range" in reasons["bad-token"] and "max_tokens" in reasons["bad-sampling"]
+    assert reasons["ok"] == "duplicate request id"
+    assert len(ctl.outputs()["ok"]) == 4
