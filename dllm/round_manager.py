@@ -178,23 +178,33 @@ class RoundManager:
             input_ids=torch.tensor(ids, dtype=torch.int64), extend_lens=list(batch.extend_lens),
             prefix_lens=list(batch.prefix_lens), page_tables=[list(r.page_table) for r in batch.reqs],
             sample=[False] * n, sampling=[r.sampling for r in batch.reqs],
-            bidirectional_lens=bidirectional_lens, return_logits=True)
+            bidirectional_lens=bidirectional_lens, return_logits=True, logits_lens=self.logits_lens(batch))
         if self.spec.aligned_blocks:
             fi.attn_block_sizes = [self.running[r.rid].params.block_size for r in batch.reqs]
         return fi
 
+    def logits_lens(self, batch: ScheduleBatch) -> list[int]:
+        """Per request, the round's last rows whose logits it uses: the block's, plus the `shift`
+        rows before it (row j predicts position j + shift); 0 for a prompt chunk.
+
+        NOTE: the block length comes from the batch and `req.seq_len` (a round's input is
+        `all_ids[prefix:]` then the block), not from the block itself, so it still holds for a
+        request aborted while the round was in flight; `seq_len` cannot change before the
+        round's result is processed."""
+        return [prefix + extend - req.seq_len + self.spec.shift if full else 0
+                for req, prefix, extend, full in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.sample)]
+
     def block_logits(self, batch: ScheduleBatch, logits: torch.Tensor) -> list[Optional[torch.Tensor]]:
-        """Per request: the rows whose row j predicts block position j (None for a prompt chunk)."""
+        """Per request: the rows whose row j predicts block position j (None for a prompt chunk).
+        `logits` holds `logits_lens(batch)` rows per request (the round's `ForwardInput`)."""
         out, offset = [], 0
-        for req, extend, full in zip(batch.reqs, batch.extend_lens, batch.sample):
-            end = offset + extend
+        for req, num_rows in zip(batch.reqs, self.logits_lens(batch)):
             state = self.running.get(req.rid)
-            if full and state is not None and state.block is not None:
-                n, shift = len(state.block), self.spec.shift
-                out.append(logits[end - n - shift:end - shift])
+            if num_rows and state is not None and state.block is not None:
+                out.append(logits[offset:offset + num_rows - self.spec.shift])
             else:
                 out.append(None)
-            offset = end
+            offset += num_rows
         return out
 
     def __len__(self) -> int:

@@ -7,18 +7,22 @@ import logging
 import re
 import threading
 import time
+from dataclasses import replace
 
 import pytest
+import torch
 
 from cluster import protocol as P
+from cluster.cache_manager import CacheManager
 from cluster.config import SchedulerConfig
 from cluster.engine.llm import LLM
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode
+from cluster.schedule_batch import ForwardMode, Req
 from dllm.model_spec import DllmModelSpec
 from dllm.params import DllmParams
+from dllm.round_manager import DllmReq, RoundManager
 from dllm.scheduler import DllmScheduler
 from tests.queue_control import QueueControl
 
@@ -324,3 +328,27 @@ def test_a_request_that_can_never_fit_fails_with_a_reason(runner):
     assert sched.get_next_batch_to_run() is None
     assert [e.rid for e in control.errors()] == ["huge"] and "pages" in control.errors()[0].reason
     assert sched.reqs == {} and len(sched.rounds.waiting) == 0
+
+
+def test_round_returns_only_block_rows_and_they_equal_the_full_logits(runner):
+    """A round asks for `len(block) + shift` rows per request (0 for a prompt chunk); its block
+    logits equal the matching rows of a forward that returns every extend row."""
+    def no_fail(req, why):
+        raise AssertionError(why)
+
+    rounds = RoundManager(CacheManager(runner.page_allocator, 4), DllmModelSpec.causal(PLACEHOLDER), 8, 15, no_fail)
+    for rid, prompt in [("a", PROMPTS[0]), ("b", list(range(100, 130)))]:
+        rounds.add(DllmReq(Req(rid, prompt, SamplingParams(max_tokens=4)), DllmParams(block_size=4)))
+    batch = rounds.schedule()
+    assert batch.extend_lens == [9, 6] and batch.sample == [True, False]   # prompt + block, prompt chunk
+    fi = rounds.forward_input(batch)
+    assert fi.logits_lens == [4 + 1, 0]
+    kept = runner.forward(fi).logits
+    full = runner.forward(replace(fi, logits_lens=[])).logits
+    assert kept.shape == (5, VOCAB) and full.shape == (15, VOCAB)
+    block, chunk = rounds.block_logits(batch, kept)
+    assert chunk is None
+    torch.testing.assert_close(block, full[9 - 4 - 1:9 - 1], atol=1e-5, rtol=1e-5)
+    for state in list(rounds.running.values()):
+        rounds.remove(state.req.rid)
+        runner.page_allocator.free(state.req.page_table)

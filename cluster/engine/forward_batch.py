@@ -11,6 +11,10 @@ Per request i, the forward covers the token positions
 request, in page-table order). Tokens attend causally to everything before them,
 except that the last `bidirectional_lens[i]` tokens of the request's extend segment
 also attend to each other in both directions (DLLM blocks; 0 = plain causal).
+
+With `return_logits`, `logits_lens[i]` keeps only request i's last `logits_lens[i]` extend
+rows (0 = none): the engine projects just those hidden rows to the vocabulary and returns
+them concatenated in request order, `[sum(logits_lens), vocab]`. Empty = every extend row.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ class ForwardInput:
     future_slots: list[int] = field(default_factory=list)      # slot that stores the sampled token, -1 = none
     bidirectional_lens: list[int] = field(default_factory=list)  # DLLM: trailing tokens attending both ways
     attn_block_sizes: list[int] = field(default_factory=list)  # SDAR: a token also sees its aligned block
-    return_logits: bool = False             # DLLM: return logits of every extend token
+    return_logits: bool = False             # DLLM: return logits of extend tokens (see logits_lens)
+    logits_lens: list[int] = field(default_factory=list)  # with return_logits: last rows kept per request, [] = all
     is_decode: bool = False                 # every extend_len is 1 (lets the engine take a batched path)
 
     @property
@@ -51,10 +56,19 @@ class ForwardInput:
     def positions(self) -> torch.Tensor:
         return torch.cat([torch.arange(p, p + e) for p, e in zip(self.prefix_lens, self.extend_lens)])
 
+    def logits_rows(self) -> Optional[torch.Tensor]:
+        """Indices into the extend tokens whose logits are returned; None = all of them."""
+        if not self.logits_lens or self.logits_lens == self.extend_lens:
+            return None
+        assert len(self.logits_lens) == self.num_reqs, (self.logits_lens, self.extend_lens)
+        assert all(0 <= k <= e for k, e in zip(self.logits_lens, self.extend_lens)), (self.logits_lens, self.extend_lens)
+        ends = torch.tensor(self.extend_lens).cumsum(0).tolist()
+        return torch.cat([torch.arange(end - k, end) for end, k in zip(ends, self.logits_lens)])
+
 
 @dataclass
 class ForwardOutput:
     next_token_ids: torch.Tensor            # int64 [num_reqs] on CPU; -1 where sample[i] is False
     logprobs: Optional[torch.Tensor] = None # float32 [num_reqs]: logprob of each chosen token
-    logits: Optional[torch.Tensor] = None   # float32 [num_tokens, vocab] when return_logits
+    logits: Optional[torch.Tensor] = None   # float32 [sum(logits_lens) or num_tokens, vocab] when return_logits
     timings: dict[str, Any] = field(default_factory=dict)

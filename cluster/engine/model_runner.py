@@ -84,19 +84,19 @@ class ModelRunner:
                                      fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype)
         hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
-        ends = torch.tensor(fi.extend_lens).cumsum(0) - 1   # each request's last new token
         rows = [i for i, s in enumerate(fi.sample) if s]
         next_ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
         logprobs = None
         logits_all = None
-        if fi.return_logits:
-            logits_all = self.model.compute_logits(hidden)
+        if fi.return_logits:   # NOTE: select hidden rows first, so the lm_head runs only on the kept ones
+            keep = fi.logits_rows()
+            logits_all = self.model.compute_logits(hidden if keep is None else hidden[keep.to(self.device, non_blocking=True)])
         if rows:
-            if len(rows) == fi.num_reqs and all(e == 1 for e in fi.extend_lens):   # hidden rows are the rows
-                logits = logits_all if logits_all is not None else self.model.compute_logits(hidden)
+            kept_lens = fi.logits_lens or fi.extend_lens
+            if logits_all is not None and all(kept_lens[i] for i in rows):   # every sampled last row was kept
+                logits = _last_rows(logits_all, kept_lens, rows, self.device)
             else:
-                last = ends[rows].to(self.device, non_blocking=True)
-                logits = logits_all[last] if logits_all is not None else self.model.compute_logits(hidden[last])
+                logits = self.model.compute_logits(_last_rows(hidden, fi.extend_lens, rows, self.device))
             pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
             ids, lps = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
                               pick(fi.min_tokens_left), pick(fi.eos_token_ids))
@@ -109,3 +109,11 @@ class ModelRunner:
         return ForwardOutput(next_token_ids=next_ids, logprobs=logprobs,
                              logits=None if logits_all is None else logits_all.float().cpu(),
                              timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
+
+
+def _last_rows(x: torch.Tensor, lens: list[int], rows: list[int], device) -> torch.Tensor:
+    """The last row of each request in `rows`, where `x` holds `lens[i]` rows per request in order."""
+    if len(rows) == len(lens) and all(n == 1 for n in lens):   # every row is a last row
+        return x
+    ends = torch.tensor(lens).cumsum(0) - 1
+    return x[ends[rows].to(device, non_blocking=True)]
