@@ -87,3 +87,29 @@ def test_kv_handoff_between_cuda_workers_equals_unified():
         assert pair.decode.gauges["kv_transfer_bytes_total"] > 0
     finally:
         pair.close()
+
+
+def decode_batch(runner, prompts, steps):
+    """Prefill each prompt, then decode all together; -> generated ids per request."""
+    tables = [runner.page_allocator.allocate(8) for _ in prompts]
+    out = [[int(runner.forward(batch_input([p], [0], [t])).next_token_ids[0])] for p, t in zip(prompts, tables)]
+    for _ in range(steps):
+        fi = batch_input([[o[-1]] for o in out], [len(p) + len(o) - 1 for p, o in zip(prompts, out)], tables,
+                         is_decode=True)
+        for o, t in zip(out, runner.forward(fi).next_token_ids.tolist()):
+            o.append(t)
+    return out
+
+
+def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
+    loaded = load_model("tiny-llama", load_format="dummy", device="cuda")
+    loaded._tokenizer = ByteTokenizer()
+    prompts = [[(11 * i + j) % 700 + 3 for j in range(n)] for i, n in enumerate((3, 17, 30, 1, 15))]
+    graphed = ModelRunner(loaded, 128, 16, "cuda", "float32")
+    assert graphed.decode_graphs is not None
+    with_graphs = decode_batch(graphed, prompts, 20)          # crosses page boundaries (16, 32)
+    assert graphed.decode_graphs.steps                          # at least one bucket was captured
+    monkeypatch.setenv("PDCLUSTER_CUDA_GRAPHS", "0")
+    eager = ModelRunner(loaded, 128, 16, "cuda", "float32")
+    assert eager.decode_graphs is None
+    assert decode_batch(eager, prompts, 20) == with_graphs

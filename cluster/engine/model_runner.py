@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from cluster.engine.attention import AttentionContext
+from cluster.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
 from cluster.engine.forward_batch import ForwardInput, ForwardOutput
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.loader import DTYPES, LoadedModel
@@ -40,6 +41,9 @@ class ModelRunner:
                               self.dtype, self.device)
         self.kv_caches = self.kv_pool.layer_caches()
         self.future_map = torch.zeros(NUM_FUTURE_SLOTS, dtype=torch.int64, device=self.device)
+        self.decode_graphs = (DecodeGraphs(self.model, self.kv_caches, self.page_allocator, page_size,
+                                           self.dtype, self.device)
+                              if cuda_graphs_enabled(self.device) else None)
 
     @property
     def tokenizer(self):
@@ -79,10 +83,14 @@ class ModelRunner:
     def forward(self, fi: ForwardInput) -> ForwardOutput:
         t0 = time.perf_counter()
         input_ids = self.resolve_future(fi.input_ids)
-        ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
-                                     fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
-                                     fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype)
-        hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
+        hidden = None
+        if self.decode_graphs is not None and fi.is_decode and not fi.return_logits:
+            hidden = self.decode_graphs.hidden(input_ids, fi)   # None: no bucket fits, run eagerly
+        if hidden is None:
+            ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
+                                         fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
+                                         fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype)
+            hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
         rows = [i for i, s in enumerate(fi.sample) if s]
         next_ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
