@@ -35,7 +35,9 @@ def pdcluster_cmd() -> list[str]:
 
 
 class LaunchedCluster:
-    def __init__(self, config_toml: str, name: str, env: Optional[dict] = None):
+    """`pdcluster launch CONFIG`, or with `serve=True` `pdcluster serve` (config_toml unused)."""
+
+    def __init__(self, config_toml: str, name: str, env: Optional[dict] = None, serve: bool = False):
         self.dir = tempfile.mkdtemp(prefix=f"pdcluster-{name}-")
         self.log_dir = os.path.join(self.dir, "logs")
         self.config_path = os.path.join(self.dir, "cluster.toml")
@@ -45,8 +47,9 @@ class LaunchedCluster:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.out_path = os.path.join(self.dir, "launch.out")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        args = ["serve"] if serve else ["launch", self.config_path]
         self.proc = subprocess.Popen(
-            pdcluster_cmd() + ["launch", self.config_path, "--port", str(self.port), "--log-dir", self.log_dir],
+            pdcluster_cmd() + args + ["--port", str(self.port), "--log-dir", self.log_dir],
             stdout=open(self.out_path, "w"), stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         self.descendants: list[psutil.Process] = []
         self._wait_healthy()
