@@ -42,6 +42,7 @@ KILL_AFTER_S = 10.0
 MAX_RESTARTS = 5
 MAX_BACKOFF_S = 30.0
 TAIL_LINES = 30
+PROGRESS_S = 5.0                # how often a launch that is still loading says so
 
 
 class LaunchError(RuntimeError):
@@ -164,7 +165,10 @@ class Launcher:
 
     def _wait_registered(self) -> None:
         limit = self.cfg.timeouts.register
-        deadline = time.monotonic() + limit
+        start = time.monotonic()
+        deadline, next_report = start + limit, start + PROGRESS_S
+        print(f"pdcluster: starting {len(self.workers)} worker(s); logs in {self.log_dir}",
+              file=sys.stderr, flush=True)
         while self.stop_reason is None:
             for c in self.workers.values():
                 if not c.is_running:
@@ -176,6 +180,10 @@ class Launcher:
             missing = sorted(set(self.workers) - set(self.registered() or []))
             if not missing:
                 return
+            if time.monotonic() > next_report:   # model loading can take a while: show it
+                next_report += PROGRESS_S
+                print(f"pdcluster: waiting for {', '.join(missing)} to load and register "
+                      f"({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
             if time.monotonic() > deadline:
                 c = self.workers[missing[0]]
                 raise LaunchError(f"worker(s) {', '.join(missing)} did not register within "
