@@ -33,7 +33,9 @@ def _decode_context(seq_lens, page_size, num_pages):
 
 
 @pytest.mark.parametrize("adjacent_kv", [True, False])
-def test_batched_decode_attention_equals_chunked(monkeypatch, adjacent_kv):
+@pytest.mark.parametrize("chunk_bytes", [1, 8 << 20])   # one request per chunk / all in one chunk
+def test_batched_decode_attention_equals_chunked(monkeypatch, adjacent_kv, chunk_bytes):
+    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
     kvh, group, d, page_size, num_pages = 2, 3, 16, 4, 40
     seq_lens = [1, 7, 16, 30, 5]
     g = torch.Generator().manual_seed(0)
