@@ -295,7 +295,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // 2)
-    print(f"[1/2] direct, in process: forward + export_kv + encode + send + decode + import_kv", flush=True)
+    print("[1/2] direct, in process: forward + export_kv + encode + send + decode + import_kv", flush=True)
     bench = DirectBench(args.lengths, args.threads)
     try:
         direct = measure_direct(bench, args.lengths, args.reps)

@@ -9,29 +9,23 @@ everything, exit 1), print the URL, then supervise:
   at most MAX_RESTARTS times; the restarted worker registers under the same id;
 - the router exits -> everything stops, exit 1.
 SIGTERM / SIGINT: SIGTERM to the router (it stops admitting and drains), wait for it, then
-SIGTERM to every worker, SIGKILL after KILL_AFTER_S. Children run in their own sessions
-(a terminal's Ctrl-C reaches the launcher only, which orders the shutdown) and get
-PR_SET_PDEATHSIG, so not even a SIGKILLed launcher leaves orphans.
-Logs: DIR/<worker-id>.log, DIR/router.log, DIR/launcher.log; child stdout/stderr are
-appended to the same file, so a crash before logging starts is still in the tail.
+SIGTERM to every worker, SIGKILL after KILL_AFTER_S (children: `child_process.py`).
+Logs: DIR/<worker-id>.log, DIR/router.log, DIR/launcher.log.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import httpx
-import psutil
 
+from cluster.child_process import Child, stop_processes
 from cluster.config import ROLE_PACKAGES, ClusterConfig
 
 log = logging.getLogger("pdcluster.launcher")
@@ -41,53 +35,11 @@ DRAIN_S = 5.0
 KILL_AFTER_S = 10.0
 MAX_RESTARTS = 5
 MAX_BACKOFF_S = 30.0
-TAIL_LINES = 30
 PROGRESS_S = 5.0                # how often a launch that is still loading says so
 
 
 class LaunchError(RuntimeError):
     pass
-
-
-@dataclass
-class Child:
-    name: str                          # "router" or a worker id
-    argv: list[str]
-    env: dict
-    log_path: str
-    proc: Optional[subprocess.Popen] = None
-    num_restarts: int = 0
-    restart_at: Optional[float] = None
-    started_at: float = field(default_factory=time.monotonic)
-
-    def spawn(self) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        self.started_at = time.monotonic()
-        self.restart_at = None
-        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
-
-    @property
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, n: int = TAIL_LINES) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 64 * 1024))
-                lines = f.read().decode("utf-8", "replace").splitlines()
-        except OSError as e:
-            return f"(no log: {e})"
-        return "\n".join(lines[-n:])
-
-
-def _die_with_parent() -> None:
-    try:                               # Linux: SIGTERM the child when the launcher dies
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def concrete_control(endpoint: str) -> str:
@@ -248,37 +200,11 @@ class Launcher:
     def shutdown(self) -> None:
         if self.router is not None and self.router.is_running:
             log.info("stopping the router (drain up to %.0f s)", DRAIN_S)
-            _stop([self.router.proc], DRAIN_S + KILL_AFTER_S)
+            stop_processes([self.router.proc], DRAIN_S + KILL_AFTER_S)
         procs = [c.proc for c in self.workers.values() if c.is_running]
         log.info("stopping %d worker(s)", len(procs))
-        _stop(procs, KILL_AFTER_S)
+        stop_processes(procs, KILL_AFTER_S)
         self._http.close()
-
-
-def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
-    """SIGTERM, wait, then SIGKILL whatever is left of these processes and their children."""
-    family = []
-    for p in procs:
-        try:
-            ps = psutil.Process(p.pid)
-            family += [ps] + ps.children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-    for ps in family:
-        try:
-            ps.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
-    for ps in alive:
-        log.warning("killing pid %d (no exit after SIGTERM)", ps.pid)
-        try:
-            ps.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    for p in procs:
-        p.poll()                                           # reap
 
 
 def run(cfg: ClusterConfig, config_path: str, log_dir: str) -> int:

@@ -4,7 +4,6 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
 from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
 from tests.scripted_scheduler import ScriptedScheduler

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch

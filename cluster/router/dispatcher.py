@@ -24,7 +24,7 @@ from typing import Optional
 
 from cluster import protocol
 from cluster.config import ClusterConfig
-from cluster.router.errors import APIError, overloaded
+from cluster.router.errors import overloaded
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 
