@@ -1,4 +1,4 @@
-"""Cluster config: TOML -> frozen dataclasses (shapes pinned in shared/DESIGN.md).
+"""Cluster config: TOML -> the frozen dataclasses of `config_types.py` (DESIGN.md shapes).
 
 `load_config(path)` reads a TOML file, `default_config()` gives the defaults (one prefill +
 one decode worker). Every unknown key or bad value raises `ConfigError` naming the file, the
@@ -12,101 +12,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
-from typing import Optional
+from dataclasses import fields, replace
 
+from cluster.config_types import (ClusterConfig, ModelConfigSection, RecoveryConfig, RouterConfig,  # noqa: F401
+                                   SchedulerConfig, TimeoutsConfig, WorkerGroup)
 
-@dataclass(frozen=True, slots=True)
-class ModelConfigSection:
-    name: str = "smollm2-135m-instruct"
-    path: str = ""
-    load_format: str = "auto"          # auto | gguf | safetensors | dummy
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_model_len: int = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class RouterConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    control: str = "tcp://127.0.0.1:0"
-    policy: str = "round_robin"        # round_robin | least_load
-    api_key: str = ""
-    max_queued_requests: int = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    overlap: bool = True
-    log_forward_iters: bool = True
-    page_size: int = 16
-    num_pages: int = 2048
-    max_running_requests: int = 64
-    max_prefill_tokens: int = 4096
-    decode_log_interval: int = 1
-    threads: int = 0                   # torch threads per worker; 0 = cores / workers on this host
-
-
-@dataclass(frozen=True, slots=True)
-class TimeoutsConfig:
-    register: float = 120.0
-    heartbeat_interval: float = 1.0
-    heartbeat_dead_after: float = 3.0
-    decode_ready: float = 30.0
-    kv_transfer: float = 30.0
-    request: float = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryConfig:
-    restart_workers: bool = True
-    resume_on_decode_failure: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerGroup:
-    """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
-    role: str
-    count: int = 1
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    model: Optional[str] = None        # served name (dllm)
-    path: str = ""                     # dllm weights; empty = same as [model]
-    block_size: int = 1
-    algorithm: str = "low_confidence"  # low_confidence | fixed_steps
-    threshold: float = 0.9
-    steps_per_block: int = 1
-    mask_token_id: Optional[int] = None  # placeholder for causal models without a mask token
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterConfig:
-    model: ModelConfigSection = field(default_factory=ModelConfigSection)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    groups: tuple[WorkerGroup, ...] = ()
-    source: str = "<defaults>"         # file the config came from, for error messages
-
-    def worker_ids(self) -> list[tuple[str, WorkerGroup]]:
-        """(worker_id, group) for every worker: prefill-0, prefill-1, decode-0, ..."""
-        out, counters = [], {}
-        for g in self.groups:
-            for _ in range(g.count):
-                k = counters.get(g.role, 0)
-                counters[g.role] = k + 1
-                out.append((f"{g.role}-{k}", g))
-        return out
-
-    def group_of(self, worker_id: str) -> WorkerGroup:
-        for wid, g in self.worker_ids():
-            if wid == worker_id:
-                return g
-        raise KeyError(f"{self.source}: no worker {worker_id!r} in this config")
-
-
-# ---------------------------------------------------------------- loading + validation
 
 ROLES = ("prefill", "decode", "unified", "dllm")
 ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
