@@ -23,6 +23,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from cluster.engine.sampler import filtered_probs
+from cluster.sampling_params import SamplingParams
+
 
 def ban_tokens(logits: torch.Tensor, token_ids: Iterable[int], rows: Optional[list[int]] = None) -> None:
     """In place: `token_ids` get -inf in `rows` (all rows when None)."""
@@ -36,14 +39,17 @@ def ban_tokens(logits: torch.Tensor, token_ids: Iterable[int], rows: Optional[li
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float = 0.0,
-                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits float [n, V] -> (tokens int64 [n], confidence float32 [n])."""
+                  generator: Optional[torch.Generator] = None, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits float [n, V] -> (tokens int64 [n], confidence float32 [n]); sampling filters as
+    the autoregressive sampler's (temperature, top-k, top-p)."""
     logits = logits.float()
     if temperature == 0.0:
         probs = logits.softmax(dim=-1)
         confidence, tokens = probs.max(dim=-1)
         return tokens, confidence
-    probs = (logits / temperature).softmax(dim=-1)
+    sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    probs = filtered_probs(logits, [sp] * logits.shape[0])
     tokens = torch.multinomial(probs, 1, generator=generator).view(-1)
     return tokens, probs.gather(1, tokens.view(-1, 1)).view(-1)
 

@@ -62,7 +62,8 @@ class ActiveBlock:
 
     def step(self, logits: torch.Tensor, params: DllmParams, temperature: float = 0.0,
              generator: Optional[torch.Generator] = None, banned: frozenset = frozenset(),
-             banned_before: int = 0, stop_ids: frozenset = frozenset()) -> list[int]:
+             banned_before: int = 0, stop_ids: frozenset = frozenset(), top_k: int = 0,
+             top_p: float = 1.0) -> list[int]:
         """One forward's commits. `logits` [len, V]: row j predicts position j. `banned` never
         comes out; `stop_ids` are also banned at positions j < `banned_before` (min_tokens).
         Returns the committed positions (ascending)."""
@@ -71,7 +72,7 @@ class ActiveBlock:
         ban_tokens(cand, banned)
         early = [i for i, j in enumerate(masked) if j < banned_before]
         ban_tokens(cand, stop_ids, early)
-        tokens, confidence = choose_tokens(cand, temperature, generator)
+        tokens, confidence = choose_tokens(cand, temperature, generator, top_k, top_p)
         if params.algorithm == "fixed_steps":
             count = self.plan[self.num_steps] if self.num_steps < len(self.plan) else len(masked)
             picks = commit_fixed_steps(confidence, count)

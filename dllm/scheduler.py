@@ -93,7 +93,8 @@ class DllmScheduler(WorkerScheduler):
         positions = block.step(
             logits, state.params, sp.temperature, req.generator,
             banned=frozenset([self.spec.mask_token_id]) if self.spec.bans_mask else frozenset(),
-            banned_before=max(0, sp.min_tokens - 1 - req.num_output), stop_ids=state.stop_ids)
+            banned_before=max(0, sp.min_tokens - 1 - req.num_output), stop_ids=state.stop_ids,
+            top_k=sp.top_k, top_p=sp.top_p)
         self.num_commits += len(positions)
         self.num_block_forwards += 1
         self.gauges["dllm_tokens_per_forward"] = self.num_commits / self.num_block_forwards

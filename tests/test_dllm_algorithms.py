@@ -120,3 +120,16 @@ def test_bad_overrides_are_rejected(bad):
 def test_overrides_replace_only_dllm_keys():
     p = DllmParams(block_size=2).with_overrides({"block_size": 8, "threshold": 1, "other": "x"})
     assert p == DllmParams(block_size=8, threshold=1.0)
+
+
+def test_sampling_filters_apply_top_k_1_is_greedy_and_top_p_keeps_the_nucleus():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    greedy = choose_tokens(logits)[0]
+    for seed in range(5):
+        sampled = choose_tokens(logits, 1.5, torch.Generator().manual_seed(seed), top_k=1)[0]
+        assert sampled.tolist() == greedy.tolist()
+    logits = torch.full((1, 10), -10.0)
+    logits[0, 3] = 10.0                     # ~all the mass on token 3
+    for seed in range(5):
+        assert choose_tokens(logits, 1.0, torch.Generator().manual_seed(seed), top_p=0.5)[0].item() == 3

@@ -26,7 +26,7 @@ def sample(logits: torch.Tensor, sampling: list[SamplingParams], generators: lis
     next_ids = logits.argmax(dim=-1)
     rows = [i for i, sp in enumerate(sampling) if not sp.is_greedy]
     if rows:
-        probs = _probs(logits[rows], [sampling[i] for i in rows])
+        probs = filtered_probs(logits[rows], [sampling[i] for i in rows])
         for j, i in enumerate(rows):
             gen = generators[i] if i < len(generators) else None
             next_ids[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
@@ -44,7 +44,8 @@ def _penalize(row: torch.Tensor, sp: SamplingParams, prior: list[int]) -> None:
         row -= sp.presence_penalty * seen.to(row.dtype) + sp.frequency_penalty * counts.to(row.dtype)
 
 
-def _probs(logits: torch.Tensor, sampling: list[SamplingParams]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, sampling: list[SamplingParams]) -> torch.Tensor:
+    """Per row: temperature, then top-k and top-p, then softmax (the DLLM worker reuses it)."""
     temps = torch.tensor([sp.temperature for sp in sampling], dtype=logits.dtype, device=logits.device)
     logits = logits / temps[:, None]
     top_k = [sp.top_k if sp.top_k > 0 else logits.shape[1] for sp in sampling]
