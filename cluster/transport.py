@@ -80,7 +80,21 @@ class ControlClient(SocketLoop):
         self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
 
 
-class ControlServer(SocketLoop):
+class _BoundRouterLoop(SocketLoop):
+    """Receives on one bound ROUTER socket (`self._sock`): messages come as (sender id, message)."""
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[tuple[str, Message]]:
+        """(sender worker_id, message), or None on timeout / after close()."""
+        return self._get(timeout)
+
+    def _recv_sockets(self) -> list[zmq.Socket]:
+        return [self._sock]
+
+    def _parse(self, sock: zmq.Socket, frames: list) -> tuple[str, Message]:
+        return _router_decode(frames)
+
+
+class ControlServer(_BoundRouterLoop):
     """Router side of the control plane: ROUTER bound at `endpoint` (port 0 = a free port).
 
     `.endpoint` is the bound endpoint (the real port). A message to a worker that is not
@@ -98,21 +112,11 @@ class ControlServer(SocketLoop):
     def send(self, worker_id: str, msg: Message) -> None:
         self._enqueue(worker_id, msg)
 
-    def recv(self, timeout: Optional[float] = None) -> Optional[tuple[str, Message]]:
-        """(worker_id, message), or None on timeout / after close()."""
-        return self._get(timeout)
-
-    def _recv_sockets(self) -> list[zmq.Socket]:
-        return [self._sock]
-
-    def _parse(self, sock: zmq.Socket, frames: list) -> tuple[str, Message]:
-        return _router_decode(frames)
-
     def _send_frames(self, key: Hashable, frames: list) -> None:
         self._sock.send_multipart([str(key).encode(), *frames], zmq.NOBLOCK, copy=False)
 
 
-class DataPlane(SocketLoop):
+class DataPlane(_BoundRouterLoop):
     """Worker-to-worker messages (decode_ready, kv_batch, kv_ack).
 
     Binds a ROUTER on a free port of `bind_host` (loopback by default); `.address`
@@ -142,16 +146,6 @@ class DataPlane(SocketLoop):
     def drop_peer(self, address: str) -> None:
         """Close the connection to a dead peer and discard what still waits for it."""
         self._enqueue(address, None)
-
-    def recv(self, timeout: Optional[float] = None) -> Optional[tuple[str, Message]]:
-        """(sender worker_id, message), or None on timeout / after close()."""
-        return self._get(timeout)
-
-    def _recv_sockets(self) -> list[zmq.Socket]:
-        return [self._sock]
-
-    def _parse(self, sock: zmq.Socket, frames: list) -> tuple[str, Message]:
-        return _router_decode(frames)
 
     def _send_frames(self, key: Hashable, frames: list) -> None:
         peer = self._peers.get(key)
