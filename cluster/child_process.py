@@ -12,8 +12,7 @@ import logging
 import os
 import signal
 import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import psutil
@@ -31,14 +30,12 @@ class Child:
     proc: Optional[subprocess.Popen] = None
     num_restarts: int = 0
     restart_at: Optional[float] = None
-    started_at: float = field(default_factory=time.monotonic)
 
     def spawn(self) -> None:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent)
-        self.started_at = time.monotonic()
         self.restart_at = None
         log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
 

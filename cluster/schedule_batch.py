@@ -26,7 +26,7 @@ class Req:
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot", "generator",
-        "num_streamed", "output_logprobs", "arrival_time", "peer", "extra",
+        "output_logprobs", "peer", "extra",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -45,9 +45,7 @@ class Req:
         self.error: Optional[str] = None
         self.future_slot = -1      # overlap: where the forward side stores this request's last sampled token
         self.generator: Any = None # torch.Generator when sampling.seed is set
-        self.num_streamed = 0      # output tokens already sent to the router
         self.output_logprobs: list[float] = []
-        self.arrival_time = 0.0
         self.peer: Optional[dict] = None   # disaggregation: the other side's worker id and address
         self.extra: dict = {}              # role-specific state (e.g. DLLM block)
 
@@ -121,10 +119,6 @@ class ScheduleBatch:
     @property
     def num_cached_tokens(self) -> int:
         return sum(self.prefix_lens)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.reqs
 
     def copy(self) -> "ScheduleBatch":
         """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""

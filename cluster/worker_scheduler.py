@@ -93,7 +93,6 @@ class WorkerScheduler(Scheduler):
             req.sampling = SamplingParams.from_wire({
                 **sampling.to_wire(), "max_tokens": sampling.max_tokens + req.num_output,
                 "min_tokens": sampling.min_tokens + req.num_output if sampling.min_tokens else 0})
-        req.arrival_time = time.time()
         req.peer = dict(msg.peer) if msg.peer else None
         req.extra = dict(msg.extra)
         req.future_slot = self.slots.allocate()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-ALGORITHMS = ("low_confidence", "fixed_steps")
+from cluster.config import DLLM_ALGORITHMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,8 @@ class DllmParams:
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.algorithm not in DLLM_ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {DLLM_ALGORITHMS}, got {self.algorithm!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")

@@ -1,7 +1,7 @@
 """ModelConfig: the shape of a Llama-family decoder, from an HF config.json, GGUF metadata or a preset."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -65,20 +65,6 @@ class ModelConfig:
             attention_bias=cfg.get("attention_bias", is_qwen2), qk_norm=arch.startswith("Qwen3"),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, architecture=arch)
 
-    def to_hf_config(self) -> dict:
-        """The transformers config.json equivalent (tests save tiny models with it)."""
-        model_type = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}.get(self.architecture, "llama")
-        rope = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
-        return {"architectures": [self.architecture], "model_type": model_type,
-                "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-                "rope_parameters": rope, "max_position_embeddings": self.max_position_embeddings,
-                "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
-                "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
-                "hidden_act": "silu"}
-
 
 PRESETS: dict[str, ModelConfig] = {
     "llama-3.2-1b": ModelConfig(
@@ -97,7 +83,3 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
 }
-
-
-def with_eos(config: ModelConfig, eos_token_ids) -> ModelConfig:
-    return replace(config, eos_token_ids=tuple(sorted(set(eos_token_ids))))

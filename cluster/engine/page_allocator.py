@@ -19,10 +19,6 @@ class PageAllocator:
     def num_free_pages(self) -> int:
         return len(self._free)
 
-    @property
-    def num_used_pages(self) -> int:
-        return self.num_pages - len(self._free)
-
     def can_allocate(self, n: int) -> bool:
         return 0 <= n <= len(self._free)
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from cluster.config import DLLM_ALGORITHMS
 from cluster.router.errors import bad_request
 
-DLLM_FIELDS = ("block_size", "algorithm", "threshold", "steps_per_block")
-DLLM_ALGORITHMS = ("low_confidence", "fixed_steps")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MISSING = object()
 

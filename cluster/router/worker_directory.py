@@ -25,7 +25,6 @@ class WorkerInfo:
     kv_fingerprint: dict
     data_addr: str
     pid: int
-    registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     stats: dict = field(default_factory=dict)
     forward_ct: int = 0
