@@ -16,16 +16,20 @@ def _has_penalty(sp) -> bool:
     return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
 
 
+def _segment_ids(req, start: int, end: int) -> list[int]:
+    """Ids of positions [start, end) without copying the whole sequence (decode: one id)."""
+    p = req.prompt_len
+    ids = list(req.input_ids[start:min(end, p)]) + req.output_ids[max(start - p, 0):max(end - p, 0)]
+    if len(ids) < end - start:        # the newest token is still in flight
+        assert len(ids) == end - start - 1 and req.future_slot >= 0, f"{req}: token {end - 1} not launched"
+        ids.append(-(req.future_slot + 1))
+    return ids
+
+
 def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
     ids: list[int] = []
     for req, prefix, extend in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-        known = req.all_ids
-        for pos in range(prefix, prefix + extend):
-            if pos < len(known):
-                ids.append(known[pos])
-            else:
-                assert pos == len(known) and req.future_slot >= 0, f"{req}: token {pos} not launched"
-                ids.append(-(req.future_slot + 1))
+        ids += _segment_ids(req, prefix, prefix + extend)
     reqs = batch.reqs
     return ForwardInput(
         input_ids=torch.tensor(ids, dtype=torch.int64),
