@@ -11,7 +11,7 @@ Each gets a warm-up burst (one request per concurrency slot), then `--num-reques
 streamed greedy completions (`ignore_eos`, exactly `--max-tokens` tokens), `--concurrency`
 in flight (closed loop; `--request-rate R` sends them open loop instead, Poisson
 arrivals at R/s, seeded, still capped by `--concurrency`), through the HTTP API with
-`pdcluster bench`'s own per-request client (`cluster.cli._one_request`); prompts are
+`pdcluster bench`'s own per-request client (`cluster.bench.one_request`); prompts are
 `pdcluster bench`'s (`--prompt-len` words, rotated per request), identical for both. `--rounds 2` runs disagg, unified,
 disagg, unified and reports the median of rounds, which evens out a machine shared with
 other jobs.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.common import REPO, Cluster, disagg_config, machine, now_utc, quantile, stream_completion  # noqa: E402
-from cluster.cli import _one_request  # noqa: E402
+from cluster.bench import one_request  # noqa: E402
 
 WORDS = ("alpha", "beta", "gamma", "delta", "omega")     # as `pdcluster bench`
 
@@ -60,7 +60,7 @@ async def run_load(base_url: str, args, num_requests: int, offset: int = 0) -> d
             nonlocal done
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
             async with gate:
-                r = await _one_request(client, req_args, bench_prompt(offset + i, args.prompt_len))
+                r = await one_request(client, req_args, bench_prompt(offset + i, args.prompt_len))
             done += 1
             if done % max(1, num_requests // 4) == 0:
                 print(f"    {done}/{num_requests} done", flush=True)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from cluster.protocol import FRAME_BYTES, KvBatch, decode, encode, kv_req  # noqa: E402
-from cluster.transport import DataPlane  # noqa: E402
+from cluster.wire.protocol import FRAME_BYTES, KvBatch, decode, encode, kv_req  # noqa: E402
+from cluster.wire.transport import DataPlane  # noqa: E402
 
 GB = 1e9
 

@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def pdcluster_cmd() -> list[str]:
     script = Path(sys.executable).parent / "pdcluster"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cluster.launch.cli"]
 
 
 def machine() -> str:

@@ -50,12 +50,12 @@ import zmq  # noqa: E402
 
 from benchmarks.common import (Cluster, disagg_config, log_time, machine, metric_values,  # noqa: E402
                                now_utc, stream_completion)
-from cluster.batch_builder import build_forward_input  # noqa: E402
-from cluster.cache_manager import CacheManager  # noqa: E402
-from cluster.protocol import KvBatch, decode, encode, kv_req  # noqa: E402
+from cluster.runtime.batch_builder import build_forward_input  # noqa: E402
+from cluster.runtime.cache_manager import CacheManager  # noqa: E402
+from cluster.wire.protocol import KvBatch, decode, encode, kv_req  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch  # noqa: E402
-from cluster.transport import DataPlane  # noqa: E402
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch  # noqa: E402
+from cluster.wire.transport import DataPlane  # noqa: E402
 
 GB = 1e9
 PAGE_SIZE = 16

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cluster import protocol as P  # noqa: E402
+from cluster.wire import protocol as P  # noqa: E402
 from cluster.config import SchedulerConfig  # noqa: E402
 from cluster.engine.loader import load_model  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402

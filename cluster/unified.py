@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from cluster.decode_manager import DecodeManager
-from cluster.output_processor import OutputProcessorMixin
-from cluster.prefill_manager import PrefillManager
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
-from cluster.worker_scheduler import WorkerScheduler
+from cluster.runtime.decode_manager import DecodeManager
+from cluster.runtime.output_processor import OutputProcessorMixin
+from cluster.runtime.prefill_manager import PrefillManager
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.worker_scheduler import WorkerScheduler
 
 
 class UnifiedScheduler(OutputProcessorMixin, WorkerScheduler):
@@ -59,7 +59,7 @@ class UnifiedScheduler(OutputProcessorMixin, WorkerScheduler):
 
 
 def main(argv=None) -> int:
-    from cluster.worker_main import run_worker
+    from cluster.runtime.worker_main import run_worker
 
     def build(args, config, group, runner, control):
         return UnifiedScheduler(group.scheduler, args.worker_id, runner, control), {"model": config.model.name}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from cluster.cache_manager import CacheManager
-from cluster.schedule_batch import Req
+from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.schedule_batch import Req
 
 
 class PreallocQueue:

@@ -9,12 +9,12 @@ import logging
 import os
 from typing import Optional
 
-from cluster import protocol as P
-from cluster.decode_manager import DecodeManager
-from cluster.metrics import DecodeStats
-from cluster.output_processor import OutputProcessorMixin
-from cluster.schedule_batch import Req, ScheduleBatch
-from cluster.worker_scheduler import WorkerScheduler
+from cluster.wire import protocol as P
+from cluster.runtime.decode_manager import DecodeManager
+from cluster.runtime.stats import DecodeStats
+from cluster.runtime.output_processor import OutputProcessorMixin
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.worker_scheduler import WorkerScheduler
 from decode_worker.prealloc_queue import PreallocQueue
 from decode_worker.transfer_queue import TransferQueue
 

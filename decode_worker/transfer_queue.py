@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from cluster.schedule_batch import Req
+from cluster.runtime.schedule_batch import Req
 
 
 class TransferQueue:

@@ -25,7 +25,7 @@ def build(args, config, group, runner, control):
 
 
 def main(argv=None) -> int:
-    from cluster.worker_main import run_worker
+    from cluster.runtime.worker_main import run_worker
     return run_worker("dllm", argv, build)
 
 

@@ -43,9 +43,9 @@ from typing import Callable, Optional
 
 import torch
 
-from cluster.cache_manager import CacheManager
+from cluster.runtime.cache_manager import CacheManager
 from cluster.engine.forward_batch import ForwardInput
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from dllm.block import ActiveBlock
 from dllm.model_spec import DllmModelSpec
 from dllm.params import DllmParams

@@ -10,9 +10,9 @@ import time
 from typing import Optional
 
 from cluster.engine.stop_checker import check_finish
-from cluster.metrics import PrefillStats
-from cluster.schedule_batch import Req, ScheduleBatch
-from cluster.worker_scheduler import WorkerScheduler
+from cluster.runtime.stats import PrefillStats
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.worker_scheduler import WorkerScheduler
 from dllm.model_spec import DllmModelSpec
 from dllm.params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager

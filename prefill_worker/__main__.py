@@ -3,7 +3,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from cluster.worker_main import run_data_plane_worker
+    from cluster.runtime.worker_main import run_data_plane_worker
     from prefill_worker.scheduler import PrefillScheduler
     return run_data_plane_worker("prefill", PrefillScheduler, argv)
 

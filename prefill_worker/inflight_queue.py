@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.schedule_batch import Req
+from cluster.runtime.schedule_batch import Req
 
 
 class InflightQueue:

@@ -6,11 +6,11 @@ import time
 from collections import defaultdict
 from typing import Optional
 
-from cluster import protocol as P
-from cluster.metrics import PrefillStats
-from cluster.prefill_manager import PrefillManager
-from cluster.schedule_batch import Req, ScheduleBatch
-from cluster.worker_scheduler import WorkerScheduler
+from cluster.wire import protocol as P
+from cluster.runtime.stats import PrefillStats
+from cluster.runtime.prefill_manager import PrefillManager
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.worker_scheduler import WorkerScheduler
 from prefill_worker.bootstrap_queue import BootstrapQueue
 from prefill_worker.inflight_queue import InflightQueue
 

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def pdcluster_cmd() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "pdcluster")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "cluster.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "cluster.launch.cli"]
 
 
 class LaunchedCluster:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import queue
 from typing import Optional
 
-from cluster import protocol as P
+from cluster.wire import protocol as P
 from cluster.sampling_params import SamplingParams
 
 

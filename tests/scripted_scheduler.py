@@ -9,10 +9,10 @@ import time
 from typing import Optional
 
 from cluster.config import SchedulerConfig
-from cluster.metrics import DecodeStats, PrefillStats
+from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
-from cluster.scheduler import Scheduler
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.base_scheduler import Scheduler
 
 
 class ScriptedScheduler(Scheduler):

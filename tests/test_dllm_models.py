@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cluster.cache_manager import CacheManager
+from cluster.runtime.cache_manager import CacheManager
 from cluster.engine.forward_batch import ForwardInput
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import Req
+from cluster.runtime.schedule_batch import Req
 from dllm.model_spec import DllmModelSpec, detect_spec
 from dllm.params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager

@@ -12,14 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cluster import protocol as P
-from cluster.cache_manager import CacheManager
+from cluster.wire import protocol as P
+from cluster.runtime.cache_manager import CacheManager
 from cluster.config import SchedulerConfig
 from cluster.engine.llm import LLM
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode, Req
+from cluster.runtime.schedule_batch import ForwardMode, Req
 from dllm.model_spec import DllmModelSpec
 from dllm.params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from cluster import protocol as P
+from cluster.wire import protocol as P
 from cluster.config import SchedulerConfig, TimeoutsConfig
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from cluster.transport import DataPlane
+from cluster.wire.transport import DataPlane
 from cluster.unified import UnifiedScheduler
 from decode_worker.scheduler import CORRUPT_KV_ENV, DecodeScheduler
 from prefill_worker.scheduler import PrefillScheduler

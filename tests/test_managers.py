@@ -1,12 +1,12 @@
 """The scheduler's managers: token budget, chunking, page growth, retraction, future tokens."""
-from cluster.batch_builder import build_forward_input
-from cluster.cache_manager import CacheManager
-from cluster.decode_manager import DecodeManager
+from cluster.runtime.batch_builder import build_forward_input
+from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.decode_manager import DecodeManager
 from cluster.engine.page_allocator import PageAllocator
 from cluster.engine.stop_checker import check_finish
-from cluster.prefill_manager import PrefillManager
+from cluster.runtime.prefill_manager import PrefillManager
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode, Req
+from cluster.runtime.schedule_batch import ForwardMode, Req
 
 
 def make_req(rid, n, **kw):

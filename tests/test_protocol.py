@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import protocol as P
-from cluster.protocol import ProtocolError, decode, encode, kv_req, tokens_item
+from cluster.wire import protocol as P
+from cluster.wire.protocol import ProtocolError, decode, encode, kv_req, tokens_item
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 
 SAMPLING = SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["\n"],
                           stop_token_ids=[2], logprobs=True).to_wire()

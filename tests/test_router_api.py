@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from cluster import protocol
+from cluster.wire import protocol
 from cluster.config import default_config
 
 
@@ -69,7 +69,7 @@ class ScriptedWorker:
 
     def __init__(self, endpoint: str, worker_id: str, role: str, model: str,
                  reply: Optional[Reply] = None, stats: Optional[dict] = None):
-        from cluster.transport import ControlClient
+        from cluster.wire.transport import ControlClient
         self.worker_id, self.role, self.reply = worker_id, role, reply
         self.stats = stats or {}
         self.received: list = []

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from tests.scripted_scheduler import ScriptedScheduler
 
 ITER = re.compile(r"^(Prefill|Decode) batch \[(\d+)\]")

@@ -14,11 +14,11 @@ import pytest
 import torch
 import zmq
 
-from cluster import protocol as P
-from cluster.protocol import encode, kv_req
+from cluster.wire import protocol as P
+from cluster.wire.protocol import encode, kv_req
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
-from cluster.transport import ControlClient, ControlServer, DataPlane
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.wire.transport import ControlClient, ControlServer, DataPlane
 
 REPO = Path(__file__).resolve().parents[1]
 T = 10.0                                   # generous: the CI box is shared
@@ -158,8 +158,8 @@ def test_data_plane_moves_kv_batch_between_workers():
 
 CHILD = r"""
 import os, sys, time
-from cluster.protocol import Register, Shutdown
-from cluster.transport import ControlClient, DataPlane
+from cluster.wire.protocol import Register, Shutdown
+from cluster.wire.transport import ControlClient, DataPlane
 client, data = ControlClient(sys.argv[1], "decode-0"), DataPlane("decode-0")
 client.send(Register("decode-0", "decode", "m", {"num_pages": 8, "page_size": 16,
                      "max_running_requests": 4}, {"num_layers": 3, "num_kv_heads": 2,

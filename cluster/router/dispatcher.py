@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Optional
 
-from cluster import protocol
+from cluster.wire import protocol
 from cluster.config import ClusterConfig
 from cluster.router.errors import overloaded
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
@@ -46,7 +46,7 @@ class Dispatcher:
 
     # lifecycle
     def start(self) -> str:
-        from cluster.transport import ControlServer
+        from cluster.wire.transport import ControlServer
         self.server = ControlServer(self.control_endpoint)
         self.control_endpoint = self.server.endpoint
         self._thread = threading.Thread(target=self._loop, name="router-control", daemon=True)

@@ -6,8 +6,8 @@ launched the batch, not the later one the worker is already running under overla
 from __future__ import annotations
 
 from cluster.engine.stop_checker import check_finish
-from cluster.metrics import DecodeStats, PrefillStats
-from cluster.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.stats import DecodeStats, PrefillStats
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
 
 
 class OutputProcessorMixin:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable, Optional
 
 import zmq
 
-from cluster.protocol import Message, ProtocolError, encode
+from cluster.wire.protocol import Message, ProtocolError, encode
 
 logger = logging.getLogger(__name__)
 

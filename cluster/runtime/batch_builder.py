@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from cluster.engine.forward_batch import ForwardInput
-from cluster.schedule_batch import ForwardMode, ScheduleBatch
+from cluster.runtime.schedule_batch import ForwardMode, ScheduleBatch
 
 
 def _has_penalty(sp) -> bool:

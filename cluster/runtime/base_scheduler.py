@@ -12,9 +12,9 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 from cluster.config import SchedulerConfig
-from cluster.forward_executor import ForwardExecutor
-from cluster.metrics import SchedulerMetricsMixin, log_forward_iters_enabled
-from cluster.schedule_batch import ScheduleBatch
+from cluster.runtime.forward_executor import ForwardExecutor
+from cluster.runtime.stats import SchedulerMetricsMixin, log_forward_iters_enabled
+from cluster.runtime.schedule_batch import ScheduleBatch
 
 logger = logging.getLogger("pdcluster.scheduler")
 

@@ -24,14 +24,14 @@ import msgpack
 import torch
 
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import ForwardMode
-from cluster.wire_check import (INT32_MAX, MAX_ITEMS, MAX_KEYS, MAX_STR, Bool, Check, Float, Int,
+from cluster.runtime.schedule_batch import ForwardMode
+from cluster.wire.checks import (INT32_MAX, MAX_ITEMS, MAX_KEYS, MAX_STR, Bool, Check, Float, Int,
                                 List, Map, Number, Opt, ProtocolError, Record, Scalar, Str,
                                 TokenIds, fail)
-from cluster.wire_messages import (Abort, Batch, DecodeReady, Error, Generate, Heartbeat, KvAck,
+from cluster.wire.messages import (Abort, Batch, DecodeReady, Error, Generate, Heartbeat, KvAck,
                                    KvBatch, Message, Register, Shutdown, Tokens, kv_req,
                                    tokens_item)
-from cluster.wire_tensor import FRAME_BYTES, TENSOR_DESC, TensorFrames, frame_buffer, tensor_from_frames
+from cluster.wire.tensor_frames import FRAME_BYTES, TENSOR_DESC, TensorFrames, frame_buffer, tensor_from_frames
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "DecodeReady", "KvBatch", "KvAck", "Tokens",

@@ -13,13 +13,13 @@ from typing import Optional
 
 import torch
 
-from cluster import protocol as P
-from cluster.batch_builder import build_forward_input
-from cluster.cache_manager import CacheManager, SlotAllocator
+from cluster.wire import protocol as P
+from cluster.runtime.batch_builder import build_forward_input
+from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
-from cluster.schedule_batch import Req, ScheduleBatch
-from cluster.scheduler import Scheduler
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.base_scheduler import Scheduler
 
 logger = logging.getLogger("pdcluster.worker")
 

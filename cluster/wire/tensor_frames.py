@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cluster.wire_check import Int, List, Record, Str, fail
+from cluster.wire.checks import Int, List, Record, Str, fail
 
 FRAME_BYTES = 4 << 20                   # max bytes per tensor frame
 MAX_TENSOR_BYTES = 16 << 30             # absurd-size guard

@@ -1,7 +1,7 @@
 """CacheManager: owns a worker's KV pages and which request holds which page."""
 from __future__ import annotations
 
-from cluster.schedule_batch import Req
+from cluster.runtime.schedule_batch import Req
 
 
 class CacheManager:

@@ -60,10 +60,10 @@ def run_worker(role: str, argv, build: Callable) -> int:
 
     `build(args, config, group, runner, control) -> (scheduler, register_kwargs)`.
     """
-    from cluster import protocol as P
+    from cluster.wire import protocol as P
     from cluster.config import load_config
-    from cluster.transport import ControlClient
-    from cluster.worker_scheduler import start_heartbeat
+    from cluster.wire.transport import ControlClient
+    from cluster.runtime.worker_scheduler import start_heartbeat
 
     args = parse_args(role, argv)
     setup_logging(args.worker_id, args.log_dir)
@@ -95,7 +95,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
 
 def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
     """Prefill and decode workers: a scheduler plus a data plane for the KV handoff."""
-    from cluster.transport import DataPlane
+    from cluster.wire.transport import DataPlane
 
     def build(args, config, group, runner, control):
         data_plane = DataPlane(args.worker_id, bind_host=args.host or config.router.host)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
-from cluster.cache_manager import CacheManager
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 
 
 class PrefillManager:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from cluster.schedule_batch import ScheduleBatch
+from cluster.runtime.schedule_batch import ScheduleBatch
 
 logger = logging.getLogger("pdcluster.scheduler")
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Hashable, Optional
 
 import zmq
 
-from cluster.protocol import Message, ProtocolError, decode
-from cluster.wire_socket import SocketLoop
+from cluster.wire.protocol import Message, ProtocolError, decode
+from cluster.wire.io_thread import SocketLoop
 
 __all__ = ["ControlClient", "ControlServer", "DataPlane"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from cluster.cache_manager import CacheManager
-from cluster.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 
 
 class DecodeManager:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import httpx
 
-from cluster.child_process import Child, stop_processes
+from cluster.launch.child_process import Child, stop_processes
 from cluster.config import ROLE_PACKAGES, ClusterConfig
 
 log = logging.getLogger("pdcluster.launcher")

@@ -1,0 +1,103 @@
+"""`pdcluster` console script: launch | serve | worker | router | bench (`cluster.bench`).
+
+    pdcluster launch CONFIG [--port N] [--host H] [--log-dir DIR]
+    pdcluster serve [MODEL_PATH] [--port N] [--host H] [--log-dir DIR]   # 1 prefill + 1 decode
+    pdcluster worker --role R --config C --worker-id ID --router ENDPOINT [--log-dir DIR]
+    pdcluster router --config C --control ENDPOINT [--port N]            # the router alone
+    pdcluster bench --url URL [--num-requests N --prompt-len P --max-tokens M --concurrency C]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import replace
+
+from cluster import bench
+from cluster.config import ROLE_PACKAGES, ConfigError, load_config
+
+
+def _log_dir(arg) -> str:
+    return arg or tempfile.mkdtemp(prefix="pdcluster-logs-")
+
+
+def cmd_launch(args) -> int:
+    from cluster.launch import launcher
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"pdcluster: {e}", file=sys.stderr)
+        return 2
+    router = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    cfg = replace(cfg, router=replace(cfg.router, **router))
+    return launcher.run(cfg, args.config, _log_dir(args.log_dir))
+
+
+def cmd_serve(args) -> int:
+    """One prefill + one decode worker for MODEL_PATH (default: the embedded model)."""
+    lines = ["[model]", f"name = {json.dumps(args.model_name)}",
+             f"path = {json.dumps(os.path.abspath(args.model_path) if args.model_path else '')}",
+             "[router]", f"host = {json.dumps(args.host)}", f"port = {args.port}",
+             "[[prefill]]", "count = 1", "[[decode]]", "count = 1"]
+    log_dir = _log_dir(args.log_dir)
+    path = os.path.join(log_dir, "serve.toml")        # workers and router read the same file
+    os.makedirs(log_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    args.config = path
+    args.log_dir = log_dir
+    args.port = args.host = None
+    return cmd_launch(args)
+
+
+def cmd_worker(args, rest: list[str]) -> int:
+    name = ROLE_PACKAGES[args.role]
+    module = importlib.import_module(name if "." in name else f"{name}.__main__")
+    return int(module.main(rest) or 0)
+
+
+def cmd_router(rest: list[str]) -> int:
+    from cluster.router.__main__ import main
+    return main(rest)
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pdcluster", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("launch", help="start a whole cluster from a TOML config")
+    p.add_argument("config")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--log-dir", default=None, help="default: a new temp directory")
+    p = sub.add_parser("serve", help="1 prefill + 1 decode worker, no config file")
+    p.add_argument("model_path", nargs="?", default="")
+    p.add_argument("--model-name", default="smollm2-135m-instruct")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--log-dir", default=None)
+    p = sub.add_parser("worker", help="one worker process (same as python -m <package>)")
+    p.add_argument("--role", required=True, choices=sorted(ROLE_PACKAGES))
+    sub.add_parser("router", help="the router alone (python -m cluster.router)", add_help=False)
+    bench.add_arguments(sub.add_parser("bench", help="OpenAI-API load generator: TTFT, ITL, output tok/s"))
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["router"]:
+        return cmd_router(argv[1:])
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "worker":
+        return cmd_worker(args, rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"launch": cmd_launch, "serve": cmd_serve, "bench": bench.cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
