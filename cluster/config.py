@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import fields, replace
 
 from cluster.config_types import (ClusterConfig, ModelConfigSection, RecoveryConfig, RouterConfig,  # noqa: F401
-                                   SchedulerConfig, TimeoutsConfig, WorkerGroup)
+                                   SchedulerConfig, SecurityConfig, TimeoutsConfig, WorkerGroup)
 
 
 ROLES = ("prefill", "decode", "unified", "dllm")
@@ -24,13 +24,14 @@ ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("round_robin", "least_load")
+CURVE_MODES = ("auto", "on", "off")
 DLLM_ALGORITHMS = ("low_confidence", "fixed_steps")
 GROUP_KEYS = ("count", "model", "path", "block_size", "algorithm", "threshold",
               "steps_per_block", "mask_token_id")
 DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
                   "steps_per_block", "mask_token_id")
 SECTIONS = {"model": ModelConfigSection, "router": RouterConfig, "scheduler": SchedulerConfig,
-            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig}
+            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "security": SecurityConfig}
 ENV_LOG_FORWARD_ITERS = "PDCLUSTER_LOG_FORWARD_ITERS"
 
 
@@ -112,6 +113,11 @@ def _validate(cfg: ClusterConfig) -> None:
     _require(r.policy in POLICIES, src, "router.policy",
              f"{r.policy!r} is not one of {', '.join(POLICIES)}")
     _require(r.max_queued_requests >= 1, src, "router.max_queued_requests", "must be >= 1")
+    _require(r.max_body_bytes >= 1024, src, "router.max_body_bytes", "must be >= 1024")
+    _require(cfg.recovery.restart_reset_after > 0, src, "recovery.restart_reset_after",
+             "must be > 0")
+    _require(cfg.security.curve in CURVE_MODES, src, "security.curve",
+             f"{cfg.security.curve!r} is not one of {', '.join(CURVE_MODES)}")
     _validate_scheduler(cfg.scheduler, src, "scheduler")
     for f in fields(TimeoutsConfig):
         _require(getattr(t, f.name) > 0, src, f"timeouts.{f.name}", "must be > 0")

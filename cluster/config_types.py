@@ -26,6 +26,8 @@ class RouterConfig:
     policy: str = "round_robin"        # round_robin | least_load
     api_key: str = ""
     max_queued_requests: int = 1024
+    max_body_bytes: int = 8 << 20      # larger request bodies: 413, never read whole
+    metrics_require_key: bool = False  # /metrics asks for api_key too
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +50,20 @@ class TimeoutsConfig:
     decode_ready: float = 30.0
     kv_transfer: float = 30.0
     request: float = 600.0
+    router_lost: float = 30.0          # a worker that cannot reach its router this long exits
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
     restart_workers: bool = True
     resume_on_decode_failure: bool = True
+    restart_reset_after: float = 60.0  # a worker healthy this long gets its restart budget back
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    curve: str = "auto"                # auto (on when any bind is not loopback) | on | off
+    keys_dir: str = ""                 # where the launcher writes / workers read the CURVE keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,7 @@ class ClusterConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     groups: tuple[WorkerGroup, ...] = ()
     source: str = "<defaults>"         # file the config came from, for error messages
 

@@ -21,6 +21,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
            "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 _CONTROL = 3
+LONG_TEXT_CHARS = 4096
 
 
 class Tokenizer:
@@ -31,6 +32,7 @@ class Tokenizer:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.chat_template = chat_template
         self._template = None
+        self._max_token_chars: Optional[int] = None
 
     # construction
     @classmethod
@@ -98,10 +100,22 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if len(text) < LONG_TEXT_CHARS:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        else:   # NOTE: encode_batch releases the GIL (encode does not): a long prompt must not stall other threads
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """No token decodes to more characters than its longest vocabulary entry has
+        (byte-level and sentencepiece pieces carry one character per byte or more), so a
+        text of N characters needs at least N / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self.backend.get_vocab(with_added_tokens=True)))
+        return self._max_token_chars
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

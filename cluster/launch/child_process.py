@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,8 +29,9 @@ class Child:
     env: dict
     log_path: str
     proc: Optional[subprocess.Popen] = None
-    num_restarts: int = 0
+    num_restarts: int = 0              # restarts since the budget was last given back
     restart_at: Optional[float] = None
+    started_at: float = 0.0
 
     def spawn(self) -> None:
         with open(self.log_path, "ab") as out:
@@ -37,11 +39,22 @@ class Child:
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         self.restart_at = None
+        self.started_at = time.monotonic()
         log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
 
     @property
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def renew_restart_budget(self, now: float, healthy_after: float) -> bool:
+        """Give the restart budget back once the process has run `healthy_after` seconds:
+        a worker that crashes once a day must not run out of restarts in a week."""
+        if self.num_restarts == 0 or not self.is_running or now - self.started_at < healthy_after:
+            return False
+        log.info("%s: healthy for %.0f s; restart budget renewed (%d used)", self.name,
+                 now - self.started_at, self.num_restarts)
+        self.num_restarts = 0
+        return True
 
     def tail(self, n: int = TAIL_LINES) -> str:
         try:

@@ -59,6 +59,11 @@ def threads_per_worker(cfg: ClusterConfig, wid: str) -> int:
     return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, len(cfg.worker_ids())))
 
 
+def restart_backoff(num_restarts: int) -> float:
+    """1 s, 2 s, 4 s ... MAX_BACKOFF_S: a crash loop must not spin."""
+    return min(MAX_BACKOFF_S, 2.0 ** num_restarts)
+
+
 class Launcher:
     def __init__(self, cfg: ClusterConfig, config_path: str, log_dir: str):
         self.cfg, self.config_path, self.log_dir = cfg, os.path.abspath(config_path), log_dir
@@ -176,6 +181,8 @@ class Launcher:
                     c.spawn()
                 elif c.restart_at is None and c.proc is not None and not c.is_running:
                     self._on_worker_exit(c)
+                else:
+                    c.renew_restart_budget(now, self.cfg.recovery.restart_reset_after)
             time.sleep(0.2)
         return 0
 
@@ -191,7 +198,7 @@ class Launcher:
                       c.num_restarts)
             c.proc = None
             return
-        backoff = min(MAX_BACKOFF_S, 2.0 ** c.num_restarts)
+        backoff = restart_backoff(c.num_restarts)
         c.restart_at = time.monotonic() + backoff
         log.info("worker %s: restart %d/%d in %.0f s", c.name, c.num_restarts + 1,
                  MAX_RESTARTS, backoff)

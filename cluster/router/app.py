@@ -10,7 +10,6 @@ requests carrying it in `X-PDCluster-Token`:
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -22,6 +21,7 @@ from cluster.router.errors import APIError, bad_request, error_body
 from cluster.router.metrics import render_worker_stats
 from cluster.router.openai_request import parse_chat, parse_completion
 from cluster.router.openai_response import ResponseWriter, sse
+from cluster.router.request_body import parse_json, read_body
 from cluster.router.service import Generation, RouterService
 
 log = logging.getLogger("pdcluster.router")
@@ -54,13 +54,16 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
                                        "internal_error", 500), status_code=500)
 
+    api_key = cfg.router.api_key.encode()
+
     def authorize(request: Request) -> None:
-        key = cfg.router.api_key
-        if not key:
+        if not api_key:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key):
+        # NOTE: compared as raw header bytes (latin-1 is how HTTP carries them): a non-ASCII
+        # header is a wrong key, not a TypeError from compare_digest on str
+        given = request.headers.get("authorization", "").encode("latin-1")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), api_key):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
                            "<key>'", "invalid_request_error", code="invalid_api_key")
 
@@ -69,16 +72,12 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         server = (request.scope.get("server") or ("",))[0]
         token = request.headers.get("x-pdcluster-token", "")
         is_local = host in LOOPBACK or host == server       # same machine, bound interface
-        if not is_local or (internal_token and
-                                    not hmac.compare_digest(token, internal_token)):
+        if not is_local or (internal_token and not hmac.compare_digest(
+                token.encode("latin-1"), internal_token.encode())):
             raise APIError(403, "internal endpoint", "permission_error", code=403)
 
     async def read_json(request: Request):
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"the body is not valid JSON: {e}") from None
+        return parse_json(await read_body(request, cfg.router.max_body_bytes))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -91,7 +90,7 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return await respond(parse_chat(await read_json(request)), request)
 
     async def respond(parsed, request: Request):
-        gen = service.start(parsed)
+        gen = await service.start(parsed)
         if parsed.stream:
             return StreamingResponse(stream_body(gen), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -143,7 +142,9 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if cfg.router.metrics_require_key:
+            authorize(request)
         lines = service.metrics.render(service.dispatcher.num_in_flight)
         lines += render_worker_stats(service.dispatcher.worker_stats())
         return PlainTextResponse("\n".join(lines) + "\n",
@@ -158,7 +159,8 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
     @app.post("/internal/workers/{worker_id}/exit")
     async def internal_worker_exit(worker_id: str, request: Request):
         internal_only(request)
-        body = await read_json(request) if await request.body() else {}
+        raw = await read_body(request, cfg.router.max_body_bytes)
+        body = parse_json(raw) if raw else {}
         reason = str(body.get("reason", "process exited")) if isinstance(body, dict) else ""
         known = service.dispatcher.worker_exited(worker_id, reason or "process exited")
         return {"worker_id": worker_id, "was_registered": known}

@@ -31,6 +31,7 @@ from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 log = logging.getLogger("pdcluster.router")
 MAX_ATTEMPTS = 4
 TICK_S = 0.05
+STALL_S = 0.5                   # a longer gap between liveness checks means this process stalled
 
 
 class Dispatcher:
@@ -168,7 +169,9 @@ class Dispatcher:
 
     # control loop
     def _loop(self) -> None:
-        next_check = 0.0
+        """Liveness is judged here, on the control plane's own thread, right after every
+        queued heartbeat was read: a busy HTTP loop can delay neither."""
+        next_check = last_check = time.monotonic()
         while not self._stopping.is_set():
             try:
                 got = self.server.recv(timeout=TICK_S)
@@ -178,8 +181,11 @@ class Dispatcher:
                         got = self.server.recv(timeout=0)
                     now = time.monotonic()
                     if now >= next_check:
+                        stall = now - last_check - TICK_S * 2
+                        if stall > STALL_S:                # NOTE: this thread was starved,
+                            self.directory.excuse(stall)   # not the workers: do not convict
                         self._check_liveness(now)
-                        next_check = now + TICK_S * 2
+                        last_check, next_check = now, now + TICK_S * 2
             except Exception:                              # the loop must survive anything
                 log.exception("control loop error")
 

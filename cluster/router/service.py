@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
@@ -28,6 +29,7 @@ from cluster.sampling_params import SamplingParams
 log = logging.getLogger("pdcluster.router")
 COMPLETION_DEFAULT_MAX_TOKENS = 16             # OpenAI's legacy completions default
 DISCONNECT_POLL_S = 1.0
+TOKENIZE_THREADS = 2            # tokenizing releases the GIL; more threads than cores buy nothing
 
 
 @dataclass
@@ -47,6 +49,7 @@ class RouterService:
         self.metrics = RouterMetrics()
         self.is_draining = False
         self._tokenizers: dict[str, object] = {}
+        self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
     # models
     def configured_dllm(self) -> dict[str, str]:
@@ -81,7 +84,7 @@ class RouterService:
             self.tokenizer_for(model)
 
     # admission
-    def start(self, parsed: ParsedRequest) -> Generation:
+    async def start(self, parsed: ParsedRequest) -> Generation:
         if self.is_draining:
             self.metrics.count_outcome("rejected")
             raise overloaded("the server is shutting down", retry_after=5)
@@ -90,20 +93,19 @@ class RouterService:
             raise bad_request(f"{', '.join(parsed.dllm)} only apply to dllm models "
                               f"({', '.join(self.served_models()[1:]) or 'none served'})")
         tokenizer = self.tokenizer_for(model)
-        if parsed.kind == "chat":
-            prompt = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
-            input_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        elif parsed.prompt_ids is not None:
-            input_ids = list(parsed.prompt_ids)
-        else:
-            # NOTE: the tokenizer's default (no BOS for SmolLM2, as its HF tokenizer does);
-            # a model that needs BOS gets it from its tokenizer's own encode default
-            input_ids = tokenizer.encode(parsed.prompt)
-        if not input_ids:
-            raise bad_request("the prompt has no tokens", "prompt")
-        sampling = self._sampling(parsed, len(input_ids))
-        rid = uuid.uuid4().hex
+        self._check_prompt_size(parsed, tokenizer)
+        # NOTE: off the event loop: rendering and tokenizing a long prompt take long enough
+        # to stall every other client's stream
         loop = asyncio.get_running_loop()
+        input_ids = await loop.run_in_executor(self._tokenize_pool, self._input_ids, parsed,
+                                               tokenizer)
+        self._check_token_ids(input_ids, tokenizer, "prompt")
+        sampling = self._sampling(parsed, len(input_ids))
+        self._check_token_ids(sampling.stop_token_ids, tokenizer, "stop_token_ids")
+        if sampling.top_k > tokenizer.vocab_size:
+            raise bad_request(f"must be <= the vocabulary size {tokenizer.vocab_size}, got "
+                              f"{sampling.top_k}", "top_k")
+        rid = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         st = RequestState(rid=rid, model=model, route=route, input_ids=input_ids,
                           sampling=sampling, extra=dict(parsed.dllm),
@@ -120,6 +122,42 @@ class RouterService:
                 self.metrics.count_outcome("rejected")
             raise
         return gen
+
+    def _check_prompt_size(self, parsed: ParsedRequest, tokenizer) -> None:
+        """A prompt whose characters cannot fit in max_model_len tokens is refused before
+        it is tokenized (which would cost seconds for megabytes of text)."""
+        if parsed.kind == "chat":
+            num_chars = sum(len(m["content"]) for m in parsed.messages)
+        else:
+            num_chars = len(parsed.prompt or "")
+        max_len = self.cfg.model.max_model_len
+        limit = max_len * tokenizer.max_token_chars
+        if num_chars > limit or len(parsed.prompt_ids or ()) > max_len:
+            raise bad_request(f"the prompt is too long ({num_chars or len(parsed.prompt_ids)} "
+                              f"characters or tokens) for this model's maximum context "
+                              f"length of {max_len} tokens", "prompt")
+
+    @staticmethod
+    def _input_ids(parsed: ParsedRequest, tokenizer) -> list[int]:
+        if parsed.kind == "chat":
+            prompt = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            input_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        elif parsed.prompt_ids is not None:
+            input_ids = list(parsed.prompt_ids)
+        else:
+            # NOTE: the tokenizer's default (no BOS for SmolLM2, as its HF tokenizer does);
+            # a model that needs BOS gets it from its tokenizer's own encode default
+            input_ids = tokenizer.encode(parsed.prompt)
+        if not input_ids:
+            raise bad_request("the prompt has no tokens", "prompt")
+        return input_ids
+
+    @staticmethod
+    def _check_token_ids(ids: list[int], tokenizer, param: str) -> None:
+        vocab = tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param)
 
     def _sampling(self, parsed: ParsedRequest, num_prompt: int) -> SamplingParams:
         max_len = self.cfg.model.max_model_len

@@ -79,6 +79,11 @@ class WorkerDirectory:
     def get(self, worker_id: str) -> Optional[WorkerInfo]:
         return self.workers.get(worker_id)
 
+    def excuse(self, seconds: float) -> None:
+        """The judge itself was not running for `seconds`: heartbeats may be unread."""
+        for w in self.workers.values():
+            w.last_seen += seconds
+
     def silent_since(self, deadline: float) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.last_seen < deadline]
 
