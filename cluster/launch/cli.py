@@ -4,6 +4,7 @@
     pdcluster serve [MODEL_PATH] [--port N] [--host H] [--log-dir DIR]   # 1 prefill + 1 decode
     pdcluster worker --role R --config C --worker-id ID --router ENDPOINT [--log-dir DIR]
     pdcluster router --config C --control ENDPOINT [--port N]            # the router alone
+    pdcluster deploy k8s CONFIG [--out DIR] [--image IMG] [--no-secret]  # Kubernetes manifests
     pdcluster bench --url URL [--num-requests N --prompt-len P --max-tokens M --concurrency C]
 """
 from __future__ import annotations
@@ -53,6 +54,26 @@ def cmd_serve(args) -> int:
     return cmd_launch(args)
 
 
+def cmd_deploy(args) -> int:
+    from cluster.launch import k8s
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"pdcluster: {e}", file=sys.stderr)
+        return 2
+    with open(args.config) as f:
+        text = f.read()
+    manifests = k8s.render(cfg, text, image=args.image, cpus=args.cpus, memory=args.memory)
+    if args.no_secret:
+        manifests = [m for m in manifests if m["kind"] != "Secret"]
+    if args.out is None:
+        sys.stdout.write(k8s.to_yaml(manifests))
+        return 0
+    for path in k8s.write(manifests, args.out):
+        print(path)
+    return 0
+
+
 def cmd_worker(args, rest: list[str]) -> int:
     name = ROLE_PACKAGES[args.role]
     module = importlib.import_module(name if "." in name else f"{name}.__main__")
@@ -80,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--log-dir", default=None)
+    p = sub.add_parser("deploy", help="render deployment manifests from a TOML config")
+    p.add_argument("target", choices=["k8s"])
+    p.add_argument("config")
+    p.add_argument("--out", default=None, help="write one file per object here (default: stdout)")
+    p.add_argument("--image", default="pdcluster:0.1.0", help="container image with pdcluster")
+    p.add_argument("--cpus", type=int, default=2, help="CPU request and limit per worker")
+    p.add_argument("--memory", default="4Gi", help="memory request and limit per worker")
+    p.add_argument("--no-secret", action="store_true",
+                   help="leave out the CURVE key Secret (keep the keys already deployed)")
     p = sub.add_parser("worker", help="one worker process (same as python -m <package>)")
     p.add_argument("--role", required=True, choices=sorted(ROLE_PACKAGES))
     sub.add_parser("router", help="the router alone (python -m cluster.router)", add_help=False)
@@ -96,7 +126,7 @@ def main(argv=None) -> int:
         return cmd_worker(args, rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"launch": cmd_launch, "serve": cmd_serve, "bench": bench.cmd_bench}[args.command](args)
+    return {"launch": cmd_launch, "serve": cmd_serve, "deploy": cmd_deploy, "bench": bench.cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

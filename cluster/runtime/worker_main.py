@@ -20,6 +20,8 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--router", required=True, help="router control endpoint, e.g. tcp://127.0.0.1:5557")
     ap.add_argument("--log-dir", default=None, help="log to DIR/<worker-id>.log instead of stderr")
     ap.add_argument("--host", default=None, help="address to bind the data plane on (default: router.host)")
+    ap.add_argument("--health-file", default=None,
+                    help="rewrite this file every heartbeat while serving (for exec probes)")
     return ap.parse_args(argv)
 
 
@@ -83,6 +85,10 @@ def run_worker(role: str, argv, build: Callable) -> int:
                                       "max_running_requests": group.scheduler.max_running_requests},
                             kv_fingerprint=runner.kv_fingerprint(), **register))
     start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
+    if args.health_file:
+        from cluster.runtime.health_file import start_writer
+        start_writer(args.health_file, lambda: scheduler.is_running,
+                     config.timeouts.heartbeat_interval)
     logger.info("%s (%s) serving; overlap=%s", args.worker_id, role, group.scheduler.overlap)
     try:
         scheduler.event_loop()
