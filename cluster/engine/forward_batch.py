@@ -39,6 +39,7 @@ class ForwardInput:
     min_tokens_left: list[int] = field(default_factory=list)   # >0 masks EOS for the request
     eos_token_ids: list[frozenset] = field(default_factory=list)
     future_slots: list[int] = field(default_factory=list)      # slot that stores the sampled token, -1 = none
+    grammars: list = field(default_factory=list)   # RequestGrammar or None; advanced by the forward (grammar.py)
     bidirectional_lens: list[int] = field(default_factory=list)  # DLLM: trailing tokens attending both ways
     attn_block_sizes: list[int] = field(default_factory=list)  # SDAR: a token also sees its aligned block
     return_logits: bool = False             # DLLM: return logits of extend tokens (see logits_lens)
@@ -71,4 +72,6 @@ class ForwardOutput:
     next_token_ids: torch.Tensor            # int64 [num_reqs] on CPU; -1 where sample[i] is False
     logprobs: Optional[torch.Tensor] = None # float32 [num_reqs]: logprob of each chosen token
     logits: Optional[torch.Tensor] = None   # float32 [sum(logits_lens) or num_tokens, vocab] when return_logits
+    top_ids: Optional[torch.Tensor] = None  # int64 [num_reqs, k]: the k most likely tokens (k = max top_logprobs)
+    top_logprobs: Optional[torch.Tensor] = None   # float32 [num_reqs, k], sorted descending
     timings: dict[str, Any] = field(default_factory=dict)

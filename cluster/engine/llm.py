@@ -30,6 +30,7 @@ class GenerateOutput:
     finish_reason: str
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token: (id, logprob), best first
 
 
 @dataclass
@@ -42,6 +43,8 @@ class _Seq:
     generator: Optional[torch.Generator]
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    grammar: Optional[object] = None       # RequestGrammar when sampling.grammar_kind is set
     page_table: list[int] = field(default_factory=list)
     num_prefilled: int = 0
     finish_reason: Optional[str] = None
@@ -66,6 +69,14 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.loaded.config.eos_token_ids)
+        self._grammar_backend = None
+
+    @property
+    def grammar_backend(self):
+        if self._grammar_backend is None:
+            from cluster.engine.grammar import GrammarBackend
+            self._grammar_backend = GrammarBackend(self.tokenizer, self.loaded.config.vocab_size)
+        return self._grammar_backend
 
     def generate(self, prompts: Union[list[str], list[list[int]]],
                  sampling: Union[SamplingParams, list[SamplingParams], None] = None) -> list[GenerateOutput]:
@@ -75,7 +86,11 @@ class LLM:
         for i, (p, sp) in enumerate(zip(prompts, params)):
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             gen = torch.Generator(self.device).manual_seed(sp.seed) if sp.seed is not None else None
-            seqs.append(_Seq(i, ids, sp, frozenset() if sp.ignore_eos else self.eos_token_ids, gen))
+            seq = _Seq(i, ids, sp, frozenset() if sp.ignore_eos else self.eos_token_ids, gen)
+            if sp.grammar_kind:
+                seq.grammar = self.grammar_backend.matcher(sp.grammar_kind, sp.grammar_spec,
+                                                           stop_token_ids=seq.eos_token_ids | set(sp.stop_token_ids))
+            seqs.append(seq)
         waiting, running = deque(seqs), []
         alloc, page_size = self.runner.page_allocator, self.runner.page_size
         while waiting or running:
@@ -131,7 +146,8 @@ class LLM:
             generators=[s.generator for s in seqs],
             prior_ids=[s.all_ids if _has_penalty(s.sampling) else [] for s in seqs],
             min_tokens_left=[s.sampling.min_tokens - len(s.output_ids) for s in seqs],
-            eos_token_ids=[s.eos_token_ids for s in seqs], is_decode=is_decode)
+            eos_token_ids=[s.eos_token_ids for s in seqs], is_decode=is_decode,
+            grammars=[s.grammar for s in seqs])
         out = self.runner.forward(fi)
         for i, s in enumerate(seqs):
             if not sample[i]:
@@ -139,6 +155,9 @@ class LLM:
             s.output_ids.append(int(out.next_token_ids[i]))
             if out.logprobs is not None and s.sampling.logprobs:
                 s.output_logprobs.append(float(out.logprobs[i]))
+                if s.sampling.top_logprobs:
+                    k = s.sampling.top_logprobs
+                    s.output_top.append(list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist())))
             s.finish_reason = check_finish(s, self.tokenizer)
 
     def _output(self, s: _Seq) -> GenerateOutput:
@@ -146,4 +165,5 @@ class LLM:
         if s.sampling.stop:
             text = trim_stop(text, s.sampling.stop)
         return GenerateOutput(s.output_ids, text, s.finish_reason or "length", s.input_ids,
-                              s.output_logprobs if s.sampling.logprobs else None)
+                              s.output_logprobs if s.sampling.logprobs else None,
+                              s.output_top if s.sampling.top_logprobs else None)

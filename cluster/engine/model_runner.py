@@ -94,7 +94,7 @@ class ModelRunner:
         t1 = time.perf_counter()
         rows = [i for i, s in enumerate(fi.sample) if s]
         next_ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
-        logprobs = None
+        logprobs = top_ids = top_lps = None
         logits_all = None
         if fi.return_logits:   # NOTE: select hidden rows first, so the lm_head runs only on the kept ones
             keep = fi.logits_rows()
@@ -106,16 +106,21 @@ class ModelRunner:
             else:
                 logits = self.model.compute_logits(_last_rows(hidden, fi.extend_lens, rows, self.device))
             pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
-            ids, lps = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
-                              pick(fi.min_tokens_left), pick(fi.eos_token_ids))
+            ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
+                                   pick(fi.min_tokens_left), pick(fi.eos_token_ids), pick(fi.grammars))
             if fi.future_slots:
                 self.store_future([fi.future_slots[i] for i in rows], ids)
             next_ids[rows] = ids.cpu()
             if lps is not None:
                 logprobs = torch.zeros(fi.num_reqs, dtype=torch.float32)
                 logprobs[rows] = lps.float().cpu()
+            if top is not None:
+                top_ids = torch.zeros(fi.num_reqs, top[0].shape[1], dtype=torch.int64)
+                top_lps = torch.zeros(fi.num_reqs, top[0].shape[1], dtype=torch.float32)
+                top_ids[rows], top_lps[rows] = top[0].cpu(), top[1].float().cpu()
         return ForwardOutput(next_token_ids=next_ids, logprobs=logprobs,
                              logits=None if logits_all is None else logits_all.float().cpu(),
+                             top_ids=top_ids, top_logprobs=top_lps,
                              timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
 
 

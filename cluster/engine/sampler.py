@@ -1,28 +1,49 @@
-"""Sampling of one next token per request from its last-position logits (float32 [B, V])."""
+"""Sampling of one next token per request from its last-position logits (float32 [B, V]).
+
+Order, as vLLM's: the processors that change which tokens are possible and how likely
+(logit_bias, penalties, min_tokens' EOS ban, the grammar mask), then logprobs of that
+processed distribution (chosen token and top-k), then temperature / top-k / top-p shape
+only the draw.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
+from cluster.engine.grammar import accept_sampled, apply_grammar_masks
 from cluster.sampling_params import SamplingParams
+
+LOGPROB_FLOOR = -9999.0   # a banned token's logprob in top_logprobs (JSON has no -inf)
+
+
+class Sampled(NamedTuple):
+    next_ids: torch.Tensor                    # int64 [B]
+    logprobs: Optional[torch.Tensor]          # float32 [B], the chosen tokens', or None
+    top: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # ids int64 [B, k], logprobs [B, k]; k = max asked
 
 
 def sample(logits: torch.Tensor, sampling: list[SamplingParams], generators: list[Optional[torch.Generator]],
-           prior_ids: list[list[int]], min_tokens_left: list[int], eos_token_ids: list[frozenset]):
-    """-> (next ids int64 [B], logprobs float32 [B] or None). Logprobs are the model's raw ones."""
+           prior_ids: list[list[int]], min_tokens_left: list[int], eos_token_ids: list[frozenset],
+           grammars: list = ()) -> Sampled:
+    """`grammars[i]`: request i's RequestGrammar or None; it accepts the sampled token here."""
     b = logits.shape[0]
-    logprobs = None
-    if any(sp.logprobs for sp in sampling):
-        logprobs = torch.log_softmax(logits, dim=-1)
     logits = logits.clone()
     for i, sp in enumerate(sampling):
+        if sp.logit_bias:
+            ids, bias = zip(*sp.logit_bias)
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
         if i < len(prior_ids) and prior_ids[i]:
             _penalize(logits[i], sp, prior_ids[i])
         if i < len(min_tokens_left) and min_tokens_left[i] > 0:   # min_tokens: no EOS / stop token yet
             banned = set(eos_token_ids[i] if i < len(eos_token_ids) else ()) | set(sp.stop_token_ids)
             if banned:
                 logits[i, list(banned)] = float("-inf")
+    if grammars:
+        apply_grammar_masks(logits, list(grammars))
+    logprobs = None
+    if any(sp.logprobs for sp in sampling):
+        logprobs = torch.log_softmax(logits, dim=-1)
     next_ids = logits.argmax(dim=-1)
     rows = [i for i, sp in enumerate(sampling) if not sp.is_greedy]
     if rows:
@@ -30,8 +51,17 @@ def sample(logits: torch.Tensor, sampling: list[SamplingParams], generators: lis
         for j, i in enumerate(rows):
             gen = generators[i] if i < len(generators) else None
             next_ids[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
-    chosen = None if logprobs is None else logprobs.gather(1, next_ids.view(b, 1)).view(b)
-    return next_ids, chosen
+    if grammars:
+        accept_sampled(list(grammars), next_ids)
+    if logprobs is None:
+        return Sampled(next_ids, None)
+    chosen = logprobs.gather(1, next_ids.view(b, 1)).view(b)
+    k = max(sp.top_logprobs for sp in sampling)
+    top = None
+    if k:
+        values, ids = logprobs.topk(k, dim=-1)
+        top = (ids, values.clamp(min=LOGPROB_FLOOR))
+    return Sampled(next_ids, chosen, top)
 
 
 def _penalize(row: torch.Tensor, sp: SamplingParams, prior: list[int]) -> None:
