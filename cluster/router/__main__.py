@@ -85,7 +85,13 @@ def main(argv=None) -> int:
     cfg = replace(cfg, router=replace(cfg.router, **overrides))
     dispatcher = Dispatcher(cfg)
     dispatcher.start()
-    service = RouterService(cfg, dispatcher)
+    try:
+        service = RouterService(cfg, dispatcher)
+    except RuntimeError as e:                             # [tracing] set, no SDK installed
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        dispatcher.close()
+        return 2
     try:
         service.load_tokenizers()
     except Exception as e:
@@ -103,6 +109,7 @@ def main(argv=None) -> int:
         server.run()
     finally:
         dispatcher.close()
+        service.tracing.close()                           # flush the last spans
     return 0 if server.started else 1
 
 

@@ -90,20 +90,30 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return await respond(parse_chat(await read_json(request)), request)
 
     async def respond(parsed, request: Request):
-        gen = await service.start(parsed)
+        gen = await service.start(parsed, request.headers.get("traceparent"))
+        rid_header = {"x-request-id": gen.st.rid}      # joins logs, /debug and traces
         if parsed.stream:
             return StreamingResponse(stream_body(gen), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+                                     headers={**SSE_HEADERS, **rid_header})
+        try:
+            return await respond_whole(gen, request, rid_header)
+        except APIError as e:
+            e.headers.update(rid_header)
+            raise
+
+    async def respond_whole(gen: Generation, request: Request, rid_header: dict):
         texts, logprobs, finish = [], [], None
         async for delta in service.deltas(gen, request.is_disconnected):
             texts.append(delta.text)
             logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs))
             finish = delta.finish_reason
         if finish is None:                                # client went away
-            return JSONResponse(error_body("client disconnected", "aborted", 499), 499)
+            return JSONResponse(error_body("client disconnected", "aborted", 499), 499,
+                                headers=rid_header)
         return JSONResponse(gen.writer.full("".join(texts), finish,
                                             ResponseWriter.merge_logprobs(logprobs),
-                                            gen.num_prompt, len(gen.text.token_ids)))
+                                            gen.num_prompt, len(gen.text.token_ids)),
+                            headers=rid_header)
 
     async def stream_body(gen: Generation):
         w = gen.writer
@@ -149,6 +159,16 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         lines += render_worker_stats(service.dispatcher.worker_stats())
         return PlainTextResponse("\n".join(lines) + "\n",
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/debug/requests/{request_id}")
+    async def debug_request(request_id: str, request: Request):
+        """The phases of a recent request (the last RECENT_REQUESTS admitted)."""
+        authorize(request)
+        trace = service.tracing.get(request_id)
+        if trace is None:
+            raise APIError(404, f"no recent request {request_id!r} (the router keeps the last "
+                           f"{service.tracing.recent.capacity})", "not_found_error")
+        return trace.to_json()
 
     @app.get("/internal/workers")
     async def internal_workers(request: Request):

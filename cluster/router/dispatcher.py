@@ -117,6 +117,10 @@ class Dispatcher:
         st.is_parked = False
         st.last_progress = time.monotonic()
         self.requests[st.wire_rid] = st
+        if st.trace is not None:
+            st.trace.route = st.route
+            st.trace.mark("dispatched", worker="router", attempt=st.attempt,
+                          workers=",".join(st.workers))
         infos = [self.directory.get(w) for w in st.workers]
         for info in infos:
             info.num_inflight += 1
@@ -129,6 +133,8 @@ class Dispatcher:
     def _redispatch(self, st: RequestState, reason: str) -> None:
         """Move `st` off its workers (already aborted/dead) onto new ones, or park it."""
         self._release(st)
+        if st.trace is not None:
+            st.trace.redispatch(reason, st.attempt + 1)
         if st.attempt >= MAX_ATTEMPTS:
             self._fail(st, FailedEvent(500, f"{reason}; gave up after {st.attempt} attempts"))
             return

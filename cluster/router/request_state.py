@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from cluster.router.request_trace import RequestTrace
 from cluster.sampling_params import SamplingParams
 
 
@@ -44,6 +45,7 @@ class RequestState:
     workers: tuple[str, ...] = ()     # (prefill, decode) or (worker,) of the current attempt
     last_progress: float = field(default_factory=time.monotonic)
     is_parked: bool = False           # waiting for a worker to (re)appear
+    trace: Optional[RequestTrace] = None   # its phases, for /debug, metrics and spans
 
     @property
     def wire_rid(self) -> str:

@@ -77,6 +77,7 @@ class RequestTrace:
     events: list = field(default_factory=list)         # {"name", "t", ...}: redispatch, failure
     outcome: Optional[str] = None                      # success | error | timeout | aborted
     finish_reason: Optional[str] = None
+    traceparent: Optional[str] = None                  # the client's W3C trace context
 
     def __post_init__(self):
         self.marks["arrival"] = Mark(self.arrival, {})
@@ -138,7 +139,7 @@ class RequestTrace:
             prev = t
         if end is None:
             route = ROUTE_MARKS.get(self.route, MARKS)
-            last = max(MARKS.index(n) for n in self.marks)
+            last = max(MARKS.index(n) for n in tuple(self.marks))
             upcoming = [m for m in route if MARKS.index(m) > last]
             if upcoming:
                 out.append(Phase(PHASE_ENDED_BY[upcoming[0]], prev, None, {}))

@@ -24,6 +24,7 @@ from cluster.router.metrics import RouterMetrics
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
 from cluster.router.request_state import FailedEvent, RequestState
+from cluster.router.tracing import RequestTracing
 from cluster.sampling_params import SamplingParams
 
 log = logging.getLogger("pdcluster.router")
@@ -47,6 +48,7 @@ class RouterService:
     def __init__(self, cfg: ClusterConfig, dispatcher: Dispatcher):
         self.cfg, self.dispatcher = cfg, dispatcher
         self.metrics = RouterMetrics()
+        self.tracing = RequestTracing(cfg.tracing.otlp_endpoint)
         self.is_draining = False
         self._tokenizers: dict[str, object] = {}
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
@@ -84,7 +86,8 @@ class RouterService:
             self.tokenizer_for(model)
 
     # admission
-    async def start(self, parsed: ParsedRequest) -> Generation:
+    async def start(self, parsed: ParsedRequest, traceparent: Optional[str] = None) -> Generation:
+        arrival = time.time()
         if self.is_draining:
             self.metrics.count_outcome("rejected")
             raise overloaded("the server is shutting down", retry_after=5)
@@ -115,11 +118,13 @@ class RouterService:
         from cluster.engine.tokenizer import IncrementalDetokenizer
         text = CompletionText(IncrementalDetokenizer(tokenizer), list(sampling.stop))
         gen = Generation(st, queue, text, writer, len(input_ids), time.monotonic())
+        st.trace = self.tracing.begin(rid, model, route, arrival, traceparent)
         try:
             self.dispatcher.submit(st)
         except APIError as e:
             if e.status == 503:
                 self.metrics.count_outcome("rejected")
+            self.tracing.end(st.trace, "rejected", error=e.message)
             raise
         return gen
 
@@ -196,7 +201,9 @@ class RouterService:
                 now = time.monotonic()
                 if isinstance(ev, FailedEvent):
                     gen.is_done = True
-                    self.metrics.count_outcome("timeout" if ev.status == 504 else "error")
+                    outcome = "timeout" if ev.status == 504 else "error"
+                    self.metrics.count_outcome(outcome)
+                    self.tracing.end(gen.st.trace, outcome, error=ev.message)
                     raise APIError(ev.status, ev.message, ev.type, code=ev.status)
                 if ev.token_ids:
                     if last is None:
@@ -210,6 +217,7 @@ class RouterService:
                     gen.is_done = True
                     self.metrics.observe(self.metrics.e2e, now - gen.arrival)
                     self.metrics.count_outcome("success")
+                    self.tracing.end(gen.st.trace, "success", ev.finish_reason)
                 yield delta
                 if gen.is_done:
                     return
@@ -217,6 +225,7 @@ class RouterService:
             if not gen.is_done:
                 gen.is_done = True
                 self.metrics.count_outcome("aborted")
+                self.tracing.end(gen.st.trace, "aborted", error="client disconnected")
                 self.dispatcher.abort(gen.st, "client disconnected")
 
     # shutdown
