@@ -26,6 +26,7 @@ from typing import Optional
 import httpx
 
 from cluster.launch.child_process import Child, stop_processes
+from cluster.wire import curve
 from cluster.config import ROLE_PACKAGES, ClusterConfig
 
 log = logging.getLogger("pdcluster.launcher")
@@ -82,7 +83,8 @@ class Launcher:
     # startup
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
-        base_env = {**os.environ, TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1"}
+        base_env = {**os.environ, TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1",
+                    **self._curve_env()}
         r = self.cfg.router
         self.router = Child("router", [sys.executable, "-m", "cluster.router", "--config",
                                        self.config_path, "--control", self.control, "--host",
@@ -105,6 +107,17 @@ class Launcher:
             self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
             self.workers[wid].spawn()
         self._wait_registered()
+
+    def _curve_env(self) -> dict:
+        """Decide CURVE once for the whole cluster and hand the decision and the keys to
+        every child, so the router and all workers agree."""
+        sec = self.cfg.security
+        if not curve.is_wanted(sec.curve, [curve.endpoint_host(self.control)]):
+            return {curve.CURVE_ENV: "off"}
+        keys_dir = os.path.abspath(sec.keys_dir or os.path.join(self.log_dir, "keys"))
+        curve.write_keys(keys_dir)
+        log.info("CURVE on; cluster keys in %s", keys_dir)
+        return {curve.CURVE_ENV: "on", curve.KEYS_DIR_ENV: keys_dir}
 
     def _wait_router_http(self) -> None:
         deadline = time.monotonic() + ROUTER_START_S
@@ -235,7 +248,7 @@ def run(cfg: ClusterConfig, config_path: str, log_dir: str) -> int:
                   f"logs in {log_dir}", flush=True)
             log.info("ready: %s", launcher.url)
             code = launcher.supervise()
-    except LaunchError as e:
+    except (LaunchError, curve.CurveError) as e:
         log.error("%s", e)
         print(f"pdcluster: launch failed: {e}", file=sys.stderr, flush=True)
         code = 1

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.router.errors import APIError, bad_request, error_body
-from cluster.router.metrics import render_worker_stats
+from cluster.router.metrics import labeled_counter, render_worker_stats
 from cluster.router.openai_request import parse_chat, parse_completion
 from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.request_body import parse_json, read_body
@@ -157,6 +157,10 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
             authorize(request)
         lines = service.metrics.render(service.dispatcher.num_in_flight)
         lines += render_worker_stats(service.dispatcher.worker_stats())
+        rejected = service.dispatcher.server.rejected_frames if service.dispatcher.server else {}
+        if rejected:
+            lines += labeled_counter("pdcluster:rejected_frames_total",
+                                     {"role": "router", "worker": "router"}, dict(rejected))
         return PlainTextResponse("\n".join(lines) + "\n",
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -47,8 +47,10 @@ class Dispatcher:
 
     # lifecycle
     def start(self) -> str:
+        from cluster.wire.curve import endpoint_host, keys_for
         from cluster.wire.transport import ControlServer
-        self.server = ControlServer(self.control_endpoint)
+        curve = keys_for(self.cfg.security, [endpoint_host(self.control_endpoint)])
+        self.server = ControlServer(self.control_endpoint, curve=curve)
         self.control_endpoint = self.server.endpoint
         self._thread = threading.Thread(target=self._loop, name="router-control", daemon=True)
         self._thread.start()

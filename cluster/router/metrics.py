@@ -6,7 +6,8 @@ Router: `pdcluster:time_to_first_token_seconds`, `pdcluster:inter_token_latency_
 `pdcluster:S{role,worker}` - a counter when `S` ends in `_total`, else a gauge - except the
 KV transfer histogram, sent as `kv_transfer_seconds_bucket_<le>` (cumulative counts),
 `kv_transfer_seconds_sum` and `kv_transfer_seconds_count`, which is exported as one real
-histogram. `pdcluster:worker_up{role,worker}` is 1 for every registered, live worker.
+histogram, and `{reason: count}` stats ending in `_total`, exported with a `reason` label
+(`pdcluster:rejected_frames_total{reason}`). `pdcluster:worker_up{role,worker}` is 1 for every registered, live worker.
 """
 from __future__ import annotations
 
@@ -118,6 +119,11 @@ def render_worker_stats(workers: list[tuple[str, str, dict]]) -> list[str]:
         for key, value in stats.items():
             if any(key.startswith(b) for b in HISTOGRAM_STATS) or not _NAME.fullmatch(key):
                 continue
+            if isinstance(value, dict) and key.endswith("_total"):     # {reason: count}
+                name = PREFIX + key
+                types[name] = "counter"
+                samples.setdefault(name, []).extend(labeled_counter(name, labels, value))
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             name = PREFIX + key
@@ -129,6 +135,12 @@ def render_worker_stats(workers: list[tuple[str, str, dict]]) -> list[str]:
         lines.append(f"# TYPE {name} {types[name]}")
         lines += samples[name]
     return lines
+
+
+def labeled_counter(name: str, labels: dict, counts: dict) -> list[str]:
+    """`name{labels...,reason=R} N` per reason: a stat sent as {reason: count}."""
+    return [f"{name}{format_labels({**labels, 'reason': str(r)})} {format_value(n)}"
+            for r, n in sorted(counts.items()) if isinstance(n, (int, float))]
 
 
 def _histogram_from_stats(base: str, stats: dict, labels: dict, samples: dict, types: dict):

@@ -19,7 +19,9 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--worker-id", required=True, help=f"e.g. {role}-0")
     ap.add_argument("--router", required=True, help="router control endpoint, e.g. tcp://127.0.0.1:5557")
     ap.add_argument("--log-dir", default=None, help="log to DIR/<worker-id>.log instead of stderr")
-    ap.add_argument("--host", default=None, help="address to bind the data plane on (default: router.host)")
+    # NOTE: loopback unless asked: `serve --host 0.0.0.0` exposes HTTP, never the KV planes
+    ap.add_argument("--data-host", "--host", dest="data_host", default="127.0.0.1",
+                    help="address to bind the data plane on (default: 127.0.0.1)")
     ap.add_argument("--health-file", default=None,
                     help="rewrite this file every heartbeat while serving (for exec probes)")
     return ap.parse_args(argv)
@@ -64,6 +66,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
     """
     from cluster.wire import protocol as P
     from cluster.config import load_config
+    from cluster.wire.curve import endpoint_host, keys_for
     from cluster.wire.transport import ControlClient
     from cluster.runtime.worker_scheduler import start_heartbeat
 
@@ -75,7 +78,8 @@ def run_worker(role: str, argv, build: Callable) -> int:
         raise SystemExit(f"{args.config}: {args.worker_id} is a {group.role} worker, not {role}")
     set_threads(group, config)
     runner = load_runner(config, group, group.path)
-    control = ControlClient(args.router, args.worker_id)
+    args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
+    control = ControlClient(args.router, args.worker_id, curve=args.curve)
     scheduler, register = build(args, config, group, runner, control)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
@@ -104,7 +108,7 @@ def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
     from cluster.wire.transport import DataPlane
 
     def build(args, config, group, runner, control):
-        data_plane = DataPlane(args.worker_id, bind_host=args.host or config.router.host)
+        data_plane = DataPlane(args.worker_id, bind_host=args.data_host, curve=args.curve)
         scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts)
         return scheduler, {"model": config.model.name, "data_addr": data_plane.address}
     return run_worker(role, argv, build)

@@ -150,8 +150,17 @@ class WorkerScheduler(Scheduler):
         stats = dict(self.gauges)
         stats.update(num_running_reqs=self.num_running_reqs, num_queue_reqs=self.num_queue_reqs,
                      token_usage=self.cache.token_usage,
-                     protocol_errors_total=self.num_protocol_errors())
+                     protocol_errors_total=self.num_protocol_errors(),
+                     rejected_frames_total=self.rejected_frames())
         return stats
+
+    def rejected_frames(self) -> dict[str, int]:
+        """Refused handshakes and frames of this worker's sockets, by reason."""
+        out: dict[str, int] = {}
+        for plane in (self.control, getattr(self, "data_plane", None)):
+            for reason, n in dict(getattr(plane, "rejected_frames", {})).items():
+                out[reason] = out.get(reason, 0) + n
+        return out
 
     def num_protocol_errors(self) -> int:
         return getattr(self.control, "num_protocol_errors", 0)

@@ -86,6 +86,19 @@ def Number() -> Check:
     return check
 
 
+def NumberOrCounts() -> Check:
+    """A gauge, or counts by reason ({reason: number}, a few keys) for labeled counters."""
+    number, counts = Number(), None
+
+    def check(v: Any, path: str) -> Any:
+        nonlocal counts
+        if isinstance(v, dict):
+            counts = counts or Map(Str(max_len=64), Number(), max_len=64)
+            return counts(v, path)
+        return number(v, path)
+    return check
+
+
 def Scalar() -> Check:
     """str, int, float or bool (per-request overrides)."""
     text = Str(max_len=4096)

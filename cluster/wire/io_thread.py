@@ -9,8 +9,12 @@ blocks on the network: `send` only encodes and enqueues, `recv` reads a queue.
   end is shared), so sends leave at once instead of at the next poll tick.
 - Back-pressure: a send that would block (peer's high-water mark) goes to a per-destination
   backlog retried every few ms, so one slow peer does not hold back the others.
+- Back-pressure on receive: past MAX_INBOX undelivered items the thread stops reading,
+  so ZeroMQ's receive high-water mark pushes back on the senders instead of memory growing.
 - Bad frames: `ProtocolError` is logged (rate limited), counted in `num_protocol_errors`
-  and dropped; the socket keeps working.
+  and dropped; the socket keeps working. No frame over MAX_FRAME_BYTES is even received.
+- CURVE (`curve.py`): with keys, bound sockets are CURVE servers whose ZAP requests this
+  thread answers, and refused handshakes are counted in `rejected_frames` by reason.
 - Shutdown: `close()` sets a flag and wakes the thread, which closes its sockets with
   linger 0; then the context is terminated, so the port is free when close() returns.
 """
@@ -26,7 +30,8 @@ from typing import Any, Callable, Hashable, Optional
 
 import zmq
 
-from cluster.wire.protocol import Message, ProtocolError, encode
+from cluster.wire.curve import HANDSHAKE_FAILURES, ZAP_ENDPOINT, CurveKeys
+from cluster.wire.protocol import MAX_HEADER_BYTES, Message, ProtocolError, encode
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +40,21 @@ BACKLOG_POLL_MS = 5        # poll tick while some send waits for a peer
 MAX_BACKLOG = 10_000       # queued messages per destination before dropping
 RECV_BURST = 256           # messages read per socket per pass before sending again
 CLOSE_TIMEOUT_S = 2.0
+MAX_INBOX = 4096           # undelivered received items before reading pauses
+MAX_FRAME_BYTES = MAX_HEADER_BYTES + (1 << 20)
 _ids = itertools.count()
 
 
 class SocketLoop:
     """Base of the transports; subclasses create sockets and say how frames map to items."""
 
-    def __init__(self, name: str, on_message: Optional[Callable[[Any], None]] = None):
+    def __init__(self, name: str, on_message: Optional[Callable[[Any], None]] = None,
+                 curve: Optional[CurveKeys] = None):
         self.name = name
+        self.curve = curve
+        self.rejected_frames: dict[str, int] = {}    # reason -> refused handshakes / frames
+        self._zap: Optional[zmq.Socket] = None       # ZAP handler (CURVE servers only)
+        self._monitors: list[zmq.Socket] = []
         self.num_protocol_errors = 0
         self.num_send_errors = 0           # dropped sends (unknown peer, backlog overflow)
         self._on_message = on_message
@@ -83,7 +95,26 @@ class SocketLoop:
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         return sock
+
+    def _serve_securely(self, sock: zmq.Socket) -> None:
+        """A socket about to bind: CURVE server (when keyed) and a monitor of refusals."""
+        if self.curve is None:
+            return
+        self.curve.serve(sock)
+        if self._zap is None:
+            self._zap = self._ctx.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(ZAP_ENDPOINT)
+        self._monitors.append(sock.get_monitor_socket(sum(HANDSHAKE_FAILURES)))
+
+    def _dial_securely(self, sock: zmq.Socket) -> None:
+        if self.curve is not None:
+            self.curve.dial(sock)
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected_frames[reason] = self.rejected_frames.get(reason, 0) + 1
 
     def _enqueue(self, key: Hashable, msg: Optional[Message]) -> None:
         if self._closed.is_set():
@@ -142,15 +173,27 @@ class SocketLoop:
     # I/O thread --------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._wake_rx, zmq.POLLIN)
-        for sock in self._recv_sockets():
-            poller.register(sock, zmq.POLLIN)
+        for sock in [self._wake_rx, self._zap, *self._monitors, *self._recv_sockets()]:
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        is_reading = True
         try:
             while not self._closed.is_set():
-                events = dict(poller.poll(BACKLOG_POLL_MS if self._backlog else POLL_MS))
+                has_room = self._inbox.qsize() < MAX_INBOX
+                if has_room != is_reading:         # NOTE: back-pressure: stop reading
+                    is_reading = has_room
+                    for sock in self._recv_sockets():
+                        poller.modify(sock, zmq.POLLIN if has_room else 0)
+                busy = self._backlog or not has_room
+                events = dict(poller.poll(BACKLOG_POLL_MS if busy else POLL_MS))
                 if self._wake_rx in events:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
+                if self._zap in events:
+                    self._answer_zap()
+                for mon in self._monitors:
+                    if mon in events:
+                        self._read_monitor(mon)
                 self._flush()
                 for sock in self._recv_sockets():
                     if sock in events:
@@ -160,7 +203,31 @@ class SocketLoop:
         finally:
             self._close_all()
 
+    def _answer_zap(self) -> None:
+        """ZAP (RFC 27): admit only clients holding the cluster key pair."""
+        while self._zap.poll(0):
+            frames = self._zap.recv_multipart()
+            ok = len(frames) >= 6 and self.curve.admits(frames[5], frames[6:])
+            head = frames[:2] if len(frames) >= 2 else [b"1.0", b""]
+            self._zap.send_multipart([*head, b"200" if ok else b"400",
+                                      b"OK" if ok else b"not a cluster key", b"", b""])
+
+    def _read_monitor(self, mon: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while mon.poll(0):
+            event = recv_monitor_message(mon)
+            reason = HANDSHAKE_FAILURES.get(event["event"])
+            if reason is not None:
+                self.count_rejected(reason)
+                n = sum(self.rejected_frames.values())
+                if n <= 10 or n % 1000 == 0:
+                    logger.warning("%s: refused a connection from %s (%s; %d so far)",
+                                   self.name, event.get("endpoint"), reason, n)
+
     def _close_all(self) -> None:
+        for sock in [self._zap, *self._monitors]:
+            if sock is not None:
+                sock.close(linger=0)
         self._close_sockets()
         for sock in self._recv_sockets():
             sock.close(linger=0)

@@ -26,7 +26,8 @@ import torch
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import ForwardMode
 from cluster.wire.checks import (INT32_MAX, MAX_ITEMS, MAX_KEYS, MAX_STR, Bool, Check, Float, Int,
-                                List, Map, Number, Opt, ProtocolError, Record, Scalar, Str,
+                                List, Map, Number, NumberOrCounts, Opt, ProtocolError, Record,
+                                Scalar, Str,
                                 TokenIds, fail)
 from cluster.wire.messages import (Abort, Batch, DecodeReady, Error, Generate, Heartbeat, KvAck,
                                    KvBatch, Message, Register, Shutdown, Tokens, kv_req,
@@ -86,7 +87,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                          "head_dim": Int(lo=0), "dtype": Str(max_len=64),
                                          "page_size": Int(lo=1)}),
                "data_addr": TEXT, "pid": Int(lo=0)},
-    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), Number())},
+    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), NumberOrCounts())},
     Generate: {"rid": ID, "input_ids": _ids_or_tensor, "sampling": SAMPLING,
                "peer": Opt(Record({"worker_id": ID, "data_addr": TEXT})), "model": TEXT,
                "extra": Map(Str(max_len=256), Scalar(), max_len=256), "output_ids": TokenIds()},

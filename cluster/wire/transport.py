@@ -24,10 +24,13 @@ from typing import Any, Callable, Hashable, Optional
 
 import zmq
 
+from cluster.wire.curve import CurveKeys
 from cluster.wire.protocol import Message, ProtocolError, decode
 from cluster.wire.io_thread import SocketLoop
 
 __all__ = ["ControlClient", "ControlServer", "DataPlane"]
+PEER_HEARTBEAT_MS = 1000         # ZMTP pings on bound sockets: a silent connection is closed
+PEER_DEAD_MS = 5000              # ... after this long, freeing its identity
 
 
 def _peer_id(frame: Any) -> str:
@@ -52,11 +55,13 @@ class ControlClient(SocketLoop):
     """
 
     def __init__(self, endpoint: str, worker_id: str,
-                 on_message: Optional[Callable[[Message], None]] = None):
-        super().__init__(f"control-client[{worker_id}]", on_message)
+                 on_message: Optional[Callable[[Message], None]] = None,
+                 curve: Optional[CurveKeys] = None):
+        super().__init__(f"control-client[{worker_id}]", on_message, curve)
         self.endpoint, self.worker_id = endpoint, worker_id
         self._sock = self._socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self._dial_securely(self._sock)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError:
@@ -98,13 +103,16 @@ class ControlServer(_BoundRouterLoop):
     """Router side of the control plane: ROUTER bound at `endpoint` (port 0 = a free port).
 
     `.endpoint` is the bound endpoint (the real port). A message to a worker that is not
-    connected is dropped and counted in `num_send_errors` (ROUTER_MANDATORY). A restarted
-    worker reconnecting with the same id takes over its identity (ROUTER_HANDOVER).
+    connected is dropped and counted in `num_send_errors` (ROUTER_MANDATORY). An identity
+    in use cannot be taken over by a second connection (no ROUTER_HANDOVER); a dead or
+    stopped peer's connection is dropped by ZeroMQ heartbeats, freeing its identity for
+    the restarted worker.
     """
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:0",
-                 on_message: Optional[Callable[[tuple[str, Message]], None]] = None):
-        super().__init__("control-server", on_message)
+                 on_message: Optional[Callable[[tuple[str, Message]], None]] = None,
+                 curve: Optional[CurveKeys] = None):
+        super().__init__("control-server", on_message, curve)
         self._sock = _bound_router(self, endpoint)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread.start()
@@ -128,8 +136,9 @@ class DataPlane(_BoundRouterLoop):
 
     def __init__(self, worker_id: str, bind_host: str = "127.0.0.1",
                  advertise_host: Optional[str] = None,
-                 on_message: Optional[Callable[[tuple[str, Message]], None]] = None):
-        super().__init__(f"data-plane[{worker_id}]", on_message)
+                 on_message: Optional[Callable[[tuple[str, Message]], None]] = None,
+                 curve: Optional[CurveKeys] = None):
+        super().__init__(f"data-plane[{worker_id}]", on_message, curve)
         self.worker_id = worker_id
         self._peers: dict[str, zmq.Socket] = {}      # address -> DEALER (I/O thread only)
         self._sock = _bound_router(self, f"tcp://{bind_host}:0")
@@ -152,6 +161,7 @@ class DataPlane(_BoundRouterLoop):
         if peer is None:
             peer = self._socket(zmq.DEALER)
             peer.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+            self._dial_securely(peer)
             try:
                 peer.connect(key)
             except zmq.ZMQError:
@@ -174,7 +184,9 @@ class DataPlane(_BoundRouterLoop):
 def _bound_router(loop: SocketLoop, endpoint: str) -> zmq.Socket:
     sock = loop._socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_DEAD_MS)
+    loop._serve_securely(sock)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as e:

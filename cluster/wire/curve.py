@@ -1,0 +1,130 @@
+"""ZeroMQ CURVE for the control and data planes: one cluster key pair, held by every process.
+
+Every process of a cluster holds the same key pair (`cluster.key` / `cluster.key_secret`
+in `[security] keys_dir`, the secret 0600 in a 0700 directory; the launcher writes them,
+a worker started by hand reads them, `pdcluster deploy k8s` mounts them). A bound socket is
+a CURVE server; a connecting socket is a CURVE client that presents the cluster key as its
+own. The ZAP handler (served on the owning I/O thread, see `io_thread.py`) admits only
+clients presenting the cluster public key, so a process without the secret file cannot
+complete a handshake: its frames never reach a decoder. Refused handshakes are counted by
+reason through a socket monitor.
+
+`[security] curve`: "on", "off", or "auto" = on when any address this cluster binds or
+dials is not loopback. The launcher resolves it once and hands the answer to its children
+(PDCLUSTER_CURVE, PDCLUSTER_KEYS_DIR) so that every socket of a cluster agrees.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import zmq
+from zmq.utils import z85
+
+CURVE_ENV = "PDCLUSTER_CURVE"            # "on" | "off": the launcher's resolved decision
+KEYS_DIR_ENV = "PDCLUSTER_KEYS_DIR"
+PUBLIC_FILE, SECRET_FILE = "cluster.key", "cluster.key_secret"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+LOOPBACK_NAMES = ("localhost", "")
+HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+                      zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unauthenticated"}
+
+
+class CurveError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    public: bytes                        # Z85, 40 bytes
+    secret: bytes
+
+    def __post_init__(self) -> None:
+        for name in ("public", "secret"):
+            if len(getattr(self, name)) != 40:
+                raise CurveError(f"CURVE {name} key must be 40 Z85 characters")
+
+    def serve(self, sock: zmq.Socket) -> None:
+        """A bound socket: CURVE server with the cluster's secret key."""
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"pdcluster")
+
+    def dial(self, sock: zmq.Socket) -> None:
+        """A connecting socket: CURVE client presenting the cluster key pair."""
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+
+    def admits(self, mechanism: bytes, credentials: list[bytes]) -> bool:
+        """ZAP decision: only a CURVE client holding the cluster key pair."""
+        return (mechanism == b"CURVE" and len(credentials) == 1
+                and z85.encode(credentials[0]) == self.public)
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_host(endpoint: str) -> str:
+    """tcp://HOST:PORT -> HOST; ipc:// and inproc:// never leave the machine ("")."""
+    m = re.fullmatch(r"tcp://(.+):[0-9*]+", endpoint)
+    return m.group(1) if m else ""
+
+
+def is_wanted(mode: str, hosts: Iterable[str], env=os.environ) -> bool:
+    decided = env.get(CURVE_ENV, "")
+    if decided in ("on", "off"):
+        return decided == "on"
+    if mode in ("on", "off"):
+        return mode == "on"
+    return any(not is_loopback(h) for h in hosts)
+
+
+def write_keys(keys_dir: str) -> CurveKeys:
+    """A fresh cluster key pair in `keys_dir` (0700; the secret 0600), or the pair already
+    there, so workers started by hand elsewhere keep matching."""
+    if os.path.exists(os.path.join(keys_dir, SECRET_FILE)):
+        return read_keys(keys_dir)
+    os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    for name, value, mode in ((PUBLIC_FILE, public, 0o644), (SECRET_FILE, secret, 0o600)):
+        fd = os.open(os.path.join(keys_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(value.decode() + "\n")
+    return CurveKeys(public, secret)
+
+
+def read_keys(keys_dir: str) -> CurveKeys:
+    if not keys_dir:
+        raise CurveError("CURVE is on but no keys directory is set: [security] keys_dir "
+                         f"(or {KEYS_DIR_ENV})")
+    out = {}
+    for name in (PUBLIC_FILE, SECRET_FILE):
+        path = os.path.join(keys_dir, name)
+        try:
+            with open(path, "rb") as f:
+                out[name] = f.read().strip()
+        except OSError as e:
+            raise CurveError(f"cannot read CURVE key {path}: {e.strerror}") from None
+    if os.stat(os.path.join(keys_dir, SECRET_FILE)).st_mode & 0o077:
+        raise CurveError(f"{os.path.join(keys_dir, SECRET_FILE)} is readable by others; "
+                         "chmod 600 it")
+    return CurveKeys(out[PUBLIC_FILE], out[SECRET_FILE])
+
+
+def keys_for(security, hosts: Iterable[str], env=os.environ) -> Optional[CurveKeys]:
+    """The cluster keys when CURVE applies to a process binding/dialing `hosts`, else None."""
+    if not is_wanted(security.curve, hosts, env):
+        return None
+    return read_keys(env.get(KEYS_DIR_ENV, "") or security.keys_dir)
