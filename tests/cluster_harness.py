@@ -37,7 +37,8 @@ def pdcluster_cmd() -> list[str]:
 class LaunchedCluster:
     """`pdcluster launch CONFIG`, or with `serve=True` `pdcluster serve` (config_toml unused)."""
 
-    def __init__(self, config_toml: str, name: str, env: Optional[dict] = None, serve: bool = False):
+    def __init__(self, config_toml: str, name: str, env: Optional[dict] = None, serve: bool = False,
+                 args: tuple = ()):
         self.dir = tempfile.mkdtemp(prefix=f"pdcluster-{name}-")
         self.log_dir = os.path.join(self.dir, "logs")
         self.config_path = os.path.join(self.dir, "cluster.toml")
@@ -47,9 +48,10 @@ class LaunchedCluster:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.out_path = os.path.join(self.dir, "launch.out")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        args = ["serve"] if serve else ["launch", self.config_path]
+        command = ["serve"] if serve else ["launch", self.config_path]
         self.proc = subprocess.Popen(
-            pdcluster_cmd() + args + ["--port", str(self.port), "--log-dir", self.log_dir],
+            pdcluster_cmd() + command + ["--port", str(self.port), "--log-dir", self.log_dir,
+                                         *args],
             stdout=open(self.out_path, "w"), stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         self.descendants: list[psutil.Process] = []
         self._wait_healthy()
@@ -83,6 +85,18 @@ class LaunchedCluster:
 
     def iterations(self, worker_id: str, kind: str) -> list[int]:
         return [int(m.group(2)) for m in ITER_LINE.finditer(self.log(worker_id)) if m.group(1) == kind]
+
+    def worker_pids(self) -> dict[str, int]:
+        """worker id -> pid of the live worker processes (router excluded)."""
+        out = {}
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmd = p.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "--worker-id" in cmd:
+                out[cmd[cmd.index("--worker-id") + 1]] = p.pid
+        return out
 
     def metrics(self) -> str:
         return httpx.get(self.base_url + "/metrics", timeout=10).text
