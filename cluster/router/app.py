@@ -23,6 +23,7 @@ from cluster.router.openai_request import parse_chat, parse_completion
 from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.request_body import parse_json, read_body
 from cluster.router.service import Generation, RouterService
+from cluster.router.tokenize_routes import add_tokenize_routes, model_card
 
 log = logging.getLogger("pdcluster.router")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -137,9 +138,10 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdcluster",
-                 "max_model_len": cfg.model.max_model_len} for m in service.served_models()]
+        data = [model_card(m, cfg.model.max_model_len) for m in service.served_models()]
         return {"object": "list", "data": data}
+
+    add_tokenize_routes(app, service, authorize, read_json)
 
     @app.get("/health")
     async def health():

@@ -1,0 +1,34 @@
+"""Router endpoints without workers: /tokenize, /detokenize, /v1/models/{id}."""
+from __future__ import annotations
+
+from tests.test_router_api import assert_error, make_router, router, tokenizers  # noqa: F401
+
+
+def test_tokenize_then_detokenize_round_trips(router):
+    got = router.http.post("/tokenize", json={"prompt": "Hello, world!", "return_token_strs": True}).json()
+    tok = router.service.tokenizer_for(router.cfg.model.name)
+    assert got["tokens"] == tok.encode("Hello, world!") and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == router.cfg.model.max_model_len and len(got["token_strs"]) == got["count"]
+    back = router.http.post("/detokenize", json={"tokens": got["tokens"]}).json()
+    assert back == {"prompt": "Hello, world!"}
+
+
+def test_tokenize_messages_uses_the_chat_template(router):
+    msgs = [{"role": "user", "content": "Hi"}]
+    got = router.http.post("/tokenize", json={"messages": msgs}).json()
+    tok = router.service.tokenizer_for(router.cfg.model.name)
+    assert got["tokens"] == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+
+
+def test_tokenize_errors_name_the_field(router):
+    assert_error(router.http.post("/tokenize", json={"prompt": 3}), 400, "prompt")
+    assert_error(router.http.post("/detokenize", json={"tokens": [1, "a"]}), 400, "tokens")
+    assert_error(router.http.post("/detokenize", json={"tokens": [10 ** 9]}), 400, "tokens")
+    assert_error(router.http.post("/tokenize", json={"prompt": "x", "model": "nope"}), 404, "nope")
+
+
+def test_model_by_id(router):
+    name = router.cfg.model.name
+    card = router.http.get(f"/v1/models/{name}").json()
+    assert card["id"] == name and card["object"] == "model"
+    assert_error(router.http.get("/v1/models/gpt-9"), 404, "gpt-9")
