@@ -5,8 +5,8 @@ from tests.test_router_api import assert_error, make_router, router, tokenizers 
 
 
 def test_tokenize_then_detokenize_round_trips(router):
+    tok = router.service.tokenizer_for(router.cfg.model.name)   # loaded here: the first load can take seconds
     got = router.http.post("/tokenize", json={"prompt": "Hello, world!", "return_token_strs": True}).json()
-    tok = router.service.tokenizer_for(router.cfg.model.name)
     assert got["tokens"] == tok.encode("Hello, world!") and got["count"] == len(got["tokens"])
     assert got["max_model_len"] == router.cfg.model.max_model_len and len(got["token_strs"]) == got["count"]
     back = router.http.post("/detokenize", json={"tokens": got["tokens"]}).json()
@@ -15,8 +15,8 @@ def test_tokenize_then_detokenize_round_trips(router):
 
 def test_tokenize_messages_uses_the_chat_template(router):
     msgs = [{"role": "user", "content": "Hi"}]
-    got = router.http.post("/tokenize", json={"messages": msgs}).json()
     tok = router.service.tokenizer_for(router.cfg.model.name)
+    got = router.http.post("/tokenize", json={"messages": msgs}).json()
     assert got["tokens"] == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
 
 
