@@ -16,6 +16,8 @@ import statistics
 import sys
 from typing import Optional
 
+from cluster.progress import ProgressBar
+
 METRICS = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
            "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
 PERCENTILES = (90, 99)
@@ -193,25 +195,11 @@ def plot(results: list[dict], duration: float, out_dir: str, title: str = "") ->
     return [cdf_path, tp_path]
 
 
-class Progress:
-    """A tqdm bar on stderr while requests finish; nothing at all when stderr is no TTY."""
+class Progress(ProgressBar):
+    """Requests done, on a terminal only."""
 
-    def __init__(self, total: int, desc: str = "requests"):
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, unit="req", leave=False)
-            except ImportError:
-                pass
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def __init__(self, total: int):
+        super().__init__(total, "requests", unit="req")
 
 
 def report(results: list[dict], duration: float, args) -> dict:

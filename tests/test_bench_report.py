@@ -79,3 +79,9 @@ def test_progress_bar_is_silent_without_a_tty(capsys):
     p.update()
     p.close()
     assert p.bar is None and capsys.readouterr().err == ""
+
+
+def test_loading_progress_yields_every_item_and_stays_silent_off_a_tty(capsys):
+    from cluster.progress import progress
+    assert list(progress(range(5), 5, "loading")) == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().err == ""

@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+from cluster.progress import progress
+
 logger = logging.getLogger(__name__)
 
 _LAYER_NAMES = {
@@ -88,7 +90,8 @@ def read_gguf(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         config["eos_token_id"] = sorted(tok.eos_token_ids)
     tensors: dict[str, torch.Tensor] = {}
     t0, total = time.monotonic(), len(reader.tensors)
-    for i, t in enumerate(reader.tensors):
+    for i, t in enumerate(progress(reader.tensors, total, f"dequantizing {os.path.basename(path)}",
+                                   unit="tensor")):
         if t.name == "rope_freqs.weight":
             logger.warning("%s: rope_freqs (Llama-3 rope scaling) is not applied from GGUF", path)
             continue

@@ -22,6 +22,7 @@ import torch
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.rotary import RotaryEmbedding
+from cluster.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     tensors: dict[str, torch.Tensor] = {}
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    for i, f in enumerate(files):
+    for i, f in enumerate(progress(files, len(files), "reading safetensors", unit="file")):
         tensors.update(load_file(f))
         logger.info("read %s (%d/%d)", os.path.basename(f), i + 1, len(files))
     return tensors
