@@ -56,14 +56,30 @@ class Scheduler(SchedulerMetricsMixin):
     def run_batch(self, batch: ScheduleBatch) -> Future:
         self.forward_ct += 1
         batch.forward_iter = self.forward_ct   # NOTE: snapshot first, before anything else
-        return self.executor.submit(batch.forward_iter, self.build_forward_input(batch))
+        try:
+            forward_input = self.build_forward_input(batch)
+        except Exception as e:                 # fails in _process, like a failed forward
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
+        return self.executor.submit(batch.forward_iter, forward_input)
 
     def _process(self, batch: ScheduleBatch, future: Future) -> None:
-        result = future.result(timeout=FORWARD_TIMEOUT_S)
+        """Process one batch's result; a failure anywhere in building, running, sampling
+        or processing it costs that batch's requests, never the process."""
         t0 = time.perf_counter()
-        self.process_batch_result(batch, result)
+        try:
+            result = future.result(timeout=FORWARD_TIMEOUT_S)
+            t0 = time.perf_counter()
+            self.process_batch_result(batch, result)
+        except Exception as e:
+            logger.exception("%s: batch [%s] failed", self.worker_id, batch.forward_iter)
+            self.fail_batch(batch, f"batch [{batch.forward_iter}] failed: {type(e).__name__}: {e}")
         if self.trace is not None:
             self.trace.append(("process", batch.forward_iter, t0, time.perf_counter()))
+
+    def fail_batch(self, batch: ScheduleBatch, reason: str) -> None:
+        """Fail the batch's requests with `reason` and free what they hold (roles)."""
 
     def normal_step(self) -> None:
         self.recv_requests()

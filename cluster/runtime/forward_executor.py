@@ -31,7 +31,10 @@ class ForwardExecutor:
         t0 = time.perf_counter()
         if self._pool is None:
             fut: Future = Future()
-            fut.set_result(self._run(forward_iter, forward_input, t0))
+            try:
+                fut.set_result(self._run(forward_iter, forward_input, t0))
+            except Exception as e:             # raised when processed, as on the thread
+                fut.set_exception(e)
             return fut
         return self._pool.submit(self._run, forward_iter, forward_input, t0)
 

@@ -119,6 +119,12 @@ class WorkerScheduler(Scheduler):
         self.control.send(P.Error(rid=req.rid, reason=reason, worker_id=self.worker_id))
         self.release(req)
 
+    def fail_batch(self, batch: ScheduleBatch, reason: str) -> None:
+        for req in batch.reqs:
+            if self.reqs.get(req.rid) is req:      # not finished or failed already
+                self.fail(req, reason)
+        self.flush_outputs()                       # tokens processed before the failure
+
     def release(self, req: Req) -> None:
         """Free everything a finished, aborted or failed request holds."""
         self.cache.free(req)

@@ -1,0 +1,47 @@
+"""Retry rules at the router: a request that failed deterministically on a worker is not
+sent to another one; a request on a worker that died is (scripted workers, real router)."""
+from __future__ import annotations
+
+import threading
+
+from cluster.wire import protocol
+from tests.test_router_api import (COMPLETION, MODEL, assert_error, echo_reply, make_router,  # noqa: F401
+                                   pd_pair, tokenizers, wait_for)
+
+
+def generates(worker) -> list:
+    return [m for m in worker.received if isinstance(m, protocol.Generate)]
+
+
+def test_poison_request_fails_once_and_is_not_redispatched(make_router):
+    r = make_router(router={"policy": "round_robin"})
+
+    def poisoned(worker, gen):
+        worker.client.send(protocol.Error(rid=gen.rid, worker_id=worker.worker_id,
+                                          reason="batch [7] failed: RuntimeError: bad"))
+    p0, d0 = pd_pair(r, poisoned, suffix="0")
+    p1, d1 = pd_pair(r, poisoned, suffix="1")
+    resp = r.http.post("/v1/completions", json=COMPLETION)
+    err = assert_error(resp, 500, "RuntimeError: bad")
+    assert "gave up" not in err["message"]
+    sent = generates(p0) + generates(p1)
+    assert len(sent) == 1                               # one attempt, one prefill worker
+    assert not r.dispatcher.requests
+
+
+def test_killed_workers_request_is_redispatched(make_router):
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(" ok")
+    p0, d0 = pd_pair(r, lambda w, g: None, suffix="0")       # takes it, never answers
+    got = {}
+    t = threading.Thread(target=lambda: got.update(resp=r.http.post("/v1/completions",
+                                                                    json=COMPLETION)))
+    t.start()
+    assert wait_for(lambda: generates(d0))
+    p1, d1 = pd_pair(r, echo_reply(ids), suffix="1")
+    r.http.post("/internal/workers/decode-0/exit", json={"reason": "killed by signal 9"})
+    t.join(10)
+    assert got["resp"].status_code == 200, got["resp"].text
+    assert got["resp"].json()["choices"][0]["text"] == " ok"
+    assert len(generates(d1)) == 1 and len(generates(d0)) == 1
