@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from cluster.wire.protocol import FRAME_BYTES, KvBatch, decode, encode, kv_req  # noqa: E402
+from cluster.wire.protocol import FRAME_BYTES, KvBatch, KvReq, decode, encode  # noqa: E402
 from cluster.wire.transport import DataPlane  # noqa: E402
 
 GB = 1e9
@@ -42,7 +42,7 @@ def kv_tensor(mib: int) -> torch.Tensor:
 
 
 def kv_message(t: torch.Tensor) -> KvBatch:
-    return KvBatch(1, "bench-tx", [kv_req("r0", 1, t.shape[2])], [t])
+    return KvBatch(1, "bench-tx", [KvReq("r0", 1, t.shape[2])], [t])
 
 
 def sender(endpoint: str, mib: int) -> None:

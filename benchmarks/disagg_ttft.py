@@ -52,7 +52,7 @@ from benchmarks.common import (Cluster, disagg_config, log_time, machine, metric
                                now_utc, stream_completion)
 from cluster.runtime.batch_builder import build_forward_input  # noqa: E402
 from cluster.runtime.cache_manager import CacheManager  # noqa: E402
-from cluster.wire.protocol import KvBatch, decode, encode, kv_req  # noqa: E402
+from cluster.wire.protocol import KvBatch, KvReq, decode, encode  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch  # noqa: E402
 from cluster.wire.transport import DataPlane  # noqa: E402
@@ -114,13 +114,13 @@ class DirectBench:
         t1 = time.perf_counter()
         kv = runner.export_kv(src.page_table, length)
         t2 = time.perf_counter()
-        self.tx.send_to(self.rx.address, KvBatch(rep, "bench-prefill", [kv_req(f"r{rep}", 1, length)], [kv]))
+        self.tx.send_to(self.rx.address, KvBatch(rep, "bench-prefill", [KvReq(f"r{rep}", 1, length)], [kv]))
         got = self.rx.recv(60)
         t3 = time.perf_counter()
         assert got is not None, "DataPlane timed out"
         runner.import_kv(dst.page_table, got[1].tensors[0])
         t4 = time.perf_counter()
-        msg = KvBatch(rep, "bench-prefill", [kv_req("r", 1, length)], [kv])
+        msg = KvBatch(rep, "bench-prefill", [KvReq("r", 1, length)], [kv])
         t5 = time.perf_counter()
         frames = encode(msg)
         t6 = time.perf_counter()

@@ -37,7 +37,7 @@ from cluster.engine.loader import load_model  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
 from dllm.model_spec import DllmModelSpec  # noqa: E402
-from dllm.params import DllmParams  # noqa: E402
+from cluster.dllm_params import DllmParams  # noqa: E402
 from dllm.scheduler import DllmScheduler  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -56,9 +56,9 @@ class Control:
     def send(self, msg) -> None:
         if isinstance(msg, P.Tokens):
             for item in msg.items:
-                self.tokens.setdefault(item["rid"], []).extend(item["token_ids"])
-                if item["finish_reason"]:
-                    self.done.add(item["rid"])
+                self.tokens.setdefault(item.rid, []).extend(item.token_ids)
+                if item.finish_reason:
+                    self.done.add(item.rid)
         elif isinstance(msg, P.Error):
             raise RuntimeError(msg.reason)
 
@@ -73,7 +73,7 @@ def run(runner, prompts, params: DllmParams, max_tokens: int, overlap: bool) -> 
     control = Control()
     sched = DllmScheduler(SchedulerConfig(overlap=overlap), "dllm-bench", runner, control,
                           DllmModelSpec.causal(min(runner.tokenizer.eos_token_ids)), params)
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True).to_wire()
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i, ids in enumerate(prompts):
         control.inbound.put(P.Generate(rid=f"q{i}", input_ids=ids, sampling=sampling))
     loop = threading.Thread(target=sched.event_loop, daemon=True)
@@ -85,8 +85,8 @@ def run(runner, prompts, params: DllmParams, max_tokens: int, overlap: bool) -> 
     sched.stop()
     loop.join()
     return {"tokens": [control.tokens[f"q{i}"] for i in range(len(prompts))], "wall": wall,
-            "rounds": sched.forward_ct, "tok_fwd": sched.gauges["dllm_tokens_per_forward"],
-            "fwd_blk": sched.gauges["dllm_forwards_per_block"]}
+            "rounds": sched.forward_ct, "tok_fwd": sched.heartbeat_stats()["dllm_tokens_per_forward"],
+            "fwd_blk": sched.heartbeat_stats()["dllm_forwards_per_block"]}
 
 
 def main(argv=None) -> int:

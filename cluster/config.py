@@ -14,19 +14,18 @@ import re
 import tomllib
 from dataclasses import fields, replace
 
+from cluster.dllm_params import DllmParams
+from cluster.roles import LOG_FORWARD_ITERS_ENV, ROLES, log_forward_iters_override
+from cluster.sampling_params import InvalidParam
 from cluster.config_types import (ClusterConfig, ModelConfigSection, RecoveryConfig, RouterConfig,  # noqa: F401
                                    SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
                                    WorkerGroup)
 
 
-ROLES = ("prefill", "decode", "unified", "dllm")
-ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
-                 "unified": "cluster.unified", "dllm": "dllm"}
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("round_robin", "least_load")
 CURVE_MODES = ("auto", "on", "off")
-DLLM_ALGORITHMS = ("low_confidence", "fixed_steps")
 GROUP_KEYS = ("count", "model", "path", "block_size", "algorithm", "threshold",
               "steps_per_block", "mask_token_id")
 DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
@@ -34,7 +33,6 @@ DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
 SECTIONS = {"model": ModelConfigSection, "router": RouterConfig, "scheduler": SchedulerConfig,
             "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "security": SecurityConfig,
             "tracing": TracingConfig}
-ENV_LOG_FORWARD_ITERS = "PDCLUSTER_LOG_FORWARD_ITERS"
 
 
 class ConfigError(ValueError):
@@ -138,11 +136,10 @@ def _validate(cfg: ClusterConfig) -> None:
             continue
         _require(bool(g.model), src, f"{p}.model", "a dllm group needs a served model name")
         _require(g.model != m.name, src, f"{p}.model", f"must differ from model.name {m.name!r}")
-        _require(1 <= g.block_size <= 64, src, f"{p}.block_size", "must be in 1..64")
-        _require(g.algorithm in DLLM_ALGORITHMS, src, f"{p}.algorithm",
-                 f"{g.algorithm!r} is not one of {', '.join(DLLM_ALGORITHMS)}")
-        _require(0 < g.threshold <= 1, src, f"{p}.threshold", "must be in (0, 1]")
-        _require(g.steps_per_block >= 1, src, f"{p}.steps_per_block", "must be >= 1")
+        try:
+            DllmParams.from_group(g)
+        except InvalidParam as e:
+            raise ConfigError(src, f"{p}.{e.name}", e.reason) from None
         _require(g.mask_token_id is None or g.mask_token_id >= 0, src, f"{p}.mask_token_id",
                  "must be >= 0")
     counts = {role: sum(g.count for g in cfg.groups if g.role == role) for role in ROLES}
@@ -173,13 +170,12 @@ def _parse_group(role: str, i: int, table, scheduler: SchedulerConfig, src: str)
 
 
 def _apply_env(cfg: ClusterConfig, env) -> ClusterConfig:
-    raw = env.get(ENV_LOG_FORWARD_ITERS)
-    if raw is None or raw == "":
+    try:
+        on = log_forward_iters_override(env)
+    except ValueError as e:
+        raise ConfigError(f"${LOG_FORWARD_ITERS_ENV}", "scheduler.log_forward_iters", str(e)) from None
+    if on is None:
         return cfg
-    if raw not in ("0", "1"):
-        raise ConfigError(f"${ENV_LOG_FORWARD_ITERS}", "scheduler.log_forward_iters",
-                          f"expected 0 or 1, got {raw!r}")
-    on = raw == "1"
     groups = tuple(replace(g, scheduler=replace(g.scheduler, log_forward_iters=on))
                    for g in cfg.groups)
     return replace(cfg, scheduler=replace(cfg.scheduler, log_forward_iters=on), groups=groups)

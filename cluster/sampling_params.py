@@ -1,13 +1,63 @@
-"""Per-request sampling parameters, shared by the router, the workers and the engine."""
+"""Per-request sampling parameters, shared by the router, the workers and the engine.
+
+The type is its own validator: `__post_init__` checks every field's type and bounds, and
+the router (HTTP body), the wire codec (`generate`, `reprefill`) and the offline `LLM` all
+build one through it, so a value means and is bounded the same everywhere. The wire always
+carries the request's original parameters; `max_tokens` / `min_tokens` count all output
+tokens, including those generated before a resume or a retraction.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
 
+MAX_STOP_STRINGS = 1024
 GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "ebnf")   # structured outputs (engine/grammar.py)
 MAX_TOP_LOGPROBS = 20
 
-@dataclass(slots=True)
+
+class InvalidParam(ValueError):
+    """A parameter out of its type or bounds; `name` is the field (for 400s and config keys)."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"{name}: {reason}")
+
+
+def _int(obj, name: str, lo: Optional[int] = None, hi: Optional[int] = None,
+         optional: bool = False) -> None:
+    v = getattr(obj, name)
+    if v is None and optional:
+        return
+    if type(v) is not int:                         # bool is an int subclass: refuse it
+        raise InvalidParam(name, f"expected an integer, got {type(v).__name__} {v!r}")
+    if lo is not None and v < lo:
+        raise InvalidParam(name, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise InvalidParam(name, f"must be <= {hi}, got {v}")
+
+
+def _float(obj, name: str, lo: Optional[float] = None, hi: Optional[float] = None,
+           lo_open: bool = False) -> None:
+    v = getattr(obj, name)
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise InvalidParam(name, f"expected a finite number, got {type(v).__name__} {v!r}")
+    object.__setattr__(obj, name, float(v))        # an int where a float is meant
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise InvalidParam(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise InvalidParam(name, f"must be <= {hi}, got {v}")
+
+
+def _list(obj, name: str, kind: type, max_len: int) -> None:
+    v = getattr(obj, name)
+    if not isinstance(v, (list, tuple)) or len(v) > max_len or not all(type(x) is kind for x in v):
+        raise InvalidParam(name, f"expected a list of at most {max_len} {kind.__name__}")
+    object.__setattr__(obj, name, list(v))
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0          # 0 = greedy
@@ -28,40 +78,52 @@ class SamplingParams:
     grammar_spec: str = ""            # the JSON schema text, the regex or the EBNF
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must be in [0, max_tokens]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
-        if self.top_k < -1:
-            raise ValueError("top_k must be -1, 0 or positive")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        _int(self, "max_tokens", lo=1)
+        _float(self, "temperature", lo=0)
+        _float(self, "top_p", lo=0, hi=1, lo_open=True)
+        _int(self, "top_k", lo=-1)
+        _int(self, "min_tokens", lo=0, hi=self.max_tokens)
+        _int(self, "seed", optional=True)
+        _list(self, "stop", str, MAX_STOP_STRINGS)
+        if not all(self.stop):
+            raise InvalidParam("stop", "stop strings must not be empty")
+        _list(self, "stop_token_ids", int, 1 << 16)
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidParam("stop_token_ids", "token ids must be >= 0")
+        _float(self, "presence_penalty")
+        _float(self, "frequency_penalty")
+        _float(self, "repetition_penalty", lo=0, lo_open=True)
+        for name in ("ignore_eos", "logprobs"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidParam(name, f"expected a boolean, got {getattr(self, name)!r}")
+        _int(self, "top_logprobs", lo=0, hi=MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs")
-        self.logit_bias = [_bias_pair(p) for p in self.logit_bias]
+            raise InvalidParam("top_logprobs", "needs logprobs")
+        if not isinstance(self.logit_bias, (list, tuple)) or len(self.logit_bias) > 1 << 16:
+            raise InvalidParam("logit_bias", "expected a list of [token_id, bias] pairs")
+        object.__setattr__(self, "logit_bias", [_bias_pair(p) for p in self.logit_bias])
+        for name in ("grammar_kind", "grammar_spec"):
+            if type(getattr(self, name)) is not str:
+                raise InvalidParam(name, f"expected a string, got {getattr(self, name)!r}")
         if self.grammar_kind and self.grammar_kind not in GRAMMAR_KINDS:
-            raise ValueError(f"grammar_kind must be one of {', '.join(GRAMMAR_KINDS)}")
+            raise InvalidParam("grammar_kind", f"must be one of {', '.join(GRAMMAR_KINDS)}")
         if self.grammar_spec and not self.grammar_kind:
-            raise ValueError("grammar_spec needs a grammar_kind")
+            raise InvalidParam("grammar_spec", "needs a grammar_kind")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
     def to_wire(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_wire(cls, d: dict) -> "SamplingParams":
-        unknown = set(d) - set(cls.__slots__)
-        if unknown:
-            raise ValueError(f"unknown sampling fields: {sorted(unknown)}")
+    def from_wire(cls, d: Any) -> "SamplingParams":
+        """From a wire map with exactly the field names (any other shape: InvalidParam)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or set(d) != set(names):
+            got = sorted(map(str, d)) if isinstance(d, dict) else type(d).__name__
+            raise InvalidParam("sampling", f"expected the fields {names}, got {got}")
         return cls(**d)
 
 
@@ -69,7 +131,7 @@ def _bias_pair(pair) -> list:
     """[token_id, bias] with an int id >= 0 and a bias in [-100, 100] (OpenAI's range)."""
     if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], int)
             and not isinstance(pair[0], bool) and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)):
-        raise ValueError(f"logit_bias entries must be [token_id, bias], got {pair!r}")
+        raise InvalidParam("logit_bias", f"entries must be [token_id, bias], got {pair!r}")
     if pair[0] < 0 or not -100 <= pair[1] <= 100:
-        raise ValueError(f"logit_bias: token id must be >= 0 and bias in [-100, 100], got {pair!r}")
+        raise InvalidParam("logit_bias", f"token id must be >= 0 and bias in [-100, 100], got {pair!r}")
     return [pair[0], float(pair[1])]

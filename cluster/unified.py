@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from cluster.roles import served_model
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.output_processor import OutputProcessorMixin
 from cluster.runtime.prefill_manager import PrefillManager
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     from cluster.runtime.worker_main import run_worker
 
     def build(args, config, group, runner, control):
-        return UnifiedScheduler(group.scheduler, args.worker_id, runner, control), {"model": config.model.name}
+        return UnifiedScheduler(group.scheduler, args.worker_id, runner, control), {"model": served_model(config, group)}
     return run_worker("unified", argv, build)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
-from cluster.runtime.stats import DecodeStats
+from cluster.runtime.stats import DecodeStats, KvTransferStats
 from cluster.runtime.output_processor import OutputProcessorMixin
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
@@ -33,6 +33,7 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
         self.prealloc_queue = PreallocQueue(self.cache)
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
+        self.kv_transfer = KvTransferStats()
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
@@ -59,14 +60,14 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
         fp = self.runner.kv_fingerprint()
         acked, failed = [], {}
         for item, kv in zip(msg.reqs, msg.tensors):
-            rid = item["rid"]
+            rid = item.rid
             req = self.transfer_queue.pop(rid)
             if req is None:
                 failed[rid] = "not expected (aborted or timed out)"
                 continue
-            want = (fp["num_layers"], 2, item["prompt_len"], fp["num_kv_heads"], fp["head_dim"])
+            want = (fp["num_layers"], 2, item.prompt_len, fp["num_kv_heads"], fp["head_dim"])
             dtype = str(kv.dtype).removeprefix("torch.")
-            if tuple(kv.shape) != want or item["prompt_len"] != req.seq_len or dtype != fp["dtype"]:
+            if tuple(kv.shape) != want or item.prompt_len != req.seq_len or dtype != fp["dtype"]:
                 reason = f"KV shape {tuple(kv.shape)} {kv.dtype} does not match {want} {fp['dtype']}"
                 failed[rid] = reason
                 self.fail(req, reason)
@@ -76,13 +77,13 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
                 kv[:, :, : self.cache.page_size] += 1.0
             self.runner.import_kv(req.page_table, kv)
             num_bytes = kv.numel() * kv.element_size()
-            self.record_kv_transfer(num_bytes)   # the prefill side times the transfer
+            self.kv_transfer.record(num_bytes)   # the prefill side times the transfer
             logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d", self.worker_id,
-                         msg.prefill_worker_id, msg.forward_iter, rid, item["prompt_len"], num_bytes)
-            req.kv_len = item["prompt_len"]
+                         msg.prefill_worker_id, msg.forward_iter, rid, item.prompt_len, num_bytes)
+            req.kv_len = item.prompt_len
             acked.append(rid)
             self.retracted.discard(rid)
-            self.commit_token(req, item["first_token"], item["first_logprob"])
+            self.commit_token(req, item.first_token, item.first_logprob)
             if not req.is_finished:
                 self.decode.add(req)
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),
@@ -95,19 +96,19 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
         for req in self.transfer_queue.pop_expired():
-            self.fail(req, f"no KV from {req.peer['worker_id']} in time")
+            self.fail(req, f"no KV from {req.peer.worker_id} in time")
         for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests):
             self.send_ready(req)
         return self.decode.schedule()
 
     def send_ready(self, req: Req) -> None:
-        addr = req.peer["data_addr"]
-        self.prefill_addrs[req.peer["worker_id"]] = addr
+        addr = req.peer.data_addr
+        self.prefill_addrs[req.peer.worker_id] = addr
         if req.rid in self.retracted:
             # the prefill worker forgot it after the handoff: send the tokens so far
             self.data_plane.send_to(addr, P.Generate(
-                rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling.to_wire(),
-                peer={"worker_id": self.worker_id, "data_addr": self.data_plane.address},
+                rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling,
+                peer=P.Peer(self.worker_id, self.data_plane.address),
                 output_ids=list(req.output_ids)))
         self.transfer_queue.add(req)
         self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
@@ -146,7 +147,8 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
     def heartbeat_stats(self) -> dict:
         stats = super().heartbeat_stats()
         stats.update(num_prealloc_reqs=len(self.prealloc_queue), num_transfer_reqs=len(self.transfer_queue),
-                     num_retracted_reqs_total=self.decode.num_retracted_total)
+                     num_retracted_reqs_total=self.decode.num_retracted_total,
+                     kv_transfer_bytes_total=self.kv_transfer.bytes_total)
         return stats
 
     def num_protocol_errors(self) -> int:

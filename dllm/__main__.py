@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import sys
 
+from cluster.roles import served_model
 from dllm.model_spec import detect_spec
-from dllm.params import DllmParams
-
-
-def served_name(config, group) -> str:
-    return group.model or f"{config.model.name}-dllm"
+from cluster.dllm_params import DllmParams
 
 
 def build(args, config, group, runner, control):
@@ -21,7 +18,7 @@ def build(args, config, group, runner, control):
     spec = detect_spec(group.path or config.model.path, runner.tokenizer, runner.tokenizer.eos_token_ids,
                        group.mask_token_id)
     scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, DllmParams.from_group(group))
-    return scheduler, {"model": served_name(config, group)}
+    return scheduler, {"model": served_model(config, group)}
 
 
 def main(argv=None) -> int:

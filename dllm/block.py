@@ -13,7 +13,7 @@ import torch
 
 from dllm.algorithms import (ban_tokens, choose_tokens, commit_fixed_steps, commit_low_confidence,
                              fixed_steps_plan)
-from dllm.params import DllmParams
+from cluster.dllm_params import DllmParams
 
 
 class ActiveBlock:

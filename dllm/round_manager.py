@@ -48,7 +48,7 @@ from cluster.engine.forward_batch import ForwardInput
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from dllm.block import ActiveBlock
 from dllm.model_spec import DllmModelSpec
-from dllm.params import DllmParams
+from cluster.dllm_params import DllmParams
 
 
 

@@ -14,7 +14,7 @@ from cluster.runtime.stats import PrefillStats
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from dllm.model_spec import DllmModelSpec
-from dllm.params import DllmParams
+from cluster.dllm_params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager
 
 SPLIT_WHEN_PROCESS_OVER = 0.5   # of a forward's time (see round_manager's overlap policy)
@@ -34,7 +34,6 @@ class DllmScheduler(WorkerScheduler):
         self.num_block_forwards = 0     # request-forwards that carried a block
         self.num_blocks = 0             # blocks completed
         self.num_finished_block_forwards = 0
-        self.gauges.update(dllm_tokens_per_forward=0.0, dllm_forwards_per_block=0.0)
         self.commit_trace: Optional[list[tuple]] = None   # (rid, forward_iter, block_start, block_len, positions)
         # overlap: alternate two request groups (True), merge them (False), or decide from
         # measured times (None): alternate while processing a round costs over half a forward
@@ -44,7 +43,7 @@ class DllmScheduler(WorkerScheduler):
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
         try:
-            params = self.params.with_overrides(req.extra)
+            params = self.params.with_overrides(msg.dllm)
         except (ValueError, TypeError) as e:
             self.fail(req, f"bad request: {e}")
             return
@@ -97,7 +96,6 @@ class DllmScheduler(WorkerScheduler):
             top_k=sp.top_k, top_p=sp.top_p)
         self.num_commits += len(positions)
         self.num_block_forwards += 1
-        self.gauges["dllm_tokens_per_forward"] = self.num_commits / self.num_block_forwards
         if self.commit_trace is not None:
             self.commit_trace.append((req.rid, forward_iter, block.start, len(block), positions))
         if block.is_done(state.stop_ids):
@@ -108,7 +106,6 @@ class DllmScheduler(WorkerScheduler):
         req, block = state.req, state.block
         self.num_blocks += 1
         self.num_finished_block_forwards += block.num_steps
-        self.gauges["dllm_forwards_per_block"] = self.num_finished_block_forwards / self.num_blocks
         tokens, reason = [], None
         for tok in block.final_tokens(state.stop_ids):
             req.output_ids.append(tok)
@@ -133,6 +130,11 @@ class DllmScheduler(WorkerScheduler):
     @property
     def num_queue_reqs(self) -> int:
         return len(self.rounds.waiting)
+
+    def heartbeat_stats(self) -> dict:
+        return {**super().heartbeat_stats(),
+                "dllm_tokens_per_forward": self.num_commits / max(1, self.num_block_forwards),
+                "dllm_forwards_per_block": self.num_finished_block_forwards / max(1, self.num_blocks)}
 
 
 def _average(avg: float, x: float, weight: float = 0.2) -> float:

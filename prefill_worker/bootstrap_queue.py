@@ -10,13 +10,14 @@ import time
 from typing import Optional
 
 from cluster.runtime.schedule_batch import Req
+from cluster.wire.messages import Peer
 
 
 class BootstrapQueue:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self.waiting: dict[str, tuple[Req, float]] = {}        # rid -> (req, deadline)
-        self.early_ready: dict[str, tuple[dict, float]] = {}   # rid -> (decode peer, deadline)
+        self.early_ready: dict[str, tuple[Peer, float]] = {}   # rid -> (decode peer, deadline)
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -31,7 +32,7 @@ class BootstrapQueue:
         return None
 
     def mark_ready(self, rid: str, decode_worker_id: str, decode_data_addr: str) -> Optional[Req]:
-        peer = {"worker_id": decode_worker_id, "data_addr": decode_data_addr}
+        peer = Peer(decode_worker_id, decode_data_addr)
         entry = self.waiting.pop(rid, None)
         if entry is None:
             self.early_ready[rid] = (peer, time.monotonic() + self.timeout_s)

@@ -7,7 +7,7 @@ from collections import defaultdict
 from typing import Optional
 
 from cluster.wire import protocol as P
-from cluster.runtime.stats import PrefillStats
+from cluster.runtime.stats import KvTransferStats, PrefillStats
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
@@ -26,6 +26,7 @@ class PrefillScheduler(WorkerScheduler):
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
+        self.kv_transfer = KvTransferStats()
 
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
@@ -57,7 +58,7 @@ class PrefillScheduler(WorkerScheduler):
             acked = self.inflight_queue.ack(rid)
             if acked is not None:
                 req, seconds, num_bytes = acked
-                self.record_kv_transfer(num_bytes, seconds)
+                self.kv_transfer.record(num_bytes, seconds)
                 req.finish_reason = "handed_off"
                 self.release(req)
         for rid, reason in msg.failed.items():
@@ -75,7 +76,7 @@ class PrefillScheduler(WorkerScheduler):
         for req in self.bootstrap_queue.pop_expired():
             self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s")
         for req in self.inflight_queue.pop_expired():
-            self.fail(req, f"no kv_ack from {req.peer['worker_id']} within {self.inflight_queue.timeout_s:g}s")
+            self.fail(req, f"no kv_ack from {req.peer.worker_id} within {self.inflight_queue.timeout_s:g}s")
         return self.prefill.schedule(num_running=0)
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
@@ -93,7 +94,7 @@ class PrefillScheduler(WorkerScheduler):
             if req.is_finished:
                 continue                                # aborted while its forward ran
             lp = logprobs[i] if logprobs is not None and req.sampling.logprobs else None
-            by_dest[req.peer["data_addr"]].append((req, tokens[i], lp))
+            by_dest[req.peer.data_addr].append((req, tokens[i], lp))
         forward_s = result.timings.get("model_s", 0.0)
         for addr, items in by_dest.items():
             reqs, tensors = [], []
@@ -101,9 +102,9 @@ class PrefillScheduler(WorkerScheduler):
                 t0 = time.perf_counter()
                 kv = self.runner.export_kv(req.page_table, req.kv_len)
                 logger.debug("%s: kv_batch to %s [%d]: %s kv_len=%d forward_s=%.3f export_s=%.3f",
-                             self.worker_id, req.peer["worker_id"], batch.forward_iter, req.rid, req.kv_len,
+                             self.worker_id, req.peer.worker_id, batch.forward_iter, req.rid, req.kv_len,
                              forward_s, time.perf_counter() - t0)
-                reqs.append(P.kv_req(req.rid, token, req.kv_len, lp))
+                reqs.append(P.KvReq(req.rid, token, req.kv_len, lp))
                 tensors.append(kv)
                 self.inflight_queue.add(req, kv.numel() * kv.element_size())
                 self.cache.free(req)                    # the exported copy is what travels
@@ -123,8 +124,12 @@ class PrefillScheduler(WorkerScheduler):
 
     def heartbeat_stats(self) -> dict:
         stats = super().heartbeat_stats()
-        stats.update(num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue))
+        stats.update(num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue),
+                     kv_transfer_bytes_total=self.kv_transfer.bytes_total)
         return stats
+
+    def heartbeat_histograms(self) -> list:
+        return [self.kv_transfer.seconds.sample()]
 
     def num_protocol_errors(self) -> int:
         return super().num_protocol_errors() + self.data_plane.num_protocol_errors

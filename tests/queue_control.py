@@ -30,19 +30,19 @@ class QueueControl:
 
     def generate(self, rid: str, input_ids: list[int], **sampling) -> None:
         self.inbound.put(P.Generate(rid=rid, input_ids=list(input_ids),
-                                    sampling=SamplingParams(**sampling).to_wire()))
+                                    sampling=SamplingParams(**sampling)))
 
     def outputs(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for msg in self.sent:
             if isinstance(msg, P.Tokens):
                 for item in msg.items:
-                    out.setdefault(item["rid"], []).extend(item["token_ids"])
+                    out.setdefault(item.rid, []).extend(item.token_ids)
         return out
 
     def finished(self) -> dict[str, str]:
-        return {item["rid"]: item["finish_reason"] for msg in self.sent if isinstance(msg, P.Tokens)
-                for item in msg.items if item["finish_reason"]}
+        return {item.rid: item.finish_reason for msg in self.sent if isinstance(msg, P.Tokens)
+                for item in msg.items if item.finish_reason}
 
     def errors(self) -> list:
         return [m for m in self.sent if isinstance(m, P.Error)]

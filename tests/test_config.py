@@ -168,7 +168,7 @@ def test_bad_type_names_key(tmp_path, text, key, reason):
     ("[timeouts]\nrequest = 0\n", "timeouts.request"),
     ('[[dllm]]\nmodel = "d"\nalgorithm = "greedy"\n', "dllm[0].algorithm"),
     ('[[dllm]]\nmodel = "d"\nblock_size = 65\n', "dllm[0].block_size"),
-    ('[[dllm]]\nmodel = "d"\nthreshold = 0.0\n', "dllm[0].threshold"),
+    ('[[dllm]]\nmodel = "d"\nthreshold = 1.5\n', "dllm[0].threshold"),
     ('[[dllm]]\nmodel = "d"\nsteps_per_block = 0\n', "dllm[0].steps_per_block"),
     ("[[dllm]]\ncount = 1\n", "dllm[0].model"),
     ('[[dllm]]\nmodel = "smollm2-135m-instruct"\n', "dllm[0].model"),

@@ -10,7 +10,8 @@ import time
 import pytest
 import yaml
 
-from cluster.config import ROLE_PACKAGES, load_config
+from cluster.config import load_config
+from cluster.roles import ROLE_PACKAGES
 from cluster.launch import k8s
 from cluster.launch.cli import main as cli_main
 from cluster.router.__main__ import parse_args as router_parse_args

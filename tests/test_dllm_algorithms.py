@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from dllm.algorithms import (ban_tokens, choose_tokens, commit_low_confidence, fixed_steps_plan,
                              most_confident)
 from dllm.block import ActiveBlock
-from dllm.params import DllmParams
+from cluster.dllm_params import DllmParams
 
 confidences = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=16)
 
@@ -111,14 +111,15 @@ def test_stop_ids_are_banned_before_min_tokens():
 
 
 @pytest.mark.parametrize("bad", [{"block_size": 0}, {"algorithm": "nope"}, {"threshold": 1.5},
-                                 {"steps_per_block": 0}, {"block_size": "4"}])
+                                 {"steps_per_block": 0}, {"block_size": "4"}, {"block_size": 65},
+                                 {"other": 1}])
 def test_bad_overrides_are_rejected(bad):
     with pytest.raises(ValueError):
         DllmParams().with_overrides(bad)
 
 
 def test_overrides_replace_only_dllm_keys():
-    p = DllmParams(block_size=2).with_overrides({"block_size": 8, "threshold": 1, "other": "x"})
+    p = DllmParams(block_size=2).with_overrides({"block_size": 8, "threshold": 1})
     assert p == DllmParams(block_size=8, threshold=1.0)
 
 

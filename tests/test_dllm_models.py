@@ -15,7 +15,7 @@ from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import Req
 from dllm.model_spec import DllmModelSpec, detect_spec
-from dllm.params import DllmParams
+from cluster.dllm_params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager
 from tests.test_dllm_scheduler import reqs, run_dllm
 
@@ -283,4 +283,4 @@ def test_checkpoint_serves_through_the_block_loop(which, params, llada_dir, sdar
                               overlap=True, spec=spec)
     for out in control.outputs().values():
         assert len(out) == 10 and MASK not in out and all(0 <= t < V for t in out)
-    assert sched.gauges["dllm_tokens_per_forward"] >= 1.0
+    assert sched.heartbeat_stats()["dllm_tokens_per_forward"] >= 1.0

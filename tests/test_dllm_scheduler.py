@@ -21,7 +21,7 @@ from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import ForwardMode, Req
 from dllm.model_spec import DllmModelSpec
-from dllm.params import DllmParams
+from cluster.dllm_params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager
 from dllm.scheduler import DllmScheduler
 from tests.queue_control import QueueControl
@@ -62,8 +62,8 @@ def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, tr
         sched.build_forward_input = lambda b: on_forward(b, build(b))
     free_before = runner.page_allocator.num_free_pages
     for rid, prompt, sampling, extra in requests:
-        control.inbound.put(P.Generate(rid=rid, input_ids=list(prompt), sampling=SamplingParams(**sampling).to_wire(),
-                                       extra=dict(extra)))
+        control.inbound.put(P.Generate(rid=rid, input_ids=list(prompt), sampling=SamplingParams(**sampling),
+                                       dllm=dict(extra)))
     loop = threading.Thread(target=sched.event_loop, daemon=True)
     loop.start()
     deadline = time.monotonic() + timeout
@@ -121,7 +121,7 @@ def test_prompt_is_never_modified_and_streamed_blocks_are_the_output(runner):
         assert seen[rid] == tuple(prompt)
     for msg in control.sent:
         for item in msg.items:
-            assert 1 <= len(item["token_ids"]) <= 4   # one message item per finished block
+            assert 1 <= len(item.token_ids) <= 4   # one message item per finished block
 
 
 def test_fixed_steps_commit_the_planned_count_each_step(runner):
@@ -132,8 +132,8 @@ def test_fixed_steps_commit_the_planned_count_each_step(runner):
         per_block.setdefault((rid, start, length), []).append(len(positions))
     for (_, _, length), counts in per_block.items():
         assert counts == {8: [3, 3, 2], 5: [2, 2, 1]}[length]
-    assert sched.gauges["dllm_forwards_per_block"] == pytest.approx(3.0)
-    assert sched.gauges["dllm_tokens_per_forward"] == pytest.approx(13 / 6)
+    assert sched.heartbeat_stats()["dllm_forwards_per_block"] == pytest.approx(3.0)
+    assert sched.heartbeat_stats()["dllm_tokens_per_forward"] == pytest.approx(13 / 6)
 
 
 def test_mask_token_never_comes_out(runner):
@@ -185,8 +185,8 @@ def test_per_request_overrides_win_over_group_defaults(runner):
 def test_bad_override_fails_only_that_request(runner):
     control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=False), "dllm-0", runner, control, DllmModelSpec.causal(0))
-    control.inbound.put(P.Generate(rid="bad", input_ids=[5, 6], sampling=SamplingParams().to_wire(),
-                                   extra={"algorithm": "nope"}))
+    control.inbound.put(P.Generate(rid="bad", input_ids=[5, 6], sampling=SamplingParams(),
+                                   dllm={"algorithm": "nope"}))
     sched.recv_requests()
     assert [e.rid for e in control.errors()] == ["bad"] and sched.reqs == {}
 
@@ -245,7 +245,7 @@ def test_merged_groups_under_overlap_keep_one_round_in_flight(runner):
     assert all(a >= b for a, b in zip(rounds, rounds[1:])), "a round left out a running request"
     forward = {it: t0 for _, it, t0, _ in sched.executor.trace}
     assert all(forward[it + 1] >= p1 for _, it, _, p1 in sched.trace if it + 1 in forward)
-    assert sched.reported_iters == [("prefill", i) for i in range(1, sched.forward_ct + 1)]
+    assert sched.stats.reported_iters == [("prefill", i) for i in range(1, sched.forward_ct + 1)]
 
 
 def test_a_long_prompt_is_chunked_and_answers_like_an_unchunked_one(runner):
@@ -256,7 +256,7 @@ def test_a_long_prompt_is_chunked_and_answers_like_an_unchunked_one(runner):
     whole = DllmScheduler(SchedulerConfig(overlap=False, max_prefill_tokens=4096), "dllm-0", runner, control,
                           DllmModelSpec.causal(PLACEHOLDER), params)
     control.inbound.put(P.Generate(rid="r0", input_ids=long_prompt,
-                                   sampling=SamplingParams(max_tokens=11, ignore_eos=True).to_wire()))
+                                   sampling=SamplingParams(max_tokens=11, ignore_eos=True)))
     while not control.finished():
         whole.normal_step()
     assert control.outputs()["r0"] == chunked["r0"] and len(chunked["r0"]) == 11
@@ -269,8 +269,8 @@ def test_abort_mid_answer_frees_the_request_and_spares_the_others(runner, overla
                           DllmModelSpec.causal(PLACEHOLDER), DllmParams(block_size=2, threshold=0.0))
     free_before = runner.page_allocator.num_free_pages
     long, short = SamplingParams(max_tokens=200, ignore_eos=True), SamplingParams(max_tokens=30, ignore_eos=True)
-    control.inbound.put(P.Generate(rid="long", input_ids=PROMPTS[0], sampling=long.to_wire()))
-    control.inbound.put(P.Generate(rid="short", input_ids=PROMPTS[1], sampling=short.to_wire()))
+    control.inbound.put(P.Generate(rid="long", input_ids=PROMPTS[0], sampling=long))
+    control.inbound.put(P.Generate(rid="short", input_ids=PROMPTS[1], sampling=short))
     loop = threading.Thread(target=sched.event_loop, daemon=True)
     loop.start()
     deadline = time.monotonic() + 60
@@ -323,7 +323,7 @@ def test_stop_string_ends_the_answer_mid_block(runner):
 def test_a_request_that_can_never_fit_fails_with_a_reason(runner):
     control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=False), "dllm-0", runner, control, DllmModelSpec.causal(0))
-    control.inbound.put(P.Generate(rid="huge", input_ids=[5, 6], sampling=SamplingParams(max_tokens=5000).to_wire()))
+    control.inbound.put(P.Generate(rid="huge", input_ids=[5, 6], sampling=SamplingParams(max_tokens=5000)))
     sched.recv_requests()
     assert sched.get_next_batch_to_run() is None
     assert [e.rid for e in control.errors()] == ["huge"] and "pages" in control.errors()[0].reason

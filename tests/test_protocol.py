@@ -12,12 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.wire import protocol as P
-from cluster.wire.protocol import ProtocolError, decode, encode, kv_req, tokens_item
+from cluster.wire.protocol import KvReq as kv_req, ProtocolError, TokensItem as tokens_item, decode, encode
 from cluster.sampling_params import SamplingParams
-from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 
 SAMPLING = SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=["\n"],
-                          stop_token_ids=[2], logprobs=True).to_wire()
+                          stop_token_ids=[2], logprobs=True)
 
 
 def kv(layers: int, prompt_len: int, heads: int, head_dim: int, dtype=torch.float32, seed=0):
@@ -25,33 +24,24 @@ def kv(layers: int, prompt_len: int, heads: int, head_dim: int, dtype=torch.floa
     return torch.randn(layers, 2, prompt_len, heads, head_dim, generator=g).to(dtype)
 
 
-def make_batch(forward_iter) -> ScheduleBatch:
-    reqs = [Req("a", [1, 2, 3], SamplingParams()), Req("b", [4, 5], SamplingParams(seed=1),
-                                                       output_ids=[9])]
-    return ScheduleBatch(reqs=reqs, mode=ForwardMode.EXTEND, extend_lens=[3, 2],
-                         prefix_lens=[0, 0], sample=[True, False], forward_iter=forward_iter)
-
-
 SIMPLE_MESSAGES = [
     P.Register("prefill-0", "prefill", "smollm2", {"num_pages": 2048, "page_size": 16,
                                                     "max_running_requests": 64},
                {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "dtype": "bfloat16",
                 "page_size": 16}, "tcp://127.0.0.1:5555", 1234),
-    P.Heartbeat("decode-0", 17, {"pdcluster:num_running_reqs": 3, "pdcluster:token_usage": 0.25}),
+    P.Heartbeat("decode-0", 17, {"pdcluster:num_running_reqs": 3, "pdcluster:token_usage": 0.25},
+                [P.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 1.5, 3)]),
     P.Generate("r1", [1, 2, 3], SAMPLING),
-    P.Generate("r2", list(range(5000)), SAMPLING, peer={"worker_id": "decode-0",
-               "data_addr": "tcp://127.0.0.1:1"}, model="m",
-               extra={"block_size": 8, "algorithm": "low_confidence", "threshold": 0.9,
-                      "greedy": True}, output_ids=[7, 8]),
+    P.Generate("r2", list(range(5000)), SAMPLING, peer=P.Peer("decode-0", "tcp://127.0.0.1:1"),
+               model="m", dllm={"block_size": 8, "algorithm": "low_confidence", "threshold": 0.9},
+               output_ids=[7, 8]),
+    P.Reprefill("r3", [1, 2], SAMPLING, [7, 8, 9], P.Peer("decode-1", "tcp://127.0.0.1:2")),
     P.DecodeReady("r1", "decode-0", "tcp://127.0.0.1:6000"),
     P.KvAck(["r1", "r2"], {"r3": "no pages"}, "decode-0"),
     P.Tokens("decode-0", [tokens_item("r1", [5, 6], None, None, [-0.5, -math.inf]),
                           tokens_item("r2", [], "stop", None), tokens_item("r3", [], None, "boom")]),
     P.Abort("r1", "client gone"),
     P.Error("r1", "decode worker died", "decode-0"),
-    P.Batch(make_batch(17).to_wire()),
-    P.Batch(make_batch(None).to_wire()),
-    P.Shutdown("sigterm"),
 ]
 
 
@@ -76,12 +66,18 @@ def test_long_input_ids_travel_as_int32_frame_and_come_back_as_list():
     assert got.input_ids == list(range(1000)) and type(got.input_ids[0]) is int
 
 
-@pytest.mark.parametrize("forward_iter", [None, 0, 17, 2**40])
-def test_batch_keeps_forward_iter(forward_iter):
-    batch = make_batch(forward_iter)
-    back = ScheduleBatch.from_wire(decode(encode(P.Batch(batch.to_wire()))).batch)
-    assert back.forward_iter == forward_iter
-    assert back.to_wire() == batch.to_wire()
+@pytest.mark.parametrize("forward_iter", [0, 17, 2**40])
+def test_kv_batch_keeps_forward_iter(forward_iter):
+    msg = P.KvBatch(forward_iter, "prefill-0", [kv_req("r", 1, 2)], [kv(1, 2, 1, 2)])
+    assert decode(encode(msg)).forward_iter == forward_iter
+
+
+def test_nested_items_decode_as_their_types():
+    got = decode(encode(SIMPLE_MESSAGES[3]))
+    assert isinstance(got.sampling, SamplingParams) and isinstance(got.peer, P.Peer)
+    assert got.peer.worker_id == "decode-0" and got.sampling.seed == 3
+    tokens = decode(encode(SIMPLE_MESSAGES[7]))
+    assert all(isinstance(i, P.TokensItem) for i in tokens.items) and tokens.items[2].error == "boom"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -133,9 +129,11 @@ def test_encode_refuses_bad_messages():
     with pytest.raises(ProtocolError, match="prompt_len"):
         encode(P.KvBatch(1, "p", [kv_req("r", 1, 5)], [kv(1, 4, 1, 2)]))
     with pytest.raises(ProtocolError, match="top_p"):
-        encode(P.Generate("r", [1], {**SAMPLING, "top_p": 2.0}))
-    with pytest.raises(ProtocolError, match="extra"):
-        encode(P.Generate("r", [1], SAMPLING, extra={"steps": [1, 2]}))
+        encode(P.Generate("r", [1], {**SAMPLING.to_wire(), "top_p": 2.0}))
+    with pytest.raises(ProtocolError, match="dllm"):
+        encode(P.Generate("r", [1], SAMPLING, dllm={"steps": [1, 2]}))
+    with pytest.raises(ProtocolError, match="block_size"):
+        encode(P.Generate("r", [1], SAMPLING, dllm={"block_size": 65}))
     with pytest.raises(ProtocolError, match="tensor"):
         encode(P.KvBatch(1, "p", [kv_req("r", 1, 1)], [torch.zeros(1, 2, 1, 1, 1, dtype=torch.complex64)]))
 
@@ -173,13 +171,17 @@ BAD_INPUTS = {
     "extra key": _with_body([encode(P.Abort("r", "x"))[0]], why="x"),
     "wrong type": _with_body([encode(P.Abort("r", "x"))[0]], rid=5),
     "bool as int": _with_body([encode(P.Heartbeat("w", 1))[0]], forward_ct=True),
-    "negative length": _with_body(_kv_frames(), reqs=[kv_req("r", 1, -4)]),
+    "negative length": _with_body(_kv_frames(), reqs=[{"rid": "r", "first_token": 1, "prompt_len": -4,
+                                                       "first_logprob": None}]),
     "bin in body": _with_body([encode(P.Abort("r", "x"))[0]], reason=b"bytes"),
     "bad role": _with_body(encode(SIMPLE_MESSAGES[0]), role="leader"),
-    "bad batch mode": [msgpack.packb({"v": 1, "type": "batch", "batch": {**make_batch(1).to_wire(), "mode": "x"}})],
-    "batch lengths": [msgpack.packb({"v": 1, "type": "batch", "batch": {**make_batch(1).to_wire(), "sample": [True]}})],
-    "batch forward_iter str": [msgpack.packb({"v": 1, "type": "batch", "batch": {**make_batch(1).to_wire(), "forward_iter": "1"}})],
-    "logprobs length": _with_body(encode(SIMPLE_MESSAGES[6]), items=[tokens_item("r", [1, 2], logprobs=[0.0])]),
+    "logprobs length": _with_body(encode(SIMPLE_MESSAGES[7]),
+                                  items=[{"rid": "r", "token_ids": [1, 2], "finish_reason": None,
+                                          "error": None, "logprobs": [0.0]}]),
+    "sampling bound": _with_body(encode(SIMPLE_MESSAGES[2]), sampling={**SAMPLING.to_wire(), "max_tokens": 0}),
+    "sampling missing field": _with_body(encode(SIMPLE_MESSAGES[2]), sampling={"max_tokens": 4}),
+    "histogram counts": _with_body(encode(SIMPLE_MESSAGES[1]), histograms=[
+        {"name": "h", "bounds": [1.0], "counts": [1], "sum": 0.0, "count": 1}]),
     "missing tensor frame": _kv_frames()[:-1],
     "extra frame": _kv_frames() + [b"\x00" * 8],
     "byte count mismatch": _kv_frames()[:-1] + [_kv_frames()[-1] + b"\x00"],
@@ -204,7 +206,8 @@ def test_malformed_input_raises_protocol_error(frames):
 
 
 def test_error_names_the_field():
-    frames = _with_body(encode(SIMPLE_MESSAGES[6]), items=[tokens_item("r", [1, "x"])])
+    frames = _with_body(encode(SIMPLE_MESSAGES[7]), items=[{"rid": "r", "token_ids": [1, "x"], "finish_reason": None,
+                                                            "error": None, "logprobs": None}])
     with pytest.raises(ProtocolError, match=r"tokens\.items\.token_ids\[1\]|items\[0\]"):
         decode(frames)
 

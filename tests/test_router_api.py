@@ -68,10 +68,12 @@ class ScriptedWorker:
     """A worker process stand-in: registers, heartbeats, and answers `generate` via `reply`."""
 
     def __init__(self, endpoint: str, worker_id: str, role: str, model: str,
-                 reply: Optional[Reply] = None, stats: Optional[dict] = None):
+                 reply: Optional[Reply] = None, stats: Optional[dict] = None,
+                 histograms: Optional[list] = None):
         from cluster.wire.transport import ControlClient
         self.worker_id, self.role, self.reply = worker_id, role, reply
         self.stats = stats or {}
+        self.histograms = histograms or []
         self.received: list = []
         self.client = ControlClient(endpoint, worker_id)
         self.client.send(protocol.Register(
@@ -90,7 +92,8 @@ class ScriptedWorker:
         while not self._stop.is_set():
             if self.heartbeats and time.monotonic() >= next_beat:
                 self.client.send(protocol.Heartbeat(worker_id=self.worker_id, forward_ct=3,
-                                                    stats=dict(self.stats)))
+                                                    stats=dict(self.stats),
+                                                    histograms=list(self.histograms)))
                 next_beat = time.monotonic() + 0.2
             msg = self.client.recv(timeout=0.05)
             if msg is None:
@@ -102,7 +105,7 @@ class ScriptedWorker:
     def tokens(self, rid: str, ids: list[int], finish: Optional[str] = None,
                error: Optional[str] = None, logprobs=None) -> None:
         self.client.send(protocol.Tokens(worker_id=self.worker_id, items=[
-            protocol.tokens_item(rid, ids, finish, error, logprobs)]))
+            protocol.TokensItem(rid, list(ids), finish, error, logprobs)]))
 
     def close(self) -> None:
         self._stop.set()
@@ -282,10 +285,9 @@ METRIC_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="
 
 def test_metrics_text_parses_and_exports_worker_gauges(router):
     stats = {"num_running_reqs": 2, "num_queue_reqs": 1, "token_usage": 0.25,
-             "kv_transfer_bytes_total": 4096, "kv_transfer_seconds_sum": 0.5,
-             "kv_transfer_seconds_count": 3, "kv_transfer_seconds_bucket_0.1": 1,
-             "kv_transfer_seconds_bucket_1.0": 3, "protocol_errors_total": 0}
-    router.worker("decode-0", "decode", MODEL, stats=stats)
+             "kv_transfer_bytes_total": 4096, "protocol_errors_total": 0}
+    histograms = [protocol.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 0.5, 3)]
+    router.worker("decode-0", "decode", MODEL, stats=stats, histograms=histograms)
     assert wait_for(lambda: router.dispatcher.worker_stats()
                     and router.dispatcher.worker_stats()[0][2])
     resp = router.http.get("/metrics")
@@ -345,8 +347,8 @@ def test_generate_goes_to_both_sides_of_a_pair_with_peers(router, tokenizers):
     assert body["usage"]["completion_tokens"] == len(ids)
     gp, gd = prefill.received[0], decode.received[0]
     assert gp.rid == gd.rid and gp.input_ids == gd.input_ids == tok.encode("Hello")
-    assert gp.peer["worker_id"] == "decode-0" and gd.peer["worker_id"] == "prefill-0"
-    assert gp.sampling["max_tokens"] == 8
+    assert gp.peer.worker_id == "decode-0" and gd.peer.worker_id == "prefill-0"
+    assert gp.sampling.max_tokens == 8
 
 
 def test_stream_trims_stop_string_and_ends_with_done(router):
@@ -404,7 +406,7 @@ def test_dead_decode_resumes_on_another_pair_with_sent_tokens(make_router):
     assert events[-1] == "[DONE]"
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == " alpha beta gamma delta"
     resumed = decode1.received[0]
-    assert resumed.output_ids == ids[:2] and resumed.sampling["max_tokens"] == len(ids) - 2
+    assert resumed.output_ids == ids[:2] and resumed.sampling.max_tokens == len(ids) - 2
 
 
 def test_launcher_exit_notice_fails_over_at_once_and_internal_endpoints_are_guarded(make_router):

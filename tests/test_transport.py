@@ -15,9 +15,8 @@ import torch
 import zmq
 
 from cluster.wire import protocol as P
-from cluster.wire.protocol import encode, kv_req
+from cluster.wire.protocol import KvReq as kv_req, encode
 from cluster.sampling_params import SamplingParams
-from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.wire.transport import ControlClient, ControlServer, DataPlane
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,10 +67,10 @@ def test_client_queues_until_the_router_binds():
     endpoint = probe.endpoint
     probe.close()
     with ControlClient(endpoint, "prefill-0") as client:
-        client.send(P.Shutdown("early"))
+        client.send(P.Abort("r", "early"))
         time.sleep(0.2)
         with ControlServer(endpoint) as late:
-            assert late.recv(T) == ("prefill-0", P.Shutdown("early"))
+            assert late.recv(T) == ("prefill-0", P.Abort("r", "early"))
 
 
 @pytest.mark.parametrize("kind", ["control", "data"])
@@ -94,7 +93,7 @@ def test_garbage_frames_are_counted_and_the_socket_keeps_working(kind, raw_ctx):
 
 
 def test_send_to_unknown_worker_is_dropped_and_counted(server):
-    server.send("nobody", P.Shutdown("x"))
+    server.send("nobody", P.Abort("r", "x"))
     with ControlClient(server.endpoint, "w") as client:
         client.send(P.Abort("r", "x"))
         assert server.recv(T) is not None
@@ -135,9 +134,9 @@ def test_on_message_callback_replaces_the_queue():
     seen, done = [], threading.Event()
     with ControlServer(on_message=lambda item: (seen.append(item), done.set())) as server:
         with ControlClient(server.endpoint, "w") as client:
-            client.send(P.Shutdown("x"))
+            client.send(P.Abort("r", "x"))
             assert done.wait(T)
-            assert seen == [("w", P.Shutdown("x"))] and server.recv(0.05) is None
+            assert seen == [("w", P.Abort("r", "x"))] and server.recv(0.05) is None
 
 
 def test_data_plane_moves_kv_batch_between_workers():
@@ -158,7 +157,7 @@ def test_data_plane_moves_kv_batch_between_workers():
 
 CHILD = r"""
 import os, sys, time
-from cluster.wire.protocol import Register, Shutdown
+from cluster.wire.protocol import Abort, Register
 from cluster.wire.transport import ControlClient, DataPlane
 client, data = ControlClient(sys.argv[1], "decode-0"), DataPlane("decode-0")
 client.send(Register("decode-0", "decode", "m", {"num_pages": 8, "page_size": 16,
@@ -167,7 +166,7 @@ client.send(Register("decode-0", "decode", "m", {"num_pages": 8, "page_size": 16
 deadline = time.monotonic() + 120
 while time.monotonic() < deadline:
     msg = client.recv(0.02)
-    if isinstance(msg, Shutdown):
+    if isinstance(msg, Abort) and msg.rid == "stop":
         break
     if msg is not None:
         client.send(msg)                          # echo control messages
@@ -185,11 +184,10 @@ def test_two_process_round_trip_keeps_forward_iter_and_tensors_bit_exact(server)
     try:
         worker, reg = server.recv(120)                          # the child imports torch
         assert (worker, reg.role) == ("decode-0", "decode")
-        batch = ScheduleBatch([Req("a", [1, 2, 3], SamplingParams(seed=4), output_ids=[8])],
-                              ForwardMode.DECODE, forward_iter=17)
-        server.send("decode-0", P.Batch(batch.to_wire()))
-        got = ScheduleBatch.from_wire(server.recv(T)[1].batch)
-        assert got.forward_iter == 17 and got.to_wire() == batch.to_wire()
+        generate = P.Generate("a", [1, 2, 3], SamplingParams(seed=4, min_tokens=2),
+                              peer=P.Peer("prefill-0", "tcp://127.0.0.1:1"), output_ids=[8])
+        server.send("decode-0", generate)
+        assert server.recv(T)[1] == generate
 
         tensors = [torch.randn(3, 2, 5000, 2, 64).to(torch.bfloat16),   # 7.3 MiB: 2 frames
                    torch.randn(3, 2, 7, 2, 64)]
@@ -197,10 +195,10 @@ def test_two_process_round_trip_keeps_forward_iter_and_tensors_bit_exact(server)
             prefill.send_to(reg.data_addr, P.KvBatch(
                 23, "prefill-0", [kv_req("a", 1, 5000, -0.25), kv_req("b", 2, 7)], tensors))
             _, kv = server.recv(T)
-        assert kv.forward_iter == 23 and kv.reqs[0]["first_logprob"] == -0.25
+        assert kv.forward_iter == 23 and kv.reqs[0].first_logprob == -0.25
         for a, b in zip(tensors, kv.tensors):
             assert b.dtype == a.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        server.send("decode-0", P.Shutdown("done"))
+        server.send("decode-0", P.Abort("stop", "done"))
         assert child.wait(T) == 0
         assert server.num_protocol_errors == 0
     finally:

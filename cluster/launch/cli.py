@@ -18,7 +18,8 @@ import tempfile
 from dataclasses import replace
 
 from cluster import bench
-from cluster.config import ROLE_PACKAGES, ConfigError, load_config
+from cluster.config import ConfigError, load_config
+from cluster.roles import ROLE_PACKAGES
 
 
 def _log_dir(arg) -> str:

@@ -25,7 +25,8 @@ import math
 import os
 from typing import Optional
 
-from cluster.config import ROLE_PACKAGES, ClusterConfig
+from cluster.config import ClusterConfig
+from cluster.roles import ROLE_PACKAGES
 
 ROUTER = "pdcluster-router"
 CONFIG_MAP = "pdcluster-config"

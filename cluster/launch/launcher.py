@@ -27,10 +27,10 @@ import httpx
 
 from cluster.launch.child_process import Child, stop_processes
 from cluster.wire import curve
-from cluster.config import ROLE_PACKAGES, ClusterConfig
+from cluster.config import ClusterConfig
+from cluster.roles import ROLE_PACKAGES, ROUTER_TOKEN_ENV, threads_per_worker
 
 log = logging.getLogger("pdcluster.launcher")
-TOKEN_ENV = "PDCLUSTER_ROUTER_TOKEN"
 ROUTER_START_S = 120.0
 DRAIN_S = 5.0
 KILL_AFTER_S = 10.0
@@ -53,11 +53,6 @@ def concrete_control(endpoint: str) -> str:
         s.bind((host if host != "*" else "0.0.0.0", 0))
         port = s.getsockname()[1]
     return endpoint[:-1] + str(port)
-
-
-def threads_per_worker(cfg: ClusterConfig, wid: str) -> int:
-    n = cfg.group_of(wid).scheduler.threads
-    return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, len(cfg.worker_ids())))
 
 
 def restart_backoff(num_restarts: int) -> float:
@@ -83,7 +78,7 @@ class Launcher:
     # startup
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
-        base_env = {**os.environ, TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1",
+        base_env = {**os.environ, ROUTER_TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1",
                     **self._curve_env()}
         r = self.cfg.router
         self.router = Child("router", [sys.executable, "-m", "cluster.router", "--config",
@@ -99,7 +94,7 @@ class Launcher:
             argv = [sys.executable, "-m", ROLE_PACKAGES[group.role], "--config",
                     self.config_path, "--worker-id", wid, "--router", self.control,
                     "--log-dir", self.log_dir]
-            env = {**base_env, "PDCLUSTER_THREADS": n, "OMP_NUM_THREADS": n,
+            env = {**base_env, "OMP_NUM_THREADS": n,
                    "MKL_NUM_THREADS": n}
             # reuse freed heap for big KV buffers instead of a fresh mmap per kv_batch
             # (BENCHMARKS.md, "Wire codec": 1.09 -> 1.68 GB/s for split 64 MiB tensors)

@@ -18,12 +18,12 @@ from dataclasses import replace
 import uvicorn
 
 from cluster.config import ConfigError, default_config, load_config
+from cluster.roles import ROUTER_TOKEN_ENV
 from cluster.router.app import create_app
 from cluster.router.dispatcher import Dispatcher
 from cluster.router.service import RouterService
 
 log = logging.getLogger("pdcluster.router")
-TOKEN_ENV = "PDCLUSTER_ROUTER_TOKEN"
 
 
 class DrainingServer(uvicorn.Server):
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         print(f"error: cannot load the tokenizer: {e}", file=sys.stderr)
         dispatcher.close()
         return 1
-    app = create_app(service, os.environ.get(TOKEN_ENV, ""))
+    app = create_app(service, os.environ.get(ROUTER_TOKEN_ENV, ""))
     config = uvicorn.Config(app, host=cfg.router.host, port=cfg.router.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=2, lifespan="off")
     server = DrainingServer(config, service, args.drain_timeout)

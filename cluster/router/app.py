@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.roles import ROLES
 from cluster.router.errors import APIError, bad_request, error_body
 from cluster.router.metrics import labeled_counter, render_worker_stats
 from cluster.router.openai_request import parse_chat, parse_completion
@@ -147,7 +148,7 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
     async def health():
         d = service.dispatcher
         with d.lock:
-            counts = {r: d.directory.count(r) for r in ("prefill", "decode", "unified", "dllm")}
+            counts = {r: d.directory.count(r) for r in ROLES}
             ok = d.directory.can_serve_main() and not service.is_draining
         body = {"status": "ok" if ok else ("draining" if service.is_draining else "unavailable"),
                 "workers": counts, "num_requests_in_flight": d.num_in_flight}

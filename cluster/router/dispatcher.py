@@ -130,7 +130,7 @@ class Dispatcher:
         for info, peer in zip(infos, peers):
             self._send(info.worker_id, protocol.Generate(
                 rid=st.wire_rid, input_ids=list(st.input_ids), sampling=sampling, peer=peer,
-                model=st.model, extra=dict(st.extra), output_ids=list(st.output_ids)))
+                model=st.model, dllm=dict(st.dllm), output_ids=list(st.output_ids)))
 
     def _redispatch(self, st: RequestState, reason: str) -> None:
         """Move `st` off its workers (already aborted/dead) onto new ones, or park it."""
@@ -231,6 +231,7 @@ class Dispatcher:
             self._retry_parked()
         info.last_seen = time.monotonic()
         info.stats = dict(msg.stats)
+        info.histograms = list(msg.histograms)
         info.forward_ct = msg.forward_ct
 
     def _on_tokens(self, sender: str, msg) -> None:
@@ -238,16 +239,16 @@ class Dispatcher:
         if info is not None:
             info.last_seen = time.monotonic()
         for item in msg.items:
-            st = self.requests.get(item["rid"])
+            st = self.requests.get(item.rid)
             if st is None or st.token_source != sender:
                 continue                                   # finished, aborted or stale attempt
-            if item["error"]:
-                self._fail_and_abort(st, f"worker {sender}: {item['error']}", sender)
+            if item.error:
+                self._fail_and_abort(st, f"worker {sender}: {item.error}", sender)
                 continue
-            st.output_ids += item["token_ids"]
+            st.output_ids += item.token_ids
             st.last_progress = time.monotonic()
-            event = TokensEvent(list(item["token_ids"]), item["logprobs"], item["finish_reason"])
-            if item["finish_reason"] is not None:
+            event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason)
+            if item.finish_reason is not None:
                 self._finish(st, event)
             else:
                 st.sink(event)
@@ -303,7 +304,7 @@ class Dispatcher:
         with self.lock:
             return [w.describe(now) for w in self.directory.workers.values()]
 
-    def worker_stats(self) -> list[tuple[str, str, dict]]:
+    def worker_stats(self) -> list[tuple[str, str, dict, list]]:
         with self.lock:
-            return [(w.role, w.worker_id, dict(w.stats))
+            return [(w.role, w.worker_id, dict(w.stats), list(w.histograms))
                     for w in sorted(self.directory.workers.values(), key=lambda w: w.worker_id)]

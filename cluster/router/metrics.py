@@ -3,19 +3,21 @@
 Router: `pdcluster:time_to_first_token_seconds`, `pdcluster:inter_token_latency_seconds`,
 `pdcluster:e2e_request_latency_seconds` (histograms), `pdcluster:requests_total{outcome}`,
 `pdcluster:num_requests_in_flight`. Workers: every numeric heartbeat stat `S` becomes
-`pdcluster:S{role,worker}` - a counter when `S` ends in `_total`, else a gauge - except the
-KV transfer histogram, sent as `kv_transfer_seconds_bucket_<le>` (cumulative counts),
-`kv_transfer_seconds_sum` and `kv_transfer_seconds_count`, which is exported as one real
-histogram, and `{reason: count}` stats ending in `_total`, exported with a `reason` label
-(`pdcluster:rejected_frames_total{reason}`). `pdcluster:worker_up{role,worker}` is 1 for every registered, live worker.
+`pdcluster:S{role,worker}` - a counter when `S` ends in `_total`, else a gauge; a
+`{reason: count}` stat ending in `_total` is a counter with a `reason` label
+(`pdcluster:rejected_frames_total{reason}`); every histogram a heartbeat carries (typed
+`HistogramSample`s, e.g. prefill's `kv_transfer_seconds`) is exported as a histogram with
+the same labels. `pdcluster:worker_up{role,worker}` is 1 for every registered, live worker.
 """
 from __future__ import annotations
 
-import bisect
 import math
 import re
 import threading
 from collections import Counter
+
+from cluster.histogram import Histogram
+from cluster.wire.messages import HistogramSample
 
 PREFIX = "pdcluster:"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
@@ -25,7 +27,9 @@ ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0)
 OUTCOMES = ("success", "error", "timeout", "aborted", "rejected")
-HISTOGRAM_STATS = ("kv_transfer_seconds",)
+HELP = {"time_to_first_token_seconds": "Time from request arrival to its first token.",
+        "inter_token_latency_seconds": "Time between consecutive output tokens.",
+        "e2e_request_latency_seconds": "Time from request arrival to its last token."}
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -48,26 +52,15 @@ def format_labels(labels: dict) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc)) + "}"
 
 
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: tuple):
-        self.name, self.help, self.buckets = name, help, tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)    # last: above every bound
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {PREFIX}{self.name} {self.help}", f"# TYPE {PREFIX}{self.name} histogram"]
-        cumulative = 0
-        for le, n in zip(self.buckets + (math.inf,), self.counts):
-            cumulative += n
-            lines.append(f'{PREFIX}{self.name}_bucket{{le="{format_value(le)}"}} {cumulative}')
-        lines.append(f"{PREFIX}{self.name}_sum {format_value(self.sum)}")
-        lines.append(f"{PREFIX}{self.name}_count {self.count}")
-        return lines
+def render_histogram(sample: HistogramSample, labels: dict) -> list[str]:
+    """The `_bucket` (cumulative), `_sum` and `_count` lines of one histogram sample."""
+    name, lines, cumulative = PREFIX + sample.name, [], 0
+    for le, n in zip(list(sample.bounds) + [math.inf], sample.counts):
+        cumulative += n
+        lines.append(f"{name}_bucket{format_labels({**labels, 'le': format_value(le)})} {cumulative}")
+    lines.append(f"{name}_sum{format_labels(labels)} {format_value(sample.sum)}")
+    lines.append(f"{name}_count{format_labels(labels)} {sample.count}")
+    return lines
 
 
 class RouterMetrics:
@@ -75,18 +68,14 @@ class RouterMetrics:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.ttft = Histogram("time_to_first_token_seconds",
-                              "Time from request arrival to its first token.", TTFT_BUCKETS)
-        self.itl = Histogram("inter_token_latency_seconds",
-                             "Time between consecutive output tokens.", ITL_BUCKETS)
-        self.e2e = Histogram("e2e_request_latency_seconds",
-                             "Time from request arrival to its last token.", E2E_BUCKETS)
+        self.ttft = Histogram("time_to_first_token_seconds", TTFT_BUCKETS)
+        self.itl = Histogram("inter_token_latency_seconds", ITL_BUCKETS)
+        self.e2e = Histogram("e2e_request_latency_seconds", E2E_BUCKETS)
         self.outcomes: Counter = Counter({o: 0 for o in OUTCOMES})
 
     def observe(self, histogram: Histogram, value: float, times: int = 1) -> None:
         with self._lock:
-            for _ in range(times):
-                histogram.observe(value)
+            histogram.observe(value, times)
 
     def count_outcome(self, outcome: str) -> None:
         with self._lock:
@@ -94,7 +83,10 @@ class RouterMetrics:
 
     def render(self, num_in_flight: int) -> list[str]:
         with self._lock:
-            lines = self.ttft.render() + self.itl.render() + self.e2e.render()
+            lines = []
+            for h in (self.ttft, self.itl, self.e2e):
+                lines += [f"# HELP {PREFIX}{h.name} {HELP[h.name]}", f"# TYPE {PREFIX}{h.name} histogram"]
+                lines += render_histogram(h.sample(), {})
             lines += [f"# HELP {PREFIX}requests_total Finished requests by outcome.",
                       f"# TYPE {PREFIX}requests_total counter"]
             lines += [f'{PREFIX}requests_total{{outcome="{o}"}} {n}'
@@ -105,19 +97,17 @@ class RouterMetrics:
         return lines
 
 
-def render_worker_stats(workers: list[tuple[str, str, dict]]) -> list[str]:
-    """Prometheus lines for [(role, worker_id, stats)], grouped by metric name."""
+def render_worker_stats(workers: list[tuple[str, str, dict, list]]) -> list[str]:
+    """Prometheus lines for [(role, worker_id, gauges, histogram samples)], grouped by name."""
     samples: dict[str, list[str]] = {}
     types: dict[str, str] = {}
-    for role, worker_id, stats in workers:
+    for role, worker_id, stats, histograms in workers:
         labels = {"role": role, "worker": worker_id}
         name = f"{PREFIX}worker_up"
         types[name] = "gauge"
         samples.setdefault(name, []).append(f"{name}{format_labels(labels)} 1")
-        for base in HISTOGRAM_STATS:
-            _histogram_from_stats(base, stats, labels, samples, types)
         for key, value in stats.items():
-            if any(key.startswith(b) for b in HISTOGRAM_STATS) or not _NAME.fullmatch(key):
+            if not _NAME.fullmatch(key):
                 continue
             if isinstance(value, dict) and key.endswith("_total"):     # {reason: count}
                 name = PREFIX + key
@@ -130,6 +120,10 @@ def render_worker_stats(workers: list[tuple[str, str, dict]]) -> list[str]:
             types[name] = "counter" if key.endswith("_total") else "gauge"
             samples.setdefault(name, []).append(f"{name}{format_labels(labels)} "
                                                 f"{format_value(value)}")
+        for h in histograms:
+            if _NAME.fullmatch(h.name):
+                types[PREFIX + h.name] = "histogram"
+                samples.setdefault(PREFIX + h.name, []).extend(render_histogram(h, labels))
     lines = []
     for name in sorted(samples):
         lines.append(f"# TYPE {name} {types[name]}")
@@ -141,29 +135,3 @@ def labeled_counter(name: str, labels: dict, counts: dict) -> list[str]:
     """`name{labels...,reason=R} N` per reason: a stat sent as {reason: count}."""
     return [f"{name}{format_labels({**labels, 'reason': str(r)})} {format_value(n)}"
             for r, n in sorted(counts.items()) if isinstance(n, (int, float))]
-
-
-def _histogram_from_stats(base: str, stats: dict, labels: dict, samples: dict, types: dict):
-    prefix = f"{base}_bucket_"
-    buckets = []
-    for key, value in stats.items():
-        if key.startswith(prefix) and isinstance(value, (int, float)):
-            try:
-                buckets.append((float(key[len(prefix):]), value))
-            except ValueError:
-                continue
-    count = stats.get(f"{base}_count")
-    total = stats.get(f"{base}_sum")
-    if count is None and not buckets:
-        return
-    name = PREFIX + base
-    types[name] = "histogram"
-    buckets.sort()
-    if not buckets or not math.isinf(buckets[-1][0]):
-        buckets.append((math.inf, count if count is not None else buckets[-1][1]))
-    out = samples.setdefault(name, [])
-    for le, n in buckets:
-        out.append(f"{name}_bucket{format_labels({**labels, 'le': format_value(le)})} "
-                   f"{format_value(n)}")
-    out.append(f"{name}_sum{format_labels(labels)} {format_value(total or 0.0)}")
-    out.append(f"{name}_count{format_labels(labels)} {format_value(count or buckets[-1][1])}")

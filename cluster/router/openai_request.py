@@ -5,14 +5,17 @@ the OpenAI error shape and names the offending parameter (FastAPI's 422 is never
 Unknown fields are ignored, as OpenAI-compatible servers do (`user`, `metadata`, ...).
 `extra_body` fields arrive at the top level; the DLLM ones (`block_size`, `algorithm`,
 `threshold`, `steps_per_block`) are only accepted for a model served by dllm workers.
+Bounds of sampling and DLLM values are their types' (`SamplingParams`, `DllmParams`); here
+only the JSON shapes and the OpenAI API's own limits (temperature <= 2, penalties in [-2, 2]).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cluster.config import DLLM_ALGORITHMS
+from cluster.dllm_params import DllmParams
 from cluster.router.errors import bad_request
+from cluster.sampling_params import InvalidParam
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MISSING = object()
@@ -46,12 +49,12 @@ def _get(body: dict, name: str, kinds: tuple, default=None, nullable: bool = Tru
     return float(value) if float in kinds and int not in kinds else value
 
 
-def _number(body, name, default=None, lo=None, hi=None, lo_open=False):
+def _number(body, name, default=None, lo=None, hi=None):
     value = _get(body, name, (int, float), default)
     if value is None:
         return None
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise bad_request(f"must be {'>' if lo_open else '>='} {lo}, got {value}", name)
+    if lo is not None and value < lo:
+        raise bad_request(f"must be >= {lo}, got {value}", name)
     if hi is not None and value > hi:
         raise bad_request(f"must be <= {hi}, got {value}", name)
     return value
@@ -95,17 +98,17 @@ def _common(body: dict, kind: str) -> ParsedRequest:
     include_usage = bool(_get(options or {}, "include_usage", (bool,), False))
     seed = _int(body, "seed")
     sampling = dict(
-        temperature=_number(body, "temperature", 1.0, lo=0, hi=2),
-        top_p=_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True),
-        top_k=_int(body, "top_k", 0, lo=-1),
-        min_tokens=_int(body, "min_tokens", 0, lo=0),
+        temperature=_number(body, "temperature", 1.0, hi=2),
+        top_p=_number(body, "top_p", 1.0),
+        top_k=_int(body, "top_k", 0),
+        min_tokens=_int(body, "min_tokens", 0),
         seed=seed,
         stop=_stop(body),
         stop_token_ids=_token_ids(body.get("stop_token_ids") or [], "stop_token_ids"),
         ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)),
         presence_penalty=_number(body, "presence_penalty", 0.0, lo=-2, hi=2),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2, hi=2),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=0, lo_open=True),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
     )
     if body.get("logit_bias"):
         raise bad_request("logit_bias is not supported", "logit_bias")
@@ -116,17 +119,15 @@ def _common(body: dict, kind: str) -> ParsedRequest:
 
 
 def _dllm(body: dict) -> dict:
-    out = {}
-    if (v := _int(body, "block_size", lo=1, hi=64)) is not None:
-        out["block_size"] = v
-    if (v := _get(body, "algorithm", (str,))) is not None:
-        if v not in DLLM_ALGORITHMS:
-            raise bad_request(f"{v!r} is not one of {', '.join(DLLM_ALGORITHMS)}", "algorithm")
-        out["algorithm"] = v
-    if (v := _number(body, "threshold", lo=0, hi=1, lo_open=True)) is not None:
-        out["threshold"] = v
-    if (v := _int(body, "steps_per_block", lo=1)) is not None:
-        out["steps_per_block"] = v
+    """The DLLM overrides present in `body`, checked by DllmParams."""
+    out = {k: v for k, v in (("block_size", _int(body, "block_size")),
+                             ("algorithm", _get(body, "algorithm", (str,))),
+                             ("threshold", _number(body, "threshold")),
+                             ("steps_per_block", _int(body, "steps_per_block"))) if v is not None}
+    try:
+        DllmParams().with_overrides(out)
+    except InvalidParam as e:
+        raise bad_request(e.reason, e.name) from None
     return out
 
 

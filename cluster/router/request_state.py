@@ -7,7 +7,7 @@ wire rid (`<rid>.<attempt>`), so tokens or errors from a worker that lost the re
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from cluster.router.request_trace import RequestTrace
@@ -39,7 +39,7 @@ class RequestState:
     input_ids: list[int]
     sampling: SamplingParams
     sink: Callable[[Event], None]     # thread-safe hand-off to the HTTP coroutine
-    extra: dict = field(default_factory=dict)
+    dllm: dict = field(default_factory=dict)  # DllmParams overrides (dllm route)
     output_ids: list[int] = field(default_factory=list)
     attempt: int = 0
     workers: tuple[str, ...] = ()     # (prefill, decode) or (worker,) of the current attempt
@@ -56,13 +56,11 @@ class RequestState:
         """The worker whose `tokens` count: decode in a pair, else the single worker."""
         return self.workers[-1] if self.workers else None
 
-    def remaining_sampling(self) -> Optional[dict]:
+    def remaining_sampling(self) -> Optional[SamplingParams]:
         """Sampling for a resumed attempt (tokens already sent are not generated again),
         or None when nothing is left to generate."""
         done = len(self.output_ids)
         if done >= self.sampling.max_tokens:
             return None
-        wire = self.sampling.to_wire()
-        wire["max_tokens"] = self.sampling.max_tokens - done
-        wire["min_tokens"] = max(0, self.sampling.min_tokens - done)
-        return wire
+        return replace(self.sampling, max_tokens=self.sampling.max_tokens - done,
+                       min_tokens=max(0, self.sampling.min_tokens - done))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from cluster.config import ClusterConfig
+from cluster.roles import served_model
 from cluster.router.completion import CompletionText, TextDelta
 from cluster.router.dispatcher import Dispatcher
 from cluster.router.errors import APIError, bad_request, overloaded
@@ -25,7 +26,7 @@ from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
 from cluster.router.request_state import FailedEvent, RequestState
 from cluster.router.tracing import RequestTracing
-from cluster.sampling_params import SamplingParams
+from cluster.sampling_params import InvalidParam, SamplingParams
 
 log = logging.getLogger("pdcluster.router")
 COMPLETION_DEFAULT_MAX_TOKENS = 16             # OpenAI's legacy completions default
@@ -56,7 +57,7 @@ class RouterService:
     # models
     def configured_dllm(self) -> dict[str, str]:
         """Served dllm model name -> weights path ("" = the main model's)."""
-        return {g.model: g.path for g in self.cfg.groups if g.role == "dllm" and g.model}
+        return {served_model(self.cfg, g): g.path for g in self.cfg.groups if g.role == "dllm"}
 
     def served_models(self) -> list[str]:
         dllm = set(self.configured_dllm()) | set(self.dispatcher.directory.dllm_models())
@@ -111,7 +112,7 @@ class RouterService:
         rid = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         st = RequestState(rid=rid, model=model, route=route, input_ids=input_ids,
-                          sampling=sampling, extra=dict(parsed.dllm),
+                          sampling=sampling, dllm=dict(parsed.dllm),
                           sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         writer = ResponseWriter(parsed.kind, rid, model, tokenizer, parsed.logprobs,
                                 parsed.top_logprobs, parsed.include_usage)
@@ -181,8 +182,8 @@ class RouterService:
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=parsed.logprobs,
                                   **parsed.sampling)
-        except (TypeError, ValueError) as e:
-            raise bad_request(str(e)) from None
+        except InvalidParam as e:
+            raise bad_request(e.reason, e.name) from None
 
     # events -> text
     async def deltas(self, gen: Generation,

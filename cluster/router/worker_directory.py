@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cluster.wire.messages import Peer
+
 
 @dataclass
 class WorkerInfo:
@@ -27,6 +29,7 @@ class WorkerInfo:
     pid: int
     last_seen: float = field(default_factory=time.monotonic)
     stats: dict = field(default_factory=dict)
+    histograms: list = field(default_factory=list)   # HistogramSample, as last reported
     forward_ct: int = 0
     num_inflight: int = 0                     # router-side: requests assigned and not done
 
@@ -36,8 +39,8 @@ class WorkerInfo:
         return float(reported) + self.num_inflight
 
     @property
-    def peer(self) -> dict:
-        return {"worker_id": self.worker_id, "data_addr": self.data_addr}
+    def peer(self) -> Peer:
+        return Peer(self.worker_id, self.data_addr)
 
     def describe(self, now: float) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "model": self.model,

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from cluster.config import SchedulerConfig
 from cluster.runtime.forward_executor import ForwardExecutor
-from cluster.runtime.stats import SchedulerMetricsMixin, log_forward_iters_enabled
+from cluster.runtime.stats import DecodeStats, IterationStats, PrefillStats
 from cluster.runtime.schedule_batch import ScheduleBatch
 
 logger = logging.getLogger("pdcluster.scheduler")
@@ -21,19 +21,17 @@ logger = logging.getLogger("pdcluster.scheduler")
 FORWARD_TIMEOUT_S = 600.0   # a forward that takes longer is a hang, not a slow batch
 
 
-class Scheduler(SchedulerMetricsMixin):
+class Scheduler:
     role = "base"
 
     def __init__(self, config: SchedulerConfig, worker_id: str, forward_fn, on_cuda: bool = False):
         self.config = config
         self.worker_id = worker_id
         self.forward_ct = 0             # only run_batch increments it
-        self.log_forward_iters = log_forward_iters_enabled(config.log_forward_iters)
-        self.decode_log_interval = config.decode_log_interval
+        self.stats = IterationStats(config.log_forward_iters, config.decode_log_interval)
         self.executor = ForwardExecutor(forward_fn, threaded=config.overlap, on_cuda=on_cuda)
         self.is_running = True
         self.trace: Optional[list[tuple[str, int, float, float]]] = None   # ("process", iter, t0, t1)
-        self.init_metrics()
 
     # ---- the four role steps -------------------------------------------------
     def recv_requests(self) -> None:
@@ -63,6 +61,19 @@ class Scheduler(SchedulerMetricsMixin):
             failed.set_exception(e)
             return failed
         return self.executor.submit(batch.forward_iter, forward_input)
+
+    # ---- stats, labelled with the iteration that launched the batch ---------------
+    def iteration_of(self, batch: Optional[ScheduleBatch]) -> int:
+        if batch is not None and batch.forward_iter is not None:
+            return batch.forward_iter
+        return self.forward_ct
+
+    def report_prefill_stats(self, batch: Optional[ScheduleBatch], stats: PrefillStats) -> str:
+        return self.stats.report_prefill(self.iteration_of(batch), stats)
+
+    def report_decode_stats(self, batch: Optional[ScheduleBatch], stats: DecodeStats) -> Optional[str]:
+        num_new_tokens = batch.batch_size if batch is not None else stats.num_running_reqs
+        return self.stats.report_decode(self.iteration_of(batch), num_new_tokens, stats)
 
     def _process(self, batch: ScheduleBatch, future: Future) -> None:
         """Process one batch's result; a failure anywhere in building, running, sampling

@@ -3,7 +3,8 @@
 A ScheduleBatch is what one `run_batch` launches. Its `forward_iter` is the value of
 the worker's `forward_ct` right after `run_batch` incremented it, so the batch keeps
 the identity of the iteration that launched it even when (under overlap) it is
-processed after later batches were launched. `copy()` and the wire form keep it.
+processed after later batches were launched. `copy()` keeps it, and so does the
+`kv_batch` a prefill batch becomes on the wire.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Req:
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot", "generator",
-        "output_logprobs", "peer", "extra",
+        "output_logprobs", "peer",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -46,8 +47,7 @@ class Req:
         self.future_slot = -1      # overlap: where the forward side stores this request's last sampled token
         self.generator: Any = None # torch.Generator when sampling.seed is set
         self.output_logprobs: list[float] = []
-        self.peer: Optional[dict] = None   # disaggregation: the other side's worker id and address
-        self.extra: dict = {}              # role-specific state (e.g. DLLM block)
+        self.peer: Any = None              # disaggregation: the other side (wire.messages.Peer)
 
     # derived lengths are properties, never copies kept in sync
     @property
@@ -69,19 +69,6 @@ class Req:
     @property
     def all_ids(self) -> list[int]:
         return list(self.input_ids) + self.output_ids
-
-    def to_wire(self) -> dict:
-        return {"rid": self.rid, "input_ids": list(self.input_ids), "output_ids": list(self.output_ids),
-                "sampling": self.sampling.to_wire(), "kv_len": self.kv_len,
-                "finish_reason": self.finish_reason}
-
-    @classmethod
-    def from_wire(cls, d: dict) -> "Req":
-        req = cls(d["rid"], list(d["input_ids"]), SamplingParams.from_wire(d["sampling"]),
-                  output_ids=list(d["output_ids"]))
-        req.kv_len = int(d["kv_len"])
-        req.finish_reason = d["finish_reason"]
-        return req
 
     def __repr__(self) -> str:
         return f"Req({self.rid!r}, prompt={self.prompt_len}, out={self.num_output}, kv={self.kv_len})"
@@ -125,14 +112,3 @@ class ScheduleBatch:
         return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
                              prefix_lens=list(self.prefix_lens), sample=list(self.sample),
                              forward_iter=self.forward_iter)
-
-    def to_wire(self) -> dict:
-        return {"mode": self.mode.value, "forward_iter": self.forward_iter,
-                "extend_lens": list(self.extend_lens), "prefix_lens": list(self.prefix_lens),
-                "sample": list(self.sample), "reqs": [r.to_wire() for r in self.reqs]}
-
-    @classmethod
-    def from_wire(cls, d: dict) -> "ScheduleBatch":
-        return cls(reqs=[Req.from_wire(r) for r in d["reqs"]], mode=ForwardMode(d["mode"]),
-                   extend_lens=list(d["extend_lens"]), prefix_lens=list(d["prefix_lens"]),
-                   sample=list(d["sample"]), forward_iter=d["forward_iter"])

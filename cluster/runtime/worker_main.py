@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 from cluster.config import ClusterConfig, WorkerGroup
+from cluster.roles import served_model, threads_per_worker
 
 logger = logging.getLogger("pdcluster.worker")
 
@@ -39,12 +40,9 @@ def setup_logging(worker_id: str, log_dir) -> None:
                         format=f"%(asctime)s {worker_id} %(levelname)s %(name)s: %(message)s")
 
 
-def set_threads(group: WorkerGroup, config: ClusterConfig) -> None:
-    """Several workers on one machine must not oversubscribe its cores."""
+def set_threads(config: ClusterConfig, worker_id: str) -> None:
     import torch
-    n = group.scheduler.threads or int(os.environ.get("PDCLUSTER_THREADS", "0") or 0)
-    if n <= 0:
-        n = max(1, (os.cpu_count() or 1) // max(1, len(config.worker_ids())))
+    n = threads_per_worker(config, worker_id)
     torch.set_num_threads(n)
     logger.info("torch threads: %d", n)
 
@@ -76,7 +74,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
     group = config.group_of(args.worker_id)
     if group.role != role:
         raise SystemExit(f"{args.config}: {args.worker_id} is a {group.role} worker, not {role}")
-    set_threads(group, config)
+    set_threads(config, args.worker_id)
     runner = load_runner(config, group, group.path)
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
     control = ControlClient(args.router, args.worker_id, curve=args.curve)
@@ -110,5 +108,5 @@ def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
     def build(args, config, group, runner, control):
         data_plane = DataPlane(args.worker_id, bind_host=args.data_host, curve=args.curve)
         scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts)
-        return scheduler, {"model": config.model.name, "data_addr": data_plane.address}
+        return scheduler, {"model": served_model(config, group), "data_addr": data_plane.address}
     return run_worker(role, argv, build)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 import time
 from typing import Optional
 
@@ -17,7 +18,6 @@ from cluster.wire import protocol as P
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.config import SchedulerConfig
-from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.base_scheduler import Scheduler
 
@@ -35,7 +35,7 @@ class WorkerScheduler(Scheduler):
         self.slots = SlotAllocator(runner.future_map.numel())
         self.control = control
         self.reqs: dict[str, Req] = {}          # live requests by rid
-        self.outbox: list[dict] = []
+        self.outbox: list[P.TokensItem] = []
         self._idle = False
 
     # ---- intake --------------------------------------------------------------
@@ -73,14 +73,11 @@ class WorkerScheduler(Scheduler):
             if req is not None:
                 req.finish_reason, req.error = "abort", msg.reason
                 self.release(req)
-        elif isinstance(msg, P.Shutdown):
-            logger.info("%s: shutdown requested (%s)", self.worker_id, msg.reason)
-            self.stop()
         else:
             logger.warning("%s: unexpected control message %s", self.worker_id, type(msg).__name__)
 
     def new_req(self, msg: "P.Generate") -> Req:
-        sampling = SamplingParams.from_wire(dict(msg.sampling))
+        sampling = msg.sampling
         input_ids = [int(t) for t in msg.input_ids]
         vocab = self.runner.config.vocab_size
         if any(t < 0 or t >= vocab for t in input_ids):
@@ -90,11 +87,9 @@ class WorkerScheduler(Scheduler):
         # a resumed request arrives with the tokens it already streamed and the router's
         # max_tokens / min_tokens counting only the rest; the worker counts all output tokens
         if req.num_output:
-            req.sampling = SamplingParams.from_wire({
-                **sampling.to_wire(), "max_tokens": sampling.max_tokens + req.num_output,
-                "min_tokens": sampling.min_tokens + req.num_output if sampling.min_tokens else 0})
-        req.peer = dict(msg.peer) if msg.peer else None
-        req.extra = dict(msg.extra)
+            req.sampling = replace(sampling, max_tokens=sampling.max_tokens + req.num_output,
+                                   min_tokens=sampling.min_tokens + req.num_output if sampling.min_tokens else 0)
+        req.peer = msg.peer
         req.future_slot = self.slots.allocate()
         if sampling.seed is not None:
             req.generator = torch.Generator().manual_seed(sampling.seed)
@@ -106,7 +101,7 @@ class WorkerScheduler(Scheduler):
     # ---- output ----------------------------------------------------------------
     def emit(self, req: Req, token_ids: list[int], finish_reason: Optional[str],
              logprobs: Optional[list[float]] = None, error: Optional[str] = None) -> None:
-        self.outbox.append(P.tokens_item(req.rid, token_ids, finish_reason, error, logprobs))
+        self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs))
 
     def flush_outputs(self) -> None:
         if self.outbox:
@@ -153,12 +148,14 @@ class WorkerScheduler(Scheduler):
         return 0
 
     def heartbeat_stats(self) -> dict:
-        stats = dict(self.gauges)
-        stats.update(num_running_reqs=self.num_running_reqs, num_queue_reqs=self.num_queue_reqs,
-                     token_usage=self.cache.token_usage,
-                     protocol_errors_total=self.num_protocol_errors(),
-                     rejected_frames_total=self.rejected_frames())
-        return stats
+        """The gauges this role owns, read live (roles add their queues')."""
+        return {**self.stats.gauges(), "num_running_reqs": self.num_running_reqs,
+                "num_queue_reqs": self.num_queue_reqs, "token_usage": self.cache.token_usage,
+                "protocol_errors_total": self.num_protocol_errors(),
+                "rejected_frames_total": self.rejected_frames()}
+
+    def heartbeat_histograms(self) -> list:
+        return []
 
     def rejected_frames(self) -> dict[str, int]:
         """Refused handshakes and frames of this worker's sockets, by reason."""
@@ -181,7 +178,8 @@ def start_heartbeat(scheduler: WorkerScheduler, control, interval: float) -> thr
         while scheduler.is_running:
             try:
                 control.send(P.Heartbeat(worker_id=scheduler.worker_id, forward_ct=scheduler.forward_ct,
-                                         stats=scheduler.heartbeat_stats()))
+                                         stats=scheduler.heartbeat_stats(),
+                                         histograms=scheduler.heartbeat_histograms()))
             except Exception:   # never let a gauge kill the worker
                 logger.exception("heartbeat failed")
             time.sleep(interval)

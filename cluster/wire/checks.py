@@ -3,12 +3,14 @@
 A check is a function `(value, path) -> value` that returns the value (possibly
 normalised, e.g. an int where a float is expected becomes a float) or raises
 `ProtocolError` naming the path of the bad field (`generate.sampling.top_p: ...`).
-Checks compose: `List(Int(lo=0))`, `Record({"rid": Str()})`, `Opt(Str())`.
+Checks compose: `List(Int(lo=0))`, `Record({"rid": Str()})`, `Opt(Str())`; `Typed(cls)`
+turns a record into one of the wire's frozen item types.
 Sizes are bounded everywhere so that a hostile frame cannot make us build huge objects
 beyond what msgpack's own limits already allow.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterable, Optional
 
@@ -69,14 +71,6 @@ def Float(finite: bool = False) -> Check:
     return check
 
 
-def Bool() -> Check:
-    def check(v: Any, path: str) -> bool:
-        if type(v) is not bool:
-            fail(path, f"expected bool, got {_kind(v)}")
-        return v
-    return check
-
-
 def Number() -> Check:
     """An int or a float, kept as is (gauges)."""
     def check(v: Any, path: str) -> int | float:
@@ -96,19 +90,6 @@ def NumberOrCounts() -> Check:
             counts = counts or Map(Str(max_len=64), Number(), max_len=64)
             return counts(v, path)
         return number(v, path)
-    return check
-
-
-def Scalar() -> Check:
-    """str, int, float or bool (per-request overrides)."""
-    text = Str(max_len=4096)
-
-    def check(v: Any, path: str) -> Any:
-        if isinstance(v, str):
-            return text(v, path)
-        if type(v) not in (int, float, bool):
-            fail(path, f"expected str/int/float/bool, got {_kind(v)}")
-        return v
     return check
 
 
@@ -169,4 +150,22 @@ def Record(fields: dict[str, Check]) -> Check:
             missing, extra = sorted(names - v.keys()), sorted(map(str, v.keys() - names))
             fail(path, f"missing keys {missing}, unexpected keys {extra}")
         return {k: c(v[k], f"{path}.{k}") for k, c in fields.items()}
+    return check
+
+
+def Typed(cls: type, fields: Optional[dict[str, Check]] = None) -> Check:
+    """A frozen dataclass travelling as a map of exactly its fields: the field checks (when
+    given), then the type's own `__post_init__`; returns an instance of `cls`. An instance
+    (the encoding side) is checked the same way."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    record = Record(fields if fields is not None else {n: lambda x, p: x for n in names})
+
+    def check(v: Any, path: str) -> Any:
+        if isinstance(v, cls):
+            v = {n: getattr(v, n) for n in names}
+        d = record(v, path)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            fail(path, str(e))
     return check

@@ -1,20 +1,76 @@
-"""The wire message types: one frozen dataclass per `type` of DESIGN.md's message table.
+"""The wire message types: one frozen dataclass per `type` of DESIGN.md's message table,
+and the small frozen items nested inside them (`Peer`, `KvReq`, `TokensItem`,
+`HistogramSample`; the sampling parameters travel as `SamplingParams` itself).
 
-Their codec (field checks, encode, decode) is `cluster/protocol.py`, which re-exports them;
-import them from there. List and dict fields hold plain values exactly as they travel
-(token ids as list[int], gauges as dict), except `KvBatch.tensors` (torch.Tensor).
+Their codec (field checks, encode, decode) is `cluster/wire/protocol.py`, which re-exports
+them; import them from there. Nested items are checked by the same codec as the messages
+that hold them, so a decoded message holds these types, never loose dicts. Other list and
+dict fields hold plain values exactly as they travel (token ids as list[int], gauges as
+dict), except `KvBatch.tensors` (torch.Tensor).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence, Union
+from typing import ClassVar, Optional, Union
 
+from cluster.sampling_params import SamplingParams
+
+
+# nested items ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The other side of a disaggregated request: its worker id and data-plane address."""
+    worker_id: str
+    data_addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class KvReq:
+    """One request of a `kv_batch`: its first token and the length of the KV that follows."""
+    rid: str
+    first_token: int
+    prompt_len: int                               # positions in the KV tensor
+    first_logprob: Optional[float] = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokensItem:
+    """One request's new tokens in a `tokens` message."""
+    rid: str
+    token_ids: list
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    logprobs: Optional[list] = None               # one per token when asked for
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
+            raise ValueError(f"{len(self.logprobs)} logprobs for {len(self.token_ids)} tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSample:
+    """A worker's histogram as it stands: per-bucket counts (the last is above every bound)."""
+    name: str                                     # metric name without the prefix
+    bounds: list                                  # upper bounds, ascending
+    counts: list                                  # len(bounds) + 1 counts, not cumulative
+    sum: float
+    count: int
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError(f"{len(self.counts)} counts for {len(self.bounds)} bounds")
+        if list(self.bounds) != sorted(self.bounds) or sum(self.counts) != self.count:
+            raise ValueError("bounds must ascend and counts must add up to count")
+
+
+# messages -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Register:                                   # worker -> router
     TYPE: ClassVar[str] = "register"
     worker_id: str
-    role: str                                     # prefill | decode | unified | dllm
+    role: str                                     # one of cluster.roles.ROLES
     model: str
     capacity: dict                                # num_pages, page_size, max_running_requests
     kv_fingerprint: dict                          # num_layers, num_kv_heads, head_dim, dtype, page_size
@@ -28,6 +84,7 @@ class Heartbeat:                                  # worker -> router
     worker_id: str
     forward_ct: int
     stats: dict = field(default_factory=dict)     # gauge name -> int | float
+    histograms: list = field(default_factory=list)  # HistogramSample
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +92,21 @@ class Generate:                                   # router -> worker
     TYPE: ClassVar[str] = "generate"
     rid: str
     input_ids: list
-    sampling: dict                                # SamplingParams.to_wire()
-    peer: Optional[dict] = None                   # {worker_id, data_addr} of the other side
+    sampling: SamplingParams                      # the request's original parameters
+    peer: Optional[Peer] = None                   # the other side of a (prefill, decode) pair
     model: str = ""
-    extra: dict = field(default_factory=dict)     # per-request overrides (str/int/float/bool)
+    dllm: dict = field(default_factory=dict)      # DllmParams overrides (dllm workers)
     output_ids: list = field(default_factory=list)  # tokens already generated (resume)
+
+
+@dataclass(frozen=True, slots=True)
+class Reprefill:                                  # decode -> prefill (data plane)
+    TYPE: ClassVar[str] = "reprefill"
+    rid: str                                      # a request decode retracted
+    input_ids: list
+    sampling: SamplingParams                      # the request's original parameters
+    output_ids: list                              # tokens generated so far
+    decode: Peer                                  # where its KV goes back to
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +122,7 @@ class KvBatch:                                    # prefill -> decode (data plan
     TYPE: ClassVar[str] = "kv_batch"
     forward_iter: int
     prefill_worker_id: str
-    reqs: list                                    # {rid, first_token, prompt_len, first_logprob}
+    reqs: list                                    # KvReq
     tensors: list = field(compare=False)          # per req: [layers, 2, prompt_len, kv_heads, head_dim]
 
 
@@ -71,7 +138,7 @@ class KvAck:                                      # decode -> prefill (data plan
 class Tokens:                                     # decode / unified / dllm -> router
     TYPE: ClassVar[str] = "tokens"
     worker_id: str
-    items: list                                   # {rid, token_ids, finish_reason, error, logprobs}
+    items: list                                   # TokensItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,31 +156,5 @@ class Error:                                      # worker -> router: the reques
     worker_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:                                      # a ScheduleBatch crossing a process
-    TYPE: ClassVar[str] = "batch"
-    batch: dict                                   # ScheduleBatch.to_wire(), forward_iter included
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:                                   # router -> worker: graceful stop
-    TYPE: ClassVar[str] = "shutdown"
-    reason: str = ""
-
-
-Message = Union[Register, Heartbeat, Generate, DecodeReady, KvBatch, KvAck, Tokens, Abort,
-                Error, Batch, Shutdown]
-
-
-def tokens_item(rid: str, token_ids: Sequence[int], finish_reason: Optional[str] = None,
-                error: Optional[str] = None, logprobs: Optional[Sequence[float]] = None) -> dict:
-    """One entry of `Tokens.items`."""
-    return {"rid": rid, "token_ids": list(token_ids), "finish_reason": finish_reason,
-            "error": error, "logprobs": None if logprobs is None else list(logprobs)}
-
-
-def kv_req(rid: str, first_token: int, prompt_len: int,
-           first_logprob: Optional[float] = None) -> dict:
-    """One entry of `KvBatch.reqs`."""
-    return {"rid": rid, "first_token": first_token, "prompt_len": prompt_len,
-            "first_logprob": first_logprob}
+Message = Union[Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvAck, Tokens,
+                Abort, Error]

@@ -2,14 +2,15 @@
 
 Every message is a list of frames. Frame 0 is a msgpack map `{"v": 1, "type": T, ...}`
 holding the message's fields; tensors (KV caches, long token-id lists) follow as extra
-frames described in the body (see `cluster/wire_tensor.py`). There is one frozen
-dataclass per message type (defined in `cluster/wire_messages.py`, re-exported here) and
-two functions:
+frames described in the body (see `tensor_frames.py`). There is one frozen dataclass per
+message type and per nested item (defined in `messages.py`, re-exported here) and two
+functions:
 
     encode(msg) -> list[bytes | memoryview]     # send with send_multipart(copy=False)
     decode(frames) -> Message                   # raises ProtocolError, nothing else
 
-`decode` validates everything (version, type, exact key set, field types and ranges,
+`decode` validates everything (version, type, exact key set, field types and ranges -
+nested items and sampling parameters through their own types' `__post_init__` -
 tensor dtype/shape/byte counts, frame indices, unused frames) so a bad frame is one
 `ProtocolError` that the transport logs, counts and drops. `encode` runs the same checks,
 so a message that encodes also decodes, and a sender's bug fails at the sender.
@@ -23,48 +24,27 @@ from typing import Any, Sequence, Union
 import msgpack
 import torch
 
+from cluster.roles import ROLES
 from cluster.sampling_params import SamplingParams
-from cluster.runtime.schedule_batch import ForwardMode
-from cluster.wire.checks import (INT32_MAX, MAX_ITEMS, MAX_KEYS, MAX_STR, Bool, Check, Float, Int,
-                                List, Map, Number, NumberOrCounts, Opt, ProtocolError, Record,
-                                Scalar, Str,
-                                TokenIds, fail)
-from cluster.wire.messages import (Abort, Batch, DecodeReady, Error, Generate, Heartbeat, KvAck,
-                                   KvBatch, Message, Register, Shutdown, Tokens, kv_req,
-                                   tokens_item)
+from cluster.dllm_params import DllmParams
+from cluster.wire.checks import (INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
+                                NumberOrCounts, Opt, ProtocolError, Record, Str, TokenIds, Typed, fail)
+from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
+                                   KvAck, KvBatch, KvReq, Message, Peer, Register, Reprefill, Tokens,
+                                   TokensItem)
 from cluster.wire.tensor_frames import FRAME_BYTES, TENSOR_DESC, TensorFrames, frame_buffer, tensor_from_frames
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
-           "Register", "Heartbeat", "Generate", "DecodeReady", "KvBatch", "KvAck", "Tokens",
-           "Abort", "Error", "Batch", "Shutdown", "tokens_item", "kv_req"]
+           "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvAck",
+           "Tokens", "Abort", "Error", "Peer", "KvReq", "TokensItem", "HistogramSample"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
 MAX_HEADER_BYTES = 64 << 20      # frame 0 (msgpack body)
 MAX_FRAMES = 1 << 16
-ROLES = ("prefill", "decode", "unified", "dllm")
 
 
 # field checks ------------------------------------------------------------------------
-
-def _sampling_check() -> Check:
-    """Types from SamplingParams' annotations, then its own __post_init__ validation."""
-    by_annotation = {"int": Int(), "float": Float(), "bool": Bool(), "str": Str(),
-                     "Optional[int]": Opt(Int()), "Optional[float]": Opt(Float()),
-                     "Optional[str]": Opt(Str()), "list[str]": List(Str(), max_len=1024),
-                     "list[int]": List(Int(), max_len=MAX_KEYS)}
-    record = Record({f.name: by_annotation.get(str(f.type), lambda v, p: v)
-                     for f in dataclasses.fields(SamplingParams)})
-
-    def check(v: Any, path: str) -> dict:
-        d = record(v, path)
-        try:
-            SamplingParams.from_wire(d)
-        except (TypeError, ValueError) as e:
-            fail(path, str(e))
-        return d
-    return check
-
 
 def _ids_or_tensor(v: Any, path: str) -> Any:
     if isinstance(v, dict):
@@ -75,9 +55,19 @@ def _ids_or_tensor(v: Any, path: str) -> Any:
     return TokenIds(min_len=1)(v, path)
 
 
-ID, TEXT, SAMPLING = Str(max_len=1024), Str(), _sampling_check()
-REQ_WIRE = Record({"rid": ID, "input_ids": TokenIds(min_len=1), "output_ids": TokenIds(),
-                   "sampling": SAMPLING, "kv_len": Int(lo=0), "finish_reason": Opt(TEXT)})
+def _dllm_overrides(v: Any, path: str) -> dict:
+    """DLLM overrides: some of DllmParams' fields, bounded by DllmParams itself."""
+    d = Map(Str(max_len=64), lambda x, p: x, max_len=16)(v, path)
+    try:
+        DllmParams().with_overrides(d)
+    except (TypeError, ValueError) as e:
+        fail(path, str(e))
+    return d
+
+
+ID, TEXT = Str(max_len=1024), Str()
+SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
+PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
 
 _FIELDS: dict[type, dict[str, Check]] = {
     Register: {"worker_id": ID, "role": Str(choices=ROLES), "model": TEXT,
@@ -87,29 +77,30 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                          "head_dim": Int(lo=0), "dtype": Str(max_len=64),
                                          "page_size": Int(lo=1)}),
                "data_addr": TEXT, "pid": Int(lo=0)},
-    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), NumberOrCounts())},
-    Generate: {"rid": ID, "input_ids": _ids_or_tensor, "sampling": SAMPLING,
-               "peer": Opt(Record({"worker_id": ID, "data_addr": TEXT})), "model": TEXT,
-               "extra": Map(Str(max_len=256), Scalar(), max_len=256), "output_ids": TokenIds()},
+    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), NumberOrCounts()),
+                "histograms": List(Typed(HistogramSample, {
+                    "name": Str(max_len=256), "bounds": List(Float(finite=True), max_len=256),
+                    "counts": List(Int(lo=0), max_len=257), "sum": Float(), "count": Int(lo=0)}),
+                    max_len=64)},
+    Generate: {"rid": ID, "input_ids": _ids_or_tensor, "sampling": SAMPLING, "peer": Opt(PEER),
+               "model": TEXT, "dllm": _dllm_overrides, "output_ids": TokenIds()},
+    Reprefill: {"rid": ID, "input_ids": TokenIds(min_len=1), "sampling": SAMPLING,
+                "output_ids": TokenIds(), "decode": PEER},
     DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT},
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
-              "reqs": List(Record({"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
-                                   "prompt_len": Int(lo=1), "first_logprob": Opt(Float())}),
+              "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
+                                         "prompt_len": Int(lo=1), "first_logprob": Opt(Float())}),
                            max_len=MAX_KEYS),
               "tensors": List(TENSOR_DESC, max_len=MAX_KEYS)},
     KvAck: {"rids": List(ID, max_len=MAX_KEYS), "failed": Map(ID, TEXT),
             "decode_worker_id": ID},
     Tokens: {"worker_id": ID,
-             "items": List(Record({"rid": ID, "token_ids": TokenIds(), "finish_reason": Opt(TEXT),
-                                   "error": Opt(TEXT), "logprobs": Opt(List(Float()))}),
+             "items": List(Typed(TokensItem, {"rid": ID, "token_ids": TokenIds(),
+                                              "finish_reason": Opt(TEXT), "error": Opt(TEXT),
+                                              "logprobs": Opt(List(Float()))}),
                            max_len=MAX_KEYS)},
     Abort: {"rid": ID, "reason": TEXT},
     Error: {"rid": ID, "reason": TEXT, "worker_id": ID},
-    Batch: {"batch": Record({"mode": Str(choices=[m.value for m in ForwardMode]),
-                             "forward_iter": Opt(Int(lo=0)),
-                             "extend_lens": List(Int(lo=0)), "prefix_lens": List(Int(lo=0)),
-                             "sample": List(Bool()), "reqs": List(REQ_WIRE, max_len=MAX_KEYS)})},
-    Shutdown: {"reason": TEXT},
 }
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
 _RECORDS: dict[type, Check] = {cls: Record(f) for cls, f in _FIELDS.items()}
@@ -122,25 +113,23 @@ def _check_body(cls: type, body: dict) -> dict:
     if cls is KvBatch:
         if len(body["reqs"]) != len(body["tensors"]):
             fail("kv_batch", f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
-        if len({r["rid"] for r in body["reqs"]}) != len(body["reqs"]):
+        if len({r.rid for r in body["reqs"]}) != len(body["reqs"]):
             fail("kv_batch.reqs", "duplicate rid")
         for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
             shape = t["shape"]
-            if len(shape) != 5 or shape[1] != 2 or shape[2] != r["prompt_len"]:
+            if len(shape) != 5 or shape[1] != 2 or shape[2] != r.prompt_len:
                 fail(f"kv_batch.tensors[{i}]", f"shape {shape} is not [layers, 2, "
-                     f"prompt_len={r['prompt_len']}, kv_heads, head_dim]")
-    elif cls is Batch:
-        b = body["batch"]
-        n = len(b["reqs"])
-        for key in ("extend_lens", "prefix_lens", "sample"):
-            if len(b[key]) != n:
-                fail(f"batch.batch.{key}", f"{len(b[key])} entries for {n} reqs")
-    elif cls is Tokens:
-        for i, item in enumerate(body["items"]):
-            if item["logprobs"] is not None and len(item["logprobs"]) != len(item["token_ids"]):
-                fail(f"tokens.items[{i}].logprobs", f"{len(item['logprobs'])} logprobs for "
-                     f"{len(item['token_ids'])} tokens")
+                     f"prompt_len={r.prompt_len}, kv_heads, head_dim]")
     return body
+
+
+def _plain(v: Any) -> Any:
+    """A checked field as msgpack takes it: nested frozen items become maps."""
+    if dataclasses.is_dataclass(v):
+        return {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+    if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+        return [_plain(x) for x in v]
+    return v
 
 
 # codec -------------------------------------------------------------------------------
@@ -164,7 +153,7 @@ def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, me
                 isinstance(t, torch.Tensor) for t in body["tensors"]):
             raise ProtocolError("kv_batch.tensors: expected a list of torch.Tensor")
         body["tensors"] = [tensors.add(t) for t in body["tensors"]]
-    body = _check_body(cls, body)
+    body = {k: _plain(v) for k, v in _check_body(cls, body).items()}
     head = msgpack.packb({"v": PROTOCOL_VERSION, "type": cls.TYPE, **body}, use_bin_type=True)
     return [head, *tensors.frames]
 
