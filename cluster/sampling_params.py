@@ -21,8 +21,11 @@ class InvalidParam(ValueError):
     """A parameter out of its type or bounds; `name` is the field (for 400s and config keys)."""
 
     def __init__(self, name: str, reason: str):
+        super().__init__(name, reason)      # args rebuild it (copies, pickling by others)
         self.name, self.reason = name, reason
-        super().__init__(f"{name}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
 
 
 def _int(obj, name: str, lo: Optional[int] = None, hi: Optional[int] = None,

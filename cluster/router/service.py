@@ -96,6 +96,8 @@ class RouterService:
         if parsed.dllm and route != "dllm":
             raise bad_request(f"{', '.join(parsed.dllm)} only apply to dllm models "
                               f"({', '.join(self.served_models()[1:]) or 'none served'})")
+        # bounds first: a bad value is a 400 before any tokenizer work
+        self._sampling_params(parsed, parsed.max_tokens or self.cfg.model.max_model_len)
         tokenizer = self.tokenizer_for(model)
         self._check_prompt_size(parsed, tokenizer)
         # NOTE: off the event loop: rendering and tokenizing a long prompt take long enough
@@ -179,9 +181,12 @@ class RouterService:
             raise bad_request(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) "
                               f"exceeds this model's maximum context length of {max_len} "
                               "tokens", "max_tokens")
+        return self._sampling_params(parsed, max_tokens)
+
+    @staticmethod
+    def _sampling_params(parsed: ParsedRequest, max_tokens: int) -> SamplingParams:
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=parsed.logprobs,
-                                  **parsed.sampling)
+            return SamplingParams(max_tokens=max_tokens, logprobs=parsed.logprobs, **parsed.sampling)
         except InvalidParam as e:
             raise bad_request(e.reason, e.name) from None
 
