@@ -1,6 +1,6 @@
 """`pdcluster` console script: launch | serve | worker | router | bench (`cluster.bench`).
 
-    pdcluster launch CONFIG [--port N] [--host H] [--log-dir DIR]
+    pdcluster launch CONFIG [--port N] [--host H] [--log-dir DIR] [--backend local|ray [--address A]]
     pdcluster serve [MODEL_PATH] [--port N] [--host H] [--log-dir DIR]   # 1 prefill + 1 decode
     pdcluster worker --role R --config C --worker-id ID --router ENDPOINT [--log-dir DIR]
     pdcluster router --config C --control ENDPOINT [--port N]            # the router alone
@@ -35,6 +35,10 @@ def cmd_launch(args) -> int:
         return 2
     router = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
     cfg = replace(cfg, router=replace(cfg.router, **router))
+    if getattr(args, "backend", "local") == "ray":
+        from cluster.launch import ray_backend
+        return ray_backend.run(cfg, args.config, _log_dir(args.log_dir), args.address,
+                               args.placement)
     return launcher.run(cfg, args.config, _log_dir(args.log_dir))
 
 
@@ -96,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--log-dir", default=None, help="default: a new temp directory")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local processes (default) or Ray actors (pip install 'pdcluster[ray]')")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: start a local Ray for this launch)")
+    p.add_argument("--placement", default="SPREAD",
+                   choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="Ray placement group strategy for the workers (default SPREAD)")
     p = sub.add_parser("serve", help="1 prefill + 1 decode worker, no config file")
     p.add_argument("model_path", nargs="?", default="")
     p.add_argument("--model-name", default="smollm2-135m-instruct")

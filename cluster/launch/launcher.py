@@ -60,6 +60,14 @@ def restart_backoff(num_restarts: int) -> float:
     return min(MAX_BACKOFF_S, 2.0 ** num_restarts)
 
 
+def worker_env(cfg: ClusterConfig, wid: str, num_threads: Optional[int] = None) -> dict:
+    n = str(num_threads or threads_per_worker(cfg, wid))
+    # MALLOC_MMAP_THRESHOLD_: reuse freed heap for big KV buffers instead of a fresh mmap
+    # per kv_batch (BENCHMARKS.md, "Wire codec": 1.09 -> 1.68 GB/s for split 64 MiB tensors)
+    return {"PDCLUSTER_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 30))}
+
+
 class Launcher:
     def __init__(self, cfg: ClusterConfig, config_path: str, log_dir: str):
         self.cfg, self.config_path, self.log_dir = cfg, os.path.abspath(config_path), log_dir
@@ -73,35 +81,43 @@ class Launcher:
         self.router: Optional[Child] = None
         self.workers: dict[str, Child] = {}
         self.stop_reason: Optional[str] = None
+        self._curve: Optional[dict] = None
         self._http = httpx.Client(timeout=2.0, headers={"X-PDCluster-Token": self.token})
 
     # startup
     def start(self) -> None:
+        self.start_router()
+        for wid, _ in self.cfg.worker_ids():
+            env = {**self.base_env(), **worker_env(self.cfg, wid)}
+            argv = [sys.executable] + self.worker_args(wid, self.config_path)
+            self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
+            self.workers[wid].spawn()
+        self._wait_registered()
+
+    def base_env(self) -> dict:
+        if self._curve is None:            # decided once: the router and all workers agree
+            self._curve = self._curve_env()
+        return {**os.environ, ROUTER_TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1",
+                **self._curve}
+
+    def start_router(self) -> None:
+        """Spawn the router and wait until its HTTP side answers."""
         os.makedirs(self.log_dir, exist_ok=True)
-        base_env = {**os.environ, ROUTER_TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1",
-                    **self._curve_env()}
         r = self.cfg.router
         self.router = Child("router", [sys.executable, "-m", "cluster.router", "--config",
                                        self.config_path, "--control", self.control, "--host",
                                        r.host, "--port", str(r.port), "--log-dir",
                                        self.log_dir, "--drain-timeout", str(DRAIN_S)],
-                            {**base_env, "OMP_NUM_THREADS": "1"},
+                            {**self.base_env(), "OMP_NUM_THREADS": "1"},
                             os.path.join(self.log_dir, "router.log"))
         self.router.spawn()
         self._wait_router_http()
-        for wid, group in self.cfg.worker_ids():
-            n = str(threads_per_worker(self.cfg, wid))
-            argv = [sys.executable, "-m", ROLE_PACKAGES[group.role], "--config",
-                    self.config_path, "--worker-id", wid, "--router", self.control,
-                    "--log-dir", self.log_dir]
-            env = {**base_env, "OMP_NUM_THREADS": n,
-                   "MKL_NUM_THREADS": n}
-            # reuse freed heap for big KV buffers instead of a fresh mmap per kv_batch
-            # (BENCHMARKS.md, "Wire codec": 1.09 -> 1.68 GB/s for split 64 MiB tensors)
-            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
-            self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
-            self.workers[wid].spawn()
-        self._wait_registered()
+
+    def worker_args(self, wid: str, config_path: str) -> list[str]:
+        """A worker's command line after the interpreter (the documented `-m` form)."""
+        role = self.cfg.group_of(wid).role
+        return ["-m", ROLE_PACKAGES[role], "--config", config_path, "--worker-id", wid,
+                "--router", self.control, "--log-dir", self.log_dir]
 
     def _curve_env(self) -> dict:
         """Decide CURVE once for the whole cluster and hand the decision and the keys to
@@ -222,14 +238,16 @@ class Launcher:
         self._http.close()
 
 
-def run(cfg: ClusterConfig, config_path: str, log_dir: str) -> int:
-    """Launch, supervise until SIGTERM/SIGINT, stop everything. Returns the exit code."""
+def run(cfg: ClusterConfig, config_path: str, log_dir: str, make_launcher=None) -> int:
+    """Launch, supervise until SIGTERM/SIGINT, stop everything. Returns the exit code.
+
+    `make_launcher(cfg, config_path, log_dir)` builds another backend's launcher (Ray)."""
     os.makedirs(log_dir, exist_ok=True)
     handler = logging.FileHandler(os.path.join(log_dir, "launcher.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s launcher %(levelname)s: %(message)s"))
     logging.getLogger("pdcluster").addHandler(handler)
     logging.getLogger("pdcluster").setLevel(logging.INFO)
-    launcher = Launcher(cfg, config_path, log_dir)
+    launcher = (make_launcher or Launcher)(cfg, config_path, log_dir)
 
     def on_signal(sig, frame):
         launcher.stop_reason = signal.Signals(sig).name
@@ -238,7 +256,7 @@ def run(cfg: ClusterConfig, config_path: str, log_dir: str) -> int:
     try:
         launcher.start()
         if launcher.stop_reason is None:
-            roles = ", ".join(f"{wid}" for wid in launcher.workers)
+            roles = ", ".join(wid for wid, _ in cfg.worker_ids())
             print(f"pdcluster: serving {cfg.model.name} at {launcher.url} ({roles}); "
                   f"logs in {log_dir}", flush=True)
             log.info("ready: %s", launcher.url)
