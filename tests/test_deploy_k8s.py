@@ -17,6 +17,7 @@ from cluster.launch.cli import main as cli_main
 from cluster.router.__main__ import parse_args as router_parse_args
 from cluster.runtime import health_file
 from cluster.runtime.worker_main import parse_args as worker_parse_args
+from cluster.wire import curve
 
 kv = pytest.importorskip("kubernetes_validate", reason="install the deploy extra: pip install -e '.[deploy]'")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,7 @@ def test_pod_names_are_the_config_worker_ids_and_their_command_lines_parse(confi
             assert {"POD_NAME", "POD_IP"} <= env_names
             assert args.router == k8s.router_endpoint() == f"tcp://{k8s.ROUTER}:{k8s.CONTROL_PORT}"
             assert args.config == k8s.CONFIG_FILE and args.health_file == k8s.HEALTH_FILE
-            assert args.host == ("10.0.0.7" if role in k8s.DATA_PLANE_ROLES else None)
+            assert args.data_host == ("10.0.0.7" if role in k8s.DATA_PLANE_ROLES else "127.0.0.1")
             assert cfg.group_of(args.worker_id).role == role
             seen.add(args.worker_id)
     assert seen == {wid for wid, _ in cfg.worker_ids()}
@@ -171,6 +172,20 @@ def test_deploy_writes_a_private_secret_with_fresh_curve_keys(tmp_path):
         assert os.stat(path).st_mode & 0o077 == 0
         secrets.append(yaml.safe_load(path.read_text().removeprefix("---\n"))["stringData"])
     assert secrets[0] != secrets[1] and all(len(v.strip()) == 40 for v in secrets[0].values())
+    for s in secrets:                              # what a worker reads from the mounted Secret
+        keys_dir = tmp_path / f"keys-{len(s)}-{id(s)}"
+        keys_dir.mkdir(mode=0o700)
+        for name, text in s.items():
+            (keys_dir / name).write_text(text)
+            os.chmod(keys_dir / name, 0o400)
+        assert curve.read_keys(str(keys_dir)).public == s[curve.PUBLIC_FILE].strip().encode()
+
+
+def test_every_pod_runs_with_curve_on_and_the_mounted_keys():
+    for _, c in containers(rendered("configs/2p2d.toml")):
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env[curve.CURVE_ENV] == "on" and env[curve.KEYS_DIR_ENV] == k8s.KEYS_DIR
+        assert {m["mountPath"] for m in c["volumeMounts"]} >= {k8s.KEYS_DIR, k8s.CONFIG_FILE}
 
 
 def test_health_file_probe_passes_while_fresh_and_fails_when_stale_or_missing(tmp_path):

@@ -2,7 +2,7 @@
 launcher with the machine's CPUs, no dashboard), each worker a Ray actor. Greedy output
 equals the offline engine, which test_e2e_local shows the local launcher equals; Ray
 restarts a killed worker actor and the router sees it register again; shutdown leaves no
-Ray or worker process behind."""
+Ray or worker process behind. CURVE is forced on, so the planes authenticate across actors."""
 import os
 import re
 import signal
@@ -27,7 +27,8 @@ REGISTERED = re.compile(r"registered (\S+) \(role=\S+ model=\S+ pid=(\d+)")
 @pytest.fixture(scope="module")
 def cluster():
     with open(os.path.join(os.path.dirname(__file__), "..", "configs", "local.toml")) as f:
-        c = LaunchedCluster(f.read(), "ray", args=("--backend", "ray"))
+        # CURVE on although everything is on loopback: the keys must reach every actor
+        c = LaunchedCluster(f.read(), "ray", env={"PDCLUSTER_CURVE": "on"}, args=("--backend", "ray"))
     yield c
     c.stop()
 
@@ -66,6 +67,17 @@ def test_every_worker_runs_as_the_child_of_its_ray_actor(cluster):
         assert parent.name().startswith("ray::") or "WorkerProcess" in " ".join(parent.cmdline()), wid
         assert f"--worker-id {wid}" in " ".join(psutil.Process(pid).cmdline())
     assert sorted(w for w, _ in registrations(cluster)) == ["decode-0", "dllm-0", "prefill-0"]
+
+
+def test_each_actor_holds_the_cluster_curve_keys_privately(cluster):
+    with open(os.path.join(cluster.log_dir, "keys", "cluster.key")) as f:
+        public = f.read()
+    for wid in ("prefill-0", "decode-0", "dllm-0"):
+        keys_dir = os.path.join(cluster.log_dir, f"ray-{wid}-keys")
+        assert os.stat(keys_dir).st_mode & 0o077 == 0
+        assert os.stat(os.path.join(keys_dir, "cluster.key_secret")).st_mode & 0o077 == 0
+        with open(os.path.join(keys_dir, "cluster.key")) as f:
+            assert f.read() == public
 
 
 def test_killed_worker_actor_is_restarted_by_ray_and_registers_again(cluster, reference):

@@ -14,7 +14,8 @@ their roles):
   replicas: a StatefulSet's pods are named `prefill-0`, `prefill-1` ..., which are exactly
   the config's worker ids, so `--worker-id $(POD_NAME)` needs no shell. Workers find the
   router through the Service's DNS name and bind (and advertise) their KV data plane on the
-  pod IP from the downward API. Probes read the worker's `--health-file`
+  pod IP from the downward API (`--data-host $(POD_IP)`). CURVE is on in every pod
+  (PDCLUSTER_CURVE=on, PDCLUSTER_KEYS_DIR at the mounted Secret). Probes read the worker's `--health-file`
   (`cluster/runtime/health_file.py`): workers have no HTTP port;
 - ServiceMonitor `pdcluster-router` (Prometheus operator): scrapes the router's /metrics,
   which carries every worker's gauges.
@@ -27,6 +28,7 @@ from typing import Optional
 
 from cluster.config import ClusterConfig
 from cluster.roles import ROLE_PACKAGES
+from cluster.wire import curve
 
 ROUTER = "pdcluster-router"
 CONFIG_MAP = "pdcluster-config"
@@ -60,8 +62,13 @@ def worker_args(role: str) -> list[str]:
     args = ["-m", ROLE_PACKAGES[role], "--config", CONFIG_FILE, "--worker-id", "$(POD_NAME)",
             "--router", router_endpoint(), "--health-file", HEALTH_FILE]
     if role in DATA_PLANE_ROLES:
-        args += ["--host", "$(POD_IP)"]
+        args += ["--data-host", "$(POD_IP)"]
     return args
+
+
+def curve_env() -> list[dict]:
+    """Every pod: CURVE on (the planes leave the pod), keys from the mounted Secret."""
+    return [{"name": curve.CURVE_ENV, "value": "on"}, {"name": curve.KEYS_DIR_ENV, "value": KEYS_DIR}]
 
 
 def _volumes() -> tuple[list[dict], list[dict]]:
@@ -95,7 +102,7 @@ def worker_set(cfg: ClusterConfig, role: str, image: str, cpus: int, memory: str
            # torch threads = the pod's CPU limit, not the node's core count
            {"name": "PDCLUSTER_THREADS", "valueFrom": {"resourceFieldRef": {
                "resource": "limits.cpu", "divisor": "1"}}},
-           {"name": "PYTHONUNBUFFERED", "value": "1"}]
+           {"name": "PYTHONUNBUFFERED", "value": "1"}, *curve_env()]
     volumes, mounts = _volumes()
     t = cfg.timeouts
     container = {
@@ -129,7 +136,7 @@ def router_objects(cfg: ClusterConfig, image: str) -> list[dict]:
     port = cfg.router.port
     container = {
         "name": "router", "image": image, "command": ["python"], "args": router_args(cfg),
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *curve_env()],
         "ports": [{"name": "http", "containerPort": port},
                   {"name": "control", "containerPort": CONTROL_PORT}],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"},
@@ -160,10 +167,10 @@ def router_objects(cfg: ClusterConfig, image: str) -> list[dict]:
 
 
 def curve_key_files() -> dict[str, str]:
-    """One fresh CURVE key pair for the cluster, as Z85 text files."""
+    """One fresh CURVE key pair for the cluster, as the files `cluster/wire/curve.py` reads."""
     import zmq
     public, secret = zmq.curve_keypair()
-    return {"cluster.key": public.decode() + "\n", "cluster.key_secret": secret.decode() + "\n"}
+    return {curve.PUBLIC_FILE: public.decode() + "\n", curve.SECRET_FILE: secret.decode() + "\n"}
 
 
 def render(cfg: ClusterConfig, config_text: str, image: str = DEFAULT_IMAGE, cpus: int = 2,

@@ -17,8 +17,9 @@ prefill and decode on different nodes when Ray has them); a bundle holds
 with the launcher; with it the launcher joins that cluster and leaves it running. On
 several nodes set `router.control` to an address the nodes reach, and install pdcluster
 (and the weights) on every node: the actor sends the config's text, not its path.
-Ray moves the actor's constructor arguments with its own serialization; the cluster's
-messages still travel only as msgpack over ZeroMQ.
+With CURVE on (`[security]`), the launcher's key pair travels to each actor, which writes
+it 0600 on its node. Ray moves the actor's constructor arguments with its own
+serialization; the cluster's messages still travel only as msgpack over ZeroMQ.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Optional
 
 from cluster.config import ClusterConfig
 from cluster.launch.child_process import Child, stop_processes
+from cluster.wire import curve
 from cluster.launch.launcher import (KILL_AFTER_S, MAX_RESTARTS, LaunchError, Launcher,
                                      worker_env)
 
@@ -46,11 +48,20 @@ class WorkerProcess:
     """Ray actor body: one worker as a child process; the actor exits when the worker does."""
 
     def __init__(self, worker_id: str, args: list[str], config_text: str, log_dir: str,
-                 env: dict):
+                 env: dict, key_files: dict[str, str]):
         os.makedirs(log_dir, exist_ok=True)
         config_path = os.path.join(log_dir, f"ray-{worker_id}.toml")   # this node's copy
         with open(config_path, "w") as f:
             f.write(config_text)
+        if key_files:                  # CURVE on: this node's copy of the cluster keys
+            keys_dir = os.path.join(log_dir, f"ray-{worker_id}-keys")
+            os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+            for name, text in key_files.items():
+                fd = os.open(os.path.join(keys_dir, name),
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+            env = {**env, curve.KEYS_DIR_ENV: keys_dir}
         argv = [sys.executable] + [config_path if a == CONFIG_ARG else a for a in args]
         self.child = Child(worker_id, argv, {**os.environ, **env},
                            os.path.join(log_dir, f"{worker_id}.log"))
@@ -131,16 +142,25 @@ class RayLauncher(Launcher):
         self.startup_s["placement_group"] = time.monotonic() - t1
         with open(self.config_path) as f:
             config_text = f.read()
+        decided = {k: v for k, v in self.base_env().items()
+                   if k in (curve.CURVE_ENV, curve.KEYS_DIR_ENV)}
+        key_files = {}
+        if decided.get(curve.CURVE_ENV) == "on":
+            for name in (curve.PUBLIC_FILE, curve.SECRET_FILE):
+                with open(os.path.join(decided[curve.KEYS_DIR_ENV], name)) as f:
+                    key_files[name] = f.read()
         actor_cls = ray.remote(WorkerProcess)
         for i, wid in enumerate(ids):
             num_threads = max(1, int(bundles[i]["CPU"]))
-            env = {"PYTHONUNBUFFERED": "1", **worker_env(self.cfg, wid, num_threads)}
+            env = {"PYTHONUNBUFFERED": "1", curve.CURVE_ENV: decided.get(curve.CURVE_ENV, "off"),
+                   **worker_env(self.cfg, wid, num_threads)}
             self.actors[wid] = actor_cls.options(
                 name=ACTOR_PREFIX + wid, max_restarts=MAX_RESTARTS, max_task_retries=0,
                 num_cpus=bundles[i]["CPU"], num_gpus=bundles[i].get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.group, placement_group_bundle_index=i),
-            ).remote(wid, self.worker_args(wid, CONFIG_ARG), config_text, self.log_dir, env)
+            ).remote(wid, self.worker_args(wid, CONFIG_ARG), config_text, self.log_dir, env,
+                     key_files)
         self._wait_actors_registered()
         self.startup_s["total"] = time.monotonic() - t0
         log.info("ray startup: %s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_s.items()))
