@@ -104,15 +104,16 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
     def send_ready(self, req: Req) -> None:
         addr = req.peer.data_addr
         self.prefill_addrs[req.peer.worker_id] = addr
-        if req.rid in self.retracted:
-            # the prefill worker forgot it after the handoff: send the tokens so far
-            self.data_plane.send_to(addr, P.Generate(
-                rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling,
-                peer=P.Peer(self.worker_id, self.data_plane.address),
-                output_ids=list(req.output_ids)))
         self.transfer_queue.add(req)
-        self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
-                                                    decode_data_addr=self.data_plane.address))
+        if req.rid in self.retracted:
+            # the prefill worker forgot it after the handoff: the original parameters and the
+            # tokens so far; the pages are reserved, so this is also the readiness
+            self.data_plane.send_to(addr, P.Reprefill(
+                rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling,
+                output_ids=list(req.output_ids), decode=P.Peer(self.worker_id, self.data_plane.address)))
+        else:
+            self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
+                                                        decode_data_addr=self.data_plane.address))
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)

@@ -59,6 +59,7 @@ class DllmReq:
     params: DllmParams
     block: Optional[ActiveBlock] = None
     stop_ids: frozenset = field(default_factory=frozenset)   # EOS (unless ignore_eos) and stop ids
+    generator: Optional[torch.Generator] = None              # seeded draws of the active block
 
 
 class RoundManager:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from cluster.engine.sampler import token_generator
 from cluster.engine.stop_checker import check_finish
 from cluster.runtime.stats import PrefillStats
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
@@ -89,8 +90,11 @@ class DllmScheduler(WorkerScheduler):
     def step_block(self, state: DllmReq, logits, forward_iter: Optional[int]) -> None:
         req, block = state.req, state.block
         sp = req.sampling
+        if sp.seed is not None and block.num_steps == 0:
+            # a block's draws derive from (seed, its first output index), as AR tokens do
+            state.generator = token_generator(sp.seed, req.num_output)
         positions = block.step(
-            logits, state.params, sp.temperature, req.generator,
+            logits, state.params, sp.temperature, state.generator,
             banned=frozenset([self.spec.mask_token_id]) if self.spec.bans_mask else frozenset(),
             banned_before=max(0, sp.min_tokens - 1 - req.num_output), stop_ids=state.stop_ids,
             top_k=sp.top_k, top_p=sp.top_p)

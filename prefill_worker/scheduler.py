@@ -46,9 +46,12 @@ class PrefillScheduler(WorkerScheduler):
                     self.prefill.add(req)
             elif isinstance(msg, P.KvAck):
                 self.handle_ack(msg)
-            elif isinstance(msg, P.Generate):
-                # a decode worker retracted a request: prefill it again with its tokens so far
-                self.handle_control(msg)
+            elif isinstance(msg, P.Reprefill):
+                # decode retracted the request and has its pages reserved again: prefill the
+                # prompt plus the tokens so far at once (no bootstrap wait)
+                req = self.accept(msg.rid, msg.input_ids, msg.sampling, msg.output_ids, msg.decode)
+                if req is not None:
+                    self.prefill.add(req)
             else:
                 logger.warning("%s: unexpected data-plane message %s from %s",
                                self.worker_id, type(msg).__name__, sender)

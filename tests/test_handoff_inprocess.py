@@ -53,12 +53,12 @@ def runner_for(loaded, num_pages=256):
     return ModelRunner(loaded, num_pages, 16, device=str(weight.device), dtype=weight.dtype)
 
 
-def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS):
+def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS, **sampling):
     ctl = QueueControl()
     s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded), ctl)
     free_before = s.runner.page_allocator.num_free_pages    # CUDA graphs hold one scratch page
     for i, p in enumerate(prompts):
-        ctl.generate(f"r{i}", loaded.tokenizer.encode(p), max_tokens=max_tokens)
+        ctl.generate(f"r{i}", loaded.tokenizer.encode(p), max_tokens=max_tokens, **sampling)
     drain([s], [None], lambda: len(ctl.finished()) == len(prompts))
     s.runner.page_allocator.check_integrity()
     assert s.runner.page_allocator.num_free_pages == free_before
@@ -81,9 +81,9 @@ class Pair:
         self.decode.executor.forward_fn = lambda fi: (self.decode_forwards.append(list(fi.extend_lens)), forward(fi))[1]
         self.tok = loaded.tokenizer
 
-    def submit(self, rid, prompt, max_tokens=MAX_TOKENS):
+    def submit(self, rid, prompt, max_tokens=MAX_TOKENS, **sampling):
         ids = self.tok.encode(prompt)
-        sp = SamplingParams(max_tokens=max_tokens)
+        sp = SamplingParams(max_tokens=max_tokens, **sampling)
         self.pc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp, peer=P.Peer("decode-0", self.ddp.address)))
         self.dc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp, peer=P.Peer("prefill-0", self.pdp.address)))
         return ids
@@ -162,6 +162,35 @@ def test_small_decode_pool_retracts_and_every_request_completes(loaded):
         assert pair.decode.decode.num_retracted_total >= 1
         assert out == ref
         assert set(pair.dc.finished().values()) == {"length"}
+    finally:
+        pair.close()
+
+
+def test_retracted_request_keeps_its_original_sampling_and_reproduces_its_seeded_run(loaded):
+    """A retracted request goes back to prefill (`reprefill`) with its original SamplingParams
+    and the tokens so far: min_tokens counts those tokens, so EOS is allowed again at once when
+    they already reach it, max_tokens is not extended, and a seeded request draws exactly what
+    an unretracted run draws."""
+    sampling = dict(max_tokens=16, min_tokens=4, temperature=0.8, seed=7)
+    ref = run_unified(loaded, PROMPTS[:3], overlap=True, **sampling)
+    pair = Pair(loaded, decode_pages=4)     # 3 requests need 6 pages at the end: retraction
+    reprefills, prefill_rows = [], []
+    send = pair.ddp.send_to
+    pair.ddp.send_to = lambda addr, msg: (isinstance(msg, P.Reprefill) and reprefills.append(msg), send(addr, msg))[1]
+    forward = pair.prefill.executor.forward_fn
+    pair.prefill.executor.forward_fn = lambda fi: (prefill_rows.extend(
+        zip(fi.prefix_lens, fi.extend_lens, fi.min_tokens_left)), forward(fi))[1]
+    try:
+        prompt_lens = {f"r{i}": len(pair.submit(f"r{i}", p, **sampling)) for i, p in enumerate(PROMPTS[:3])}
+        out = pair.run(3)
+        assert reprefills and pair.prefill.reqs == {} and pair.decode.decode.num_retracted_total >= 1
+        for msg in reprefills:
+            assert msg.sampling == SamplingParams(**sampling)  # the original, not a sum
+            assert len(msg.output_ids) >= sampling["min_tokens"]   # the case the old wire got wrong
+            # its re-prefill runs over prompt + sent tokens with EOS allowed (min_tokens met)
+            assert (0, prompt_lens[msg.rid] + len(msg.output_ids), 0) in prefill_rows
+        assert out == ref                                      # same tokens, same count
+        assert all(len(out[r]) <= sampling["max_tokens"] for r in out)
     finally:
         pair.close()
 

@@ -17,6 +17,7 @@ import torch
 from cluster.engine.forward_batch import ForwardInput
 from cluster.engine.loader import DEFAULT_MODEL, load_model
 from cluster.engine.model_runner import ModelRunner
+from cluster.engine.sampler import token_generator
 from cluster.engine.stop_checker import check_finish, trim_stop
 from cluster.sampling_params import SamplingParams
 
@@ -40,7 +41,6 @@ class _Seq:
     input_ids: list[int]
     sampling: SamplingParams
     eos_token_ids: frozenset
-    generator: Optional[torch.Generator]
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -85,8 +85,7 @@ class LLM:
         seqs = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-            gen = torch.Generator(self.device).manual_seed(sp.seed) if sp.seed is not None else None
-            seq = _Seq(i, ids, sp, frozenset() if sp.ignore_eos else self.eos_token_ids, gen)
+            seq = _Seq(i, ids, sp, frozenset() if sp.ignore_eos else self.eos_token_ids)
             if sp.grammar_kind:
                 seq.grammar = self.grammar_backend.matcher(sp.grammar_kind, sp.grammar_spec,
                                                            stop_token_ids=seq.eos_token_ids | set(sp.stop_token_ids))
@@ -143,7 +142,8 @@ class LLM:
         fi = ForwardInput(
             input_ids=torch.tensor(ids, dtype=torch.int64), extend_lens=extend_lens, prefix_lens=prefix_lens,
             page_tables=[s.page_table for s in seqs], sample=sample, sampling=[s.sampling for s in seqs],
-            generators=[s.generator for s in seqs],
+            generators=[token_generator(s.sampling.seed, len(s.output_ids), self.device)
+                        if s.sampling.seed is not None else None for s in seqs],
             prior_ids=[s.all_ids if _has_penalty(s.sampling) else [] for s in seqs],
             min_tokens_left=[s.sampling.min_tokens - len(s.output_ids) for s in seqs],
             eos_token_ids=[s.eos_token_ids for s in seqs], is_decode=is_decode,

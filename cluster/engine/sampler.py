@@ -23,6 +23,16 @@ class Sampled(NamedTuple):
     top: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # ids int64 [B, k], logprobs [B, k]; k = max asked
 
 
+def token_generator(seed: int, index: int, device=None) -> torch.Generator:
+    """The generator that draws output token `index` of a request seeded with `seed`.
+
+    One generator per token, derived from (seed, index), rather than one stream per request:
+    a request prefilled again (retraction, resume on another worker) draws exactly what an
+    uninterrupted run draws, whichever process samples which token."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+    return torch.Generator(device if device is not None else "cpu").manual_seed(mixed)
+
+
 def sample(logits: torch.Tensor, sampling: list[SamplingParams], generators: list[Optional[torch.Generator]],
            prior_ids: list[list[int]], min_tokens_left: list[int], eos_token_ids: list[frozenset],
            grammars: list = ()) -> Sampled:

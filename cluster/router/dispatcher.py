@@ -9,8 +9,9 @@ Failure rules (shared/DESIGN.md, issue 4):
 - a worker is gone when the launcher says so (`worker_exited`), when it is silent for
   `timeouts.heartbeat_dead_after`, or when it registers again under the same id;
 - a request with no token yet is re-dispatched to another worker / pair;
-- a request with tokens already sent resumes (prompt + sent tokens, the rest of
-  max_tokens) when `recovery.resume_on_decode_failure`, else fails with the reason;
+- a request with tokens already sent resumes when `recovery.resume_on_decode_failure`
+  (`generate` with the prompt, the tokens sent so far and the original sampling
+  parameters, whose max_tokens / min_tokens count those tokens too), else fails;
 - the surviving side of a pair gets `abort` for the attempt; tokens of an old attempt are
   ignored (every attempt has its own wire rid);
 - a request without progress for `timeouts.request` fails with a timeout.
@@ -111,8 +112,7 @@ class Dispatcher:
         return bool(st.workers)
 
     def _send_generate(self, st: RequestState) -> None:
-        sampling = st.remaining_sampling()
-        if sampling is None:                               # resumed with nothing left
+        if st.is_exhausted:                                # resumed with nothing left
             self._finish(st, TokensEvent([], None, "length"))
             return
         st.attempt += 1
@@ -129,7 +129,7 @@ class Dispatcher:
         peers = [infos[1].peer, infos[0].peer] if len(infos) == 2 else [None]
         for info, peer in zip(infos, peers):
             self._send(info.worker_id, protocol.Generate(
-                rid=st.wire_rid, input_ids=list(st.input_ids), sampling=sampling, peer=peer,
+                rid=st.wire_rid, input_ids=list(st.input_ids), sampling=st.sampling, peer=peer,
                 model=st.model, dllm=dict(st.dllm), output_ids=list(st.output_ids)))
 
     def _redispatch(self, st: RequestState, reason: str) -> None:

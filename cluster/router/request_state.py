@@ -7,7 +7,7 @@ wire rid (`<rid>.<attempt>`), so tokens or errors from a worker that lost the re
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cluster.router.request_trace import RequestTrace
@@ -56,11 +56,7 @@ class RequestState:
         """The worker whose `tokens` count: decode in a pair, else the single worker."""
         return self.workers[-1] if self.workers else None
 
-    def remaining_sampling(self) -> Optional[SamplingParams]:
-        """Sampling for a resumed attempt (tokens already sent are not generated again),
-        or None when nothing is left to generate."""
-        done = len(self.output_ids)
-        if done >= self.sampling.max_tokens:
-            return None
-        return replace(self.sampling, max_tokens=self.sampling.max_tokens - done,
-                       min_tokens=max(0, self.sampling.min_tokens - done))
+    @property
+    def is_exhausted(self) -> bool:
+        """A resumed request whose tokens already sent reach max_tokens: nothing left to do."""
+        return len(self.output_ids) >= self.sampling.max_tokens

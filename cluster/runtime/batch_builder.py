@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from cluster.engine.forward_batch import ForwardInput
+from cluster.engine.sampler import token_generator
 from cluster.runtime.schedule_batch import ForwardMode, ScheduleBatch
 
 
@@ -38,7 +39,9 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         page_tables=[list(r.page_table) for r in reqs],
         sample=list(batch.sample),
         sampling=[r.sampling for r in reqs],
-        generators=[r.generator for r in reqs],
+        # the sampled token's output index: tokens already out plus those launched before it
+        generators=[token_generator(r.sampling.seed, r.num_output + r.num_pending - 1)
+                    if s and r.sampling.seed is not None else None for r, s in zip(reqs, batch.sample)],
         prior_ids=[r.all_ids if _has_penalty(r.sampling) else [] for r in reqs],
         # tokens still to come before EOS is allowed (the sampled one counts as num_output + 1)
         min_tokens_left=[max(0, r.sampling.min_tokens - (r.num_output + r.num_pending - 1)) for r in reqs],

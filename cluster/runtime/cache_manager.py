@@ -46,6 +46,10 @@ class SlotAllocator:
     def __init__(self, num_slots: int):
         self.free_slots = list(range(num_slots - 1, -1, -1))
 
+    @property
+    def num_free(self) -> int:
+        return len(self.free_slots)
+
     def allocate(self) -> int:
         if not self.free_slots:
             raise RuntimeError("out of future-token slots")

@@ -26,7 +26,7 @@ class Req:
 
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
-        "kv_len", "num_pending", "finish_reason", "error", "future_slot", "generator",
+        "kv_len", "num_pending", "finish_reason", "error", "future_slot",
         "output_logprobs", "peer",
     )
 
@@ -45,7 +45,6 @@ class Req:
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
         self.future_slot = -1      # overlap: where the forward side stores this request's last sampled token
-        self.generator: Any = None # torch.Generator when sampling.seed is set
         self.output_logprobs: list[float] = []
         self.peer: Any = None              # disaggregation: the other side (wire.messages.Peer)
 

@@ -1,23 +1,21 @@
 """WorkerScheduler: what every serving role shares on top of the Scheduler loops.
 
 Intake of `generate` / `abort` from the router, per-request resources (pages, future
-slot, seeded generator), token streaming back to the router (one `tokens` message per
+slot), token streaming back to the router (one `tokens` message per
 processed batch), failing a request with a reason, and the heartbeat gauges.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import replace
 import time
 from typing import Optional
-
-import torch
 
 from cluster.wire import protocol as P
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.config import SchedulerConfig
+from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.base_scheduler import Scheduler
 
@@ -58,16 +56,9 @@ class WorkerScheduler(Scheduler):
 
     def handle_control(self, msg) -> None:
         if isinstance(msg, P.Generate):
-            if msg.rid in self.reqs:
-                self.control.send(P.Error(rid=msg.rid, reason="duplicate request id", worker_id=self.worker_id))
-                return
-            try:
-                req = self.new_req(msg)
-            except (ValueError, TypeError, RuntimeError) as e:   # bad fields, or out of slots
-                self.control.send(P.Error(rid=msg.rid, reason=f"rejected: {e}", worker_id=self.worker_id))
-                return
-            self.reqs[req.rid] = req
-            self.admit(req, msg)
+            req = self.accept(msg.rid, msg.input_ids, msg.sampling, msg.output_ids, msg.peer)
+            if req is not None:
+                self.admit(req, msg)
         elif isinstance(msg, P.Abort):
             req = self.reqs.get(msg.rid)
             if req is not None:
@@ -76,24 +67,26 @@ class WorkerScheduler(Scheduler):
         else:
             logger.warning("%s: unexpected control message %s", self.worker_id, type(msg).__name__)
 
-    def new_req(self, msg: "P.Generate") -> Req:
-        sampling = msg.sampling
-        input_ids = [int(t) for t in msg.input_ids]
+    def accept(self, rid: str, input_ids: list, sampling: SamplingParams, output_ids: list,
+               peer: Optional[P.Peer]) -> Optional[Req]:
+        """A new live request (from `generate`, or `reprefill` on prefill), or None once the
+        router was told why not. `sampling` is always the request's original: max_tokens and
+        min_tokens count `output_ids` (tokens generated before a resume or a retraction) too."""
         vocab = self.runner.config.vocab_size
-        if any(t < 0 or t >= vocab for t in input_ids):
-            raise ValueError(f"token id out of range [0, {vocab})")
-        req = Req(msg.rid, input_ids, sampling, eos_token_ids=self.tokenizer.eos_token_ids,
-                  output_ids=[int(t) for t in msg.output_ids])
-        # a resumed request arrives with the tokens it already streamed and the router's
-        # max_tokens / min_tokens counting only the rest; the worker counts all output tokens
-        if req.num_output:
-            req.sampling = replace(sampling, max_tokens=sampling.max_tokens + req.num_output,
-                                   min_tokens=sampling.min_tokens + req.num_output if sampling.min_tokens else 0)
-        req.peer = msg.peer
-        req.future_slot = self.slots.allocate()
-        if sampling.seed is not None:
-            req.generator = torch.Generator().manual_seed(sampling.seed)
-        return req
+        if rid in self.reqs:
+            reason = "duplicate request id"
+        elif any(t >= vocab for t in input_ids) or any(t >= vocab for t in output_ids):
+            reason = f"rejected: token id out of range [0, {vocab})"
+        elif not self.slots.num_free:
+            reason = "rejected: out of future-token slots"
+        else:
+            req = Req(rid, input_ids, sampling, eos_token_ids=self.tokenizer.eos_token_ids,
+                      output_ids=output_ids)
+            req.peer, req.future_slot = peer, self.slots.allocate()
+            self.reqs[rid] = req
+            return req
+        self.control.send(P.Error(rid=rid, reason=reason, worker_id=self.worker_id))
+        return None
 
     def admit(self, req: Req, msg) -> None:
         raise NotImplementedError
