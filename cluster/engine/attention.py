@@ -1,5 +1,9 @@
 """Paged attention: write the new tokens' KV into their pages, attend over each request's pages.
 
+On CUDA the "triton" backend (triton_attention.py) reads the pages in place for decode and for
+extends over a cached prefix. The rest of this file is the "torch" backend (CPU, or CUDA without
+Triton) described next.
+
 Cache layout per layer (see kv_cache.py): K and V are each `[num_kv_heads, num_pages, page_size,
 head_dim]`, so one (head, page) is a contiguous `page_size * head_dim` row. Decode gathers
 those rows per request into a small buffer and runs grouped-query attention as batched
@@ -10,107 +14,41 @@ start at position 0 attend to their fresh K/V directly through SDPA's causal ker
 extend over a cached prefix (chunked prefill, prefix reuse, DLLM blocks) gathers the
 prefix from the pages and uses an explicit mask.
 
-All metadata of one forward travels in one `AttentionContext`, built once on the CPU and
-copied to the device without a host sync; layers share everything derived from it.
+All metadata of one forward travels in one `AttentionContext` (attention_context.py); layers
+share everything derived from it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from cluster.engine.attention_context import AttentionContext
+
+__all__ = ["AttentionContext", "paged_attention", "decode_attention", "attention_backend"]
+
 DECODE_CHUNK_BYTES = 8 << 20   # K bytes gathered per decode chunk and thread (fewer, larger ops win; fits L3)
+BACKEND_SWITCH = "PDCLUSTER_ATTENTION"   # "torch": no Triton kernels on CUDA
 BATCHED_DECODE: Optional[bool] = None   # None: batched on CUDA, chunked on CPU; tests force either path
+
+
+def attention_backend(device, head_dim: int) -> str:
+    """"triton" on CUDA where Triton is installed and the head size suits its kernels
+    (`PDCLUSTER_ATTENTION=torch` forces the torch path), else "torch"."""
+    if torch.device(device).type != "cuda" or os.environ.get(BACKEND_SWITCH, "") == "torch":
+        return "torch"
+    if head_dim < 16 or head_dim & (head_dim - 1) or importlib.util.find_spec("triton") is None:
+        return "torch"
+    return "triton"
 
 
 def use_batched_decode(cache: torch.Tensor) -> bool:
     """Decode all KV heads and requests in one gather and two bmm (GPU: launches dominate), or per
     head in chunks whose K/V stay in the CPU caches (CPU)."""
     return cache.is_cuda if BATCHED_DECODE is None else BATCHED_DECODE
-
-
-@dataclass
-class AttentionContext:
-    num_reqs: int
-    max_q_len: int                    # longest extend segment (1 for decode)
-    positions: torch.Tensor           # int64 [T]: position of each new token in its request (on the device)
-    slot_mapping: torch.Tensor        # int64 [T]: flat cache slot (page * page_size + offset) of each new token
-    page_table: torch.Tensor          # int64 [B, P]: pages per request, padded with page 0
-    mask: Optional[torch.Tensor]      # decode: additive float [B, 1, L]; extend: bool [B, 1, Lq, L] (True =
-                                      # attend), None = causal from position 0 (query j sees keys <= j)
-    q_index: Optional[torch.Tensor]   # int64 [B, Lq] token row for each padded query slot; None = rows already [B, Lq]
-    out_index: Optional[torch.Tensor] # int64 [T]: padded row of each token, to unpad the output
-    is_decode: bool
-    kv_index: Optional[torch.Tensor] = None   # [kv_heads * B * P] rows of the flat cache; see gather_kv
-    kv_pair_index: Optional[torch.Tensor] = None   # [2 * B * kv_heads * P] K then V rows; see gather_kv_pair
-    kv_buffers: Optional[list] = None         # CPU decode gather buffer for K, shared by all layers
-    v_token_rows: Optional[torch.Tensor] = None   # [kv_heads * B * G, L] V rows per bag; see _v_token_rows
-
-    @classmethod
-    def build(cls, extend_lens: list[int], prefix_lens: list[int], page_tables: list[list[int]],
-              bidirectional_lens: list[int], page_size: int, is_decode: bool, device,
-              attn_block_sizes: Optional[list[int]] = None,
-              dtype: torch.dtype = torch.float32) -> "AttentionContext":
-        """`dtype`: the model's; the decode mask is made in it on the CPU (no cast on the device)."""
-        num_reqs = len(extend_lens)
-        blocky = attn_block_sizes is not None and any(b > 1 for b in attn_block_sizes)
-        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-        num_pages = max((s + page_size - 1) // page_size for s in seq_lens)
-        rows = []
-        for i, (pages, s) in enumerate(zip(page_tables, seq_lens)):
-            n = (s + page_size - 1) // page_size
-            assert len(pages) >= n, f"request {i}: {len(pages)} pages for {s} tokens"
-            rows.append(list(pages[:n]) + [0] * (num_pages - n))
-        pt = torch.tensor(rows, dtype=torch.int64)
-        if all(e == 1 for e in extend_lens):
-            positions = torch.tensor(prefix_lens, dtype=torch.int64)
-        else:
-            positions = torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)])
-        req_of_token = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(extend_lens))
-        slot_mapping = pt[req_of_token, positions // page_size] * page_size + positions % page_size
-        kpos = torch.arange(num_pages * page_size)
-        seq_t = torch.tensor(seq_lens)
-        is_decode = is_decode or all(e == 1 for e in extend_lens) and not any(bidirectional_lens) and not blocky
-        if is_decode:
-            mask = torch.zeros(num_reqs, 1, kpos.numel(), dtype=dtype)
-            mask.masked_fill_(kpos[None, None, :] >= seq_t[:, None, None], float("-inf"))
-            positions, slot_mapping, pt = _to_device(device, positions, slot_mapping, pt)
-            return cls(num_reqs, 1, positions, slot_mapping, pt, _to_device(device, mask)[0], None, None, True)
-        max_q = max(extend_lens)
-        qj = torch.arange(max_q)
-        mask = None   # plain prompts from position 0: SDPA's own causal mask (it skips masked blocks)
-        if any(prefix_lens) or any(bidirectional_lens) or blocky:
-            qpos = torch.tensor(prefix_lens)[:, None] + qj[None, :]                    # [B, Lq]
-            bidi = torch.tensor(bidirectional_lens or [0] * num_reqs)
-            bstart = (seq_t - bidi)[:, None, None]
-            causal = kpos[None, None, :] <= qpos[:, :, None]
-            both_in_block = (qpos[:, :, None] >= bstart) & (kpos[None, None, :] >= bstart)
-            # block-causal models (SDAR): a token also sees its whole aligned block
-            blk = torch.tensor(attn_block_sizes if blocky else [1] * num_reqs).clamp(min=1)[:, None, None]
-            same_block = (kpos[None, None, :] // blk) == (qpos[:, :, None] // blk)
-            visible = causal | both_in_block | same_block
-            mask = _to_device(device, (visible & (kpos[None, None, :] < seq_t[:, None, None]))[:, None])[0]
-        if all(e == max_q for e in extend_lens):
-            positions, slot_mapping, pt = _to_device(device, positions, slot_mapping, pt)
-            return cls(num_reqs, max_q, positions, slot_mapping, pt, mask, None, None, False)
-        starts = torch.cumsum(torch.tensor([0] + extend_lens[:-1]), 0)
-        ext = torch.tensor(extend_lens)
-        q_index = (starts[:, None] + torch.minimum(qj[None, :], ext[:, None] - 1))   # pad rows repeat the last
-        out_index = req_of_token * max_q + (torch.arange(positions.numel()) - starts[req_of_token])
-        positions, slot_mapping, pt, q_index, out_index = _to_device(device, positions, slot_mapping, pt,
-                                                                     q_index, out_index)
-        return cls(num_reqs, max_q, positions, slot_mapping, pt, mask, q_index, out_index, False)
-
-
-def _to_device(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """One non-blocking host-to-device copy for tensors of one dtype (a blocking `.to` waits for the
-    device to drain; one copy per tensor is one launch each)."""
-    if torch.device(device).type == "cpu":
-        return list(tensors)
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device, non_blocking=True)
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -166,6 +104,9 @@ def gather_kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionC
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
                      scale: float) -> torch.Tensor:
     """One query per request; GQA as batched matmuls `[.., G, D] @ [.., D, L]`, softmax in float32."""
+    if ctx.backend == "triton":
+        from cluster.engine import triton_attention
+        return triton_attention.decode(q, k_cache, v_cache, ctx.pages, ctx.page_start, ctx.seq_lens, scale)
     if ctx.mask.dtype != q.dtype:   # cast once per forward, not per layer
         ctx.mask = ctx.mask.to(q.dtype)
     if use_batched_decode(k_cache):
@@ -240,6 +181,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k_cache, v_cache, k, v, ctx)
     if ctx.is_decode:
         return decode_attention(q, k_cache, v_cache, ctx, scale)
+    if ctx.kv_limit is not None:   # triton: an extend over cached pages
+        from cluster.engine import triton_attention
+        return triton_attention.extend(q, k_cache, v_cache, ctx.pages, ctx.page_start, ctx.q_start,
+                                       ctx.extend_lens_t, ctx.kv_limit, ctx.max_q_len, scale)
     b, lq = ctx.num_reqs, ctx.max_q_len
     pad = (lambda x: x[ctx.q_index]) if ctx.q_index is not None else (lambda x: x.view(b, lq, *x.shape[1:]))
     if ctx.mask is None:   # prompts from position 0 see only their own new tokens: skip the cache read

@@ -1,29 +1,33 @@
-"""Decode steps replayed as CUDA graphs, one capture per (batch, pages) bucket.
+"""Decode steps replayed as CUDA graphs, one capture per batch bucket, all captured at startup.
 
-On a GPU a decode step is bound by kernel launches from Python (about 25 per layer), not by
-memory: a graph replays the whole step in one launch. The step's inputs are copied into the
-graph's static buffers; requests beyond the real batch, and pages beyond a request's own,
-point at one scratch page that the mask hides, so padding never touches a live page.
-The graph ends at the final hidden states: the lm_head and sampling run outside it, so a
-cached graph holds `[batch, hidden]` rather than `[batch, vocab]` of output.
+A graph replays a whole decode step in one launch: future-token resolution, the model with the
+Triton paged-attention kernels inside (their grid depends on the batch only, so one graph
+serves every context length), the lm_head, the greedy argmax and the store of that argmax into
+the future map. Plain greedy batches then need nothing outside the graph but the copy of the
+sampled ids to the host; other sampling reads the graph's final hidden states.
+
+Inputs land in one static int64 buffer through one host-to-device copy per step (layout in
+`_Layout`). Requests beyond the real batch write into one scratch page and attend to it alone;
+their argmax goes to a trash slot of the future map, so padding never touches live state.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
-from cluster.engine.attention import AttentionContext
+from cluster.engine.attention_context import AttentionContext, flat_pages
 from cluster.engine.forward_batch import ForwardInput
 
-# Past 64 requests attention's memory traffic, not launches, sets the step time and graphs
-# measured slower than eager (H100, Llama-3.2-1B, batch 256: 21-24 vs 17 ms): run eagerly.
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-PAGE_BUCKETS = tuple(range(8, 513, 8))   # pages per request; padding costs at most 7 masked pages
-MAX_GRAPHS = 256                         # oldest capture dropped beyond (contexts keep growing)
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 ENV_SWITCH = "PDCLUSTER_CUDA_GRAPHS"                             # 0 = eager decode on CUDA
 
 
@@ -31,84 +35,133 @@ def cuda_graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    return tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Offsets into the static input buffer: five `[max_batch]` rows (input ids, positions, KV slots,
+    page starts, future slots), then the flat page list."""
+    max_batch: int
+    max_pages: int
+
+    def row(self, k: int, b: int) -> slice:
+        return slice(k * self.max_batch, k * self.max_batch + b)
+
+    @property
+    def pages(self) -> slice:
+        return slice(5 * self.max_batch, 5 * self.max_batch + self.max_pages)
+
+    @property
+    def size(self) -> int:
+        return 5 * self.max_batch + self.max_pages
+
+
 @dataclass
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
-    input_ids: torch.Tensor      # [b]
-    positions: torch.Tensor      # [b]
-    slot_mapping: torch.Tensor   # [b]
-    page_table: torch.Tensor     # [b, p]
-    mask: torch.Tensor           # [b, 1, p * page_size], model dtype
     hidden: torch.Tensor         # [b, hidden] final (normed) hidden states, written by every replay
-
-
-def _bucket(n: int, buckets: tuple[int, ...]) -> Optional[int]:
-    i = bisect.bisect_left(buckets, n)
-    return buckets[i] if i < len(buckets) else None
+    greedy_ids: torch.Tensor     # [b] argmax of the logits, also stored into the future map
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches, page_allocator, page_size: int, dtype: torch.dtype, device):
-        self.model, self.kv_caches = model, kv_caches
-        self.page_size, self.dtype, self.device = page_size, dtype, device
-        self.scratch_page = page_allocator.allocate(1)[0]   # padding writes land here, never read unmasked
+    def __init__(self, model, kv_caches, future_map: torch.Tensor, trash_slot: int, page_allocator,
+                 page_size: int, max_batch: int, device):
+        self.model, self.kv_caches, self.future_map = model, kv_caches, future_map
+        self.page_size, self.device, self.trash_slot = page_size, device, trash_slot
+        self.buckets = batch_buckets(max_batch)
+        self.scratch_page = page_allocator.allocate(1)[0]   # padding writes land here, never read by a live row
+        # prefix sharing can list a page for several requests: room for twice the pool
+        self.layout = _Layout(max_batch, 2 * page_allocator.num_pages + max_batch + 1)
+        self.static = torch.zeros(self.layout.size, dtype=torch.int64, device=device)
+        self.host = np.zeros(self.layout.size, dtype=np.int64)
         self.pool = torch.cuda.graph_pool_handle()
-        self.steps: dict[tuple[int, int], CapturedStep] = {}
+        self.steps: dict[int, CapturedStep] = {}
+        self.capture_s = 0.0
+        self.capture_bytes = 0
 
-    def hidden(self, input_ids: torch.Tensor, fi: ForwardInput) -> Optional[torch.Tensor]:
-        """Final hidden states `[num_reqs, hidden]` of one decode step, or None when no bucket fits."""
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Largest batch first, so smaller graphs reuse its memory in the shared pool."""
+        torch.cuda.synchronize(self.device)
+        free0 = torch.cuda.mem_get_info(self.device)[0]
+        t0 = time.perf_counter()
+        for b in sorted(self.buckets, reverse=True):
+            if b not in self.steps:
+                self.steps[b] = self._capture(b)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t0
+        self.capture_bytes = free0 - torch.cuda.mem_get_info(self.device)[0]
+        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.2f s, %.0f MiB", len(self.steps),
+                    self.buckets[0], self.buckets[-1], self.capture_s, self.capture_bytes / 2 ** 20)
+
+    def run(self, fi: ForwardInput) -> Optional[CapturedStep]:
+        """Replay one decode step; None when no bucket fits (run eagerly). Rows past `fi.num_reqs` are padding."""
         n = fi.num_reqs
-        need = max(-(-(p + 1) // self.page_size) for p in fi.prefix_lens)
-        b, p = _bucket(n, BATCH_BUCKETS), _bucket(need, PAGE_BUCKETS)
-        if b is None or p is None:
+        i = bisect.bisect_left(self.buckets, n)
+        if i == len(self.buckets) or not fi.input_ids.is_cpu or not self._fill(fi, self.buckets[i]):
             return None
-        step = self.steps.get((b, p)) or self._capture(b, p)
-        self._fill(step, input_ids, fi, b, p)
+        step = self.steps.get(self.buckets[i])
+        if step is None:
+            step = self.steps[self.buckets[i]] = self._capture(self.buckets[i])
         step.graph.replay()
-        return step.hidden[:n]
-
-    def _fill(self, step: CapturedStep, input_ids: torch.Tensor, fi: ForwardInput, b: int, p: int) -> None:
-        n, ps = fi.num_reqs, self.page_size
-        table = torch.full((b, p), self.scratch_page, dtype=torch.int64)
-        mask = torch.full((b, 1, p * ps), float("-inf"), dtype=self.dtype)
-        mask[n:, 0, 0] = 0                                  # padded rows attend to one scratch slot
-        positions = torch.zeros(b, dtype=torch.int64)
-        slots = torch.full((b,), self.scratch_page * ps, dtype=torch.int64)
-        for i, (pos, pages) in enumerate(zip(fi.prefix_lens, fi.page_tables)):
-            used = pos // ps + 1
-            table[i, :used] = torch.tensor(pages[:used])
-            mask[i, 0, :pos + 1] = 0
-            positions[i] = pos
-            slots[i] = pages[pos // ps] * ps + pos % ps
-        step.input_ids[:n].copy_(input_ids, non_blocking=True)
-        step.input_ids[n:].zero_()
-        for dst, src in ((step.positions, positions), (step.slot_mapping, slots),
-                         (step.page_table, table), (step.mask, mask)):
-            dst.copy_(src, non_blocking=True)
-
-    def _capture(self, b: int, p: int) -> CapturedStep:
-        dev, ps = self.device, self.page_size
-        step = CapturedStep(
-            graph=torch.cuda.CUDAGraph(), input_ids=torch.zeros(b, dtype=torch.int64, device=dev),
-            positions=torch.zeros(b, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((b,), self.scratch_page * ps, dtype=torch.int64, device=dev),
-            page_table=torch.full((b, p), self.scratch_page, dtype=torch.int64, device=dev),
-            mask=torch.zeros(b, 1, p * ps, dtype=self.dtype, device=dev), hidden=None)
-
-        def run() -> torch.Tensor:
-            # NOTE: a fresh context each time, so the K/V row index is built inside the graph
-            ctx = AttentionContext(b, 1, step.positions, step.slot_mapping, step.page_table, step.mask,
-                                   None, None, True)
-            return self.model(step.input_ids, step.positions, self.kv_caches, ctx)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):   # warm-up outside the graph (allocator, library handles)
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(step.graph, pool=self.pool):
-            step.hidden = run()
-        if len(self.steps) >= MAX_GRAPHS:
-            del self.steps[next(iter(self.steps))]
-        self.steps[(b, p)] = step
         return step
+
+    def _fill(self, fi: ForwardInput, b: int) -> bool:
+        n, ps, lay, h = fi.num_reqs, self.page_size, self.layout, self.host
+        pos = np.asarray(fi.prefix_lens, dtype=np.int64)
+        counts = pos // ps + 1
+        pages = flat_pages(fi.page_tables, counts.tolist())
+        m = pages.size
+        if m + 1 > lay.max_pages:
+            return False
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        ids, positions, slots, page_start, future = (h[lay.row(k, b)] for k in range(5))
+        ids[:n] = fi.input_ids.numpy()
+        ids[n:] = 0
+        positions[:n] = pos
+        positions[n:] = 0
+        slots[:n] = pages[starts + pos // ps] * ps + pos % ps
+        slots[n:] = self.scratch_page * ps
+        page_start[:n] = starts
+        page_start[n:] = m                                  # padding rows: the scratch page after the live ones
+        future[:n] = fi.future_slots if fi.future_slots else self.trash_slot
+        future[:n][future[:n] < 0] = self.trash_slot
+        future[n:] = self.trash_slot
+        h[lay.pages.start:lay.pages.start + m] = pages
+        h[lay.pages.start + m] = self.scratch_page
+        end = lay.pages.start + m + 1
+        # NOTE: pageable source: the copy is staged before it returns, so the host buffer is free again
+        self.static[:end].copy_(torch.from_numpy(h[:end]), non_blocking=True)
+        return True
+
+    @torch.inference_mode()
+    def _capture(self, b: int) -> CapturedStep:
+        lay, static = self.layout, self.static
+        ids, positions, slots, page_start, future = (static[lay.row(k, b)] for k in range(5))
+        pages = static[lay.pages]
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            resolved = torch.where(ids < 0, self.future_map[(-ids - 1).clamp(min=0)], ids)
+            ctx = AttentionContext(b, 1, positions, slots, None, None, None, None, True, backend="triton",
+                                   pages=pages, page_start=page_start, seq_lens=positions + 1)
+            hidden = self.model(resolved, positions, self.kv_caches, ctx)
+            greedy = self.model.compute_logits(hidden, upcast=False).argmax(dim=-1)
+            self.future_map.index_copy_(0, future, greedy)
+            return hidden, greedy
+
+        # inputs of a harmless step (scratch page, trash slot) for the warm-up and the capture
+        for k, value in ((0, 0), (1, 0), (2, self.scratch_page * self.page_size), (3, 0), (4, self.trash_slot)):
+            static[lay.row(k, b)] = value
+        static[lay.pages.start] = self.scratch_page
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):   # warm-up outside the graph (allocator, library handles, Triton compiles)
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden, greedy = run()
+        return CapturedStep(graph, hidden, greedy)

@@ -96,9 +96,11 @@ class LlamaModel(nn.Module):
             x = layer(x, rope, kv, ctx)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """float32 logits; `upcast=False` keeps the model dtype (argmax is the same: the upcast is exact)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        logits = linear(hidden, weight)
+        return logits.float() if upcast else logits
 
     # weights
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

@@ -13,20 +13,21 @@ from typing import Optional
 
 import torch
 
-from cluster.engine.attention import AttentionContext
+from cluster.engine.attention import AttentionContext, attention_backend
 from cluster.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
 from cluster.engine.forward_batch import ForwardInput, ForwardOutput
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.loader import DTYPES, LoadedModel
 from cluster.engine.page_allocator import PageAllocator
-from cluster.engine.sampler import sample
+from cluster.engine.sampler import is_plain_greedy, sample
 
 NUM_FUTURE_SLOTS = 4096
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32",
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, max_decode_batch: int = 256):
+        """`max_decode_batch`: the largest decode batch CUDA graphs are captured for (at startup)."""
         if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
             torch.set_num_threads(num_threads)
         self.loaded = loaded
@@ -40,10 +41,14 @@ class ModelRunner:
         self.kv_pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages, page_size,
                               self.dtype, self.device)
         self.kv_caches = self.kv_pool.layer_caches()
-        self.future_map = torch.zeros(NUM_FUTURE_SLOTS, dtype=torch.int64, device=self.device)
-        self.decode_graphs = (DecodeGraphs(self.model, self.kv_caches, self.page_allocator, page_size,
-                                           self.dtype, self.device)
-                              if cuda_graphs_enabled(self.device) else None)
+        # one slot past the last: the trash slot that graph padding rows store into
+        self.future_map = torch.zeros(NUM_FUTURE_SLOTS + 1, dtype=torch.int64, device=self.device)
+        self.attention_backend = attention_backend(self.device, cfg.head_dim)
+        self.decode_graphs = None
+        if cuda_graphs_enabled(self.device) and self.attention_backend == "triton":
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.future_map, NUM_FUTURE_SLOTS,
+                                              self.page_allocator, page_size, max_decode_batch, self.device)
+            self.decode_graphs.capture_all()
 
     @property
     def tokenizer(self):
@@ -80,18 +85,34 @@ class ModelRunner:
         self.kv_pool.import_kv(page_table, tensor)
 
     @torch.inference_mode()
-    def forward(self, fi: ForwardInput) -> ForwardOutput:
+    def forward(self, fi: ForwardInput, wait: bool = True) -> ForwardOutput:
+        """`wait=False`: a graphed greedy step returns as soon as it is launched, its token ids still being
+        copied into pinned memory; call `.wait()` on the output before reading them. Later steps may be
+        launched meanwhile (they read these tokens as futures), which hides the host's work per step."""
         t0 = time.perf_counter()
-        input_ids = self.resolve_future(fi.input_ids)
-        hidden = None
+        graphed = None
         if self.decode_graphs is not None and fi.is_decode and not fi.return_logits:
-            hidden = self.decode_graphs.hidden(input_ids, fi)   # None: no bucket fits, run eagerly
-        if hidden is None:
+            graphed = self.decode_graphs.run(fi)   # None: no bucket fits, run eagerly
+        if graphed is not None:
+            hidden = graphed.hidden
+        else:
+            input_ids = self.resolve_future(fi.input_ids)
             ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
                                          fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
-                                         fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype)
+                                         fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype,
+                                         self.attention_backend)
             hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
+        if graphed is not None and all(fi.sample) and is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left,
+                                                                       fi.grammars):
+            # the graph took the argmax and stored it into the future map: only the host copy is left
+            next_ids = torch.empty(fi.num_reqs, dtype=torch.int64, pin_memory=True)
+            next_ids.copy_(graphed.greedy_ids[:fi.num_reqs], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            out = ForwardOutput(next_token_ids=next_ids, ready=ready,
+                                timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
+            return out.wait() if wait else out
         rows = [i for i, s in enumerate(fi.sample) if s]
         next_ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
         logprobs = top_ids = top_lps = None
@@ -99,13 +120,14 @@ class ModelRunner:
         if fi.return_logits:   # NOTE: select hidden rows first, so the lm_head runs only on the kept ones
             keep = fi.logits_rows()
             logits_all = self.model.compute_logits(hidden if keep is None else hidden[keep.to(self.device, non_blocking=True)])
+        pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
         if rows:
             kept_lens = fi.logits_lens or fi.extend_lens
             if logits_all is not None and all(kept_lens[i] for i in rows):   # every sampled last row was kept
                 logits = _last_rows(logits_all, kept_lens, rows, self.device)
             else:
-                logits = self.model.compute_logits(_last_rows(hidden, fi.extend_lens, rows, self.device))
-            pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
+                logits = self.model.compute_logits(_last_rows(hidden[:fi.num_tokens], fi.extend_lens, rows,
+                                                              self.device))
             ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
                                    pick(fi.min_tokens_left), pick(fi.eos_token_ids), pick(fi.grammars))
             if fi.future_slots:
