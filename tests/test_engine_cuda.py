@@ -1,18 +1,28 @@
 """The engine and the overlap loop on a CUDA device (skipped where there is none).
 
 Run on a GPU machine: `python -m pytest tests/test_engine_cuda.py`. Small random models
-against transformers on the same device; the scheduler's forward runs on a CUDA stream.
+against transformers on the same device; the scheduler's forward runs on a CUDA stream; the
+Triton paged-attention kernels against SDPA on gathered pages over random shapes; CUDA graph
+decode against eager and torch-backend decode; no host sync in sampling or in a graphed step
+but the token copy.
 """
+import random
 import time
+import warnings
 
 import pytest
 import torch
 
 from cluster.config import SchedulerConfig
+from cluster.engine.cuda_graphs import batch_buckets
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
+from cluster.engine.sampler import sample
+from cluster.sampling_params import SamplingParams
 from cluster.unified import UnifiedScheduler
-from tests.engine_fixtures import batch_input, greedy_decode
+from tests.engine_fixtures import batch_input, greedy_decode, prefill_input
+from tests.paged_attention_cases import (extend_args, extend_limits, make_case, reference_decode,
+                                         reference_extend)
 from tests.queue_control import QueueControl
 from tests.test_engine_loader import _save_tiny
 
@@ -113,3 +123,106 @@ def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
     eager = ModelRunner(loaded, 128, 16, "cuda", "float32")
     assert eager.decode_graphs is None
     assert decode_batch(eager, prompts, 20) == with_graphs
+
+
+def _random_shape(seed: int):
+    g = random.Random(seed)
+    kvh, group = g.choice([1, 2, 8]), g.choice([1, 3, 4, 8])
+    return (g.choice([1, 5, 33]), kvh * group, kvh, g.choice([64, 128]), g.choice([1, 8, 16, 32]),
+            g.choice([40, 700, 3000]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_triton_decode_matches_sdpa_on_gathered_pages(seed):
+    from cluster.engine import triton_attention
+    b, h, kvh, d, ps, max_len = _random_shape(seed)
+    dtype = torch.bfloat16 if seed % 2 else torch.float32
+    case = make_case(seed, b, h, kvh, d, ps, max_len, dtype, "cuda")
+    out = triton_attention.decode(case["q_dec"], case["k_cache"], case["v_cache"], case["pages"],
+                                  case["page_start"], case["seq_lens"], d ** -0.5)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), reference_decode(case, d ** -0.5), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_triton_extend_over_paged_prefix_matches_sdpa(seed):
+    from cluster.engine import triton_attention
+    b, h, kvh, d, ps, max_len = _random_shape(seed + 100)
+    dtype = torch.bfloat16 if seed % 2 else torch.float32
+    case = make_case(seed, b, h, kvh, d, ps, max_len, dtype, "cuda", max_extend=150)
+    limits = extend_limits(case, bidirectional=seed % 3 == 0)
+    out = triton_attention.extend(*extend_args(case, limits), d ** -0.5)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), reference_extend(case, limits, d ** -0.5), atol=tol, rtol=tol)
+
+
+def _tiny_runner(monkeypatch=None, **env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    loaded = load_model("tiny-llama", load_format="dummy", device="cuda")
+    loaded._tokenizer = ByteTokenizer()
+    return ModelRunner(loaded, 1024, 16, "cuda", "float32", max_decode_batch=96)
+
+
+def test_decode_graphs_captured_at_startup_for_every_batch_bucket():
+    runner = _tiny_runner()
+    assert runner.attention_backend == "triton"
+    graphs = runner.decode_graphs
+    assert set(graphs.steps) == set(batch_buckets(96)) and graphs.buckets[-1] == 96
+    assert graphs.capture_s > 0
+
+
+def test_graph_decode_equals_eager_and_torch_decode_at_large_batch(monkeypatch):
+    prompts = [[(13 * i + j) % 900 + 3 for j in range(1 + (7 * i) % 40)] for i in range(70)]   # bucket 80
+    graphed = decode_batch(_tiny_runner(), prompts, 20)
+    eager = decode_batch(_tiny_runner(monkeypatch, PDCLUSTER_CUDA_GRAPHS="0"), prompts, 20)
+    torch_path = decode_batch(_tiny_runner(monkeypatch, PDCLUSTER_ATTENTION="torch"), prompts, 20)
+    assert graphed == eager == torch_path
+
+
+def test_chunked_prefill_over_cached_prefix_matches_whole_prompt():
+    runner = _tiny_runner()
+    prompt = [(5 * j) % 800 + 3 for j in range(75)]
+    pages = runner.page_allocator.allocate(5)
+    whole = runner.forward(prefill_input(prompt, pages, return_logits=True)).logits
+    runner.forward(prefill_input(prompt[:37], pages, sample=False))   # 37: the chunk ends inside a page
+    tail = runner.forward(prefill_input(prompt[37:], pages, prefix_len=37, return_logits=True)).logits
+    torch.testing.assert_close(tail, whole[37:], atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_on_cuda_never_waits_for_the_device():
+    logits = torch.randn(6, 5000, device="cuda")
+    sps = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=1.0, top_p=0.5),
+           SamplingParams(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1),
+           SamplingParams(temperature=0.7, seed=3, logprobs=True), SamplingParams(min_tokens=2, max_tokens=4)]
+    gens = [None, None, None, None, torch.Generator().manual_seed(3), None]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids, lps = sample(logits, sps, gens, [[], [], [], [1, 2, 2, 7], [], []], [0, 0, 0, 0, 0, 2],
+                          [frozenset(), frozenset(), frozenset(), frozenset(), frozenset(), frozenset({0, 1})])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    again, _ = sample(logits[4:5], sps[4:5], [torch.Generator().manual_seed(3)], [], [], [])
+    assert int(ids[4]) == int(again[0])                                   # seeded: same draw alone
+    assert int(ids[1]) in set(logits[1].topk(20).indices.tolist())
+    assert int(ids[5]) not in (0, 1) and lps is not None
+
+
+def test_graph_decode_step_syncs_only_to_copy_the_tokens(monkeypatch):
+    runner = _tiny_runner()
+    tables = [runner.page_allocator.allocate(4) for _ in range(3)]
+    fi = batch_input([[5], [6], [7]], [10, 20, 30], tables, is_decode=True)
+    fi.future_slots = [0, 1, 2]
+    runner.forward(fi)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fi.input_ids = torch.tensor([-1, -2, -3])   # last step's tokens, resolved on the device
+            runner.forward(fi)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -162,22 +162,24 @@ def _check(k_cache: torch.Tensor, d: int) -> None:
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
-           page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+           page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
+           block_n: int = 0, num_warps: int = 4) -> torch.Tensor:
     """q `[B, H, D]` (any strides with unit last stride), caches `[kv_heads, num_pages, page_size, D]`,
-    pages / page_start / seq_lens int64 on the device -> `[B, H * D]` in q's dtype."""
+    pages / page_start / seq_lens int64 on the device -> `[B, H * D]` in q's dtype. `num_splits`,
+    `block_n`, `num_warps`: tuning overrides (benchmarks/attention_kernels.py)."""
     b, h, d = q.shape
     kvh, _, page_size, _ = k_cache.shape
     _check(k_cache, d)
     group = h // kvh
-    splits = num_decode_splits(b, kvh, q.device)
+    splits = num_splits or num_decode_splits(b, kvh, q.device)
     part_o = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
-    block_n = 64 if d <= 64 else 32
+    block_n = block_n or (64 if d <= 64 else 32)
     _decode_split_kernel[(b, kvh, splits)](
         q, k_cache, v_cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        D=d, PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
+        D=d, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2)
     out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(b, h)](part_o, part_lse, out, splits, out.stride(0), D=d,
                                  BLOCK_S=triton.next_power_of_2(splits), num_warps=2)
