@@ -94,8 +94,8 @@ def measure(layout: str, model_dir: str, args) -> dict:
         for conc, num in ((1, 8), (args.concurrency, 2 * args.concurrency)):
             a = argparse.Namespace(url=f"http://127.0.0.1:{PORT}/v1", model=None, num_requests=num, prompt_len=32,
                                    max_tokens=max_tokens, concurrency=conc, api_key="", json=True)
-            asyncio.run(bench._bench(a))   # warm-up round (first requests, allocator)
-            result[f"c{conc}"] = asyncio.run(bench._bench(a))
+            asyncio.run(bench._bench(argparse.Namespace(**{**vars(a), "num_requests": conc, "max_tokens": 8})))
+            result[f"c{conc}"] = asyncio.run(bench._bench(a))   # after a short warm-up round
             print(layout, conc, json.dumps(result[f"c{conc}"]), flush=True)
         return result
     finally:
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # a timeout still stops the clusters (finally)
     os.makedirs(args.out, exist_ok=True)
     model_dir = os.path.abspath(os.path.join(args.out, "model"))
     write_model_dir(model_dir, args.tokenizer_json, args.preset)
