@@ -209,20 +209,33 @@ def test_sampling_on_cuda_never_waits_for_the_device():
     assert int(ids[5]) not in (0, 1) and lps is not None
 
 
-def test_graph_decode_step_syncs_only_to_copy_the_tokens(monkeypatch):
+def test_graph_decode_step_never_waits_and_overlapped_steps_equal_waited_ones():
     runner = _tiny_runner()
-    tables = [runner.page_allocator.allocate(4) for _ in range(3)]
-    fi = batch_input([[5], [6], [7]], [10, 20, 30], tables, is_decode=True)
-    fi.future_slots = [0, 1, 2]
-    runner.forward(fi)
+    prompts = [[(3 * i + j) % 500 + 3 for j in range(5 + 4 * i)] for i in range(3)]
+    tables = [runner.page_allocator.allocate(8) for _ in prompts]
+    waited = [[int(runner.forward(batch_input([p], [0], [t])).next_token_ids[0])] for p, t in zip(prompts, tables)]
+    for _ in range(6):   # reference: each step waited for, its tokens fed back from the host
+        fi = batch_input([[o[-1]] for o in waited], [len(p) + len(o) - 1 for p, o in zip(prompts, waited)], tables,
+                         is_decode=True)
+        for o, t in zip(waited, runner.forward(fi).next_token_ids.tolist()):
+            o.append(t)
+    slots = [0, 1, 2]
+    first = batch_input([[o[0]] for o in waited], [len(p) for p in prompts], tables, is_decode=True)
+    first.future_slots = slots
+    runner.forward(first)
+    outs = []
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fi.input_ids = torch.tensor([-1, -2, -3])   # last step's tokens, resolved on the device
-            runner.forward(fi)
+            for step in range(1, 6):   # launched back to back: inputs are the previous step's futures
+                fi = batch_input([[-(s + 1)] for s in slots], [len(p) + step for p in prompts], tables,
+                                 is_decode=True)
+                fi.future_slots = slots
+                outs.append(runner.forward(fi, wait=False))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    steps = [o.wait().next_token_ids.tolist() for o in outs]
+    assert [[row[i] for row in steps] for i in range(3)] == [o[2:] for o in waited]

@@ -85,14 +85,15 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Largest batch first, so smaller graphs reuse its memory in the shared pool."""
         torch.cuda.synchronize(self.device)
-        free0 = torch.cuda.mem_get_info(self.device)[0]
+        torch.cuda.empty_cache()   # the capture empties the cache itself: measure the pool alone
+        reserved0 = torch.cuda.memory_reserved(self.device)
         t0 = time.perf_counter()
         for b in sorted(self.buckets, reverse=True):
             if b not in self.steps:
                 self.steps[b] = self._capture(b)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
-        self.capture_bytes = free0 - torch.cuda.mem_get_info(self.device)[0]
+        self.capture_bytes = torch.cuda.memory_reserved(self.device) - reserved0
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.2f s, %.0f MiB", len(self.steps),
                     self.buckets[0], self.buckets[-1], self.capture_s, self.capture_bytes / 2 ** 20)
 

@@ -75,3 +75,11 @@ class ForwardOutput:
     top_ids: Optional[torch.Tensor] = None  # int64 [num_reqs, k]: the k most likely tokens (k = max top_logprobs)
     top_logprobs: Optional[torch.Tensor] = None   # float32 [num_reqs, k], sorted descending
     timings: dict[str, Any] = field(default_factory=dict)
+    ready: Any = None                       # CUDA event: next_token_ids is still being copied until it fires
+
+    def wait(self) -> "ForwardOutput":
+        """Block until the host copies have landed (`forward(..., wait=False)` returns before)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
