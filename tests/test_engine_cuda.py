@@ -192,21 +192,24 @@ def test_chunked_prefill_over_cached_prefix_matches_whole_prompt():
 
 def test_sampling_on_cuda_never_waits_for_the_device():
     logits = torch.randn(6, 5000, device="cuda")
-    sps = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=1.0, top_p=0.5),
+    sps = [SamplingParams(logit_bias=[[5, 50.0]]), SamplingParams(temperature=0.8, top_k=20),
+           SamplingParams(temperature=1.0, top_p=0.5),
            SamplingParams(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1),
-           SamplingParams(temperature=0.7, seed=3, logprobs=True), SamplingParams(min_tokens=2, max_tokens=4)]
+           SamplingParams(temperature=0.7, seed=3, logprobs=True, top_logprobs=3),
+           SamplingParams(min_tokens=2, max_tokens=4)]
     gens = [None, None, None, None, torch.Generator().manual_seed(3), None]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ids, lps = sample(logits, sps, gens, [[], [], [], [1, 2, 2, 7], [], []], [0, 0, 0, 0, 0, 2],
+        ids, lps, top = sample(logits, sps, gens, [[], [], [], [1, 2, 2, 7], [], []], [0, 0, 0, 0, 0, 2],
                           [frozenset(), frozenset(), frozenset(), frozenset(), frozenset(), frozenset({0, 1})])
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    again, _ = sample(logits[4:5], sps[4:5], [torch.Generator().manual_seed(3)], [], [], [])
+    again, _, _ = sample(logits[4:5], sps[4:5], [torch.Generator().manual_seed(3)], [], [], [])
     assert int(ids[4]) == int(again[0])                                   # seeded: same draw alone
     assert int(ids[1]) in set(logits[1].topk(20).indices.tolist())
-    assert int(ids[5]) not in (0, 1) and lps is not None
+    assert int(ids[5]) not in (0, 1) and lps is not None and top[0].shape == (6, 3)
+    assert int(ids[0]) == 5                                               # logit_bias
 
 
 def test_graph_decode_step_never_waits_and_overlapped_steps_equal_waited_ones():
