@@ -10,19 +10,21 @@ from typing import Optional
 
 from cluster.roles import served_model
 from cluster.runtime.decode_manager import DecodeManager
-from cluster.runtime.output_processor import OutputProcessorMixin
+from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.prefill_manager import PrefillManager
+from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 
 
-class UnifiedScheduler(OutputProcessorMixin, WorkerScheduler):
+class UnifiedScheduler(WorkerScheduler):
     role = "unified"
 
     def __init__(self, config, worker_id, runner, control):
         super().__init__(config, worker_id, runner, control)
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
+        self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
 
     def admit(self, req: Req, msg) -> None:
         self.prefill.add(req)
@@ -49,6 +51,17 @@ class UnifiedScheduler(OutputProcessorMixin, WorkerScheduler):
             self.process_batch_result_prefill(batch, result)
         else:
             self.process_batch_result_decode(batch, result)
+
+    def process_batch_result_prefill(self, batch: ScheduleBatch, result) -> None:
+        self.output.commit(batch, result)
+        self.report_prefill_stats(batch, PrefillStats.of_batch(
+            batch, self.cache.token_usage, self.num_running_reqs, self.num_queue_reqs))
+        self.flush_outputs()
+
+    def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
+        self.output.commit(batch, result)
+        self.report_decode_stats(batch, DecodeStats.of_batch(batch, self.cache.token_usage, self.num_queue_reqs))
+        self.flush_outputs()
 
     @property
     def num_running_reqs(self) -> int:

@@ -12,7 +12,7 @@ from typing import Optional
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.stats import DecodeStats, KvTransferStats
-from cluster.runtime.output_processor import OutputProcessorMixin
+from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from decode_worker.prealloc_queue import PreallocQueue
@@ -24,7 +24,7 @@ logger = logging.getLogger("pdcluster.decode")
 CORRUPT_KV_ENV = "PDCLUSTER_TEST_CORRUPT_KV"
 
 
-class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
+class DecodeScheduler(WorkerScheduler):
     role = "decode"
 
     def __init__(self, config, worker_id, runner, control, data_plane, timeouts):
@@ -34,6 +34,7 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
         self.kv_transfer = KvTransferStats()
+        self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
@@ -83,7 +84,7 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
             req.kv_len = item.prompt_len
             acked.append(rid)
             self.retracted.discard(rid)
-            self.commit_token(req, item.first_token, item.first_logprob)
+            self.output.commit_token(req, item.first_token, item.first_logprob)
             if not req.is_finished:
                 self.decode.add(req)
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),
@@ -129,12 +130,12 @@ class DecodeScheduler(OutputProcessorMixin, WorkerScheduler):
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
         self.process_batch_result_decode(batch, result)
 
-    def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
-        stats = super().decode_stats(batch)
-        stats.num_prealloc_reqs = len(self.prealloc_queue)
-        stats.num_transfer_reqs = len(self.transfer_queue)
-        stats.num_retracted_reqs = self.decode.num_retracted_total
-        return stats
+    def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
+        self.output.commit(batch, result)
+        self.report_decode_stats(batch, DecodeStats.of_batch(
+            batch, self.cache.token_usage, self.num_queue_reqs, num_prealloc_reqs=len(self.prealloc_queue),
+            num_transfer_reqs=len(self.transfer_queue), num_retracted_reqs=self.decode.num_retracted_total))
+        self.flush_outputs()
 
     # ---- gauges ------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ from typing import Optional
 
 from cluster.wire import protocol as P
 from cluster.runtime.stats import KvTransferStats, PrefillStats
+from cluster.runtime.output_processor import sampled_tokens
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
@@ -87,17 +88,9 @@ class PrefillScheduler(WorkerScheduler):
 
     def process_batch_result_disagg_prefill(self, batch: ScheduleBatch, result) -> None:
         """Ship each finished prompt's KV and first token: one kv_batch per decode worker."""
-        tokens = result.next_token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
         by_dest: dict[str, list[tuple[Req, int, Optional[float]]]] = defaultdict(list)
-        for i, req in enumerate(batch.reqs):
-            if not batch.sample[i]:
-                continue                                # not the last chunk yet
-            req.num_pending -= 1
-            if req.is_finished:
-                continue                                # aborted while its forward ran
-            lp = logprobs[i] if logprobs is not None and req.sampling.logprobs else None
-            by_dest[req.peer.data_addr].append((req, tokens[i], lp))
+        for req, token, logprob in sampled_tokens(batch, result):
+            by_dest[req.peer.data_addr].append((req, token, logprob))
         forward_s = result.timings.get("model_s", 0.0)
         for addr, items in by_dest.items():
             reqs, tensors = [], []
@@ -114,10 +107,8 @@ class PrefillScheduler(WorkerScheduler):
             self.data_plane.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter,
                                                     prefill_worker_id=self.worker_id,
                                                     reqs=reqs, tensors=tensors))
-        self.report_prefill_stats(batch, PrefillStats(
-            num_new_seqs=sum(batch.sample), num_new_tokens=batch.num_tokens,
-            num_cached_tokens=batch.num_cached_tokens, token_usage=self.cache.token_usage,
-            num_running_reqs=0, num_queue_reqs=len(self.prefill),
+        self.report_prefill_stats(batch, PrefillStats.of_batch(
+            batch, self.cache.token_usage, num_running_reqs=0, num_queue_reqs=len(self.prefill),
             num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue)))
 
     # ---- gauges ------------------------------------------------------------------

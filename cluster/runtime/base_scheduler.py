@@ -3,6 +3,8 @@
 A role (prefill, decode, unified, dllm) subclasses `Scheduler` and supplies four steps:
 `recv_requests`, `get_next_batch_to_run`, `build_forward_input` and
 `process_batch_result`. The two loops share every step; only the order differs.
+The scheduler owns its `IterationStats` (`stats.py`): `report_prefill_stats(batch, ...)` and
+`report_decode_stats(batch, ...)` label a line with the iteration that launched `batch`.
 """
 from __future__ import annotations
 

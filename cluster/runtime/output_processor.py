@@ -1,20 +1,42 @@
-"""Result processing for prefill and decode batches (unified and decode workers).
+"""Result processing of sampled tokens: the one commit loop, and the object that commits.
 
-Both pass the processed batch to the stats calls, so the line names the iteration that
-launched the batch, not the later one the worker is already running under overlap.
+`sampled_tokens(batch, result)` walks a processed batch and yields each request that sampled
+a token it still wants (not a non-final prefill chunk, not a request that finished or was
+aborted while the forward ran: overlap's extra token). The prefill worker ships what it
+yields to decode (`process_batch_result_disagg_prefill`); `OutputProcessor.commit`, owned by
+the unified and decode workers, appends it, checks finish, streams it and frees a finished
+request. Callers pass the batch to the stats calls, so the line names the iteration that
+launched it, not the later one the worker is already running under overlap.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator, Optional
+
 from cluster.engine.stop_checker import check_finish
-from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 
 
-class OutputProcessorMixin:
-    """Needs `self.tokenizer`, `self.emit`, `self.release`, `self.flush_outputs`,
-    `self.cache`, and the stats methods of SchedulerMetricsMixin."""
+def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[tuple[Req, int, Optional[float]]]:
+    """(request, token, logprob or None) for every request this batch sampled for."""
+    tokens = result.next_token_ids.tolist()
+    logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+    for i, req in enumerate(batch.reqs):
+        if not batch.sample[i]:
+            continue                           # a prefill chunk that is not the last
+        req.num_pending -= 1
+        if req.is_finished:
+            continue                           # finished in an earlier batch: overlap's extra token
+        yield req, tokens[i], logprobs[i] if logprobs is not None and req.sampling.logprobs else None
 
-    def commit_token(self, req: Req, token: int, logprob=None) -> None:
+
+class OutputProcessor:
+    """Commits sampled tokens to their requests and streams them (`emit`); a finished
+    request is freed at once (`release`)."""
+
+    def __init__(self, tokenizer, emit: Callable, release: Callable[[Req], None]):
+        self.tokenizer, self.emit, self.release = tokenizer, emit, release
+
+    def commit_token(self, req: Req, token: int, logprob: Optional[float] = None) -> None:
         req.output_ids.append(token)
         if logprob is not None:
             req.output_logprobs.append(logprob)
@@ -24,35 +46,6 @@ class OutputProcessorMixin:
             req.finish_reason = reason
             self.release(req)
 
-    def commit_results(self, batch: ScheduleBatch, result) -> None:
-        tokens = result.next_token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        for i, req in enumerate(batch.reqs):
-            if not batch.sample[i]:
-                continue                       # a prefill chunk that is not the last
-            req.num_pending -= 1
-            if req.is_finished:
-                continue                       # finished in an earlier batch: overlap's extra token
-            lp = logprobs[i] if logprobs is not None and req.sampling.logprobs else None
-            self.commit_token(req, tokens[i], lp)
-
-    def process_batch_result_prefill(self, batch: ScheduleBatch, result) -> None:
-        self.commit_results(batch, result)
-        self.report_prefill_stats(batch, self.prefill_stats(batch))
-        self.flush_outputs()
-
-    def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
-        self.commit_results(batch, result)
-        self.report_decode_stats(batch, self.decode_stats(batch))
-        self.flush_outputs()
-
-    def prefill_stats(self, batch: ScheduleBatch) -> PrefillStats:
-        return PrefillStats(num_new_seqs=sum(batch.sample), num_new_tokens=batch.num_tokens,
-                            num_cached_tokens=batch.num_cached_tokens,
-                            token_usage=self.cache.token_usage, num_running_reqs=self.num_running_reqs,
-                            num_queue_reqs=self.num_queue_reqs)
-
-    def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
-        return DecodeStats(num_running_reqs=batch.batch_size,
-                           num_tokens=sum(p + 1 for p in batch.prefix_lens),
-                           token_usage=self.cache.token_usage, num_queue_reqs=self.num_queue_reqs)
+    def commit(self, batch: ScheduleBatch, result) -> None:
+        for req, token, logprob in sampled_tokens(batch, result):
+            self.commit_token(req, token, logprob)

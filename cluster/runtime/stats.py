@@ -35,6 +35,13 @@ class PrefillStats:
     num_bootstrap_reqs: Optional[int] = None   # disaggregated prefill only
     num_inflight_reqs: Optional[int] = None    # disaggregated prefill only
 
+    @classmethod
+    def of_batch(cls, batch, token_usage: float, num_running_reqs: int, num_queue_reqs: int,
+                 **role) -> "PrefillStats":
+        return cls(num_new_seqs=sum(batch.sample), num_new_tokens=batch.num_tokens,
+                   num_cached_tokens=batch.num_cached_tokens, token_usage=token_usage,
+                   num_running_reqs=num_running_reqs, num_queue_reqs=num_queue_reqs, **role)
+
 
 @dataclass(slots=True)
 class DecodeStats:
@@ -45,6 +52,11 @@ class DecodeStats:
     num_prealloc_reqs: Optional[int] = None    # decode worker only
     num_transfer_reqs: Optional[int] = None    # decode worker only
     num_retracted_reqs: Optional[int] = None   # decode worker only
+
+    @classmethod
+    def of_batch(cls, batch, token_usage: float, num_queue_reqs: int, **role) -> "DecodeStats":
+        return cls(num_running_reqs=batch.batch_size, num_tokens=sum(p + 1 for p in batch.prefix_lens),
+                   token_usage=token_usage, num_queue_reqs=num_queue_reqs, **role)
 
 
 class IterationStats:
