@@ -10,9 +10,8 @@ from typing import Optional
 
 from cluster.roles import served_model
 from cluster.runtime.decode_manager import DecodeManager
-from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.prefill_manager import PrefillManager
-from cluster.runtime.stats import DecodeStats, PrefillStats
+from cluster.runtime.stats import PrefillStats
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 
@@ -24,7 +23,6 @@ class UnifiedScheduler(WorkerScheduler):
         super().__init__(config, worker_id, runner, control)
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
-        self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
 
     def admit(self, req: Req, msg) -> None:
         self.prefill.add(req)
@@ -40,7 +38,7 @@ class UnifiedScheduler(WorkerScheduler):
         # prefill first; keep one page per running request free for its next decode step
         batch = self.prefill.schedule(len(self.decode), reserve_pages=len(self.decode))
         if batch is not None:
-            for req, done in zip(batch.reqs, batch.sample):
+            for req, done in zip(batch.reqs, batch.is_last_chunk):
                 if done:
                     self.decode.add(req)   # its next decode reads the sampled token from its future slot
             return batch
@@ -56,11 +54,6 @@ class UnifiedScheduler(WorkerScheduler):
         self.output.commit(batch, result)
         self.report_prefill_stats(batch, PrefillStats.of_batch(
             batch, self.cache.token_usage, self.num_running_reqs, self.num_queue_reqs))
-        self.flush_outputs()
-
-    def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
-        self.output.commit(batch, result)
-        self.report_decode_stats(batch, DecodeStats.of_batch(batch, self.cache.token_usage, self.num_queue_reqs))
         self.flush_outputs()
 
     @property

@@ -2,6 +2,9 @@
 
 Decode never runs a forward over a handed-off prompt: the KV arrives in pages it
 reserved, the first token comes from prefill, and its first forward has one new token.
+When pages run out the newest requests are retracted: back to the prealloc queue, and once
+pages are reserved again a `reprefill` (original sampling parameters + tokens so far) asks
+their prefill worker for the KV of the whole sequence.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from typing import Optional
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.stats import DecodeStats, KvTransferStats
-from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from decode_worker.prealloc_queue import PreallocQueue
@@ -34,7 +36,6 @@ class DecodeScheduler(WorkerScheduler):
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
         self.kv_transfer = KvTransferStats()
-        self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
@@ -130,12 +131,10 @@ class DecodeScheduler(WorkerScheduler):
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
         self.process_batch_result_decode(batch, result)
 
-    def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
-        self.output.commit(batch, result)
-        self.report_decode_stats(batch, DecodeStats.of_batch(
+    def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
+        return DecodeStats.of_batch(
             batch, self.cache.token_usage, self.num_queue_reqs, num_prealloc_reqs=len(self.prealloc_queue),
-            num_transfer_reqs=len(self.transfer_queue), num_retracted_reqs=self.decode.num_retracted_total))
-        self.flush_outputs()
+            num_transfer_reqs=len(self.transfer_queue), num_retracted_reqs=self.decode.num_retracted_total)
 
     # ---- gauges ------------------------------------------------------------------
     @property

@@ -1,8 +1,8 @@
 """The DLLM worker: `python -m dllm --config C --worker-id dllm-0 --router EP`.
 
 Registers with `model` = the group's served name (e.g. `smollm2-135m-instruct-dllm`); the
-weights are the group's `path`, else `[model]`'s. LLaDA / SDAR layouts are registered with the
-engine's loader on import (`dllm.model_spec`).
+weights are the group's `path`, else `[model]`'s. The engine's loader reads LLaDA / SDAR
+checkpoints itself (`cluster/engine/llada_layout.py`, `sdar_layout.py`).
 """
 from __future__ import annotations
 

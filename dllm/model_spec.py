@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from dllm import llada_loader, sdar_loader
+from cluster.engine import llada_layout, sdar_layout
 
 LLADA_MASK_TOKEN_ID = 126336
 SDAR_MASK_TOKEN = "<|MASK|>"
@@ -74,9 +74,9 @@ def detect_spec(path: str, tokenizer=None, eos_token_ids=(), mask_token_id: Opti
     `mask_token_id` (the group's setting) overrides the model's mask / placeholder."""
     hf = read_hf_config(path) or {}
     arch = (hf.get("architectures") or [""])[0]
-    if arch in llada_loader.ARCHITECTURES or hf.get("model_type") == "llada":
+    if arch in llada_layout.ARCHITECTURES or hf.get("model_type") == "llada":
         return DllmModelSpec.llada(_first(mask_token_id, hf.get("mask_token_id"), LLADA_MASK_TOKEN_ID))
-    if arch in sdar_loader.ARCHITECTURES or hf.get("model_type") == "sdar":
+    if arch in sdar_layout.ARCHITECTURES or hf.get("model_type") == "sdar":
         from_tok = tokenizer.backend.token_to_id(SDAR_MASK_TOKEN) if tokenizer is not None else None
         mask = _first(mask_token_id, hf.get("mask_token_id"), from_tok)
         if mask is None:

@@ -149,9 +149,9 @@ class RoundManager:
             budget -= extend
         if not reqs:
             return None
-        # `sample[i]`: the round carries request i's block (it commits tokens); False = prompt chunk
+        # `is_last_chunk[i]`: the round carries request i's block (it commits tokens); False = prompt chunk
         return ScheduleBatch(reqs, ForwardMode.DLLM, extend_lens=extend_lens, prefix_lens=prefix_lens,
-                             sample=with_block)
+                             is_last_chunk=with_block)
 
     def chunk_len(self, state: DllmReq, n: int) -> int:
         """A prompt chunk ends on a block boundary when blocks are aligned (a block split
@@ -165,7 +165,7 @@ class RoundManager:
     def forward_input(self, batch: ScheduleBatch) -> ForwardInput:
         ids: list[int] = []
         bidirectional_lens = []
-        for req, prefix, extend, full in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.sample):
+        for req, prefix, extend, full in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.is_last_chunk):
             if not full:
                 ids += req.all_ids[prefix:prefix + extend]
                 bidirectional_lens.append(0)
@@ -193,7 +193,7 @@ class RoundManager:
         request aborted while the round was in flight; `seq_len` cannot change before the
         round's result is processed."""
         return [prefix + extend - req.seq_len + self.spec.shift if full else 0
-                for req, prefix, extend, full in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.sample)]
+                for req, prefix, extend, full in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.is_last_chunk)]
 
     def block_logits(self, batch: ScheduleBatch, logits: torch.Tensor) -> list[Optional[torch.Tensor]]:
         """Per request: the rows whose row j predicts block position j (None for a prompt chunk).

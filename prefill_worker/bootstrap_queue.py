@@ -2,13 +2,14 @@
 
 Decode memory is never handed KV it did not reserve, so a request is prefilled only
 after its decode worker said it reserved pages. `decode_ready` may beat the router's
-`generate` to this worker (two sockets), so early readiness is remembered too.
+`generate` to this worker (two sockets), so early readiness is remembered too; both
+wait at most `timeouts.decode_ready`.
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
+from cluster.runtime.deadline_queue import DeadlineQueue
 from cluster.runtime.schedule_batch import Req
 from cluster.wire.messages import Peer
 
@@ -16,40 +17,34 @@ from cluster.wire.messages import Peer
 class BootstrapQueue:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self.waiting: dict[str, tuple[Req, float]] = {}        # rid -> (req, deadline)
-        self.early_ready: dict[str, tuple[Peer, float]] = {}   # rid -> (decode peer, deadline)
+        self.waiting: DeadlineQueue[Req] = DeadlineQueue(timeout_s)
+        self.early_ready: DeadlineQueue[Peer] = DeadlineQueue(timeout_s)   # decode peers by rid
 
     def __len__(self) -> int:
         return len(self.waiting)
 
     def add(self, req: Req) -> Optional[Req]:
         """Queue `req`; returns it at once if its decode worker was already ready."""
-        early = self.early_ready.pop(req.rid, None)
-        if early is not None:
-            req.peer = early[0]
+        peer = self.early_ready.pop(req.rid)
+        if peer is not None:
+            req.peer = peer
             return req
-        self.waiting[req.rid] = (req, time.monotonic() + self.timeout_s)
+        self.waiting.put(req.rid, req)
         return None
 
     def mark_ready(self, rid: str, decode_worker_id: str, decode_data_addr: str) -> Optional[Req]:
         peer = Peer(decode_worker_id, decode_data_addr)
-        entry = self.waiting.pop(rid, None)
-        if entry is None:
-            self.early_ready[rid] = (peer, time.monotonic() + self.timeout_s)
+        req = self.waiting.pop(rid)
+        if req is None:
+            self.early_ready.put(rid, peer)
             return None
-        req = entry[0]
         req.peer = peer
         return req
 
     def remove(self, rid: str) -> None:
-        self.waiting.pop(rid, None)
-        self.early_ready.pop(rid, None)
+        self.waiting.pop(rid)
+        self.early_ready.pop(rid)
 
     def pop_expired(self) -> list[Req]:
-        now = time.monotonic()
-        for rid in [r for r, (_, dl) in self.early_ready.items() if dl < now]:
-            del self.early_ready[rid]
-        expired = [req for req, dl in self.waiting.values() if dl < now]
-        for req in expired:
-            del self.waiting[req.rid]
-        return expired
+        self.early_ready.pop_expired()            # readiness nobody asked for
+        return self.waiting.pop_expired()

@@ -1,37 +1,35 @@
-"""InflightQueue: prefilled requests whose KV was sent, until decode acks it."""
+"""InflightQueue: prefilled requests whose KV was sent, until decode acks it
+(at most `timeouts.kv_transfer`)."""
 from __future__ import annotations
 
 import time
+from typing import Optional
 
+from cluster.runtime.deadline_queue import DeadlineQueue
 from cluster.runtime.schedule_batch import Req
 
 
 class InflightQueue:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self.entries: dict[str, tuple[Req, float, float, int]] = {}   # rid -> (req, sent_at, deadline, bytes)
+        self.sent: DeadlineQueue[tuple[Req, float, int]] = DeadlineQueue(timeout_s)   # (req, sent_at, bytes)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.sent)
 
     def add(self, req: Req, num_bytes: int) -> None:
-        now = time.monotonic()
-        self.entries[req.rid] = (req, now, now + self.timeout_s, num_bytes)
+        self.sent.put(req.rid, (req, time.monotonic(), num_bytes))
 
-    def ack(self, rid: str):
+    def ack(self, rid: str) -> Optional[tuple[Req, float, int]]:
         """(req, seconds since sent, bytes) for an acked request, or None if unknown."""
-        entry = self.entries.pop(rid, None)
+        entry = self.sent.pop(rid)
         if entry is None:
             return None
-        req, sent_at, _, num_bytes = entry
+        req, sent_at, num_bytes = entry
         return req, time.monotonic() - sent_at, num_bytes
 
     def remove(self, rid: str) -> None:
-        self.entries.pop(rid, None)
+        self.sent.pop(rid)
 
     def pop_expired(self) -> list[Req]:
-        now = time.monotonic()
-        expired = [req for req, _, dl, _ in self.entries.values() if dl < now]
-        for req in expired:
-            del self.entries[req.rid]
-        return expired
+        return [req for req, _, _ in self.sent.pop_expired()]

@@ -1,4 +1,8 @@
-"""PrefillScheduler: bootstrap queue -> prefill batch -> KV sent to decode -> inflight queue."""
+"""PrefillScheduler: bootstrap queue -> prefill batch -> KV sent to decode -> inflight queue.
+
+A request decode retracted comes back as `reprefill` (its original sampling parameters and
+the tokens so far, pages already reserved on decode): it skips the bootstrap queue.
+"""
 from __future__ import annotations
 
 import logging

@@ -1,7 +1,14 @@
-"""Launch a real cluster (`pdcluster launch`) for integration tests, and tear it down.
+"""Launch a real cluster (`pdcluster launch` or `serve`) for integration tests and the
+cluster benchmarks (`benchmarks/common.py`), and tear it down.
+
+    c = LaunchedCluster(toml_text, "name", env={...})    # healthy when this returns
+    with LaunchedCluster(...) as c: ...                  # or: stopped when the block ends
 
 One cluster per test module: the launcher, the router and every worker are real
 processes serving the real default model; tests talk to it with the official client.
+The launcher runs in its own session on a free port with a temp log dir; `stop()` sends it
+SIGTERM (it drains and stops every child), then SIGKILLs the process group and any
+descendant still alive, so nothing leaks into the next module or benchmark run.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import httpx
@@ -20,6 +28,7 @@ import openai
 import psutil
 
 LAUNCH_TIMEOUT_S = 300
+REPO = Path(__file__).resolve().parents[1]
 ITER_LINE = re.compile(r"(Prefill|Decode) batch \[(\d+)\]")
 
 
@@ -38,7 +47,7 @@ class LaunchedCluster:
     """`pdcluster launch CONFIG`, or with `serve=True` `pdcluster serve` (config_toml unused)."""
 
     def __init__(self, config_toml: str, name: str, env: Optional[dict] = None, serve: bool = False,
-                 args: tuple = ()):
+                 args: tuple = (), timeout_s: float = LAUNCH_TIMEOUT_S):
         self.dir = tempfile.mkdtemp(prefix=f"pdcluster-{name}-")
         self.log_dir = os.path.join(self.dir, "logs")
         self.config_path = os.path.join(self.dir, "cluster.toml")
@@ -49,32 +58,42 @@ class LaunchedCluster:
         self.out_path = os.path.join(self.dir, "launch.out")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         command = ["serve"] if serve else ["launch", self.config_path]
-        self.proc = subprocess.Popen(
-            pdcluster_cmd() + command + ["--port", str(self.port), "--log-dir", self.log_dir,
-                                         *args],
-            stdout=open(self.out_path, "w"), stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        with open(self.out_path, "w") as out:
+            self.proc = subprocess.Popen(
+                pdcluster_cmd() + command + ["--port", str(self.port), "--log-dir", self.log_dir, *args],
+                stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
         self.descendants: list[psutil.Process] = []
-        self._wait_healthy()
+        try:
+            self._wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         self.client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=180)
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while time.monotonic() < deadline:
+    def __enter__(self) -> "LaunchedCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"launcher exited {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                     self.descendants = psutil.Process(self.proc.pid).children(recursive=True)
+                    print(f"cluster up in {time.monotonic() - t0:.1f}s at {self.base_url} "
+                          f"(logs {self.log_dir})", file=sys.stderr, flush=True)
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"cluster not healthy after {LAUNCH_TIMEOUT_S}s:\n{self.output()}")
+        raise RuntimeError(f"cluster not healthy after {timeout_s:.0f}s:\n{self.output()}")
 
     def output(self) -> str:
-        with open(self.out_path) as f:
-            return f.read()[-4000:]
+        return Path(self.out_path).read_text()[-4000:] if os.path.exists(self.out_path) else ""
 
     def log(self, worker_id: str) -> str:
         path = os.path.join(self.log_dir, f"{worker_id}.log")
@@ -102,18 +121,31 @@ class LaunchedCluster:
         return httpx.get(self.base_url + "/metrics", timeout=10).text
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> list[psutil.Process]:
-        """Signal the launcher; return the descendants still alive afterwards."""
+        """Signal the launcher; return the descendants still alive afterwards (then killed)."""
         if self.proc.poll() is None:
+            self.descendants = self.descendants or _children(self.proc.pid)
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        alive = [p for p in self.descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        for p in alive:                     # never leak processes into the next module
-            p.kill()
+        alive = []
+        for p in self.descendants:                 # never leak a worker into the next run
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
         return alive
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def cluster_config(groups: str, scheduler: str = "", extra: str = "") -> str:
@@ -132,3 +164,17 @@ register = 240
 
 {groups}
 """
+
+
+def repo_config(name: str) -> str:
+    """The text of `configs/<name>.toml` (what users launch)."""
+    return (REPO / "configs" / f"{name}.toml").read_text()
+
+
+def offline_greedy(prompts: list[str], max_tokens: int):
+    """(token ids per prompt, tokenizer) from the offline engine: what a cluster must answer."""
+    from cluster.engine.llm import LLM
+    from cluster.sampling_params import SamplingParams
+    llm = LLM()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens))
+    return {p: o.token_ids for p, o in zip(prompts, outs)}, llm.tokenizer

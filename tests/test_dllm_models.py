@@ -258,7 +258,7 @@ def _no_fail(req, why):
 def _round_logits(rounds, runner, expected_prefix=None, chunks=None):
     """Run rounds until one carries the block (prompt chunks before it) -> its block logits."""
     batches = []
-    while not batches or not batches[-1].sample[0]:
+    while not batches or not batches[-1].is_last_chunk[0]:
         batch = rounds.schedule()
         out = runner.forward(rounds.forward_input(batch))
         batch.reqs[0].num_pending = 0

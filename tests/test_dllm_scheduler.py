@@ -340,7 +340,7 @@ def test_round_returns_only_block_rows_and_they_equal_the_full_logits(runner):
     for rid, prompt in [("a", PROMPTS[0]), ("b", list(range(100, 130)))]:
         rounds.add(DllmReq(Req(rid, prompt, SamplingParams(max_tokens=4)), DllmParams(block_size=4)))
     batch = rounds.schedule()
-    assert batch.extend_lens == [9, 6] and batch.sample == [True, False]   # prompt + block, prompt chunk
+    assert batch.extend_lens == [9, 6] and batch.is_last_chunk == [True, False]   # prompt + block, prompt chunk
     fi = rounds.forward_input(batch)
     assert fi.logits_lens == [4 + 1, 0]
     kept = runner.forward(fi).logits

@@ -1,16 +1,13 @@
 """The product end to end: `pdcluster launch configs/local.toml` (what `make run` starts:
 1 prefill + 1 decode + 1 DLLM worker), the official openai client, the real default model,
 greedy output equal to LLM.generate."""
-import os
 import concurrent.futures as cf
 
 import httpx
 import openai
 import pytest
 
-from cluster.engine.llm import LLM
-from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import LaunchedCluster
+from tests.cluster_harness import LaunchedCluster, offline_greedy, repo_config
 
 pytestmark = pytest.mark.integration
 
@@ -21,17 +18,14 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def cluster():
-    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "local.toml")) as f:
-        c = LaunchedCluster(f.read(), "local")
+    c = LaunchedCluster(repo_config("local"), "local")
     yield c
     c.stop()
 
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM()
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
-    return {p: o.token_ids for p, o in zip(PROMPTS, outs)}, llm.tokenizer
+    return offline_greedy(PROMPTS, MAX_TOKENS)
 
 
 def completion_ids(cluster, tokenizer, prompt):

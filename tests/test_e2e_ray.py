@@ -11,9 +11,7 @@ import time
 import psutil
 import pytest
 
-from cluster.engine.llm import LLM
-from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import LaunchedCluster
+from tests.cluster_harness import LaunchedCluster, offline_greedy, repo_config
 
 pytest.importorskip("ray", reason="install the ray extra: pip install -e '.[ray]'")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,18 +24,16 @@ REGISTERED = re.compile(r"registered (\S+) \(role=\S+ model=\S+ pid=(\d+)")
 
 @pytest.fixture(scope="module")
 def cluster():
-    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "local.toml")) as f:
-        # CURVE on although everything is on loopback: the keys must reach every actor
-        c = LaunchedCluster(f.read(), "ray", env={"PDCLUSTER_CURVE": "on"}, args=("--backend", "ray"))
+    # CURVE on although everything is on loopback: the keys must reach every actor
+    c = LaunchedCluster(repo_config("local"), "ray", env={"PDCLUSTER_CURVE": "on"}, args=("--backend", "ray"))
     yield c
     c.stop()
 
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM()
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
-    return {p: llm.tokenizer.decode(o.token_ids) for p, o in zip(PROMPTS, outs)}
+    ids, tokenizer = offline_greedy(PROMPTS, MAX_TOKENS)
+    return {p: tokenizer.decode(ids[p]) for p in PROMPTS}
 
 
 def registrations(cluster) -> list[tuple[str, int]]:

@@ -21,11 +21,11 @@ def test_prefill_budget_chunks_the_request_that_does_not_fit():
     a, b = make_req("r1", 6), make_req("r2", 9)
     pm.add(a), pm.add(b)
     batch = pm.schedule(num_running=0)
-    assert batch.extend_lens == [6, 4] and batch.prefix_lens == [0, 0] and batch.sample == [True, False]
+    assert batch.extend_lens == [6, 4] and batch.prefix_lens == [0, 0] and batch.is_last_chunk == [True, False]
     assert len(a.page_table) == 2 and len(b.page_table) == 1
     assert list(pm.waiting) == [b] and a.num_pending == 1
     batch2 = pm.schedule(num_running=1)
-    assert batch2.reqs == [b] and batch2.prefix_lens == [4] and batch2.extend_lens == [5] and batch2.sample == [True]
+    assert batch2.reqs == [b] and batch2.prefix_lens == [4] and batch2.extend_lens == [5] and batch2.is_last_chunk == [True]
     assert b.kv_len == 9 and len(b.page_table) == 3
 
 

@@ -3,9 +3,10 @@
 Other checkpoint layouts (e.g. LLaDA's `model.transformer.blocks.N.*`) plug in with a
 name map: a function from the checkpoint's tensor name to the HF Llama name
 (`model.layers.N.self_attn.q_proj.weight`, ...; return None to drop the tensor). Pass
-it as `load_model(..., name_map=fn)`, or register it for a config.json `architectures`
-entry with `register_layout(arch, name_map, config_map)`, where `config_map` rewrites that
-config.json dict into Llama keys for `ModelConfig.from_hf_config`.
+it as `load_model(..., name_map=fn)`; the layouts this engine knows are listed in `LAYOUTS`
+by config.json `architectures` entry, as (name_map, config_map), where `config_map`
+rewrites that config.json dict into Llama keys for `ModelConfig.from_hf_config`
+(`llada_layout.py`: LLaDA; `sdar_layout.py`: SDAR).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cluster.engine import llada_layout, sdar_layout
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.rotary import RotaryEmbedding
@@ -30,11 +32,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NameMap = Callable[[str], Optional[str]]
-_LAYOUTS: dict[str, tuple[NameMap, Optional[Callable[[dict], dict]]]] = {}
-
-
-def register_layout(architecture: str, name_map: NameMap, config_map: Optional[Callable[[dict], dict]] = None):
-    _LAYOUTS[architecture] = (name_map, config_map)
+LAYOUTS: dict[str, tuple[NameMap, Optional[Callable[[dict], dict]]]] = {
+    **{arch: (llada_layout.llada_name_map, llada_layout.llada_config_map) for arch in llada_layout.ARCHITECTURES},
+    **{arch: (sdar_layout.sdar_name_map, sdar_layout.sdar_config_map) for arch in sdar_layout.ARCHITECTURES},
+}
 
 
 class LoadedModel:
@@ -109,7 +110,7 @@ def _dir_config(path: str, name_map: Optional[NameMap]) -> tuple[ModelConfig, Op
         return PRESETS[path], name_map
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    layout = _LAYOUTS.get((cfg.get("architectures") or [""])[0])
+    layout = LAYOUTS.get((cfg.get("architectures") or [""])[0])
     if layout is not None:
         name_map = name_map or layout[0]
         cfg = layout[1](cfg) if layout[1] else cfg

@@ -26,12 +26,19 @@ def _log_dir(arg) -> str:
     return arg or tempfile.mkdtemp(prefix="pdcluster-logs-")
 
 
-def cmd_launch(args) -> int:
-    from cluster.launch import launcher
+def _config(path):
+    """The loaded config, or None after printing why not (the command exits 2)."""
     try:
-        cfg = load_config(args.config)
+        return load_config(path)
     except ConfigError as e:
         print(f"pdcluster: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_launch(args) -> int:
+    from cluster.launch import launcher
+    cfg = _config(args.config)
+    if cfg is None:
         return 2
     router = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
     cfg = replace(cfg, router=replace(cfg.router, **router))
@@ -61,10 +68,8 @@ def cmd_serve(args) -> int:
 
 def cmd_deploy(args) -> int:
     from cluster.launch import k8s
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"pdcluster: {e}", file=sys.stderr)
+    cfg = _config(args.config)
+    if cfg is None:
         return 2
     with open(args.config) as f:
         text = f.read()

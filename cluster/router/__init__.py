@@ -10,5 +10,7 @@
 - `worker_directory.py` live workers, their gauges and the dispatch policies
 - `metrics.py`      Prometheus text for router histograms and worker gauges
 - `errors.py`       `APIError` and the `{"error": {...}}` body
+- `request_body.py`, `tokenize_routes.py`, `tool_calls.py`, `tracing.py`, `request_trace.py`,
+  `otlp_export.py`  body limits, /tokenize, tools, request phases and their export
 - `__main__.py`     `python -m cluster.router --config C --control ENDPOINT`
 """

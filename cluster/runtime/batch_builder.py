@@ -37,16 +37,16 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         extend_lens=list(batch.extend_lens),
         prefix_lens=list(batch.prefix_lens),
         page_tables=[list(r.page_table) for r in reqs],
-        sample=list(batch.sample),
+        sample=list(batch.is_last_chunk),
         sampling=[r.sampling for r in reqs],
         # the sampled token's output index: tokens already out plus those launched before it
         generators=[token_generator(r.sampling.seed, r.num_output + r.num_pending - 1)
-                    if s and r.sampling.seed is not None else None for r, s in zip(reqs, batch.sample)],
+                    if s and r.sampling.seed is not None else None for r, s in zip(reqs, batch.is_last_chunk)],
         prior_ids=[r.all_ids if _has_penalty(r.sampling) else [] for r in reqs],
         # tokens still to come before EOS is allowed (the sampled one counts as num_output + 1)
         min_tokens_left=[max(0, r.sampling.min_tokens - (r.num_output + r.num_pending - 1)) for r in reqs],
         eos_token_ids=[frozenset() if r.sampling.ignore_eos else r.eos_token_ids for r in reqs],
-        future_slots=[r.future_slot if s else -1 for r, s in zip(reqs, batch.sample)],
+        future_slots=[r.future_slot if s else -1 for r, s in zip(reqs, batch.is_last_chunk)],
         bidirectional_lens=[0] * len(reqs),
         is_decode=batch.mode == ForwardMode.DECODE,
     )

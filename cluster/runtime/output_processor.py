@@ -4,8 +4,8 @@
 a token it still wants (not a non-final prefill chunk, not a request that finished or was
 aborted while the forward ran: overlap's extra token). The prefill worker ships what it
 yields to decode (`process_batch_result_disagg_prefill`); `OutputProcessor.commit`, owned by
-the unified and decode workers, appends it, checks finish, streams it and frees a finished
-request. Callers pass the batch to the stats calls, so the line names the iteration that
+every WorkerScheduler and used by the unified and decode workers, appends it, checks finish,
+streams it and frees a finished request. Callers pass the batch to the stats calls, so the line names the iteration that
 launched it, not the later one the worker is already running under overlap.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[tuple[Req, int, Opt
     tokens = result.next_token_ids.tolist()
     logprobs = result.logprobs.tolist() if result.logprobs is not None else None
     for i, req in enumerate(batch.reqs):
-        if not batch.sample[i]:
+        if not batch.is_last_chunk[i]:
             continue                           # a prefill chunk that is not the last
         req.num_pending -= 1
         if req.is_finished:

@@ -36,7 +36,7 @@ class PrefillManager:
         the end of the sequence samples. `reserve_pages` keeps room for running decodes.
         """
         budget = self.max_prefill_tokens
-        reqs, extend_lens, prefix_lens, sample = [], [], [], []
+        reqs, extend_lens, prefix_lens, is_last_chunk = [], [], [], []
         for req in list(self.waiting):
             if budget <= 0 or num_running + len(reqs) >= self.max_running_requests:
                 break
@@ -50,14 +50,14 @@ class PrefillManager:
             reqs.append(req)
             prefix_lens.append(req.kv_len)
             extend_lens.append(chunk)
-            sample.append(chunk == remaining)
+            is_last_chunk.append(chunk == remaining)
             budget -= chunk
         if not reqs:
             return None
-        for req, chunk, done in zip(reqs, extend_lens, sample):
+        for req, chunk, done in zip(reqs, extend_lens, is_last_chunk):
             req.kv_len += chunk
             if done:
                 self.waiting.remove(req)
                 req.num_pending += 1
         return ScheduleBatch(reqs, ForwardMode.EXTEND, extend_lens=extend_lens,
-                             prefix_lens=prefix_lens, sample=sample)
+                             prefix_lens=prefix_lens, is_last_chunk=is_last_chunk)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from cluster.sampling_params import SamplingParams
+from cluster.wire.messages import Peer
 
 
 class ForwardMode(str, enum.Enum):
@@ -46,7 +47,7 @@ class Req:
         self.error: Optional[str] = None
         self.future_slot = -1      # overlap: where the forward side stores this request's last sampled token
         self.output_logprobs: list[float] = []
-        self.peer: Any = None              # disaggregation: the other side (wire.messages.Peer)
+        self.peer: Optional[Peer] = None   # disaggregation: the other side's worker id and address
 
     # derived lengths are properties, never copies kept in sync
     @property
@@ -81,7 +82,9 @@ class ScheduleBatch:
     mode: ForwardMode
     extend_lens: list[int] = field(default_factory=list)   # new tokens per request in this forward
     prefix_lens: list[int] = field(default_factory=list)   # tokens already in KV before it
-    sample: list[bool] = field(default_factory=list)       # whether this forward samples for the request
+    # the forward reaches the end of the request's sequence, not a prompt chunk that stops
+    # short: an AR request samples its next token from it, a DLLM round carries its block
+    is_last_chunk: list[bool] = field(default_factory=list)
     forward_iter: Optional[int] = None                     # set by Scheduler.run_batch, never later
 
     def __post_init__(self) -> None:
@@ -90,9 +93,9 @@ class ScheduleBatch:
             self.extend_lens = [1] * n if self.mode == ForwardMode.DECODE else [0] * n
         if not self.prefix_lens:
             self.prefix_lens = [0] * n
-        if not self.sample:
-            self.sample = [True] * n
-        assert len(self.extend_lens) == len(self.prefix_lens) == len(self.sample) == n
+        if not self.is_last_chunk:
+            self.is_last_chunk = [True] * n
+        assert len(self.extend_lens) == len(self.prefix_lens) == len(self.is_last_chunk) == n
 
     @property
     def batch_size(self) -> int:
@@ -109,5 +112,5 @@ class ScheduleBatch:
     def copy(self) -> "ScheduleBatch":
         """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""
         return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
-                             prefix_lens=list(self.prefix_lens), sample=list(self.sample),
+                             prefix_lens=list(self.prefix_lens), is_last_chunk=list(self.is_last_chunk),
                              forward_iter=self.forward_iter)

@@ -14,6 +14,8 @@ from typing import Optional
 from cluster.wire import protocol as P
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
+from cluster.runtime.output_processor import OutputProcessor
+from cluster.runtime.stats import DecodeStats
 from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
@@ -34,6 +36,7 @@ class WorkerScheduler(Scheduler):
         self.control = control
         self.reqs: dict[str, Req] = {}          # live requests by rid
         self.outbox: list[P.TokensItem] = []
+        self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
         self._idle = False
 
     # ---- intake --------------------------------------------------------------
@@ -126,6 +129,16 @@ class WorkerScheduler(Scheduler):
     def forget(self, req: Req) -> None:
         """Drop the request from the role's queues."""
         raise NotImplementedError
+
+    def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
+        """A decode batch of the unified or decode worker: commit its tokens, report it under
+        the iteration that launched it, stream."""
+        self.output.commit(batch, result)
+        self.report_decode_stats(batch, self.decode_stats(batch))
+        self.flush_outputs()
+
+    def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
+        return DecodeStats.of_batch(batch, self.cache.token_usage, self.num_queue_reqs)
 
     # ---- forward -----------------------------------------------------------------
     def build_forward_input(self, batch: ScheduleBatch):

@@ -5,7 +5,7 @@
     DataPlane(worker_id, bind_host)      prefill/decode: ROUTER on a free port for peers'
                                          messages + one lazily connected DEALER per peer
 
-All three run their socket I/O on a dedicated thread (see `cluster/wire_socket.py`):
+All three run their socket I/O on a dedicated thread (see `io_thread.py`):
 `send*` encodes on the caller's thread (a bad message raises ProtocolError there) and
 enqueues; `recv(timeout)` reads a queue. Every method is thread-safe and non-blocking
 except `recv`, which waits at most `timeout` seconds (None: until a message or close()).

@@ -7,14 +7,12 @@ branch) -> `mlp.gate_proj`, `up_proj` -> `mlp.up_proj`, the block's `ff_out` -> 
 `attn_norm` / `ff_norm` -> `input_layernorm` / `post_attention_layernorm`, `transformer.wte`
 -> `embed_tokens`, `transformer.ln_f` -> `norm`, `transformer.ff_out` -> `lm_head`. The
 config.json keys (`d_model`, `n_heads`, `mlp_hidden_size`, ...) map to Llama's.
-Importing this module registers the layout with the engine's loader.
+`cluster/engine/loader.py` lists this layout in its table of checkpoint layouts.
 """
 from __future__ import annotations
 
 import re
 from typing import Optional
-
-from cluster.engine.loader import register_layout
 
 ARCHITECTURES = ("LLaDAModelLM",)
 
@@ -76,6 +74,3 @@ def llada_config_map(cfg: dict) -> dict:
             out[key] = cfg[key]
     return out
 
-
-for _arch in ARCHITECTURES:
-    register_layout(_arch, llada_name_map, llada_config_map)

@@ -1,11 +1,9 @@
 """SDAR checkpoints (`SDARForCausalLM`): Qwen3's layout and tensor names (q/k RMSNorm), so
-only the architecture is renamed for the engine's config reader. Importing this module
-registers the layout with the engine's loader."""
+only the architecture is renamed for the engine's config reader. `cluster/engine/loader.py`
+lists this layout in its table of checkpoint layouts."""
 from __future__ import annotations
 
 from typing import Optional
-
-from cluster.engine.loader import register_layout
 
 ARCHITECTURES = ("SDARForCausalLM",)
 
@@ -17,6 +15,3 @@ def sdar_name_map(name: str) -> Optional[str]:
 def sdar_config_map(cfg: dict) -> dict:
     return {**cfg, "architectures": ["Qwen3ForCausalLM"]}
 
-
-for _arch in ARCHITECTURES:
-    register_layout(_arch, sdar_name_map, sdar_config_map)
