@@ -46,6 +46,7 @@ class DrainingServer(uvicorn.Server):
         log.info("shutdown requested: draining for up to %.1f s", self.drain_s)
         await self.service.drain(self.drain_s)
         self.service.dispatcher.fail_all("router shutting down")
+        self.service.dispatcher.shutdown_workers("router shutting down")
         await asyncio.sleep(0.2)                          # let error events reach clients
         self.should_exit = True
 

@@ -64,6 +64,13 @@ class Dispatcher:
                 self._drop(st, abort_on=st.workers, reason=reason)
                 st.sink(FailedEvent(503, reason, "service_unavailable"))
 
+    def shutdown_workers(self, reason: str) -> None:
+        """End of a drain: workers started by hand stop too (the launcher's would be
+        stopped by it anyway)."""
+        with self.lock:
+            for wid in list(self.directory.workers):
+                self._send(wid, protocol.Shutdown(reason=reason))
+
     def close(self, reason: str = "router shutting down") -> None:
         self._stopping.set()
         if self._thread is not None:
@@ -215,20 +222,34 @@ class Dispatcher:
             return
         info = WorkerInfo(msg.worker_id, msg.role, msg.model, dict(msg.capacity),
                           dict(msg.kv_fingerprint), msg.data_addr, msg.pid)
+        old = self.directory.get(msg.worker_id) or self.directory.departed.get(msg.worker_id)
+        if old is not None and (old.pid, old.data_addr) == (msg.pid, msg.data_addr):
+            # the same process after a link blip: keep its requests, forget old attempts
+            self._revive(msg.worker_id)
+            return
         self._worker_gone(msg.worker_id, "worker registered again (restarted)")
         self.directory.add(info)
         log.info("registered %s (role=%s model=%s pid=%d data=%s)", msg.worker_id, msg.role,
                  msg.model, msg.pid, msg.data_addr or "-")
         self._retry_parked()
 
-    def _on_heartbeat(self, sender: str, msg) -> None:
-        info = self.directory.get(sender)
-        if info is None:
-            info = self.directory.revive(sender)
-            if info is None:
-                return                                     # never registered here
-            log.warning("%s is alive again after being declared dead", sender)
+    def _revive(self, worker_id: str):
+        """A worker declared dead is back (SIGCONT, link restored): tell it to drop the
+        attempts that moved elsewhere meanwhile, then serve it again."""
+        info = self.directory.get(worker_id) or self.directory.revive(worker_id)
+        if info is not None and info.stale_rids:
+            log.warning("%s is alive again after being declared dead: aborting %d stale "
+                        "attempt(s) on it", worker_id, len(info.stale_rids))
+            for rid in sorted(info.stale_rids):
+                self._send(worker_id, protocol.Abort(rid=rid, reason="attempt moved elsewhere"))
+            info.stale_rids.clear()
             self._retry_parked()
+        return info
+
+    def _on_heartbeat(self, sender: str, msg) -> None:
+        info = self.directory.get(sender) or self._revive(sender)
+        if info is None:
+            return                                         # never registered here
         info.last_seen = time.monotonic()
         info.stats = dict(msg.stats)
         info.histograms = list(msg.histograms)
@@ -275,10 +296,20 @@ class Dispatcher:
             st.sink(FailedEvent(504, reason, "timeout"))
 
     def _worker_gone(self, worker_id: str, reason: str) -> bool:
-        """Take `worker_id` out of service and move or fail the requests it held."""
-        if self.directory.remove(worker_id) is None:
+        """Take `worker_id` out of service and move or fail the requests it held.
+
+        A dead prefill worker moves only the requests it has not handed over yet (decode
+        has streamed no token of them); the others stay on their decode worker."""
+        info = self.directory.remove(worker_id)
+        if info is None:
             return False
         affected = [s for s in self.requests.values() if worker_id in s.workers]
+        info.stale_rids.update(s.wire_rid for s in affected)
+        if info.role == "prefill":
+            handed_over = [s for s in affected if s.output_ids and s.token_source != worker_id]
+            for st in handed_over:
+                st.workers = tuple(w for w in st.workers if w != worker_id)
+            affected = [s for s in affected if s not in handed_over]
         log.warning("worker %s is gone (%s): %d request(s) affected", worker_id, reason,
                     len(affected))
         resume = self.cfg.recovery.resume_on_decode_failure

@@ -32,6 +32,7 @@ class WorkerInfo:
     histograms: list = field(default_factory=list)   # HistogramSample, as last reported
     forward_ct: int = 0
     num_inflight: int = 0                     # router-side: requests assigned and not done
+    stale_rids: set = field(default_factory=set)  # wire rids it held when declared dead
 
     @property
     def load(self) -> float:

@@ -66,6 +66,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
     from cluster.config import load_config
     from cluster.wire.curve import endpoint_host, keys_for
     from cluster.wire.transport import ControlClient
+    from cluster.runtime.router_link import RouterLink
     from cluster.runtime.worker_scheduler import start_heartbeat
 
     args = parse_args(role, argv)
@@ -81,11 +82,13 @@ def run_worker(role: str, argv, build: Callable) -> int:
     scheduler, register = build(args, config, group, runner, control)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
-    control.send(P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),
-                            capacity={"num_pages": group.scheduler.num_pages,
-                                      "page_size": group.scheduler.page_size,
-                                      "max_running_requests": group.scheduler.max_running_requests},
-                            kv_fingerprint=runner.kv_fingerprint(), **register))
+    register_msg = P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),
+                              capacity={"num_pages": group.scheduler.num_pages,
+                                        "page_size": group.scheduler.page_size,
+                                        "max_running_requests": group.scheduler.max_running_requests},
+                              kv_fingerprint=runner.kv_fingerprint(), **register)
+    control.send(register_msg)
+    link = RouterLink(control, register_msg, config.timeouts.router_lost, scheduler.stop).start()
     start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
     if args.health_file:
         from cluster.runtime.health_file import start_writer
@@ -95,10 +98,11 @@ def run_worker(role: str, argv, build: Callable) -> int:
     try:
         scheduler.event_loop()
     finally:
+        link.stop()
         scheduler.close()
         control.close()
     logger.info("%s stopped", args.worker_id)
-    return 0
+    return 3 if link.is_lost else 0
 
 
 def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:

@@ -107,7 +107,14 @@ class SocketLoop:
             self._zap = self._ctx.socket(zmq.REP)
             self._zap.setsockopt(zmq.LINGER, 0)
             self._zap.bind(ZAP_ENDPOINT)
-        self._monitors.append(sock.get_monitor_socket(sum(HANDSHAKE_FAILURES)))
+        self._watch(sock, sum(HANDSHAKE_FAILURES))
+
+    def _watch(self, sock: zmq.Socket, events: int) -> None:
+        """Deliver `sock`'s monitor events to `_on_socket_event` (on the I/O thread)."""
+        self._monitors.append(sock.get_monitor_socket(events))
+
+    def _on_socket_event(self, event: int) -> None:
+        """A monitored socket event (subclasses track connectivity)."""
 
     def _dial_securely(self, sock: zmq.Socket) -> None:
         if self.curve is not None:
@@ -216,6 +223,7 @@ class SocketLoop:
         from zmq.utils.monitor import recv_monitor_message
         while mon.poll(0):
             event = recv_monitor_message(mon)
+            self._on_socket_event(event["event"])
             reason = HANDSHAKE_FAILURES.get(event["event"])
             if reason is not None:
                 self.count_rejected(reason)

@@ -20,6 +20,7 @@ on the I/O thread; exceptions are logged).
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any, Callable, Hashable, Optional
 
 import zmq
@@ -52,6 +53,9 @@ class ControlClient(SocketLoop):
     """Worker side of the control plane: DEALER with identity `worker_id`.
 
     Messages sent before the router is up are queued by ZeroMQ and leave once connected.
+    Connectivity is watched: `num_connects` counts completed handshakes with the router (a
+    second one means the router restarted or the link came back: register again), and
+    `lost_since` is when the link went down (None while up).
     """
 
     def __init__(self, endpoint: str, worker_id: str,
@@ -61,7 +65,12 @@ class ControlClient(SocketLoop):
         self.endpoint, self.worker_id = endpoint, worker_id
         self._sock = self._socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_DEAD_MS)
         self._dial_securely(self._sock)
+        self.num_connects = 0
+        self.lost_since: Optional[float] = time.monotonic()
+        self._watch(self._sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError:
@@ -71,6 +80,13 @@ class ControlClient(SocketLoop):
 
     def send(self, msg: Message) -> None:
         self._enqueue(None, msg)
+
+    def _on_socket_event(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.num_connects += 1
+            self.lost_since = None
+        elif event == zmq.EVENT_DISCONNECTED and self.lost_since is None:
+            self.lost_since = time.monotonic()
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
         return self._get(timeout)
