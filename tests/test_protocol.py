@@ -41,6 +41,7 @@ SIMPLE_MESSAGES = [
     P.Tokens("decode-0", [tokens_item("r1", [5, 6], None, None, [-0.5, -math.inf]),
                           tokens_item("r2", [], "stop", None), tokens_item("r3", [], None, "boom")]),
     P.Abort("r1", "client gone"),
+    P.Shutdown("router shutting down"),
     P.Error("r1", "decode worker died", "decode-0"),
 ]
 

@@ -67,6 +67,9 @@ class WorkerScheduler(Scheduler):
             if req is not None:
                 req.finish_reason, req.error = "abort", msg.reason
                 self.release(req)
+        elif isinstance(msg, P.Shutdown):
+            logger.info("%s: shutdown requested by the router (%s)", self.worker_id, msg.reason)
+            self.stop()
         else:
             logger.warning("%s: unexpected control message %s", self.worker_id, type(msg).__name__)
 

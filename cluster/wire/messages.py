@@ -156,5 +156,11 @@ class Error:                                      # worker -> router: the reques
     worker_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Shutdown:                                   # router -> worker: stop (end of a drain)
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str
+
+
 Message = Union[Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvAck, Tokens,
-                Abort, Error]
+                Abort, Error, Shutdown]

@@ -30,13 +30,13 @@ from cluster.dllm_params import DllmParams
 from cluster.wire.checks import (INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
                                 NumberOrCounts, Opt, ProtocolError, Record, Str, TokenIds, Typed, fail)
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
-                                   KvAck, KvBatch, KvReq, Message, Peer, Register, Reprefill, Tokens,
-                                   TokensItem)
+                                   KvAck, KvBatch, KvReq, Message, Peer, Register, Reprefill,
+                                   Shutdown, Tokens, TokensItem)
 from cluster.wire.tensor_frames import FRAME_BYTES, TENSOR_DESC, TensorFrames, frame_buffer, tensor_from_frames
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvAck",
-           "Tokens", "Abort", "Error", "Peer", "KvReq", "TokensItem", "HistogramSample"]
+           "Tokens", "Abort", "Error", "Shutdown", "Peer", "KvReq", "TokensItem", "HistogramSample"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
@@ -101,6 +101,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                            max_len=MAX_KEYS)},
     Abort: {"rid": ID, "reason": TEXT},
     Error: {"rid": ID, "reason": TEXT, "worker_id": ID},
+    Shutdown: {"reason": TEXT},
 }
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
 _RECORDS: dict[type, Check] = {cls: Record(f) for cls, f in _FIELDS.items()}
