@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 MAX_STOP_STRINGS = 1024
+MAX_STOP_CHARS = 4096             # per stop string: the worker matches each against every step
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1   # what msgpack and torch's generator carry
+INT32_MAX = (1 << 31) - 1
+MAX_FLOAT = 1e300
 GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "ebnf")   # structured outputs (engine/grammar.py)
 MAX_TOP_LOGPROBS = 20
 
@@ -44,7 +48,8 @@ def _int(obj, name: str, lo: Optional[int] = None, hi: Optional[int] = None,
 def _float(obj, name: str, lo: Optional[float] = None, hi: Optional[float] = None,
            lo_open: bool = False) -> None:
     v = getattr(obj, name)
-    if type(v) not in (int, float) or not math.isfinite(v):
+    # NOTE: an int past a float's range would raise OverflowError in isfinite, not fail here
+    if type(v) not in (int, float) or abs(v) > MAX_FLOAT or not math.isfinite(v):
         raise InvalidParam(name, f"expected a finite number, got {type(v).__name__} {v!r}")
     object.__setattr__(obj, name, float(v))        # an int where a float is meant
     if lo is not None and (v < lo or (lo_open and v == lo)):
@@ -53,10 +58,12 @@ def _float(obj, name: str, lo: Optional[float] = None, hi: Optional[float] = Non
         raise InvalidParam(name, f"must be <= {hi}, got {v}")
 
 
-def _list(obj, name: str, kind: type, max_len: int) -> None:
+def _list(obj, name: str, kind: type, max_len: int, max_item_len: Optional[int] = None) -> None:
     v = getattr(obj, name)
     if not isinstance(v, (list, tuple)) or len(v) > max_len or not all(type(x) is kind for x in v):
         raise InvalidParam(name, f"expected a list of at most {max_len} {kind.__name__}")
+    if max_item_len is not None and any(len(x) > max_item_len for x in v):
+        raise InvalidParam(name, f"each item must be at most {max_item_len} long")
     object.__setattr__(obj, name, list(v))
 
 
@@ -81,18 +88,18 @@ class SamplingParams:
     grammar_spec: str = ""            # the JSON schema text, the regex or the EBNF
 
     def __post_init__(self) -> None:
-        _int(self, "max_tokens", lo=1)
+        _int(self, "max_tokens", lo=1, hi=INT32_MAX)
         _float(self, "temperature", lo=0)
         _float(self, "top_p", lo=0, hi=1, lo_open=True)
-        _int(self, "top_k", lo=-1)
+        _int(self, "top_k", lo=-1, hi=INT32_MAX)     # and <= the vocabulary, where known
         _int(self, "min_tokens", lo=0, hi=self.max_tokens)
-        _int(self, "seed", optional=True)
-        _list(self, "stop", str, MAX_STOP_STRINGS)
+        _int(self, "seed", lo=SEED_MIN, hi=SEED_MAX, optional=True)
+        _list(self, "stop", str, MAX_STOP_STRINGS, MAX_STOP_CHARS)
         if not all(self.stop):
             raise InvalidParam("stop", "stop strings must not be empty")
         _list(self, "stop_token_ids", int, 1 << 16)
-        if any(t < 0 for t in self.stop_token_ids):
-            raise InvalidParam("stop_token_ids", "token ids must be >= 0")
+        if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise InvalidParam("stop_token_ids", f"token ids must be in [0, {INT32_MAX}]")
         _float(self, "presence_penalty")
         _float(self, "frequency_penalty")
         _float(self, "repetition_penalty", lo=0, lo_open=True)

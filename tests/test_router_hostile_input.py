@@ -47,9 +47,17 @@ def test_deeply_nested_body_is_400(router):
 @pytest.mark.parametrize("path,body", [
     ("/v1/completions", {**COMPLETION, "prompt": [1, 2, 10**9]}),
     ("/v1/completions", {**COMPLETION, "stop_token_ids": [49152]}),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"49152": 5}}),
     ("/v1/chat/completions", {**CHAT, "top_k": 10**6}),
+    ("/v1/chat/completions", {**CHAT, "top_k": 2**64}),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**64}),
+    ("/v1/chat/completions", {**CHAT, "repetition_penalty": 10**400}),
+    ("/v1/chat/completions", {**CHAT, "stop": ["x"] * 5000}),
+    ("/v1/chat/completions", {**CHAT, "stop": ["x" * 10_000]}),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2**40}),
 ])
-def test_values_beyond_the_vocabulary_are_400(router, path, body):
+def test_values_beyond_their_type_or_the_vocabulary_are_400(router, path, body):
     assert_error(router.http.post(path, json=body), 400)
     assert_nothing_dispatched(router)
 

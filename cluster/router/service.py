@@ -108,6 +108,7 @@ class RouterService:
         self._check_token_ids(input_ids, tokenizer, "prompt")
         sampling = self._sampling(parsed, len(input_ids))
         self._check_token_ids(sampling.stop_token_ids, tokenizer, "stop_token_ids")
+        self._check_token_ids([t for t, _ in sampling.logit_bias], tokenizer, "logit_bias")
         if sampling.top_k > tokenizer.vocab_size:
             raise bad_request(f"must be <= the vocabulary size {tokenizer.vocab_size}, got "
                               f"{sampling.top_k}", "top_k")

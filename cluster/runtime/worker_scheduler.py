@@ -81,8 +81,13 @@ class WorkerScheduler(Scheduler):
         vocab = self.runner.config.vocab_size
         if rid in self.reqs:
             reason = "duplicate request id"
-        elif any(t >= vocab for t in input_ids) or any(t >= vocab for t in output_ids):
+        elif any(t >= vocab for t in input_ids) or any(t >= vocab for t in output_ids) \
+                or any(t >= vocab for t in sampling.stop_token_ids) \
+                or any(t >= vocab for t, _ in sampling.logit_bias):
+            # NOTE: checked again here: any process on the network can send a generate
             reason = f"rejected: token id out of range [0, {vocab})"
+        elif sampling.top_k > vocab:
+            reason = f"rejected: top_k {sampling.top_k} exceeds the vocabulary ({vocab})"
         elif not self.slots.num_free:
             reason = "rejected: out of future-token slots"
         else:
