@@ -85,7 +85,9 @@ class DecodeScheduler(WorkerScheduler):
             req.kv_len = item.prompt_len
             acked.append(rid)
             self.retracted.discard(rid)
-            self.output.commit_token(req, item.first_token, item.first_logprob)
+            if req.grammar is not None:   # the prefill's matcher took it; ours is not in any forward yet
+                req.grammar.accept(item.first_token)
+            self.output.commit_token(req, item.first_token, item.first_logprob, item.first_top)
             if not req.is_finished:
                 self.decode.add(req)
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),

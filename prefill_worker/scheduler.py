@@ -12,7 +12,7 @@ from typing import Optional
 
 from cluster.wire import protocol as P
 from cluster.runtime.stats import KvTransferStats, PrefillStats
-from cluster.runtime.output_processor import sampled_tokens
+from cluster.runtime.output_processor import SampledToken, sampled_tokens
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
@@ -92,19 +92,19 @@ class PrefillScheduler(WorkerScheduler):
 
     def process_batch_result_disagg_prefill(self, batch: ScheduleBatch, result) -> None:
         """Ship each finished prompt's KV and first token: one kv_batch per decode worker."""
-        by_dest: dict[str, list[tuple[Req, int, Optional[float]]]] = defaultdict(list)
-        for req, token, logprob in sampled_tokens(batch, result):
-            by_dest[req.peer.data_addr].append((req, token, logprob))
+        by_dest: dict[str, list[SampledToken]] = defaultdict(list)
+        for sampled in sampled_tokens(batch, result):
+            by_dest[sampled.req.peer.data_addr].append(sampled)
         forward_s = result.timings.get("model_s", 0.0)
         for addr, items in by_dest.items():
             reqs, tensors = [], []
-            for req, token, lp in items:
+            for req, token, lp, top in items:
                 t0 = time.perf_counter()
                 kv = self.runner.export_kv(req.page_table, req.kv_len)
                 logger.debug("%s: kv_batch to %s [%d]: %s kv_len=%d forward_s=%.3f export_s=%.3f",
                              self.worker_id, req.peer.worker_id, batch.forward_iter, req.rid, req.kv_len,
                              forward_s, time.perf_counter() - t0)
-                reqs.append(P.KvReq(req.rid, token, req.kv_len, lp))
+                reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top))
                 tensors.append(kv)
                 self.inflight_queue.add(req, kv.numel() * kv.element_size())
                 self.cache.free(req)                    # the exported copy is what travels

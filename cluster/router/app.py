@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.roles import ROLES
+from cluster.router.choices import stream_choices, whole_response
 from cluster.router.errors import APIError, bad_request, error_body
 from cluster.router.metrics import labeled_counter, render_worker_stats
 from cluster.router.openai_request import parse_chat, parse_completion
-from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.request_body import parse_json, read_body
-from cluster.router.service import Generation, RouterService
+from cluster.router.service import RouterService
 from cluster.router.tokenize_routes import add_tokenize_routes, model_card
 
 log = logging.getLogger("pdcluster.router")
@@ -92,49 +92,20 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return await respond(parse_chat(await read_json(request)), request)
 
     async def respond(parsed, request: Request):
-        gen = await service.start(parsed, request.headers.get("traceparent"))
-        rid_header = {"x-request-id": gen.st.rid}      # joins logs, /debug and traces
+        gens = await service.start_choices(parsed, request.headers.get("traceparent"))
+        rid_header = {"x-request-id": gens[0].st.rid}  # joins logs, /debug and traces
         if parsed.stream:
-            return StreamingResponse(stream_body(gen), media_type="text/event-stream",
+            return StreamingResponse(stream_choices(service, gens), media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **rid_header})
         try:
-            return await respond_whole(gen, request, rid_header)
+            body = await whole_response(service, gens, request.is_disconnected)
         except APIError as e:
             e.headers.update(rid_header)
             raise
-
-    async def respond_whole(gen: Generation, request: Request, rid_header: dict):
-        texts, logprobs, finish = [], [], None
-        async for delta in service.deltas(gen, request.is_disconnected):
-            texts.append(delta.text)
-            logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs))
-            finish = delta.finish_reason
-        if finish is None:                                # client went away
+        if body is None:                                  # client went away
             return JSONResponse(error_body("client disconnected", "aborted", 499), 499,
                                 headers=rid_header)
-        return JSONResponse(gen.writer.full("".join(texts), finish,
-                                            ResponseWriter.merge_logprobs(logprobs),
-                                            gen.num_prompt, len(gen.text.token_ids)),
-                            headers=rid_header)
-
-    async def stream_body(gen: Generation):
-        w = gen.writer
-        first = w.kind == "chat"
-        deltas = service.deltas(gen)
-        try:
-            if first:                                     # the role chunk, at once
-                yield sse(w.chunk("", None, None, first=True))
-            async for delta in deltas:
-                lp = w.format_logprobs(delta.token_ids, delta.logprobs)
-                if delta.text or lp is not None or delta.finish_reason is not None:
-                    yield sse(w.chunk(delta.text, delta.finish_reason, lp))
-            if w.include_usage:
-                yield sse(w.usage_chunk(gen.num_prompt, len(gen.text.token_ids)))
-            yield sse("[DONE]")
-        except APIError as e:                             # one error event, no [DONE]
-            yield sse(e.body())
-        finally:                                          # NOTE: aborts on disconnect
-            await deltas.aclose()
+        return JSONResponse(body, headers=rid_header)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -17,6 +17,7 @@ class TextDelta:
     token_ids: list[int]
     logprobs: Optional[list[float]]
     finish_reason: Optional[str] = None
+    top_logprobs: Optional[list] = None        # per token: [[token_id, logprob], ...]
 
 
 @dataclass

@@ -268,7 +268,7 @@ class Dispatcher:
                 continue
             st.output_ids += item.token_ids
             st.last_progress = time.monotonic()
-            event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason)
+            event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs)
             if item.finish_reason is not None:
                 self._finish(st, event)
             else:

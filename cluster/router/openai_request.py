@@ -15,9 +15,13 @@ from typing import Any, Optional
 
 from cluster.dllm_params import DllmParams
 from cluster.router.errors import bad_request
-from cluster.sampling_params import InvalidParam
+from cluster.router.structured_request import grammar_fields, parse_logit_bias
+from cluster.router.tool_calls import ToolChoice, parse_tools
+from cluster.sampling_params import MAX_TOP_LOGPROBS, InvalidParam
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_N = 16             # choices per prompt
+MAX_PROMPTS = 64       # prompts in one completions request
 _MISSING = object()
 
 
@@ -27,6 +31,12 @@ class ParsedRequest:
     model: Optional[str]
     prompt: Optional[str] = None               # completions: text prompt
     prompt_ids: Optional[list[int]] = None     # completions: token-id prompt
+    more_prompts: list = field(default_factory=list)   # completions: prompts 2.. of a list (str or ids)
+    n: int = 1                                 # choices per prompt
+    echo: bool = False                         # completions: the prompt text before the answer
+    functions: list = field(default_factory=list)      # chat tools (tool_calls.parse_tools)
+    tool_choice: ToolChoice = ToolChoice("none")
+    grammar_field: str = ""                    # the field the grammar came from (for 400s)
     messages: Optional[list[dict]] = None      # chat
     max_tokens: Optional[int] = None           # None: the server default
     sampling: dict = field(default_factory=dict)   # SamplingParams kwargs except max_tokens
@@ -88,9 +98,7 @@ def _token_ids(value, name) -> list[int]:
 
 def _common(body: dict, kind: str) -> ParsedRequest:
     model = _get(body, "model", (str,))
-    n = _int(body, "n", 1)
-    if n != 1:
-        raise bad_request(f"only n=1 is supported, got {n}", "n")
+    n = _int(body, "n", 1, lo=1, hi=MAX_N)
     stream = bool(_get(body, "stream", (bool,), False))
     options = _get(body, "stream_options", (dict,), None)
     if options is not None and not stream:
@@ -109,11 +117,14 @@ def _common(body: dict, kind: str) -> ParsedRequest:
         presence_penalty=_number(body, "presence_penalty", 0.0, lo=-2, hi=2),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2, hi=2),
         repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        logit_bias=parse_logit_bias(body),
     )
-    if body.get("logit_bias"):
-        raise bad_request("logit_bias is not supported", "logit_bias")
     parsed = ParsedRequest(kind=kind, model=model, sampling=sampling, stream=stream,
-                           include_usage=include_usage)
+                           include_usage=include_usage, n=n)
+    if kind == "chat":
+        parsed.functions, parsed.tool_choice = parse_tools(body)
+    grammar, parsed.grammar_field = grammar_fields(body, parsed.functions, parsed.tool_choice)
+    sampling.update(grammar)
     parsed.dllm = _dllm(body)
     return parsed
 
@@ -138,29 +149,33 @@ def parse_completion(body: Any) -> ParsedRequest:
     prompt = body.get("prompt", _MISSING)
     if prompt is _MISSING or prompt is None:
         raise bad_request("is required", "prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]                      # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", "prompt")
+        for i, p in enumerate(prompt[1:], 1):   # a batch: one choice (or n) per prompt
+            if not p or not (isinstance(p, str) or _token_ids(p, f"prompt[{i}]")):
+                raise bad_request("must not be empty", f"prompt[{i}]")
+        parsed.more_prompts = list(prompt[1:])
+        prompt = prompt[0]
     if isinstance(prompt, str):
         parsed.prompt = prompt
     elif isinstance(prompt, list) and prompt and not isinstance(prompt[0], (str, list)):
         parsed.prompt_ids = _token_ids(prompt, "prompt")
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad_request("batched prompts are not supported: send one prompt per request",
-                          "prompt")
     else:
         raise bad_request("expected a non-empty string or a list of token ids", "prompt")
     if not (parsed.prompt or parsed.prompt_ids):
         raise bad_request("must not be empty", "prompt")
     parsed.max_tokens = _int(body, "max_tokens", lo=1)
-    logprobs = _int(body, "logprobs", lo=0)
-    if logprobs is not None and logprobs > 1:
-        raise bad_request("only 0 or 1 is supported (the chosen token's logprob)", "logprobs")
+    logprobs = _int(body, "logprobs", lo=0, hi=MAX_TOP_LOGPROBS)
     parsed.logprobs = logprobs is not None
     parsed.top_logprobs = logprobs or 0
-    if _get(body, "echo", (bool,), False):
-        raise bad_request("echo is not supported", "echo")
-    if _int(body, "best_of", 1) != 1:
-        raise bad_request("only best_of=1 is supported", "best_of")
+    parsed.sampling["top_logprobs"] = logprobs or 0
+    parsed.echo = bool(_get(body, "echo", (bool,), False))
+    if parsed.echo and parsed.logprobs:
+        raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+    best_of = _int(body, "best_of", parsed.n, lo=1)
+    if best_of != parsed.n:
+        raise bad_request(f"only best_of = n ({parsed.n}) is supported, got {best_of}", "best_of")
     if body.get("suffix"):
         raise bad_request("suffix is not supported", "suffix")
     return parsed
@@ -198,16 +213,21 @@ def parse_chat(body: Any) -> ParsedRequest:
         if role not in CHAT_ROLES:
             raise bad_request(f"{role!r} is not one of {', '.join(CHAT_ROLES)}",
                               f"messages[{i}].role")
-        parsed.messages.append({"role": role, "content": _message_text(m.get("content"), i)})
+        message = {"role": role, "content": _message_text(m.get("content"), i)}
+        calls = m.get("tool_calls")
+        if role == "assistant" and calls is not None:   # earlier turns' calls, for the chat template
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      for c in calls):
+                raise bad_request("expected a list of tool calls", f"messages[{i}].tool_calls")
+            message["tool_calls"] = calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        parsed.messages.append(message)
     max_tokens = _int(body, "max_tokens", lo=1)
     parsed.max_tokens = _int(body, "max_completion_tokens", max_tokens, lo=1)
     parsed.logprobs = bool(_get(body, "logprobs", (bool,), False))
-    top = _int(body, "top_logprobs", 0, lo=0)
-    if top:
-        raise bad_request("only top_logprobs=0 is supported", "top_logprobs")
-    if body.get("tools"):
-        raise bad_request("tools are not supported", "tools")
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise bad_request("only {\"type\": \"text\"} is supported", "response_format")
+    top = _int(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
+    if top and not parsed.logprobs:
+        raise bad_request("needs logprobs: true", "top_logprobs")
+    parsed.top_logprobs = parsed.sampling["top_logprobs"] = top
     return parsed

@@ -20,29 +20,38 @@ class ResponseWriter:
     """Builds the bodies of one request; `kind` is "completion" or "chat"."""
 
     def __init__(self, kind: str, rid: str, model: str, tokenizer, logprobs: bool,
-                 top_logprobs: int, include_usage: bool):
+                 top_logprobs: int, include_usage: bool, index: int = 0):
         self.kind, self.model, self.tokenizer = kind, model, tokenizer
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + rid
         self.created = int(time.time())
         self.logprobs, self.top_logprobs = logprobs, top_logprobs
         self.include_usage = include_usage
         self.text_offset = 0
+        self.index = index                # the choice this writer's chunks belong to
 
     # logprobs
-    def format_logprobs(self, token_ids: list[int], logprobs: Optional[list[float]]):
+    def format_logprobs(self, token_ids: list[int], logprobs: Optional[list[float]],
+                        top: Optional[list] = None):
+        """`top`: per token, [[token_id, logprob], ...] best first (None: not computed)."""
         if not self.logprobs:
             return None
         values = logprobs if logprobs is not None else [None] * len(token_ids)
-        tokens = [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+        tokens = [self._piece(t) for t in token_ids]
+        tops = top if top is not None else [None] * len(token_ids)
         if self.kind == "chat":
-            return {"content": [{"token": tok, "logprob": lp,
-                                 "bytes": list(tok.encode("utf-8")), "top_logprobs": []}
-                                for tok, lp in zip(tokens, values)]}
+            return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")),
+                                 "top_logprobs": [{"token": self._piece(i), "logprob": v,
+                                                   "bytes": list(self._piece(i).encode("utf-8"))}
+                                                  for i, v in (pairs or [])[:self.top_logprobs]]}
+                                for tok, lp, pairs in zip(tokens, values, tops)]}
         offsets = []
         for tok in tokens:
             offsets.append(self.text_offset)
             self.text_offset += len(tok)
-        top = [{tok: lp} for tok, lp in zip(tokens, values)] if self.top_logprobs else None
+        top = None
+        if self.top_logprobs:   # without computed top (dllm), the chosen token stands as the top-1
+            top = [{self._piece(i): v for i, v in pairs[:self.top_logprobs]} if pairs else {tok: lp}
+                   for tok, lp, pairs in zip(tokens, values, tops)]
         return {"tokens": tokens, "token_logprobs": list(values), "top_logprobs": top,
                 "text_offset": offsets}
 
@@ -62,31 +71,39 @@ class ResponseWriter:
                 top += p["top_logprobs"]
         return {**merged, "top_logprobs": top}
 
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     # whole responses
-    def full(self, text: str, finish_reason: Optional[str], logprobs, num_prompt: int,
-             num_completion: int) -> dict:
+    def choice(self, text: Optional[str], finish_reason: Optional[str], logprobs,
+               tool_calls: Optional[list] = None) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": logprobs, "finish_reason": finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs,
-                      "finish_reason": finish_reason}
-            obj = "text_completion"
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            return {"index": self.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def body(self, choices: list[dict], num_prompt: int, num_completion: int) -> dict:
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage(num_prompt, num_completion)}
+                "choices": choices, "usage": usage(num_prompt, num_completion)}
 
     # stream chunks
     def chunk(self, text: str, finish_reason: Optional[str], logprobs=None,
-              first: bool = False) -> dict:
+              first: bool = False, tool_calls: Optional[list] = None) -> dict:
+        """`tool_calls`: [(index, ToolCall)] sent whole in this chunk."""
         if self.kind == "chat":
             delta = {"role": "assistant", "content": text} if first else (
-                {"content": text} if text or finish_reason is None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs,
+                {"content": text} if text or (finish_reason is None and not tool_calls) else {})
+            if tool_calls:
+                delta["tool_calls"] = [{"index": i, **call.to_openai()} for i, call in tool_calls]
+            choice = {"index": self.index, "delta": delta, "logprobs": logprobs,
                       "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs,
+            choice = {"index": self.index, "text": text, "logprobs": logprobs,
                       "finish_reason": finish_reason}
             obj = "text_completion"
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,

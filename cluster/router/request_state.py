@@ -19,6 +19,7 @@ class TokensEvent:
     token_ids: list[int]
     logprobs: Optional[list[float]]
     finish_reason: Optional[str]
+    top_logprobs: Optional[list] = None   # per token: [[token_id, logprob], ...]
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from cluster.config import ClusterConfig
@@ -43,6 +43,14 @@ class Generation:
     num_prompt: int
     arrival: float
     is_done: bool = False
+    index: int = 0                    # the choice's index in the response
+    prompt_index: int = 0             # which prompt of a list it answers (usage counts each once)
+    parsed: Optional[ParsedRequest] = None
+
+
+# parameters a DLLM worker does not implement: a clean 400 naming them
+_NOT_FOR_DLLM = (("grammar_kind", "response_format"), ("logit_bias", "logit_bias"),
+                 ("top_logprobs", "top_logprobs"))
 
 
 class RouterService:
@@ -87,6 +95,30 @@ class RouterService:
             self.tokenizer_for(model)
 
     # admission
+    async def start_choices(self, parsed: ParsedRequest,
+                            traceparent: Optional[str] = None) -> list[Generation]:
+        """One generation per (prompt, choice): index = prompt_index * n + j; choice j seeds
+        `seed + j`. Each is its own request (n prefills: see README's API notes)."""
+        prompts = [(parsed.prompt, parsed.prompt_ids)] + [
+            (p, None) if isinstance(p, str) else (None, p) for p in parsed.more_prompts]
+        gens: list[Generation] = []
+        try:
+            for p, (text, ids) in enumerate(prompts):
+                for j in range(parsed.n):
+                    seed = parsed.sampling.get("seed")
+                    sub = replace(parsed, prompt=text, prompt_ids=ids, more_prompts=[], n=1,
+                                  sampling={**parsed.sampling, "seed": None if seed is None else seed + j})
+                    gen = await self.start(sub, traceparent)
+                    gen.index = gen.writer.index = len(gens)
+                    gen.prompt_index = p
+                    gens.append(gen)
+        except BaseException:
+            for gen in gens:          # all or nothing: the client gets the error alone
+                gen.is_done = True
+                self.dispatcher.abort(gen.st, "a sibling choice was rejected")
+            raise
+        return gens
+
     async def start(self, parsed: ParsedRequest, traceparent: Optional[str] = None) -> Generation:
         arrival = time.time()
         if self.is_draining:
@@ -109,6 +141,15 @@ class RouterService:
         sampling = self._sampling(parsed, len(input_ids))
         self._check_token_ids(sampling.stop_token_ids, tokenizer, "stop_token_ids")
         self._check_token_ids([t for t, _ in sampling.logit_bias], tokenizer, "logit_bias")
+        if route == "dllm":
+            for name, param in _NOT_FOR_DLLM:
+                if getattr(sampling, name):
+                    raise bad_request("not supported by diffusion (dllm) models", parsed.grammar_field or param
+                                      if name == "grammar_kind" else param)
+        if sampling.grammar_kind:
+            from cluster.router.structured_request import check_grammar
+            await loop.run_in_executor(self._tokenize_pool, check_grammar, tokenizer, sampling.grammar_kind,
+                                       sampling.grammar_spec, parsed.grammar_field)
         if sampling.top_k > tokenizer.vocab_size:
             raise bad_request(f"must be <= the vocabulary size {tokenizer.vocab_size}, got "
                               f"{sampling.top_k}", "top_k")
@@ -121,7 +162,7 @@ class RouterService:
                                 parsed.top_logprobs, parsed.include_usage)
         from cluster.engine.tokenizer import IncrementalDetokenizer
         text = CompletionText(IncrementalDetokenizer(tokenizer), list(sampling.stop))
-        gen = Generation(st, queue, text, writer, len(input_ids), time.monotonic())
+        gen = Generation(st, queue, text, writer, len(input_ids), time.monotonic(), parsed=parsed)
         st.trace = self.tracing.begin(rid, model, route, arrival, traceparent)
         try:
             self.dispatcher.submit(st)
@@ -149,7 +190,9 @@ class RouterService:
     @staticmethod
     def _input_ids(parsed: ParsedRequest, tokenizer) -> list[int]:
         if parsed.kind == "chat":
-            prompt = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            tools = [{"type": "function", "function": f} for f in parsed.functions]
+            prompt = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True,
+                                                   **({"tools": tools} if tools else {}))
             input_ids = tokenizer.encode(prompt, add_special_tokens=False)
         elif parsed.prompt_ids is not None:
             input_ids = list(parsed.prompt_ids)
@@ -220,6 +263,7 @@ class RouterService:
                         self.metrics.observe(self.metrics.itl, (now - last) / n, times=n)
                     last = now
                 delta = gen.text.add(ev.token_ids, ev.logprobs, ev.finish_reason)
+                delta.top_logprobs = ev.top_logprobs
                 if ev.finish_reason is not None:
                     gen.is_done = True
                     self.metrics.observe(self.metrics.e2e, now - gen.arrival)

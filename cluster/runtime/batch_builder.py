@@ -47,6 +47,7 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         min_tokens_left=[max(0, r.sampling.min_tokens - (r.num_output + r.num_pending - 1)) for r in reqs],
         eos_token_ids=[frozenset() if r.sampling.ignore_eos else r.eos_token_ids for r in reqs],
         future_slots=[r.future_slot if s else -1 for r, s in zip(reqs, batch.is_last_chunk)],
+        grammars=[r.grammar for r in reqs],
         bidirectional_lens=[0] * len(reqs),
         is_decode=batch.mode == ForwardMode.DECODE,
     )

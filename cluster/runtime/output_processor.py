@@ -10,14 +10,21 @@ launched it, not the later one the worker is already running under overlap.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from cluster.engine.stop_checker import check_finish
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 
 
-def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[tuple[Req, int, Optional[float]]]:
-    """(request, token, logprob or None) for every request this batch sampled for."""
+class SampledToken(NamedTuple):
+    req: Req
+    token: int
+    logprob: Optional[float]                   # when the request asked for logprobs
+    top: Optional[list]                        # [[token_id, logprob], ...] when it asked for top_logprobs
+
+
+def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[SampledToken]:
+    """Every request this batch sampled for, with its token (and logprobs when asked)."""
     tokens = result.next_token_ids.tolist()
     logprobs = result.logprobs.tolist() if result.logprobs is not None else None
     for i, req in enumerate(batch.reqs):
@@ -26,7 +33,14 @@ def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[tuple[Req, int, Opt
         req.num_pending -= 1
         if req.is_finished:
             continue                           # finished in an earlier batch: overlap's extra token
-        yield req, tokens[i], logprobs[i] if logprobs is not None and req.sampling.logprobs else None
+        yield SampledToken(req, tokens[i], logprobs[i] if logprobs is not None and req.sampling.logprobs else None,
+                           _top_pairs(result, i, req.sampling.top_logprobs))
+
+
+def _top_pairs(result, row: int, k: int) -> Optional[list]:
+    if not k or result.top_ids is None:
+        return None
+    return [[t, lp] for t, lp in zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())]
 
 
 class OutputProcessor:
@@ -36,16 +50,18 @@ class OutputProcessor:
     def __init__(self, tokenizer, emit: Callable, release: Callable[[Req], None]):
         self.tokenizer, self.emit, self.release = tokenizer, emit, release
 
-    def commit_token(self, req: Req, token: int, logprob: Optional[float] = None) -> None:
+    def commit_token(self, req: Req, token: int, logprob: Optional[float] = None,
+                     top: Optional[list] = None) -> None:
         req.output_ids.append(token)
         if logprob is not None:
             req.output_logprobs.append(logprob)
         reason = check_finish(req, self.tokenizer)
-        self.emit(req, [token], reason, None if logprob is None else [logprob])
+        self.emit(req, [token], reason, None if logprob is None else [logprob],
+                  top_logprobs=None if top is None else [top])
         if reason is not None:
             req.finish_reason = reason
             self.release(req)
 
     def commit(self, batch: ScheduleBatch, result) -> None:
-        for req, token, logprob in sampled_tokens(batch, result):
-            self.commit_token(req, token, logprob)
+        for req, token, logprob, top in sampled_tokens(batch, result):
+            self.commit_token(req, token, logprob, top)

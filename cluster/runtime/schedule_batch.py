@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from cluster.sampling_params import SamplingParams
 from cluster.wire.messages import Peer
@@ -28,7 +28,7 @@ class Req:
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot",
-        "output_logprobs", "peer",
+        "output_logprobs", "peer", "grammar",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -48,6 +48,7 @@ class Req:
         self.future_slot = -1      # overlap: where the forward side stores this request's last sampled token
         self.output_logprobs: list[float] = []
         self.peer: Optional[Peer] = None   # disaggregation: the other side's worker id and address
+        self.grammar: Any = None           # RequestGrammar under structured outputs (engine/grammar.py)
 
     # derived lengths are properties, never copies kept in sync
     @property

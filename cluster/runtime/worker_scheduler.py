@@ -38,6 +38,7 @@ class WorkerScheduler(Scheduler):
         self.outbox: list[P.TokensItem] = []
         self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
         self._idle = False
+        self._grammar_backend = None
 
     # ---- intake --------------------------------------------------------------
     def recv_requests(self) -> None:
@@ -93,10 +94,28 @@ class WorkerScheduler(Scheduler):
         else:
             req = Req(rid, input_ids, sampling, eos_token_ids=self.tokenizer.eos_token_ids,
                       output_ids=output_ids)
-            req.peer, req.future_slot = peer, self.slots.allocate()
-            self.reqs[rid] = req
-            return req
+            reason = self.attach_grammar(req)
+            if reason is None:
+                req.peer, req.future_slot = peer, self.slots.allocate()
+                self.reqs[rid] = req
+                return req
         self.control.send(P.Error(rid=rid, reason=reason, worker_id=self.worker_id))
+        return None
+
+    def attach_grammar(self, req: Req) -> Optional[str]:
+        """The request's matcher, having taken its output ids so far; the reason when it cannot be built.
+        NOTE: here, before any forward holds the request; afterwards only forwards advance it."""
+        sp = req.sampling
+        if not sp.grammar_kind:
+            return None
+        from cluster.engine.grammar import GrammarBackend, GrammarError
+        try:
+            if self._grammar_backend is None:   # built on the first constrained request (imports xgrammar)
+                self._grammar_backend = GrammarBackend(self.tokenizer, self.runner.config.vocab_size)
+            req.grammar = self._grammar_backend.matcher(sp.grammar_kind, sp.grammar_spec, accepted=req.output_ids,
+                                                        stop_token_ids=set(req.eos_token_ids) | set(sp.stop_token_ids))
+        except GrammarError as e:
+            return f"rejected: {e}"
         return None
 
     def admit(self, req: Req, msg) -> None:
@@ -104,8 +123,9 @@ class WorkerScheduler(Scheduler):
 
     # ---- output ----------------------------------------------------------------
     def emit(self, req: Req, token_ids: list[int], finish_reason: Optional[str],
-             logprobs: Optional[list[float]] = None, error: Optional[str] = None) -> None:
-        self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs))
+             logprobs: Optional[list[float]] = None, error: Optional[str] = None,
+             top_logprobs: Optional[list] = None) -> None:
+        self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs))
 
     def flush_outputs(self) -> None:
         if self.outbox:

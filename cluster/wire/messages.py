@@ -32,6 +32,7 @@ class KvReq:
     first_token: int
     prompt_len: int                               # positions in the KV tensor
     first_logprob: Optional[float] = None
+    first_top: Optional[list] = None              # the first token's [[token_id, logprob], ...] (top_logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +43,13 @@ class TokensItem:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     logprobs: Optional[list] = None               # one per token when asked for
+    top_logprobs: Optional[list] = None           # per token: [[token_id, logprob], ...] best first
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
             raise ValueError(f"{len(self.logprobs)} logprobs for {len(self.token_ids)} tokens")
+        if self.top_logprobs is not None and len(self.top_logprobs) != len(self.token_ids):
+            raise ValueError(f"{len(self.top_logprobs)} top_logprobs for {len(self.token_ids)} tokens")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,10 @@ import msgpack
 import torch
 
 from cluster.roles import ROLES
-from cluster.sampling_params import SamplingParams
+from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import DllmParams
 from cluster.wire.checks import (INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
-                                NumberOrCounts, Opt, ProtocolError, Record, Str, TokenIds, Typed, fail)
+                                Number, NumberOrCounts, Opt, ProtocolError, Record, Str, TokenIds, Typed, fail)
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
                                    KvAck, KvBatch, KvReq, Message, Peer, Register, Reprefill,
                                    Shutdown, Tokens, TokensItem)
@@ -67,6 +67,7 @@ def _dllm_overrides(v: Any, path: str) -> dict:
 
 ID, TEXT = Str(max_len=1024), Str()
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
+TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
 PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
 
 _FIELDS: dict[type, dict[str, Check]] = {
@@ -89,7 +90,8 @@ _FIELDS: dict[type, dict[str, Check]] = {
     DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT},
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
               "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
-                                         "prompt_len": Int(lo=1), "first_logprob": Opt(Float())}),
+                                         "prompt_len": Int(lo=1), "first_logprob": Opt(Float()),
+                                         "first_top": Opt(TOP)}),
                            max_len=MAX_KEYS),
               "tensors": List(TENSOR_DESC, max_len=MAX_KEYS)},
     KvAck: {"rids": List(ID, max_len=MAX_KEYS), "failed": Map(ID, TEXT),
@@ -97,7 +99,8 @@ _FIELDS: dict[type, dict[str, Check]] = {
     Tokens: {"worker_id": ID,
              "items": List(Typed(TokensItem, {"rid": ID, "token_ids": TokenIds(),
                                               "finish_reason": Opt(TEXT), "error": Opt(TEXT),
-                                              "logprobs": Opt(List(Float()))}),
+                                              "logprobs": Opt(List(Float())),
+                                              "top_logprobs": Opt(List(TOP, max_len=MAX_KEYS))}),
                            max_len=MAX_KEYS)},
     Abort: {"rid": ID, "reason": TEXT},
     Error: {"rid": ID, "reason": TEXT, "worker_id": ID},

@@ -1,0 +1,138 @@
+"""The response of one HTTP request from its generations (n choices x prompts), whole or streamed.
+
+Each generation streams on its own; a stream interleaves their chunks, each carrying its
+choice `index`. Usage counts each prompt once however many choices it has. Chat outputs
+become tool calls here: a constrained call (`required` / named) when the text is complete,
+an `auto` call as soon as its block closes (`ToolCallStream`); the finish reason is then
+`tool_calls`. Completions with `echo` begin with the prompt text.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Optional
+
+from cluster.router.errors import APIError
+from cluster.router.openai_response import ResponseWriter, sse
+from cluster.router.tool_calls import ToolCallStream, calls_from_constrained, parse_tool_calls
+
+
+def _usage(gens) -> tuple[int, int]:
+    prompts = {g.prompt_index: g.num_prompt for g in gens}
+    return sum(prompts.values()), sum(len(g.text.token_ids) for g in gens)
+
+
+def _echo(gen) -> str:
+    p = gen.parsed
+    if p is None or not p.echo:
+        return ""
+    return p.prompt if p.prompt is not None else gen.writer.tokenizer.decode(gen.st.input_ids, skip_special_tokens=False)
+
+
+def _tool_calls(gen, text: str) -> tuple[Optional[str], list]:
+    """(content, calls) of a finished chat text under the request's tools."""
+    p = gen.parsed
+    if p is None or p.kind != "chat" or not p.functions or p.tool_choice.mode == "none":
+        return text, []
+    if p.tool_choice.mode == "auto":
+        content, calls = parse_tool_calls(text, p.functions)
+    else:
+        calls = calls_from_constrained(text, p.tool_choice)
+        content = "" if calls else text
+    return (content or None) if calls else text, calls
+
+
+async def whole_response(service, gens, disconnected) -> Optional[dict]:
+    """The non-streamed body, or None when the client went away."""
+    async def collect(gen):
+        texts, logprobs, finish = [], [], None
+        async for delta in service.deltas(gen, disconnected):
+            texts.append(delta.text)
+            logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs))
+            finish = delta.finish_reason
+        return "".join(texts), ResponseWriter.merge_logprobs(logprobs), finish
+
+    results = await asyncio.gather(*(collect(g) for g in gens))
+    if any(finish is None for _, _, finish in results):
+        return None
+    choices = []
+    for gen, (text, logprobs, finish) in zip(gens, results):
+        content, calls = _tool_calls(gen, text)
+        if calls:
+            finish = "tool_calls"
+        choices.append(gen.writer.choice(_echo(gen) + content if content is not None else None, finish, logprobs,
+                                         [c.to_openai() for c in calls] or None))
+    return gens[0].writer.body(choices, *_usage(gens))
+
+
+async def stream_choices(service, gens) -> AsyncIterator[bytes]:
+    """SSE chunks of every generation, interleaved; one error event (no [DONE]) on failure."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(gen):
+        try:
+            async for chunk in _choice_chunks(service, gen):
+                await queue.put(chunk)
+        except APIError as e:
+            await queue.put(e)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, APIError):
+                yield sse(item.body())
+                return
+            else:
+                yield sse(item)
+        w = gens[0].writer
+        if w.include_usage:
+            yield sse(w.usage_chunk(*_usage(gens)))
+        yield sse("[DONE]")
+    finally:                                   # NOTE: a closed stream aborts every choice
+        for t in tasks:
+            t.cancel()
+
+
+async def _choice_chunks(service, gen) -> AsyncIterator[dict]:
+    w, p = gen.writer, gen.parsed
+    tools = p is not None and p.kind == "chat" and p.functions and p.tool_choice.mode != "none"
+    auto = ToolCallStream(p.functions) if tools and p.tool_choice.mode == "auto" else None
+    held: list[str] = []                       # a constrained call: sent whole at the end
+    num_calls = 0
+    deltas = service.deltas(gen)
+    try:
+        if w.kind == "chat":                   # the role chunk, at once
+            yield w.chunk("", None, None, first=True)
+        elif _echo(gen):
+            yield w.chunk(_echo(gen), None)
+        async for delta in deltas:
+            lp = w.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
+            text, calls, finish = delta.text, [], delta.finish_reason
+            if auto is not None:
+                text, calls = auto.feed(text)
+                if finish is not None:
+                    rest, more = auto.finish()
+                    text, calls = text + rest, calls + more
+            elif tools:
+                held.append(text)
+                text = ""
+                if finish is not None:
+                    whole = "".join(held)
+                    calls = calls_from_constrained(whole, p.tool_choice)
+                    text = "" if calls else whole
+            if calls:
+                indexed = list(enumerate(calls, num_calls))
+                num_calls += len(calls)
+                yield w.chunk(text, None, lp, tool_calls=indexed)
+                text, lp = "", None
+            if finish is not None and num_calls:
+                finish = "tool_calls"
+            if text or lp is not None or finish is not None:
+                yield w.chunk(text, finish, lp)
+    finally:
+        await deltas.aclose()
