@@ -4,7 +4,7 @@ rates; per rate, the KV bandwidth prefill-0 measured (bytes / seconds from sendi
 kv_batch to its kv_ack) against the configured rate, and the bytes the decode hosts'
 interfaces received. Needs root (network namespaces).
 
-    python benchmarks/netns_kv_link.py [--rates 100 200 500 1000] [--requests 3]
+    python benchmarks/netns_kv_link.py [--rates 100 200 500 1000] [--requests 3] [--curve on|off]
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from tests.netns_hosts import netns_unavailable  # noqa: E402
 from tests.test_e2e_netns import LONG_PROMPT, MultiHost  # noqa: E402
 
 
-def measure(rate_mbit: int, num_requests: int) -> dict:
-    cluster = MultiHost(rate_mbit)
+def measure(rate_mbit: int, num_requests: int, curve_mode: str) -> dict:
+    cluster = MultiHost(rate_mbit, curve_mode)
     try:
         rates, sizes, rx_total = [], [], 0
         for i in range(num_requests):
@@ -47,15 +47,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rates", type=int, nargs="+", default=[100, 200, 500, 1000])
     ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--curve", choices=["on", "off"], default="on",
+                    help="CURVE on both planes (default on, as across real hosts)")
     args = ap.parse_args()
     reason = netns_unavailable()
     if reason:
         sys.exit(f"cannot run: {reason}")
     rows = []
     for rate in args.rates:
-        rows.append(measure(rate, args.requests))
+        rows.append(measure(rate, args.requests, args.curve))
         print(f"  {rows[-1]}", flush=True)
-    print(f"\n{machine()}, {now_utc()}, link: {rows[0]['shaping']}, median of {args.requests} requests")
+    print(f"\n{machine()}, {now_utc()}, link: {rows[0]['shaping']}, CURVE {args.curve}, "
+          f"median of {args.requests} requests")
     print("| link (Mbit/s) | KV per request (MB) | KV bandwidth (Mbit/s) | of the link | bytes on the wire / KV bytes |")
     print("|---|---|---|---|---|")
     for r in rows:

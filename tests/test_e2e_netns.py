@@ -5,7 +5,8 @@ its data plane bound to its host's address, CURVE on for both planes. Greedy out
 (which test_e2e_local shows the single-host cluster equals); the KV cache crosses the links
 (interface counters) no faster than the link's rate; killing every process of the decode
 host mid-stream resumes the stream on the other decode host; a decode host that loses its
-link to the router is declared dead and serves again once the link is back."""
+link to the router is declared dead and serves again once the link is back, and a worker
+cut off longer than `timeouts.router_lost` exits."""
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "smollm2-135m-instruct"
 RATE_MBIT = 200
 CONTROL_PORT, HTTP_PORT = 5557, 8000
+ROUTER_LOST_S = 6
 SHORT_PROMPTS = ["The capital of France is", "def add(a, b):"]
 LONG_PROMPT = "Numbers: " + ", ".join(str(i) for i in range(100, 200))   # ~300 tokens of KV
 STREAM_PROMPT, STREAM_TOKENS = "Count: 1, 2, 3,", 60
@@ -39,7 +41,7 @@ def metric(text: str, name: str, worker: str) -> float:
 
 
 class MultiHost:
-    def __init__(self, rate_mbit: int = RATE_MBIT):
+    def __init__(self, rate_mbit: int = RATE_MBIT, curve_mode: str = "on"):
         self.hosts = Hosts(["a", "b", "c"], rate_mbit=rate_mbit)
         self.dir = tempfile.mkdtemp(prefix="pdcluster-netns-")
         a = self.hosts.addr["a"]
@@ -63,11 +65,12 @@ max_running_requests = 8
 register = 240
 heartbeat_interval = 1.0
 heartbeat_dead_after = 3.0
+router_lost = {ROUTER_LOST_S}
 [recovery]
 restart_workers = false
 resume_on_decode_failure = true
 [security]
-curve = "on"
+curve = "{curve_mode}"
 keys_dir = "{self.keys_dir}"
 [[prefill]]
 count = 1
@@ -127,6 +130,11 @@ count = 2
             if time.monotonic() > deadline:
                 raise RuntimeError("router not healthy:\n" + self.log("router")[-3000:])
             time.sleep(0.5)
+
+    def num_live(self, role: str) -> int:
+        """Live workers of `role` as the router's /health counts them."""
+        body = self.in_a(lambda: httpx.get(self.base_url + "/health", timeout=10).json())
+        return body["workers"][role]
 
     def metrics(self) -> str:
         return self.in_a(lambda: httpx.get(self.base_url + "/metrics", timeout=10).text)
@@ -262,12 +270,10 @@ def test_killing_the_decode_host_mid_stream_resumes_on_the_other_host(cluster, r
 def test_decode_host_that_loses_the_router_link_is_dropped_and_serves_again(cluster, reference):
     host = getattr(cluster, "survivor", "c")
     wid = {"b": "decode-0", "c": "decode-1"}[host]
-    router_log = lambda: cluster.log("router")                     # noqa: E731
-    gone = router_log().count(f"worker {wid} is gone")
-    back = router_log().count(f"{wid} is alive again") + router_log().count(f"registered {wid} ")
+    assert cluster.num_live("decode") == 1                          # the other host is dead
     cluster.hosts.set_link(host, up=False)
     try:
-        wait_for(lambda: router_log().count(f"worker {wid} is gone") > gone, 20,
+        wait_for(lambda: cluster.num_live("decode") == 0, 20,
                  "the router did not declare the cut-off worker dead")
         with pytest.raises(openai.APIStatusError) as e:             # no decode worker left
             cluster.complete(SHORT_PROMPTS[0], 4)
@@ -276,8 +282,21 @@ def test_decode_host_that_loses_the_router_link_is_dropped_and_serves_again(clus
         cluster.hosts.set_link(host, up=True)
     # documented: within timeouts.router_lost the worker keeps running and comes back, by
     # its next heartbeat or by registering again once its control socket reconnects
-    wait_for(lambda: router_log().count(f"{wid} is alive again") +
-             router_log().count(f"registered {wid} ") > back, 30,
-             f"{wid} did not come back:\n{router_log()[-2000:]}")
+    wait_for(lambda: cluster.num_live("decode") == 1, 30,
+             f"{wid} did not come back:\n{cluster.log('router')[-2000:]}")
     assert cluster.procs[wid].poll() is None
     assert cluster.complete(SHORT_PROMPTS[0], 8).choices[0].text == reference[SHORT_PROMPTS[0]]
+
+
+def test_worker_cut_off_longer_than_router_lost_exits(cluster):
+    host = getattr(cluster, "survivor", "c")
+    wid = {"b": "decode-0", "c": "decode-1"}[host]
+    proc = cluster.procs[wid]
+    cluster.hosts.set_link(host, up=False)
+    try:   # the control socket's ZMTP heartbeat notices first (5 s), then router_lost runs
+        wait_for(lambda: proc.poll() is not None, 5 + ROUTER_LOST_S + 30,
+                 f"{wid} still runs without its router:\n{cluster.log(wid)[-2000:]}")
+    finally:
+        cluster.hosts.set_link(host, up=True)
+    assert proc.returncode == 3                                     # documented: lost router
+    assert "timeouts.router_lost" in cluster.log(wid)
