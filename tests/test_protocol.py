@@ -93,7 +93,7 @@ def test_kv_batch_tensors_bit_exact(dtype, frame_bytes):
     assert len(frames) == 1 + sum(math.ceil(t.nbytes / frame_bytes) for t in tensors)
     got = decode([bytes(f) for f in frames])
     assert (got.forward_iter, got.prefill_worker_id, got.reqs) == (42, "prefill-0", reqs)
-    for a, b in zip(tensors, got.tensors):
+    for a, b in zip(tensors, (f.tensor() for f in got.tensors)):
         assert b.dtype == dtype and b.shape == a.shape and b.is_contiguous()
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -109,7 +109,7 @@ def test_encode_is_zero_copy_and_decode_aliases_the_received_buffer():
     frames = encode(P.KvBatch(1, "p", [kv_req("r", 1, 33)], [t]))
     assert np.frombuffer(frames[1], np.uint8).ctypes.data == t.data_ptr()   # no copy on send
     received = [frames[0], bytearray(frames[1])]                            # writable, like zmq.Frame
-    got = decode(received).tensors[0]
+    got = decode(received).tensors[0].tensor()
     assert got.data_ptr() == np.frombuffer(received[1], np.uint8).ctypes.data
     assert torch.equal(got, t)
 
@@ -118,7 +118,7 @@ def test_non_contiguous_tensor_is_sent_contiguous():
     base = kv(2, 6, 3, 4)
     t = base.transpose(3, 4).contiguous().transpose(3, 4)        # same values, other strides
     assert not t.is_contiguous()
-    got = decode(encode(P.KvBatch(1, "p", [kv_req("r", 1, 6)], [t]))).tensors[0]
+    got = decode(encode(P.KvBatch(1, "p", [kv_req("r", 1, 6)], [t]))).tensors[0].tensor()
     assert torch.equal(got, base)
 
 

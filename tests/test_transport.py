@@ -149,7 +149,7 @@ def test_data_plane_moves_kv_batch_between_workers():
             9, "prefill-0", [kv_req("r1", 5, 700), kv_req("r2", 6, 3)], tensors))
         sender, kv = decode.recv(T)
         assert sender == "prefill-0" and kv.forward_iter == 9
-        assert all(torch.equal(a, b) for a, b in zip(tensors, kv.tensors))
+        assert all(torch.equal(a, b.tensor()) for a, b in zip(tensors, kv.tensors))
         prefill.drop_peer(decode.address)
         decode.send_to(prefill.address, P.KvAck(["r1", "r2"], {}, "decode-0"))
         assert prefill.recv(T)[1].rids == ["r1", "r2"]
@@ -196,7 +196,7 @@ def test_two_process_round_trip_keeps_forward_iter_and_tensors_bit_exact(server)
                 23, "prefill-0", [kv_req("a", 1, 5000, -0.25), kv_req("b", 2, 7)], tensors))
             _, kv = server.recv(T)
         assert kv.forward_iter == 23 and kv.reqs[0].first_logprob == -0.25
-        for a, b in zip(tensors, kv.tensors):
+        for a, b in zip(tensors, (f.tensor() for f in kv.tensors)):
             assert b.dtype == a.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         server.send("decode-0", P.Abort("stop", "done"))
         assert child.wait(T) == 0

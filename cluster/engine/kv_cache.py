@@ -16,11 +16,17 @@ __all__ = ["KVPool", "PageAllocator"]
 
 class KVPool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", storage: torch.Tensor | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size = num_pages, page_size
         self.dtype, self.device = dtype, torch.device(device)
-        self.kv = torch.zeros(num_layers, 2, num_kv_heads, num_pages, page_size, head_dim, dtype=dtype, device=device)
+        shape = (num_layers, 2, num_kv_heads, num_pages, page_size, head_dim)
+        if storage is None:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        else:   # registered memory (a shared segment for the shm KV transfer)
+            if tuple(storage.shape) != shape or storage.dtype != dtype:
+                raise ValueError(f"KV storage {tuple(storage.shape)} {storage.dtype} is not {shape} {dtype}")
+            self.kv = storage
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.kv[i, 0], self.kv[i, 1]) for i in range(self.num_layers)]
@@ -28,6 +34,10 @@ class KVPool:
     @property
     def num_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+    def request_bytes(self, length: int) -> int:
+        """Bytes of one request's KV in handoff layout."""
+        return self.num_layers * 2 * length * self.num_kv_heads * self.head_dim * self.kv.element_size()
 
     def slots(self, page_table: list[int], length: int) -> torch.Tensor:
         """Flat slot index (page * page_size + offset) of positions 0..length-1."""
@@ -38,7 +48,7 @@ class KVPool:
         pos = torch.arange(length)
         return (pages[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
 
-    def _rows(self, page_table: list[int], length: int) -> torch.Tensor:
+    def handoff_rows(self, page_table: list[int], length: int) -> torch.Tensor:
         """Row ids, in handoff order (layer, K/V, position, head), of the pool viewed as rows of
         head_dim values: export and import are then one gather / scatter, no permute copy."""
         slots = self.slots(page_table, length)
@@ -49,7 +59,7 @@ class KVPool:
 
     def export_kv(self, page_table: list[int], length: int) -> torch.Tensor:
         """-> `[num_layers, 2, length, num_kv_heads, head_dim]` contiguous, on the pool's device."""
-        rows = self.kv.view(-1, self.head_dim).index_select(0, self._rows(page_table, length))
+        rows = self.kv.view(-1, self.head_dim).index_select(0, self.handoff_rows(page_table, length))
         return rows.view(self.num_layers, 2, length, self.num_kv_heads, self.head_dim)
 
     def import_kv(self, page_table: list[int], kv: torch.Tensor) -> None:
@@ -57,4 +67,4 @@ class KVPool:
         if kv.dim() != 5 or tuple(kv.shape) != expected:
             raise ValueError(f"KV tensor of shape {tuple(kv.shape)}, expected {expected}")
         src = kv.to(device=self.device, dtype=self.dtype).reshape(-1, self.head_dim)
-        self.kv.view(-1, self.head_dim).index_copy_(0, self._rows(page_table, kv.shape[2]), src)
+        self.kv.view(-1, self.head_dim).index_copy_(0, self.handoff_rows(page_table, kv.shape[2]), src)

@@ -6,7 +6,7 @@ Their codec (field checks, encode, decode) is `cluster/wire/protocol.py`, which 
 them; import them from there. Nested items are checked by the same codec as the messages
 that hold them, so a decoded message holds these types, never loose dicts. Other list and
 dict fields hold plain values exactly as they travel (token ids as list[int], gauges as
-dict), except `KvBatch.tensors` (torch.Tensor).
+dict), except `KvBatch.tensors` (torch.Tensor; FramedTensor once decoded).
 """
 from __future__ import annotations
 
@@ -27,12 +27,17 @@ class Peer:
 
 @dataclass(frozen=True, slots=True)
 class KvReq:
-    """One request of a `kv_batch`: its first token and the length of the KV that follows."""
+    """One request of a `kv_batch`: its first token, the length of its KV, the KV attempt
+    (a re-prefill after a failed transfer is the next attempt), the KV checksum when verified,
+    and, for backends that read the prefill pool in place (shm, cuda_ipc), its source pages."""
     rid: str
     first_token: int
     prompt_len: int                               # positions in the KV tensor
     first_logprob: Optional[float] = None
     first_top: Optional[list] = None              # the first token's [[token_id, logprob], ...] (top_logprobs)
+    attempt: int = 0
+    checksum: Optional[int] = None                # cluster/kv_transfer/checksum.py
+    src_pages: Optional[list] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +132,10 @@ class KvBatch:                                    # prefill -> decode (data plan
     forward_iter: int
     prefill_worker_id: str
     reqs: list                                    # KvReq
-    tensors: list = field(compare=False)          # per req: [layers, 2, prompt_len, kv_heads, head_dim]
+    tensors: list = field(compare=False)          # zmq: per req [layers, 2, prompt_len, kv_heads, head_dim]
+                                                  # (decoded as FramedTensor); other backends: []
+    backend: str = "zmq"                          # the kv_transfer backend that moves the bytes
+    source: dict = field(default_factory=dict)    # how to reach the prefill pool (shm, cuda_ipc, nccl)
 
 
 @dataclass(frozen=True, slots=True)

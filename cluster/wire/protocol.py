@@ -32,7 +32,8 @@ from cluster.wire.checks import (INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check,
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
                                    KvAck, KvBatch, KvReq, Message, Peer, Register, Reprefill,
                                    Shutdown, Tokens, TokensItem)
-from cluster.wire.tensor_frames import FRAME_BYTES, TENSOR_DESC, TensorFrames, frame_buffer, tensor_from_frames
+from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
+                                        framed_from_frames, tensor_from_frames)
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvAck",
@@ -70,6 +71,20 @@ SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bou
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
 PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
 
+KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")
+
+
+def _source_value(v: Any, path: str) -> Any:
+    """A kv_batch source entry: a scalar (IPC handles as hex text) or a short int list (shapes)."""
+    if isinstance(v, list):
+        return List(Int(), max_len=16)(v, path)
+    if isinstance(v, str):
+        return Str(max_len=4096)(v, path)
+    if type(v) not in (int, float, bool):
+        fail(path, f"expected str/int/float/bool/list of int, got {type(v).__name__}")
+    return v
+
+
 _FIELDS: dict[type, dict[str, Check]] = {
     Register: {"worker_id": ID, "role": Str(choices=ROLES), "model": TEXT,
                "capacity": Record({"num_pages": Int(lo=0), "page_size": Int(lo=1),
@@ -91,9 +106,14 @@ _FIELDS: dict[type, dict[str, Check]] = {
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
               "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
                                          "prompt_len": Int(lo=1), "first_logprob": Opt(Float()),
-                                         "first_top": Opt(TOP)}),
+                                         "first_top": Opt(TOP),
+                                         "attempt": Int(lo=0, hi=INT32_MAX),
+                                         "checksum": Opt(Int(lo=0, hi=(1 << 64) - 1)),
+                                         "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX)))}),
                            max_len=MAX_KEYS),
-              "tensors": List(TENSOR_DESC, max_len=MAX_KEYS)},
+              "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
+              "backend": Str(choices=KV_BACKENDS),
+              "source": Map(Str(max_len=64), _source_value, max_len=32)},
     KvAck: {"rids": List(ID, max_len=MAX_KEYS), "failed": Map(ID, TEXT),
             "decode_worker_id": ID},
     Tokens: {"worker_id": ID,
@@ -115,8 +135,11 @@ for _cls, _f in _FIELDS.items():   # the schema and the dataclass must agree
 def _check_body(cls: type, body: dict) -> dict:
     body = _RECORDS[cls](body, cls.TYPE)
     if cls is KvBatch:
-        if len(body["reqs"]) != len(body["tensors"]):
+        if body["tensors"] and len(body["reqs"]) != len(body["tensors"]):
             fail("kv_batch", f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
+        if (body["backend"] == "zmq") != bool(body["tensors"]) and body["reqs"]:
+            fail("kv_batch.tensors", f"the {body['backend']} backend "
+                 f"{'sends' if body['backend'] == 'zmq' else 'sends no'} tensors")
         if len({r.rid for r in body["reqs"]}) != len(body["reqs"]):
             fail("kv_batch.reqs", "duplicate rid")
         for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
@@ -154,9 +177,10 @@ def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, me
         body["input_ids"] = tensors.add(torch.tensor(ids, dtype=torch.int32)) if len(ids) > INLINE_IDS else ids
     elif cls is KvBatch:
         if not isinstance(body["tensors"], (list, tuple)) or not all(
-                isinstance(t, torch.Tensor) for t in body["tensors"]):
+                isinstance(t, (torch.Tensor, FramedTensor)) for t in body["tensors"]):
             raise ProtocolError("kv_batch.tensors: expected a list of torch.Tensor")
-        body["tensors"] = [tensors.add(t) for t in body["tensors"]]
+        body["tensors"] = [tensors.add(t.tensor() if isinstance(t, FramedTensor) else t)
+                           for t in body["tensors"]]
     body = {k: _plain(v) for k, v in _check_body(cls, body).items()}
     head = msgpack.packb({"v": PROTOCOL_VERSION, "type": cls.TYPE, **body}, use_bin_type=True)
     return [head, *tensors.frames]
@@ -198,7 +222,8 @@ def decode(frames: Sequence[Any]) -> Message:
             raise ProtocolError("generate.input_ids: empty or negative token ids")
         body["input_ids"] = ids.tolist()
     elif cls is KvBatch:
-        body["tensors"] = [tensor_from_frames(d, buffers, used, f"kv_batch.tensors[{i}]")
+        # the frames stay unjoined: decode writes them straight into its reserved pages
+        body["tensors"] = [framed_from_frames(d, buffers, used, f"kv_batch.tensors[{i}]")
                            for i, d in enumerate(body["tensors"])]
     if not all(used):
         unused = [i for i, u in enumerate(used) if not u]

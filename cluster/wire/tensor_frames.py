@@ -15,6 +15,8 @@ Zero copy, both ways:
   frames is gathered into one fresh tensor: one copy, which the receiver would pay anyway
   to get contiguous memory. Read-only buffers (bytes) are copied too, since torch must not
   alias memory it cannot write.
+- `framed_from_frames` checks the same things but gathers nothing: a `FramedTensor` keeps
+  the received frames, so KV can be written from them straight into reserved pages.
 """
 from __future__ import annotations
 
@@ -82,13 +84,53 @@ def frame_buffer(frame: Any) -> memoryview:
     return mv
 
 
-def tensor_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[bool],
-                       path: str) -> torch.Tensor:
-    """Rebuild the tensor that `desc` (already checked with TENSOR_DESC) points at.
+class FramedTensor:
+    """A received tensor still in its frames: `chunks` hold its bytes in order, unjoined."""
+    __slots__ = ("dtype", "shape", "chunks")
 
-    `buffers[i]` is frame i; `used[i]` marks frames already claimed so that two tensors
-    cannot share a frame and leftover frames can be reported by the caller.
-    """
+    def __init__(self, dtype: torch.dtype, shape: list[int], chunks: list[memoryview]):
+        self.dtype, self.shape, self.chunks = dtype, tuple(shape), chunks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def tensor(self) -> torch.Tensor:
+        """The whole tensor (zero copy for one writable frame, else one gather)."""
+        if len(self.chunks) == 1 and not self.chunks[0].readonly:
+            return torch.frombuffer(self.chunks[0], dtype=torch.uint8).view(self.dtype).view(self.shape)
+        flat = torch.empty(self.nbytes, dtype=torch.uint8)
+        out, off = flat.numpy(), 0
+        for c in self.chunks:
+            out[off:off + len(c)] = np.frombuffer(c, dtype=np.uint8)
+            off += len(c)
+        return flat.view(self.dtype).view(self.shape)
+
+    def row_blocks(self, row_elems: int):
+        """Yield (first_row, [n, row_elems] tensor) covering the tensor as rows of `row_elems`:
+        views of the frames themselves, except a row cut by a frame boundary (copied alone)."""
+        row_bytes = row_elems * self.dtype.itemsize
+        pending, row = bytearray(), 0
+        for c in self.chunks:
+            pos = 0
+            if pending:                                  # finish the row the last frame cut
+                take = min(row_bytes - len(pending), len(c))
+                pending += c[:take]
+                pos = take
+                if len(pending) == row_bytes:
+                    yield row, torch.frombuffer(pending, dtype=torch.uint8).view(self.dtype).view(1, row_elems)
+                    pending, row = bytearray(), row + 1
+            n = (len(c) - pos) // row_bytes
+            if n:
+                body = c[pos:pos + n * row_bytes]
+                t = torch.frombuffer(body, dtype=torch.uint8) if not body.readonly else \
+                    torch.tensor(np.frombuffer(body, dtype=np.uint8))
+                yield row, t.view(self.dtype).view(n, row_elems)
+                row += n
+            pending += c[pos + n * row_bytes:]
+
+
+def _claim(desc: dict, buffers: Sequence[memoryview], used: list[bool], path: str) -> list[memoryview]:
     dtype, shape = DTYPES[desc["dtype"]], desc["shape"]
     first, count = desc["frames"]
     if first < 1 or first + count > len(buffers):
@@ -97,7 +139,7 @@ def tensor_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[boo
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > MAX_TENSOR_BYTES:
         fail(f"{path}.shape", f"{shape} is {nbytes} bytes, over {MAX_TENSOR_BYTES}")
-    chunks = buffers[first:first + count]
+    chunks = list(buffers[first:first + count])
     got = sum(len(c) for c in chunks)
     if got != nbytes:
         fail(path, f"{desc['dtype']}{shape} needs {nbytes} bytes, frames hold {got}")
@@ -105,14 +147,24 @@ def tensor_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[boo
         if used[i]:
             fail(f"{path}.frames", f"frame {i} is claimed twice")
         used[i] = True
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    if count == 1 and not chunks[0].readonly:
-        flat = torch.frombuffer(chunks[0], dtype=torch.uint8)     # zero copy
-    else:
-        flat = torch.empty(nbytes, dtype=torch.uint8)             # one gather copy
-        out, off = flat.numpy(), 0
-        for c in chunks:
-            out[off:off + len(c)] = np.frombuffer(c, dtype=np.uint8)
-            off += len(c)
-    return flat.view(dtype).view(shape)
+    return chunks
+
+
+def framed_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[bool],
+                       path: str) -> FramedTensor:
+    """Like `tensor_from_frames`, without joining the frames."""
+    chunks = _claim(desc, buffers, used, path)
+    return FramedTensor(DTYPES[desc["dtype"]], desc["shape"], chunks)
+
+
+def tensor_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[bool],
+                       path: str) -> torch.Tensor:
+    """Rebuild the tensor that `desc` (already checked with TENSOR_DESC) points at.
+
+    `buffers[i]` is frame i; `used[i]` marks frames already claimed so that two tensors
+    cannot share a frame and leftover frames can be reported by the caller.
+    """
+    framed = framed_from_frames(desc, buffers, used, path)
+    if framed.nbytes == 0:
+        return torch.empty(framed.shape, dtype=framed.dtype)
+    return framed.tensor()

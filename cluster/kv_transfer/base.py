@@ -1,0 +1,141 @@
+"""The KV transfer interface every backend implements, and the import fence.
+
+Prefill side (the pool is registered at construction):
+    source() -> dict                 what a decode worker needs to reach this pool
+                                     (shm segment, CUDA IPC handle, NCCL store), in kv_batch
+    pack(pages, length) -> Packed    one request's KV made ready to travel: its checksum, and
+                                     either a tensor (the bytes travel) or its source pages
+                                     (the decode side reads them in place)
+    after_send(peer, packed)         called once the kv_batch left (NCCL sends the bytes now)
+    holds_pages                      True: the prefill pages stay allocated until kv_ack
+Decode side:
+    unpack(sender, source, item, payload, dst_pages) -> bytes landed
+                                     write one request's KV into the pages it reserved and
+                                     verify it; raises KvTransferError(reason) on a mismatch
+                                     (the pages are then not live: the request is prefilled
+                                     again). `dst_pages` None: the request is no longer
+                                     expected; the backend only keeps its stream in order.
+    fence                            on CUDA, orders the imports before the forward that
+                                     reads the pages (ImportFence below)
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from cluster.engine.kv_cache import KVPool
+from cluster.kv_transfer.checksum import kv_checksum
+
+
+class KvTransferError(RuntimeError):
+    """A request's KV did not arrive intact; `reason` is a short label for the metric."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(slots=True)
+class Packed:
+    checksum: Optional[int]                  # None: verify is off
+    num_bytes: int
+    tensor: Optional[torch.Tensor] = None    # the bytes that travel (zmq frames, nccl send)
+    src_pages: Optional[list[int]] = None    # read in place by the decode side (shm, cuda_ipc)
+
+
+@dataclass
+class ImportFence:
+    """KV imports run on their own CUDA stream; the forward stream waits on their events.
+
+    `record()` after a batch of imports; the forward calls `wait()` on its own stream before
+    reading pages; `synchronize()` before telling the prefill side it may reuse its pages.
+    On the CPU every call is a no-op: the copies already happened.
+    """
+    device: torch.device
+    _events: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stream: Any = None
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def stream(self):
+        if not self.on_cuda:
+            import contextlib
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return torch.cuda.stream(self._stream)
+
+    def record(self) -> Optional[Any]:
+        if not self.on_cuda or self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        with self._lock:
+            self._events.append(event)
+        return event
+
+    def wait(self) -> None:
+        """On the forward's stream: wait for every import recorded so far."""
+        if not self.on_cuda:
+            return
+        with self._lock:
+            events, self._events = self._events, []
+        stream = torch.cuda.current_stream(self.device)
+        for event in events:
+            stream.wait_event(event)
+
+    def synchronize(self, event) -> None:
+        if event is not None:
+            event.synchronize()
+
+
+class KvTransfer:
+    name = "base"
+    holds_pages = False
+
+    def __init__(self, pool: KVPool, worker_id: str, verify: bool = True,
+                 fence: Optional[ImportFence] = None):
+        self.pool, self.worker_id, self.verify = pool, worker_id, verify
+        self.fence = fence or ImportFence(pool.device)
+        self.data_addr = ""              # this worker's data-plane address (set by its scheduler)
+
+    # prefill side
+    def source(self) -> dict:
+        return {}
+
+    def pack(self, pages: list[int], length: int) -> Packed:
+        raise NotImplementedError
+
+    def corrupt(self, packed: Packed) -> None:
+        """Fault injection: the bytes (when they travel) or else the checksum stop matching."""
+        if packed.tensor is not None and packed.tensor.numel():
+            packed.tensor.view(-1)[:1].add_(1)
+        if packed.checksum is not None and packed.tensor is None:
+            packed.checksum ^= 1
+
+    def after_send(self, peer: str, packed: list[Packed]) -> None:
+        """The kv_batch carrying `packed` has been handed to the data plane."""
+
+    # decode side
+    def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
+        raise NotImplementedError
+
+    def check(self, expected: Optional[int], got_fn) -> None:
+        """Compare checksums when verify is on and the sender sent one."""
+        if not self.verify or expected is None:
+            return
+        got = got_fn()
+        if got != expected:
+            raise KvTransferError("checksum", f"KV checksum {got:#018x} != sent {expected:#018x}")
+
+    def checksum_of(self, kv: torch.Tensor) -> Optional[int]:
+        return kv_checksum(kv) if self.verify else None
+
+    def close(self) -> None:
+        """Release registered memory and peers."""

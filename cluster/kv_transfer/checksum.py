@@ -1,0 +1,56 @@
+"""Checksums of a request's KV, computed where the bytes are.
+
+Both sides hash the same logical tensor, the handoff layout `[layers, 2, length, kv_heads,
+head_dim]`, so the value does not depend on either side's page placement:
+- on the CPU: xxh3-64 of its bytes, streamed over the frames or chunks that hold them;
+- on a GPU: a position-weighted sum of its 32-bit words mod 2^64 (`fold64`), computed on the
+  device, because copying the KV to the host to hash it would cost more than moving it.
+Each backend hashes on one kind of device at both ends, so the two never meet.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import xxhash
+
+UINT64 = (1 << 64) - 1
+_FOLD_COLS = 4096
+
+
+def xxh3_chunks(chunks: Iterable[memoryview]) -> int:
+    h = xxhash.xxh3_64()
+    for c in chunks:
+        h.update(c)
+    return h.intdigest()
+
+
+def xxh3_tensor(t: torch.Tensor) -> int:
+    t = t.detach().contiguous()
+    return xxh3_chunks([memoryview(t.reshape(-1).view(torch.uint8).numpy())])
+
+
+def fold64(t: torch.Tensor) -> int:
+    """Position-weighted sum of the tensor's 32-bit words (16-bit when its size asks), mod 2^64.
+
+    Any changed word changes the sum unless another change cancels it exactly; words that
+    trade places change it because every column and row has its own odd weight.
+    """
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    word = torch.int32 if flat.numel() % 4 == 0 else torch.int16
+    words = flat.view(word).to(torch.int64) if word is torch.int16 else flat.view(word)
+    n = words.numel()
+    cols = min(_FOLD_COLS, max(1, n))
+    rows = (n + cols - 1) // cols
+    if rows * cols != n:
+        words = torch.nn.functional.pad(words.to(torch.int64), (0, rows * cols - n))
+    grid = words.view(rows, cols)
+    col_w = torch.arange(cols, device=grid.device, dtype=torch.int64) * 2 + 1
+    row_w = torch.arange(rows, device=grid.device, dtype=torch.int64) * 0x9E3779B1 * 2 + 1
+    per_row = (grid * col_w.to(grid.dtype)).sum(1, dtype=torch.int64)
+    return int((per_row * row_w).sum()) & UINT64
+
+
+def kv_checksum(t: torch.Tensor) -> int:
+    """The checksum of a KV tensor in handoff layout, on whichever device holds it."""
+    return xxh3_tensor(t) if t.device.type == "cpu" else fold64(t)

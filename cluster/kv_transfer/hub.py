@@ -1,0 +1,105 @@
+"""TransferHub: a worker's KV transfer backends and the choice among them.
+
+A prefill worker packs with one backend per decode peer (`sender_for`): the configured one,
+or with `auto`, `cuda_ipc` for a peer on this host when the pool is on a GPU, `shm` for a
+peer on this host when it is on the CPU (and its pool is in a shared segment), `zmq`
+otherwise; the choice is logged once per peer. A decode worker unpacks each kv_batch with
+the backend the message names (`receiver_for`); with a fixed backend it accepts only that
+one. All backends of a worker share one ImportFence (one import stream on CUDA).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from typing import Optional
+
+from cluster.engine.kv_cache import KVPool
+from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError
+from cluster.kv_transfer.faults import KvFaults
+
+logger = logging.getLogger("pdcluster.kv_transfer")
+BACKENDS = ("auto", "zmq", "shm", "cuda_ipc", "nccl")
+
+
+def choose_backend(device_type: str, same_host: bool, has_shared_pool: bool) -> str:
+    """What `auto` picks for one peer."""
+    if same_host and device_type == "cuda":
+        return "cuda_ipc"
+    if same_host and device_type == "cpu" and has_shared_pool:
+        return "shm"
+    return "zmq"
+
+
+def is_same_host(address: str) -> bool:
+    """Whether a data-plane address (tcp://HOST:PORT) points at this host."""
+    host = address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    local = {socket.gethostname(), socket.getfqdn()}
+    try:
+        local |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    return host in local
+
+
+class TransferHub:
+    def __init__(self, backend: str, pool: KVPool, worker_id: str, verify: bool = True,
+                 data_host: str = "127.0.0.1", segment=None, faults: Optional[KvFaults] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"kv_transfer.backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        self.backend, self.pool, self.worker_id, self.verify = backend, pool, worker_id, verify
+        self.data_host, self.segment = data_host, segment
+        self.faults = faults if faults is not None else KvFaults.from_env()
+        self.fence = ImportFence(pool.device)
+        self._backends: dict[str, KvTransfer] = {}
+        self._chosen: dict[str, str] = {}          # peer address -> backend name (auto)
+        self.data_addr = ""
+
+    def get(self, name: str) -> KvTransfer:
+        b = self._backends.get(name)
+        if b is None:
+            b = self._backends[name] = self._make(name)
+            b.data_addr = self.data_addr
+        return b
+
+    def _make(self, name: str) -> KvTransfer:
+        common = dict(pool=self.pool, worker_id=self.worker_id, verify=self.verify, fence=self.fence)
+        if name == "zmq":
+            from cluster.kv_transfer.zmq_backend import ZmqTransfer
+            return ZmqTransfer(**common)
+        if name == "shm":
+            from cluster.kv_transfer.shm_backend import ShmTransfer
+            return ShmTransfer(**common, segment=self.segment)
+        if name == "cuda_ipc":
+            from cluster.kv_transfer.cuda_ipc_backend import CudaIpcTransfer
+            return CudaIpcTransfer(**common)
+        if name == "nccl":
+            from cluster.kv_transfer.nccl_backend import NcclTransfer
+            return NcclTransfer(**common, data_host=self.data_host)
+        raise ValueError(f"no KV transfer backend {name!r}")
+
+    def sender_for(self, peer_addr: str) -> KvTransfer:
+        name = self._chosen.get(peer_addr)
+        if name is None:
+            name = self.backend
+            if name == "auto":
+                name = choose_backend(self.pool.device.type, is_same_host(peer_addr), self.segment is not None)
+                logger.info("%s: kv_transfer auto -> %s for decode peer %s", self.worker_id, name, peer_addr)
+            self._chosen[peer_addr] = name
+        return self.get(name)
+
+    def receiver_for(self, name: str) -> KvTransfer:
+        if self.backend not in ("auto", name) or name not in BACKENDS:
+            raise KvTransferError("backend", f"kv_batch sent with {name!r}, this worker takes "
+                                  f"{self.backend!r}")
+        return self.get(name)
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            b.close()
