@@ -17,8 +17,8 @@ from dataclasses import fields, replace
 from cluster.dllm_params import DllmParams
 from cluster.roles import LOG_FORWARD_ITERS_ENV, ROLES, log_forward_iters_override
 from cluster.sampling_params import InvalidParam
-from cluster.config_types import (ClusterConfig, ModelConfigSection, RecoveryConfig, RouterConfig,  # noqa: F401
-                                   SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
+from cluster.config_types import (ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
+                                   RecoveryConfig, RouterConfig, SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
                                    WorkerGroup)
 
 
@@ -27,11 +27,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = ("round_robin", "least_load")
 CURVE_MODES = ("auto", "on", "off")
 GROUP_KEYS = ("count", "model", "path", "block_size", "algorithm", "threshold",
-              "steps_per_block", "mask_token_id")
+              "steps_per_block", "mask_token_id", "gpus", "share_gpus")
+KV_BACKENDS = ("auto", "zmq", "shm", "cuda_ipc", "nccl")
 DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
                   "steps_per_block", "mask_token_id")
 SECTIONS = {"model": ModelConfigSection, "router": RouterConfig, "scheduler": SchedulerConfig,
-            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "security": SecurityConfig,
+            "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "kv_transfer": KvTransferConfig,
+            "security": SecurityConfig,
             "tracing": TracingConfig}
 
 
@@ -62,6 +64,10 @@ def _check_type(source: str, key: str, value, type_name: str):
         ok = isinstance(value, str)
     elif type_name == "Optional[int]":
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif type_name == "tuple[int, ...]":
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+        type_name = "list of int"
     else:  # pragma: no cover - a new field type needs a rule here
         raise ConfigError(source, key, f"no type rule for {type_name}")
     if not ok:
@@ -121,6 +127,10 @@ def _validate(cfg: ClusterConfig) -> None:
     _require(re.fullmatch(r"(https?://[^/\s]+(/\S*)?)?", cfg.tracing.otlp_endpoint) is not None,
              src, "tracing.otlp_endpoint", f"{cfg.tracing.otlp_endpoint!r} is not an http(s) URL "
              "like http://127.0.0.1:4318")
+    _require(cfg.kv_transfer.backend in KV_BACKENDS, src, "kv_transfer.backend",
+             f"{cfg.kv_transfer.backend!r} is not one of {', '.join(KV_BACKENDS)}")
+    _require(not cfg.kv_transfer.layerwise, src, "kv_transfer.layerwise",
+             "layer-wise streaming is not built yet; leave it false")
     _validate_scheduler(cfg.scheduler, src, "scheduler")
     for f in fields(TimeoutsConfig):
         _require(getattr(t, f.name) > 0, src, f"timeouts.{f.name}", "must be > 0")
@@ -149,6 +159,8 @@ def _validate(cfg: ClusterConfig) -> None:
                  f"[[{lacking}]] group or use [[unified]]")
     _require(any(counts.values()), src, "groups", "no workers: add [[prefill]] + [[decode]], "
              "[[unified]] or [[dllm]]")
+    from cluster.launch.placement import place_gpus
+    place_gpus(cfg)                    # sharing rules; that each GPU exists: the launcher checks
 
 
 def _parse_group(role: str, i: int, table, scheduler: SchedulerConfig, src: str) -> WorkerGroup:

@@ -61,6 +61,13 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KvTransferConfig:
+    backend: str = "auto"              # auto | zmq | shm | cuda_ipc | nccl (cluster/kv_transfer)
+    verify: bool = True                # checksum every transfer; a mismatch is prefilled again
+    layerwise: bool = False            # stream each layer's KV as its forward finishes (not built yet)
+
+
+@dataclass(frozen=True, slots=True)
 class SecurityConfig:
     curve: str = "auto"                # auto (on when any bind is not loopback) | on | off
     keys_dir: str = ""                 # where the launcher writes / workers read the CURVE keys
@@ -84,6 +91,8 @@ class WorkerGroup:
     threshold: float = 0.9
     steps_per_block: int = 1
     mask_token_id: Optional[int] = None  # placeholder for causal models without a mask token
+    gpus: tuple[int, ...] = ()         # GPUs of this group's workers, dealt round-robin (launch/placement.py)
+    share_gpus: bool = False           # may a GPU run several workers (of this group or another)?
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +102,7 @@ class ClusterConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    kv_transfer: KvTransferConfig = field(default_factory=KvTransferConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     groups: tuple[WorkerGroup, ...] = ()

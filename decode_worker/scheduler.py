@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Optional
 
+from cluster.kv_transfer import KvTransferError, TransferHub
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.stats import DecodeStats, KvTransferStats
@@ -29,9 +30,13 @@ CORRUPT_KV_ENV = "PDCLUSTER_TEST_CORRUPT_KV"
 class DecodeScheduler(WorkerScheduler):
     role = "decode"
 
-    def __init__(self, config, worker_id, runner, control, data_plane, timeouts):
+    def __init__(self, config, worker_id, runner, control, data_plane, timeouts,
+                 transfer: Optional[TransferHub] = None):
         super().__init__(config, worker_id, runner, control)
         self.data_plane = data_plane
+        self.transfer = transfer or TransferHub("auto", runner.kv_pool, worker_id)
+        self.transfer.data_addr = data_plane.address
+        runner.import_fence = self.transfer.fence   # forwards wait for the KV imports
         self.prealloc_queue = PreallocQueue(self.cache)
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
@@ -59,29 +64,41 @@ class DecodeScheduler(WorkerScheduler):
                                self.worker_id, type(msg).__name__, sender)
 
     def handle_kv_batch(self, msg: "P.KvBatch") -> None:
-        fp = self.runner.kv_fingerprint()
+        """Land each request's KV in its reserved pages, verified, then ack the batch."""
         acked, failed = [], {}
-        for item, kv in zip(msg.reqs, msg.tensors):
+        payloads = msg.tensors or [None] * len(msg.reqs)
+        for item, payload in zip(msg.reqs, payloads):
             rid = item.rid
-            req = self.transfer_queue.pop(rid)
-            if req is None:
-                failed[rid] = "not expected (aborted or timed out)"
+            req = self.transfer_queue.peek(rid)
+            expected = req is not None and item.attempt == req.kv_attempt
+            try:
+                backend = self.transfer.receiver_for(msg.backend)
+                if expected and item.prompt_len != req.seq_len:
+                    raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a "
+                                          f"{req.seq_len}-token request")
+                num_bytes = backend.unpack(msg.prefill_worker_id, msg.source, item, payload,
+                                           req.page_table if expected else None)
+            except KvTransferError as e:
+                self.kv_transfer.count_failure(e.reason)
+                failed[rid] = str(e)
+                if expected and e.reason == "checksum":   # the prefill worker sends it again
+                    req.kv_attempt = item.attempt + 1
+                    self.transfer_queue.add(req)
+                elif expected:
+                    self.transfer_queue.pop(rid)
+                    self.fail(req, f"KV from {msg.prefill_worker_id}: {e}")
                 continue
-            want = (fp["num_layers"], 2, item.prompt_len, fp["num_kv_heads"], fp["head_dim"])
-            dtype = str(kv.dtype).removeprefix("torch.")
-            if tuple(kv.shape) != want or item.prompt_len != req.seq_len or dtype != fp["dtype"]:
-                reason = f"KV shape {tuple(kv.shape)} {kv.dtype} does not match {want} {fp['dtype']}"
-                failed[rid] = reason
-                self.fail(req, reason)
-                continue
+            if not expected:
+                if req is None:
+                    failed[rid] = "not expected (aborted or timed out)"
+                continue                                  # a late item of an older attempt
+            self.transfer_queue.pop(rid)
             if self.corrupt_kv:
-                kv = kv.clone()
-                kv[:, :, : self.cache.page_size] += 1.0
-            self.runner.import_kv(req.page_table, kv)
-            num_bytes = kv.numel() * kv.element_size()
+                self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
             self.kv_transfer.record(num_bytes)   # the prefill side times the transfer
-            logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d", self.worker_id,
-                         msg.prefill_worker_id, msg.forward_iter, rid, item.prompt_len, num_bytes)
+            logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
+                         msg.prefill_worker_id, msg.forward_iter, rid, item.prompt_len, num_bytes,
+                         msg.backend)
             req.kv_len = item.prompt_len
             acked.append(rid)
             self.retracted.discard(rid)
@@ -90,6 +107,7 @@ class DecodeScheduler(WorkerScheduler):
             self.output.commit_token(req, item.first_token, item.first_logprob, item.first_top)
             if not req.is_finished:
                 self.decode.add(req)
+        self.transfer.fence.synchronize()   # NOTE: the prefill side may reuse its pages once acked
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),
                                 P.KvAck(rids=acked, failed=failed, decode_worker_id=self.worker_id))
         self.flush_outputs()
@@ -151,7 +169,8 @@ class DecodeScheduler(WorkerScheduler):
         stats = super().heartbeat_stats()
         stats.update(num_prealloc_reqs=len(self.prealloc_queue), num_transfer_reqs=len(self.transfer_queue),
                      num_retracted_reqs_total=self.decode.num_retracted_total,
-                     kv_transfer_bytes_total=self.kv_transfer.bytes_total)
+                     kv_transfer_bytes_total=self.kv_transfer.bytes_total,
+                     kv_transfer_failures_total=dict(self.kv_transfer.failures))
         return stats
 
     def num_protocol_errors(self) -> int:
@@ -159,3 +178,4 @@ class DecodeScheduler(WorkerScheduler):
 
     def close(self) -> None:
         self.data_plane.close()
+        self.transfer.close()

@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from typing import Optional
 
+from cluster.kv_transfer import MAX_KV_ATTEMPTS, TransferHub
 from cluster.wire import protocol as P
 from cluster.runtime.stats import KvTransferStats, PrefillStats
 from cluster.runtime.output_processor import SampledToken, sampled_tokens
@@ -25,9 +26,12 @@ logger = logging.getLogger("pdcluster.prefill")
 class PrefillScheduler(WorkerScheduler):
     role = "prefill"
 
-    def __init__(self, config, worker_id, runner, control, data_plane, timeouts):
+    def __init__(self, config, worker_id, runner, control, data_plane, timeouts,
+                 transfer: Optional[TransferHub] = None):
         super().__init__(config, worker_id, runner, control)
         self.data_plane = data_plane
+        self.transfer = transfer or TransferHub("zmq", runner.kv_pool, worker_id)
+        self.transfer.data_addr = data_plane.address
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
@@ -71,8 +75,24 @@ class PrefillScheduler(WorkerScheduler):
                 self.release(req)
         for rid, reason in msg.failed.items():
             acked = self.inflight_queue.ack(rid)
-            if acked is not None:
-                self.fail(acked[0], f"decode worker {msg.decode_worker_id} rejected the KV: {reason}")
+            if acked is None:
+                continue
+            req = acked[0]
+            attempt = req.kv_attempt + 1
+            if reason.startswith("checksum") and attempt < MAX_KV_ATTEMPTS:
+                self.prefill_again(req, attempt, reason)
+            else:
+                self.fail(req, f"decode worker {msg.decode_worker_id} rejected the KV: {reason}")
+
+    def prefill_again(self, req: Req, attempt: int, reason: str) -> None:
+        """The KV did not arrive intact: prefill it again (seeded sampling draws per token index,
+        so the first token is the same); decode keeps its pages reserved for the new attempt."""
+        logger.warning("%s: %s KV attempt %d failed (%s); prefilling it again", self.worker_id,
+                       req.rid, attempt - 1, reason)
+        self.cache.free(req)
+        req.kv_len = 0
+        req.kv_attempt = attempt
+        self.prefill.add(req, front=True)
 
     def forget(self, req: Req) -> None:
         self.prefill.remove(req.rid)
@@ -84,6 +104,7 @@ class PrefillScheduler(WorkerScheduler):
         for req in self.bootstrap_queue.pop_expired():
             self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s")
         for req in self.inflight_queue.pop_expired():
+            self.kv_transfer.count_failure("timeout")
             self.fail(req, f"no kv_ack from {req.peer.worker_id} within {self.inflight_queue.timeout_s:g}s")
         return self.prefill.schedule(num_running=0)
 
@@ -97,23 +118,41 @@ class PrefillScheduler(WorkerScheduler):
             by_dest[sampled.req.peer.data_addr].append(sampled)
         forward_s = result.timings.get("model_s", 0.0)
         for addr, items in by_dest.items():
-            reqs, tensors = [], []
-            for req, token, lp, top in items:
-                t0 = time.perf_counter()
-                kv = self.runner.export_kv(req.page_table, req.kv_len)
-                logger.debug("%s: kv_batch to %s [%d]: %s kv_len=%d forward_s=%.3f export_s=%.3f",
-                             self.worker_id, req.peer.worker_id, batch.forward_iter, req.rid, req.kv_len,
-                             forward_s, time.perf_counter() - t0)
-                reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top))
-                tensors.append(kv)
-                self.inflight_queue.add(req, kv.numel() * kv.element_size())
-                self.cache.free(req)                    # the exported copy is what travels
-            self.data_plane.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter,
-                                                    prefill_worker_id=self.worker_id,
-                                                    reqs=reqs, tensors=tensors))
+            self.send_kv(batch, addr, items, forward_s)
         self.report_prefill_stats(batch, PrefillStats.of_batch(
             batch, self.cache.token_usage, num_running_reqs=0, num_queue_reqs=len(self.prefill),
             num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue)))
+
+    def send_kv(self, batch: ScheduleBatch, addr: str, items, forward_s: float) -> None:
+        """One kv_batch to the decode worker at `addr`; the backend moves the bytes."""
+        backend = self.transfer.sender_for(addr)
+        faults = self.transfer.faults
+        reqs, tensors, packed_all = [], [], []
+        for req, token, lp, top in items:
+            t0 = time.perf_counter()
+            packed = backend.pack(req.page_table, req.kv_len)
+            fault = faults.draw() if faults is not None else None
+            if fault == "corrupt":
+                backend.corrupt(packed)
+            logger.debug("%s: kv_batch to %s [%d]: %s kv_len=%d forward_s=%.3f pack_s=%.3f via %s%s",
+                         self.worker_id, req.peer.worker_id, batch.forward_iter, req.rid, req.kv_len,
+                         forward_s, time.perf_counter() - t0, backend.name, f" ({fault})" if fault else "")
+            self.inflight_queue.add(req, packed.num_bytes)
+            if not backend.holds_pages:
+                self.cache.free(req)                    # the packed copy is what travels
+            if fault == "drop":
+                continue                                # lost on the way: kv_ack never comes
+            reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, attempt=req.kv_attempt,
+                                checksum=packed.checksum, src_pages=packed.src_pages))
+            if backend.name == "zmq":
+                tensors.append(packed.tensor)
+            packed_all.append(packed)
+        if not reqs:
+            return
+        self.data_plane.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter, prefill_worker_id=self.worker_id,
+                                                reqs=reqs, tensors=tensors, backend=backend.name,
+                                                source=backend.source()))
+        backend.after_send(addr, packed_all)
 
     # ---- gauges ------------------------------------------------------------------
     @property
@@ -123,7 +162,8 @@ class PrefillScheduler(WorkerScheduler):
     def heartbeat_stats(self) -> dict:
         stats = super().heartbeat_stats()
         stats.update(num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue),
-                     kv_transfer_bytes_total=self.kv_transfer.bytes_total)
+                     kv_transfer_bytes_total=self.kv_transfer.bytes_total,
+                     kv_transfer_failures_total=dict(self.kv_transfer.failures))
         return stats
 
     def heartbeat_histograms(self) -> list:
@@ -134,3 +174,4 @@ class PrefillScheduler(WorkerScheduler):
 
     def close(self) -> None:
         self.data_plane.close()
+        self.transfer.close()

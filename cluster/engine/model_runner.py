@@ -26,7 +26,8 @@ NUM_FUTURE_SLOTS = 4096
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32",
-                 num_threads: Optional[int] = None, max_decode_batch: int = 256):
+                 num_threads: Optional[int] = None, max_decode_batch: int = 256,
+                 kv_storage: Optional[torch.Tensor] = None):
         """`max_decode_batch`: the largest decode batch CUDA graphs are captured for (at startup)."""
         if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
             torch.set_num_threads(num_threads)
@@ -39,7 +40,8 @@ class ModelRunner:
         self.page_allocator = PageAllocator(num_pages)
         cfg = self.config
         self.kv_pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages, page_size,
-                              self.dtype, self.device)
+                              self.dtype, self.device, storage=kv_storage)
+        self.import_fence = None   # kv_transfer.ImportFence of a decode worker: KV imports to wait for
         self.kv_caches = self.kv_pool.layer_caches()
         # one slot past the last: the trash slot that graph padding rows store into
         self.future_map = torch.zeros(NUM_FUTURE_SLOTS + 1, dtype=torch.int64, device=self.device)
@@ -90,6 +92,8 @@ class ModelRunner:
         copied into pinned memory; call `.wait()` on the output before reading them. Later steps may be
         launched meanwhile (they read these tokens as futures), which hides the host's work per step."""
         t0 = time.perf_counter()
+        if self.import_fence is not None:
+            self.import_fence.wait()   # NOTE: KV imported into pages this forward reads has landed
         graphed = None
         if self.decode_graphs is not None and fi.is_decode and not fi.return_logits:
             graphed = self.decode_graphs.run(fi)   # None: no bucket fits, run eagerly

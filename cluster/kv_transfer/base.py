@@ -90,9 +90,10 @@ class ImportFence:
         for event in events:
             stream.wait_event(event)
 
-    def synchronize(self, event) -> None:
-        if event is not None:
-            event.synchronize()
+    def synchronize(self) -> None:
+        """Wait until every import issued so far has landed."""
+        if self._stream is not None:
+            self._stream.synchronize()
 
 
 class KvTransfer:

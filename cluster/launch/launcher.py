@@ -26,8 +26,9 @@ from typing import Optional
 import httpx
 
 from cluster.launch.child_process import Child, stop_processes
+from cluster.launch.placement import cuda_visible_devices, host_gpu_count, place_gpus
 from cluster.wire import curve
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, ConfigError
 from cluster.roles import ROLE_PACKAGES, ROUTER_TOKEN_ENV, threads_per_worker
 
 log = logging.getLogger("pdcluster.launcher")
@@ -86,9 +87,12 @@ class Launcher:
 
     # startup
     def start(self) -> None:
+        gpus = self._place_gpus()                  # a GPU that does not exist: fail before spawning
         self.start_router()
         for wid, _ in self.cfg.worker_ids():
             env = {**self.base_env(), **worker_env(self.cfg, wid)}
+            if wid in gpus:
+                env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(gpus[wid], gpus.values())
             argv = [sys.executable] + self.worker_args(wid, self.config_path)
             self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
             self.workers[wid].spawn()
@@ -118,6 +122,16 @@ class Launcher:
         role = self.cfg.group_of(wid).role
         return ["-m", ROLE_PACKAGES[role], "--config", config_path, "--worker-id", wid,
                 "--router", self.control, "--log-dir", self.log_dir]
+
+    def _place_gpus(self) -> dict[str, int]:
+        if not any(g.gpus for g in self.cfg.groups):
+            return {}
+        try:
+            placed = place_gpus(self.cfg, host_gpu_count())
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
+        log.info("GPU placement: %s", ", ".join(f"{w} -> GPU {g}" for w, g in placed.items()))
+        return placed
 
     def _curve_env(self) -> dict:
         """Decide CURVE once for the whole cluster and hand the decision and the keys to

@@ -28,7 +28,7 @@ class Req:
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot",
-        "output_logprobs", "peer", "grammar",
+        "output_logprobs", "peer", "grammar", "kv_attempt",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -49,6 +49,7 @@ class Req:
         self.output_logprobs: list[float] = []
         self.peer: Optional[Peer] = None   # disaggregation: the other side's worker id and address
         self.grammar: Any = None           # RequestGrammar under structured outputs (engine/grammar.py)
+        self.kv_attempt = 0                # disaggregation: KV handoffs tried (a bad checksum prefills again)
 
     # derived lengths are properties, never copies kept in sync
     @property

@@ -133,6 +133,10 @@ class KvTransferStats:
     def __init__(self):
         self.bytes_total = 0
         self.seconds = Histogram("kv_transfer_seconds", KV_TRANSFER_BUCKETS)
+        self.failures: dict[str, int] = {}   # reason -> count: kv_transfer_failures_total{reason}
+
+    def count_failure(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
 
     def record(self, num_bytes: int, seconds: Optional[float] = None) -> None:
         self.bytes_total += num_bytes

@@ -23,6 +23,8 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     # NOTE: loopback unless asked: `serve --host 0.0.0.0` exposes HTTP, never the KV planes
     ap.add_argument("--data-host", "--host", dest="data_host", default="127.0.0.1",
                     help="address to bind the data plane on (default: 127.0.0.1)")
+    ap.add_argument("--gpus", default=None, metavar="I[,J..]",
+                    help="run on these host GPUs (sets CUDA_VISIBLE_DEVICES; the first is `cuda`)")
     ap.add_argument("--health-file", default=None,
                     help="rewrite this file every heartbeat while serving (for exec probes)")
     return ap.parse_args(argv)
@@ -47,14 +49,24 @@ def set_threads(config: ClusterConfig, worker_id: str) -> None:
     logger.info("torch threads: %d", n)
 
 
-def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = ""):
-    from cluster.engine.loader import load_model
+def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "", shared_pool: bool = False):
+    """The model and its KV pool; `shared_pool` puts the pool in a shared-memory segment
+    (`runner.kv_segment`) that same-host decode workers read (kv_transfer `shm`)."""
+    from cluster.engine.loader import DTYPES, load_model
     from cluster.engine.model_runner import ModelRunner
-    m = config.model
+    m, s = config.model, group.scheduler
     loaded = load_model(name=m.name, path=model_path or m.path, load_format=m.load_format,
                         dtype=m.dtype, device=m.device)
-    return ModelRunner(loaded, num_pages=group.scheduler.num_pages, page_size=group.scheduler.page_size,
-                       device=m.device, dtype=m.dtype)
+    storage = segment = None
+    if shared_pool:
+        from cluster.kv_transfer.shm_backend import shared_pool_storage
+        c = loaded.config
+        storage, segment = shared_pool_storage(
+            (c.num_layers, 2, c.num_kv_heads, s.num_pages, s.page_size, c.head_dim), DTYPES[m.dtype])
+    runner = ModelRunner(loaded, num_pages=s.num_pages, page_size=s.page_size, device=m.device,
+                         dtype=m.dtype, kv_storage=storage)
+    runner.kv_segment = segment
+    return runner
 
 
 def run_worker(role: str, argv, build: Callable) -> int:
@@ -70,13 +82,17 @@ def run_worker(role: str, argv, build: Callable) -> int:
     from cluster.runtime.worker_scheduler import start_heartbeat
 
     args = parse_args(role, argv)
+    if args.gpus:                       # before anything initializes CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     setup_logging(args.worker_id, args.log_dir)
     config = load_config(args.config)
     group = config.group_of(args.worker_id)
     if group.role != role:
         raise SystemExit(f"{args.config}: {args.worker_id} is a {group.role} worker, not {role}")
     set_threads(config, args.worker_id)
-    runner = load_runner(config, group, group.path)
+    shared_pool = (role == "prefill" and config.model.device == "cpu"
+                   and config.kv_transfer.backend in ("shm", "auto"))
+    runner = load_runner(config, group, group.path, shared_pool=shared_pool)
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
     control = ControlClient(args.router, args.worker_id, curve=args.curve)
     scheduler, register = build(args, config, group, runner, control)
@@ -110,7 +126,12 @@ def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
     from cluster.wire.transport import DataPlane
 
     def build(args, config, group, runner, control):
+        from cluster.kv_transfer import TransferHub
         data_plane = DataPlane(args.worker_id, bind_host=args.data_host, curve=args.curve)
-        scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts)
+        kv = config.kv_transfer
+        transfer = TransferHub(kv.backend, runner.kv_pool, args.worker_id, verify=kv.verify,
+                               data_host=args.data_host, segment=getattr(runner, "kv_segment", None))
+        scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts,
+                                  transfer=transfer)
         return scheduler, {"model": served_model(config, group), "data_addr": data_plane.address}
     return run_worker(role, argv, build)
