@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from cluster import bench_report
+from cluster import bench_goodput, bench_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
     bench_report.add_arguments(p)
+    bench_goodput.add_arguments(p)
 
 
 async def one_request(client, args, prompt: str) -> dict:
@@ -99,6 +100,8 @@ def cmd_bench(args) -> int:
     if problem:
         print(f"pdcluster bench: {problem}", file=sys.stderr)
         return 2
+    if args.request_rate:
+        return bench_goodput.cmd_sweep(args)
     results, duration = asyncio.run(_bench(args))
     summary = bench_report.report(results, duration, args)
     return 0 if summary["completed"] == summary["num_prompts"] else 1

@@ -1,0 +1,150 @@
+"""`pdcluster bench --request-rate R[,R..]`: open-loop Poisson arrivals, SLO attainment, goodput.
+
+DistServe's study: requests arrive as a Poisson process at rate R (exponential gaps, seeded,
+no cap on requests in flight: a slow server gets a growing queue, as in production); a request
+meets the SLO when it succeeds, its first token comes within `--slo-ttft` and its mean
+inter-token time, (e2e - ttft) / (tokens - 1), is within `--slo-tpot`. Per rate the report
+gives the attainment (share meeting the SLO) and latency percentiles; the goodput is the
+highest swept rate whose attainment reaches `--attainment` (default 90%). `--plot DIR` draws
+attainment vs rate (`slo_attainment.png`), `--json FILE` writes every rate's figures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+from cluster import bench_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--request-rate", default=None, metavar="R[,R..]",
+                   help="open loop: Poisson arrivals at R requests/s (a comma list sweeps the rates; "
+                        "--num-requests per rate, --concurrency ignored)")
+    p.add_argument("--attainment", type=float, default=0.9,
+                   help="goodput: the highest rate where at least this share meets the SLO")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--request-rate {text!r}: expected numbers like 1,2,4") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise ValueError(f"--request-rate {text!r}: rates must be > 0")
+    return sorted(rates)
+
+
+def arrival_times(rate: float, num: int, seed: int) -> list[float]:
+    """Seconds after the start at which each request is sent."""
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(num):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[dict], float]:
+    """One open-loop run: every request sent at its Poisson arrival time."""
+    from cluster.bench import one_request
+    times = arrival_times(rate, len(prompts), args.seed)
+    start = time.perf_counter()
+
+    async def fire(at: float, prompt: str) -> dict:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        return await one_request(client, args, prompt)
+    results = await asyncio.gather(*(fire(at, p) for at, p in zip(times, prompts)))
+    duration = time.perf_counter() - start
+    for r in results:
+        if "error" not in r:
+            r["arrivals"] = [t - start for t in r["arrivals"]]
+            r["start"] -= start
+    return results, duration
+
+
+def rate_summary(rate: float, results: list[dict], duration: float, args) -> dict:
+    s = bench_report.summarize(results, duration, args)
+    good = sum(bench_report.is_good(r, args.slo_ttft, args.slo_tpot) for r in results)
+    keep = ("completed", "failed", "duration", "request_throughput", "output_throughput",
+            "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "p99_itl_ms")
+    return {"rate": rate, "num_requests": len(results), "slo_attainment": round(good / max(1, len(results)), 4),
+            **{k: s[k] for k in keep}}
+
+
+def goodput(rows: list[dict], attainment: float) -> Optional[float]:
+    ok = [r["rate"] for r in rows if r["slo_attainment"] >= attainment]
+    return max(ok) if ok else None
+
+
+def plot_attainment(series: dict[str, list[dict]], out_dir: str, title: str, attainment: float) -> str:
+    """slo_attainment.png: one line per series name (e.g. per cluster layout)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, rows in series.items():
+        ax.plot([r["rate"] for r in rows], [100 * r["slo_attainment"] for r in rows], marker="o", label=name)
+    ax.axhline(100 * attainment, color="grey", linestyle="--", linewidth=0.8, label=f"{attainment:.0%}")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("requests meeting the SLO (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "slo_attainment.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+async def sweep(args) -> dict:
+    import httpx
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    base = args.url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    words = ("alpha", "beta", "gamma", "delta", "omega")
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    rows = []
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(600.0)) as client:
+        if args.model is None:
+            args.model = (await client.get("/models")).json()["data"][0]["id"]
+        for rate in parse_rates(args.request_rate):
+            prompts = [" ".join(words[(i + k) % len(words)] for k in range(args.prompt_len))
+                       for i in range(args.num_requests)]
+            results, duration = await run_rate(client, args, rate, prompts)
+            rows.append(rate_summary(rate, results, duration, args))
+            print(f"rate {rate:g} req/s: {rows[-1]['slo_attainment']:.0%} meet the SLO, TTFT p50 "
+                  f"{rows[-1]['median_ttft_ms']} ms, ITL p99 {rows[-1]['p99_itl_ms']} ms", file=sys.stderr)
+    return {"model": args.model, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot,
+            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "attainment": args.attainment,
+            "goodput_rps": goodput(rows, args.attainment), "rates": rows}
+
+
+def cmd_sweep(args) -> int:
+    try:
+        parse_rates(args.request_rate)
+    except ValueError as e:
+        print(f"pdcluster bench: {e}", file=sys.stderr)
+        return 2
+    report = asyncio.run(sweep(args))
+    if args.json:
+        bench_report.write_json(report, args.json)
+    if args.json != "-":
+        print(f"{'rate':>6} {'SLO met':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT mean':>9} {'ITL p99':>8}")
+        for r in report["rates"]:
+            print(f"{r['rate']:>6g} {r['slo_attainment']:>8.0%} {r['median_ttft_ms']!s:>9} {r['p99_ttft_ms']!s:>9} "
+                  f"{r['mean_tpot_ms']!s:>9} {r['p99_itl_ms']!s:>8}")
+        print(f"goodput (highest rate with >= {args.attainment:.0%} meeting the SLO): {report['goodput_rps']} req/s")
+    if args.plot:
+        print(f"plot: {plot_attainment({args.model: report['rates']}, args.plot, args.model, args.attainment)}",
+              file=sys.stderr)
+    return 0
