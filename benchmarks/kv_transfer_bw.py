@@ -69,9 +69,9 @@ def decode_side(args) -> None:
                     hub.receiver_for(msg.backend).unpack(sender, msg.source, item, payload,
                                                          pages_for(pool, item["prompt_len"], rng))
                 except Exception as e:     # reported back, not fatal: the figure says it failed
-                    failed[item["rid"]] = f"{type(e).__name__}: {e}"
+                    failed[item.rid] = f"{type(e).__name__}: {e}"
             hub.fence.synchronize()
-            dp.send_to(msg.source["reply_to"], P.KvAck([r["rid"] for r in msg.reqs if r["rid"] not in failed],
+            dp.send_to(msg.source["reply_to"], P.KvAck([r.rid for r in msg.reqs if r.rid not in failed],
                                                        failed, "decode-0"))
 
 
@@ -97,7 +97,7 @@ def prefill_side(args, decode_addr: str) -> None:
                         pages = pages_for(pool, tokens, rng)
                         t0 = time.perf_counter()
                         packed = b.pack(pages, tokens)
-                        item = P.kv_req(f"r{rep}", 1, tokens, checksum=packed.checksum, src_pages=packed.src_pages)
+                        item = P.KvReq(f"r{rep}", 1, tokens, checksum=packed.checksum, src_pages=packed.src_pages)
                         source = {**b.source(), "reply_to": dp.address, "verify": int(verify)}
                         dp.send_to(decode_addr, P.KvBatch(rep, "prefill-0", [item],
                                                           [packed.tensor] if backend == "zmq" else [],
