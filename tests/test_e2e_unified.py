@@ -36,6 +36,21 @@ def test_unified_log_lines_name_their_launch_iteration(cluster):
     assert both == sorted(set(both))      # one worker: every iteration reported once
 
 
+def test_unified_json_schema_and_top_logprobs(cluster):
+    import json
+
+    import jsonschema
+    schema = {"type": "object", "additionalProperties": False, "required": ["city"],
+              "properties": {"city": {"type": "string", "maxLength": 12}}}
+    r = cluster.client.chat.completions.create(
+        model="smollm2-135m-instruct", max_tokens=24, temperature=0, logprobs=True, top_logprobs=2,
+        messages=[{"role": "user", "content": "Where is the Eiffel tower? Answer in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    for item in r.choices[0].logprobs.content:   # the grammar's pick is the top of the processed distribution
+        assert item.top_logprobs[0].token == item.token and len(item.top_logprobs) == 2
+
+
 def test_ctrl_c_leaves_no_child_process(cluster):
     assert len(cluster.descendants) >= 2
     assert cluster.stop(signal.SIGINT) == []
