@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -32,6 +33,8 @@ def netns_unavailable() -> Optional[str]:
     """Why namespaces cannot be built here, or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
+    if shutil.which("tc") is None:
+        return "`tc` (iproute2) is not installed: no link shaping"
     probe = f"{PREFIX}{os.getpid()}-probe"
     try:
         out = ip("netns", "add", probe, check=False)

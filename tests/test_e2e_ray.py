@@ -110,6 +110,7 @@ def test_shutdown_leaves_no_ray_or_worker_process(cluster):
     procs = family(cluster)
     names = " ".join(p.name() for p in procs)
     assert "raylet" in names and "gcs_server" in names
+    starts = {w: cluster.log(w).count("torch threads:") for w in ("prefill-0", "decode-0", "dllm-0")}
     t0 = time.monotonic()
     alive = cluster.stop()                         # SIGTERM to the launcher (the Ray driver)
     assert cluster.proc.returncode == 0, cluster.output()
@@ -119,3 +120,5 @@ def test_shutdown_leaves_no_ray_or_worker_process(cluster):
         p.kill()
     assert not leftovers and not alive, f"left behind: {leftovers}"
     assert time.monotonic() - t0 < 60
+    # workers the router's drain stopped were not restarted by Ray on the way out
+    assert {w: cluster.log(w).count("torch threads:") for w in starts} == starts

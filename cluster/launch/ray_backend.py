@@ -86,6 +86,10 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.child.proc.pid
 
+    def expect_exit(self) -> None:
+        """The cluster is shutting down: the router's drain will stop the worker."""
+        self.is_stopping = True
+
     def stop(self) -> int:
         self.is_stopping = True
         stop_processes([self.child.proc], KILL_AFTER_S)
@@ -188,13 +192,17 @@ class RayLauncher(Launcher):
             time.sleep(0.2)
 
     def shutdown(self) -> None:
-        super().shutdown()             # router first: it drains in-flight requests
         try:
             import ray
         except ImportError:
-            return
+            return super().shutdown()
         if not ray.is_initialized():
-            return
+            return super().shutdown()
+        try:                           # workers the drain stops must not be restarted by Ray
+            ray.get([a.expect_exit.remote() for a in self.actors.values()], timeout=10)
+        except Exception as e:
+            log.warning("telling worker actors about the shutdown: %s", e)
+        super().shutdown()             # router first: it drains in-flight requests
         try:
             ray.get([a.stop.remote() for a in self.actors.values()], timeout=KILL_AFTER_S + 5)
         except Exception as e:         # a dead actor: its child died with it
