@@ -1,12 +1,12 @@
-"""Histogram: counts of observed values per bucket, kept where they are observed.
-
-The router observes its latencies in these; a worker observes its KV transfer times and
-sends `sample()` (a typed `HistogramSample`) with each heartbeat; the router renders both
-the same way (`cluster.router.metrics.render_histogram`).
+"""A worker's histogram: a `prometheus_client.Histogram` outside any registry, sent with
+each heartbeat as a typed `HistogramSample` that the router's collector exposes with the
+worker's labels (cluster/router/metrics.py).
 """
 from __future__ import annotations
 
-import bisect
+import math
+
+from prometheus_client import Histogram as _PromHistogram
 
 from cluster.wire.messages import HistogramSample
 
@@ -14,13 +14,21 @@ from cluster.wire.messages import HistogramSample
 class Histogram:
     def __init__(self, name: str, bounds: tuple):
         self.name, self.bounds = name, tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)     # last: above every bound
-        self.sum, self.count = 0.0, 0
+        self._h = _PromHistogram(name, name, buckets=self.bounds, registry=None)
 
     def observe(self, value: float, times: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += times
-        self.sum += value * times
-        self.count += times
+        for _ in range(times):
+            self._h.observe(value)
 
     def sample(self) -> HistogramSample:
-        return HistogramSample(self.name, list(self.bounds), list(self.counts), self.sum, self.count)
+        """Per-bucket counts (not cumulative; the last above every bound), sum and count."""
+        cumulative, total = [], 0.0
+        for s in self._h.collect()[0].samples:
+            if s.name.endswith("_bucket"):
+                cumulative.append((float(s.labels["le"]), int(s.value)))
+            elif s.name.endswith("_sum"):
+                total = s.value
+        cumulative.sort(key=lambda b: b[0])
+        counts = [n - (cumulative[i - 1][1] if i else 0) for i, (_, n) in enumerate(cumulative)]
+        assert math.isinf(cumulative[-1][0])
+        return HistogramSample(self.name, list(self.bounds), counts, total, cumulative[-1][1])

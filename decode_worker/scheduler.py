@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 from cluster.kv_transfer import KvTransferError, TransferHub
@@ -52,6 +53,7 @@ class DecodeScheduler(WorkerScheduler):
         if req.peer is None:
             self.fail(req, "decode worker got a request without a prefill peer")
             return
+        self.marks.note(req.rid, "admitted", t=time.time())
         self.prealloc_queue.add(req)
 
     def recv_data(self) -> None:
@@ -76,8 +78,10 @@ class DecodeScheduler(WorkerScheduler):
                 if expected and item.prompt_len != req.seq_len:
                     raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a "
                                           f"{req.seq_len}-token request")
+                t_import = time.perf_counter()
                 num_bytes = backend.unpack(msg.prefill_worker_id, msg.source, item, payload,
                                            req.page_table if expected else None)
+                import_s = time.perf_counter() - t_import
             except KvTransferError as e:
                 self.kv_transfer.count_failure(e.reason)
                 failed[rid] = str(e)
@@ -96,6 +100,7 @@ class DecodeScheduler(WorkerScheduler):
             if self.corrupt_kv:
                 self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
             self.kv_transfer.record(num_bytes)   # the prefill side times the transfer
+            self.mark_kv_received(req, msg, num_bytes, import_s)
             logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
                          msg.prefill_worker_id, msg.forward_iter, rid, item.prompt_len, num_bytes,
                          msg.backend)
@@ -112,6 +117,14 @@ class DecodeScheduler(WorkerScheduler):
                                 P.KvAck(rids=acked, failed=failed, decode_worker_id=self.worker_id))
         self.flush_outputs()
 
+    def mark_kv_received(self, req: Req, msg: "P.KvBatch", num_bytes: int, import_s: float) -> None:
+        ready = self.marks.get(req.rid, "decode_ready") or {}
+        self.marks.mark(req.rid, "kv_received", bytes=num_bytes, backend=msg.backend,
+                        src=msg.prefill_worker_id, src_forward_iter=msg.forward_iter,
+                        import_s=round(import_s, 6), prealloc_s=ready.get("prealloc_s", 0.0))
+        logger.info("request %s: KV from %s batch [%d], %d bytes, imported in %.1f ms", req.rid,
+                    msg.prefill_worker_id, msg.forward_iter, num_bytes, 1000 * import_s)
+
     def peer_addr(self, prefill_worker_id: str) -> str:
         return self.prefill_addrs[prefill_worker_id]
 
@@ -127,6 +140,9 @@ class DecodeScheduler(WorkerScheduler):
         addr = req.peer.data_addr
         self.prefill_addrs[req.peer.worker_id] = addr
         self.transfer_queue.add(req)
+        admitted = self.marks.get(req.rid, "admitted")
+        if admitted is not None:                # pages reserved: how long that took
+            self.marks.note(req.rid, "decode_ready", prealloc_s=round(time.time() - admitted["t"], 6))
         if req.rid in self.retracted:
             # the prefill worker forgot it after the handoff: the original parameters and the
             # tokens so far; the pages are reserved, so this is also the readiness

@@ -138,6 +138,11 @@ class PrefillScheduler(WorkerScheduler):
                          self.worker_id, req.peer.worker_id, batch.forward_iter, req.rid, req.kv_len,
                          forward_s, time.perf_counter() - t0, backend.name, f" ({fault})" if fault else "")
             self.inflight_queue.add(req, packed.num_bytes)
+            self.marks.mark(req.rid, "prefill_done", forward_iter=batch.forward_iter,
+                            num_tokens=req.kv_len, to=req.peer.worker_id)
+            logger.info("request %s: prefilled in batch [%d], %d tokens, KV (%d bytes) to %s via %s",
+                        req.rid, batch.forward_iter, req.kv_len, packed.num_bytes,
+                        req.peer.worker_id, backend.name)
             if not backend.holds_pages:
                 self.cache.free(req)                    # the packed copy is what travels
             if fault == "drop":
@@ -147,6 +152,7 @@ class PrefillScheduler(WorkerScheduler):
             if backend.name == "zmq":
                 tensors.append(packed.tensor)
             packed_all.append(packed)
+        self.marks.flush(self.control)                  # NOTE: the router hears it before decode
         if not reqs:
             return
         self.data_plane.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter, prefill_worker_id=self.worker_id,

@@ -43,6 +43,9 @@ SIMPLE_MESSAGES = [
     P.Abort("r1", "client gone"),
     P.Shutdown("router shutting down"),
     P.Error("r1", "decode worker died", "decode-0"),
+    P.RequestMarks("prefill-0", [P.MarksItem("r1", [
+        P.RequestMark("prefill_launched", 1764547200.25, {"forward_iter": 17}),
+        P.RequestMark("prefill_done", 1764547200.5, {"forward_iter": 17, "to": "decode-0"})])]),
 ]
 
 
@@ -56,6 +59,13 @@ def test_every_message_type_round_trips(msg):
 
 def test_every_type_is_covered():
     assert {m.TYPE for m in SIMPLE_MESSAGES} | {"kv_batch"} == set(P._TYPES)
+
+
+def test_request_marks_refuse_unknown_names_and_nested_attributes():
+    for bad in (P.RequestMark("lunch", 1.0, {}), P.RequestMark("prefill_done", 1.0, {"x": [1, 2]}),
+                P.RequestMark("prefill_done", float("nan"), {})):
+        with pytest.raises(ProtocolError):
+            decode(encode(P.RequestMarks("w", [P.MarksItem("r", [bad])])))
 
 
 def test_long_input_ids_travel_as_int32_frame_and_come_back_as_list():

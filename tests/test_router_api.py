@@ -312,15 +312,25 @@ def test_metrics_text_parses_and_exports_worker_gauges(router):
             METRIC_LINE.match(line), line
     text = resp.text
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
-                 "e2e_request_latency_seconds", "kv_transfer_seconds"):
+                 "e2e_request_latency_seconds", "kv_transfer_seconds", "request_phase_seconds"):
         assert f"# TYPE pdcluster:{name} histogram" in text
-    assert 'pdcluster:requests_total{outcome="success"} 0' in text
-    assert 'pdcluster:num_running_reqs{role="decode",worker="decode-0"} 2' in text
-    assert 'pdcluster:token_usage{role="decode",worker="decode-0"} 0.25' in text
     assert "# TYPE pdcluster:kv_transfer_bytes_total counter" in text
-    assert ('pdcluster:kv_transfer_seconds_bucket{role="decode",worker="decode-0",le="+Inf"} 3'
-            in text)
-    assert 'pdcluster:kv_transfer_seconds_count{role="decode",worker="decode-0"} 3' in text
+    values = metric_values(text)
+    assert values[("pdcluster:requests_total", (("outcome", "success"),))] == 0
+    decode = (("role", "decode"), ("worker", "decode-0"))
+    assert values[("pdcluster:num_running_reqs", decode)] == 2
+    assert values[("pdcluster:token_usage", decode)] == 0.25
+    assert values[("pdcluster:kv_transfer_seconds_bucket", (("le", "0.1"),) + decode)] == 1
+    assert values[("pdcluster:kv_transfer_seconds_bucket", (("le", "+Inf"),) + decode)] == 3
+    assert values[("pdcluster:kv_transfer_seconds_count", decode)] == 3
+    assert values[("pdcluster:worker_restarts_total", decode)] == 0
+
+
+def metric_values(text: str) -> dict:
+    """{(sample name, sorted labels): value} parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 # ----------------------------------------------------------- dispatch through real sockets

@@ -14,13 +14,13 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.roles import ROLES
 from cluster.router.choices import stream_choices, whole_response
 from cluster.router.errors import APIError, bad_request, error_body
-from cluster.router.metrics import labeled_counter, render_worker_stats
+from cluster.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.router.openai_request import parse_chat, parse_completion
 from cluster.router.request_body import parse_json, read_body
 from cluster.router.service import RouterService
@@ -129,14 +129,7 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
     async def metrics(request: Request):
         if cfg.router.metrics_require_key:
             authorize(request)
-        lines = service.metrics.render(service.dispatcher.num_in_flight)
-        lines += render_worker_stats(service.dispatcher.worker_stats())
-        rejected = service.dispatcher.server.rejected_frames if service.dispatcher.server else {}
-        if rejected:
-            lines += labeled_counter("pdcluster:rejected_frames_total",
-                                     {"role": "router", "worker": "router"}, dict(rejected))
-        return PlainTextResponse("\n".join(lines) + "\n",
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/debug/requests/{request_id}")
     async def debug_request(request_id: str, request: Request):

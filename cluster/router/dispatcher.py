@@ -42,6 +42,7 @@ class Dispatcher:
         self.lock = threading.RLock()
         self.directory = WorkerDirectory(cfg.router.policy)
         self.requests: dict[str, RequestState] = {}       # wire rid -> state
+        self.num_restarts: dict[str, tuple[str, int]] = {}  # worker id -> (role, registrations - 1)
         self.server = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -209,6 +210,8 @@ class Dispatcher:
             self._on_tokens(sender, msg)
         elif isinstance(msg, protocol.Heartbeat):
             self._on_heartbeat(sender, msg)
+        elif isinstance(msg, protocol.RequestMarks):
+            self._on_marks(sender, msg)
         elif isinstance(msg, protocol.Error):
             self._on_error(sender, msg)
         elif isinstance(msg, protocol.Register):
@@ -228,6 +231,8 @@ class Dispatcher:
             self._revive(msg.worker_id)
             return
         self._worker_gone(msg.worker_id, "worker registered again (restarted)")
+        seen = self.num_restarts.get(msg.worker_id)
+        self.num_restarts[msg.worker_id] = (msg.role, seen[1] + 1 if seen else 0)
         self.directory.add(info)
         log.info("registered %s (role=%s model=%s pid=%d data=%s)", msg.worker_id, msg.role,
                  msg.model, msg.pid, msg.data_addr or "-")
@@ -267,12 +272,20 @@ class Dispatcher:
                 self._fail_and_abort(st, f"worker {sender}: {item.error}", sender)
                 continue
             st.output_ids += item.token_ids
+            if st.trace is not None:
+                st.trace.add_tokens(len(item.token_ids))
             st.last_progress = time.monotonic()
             event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs)
             if item.finish_reason is not None:
                 self._finish(st, event)
             else:
                 st.sink(event)
+
+    def _on_marks(self, sender: str, msg) -> None:
+        for item in msg.items:
+            st = self.requests.get(item.rid)
+            if st is not None and st.trace is not None and sender in st.workers:
+                st.trace.merge_worker_marks({m.name: (m.t, m.attrs) for m in item.marks}, sender)
 
     def _on_error(self, sender: str, msg) -> None:
         st = self.requests.get(msg.rid)
@@ -334,6 +347,13 @@ class Dispatcher:
         now = time.monotonic()
         with self.lock:
             return [w.describe(now) for w in self.directory.workers.values()]
+
+    def restarts(self) -> dict[str, tuple[str, int]]:
+        with self.lock:
+            return dict(self.num_restarts)
+
+    def rejected_frames(self) -> dict[str, int]:
+        return dict(self.server.rejected_frames) if self.server is not None else {}
 
     def worker_stats(self) -> list[tuple[str, str, dict, list]]:
         with self.lock:

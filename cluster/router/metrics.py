@@ -1,137 +1,189 @@
-"""Prometheus text exposition (format 0.0.4) for the router's own metrics and the workers'.
+"""The router's `/metrics`, exported with `prometheus_client` (what vLLM and SGLang use).
 
 Router: `pdcluster:time_to_first_token_seconds`, `pdcluster:inter_token_latency_seconds`,
-`pdcluster:e2e_request_latency_seconds` (histograms), `pdcluster:requests_total{outcome}`,
-`pdcluster:num_requests_in_flight`. Workers: every numeric heartbeat stat `S` becomes
-`pdcluster:S{role,worker}` - a counter when `S` ends in `_total`, else a gauge; a
-`{reason: count}` stat ending in `_total` is a counter with a `reason` label
-(`pdcluster:rejected_frames_total{reason}`); every histogram a heartbeat carries (typed
-`HistogramSample`s, e.g. prefill's `kv_transfer_seconds`) is exported as a histogram with
-the same labels. `pdcluster:worker_up{role,worker}` is 1 for every registered, live worker.
+`pdcluster:e2e_request_latency_seconds`, `pdcluster:request_phase_seconds{phase}`
+(histograms), `pdcluster:requests_total{outcome}`, `pdcluster:num_requests_in_flight`.
+Workers (labels `role`, `worker`), read from their last heartbeat at scrape time by
+`WorkerStatsCollector`: every numeric stat `S` becomes `pdcluster:S` - a counter when `S`
+ends in `_total` (a {reason: n} value adds a `reason` label), else a gauge - and every
+histogram a heartbeat carries becomes a histogram of the same name; `pdcluster:worker_up`
+is 1 for every live worker and `pdcluster:worker_restarts_total` counts how often a
+worker id registered again. Each router owns its registry (tests run several in one process).
 """
 from __future__ import annotations
 
 import math
 import re
-import threading
-from collections import Counter
+from typing import Callable, Iterable
 
-from cluster.histogram import Histogram
-from cluster.wire.messages import HistogramSample
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from cluster.router.request_trace import PHASES
+
+disable_created_metrics()          # no `_created` series: not part of DESIGN.md's names
 PREFIX = "pdcluster:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0)
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0, 30.0, 60.0, 120.0, 480.0)
 OUTCOMES = ("success", "error", "timeout", "aborted", "rejected")
-HELP = {"time_to_first_token_seconds": "Time from request arrival to its first token.",
-        "inter_token_latency_seconds": "Time between consecutive output tokens.",
-        "e2e_request_latency_seconds": "Time from request arrival to its last token."}
+FLAT_HISTOGRAMS = ("kv_transfer_seconds",)     # sent flattened as <name>_bucket_<le>/_sum/_count
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
-def format_value(v: float) -> str:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return str(v)
-    v = float(v)
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if math.isnan(v):
-        return "NaN"
-    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
-
-
-def format_labels(labels: dict) -> str:
-    if not labels:
-        return ""
-    esc = (str(v).replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
-           for v in labels.values())
-    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc)) + "}"
-
-
-def render_histogram(sample: HistogramSample, labels: dict) -> list[str]:
-    """The `_bucket` (cumulative), `_sum` and `_count` lines of one histogram sample."""
-    name, lines, cumulative = PREFIX + sample.name, [], 0
-    for le, n in zip(list(sample.bounds) + [math.inf], sample.counts):
-        cumulative += n
-        lines.append(f"{name}_bucket{format_labels({**labels, 'le': format_value(le)})} {cumulative}")
-    lines.append(f"{name}_sum{format_labels(labels)} {format_value(sample.sum)}")
-    lines.append(f"{name}_count{format_labels(labels)} {sample.count}")
-    return lines
-
-
 class RouterMetrics:
-    """Router-side histograms and outcome counters; observed from the event loop thread."""
+    """The router's own histograms and counters, in its own registry."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.ttft = Histogram("time_to_first_token_seconds", TTFT_BUCKETS)
-        self.itl = Histogram("inter_token_latency_seconds", ITL_BUCKETS)
-        self.e2e = Histogram("e2e_request_latency_seconds", E2E_BUCKETS)
-        self.outcomes: Counter = Counter({o: 0 for o in OUTCOMES})
+    def __init__(self, num_in_flight: Callable[[], int] = lambda: 0):
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Time from request arrival to its first token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between consecutive output tokens.", buckets=ITL_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+                             "Time from request arrival to its last token.", buckets=E2E_BUCKETS,
+                             registry=r)
+        self.phase = Histogram(PREFIX + "request_phase_seconds",
+                               "Time a successful request spent in each phase (they add up "
+                               "to its end-to-end latency).", ["phase"], buckets=PHASE_BUCKETS,
+                               registry=r)
+        self.requests = Counter(PREFIX + "requests", "Finished requests by outcome.", ["outcome"],
+                                registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for phase in PHASES:
+            self.phase.labels(phase)
+        Gauge(PREFIX + "num_requests_in_flight", "Requests admitted and not finished.",
+              registry=r).set_function(num_in_flight)
 
     def observe(self, histogram: Histogram, value: float, times: int = 1) -> None:
-        with self._lock:
-            histogram.observe(value, times)
+        for _ in range(times):
+            histogram.observe(value)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.phase.labels(phase).observe(seconds)
 
     def count_outcome(self, outcome: str) -> None:
-        with self._lock:
-            self.outcomes[outcome] += 1
+        self.requests.labels(outcome).inc()
 
-    def render(self, num_in_flight: int) -> list[str]:
-        with self._lock:
-            lines = []
-            for h in (self.ttft, self.itl, self.e2e):
-                lines += [f"# HELP {PREFIX}{h.name} {HELP[h.name]}", f"# TYPE {PREFIX}{h.name} histogram"]
-                lines += render_histogram(h.sample(), {})
-            lines += [f"# HELP {PREFIX}requests_total Finished requests by outcome.",
-                      f"# TYPE {PREFIX}requests_total counter"]
-            lines += [f'{PREFIX}requests_total{{outcome="{o}"}} {n}'
-                      for o, n in sorted(self.outcomes.items())]
-        lines += [f"# HELP {PREFIX}num_requests_in_flight Requests admitted and not finished.",
-                  f"# TYPE {PREFIX}num_requests_in_flight gauge",
-                  f"{PREFIX}num_requests_in_flight {num_in_flight}"]
-        return lines
+    def add_collector(self, collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def render_worker_stats(workers: list[tuple[str, str, dict, list]]) -> list[str]:
-    """Prometheus lines for [(role, worker_id, gauges, histogram samples)], grouped by name."""
-    samples: dict[str, list[str]] = {}
-    types: dict[str, str] = {}
-    for role, worker_id, stats, histograms in workers:
-        labels = {"role": role, "worker": worker_id}
-        name = f"{PREFIX}worker_up"
-        types[name] = "gauge"
-        samples.setdefault(name, []).append(f"{name}{format_labels(labels)} 1")
+class WorkerStatsCollector:
+    """Workers' heartbeat stats as metric families, read at scrape time.
+
+    `snapshot()` -> [(role, worker_id, stats, histograms)], histograms being objects with
+    `name`, `bounds`, `counts` (per bucket, the last above every bound), `sum`, `count`;
+    `restarts()` -> {worker_id: (role, n)}; `router_rejected()` -> {reason: n}.
+    """
+
+    def __init__(self, snapshot: Callable[[], list], restarts: Callable[[], dict],
+                 router_rejected: Callable[[], dict]):
+        self.snapshot, self.restarts, self.router_rejected = snapshot, restarts, router_rejected
+
+    def collect(self) -> Iterable:
+        labels = ["role", "worker"]
+        gauges: dict[str, GaugeMetricFamily] = {}
+        counters: dict[str, CounterMetricFamily] = {}
+        histograms: dict[str, HistogramMetricFamily] = {}
+        up = GaugeMetricFamily(PREFIX + "worker_up", "1 for every registered, live worker.",
+                               labels=labels)
+
+        def counter(key: str, with_reason: bool) -> CounterMetricFamily:
+            if key not in counters:
+                counters[key] = CounterMetricFamily(PREFIX + key, f"Worker counter {key}.",
+                                                    labels=labels + ["reason"] * with_reason)
+            return counters[key]
+
+        for entry in self.snapshot():
+            role, worker_id, stats = entry[0], entry[1], entry[2]
+            values = [role, worker_id]
+            up.add_metric(values, 1)
+            for h in list(entry[3] if len(entry) > 3 else []) + _flat_histograms(stats):
+                if _NAME.fullmatch(h.name):
+                    family = histograms.setdefault(h.name, HistogramMetricFamily(
+                        PREFIX + h.name, f"Worker histogram {h.name}.", labels=labels))
+                    family.add_metric(values, _cumulative(h), h.sum)
+            for key, value in stats.items():
+                if not _NAME.fullmatch(key) or key.startswith(FLAT_HISTOGRAMS):
+                    continue
+                if isinstance(value, dict) and key.endswith("_total"):     # {reason: n}
+                    family = counter(key, with_reason=True)
+                    for reason, n in sorted(value.items()):
+                        if _is_number(n):
+                            family.add_metric(values + [str(reason)], n)
+                elif _is_number(value) and key.endswith("_total"):
+                    counter(key, with_reason=False).add_metric(values, value)
+                elif _is_number(value):
+                    gauges.setdefault(key, GaugeMetricFamily(
+                        PREFIX + key, f"Worker gauge {key}.", labels=labels)).add_metric(values, value)
+        rejected = self.router_rejected()
+        if rejected:
+            family = counter("rejected_frames_total", with_reason=True)
+            for reason, n in sorted(rejected.items()):
+                family.add_metric(["router", "router", str(reason)], n)
+        restarts = CounterMetricFamily(PREFIX + "worker_restarts_total",
+                                       "Times a worker id registered again (a restarted worker).",
+                                       labels=labels)
+        for worker_id, (role, n) in sorted(self.restarts().items()):
+            restarts.add_metric([role, worker_id], n)
+        yield up
+        yield restarts
+        yield from gauges.values()
+        yield from counters.values()
+        yield from histograms.values()
+
+
+class _Sample:
+    def __init__(self, name, bounds, counts, total, count):
+        self.name, self.bounds, self.counts, self.sum, self.count = name, bounds, counts, total, count
+
+
+def _flat_histograms(stats: dict) -> list:
+    """Histograms sent as `<name>_bucket_<le>` (cumulative) + `_sum` + `_count` gauges."""
+    out = []
+    for name in FLAT_HISTOGRAMS:
+        prefix = f"{name}_bucket_"
+        cumulative = []
         for key, value in stats.items():
-            if not _NAME.fullmatch(key):
-                continue
-            if isinstance(value, dict) and key.endswith("_total"):     # {reason: count}
-                name = PREFIX + key
-                types[name] = "counter"
-                samples.setdefault(name, []).extend(labeled_counter(name, labels, value))
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            name = PREFIX + key
-            types[name] = "counter" if key.endswith("_total") else "gauge"
-            samples.setdefault(name, []).append(f"{name}{format_labels(labels)} "
-                                                f"{format_value(value)}")
-        for h in histograms:
-            if _NAME.fullmatch(h.name):
-                types[PREFIX + h.name] = "histogram"
-                samples.setdefault(PREFIX + h.name, []).extend(render_histogram(h, labels))
-    lines = []
-    for name in sorted(samples):
-        lines.append(f"# TYPE {name} {types[name]}")
-        lines += samples[name]
-    return lines
+            if key.startswith(prefix) and _is_number(value):
+                try:
+                    cumulative.append((float(key[len(prefix):]), value))
+                except ValueError:
+                    continue
+        count = stats.get(f"{name}_count")
+        if count is None and not cumulative:
+            continue
+        cumulative = sorted(b for b in cumulative if not math.isinf(b[0]))
+        counts = [n - (cumulative[i - 1][1] if i else 0) for i, (_, n) in enumerate(cumulative)]
+        count = count if _is_number(count) else (cumulative[-1][1] if cumulative else 0)
+        counts.append(count - (cumulative[-1][1] if cumulative else 0))
+        out.append(_Sample(name, [le for le, _ in cumulative], counts,
+                           stats.get(f"{name}_sum", 0.0) or 0.0, count))
+    return out
 
 
-def labeled_counter(name: str, labels: dict, counts: dict) -> list[str]:
-    """`name{labels...,reason=R} N` per reason: a stat sent as {reason: count}."""
-    return [f"{name}{format_labels({**labels, 'reason': str(r)})} {format_value(n)}"
-            for r, n in sorted(counts.items()) if isinstance(n, (int, float))]
+def _cumulative(h) -> list[tuple[str, float]]:
+    out, total = [], 0
+    for le, n in zip(list(h.bounds) + [math.inf], h.counts):
+        total += n
+        out.append(("+Inf" if math.isinf(le) else repr(float(le)), total))
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -27,11 +27,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cluster.wire.messages import WORKER_MARKS   # MARKS[2:-1] and decode_done (attributes only)
+
 PHASES = ("router_queue", "prefill_queue", "prefill_forward", "kv_transfer", "decode_queue",
           "first_decode", "decode")
 MARKS = ("arrival", "dispatched", "prefill_launched", "prefill_done", "kv_received",
          "first_decode_launched", "first_decode_done", "finished")
-WORKER_MARKS = MARKS[2:-1]                 # the ones a worker may report
 PHASE_ENDED_BY = dict(zip(MARKS[1:], PHASES))
 ROUTE_MARKS = {"pd": MARKS,                # the marks each route goes through, in order
                "unified": tuple(m for m in MARKS if m != "kv_received"),
@@ -135,7 +136,10 @@ class RequestTrace:
                 continue
             t = max(mark.t, prev)
             t = min(t, end.t) if end is not None else t
-            out.append(Phase(PHASE_ENDED_BY[name], prev, t, dict(mark.attrs)))
+            attrs = dict(mark.attrs)
+            if name == "finished" and "decode_done" in self.marks:   # the decode worker's side
+                attrs = {**self.marks["decode_done"].attrs, **attrs}
+            out.append(Phase(PHASE_ENDED_BY[name], prev, t, attrs))
             prev = t
         if end is None:
             route = ROUTE_MARKS.get(self.route, MARKS)

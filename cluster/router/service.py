@@ -21,7 +21,7 @@ from cluster.roles import served_model
 from cluster.router.completion import CompletionText, TextDelta
 from cluster.router.dispatcher import Dispatcher
 from cluster.router.errors import APIError, bad_request, overloaded
-from cluster.router.metrics import RouterMetrics
+from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
 from cluster.router.request_state import FailedEvent, RequestState
@@ -56,8 +56,10 @@ _NOT_FOR_DLLM = (("grammar_kind", "response_format"), ("logit_bias", "logit_bias
 class RouterService:
     def __init__(self, cfg: ClusterConfig, dispatcher: Dispatcher):
         self.cfg, self.dispatcher = cfg, dispatcher
-        self.metrics = RouterMetrics()
-        self.tracing = RequestTracing(cfg.tracing.otlp_endpoint)
+        self.metrics = RouterMetrics(lambda: dispatcher.num_in_flight)
+        self.metrics.add_collector(WorkerStatsCollector(
+            dispatcher.worker_stats, dispatcher.restarts, dispatcher.rejected_frames))
+        self.tracing = RequestTracing(cfg.tracing.otlp_endpoint, self.metrics.observe_phase)
         self.is_draining = False
         self._tokenizers: dict[str, object] = {}
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")

@@ -84,12 +84,16 @@ class Scheduler:
         try:
             result = future.result(timeout=FORWARD_TIMEOUT_S)
             t0 = time.perf_counter()
+            self.on_result(batch)
             self.process_batch_result(batch, result)
         except Exception as e:
             logger.exception("%s: batch [%s] failed", self.worker_id, batch.forward_iter)
             self.fail_batch(batch, f"batch [{batch.forward_iter}] failed: {type(e).__name__}: {e}")
         if self.trace is not None:
             self.trace.append(("process", batch.forward_iter, t0, time.perf_counter()))
+
+    def on_result(self, batch: ScheduleBatch) -> None:
+        """The batch's forward is done; its result is processed next (request tracing)."""
 
     def fail_batch(self, batch: ScheduleBatch, reason: str) -> None:
         """Fail the batch's requests with `reason` and free what they hold (roles)."""

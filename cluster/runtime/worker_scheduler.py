@@ -16,6 +16,7 @@ from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.stats import DecodeStats
+from cluster.runtime.request_marks import MarkBook
 from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
@@ -37,6 +38,7 @@ class WorkerScheduler(Scheduler):
         self.reqs: dict[str, Req] = {}          # live requests by rid
         self.outbox: list[P.TokensItem] = []
         self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
+        self.marks = MarkBook(worker_id)    # per-request moments for the router's traces
         self._idle = False
         self._grammar_backend = None
 
@@ -125,9 +127,12 @@ class WorkerScheduler(Scheduler):
     def emit(self, req: Req, token_ids: list[int], finish_reason: Optional[str],
              logprobs: Optional[list[float]] = None, error: Optional[str] = None,
              top_logprobs: Optional[list] = None) -> None:
+        if token_ids:
+            self.marks.on_token(req)
         self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs))
 
     def flush_outputs(self) -> None:
+        self.marks.flush(self.control)          # NOTE: before the tokens they lead up to
         if self.outbox:
             self.control.send(P.Tokens(worker_id=self.worker_id, items=self.outbox))
             self.outbox = []
@@ -148,6 +153,7 @@ class WorkerScheduler(Scheduler):
         """Free everything a finished, aborted or failed request holds."""
         self.cache.free(req)
         self.forget(req)
+        self.marks.on_release(req)
         if self.reqs.pop(req.rid, None) is not None:
             # NOTE: a forward already launched may still write this slot; forwards run in
             # launch order, so a new owner's prefill writes it before its decode reads it.
@@ -169,6 +175,14 @@ class WorkerScheduler(Scheduler):
         return DecodeStats.of_batch(batch, self.cache.token_usage, self.num_queue_reqs)
 
     # ---- forward -----------------------------------------------------------------
+    def run_batch(self, batch: ScheduleBatch):
+        future = super().run_batch(batch)       # forward_iter is set there, first
+        self.marks.on_launch(batch)
+        return future
+
+    def on_result(self, batch: ScheduleBatch) -> None:
+        self.marks.on_processing(batch)
+
     def build_forward_input(self, batch: ScheduleBatch):
         return build_forward_input(batch)
 

@@ -93,6 +93,19 @@ def NumberOrCounts() -> Check:
     return check
 
 
+def Scalar() -> Check:
+    """str, int, float or bool (a trace mark's attributes)."""
+    text = Str(max_len=4096)
+
+    def check(v: Any, path: str) -> Any:
+        if isinstance(v, str):
+            return text(v, path)
+        if type(v) not in (int, float, bool):
+            fail(path, f"expected str/int/float/bool, got {_kind(v)}")
+        return v
+    return check
+
+
 def Opt(inner: Check) -> Check:
     def check(v: Any, path: str) -> Any:
         return None if v is None else inner(v, path)

@@ -153,6 +153,34 @@ class Tokens:                                     # decode / unified / dllm -> r
     items: list                                   # TokensItem
 
 
+# the moments of a request a worker reports (cluster/router/request_trace.py orders them);
+# `decode_done` only adds attributes (last forward_iter) to the final phase
+WORKER_MARKS = ("prefill_launched", "prefill_done", "kv_received", "first_decode_launched",
+                "first_decode_done", "decode_done")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMark:
+    """One moment of a request on a worker."""
+    name: str                                     # one of WORKER_MARKS
+    t: float                                      # wall clock, unix seconds
+    attrs: dict                                   # str -> str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class MarksItem:
+    """One request's new marks in a `request_marks` message."""
+    rid: str
+    marks: list                                   # RequestMark
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMarks:                               # worker -> router
+    TYPE: ClassVar[str] = "request_marks"
+    worker_id: str
+    items: list                                   # MarksItem
+
+
 @dataclass(frozen=True, slots=True)
 class Abort:                                      # router -> worker
     TYPE: ClassVar[str] = "abort"
@@ -174,5 +202,5 @@ class Shutdown:                                   # router -> worker: stop (end 
     reason: str
 
 
-Message = Union[Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvAck, Tokens,
+Message = Union[RequestMarks, Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvAck, Tokens,
                 Abort, Error, Shutdown]

@@ -28,16 +28,19 @@ from cluster.roles import ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import DllmParams
 from cluster.wire.checks import (INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
-                                Number, NumberOrCounts, Opt, ProtocolError, Record, Str, TokenIds, Typed, fail)
+                                Number, NumberOrCounts, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
+                                fail)
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
-                                   KvAck, KvBatch, KvReq, Message, Peer, Register, Reprefill,
-                                   Shutdown, Tokens, TokensItem)
+                                   KvAck, KvBatch, KvReq, MarksItem, Message, Peer, Register, Reprefill,
+                                   RequestMark, RequestMarks, Shutdown, Tokens, TokensItem,
+                                   WORKER_MARKS)
 from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
                                         framed_from_frames, tensor_from_frames)
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvAck",
-           "Tokens", "Abort", "Error", "Shutdown", "Peer", "KvReq", "TokensItem", "HistogramSample"]
+           "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "TokensItem",
+           "HistogramSample", "MarksItem", "RequestMark"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
@@ -122,6 +125,11 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                               "logprobs": Opt(List(Float())),
                                               "top_logprobs": Opt(List(TOP, max_len=MAX_KEYS))}),
                            max_len=MAX_KEYS)},
+    RequestMarks: {"worker_id": ID, "items": List(Typed(MarksItem, {
+        "rid": ID, "marks": List(Typed(RequestMark, {
+            "name": Str(choices=WORKER_MARKS), "t": Float(finite=True),
+            "attrs": Map(Str(max_len=64), Scalar(), max_len=32)}), max_len=len(WORKER_MARKS))}),
+        max_len=MAX_KEYS)},
     Abort: {"rid": ID, "reason": TEXT},
     Error: {"rid": ID, "reason": TEXT, "worker_id": ID},
     Shutdown: {"reason": TEXT},
@@ -153,7 +161,7 @@ def _check_body(cls: type, body: dict) -> dict:
 def _plain(v: Any) -> Any:
     """A checked field as msgpack takes it: nested frozen items become maps."""
     if dataclasses.is_dataclass(v):
-        return {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
         return [_plain(x) for x in v]
     return v
