@@ -34,7 +34,6 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0
 PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0, 30.0, 60.0, 120.0, 480.0)
 OUTCOMES = ("success", "error", "timeout", "aborted", "rejected")
-FLAT_HISTOGRAMS = ("kv_transfer_seconds",)     # sent flattened as <name>_bucket_<le>/_sum/_count
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -86,8 +85,8 @@ class RouterMetrics:
 class WorkerStatsCollector:
     """Workers' heartbeat stats as metric families, read at scrape time.
 
-    `snapshot()` -> [(role, worker_id, stats, histograms)], histograms being objects with
-    `name`, `bounds`, `counts` (per bucket, the last above every bound), `sum`, `count`;
+    `snapshot()` -> [(role, worker_id, stats, histograms)], histograms being the typed
+    `HistogramSample`s of the heartbeat;
     `restarts()` -> {worker_id: (role, n)}; `router_rejected()` -> {reason: n}.
     """
 
@@ -109,17 +108,16 @@ class WorkerStatsCollector:
                                                     labels=labels + ["reason"] * with_reason)
             return counters[key]
 
-        for entry in self.snapshot():
-            role, worker_id, stats = entry[0], entry[1], entry[2]
+        for role, worker_id, stats, histograms_of in self.snapshot():
             values = [role, worker_id]
             up.add_metric(values, 1)
-            for h in list(entry[3] if len(entry) > 3 else []) + _flat_histograms(stats):
+            for h in histograms_of:
                 if _NAME.fullmatch(h.name):
                     family = histograms.setdefault(h.name, HistogramMetricFamily(
                         PREFIX + h.name, f"Worker histogram {h.name}.", labels=labels))
                     family.add_metric(values, _cumulative(h), h.sum)
             for key, value in stats.items():
-                if not _NAME.fullmatch(key) or key.startswith(FLAT_HISTOGRAMS):
+                if not _NAME.fullmatch(key):
                     continue
                 if isinstance(value, dict) and key.endswith("_total"):     # {reason: n}
                     family = counter(key, with_reason=True)
@@ -146,35 +144,6 @@ class WorkerStatsCollector:
         yield from gauges.values()
         yield from counters.values()
         yield from histograms.values()
-
-
-class _Sample:
-    def __init__(self, name, bounds, counts, total, count):
-        self.name, self.bounds, self.counts, self.sum, self.count = name, bounds, counts, total, count
-
-
-def _flat_histograms(stats: dict) -> list:
-    """Histograms sent as `<name>_bucket_<le>` (cumulative) + `_sum` + `_count` gauges."""
-    out = []
-    for name in FLAT_HISTOGRAMS:
-        prefix = f"{name}_bucket_"
-        cumulative = []
-        for key, value in stats.items():
-            if key.startswith(prefix) and _is_number(value):
-                try:
-                    cumulative.append((float(key[len(prefix):]), value))
-                except ValueError:
-                    continue
-        count = stats.get(f"{name}_count")
-        if count is None and not cumulative:
-            continue
-        cumulative = sorted(b for b in cumulative if not math.isinf(b[0]))
-        counts = [n - (cumulative[i - 1][1] if i else 0) for i, (_, n) in enumerate(cumulative)]
-        count = count if _is_number(count) else (cumulative[-1][1] if cumulative else 0)
-        counts.append(count - (cumulative[-1][1] if cumulative else 0))
-        out.append(_Sample(name, [le for le, _ in cumulative], counts,
-                           stats.get(f"{name}_sum", 0.0) or 0.0, count))
-    return out
 
 
 def _cumulative(h) -> list[tuple[str, float]]:
