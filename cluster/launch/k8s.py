@@ -80,10 +80,11 @@ def _volumes() -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _resources(cfg: ClusterConfig, num_gpus: int, cpus: int, memory: str) -> dict:
+def _resources(cfg: ClusterConfig, cpus: int, memory: str) -> dict:
     amounts = {"cpu": str(cpus), "memory": memory}
     if cfg.model.device.startswith("cuda"):
-        amounts["nvidia.com/gpu"] = str(num_gpus)
+        # one GPU per worker, as `gpus` deals them on one host; which one is the scheduler's
+        amounts["nvidia.com/gpu"] = "1"
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
@@ -96,7 +97,6 @@ def _health_probe(max_age_s: float, **timing) -> dict:
 def worker_set(cfg: ClusterConfig, role: str, image: str, cpus: int, memory: str) -> list[dict]:
     groups = [g for g in cfg.groups if g.role == role]
     replicas = sum(g.count for g in groups)
-    num_gpus = max([len(getattr(g, "gpus", ()) or ()) for g in groups] + [1])
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
            # torch threads = the pod's CPU limit, not the node's core count
@@ -107,7 +107,7 @@ def worker_set(cfg: ClusterConfig, role: str, image: str, cpus: int, memory: str
     t = cfg.timeouts
     container = {
         "name": "worker", "image": image, "command": ["python"], "args": worker_args(role),
-        "env": env, "resources": _resources(cfg, num_gpus, cpus, memory), "volumeMounts": mounts,
+        "env": env, "resources": _resources(cfg, cpus, memory), "volumeMounts": mounts,
         # loading the model may take up to timeouts.register; liveness waits for it
         "startupProbe": _health_probe(3 * t.heartbeat_interval, failureThreshold=max(
             1, math.ceil(t.register / PROBE_PERIOD_S))),
