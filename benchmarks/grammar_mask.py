@@ -64,21 +64,22 @@ def timed_decode_steps(llm: LLM, prompts, sp: SamplingParams) -> tuple[list[floa
     return steps, samples
 
 
-def mask_only(llm: LLM, b: int, reps: int) -> float:
-    """Seconds per fill + apply for B matchers that are inside the JSON object."""
-    backend = llm.grammar_backend
-    prefix = llm.tokenizer.encode('{"items": [{"name": "x", "score": 1.5, "tags": ["alpha"]}, {"name": "')
+def mask_only(backend, tokenizer, device, b: int, reps: int) -> float:
+    """Median seconds of one fill + apply for B matchers inside the JSON object (a median of
+    single timings: a preempted one on a busy machine does not move it)."""
+    prefix = tokenizer.encode('{"items": [{"name": "x", "score": 1.5, "tags": ["alpha"]}, {"name": "')
     grammars = [backend.matcher("json_schema", json.dumps(SCHEMA), accepted=prefix) for _ in range(b)]
-    logits = torch.randn(b, backend.vocab_size, device=llm.runner.device)
-    for _ in range(3):
-        apply_grammar_masks(logits.clone(), grammars)
+    logits = torch.randn(b, backend.vocab_size, device=device)
     sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        apply_grammar_masks(logits, grammars)
-    sync()
-    return (time.perf_counter() - t0) / reps
+    times = []
+    for _ in range(reps + 3):
+        fresh = logits.clone()   # NOTE: fresh logits: masking already-masked ones skips the writes
+        sync()
+        t0 = time.perf_counter()
+        apply_grammar_masks(fresh, grammars)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return median(times[3:])
 
 
 def main() -> None:
@@ -93,10 +94,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write-md", action="store_true")
     ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument("--mask-only", action="store_true", help="only the mask (no model: seconds, not minutes)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     sizes = [int(x) for x in args.batch_sizes.split(",")]
+    if args.mask_only:
+        from cluster.engine.grammar import GrammarBackend
+        from cluster.engine.loader import load_tokenizer
+        tok = load_tokenizer(path=args.model_path, load_format=args.load_format)
+        backend = GrammarBackend(tok, tok.vocab_size)
+        for b in sizes:
+            print(f"B={b:3d}  mask fill+apply {1e3 * mask_only(backend, tok, args.device, b, 200):.3f} ms "
+                  "(median of 200)", flush=True)
+        return
     llm = LLM(path=args.model_path, load_format=args.load_format, dtype=args.dtype, device=args.device,
               num_pages=max(sizes) * -(-(args.prompt_len + args.steps + 2) // 16) + 8, page_size=16,
               max_batch_size=max(sizes))
@@ -116,7 +127,8 @@ def main() -> None:
             masked, masked_tail = masked + steps, masked_tail + tail
         row = {"batch": b, "free_step_ms": 1e3 * median(base), "grammar_step_ms": 1e3 * median(masked),
                "free_tail_ms": 1e3 * median(base_tail), "grammar_tail_ms": 1e3 * median(masked_tail),
-               "grammar_steps": len(masked), "mask_only_ms": 1e3 * mask_only(llm, b, 50)}
+               "grammar_steps": len(masked),
+               "mask_only_ms": 1e3 * mask_only(llm.grammar_backend, llm.tokenizer, llm.runner.device, b, 50)}
         row["overhead_pct"] = 100 * (row["grammar_step_ms"] / row["free_step_ms"] - 1)
         rows.append(row)
         print(f"B={b:3d}  decode step {row['free_step_ms']:7.2f} ms free, {row['grammar_step_ms']:7.2f} ms "
