@@ -1,0 +1,76 @@
+"""Router response assembly against scripted workers: n choices and prompt lists (indexes,
+usage), echo, tool calls (whole and streamed), top logprobs formatting."""
+from __future__ import annotations
+
+import json
+
+from cluster.wire import protocol
+from tests.test_router_api import (CHAT, COMPLETION, MODEL, echo_reply, make_router, pd_pair, router,  # noqa: F401
+                                   sse_events, tokenizers)
+
+
+def test_n_choices_stream_with_their_index_and_usage_counts_the_prompt_once(router):
+    tok = router.service.tokenizer_for(MODEL)
+    _, decode = pd_pair(router, echo_reply(tok.encode(" one two")))
+    body = {**COMPLETION, "n": 2, "seed": 5, "stream": True, "stream_options": {"include_usage": True}}
+    with router.http.stream("POST", "/v1/completions", json=body) as resp:
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    texts = {}
+    for e in events[:-2]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {0: " one two", 1: " one two"}
+    usage = events[-2]["usage"]
+    assert usage["prompt_tokens"] == len(tok.encode("Hello")) and usage["completion_tokens"] == 4
+    seeds = sorted(m.sampling.seed for m in decode.received if isinstance(m, protocol.Generate))
+    assert seeds == [5, 6]                                   # choice j seeds seed + j
+
+
+def test_prompt_list_with_echo_answers_each_prompt_in_order(router):
+    tok = router.service.tokenizer_for(MODEL)
+    pd_pair(router, echo_reply(tok.encode(" end")))
+    r = router.http.post("/v1/completions", json={**COMPLETION, "prompt": ["Hello", "Bye now"], "echo": True}).json()
+    assert [(c["index"], c["text"]) for c in r["choices"]] == [(0, "Hello end"), (1, "Bye now end")]
+    assert r["usage"]["prompt_tokens"] == len(tok.encode("Hello")) + len(tok.encode("Bye now"))
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_required_tool_call_whole_and_streamed(router):
+    tok = router.service.tokenizer_for(MODEL)
+    _, decode = pd_pair(router, echo_reply(tok.encode('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'),
+                                           "stop"))
+    body = {**CHAT, "max_tokens": 64, "tools": TOOLS, "tool_choice": "required"}
+    r = router.http.post("/v1/chat/completions", json=body).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    grammar = next(m.sampling for m in decode.received if isinstance(m, protocol.Generate))
+    assert grammar.grammar_kind == "json_schema" and "get_weather" in grammar.grammar_spec
+    with router.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+        events = sse_events(resp)
+    calls = [tc for e in events[:-1] for c in e["choices"] for tc in c["delta"].get("tool_calls", [])]
+    assert [(tc["index"], tc["function"]["name"], tc["function"]["arguments"]) for tc in calls] == \
+        [(0, "get_weather", call["function"]["arguments"])]
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls" and events[-1] == "[DONE]"
+
+
+def test_top_logprobs_are_formatted_per_token(router):
+    tok = router.service.tokenizer_for(MODEL)
+    ids = tok.encode(" a b")
+
+    def reply(worker, gen):
+        for i, t in enumerate(ids):
+            top = [[t, -0.1], [t + 1, -2.5]]
+            worker.client.send(protocol.Tokens(worker_id=worker.worker_id, items=[protocol.TokensItem(
+                gen.rid, [t], "length" if i == len(ids) - 1 else None, None, [-0.1], [top])]))
+    pd_pair(router, reply)
+    r = router.http.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [tok.decode([t]) for t in ids]
+    assert all([t["logprob"] for t in c["top_logprobs"]] == [-0.1, -2.5] for c in content)
+    assert all(c["top_logprobs"][0]["token"] == c["token"] for c in content)
