@@ -22,6 +22,7 @@ from cluster.router.request_trace import RequestTrace
 
 log = logging.getLogger("pdcluster.router")
 EXPORT_DELAY_MS = 1000               # how long spans may wait to be batched
+EXPORT_QUEUE = 1 << 16               # spans waiting for export (8 per request); beyond: dropped
 TRACES_PATH = "/v1/traces"
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 MISSING_SDK = ("[tracing] otlp_endpoint is set but the OpenTelemetry SDK is not installed: "
@@ -73,7 +74,7 @@ class SpanExporter:
                                        id_generator=self._ids)
         self.provider.add_span_processor(BatchSpanProcessor(
             OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=10),
-            schedule_delay_millis=EXPORT_DELAY_MS))
+            schedule_delay_millis=EXPORT_DELAY_MS, max_queue_size=EXPORT_QUEUE))
         self.tracer = self.provider.get_tracer("pdcluster.router")
         log.info("tracing: exporting request spans to %s", traces_url(endpoint))
 
