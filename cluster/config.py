@@ -17,7 +17,7 @@ from dataclasses import fields, replace
 from cluster.dllm_params import DllmParams
 from cluster.roles import LOG_FORWARD_ITERS_ENV, ROLES, log_forward_iters_override
 from cluster.sampling_params import InvalidParam
-from cluster.config_types import (ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
+from cluster.config_types import (CacheConfig, ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
                                    RecoveryConfig, RouterConfig, SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
                                    WorkerGroup)
 
@@ -34,7 +34,7 @@ DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
 SECTIONS = {"model": ModelConfigSection, "router": RouterConfig, "scheduler": SchedulerConfig,
             "timeouts": TimeoutsConfig, "recovery": RecoveryConfig, "kv_transfer": KvTransferConfig,
             "security": SecurityConfig,
-            "tracing": TracingConfig}
+            "tracing": TracingConfig, "cache": CacheConfig}
 
 
 class ConfigError(ValueError):

@@ -79,6 +79,11 @@ class TracingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    prefix_cache: bool = True          # radix prefix cache on prefill and unified workers
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerGroup:
     """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
     role: str
@@ -105,6 +110,7 @@ class ClusterConfig:
     kv_transfer: KvTransferConfig = field(default_factory=KvTransferConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     groups: tuple[WorkerGroup, ...] = ()
     source: str = "<defaults>"         # file the config came from, for error messages
 

@@ -25,6 +25,7 @@ logger = logging.getLogger("pdcluster.prefill")
 
 class PrefillScheduler(WorkerScheduler):
     role = "prefill"
+    supports_prefix_cache = True
 
     def __init__(self, config, worker_id, runner, control, data_plane, timeouts,
                  transfer: Optional[TransferHub] = None):
@@ -144,7 +145,7 @@ class PrefillScheduler(WorkerScheduler):
                         req.rid, batch.forward_iter, req.kv_len, packed.num_bytes,
                         req.peer.worker_id, backend.name)
             if not backend.holds_pages:
-                self.cache.free(req)                    # the packed copy is what travels
+                self.cache.release(req)                 # the packed copy travels; the pages stay cached
             if fault == "drop":
                 continue                                # lost on the way: kv_ack never comes
             reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, attempt=req.kv_attempt,

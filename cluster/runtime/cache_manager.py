@@ -1,6 +1,15 @@
-"""CacheManager: owns a worker's KV pages and which request holds which page."""
+"""CacheManager: owns a worker's KV pages, which request holds which page, and the prefix cache.
+
+With the prefix cache on, the head of a request's page table may be pages of the radix
+tree (`req.num_shared_pages` of them, referenced through `req.cache_node`); the rest are
+its own. A finished request gives its whole pages to the tree (`release(keep_kv=True)`),
+so the next request with the same prefix extends from them; an aborted or failed one
+only drops its references. Cached pages nobody references are evicted, least recently
+used first, when an allocation runs short: for scheduling they count as free.
+"""
 from __future__ import annotations
 
+from cluster.engine.radix_cache import RadixCache
 from cluster.runtime.schedule_batch import Req
 
 
@@ -9,6 +18,13 @@ class CacheManager:
         self.allocator = page_allocator
         self.page_size = page_size
         self.num_pages = page_allocator.num_free_pages   # at start every page is free
+        self.tree: RadixCache | None = None
+        self.num_query_tokens = 0      # tokens of requests looked up in the prefix cache
+        self.num_hit_tokens = 0        # of those, tokens whose KV came from the cache
+
+    def enable_prefix_cache(self) -> None:
+        if self.tree is None:
+            self.tree = RadixCache(self.allocator, self.page_size)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -16,28 +32,84 @@ class CacheManager:
     def num_missing_pages(self, req: Req, num_tokens: int) -> int:
         return max(0, self.pages_for(num_tokens) - len(req.page_table))
 
+    @property
+    def num_free_pages(self) -> int:
+        """Free pages plus cached pages no request references (evicted on demand)."""
+        evictable = self.tree.num_evictable_pages if self.tree is not None else 0
+        return self.allocator.num_free_pages + evictable
+
+    def can_allocate(self, num_pages: int) -> bool:
+        return 0 <= num_pages <= self.num_free_pages
+
     def can_grow(self, req: Req, num_tokens: int, reserve: int = 0) -> bool:
-        return self.allocator.can_allocate(self.num_missing_pages(req, num_tokens) + reserve)
+        return self.can_allocate(self.num_missing_pages(req, num_tokens) + reserve)
 
     def grow(self, req: Req, num_tokens: int) -> None:
         """Make `req.page_table` cover `num_tokens` positions."""
         missing = self.num_missing_pages(req, num_tokens)
         if missing:
-            req.page_table.extend(self.allocator.allocate(missing))
+            pages = self.tree.allocate(missing) if self.tree is not None else self.allocator.allocate(missing)
+            req.page_table.extend(pages)
 
-    def free(self, req: Req) -> None:
-        if req.page_table:
-            self.allocator.free(req.page_table)
-            req.page_table = []
+    # ---- prefix cache --------------------------------------------------------------
+    def match_prefix(self, req: Req) -> int:
+        """Start a fresh request on the longest cached prefix of its tokens; -> tokens reused.
+
+        At least the last token is left to compute: its forward gives the next token's logits.
+        """
+        if self.tree is None or req.page_table or req.kv_len:
+            return 0
+        ids = req.all_ids
+        pages, node = self.tree.match_prefix(ids[:len(ids) - 1])
+        self.tree.lock(node)
+        req.cache_node, req.num_shared_pages = node, len(pages)
+        req.page_table = list(pages)
+        req.kv_len = req.num_cached_tokens = len(pages) * self.page_size
+        self.num_query_tokens += len(ids)
+        self.num_hit_tokens += req.kv_len
+        return req.kv_len
+
+    def unmatch(self, req: Req) -> None:
+        """Undo `match_prefix` of a request that was not scheduled after all."""
+        if req.cache_node is not None and req.kv_len == req.num_cached_tokens:
+            self.num_query_tokens -= req.seq_len
+            self.num_hit_tokens -= req.kv_len
+            self.release(req, keep_kv=False)
+            req.kv_len = req.num_cached_tokens = 0
 
     @property
-    def num_free_pages(self) -> int:
-        return self.allocator.num_free_pages
+    def hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+    # ---- release -------------------------------------------------------------------
+    def release(self, req: Req, keep_kv: bool = True) -> None:
+        """Give back the request's pages; with `keep_kv`, its whole pages of written KV
+        (tokens known and launched: the first min(kv_len, seq_len)) go to the prefix cache."""
+        pages, shared = req.page_table, req.num_shared_pages
+        req.page_table, req.num_shared_pages = [], 0
+        node, req.cache_node = req.cache_node, None
+        if self.tree is None:
+            if pages:
+                self.allocator.free(pages)
+            return
+        kept = shared
+        if keep_kv:
+            n = min(req.kv_len, req.seq_len) // self.page_size
+            ids = req.all_ids[:n * self.page_size]
+            self.tree.insert(ids, pages[:n])   # takes pages[:n]: new nodes, or freed as duplicates
+            kept = max(n, shared)
+        if len(pages) > kept:
+            self.allocator.free(pages[kept:])
+        if node is not None:
+            self.tree.unlock(node)
+
+    def free(self, req: Req) -> None:
+        self.release(req, keep_kv=False)
 
     @property
     def token_usage(self) -> float:
-        """Pages held by live requests over the pool."""
-        return 1.0 - self.allocator.num_free_pages / max(1, self.num_pages)
+        """Pages held by live requests over the pool (unreferenced cached pages count as free)."""
+        return 1.0 - self.num_free_pages / max(1, self.num_pages)
 
 
 class SlotAllocator:

@@ -39,7 +39,7 @@ class DecodeManager:
         self.running = [r for r in self.running if not r.is_finished]
         while self.running:
             missing = sum(self.cache.num_missing_pages(r, r.kv_len + 1) for r in self.running)
-            if self.cache.allocator.can_allocate(missing):
+            if self.cache.can_allocate(missing):
                 break
             victim = self.running.pop()          # newest request
             if not self.running:
@@ -47,7 +47,7 @@ class DecodeManager:
                 self.cache.free(victim)
                 self.on_fail(victim, f"KV cache exhausted: {victim.seq_len} tokens do not fit the page pool")
                 return None
-            self.cache.free(victim)
+            self.cache.release(victim)           # its KV stays cached until the pages are needed
             victim.kv_len = 0
             self.num_retracted_total += 1
             self.on_retract(victim)

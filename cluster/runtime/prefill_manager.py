@@ -32,20 +32,24 @@ class PrefillManager:
         """Take waiting requests (whole, or the first one chunked) within the token budget.
 
         A request's remaining tokens are `all_ids[kv_len:]` (prompt, plus output when it
-        is re-prefilled after retraction or decode failure). Only the chunk that reaches
+        is re-prefilled after retraction or decode failure); a fresh one first takes the
+        longest prefix the prefix cache holds. Only the chunk that reaches
         the end of the sequence samples. `reserve_pages` keeps room for running decodes.
         """
-        budget = self.max_prefill_tokens
+        budget, num_hit_tokens = self.max_prefill_tokens, 0
         reqs, extend_lens, prefix_lens, is_last_chunk = [], [], [], []
         for req in list(self.waiting):
             if budget <= 0 or num_running + len(reqs) >= self.max_running_requests:
                 break
             if req.num_pending:      # a result for it is still in flight
                 continue
+            hit = self.cache.match_prefix(req)   # a fresh request extends from its cached prefix
             remaining = req.seq_len - req.kv_len
             chunk = min(remaining, budget)
             if not self.cache.can_grow(req, req.kv_len + chunk, reserve_pages):
+                self.cache.unmatch(req)
                 break
+            num_hit_tokens += hit
             self.cache.grow(req, req.kv_len + chunk)
             reqs.append(req)
             prefix_lens.append(req.kv_len)
@@ -60,4 +64,5 @@ class PrefillManager:
                 self.waiting.remove(req)
                 req.num_pending += 1
         return ScheduleBatch(reqs, ForwardMode.EXTEND, extend_lens=extend_lens,
-                             prefix_lens=prefix_lens, is_last_chunk=is_last_chunk)
+                             prefix_lens=prefix_lens, is_last_chunk=is_last_chunk,
+                             num_cache_hit_tokens=num_hit_tokens)

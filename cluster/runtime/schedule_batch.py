@@ -28,7 +28,8 @@ class Req:
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot",
-        "output_logprobs", "peer", "grammar", "kv_attempt",
+        "output_logprobs", "peer", "grammar", "kv_attempt", "cache_node", "num_shared_pages",
+        "num_cached_tokens",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -50,6 +51,11 @@ class Req:
         self.peer: Optional[Peer] = None   # disaggregation: the other side's worker id and address
         self.grammar: Any = None           # RequestGrammar under structured outputs (engine/grammar.py)
         self.kv_attempt = 0                # disaggregation: KV handoffs tried (a bad checksum prefills again)
+        # prefix cache (CacheManager): the radix node this request references, how many pages
+        # at the head of page_table are the tree's, and the tokens reused at its last admission
+        self.cache_node: Any = None
+        self.num_shared_pages = 0
+        self.num_cached_tokens = 0
 
     # derived lengths are properties, never copies kept in sync
     @property
@@ -88,6 +94,7 @@ class ScheduleBatch:
     # short: an AR request samples its next token from it, a DLLM round carries its block
     is_last_chunk: list[bool] = field(default_factory=list)
     forward_iter: Optional[int] = None                     # set by Scheduler.run_batch, never later
+    num_cache_hit_tokens: int = 0                          # tokens its requests reused from the prefix cache
 
     def __post_init__(self) -> None:
         n = len(self.reqs)
@@ -115,4 +122,4 @@ class ScheduleBatch:
         """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""
         return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
                              prefix_lens=list(self.prefix_lens), is_last_chunk=list(self.is_last_chunk),
-                             forward_iter=self.forward_iter)
+                             forward_iter=self.forward_iter, num_cache_hit_tokens=self.num_cache_hit_tokens)

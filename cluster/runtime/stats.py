@@ -39,7 +39,7 @@ class PrefillStats:
     def of_batch(cls, batch, token_usage: float, num_running_reqs: int, num_queue_reqs: int,
                  **role) -> "PrefillStats":
         return cls(num_new_seqs=sum(batch.is_last_chunk), num_new_tokens=batch.num_tokens,
-                   num_cached_tokens=batch.num_cached_tokens, token_usage=token_usage,
+                   num_cached_tokens=batch.num_cache_hit_tokens, token_usage=token_usage,
                    num_running_reqs=num_running_reqs, num_queue_reqs=num_queue_reqs, **role)
 
 

@@ -96,6 +96,8 @@ def run_worker(role: str, argv, build: Callable) -> int:
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
     control = ControlClient(args.router, args.worker_id, curve=args.curve)
     scheduler, register = build(args, config, group, runner, control)
+    if config.cache.prefix_cache:
+        scheduler.enable_prefix_cache()
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
     register_msg = P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),

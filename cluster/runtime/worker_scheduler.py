@@ -28,6 +28,8 @@ IDLE_WAIT_S = 0.005   # how long an idle pass blocks waiting for the next messag
 
 
 class WorkerScheduler(Scheduler):
+    supports_prefix_cache = False   # roles whose requests extend from a shared prefix
+
     def __init__(self, config: SchedulerConfig, worker_id: str, runner, control):
         super().__init__(config, worker_id, runner.forward, on_cuda=str(runner.device).startswith("cuda"))
         self.runner = runner
@@ -43,6 +45,10 @@ class WorkerScheduler(Scheduler):
         self._grammar_backend = None
 
     # ---- intake --------------------------------------------------------------
+    def enable_prefix_cache(self) -> None:
+        if self.supports_prefix_cache:
+            self.cache.enable_prefix_cache()
+
     def recv_requests(self) -> None:
         timeout = IDLE_WAIT_S if self._idle else 0.0
         self._idle = False
@@ -150,8 +156,9 @@ class WorkerScheduler(Scheduler):
         self.flush_outputs()                       # tokens processed before the failure
 
     def release(self, req: Req) -> None:
-        """Free everything a finished, aborted or failed request holds."""
-        self.cache.free(req)
+        """Free everything a finished, aborted or failed request holds; a finished request's
+        KV stays in the prefix cache (an aborted or failed one's may never have been written)."""
+        self.cache.release(req, keep_kv=req.error is None and req.finish_reason != "abort")
         self.forget(req)
         self.marks.on_release(req)
         if self.reqs.pop(req.rid, None) is not None:
@@ -199,6 +206,9 @@ class WorkerScheduler(Scheduler):
         """The gauges this role owns, read live (roles add their queues')."""
         return {**self.stats.gauges(), "num_running_reqs": self.num_running_reqs,
                 "num_queue_reqs": self.num_queue_reqs, "token_usage": self.cache.token_usage,
+                "prefix_cache_hit_rate": self.cache.hit_rate,
+                "prefix_cache_hit_tokens_total": self.cache.num_hit_tokens,
+                "prefix_cache_query_tokens_total": self.cache.num_query_tokens,
                 "protocol_errors_total": self.num_protocol_errors(),
                 "rejected_frames_total": self.rejected_frames()}
 

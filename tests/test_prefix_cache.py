@@ -1,0 +1,126 @@
+"""Prefix cache in real schedulers with the real model: reuse never changes greedy output.
+
+Turn 1 fills the radix cache; turn 2 re-sends the shared system prompt (and a whole earlier
+turn) and must extend from the cached pages, with the same tokens as a cold run.
+"""
+import re
+
+import pytest
+import torch
+
+from cluster.config import SchedulerConfig
+from cluster.sampling_params import SamplingParams
+from cluster.wire import protocol as P
+from cluster.engine.loader import load_model
+from cluster.unified import UnifiedScheduler
+from tests.queue_control import QueueControl
+from tests.test_handoff_inprocess import Pair, drain, runner_for
+
+SYSTEM = ("You are a helpful assistant. Answer in one short sentence, politely, and never "
+          "mention that you are a language model. Keep answers factual and brief. ")
+QUESTIONS = ["What is the capital of France?", "Name a large ocean.", "How many legs has a cat?"]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.set_num_threads(2)
+    return load_model()
+
+
+def turns(tok) -> tuple[list[list[int]], list[list[int]]]:
+    """Turn-1 prompts (system + question) and turn-2 prompts (turn 1, an answer, a follow-up)."""
+    first = [tok.encode(SYSTEM + q) for q in QUESTIONS]
+    second = [ids + tok.encode(" Paris is nice. And why is that so?") for ids in first]
+    return first, second
+
+
+def unified(loaded, prefix_cache: bool, num_pages: int = 256):
+    s = UnifiedScheduler(SchedulerConfig(overlap=True), "unified-0", runner_for(loaded, num_pages), QueueControl())
+    if prefix_cache:
+        s.enable_prefix_cache()
+    return s
+
+
+def serve(s, prompts, tag) -> dict[str, list[int]]:
+    ctl = s.control
+    for i, ids in enumerate(prompts):
+        ctl.generate(f"{tag}{i}", ids, max_tokens=MAX_TOKENS, ignore_eos=True)
+    drain([s], [None], lambda: all(f"{tag}{i}" in ctl.finished() for i in range(len(prompts))))
+    assert ctl.errors() == []
+    return {rid: t for rid, t in ctl.outputs().items() if rid.startswith(tag)}
+
+
+def submit_ids(pair, rid, ids) -> None:
+    sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True).to_wire()
+    pair.pc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp,
+                                   peer={"worker_id": "decode-0", "data_addr": pair.ddp.address}))
+    pair.dc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp,
+                                   peer={"worker_id": "prefill-0", "data_addr": pair.pdp.address}))
+
+
+def check_pages(s) -> None:
+    """Every page is free, or cached in the tree, and the tree's counters agree."""
+    tree = s.cache.tree
+    tree.check_integrity()
+    s.runner.page_allocator.check_integrity(held=[tree.pages()])
+    assert tree.num_evictable_pages == tree.num_cached_pages   # nothing live references a page
+
+
+def test_unified_greedy_output_with_cache_hits_equals_cold_output(loaded, caplog):
+    first, second = turns(loaded.tokenizer)
+    cold = unified(loaded, prefix_cache=False)
+    ref = [serve(cold, first[:1], "a"), serve(cold, first[1:], "b"), serve(cold, second, "c")]
+    warm = unified(loaded, prefix_cache=True)
+    with caplog.at_level("INFO", logger="pdcluster.scheduler"):
+        assert serve(warm, first[:1], "a") == ref[0]
+        assert serve(warm, first[1:], "b") == ref[1]
+        hits_turn1 = warm.cache.num_hit_tokens
+        assert serve(warm, second, "c") == ref[2]
+    # turn 1: later requests share the system prompt's whole pages; turn 2: whole turns
+    assert hits_turn1 >= 2 * (len(loaded.tokenizer.encode(SYSTEM)) // 16 * 16)
+    assert warm.cache.num_hit_tokens - hits_turn1 >= sum(len(ids) // 16 * 16 for ids in first)
+    logged = sum(int(m.group(1)) for r in caplog.records
+                 if (m := re.search(r"^Prefill batch \[\d+\].*#cached-token: (\d+)", r.getMessage())))
+    assert logged == warm.cache.num_hit_tokens
+    assert warm.heartbeat_stats()["prefix_cache_hit_rate"] == pytest.approx(warm.cache.hit_rate)
+    assert warm.cache.hit_rate > 0.3
+    check_pages(warm)
+
+
+def test_eviction_under_page_pressure_keeps_every_live_request_correct(loaded):
+    """A pool of 10 pages: every turn evicts cached pages of earlier ones, while four
+    requests run at once (some retracted and re-prefilled from what is still cached)."""
+    first, second = turns(loaded.tokenizer)
+    tok = loaded.tokenizer
+    other = [tok.encode(f"Unrelated text {i}: the quick brown fox jumps over the lazy dog, twice or "
+                        f"three times, then rests under a tree until the sun goes down.") for i in range(3)]
+    waves = [first + second + [ids[:40] + tok.encode(" Say hi.") for ids in first], other]
+    cold = unified(loaded, prefix_cache=False)
+    ref = [serve(cold, prompts, f"w{i}-") for i, prompts in enumerate(waves)]
+    small = unified(loaded, prefix_cache=True, num_pages=10)
+    evicted = []
+    evict = small.cache.tree.evict
+    small.cache.tree.evict = lambda n: (evicted.append(n), evict(n))[1]
+    assert [serve(small, prompts, f"w{i}-") for i, prompts in enumerate(waves)] == ref
+    assert evicted and small.cache.num_hit_tokens > 0 and small.decode.num_retracted_total > 0
+    check_pages(small)
+
+
+def test_prefill_worker_extends_from_cached_prefix_and_decode_output_is_unchanged(loaded):
+    first, second = turns(loaded.tokenizer)
+    ref = serve(unified(loaded, prefix_cache=False), second, "r")
+    pair = Pair(loaded)
+    pair.prefill.enable_prefix_cache()
+    try:
+        submit_ids(pair, "warm", first[0])
+        pair.run(1)
+        for i, ids in enumerate(second):
+            submit_ids(pair, f"r{i}", ids)
+        out = pair.run(1 + len(second))
+        assert {k: v for k, v in out.items() if k != "warm"} == ref
+        assert pair.prefill.cache.num_hit_tokens >= len(first[0]) // 16 * 16
+        assert pair.prefill.heartbeat_stats()["prefix_cache_hit_tokens_total"] == pair.prefill.cache.num_hit_tokens
+        check_pages(pair.prefill)
+    finally:
+        pair.close()
