@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from cluster import bench_goodput, bench_report
+from cluster import bench_goodput, bench_multiturn, bench_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
     bench_report.add_arguments(p)
     bench_goodput.add_arguments(p)
+    bench_multiturn.add_arguments(p)
 
 
 async def one_request(client, args, prompt: str) -> dict:
@@ -100,6 +101,8 @@ def cmd_bench(args) -> int:
     if problem:
         print(f"pdcluster bench: {problem}", file=sys.stderr)
         return 2
+    if args.multi_turn:
+        return bench_multiturn.cmd_bench_multiturn(args)
     if args.request_rate:
         return bench_goodput.cmd_sweep(args)
     results, duration = asyncio.run(_bench(args))

@@ -24,7 +24,7 @@ from cluster.config_types import (CacheConfig, ClusterConfig, KvTransferConfig, 
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("float32", "float16", "bfloat16")
-POLICIES = ("round_robin", "least_load")
+POLICIES = ("round_robin", "least_load", "cache_aware")
 CURVE_MODES = ("auto", "on", "off")
 GROUP_KEYS = ("count", "model", "path", "block_size", "algorithm", "threshold",
               "steps_per_block", "mask_token_id", "gpus", "share_gpus")
@@ -119,6 +119,7 @@ def _validate(cfg: ClusterConfig) -> None:
     _require(r.policy in POLICIES, src, "router.policy",
              f"{r.policy!r} is not one of {', '.join(POLICIES)}")
     _require(r.max_queued_requests >= 1, src, "router.max_queued_requests", "must be >= 1")
+    _require(r.local_prefill_max_tokens >= 0, src, "router.local_prefill_max_tokens", "must be >= 0")
     _require(r.max_body_bytes >= 1024, src, "router.max_body_bytes", "must be >= 1024")
     _require(cfg.recovery.restart_reset_after > 0, src, "recovery.restart_reset_after",
              "must be > 0")

@@ -23,7 +23,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     control: str = "tcp://127.0.0.1:0"
-    policy: str = "round_robin"        # round_robin | least_load
+    policy: str = "round_robin"        # round_robin | least_load | cache_aware
+    local_prefill_max_tokens: int = 0  # > 0: decode prefills short uncached remainders itself
     api_key: str = ""
     max_queued_requests: int = 1024
     max_body_bytes: int = 8 << 20      # larger request bodies: 413, never read whole
@@ -80,7 +81,7 @@ class TracingConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    prefix_cache: bool = True          # radix prefix cache on prefill and unified workers
+    prefix_cache: bool = True          # radix prefix cache on prefill, unified and decode workers
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,9 @@ reserved, the first token comes from prefill, and its first forward has one new 
 When pages run out the newest requests are retracted: back to the prealloc queue, and once
 pages are reserved again a `reprefill` (original sampling parameters + tokens so far) asks
 their prefill worker for the KV of the whole sequence.
+Selective disaggregation: a request the router sends without a prefill peer (its
+uncached part is short) is prefilled here, extending from this worker's prefix cache,
+which holds the KV of the requests it finished.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from typing import Optional
 from cluster.kv_transfer import KvTransferError, TransferHub
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
-from cluster.runtime.stats import DecodeStats, KvTransferStats
-from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.stats import DecodeStats, KvTransferStats, PrefillStats
+from cluster.runtime.prefill_manager import PrefillManager
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from decode_worker.prealloc_queue import PreallocQueue
 from decode_worker.transfer_queue import TransferQueue
@@ -30,6 +34,7 @@ CORRUPT_KV_ENV = "PDCLUSTER_TEST_CORRUPT_KV"
 
 class DecodeScheduler(WorkerScheduler):
     role = "decode"
+    supports_prefix_cache = True
 
     def __init__(self, config, worker_id, runner, control, data_plane, timeouts,
                  transfer: Optional[TransferHub] = None):
@@ -42,6 +47,7 @@ class DecodeScheduler(WorkerScheduler):
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
         self.kv_transfer = KvTransferStats()
+        self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
@@ -51,7 +57,7 @@ class DecodeScheduler(WorkerScheduler):
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
         if req.peer is None:
-            self.fail(req, "decode worker got a request without a prefill peer")
+            self.local_prefill.add(req)       # short uncached part: prefill it here
             return
         self.marks.note(req.rid, "admitted", t=time.time())
         self.prealloc_queue.add(req)
@@ -134,6 +140,12 @@ class DecodeScheduler(WorkerScheduler):
             self.fail(req, f"no KV from {req.peer.worker_id} in time")
         for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests):
             self.send_ready(req)
+        batch = self.local_prefill.schedule(len(self.decode), reserve_pages=len(self.decode))
+        if batch is not None:
+            for req, done in zip(batch.reqs, batch.is_last_chunk):
+                if done:
+                    self.decode.add(req)   # its next decode reads the sampled token from its future slot
+            return batch
         return self.decode.schedule()
 
     def send_ready(self, req: Req) -> None:
@@ -155,17 +167,31 @@ class DecodeScheduler(WorkerScheduler):
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)
+        if req.peer is None:
+            self.local_prefill.add(req, front=True)
+            return
         self.retracted.add(req.rid)
         self.prealloc_queue.add(req, front=True)
 
     def forget(self, req: Req) -> None:
         self.prealloc_queue.remove(req.rid)
+        self.local_prefill.remove(req.rid)
         self.transfer_queue.remove(req.rid)
         self.decode.remove(req)
         self.retracted.discard(req.rid)
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
-        self.process_batch_result_decode(batch, result)
+        if batch.mode == ForwardMode.EXTEND:
+            self.process_batch_result_prefill(batch, result)
+        else:
+            self.process_batch_result_decode(batch, result)
+
+    def process_batch_result_prefill(self, batch: ScheduleBatch, result) -> None:
+        """A local prefill (selective disaggregation): its first tokens go out from here."""
+        self.output.commit(batch, result)
+        self.report_prefill_stats(batch, PrefillStats.of_batch(
+            batch, self.cache.token_usage, self.num_running_reqs, self.num_queue_reqs))
+        self.flush_outputs()
 
     def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
         return DecodeStats.of_batch(
@@ -179,7 +205,7 @@ class DecodeScheduler(WorkerScheduler):
 
     @property
     def num_queue_reqs(self) -> int:
-        return len(self.prealloc_queue)
+        return len(self.prealloc_queue) + len(self.local_prefill)
 
     def heartbeat_stats(self) -> dict:
         stats = super().heartbeat_stats()

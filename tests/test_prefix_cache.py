@@ -124,3 +124,27 @@ def test_prefill_worker_extends_from_cached_prefix_and_decode_output_is_unchange
         check_pages(pair.prefill)
     finally:
         pair.close()
+
+
+def test_decode_prefills_a_short_uncached_remainder_itself_from_what_it_finished(loaded):
+    """Selective disaggregation: turn 1 goes through prefill -> decode; turn 2 reaches the
+    decode worker alone (no prefill peer) and extends from turn 1's KV that decode kept."""
+    first, _ = turns(loaded.tokenizer)
+    pair = Pair(loaded)
+    pair.prefill.enable_prefix_cache()
+    pair.decode.enable_prefix_cache()
+    try:
+        submit_ids(pair, "t1", first[0])
+        answer = pair.run(1)["t1"]
+        turn2 = first[0] + answer + loaded.tokenizer.encode(" Tell me more.")
+        ref = serve(unified(loaded, prefix_cache=False), [turn2], "r")["r0"]
+        sent_before = pair.prefill.gauges["kv_transfer_bytes_total"]
+        pair.dc.generate("t2", turn2, max_tokens=MAX_TOKENS, ignore_eos=True)   # no peer: prefill here
+        out = pair.run(2)
+        assert out["t2"] == ref
+        assert pair.decode.cache.num_hit_tokens >= (len(first[0]) + MAX_TOKENS - 1) // 16 * 16
+        assert pair.prefill.gauges["kv_transfer_bytes_total"] == sent_before   # nothing crossed
+        assert pair.dc.errors() == []
+        check_pages(pair.decode)
+    finally:
+        pair.close()

@@ -111,13 +111,35 @@ class Dispatcher:
             w = d.pick("dllm", model=st.model)
             st.workers = (w.worker_id,) if w else ()
         elif d.count("unified") and not d.has_pair():
-            w = d.pick("unified")
+            w = d.pick("unified", token_ids=st.input_ids + st.output_ids, rid=st.rid)
             st.workers, st.route = ((w.worker_id,) if w else ()), "unified"
         else:
-            pair = d.pick_pair()
-            st.workers = (pair[0].worker_id, pair[1].worker_id) if pair else ()
-            st.route = "pd"
+            ids = st.input_ids + st.output_ids
+            local = self._pick_local_prefill(st, ids)
+            if local is not None:
+                st.workers, st.route = (local.worker_id,), "local"
+            else:
+                pair = d.pick_pair(token_ids=ids, rid=st.rid)
+                st.workers = (pair[0].worker_id, pair[1].worker_id) if pair else ()
+                st.route = "pd"
         return bool(st.workers)
+
+    def _pick_local_prefill(self, st: RequestState, ids: list[int]):
+        """Selective disaggregation: the decode worker that already holds all but at most
+        `router.local_prefill_max_tokens` of the prompt prefills the rest itself (no prefill
+        worker, no KV transfer); None when no decode worker does."""
+        limit = self.cfg.router.local_prefill_max_tokens
+        if limit <= 0:
+            return None
+        d = self.directory
+        uncached = {w.worker_id: len(ids) - d.prefixes.match(w.worker_id, ids) for w in d.of_role("decode")}
+        fits = [w for w in d.of_role("decode") if uncached[w.worker_id] <= limit]
+        if not fits:
+            return None
+        w = min(fits, key=lambda w: (uncached[w.worker_id], w.load))
+        log.info("local prefill: request %s on %s (uncached %d of %d tokens <= %d)", st.rid, w.worker_id,
+                 uncached[w.worker_id], len(ids), limit)
+        return w
 
     def _send_generate(self, st: RequestState) -> None:
         if st.is_exhausted:                                # resumed with nothing left
@@ -171,6 +193,8 @@ class Dispatcher:
                 info.num_inflight -= 1
 
     def _finish(self, st: RequestState, event: TokensEvent) -> None:
+        if st.route in ("pd", "local", "unified") and st.token_source is not None:
+            self.directory.record_finished(st.token_source, st.input_ids + st.output_ids)
         self._release(st)
         st.sink(event)
 

@@ -5,15 +5,25 @@ Policies (`router.policy`):
 - `least_load`: power of two choices - sample two candidates, take the one with the lower
   load = reported num_queue_reqs + num_running_reqs + the router's own in-flight count
   (the reported gauges lag by up to one heartbeat; the in-flight count does not).
+- `cache_aware`: the worker whose cached prefix of the request is longest, by the
+  router's own PrefixIndex of what it dispatched; least load when nothing matches or when
+  the candidates' loads differ by more than BALANCE_THRESHOLD (a hot prefix must not
+  pin every request on one worker). Each choice is logged.
 A (prefill, decode) pair must have equal KV fingerprints when both reported one.
 Not thread-safe by itself: the dispatcher holds its lock around every call.
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
+
+from cluster.router.prefix_index import PrefixIndex
+
+log = logging.getLogger("pdcluster.router")
+BALANCE_THRESHOLD = 4    # cache_aware: load spread (requests) beyond which least load wins
 
 from cluster.wire.messages import Peer
 
@@ -57,6 +67,7 @@ class WorkerDirectory:
         self.departed: dict[str, WorkerInfo] = {}  # declared dead; revived by a heartbeat
         self._rr: dict[str, int] = {}
         self._rng = rng or random.Random()
+        self.prefixes = PrefixIndex()              # cache_aware: what each worker likely holds
 
     # membership
     def add(self, info: WorkerInfo) -> Optional[WorkerInfo]:
@@ -64,10 +75,13 @@ class WorkerDirectory:
         self.departed.pop(info.worker_id, None)
         old = self.workers.get(info.worker_id)
         self.workers[info.worker_id] = info
+        self.prefixes.add_worker(info.worker_id, int(info.capacity.get("page_size", 16)),
+                                 int(info.capacity.get("num_pages", 0)))
         return old
 
     def remove(self, worker_id: str) -> Optional[WorkerInfo]:
         info = self.workers.pop(worker_id, None)
+        self.prefixes.remove_worker(worker_id)
         if info is not None:
             info.num_inflight = 0
             self.departed[worker_id] = info
@@ -110,13 +124,15 @@ class WorkerDirectory:
         return self.count("prefill") > 0 and self.count("decode") > 0
 
     def pick(self, role: str, model: Optional[str] = None,
-             exclude: frozenset = frozenset(), fingerprint: Optional[dict] = None
-             ) -> Optional[WorkerInfo]:
+             exclude: frozenset = frozenset(), fingerprint: Optional[dict] = None,
+             token_ids: Optional[Sequence[int]] = None, rid: str = "") -> Optional[WorkerInfo]:
         candidates = [w for w in self.of_role(role, model) if w.worker_id not in exclude
                       and _compatible(fingerprint, w.kv_fingerprint)]
         if not candidates:
             return None
-        if self.policy == "least_load":
+        if self.policy == "cache_aware" and token_ids is not None:
+            return self._pick_cached(role, candidates, token_ids, rid)
+        if self.policy in ("least_load", "cache_aware"):
             if len(candidates) == 1:
                 return candidates[0]
             a, b = self._rng.sample(candidates, 2)
@@ -125,13 +141,34 @@ class WorkerDirectory:
         self._rr[role] = k + 1
         return candidates[k % len(candidates)]
 
-    def pick_pair(self, exclude: frozenset = frozenset()
-                  ) -> Optional[tuple[WorkerInfo, WorkerInfo]]:
-        prefill = self.pick("prefill", exclude=exclude)
+    def _pick_cached(self, role: str, candidates: list[WorkerInfo], token_ids: Sequence[int],
+                     rid: str) -> WorkerInfo:
+        matched = {w.worker_id: self.prefixes.match(w.worker_id, token_ids) for w in candidates}
+        loads = [w.load for w in candidates]
+        least = min(candidates, key=lambda w: w.load)
+        if max(loads) - min(loads) > BALANCE_THRESHOLD:
+            chosen, why = least, f"imbalanced loads {min(loads):g}..{max(loads):g}, least load"
+        else:
+            best = max(candidates, key=lambda w: (matched[w.worker_id], -w.load))
+            chosen, why = (best, "longest cached prefix") if matched[best.worker_id] else (least, "no cached prefix, least load")
+        self.prefixes.insert(chosen.worker_id, token_ids)
+        log.info("cache_aware: %s %s -> %s (%s; cached %d/%d tokens; %s)", role, rid or "-", chosen.worker_id,
+                 why, matched[chosen.worker_id], len(token_ids),
+                 ", ".join(f"{w}={n}" for w, n in matched.items()))
+        return chosen
+
+    def pick_pair(self, exclude: frozenset = frozenset(), token_ids: Optional[Sequence[int]] = None,
+                  rid: str = "") -> Optional[tuple[WorkerInfo, WorkerInfo]]:
+        prefill = self.pick("prefill", exclude=exclude, token_ids=token_ids, rid=rid)
         if prefill is None:
             return None
-        decode = self.pick("decode", exclude=exclude, fingerprint=prefill.kv_fingerprint)
+        decode = self.pick("decode", exclude=exclude, fingerprint=prefill.kv_fingerprint,
+                           token_ids=token_ids, rid=rid)
         return (prefill, decode) if decode is not None else None
+
+    def record_finished(self, worker_id: str, token_ids: Sequence[int]) -> None:
+        """A worker that keeps finished requests' KV (decode, unified) now holds all of it."""
+        self.prefixes.insert(worker_id, token_ids)
 
 
 def _compatible(want: Optional[dict], have: dict) -> bool:
