@@ -83,8 +83,9 @@ class CacheManager:
 
     # ---- release -------------------------------------------------------------------
     def release(self, req: Req, keep_kv: bool = True) -> None:
-        """Give back the request's pages; with `keep_kv`, its whole pages of written KV
-        (tokens known and launched: the first min(kv_len, seq_len)) go to the prefix cache."""
+        """Give back the request's pages; with `keep_kv`, its whole pages of written KV go to
+        the prefix cache: positions whose token is known and whose forward has returned
+        (not those of a launched forward still pending, which may yet fail)."""
         pages, shared = req.page_table, req.num_shared_pages
         req.page_table, req.num_shared_pages = [], 0
         node, req.cache_node = req.cache_node, None
@@ -94,7 +95,7 @@ class CacheManager:
             return
         kept = shared
         if keep_kv:
-            n = min(req.kv_len, req.seq_len) // self.page_size
+            n = min(req.kv_len - req.num_pending, req.seq_len) // self.page_size
             ids = req.all_ids[:n * self.page_size]
             self.tree.insert(ids, pages[:n])   # takes pages[:n]: new nodes, or freed as duplicates
             kept = max(n, shared)
