@@ -52,11 +52,9 @@ def serve(s, prompts, tag) -> dict[str, list[int]]:
 
 
 def submit_ids(pair, rid, ids) -> None:
-    sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True).to_wire()
-    pair.pc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp,
-                                   peer={"worker_id": "decode-0", "data_addr": pair.ddp.address}))
-    pair.dc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp,
-                                   peer={"worker_id": "prefill-0", "data_addr": pair.pdp.address}))
+    sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    pair.pc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp, peer=P.Peer("decode-0", pair.ddp.address)))
+    pair.dc.inbound.put(P.Generate(rid=rid, input_ids=ids, sampling=sp, peer=P.Peer("prefill-0", pair.pdp.address)))
 
 
 def check_pages(s) -> None:
@@ -138,12 +136,12 @@ def test_decode_prefills_a_short_uncached_remainder_itself_from_what_it_finished
         answer = pair.run(1)["t1"]
         turn2 = first[0] + answer + loaded.tokenizer.encode(" Tell me more.")
         ref = serve(unified(loaded, prefix_cache=False), [turn2], "r")["r0"]
-        sent_before = pair.prefill.gauges["kv_transfer_bytes_total"]
+        sent_before = pair.prefill.heartbeat_stats()["kv_transfer_bytes_total"]
         pair.dc.generate("t2", turn2, max_tokens=MAX_TOKENS, ignore_eos=True)   # no peer: prefill here
         out = pair.run(2)
         assert out["t2"] == ref
         assert pair.decode.cache.num_hit_tokens >= (len(first[0]) + MAX_TOKENS - 1) // 16 * 16
-        assert pair.prefill.gauges["kv_transfer_bytes_total"] == sent_before   # nothing crossed
+        assert pair.prefill.heartbeat_stats()["kv_transfer_bytes_total"] == sent_before   # nothing crossed
         assert pair.dc.errors() == []
         check_pages(pair.decode)
     finally:
