@@ -29,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-prompt-len", type=int, default=200, help="shared system prompt, in words")
     p.add_argument("--user-len", type=int, default=20, help="each user message, in words")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -75,7 +74,7 @@ async def run_conversations(args, on_turn_end=None) -> tuple[list[dict], float]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     base = args.url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
-    rng = random.Random(args.seed)
+    rng = random.Random(getattr(args, "seed", 0) or 0)
     system = "You are a baker's assistant. Notes: " + _text(rng, args.system_prompt_len)
     users = [[_text(rng, args.user_len) for _ in range(args.turns)] for _ in range(args.conversations)]
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0),
