@@ -112,6 +112,7 @@ def test_pod_names_are_the_config_worker_ids_and_their_command_lines_parse(confi
     assert seen == {wid for wid, _ in cfg.worker_ids()}
 
 
+@pytest.mark.slow                                  # one interpreter per module
 def test_every_module_in_the_manifests_runs_with_help():
     modules = set()
     for config in CONFIGS:
