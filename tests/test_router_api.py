@@ -451,3 +451,41 @@ def test_internal_endpoints_need_the_token(tokenizers):
         assert ok.status_code == 200 and ok.json()["workers"] == []
     finally:
         r.close()
+
+
+def test_tokens_queued_up_behind_a_busy_loop_go_out_as_one_delta(router):
+    """Events that arrived while the HTTP loop was busy leave as one delta (one detokenize, one
+    SSE write); an error behind them still ends the stream."""
+    import asyncio
+    from cluster.engine.tokenizer import IncrementalDetokenizer
+    from cluster.router.completion import CompletionText
+    from cluster.router.openai_response import ResponseWriter
+    from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
+    from cluster.router.service import Generation
+    from cluster.sampling_params import SamplingParams
+    svc = router.service
+    tok = svc.tokenizer_for(MODEL)
+    ids = tok.encode("one two three four")
+
+    async def drain(events):
+        queue: asyncio.Queue = asyncio.Queue()
+        for ev in events:
+            queue.put_nowait(ev)
+        st = RequestState("r", MODEL, "pd", [1], SamplingParams(max_tokens=8), sink=queue.put_nowait)
+        st.trace = svc.tracing.begin("r", MODEL, "pd", time.monotonic())
+        gen = Generation(st, queue, CompletionText(IncrementalDetokenizer(tok), []),
+                         ResponseWriter("completion", "r", MODEL, tok, False, 0, False), 1, time.monotonic())
+        out = []
+        try:
+            async for delta in svc.deltas(gen):
+                out.append(delta)
+        except Exception as e:
+            out.append(e)
+        return out
+
+    singles = [TokensEvent([t], None, None) for t in ids[:-1]] + [TokensEvent([ids[-1]], None, "stop")]
+    deltas = asyncio.run(drain(singles))
+    assert len(deltas) == 1 and deltas[0].token_ids == ids
+    assert deltas[0].text == "one two three four" and deltas[0].finish_reason == "stop"
+    failed = asyncio.run(drain(singles[:2] + [FailedEvent(500, "boom")]))
+    assert failed[0].token_ids == ids[:2] and "boom" in str(failed[-1].message)

@@ -26,7 +26,7 @@ from typing import Optional
 from cluster.wire import protocol
 from cluster.config import ClusterConfig
 from cluster.router.errors import overloaded
-from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
+from cluster.router.request_state import FailedEvent, RequestState, TokensEvent, deliver_all
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 
 log = logging.getLogger("pdcluster.router")
@@ -288,6 +288,8 @@ class Dispatcher:
         info = self.directory.get(sender)
         if info is not None:
             info.last_seen = time.monotonic()
+        ready = []                                         # one hand-off for the whole step
+        now = time.monotonic()
         for item in msg.items:
             st = self.requests.get(item.rid)
             if st is None or st.token_source != sender:
@@ -298,12 +300,12 @@ class Dispatcher:
             st.output_ids += item.token_ids
             if st.trace is not None:
                 st.trace.add_tokens(len(item.token_ids))
-            st.last_progress = time.monotonic()
+            st.last_progress = now
             event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs)
             if item.finish_reason is not None:
-                self._finish(st, event)
-            else:
-                st.sink(event)
+                self._release(st)
+            ready.append((st.sink, event))
+        deliver_all(ready)
 
     def _on_marks(self, sender: str, msg) -> None:
         for item in msg.items:

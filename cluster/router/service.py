@@ -24,7 +24,7 @@ from cluster.router.errors import APIError, bad_request, overloaded
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
-from cluster.router.request_state import FailedEvent, RequestState
+from cluster.router.request_state import FailedEvent, LoopSink, RequestState, TokensEvent
 from cluster.router.tracing import RequestTracing
 from cluster.sampling_params import InvalidParam, SamplingParams
 
@@ -51,6 +51,12 @@ class Generation:
 # parameters a DLLM worker does not implement: a clean 400 naming them
 _NOT_FOR_DLLM = (("grammar_kind", "response_format"), ("logit_bias", "logit_bias"),
                  ("top_logprobs", "top_logprobs"))
+
+
+def _merged(a: TokensEvent, b: TokensEvent) -> TokensEvent:
+    join = lambda x, y: x + y if x is not None and y is not None else None  # noqa: E731  (per token lists)
+    return TokensEvent(a.token_ids + b.token_ids, join(a.logprobs, b.logprobs), b.finish_reason,
+                       join(a.top_logprobs, b.top_logprobs))
 
 
 class RouterService:
@@ -159,7 +165,7 @@ class RouterService:
         queue: asyncio.Queue = asyncio.Queue()
         st = RequestState(rid=rid, model=model, route=route, input_ids=input_ids,
                           sampling=sampling, dllm=dict(parsed.dllm),
-                          sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                          sink=LoopSink(loop, queue))
         writer = ResponseWriter(parsed.kind, rid, model, tokenizer, parsed.logprobs,
                                 parsed.top_logprobs, parsed.include_usage)
         from cluster.engine.tokenizer import IncrementalDetokenizer
@@ -241,15 +247,27 @@ class RouterService:
                      disconnected: Optional[Callable[[], Awaitable[bool]]] = None
                      ) -> AsyncIterator[TextDelta]:
         """Text deltas until the finishing one; raises APIError when the request fails."""
-        last = None
+        last, held = None, None
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(gen.queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if disconnected is not None and await disconnected():
-                        return
-                    continue
+                if held is not None:
+                    ev, held = held, None
+                elif gen.queue.empty():
+                    try:
+                        ev = await asyncio.wait_for(gen.queue.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if disconnected is not None and await disconnected():
+                            return
+                        continue
+                else:
+                    ev = gen.queue.get_nowait()
+                # NOTE: what queued up meanwhile goes out as one delta: one detokenize, one SSE write
+                while isinstance(ev, TokensEvent) and ev.finish_reason is None and not gen.queue.empty():
+                    nxt = gen.queue.get_nowait()
+                    if not isinstance(nxt, TokensEvent):
+                        held = nxt
+                        break
+                    ev = _merged(ev, nxt)
                 now = time.monotonic()
                 if isinstance(ev, FailedEvent):
                     gen.is_done = True
