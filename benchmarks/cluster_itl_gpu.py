@@ -66,6 +66,23 @@ def engine_steps(model_dir: str, context: int, device: str, dtype: str, concurre
     return out
 
 
+def summary(results: list[dict], duration: float) -> dict:
+    """ITL is the gap between two arrivals of text at the client; an arrival may carry several tokens
+    when the router fell behind, so tokens per arrival and each request's decode time per token
+    (first to last arrival over its tokens after the first) are given too."""
+    ok = [r for r in results if "error" not in r]
+    itl = sorted(x for r in ok for x in r["itl"])
+    per_token = sorted((r["arrivals"][-1] - r["arrivals"][0]) / max(1, r["num_tokens"] - 1) for r in ok)
+    tokens, arrivals = sum(r["num_tokens"] for r in ok), sum(len(r["arrivals"]) for r in ok)
+    ms = lambda xs, q: round(1e3 * xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None  # noqa: E731
+    return {"num_ok": len(ok), "num_failed": len(results) - len(ok), "output_tok_s": round(tokens / duration),
+            "ttft_ms_p50": ms(sorted(r["ttft"] for r in ok), 0.5), "itl_ms_p50": ms(itl, 0.5),
+            "itl_ms_mean": round(1e3 * sum(itl) / len(itl), 3) if itl else None, "itl_ms_p99": ms(itl, 0.99),
+            "tokens_per_arrival": round(tokens / arrivals, 2) if arrivals else None,
+            "ms_per_token_p50": ms(per_token, 0.5),
+            "errors": sorted({r["error"] for r in results if "error" in r})[:3]}
+
+
 def wait_ready(proc, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -95,7 +112,7 @@ def measure(layout: str, model_dir: str, args) -> dict:
             a = argparse.Namespace(url=f"http://127.0.0.1:{PORT}/v1", model=None, num_requests=num, prompt_len=32,
                                    max_tokens=max_tokens, concurrency=conc, api_key="", json=True)
             asyncio.run(bench._bench(argparse.Namespace(**{**vars(a), "num_requests": conc, "max_tokens": 8})))
-            result[f"c{conc}"] = asyncio.run(bench._bench(a))   # after a short warm-up round
+            result[f"c{conc}"] = summary(*asyncio.run(bench._bench(a)))   # after a short warm-up round
             print(layout, conc, json.dumps(result[f"c{conc}"]), flush=True)
         return result
     finally:

@@ -13,6 +13,8 @@ their argmax goes to a trash slot of the future map, so padding never touches li
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import os
 import time
@@ -58,6 +60,20 @@ class _Layout:
         return 5 * self.max_batch + self.max_pages
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """No garbage collection while capturing: a collected CUDA graph (another runner's, in a cycle) is
+    destroyed by a call that a capture forbids, and the capture fails."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @dataclass
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
@@ -88,9 +104,10 @@ class DecodeGraphs:
         torch.cuda.empty_cache()   # the capture empties the cache itself: measure the pool alone
         reserved0 = torch.cuda.memory_reserved(self.device)
         t0 = time.perf_counter()
-        for b in sorted(self.buckets, reverse=True):
-            if b not in self.steps:
-                self.steps[b] = self._capture(b)
+        with _no_gc():
+            for b in sorted(self.buckets, reverse=True):
+                if b not in self.steps:
+                    self.steps[b] = self._capture(b)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
         self.capture_bytes = torch.cuda.memory_reserved(self.device) - reserved0
@@ -105,7 +122,8 @@ class DecodeGraphs:
             return None
         step = self.steps.get(self.buckets[i])
         if step is None:
-            step = self.steps[self.buckets[i]] = self._capture(self.buckets[i])
+            with _no_gc():
+                step = self.steps[self.buckets[i]] = self._capture(self.buckets[i])
         step.graph.replay()
         return step
 
