@@ -69,6 +69,17 @@ def test_redispatch_drops_the_old_attempts_worker_marks():
     assert tr.to_json()["events"][0]["name"] == "redispatch"
 
 
+def test_a_failed_request_ends_in_the_phase_it_failed_in():
+    tr = RequestTrace("r", "m", "pd", arrival=10.0)
+    tr.mark("dispatched", 10.1)
+    tr.merge_worker_marks({"prefill_launched": [10.2, {}]}, "prefill-0")
+    tr.finish("error", error="worker prefill-0 failed", t=10.5)
+    assert [p.name for p in tr.phases()] == ["router_queue", "prefill_queue", "prefill_forward"]
+    rejected = RequestTrace("q", "m", "pd", arrival=10.0)
+    rejected.finish("rejected", t=10.01)
+    assert [p.name for p in rejected.phases()] == ["router_queue"]
+
+
 def test_unknown_marks_are_refused_or_ignored():
     tr = RequestTrace("r", "m", "pd")
     with pytest.raises(ValueError):

@@ -126,28 +126,36 @@ class RequestTrace:
         return None if end is None else end.t - self.arrival
 
     def phases(self) -> list[Phase]:
-        """The phases reached, in order, clamped so no mark precedes the one before it; a
-        request in flight ends with the phase it is in (end None)."""
+        """The phases reached, in order, clamped so no mark precedes the one before it. A
+        request in flight ends with the phase it is in (end None); one that failed ends
+        with the phase it failed in; a successful one with `decode`."""
         end = self.marks.get("finished")
         out, prev = [], self.arrival
-        for name in MARKS[1:]:
+        for name in MARKS[1:-1]:
             mark = self.marks.get(name)
             if mark is None:
                 continue
             t = max(mark.t, prev)
             t = min(t, end.t) if end is not None else t
-            attrs = dict(mark.attrs)
-            if name == "finished" and "decode_done" in self.marks:   # the decode worker's side
-                attrs = {**self.marks["decode_done"].attrs, **attrs}
-            out.append(Phase(PHASE_ENDED_BY[name], prev, t, attrs))
+            out.append(Phase(PHASE_ENDED_BY[name], prev, t, dict(mark.attrs)))
             prev = t
-        if end is None:
-            route = ROUTE_MARKS.get(self.route, MARKS)
-            last = max(MARKS.index(n) for n in tuple(self.marks))
-            upcoming = [m for m in route if MARKS.index(m) > last]
-            if upcoming:
-                out.append(Phase(PHASE_ENDED_BY[upcoming[0]], prev, None, {}))
+        current = self._current_phase()
+        if end is not None:
+            attrs = dict(end.attrs)
+            if "decode_done" in self.marks:                      # the decode worker's side
+                attrs = {**self.marks["decode_done"].attrs, **attrs}
+            name = "decode" if self.outcome == "success" else current
+            out.append(Phase(name or "decode", prev, max(end.t, prev), attrs))
+        elif current is not None:
+            out.append(Phase(current, prev, None, {}))
         return out
+
+    def _current_phase(self) -> Optional[str]:
+        """The phase after the last mark reached, on this request's route."""
+        route = ROUTE_MARKS.get(self.route, MARKS)
+        last = max(MARKS.index(n) for n in tuple(self.marks) if n != "finished" and n in MARKS)
+        upcoming = [m for m in route if MARKS.index(m) > last]
+        return PHASE_ENDED_BY[upcoming[0]] if upcoming else None
 
     def to_json(self) -> dict:
         """What `GET /debug/requests/{id}` returns: times in seconds, offsets from arrival."""
