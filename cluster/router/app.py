@@ -22,6 +22,7 @@ from cluster.router.choices import stream_choices, whole_response
 from cluster.router.errors import APIError, bad_request, error_body
 from cluster.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.router.openai_request import parse_chat, parse_completion
+from cluster.router.openapi_schema import CHAT_BODY, COMPLETION_BODY, request_body
 from cluster.router.request_body import parse_json, read_body
 from cluster.router.service import RouterService
 from cluster.router.tokenize_routes import add_tokenize_routes, model_card
@@ -32,7 +33,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
-    app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
     cfg = service.cfg
 
@@ -81,12 +82,12 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
     async def read_json(request: Request):
         return parse_json(await read_body(request, cfg.router.max_body_bytes))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_BODY))
     async def completions(request: Request):
         authorize(request)
         return await respond(parse_completion(await read_json(request)), request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_BODY))
     async def chat_completions(request: Request):
         authorize(request)
         return await respond(parse_chat(await read_json(request)), request)
@@ -141,13 +142,13 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
                            f"{service.tracing.recent.capacity})", "not_found_error")
         return trace.to_json()
 
-    @app.get("/internal/workers")
+    @app.get("/internal/workers", include_in_schema=False)
     async def internal_workers(request: Request):
         internal_only(request)
         return {"workers": service.dispatcher.snapshot(),
                 "control_endpoint": service.dispatcher.control_endpoint}
 
-    @app.post("/internal/workers/{worker_id}/exit")
+    @app.post("/internal/workers/{worker_id}/exit", include_in_schema=False)
     async def internal_worker_exit(worker_id: str, request: Request):
         internal_only(request)
         raw = await read_body(request, cfg.router.max_body_bytes)
