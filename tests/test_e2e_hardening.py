@@ -144,8 +144,8 @@ def test_fuzzed_requests_never_get_a_server_error(cluster):
             seen[operation.label] = seen.get(operation.label, 0) + 1
             assert response.status_code < 500, (case.path, case.body, response.text[:300])
         call()
-    assert {"POST /v1/completions", "POST /v1/chat/completions"} <= set(seen), seen
-    assert min(seen.values()) >= 5, seen
+    assert seen.get("POST /v1/completions", 0) >= 10, seen
+    assert seen.get("POST /v1/chat/completions", 0) >= 10, seen
     assert cluster.worker_pids() == pids                 # same processes: none restarted
 
 
