@@ -12,6 +12,15 @@ import pytest
 from tests.test_router_api import (CHAT, COMPLETION, MODEL, assert_error, make_router, pd_pair,  # noqa: F401
                                    tokenizers, wait_for)
 
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_tokenizer(tokenizers):
+    """Load the tokenizer before the first request: its few seconds must not count
+    against the HTTP client's timeout on a busy machine."""
+    from cluster.engine.loader import load_tokenizer
+    if "" not in tokenizers:
+        tokenizers[""] = load_tokenizer(MODEL, "", "auto")
+
 NAN_CASES = [b'"temperature": NaN', b'"temperature": Infinity', b'"top_p": -Infinity',
              b'"presence_penalty": 1e999', b'"seed": ' + b"9" * 5000]
 

@@ -4,6 +4,8 @@ gets its stale attempts aborted and its late tokens are ignored; a router that r
 is re-registered with; a drained router tells its workers to shut down."""
 from __future__ import annotations
 
+import pytest
+
 import threading
 import time
 
@@ -12,6 +14,15 @@ from cluster.wire import protocol
 from cluster.wire.transport import ControlClient, ControlServer
 from tests.test_router_api import (COMPLETION, MODEL, echo_reply, make_router, pd_pair,  # noqa: F401
                                    tokenizers, wait_for)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_tokenizer(tokenizers):
+    """Load the tokenizer before the first request: its few seconds must not count
+    against the HTTP client's timeout on a busy machine."""
+    from cluster.engine.loader import load_tokenizer
+    if "" not in tokenizers:
+        tokenizers[""] = load_tokenizer(MODEL, "", "auto")
 
 
 def generates(worker) -> list:

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from cluster.wire import protocol
 from tests.test_router_api import (COMPLETION, MODEL, assert_error, echo_reply, make_router,  # noqa: F401
                                    pd_pair, tokenizers, wait_for)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_tokenizer(tokenizers):
+    """Load the tokenizer before the first request: its few seconds must not count
+    against the HTTP client's timeout on a busy machine."""
+    from cluster.engine.loader import load_tokenizer
+    if "" not in tokenizers:
+        tokenizers[""] = load_tokenizer(MODEL, "", "auto")
 
 
 def generates(worker) -> list:
