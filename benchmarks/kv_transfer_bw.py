@@ -42,8 +42,13 @@ def make_pool(args, shared: bool):
     return pool, seg
 
 
-def pages_for(pool, tokens: int, rng) -> list[int]:
-    return rng.sample(range(pool.num_pages), -(-tokens // PAGE))
+def pages_for(pool, tokens: int, rng, contiguous: bool = False) -> list[int]:
+    """Random pages (a fragmented pool), or one run of consecutive pages (a fresh allocator)."""
+    n = -(-tokens // PAGE)
+    if contiguous:
+        first = rng.randrange(pool.num_pages - n + 1)
+        return list(range(first, first + n))
+    return rng.sample(range(pool.num_pages), n)
 
 
 def decode_side(args) -> None:
@@ -66,8 +71,8 @@ def decode_side(args) -> None:
             failed = {}
             for item, payload in zip(msg.reqs, msg.tensors or [None] * len(msg.reqs)):
                 try:
-                    hub.receiver_for(msg.backend).unpack(sender, msg.source, item, payload,
-                                                         pages_for(pool, item["prompt_len"], rng))
+                    hub.receiver_for(msg.backend).unpack(sender, msg.source, item, payload, pages_for(
+                        pool, item.prompt_len, rng, bool(msg.source.get("contiguous", 0))))
                 except Exception as e:     # reported back, not fatal: the figure says it failed
                     failed[item.rid] = f"{type(e).__name__}: {e}"
             hub.fence.synchronize()
@@ -89,16 +94,18 @@ def prefill_side(args, decode_addr: str) -> None:
         hub.data_addr = dp.address
         for backend in args.backend_list:
             b = hub.get(backend)
-            for tokens in args.tokens_list:
-                for verify in (True, False):
+            for tokens, contiguous, verify in [(t, c, v) for t in args.tokens_list
+                                               for c in args.placement_list for v in (True, False)]:
+                if True:
                     b.verify = verify
                     times, errors = [], set()
                     for rep in range(args.warmup + args.reps):
-                        pages = pages_for(pool, tokens, rng)
+                        pages = pages_for(pool, tokens, rng, contiguous)
                         t0 = time.perf_counter()
                         packed = b.pack(pages, tokens)
                         item = P.KvReq(f"r{rep}", 1, tokens, checksum=packed.checksum, src_pages=packed.src_pages)
-                        source = {**b.source(), "reply_to": dp.address, "verify": int(verify)}
+                        source = {**b.source(), "reply_to": dp.address, "verify": int(verify),
+                                  "contiguous": int(contiguous)}
                         dp.send_to(decode_addr, P.KvBatch(rep, "prefill-0", [item],
                                                           [packed.tensor] if backend == "zmq" else [],
                                                           backend=backend, source=source))
@@ -113,6 +120,7 @@ def prefill_side(args, decode_addr: str) -> None:
                     nbytes = pool.request_bytes(tokens)
                     med = statistics.median(times)
                     rows.append({"backend": backend, "tokens": tokens, "verify": verify, "bytes": nbytes,
+                                 "pages": "contiguous" if contiguous else "scattered",
                                  "handoff_ms": round(1000 * med, 3), "gb_per_s": round(nbytes / med / 1e9, 2),
                                  "errors": sorted(errors)[:2]})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -174,6 +182,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--backends", default="zmq,cuda_ipc,nccl")
     ap.add_argument("--tokens", default="512,2048,8192")
+    ap.add_argument("--placement", default="scattered,contiguous", help="pages: scattered, contiguous or both")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -182,6 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     args.backend_list = args.backends.split(",")
     args.tokens_list = [int(t) for t in args.tokens.split(",")]
+    args.placement_list = [p == "contiguous" for p in args.placement.split(",")]
     if args.role == "decode":
         return decode_side(args)
     if args.role == "prefill":

@@ -98,7 +98,6 @@ def clusters():
     def get(backend: str) -> Cluster:
         if backend not in launched:
             launched[backend] = Cluster(config(gpu_groups(("prefill", 0), ("decode", 1)), backend), f"pd-{backend}")
-            launched[backend].start()
         return launched[backend]
     yield get
     for c in launched.values():

@@ -31,7 +31,10 @@ def _pair_group(host: str, port: int, prefix: str, rank: int, is_master_store=No
     timeout = datetime.timedelta(seconds=PAIR_TIMEOUT_S)
     store = is_master_store or dist.TCPStore(host, port, is_master=False, timeout=timeout)
     opts = dist.ProcessGroupNCCL.Options()
-    opts._timeout = timeout
+    try:
+        opts._timeout = timeout
+    except AttributeError:                               # older torch: the default timeout
+        pass
     return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, 2, opts)
 
 

@@ -51,8 +51,8 @@ class ZmqTransfer(KvTransfer):
 
     def _unpack_cuda(self, item: "KvReq", payload, dst_pages: list[int]) -> None:
         pool = self.pool
-        dev = torch.empty(payload.nbytes, dtype=torch.uint8, device=pool.device)
-        with self.fence.stream():
+        with self.fence.stream():        # NOTE: allocated on the stream that uses it
+            dev = torch.empty(payload.nbytes, dtype=torch.uint8, device=pool.device)
             off = 0
             for chunk in payload.chunks:
                 staged = torch.empty(len(chunk), dtype=torch.uint8, pin_memory=True)

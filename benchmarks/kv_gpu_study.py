@@ -1,0 +1,183 @@
+"""TTFT split per KV transfer backend, and goodput of 1P1D vs unified workers (issue 14's study).
+
+    python benchmarks/kv_gpu_study.py --model-dir DIR --out OUT [--deadline-s S]
+
+`ttft`: per backend, a 1 prefill (GPU 0) + 1 decode (GPU 1) cluster, requests one at a time
+(2k-token prompts, 8 output tokens): client TTFT split into prefill forward and pack (prefill's
+own timings, DEBUG log), transfer (prefill's kv_transfer_seconds: kv_batch sent -> kv_ack, which
+includes decode's unpack and verify) and the rest (HTTP, dispatch, decode_ready round trip).
+`goodput`: DistServe style, `pdcluster bench --request-rate` logic (cluster/bench_goodput.py):
+Poisson arrivals at each rate, 2k-token prompts, 256 output tokens, SLO TTFT <= 1 s and mean
+inter-token time <= 50 ms, for 1P1D on 2 GPUs, 2 unified workers on the 2 GPUs and 1 unified
+on 1 GPU; writes goodput.json and slo_attainment.png. `--device cpu` rehearses it all on a CPU
+with the tiny model (backends zmq/shm, no GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import Cluster, metric_values  # noqa: E402
+
+from cluster import bench_goodput  # noqa: E402
+
+WORDS = ("alpha", "beta", "gamma", "delta", "omega")
+
+
+def config(args, groups: str, backend: str = "auto") -> str:
+    gpu = args.device == "cuda"
+    return f"""
+[model]
+name = "dummy"
+path = "{os.path.abspath(args.model_dir)}"
+load_format = "dummy"
+dtype = "{'bfloat16' if gpu else 'float32'}"
+device = "{args.device}"
+max_model_len = 4096
+
+[scheduler]
+num_pages = {args.num_pages}
+max_running_requests = 64
+max_prefill_tokens = 8192
+
+[timeouts]
+register = 300
+
+[kv_transfer]
+backend = "{backend}"
+
+{groups}
+"""
+
+
+def groups(args, layout: str) -> str:
+    gpus = lambda g: f"gpus = {g}\n" if args.device == "cuda" else ""  # noqa: E731
+    return {"1p1d": "[[prefill]]\n" + gpus("[0]") + "[[decode]]\n" + gpus("[1]"),
+            "2 unified": "[[unified]]\ncount = 2\n" + gpus("[0, 1]"),
+            "1 unified": "[[unified]]\n" + gpus("[0]")}[layout]
+
+
+def prompt(i: int, n: int) -> str:
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
+
+
+async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
+    import httpx
+    from cluster.bench import one_request
+    args = argparse.Namespace(model="dummy", max_tokens=max_tokens)
+    async with httpx.AsyncClient(base_url=c.base_url + "/v1", timeout=300) as client:
+        return await one_request(client, args, p)
+
+
+def ttft_split(args, backend: str, out: dict) -> None:
+    env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"}
+    with Cluster(config(args, groups(args, "1p1d"), backend), f"ttft-{backend}", env=env) as c:
+        for i in range(2):
+            asyncio.run(_one(c, prompt(100 + i, args.prompt_len), 4))       # warm up
+        n0 = len(_kv_lines(c))
+        m0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
+        k0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
+        ttfts = []
+        for i in range(args.ttft_requests):
+            r = asyncio.run(_one(c, prompt(i, args.prompt_len), 8))
+            if "error" in r:
+                raise RuntimeError(f"{backend}: {r['error']}")
+            ttfts.append(r["ttft"])
+        time.sleep(args.heartbeat_s)                 # the last acks reach /metrics with a heartbeat
+        lines = _kv_lines(c)[n0:]
+        s1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
+        k1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
+        transfer = (sum(s1.values()) - sum(m0.values())) / max(1, sum(k1.values()) - sum(k0.values()))
+        forward = statistics.fmean(f for f, _ in lines) if lines else float("nan")
+        pack = statistics.fmean(p for _, p in lines) if lines else float("nan")
+        ttft = statistics.median(ttfts)
+        out[backend] = {"ttft_ms_p50": round(1000 * ttft, 2), "prefill_forward_ms": round(1000 * forward, 2),
+                        "pack_ms": round(1000 * pack, 2), "transfer_ms": round(1000 * transfer, 2),
+                        "rest_ms": round(1000 * (ttft - forward - pack - transfer), 2), "requests": len(ttfts)}
+        print(f"ttft {backend}: {out[backend]}", flush=True)
+
+
+def _kv_lines(c: Cluster) -> list[tuple[float, float]]:
+    pat = re.compile(r"kv_batch to .* forward_s=([\d.]+) pack_s=([\d.]+) via")
+    return [(float(m.group(1)), float(m.group(2))) for m in pat.finditer(c.log("prefill-0"))]
+
+
+def goodput(args, layout: str, out: dict) -> None:
+    backend = "auto"
+    with Cluster(config(args, groups(args, layout), backend), f"goodput-{layout.replace(' ', '')}") as c:
+        for i in range(4):
+            asyncio.run(_one(c, prompt(200 + i, args.prompt_len), 8))       # warm up every worker
+        bench_args = argparse.Namespace(
+            url=c.base_url + "/v1", model="dummy", api_key="", request_rate=args.rates, num_requests=0,
+            prompt_len=args.prompt_len, max_tokens=args.max_tokens, slo_ttft=args.slo_ttft,
+            slo_tpot=args.slo_tpot, attainment=0.9, seed=0, json=None, plot=None, concurrency=None)
+        rows = []
+        for rate in bench_goodput.parse_rates(args.rates):
+            bench_args.request_rate = str(rate)
+            bench_args.num_requests = max(4, int(rate * args.seconds_per_rate))
+            report = asyncio.run(bench_goodput.sweep(bench_args))
+            rows += report["rates"]
+            if report["rates"][-1]["slo_attainment"] < 0.2:
+                break                                # past saturation: higher rates only fail more
+        out[layout] = {"goodput_rps": bench_goodput.goodput(rows, 0.9), "rates": rows}
+        if layout == "1p1d":
+            out[layout]["backend"] = re.findall(r"kv_transfer auto -> (\w+)", c.log("prefill-0"))[:1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--parts", default="goodput,ttft")
+    ap.add_argument("--backends", default="cuda_ipc,nccl,zmq")
+    ap.add_argument("--layouts", default="1p1d,2 unified,1 unified")
+    ap.add_argument("--rates", default="1,2,4,6,8")
+    ap.add_argument("--seconds-per-rate", type=float, default=8.0)
+    ap.add_argument("--prompt-len", type=int, default=2000)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--slo-ttft", type=float, default=1.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.05)
+    ap.add_argument("--ttft-requests", type=int, default=5)
+    ap.add_argument("--num-pages", type=int, default=8192)
+    ap.add_argument("--heartbeat-s", type=float, default=1.5)
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="skip parts that start after this")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    start = time.monotonic()
+    result = {"ttft": {}, "goodput": {}, "args": vars(args)}
+    path = os.path.join(args.out, "kv_gpu_study.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    for part in args.parts.split(","):
+        names = args.layouts.split(",") if part == "goodput" else args.backends.split(",")
+        for name in names:
+            if time.monotonic() - start > args.deadline_s:
+                result.setdefault("skipped", []).append(f"{part}:{name}")
+                continue
+            try:
+                (goodput if part == "goodput" else ttft_split)(args, name, result[part])
+            except Exception as e:                   # one failed layout must not lose the others
+                result.setdefault("failed", {})[f"{part}:{name}"] = f"{type(e).__name__}: {e}"[:2000]
+                print(f"{part} {name} failed: {e}", flush=True)
+            save()
+    if result["goodput"]:
+        title = (f"{os.path.basename(args.model_dir)}, {args.prompt_len}-token prompts, {args.max_tokens} out, "
+                 f"SLO TTFT<={args.slo_ttft:g}s, TPOT<={1000 * args.slo_tpot:g}ms")
+        bench_goodput.plot_attainment({k: v["rates"] for k, v in result["goodput"].items()}, args.out, title, 0.9)
+    save()
+    print(json.dumps({k: result[k] for k in result if k != "args"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
