@@ -80,29 +80,33 @@ async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
 def ttft_split(args, backend: str, out: dict) -> None:
     env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"}
     with Cluster(config(args, groups(args, "1p1d"), backend), f"ttft-{backend}", env=env) as c:
-        for i in range(2):
-            asyncio.run(_one(c, prompt(100 + i, args.prompt_len), 4))       # warm up
-        n0 = len(_kv_lines(c))
-        m0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
-        k0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
-        ttfts = []
-        for i in range(args.ttft_requests):
-            r = asyncio.run(_one(c, prompt(i, args.prompt_len), 8))
-            if "error" in r:
-                raise RuntimeError(f"{backend}: {r['error']}")
-            ttfts.append(r["ttft"])
-        time.sleep(args.heartbeat_s)                 # the last acks reach /metrics with a heartbeat
-        lines = _kv_lines(c)[n0:]
-        s1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
-        k1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
-        transfer = (sum(s1.values()) - sum(m0.values())) / max(1, sum(k1.values()) - sum(k0.values()))
-        forward = statistics.fmean(f for f, _ in lines) if lines else float("nan")
-        pack = statistics.fmean(p for _, p in lines) if lines else float("nan")
-        ttft = statistics.median(ttfts)
-        out[backend] = {"ttft_ms_p50": round(1000 * ttft, 2), "prefill_forward_ms": round(1000 * forward, 2),
-                        "pack_ms": round(1000 * pack, 2), "transfer_ms": round(1000 * transfer, 2),
-                        "rest_ms": round(1000 * (ttft - forward - pack - transfer), 2), "requests": len(ttfts)}
+        out[backend] = measure_ttft(c, args)
         print(f"ttft {backend}: {out[backend]}", flush=True)
+
+
+def measure_ttft(c: Cluster, args) -> dict:
+    for i in range(2):
+        asyncio.run(_one(c, prompt(100 + i, args.prompt_len), 4))       # warm up
+    n0 = len(_kv_lines(c))
+    m0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
+    k0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
+    ttfts = []
+    for i in range(args.ttft_requests):
+        r = asyncio.run(_one(c, prompt(i, args.prompt_len), 8))
+        if "error" in r:
+            raise RuntimeError(r["error"])
+        ttfts.append(r["ttft"])
+    time.sleep(args.heartbeat_s)                 # the last acks reach /metrics with a heartbeat
+    lines = _kv_lines(c)[n0:]
+    s1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
+    k1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
+    transfer = (sum(s1.values()) - sum(m0.values())) / max(1, sum(k1.values()) - sum(k0.values()))
+    forward = statistics.fmean(f for f, _ in lines) if lines else float("nan")
+    pack = statistics.fmean(p for _, p in lines) if lines else float("nan")
+    ttft = statistics.median(ttfts)
+    return {"ttft_ms_p50": round(1000 * ttft, 2), "prefill_forward_ms": round(1000 * forward, 2),
+            "pack_ms": round(1000 * pack, 2), "transfer_ms": round(1000 * transfer, 2),
+            "rest_ms": round(1000 * (ttft - forward - pack - transfer), 2), "requests": len(ttfts)}
 
 
 def _kv_lines(c: Cluster) -> list[tuple[float, float]]:
@@ -110,9 +114,13 @@ def _kv_lines(c: Cluster) -> list[tuple[float, float]]:
     return [(float(m.group(1)), float(m.group(2))) for m in pat.finditer(c.log("prefill-0"))]
 
 
-def goodput(args, layout: str, out: dict) -> None:
+def goodput(args, layout: str, out: dict, ttft_out: dict) -> None:
     backend = "auto"
-    with Cluster(config(args, groups(args, layout), backend), f"goodput-{layout.replace(' ', '')}") as c:
+    env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"} if layout == "1p1d" else {}
+    with Cluster(config(args, groups(args, layout), backend), f"goodput-{layout.replace(' ', '')}", env=env) as c:
+        if layout == "1p1d":                     # the auto backend's TTFT split, before the load
+            ttft_out["auto"] = measure_ttft(c, args)
+            print(f"ttft auto: {ttft_out['auto']}", flush=True)
         for i in range(4):
             asyncio.run(_one(c, prompt(200 + i, args.prompt_len), 8))       # warm up every worker
         bench_args = argparse.Namespace(
@@ -138,10 +146,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--parts", default="goodput,ttft")
-    ap.add_argument("--backends", default="cuda_ipc,nccl,zmq")
+    ap.add_argument("--backends", default="nccl,zmq")
     ap.add_argument("--layouts", default="1p1d,2 unified,1 unified")
-    ap.add_argument("--rates", default="1,2,4,6,8")
-    ap.add_argument("--seconds-per-rate", type=float, default=8.0)
+    ap.add_argument("--rates", default="2,4,6,8")
+    ap.add_argument("--seconds-per-rate", type=float, default=6.0)
     ap.add_argument("--prompt-len", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--slo-ttft", type=float, default=1.0)
@@ -166,7 +174,10 @@ def main() -> None:
                 result.setdefault("skipped", []).append(f"{part}:{name}")
                 continue
             try:
-                (goodput if part == "goodput" else ttft_split)(args, name, result[part])
+                if part == "goodput":
+                    goodput(args, name, result["goodput"], result["ttft"])
+                else:
+                    ttft_split(args, name, result["ttft"])
             except Exception as e:                   # one failed layout must not lose the others
                 result.setdefault("failed", {})[f"{part}:{name}"] = f"{type(e).__name__}: {e}"[:2000]
                 print(f"{part} {name} failed: {e}", flush=True)
