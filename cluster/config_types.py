@@ -64,7 +64,8 @@ class RecoveryConfig:
 @dataclass(frozen=True, slots=True)
 class KvTransferConfig:
     backend: str = "auto"              # auto | zmq | shm | cuda_ipc | nccl (cluster/kv_transfer)
-    verify: bool = True                # checksum every transfer; a mismatch is prefilled again
+    verify: bool = False               # checksum every transfer (a mismatch is prefilled again); off by
+                                       # default: it doubles a device-to-device handoff (BENCHMARKS.md)
     layerwise: bool = False            # stream each layer's KV as its forward finishes (not built yet)
 
 
