@@ -108,8 +108,13 @@ def clusters():
 def test_backend_gives_the_unified_workers_greedy_tokens(clusters, reference, backend):
     c = clusters(backend)
     assert texts(c) == reference
-    sent = metric_values(c.metrics(), "pdcluster:kv_transfer_bytes_total")
-    assert any('worker="decode-0"' in k and v > 0 for k, v in sent.items())
+    deadline = time.monotonic() + 10                  # gauges arrive with the next heartbeat
+    while time.monotonic() < deadline:
+        sent = metric_values(c.metrics(), "pdcluster:kv_transfer_bytes_total")
+        if any('worker="decode-0"' in k and v > 0 for k, v in sent.items()):
+            break
+        time.sleep(0.5)
+    assert any('worker="decode-0"' in k and v > 0 for k, v in sent.items()), sent
     assert not any(v for v in metric_values(c.metrics(), "pdcluster:kv_transfer_failures_total").values())
 
 

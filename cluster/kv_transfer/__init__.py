@@ -17,7 +17,8 @@ moves the bytes is a backend (`[kv_transfer] backend`, interface in `base.py`):
 Completion is signalled back with `kv_ack` (rids landed, or failed with a reason). With the
 page-reading backends (shm, cuda_ipc) the prefill pages stay allocated until then.
 
-Verified handoff (`verify = true`): the prefill side checksums each request's KV in handoff
+Verified handoff (`[kv_transfer] verify = true`; off by default because it doubles a
+device-to-device handoff, BENCHMARKS.md): the prefill side checksums each request's KV in handoff
 layout (xxh3-64 on the CPU, `fold64` on a GPU: `checksum.py`); the decode side recomputes it
 over what landed before the request's pages go live. A mismatch is acked as failed with
 reason "checksum"; the prefill worker prefills the request again with the next attempt
@@ -28,8 +29,11 @@ TEST-ONLY fault injection (`faults.py`), like SGLang's DISAGGREGATION_TEST_FAILU
     PDCLUSTER_TEST_KV_FAULT="drop=0.1,corrupt=0.1,seed=7"
 set in a prefill worker's environment, drops (leaves out of its kv_batch: it times out, and
 the request fails naming the missing ack) or corrupts (flips bytes after the checksum, or
-the checksum itself for page-reading backends: decode rejects it and it is prefilled again)
-that share of transferred requests. Never set it in production.
+the checksum itself for page-reading backends: with verify on, decode rejects it and it is
+prefilled again; with verify off the corruption goes through) that share of transferred
+requests. Never set it in production.
+
+Not built: layer-wise streaming (`layerwise = true` is refused at config load).
 """
 from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError, Packed
 from cluster.kv_transfer.faults import ENV as FAULT_ENV, KvFaults, KvFaultSpec

@@ -3,8 +3,9 @@
 Pools are `[layers, 2, kv_heads, num_pages, page_size, head_dim]` (engine/kv_cache.py).
 Page pairs are coalesced into runs that are consecutive on both sides; each run is one
 strided copy of `layers * 2 * kv_heads` blocks (one pass over the bytes, no gather buffer).
-A request scattered over many short runs goes through one gather and one scatter instead:
-past `MAX_RUNS` the per-copy launch cost outweighs the extra pass.
+On a GPU, a request scattered over many short runs goes through one gather and one scatter
+instead: past `MAX_RUNS` the per-copy launch cost outweighs the extra pass. On the CPU the
+per-run copies stay faster at any count (3.2 vs 0.7 GB/s for 128 single-page runs here).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def copy_pages(src: torch.Tensor, dst: torch.Tensor, src_pages: list[int], dst_p
     if src.shape[:3] != dst.shape[:3] or src.shape[4:] != dst.shape[4:] or src.dtype != dst.dtype:
         raise ValueError(f"pool layouts differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
     runs = page_runs(src_pages, dst_pages)
-    if len(runs) <= MAX_RUNS:
+    if len(runs) <= MAX_RUNS or dst.device.type == "cpu":
         for s, d, n in runs:
             dst[:, :, :, d:d + n].copy_(src[:, :, :, s:s + n], non_blocking=True)
         return
