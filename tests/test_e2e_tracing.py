@@ -94,6 +94,11 @@ def test_phases_add_up_to_the_latency_in_order_and_name_logged_iterations(cluste
     assert prefill_iter in cluster.iterations("prefill-0", "Prefill")
     assert decode_iter in cluster.iterations("decode-0", "Decode")
     assert by["decode"]["forward_iter"] >= decode_iter    # the last decode step's batch
+    # each token names the batch that sampled it: prefill's for the first, then decode's
+    token_iters = [t["forward_iter"] for t in trace["tokens"]]
+    assert sum(t["num_tokens"] for t in trace["tokens"]) == MAX_TOKENS
+    assert token_iters[:2] == [prefill_iter, decode_iter]
+    assert token_iters[1:] == sorted(token_iters[1:]) and token_iters[-1] == by["decode"]["forward_iter"]
 
 
 def test_debug_requests_requires_the_api_key(cluster):

@@ -299,7 +299,7 @@ class Dispatcher:
                 continue
             st.output_ids += item.token_ids
             if st.trace is not None:
-                st.trace.add_tokens(len(item.token_ids))
+                st.trace.add_tokens(len(item.token_ids), item.forward_iter)
             st.last_progress = now
             event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs)
             if item.finish_reason is not None:

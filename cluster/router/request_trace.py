@@ -63,7 +63,8 @@ class Phase:
 class TokenArrival:
     t: float                               # router wall clock when the tokens came in
     num_tokens: int
-    forward_iter: Optional[int]            # the worker batch that produced them, when known
+    forward_iter: Optional[int]            # the batch that sampled them (for a handed-off
+                                           # request's first token: the prefill worker's)
 
 
 @dataclass

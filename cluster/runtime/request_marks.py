@@ -25,7 +25,8 @@ class MarkBook:
         self.worker_id = worker_id
         self._pending: dict[str, list[P.RequestMark]] = {}   # rid -> marks not sent yet
         self._seen: dict[str, dict] = {}               # rid -> mark name -> attrs (live requests)
-        self._processing_iter: Optional[int] = None    # the decode batch being processed
+        self._processing_iter: Optional[int] = None    # the batch being processed
+        self.sampling_iter: Optional[int] = None       # the batch that sampled the tokens emitted now
 
     def mark(self, rid: str, name: str, t: Optional[float] = None, **attrs) -> None:
         self._seen.setdefault(rid, {})[name] = attrs
@@ -54,7 +55,7 @@ class MarkBook:
 
     def on_processing(self, batch: ScheduleBatch) -> None:
         """Before a batch's result is processed (and its tokens committed)."""
-        self._processing_iter = batch.forward_iter
+        self._processing_iter = self.sampling_iter = batch.forward_iter
         if batch.mode != ForwardMode.DECODE:
             return
         t = time.time()                    # (under overlap, a request that finished in the

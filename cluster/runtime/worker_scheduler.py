@@ -135,7 +135,8 @@ class WorkerScheduler(Scheduler):
              top_logprobs: Optional[list] = None) -> None:
         if token_ids:
             self.marks.on_token(req)
-        self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs))
+        self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs,
+                                        self.marks.sampling_iter if token_ids else None))
 
     def flush_outputs(self) -> None:
         self.marks.flush(self.control)          # NOTE: before the tokens they lead up to

@@ -49,6 +49,7 @@ class TokensItem:
     error: Optional[str] = None
     logprobs: Optional[list] = None               # one per token when asked for
     top_logprobs: Optional[list] = None           # per token: [[token_id, logprob], ...] best first
+    forward_iter: Optional[int] = None            # the batch that sampled them (request tracing)
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):

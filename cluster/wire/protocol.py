@@ -123,7 +123,8 @@ _FIELDS: dict[type, dict[str, Check]] = {
              "items": List(Typed(TokensItem, {"rid": ID, "token_ids": TokenIds(),
                                               "finish_reason": Opt(TEXT), "error": Opt(TEXT),
                                               "logprobs": Opt(List(Float())),
-                                              "top_logprobs": Opt(List(TOP, max_len=MAX_KEYS))}),
+                                              "top_logprobs": Opt(List(TOP, max_len=MAX_KEYS)),
+                                              "forward_iter": Opt(Int(lo=0))}),
                            max_len=MAX_KEYS)},
     RequestMarks: {"worker_id": ID, "items": List(Typed(MarksItem, {
         "rid": ID, "marks": List(Typed(RequestMark, {
