@@ -17,6 +17,7 @@ import random
 import time
 
 from cluster import bench_report
+from cluster.progress import ProgressBar
 
 WORDS = ("bread", "flour", "oven", "crust", "yeast", "butter", "sugar", "salt", "rye", "wheat",
          "dough", "knead", "proof", "bake", "slice", "toast", "honey", "seed", "grain", "loaf")
@@ -83,7 +84,7 @@ async def run_conversations(args, on_turn_end=None) -> tuple[list[dict], float]:
             args.model = (await client.get("/models")).json()["data"][0]["id"]
         history = [[{"role": "system", "content": system}] for _ in range(args.conversations)]
         gate = asyncio.Semaphore(args.concurrency)
-        progress = bench_report.Progress(args.conversations * args.turns, desc="turns")
+        progress = ProgressBar(args.conversations * args.turns, desc="turns", unit="turn")
         results: list[dict] = []
 
         async def turn(c: int, t: int) -> None:

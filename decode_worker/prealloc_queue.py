@@ -29,15 +29,21 @@ class PreallocQueue:
                 self.waiting.remove(req)
                 return
 
-    def pop_reserved(self, num_running: int, max_running: int) -> list[Req]:
-        """Reserve pages for queued requests in order; stop at the first that does not fit."""
+    def pop_reserved(self, num_running: int, max_running: int, no_reuse: frozenset = frozenset()) -> list[Req]:
+        """Reserve pages for queued requests in order; stop at the first that does not fit.
+
+        Decode-side reuse: a request starts on the longest prefix this worker's cache holds
+        (`req.num_cached_tokens`), so only the rest has to arrive; not those in `no_reuse`."""
         reserved: list[Req] = []
         while self.waiting and num_running + len(reserved) < max_running:
             req = self.waiting[0]
             if req.num_pending:                  # a retracted request's last token is still in flight
                 break
+            if req.rid not in no_reuse:
+                self.cache.match_prefix(req)
             kv_len = req.seq_len + 1             # received KV plus the first decode step
             if not self.cache.can_grow(req, kv_len, reserve=num_running + len(reserved)):
+                self.cache.unmatch(req)
                 break
             self.cache.grow(req, kv_len)
             reserved.append(self.waiting.popleft())

@@ -11,6 +11,7 @@ which holds the KV of the requests it finished.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -84,9 +85,15 @@ class DecodeScheduler(WorkerScheduler):
                 if expected and item.prompt_len != req.seq_len:
                     raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a "
                                           f"{req.seq_len}-token request")
+                if expected and item.held_len != req.num_cached_tokens:
+                    raise KvTransferError("shape", f"KV after {item.held_len} held tokens, but "
+                                          f"{req.num_cached_tokens} are held here")
                 t_import = time.perf_counter()
-                num_bytes = backend.unpack(msg.prefill_worker_id, msg.source, item, payload,
-                                           req.page_table if expected else None)
+                # decode-side reuse: the item covers positions [held_len, prompt_len)
+                num_bytes = backend.unpack(msg.prefill_worker_id, msg.source,
+                                           dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0),
+                                           payload, req.page_table[item.held_len // self.cache.page_size:]
+                                           if expected else None)
                 import_s = time.perf_counter() - t_import
             except KvTransferError as e:
                 self.kv_transfer.count_failure(e.reason)
@@ -139,7 +146,9 @@ class DecodeScheduler(WorkerScheduler):
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
         for req in self.transfer_queue.pop_expired():
             self.fail(req, f"no KV from {req.peer.worker_id} in time")
-        for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests):
+        # a retracted request is prefilled again through a `reprefill`, which sends the whole KV
+        for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests,
+                                                    no_reuse=frozenset(self.retracted)):
             self.send_ready(req)
         batch = self.local_prefill.schedule(len(self.decode), reserve_pages=len(self.decode))
         if batch is not None:
@@ -164,7 +173,8 @@ class DecodeScheduler(WorkerScheduler):
                 output_ids=list(req.output_ids), decode=P.Peer(self.worker_id, self.data_plane.address)))
         else:
             self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
-                                                        decode_data_addr=self.data_plane.address))
+                                                        decode_data_addr=self.data_plane.address,
+                                                        num_held_tokens=req.num_cached_tokens))
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)

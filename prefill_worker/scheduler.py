@@ -36,6 +36,7 @@ class PrefillScheduler(WorkerScheduler):
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
+        self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
         self.kv_transfer = KvTransferStats()
 
     # ---- intake ----------------------------------------------------------------
@@ -51,6 +52,8 @@ class PrefillScheduler(WorkerScheduler):
         while (got := self.data_plane.recv(timeout=0)) is not None:
             sender, msg = got
             if isinstance(msg, P.DecodeReady):
+                if msg.num_held_tokens:
+                    self.held_by_decode[msg.rid] = msg.num_held_tokens
                 req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode_worker_id, msg.decode_data_addr)
                 if req is not None:
                     self.prefill.add(req)
@@ -99,6 +102,7 @@ class PrefillScheduler(WorkerScheduler):
         self.prefill.remove(req.rid)
         self.bootstrap_queue.remove(req.rid)
         self.inflight_queue.remove(req.rid)
+        self.held_by_decode.pop(req.rid, None)
 
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
@@ -131,7 +135,9 @@ class PrefillScheduler(WorkerScheduler):
         reqs, tensors, packed_all = [], [], []
         for req, token, lp, top in items:
             t0 = time.perf_counter()
-            packed = backend.pack(req.page_table, req.kv_len)
+            # decode-side reuse: the whole pages decode already holds do not travel
+            held = min(self.held_by_decode.get(req.rid, 0), (req.kv_len - 1) // self.cache.page_size * self.cache.page_size)
+            packed = backend.pack(req.page_table[held // self.cache.page_size:], req.kv_len - held)
             fault = faults.draw() if faults is not None else None
             if fault == "corrupt":
                 backend.corrupt(packed)
@@ -149,7 +155,7 @@ class PrefillScheduler(WorkerScheduler):
             if fault == "drop":
                 continue                                # lost on the way: kv_ack never comes
             reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, attempt=req.kv_attempt,
-                                checksum=packed.checksum, src_pages=packed.src_pages))
+                                checksum=packed.checksum, src_pages=packed.src_pages, held_len=held))
             if backend.name == "zmq":
                 tensors.append(packed.tensor)
             packed_all.append(packed)

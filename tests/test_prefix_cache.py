@@ -146,3 +146,32 @@ def test_decode_prefills_a_short_uncached_remainder_itself_from_what_it_finished
         check_pages(pair.decode)
     finally:
         pair.close()
+
+
+def test_decode_side_reuse_transfers_only_the_pages_decode_does_not_hold(loaded):
+    """Turn 2 of a conversation goes prefill -> decode again: decode still holds turn 1's
+    prompt and answer, says so in decode_ready, and only the rest of the KV travels."""
+    first, _ = turns(loaded.tokenizer)
+    pair = Pair(loaded)
+    pair.prefill.enable_prefix_cache()
+    pair.decode.enable_prefix_cache()
+    cfg = loaded.config
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4          # float32
+    try:
+        submit_ids(pair, "t1", first[0])
+        answer = pair.run(1)["t1"]
+        assert pair.decode.heartbeat_stats()["kv_transfer_bytes_total"] == per_token * len(first[0])
+        turn2 = first[0] + answer + loaded.tokenizer.encode(" Tell me more.")
+        ref = serve(unified(loaded, prefix_cache=False), [turn2], "r")["r0"]
+        before = {s: s.heartbeat_stats()["kv_transfer_bytes_total"] for s in (pair.prefill, pair.decode)}
+        submit_ids(pair, "t2", turn2)
+        out = pair.run(2)
+        assert out["t2"] == ref
+        held = pair.decode.cache.num_hit_tokens
+        assert held >= (len(first[0]) + MAX_TOKENS - 1) // 16 * 16 and held % 16 == 0
+        for s in (pair.prefill, pair.decode):
+            assert s.heartbeat_stats()["kv_transfer_bytes_total"] - before[s] == per_token * (len(turn2) - held)
+        assert pair.dc.errors() == [] and pair.pc.errors() == []
+        check_pages(pair.decode)
+    finally:
+        pair.close()

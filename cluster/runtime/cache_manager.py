@@ -75,7 +75,7 @@ class CacheManager:
             self.num_query_tokens -= req.seq_len
             self.num_hit_tokens -= req.kv_len
             self.release(req, keep_kv=False)
-            req.kv_len = req.num_cached_tokens = 0
+            req.kv_len = 0
 
     @property
     def hit_rate(self) -> float:
@@ -87,7 +87,7 @@ class CacheManager:
         the prefix cache: positions whose token is known and whose forward has returned
         (not those of a launched forward still pending, which may yet fail)."""
         pages, shared = req.page_table, req.num_shared_pages
-        req.page_table, req.num_shared_pages = [], 0
+        req.page_table, req.num_shared_pages, req.num_cached_tokens = [], 0, 0
         node, req.cache_node = req.cache_node, None
         if self.tree is None:
             if pages:

@@ -38,6 +38,12 @@ class KvReq:
     attempt: int = 0
     checksum: Optional[int] = None                # cluster/kv_transfer/checksum.py
     src_pages: Optional[list] = None
+    held_len: int = 0                             # leading tokens decode already holds: the KV
+                                                  # travelling is positions [held_len, prompt_len)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.held_len < self.prompt_len:
+            raise ValueError(f"held_len {self.held_len} not in [0, prompt_len {self.prompt_len})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,7 @@ class DecodeReady:                                # decode -> prefill (data plan
     rid: str
     decode_worker_id: str
     decode_data_addr: str
+    num_held_tokens: int = 0                      # leading tokens whose KV decode keeps from its cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,14 +105,15 @@ _FIELDS: dict[type, dict[str, Check]] = {
                "model": TEXT, "dllm": _dllm_overrides, "output_ids": TokenIds()},
     Reprefill: {"rid": ID, "input_ids": TokenIds(min_len=1), "sampling": SAMPLING,
                 "output_ids": TokenIds(), "decode": PEER},
-    DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT},
+    DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT, "num_held_tokens": Int(lo=0)},
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
               "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
                                          "prompt_len": Int(lo=1), "first_logprob": Opt(Float()),
                                          "first_top": Opt(TOP),
                                          "attempt": Int(lo=0, hi=INT32_MAX),
                                          "checksum": Opt(Int(lo=0, hi=(1 << 64) - 1)),
-                                         "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX)))}),
+                                         "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
+                                         "held_len": Int(lo=0, hi=INT32_MAX)}),
                            max_len=MAX_KEYS),
               "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
               "backend": Str(choices=KV_BACKENDS),
@@ -153,9 +154,9 @@ def _check_body(cls: type, body: dict) -> dict:
             fail("kv_batch.reqs", "duplicate rid")
         for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
             shape = t["shape"]
-            if len(shape) != 5 or shape[1] != 2 or shape[2] != r.prompt_len:
+            if len(shape) != 5 or shape[1] != 2 or shape[2] != r.prompt_len - r.held_len:
                 fail(f"kv_batch.tensors[{i}]", f"shape {shape} is not [layers, 2, "
-                     f"prompt_len={r.prompt_len}, kv_heads, head_dim]")
+                     f"prompt_len - held_len={r.prompt_len - r.held_len}, kv_heads, head_dim]")
     return body
 
 
