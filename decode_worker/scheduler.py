@@ -66,7 +66,11 @@ class DecodeScheduler(WorkerScheduler):
     def recv_data(self) -> None:
         while (got := self.data_plane.recv(timeout=0)) is not None:
             sender, msg = got
-            if isinstance(msg, P.KvBatch):
+            if isinstance(msg, P.KvBatch) and msg.prefill_worker_id != sender:
+                self.data_plane.count_rejected("wrong_peer")   # a body naming someone else
+                logger.warning("%s: kv_batch from %s claims to be from %s: dropped",
+                               self.worker_id, sender, msg.prefill_worker_id)
+            elif isinstance(msg, P.KvBatch):
                 self.handle_kv_batch(msg)
             else:
                 logger.warning("%s: unexpected data-plane message %s from %s",
@@ -79,7 +83,9 @@ class DecodeScheduler(WorkerScheduler):
         for item, payload in zip(msg.reqs, payloads):
             rid = item.rid
             req = self.transfer_queue.peek(rid)
-            expected = req is not None and item.attempt == req.kv_attempt
+            # NOTE: only from the prefill worker the router paired it with, for this attempt
+            expected = (req is not None and item.attempt == req.kv_attempt
+                        and req.peer is not None and req.peer.worker_id == msg.prefill_worker_id)
             try:
                 backend = self.transfer.receiver_for(msg.backend)
                 if expected and item.prompt_len != req.seq_len:

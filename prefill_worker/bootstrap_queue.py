@@ -26,20 +26,23 @@ class BootstrapQueue:
     def add(self, req: Req) -> Optional[Req]:
         """Queue `req`; returns it at once if its decode worker was already ready."""
         peer = self.early_ready.pop(req.rid)
-        if peer is not None:
-            req.peer = peer
+        if peer is not None and _is_chosen(req, peer):
             return req
         self.waiting.put(req.rid, req)
         return None
 
     def mark_ready(self, rid: str, decode_worker_id: str, decode_data_addr: str) -> Optional[Req]:
+        """The request, once the decode worker the router chose for it (no other: the KV
+        holds the user's prompt) has reserved its pages."""
         peer = Peer(decode_worker_id, decode_data_addr)
-        req = self.waiting.pop(rid)
+        entry = self.waiting.entries.get(rid)
+        req = entry[0] if entry is not None else None
         if req is None:
             self.early_ready.put(rid, peer)
             return None
-        req.peer = peer
-        return req
+        if not _is_chosen(req, peer):
+            return None
+        return self.waiting.pop(rid)
 
     def remove(self, rid: str) -> None:
         self.waiting.pop(rid)
@@ -48,3 +51,11 @@ class BootstrapQueue:
     def pop_expired(self) -> list[Req]:
         self.early_ready.pop_expired()            # readiness nobody asked for
         return self.waiting.pop_expired()
+
+
+def _is_chosen(req: Req, peer: Peer) -> bool:
+    """`peer` is the decode worker (id and data address) the router paired `req` with."""
+    if req.peer is None:
+        req.peer = peer                   # no router choice to hold it to (tests, tools)
+        return True
+    return (req.peer.worker_id, req.peer.data_addr) == (peer.worker_id, peer.data_addr)

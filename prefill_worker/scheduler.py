@@ -51,7 +51,11 @@ class PrefillScheduler(WorkerScheduler):
     def recv_data(self) -> None:
         while (got := self.data_plane.recv(timeout=0)) is not None:
             sender, msg = got
-            if isinstance(msg, P.DecodeReady):
+            if isinstance(msg, (P.DecodeReady, P.KvAck)) and msg.decode_worker_id != sender:
+                self.data_plane.count_rejected("wrong_peer")   # a body naming someone else
+                logger.warning("%s: %s from %s claims to be from %s: dropped", self.worker_id,
+                               type(msg).__name__, sender, msg.decode_worker_id)
+            elif isinstance(msg, P.DecodeReady):
                 if msg.num_held_tokens:
                     self.held_by_decode[msg.rid] = msg.num_held_tokens
                 req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode_worker_id, msg.decode_data_addr)
@@ -69,8 +73,18 @@ class PrefillScheduler(WorkerScheduler):
                 logger.warning("%s: unexpected data-plane message %s from %s",
                                self.worker_id, type(msg).__name__, sender)
 
+    def is_peer_of(self, rid: str, decode_worker_id: str) -> bool:
+        """Acks count only from the decode worker the router paired the request with."""
+        req = self.reqs.get(rid)
+        if req is not None and (req.peer is None or req.peer.worker_id != decode_worker_id):
+            self.data_plane.count_rejected("wrong_peer")
+            return False
+        return True
+
     def handle_ack(self, msg: "P.KvAck") -> None:
         for rid in msg.rids:
+            if not self.is_peer_of(rid, msg.decode_worker_id):
+                continue
             acked = self.inflight_queue.ack(rid)
             if acked is not None:
                 req, seconds, num_bytes = acked
@@ -78,6 +92,8 @@ class PrefillScheduler(WorkerScheduler):
                 req.finish_reason = "handed_off"
                 self.release(req)
         for rid, reason in msg.failed.items():
+            if not self.is_peer_of(rid, msg.decode_worker_id):
+                continue
             acked = self.inflight_queue.ack(rid)
             if acked is None:
                 continue
@@ -110,6 +126,8 @@ class PrefillScheduler(WorkerScheduler):
             self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s")
         for req in self.inflight_queue.pop_expired():
             self.kv_transfer.count_failure("timeout")
+            # a peer silent this long is gone: release the KV frames still queued for it
+            self.data_plane.drop_peer(req.peer.data_addr)
             self.fail(req, f"no kv_ack from {req.peer.worker_id} within {self.inflight_queue.timeout_s:g}s")
         return self.prefill.schedule(num_running=0)
 

@@ -22,6 +22,7 @@ from cluster.roles import log_forward_iters_override
 logger = logging.getLogger("pdcluster.scheduler")
 
 KV_TRANSFER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_REPORTED_ITERS = 8192           # reported_iters kept for tests and debugging
 
 
 @dataclass(slots=True)
@@ -91,9 +92,15 @@ class IterationStats:
         parts.append(f"input throughput (token/s): {throughput:.2f}")
         line = ", ".join(parts)
         logger.info(line)
-        self.reported_iters.append(("prefill", it))
+        self.keep_reported(("prefill", it))
         self.forward_iter = it
         return line
+
+    def keep_reported(self, entry: tuple[str, int]) -> None:
+        """The recent reported iterations only: a worker serving for weeks must not grow."""
+        self.reported_iters.append(entry)
+        if len(self.reported_iters) > MAX_REPORTED_ITERS:
+            del self.reported_iters[:MAX_REPORTED_ITERS // 2]
 
     def report_decode(self, it: int, num_new_tokens: int, stats: DecodeStats) -> Optional[str]:
         """Counts every decode batch; logs one line every `decode_log_interval` batches."""
@@ -116,7 +123,7 @@ class IterationStats:
         parts += [f"gen throughput (token/s): {self.gen_throughput:.2f}", f"#queue-req: {stats.num_queue_reqs}"]
         line = ", ".join(parts)
         logger.info(line)
-        self.reported_iters.append(("decode", it))
+        self.keep_reported(("decode", it))
         return line
 
     def gauges(self) -> dict:
