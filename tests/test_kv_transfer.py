@@ -178,3 +178,13 @@ def test_two_processes_hand_off_bit_exact(backend):
             child.kill()
     assert torch.equal(dst.export_kv([1, 2, 3], 11), expect.export_kv([4, 5, 6], 11))
     assert torch.equal(dst.export_kv([8, 0], 5), expect.export_kv([20, 9], 5))
+
+
+def test_in_place_page_checksum_ignores_placement_and_the_last_pages_tail():
+    from cluster.kv_transfer.checksum import xxh3_pages
+    src, dst = filled_pool(16, seed=5), filled_pool(16, seed=6)          # dst pages hold other junk
+    copy_pages(src.kv, dst.kv, [3, 4, 9], [10, 2, 3])
+    dst.kv[:, :, :, 3, 2:] = -7.0                                          # past the 10 tokens: not hashed
+    assert xxh3_pages(src.kv, [3, 4, 9], 10) == xxh3_pages(dst.kv, [10, 2, 3], 10)
+    dst.kv[1, 0, 1, 2, 3, 5] += 1                                          # a byte the request owns
+    assert xxh3_pages(src.kv, [3, 4, 9], 10) != xxh3_pages(dst.kv, [10, 2, 3], 10)

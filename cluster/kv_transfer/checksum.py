@@ -6,6 +6,9 @@ head_dim]`, so the value does not depend on either side's page placement:
 - on a GPU: a position-weighted sum of its 32-bit words mod 2^64 (`fold64`), computed on the
   device, because copying the KV to the host to hash it would cost more than moving it.
 Each backend hashes on one kind of device at both ends, so the two never meet.
+`shm` reads the pools in place and hashes them in place too (`xxh3_pages`): the same bytes in a
+fixed order (per layer, K/V and head: the request's pages' valid slots), without gathering them
+into handoff layout first, so its value differs from `xxh3_tensor` of the same KV.
 """
 from __future__ import annotations
 
@@ -54,3 +57,25 @@ def fold64(t: torch.Tensor) -> int:
 def kv_checksum(t: torch.Tensor) -> int:
     """The checksum of a KV tensor in handoff layout, on whichever device holds it."""
     return xxh3_tensor(t) if t.device.type == "cpu" else fold64(t)
+
+
+def xxh3_pages(kv: torch.Tensor, pages: list[int], length: int) -> int:
+    """xxh3-64 of a request's KV read in place from a CPU pool `[layers, 2, heads, pages, page_size,
+    dim]`: for each (layer, K/V, head) row, its pages' valid slots in request order, one update
+    per run of consecutive pages; the value does not depend on where the pages are."""
+    from cluster.kv_transfer.page_copy import page_runs
+    page_size, item = kv.shape[4], kv.element_size()
+    per_page = page_size * kv.shape[5] * item                                 # bytes
+    num = (length + page_size - 1) // page_size
+    rows = kv.view(torch.uint8).numpy().reshape(-1, kv.shape[3], per_page)    # one view, sliced in numpy
+    runs = page_runs(list(pages[:num]), list(pages[:num]))
+    end = (num - 1) * per_page + (length - (num - 1) * page_size) * kv.shape[5] * item
+    h = xxhash.xxh3_64()
+    for row in rows:
+        done = 0
+        for start, _, count in runs:
+            block = row[start:start + count].reshape(-1)
+            block = block[:end - done] if done + block.size > end else block
+            done += block.size
+            h.update(block)
+    return h.intdigest()

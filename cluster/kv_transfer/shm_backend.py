@@ -18,6 +18,7 @@ import torch
 
 from cluster.engine.kv_cache import KVPool
 from cluster.kv_transfer.base import KvTransfer, KvTransferError, Packed
+from cluster.kv_transfer.checksum import xxh3_pages
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire.tensor_frames import DTYPE_NAMES, DTYPES
 
@@ -91,7 +92,7 @@ class ShmTransfer(KvTransfer):
 
     def pack(self, pages: list[int], length: int) -> Packed:
         num = (length + self.pool.page_size - 1) // self.pool.page_size
-        checksum = self.checksum_of(self.pool.export_kv(pages, length)) if self.verify else None
+        checksum = xxh3_pages(self.pool.kv, pages, length) if self.verify else None
         return Packed(checksum, self.pool.request_bytes(length), src_pages=list(pages[:num]))
 
     def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
@@ -105,7 +106,7 @@ class ShmTransfer(KvTransfer):
         if len(src_pages) != num or max(src_pages, default=0) >= peer.kv.shape[3]:
             raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
         copy_pages(peer.kv, self.pool.kv, src_pages, dst_pages[:num])
-        self.check(item.checksum, lambda: self.checksum_of(self.pool.export_kv(dst_pages, length)))
+        self.check(item.checksum, lambda: xxh3_pages(self.pool.kv, dst_pages, length))
         return self.pool.request_bytes(length)
 
     def _map(self, sender: str, source: dict) -> _Mapping:
