@@ -86,6 +86,7 @@ class SamplingParams:
     logit_bias: list = field(default_factory=list)   # [[token_id, bias], ...], bias in [-100, 100]
     grammar_kind: str = ""            # "" = unconstrained, else one of GRAMMAR_KINDS
     grammar_spec: str = ""            # the JSON schema text, the regex or the EBNF
+    prompt_logprobs: bool = False     # the model's logprob of each prompt token after the first (echo)
 
     def __post_init__(self) -> None:
         _int(self, "max_tokens", lo=1, hi=INT32_MAX)
@@ -103,7 +104,7 @@ class SamplingParams:
         _float(self, "presence_penalty")
         _float(self, "frequency_penalty")
         _float(self, "repetition_penalty", lo=0, lo_open=True)
-        for name in ("ignore_eos", "logprobs"):
+        for name in ("ignore_eos", "logprobs", "prompt_logprobs"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidParam(name, f"expected a boolean, got {getattr(self, name)!r}")
         _int(self, "top_logprobs", lo=0, hi=MAX_TOP_LOGPROBS)

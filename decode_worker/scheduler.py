@@ -129,6 +129,7 @@ class DecodeScheduler(WorkerScheduler):
             if req.grammar is not None:   # the prefill's matcher took it; ours is not in any forward yet
                 req.grammar.accept(item.first_token)
             self.marks.sampling_iter = msg.forward_iter   # the first token: prefill's batch
+            req.prompt_logprobs = item.prompt_logprobs   # streamed with the first token
             self.output.commit_token(req, item.first_token, item.first_logprob, item.first_top)
             if not req.is_finished:
                 self.decode.add(req)

@@ -172,7 +172,8 @@ class PrefillScheduler(WorkerScheduler):
                 self.cache.release(req)                 # the packed copy travels; the pages stay cached
             if fault == "drop":
                 continue                                # lost on the way: kv_ack never comes
-            reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, attempt=req.kv_attempt,
+            reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, prompt_logprobs=req.prompt_logprobs,
+                                attempt=req.kv_attempt,
                                 checksum=packed.checksum, src_pages=packed.src_pages, held_len=held))
             if backend.name == "zmq":
                 tensors.append(packed.tensor)

@@ -167,3 +167,18 @@ def test_tokenize_and_detokenize(cluster, llm):
     back = httpx.post(cluster.base_url + "/detokenize", json={"model": MODEL, "tokens": got["tokens"]}).json()
     assert back["prompt"] == "Hello there"
     assert cluster.client.models.retrieve(MODEL).id == MODEL
+
+
+def test_echo_with_logprobs_returns_the_prompt_logprobs_of_the_engine(cluster, llm):
+    prompt = "The capital of France is"
+    ids = llm.tokenizer.encode(prompt)
+    r = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                          logprobs=1)
+    ref = llm.generate([prompt], SamplingParams(max_tokens=3, logprobs=True, prompt_logprobs=True))[0]
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert lp.tokens[:len(ids)] == [llm.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 3
+    assert all(abs(a - b) < 1e-3 for a, b in zip(lp.token_logprobs[1:len(ids)], ref.prompt_logprobs))
+    assert all(abs(a - b) < 1e-3 for a, b in zip(lp.token_logprobs[len(ids):], ref.logprobs))
+    assert lp.text_offset[len(ids)] == len(prompt)

@@ -120,3 +120,24 @@ def test_sampler_top_logprobs_match_log_softmax_after_bias():
     assert top_ids[0].tolist() == ref_ids[0].tolist() and int(ids[0]) == 3
     torch.testing.assert_close(top_lps[0], ref_values[0])
     torch.testing.assert_close(chosen, ref.gather(1, ids[:, None])[:, 0])
+
+
+def test_prompt_logprobs_match_a_full_forward_and_survive_chunking(llm):
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = llm.tokenizer.encode(prompt)
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=True))[0]
+    assert len(out.prompt_logprobs) == len(ids) - 1
+    from transformers import AutoModelForCausalLM   # the same GGUF, loaded by transformers
+    from tests.engine_fixtures import hf_gguf_location
+    folder, name = hf_gguf_location()
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs), want, atol=2e-3, rtol=0)
+    chunked = LLM.__new__(LLM)
+    chunked.__dict__.update(llm.__dict__)
+    chunked.max_prefill_tokens = 5                     # the prompt spans several forwards
+    again = chunked.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=True))[0]
+    torch.testing.assert_close(torch.tensor(again.prompt_logprobs), torch.tensor(out.prompt_logprobs),
+                               atol=1e-4, rtol=0)

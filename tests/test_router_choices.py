@@ -74,3 +74,24 @@ def test_top_logprobs_are_formatted_per_token(router):
     assert [c["token"] for c in content] == [tok.decode([t]) for t in ids]
     assert all([t["logprob"] for t in c["top_logprobs"]] == [-0.1, -2.5] for c in content)
     assert all(c["top_logprobs"][0]["token"] == c["token"] for c in content)
+
+
+def test_streamed_echo_with_logprobs_sends_the_prompt_and_its_logprobs_first(router):
+    tok = router.service.tokenizer_for(MODEL)
+    prompt_ids, out = tok.encode("Hello there"), tok.encode(" friend")
+
+    def reply(worker, gen):
+        assert gen.sampling.prompt_logprobs
+        worker.client.send(protocol.Tokens(worker_id=worker.worker_id, items=[protocol.TokensItem(
+            gen.rid, out, "length", None, [-0.3] * len(out), prompt_logprobs=[-1.5] * (len(prompt_ids) - 1))]))
+    pd_pair(router, reply)
+    body = {**COMPLETION, "prompt": "Hello there", "echo": True, "logprobs": 0, "stream": True}
+    with router.http.stream("POST", "/v1/completions", json=body) as resp:
+        events = sse_events(resp)
+    first = events[0]["choices"][0]
+    assert first["text"] == "Hello there"
+    assert first["logprobs"]["tokens"] == [tok.decode([t]) for t in prompt_ids]
+    assert first["logprobs"]["token_logprobs"] == [None] + [-1.5] * (len(prompt_ids) - 1)
+    rest = [c for e in events[1:-1] for c in e["choices"]]
+    assert "".join(c["text"] for c in rest) == " friend"
+    assert rest[0]["logprobs"]["text_offset"][0] == len("Hello there")

@@ -40,6 +40,7 @@ class ForwardInput:
     eos_token_ids: list[frozenset] = field(default_factory=list)
     future_slots: list[int] = field(default_factory=list)      # slot that stores the sampled token, -1 = none
     grammars: list = field(default_factory=list)   # RequestGrammar or None; advanced by the forward (grammar.py)
+    prompt_targets: list = field(default_factory=list)   # per request: ids its extend rows predict (prompt logprobs), [] = none
     bidirectional_lens: list[int] = field(default_factory=list)  # DLLM: trailing tokens attending both ways
     attn_block_sizes: list[int] = field(default_factory=list)  # SDAR: a token also sees its aligned block
     return_logits: bool = False             # DLLM: return logits of extend tokens (see logits_lens)
@@ -74,6 +75,7 @@ class ForwardOutput:
     logits: Optional[torch.Tensor] = None   # float32 [sum(logits_lens) or num_tokens, vocab] when return_logits
     top_ids: Optional[torch.Tensor] = None  # int64 [num_reqs, k]: the k most likely tokens (k = max top_logprobs)
     top_logprobs: Optional[torch.Tensor] = None   # float32 [num_reqs, k], sorted descending
+    prompt_logprobs: Optional[list] = None  # per request: raw logprobs of its prompt_targets, or None
     timings: dict[str, Any] = field(default_factory=dict)
     ready: Any = None                       # CUDA event: next_token_ids is still being copied until it fires
 

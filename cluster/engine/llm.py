@@ -32,6 +32,7 @@ class GenerateOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: Optional[list[float]] = None
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token: (id, logprob), best first
+    prompt_logprobs: Optional[list[float]] = None   # prompt tokens 1.. (the first has none)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _Seq:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
     grammar: Optional[object] = None       # RequestGrammar when sampling.grammar_kind is set
     page_table: list[int] = field(default_factory=list)
     num_prefilled: int = 0
@@ -147,9 +149,14 @@ class LLM:
             prior_ids=[s.all_ids if _has_penalty(s.sampling) else [] for s in seqs],
             min_tokens_left=[s.sampling.min_tokens - len(s.output_ids) for s in seqs],
             eos_token_ids=[s.eos_token_ids for s in seqs], is_decode=is_decode,
-            grammars=[s.grammar for s in seqs])
+            grammars=[s.grammar for s in seqs],
+            prompt_targets=[s.input_ids[p + 1:min(p + n + 1, len(s.input_ids))]
+                            if s.sampling.prompt_logprobs and not is_decode else []
+                            for s, p, n in zip(seqs, prefix_lens, extend_lens)])
         out = self.runner.forward(fi)
         for i, s in enumerate(seqs):
+            if out.prompt_logprobs is not None and out.prompt_logprobs[i] is not None:
+                s.prompt_logprobs += out.prompt_logprobs[i]
             if not sample[i]:
                 continue
             s.output_ids.append(int(out.next_token_ids[i]))
@@ -166,4 +173,5 @@ class LLM:
             text = trim_stop(text, s.sampling.stop)
         return GenerateOutput(s.output_ids, text, s.finish_reason or "length", s.input_ids,
                               s.output_logprobs if s.sampling.logprobs else None,
-                              s.output_top if s.sampling.top_logprobs else None)
+                              s.output_top if s.sampling.top_logprobs else None,
+                              s.prompt_logprobs if s.sampling.prompt_logprobs else None)

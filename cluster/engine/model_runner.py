@@ -147,7 +147,23 @@ class ModelRunner:
         return ForwardOutput(next_token_ids=next_ids, logprobs=logprobs,
                              logits=None if logits_all is None else logits_all.float().cpu(),
                              top_ids=top_ids, top_logprobs=top_lps,
+                             prompt_logprobs=self._prompt_logprobs(hidden, fi) if any(fi.prompt_targets) else None,
                              timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
+
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, fi: ForwardInput) -> list:
+        """Raw logprob of each target under the row before it (echo with logprobs): request i's first
+        len(prompt_targets[i]) extend rows predict its prompt_targets[i]."""
+        out, start = [], 0
+        for i, targets in enumerate(fi.prompt_targets):
+            if targets:
+                logits = self.model.compute_logits(hidden[start:start + len(targets)]).float()
+                ids = torch.tensor(targets, device=logits.device)[:, None]
+                out.append(torch.log_softmax(logits, dim=-1).gather(1, ids)[:, 0].cpu().tolist())
+            else:
+                out.append(None)
+            start += fi.extend_lens[i]
+        return out
 
 
 def _last_rows(x: torch.Tensor, lens: list[int], rows: list[int], device) -> torch.Tensor:

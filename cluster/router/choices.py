@@ -47,6 +47,8 @@ async def whole_response(service, gens, disconnected) -> Optional[dict]:
         texts, logprobs, finish = [], [], None
         async for delta in service.deltas(gen, disconnected):
             texts.append(delta.text)
+            if delta.prompt_logprobs is not None and _echo(gen):
+                logprobs.append(gen.writer.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs))
             logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs))
             finish = delta.finish_reason
         return "".join(texts), ResponseWriter.merge_logprobs(logprobs), finish
@@ -106,11 +108,18 @@ async def _choice_chunks(service, gen) -> AsyncIterator[dict]:
     num_calls = 0
     deltas = service.deltas(gen)
     try:
+        echo = _echo(gen)
         if w.kind == "chat":                   # the role chunk, at once
             yield w.chunk("", None, None, first=True)
-        elif _echo(gen):
-            yield w.chunk(_echo(gen), None)
+        elif echo and not w.logprobs:
+            yield w.chunk(echo, None)
+            echo = ""
         async for delta in deltas:
+            if echo:                           # with logprobs: the prompt's arrive with the first token
+                prompt_lp = (w.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs)
+                             if delta.prompt_logprobs is not None else None)
+                yield w.chunk(echo, None, prompt_lp)
+                echo = ""
             lp = w.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
             text, calls, finish = delta.text, [], delta.finish_reason
             if auto is not None:

@@ -18,6 +18,7 @@ class TextDelta:
     logprobs: Optional[list[float]]
     finish_reason: Optional[str] = None
     top_logprobs: Optional[list] = None        # per token: [[token_id, logprob], ...]
+    prompt_logprobs: Optional[list] = None     # echo with logprobs: prompt tokens 1..
 
 
 @dataclass

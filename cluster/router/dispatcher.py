@@ -301,7 +301,8 @@ class Dispatcher:
             if st.trace is not None:
                 st.trace.add_tokens(len(item.token_ids), item.forward_iter)
             st.last_progress = now
-            event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs)
+            event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs,
+                                item.prompt_logprobs)
             if item.finish_reason is not None:
                 self._release(st)
             ready.append((st.sink, event))

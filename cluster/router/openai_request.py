@@ -171,8 +171,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     parsed.top_logprobs = logprobs or 0
     parsed.sampling["top_logprobs"] = logprobs or 0
     parsed.echo = bool(_get(body, "echo", (bool,), False))
-    if parsed.echo and parsed.logprobs:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+    parsed.sampling["prompt_logprobs"] = parsed.echo and parsed.logprobs
     best_of = _int(body, "best_of", parsed.n, lo=1)
     if best_of != parsed.n:
         raise bad_request(f"only best_of = n ({parsed.n}) is supported, got {best_of}", "best_of")

@@ -71,6 +71,18 @@ class ResponseWriter:
                 top += p["top_logprobs"]
         return {**merged, "top_logprobs": top}
 
+    def format_prompt_logprobs(self, prompt_ids: list[int], logprobs: list[float]):
+        """Completions `echo` with `logprobs`: the prompt's tokens first (the first has no logprob;
+        its top_logprobs entry is the token itself, as the engine computes only the prompt's own)."""
+        values = [None] + list(logprobs)
+        tokens = [self._piece(t) for t in prompt_ids]
+        offsets = []
+        for tok in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(tok)
+        top = [None] + [{tok: lp} for tok, lp in zip(tokens[1:], logprobs)] if self.top_logprobs else None
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
+
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 

@@ -20,6 +20,7 @@ class TokensEvent:
     logprobs: Optional[list[float]]
     finish_reason: Optional[str]
     top_logprobs: Optional[list] = None   # per token: [[token_id, logprob], ...]
+    prompt_logprobs: Optional[list] = None   # echo with logprobs: prompt tokens 1.., with the first token
 
 
 @dataclass

@@ -50,7 +50,7 @@ class Generation:
 
 # parameters a DLLM worker does not implement: a clean 400 naming them
 _NOT_FOR_DLLM = (("grammar_kind", "response_format"), ("logit_bias", "logit_bias"),
-                 ("top_logprobs", "top_logprobs"))
+                 ("top_logprobs", "top_logprobs"), ("prompt_logprobs", "echo"))
 
 
 def _merged(a: TokensEvent, b: TokensEvent) -> TokensEvent:
@@ -151,6 +151,8 @@ class RouterService:
         self._check_token_ids([t for t, _ in sampling.logit_bias], tokenizer, "logit_bias")
         if route == "dllm":
             for name, param in _NOT_FOR_DLLM:
+                if name == "top_logprobs" and parsed.kind == "completion":
+                    param = "logprobs"
                 if getattr(sampling, name):
                     raise bad_request("not supported by diffusion (dllm) models", parsed.grammar_field or param
                                       if name == "grammar_kind" else param)
@@ -283,7 +285,7 @@ class RouterService:
                         self.metrics.observe(self.metrics.itl, (now - last) / n, times=n)
                     last = now
                 delta = gen.text.add(ev.token_ids, ev.logprobs, ev.finish_reason)
-                delta.top_logprobs = ev.top_logprobs
+                delta.top_logprobs, delta.prompt_logprobs = ev.top_logprobs, ev.prompt_logprobs
                 if ev.finish_reason is not None:
                     gen.is_done = True
                     self.metrics.observe(self.metrics.e2e, now - gen.arrival)

@@ -27,6 +27,14 @@ def _segment_ids(req, start: int, end: int) -> list[int]:
     return ids
 
 
+def _prompt_targets(req, prefix: int, extend: int) -> list[int]:
+    """The prompt ids that positions prefix .. prefix+extend-1 predict, when the request wants its
+    prompt logprobs (first prefill only: a re-prefill already sent them)."""
+    if not req.sampling.prompt_logprobs or req.num_output or prefix >= req.prompt_len - 1:
+        return []
+    return list(req.input_ids[prefix + 1:min(prefix + extend + 1, req.prompt_len)])
+
+
 def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
     ids: list[int] = []
     for req, prefix, extend in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
@@ -48,6 +56,7 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         eos_token_ids=[frozenset() if r.sampling.ignore_eos else r.eos_token_ids for r in reqs],
         future_slots=[r.future_slot if s else -1 for r, s in zip(reqs, batch.is_last_chunk)],
         grammars=[r.grammar for r in reqs],
+        prompt_targets=[_prompt_targets(r, p, e) for r, p, e in zip(reqs, batch.prefix_lens, batch.extend_lens)],
         bidirectional_lens=[0] * len(reqs),
         is_decode=batch.mode == ForwardMode.DECODE,
     )

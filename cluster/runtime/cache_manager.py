@@ -59,6 +59,8 @@ class CacheManager:
         """
         if self.tree is None or req.page_table or req.kv_len:
             return 0
+        if req.sampling.prompt_logprobs and not req.num_output:   # echo: every prompt position's forward is needed
+            return 0
         ids = req.all_ids
         pages, node = self.tree.match_prefix(ids[:len(ids) - 1])
         self.tree.lock(node)

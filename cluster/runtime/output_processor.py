@@ -27,7 +27,11 @@ def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[SampledToken]:
     """Every request this batch sampled for, with its token (and logprobs when asked)."""
     tokens = result.next_token_ids.tolist()
     logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+    prompt_lps = getattr(result, "prompt_logprobs", None)
     for i, req in enumerate(batch.reqs):
+        if prompt_lps is not None and prompt_lps[i] is not None:   # echo: every chunk adds its part
+            before = req.prompt_logprobs if batch.prefix_lens[i] else None   # a prefill again starts over
+            req.prompt_logprobs = (before or []) + prompt_lps[i]
         if not batch.is_last_chunk[i]:
             continue                           # a prefill chunk that is not the last
         req.num_pending -= 1

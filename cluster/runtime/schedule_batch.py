@@ -28,7 +28,7 @@ class Req:
     __slots__ = (
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot",
-        "output_logprobs", "peer", "grammar", "kv_attempt", "cache_node", "num_shared_pages",
+        "output_logprobs", "peer", "grammar", "prompt_logprobs", "kv_attempt", "cache_node", "num_shared_pages",
         "num_cached_tokens",
     )
 
@@ -50,6 +50,7 @@ class Req:
         self.output_logprobs: list[float] = []
         self.peer: Optional[Peer] = None   # disaggregation: the other side's worker id and address
         self.grammar: Any = None           # RequestGrammar under structured outputs (engine/grammar.py)
+        self.prompt_logprobs: Optional[list[float]] = None   # echo: computed, not yet streamed
         self.kv_attempt = 0                # disaggregation: KV handoffs tried (a bad checksum prefills again)
         # prefix cache (CacheManager): the radix node this request references, how many pages
         # at the head of page_table are the tree's, and the tokens reused at its last admission

@@ -135,8 +135,9 @@ class WorkerScheduler(Scheduler):
              top_logprobs: Optional[list] = None) -> None:
         if token_ids:
             self.marks.on_token(req)
+        prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None   # sent once, with the first token
         self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs,
-                                        self.marks.sampling_iter if token_ids else None))
+                                        self.marks.sampling_iter if token_ids else None, prompt_logprobs))
 
     def flush_outputs(self) -> None:
         self.marks.flush(self.control)          # NOTE: before the tokens they lead up to

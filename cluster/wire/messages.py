@@ -35,6 +35,7 @@ class KvReq:
     prompt_len: int                               # positions in the KV tensor
     first_logprob: Optional[float] = None
     first_top: Optional[list] = None              # the first token's [[token_id, logprob], ...] (top_logprobs)
+    prompt_logprobs: Optional[list] = None        # prompt tokens 1.. when asked (echo with logprobs)
     attempt: int = 0
     checksum: Optional[int] = None                # cluster/kv_transfer/checksum.py
     src_pages: Optional[list] = None
@@ -56,6 +57,7 @@ class TokensItem:
     logprobs: Optional[list] = None               # one per token when asked for
     top_logprobs: Optional[list] = None           # per token: [[token_id, logprob], ...] best first
     forward_iter: Optional[int] = None            # the batch that sampled them (request tracing)
+    prompt_logprobs: Optional[list] = None        # the prompt's (tokens 1..), once, with the first token
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):

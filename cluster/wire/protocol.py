@@ -72,6 +72,7 @@ def _dllm_overrides(v: Any, path: str) -> dict:
 ID, TEXT = Str(max_len=1024), Str()
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
+PROMPT_LPS = List(Float())                                                   # one per prompt token after the first
 PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
 
 KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")
@@ -109,7 +110,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
               "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
                                          "prompt_len": Int(lo=1), "first_logprob": Opt(Float()),
-                                         "first_top": Opt(TOP),
+                                         "first_top": Opt(TOP), "prompt_logprobs": Opt(PROMPT_LPS),
                                          "attempt": Int(lo=0, hi=INT32_MAX),
                                          "checksum": Opt(Int(lo=0, hi=(1 << 64) - 1)),
                                          "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
@@ -125,7 +126,8 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                               "finish_reason": Opt(TEXT), "error": Opt(TEXT),
                                               "logprobs": Opt(List(Float())),
                                               "top_logprobs": Opt(List(TOP, max_len=MAX_KEYS)),
-                                              "forward_iter": Opt(Int(lo=0))}),
+                                              "forward_iter": Opt(Int(lo=0)),
+                                              "prompt_logprobs": Opt(PROMPT_LPS)}),
                            max_len=MAX_KEYS)},
     RequestMarks: {"worker_id": ID, "items": List(Typed(MarksItem, {
         "rid": ID, "marks": List(Typed(RequestMark, {
