@@ -152,7 +152,7 @@ class DecodeScheduler(WorkerScheduler):
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
         for req in self.transfer_queue.pop_expired():
-            self.fail(req, f"no KV from {req.peer.worker_id} in time")
+            self.fail(req, f"no KV from {req.peer.worker_id} in time", retriable=True)
         # a retracted request is prefilled again through a `reprefill`, which sends the whole KV
         for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests,
                                                     no_reuse=frozenset(self.retracted)):

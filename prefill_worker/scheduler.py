@@ -123,12 +123,14 @@ class PrefillScheduler(WorkerScheduler):
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
         for req in self.bootstrap_queue.pop_expired():
-            self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s")
+            self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s",
+                      retriable=True)
         for req in self.inflight_queue.pop_expired():
             self.kv_transfer.count_failure("timeout")
             # a peer silent this long is gone: release the KV frames still queued for it
             self.data_plane.drop_peer(req.peer.data_addr)
-            self.fail(req, f"no kv_ack from {req.peer.worker_id} within {self.inflight_queue.timeout_s:g}s")
+            self.fail(req, f"no kv_ack from {req.peer.worker_id} within "
+                      f"{self.inflight_queue.timeout_s:g}s", retriable=True)
         return self.prefill.schedule(num_running=0)
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:

@@ -43,6 +43,7 @@ SIMPLE_MESSAGES = [
     P.Abort("r1", "client gone"),
     P.Shutdown("router shutting down"),
     P.Error("r1", "decode worker died", "decode-0"),
+    P.Error("r2", "no kv_ack from decode-0 within 20s", "prefill-0", retriable=True),
     P.RequestMarks("prefill-0", [P.MarksItem("r1", [
         P.RequestMark("prefill_launched", 1764547200.25, {"forward_iter": 17}),
         P.RequestMark("prefill_done", 1764547200.5, {"forward_iter": 17, "to": "decode-0"})])]),

@@ -56,3 +56,19 @@ def test_killed_workers_request_is_redispatched(make_router):
     assert got["resp"].status_code == 200, got["resp"].text
     assert got["resp"].json()["choices"][0]["text"] == " ok"
     assert len(generates(d1)) == 1 and len(generates(d0)) == 1
+
+
+def test_timed_out_attempt_is_retried_on_another_pair(make_router):
+    r = make_router(router={"policy": "round_robin"})
+    ids = r.service.tokenizer_for(MODEL).encode(" ok")
+
+    def timed_out(worker, gen):
+        worker.client.send(protocol.Error(rid=gen.rid, worker_id=worker.worker_id, retriable=True,
+                                          reason="no kv_ack from decode-0 within 20s"))
+    p0, d0 = pd_pair(r, suffix="0")
+    p0.reply = timed_out
+    p1, d1 = pd_pair(r, echo_reply(ids), suffix="1")
+    resp = r.http.post("/v1/completions", json=COMPLETION)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == " ok"
+    assert len(generates(p0)) == 1 and len(generates(p1)) == 1

@@ -316,8 +316,16 @@ class Dispatcher:
 
     def _on_error(self, sender: str, msg) -> None:
         st = self.requests.get(msg.rid)
-        if st is not None and sender in st.workers:
-            self._fail_and_abort(st, f"worker {sender}: {msg.reason}", sender)
+        if st is None or sender not in st.workers:
+            return
+        reason = f"worker {sender}: {msg.reason}"
+        if msg.retriable:                                  # a timeout: try another pair
+            for w in st.workers:
+                if w != sender:
+                    self._send(w, protocol.Abort(rid=st.wire_rid, reason=reason))
+            self._redispatch(st, reason)
+        else:                                              # deterministic: fail it here
+            self._fail_and_abort(st, reason, sender)
 
     def _fail_and_abort(self, st: RequestState, reason: str, sender: str) -> None:
         for w in st.workers:

@@ -145,10 +145,13 @@ class WorkerScheduler(Scheduler):
             self.control.send(P.Tokens(worker_id=self.worker_id, items=self.outbox))
             self.outbox = []
 
-    def fail(self, req: Req, reason: str) -> None:
+    def fail(self, req: Req, reason: str, retriable: bool = False) -> None:
+        """`retriable`: a timeout waiting on a peer, which another pair may not hit; a
+        deterministic failure (bad batch, rejected input) is never retried elsewhere."""
         logger.warning("%s: request %s failed: %s", self.worker_id, req.rid, reason)
         req.finish_reason, req.error = "abort", reason
-        self.control.send(P.Error(rid=req.rid, reason=reason, worker_id=self.worker_id))
+        self.control.send(P.Error(rid=req.rid, reason=reason, worker_id=self.worker_id,
+                                  retriable=retriable))
         self.release(req)
 
     def fail_batch(self, batch: ScheduleBatch, reason: str) -> None:

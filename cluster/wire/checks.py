@@ -71,6 +71,14 @@ def Float(finite: bool = False) -> Check:
     return check
 
 
+def Bool() -> Check:
+    def check(v: Any, path: str) -> bool:
+        if type(v) is not bool:
+            fail(path, f"expected bool, got {_kind(v)}")
+        return v
+    return check
+
+
 def Number() -> Check:
     """An int or a float, kept as is (gauges)."""
     def check(v: Any, path: str) -> int | float:

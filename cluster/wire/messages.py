@@ -204,6 +204,7 @@ class Error:                                      # worker -> router: the reques
     rid: str
     reason: str
     worker_id: str
+    retriable: bool = False                       # a timeout: another worker may succeed
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import torch
 from cluster.roles import ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import DllmParams
-from cluster.wire.checks import (INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
+from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
                                 Number, NumberOrCounts, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
                                 fail)
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
@@ -135,7 +135,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
             "attrs": Map(Str(max_len=64), Scalar(), max_len=32)}), max_len=len(WORKER_MARKS))}),
         max_len=MAX_KEYS)},
     Abort: {"rid": ID, "reason": TEXT},
-    Error: {"rid": ID, "reason": TEXT, "worker_id": ID},
+    Error: {"rid": ID, "reason": TEXT, "worker_id": ID, "retriable": Bool()},
     Shutdown: {"reason": TEXT},
 }
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
