@@ -83,6 +83,53 @@ class CacheManager:
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
+    # ---- n > 1: fork one prefilled prompt into n sequences --------------------------
+    def fork(self, parent: Req, children: list[Req]) -> list[tuple[int, int]]:
+        """Give `children` the parent's prompt KV without computing or transferring it again.
+
+        The parent's whole pages are shared: they go to the radix tree (its reference counts
+        are the sharing) and each child locks them, so they go back to the pool only when the
+        last child is released. The last partial page is written by each child's next token,
+        so it cannot be shared (copy on write, done at once): the first child takes the
+        parent's own tail pages, every other child a fresh page. Without a prefix cache the
+        other children copy every page (still no second prefill or transfer).
+        The parent holds nothing afterwards. -> (src, dst) page copies the caller must run on
+        the KV pools (`kv_transfer.page_copy.copy_pages`) before any child's next forward.
+        """
+        if not children:
+            raise ValueError(f"fork of {parent.rid}: no children")
+        if parent.num_pending:
+            raise ValueError(f"fork of {parent.rid}: {parent.num_pending} tokens still pending")
+        kv_len, size = parent.kv_len, self.page_size
+        num_whole = kv_len // size if self.tree is not None else 0
+        own = self.pages_for(kv_len) - num_whole             # pages each other child copies
+        if not self.can_allocate(own * (len(children) - 1)):
+            raise MemoryError(f"fork of {parent.rid}: {own * (len(children) - 1)} pages needed, "
+                              f"{self.num_free_pages} free")
+        node = None
+        if num_whole:
+            node, _ = self.tree.insert(parent.all_ids[:num_whole * size], parent.page_table[:num_whole])
+            shared, _ = self.tree.match_prefix(parent.all_ids[:num_whole * size])
+            for _ in children:
+                self.tree.lock(node)
+        else:
+            shared = []
+        tail = parent.page_table[num_whole:]
+        if parent.cache_node is not None:
+            self.tree.unlock(parent.cache_node)
+        parent.page_table, parent.num_shared_pages, parent.cache_node, parent.num_cached_tokens = [], 0, None, 0
+        copies: list[tuple[int, int]] = []
+        for i, child in enumerate(children):
+            if i == 0:
+                mine = tail
+            else:
+                mine = self.tree.allocate(own) if self.tree is not None else self.allocator.allocate(own)
+                copies.extend(zip(tail[:own], mine))
+            child.page_table = list(shared) + mine
+            child.num_shared_pages, child.cache_node = num_whole, node
+            child.kv_len, child.num_cached_tokens = kv_len, 0
+        return copies
+
     # ---- release -------------------------------------------------------------------
     def release(self, req: Req, keep_kv: bool = True) -> None:
         """Give back the request's pages; with `keep_kv`, its whole pages of written KV go to
