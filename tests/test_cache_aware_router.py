@@ -54,3 +54,12 @@ def test_cache_aware_falls_back_to_least_load_when_imbalanced(caplog):
     assert "b -> prefill-1 (imbalanced loads" in caplog.text
     d.remove("prefill-0")
     assert d.pick("prefill", token_ids=SYSTEM, rid="c") is w1 and d.prefixes.match("prefill-0", SYSTEM) == 0
+
+
+def test_decode_counts_a_prefix_as_cached_only_once_a_request_finished_there():
+    d = WorkerDirectory("cache_aware")
+    d.add(WorkerInfo("decode-0", "decode", "m", {"num_pages": 64, "page_size": 16}, {}, "", 0))
+    d.pick("decode", token_ids=SYSTEM, rid="a")
+    assert d.prefixes.match("decode-0", SYSTEM) == 0        # dispatched, KV not kept yet
+    d.record_finished("decode-0", SYSTEM + [1] * 20)
+    assert d.prefixes.match("decode-0", SYSTEM + [1] * 20) == 64

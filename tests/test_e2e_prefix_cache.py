@@ -41,6 +41,9 @@ def test_cache_hit_answer_equals_cold_answer_and_routes_to_the_holder(cluster):
     holder = choices[0][1]
     assert [c[1] for c in choices] == [holder] * 3
     assert [c[2] for c in choices[1:]] == ["longest cached prefix"] * 2
+    # decode kept each finished request's KV: the router counts it once the request finished
+    decode_choices = re.findall(r"cache_aware: decode \S+ -> decode-0 \(([^;]+);", router)
+    assert decode_choices[1:] == ["longest cached prefix"] * 2
     cached = [int(n) for n in re.findall(r"Prefill batch \[\d+\].*#cached-token: (\d+)", cluster.log(holder))]
     assert cached[0] == 0 and cached[2] >= cached[1] > 0     # turn 2 re-uses all turn 1 prompt pages
 

@@ -193,10 +193,14 @@ class Dispatcher:
                 info.num_inflight -= 1
 
     def _finish(self, st: RequestState, event: TokensEvent) -> None:
-        if st.route in ("pd", "local", "unified") and st.token_source is not None:
-            self.directory.record_finished(st.token_source, st.input_ids + st.output_ids)
+        self._remember_finished(st)
         self._release(st)
         st.sink(event)
+
+    def _remember_finished(self, st: RequestState) -> None:
+        """The worker that streamed a finished request keeps its KV (prefix cache)."""
+        if st.route in ("pd", "local", "unified") and st.token_source is not None:
+            self.directory.record_finished(st.token_source, st.input_ids + st.output_ids)
 
     def _fail(self, st: RequestState, event: FailedEvent) -> None:
         self._release(st)
@@ -304,6 +308,7 @@ class Dispatcher:
             event = TokensEvent(list(item.token_ids), item.logprobs, item.finish_reason, item.top_logprobs,
                                 item.prompt_logprobs)
             if item.finish_reason is not None:
+                self._remember_finished(st)
                 self._release(st)
             ready.append((st.sink, event))
         deliver_all(ready)

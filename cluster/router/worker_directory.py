@@ -151,7 +151,8 @@ class WorkerDirectory:
         else:
             best = max(candidates, key=lambda w: (matched[w.worker_id], -w.load))
             chosen, why = (best, "longest cached prefix") if matched[best.worker_id] else (least, "no cached prefix, least load")
-        self.prefixes.insert(chosen.worker_id, token_ids)
+        if role != "decode":   # decode caches a request's KV when it finishes (record_finished)
+            self.prefixes.insert(chosen.worker_id, token_ids)
         log.info("cache_aware: %s %s -> %s (%s; cached %d/%d tokens; %s)", role, rid or "-", chosen.worker_id,
                  why, matched[chosen.worker_id], len(token_ids),
                  ", ".join(f"{w}={n}" for w, n in matched.items()))
