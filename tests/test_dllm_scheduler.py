@@ -119,7 +119,9 @@ def test_prompt_is_never_modified_and_streamed_blocks_are_the_output(runner):
     control, _ = run_dllm(runner, requests, DllmParams(block_size=4, threshold=0.0), on_forward=check)
     for rid, prompt, _, _ in requests:
         assert seen[rid] == tuple(prompt)
-    for msg in control.sent:
+    token_msgs = [m for m in control.sent if isinstance(m, P.Tokens)]   # request marks travel too
+    assert token_msgs
+    for msg in token_msgs:
         for item in msg.items:
             assert 1 <= len(item.token_ids) <= 4   # one message item per finished block
 
