@@ -130,8 +130,6 @@ def _validate(cfg: ClusterConfig) -> None:
              "like http://127.0.0.1:4318")
     _require(cfg.kv_transfer.backend in KV_BACKENDS, src, "kv_transfer.backend",
              f"{cfg.kv_transfer.backend!r} is not one of {', '.join(KV_BACKENDS)}")
-    _require(not cfg.kv_transfer.layerwise, src, "kv_transfer.layerwise",
-             "layer-wise streaming is not built yet; leave it false")
     _validate_scheduler(cfg.scheduler, src, "scheduler")
     for f in fields(TimeoutsConfig):
         _require(getattr(t, f.name) > 0, src, f"timeouts.{f.name}", "must be > 0")

@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Optional
 
 from cluster.kv_transfer import MAX_KV_ATTEMPTS, TransferHub
+from cluster.kv_transfer.layerwise import LayerStream
 from cluster.wire import protocol as P
 from cluster.runtime.stats import KvTransferStats, PrefillStats
 from cluster.runtime.output_processor import SampledToken, sampled_tokens
@@ -38,6 +39,9 @@ class PrefillScheduler(WorkerScheduler):
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
         self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
         self.kv_transfer = KvTransferStats()
+        self.layers = LayerStream(runner.model, runner.kv_pool.device) if self.transfer.layerwise else None
+        if self.layers is not None:
+            logger.info("%s: layer-wise KV streaming on", worker_id)
 
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
@@ -119,6 +123,8 @@ class PrefillScheduler(WorkerScheduler):
         self.bootstrap_queue.remove(req.rid)
         self.inflight_queue.remove(req.rid)
         self.held_by_decode.pop(req.rid, None)
+        if self.layers is not None:
+            self.layers.forget(req.rid)
 
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
@@ -132,6 +138,22 @@ class PrefillScheduler(WorkerScheduler):
             self.fail(req, f"no kv_ack from {req.peer.worker_id} within "
                       f"{self.inflight_queue.timeout_s:g}s", retriable=True)
         return self.prefill.schedule(num_running=0)
+
+    def build_forward_input(self, batch: ScheduleBatch):
+        fi = super().build_forward_input(batch)
+        if self.layers is not None:      # NOTE: after the build (which may fail), one plan per forward
+            self.layers.plan([(req.rid, self.transfer.sender_for(req.peer.data_addr), *self.kv_span(req, p + e))
+                              for req, p, e, last in zip(batch.reqs, batch.prefix_lens, batch.extend_lens,
+                                                         batch.is_last_chunk) if last])
+        return fi
+
+    def kv_span(self, req: Req, kv_len: int) -> tuple[list[int], int]:
+        """(pages, length) of the KV that travels: the whole pages decode already holds do not."""
+        held = self.held_of(req, kv_len)
+        return req.page_table[held // self.cache.page_size:], kv_len - held
+
+    def held_of(self, req: Req, kv_len: int) -> int:
+        return min(self.held_by_decode.get(req.rid, 0), (kv_len - 1) // self.cache.page_size * self.cache.page_size)
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
         self.process_batch_result_disagg_prefill(batch, result)
@@ -156,8 +178,9 @@ class PrefillScheduler(WorkerScheduler):
         for req, token, lp, top in items:
             t0 = time.perf_counter()
             # decode-side reuse: the whole pages decode already holds do not travel
-            held = min(self.held_by_decode.get(req.rid, 0), (req.kv_len - 1) // self.cache.page_size * self.cache.page_size)
-            packed = backend.pack(req.page_table[held // self.cache.page_size:], req.kv_len - held)
+            held = self.held_of(req, req.kv_len)
+            staged = self.layers.finish(req.rid) if self.layers is not None else None
+            packed = staged[0] if staged is not None else backend.pack(*self.kv_span(req, req.kv_len))
             fault = faults.draw() if faults is not None else None
             if fault == "corrupt":
                 backend.corrupt(packed)
@@ -209,3 +232,5 @@ class PrefillScheduler(WorkerScheduler):
     def close(self) -> None:
         self.data_plane.close()
         self.transfer.close()
+        if self.layers is not None:
+            self.layers.close()

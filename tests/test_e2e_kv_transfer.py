@@ -2,7 +2,8 @@
 `shm` for CPU workers on one host, `zmq` moves the bytes as frames, both give the greedy
 text of the offline engine (the unified worker's engine), and with the test-only fault
 switch corrupting transfers, decode catches every bad checksum, the request is prefilled
-again, the client still gets the reference text, and the failures are counted."""
+again, the client still gets the reference text, and the failures are counted. With
+`layerwise = true` (each layer staged as the forward computes it) zmq and shm give the same text."""
 import re
 
 import pytest
@@ -23,8 +24,9 @@ GROUPS = "[[prefill]]\n[[decode]]\n"
 FAULTS = "corrupt=0.4,seed=6"
 
 
-def launch(backend: str, name: str, env=None) -> LaunchedCluster:
-    config = cluster_config(GROUPS) + f'\n[kv_transfer]\nbackend = "{backend}"\nverify = true\n'
+def launch(backend: str, name: str, env=None, layerwise: bool = False) -> LaunchedCluster:
+    config = cluster_config(GROUPS) + (f'\n[kv_transfer]\nbackend = "{backend}"\nverify = true\n'
+                                       f'layerwise = {str(layerwise).lower()}\n')
     return LaunchedCluster(config, name, env=env)
 
 
@@ -68,5 +70,16 @@ def test_zmq_corrupted_transfers_are_caught_prefilled_again_and_counted(referenc
         failures = counter(cluster.metrics(), "kv_transfer_failures_total", worker="decode-0", reason="checksum")
         assert failures >= 2
         assert "prefilling it again" in cluster.log("prefill-0")
+    finally:
+        assert cluster.stop() == []
+
+
+@pytest.mark.parametrize("backend", ["zmq", "shm"])
+def test_layerwise_streaming_matches_the_offline_engine(reference, backend):
+    cluster = launch(backend, f"kv-layerwise-{backend}", layerwise=True)
+    try:
+        assert texts(cluster) == reference
+        assert counter(cluster.metrics(), "kv_transfer_failures_total") == 0   # verify covered every layer
+        assert "layer-wise KV streaming on" in cluster.log("prefill-0")
     finally:
         assert cluster.stop() == []

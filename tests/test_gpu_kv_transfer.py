@@ -44,7 +44,7 @@ def model_dir() -> str:
     return write_model_dir(os.path.join(tempfile.mkdtemp(prefix="pdcluster-tiny-"), MODEL), "tiny-llama")
 
 
-def config(groups: str, backend: str = "auto") -> str:
+def config(groups: str, backend: str = "auto", layerwise: bool = False) -> str:
     device, dtype = ("cpu", "float32") if REHEARSAL else ("cuda", "bfloat16")
     return f"""
 [model]
@@ -65,6 +65,7 @@ kv_transfer = 5
 [kv_transfer]
 backend = "{backend}"
 verify = true
+layerwise = {str(layerwise).lower()}
 
 {groups}
 """
@@ -95,18 +96,20 @@ def reference():
 def clusters():
     launched: dict[str, Cluster] = {}
 
-    def get(backend: str) -> Cluster:
-        if backend not in launched:
-            launched[backend] = Cluster(config(gpu_groups(("prefill", 0), ("decode", 1)), backend), f"pd-{backend}")
-        return launched[backend]
+    def get(backend: str, layerwise: bool = False) -> Cluster:
+        if (backend, layerwise) not in launched:
+            launched[backend, layerwise] = Cluster(config(gpu_groups(("prefill", 0), ("decode", 1)), backend, layerwise),
+                                                   f"pd-{backend}{'-layerwise' if layerwise else ''}")
+        return launched[backend, layerwise]
     yield get
     for c in launched.values():
         c.stop()
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_gives_the_unified_workers_greedy_tokens(clusters, reference, backend):
-    c = clusters(backend)
+def test_backend_gives_the_unified_workers_greedy_tokens(clusters, reference, backend, layerwise):
+    c = clusters(backend, layerwise)
     assert texts(c) == reference
     deadline = time.monotonic() + 10                  # gauges arrive with the next heartbeat
     while time.monotonic() < deadline:

@@ -87,13 +87,16 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS),
                                     cfg.rope_theta, cfg.rope_scaling)
+        self.layer_hook = None   # f(layer index) after each layer (kv_transfer.LayerStream: layer-wise KV)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, ctx: AttentionContext):
         """-> final hidden states [num_tokens, hidden] (normed); `compute_logits` maps rows to vocab."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
-        for layer, kv in zip(self.layers, kv_caches):
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, rope, kv, ctx)
+            if self.layer_hook is not None:
+                self.layer_hook(i)   # NOTE: on CUDA, layer i's kernels are launched, not yet done
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:

@@ -33,7 +33,9 @@ the checksum itself for page-reading backends: with verify on, decode rejects it
 prefilled again; with verify off the corruption goes through) that share of transferred
 requests. Never set it in production.
 
-Not built: layer-wise streaming (`layerwise = true` is refused at config load).
+Layer-wise streaming (`[kv_transfer] layerwise = true`, `layerwise.py`): the prefill side stages
+each layer of a finishing request as soon as the forward has computed it; see there for what
+moves early with each backend.
 """
 from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError, Packed
 from cluster.kv_transfer.faults import ENV as FAULT_ENV, KvFaults, KvFaultSpec

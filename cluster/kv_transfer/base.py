@@ -7,6 +7,9 @@ Prefill side (the pool is registered at construction):
                                      either a tensor (the bytes travel) or its source pages
                                      (the decode side reads them in place)
     after_send(peer, packed)         called once the kv_batch left (NCCL sends the bytes now)
+    begin / stage_layer / finish     layer-wise (`layerwise.py`): `pack` split by layer; backends
+                                     whose bytes travel (`stages_layers`) gather each layer as
+                                     soon as it is computed; the others are read after the forward
     holds_pages                      True: the prefill pages stay allocated until kv_ack
 Decode side:
     unpack(sender, source, item, payload, dst_pages) -> bytes landed
@@ -96,9 +99,22 @@ class ImportFence:
             self._stream.synchronize()
 
 
+@dataclass(slots=True)
+class Staged:
+    """One request's KV being gathered layer by layer into handoff layout (layer-wise)."""
+    pages: list[int]
+    length: int
+    tensor: Optional[torch.Tensor] = None    # [layers, 2, length, heads, dim] on the pool's device
+    rows: Optional[torch.Tensor] = None      # handoff row ids per layer: [layers, rows]
+    host: Optional[torch.Tensor] = None      # pinned copy (zmq on CUDA)
+    layers_done: int = 0
+
+
 class KvTransfer:
     name = "base"
     holds_pages = False
+    stages_layers = False        # layer-wise: the bytes travel, so each layer is gathered early
+    stages_to_host = False       # ... and on CUDA copied into pinned host memory too (zmq)
 
     def __init__(self, pool: KVPool, worker_id: str, verify: bool = True,
                  fence: Optional[ImportFence] = None):
@@ -119,6 +135,39 @@ class KvTransfer:
             packed.tensor.view(-1)[:1].add_(1)
         if packed.checksum is not None and packed.tensor is None:
             packed.checksum ^= 1
+
+    def begin(self, pages: list[int], length: int) -> Staged:
+        staged = Staged(list(pages), length)
+        if self.stages_layers:
+            pool = self.pool
+            shape = (pool.num_layers, 2, length, pool.num_kv_heads, pool.head_dim)
+            staged.tensor = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+            staged.rows = pool.handoff_rows(pages, length).view(pool.num_layers, -1)
+            if self.stages_to_host and pool.device.type == "cuda":
+                staged.host = torch.empty(shape, dtype=pool.dtype, pin_memory=True)
+        return staged
+
+    def stage_layer(self, staged: Staged, layer: int) -> None:
+        """Layer `layer` of the pool is final for this request: gather it (on CUDA, on the
+        caller's stream, which waits for the layer's event)."""
+        if staged.tensor is not None:
+            flat = self.pool.kv.view(-1, self.pool.head_dim)
+            out = staged.tensor[layer].view(-1, self.pool.head_dim)
+            torch.index_select(flat, 0, staged.rows[layer], out=out)
+            if staged.host is not None:
+                staged.host[layer].copy_(staged.tensor[layer], non_blocking=True)
+        staged.layers_done += 1
+
+    def finish(self, staged: Staged) -> Packed:
+        """Every layer staged (and, on CUDA, synchronized): the request's Packed."""
+        if staged.tensor is None:
+            return self.pack(staged.pages, staged.length)
+        if staged.layers_done != self.pool.num_layers:
+            raise KvTransferError("layers", f"{staged.layers_done} of {self.pool.num_layers} layers staged")
+        kv = staged.tensor
+        checksum = self.checksum_of(kv)          # over every layer, on the device that holds them
+        out = staged.host if staged.host is not None else kv
+        return Packed(checksum, out.numel() * out.element_size(), tensor=out)
 
     def after_send(self, peer: str, packed: list[Packed]) -> None:
         """The kv_batch carrying `packed` has been handed to the data plane."""

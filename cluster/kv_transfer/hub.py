@@ -50,11 +50,12 @@ def is_same_host(address: str) -> bool:
 
 class TransferHub:
     def __init__(self, backend: str, pool: KVPool, worker_id: str, verify: bool = True,
-                 data_host: str = "127.0.0.1", segment=None, faults: Optional[KvFaults] = None):
+                 data_host: str = "127.0.0.1", segment=None, faults: Optional[KvFaults] = None,
+                 layerwise: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"kv_transfer.backend {backend!r} is not one of {', '.join(BACKENDS)}")
         self.backend, self.pool, self.worker_id, self.verify = backend, pool, worker_id, verify
-        self.data_host, self.segment = data_host, segment
+        self.data_host, self.segment, self.layerwise = data_host, segment, layerwise
         self.faults = faults if faults is not None else KvFaults.from_env()
         self.fence = ImportFence(pool.device)
         self._backends: dict[str, KvTransfer] = {}

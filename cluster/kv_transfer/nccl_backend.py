@@ -40,6 +40,7 @@ def _pair_group(host: str, port: int, prefix: str, rank: int, is_master_store=No
 
 class NcclTransfer(KvTransfer):
     name = "nccl"
+    stages_layers = True
 
     def __init__(self, pool: KVPool, worker_id: str, verify: bool = True, fence=None,
                  data_host: str = "127.0.0.1"):

@@ -20,6 +20,8 @@ from cluster.kv_transfer.checksum import fold64, xxh3_chunks
 
 class ZmqTransfer(KvTransfer):
     name = "zmq"
+    stages_layers = True
+    stages_to_host = True
 
     def pack(self, pages: list[int], length: int) -> Packed:
         kv = self.pool.export_kv(pages, length)
