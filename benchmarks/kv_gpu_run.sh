@@ -2,7 +2,8 @@
 # Issue 14's GPU run, in one call on a two-GPU host: GPU tests, handoff bandwidth, goodput, TTFT split.
 #   bash benchmarks/kv_gpu_run.sh MODELS_DIR OUT [BUDGET_S]
 # MODELS_DIR holds tiny-llama/ and llama-3.1-8b/ (benchmarks/dummy_model.py). Every part has its
-# own time limit; results land in OUT as at most 8 files (logs in one tarball).
+# own time limit; results land in OUT as at most 8 files (logs in one tarball). STUDY_ARGS: extra
+# kv_gpu_study.py flags (e.g. "--rates 8,16,24,32 --layerwise"); SKIP_BW=1 skips the bandwidth part.
 set -u
 MODELS=$(cd "$1" && pwd); OUT=$2; BUDGET=${3:-480}
 W=/tmp/kvrun; mkdir -p "$W" "$OUT"
@@ -20,7 +21,7 @@ echo "bw rc=$?"; grep '^{"backend' "$W/kv_transfer_bw.log" | head -40
 echo "== goodput + TTFT split ($(left) s left)"
 L=$(left)
 timeout $((L - 8)) python3 benchmarks/kv_gpu_study.py --model-dir "$MODELS/llama-3.1-8b" --out "$W" \
-  --parts goodput,ttft --deadline-s $((L - 70)) > "$W/kv_gpu_study.log" 2>&1
+  --parts ttft,goodput --deadline-s $((L - 70)) ${STUDY_ARGS:-} > "$W/kv_gpu_study.log" 2>&1
 echo "study rc=$?"; tail -30 "$W/kv_gpu_study.log"
 tar -czf "$W/logs.tar.gz" /tmp/pdcluster-* 2>/dev/null
 for f in machine.txt gpu_tests.log kv_transfer_bw.json kv_transfer_bw.log kv_gpu_study.json kv_gpu_study.log \

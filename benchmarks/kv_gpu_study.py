@@ -2,14 +2,16 @@
 
     python benchmarks/kv_gpu_study.py --model-dir DIR --out OUT [--deadline-s S]
 
-`ttft`: per backend, a 1 prefill (GPU 0) + 1 decode (GPU 1) cluster, requests one at a time
-(2k-token prompts, 8 output tokens): client TTFT split into prefill forward and pack (prefill's
+`ttft`: per backend (`--backends`; `NAME+layerwise` turns layer-wise streaming on), a 1 prefill
+(GPU 0) + 1 decode (GPU 1) cluster, requests one at a time at each of `--ttft-prompt-lens`
+(default 2k and 8k tokens; 8 output tokens): client TTFT split into prefill forward and pack (prefill's
 own timings, DEBUG log), transfer (prefill's kv_transfer_seconds: kv_batch sent -> kv_ack, which
 includes decode's unpack and verify) and the rest (HTTP, dispatch, decode_ready round trip).
 `goodput`: DistServe style, `pdcluster bench --request-rate` logic (cluster/bench_goodput.py):
 Poisson arrivals at each rate, 2k-token prompts, 256 output tokens, SLO TTFT <= 1 s and mean
-inter-token time <= 50 ms, for 1P1D on 2 GPUs, 2 unified workers on the 2 GPUs and 1 unified
-on 1 GPU; writes goodput.json and slo_attainment.png. `--device cpu` rehearses it all on a CPU
+inter-token time <= 50 ms, at each of `--rates` (stops a layout past saturation or at the
+deadline), for 1P1D on 2 GPUs (`--layerwise`: with layer-wise streaming), 2 unified workers on
+the 2 GPUs and 1 unified on 1 GPU; writes goodput.json and slo_attainment.png. `--device cpu` rehearses it all on a CPU
 with the tiny model (backends zmq/shm, no GPUs).
 """
 from __future__ import annotations
@@ -32,8 +34,9 @@ from cluster import bench_goodput  # noqa: E402
 WORDS = ("alpha", "beta", "gamma", "delta", "omega")
 
 
-def config(args, groups: str, backend: str = "auto") -> str:
+def config(args, groups: str, backend: str = "auto", layerwise: bool = False) -> str:
     gpu = args.device == "cuda"
+    max_len = max(4096, max(args.ttft_lens + [args.prompt_len]) + args.max_tokens + 64)
     return f"""
 [model]
 name = "dummy"
@@ -41,18 +44,19 @@ path = "{os.path.abspath(args.model_dir)}"
 load_format = "dummy"
 dtype = "{'bfloat16' if gpu else 'float32'}"
 device = "{args.device}"
-max_model_len = 4096
+max_model_len = {max_len}
 
 [scheduler]
 num_pages = {args.num_pages}
-max_running_requests = 64
-max_prefill_tokens = 8192
+max_running_requests = {args.max_running}
+max_prefill_tokens = {max(8192, max(args.ttft_lens) + 64)}
 
 [timeouts]
 register = 300
 
 [kv_transfer]
 backend = "{backend}"
+layerwise = {str(layerwise).lower()}
 
 {groups}
 """
@@ -77,22 +81,28 @@ async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
         return await one_request(client, args, p)
 
 
-def ttft_split(args, backend: str, out: dict) -> None:
+def ttft_split(args, name: str, out: dict) -> None:
+    """`name`: a backend, `+layerwise` for layer-wise streaming; one cluster, every prompt length."""
+    backend, _, mode = name.partition("+")
     env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"}
-    with Cluster(config(args, groups(args, "1p1d"), backend), f"ttft-{backend}", env=env) as c:
-        out[backend] = measure_ttft(c, args)
-        print(f"ttft {backend}: {out[backend]}", flush=True)
+    cfg = config(args, groups(args, "1p1d"), backend, layerwise=mode == "layerwise")
+    with Cluster(cfg, f"ttft-{backend}{'-' + mode if mode else ''}", env=env) as c:
+        for n in args.ttft_lens:
+            key = f"{name}@{n}"
+            out[key] = measure_ttft(c, args, n)
+            print(f"ttft {key}: {out[key]}", flush=True)
 
 
-def measure_ttft(c: Cluster, args) -> dict:
+def measure_ttft(c: Cluster, args, prompt_len: int = 0) -> dict:
+    prompt_len = prompt_len or args.prompt_len
     for i in range(2):
-        asyncio.run(_one(c, prompt(100 + i, args.prompt_len), 4))       # warm up
+        asyncio.run(_one(c, prompt(100 + i, prompt_len), 4))       # warm up
     n0 = len(_kv_lines(c))
     m0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
     k0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
     ttfts = []
     for i in range(args.ttft_requests):
-        r = asyncio.run(_one(c, prompt(i, args.prompt_len), 8))
+        r = asyncio.run(_one(c, prompt(i, prompt_len), 8))
         if "error" in r:
             raise RuntimeError(r["error"])
         ttfts.append(r["ttft"])
@@ -114,10 +124,11 @@ def _kv_lines(c: Cluster) -> list[tuple[float, float]]:
     return [(float(m.group(1)), float(m.group(2))) for m in pat.finditer(c.log("prefill-0"))]
 
 
-def goodput(args, layout: str, out: dict, ttft_out: dict) -> None:
-    backend = "auto"
+def goodput(args, layout: str, out: dict, ttft_out: dict, deadline: float) -> None:
+    backend, layerwise = "auto", args.layerwise and layout == "1p1d"
     env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"} if layout == "1p1d" else {}
-    with Cluster(config(args, groups(args, layout), backend), f"goodput-{layout.replace(' ', '')}", env=env) as c:
+    with Cluster(config(args, groups(args, layout), backend, layerwise), f"goodput-{layout.replace(' ', '')}",
+                 env=env) as c:
         if layout == "1p1d":                     # the auto backend's TTFT split, before the load
             ttft_out["auto"] = measure_ttft(c, args)
             print(f"ttft auto: {ttft_out['auto']}", flush=True)
@@ -129,13 +140,16 @@ def goodput(args, layout: str, out: dict, ttft_out: dict) -> None:
             slo_tpot=args.slo_tpot, attainment=0.9, seed=0, json=None, plot=None, concurrency=None)
         rows = []
         for rate in bench_goodput.parse_rates(args.rates):
+            if time.monotonic() > deadline and rows:
+                out.setdefault("skipped_rates", {}).setdefault(layout, []).append(rate)
+                continue
             bench_args.request_rate = str(rate)
             bench_args.num_requests = max(4, int(rate * args.seconds_per_rate))
             report = asyncio.run(bench_goodput.sweep(bench_args))
             rows += report["rates"]
             if report["rates"][-1]["slo_attainment"] < 0.2:
                 break                                # past saturation: higher rates only fail more
-        out[layout] = {"goodput_rps": bench_goodput.goodput(rows, 0.9), "rates": rows}
+        out[layout] = {"goodput_rps": bench_goodput.goodput(rows, 0.9), "rates": rows, "layerwise": layerwise}
         if layout == "1p1d":
             out[layout]["backend"] = re.findall(r"kv_transfer auto -> (\w+)", c.log("prefill-0"))[:1]
 
@@ -146,9 +160,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--parts", default="goodput,ttft")
-    ap.add_argument("--backends", default="nccl,zmq")
+    ap.add_argument("--backends", default="cuda_ipc,cuda_ipc+layerwise",
+                    help="ttft part: backends, NAME+layerwise for layer-wise streaming")
+    ap.add_argument("--ttft-prompt-lens", default="2000,8000")
+    ap.add_argument("--layerwise", action="store_true", help="goodput part: 1P1D with layer-wise streaming")
+    ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--layouts", default="1p1d,2 unified,1 unified")
-    ap.add_argument("--rates", default="2,4,6,8")
+    ap.add_argument("--rates", default="8,16,24,32")
     ap.add_argument("--seconds-per-rate", type=float, default=6.0)
     ap.add_argument("--prompt-len", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -159,6 +177,7 @@ def main() -> None:
     ap.add_argument("--heartbeat-s", type=float, default=1.5)
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip parts that start after this")
     args = ap.parse_args()
+    args.ttft_lens = [int(n) for n in args.ttft_prompt_lens.split(",")]
     os.makedirs(args.out, exist_ok=True)
     start = time.monotonic()
     result = {"ttft": {}, "goodput": {}, "args": vars(args)}
@@ -175,7 +194,7 @@ def main() -> None:
                 continue
             try:
                 if part == "goodput":
-                    goodput(args, name, result["goodput"], result["ttft"])
+                    goodput(args, name, result["goodput"], result["ttft"], start + args.deadline_s)
                 else:
                     ttft_split(args, name, result["ttft"])
             except Exception as e:                   # one failed layout must not lose the others
