@@ -175,3 +175,25 @@ def test_decode_side_reuse_transfers_only_the_pages_decode_does_not_hold(loaded)
         check_pages(pair.decode)
     finally:
         pair.close()
+
+
+def test_an_aborted_request_drops_its_references_and_caches_nothing(loaded):
+    first, second = turns(loaded.tokenizer)
+    s = unified(loaded, prefix_cache=True)
+    ref = serve(unified(loaded, prefix_cache=False), [second[1]], "r")["r0"]
+    serve(s, first[:1], "warm")
+    gone = second[0] + loaded.tokenizer.encode(" Please answer at length, with many examples.")
+    ctl = s.control
+    ctl.generate("gone", gone, max_tokens=MAX_TOKENS, ignore_eos=True)
+    ctl.generate("r0", second[1], max_tokens=MAX_TOKENS, ignore_eos=True)
+    last = None
+    for _ in range(3):                                  # both prefilled (on the cached prefix), decoding
+        last = s.overlap_step(last)
+    assert s.cache.tree.num_evictable_pages < s.cache.tree.num_cached_pages   # referenced while live
+    ctl.inbound.put(P.Abort(rid="gone", reason="client went away"))
+    drain([s], [last], lambda: "r0" in ctl.finished())
+    assert ctl.outputs()["r0"] == ref
+    # the finished request's pages joined the cache; the aborted one's own pages were freed
+    assert len(s.cache.tree.match_prefix(gone)[0]) == len(first[0]) // 16 < len(gone) // 16
+    assert len(s.cache.tree.match_prefix(second[1])[0]) == len(second[1]) // 16
+    check_pages(s)
