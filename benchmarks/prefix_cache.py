@@ -2,6 +2,7 @@
 
     python benchmarks/prefix_cache.py [--conversations 8] [--turns 4] [--system-prompt-len 200]
         [--user-len 20] [--max-tokens 16] [--only off,on,rr2,ca2,local] [--json FILE]
+        [--model-path DIR --device cuda --dtype bfloat16]     # dummy weights of DIR/config.json on a GPU
 
 Scenarios, each its own cluster launched with `pdcluster launch` (free port, temp logs):
 - off:   1 prefill + 1 decode, `[cache] prefix_cache = false`  (every turn prefilled from scratch)
@@ -44,17 +45,28 @@ SCENARIOS = {   # name -> (prefill workers, prefix cache, policy, local_prefill_
 }
 
 
-def config(num_prefill: int, prefix_cache: bool, policy: str, local_max: int) -> str:
+NUM_PAGES = 1024
+
+
+def model_section(args) -> str:
+    """The [model] table: the embedded default, or (GPU runs) a dummy-weight model directory."""
+    if not args.model_path:
+        return ""
+    return "\n".join([f'name = "{args.model_name}"', f'path = "{args.model_path}"', 'load_format = "dummy"',
+                      f'device = "{args.device}"', f'dtype = "{args.dtype}"'])
+
+
+def config(num_prefill: int, prefix_cache: bool, policy: str, local_max: int, model: str = "") -> str:
     return f"""
 [model]
-name = "smollm2-135m-instruct"
+{model or 'name = "smollm2-135m-instruct"'}
 
 [router]
 policy = "{policy}"
 local_prefill_max_tokens = {local_max}
 
 [scheduler]
-num_pages = 1024
+num_pages = {NUM_PAGES}
 
 [cache]
 prefix_cache = {str(prefix_cache).lower()}
@@ -79,7 +91,8 @@ def run_scenario(name: str, args) -> dict:
     num_prefill, prefix_cache, policy, local_max = SCENARIOS[name]
     print(f"[{name}] {num_prefill} prefill + 1 decode, prefix_cache={prefix_cache}, policy={policy}, "
           f"local_prefill_max_tokens={local_max}", flush=True)
-    with Cluster(config(num_prefill, prefix_cache, policy, local_max), f"prefix-{name}") as c:
+    with Cluster(config(num_prefill, prefix_cache, policy, local_max, model_section(args)),
+                 f"prefix-{name}") as c:
         bargs = SimpleNamespace(url=c.base_url + "/v1", model=None, api_key="", concurrency=args.conversations,
                                 max_tokens=args.max_tokens, conversations=args.conversations, turns=args.turns,
                                 system_prompt_len=args.system_prompt_len, user_len=args.user_len, seed=args.seed)
@@ -126,7 +139,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(SCENARIOS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model-path", default="", help="GPU runs: a model directory served with dummy weights")
+    ap.add_argument("--model-name", default="dummy")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-pages", type=int, default=1024)
     args = ap.parse_args(argv)
+    global NUM_PAGES
+    NUM_PAGES = args.num_pages
     print(f"machine: {machine()}; {now_utc()}", flush=True)
     results = [run_scenario(name, args) for name in args.only.split(",")]
     if args.json:

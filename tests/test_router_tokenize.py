@@ -32,3 +32,19 @@ def test_model_by_id(router):
     card = router.http.get(f"/v1/models/{name}").json()
     assert card["id"] == name and card["object"] == "model"
     assert_error(router.http.get("/v1/models/gpt-9"), 404, "gpt-9")
+
+
+def test_chat_without_a_usable_template_is_400_not_500(router):
+    """A model with no chat template (a bare tokenizer.json), or a template that refuses the
+    messages (raise_exception), is the client's error, on chat completions and /tokenize alike."""
+    tok = router.service.tokenizer_for(router.cfg.model.name)
+    chat = {"model": router.cfg.model.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    saved = tok.chat_template, tok._template
+    try:
+        tok.chat_template, tok._template = None, None
+        assert_error(router.http.post("/v1/chat/completions", json=chat), 400, "no chat template")
+        assert_error(router.http.post("/tokenize", json={"messages": chat["messages"]}), 400, "no chat template")
+        tok.chat_template, tok._template = "{{ raise_exception('roles must alternate') }}", None
+        assert_error(router.http.post("/v1/chat/completions", json=chat), 400, "roles must alternate")
+    finally:
+        tok.chat_template, tok._template = saved

@@ -173,7 +173,8 @@ class IncrementalDetokenizer:
 
 
 def _raise(message: str):
-    raise ValueError(message)
+    import jinja2   # the template's own refusal: TemplateError, as transformers raises it
+    raise jinja2.TemplateError(message)
 
 
 def _read_json(path: str) -> dict:

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
+import jinja2
+
 from cluster.config import ClusterConfig
 from cluster.roles import served_model
 from cluster.router.completion import CompletionText, TextDelta
@@ -33,6 +35,15 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16             # OpenAI's legacy completions def
 DISCONNECT_POLL_S = 1.0
 TOKENIZE_THREADS = 2            # tokenizing releases the GIL; more threads than cores buy nothing
 
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, **kwargs) -> str:
+    """The chat template's text; a model without one, or messages its template refuses, are a 400."""
+    if tokenizer.chat_template is None:
+        raise bad_request("this model has no chat template: use /v1/completions", "messages")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    except jinja2.TemplateError as e:   # the template's own checks (e.g. role order) are input errors
+        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
 
 @dataclass
 class Generation:
@@ -201,8 +212,7 @@ class RouterService:
     def _input_ids(parsed: ParsedRequest, tokenizer) -> list[int]:
         if parsed.kind == "chat":
             tools = [{"type": "function", "function": f} for f in parsed.functions]
-            prompt = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True,
-                                                   **({"tools": tools} if tools else {}))
+            prompt = render_chat(tokenizer, parsed.messages, True, **({"tools": tools} if tools else {}))
             input_ids = tokenizer.encode(prompt, add_special_tokens=False)
         elif parsed.prompt_ids is not None:
             input_ids = list(parsed.prompt_ids)

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI, Request
 
 from cluster.router.errors import APIError, bad_request
+from cluster.router.service import render_chat
 
 
 def model_card(name: str, max_model_len: int) -> dict:
@@ -49,7 +50,7 @@ def add_tokenize_routes(app: FastAPI, service, authorize: Callable[[Request], No
             add_gen = body.get("add_generation_prompt", True)
             if not isinstance(add_gen, bool):
                 raise bad_request("expected a boolean", "add_generation_prompt")
-            text = await off_loop(lambda: tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen))
+            text = await off_loop(render_chat, tokenizer, messages, add_gen)
             ids = await off_loop(tokenizer.encode, text, False)
         else:
             prompt = body.get("prompt")
