@@ -12,7 +12,7 @@ T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 { nvidia-smi; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"; } > "$W/machine.txt" 2>&1
 echo "== GPU tests ($(left) s left)"
-PDCLUSTER_TEST_MODEL_DIR="$MODELS/tiny-llama" timeout 160 python3 -m pytest -q -p no:cacheprovider \
+PDCLUSTER_TEST_MODEL_DIR="$MODELS/tiny-llama" timeout ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider \
   tests/test_gpu_kv_transfer.py > "$W/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$W/gpu_tests.log"
 echo "== handoff bandwidth ($(left) s left)"
 [ -n "${SKIP_BW:-}" ] || timeout 80 python3 benchmarks/kv_transfer_bw.py --device cuda --preset llama-3.1-8b --backends cuda_ipc,nccl,zmq \
