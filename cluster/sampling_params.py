@@ -9,7 +9,7 @@ tokens, including those generated before a resume or a retraction.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 MAX_STOP_STRINGS = 1024
@@ -87,6 +87,10 @@ class SamplingParams:
     grammar_kind: str = ""            # "" = unconstrained, else one of GRAMMAR_KINDS
     grammar_spec: str = ""            # the JSON schema text, the regex or the EBNF
     prompt_logprobs: bool = False     # the model's logprob of each prompt token after the first (echo)
+
+    def for_choice(self, j: int) -> "SamplingParams":
+        """Choice j of n (n > 1): seeded `seed + j`, so every choice is reproducible alone."""
+        return self if self.seed is None or j == 0 else replace(self, seed=self.seed + j)
 
     def __post_init__(self) -> None:
         _int(self, "max_tokens", lo=1, hi=INT32_MAX)

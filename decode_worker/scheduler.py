@@ -5,6 +5,11 @@ reserved, the first token comes from prefill, and its first forward has one new 
 When pages run out the newest requests are retracted: back to the prealloc queue, and once
 pages are reserved again a `reprefill` (original sampling parameters + tokens so far) asks
 their prefill worker for the KV of the whole sequence.
+n > 1: a `generate` with `siblings` is prefilled and handed off once; when its KV lands,
+each sibling forks from it (`CacheManager.fork`: whole prompt pages shared, the partial
+page copied) at all but the last prompt position, which its first decode step recomputes
+to sample its own first token (seeded seed + j). A sibling is then a request like any
+other: it finishes, aborts or is retracted (and re-prefilled: itself only) on its own.
 Selective disaggregation: a request the router sends without a prefill peer (its
 uncached part is short) is prefilled here, extending from this worker's prefix cache,
 which holds the KV of the requests it finished.
@@ -17,7 +22,10 @@ import os
 import time
 from typing import Optional
 
+import torch
+
 from cluster.kv_transfer import KvTransferError, TransferHub
+from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.stats import DecodeStats, KvTransferStats, PrefillStats
@@ -50,6 +58,7 @@ class DecodeScheduler(WorkerScheduler):
         self.kv_transfer = KvTransferStats()
         self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.retracted: set[str] = set()      # rids that must be prefilled again
+        self.forks: dict[str, list[Req]] = {}   # rid -> its siblings (n > 1), until its KV lands
         self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
         if self.corrupt_kv:
@@ -57,6 +66,21 @@ class DecodeScheduler(WorkerScheduler):
 
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
+        siblings = []
+        for j, rid in enumerate(msg.siblings, 1):
+            try:
+                sampling = msg.sampling.for_choice(j)
+            except ValueError as e:                # seed + j out of range
+                self.control.send(P.Error(rid=rid, reason=f"rejected: {e}", worker_id=self.worker_id))
+                continue
+            sibling = self.accept(rid, msg.input_ids, sampling, [], msg.peer)
+            if sibling is not None:
+                siblings.append(sibling)
+        if siblings and (req.peer is None or req.output_ids):
+            for sibling in siblings:               # the router sends siblings with a fresh pair only
+                self.fail(sibling, "rejected: siblings need a prefill peer and a fresh request")
+        elif siblings:
+            self.forks[req.rid] = siblings
         if req.peer is None:
             self.local_prefill.add(req)       # short uncached part: prefill it here
             return
@@ -124,6 +148,7 @@ class DecodeScheduler(WorkerScheduler):
                          msg.prefill_worker_id, msg.forward_iter, rid, item.prompt_len, num_bytes,
                          msg.backend)
             req.kv_len = item.prompt_len
+            self.fork_siblings(req)
             acked.append(rid)
             self.retracted.discard(rid)
             if req.grammar is not None:   # the prefill's matcher took it; ours is not in any forward yet
@@ -137,6 +162,30 @@ class DecodeScheduler(WorkerScheduler):
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),
                                 P.KvAck(rids=acked, failed=failed, decode_worker_id=self.worker_id))
         self.flush_outputs()
+
+    def fork_siblings(self, req: Req) -> None:
+        """n > 1: the siblings waiting on this request's KV start from it (before its first
+        token is committed, which may finish and release it)."""
+        siblings = [s for s in self.forks.pop(req.rid, []) if self.reqs.get(s.rid) is s]
+        if not siblings:
+            return
+        try:
+            copies = self.cache.fork(req, siblings, req.prompt_len - 1)
+        except MemoryError as e:                   # another pair may have the room
+            for s in siblings:
+                self.fail(s, f"no pages to fork from {req.rid}: {e}", retriable=True)
+            return
+        if copies:
+            self.transfer.fence.synchronize()      # the parent's imported KV is in place
+            src, dst = zip(*copies)
+            kv = self.runner.kv_pool.kv
+            copy_pages(kv, kv, list(src), list(dst))
+            if kv.is_cuda:                         # NOTE: before a forward on another stream reads them
+                torch.cuda.current_stream(kv.device).synchronize()
+        logger.info("request %s: %d siblings forked over %d shared pages", req.rid, len(siblings),
+                    siblings[0].num_shared_pages)
+        for s in siblings:
+            self.decode.add(s)                     # its first step recomputes the last prompt position
 
     def mark_kv_received(self, req: Req, msg: "P.KvBatch", num_bytes: int, import_s: float) -> None:
         ready = self.marks.get(req.rid, "decode_ready") or {}
@@ -192,6 +241,10 @@ class DecodeScheduler(WorkerScheduler):
         self.prealloc_queue.add(req, front=True)
 
     def forget(self, req: Req) -> None:
+        for sibling in self.forks.pop(req.rid, []):   # it ended before its KV landed
+            if self.reqs.get(sibling.rid) is sibling:
+                self.fail(sibling, f"{req.rid} ended before its KV arrived: {req.error or req.finish_reason}",
+                          retriable=True)
         self.prealloc_queue.remove(req.rid)
         self.local_prefill.remove(req.rid)
         self.transfer_queue.remove(req.rid)

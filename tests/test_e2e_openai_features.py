@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 
 import httpx
 import jsonschema
@@ -65,6 +67,44 @@ def test_n_choices_with_a_seed_are_reproducible_and_usage_counts_the_prompt_once
     assert one.choices[0].text == texts[0]                   # choice 0 uses the seed itself
     assert a.usage.prompt_tokens == one.usage.prompt_tokens
     assert a.usage.completion_tokens == sum(len(t) > 0 and 6 for t in texts) or a.usage.completion_tokens >= 3
+
+
+def kv_bytes(cluster) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in cluster.metrics().splitlines()
+               if line.startswith("pdcluster:kv_transfer_bytes_total{") and 'worker="decode-0"' in line)
+
+
+def kv_bytes_after(cluster, before: float) -> float:
+    """The decode worker's KV bytes once its heartbeat reported the last transfer."""
+    deadline = time.monotonic() + 10
+    while (got := kv_bytes(cluster)) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)                                          # one more heartbeat: nothing else arrives
+    return kv_bytes(cluster)
+
+
+def new_prefills(log: str) -> list[tuple[int, int]]:
+    return [(int(m.group(1)), int(m.group(2)))
+            for m in re.finditer(r"Prefill batch \[\d+\], #new-seq: (\d+), #new-token: (\d+)", log)]
+
+
+def test_n_choices_are_prefilled_and_transferred_once(cluster):
+    base = kv_bytes(cluster)
+    one = cluster.client.completions.create(model=MODEL, prompt="The river that runs through Paris",
+                                            max_tokens=2, temperature=0)
+    per_token = (kv_bytes_after(cluster, base) - base) / one.usage.prompt_tokens
+    before_log, before = len(cluster.log("prefill-0")), kv_bytes(cluster)
+    many = cluster.client.completions.create(model=MODEL, prompt="Three colours of the autumn leaves are",
+                                             max_tokens=4, temperature=1.0, n=3, seed=11)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert all(c.finish_reason in ("length", "stop") for c in many.choices)
+    shipped = kv_bytes_after(cluster, before) - before
+    assert shipped == pytest.approx(per_token * many.usage.prompt_tokens, rel=0.05)   # one prompt, not 3
+    time.sleep(0.5)
+    prefills = new_prefills(cluster.log("prefill-0")[before_log:])
+    assert sum(seqs for seqs, _ in prefills) == 1, prefills
+    assert sum(tokens for _, tokens in prefills) <= many.usage.prompt_tokens
+    assert many.usage.completion_tokens <= 3 * 4
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=["flat", "nested_enum", "array"])

@@ -241,3 +241,62 @@ def test_bad_generate_is_rejected_with_an_error_and_the_worker_keeps_serving(loa
     assert "out of range" in reasons["bad-token"]
     assert reasons["ok"] == "duplicate request id"
     assert len(ctl.outputs()["ok"]) == 4
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_n_siblings_fork_from_one_prefill_and_match_their_own_runs(loaded, prefix_cache):
+    """n = 3 as one generate with two siblings: prefill runs the prompt once and sends its KV
+    once; decode forks the siblings over it (shared whole pages with the prefix cache, copies
+    without), each seeded seed + j, each drawing what it draws as a request of its own."""
+    sampling = dict(max_tokens=8, temperature=0.8, seed=7)
+    alone = Pair(loaded)                                         # n requests, batched alike
+    try:
+        for j in range(3):
+            alone.submit(f"s{j}", PROMPTS[0], **{**sampling, "seed": 7 + j})
+        ref = alone.run(3)
+    finally:
+        alone.close()
+    pair = Pair(loaded)
+    if prefix_cache:
+        pair.decode.enable_prefix_cache()
+    prefill_rows = []
+    forward = pair.prefill.executor.forward_fn
+    pair.prefill.executor.forward_fn = lambda fi: (prefill_rows.append(list(fi.extend_lens)), forward(fi))[1]
+    try:
+        ids = pair.tok.encode(PROMPTS[0])
+        sp = SamplingParams(**sampling)
+        pair.pc.inbound.put(P.Generate(rid="s0", input_ids=ids, sampling=sp, peer=P.Peer("decode-0", pair.ddp.address),
+                                       siblings=["s1", "s2"]))
+        pair.dc.inbound.put(P.Generate(rid="s0", input_ids=ids, sampling=sp, peer=P.Peer("prefill-0", pair.pdp.address),
+                                       siblings=["s1", "s2"]))
+        out = pair.run(3)
+        assert out == ref
+        assert prefill_rows == [[len(ids)]]                      # one prefill of the prompt
+        cfg = loaded.config
+        one_prompt = cfg.num_layers * 2 * len(ids) * cfg.num_kv_heads * cfg.head_dim * 4
+        assert pair.decode.heartbeat_stats()["kv_transfer_bytes_total"] == one_prompt
+        assert pair.dc.errors() == [] and pair.decode.reqs == {}
+        assert pair.decode.cache.token_usage == 0.0
+        pair.decode.runner.page_allocator.check_integrity()
+    finally:
+        pair.close()
+
+
+def test_aborting_one_sibling_frees_only_its_pages(loaded):
+    pair = Pair(loaded)
+    pair.decode.enable_prefix_cache()
+    try:
+        ids = pair.tok.encode(PROMPTS[1])
+        sp = SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
+        for ctl, peer in ((pair.pc, P.Peer("decode-0", pair.ddp.address)), (pair.dc, P.Peer("prefill-0", pair.pdp.address))):
+            ctl.inbound.put(P.Generate(rid="a0", input_ids=ids, sampling=sp, peer=peer, siblings=["a1", "a2"]))
+        schedulers, lasts = [pair.prefill, pair.decode], [None, None]
+        drain(schedulers, lasts, lambda: len(pair.dc.outputs().get("a1", [])) >= 3)
+        pair.dc.inbound.put(P.Abort(rid="a1", reason="client went away"))
+        drain(schedulers, lasts, lambda: {"a0", "a2"} <= set(pair.dc.finished()))
+        finished = pair.dc.finished()
+        assert finished["a0"] == finished["a2"] == "length" and len(pair.dc.outputs()["a2"]) == 24
+        assert pair.decode.reqs == {} and pair.decode.cache.token_usage == 0.0
+        pair.decode.runner.page_allocator.check_integrity()
+    finally:
+        pair.close()

@@ -1,5 +1,6 @@
 """n > 1 forks one prefilled prompt: the children share its whole pages (radix tree
-references) and each owns a copy of the last partial page; nothing leaks however they end."""
+references) and each owns a copy of the partial page after them; nothing leaks however
+they end (finished, aborted, in any order)."""
 from __future__ import annotations
 
 import pytest
@@ -13,13 +14,15 @@ from cluster.sampling_params import SamplingParams
 
 PAGE = 4
 PROMPT = list(range(100, 110))       # 10 tokens: 2 whole pages and a partial one
+FORKED = len(PROMPT) - 1             # decode forks all but the last prompt position (recomputed per child)
 
 
 def prefilled(cm: CacheManager, rid: str = "r") -> Req:
+    """A request whose prompt KV has arrived (pages for it and the first decode step)."""
     req = Req(rid, PROMPT, SamplingParams())
-    cm.grow(req, len(PROMPT))
+    cm.match_prefix(req)
+    cm.grow(req, len(PROMPT) + 1)
     req.kv_len = len(PROMPT)
-    req.output_ids.append(7)         # the first token, sampled by the prefill
     return req
 
 
@@ -31,7 +34,7 @@ def manager(prefix_cache: bool = True, num_pages: int = 16) -> CacheManager:
 
 
 def children(n: int) -> list[Req]:
-    return [Req(f"r#{j}", PROMPT, SamplingParams(), output_ids=[7]) for j in range(n)]
+    return [Req(f"r#{j}", PROMPT, SamplingParams()) for j in range(1, n + 1)]
 
 
 def check(cm: CacheManager, live: list[Req]) -> None:
@@ -45,16 +48,16 @@ def check(cm: CacheManager, live: list[Req]) -> None:
 def test_fork_shares_whole_pages_and_copies_the_partial_page():
     cm = manager()
     parent = prefilled(cm)
-    kids = children(3)
-    copies = cm.fork(parent, kids)
-    assert parent.page_table == [] and parent.cache_node is None
-    shared = kids[0].page_table[:2]
-    assert all(k.page_table[:2] == shared and k.num_shared_pages == 2 and k.kv_len == 10 for k in kids)
+    kids = children(2)
+    copies = cm.fork(parent, kids, FORKED)
+    shared = parent.page_table[:2]
+    assert parent.num_shared_pages == 2 and len(parent.page_table) == 3
+    assert all(k.page_table[:2] == shared and k.num_shared_pages == 2 and k.kv_len == FORKED for k in kids)
     tails = [k.page_table[2] for k in kids]
-    assert len(set(tails)) == 3                          # each child writes its own partial page
-    assert copies == [(tails[0], tails[1]), (tails[0], tails[2])]
+    assert len({parent.page_table[2], *tails}) == 3      # each one writes its own partial page
+    assert copies == [(parent.page_table[2], tails[0]), (parent.page_table[2], tails[1])]
     assert cm.allocator.num_free_pages == 16 - 2 - 3     # 2 shared + 3 partial, not 3 x 3
-    check(cm, kids)
+    check(cm, [parent, *kids])
 
 
 def test_copy_on_write_keeps_children_apart():
@@ -63,27 +66,27 @@ def test_copy_on_write_keeps_children_apart():
     parent = prefilled(cm)
     for i, page in enumerate(parent.page_table):
         pool[:, :, :, page] = float(i + 1)
-    kids = children(2)
-    src, dst = zip(*cm.fork(parent, kids))
+    kids = children(1)
+    src, dst = zip(*cm.fork(parent, kids, FORKED))
     copy_pages(pool, pool, list(src), list(dst))
-    a, b = kids[0].page_table[2], kids[1].page_table[2]
+    a, b = parent.page_table[2], kids[0].page_table[2]
     assert torch.equal(pool[:, :, :, a], pool[:, :, :, b])
-    pool[:, :, :, b, 2] = -1.0                           # child 1 writes its next token's KV
+    pool[:, :, :, b, 1] = -1.0                           # the child writes its position 9
     assert torch.all(pool[:, :, :, a] == 3.0)
 
 
 @pytest.mark.parametrize("keep_kv", [True, False])
-def test_shared_pages_go_back_when_the_last_child_ends(keep_kv):
+def test_shared_pages_go_back_when_the_last_sequence_ends(keep_kv):
     cm = manager()
-    kids = children(3)
-    cm.fork(prefilled(cm), kids)
-    shared = kids[0].page_table[:2]
-    cm.release(kids[1], keep_kv=False)                   # one child aborted
-    assert cm.tree.match_prefix(PROMPT)[0] == shared     # the others still read these pages
+    parent, kids = prefilled(cm), children(2)
+    cm.fork(parent, kids, FORKED)
+    shared = parent.page_table[:2]
+    cm.release(parent, keep_kv=keep_kv)                  # choice 0 finishes first
+    cm.release(kids[0], keep_kv=False)                   # one child aborted
+    assert cm.tree.match_prefix(PROMPT)[0][:2] == shared  # the last one still reads these pages
     assert cm.token_usage > 0
-    check(cm, [kids[0], kids[2]])
-    cm.release(kids[0], keep_kv=keep_kv)
-    cm.release(kids[2], keep_kv=keep_kv)
+    check(cm, [kids[1]])
+    cm.release(kids[1], keep_kv=keep_kv)
     assert cm.token_usage == 0.0
     check(cm, [])
     cm.tree.evict(16)
@@ -92,12 +95,12 @@ def test_shared_pages_go_back_when_the_last_child_ends(keep_kv):
 
 def test_fork_without_prefix_cache_copies_every_page():
     cm = manager(prefix_cache=False)
-    kids = children(2)
-    copies = cm.fork(prefilled(cm), kids)
-    assert len(copies) == 3 and kids[0].num_shared_pages == 0
-    check(cm, kids)
-    for k in kids:
-        cm.free(k)
+    parent, kids = prefilled(cm), children(2)
+    copies = cm.fork(parent, kids, FORKED)
+    assert len(copies) == 6 and kids[0].num_shared_pages == 0
+    check(cm, [parent, *kids])
+    for r in (parent, *kids):
+        cm.free(r)
     assert cm.token_usage == 0.0
 
 
@@ -105,22 +108,23 @@ def test_fork_short_of_pages_changes_nothing():
     cm = manager(num_pages=4)
     parent = prefilled(cm)
     with pytest.raises(MemoryError):
-        cm.fork(parent, children(3))                     # 2 more partial pages, 1 free
-    assert len(parent.page_table) == 3 and cm.allocator.num_free_pages == 1
+        cm.fork(parent, children(2), FORKED)             # 2 partial pages, 1 free
+    assert parent.num_shared_pages == 0 and cm.allocator.num_free_pages == 1
 
 
 def test_fork_of_a_parent_on_cached_pages_keeps_references_balanced():
     cm = manager()
     first = prefilled(cm, "first")
+    first.output_ids.append(7)
+    first.kv_len += 1
     cm.release(first)                                    # its 2 whole pages are now cached
-    parent = Req("r", PROMPT, SamplingParams())
-    assert cm.match_prefix(parent) == 8
-    cm.grow(parent, len(PROMPT))
-    parent.kv_len = len(PROMPT)
-    kids = children(2)
-    cm.fork(parent, kids)
-    check(cm, kids)
-    for k in kids:
-        cm.release(k, keep_kv=False)
+    parent = prefilled(cm)
+    assert parent.num_shared_pages == 2
+    kids = children(3)
+    cm.fork(parent, kids, 5)                             # fewer tokens than the parent holds cached
+    assert all(k.num_shared_pages == 1 and k.cache_node.depth == 1 for k in kids)
+    check(cm, [parent, *kids])
+    for r in (*kids, parent):
+        cm.release(r, keep_kv=False)
     assert cm.token_usage == 0.0
     check(cm, [])

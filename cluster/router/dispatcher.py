@@ -91,6 +91,33 @@ class Dispatcher:
                 raise overloaded(f"no live worker serves model {st.model!r}", retry_after=2)
             self._send_generate(st)
 
+    def submit_group(self, sts: list[RequestState]) -> None:
+        """n > 1 choices of one prompt (same ids and parameters but the seed): one `generate`
+        to one pair, the others riding along as its `siblings`, so the prompt is prefilled
+        and its KV sent once. Each choice is still its own request here (tokens, abort, retry
+        and re-dispatch alone: a retried choice is re-prefilled by itself). Where forking
+        does not apply (no pair, echo logprobs, a grammar), each is submitted as usual."""
+        with self.lock:
+            if self.num_in_flight + len(sts) > self.cfg.router.max_queued_requests:
+                raise overloaded(f"{self.num_in_flight} requests in flight "
+                                 f"(router.max_queued_requests = "
+                                 f"{self.cfg.router.max_queued_requests}); retry later")
+            first, rest = sts[0], sts[1:]
+            if not self._pick(first):
+                raise overloaded(f"no live worker serves model {first.model!r}", retry_after=2)
+            sp = first.sampling
+            if first.route != "pd" or sp.prompt_logprobs or sp.grammar_kind:
+                self._send_generate(first)
+                for st in rest:
+                    if not self._pick(st):
+                        raise overloaded(f"no live worker serves model {st.model!r}", retry_after=2)
+                    self._send_generate(st)
+                return
+            for st in rest:
+                st.workers, st.route = first.workers, first.route
+                self._register(st)
+            self._send_generate(first, siblings=[st.wire_rid for st in rest])
+
     def abort(self, st: RequestState, reason: str) -> None:
         with self.lock:
             if self.requests.get(st.wire_rid) is st:
@@ -141,10 +168,20 @@ class Dispatcher:
                  uncached[w.worker_id], len(ids), limit)
         return w
 
-    def _send_generate(self, st: RequestState) -> None:
+    def _send_generate(self, st: RequestState, siblings: Optional[list[str]] = None) -> None:
         if st.is_exhausted:                                # resumed with nothing left
             self._finish(st, TokensEvent([], None, "length"))
             return
+        infos = self._register(st)
+        peers = [infos[1].peer, infos[0].peer] if len(infos) == 2 else [None]
+        for info, peer in zip(infos, peers):
+            self._send(info.worker_id, protocol.Generate(
+                rid=st.wire_rid, input_ids=list(st.input_ids), sampling=st.sampling, peer=peer,
+                model=st.model, dllm=dict(st.dllm), output_ids=list(st.output_ids),
+                siblings=list(siblings or ())))
+
+    def _register(self, st: RequestState) -> list:
+        """A new attempt of `st` on `st.workers`, in flight from now; -> their infos."""
         st.attempt += 1
         st.is_parked = False
         st.last_progress = time.monotonic()
@@ -156,11 +193,7 @@ class Dispatcher:
         infos = [self.directory.get(w) for w in st.workers]
         for info in infos:
             info.num_inflight += 1
-        peers = [infos[1].peer, infos[0].peer] if len(infos) == 2 else [None]
-        for info, peer in zip(infos, peers):
-            self._send(info.worker_id, protocol.Generate(
-                rid=st.wire_rid, input_ids=list(st.input_ids), sampling=st.sampling, peer=peer,
-                model=st.model, dllm=dict(st.dllm), output_ids=list(st.output_ids)))
+        return infos
 
     def _redispatch(self, st: RequestState, reason: str) -> None:
         """Move `st` off its workers (already aborted/dead) onto new ones, or park it."""

@@ -117,20 +117,25 @@ class RouterService:
     async def start_choices(self, parsed: ParsedRequest,
                             traceparent: Optional[str] = None) -> list[Generation]:
         """One generation per (prompt, choice): index = prompt_index * n + j; choice j seeds
-        `seed + j`. Each is its own request (n prefills: see README's API notes)."""
+        `seed + j`. A prompt's n choices go to one pair as one `generate`: one prefill, one KV
+        transfer, decode forks them (`Dispatcher.submit_group`)."""
         prompts = [(parsed.prompt, parsed.prompt_ids)] + [
             (p, None) if isinstance(p, str) else (None, p) for p in parsed.more_prompts]
         gens: list[Generation] = []
         try:
             for p, (text, ids) in enumerate(prompts):
+                group: list[Generation] = []
                 for j in range(parsed.n):
                     seed = parsed.sampling.get("seed")
                     sub = replace(parsed, prompt=text, prompt_ids=ids, more_prompts=[], n=1,
                                   sampling={**parsed.sampling, "seed": None if seed is None else seed + j})
-                    gen = await self.start(sub, traceparent)
+                    gen = await self.start(sub, traceparent, submit=parsed.n == 1)
                     gen.index = gen.writer.index = len(gens)
                     gen.prompt_index = p
                     gens.append(gen)
+                    group.append(gen)
+                if parsed.n > 1:
+                    self._submit([g.st for g in group])
         except BaseException:
             for gen in gens:          # all or nothing: the client gets the error alone
                 gen.is_done = True
@@ -138,7 +143,9 @@ class RouterService:
             raise
         return gens
 
-    async def start(self, parsed: ParsedRequest, traceparent: Optional[str] = None) -> Generation:
+    async def start(self, parsed: ParsedRequest, traceparent: Optional[str] = None,
+                    submit: bool = True) -> Generation:
+        """One generation, dispatched unless `submit` is False (the caller submits a group)."""
         arrival = time.time()
         if self.is_draining:
             self.metrics.count_outcome("rejected")
@@ -185,14 +192,22 @@ class RouterService:
         text = CompletionText(IncrementalDetokenizer(tokenizer), list(sampling.stop))
         gen = Generation(st, queue, text, writer, len(input_ids), time.monotonic(), parsed=parsed)
         st.trace = self.tracing.begin(rid, model, route, arrival, traceparent)
+        if submit:
+            self._submit([st])
+        return gen
+
+    def _submit(self, sts: list[RequestState]) -> None:
         try:
-            self.dispatcher.submit(st)
+            if len(sts) == 1:
+                self.dispatcher.submit(sts[0])
+            else:
+                self.dispatcher.submit_group(sts)
         except APIError as e:
             if e.status == 503:
                 self.metrics.count_outcome("rejected")
-            self.tracing.end(st.trace, "rejected", error=e.message)
+            for st in sts:
+                self.tracing.end(st.trace, "rejected", error=e.message)
             raise
-        return gen
 
     def _check_prompt_size(self, parsed: ParsedRequest, tokenizer) -> None:
         """A prompt whose characters cannot fit in max_model_len tokens is refused before

@@ -84,50 +84,51 @@ class CacheManager:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
     # ---- n > 1: fork one prefilled prompt into n sequences --------------------------
-    def fork(self, parent: Req, children: list[Req]) -> list[tuple[int, int]]:
-        """Give `children` the parent's prompt KV without computing or transferring it again.
+    def fork(self, parent: Req, children: list[Req], num_tokens: int) -> list[tuple[int, int]]:
+        """Give `children` the KV of the parent's first `num_tokens` positions without
+        computing or transferring it again; each child then has `kv_len == num_tokens`.
 
-        The parent's whole pages are shared: they go to the radix tree (its reference counts
-        are the sharing) and each child locks them, so they go back to the pool only when the
-        last child is released. The last partial page is written by each child's next token,
-        so it cannot be shared (copy on write, done at once): the first child takes the
-        parent's own tail pages, every other child a fresh page. Without a prefix cache the
-        other children copy every page (still no second prefill or transfer).
-        The parent holds nothing afterwards. -> (src, dst) page copies the caller must run on
-        the KV pools (`kv_transfer.page_copy.copy_pages`) before any child's next forward.
+        Whole pages are shared: they go to the radix tree (its reference counts are the
+        sharing), the parent and each child lock them, and they go back to the pool when the
+        last of them is released. The partial page after them is written by each one's next
+        token, so it is never shared (copy on write, done at once: each child gets a fresh
+        page). Without a prefix cache the children copy every page (still no second prefill
+        or transfer). All or nothing: MemoryError when the pages do not fit.
+        -> (src, dst) page copies the caller runs on the KV pools
+        (`kv_transfer.page_copy.copy_pages`) before any child's forward.
         """
-        if not children:
-            raise ValueError(f"fork of {parent.rid}: no children")
-        if parent.num_pending:
-            raise ValueError(f"fork of {parent.rid}: {parent.num_pending} tokens still pending")
-        kv_len, size = parent.kv_len, self.page_size
-        num_whole = kv_len // size if self.tree is not None else 0
-        own = self.pages_for(kv_len) - num_whole             # pages each other child copies
-        if not self.can_allocate(own * (len(children) - 1)):
-            raise MemoryError(f"fork of {parent.rid}: {own * (len(children) - 1)} pages needed, "
+        if not 0 < num_tokens <= parent.kv_len - parent.num_pending:
+            raise ValueError(f"fork of {parent.rid}: {num_tokens} tokens, {parent.kv_len} written")
+        size = self.page_size
+        num_whole = num_tokens // size if self.tree is not None else 0
+        own = self.pages_for(num_tokens) - num_whole             # pages each child copies
+        if not self.can_allocate(own * len(children)):
+            raise MemoryError(f"fork of {parent.rid}: {own * len(children)} pages needed, "
                               f"{self.num_free_pages} free")
-        node = None
-        if num_whole:
-            node, _ = self.tree.insert(parent.all_ids[:num_whole * size], parent.page_table[:num_whole])
-            shared, _ = self.tree.match_prefix(parent.all_ids[:num_whole * size])
-            for _ in children:
-                self.tree.lock(node)
-        else:
-            shared = []
-        tail = parent.page_table[num_whole:]
-        if parent.cache_node is not None:
-            self.tree.unlock(parent.cache_node)
-        parent.page_table, parent.num_shared_pages, parent.cache_node, parent.num_cached_tokens = [], 0, None, 0
+        node, shared = None, []
+        if num_whole > parent.num_shared_pages:                  # the parent's own pages become the tree's
+            ids = parent.all_ids[:num_whole * size]
+            node, _ = self.tree.insert(ids, parent.page_table[:num_whole])
+            shared, _ = self.tree.match_prefix(ids)
+            self.tree.lock(node)
+            if parent.cache_node is not None:
+                self.tree.unlock(parent.cache_node)
+            parent.page_table[:num_whole] = shared               # a duplicate page was given back
+            parent.cache_node, parent.num_shared_pages = node, num_whole
+        elif num_whole:
+            node, shared = parent.cache_node, parent.page_table[:num_whole]
+            while node.depth > num_whole:                        # the parent's node is deeper
+                node = node.parent
         copies: list[tuple[int, int]] = []
-        for i, child in enumerate(children):
-            if i == 0:
-                mine = tail
-            else:
-                mine = self.tree.allocate(own) if self.tree is not None else self.allocator.allocate(own)
-                copies.extend(zip(tail[:own], mine))
+        tail = parent.page_table[num_whole:num_whole + own]
+        for child in children:
+            mine = self.tree.allocate(own) if self.tree is not None else self.allocator.allocate(own)
+            copies.extend(zip(tail, mine))
+            if node is not None:
+                self.tree.lock(node)
             child.page_table = list(shared) + mine
             child.num_shared_pages, child.cache_node = num_whole, node
-            child.kv_len, child.num_cached_tokens = kv_len, 0
+            child.kv_len, child.num_cached_tokens = num_tokens, 0
         return copies
 
     # ---- release -------------------------------------------------------------------

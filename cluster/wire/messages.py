@@ -115,6 +115,9 @@ class Generate:                                   # router -> worker
     model: str = ""
     dllm: dict = field(default_factory=dict)      # DllmParams overrides (dllm workers)
     output_ids: list = field(default_factory=list)  # tokens already generated (resume)
+    # n > 1 (pairs): the wire rids of choices 1.. of this prompt. Prefill runs the prompt once;
+    # decode forks them over its KV, choice j seeded `sampling.for_choice(j)`
+    siblings: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

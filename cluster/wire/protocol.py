@@ -70,6 +70,7 @@ def _dllm_overrides(v: Any, path: str) -> dict:
 
 
 ID, TEXT = Str(max_len=1024), Str()
+MAX_SIBLINGS = 63                       # n > 1: choices forked from one prefill (the router's n is smaller)
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
 PROMPT_LPS = List(Float())                                                   # one per prompt token after the first
@@ -103,7 +104,8 @@ _FIELDS: dict[type, dict[str, Check]] = {
                     "counts": List(Int(lo=0), max_len=257), "sum": Float(), "count": Int(lo=0)}),
                     max_len=64)},
     Generate: {"rid": ID, "input_ids": _ids_or_tensor, "sampling": SAMPLING, "peer": Opt(PEER),
-               "model": TEXT, "dllm": _dllm_overrides, "output_ids": TokenIds()},
+               "model": TEXT, "dllm": _dllm_overrides, "output_ids": TokenIds(),
+               "siblings": List(ID, max_len=MAX_SIBLINGS)},
     Reprefill: {"rid": ID, "input_ids": TokenIds(min_len=1), "sampling": SAMPLING,
                 "output_ids": TokenIds(), "decode": PEER},
     DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT, "num_held_tokens": Int(lo=0)},
