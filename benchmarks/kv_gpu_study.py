@@ -54,6 +54,9 @@ max_prefill_tokens = {max(8192, max(args.ttft_lens) + 64)}
 [timeouts]
 register = 300
 
+[cache]
+prefix_cache = false      # cycled-word prompts would otherwise be prefix hits: measure uncached prefill
+
 [kv_transfer]
 backend = "{backend}"
 layerwise = {str(layerwise).lower()}

@@ -118,7 +118,9 @@ async def sweep(args) -> dict:
         if args.model is None:
             args.model = (await client.get("/models")).json()["data"][0]["id"]
         for rate in parse_rates(args.request_rate):
-            prompts = [" ".join(words[(i + k) % len(words)] for k in range(args.prompt_len))
+            # NOTE: a distinct leading tag per request and rate, so a prefix cache cannot turn
+            # the cycled words into hits and the load is the uncached one the SLO study means
+            prompts = [f"request {rate:g}-{i}: " + " ".join(words[(i + k) % len(words)] for k in range(args.prompt_len))
                        for i in range(args.num_requests)]
             results, duration = await run_rate(client, args, rate, prompts)
             rows.append(rate_summary(rate, results, duration, args))
