@@ -83,13 +83,22 @@ def kv_bytes_after(cluster, before: float) -> float:
     return kv_bytes(cluster)
 
 
+def settled_kv_bytes(cluster) -> float:
+    """The decode worker's KV bytes once two heartbeats agree: earlier tests' transfers counted."""
+    deadline, last = time.monotonic() + 15, None
+    while (now := kv_bytes(cluster)) != last and time.monotonic() < deadline:
+        last = now
+        time.sleep(1.5)
+    return now
+
+
 def new_prefills(log: str) -> list[tuple[int, int]]:
     return [(int(m.group(1)), int(m.group(2)))
             for m in re.finditer(r"Prefill batch \[\d+\], #new-seq: (\d+), #new-token: (\d+)", log)]
 
 
 def test_n_choices_are_prefilled_and_transferred_once(cluster):
-    base = kv_bytes(cluster)
+    base = settled_kv_bytes(cluster)
     one = cluster.client.completions.create(model=MODEL, prompt="The river that runs through Paris",
                                             max_tokens=2, temperature=0)
     per_token = (kv_bytes_after(cluster, base) - base) / one.usage.prompt_tokens

@@ -352,9 +352,10 @@ def test_over_max_queued_requests_is_503_with_retry_after(make_router):
 
 def echo_reply(text_ids: list[int], finish: str = "length") -> Reply:
     def reply(worker, gen):
-        for i, t in enumerate(text_ids):
-            last = i == len(text_ids) - 1
-            worker.tokens(gen.rid, [t], finish if last else None, logprobs=[-0.5])
+        for rid in [gen.rid, *gen.siblings]:        # a decode worker forks n > 1 choices (siblings)
+            for i, t in enumerate(text_ids):
+                last = i == len(text_ids) - 1
+                worker.tokens(rid, [t], finish if last else None, logprobs=[-0.5])
     return reply
 
 

@@ -23,8 +23,9 @@ def test_n_choices_stream_with_their_index_and_usage_counts_the_prompt_once(rout
     assert texts == {0: " one two", 1: " one two"}
     usage = events[-2]["usage"]
     assert usage["prompt_tokens"] == len(tok.encode("Hello")) and usage["completion_tokens"] == 4
-    seeds = sorted(m.sampling.seed for m in decode.received if isinstance(m, protocol.Generate))
-    assert seeds == [5, 6]                                   # choice j seeds seed + j
+    gens = [m for m in decode.received if isinstance(m, protocol.Generate)]
+    assert len(gens) == 1 and len(gens[0].siblings) == 1   # one prefill: choice 1 rides along
+    assert gens[0].sampling.seed == 5 and gens[0].sampling.for_choice(1).seed == 6   # choice j: seed + j
 
 
 def test_prompt_list_with_echo_answers_each_prompt_in_order(router):
