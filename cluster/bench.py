@@ -34,10 +34,15 @@ async def one_request(client, args, prompt: str) -> dict:
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens,
             "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
+    return await stream_timed(client, "/completions", body, lambda choice: choice["text"])
+
+
+async def stream_timed(client, path: str, body: dict, text_of) -> dict:
+    """Stream one request, timing every chunk that carries text (`text_of(choice)`)."""
     start = time.perf_counter()
-    arrivals, num_tokens, num_prompt, error = [], 0, 0, None
+    arrivals, text, num_tokens, num_prompt, error = [], [], 0, 0, None
     try:
-        async with client.stream("POST", "/completions", json=body) as resp:
+        async with client.stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
                 return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
             async for line in resp.aiter_lines():
@@ -49,8 +54,9 @@ async def one_request(client, args, prompt: str) -> dict:
                 elif event.get("usage"):
                     num_tokens = event["usage"]["completion_tokens"]
                     num_prompt = event["usage"]["prompt_tokens"]
-                elif event["choices"] and event["choices"][0]["text"]:
+                elif event["choices"] and (piece := text_of(event["choices"][0])):
                     arrivals.append(time.perf_counter())
+                    text.append(piece)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     end = time.perf_counter()
@@ -59,7 +65,15 @@ async def one_request(client, args, prompt: str) -> dict:
     itl = [(b - a) for a, b in zip(arrivals, arrivals[1:])]
     return {"ttft": arrivals[0] - start, "itl": itl, "e2e": end - start,
             "num_tokens": num_tokens or len(arrivals), "prompt_tokens": num_prompt,
-            "start": start, "arrivals": arrivals}
+            "start": start, "arrivals": arrivals, "text": "".join(text)}
+
+
+def relative_to(results: list[dict], start: float) -> None:
+    """Times of successful results become seconds since the run's `start`."""
+    for r in results:
+        if "error" not in r:
+            r["arrivals"] = [t - start for t in r["arrivals"]]
+            r["start"] -= start
 
 
 async def _bench(args) -> tuple[list[dict], float]:
@@ -89,10 +103,7 @@ async def _bench(args) -> tuple[list[dict], float]:
         finally:
             progress.close()
         duration = time.perf_counter() - start
-    for r in results:
-        if "error" not in r:
-            r["arrivals"] = [t - start for t in r["arrivals"]]
-            r["start"] -= start
+    relative_to(results, start)
     return results, duration
 
 

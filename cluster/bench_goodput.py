@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -52,7 +51,7 @@ def arrival_times(rate: float, num: int, seed: int) -> list[float]:
 
 async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[dict], float]:
     """One open-loop run: every request sent at its Poisson arrival time."""
-    from cluster.bench import one_request
+    from cluster.bench import one_request, relative_to
     times = arrival_times(rate, len(prompts), args.seed)
     start = time.perf_counter()
 
@@ -61,10 +60,7 @@ async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[
         return await one_request(client, args, prompt)
     results = await asyncio.gather(*(fire(at, p) for at, p in zip(times, prompts)))
     duration = time.perf_counter() - start
-    for r in results:
-        if "error" not in r:
-            r["arrivals"] = [t - start for t in r["arrivals"]]
-            r["start"] -= start
+    relative_to(results, start)
     return results, duration
 
 

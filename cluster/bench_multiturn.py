@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import time
 
@@ -40,31 +39,8 @@ async def one_turn(client, args, messages: list[dict]) -> dict:
     body = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
             "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    arrivals, text, num_tokens, num_prompt, error = [], [], 0, 0, None
-    try:
-        async with client.stream("POST", "/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"].get("message")
-                elif event.get("usage"):
-                    num_tokens, num_prompt = event["usage"]["completion_tokens"], event["usage"]["prompt_tokens"]
-                elif event["choices"] and event["choices"][0]["delta"].get("content"):
-                    arrivals.append(time.perf_counter())
-                    text.append(event["choices"][0]["delta"]["content"])
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-    end = time.perf_counter()
-    if error or not arrivals:
-        return {"error": error or "no tokens"}
-    return {"ttft": arrivals[0] - start, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
-            "e2e": end - start, "num_tokens": num_tokens or len(arrivals), "prompt_tokens": num_prompt,
-            "start": start, "arrivals": arrivals, "text": "".join(text)}
+    from cluster.bench import stream_timed
+    return await stream_timed(client, "/chat/completions", body, lambda choice: choice["delta"].get("content"))
 
 
 async def run_conversations(args, on_turn_end=None) -> tuple[list[dict], float]:
