@@ -32,6 +32,7 @@ from cluster.runtime.stats import DecodeStats, KvTransferStats, PrefillStats
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
+from decode_worker.layer_landing import LayerLanding
 from decode_worker.prealloc_queue import PreallocQueue
 from decode_worker.transfer_queue import TransferQueue
 
@@ -56,6 +57,7 @@ class DecodeScheduler(WorkerScheduler):
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
         self.kv_transfer = KvTransferStats()
+        self.landing = LayerLanding()          # layer-wise: layers landed ahead of their kv_batch
         self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.forks: dict[str, list[Req]] = {}   # rid -> its siblings (n > 1), until its KV lands
@@ -90,53 +92,95 @@ class DecodeScheduler(WorkerScheduler):
     def recv_data(self) -> None:
         while (got := self.data_plane.recv(timeout=0)) is not None:
             sender, msg = got
-            if isinstance(msg, P.KvBatch) and msg.prefill_worker_id != sender:
+            if isinstance(msg, (P.KvBatch, P.KvLayers)) and msg.prefill_worker_id != sender:
                 self.data_plane.count_rejected("wrong_peer")   # a body naming someone else
-                logger.warning("%s: kv_batch from %s claims to be from %s: dropped",
-                               self.worker_id, sender, msg.prefill_worker_id)
+                logger.warning("%s: %s from %s claims to be from %s: dropped",
+                               self.worker_id, msg.TYPE, sender, msg.prefill_worker_id)
             elif isinstance(msg, P.KvBatch):
                 self.handle_kv_batch(msg)
+            elif isinstance(msg, P.KvLayers):
+                self.handle_kv_layers(msg)
             else:
                 logger.warning("%s: unexpected data-plane message %s from %s",
                                self.worker_id, type(msg).__name__, sender)
+
+    def expecting(self, item, prefill_worker_id: str) -> Optional[Req]:
+        """The request a kv_batch / kv_layers item is for, if it still waits for this very KV:
+        only from the prefill worker the router paired it with, for this attempt."""
+        req = self.transfer_queue.peek(item.rid)
+        if (req is not None and item.attempt == req.kv_attempt
+                and req.peer is not None and req.peer.worker_id == prefill_worker_id):
+            return req
+        return None
+
+    def check_shape(self, req: Req, item) -> None:
+        if item.prompt_len != req.seq_len:
+            raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a {req.seq_len}-token request")
+        if item.held_len != req.num_cached_tokens:
+            raise KvTransferError("shape", f"KV after {item.held_len} held tokens, but "
+                                  f"{req.num_cached_tokens} are held here")
+
+    def unpack(self, msg, item, payload, req: Optional[Req], layers) -> int:
+        """Land `layers` of one item in its reserved pages; positions [held_len, prompt_len)."""
+        backend = self.transfer.receiver_for(msg.backend)
+        dst = req.page_table[item.held_len // self.cache.page_size:] if req is not None else None
+        return backend.unpack(msg.prefill_worker_id, msg.source,
+                              dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0),
+                              payload, dst, layers)
+
+    def handle_kv_layers(self, msg: "P.KvLayers") -> None:
+        """Layer-wise: land these layers now; the requests start with their kv_batch."""
+        payloads = msg.tensors or [None] * len(msg.reqs)
+        layers = (msg.layer, msg.layer + msg.num_layers)
+        for span, payload in zip(msg.reqs, payloads):
+            req = self.expecting(span, msg.prefill_worker_id)
+            try:
+                if req is not None:
+                    self.check_shape(req, span)
+                    self.landing.expect(span.rid, span.attempt, msg.layer)
+                self.unpack(msg, span, payload, req, layers)   # NOTE: also when not expected (nccl order)
+                if req is not None:
+                    self.landing.landed(span.rid, msg.num_layers)
+            except KvTransferError as e:
+                if req is not None:
+                    self.landing.failed(span.rid, span.attempt, e)   # reported with its kv_batch
 
     def handle_kv_batch(self, msg: "P.KvBatch") -> None:
         """Land each request's KV in its reserved pages, verified, then ack the batch."""
         acked, failed = [], {}
         payloads = msg.tensors or [None] * len(msg.reqs)
+        num_layers = self.runner.kv_pool.num_layers
         for item, payload in zip(msg.reqs, payloads):
             rid = item.rid
-            req = self.transfer_queue.peek(rid)
-            # NOTE: only from the prefill worker the router paired it with, for this attempt
-            expected = (req is not None and item.attempt == req.kv_attempt
-                        and req.peer is not None and req.peer.worker_id == msg.prefill_worker_id)
+            req = self.expecting(item, msg.prefill_worker_id)
             try:
-                backend = self.transfer.receiver_for(msg.backend)
-                if expected and item.prompt_len != req.seq_len:
-                    raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a "
-                                          f"{req.seq_len}-token request")
-                if expected and item.held_len != req.num_cached_tokens:
-                    raise KvTransferError("shape", f"KV after {item.held_len} held tokens, but "
-                                          f"{req.num_cached_tokens} are held here")
+                if req is not None:
+                    self.check_shape(req, item)
+                if req is not None and item.layers_sent:
+                    self.landing.take(rid, item.attempt, item.layers_sent)
                 t_import = time.perf_counter()
-                # decode-side reuse: the item covers positions [held_len, prompt_len)
-                num_bytes = backend.unpack(msg.prefill_worker_id, msg.source,
-                                           dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0),
-                                           payload, req.page_table[item.held_len // self.cache.page_size:]
-                                           if expected else None)
+                if item.layers_sent:             # the rest (usually none), then the whole is verified
+                    self.unpack(msg, item, payload, req, (min(item.layers_sent, num_layers), num_layers))
+                    if req is not None:
+                        self.transfer.receiver_for(msg.backend).verify_landed(
+                            dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0),
+                            req.page_table[item.held_len // self.cache.page_size:])
+                    num_bytes = self.runner.kv_pool.request_bytes(item.prompt_len - item.held_len)
+                else:
+                    num_bytes = self.unpack(msg, item, payload, req, None)
                 import_s = time.perf_counter() - t_import
             except KvTransferError as e:
                 self.kv_transfer.count_failure(e.reason)
                 failed[rid] = str(e)
-                if expected and e.reason == "checksum":   # the prefill worker sends it again
+                if req is not None and e.reason == "checksum":   # the prefill worker sends it again
                     req.kv_attempt = item.attempt + 1
                     self.transfer_queue.add(req)
-                elif expected:
+                elif req is not None:
                     self.transfer_queue.pop(rid)
                     self.fail(req, f"KV from {msg.prefill_worker_id}: {e}")
                 continue
-            if not expected:
-                if req is None:
+            if req is None:
+                if self.transfer_queue.peek(rid) is None:
                     failed[rid] = "not expected (aborted or timed out)"
                 continue                                  # a late item of an older attempt
             self.transfer_queue.pop(rid)
@@ -144,9 +188,9 @@ class DecodeScheduler(WorkerScheduler):
                 self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
             self.kv_transfer.record(num_bytes)   # the prefill side times the transfer
             self.mark_kv_received(req, msg, num_bytes, import_s)
-            logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
-                         msg.prefill_worker_id, msg.forward_iter, rid, item.prompt_len, num_bytes,
-                         msg.backend)
+            logger.info("request %s: KV from %s batch [%d], %d bytes, imported in %.1f ms%s", rid,
+                        msg.prefill_worker_id, msg.forward_iter, num_bytes, 1000 * import_s,
+                        f" ({item.layers_sent} layers ahead)" if item.layers_sent else "")
             req.kv_len = item.prompt_len
             self.fork_siblings(req)
             acked.append(rid)
@@ -248,6 +292,7 @@ class DecodeScheduler(WorkerScheduler):
         self.prealloc_queue.remove(req.rid)
         self.local_prefill.remove(req.rid)
         self.transfer_queue.remove(req.rid)
+        self.landing.forget(req.rid)
         self.decode.remove(req)
         self.retracted.discard(req.rid)
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import Optional
 
 from cluster.kv_transfer import MAX_KV_ATTEMPTS, TransferHub
-from cluster.kv_transfer.layerwise import LayerStream
+from cluster.kv_transfer.layerwise import LayerStream, Planned
 from cluster.wire import protocol as P
 from cluster.runtime.stats import KvTransferStats, PrefillStats
 from cluster.runtime.output_processor import SampledToken, sampled_tokens
@@ -39,7 +39,8 @@ class PrefillScheduler(WorkerScheduler):
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
         self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
         self.kv_transfer = KvTransferStats()
-        self.layers = LayerStream(runner.model, runner.kv_pool.device) if self.transfer.layerwise else None
+        self.layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, data_plane.send_to) \
+            if self.transfer.layerwise else None
         if self.layers is not None:
             logger.info("%s: layer-wise KV streaming on", worker_id)
 
@@ -142,10 +143,18 @@ class PrefillScheduler(WorkerScheduler):
     def build_forward_input(self, batch: ScheduleBatch):
         fi = super().build_forward_input(batch)
         if self.layers is not None:      # NOTE: after the build (which may fail), one plan per forward
-            self.layers.plan([(req.rid, self.transfer.sender_for(req.peer.data_addr), *self.kv_span(req, p + e))
-                              for req, p, e, last in zip(batch.reqs, batch.prefix_lens, batch.extend_lens,
-                                                         batch.is_last_chunk) if last])
+            self.layers.plan(batch.forward_iter, [self.planned(req, p + e) for req, p, e, last in zip(
+                batch.reqs, batch.prefix_lens, batch.extend_lens, batch.is_last_chunk) if last])
         return fi
+
+    def planned(self, req: Req, kv_len: int) -> Planned:
+        """Where a request this forward completes streams its layers, and what its KV is."""
+        backend = self.transfer.sender_for(req.peer.data_addr)
+        pages, length = self.kv_span(req, kv_len)
+        num = (length + self.cache.page_size - 1) // self.cache.page_size
+        span = P.KvSpan(req.rid, kv_len, attempt=req.kv_attempt, held_len=self.held_of(req, kv_len),
+                        src_pages=list(pages[:num]) if backend.holds_pages else None)
+        return Planned(backend, pages, length, req.peer.data_addr, span)
 
     def kv_span(self, req: Req, kv_len: int) -> tuple[list[int], int]:
         """(pages, length) of the KV that travels: the whole pages decode already holds do not."""
@@ -199,7 +208,8 @@ class PrefillScheduler(WorkerScheduler):
                 continue                                # lost on the way: kv_ack never comes
             reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, prompt_logprobs=req.prompt_logprobs,
                                 attempt=req.kv_attempt,
-                                checksum=packed.checksum, src_pages=packed.src_pages, held_len=held))
+                                checksum=packed.checksum, src_pages=packed.src_pages, held_len=held,
+                                layers_sent=packed.layers_sent))
             if backend.name == "zmq":
                 tensors.append(packed.tensor)
             packed_all.append(packed)

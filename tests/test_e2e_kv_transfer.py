@@ -81,5 +81,6 @@ def test_layerwise_streaming_matches_the_offline_engine(reference, backend):
         assert texts(cluster) == reference
         assert counter(cluster.metrics(), "kv_transfer_failures_total") == 0   # verify covered every layer
         assert "layer-wise KV streaming on" in cluster.log("prefill-0")
+        assert "layers ahead)" in cluster.log("decode-0")   # every layer left before its kv_batch
     finally:
         assert cluster.stop() == []

@@ -1,6 +1,7 @@
-"""Layer-wise KV staging (kv_transfer/layerwise.py): with a real (tiny, random) Llama forward,
-each layer of a planned request is staged by the transfer backend before the forward has
-finished, and what is staged is exactly the request's KV in handoff layout."""
+"""Layer-wise KV streaming (kv_transfer/layerwise.py, decode_worker/layer_landing.py): with a real
+(tiny, random) Llama forward, each layer of a planned request leaves in its own kv_layers
+message before the forward has finished, through the real codec; landed on a decode pool layer
+by layer it is exactly the request's KV, and the kv_batch item then moves no bytes."""
 import time
 
 import torch
@@ -9,10 +10,15 @@ from cluster.engine.attention_context import AttentionContext
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import ModelConfig
-from cluster.kv_transfer.layerwise import LayerStream
-from cluster.kv_transfer.shm_backend import ShmTransfer
-from cluster.kv_transfer.zmq_backend import ZmqTransfer
+import pytest
+
+from cluster.kv_transfer import KvTransferError
 from cluster.kv_transfer.checksum import xxh3_tensor
+from cluster.kv_transfer.layerwise import LayerStream, Planned
+from cluster.kv_transfer.shm_backend import ShmTransfer, shared_pool_storage
+from cluster.kv_transfer.zmq_backend import ZmqTransfer
+from cluster.wire import protocol as P
+from decode_worker.layer_landing import LayerLanding
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=6, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -39,38 +45,108 @@ def forward(model, pool):
     return time.perf_counter()
 
 
-def test_each_layer_is_staged_before_the_forward_finishes_and_matches_the_pool():
+class Wire:
+    """The prefill's send: every message through the real codec, timed when it left."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, P.KvLayers, float]] = []
+
+    def __call__(self, peer: str, msg: P.KvLayers) -> None:
+        self.sent.append((peer, P.decode([bytes(f) for f in P.encode(msg)]), time.perf_counter()))
+
+
+def planned(backend, rid="r1", attempt=0) -> Planned:
+    span = P.KvSpan(rid, LENGTH, attempt=attempt, src_pages=PAGES if backend.holds_pages else None)
+    return Planned(backend, PAGES, LENGTH, "tcp://127.0.0.1:9", span)
+
+
+def land(msgs, backend, decode_pool, dst_pages, num_layers):
+    """What the decode scheduler does with the kv_layers messages of one request."""
+    landing = LayerLanding()
+    for _, msg, _ in msgs:
+        span = msg.reqs[0]
+        landing.expect(span.rid, span.attempt, msg.layer)
+        payload = msg.tensors[0] if msg.tensors else None
+        backend.unpack("prefill-0", msg.source, span, payload, dst_pages, (msg.layer, msg.layer + msg.num_layers))
+        landing.landed(span.rid, msg.num_layers)
+    landing.take("r1", 0, num_layers)
+
+
+def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_holds_it():
     torch.manual_seed(0)
     model = LlamaModel(CFG)
     model.layers = torch.nn.ModuleList(SlowLayer(layer) for layer in model.layers)
     pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE)
-    stream, zmq = LayerStream(model, pool.device), ZmqTransfer(pool, "prefill-0", verify=True)
+    wire = Wire()
+    stream, zmq = LayerStream(model, pool.device, "prefill-0", wire), ZmqTransfer(pool, "prefill-0", verify=True)
     try:
-        stream.plan([("r1", zmq, PAGES, LENGTH)])
+        stream.plan(7, [planned(zmq)])
         done = forward(model, pool)
-        packed, staged_at = stream.finish("r1")
-        assert len(staged_at) == CFG.num_layers
-        assert all(t < done for t in staged_at[:-1])       # layers 0..n-2 staged while later ones ran
-        assert staged_at[0] < staged_at[-2] - 0.1            # ... spread over the forward, not at its end
+        packed, sent_at = stream.finish("r1")
+        assert [m.layer for _, m, _ in wire.sent] == list(range(CFG.num_layers))
+        assert all(m.forward_iter == 7 and m.reqs[0].rid == "r1" for _, m, _ in wire.sent)
+        assert all(t < done for _, _, t in wire.sent[:-1])   # layers 0..n-2 left while later ones ran
+        assert wire.sent[0][2] < wire.sent[-2][2] - 0.1      # ... spread over the forward, not at its end
         whole = pool.export_kv(PAGES, LENGTH)
-        assert torch.equal(packed.tensor, whole)
+        for i, (_, msg, _) in enumerate(wire.sent):
+            assert torch.equal(msg.tensors[0].tensor(), whole[i:i + 1])
+        assert packed.layers_sent == CFG.num_layers and packed.tensor.numel() == 0   # nothing left to move
         assert packed.checksum == xxh3_tensor(whole)         # the checksum covers every layer
         assert stream.finish("r1") is None                   # consumed once
+
+        decode = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 8, PAGE)
+        receiver = ZmqTransfer(decode, "decode-0", verify=True)
+        land(wire.sent, receiver, decode, [6, 0, 3], CFG.num_layers)
+        item = P.KvReq("r1", 1, LENGTH, checksum=packed.checksum, layers_sent=packed.layers_sent)
+        receiver.verify_landed(item, [6, 0, 3])
+        assert torch.equal(decode.export_kv([6, 0, 3], LENGTH), whole)
+        decode.kv[2, 1, 0, 3] += 1                           # a flipped value in the last page
+        with pytest.raises(KvTransferError, match="checksum"):
+            receiver.verify_landed(item, [6, 0, 3])
     finally:
         stream.close()
 
 
-def test_an_unplanned_forward_stages_nothing_and_in_place_backends_pack_after_it():
+def test_in_place_backends_send_each_layer_as_a_message_and_decode_copies_it_from_the_segment():
+    storage, seg = shared_pool_storage((CFG.num_layers, 2, CFG.num_kv_heads, 16, PAGE, CFG.head_dim), torch.float32)
     model = LlamaModel(CFG)
-    pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE)
-    stream, shm = LayerStream(model, pool.device), ShmTransfer(pool, "prefill-0", verify=False)
+    pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE, storage=storage)
+    wire = Wire()
+    stream, shm = LayerStream(model, pool.device, "prefill-0", wire), ShmTransfer(pool, "prefill-0", True, segment=seg)
     try:
-        stream.plan([])                                      # a forward that completes no prompt
-        stream.plan([("r2", shm, PAGES, LENGTH)])
+        stream.plan(1, [])                                   # a forward that completes no prompt
+        stream.plan(2, [planned(shm)])
         forward(model, pool)
-        assert stream.finish("r2") is None
+        assert wire.sent == [] and stream.finish("r1") is None
         forward(model, pool)
-        packed, _ = stream.finish("r2")
-        assert packed.tensor is None and packed.src_pages == PAGES    # decode reads the pages in place
+        packed, _ = stream.finish("r1")
+        assert len(wire.sent) == CFG.num_layers and all(not m.tensors and m.reqs[0].src_pages == PAGES
+                                                        for _, m, _ in wire.sent)
+        assert packed.tensor is None and packed.src_pages == PAGES and packed.layers_sent == CFG.num_layers
+        decode = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 8, PAGE)
+        receiver = ShmTransfer(decode, "decode-0", verify=True)
+        land(wire.sent, receiver, decode, [1, 2, 7], CFG.num_layers)
+        receiver.verify_landed(P.KvReq("r1", 1, LENGTH, checksum=packed.checksum), [1, 2, 7])
+        assert torch.equal(decode.export_kv([1, 2, 7], LENGTH), pool.export_kv(PAGES, LENGTH))
     finally:
         stream.close()
+        seg.close()
+
+
+def test_landing_takes_exactly_the_layers_sent_ahead_in_order_per_attempt():
+    landing = LayerLanding()
+    landing.expect("r", 0, 0)
+    landing.landed("r", 1)
+    with pytest.raises(KvTransferError, match="layers"):
+        landing.expect("r", 0, 2)                            # layer 1 never came
+    with pytest.raises(KvTransferError, match="1 of the 3"):
+        landing.take("r", 0, 3)
+    landing.expect("r", 0, 0)
+    landing.landed("r", 1)
+    landing.expect("r", 1, 0)                                # a newer attempt starts over
+    landing.landed("r", 2)
+    landing.take("r", 1, 2)
+    landing.failed("q", 0, KvTransferError("unreachable", "no mapping"))
+    with pytest.raises(KvTransferError, match="unreachable"):
+        landing.take("q", 0, 3)
+    assert len(landing) == 0

@@ -59,7 +59,7 @@ def test_every_message_type_round_trips(msg):
 
 
 def test_every_type_is_covered():
-    assert {m.TYPE for m in SIMPLE_MESSAGES} | {"kv_batch"} == set(P._TYPES)
+    assert {m.TYPE for m in SIMPLE_MESSAGES} | {"kv_batch", "kv_layers"} == set(P._TYPES)
 
 
 def test_request_marks_refuse_unknown_names_and_nested_attributes():
@@ -107,6 +107,29 @@ def test_kv_batch_tensors_bit_exact(dtype, frame_bytes):
     for a, b in zip(tensors, (f.tensor() for f in got.tensors)):
         assert b.dtype == dtype and b.shape == a.shape and b.is_contiguous()
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_kv_layers_carry_one_layer_per_request_and_the_kv_batch_then_zero():
+    spans = [P.KvSpan("a", 6, attempt=1), P.KvSpan("b", 9, held_len=4)]
+    layer = [kv(1, 6, 2, 4, seed=1), kv(1, 5, 2, 4, seed=2)]
+    got = decode([bytes(f) for f in encode(P.KvLayers(9, "prefill-0", 3, 1, spans, layer))])
+    assert (got.forward_iter, got.layer, got.num_layers, got.reqs) == (9, 3, 1, spans)
+    assert all(torch.equal(a, b.tensor()) for a, b in zip(layer, got.tensors))
+    rest = decode(encode(P.KvBatch(9, "prefill-0", [kv_req("a", 1, 6, attempt=1, layers_sent=4)],
+                                   [kv(0, 6, 2, 4)])))
+    assert rest.reqs[0].layers_sent == 4 and rest.tensors[0].nbytes == 0
+    in_place = P.KvLayers(9, "prefill-0", 0, 1, [P.KvSpan("a", 6, src_pages=[3, 1])], [], backend="cuda_ipc",
+                          source={"handle": "ab", "shape": [2, 2]})
+    assert decode(encode(in_place)) == in_place
+    with pytest.raises(ProtocolError, match="2 layers, the message carries 1"):
+        encode(P.KvLayers(9, "prefill-0", 0, 1, spans[:1], [kv(2, 6, 2, 4)]))
+    with pytest.raises(ProtocolError, match="prompt_len - held_len=5"):
+        encode(P.KvLayers(9, "prefill-0", 0, 1, spans[1:], [kv(1, 9, 2, 4)]))
+    with pytest.raises(ProtocolError, match="num_layers"):
+        encode(P.KvLayers(9, "prefill-0", 0, 0, [], []))
+    with pytest.raises(ProtocolError, match="held_len"):
+        encode(P.KvLayers(9, "prefill-0", 0, 1, [{"rid": "a", "prompt_len": 2, "attempt": 0,
+                                                   "src_pages": None, "held_len": 2}], [], backend="shm"))
 
 
 def test_default_split_is_4mib():

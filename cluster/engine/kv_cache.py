@@ -7,6 +7,8 @@ contiguous for attention (see attention.py). The handoff format is independent o
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from cluster.engine.page_allocator import PageAllocator
@@ -62,9 +64,15 @@ class KVPool:
         rows = self.kv.view(-1, self.head_dim).index_select(0, self.handoff_rows(page_table, length))
         return rows.view(self.num_layers, 2, length, self.num_kv_heads, self.head_dim)
 
-    def import_kv(self, page_table: list[int], kv: torch.Tensor) -> None:
-        expected = (self.num_layers, 2, kv.shape[2], self.num_kv_heads, self.head_dim)
-        if kv.dim() != 5 or tuple(kv.shape) != expected:
-            raise ValueError(f"KV tensor of shape {tuple(kv.shape)}, expected {expected}")
+    def import_kv(self, page_table: list[int], kv: torch.Tensor, first_layer: Optional[int] = None) -> None:
+        """Write `kv` (handoff layout) into the pages: every layer, or with `first_layer` only
+        layers [first_layer, first_layer + kv.shape[0]) (layer-wise streaming)."""
+        layers = self.num_layers if first_layer is None else kv.shape[0]
+        first = first_layer or 0
+        expected = (layers, 2, kv.shape[2] if kv.dim() == 5 else -1, self.num_kv_heads, self.head_dim)
+        if kv.dim() != 5 or tuple(kv.shape) != expected or not 0 <= first <= self.num_layers - layers:
+            raise ValueError(f"KV tensor of shape {tuple(kv.shape)} at layer {first}, expected {expected} "
+                             f"within {self.num_layers} layers")
+        rows = self.handoff_rows(page_table, kv.shape[2]).view(self.num_layers, -1)[first:first + layers]
         src = kv.to(device=self.device, dtype=self.dtype).reshape(-1, self.head_dim)
-        self.kv.view(-1, self.head_dim).index_copy_(0, self.handoff_rows(page_table, kv.shape[2]), src)
+        self.kv.view(-1, self.head_dim).index_copy_(0, rows.reshape(-1), src)

@@ -9,15 +9,19 @@ Prefill side (the pool is registered at construction):
     after_send(peer, packed)         called once the kv_batch left (NCCL sends the bytes now)
     begin / stage_layer / finish     layer-wise (`layerwise.py`): `pack` split by layer; backends
                                      whose bytes travel (`stages_layers`) gather each layer as
-                                     soon as it is computed; the others are read after the forward
+                                     soon as it is computed, and each layer leaves at once in a
+                                     kv_layers message (`layer_payload`, `send_layer`)
     holds_pages                      True: the prefill pages stay allocated until kv_ack
 Decode side:
-    unpack(sender, source, item, payload, dst_pages) -> bytes landed
+    unpack(sender, source, item, payload, dst_pages, layers=None) -> bytes landed
                                      write one request's KV into the pages it reserved and
                                      verify it; raises KvTransferError(reason) on a mismatch
                                      (the pages are then not live: the request is prefilled
                                      again). `dst_pages` None: the request is no longer
                                      expected; the backend only keeps its stream in order.
+                                     `layers` (first, end): only those layers (a kv_layers
+                                     message, or the rest after them), not verified
+    verify_landed(item, dst_pages)   after the last layers landed: the checksum over the pages
     fence                            on CUDA, orders the imports before the forward that
                                      reads the pages (ImportFence below)
 """
@@ -47,6 +51,7 @@ class Packed:
     num_bytes: int
     tensor: Optional[torch.Tensor] = None    # the bytes that travel (zmq frames, nccl send)
     src_pages: Optional[list[int]] = None    # read in place by the decode side (shm, cuda_ipc)
+    layers_sent: int = 0                     # leading layers that already left (layer-wise)
 
 
 @dataclass
@@ -130,10 +135,10 @@ class KvTransfer:
         raise NotImplementedError
 
     def corrupt(self, packed: Packed) -> None:
-        """Fault injection: the bytes (when they travel) or else the checksum stop matching."""
+        """Fault injection: the bytes (when they still travel) or else the checksum stop matching."""
         if packed.tensor is not None and packed.tensor.numel():
             packed.tensor.view(-1)[:1].add_(1)
-        if packed.checksum is not None and packed.tensor is None:
+        elif packed.checksum is not None:
             packed.checksum ^= 1
 
     def begin(self, pages: list[int], length: int) -> Staged:
@@ -158,23 +163,56 @@ class KvTransfer:
                 staged.host[layer].copy_(staged.tensor[layer], non_blocking=True)
         staged.layers_done += 1
 
+    def layer_payload(self, staged: Staged, layer: int) -> Optional[torch.Tensor]:
+        """What a kv_layers message carries for this request's layer (zmq: the bytes)."""
+        return None
+
+    def send_layer(self, peer: str, staged: Staged, layer: int) -> None:
+        """The kv_layers message for `layer` has been handed to the data plane (nccl sends now)."""
+
     def finish(self, staged: Staged) -> Packed:
-        """Every layer staged (and, on CUDA, synchronized): the request's Packed."""
-        if staged.tensor is None:
-            return self.pack(staged.pages, staged.length)
-        if staged.layers_done != self.pool.num_layers:
-            raise KvTransferError("layers", f"{staged.layers_done} of {self.pool.num_layers} layers staged")
-        kv = staged.tensor
-        checksum = self.checksum_of(kv)          # over every layer, on the device that holds them
-        out = staged.host if staged.host is not None else kv
-        return Packed(checksum, out.numel() * out.element_size(), tensor=out)
+        """Every layer staged and sent (on CUDA, synchronized): the request's Packed, whose
+        kv_batch item carries the checksum over every layer and moves no bytes."""
+        layers = self.pool.num_layers
+        if staged.layers_done != layers:
+            raise KvTransferError("layers", f"{staged.layers_done} of {layers} layers staged")
+        if staged.tensor is None:                # read in place: the checksum over the pages
+            packed = self.pack(staged.pages, staged.length)
+        else:
+            kv = staged.tensor
+            packed = Packed(self.checksum_of(kv), kv.numel() * kv.element_size(), tensor=self.rest_of(staged))
+        packed.layers_sent = layers
+        return packed
+
+    def rest_of(self, staged: Staged) -> Optional[torch.Tensor]:
+        """What of a streamed request travels with its kv_batch: nothing (zmq: zero layers)."""
+        return None
 
     def after_send(self, peer: str, packed: list[Packed]) -> None:
         """The kv_batch carrying `packed` has been handed to the data plane."""
 
     # decode side
-    def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
+    def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
+               layers: Optional[tuple[int, int]] = None) -> int:
         raise NotImplementedError
+
+    def verify_landed(self, item: "KvReq", dst_pages: list[int]) -> None:
+        """Every layer of a streamed request landed: its checksum over the pages (on CUDA on the
+        import stream, after the copies)."""
+        with self.fence.stream():
+            self.check(item.checksum, lambda: self.landed_checksum(dst_pages, item.prompt_len))
+
+    def landed_checksum(self, pages: list[int], length: int) -> int:
+        return self.checksum_of(self.pool.export_kv(pages, length))
+
+    def layer_span(self, layers: Optional[tuple[int, int]]) -> tuple[int, int, bool]:
+        """(first, end, whole): the layers an unpack moves; `whole` ones are verified there."""
+        if layers is None:
+            return 0, self.pool.num_layers, True
+        first, end = layers
+        if not 0 <= first <= end <= self.pool.num_layers:
+            raise KvTransferError("shape", f"layers [{first}, {end}) of a {self.pool.num_layers}-layer pool")
+        return first, end, False
 
     def check(self, expected: Optional[int], got_fn) -> None:
         """Compare checksums when verify is on and the sender sent one."""

@@ -9,6 +9,8 @@ process; the launcher lists every GPU of the cluster in CUDA_VISIBLE_DEVICES, th
 own first). Page copies run on the import stream and are ordered by CUDA events: the forward
 stream waits on them, and kv_ack leaves only once they are done, so the prefill side never
 reuses pages that are still being read. Checksums are `fold64`, on the device.
+Layer-wise: a kv_layers message for layer i leaves once layer i's kernels have finished on the
+prefill GPU, and decode copies that layer of the request's pages when it reads the message.
 """
 from __future__ import annotations
 
@@ -70,20 +72,26 @@ class CudaIpcTransfer(KvTransfer):
         # were read on the host before this runs
         return Packed(checksum, self.pool.request_bytes(length), src_pages=list(pages[:num]))
 
-    def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
+    def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
+               layers: Optional[tuple[int, int]] = None) -> int:
         if dst_pages is None:
             return 0
         if source.get("boot_id") != boot_id():
             raise KvTransferError("unreachable", f"{sender}'s GPU is on another host")
+        first, end, whole = self.layer_span(layers)
         src = self._map(sender, source)
         src_pages, length = item.src_pages or [], item.prompt_len
         num = (length + self.pool.page_size - 1) // self.pool.page_size
         if len(src_pages) != num or max(src_pages, default=0) >= src.shape[3]:
             raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
+        if src.shape[0] != self.pool.num_layers:
+            raise KvTransferError("shape", f"{sender}'s pool has {src.shape[0]} layers, this one "
+                                  f"{self.pool.num_layers}")
         with self.fence.stream():
-            copy_pages(src, self.pool.kv, src_pages, dst_pages[:num])
-            self.check(item.checksum, lambda: self.checksum_of(self.pool.export_kv(dst_pages, length)))
-        return self.pool.request_bytes(length)
+            copy_pages(src[first:end], self.pool.kv[first:end], src_pages, dst_pages[:num])
+            if whole:
+                self.check(item.checksum, lambda: self.checksum_of(self.pool.export_kv(dst_pages, length)))
+        return self.pool.request_bytes(length) * (end - first) // self.pool.num_layers
 
     def _map(self, sender: str, source: dict) -> torch.Tensor:
         key = (sender, source["handle"], source["offset_bytes"])

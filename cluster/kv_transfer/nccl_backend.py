@@ -8,6 +8,8 @@ copy of its pages (so its pages are freed at once); the decode side posts the ma
 in the same order (ZeroMQ keeps one peer's messages in order), into one device buffer that is
 verified and then scattered into the reserved pages on the import stream. A request decode no
 longer expects is still received, into a buffer it drops, to keep the pair's stream aligned.
+Layer-wise: each layer's send is posted right after its kv_layers message (on the stream that
+staged it), and decode posts the matching recv when it reads that message.
 """
 from __future__ import annotations
 
@@ -61,32 +63,45 @@ class NcclTransfer(KvTransfer):
         kv = self.pool.export_kv(pages, length)
         return Packed(self.checksum_of(kv), kv.numel() * kv.element_size(), tensor=kv)
 
-    def after_send(self, peer: str, packed: list[Packed]) -> None:
-        prefix = f"{self.worker_id}>{peer}"
+    def _group(self, prefix: str, rank: int, source: dict):
         group = self._groups.get(prefix)
         if group is None:
-            source = self.source()
-            group = self._groups[prefix] = _pair_group(source["host"], source["port"], prefix, 0, self._store)
-            logger.info("%s: NCCL pair group with %s", self.worker_id, peer)
-        self._in_flight = [(t, w) for t, w in self._in_flight if not w.is_completed()]
-        for p in packed:
-            self._in_flight.append((p.tensor, group.send([p.tensor], 1, 0)))
+            store = self._store if rank == 0 else None
+            group = self._groups[prefix] = _pair_group(source["host"], source["port"], prefix, rank, store)
+            logger.info("%s: NCCL pair group %s (rank %d)", self.worker_id, prefix, rank)
+        return group
 
-    def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
-        prefix = f"{sender}>{self.data_addr}"
-        group = self._groups.get(prefix)
-        if group is None:
-            group = self._groups[prefix] = _pair_group(source["host"], source["port"], prefix, 1)
-            logger.info("%s: NCCL pair group with %s", self.worker_id, sender)
+    def _send(self, peer: str, tensor: torch.Tensor) -> None:
+        group = self._group(f"{self.worker_id}>{peer}", 0, self.source())
+        self._in_flight = [(t, w) for t, w in self._in_flight if not w.is_completed()]
+        self._in_flight.append((tensor, group.send([tensor], 1, 0)))
+
+    def send_layer(self, peer: str, staged, layer: int) -> None:
+        self._send(peer, staged.tensor[layer:layer + 1])    # on the caller's (copy) stream
+
+    def after_send(self, peer: str, packed: list[Packed]) -> None:
+        for p in packed:
+            if p.tensor is not None and p.tensor.numel():   # streamed requests sent theirs already
+                self._send(peer, p.tensor)
+
+    def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
+               layers: Optional[tuple[int, int]] = None) -> int:
+        first, end, whole = self.layer_span(layers)
+        if first == end:
+            return 0
+        group = self._group(f"{sender}>{self.data_addr}", 1, source)
         pool, length = self.pool, item.prompt_len
         with self.fence.stream():
-            buf = torch.empty((pool.num_layers, 2, length, pool.num_kv_heads, pool.head_dim),
+            buf = torch.empty((end - first, 2, length, pool.num_kv_heads, pool.head_dim),
                               dtype=pool.dtype, device=pool.device)
             group.recv([buf], 0, 0).wait()
             if dst_pages is None:
                 return 0
-            self.check(item.checksum, lambda: self.checksum_of(buf))
-            pool.import_kv(dst_pages, buf)
+            if whole:
+                self.check(item.checksum, lambda: self.checksum_of(buf))
+                pool.import_kv(dst_pages, buf)
+            else:
+                pool.import_kv(dst_pages, buf, first_layer=first)
         self.fence.record()
         return buf.numel() * buf.element_size()
 

@@ -95,19 +95,28 @@ class ShmTransfer(KvTransfer):
         checksum = xxh3_pages(self.pool.kv, pages, length) if self.verify else None
         return Packed(checksum, self.pool.request_bytes(length), src_pages=list(pages[:num]))
 
-    def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
+    def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
+               layers: Optional[tuple[int, int]] = None) -> int:
         if dst_pages is None:
             return 0
         if source.get("boot_id") != boot_id():
             raise KvTransferError("unreachable", f"{sender}'s shared memory is on another host")
+        first, end, whole = self.layer_span(layers)
         peer = self._map(sender, source)
         src_pages, length = item.src_pages or [], item.prompt_len
         num = (length + self.pool.page_size - 1) // self.pool.page_size
         if len(src_pages) != num or max(src_pages, default=0) >= peer.kv.shape[3]:
             raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
-        copy_pages(peer.kv, self.pool.kv, src_pages, dst_pages[:num])
-        self.check(item.checksum, lambda: xxh3_pages(self.pool.kv, dst_pages, length))
-        return self.pool.request_bytes(length)
+        if peer.kv.shape[0] != self.pool.num_layers:
+            raise KvTransferError("shape", f"{sender}'s pool has {peer.kv.shape[0]} layers, this one "
+                                  f"{self.pool.num_layers}")
+        copy_pages(peer.kv[first:end], self.pool.kv[first:end], src_pages, dst_pages[:num])
+        if whole:
+            self.check(item.checksum, lambda: self.landed_checksum(dst_pages, length))
+        return self.pool.request_bytes(length) * (end - first) // self.pool.num_layers
+
+    def landed_checksum(self, pages: list[int], length: int) -> int:
+        return xxh3_pages(self.pool.kv, pages, length)
 
     def _map(self, sender: str, source: dict) -> _Mapping:
         key = (sender, source["pid"], source["fd"], source["nbytes"])

@@ -7,6 +7,8 @@ Decode: the frames are written straight into the reserved pages, row block by ro
 (`FramedTensor.row_blocks`), with no gather into a fresh tensor first. On CUDA each frame
 goes through pinned staging into one device buffer, verified there, then scattered into the
 pages on the import stream.
+Layer-wise: each kv_layers message carries one layer of each request (the staged pinned copy,
+sent as soon as that layer is computed); the kv_batch then carries zero layers.
 """
 from __future__ import annotations
 
@@ -33,25 +35,36 @@ class ZmqTransfer(KvTransfer):
             kv = host
         return Packed(checksum, kv.numel() * kv.element_size(), tensor=kv)
 
-    def unpack(self, sender: str, source: dict, item: "KvReq", payload, dst_pages: Optional[list[int]]) -> int:
+    def layer_payload(self, staged, layer: int) -> torch.Tensor:
+        return (staged.host if staged.host is not None else staged.tensor)[layer:layer + 1]
+
+    def rest_of(self, staged) -> torch.Tensor:
+        return (staged.host if staged.host is not None else staged.tensor)[:0]
+
+    def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
+               layers: Optional[tuple[int, int]] = None) -> int:
         if dst_pages is None or payload is None:
             return 0
         pool, length = self.pool, item.prompt_len
-        want = (pool.num_layers, 2, length, pool.num_kv_heads, pool.head_dim)
+        first, end, whole = self.layer_span(layers)
+        want = (end - first, 2, length, pool.num_kv_heads, pool.head_dim)
         if tuple(payload.shape) != want or payload.dtype != pool.dtype:
             raise KvTransferError("shape", f"KV {tuple(payload.shape)} {payload.dtype} does not match "
                                   f"{want} {pool.dtype}")
+        if first == end:
+            return 0
         if pool.device.type == "cuda":
-            self._unpack_cuda(item, payload, dst_pages)
+            self._unpack_cuda(item, payload, dst_pages, first, whole)
         else:
-            self.check(item.checksum, lambda: xxh3_chunks(payload.chunks))
-            rows = pool.handoff_rows(dst_pages, length)
+            if whole:
+                self.check(item.checksum, lambda: xxh3_chunks(payload.chunks))
+            rows = pool.handoff_rows(dst_pages, length).view(pool.num_layers, -1)[first:end].reshape(-1)
             flat = pool.kv.view(-1, pool.head_dim)
-            for first, block in payload.row_blocks(pool.head_dim):
-                flat.index_copy_(0, rows[first:first + block.shape[0]], block)
+            for row, block in payload.row_blocks(pool.head_dim):
+                flat.index_copy_(0, rows[row:row + block.shape[0]], block)
         return payload.nbytes
 
-    def _unpack_cuda(self, item: "KvReq", payload, dst_pages: list[int]) -> None:
+    def _unpack_cuda(self, item, payload, dst_pages: list[int], first: int, whole: bool) -> None:
         pool = self.pool
         with self.fence.stream():        # NOTE: allocated on the stream that uses it
             dev = torch.empty(payload.nbytes, dtype=torch.uint8, device=pool.device)
@@ -62,6 +75,9 @@ class ZmqTransfer(KvTransfer):
                 dev[off:off + len(chunk)].copy_(staged, non_blocking=True)
                 off += len(chunk)
             kv = dev.view(pool.dtype).view(payload.shape)
-            self.check(item.checksum, lambda: fold64(kv))   # NOTE: before the pages go live
-            pool.import_kv(dst_pages, kv)
+            if whole:
+                self.check(item.checksum, lambda: fold64(kv))   # NOTE: before the pages go live
+                pool.import_kv(dst_pages, kv)
+            else:
+                pool.import_kv(dst_pages, kv, first_layer=first)
         self.fence.record()

@@ -1,12 +1,12 @@
 """The wire message types: one frozen dataclass per `type` of DESIGN.md's message table,
-and the small frozen items nested inside them (`Peer`, `KvReq`, `TokensItem`,
+and the small frozen items nested inside them (`Peer`, `KvReq`, `KvSpan`, `TokensItem`,
 `HistogramSample`; the sampling parameters travel as `SamplingParams` itself).
 
 Their codec (field checks, encode, decode) is `cluster/wire/protocol.py`, which re-exports
 them; import them from there. Nested items are checked by the same codec as the messages
 that hold them, so a decoded message holds these types, never loose dicts. Other list and
 dict fields hold plain values exactly as they travel (token ids as list[int], gauges as
-dict), except `KvBatch.tensors` (torch.Tensor; FramedTensor once decoded).
+dict), except `KvBatch.tensors` and `KvLayers.tensors` (torch.Tensor; FramedTensor once decoded).
 """
 from __future__ import annotations
 
@@ -41,6 +41,23 @@ class KvReq:
     src_pages: Optional[list] = None
     held_len: int = 0                             # leading tokens decode already holds: the KV
                                                   # travelling is positions [held_len, prompt_len)
+    layers_sent: int = 0                          # leading layers that went ahead in kv_layers
+                                                  # messages (layer-wise); this one moves the rest
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.held_len < self.prompt_len:
+            raise ValueError(f"held_len {self.held_len} not in [0, prompt_len {self.prompt_len})")
+
+
+@dataclass(frozen=True, slots=True)
+class KvSpan:
+    """One request of a `kv_layers` message: which KV the layers belong to (the fields of its
+    coming `KvReq` that do not wait for the forward to finish)."""
+    rid: str
+    prompt_len: int
+    attempt: int = 0
+    src_pages: Optional[list] = None
+    held_len: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.held_len < self.prompt_len:
@@ -152,6 +169,22 @@ class KvBatch:                                    # prefill -> decode (data plan
 
 
 @dataclass(frozen=True, slots=True)
+class KvLayers:                                   # prefill -> decode (data plane), layer-wise
+    """Layers [layer, layer + num_layers) of each request's KV, sent as soon as the prefill
+    forward computed them, ahead of the requests' `kv_batch` (which names how many went ahead)."""
+    TYPE: ClassVar[str] = "kv_layers"
+    forward_iter: int
+    prefill_worker_id: str
+    layer: int
+    num_layers: int
+    reqs: list                                    # KvSpan
+    tensors: list = field(compare=False)          # zmq: per req [num_layers, 2, prompt_len - held_len,
+                                                  # kv_heads, head_dim]; other backends: []
+    backend: str = "zmq"
+    source: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class KvAck:                                      # decode -> prefill (data plane)
     TYPE: ClassVar[str] = "kv_ack"
     rids: list
@@ -216,5 +249,5 @@ class Shutdown:                                   # router -> worker: stop (end 
     reason: str
 
 
-Message = Union[RequestMarks, Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvAck, Tokens,
+Message = Union[RequestMarks, Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvLayers, KvAck, Tokens,
                 Abort, Error, Shutdown]

@@ -31,15 +31,16 @@ from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, 
                                 Number, NumberOrCounts, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
                                 fail)
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
-                                   KvAck, KvBatch, KvReq, MarksItem, Message, Peer, Register, Reprefill,
+                                   KvAck, KvBatch, KvLayers, KvReq, KvSpan, MarksItem, Message, Peer,
+                                   Register, Reprefill,
                                    RequestMark, RequestMarks, Shutdown, Tokens, TokensItem,
                                    WORKER_MARKS)
 from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
                                         framed_from_frames, tensor_from_frames)
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
-           "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvAck",
-           "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "TokensItem",
+           "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvLayers", "KvAck",
+           "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "KvSpan", "TokensItem",
            "HistogramSample", "MarksItem", "RequestMark"]
 
 PROTOCOL_VERSION = 1
@@ -77,6 +78,7 @@ PROMPT_LPS = List(Float())                                                   # o
 PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
 
 KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")
+MAX_LAYERS = 1024
 
 
 def _source_value(v: Any, path: str) -> Any:
@@ -89,6 +91,8 @@ def _source_value(v: Any, path: str) -> Any:
         fail(path, f"expected str/int/float/bool/list of int, got {type(v).__name__}")
     return v
 
+
+KV_SOURCE = Map(Str(max_len=64), _source_value, max_len=32)
 
 _FIELDS: dict[type, dict[str, Check]] = {
     Register: {"worker_id": ID, "role": Str(choices=ROLES), "model": TEXT,
@@ -116,11 +120,22 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                          "attempt": Int(lo=0, hi=INT32_MAX),
                                          "checksum": Opt(Int(lo=0, hi=(1 << 64) - 1)),
                                          "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
-                                         "held_len": Int(lo=0, hi=INT32_MAX)}),
+                                         "held_len": Int(lo=0, hi=INT32_MAX),
+                                         "layers_sent": Int(lo=0, hi=MAX_LAYERS)}),
                            max_len=MAX_KEYS),
               "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
               "backend": Str(choices=KV_BACKENDS),
-              "source": Map(Str(max_len=64), _source_value, max_len=32)},
+              "source": KV_SOURCE},
+    KvLayers: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
+               "layer": Int(lo=0, hi=MAX_LAYERS - 1), "num_layers": Int(lo=1, hi=MAX_LAYERS),
+               "reqs": List(Typed(KvSpan, {"rid": ID, "prompt_len": Int(lo=1),
+                                           "attempt": Int(lo=0, hi=INT32_MAX),
+                                           "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
+                                           "held_len": Int(lo=0, hi=INT32_MAX)}),
+                            max_len=MAX_KEYS),
+               "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
+               "backend": Str(choices=KV_BACKENDS),
+               "source": KV_SOURCE},
     KvAck: {"rids": List(ID, max_len=MAX_KEYS), "failed": Map(ID, TEXT),
             "decode_worker_id": ID},
     Tokens: {"worker_id": ID,
@@ -148,20 +163,29 @@ for _cls, _f in _FIELDS.items():   # the schema and the dataclass must agree
 
 def _check_body(cls: type, body: dict) -> dict:
     body = _RECORDS[cls](body, cls.TYPE)
-    if cls is KvBatch:
-        if body["tensors"] and len(body["reqs"]) != len(body["tensors"]):
-            fail("kv_batch", f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
-        if (body["backend"] == "zmq") != bool(body["tensors"]) and body["reqs"]:
-            fail("kv_batch.tensors", f"the {body['backend']} backend "
-                 f"{'sends' if body['backend'] == 'zmq' else 'sends no'} tensors")
-        if len({r.rid for r in body["reqs"]}) != len(body["reqs"]):
-            fail("kv_batch.reqs", "duplicate rid")
-        for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
-            shape = t["shape"]
-            if len(shape) != 5 or shape[1] != 2 or shape[2] != r.prompt_len - r.held_len:
-                fail(f"kv_batch.tensors[{i}]", f"shape {shape} is not [layers, 2, "
-                     f"prompt_len - held_len={r.prompt_len - r.held_len}, kv_heads, head_dim]")
+    if cls in (KvBatch, KvLayers):
+        _check_kv_tensors(cls.TYPE, body)
     return body
+
+
+def _check_kv_tensors(name: str, body: dict) -> None:
+    """One tensor per request with the zmq backend (none with the others), each holding its
+    request's positions [held_len, prompt_len); kv_layers tensors hold exactly its layers."""
+    if body["tensors"] and len(body["reqs"]) != len(body["tensors"]):
+        fail(name, f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
+    if (body["backend"] == "zmq") != bool(body["tensors"]) and body["reqs"]:
+        fail(f"{name}.tensors", f"the {body['backend']} backend "
+             f"{'sends' if body['backend'] == 'zmq' else 'sends no'} tensors")
+    if len({r.rid for r in body["reqs"]}) != len(body["reqs"]):
+        fail(f"{name}.reqs", "duplicate rid")
+    layers = body.get("num_layers")
+    for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
+        shape = t["shape"]
+        if len(shape) != 5 or shape[1] != 2 or shape[2] != r.prompt_len - r.held_len:
+            fail(f"{name}.tensors[{i}]", f"shape {shape} is not [layers, 2, "
+                 f"prompt_len - held_len={r.prompt_len - r.held_len}, kv_heads, head_dim]")
+        if layers is not None and shape[0] != layers:
+            fail(f"{name}.tensors[{i}]", f"{shape[0]} layers, the message carries {layers}")
 
 
 def _plain(v: Any) -> Any:
@@ -189,10 +213,10 @@ def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, me
     if cls is Generate:
         ids = TokenIds(min_len=1)(body["input_ids"], "generate.input_ids")
         body["input_ids"] = tensors.add(torch.tensor(ids, dtype=torch.int32)) if len(ids) > INLINE_IDS else ids
-    elif cls is KvBatch:
+    elif cls in (KvBatch, KvLayers):
         if not isinstance(body["tensors"], (list, tuple)) or not all(
                 isinstance(t, (torch.Tensor, FramedTensor)) for t in body["tensors"]):
-            raise ProtocolError("kv_batch.tensors: expected a list of torch.Tensor")
+            raise ProtocolError(f"{cls.TYPE}.tensors: expected a list of torch.Tensor")
         body["tensors"] = [tensors.add(t.tensor() if isinstance(t, FramedTensor) else t)
                            for t in body["tensors"]]
     body = {k: _plain(v) for k, v in _check_body(cls, body).items()}
@@ -235,9 +259,9 @@ def decode(frames: Sequence[Any]) -> Message:
         if ids.numel() == 0 or int(ids.min()) < 0:
             raise ProtocolError("generate.input_ids: empty or negative token ids")
         body["input_ids"] = ids.tolist()
-    elif cls is KvBatch:
+    elif cls in (KvBatch, KvLayers):
         # the frames stay unjoined: decode writes them straight into its reserved pages
-        body["tensors"] = [framed_from_frames(d, buffers, used, f"kv_batch.tensors[{i}]")
+        body["tensors"] = [framed_from_frames(d, buffers, used, f"{cls.TYPE}.tensors[{i}]")
                            for i, d in enumerate(body["tensors"])]
     if not all(used):
         unused = [i for i, u in enumerate(used) if not u]
