@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cluster.kv_transfer import cuda_memcpy
-from cluster.kv_transfer.page_copy import Copy2D, copy_2d_plan, copy_pages, copy_runs_2d, page_runs
+from cluster.kv_transfer.page_copy import (MAX_RUNS, MIN_RUN_BYTES_2D, Copy2D, copy_2d_plan, copy_pages,
+                                           copy_runs_2d, page_runs, worth_2d)
 
 SHAPE = (3, 2, 4, 24, 4, 8)                # layers, K/V, kv heads, pages, page_size, head_dim
 
@@ -88,6 +89,15 @@ def test_head_slices_fall_back_to_a_copy_per_layer_and_kv_block():
     dst = torch.zeros((3, 2, 5, 40, 4, 8))                               # other pitches too
     plan = check_plan(src[:, :, 1:3], dst[:, :, 2:4], [1, 2, 5], [7, 8, 0])
     assert len(plan) == 2 * SHAPE[0] * 2 and all(c.height == 2 for c in plan)
+    plan = check_plan(src[:, :, 3:4], dst[:, :, 0:1], [1, 2, 5], [7, 8, 0])  # one head: K/V rows step
+    assert len(plan) == 2 and all(c.height == SHAPE[0] * 2 for c in plan)
+
+
+def test_size_one_dims_take_no_step_whatever_their_stride():
+    src, dst = pools(10, shape=(2, 2, 1, 24, 4, 8))
+    odd = src.as_strided(src.shape, (src.stride(0), src.stride(1), 7, *src.stride()[3:]))
+    plan = check_plan(odd, dst, [4, 5], [0, 1], max_copies=1)
+    assert plan[0].height == 4 and plan[0].src_pitch == src.stride(1) * src.element_size()
 
 
 def test_non_uniform_layers_copy_per_layer():
@@ -102,6 +112,14 @@ def test_layouts_without_contiguous_pages_have_no_plan():
     src, dst = pools(7)
     assert copy_2d_plan(src.transpose(3, 4), dst.transpose(3, 4), [(0, 0, 1)]) is None
     assert copy_2d_plan(src[..., ::2], dst[..., ::2], [(0, 0, 1)]) is None
+
+
+def test_2d_path_is_taken_for_few_runs_or_runs_big_enough_to_outweigh_a_call():
+    pool = torch.empty((32, 2, 8, 4, 16, 128), dtype=torch.bfloat16, device="meta")   # 8B: 2 MiB a page
+    scattered = [(2 * i, 2 * i, 1) for i in range(MAX_RUNS + 1)]
+    assert worth_2d(pool[:1], scattered[:MAX_RUNS])
+    assert worth_2d(pool, scattered) == (2 << 20 >= MIN_RUN_BYTES_2D)
+    assert worth_2d(pool[:1], scattered) == (64 << 10 >= MIN_RUN_BYTES_2D)  # a layer slice: 64 KiB a page
 
 
 def test_copy_pages_rejects_pages_outside_the_pool():

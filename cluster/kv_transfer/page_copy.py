@@ -7,22 +7,26 @@ every `stride(2)` elements on each side.
 
 On a GPU a run is one `cudaMemcpy2DAsync` (cuda_memcpy.py): the copy engines move it, where
 a strided `Tensor.copy_` is a TensorIterator kernel whose SMs read the peer pool (over
-NVLink for `cuda_ipc`) well below the link's speed. Past `MAX_RUNS_2D` runs, or when the
-2-D path is unavailable, the torch path runs: each run one strided `copy_`, or past
-`MAX_RUNS` one gather and one scatter (the per-copy launch cost outweighs the extra pass).
+NVLink for `cuda_ipc`) well below the link's speed. Each call costs a few microseconds of
+CPU, so past `MAX_RUNS` runs the 2-D path is taken only while runs average at least
+`MIN_RUN_BYTES_2D` (a whole-pool copy of scattered pages: 2 MiB per page for an 8B model; a
+per-layer copy of the same pages: 64 KiB). Otherwise, or when the 2-D path is unavailable,
+the torch path runs: each run one strided `copy_`, or past `MAX_RUNS` one gather and one
+scatter (the per-copy launch cost outweighs the extra pass).
 On the CPU the per-run copies stay faster at any count (3.2 vs 0.7 GB/s for 128 single-page
 runs here).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 
 from cluster.kv_transfer import cuda_memcpy
 
-MAX_RUNS = 16          # torch path: per-run copy_ up to this many runs, then gather/scatter
-MAX_RUNS_2D = 1024     # 2-D path up to this many runs (one call each): unmeasured, set from the bench
+MAX_RUNS = 16              # up to this many runs, one copy per run on any path
+MIN_RUN_BYTES_2D = 1 << 20     # past MAX_RUNS: unmeasured guess, to be set from the bench
 
 
 class Copy2D(NamedTuple):
@@ -53,30 +57,40 @@ def _pages_contiguous(t: torch.Tensor) -> bool:
             and (pages == 1 or t.stride(3) == page_size * head_dim))
 
 
-def _uniform(t: torch.Tensor, dim: int) -> bool:
-    """Rows step by stride(2) across `dim` too (dims of size 1 have no step to check)."""
-    return t.shape[dim] == 1 or t.stride(dim) == t.shape[dim + 1] * t.stride(dim + 1)
+def _row_pitch(t: torch.Tensor, first_dim: int) -> Optional[int]:
+    """Elements between consecutive rows when the rows of dims `first_dim`..2 (layer, K/V,
+    head) are uniformly strided; 0 for a single row; None when they are not uniform. Dims
+    of size 1 take no step, whatever their stride says."""
+    pitch, inner = 0, 1
+    for dim in range(2, first_dim - 1, -1):
+        if t.shape[dim] > 1:
+            if pitch == 0:
+                pitch = t.stride(dim)
+            elif t.stride(dim) != inner * pitch:
+                return None
+            inner *= t.shape[dim]
+    return pitch
 
 
 def copy_2d_plan(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]]) -> Optional[list[Copy2D]]:
     """The 2-D copies that perform `runs` between two pools of one layout (views welcome: a
     layer slice `kv[a:b]` keeps uniform rows), or None when a side cannot be addressed so.
-    Rows are uniformly strided on both sides: one copy per run; else one per layer, or per
-    (layer, K/V), whichever block still has uniform rows."""
+    Rows uniformly strided on both sides: one copy per run; else one per (run, layer), or per
+    (run, layer, K/V), whichever block of rows is still uniform."""
     if not (_pages_contiguous(src) and _pages_contiguous(dst)):
         return None
     layers, kv, heads, _, page_size, head_dim = src.shape
     esize = src.element_size()
-    if all(_uniform(t, 1) and _uniform(t, 0) for t in (src, dst)):
-        blocks, height = [()], layers * kv * heads
-    elif all(_uniform(t, 1) for t in (src, dst)):
-        blocks, height = [(l,) for l in range(layers)], kv * heads
-    else:
-        blocks, height = [(l, k) for l in range(layers) for k in range(kv)], heads
+    for first_dim, blocks in ((0, [()]), (1, [(l,) for l in range(layers)]),
+                              (2, [(l, k) for l in range(layers) for k in range(kv)])):
+        pitches = [_row_pitch(t, first_dim) for t in (src, dst)]
+        if None not in pitches:
+            break
+    height = math.prod((layers, kv, heads)[first_dim:])
     copies = []
     for s, d, n in runs:
         width = n * page_size * head_dim * esize
-        spitch, dpitch = (t.stride(2) * esize if height > 1 else width for t in (src, dst))
+        spitch, dpitch = (p * esize if p else width for p in pitches)
         if spitch < width or dpitch < width:
             return None          # rows would overlap: not a pool layout
         for b in blocks:
@@ -85,6 +99,15 @@ def copy_2d_plan(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int
             copies.append(Copy2D(soff + s * src.stride(3) * esize, doff + d * dst.stride(3) * esize,
                                  width, height, spitch, dpitch))
     return copies
+
+
+def worth_2d(src: torch.Tensor, runs: list[tuple[int, int, int]]) -> bool:
+    """Few runs, or runs big enough that the copy engines, not the calls, set the pace."""
+    if len(runs) <= MAX_RUNS:
+        return True
+    rows = src.shape[0] * src.shape[1] * src.shape[2]
+    page_row_bytes = src.shape[4] * src.shape[5] * src.element_size()
+    return rows * page_row_bytes * sum(n for _, _, n in runs) >= MIN_RUN_BYTES_2D * len(runs)
 
 
 def copy_runs_2d(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]]) -> bool:
@@ -135,7 +158,7 @@ def copy_pages(src: torch.Tensor, dst: torch.Tensor, src_pages: list[int], dst_p
         return
     if dst.device.type == "cpu":
         return copy_runs_torch(src, dst, runs)
-    if src.device.type == "cuda" and len(runs) <= MAX_RUNS_2D and copy_runs_2d(src, dst, runs):
+    if src.device.type == "cuda" and worth_2d(src, runs) and copy_runs_2d(src, dst, runs):
         return
     if len(runs) <= MAX_RUNS:
         return copy_runs_torch(src, dst, runs)
