@@ -42,6 +42,7 @@ class PrefillScheduler(WorkerScheduler):
         self.layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, data_plane.send_to) \
             if self.transfer.layerwise else None
         if self.layers is not None:
+            self.executor.on_launch = self.layers.launching
             logger.info("%s: layer-wise KV streaming on", worker_id)
 
     # ---- intake ----------------------------------------------------------------

@@ -80,7 +80,9 @@ def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_hol
     wire = Wire()
     stream, zmq = LayerStream(model, pool.device, "prefill-0", wire), ZmqTransfer(pool, "prefill-0", verify=True)
     try:
+        stream.plan(6, [planned(zmq, rid="stale")])          # its forward failed before it ran
         stream.plan(7, [planned(zmq)])
+        stream.launching(7)
         done = forward(model, pool)
         packed, sent_at = stream.finish("r1")
         assert [m.layer for _, m, _ in wire.sent] == list(range(CFG.num_layers))
@@ -92,7 +94,7 @@ def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_hol
             assert torch.equal(msg.tensors[0].tensor(), whole[i:i + 1])
         assert packed.layers_sent == CFG.num_layers and packed.tensor.numel() == 0   # nothing left to move
         assert packed.checksum == xxh3_tensor(whole)         # the checksum covers every layer
-        assert stream.finish("r1") is None                   # consumed once
+        assert stream.finish("r1") is None and stream.finish("stale") is None   # consumed once; dropped
 
         decode = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 8, PAGE)
         receiver = ZmqTransfer(decode, "decode-0", verify=True)
@@ -116,8 +118,10 @@ def test_in_place_backends_send_each_layer_as_a_message_and_decode_copies_it_fro
     try:
         stream.plan(1, [])                                   # a forward that completes no prompt
         stream.plan(2, [planned(shm)])
+        stream.launching(1)
         forward(model, pool)
         assert wire.sent == [] and stream.finish("r1") is None
+        stream.launching(2)
         forward(model, pool)
         packed, _ = stream.finish("r1")
         assert len(wire.sent) == CFG.num_layers and all(not m.tensors and m.reqs[0].src_pages == PAGES

@@ -2,7 +2,9 @@
 
 The model calls `on_layer(i)` after each decoder layer (`LlamaModel.layer_hook`). Before a
 prefill forward is launched, the scheduler `plan`s it: the requests whose last chunk it
-computes, each with its backend, pages, decode peer and the `KvSpan` naming its KV. After
+computes, each with its backend, pages, decode peer and the `KvSpan` naming its KV. Right
+before a forward runs, the executor names its iteration (`launching`), which selects its plan:
+a plan whose forward never ran (its build or launch failed) is dropped, never reused. After
 layer i the streamer (one thread; on CUDA its own copy stream, waiting on the event recorded
 after layer i's kernels) stages layer i of each planned request (`KvTransfer.stage_layer`:
 gathered into handoff layout, on CUDA also copied to pinned host memory for zmq), waits
@@ -17,7 +19,6 @@ kv_batch item carries: the checksum over all layers, `layers_sent`, and no bytes
 starts the request only once that kv_batch, hence the last layer, has landed.
 Chunked prefill: the last chunk's forward streams every position of each layer (earlier
 chunks' KV of layer i is already in the pool), so the whole request travels once, at the end.
-Plans are consumed one per forward, in launch order (the executor runs forwards one at a time).
 """
 from __future__ import annotations
 
@@ -61,27 +62,33 @@ class LayerStream:
         self._plans: deque = deque()                 # per forward: (forward_iter, [Planned])
         self._entries: dict[str, _Entry] = {}
         self._current: list[_Entry] = []
-        self._forward_iter = 0
+        self._forward_iter = 0                       # of the forward now running
         self._lock = threading.Lock()
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="kv-layers")
         self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self._last_layer = len(model.layers) - 1
         model.layer_hook = self.on_layer
 
     def plan(self, forward_iter: int, planned: list[Planned]) -> None:
-        """The next forward's requests that complete their prompt (may be empty: one plan per forward)."""
-        with self._lock:
-            self._plans.append((forward_iter, planned))
+        """Forward `forward_iter`'s requests that complete their prompt (launched in iteration order)."""
+        if planned:
+            with self._lock:
+                self._plans.append((forward_iter, planned))
 
     # forward thread
+    def launching(self, forward_iter: int) -> None:
+        """Forward `forward_iter` is about to run: its plan (if any) is the one its layers stream."""
+        with self._lock:
+            while self._plans and self._plans[0][0] < forward_iter:
+                self._plans.popleft()                # its forward failed before running
+            plan = self._plans.popleft()[1] if self._plans and self._plans[0][0] == forward_iter else []
+            self._forward_iter, self._current = forward_iter, []
+            for p in plan:
+                entry = _Entry(p, p.backend.begin(p.pages, p.length))
+                self._entries[p.span.rid] = entry
+                self._current.append(entry)
+
     def on_layer(self, layer: int) -> None:
-        if layer == 0:
-            with self._lock:
-                self._forward_iter, plan = self._plans.popleft() if self._plans else (0, [])
-                self._current = []
-                for p in plan:
-                    entry = _Entry(p, p.backend.begin(p.pages, p.length))
-                    self._entries[p.span.rid] = entry
-                    self._current.append(entry)
         if not self._current:
             return
         event = None
@@ -91,6 +98,8 @@ class LayerStream:
         job = self._exec.submit(self._stream_layer, list(self._current), layer, event, self._forward_iter)
         for entry in self._current:
             entry.jobs.append(job)
+        if layer == self._last_layer:
+            self._current = []                       # a forward nobody announced streams nothing
 
     # streamer thread
     @torch.inference_mode()   # NOTE: the staged tensors were made inside the forward's inference mode

@@ -26,6 +26,9 @@ class ForwardExecutor:
         # (the forward thread may wake a little later) until its forward returns
         self.trace: Optional[list[tuple[str, int, float, float]]] = None
         self._trace_lock = threading.Lock()
+        # f(forward_iter) on the forward thread right before that forward runs (layer-wise KV
+        # streaming picks the plan of the forward it is about to see)
+        self.on_launch: Optional[Callable[[int], None]] = None
 
     def submit(self, forward_iter: int, forward_input: Any) -> Future:
         t0 = time.perf_counter()
@@ -39,6 +42,8 @@ class ForwardExecutor:
         return self._pool.submit(self._run, forward_iter, forward_input, t0)
 
     def _run(self, forward_iter: int, forward_input: Any, t0: float) -> Any:
+        if self.on_launch is not None:
+            self.on_launch(forward_iter)
         if self._stream is not None:
             import torch
             with torch.cuda.stream(self._stream):
