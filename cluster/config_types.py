@@ -66,7 +66,7 @@ class KvTransferConfig:
     backend: str = "auto"              # auto | zmq | shm | cuda_ipc | nccl (cluster/kv_transfer)
     verify: bool = False               # checksum every transfer (a mismatch is prefilled again); off by
                                        # default: it doubles a device-to-device handoff (BENCHMARKS.md)
-    layerwise: bool = False            # stage each layer's KV as its forward finishes (kv_transfer/layerwise.py)
+    layerwise: bool = False            # send each layer's KV as its forward finishes (kv_transfer/layerwise.py)
 
 
 @dataclass(frozen=True, slots=True)
