@@ -4,15 +4,16 @@
 
 `ttft`: per backend (`--backends`; `NAME+layerwise` turns layer-wise streaming on), a 1 prefill
 (GPU 0) + 1 decode (GPU 1) cluster, requests one at a time at each of `--ttft-prompt-lens`
-(default 2k and 8k tokens; 8 output tokens): client TTFT split into prefill forward and pack (prefill's
-own timings, DEBUG log), transfer (prefill's kv_transfer_seconds: kv_batch sent -> kv_ack, which
-includes decode's unpack and verify) and the rest (HTTP, dispatch, decode_ready round trip).
+(default 2k and 8k tokens; 8 output tokens): medians of each request's own phases, as the
+router assembled them from the workers' marks (GET /debug/requests/{x-request-id}): queue
+(router + prefill), prefill forward, KV transfer, first decode step, and client TTFT.
 `goodput`: DistServe style, `pdcluster bench --request-rate` logic (cluster/bench_goodput.py):
 Poisson arrivals at each rate, 2k-token prompts, 256 output tokens, SLO TTFT <= 1 s and mean
 inter-token time <= 50 ms, at each of `--rates` (stops a layout past saturation or at the
 deadline), for 1P1D on 2 GPUs (`--layerwise`: with layer-wise streaming), 2 unified workers on
-the 2 GPUs and 1 unified on 1 GPU; writes goodput.json and slo_attainment.png. `--device cpu` rehearses it all on a CPU
-with the tiny model (backends zmq/shm, no GPUs).
+the 2 GPUs and 1 unified on 1 GPU. Writes OUT/kv_gpu_study.json (after every cluster) and
+OUT/slo_attainment.png. `--device cpu` rehearses it all on a CPU with the tiny model (backends
+zmq/shm, no GPUs); benchmarks/kv_gpu_run.sh runs it on the GPU host.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 import time
@@ -87,9 +89,8 @@ async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
 def ttft_split(args, name: str, out: dict) -> None:
     """`name`: a backend, `+layerwise` for layer-wise streaming; one cluster, every prompt length."""
     backend, _, mode = name.partition("+")
-    env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"}
     cfg = config(args, groups(args, "1p1d"), backend, layerwise=mode == "layerwise")
-    with Cluster(cfg, f"ttft-{backend}{'-' + mode if mode else ''}", env=env) as c:
+    with Cluster(cfg, f"ttft-{backend}{'-' + mode if mode else ''}") as c:
         for n in args.ttft_lens:
             key = f"{name}@{n}"
             out[key] = measure_ttft(c, args, n)
@@ -97,41 +98,62 @@ def ttft_split(args, name: str, out: dict) -> None:
 
 
 def measure_ttft(c: Cluster, args, prompt_len: int = 0) -> dict:
+    """Medians over `--ttft-requests` requests sent one at a time, from each request's own
+    phases (the router's GET /debug/requests/{id}), plus client TTFT and kv_ack_ms (prefill's
+    kv_transfer_seconds: kv_batch sent -> kv_ack; with layer-wise streaming the bytes left
+    before the kv_batch, so it no longer times the transfer)."""
     prompt_len = prompt_len or args.prompt_len
     for i in range(2):
         asyncio.run(_one(c, prompt(100 + i, prompt_len), 4))       # warm up
-    n0 = len(_kv_lines(c))
     m0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
     k0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
-    ttfts = []
+    results = []
     for i in range(args.ttft_requests):
         r = asyncio.run(_one(c, prompt(i, prompt_len), 8))
         if "error" in r:
             raise RuntimeError(r["error"])
-        ttfts.append(r["ttft"])
+        results.append(r)
     time.sleep(args.heartbeat_s)                 # the last acks reach /metrics with a heartbeat
-    lines = _kv_lines(c)[n0:]
     s1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
     k1 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
-    transfer = (sum(s1.values()) - sum(m0.values())) / max(1, sum(k1.values()) - sum(k0.values()))
-    forward = statistics.fmean(f for f, _ in lines) if lines else float("nan")
-    pack = statistics.fmean(p for _, p in lines) if lines else float("nan")
-    ttft = statistics.median(ttfts)
-    return {"ttft_ms_p50": round(1000 * ttft, 2), "prefill_forward_ms": round(1000 * forward, 2),
-            "pack_ms": round(1000 * pack, 2), "transfer_ms": round(1000 * transfer, 2),
-            "rest_ms": round(1000 * (ttft - forward - pack - transfer), 2), "requests": len(ttfts)}
+    kv_ack = (sum(s1.values()) - sum(m0.values())) / max(1, sum(k1.values()) - sum(k0.values()))
+    splits = [phase_split(_trace(c, r["request_id"]), r["ttft"]) for r in results]
+    out = {key: _median([s[key] for s in splits]) for key in splits[0]}
+    return {**out, "kv_ack_ms": round(1000 * kv_ack, 2), "requests": len(results)}
 
 
-def _kv_lines(c: Cluster) -> list[tuple[float, float]]:
-    pat = re.compile(r"kv_batch to .* forward_s=([\d.]+) pack_s=([\d.]+) via")
-    return [(float(m.group(1)), float(m.group(2))) for m in pat.finditer(c.log("prefill-0"))]
+def phase_split(trace: dict, client_ttft_s: float) -> dict:
+    """One request's TTFT parts in ms from its /debug/requests trace (route pd). The first token
+    reaches the router after `kv_transfer` (the prefill worker sampled it, decode emits it once
+    the KV landed); `first_decode_ms` (decode_queue + first_decode) is decode's first step,
+    which makes the second token; `client_rest_ms` = client TTFT - the router's first token
+    (HTTP, tokenize before arrival, streaming back). Missing phases read NaN."""
+    d = {p["phase"]: p["duration_s"] for p in trace["phases"] if p["duration_s"] is not None}
+    nan = float("nan")
+    ms = lambda *names: round(1000 * sum(d.get(n, nan) for n in names), 2)   # noqa: E731
+    first = trace["tokens"][0]["t_s"] if trace.get("tokens") else nan
+    return {"ttft_ms_p50": round(1000 * client_ttft_s, 2), "queue_ms": ms("router_queue", "prefill_queue"),
+            "prefill_forward_ms": ms("prefill_forward"), "kv_transfer_ms": ms("kv_transfer"),
+            "first_token_at_router_ms": round(1000 * first, 2),
+            "first_decode_ms": ms("decode_queue", "first_decode"),
+            "client_rest_ms": round(1000 * (client_ttft_s - first), 2)}
+
+
+def _trace(c: Cluster, rid: str) -> dict:
+    import httpx
+    r = httpx.get(f"{c.base_url}/debug/requests/{rid}", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def _median(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]               # NaN: a phase the trace did not have
+    return round(statistics.median(xs), 2) if xs else float("nan")
 
 
 def goodput(args, layout: str, out: dict, ttft_out: dict, deadline: float) -> None:
     backend, layerwise = "auto", args.layerwise and layout == "1p1d"
-    env = {"PDCLUSTER_LOG_LEVEL": "DEBUG"} if layout == "1p1d" else {}
-    with Cluster(config(args, groups(args, layout), backend, layerwise), f"goodput-{layout.replace(' ', '')}",
-                 env=env) as c:
+    with Cluster(config(args, groups(args, layout), backend, layerwise), f"goodput-{layout.replace(' ', '')}") as c:
         if layout == "1p1d":                     # the auto backend's TTFT split, before the load
             ttft_out["auto"] = measure_ttft(c, args)
             print(f"ttft auto: {ttft_out['auto']}", flush=True)
@@ -150,11 +172,11 @@ def goodput(args, layout: str, out: dict, ttft_out: dict, deadline: float) -> No
             bench_args.num_requests = max(4, int(rate * args.seconds_per_rate))
             report = asyncio.run(bench_goodput.sweep(bench_args))
             rows += report["rates"]
+            out[layout] = {"goodput_rps": bench_goodput.goodput(rows, 0.9), "rates": rows, "layerwise": layerwise}
+            if layout == "1p1d":
+                out[layout]["backend"] = re.findall(r"kv_transfer auto -> (\w+)", c.log("prefill-0"))[:1]
             if report["rates"][-1]["slo_attainment"] < 0.2:
                 break                                # past saturation: higher rates only fail more
-        out[layout] = {"goodput_rps": bench_goodput.goodput(rows, 0.9), "rates": rows, "layerwise": layerwise}
-        if layout == "1p1d":
-            out[layout]["backend"] = re.findall(r"kv_transfer auto -> (\w+)", c.log("prefill-0"))[:1]
 
 
 def main() -> None:
@@ -163,7 +185,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--parts", default="goodput,ttft")
-    ap.add_argument("--backends", default="cuda_ipc,cuda_ipc+layerwise",
+    ap.add_argument("--backends", default="cuda_ipc,cuda_ipc+layerwise,nccl,nccl+layerwise,zmq,zmq+layerwise",
                     help="ttft part: backends, NAME+layerwise for layer-wise streaming")
     ap.add_argument("--ttft-prompt-lens", default="2000,8000")
     ap.add_argument("--layerwise", action="store_true", help="goodput part: 1P1D with layer-wise streaming")
@@ -181,6 +203,7 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip parts that start after this")
     args = ap.parse_args()
     args.ttft_lens = [int(n) for n in args.ttft_prompt_lens.split(",")]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # a timeout's TERM stops the clusters too
     os.makedirs(args.out, exist_ok=True)
     start = time.monotonic()
     result = {"ttft": {}, "goodput": {}, "args": vars(args)}
@@ -203,7 +226,13 @@ def main() -> None:
             except Exception as e:                   # one failed layout must not lose the others
                 result.setdefault("failed", {})[f"{part}:{name}"] = f"{type(e).__name__}: {e}"[:2000]
                 print(f"{part} {name} failed: {e}", flush=True)
+            except KeyboardInterrupt:                # SIGINT/SIGTERM (a time limit): keep what we have
+                result["interrupted"] = f"{part}:{name}"
+                print(f"{part} {name} interrupted", flush=True)
+                break
             save()
+        if "interrupted" in result:
+            break
     if result["goodput"]:
         title = (f"{os.path.basename(args.model_dir)}, {args.prompt_len}-token prompts, {args.max_tokens} out, "
                  f"SLO TTFT<={args.slo_ttft:g}s, TPOT<={1000 * args.slo_tpot:g}ms")

@@ -40,9 +40,10 @@ async def one_request(client, args, prompt: str) -> dict:
 async def stream_timed(client, path: str, body: dict, text_of) -> dict:
     """Stream one request, timing every chunk that carries text (`text_of(choice)`)."""
     start = time.perf_counter()
-    arrivals, text, num_tokens, num_prompt, error = [], [], 0, 0, None
+    arrivals, text, num_tokens, num_prompt, error, rid = [], [], 0, 0, None, None
     try:
         async with client.stream("POST", path, json=body) as resp:
+            rid = resp.headers.get("x-request-id")     # the router's id: GET /debug/requests/{rid}
             if resp.status_code != 200:
                 return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
             async for line in resp.aiter_lines():
@@ -65,7 +66,7 @@ async def stream_timed(client, path: str, body: dict, text_of) -> dict:
     itl = [(b - a) for a, b in zip(arrivals, arrivals[1:])]
     return {"ttft": arrivals[0] - start, "itl": itl, "e2e": end - start,
             "num_tokens": num_tokens or len(arrivals), "prompt_tokens": num_prompt,
-            "start": start, "arrivals": arrivals, "text": "".join(text)}
+            "start": start, "arrivals": arrivals, "text": "".join(text), "request_id": rid}
 
 
 def relative_to(results: list[dict], start: float) -> None:
