@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cluster.kv_transfer import cuda_memcpy
-from cluster.kv_transfer.page_copy import (MAX_RUNS, MIN_RUN_BYTES_2D, Copy2D, copy_2d_plan, copy_pages,
-                                           copy_runs_2d, page_runs, worth_2d)
+from cluster.kv_transfer.page_copy import (Copy2D, copy_2d_plan, copy_pages, copy_runs_2d,
+                                           page_runs)
 
 SHAPE = (3, 2, 4, 24, 4, 8)                # layers, K/V, kv heads, pages, page_size, head_dim
 
@@ -112,14 +112,6 @@ def test_layouts_without_contiguous_pages_have_no_plan():
     src, dst = pools(7)
     assert copy_2d_plan(src.transpose(3, 4), dst.transpose(3, 4), [(0, 0, 1)]) is None
     assert copy_2d_plan(src[..., ::2], dst[..., ::2], [(0, 0, 1)]) is None
-
-
-def test_2d_path_is_taken_for_few_runs_or_runs_big_enough_to_outweigh_a_call():
-    pool = torch.empty((32, 2, 8, 4, 16, 128), dtype=torch.bfloat16, device="meta")   # 8B: 2 MiB a page
-    scattered = [(2 * i, 2 * i, 1) for i in range(MAX_RUNS + 1)]
-    assert worth_2d(pool[:1], scattered[:MAX_RUNS])
-    assert worth_2d(pool, scattered) == (2 << 20 >= MIN_RUN_BYTES_2D)
-    assert worth_2d(pool[:1], scattered) == (64 << 10 >= MIN_RUN_BYTES_2D)  # a layer slice: 64 KiB a page
 
 
 def test_copy_pages_rejects_pages_outside_the_pool():
