@@ -60,6 +60,9 @@ def _check_type(source: str, key: str, value, type_name: str):
         value = float(value) if ok else value
     elif type_name == "str":
         ok = isinstance(value, str)
+    elif type_name == "Union[bool, str]":
+        ok = isinstance(value, (bool, str))
+        type_name = "true, false or a string"
     elif type_name == "Optional[str]":
         ok = isinstance(value, str)
     elif type_name == "Optional[int]":
@@ -130,6 +133,8 @@ def _validate(cfg: ClusterConfig) -> None:
              "like http://127.0.0.1:4318")
     _require(cfg.kv_transfer.backend in KV_BACKENDS, src, "kv_transfer.backend",
              f"{cfg.kv_transfer.backend!r} is not one of {', '.join(KV_BACKENDS)}")
+    _require(cfg.kv_transfer.layerwise in (True, False, "auto"), src, "kv_transfer.layerwise",
+             f"{cfg.kv_transfer.layerwise!r} is not one of true, false, \"auto\"")
     _validate_scheduler(cfg.scheduler, src, "scheduler")
     for f in fields(TimeoutsConfig):
         _require(getattr(t, f.name) > 0, src, f"timeouts.{f.name}", "must be > 0")

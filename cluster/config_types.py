@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,9 @@ class KvTransferConfig:
     backend: str = "auto"              # auto | zmq | shm | cuda_ipc | nccl (cluster/kv_transfer)
     verify: bool = False               # checksum every transfer (a mismatch is prefilled again); off by
                                        # default: it doubles a device-to-device handoff (BENCHMARKS.md)
-    layerwise: bool = False            # send each layer's KV as its forward finishes (kv_transfer/layerwise.py)
+    layerwise: Union[bool, str] = "auto"   # send each layer's KV as its forward finishes
+                                       # (kv_transfer/layerwise.py): true | false | "auto" (for
+                                       # peers reached through zmq, where it measures faster)
 
 
 @dataclass(frozen=True, slots=True)

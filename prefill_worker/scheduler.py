@@ -43,7 +43,8 @@ class PrefillScheduler(WorkerScheduler):
             if self.transfer.layerwise else None
         if self.layers is not None:
             self.executor.on_launch = self.layers.launching
-            logger.info("%s: layer-wise KV streaming on", worker_id)
+            logger.info("%s: layer-wise KV streaming %s", worker_id,
+                        "on" if self.transfer.layerwise is True else "for peers reached through zmq (auto)")
 
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
@@ -144,8 +145,9 @@ class PrefillScheduler(WorkerScheduler):
     def build_forward_input(self, batch: ScheduleBatch):
         fi = super().build_forward_input(batch)
         if self.layers is not None:      # NOTE: after the build (which may fail), one plan per forward
-            self.layers.plan(batch.forward_iter, [self.planned(req, p + e) for req, p, e, last in zip(
-                batch.reqs, batch.prefix_lens, batch.extend_lens, batch.is_last_chunk) if last])
+            planned = [self.planned(req, p + e) for req, p, e, last in zip(
+                batch.reqs, batch.prefix_lens, batch.extend_lens, batch.is_last_chunk) if last]
+            self.layers.plan(batch.forward_iter, [p for p in planned if self.transfer.streams_layers(p.backend)])
         return fi
 
     def planned(self, req: Req, kv_len: int) -> Planned:

@@ -3,7 +3,7 @@
 text of the offline engine (the unified worker's engine), and with the test-only fault
 switch corrupting transfers, decode catches every bad checksum, the request is prefilled
 again, the client still gets the reference text, and the failures are counted. With
-`layerwise = true` (each layer staged as the forward computes it) zmq and shm give the same text."""
+`layerwise = true` (each layer sent as the forward computes it) zmq and shm give the same text."""
 import re
 
 import pytest
@@ -63,8 +63,9 @@ def test_auto_picks_shm_on_one_cpu_host_and_matches_the_offline_engine(reference
         assert cluster.stop() == []
 
 
-def test_zmq_corrupted_transfers_are_caught_prefilled_again_and_counted(reference):
-    cluster = launch("zmq", "kv-zmq-faults", env={FAULT_ENV: FAULTS})
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_zmq_corrupted_transfers_are_caught_prefilled_again_and_counted(reference, layerwise):
+    cluster = launch("zmq", f"kv-zmq-faults-{layerwise}", env={FAULT_ENV: FAULTS}, layerwise=layerwise)
     try:
         assert texts(cluster) == reference
         failures = counter(cluster.metrics(), "kv_transfer_failures_total", worker="decode-0", reason="checksum")

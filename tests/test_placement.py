@@ -52,7 +52,12 @@ def test_kv_transfer_keys_are_checked():
     assert config_from_dict(base).kv_transfer.backend == "auto"
     with pytest.raises(ConfigError, match="kv_transfer.backend: 'rdma' is not one of"):
         config_from_dict({**base, "kv_transfer": {"backend": "rdma"}})
-    assert config_from_dict({**base, "kv_transfer": {"layerwise": True}}).kv_transfer.layerwise
+    assert config_from_dict({**base, "kv_transfer": {"layerwise": True}}).kv_transfer.layerwise is True
+    assert config_from_dict(base).kv_transfer.layerwise == "auto"
+    with pytest.raises(ConfigError, match="kv_transfer.layerwise: 'yes' is not one of true, false"):
+        config_from_dict({**base, "kv_transfer": {"layerwise": "yes"}})
+    with pytest.raises(ConfigError, match="kv_transfer.layerwise: expected true, false or a string"):
+        config_from_dict({**base, "kv_transfer": {"layerwise": 1}})
 
 
 def test_each_worker_sees_its_own_gpu_first_then_its_peers():

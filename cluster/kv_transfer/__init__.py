@@ -33,9 +33,10 @@ the checksum itself for page-reading backends: with verify on, decode rejects it
 prefilled again; with verify off the corruption goes through) that share of transferred
 requests. Never set it in production.
 
-Layer-wise streaming (`[kv_transfer] layerwise = true`, `layerwise.py`): the prefill side stages
-each layer of a finishing request as soon as the forward has computed it; see there for what
-moves early with each backend.
+Layer-wise streaming (`[kv_transfer] layerwise`, `layerwise.py`): each layer of a finishing
+request leaves in its own `kv_layers` message as soon as the forward computed it; the kv_batch
+then moves no bytes. `true` for every peer, `false` for none, `"auto"` (the default) for peers
+reached through zmq, where it measures faster (`TransferHub.streams_layers`).
 """
 from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError, Packed
 from cluster.kv_transfer.faults import ENV as FAULT_ENV, KvFaults, KvFaultSpec
