@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -51,12 +52,14 @@ class NcclTransfer(KvTransfer):
         self._store = None
         self._groups: dict[str, object] = {}          # pair prefix -> ProcessGroupNCCL
         self._in_flight: list[tuple[torch.Tensor, object]] = []   # sends whose buffers must live
+        self._lock = threading.RLock()     # layer sends come from the layer streamer's thread
 
     def source(self) -> dict:
-        if self._store is None:
-            import torch.distributed as dist
-            self._store = dist.TCPStore(self.data_host, 0, is_master=True, wait_for_workers=False,
-                                        timeout=datetime.timedelta(seconds=PAIR_TIMEOUT_S))
+        with self._lock:
+            if self._store is None:
+                import torch.distributed as dist
+                self._store = dist.TCPStore(self.data_host, 0, is_master=True, wait_for_workers=False,
+                                            timeout=datetime.timedelta(seconds=PAIR_TIMEOUT_S))
         return {"host": self.data_host, "port": int(self._store.port)}
 
     def pack(self, pages: list[int], length: int) -> Packed:
@@ -72,9 +75,10 @@ class NcclTransfer(KvTransfer):
         return group
 
     def _send(self, peer: str, tensor: torch.Tensor) -> None:
-        group = self._group(f"{self.worker_id}>{peer}", 0, self.source())
-        self._in_flight = [(t, w) for t, w in self._in_flight if not w.is_completed()]
-        self._in_flight.append((tensor, group.send([tensor], 1, 0)))
+        with self._lock:
+            group = self._group(f"{self.worker_id}>{peer}", 0, self.source())
+            self._in_flight = [(t, w) for t, w in self._in_flight if not w.is_completed()]
+            self._in_flight.append((tensor, group.send([tensor], 1, 0)))
 
     def send_layer(self, peer: str, staged, layer: int) -> None:
         self._send(peer, staged.tensor[layer:layer + 1])    # on the caller's (copy) stream
