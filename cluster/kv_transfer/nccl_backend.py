@@ -52,7 +52,7 @@ class NcclTransfer(KvTransfer):
         self._store = None
         self._groups: dict[str, object] = {}          # pair prefix -> ProcessGroupNCCL
         self._in_flight: list[tuple[torch.Tensor, object]] = []   # sends whose buffers must live
-        self._lock = threading.RLock()     # layer sends come from the layer streamer's thread
+        self._lock = threading.Lock()      # layer sends come from the layer streamer's thread
 
     def source(self) -> dict:
         with self._lock:
@@ -67,18 +67,22 @@ class NcclTransfer(KvTransfer):
         return Packed(self.checksum_of(kv), kv.numel() * kv.element_size(), tensor=kv)
 
     def _group(self, prefix: str, rank: int, source: dict):
-        group = self._groups.get(prefix)
-        if group is None:
-            store = self._store if rank == 0 else None
-            group = self._groups[prefix] = _pair_group(source["host"], source["port"], prefix, rank, store)
-            logger.info("%s: NCCL pair group %s (rank %d)", self.worker_id, prefix, rank)
+        with self._lock:
+            group = self._groups.get(prefix)
+            if group is None:
+                store = self._store if rank == 0 else None
+                group = self._groups[prefix] = _pair_group(source["host"], source["port"], prefix, rank, store)
+                logger.info("%s: NCCL pair group %s (rank %d)", self.worker_id, prefix, rank)
         return group
 
     def _send(self, peer: str, tensor: torch.Tensor) -> None:
+        # NOTE: not under the lock (a first send waits for the peer to join); one pair's sends
+        # stay in message order because a kv_batch leaves only after its layers' sends
+        group = self._group(f"{self.worker_id}>{peer}", 0, self.source())
+        work = group.send([tensor], 1, 0)
         with self._lock:
-            group = self._group(f"{self.worker_id}>{peer}", 0, self.source())
             self._in_flight = [(t, w) for t, w in self._in_flight if not w.is_completed()]
-            self._in_flight.append((tensor, group.send([tensor], 1, 0)))
+            self._in_flight.append((tensor, work))
 
     def send_layer(self, peer: str, staged, layer: int) -> None:
         self._send(peer, staged.tensor[layer:layer + 1])    # on the caller's (copy) stream
