@@ -13,10 +13,10 @@ other: it finishes, aborts or is retracted (and re-prefilled: itself only) on it
 Selective disaggregation: a request the router sends without a prefill peer (its
 uncached part is short) is prefilled here, extending from this worker's prefix cache,
 which holds the KV of the requests it finished.
+The KV itself lands through `KvIntake` (kv_intake.py): kv_layers as they come, kv_batch last.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from cluster.kv_transfer import KvTransferError, TransferHub
+from cluster.kv_transfer import TransferHub
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
@@ -32,7 +32,7 @@ from cluster.runtime.stats import DecodeStats, KvTransferStats, PrefillStats
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
-from decode_worker.layer_landing import LayerLanding
+from decode_worker.kv_intake import KvIntake, Landed
 from decode_worker.prealloc_queue import PreallocQueue
 from decode_worker.transfer_queue import TransferQueue
 
@@ -57,7 +57,7 @@ class DecodeScheduler(WorkerScheduler):
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
         self.kv_transfer = KvTransferStats()
-        self.landing = LayerLanding()          # layer-wise: layers landed ahead of their kv_batch
+        self.intake = KvIntake(self.transfer, self.transfer_queue, self.cache.page_size)
         self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.forks: dict[str, list[Req]] = {}   # rid -> its siblings (n > 1), until its KV lands
@@ -99,113 +99,47 @@ class DecodeScheduler(WorkerScheduler):
             elif isinstance(msg, P.KvBatch):
                 self.handle_kv_batch(msg)
             elif isinstance(msg, P.KvLayers):
-                self.handle_kv_layers(msg)
+                self.intake.land_layers(msg)
             else:
                 logger.warning("%s: unexpected data-plane message %s from %s",
                                self.worker_id, type(msg).__name__, sender)
 
-    def expecting(self, item, prefill_worker_id: str) -> Optional[Req]:
-        """The request a kv_batch / kv_layers item is for, if it still waits for this very KV:
-        only from the prefill worker the router paired it with, for this attempt."""
-        req = self.transfer_queue.peek(item.rid)
-        if (req is not None and item.attempt == req.kv_attempt
-                and req.peer is not None and req.peer.worker_id == prefill_worker_id):
-            return req
-        return None
-
-    def check_shape(self, req: Req, item) -> None:
-        if item.prompt_len != req.seq_len:
-            raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a {req.seq_len}-token request")
-        if item.held_len != req.num_cached_tokens:
-            raise KvTransferError("shape", f"KV after {item.held_len} held tokens, but "
-                                  f"{req.num_cached_tokens} are held here")
-
-    def unpack(self, msg, item, payload, req: Optional[Req], layers) -> int:
-        """Land `layers` of one item in its reserved pages; positions [held_len, prompt_len)."""
-        backend = self.transfer.receiver_for(msg.backend)
-        dst = req.page_table[item.held_len // self.cache.page_size:] if req is not None else None
-        return backend.unpack(msg.prefill_worker_id, msg.source,
-                              dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0),
-                              payload, dst, layers)
-
-    def handle_kv_layers(self, msg: "P.KvLayers") -> None:
-        """Layer-wise: land these layers now; the requests start with their kv_batch."""
-        payloads = msg.tensors or [None] * len(msg.reqs)
-        layers = (msg.layer, msg.layer + msg.num_layers)
-        for span, payload in zip(msg.reqs, payloads):
-            req = self.expecting(span, msg.prefill_worker_id)
-            try:
-                if req is not None:
-                    self.check_shape(req, span)
-                    self.landing.expect(span.rid, span.attempt, msg.layer)
-                self.unpack(msg, span, payload, req, layers)   # NOTE: also when not expected (nccl order)
-                if req is not None:
-                    self.landing.landed(span.rid, msg.num_layers)
-            except KvTransferError as e:
-                if req is not None:
-                    self.landing.failed(span.rid, span.attempt, e)   # reported with its kv_batch
-
     def handle_kv_batch(self, msg: "P.KvBatch") -> None:
-        """Land each request's KV in its reserved pages, verified, then ack the batch."""
-        acked, failed = [], {}
-        payloads = msg.tensors or [None] * len(msg.reqs)
-        num_layers = self.runner.kv_pool.num_layers
-        for item, payload in zip(msg.reqs, payloads):
-            rid = item.rid
-            req = self.expecting(item, msg.prefill_worker_id)
-            try:
-                if req is not None:
-                    self.check_shape(req, item)
-                if req is not None and item.layers_sent:
-                    self.landing.take(rid, item.attempt, item.layers_sent)
-                t_import = time.perf_counter()
-                if item.layers_sent:             # the rest (usually none), then the whole is verified
-                    self.unpack(msg, item, payload, req, (min(item.layers_sent, num_layers), num_layers))
-                    if req is not None:
-                        self.transfer.receiver_for(msg.backend).verify_landed(
-                            dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0),
-                            req.page_table[item.held_len // self.cache.page_size:])
-                    num_bytes = self.runner.kv_pool.request_bytes(item.prompt_len - item.held_len)
-                else:
-                    num_bytes = self.unpack(msg, item, payload, req, None)
-                import_s = time.perf_counter() - t_import
-            except KvTransferError as e:
-                self.kv_transfer.count_failure(e.reason)
-                failed[rid] = str(e)
-                if req is not None and e.reason == "checksum":   # the prefill worker sends it again
-                    req.kv_attempt = item.attempt + 1
-                    self.transfer_queue.add(req)
-                elif req is not None:
-                    self.transfer_queue.pop(rid)
-                    self.fail(req, f"KV from {msg.prefill_worker_id}: {e}")
-                continue
-            if req is None:
-                if self.transfer_queue.peek(rid) is None:
-                    failed[rid] = "not expected (aborted or timed out)"
-                continue                                  # a late item of an older attempt
-            self.transfer_queue.pop(rid)
-            if self.corrupt_kv:
-                self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
-            self.kv_transfer.record(num_bytes)   # the prefill side times the transfer
-            self.mark_kv_received(req, msg, num_bytes, import_s)
-            logger.info("request %s: KV from %s batch [%d], %d bytes, imported in %.1f ms%s", rid,
-                        msg.prefill_worker_id, msg.forward_iter, num_bytes, 1000 * import_s,
-                        f" ({item.layers_sent} layers ahead)" if item.layers_sent else "")
-            req.kv_len = item.prompt_len
-            self.fork_siblings(req)
-            acked.append(rid)
-            self.retracted.discard(rid)
-            if req.grammar is not None:   # the prefill's matcher took it; ours is not in any forward yet
-                req.grammar.accept(item.first_token)
-            self.marks.sampling_iter = msg.forward_iter   # the first token: prefill's batch
-            req.prompt_logprobs = item.prompt_logprobs   # streamed with the first token
-            self.output.commit_token(req, item.first_token, item.first_logprob, item.first_top)
-            if not req.is_finished:
-                self.decode.add(req)
-        self.transfer.fence.synchronize()   # NOTE: the prefill side may reuse its pages once acked
-        self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id),
-                                P.KvAck(rids=acked, failed=failed, decode_worker_id=self.worker_id))
+        """Land each request's KV in its reserved pages, verified, start them, then ack the batch."""
+        landed, refused, unexpected = self.intake.land_batch(msg)
+        failed = {rid: "not expected (aborted or timed out)" for rid in unexpected}
+        for r in refused:
+            self.kv_transfer.count_failure(r.error.reason)
+            failed[r.item.rid] = str(r.error)
+            if r.req is not None and r.error.reason == "checksum":   # the prefill worker sends it again
+                r.req.kv_attempt = r.item.attempt + 1
+                self.transfer_queue.add(r.req)
+            elif r.req is not None:
+                self.transfer_queue.pop(r.req.rid)
+                self.fail(r.req, f"KV from {msg.prefill_worker_id}: {r.error}")
+        for got in landed:
+            self.kv_transfer.record(got.num_bytes)   # the prefill side times the transfer
+            self.mark_kv_received(got.req, msg, got)
+            self.start(got.req, got.item, msg)
+        self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id), P.KvAck(
+            rids=[got.req.rid for got in landed], failed=failed, decode_worker_id=self.worker_id))
         self.flush_outputs()
+
+    def start(self, req: Req, item: "P.KvReq", msg: "P.KvBatch") -> None:
+        """Its KV landed: the first token (sampled by prefill's batch) is committed, then it decodes."""
+        self.transfer_queue.pop(req.rid)
+        if self.corrupt_kv:
+            self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
+        req.kv_len = item.prompt_len
+        self.fork_siblings(req)
+        self.retracted.discard(req.rid)
+        if req.grammar is not None:   # the prefill's matcher took it; ours is not in any forward yet
+            req.grammar.accept(item.first_token)
+        self.marks.sampling_iter = msg.forward_iter   # the first token: prefill's batch
+        req.prompt_logprobs = item.prompt_logprobs   # streamed with the first token
+        self.output.commit_token(req, item.first_token, item.first_logprob, item.first_top)
+        if not req.is_finished:
+            self.decode.add(req)
 
     def fork_siblings(self, req: Req) -> None:
         """n > 1: the siblings waiting on this request's KV start from it (before its first
@@ -231,13 +165,14 @@ class DecodeScheduler(WorkerScheduler):
         for s in siblings:
             self.decode.add(s)                     # its first step recomputes the last prompt position
 
-    def mark_kv_received(self, req: Req, msg: "P.KvBatch", num_bytes: int, import_s: float) -> None:
+    def mark_kv_received(self, req: Req, msg: "P.KvBatch", got: Landed) -> None:
         ready = self.marks.get(req.rid, "decode_ready") or {}
-        self.marks.mark(req.rid, "kv_received", bytes=num_bytes, backend=msg.backend,
+        self.marks.mark(req.rid, "kv_received", bytes=got.num_bytes, backend=msg.backend,
                         src=msg.prefill_worker_id, src_forward_iter=msg.forward_iter,
-                        import_s=round(import_s, 6), prealloc_s=ready.get("prealloc_s", 0.0))
-        logger.info("request %s: KV from %s batch [%d], %d bytes, imported in %.1f ms", req.rid,
-                    msg.prefill_worker_id, msg.forward_iter, num_bytes, 1000 * import_s)
+                        import_s=round(got.import_s, 6), prealloc_s=ready.get("prealloc_s", 0.0))
+        logger.info("request %s: KV from %s batch [%d], %d bytes, imported in %.1f ms%s", req.rid,
+                    msg.prefill_worker_id, msg.forward_iter, got.num_bytes, 1000 * got.import_s,
+                    f" ({got.item.layers_sent} layers ahead)" if got.item.layers_sent else "")
 
     def peer_addr(self, prefill_worker_id: str) -> str:
         return self.prefill_addrs[prefill_worker_id]
@@ -292,7 +227,7 @@ class DecodeScheduler(WorkerScheduler):
         self.prealloc_queue.remove(req.rid)
         self.local_prefill.remove(req.rid)
         self.transfer_queue.remove(req.rid)
-        self.landing.forget(req.rid)
+        self.intake.forget(req.rid)
         self.decode.remove(req)
         self.retracted.discard(req.rid)
 

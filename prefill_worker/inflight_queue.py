@@ -1,5 +1,7 @@
 """InflightQueue: prefilled requests whose KV was sent, until decode acks it
-(at most `timeouts.kv_transfer`)."""
+(at most `timeouts.kv_transfer`). The transfer time it reports (`kv_transfer_seconds`) runs
+from the first byte leaving, the first layer's kv_layers message with layer-wise streaming,
+to the kv_ack."""
 from __future__ import annotations
 
 import time
@@ -17,8 +19,9 @@ class InflightQueue:
     def __len__(self) -> int:
         return len(self.sent)
 
-    def add(self, req: Req, num_bytes: int) -> None:
-        self.sent.put(req.rid, (req, time.monotonic(), num_bytes))
+    def add(self, req: Req, num_bytes: int, sent_at: Optional[float] = None) -> None:
+        """`sent_at`: time.monotonic() when its first bytes left (default: now)."""
+        self.sent.put(req.rid, (req, time.monotonic() if sent_at is None else sent_at, num_bytes))
 
     def ack(self, rid: str) -> Optional[tuple[Req, float, int]]:
         """(req, seconds since sent, bytes) for an acked request, or None if unknown."""

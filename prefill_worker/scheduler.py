@@ -199,7 +199,8 @@ class PrefillScheduler(WorkerScheduler):
             logger.debug("%s: kv_batch to %s [%d]: %s kv_len=%d forward_s=%.3f pack_s=%.3f via %s%s",
                          self.worker_id, req.peer.worker_id, batch.forward_iter, req.rid, req.kv_len,
                          forward_s, time.perf_counter() - t0, backend.name, f" ({fault})" if fault else "")
-            self.inflight_queue.add(req, packed.num_bytes)
+            # the transfer started with the first layer that left (layer-wise), else now
+            self.inflight_queue.add(req, packed.num_bytes, sent_at=staged[1][0] if staged and staged[1] else None)
             self.marks.mark(req.rid, "prefill_done", forward_iter=batch.forward_iter,
                             num_tokens=req.kv_len, to=req.peer.worker_id)
             logger.info("request %s: prefilled in batch [%d], %d tokens, KV (%d bytes) to %s via %s",

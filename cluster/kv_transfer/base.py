@@ -196,7 +196,7 @@ class KvTransfer:
                layers: Optional[tuple[int, int]] = None) -> int:
         raise NotImplementedError
 
-    def verify_landed(self, item: "KvReq", dst_pages: list[int]) -> None:
+    def verify_landed(self, item, dst_pages: list[int]) -> None:
         """Every layer of a streamed request landed: its checksum over the pages (on CUDA on the
         import stream, after the copies)."""
         with self.fence.stream():

@@ -52,7 +52,7 @@ class _Entry:
     planned: Planned
     staged: Staged
     jobs: list = field(default_factory=list)       # one Future per layer
-    sent_at: list = field(default_factory=list)    # perf_counter when each layer left
+    sent_at: list = field(default_factory=list)    # time.monotonic() when each layer left
 
 
 class LayerStream:
@@ -133,7 +133,7 @@ class LayerStream:
                                      backend=backend.name, source=backend.source()))
             for e in group:
                 backend.send_layer(peer, e.staged, layer)
-        now = time.perf_counter()
+        now = time.monotonic()
         for e in entries:
             e.sent_at.append(now)
 
