@@ -50,6 +50,7 @@ class DecodeScheduler(WorkerScheduler):
                  transfer: Optional[TransferHub] = None):
         super().__init__(config, worker_id, runner, control)
         self.data_plane = data_plane
+        self.wake_on(data_plane)
         self.transfer = transfer or TransferHub("auto", runner.kv_pool, worker_id)
         self.transfer.data_addr = data_plane.address
         runner.import_fence = self.transfer.fence   # forwards wait for the KV imports

@@ -32,6 +32,7 @@ class PrefillScheduler(WorkerScheduler):
                  transfer: Optional[TransferHub] = None):
         super().__init__(config, worker_id, runner, control)
         self.data_plane = data_plane
+        self.wake_on(data_plane)
         self.transfer = transfer or TransferHub("zmq", runner.kv_pool, worker_id)
         self.transfer.data_addr = data_plane.address
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)

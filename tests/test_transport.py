@@ -139,6 +139,20 @@ def test_on_message_callback_replaces_the_queue():
             assert seen == [("w", P.Abort("r", "x"))] and server.recv(0.05) is None
 
 
+def test_one_wake_up_event_fires_for_any_plane_a_worker_reads(server):
+    arrivals = threading.Event()        # what an idle worker waits on (WorkerScheduler.recv_requests)
+    with ControlClient(server.endpoint, "decode-0") as control, DataPlane("decode-0") as data, \
+            DataPlane("prefill-0") as prefill:
+        control.arrivals = data.arrivals = arrivals
+        prefill.send_to(data.address, P.KvAck(["r1"], {}, "prefill-0"))
+        assert arrivals.wait(T) and data.recv(0)[1].rids == ["r1"]
+        arrivals.clear()
+        control.send(P.Abort("r2", "x"))                   # the router knows the client once it spoke
+        assert server.recv(T) is not None
+        server.send("decode-0", P.Abort("r3", "client gone"))
+        assert arrivals.wait(T) and control.recv(0) == P.Abort("r3", "client gone")
+
+
 def test_data_plane_moves_kv_batch_between_workers():
     with DataPlane("prefill-0") as prefill, DataPlane("decode-0") as decode:
         decode.send_to(prefill.address, P.DecodeReady("r1", "decode-0", decode.address))

@@ -43,6 +43,14 @@ class WorkerScheduler(Scheduler):
         self.marks = MarkBook(worker_id)    # per-request moments for the router's traces
         self._idle = False
         self._grammar_backend = None
+        # one wake-up for every plane this worker reads: an idle pass sleeps until any of them
+        # has a message (a kv_batch or decode_ready must not wait out a control-plane timeout)
+        self.arrivals = threading.Event()
+        self.wake_on(control)
+
+    def wake_on(self, plane) -> None:
+        if hasattr(plane, "arrivals"):
+            plane.arrivals = self.arrivals
 
     # ---- intake --------------------------------------------------------------
     def enable_prefix_cache(self) -> None:
@@ -52,6 +60,10 @@ class WorkerScheduler(Scheduler):
     def recv_requests(self) -> None:
         timeout = IDLE_WAIT_S if self._idle else 0.0
         self._idle = False
+        if timeout and getattr(self.control, "arrivals", None) is self.arrivals:
+            self.arrivals.wait(timeout)
+            self.arrivals.clear()                # NOTE: before draining: a later arrival sets it again
+            timeout = 0.0
         while True:
             got = self.control.recv(timeout=timeout)
             if got is None:

@@ -58,6 +58,7 @@ class SocketLoop:
         self.num_protocol_errors = 0
         self.num_send_errors = 0           # dropped sends (unknown peer, backlog overflow)
         self._on_message = on_message
+        self.arrivals: Optional[threading.Event] = None   # set on every inbox item (a waiter's wake-up)
         self._ctx = zmq.Context(io_threads=1)
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()   # (destination key, frames | None)
@@ -257,6 +258,8 @@ class SocketLoop:
                 continue
             if self._on_message is None:
                 self._inbox.put(item)
+                if self.arrivals is not None:
+                    self.arrivals.set()
                 continue
             try:
                 self._on_message(item)
