@@ -2,7 +2,8 @@
 
     python benchmarks/kv_gpu_study.py --model-dir DIR --out OUT [--deadline-s S]
 
-`ttft`: per backend (`--backends`; `NAME+layerwise` turns layer-wise streaming on), a 1 prefill
+`ttft`: per backend (`--backends`; `NAME+layerwise` turns layer-wise streaming on, `NAME+auto`
+leaves it to `layerwise = "auto"`, plain `NAME` turns it off), a 1 prefill
 (GPU 0) + 1 decode (GPU 1) cluster, requests one at a time at each of `--ttft-prompt-lens`
 (default 2k and 8k tokens; 8 output tokens): medians of each request's own phases, as the
 router assembled them from the workers' marks (GET /debug/requests/{x-request-id}): queue
@@ -36,7 +37,7 @@ from cluster import bench_goodput  # noqa: E402
 WORDS = ("alpha", "beta", "gamma", "delta", "omega")
 
 
-def config(args, groups: str, backend: str = "auto", layerwise: bool = False) -> str:
+def config(args, groups: str, backend: str = "auto", layerwise=False) -> str:
     gpu = args.device == "cuda"
     max_len = max(4096, max(args.ttft_lens + [args.prompt_len]) + args.max_tokens + 64)
     return f"""
@@ -61,7 +62,7 @@ prefix_cache = false      # cycled-word prompts would otherwise be prefix hits: 
 
 [kv_transfer]
 backend = "{backend}"
-layerwise = {str(layerwise).lower()}
+layerwise = {'"auto"' if layerwise == "auto" else str(layerwise).lower()}
 
 {groups}
 """
@@ -89,7 +90,7 @@ async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
 def ttft_split(args, name: str, out: dict) -> None:
     """`name`: a backend, `+layerwise` for layer-wise streaming; one cluster, every prompt length."""
     backend, _, mode = name.partition("+")
-    cfg = config(args, groups(args, "1p1d"), backend, layerwise=mode == "layerwise")
+    cfg = config(args, groups(args, "1p1d"), backend, layerwise="auto" if mode == "auto" else mode == "layerwise")
     with Cluster(cfg, f"ttft-{backend}{'-' + mode if mode else ''}") as c:
         for n in args.ttft_lens:
             key = f"{name}@{n}"
