@@ -121,6 +121,9 @@ class DecodeScheduler(WorkerScheduler):
         for got in landed:
             self.kv_transfer.record(got.num_bytes)   # the prefill side times the transfer
             self.mark_kv_received(got.req, msg, got)
+            logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
+                         msg.prefill_worker_id, msg.forward_iter, got.req.rid, got.item.prompt_len,
+                         got.num_bytes, msg.backend)   # benchmarks/disagg_ttft.py reads it
             self.start(got.req, got.item, msg)
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id), P.KvAck(
             rids=[got.req.rid for got in landed], failed=failed, decode_worker_id=self.worker_id))
