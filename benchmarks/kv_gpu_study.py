@@ -88,7 +88,8 @@ async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
 
 
 def ttft_split(args, name: str, out: dict) -> None:
-    """`name`: a backend, `+layerwise` for layer-wise streaming; one cluster, every prompt length."""
+    """`name`: a backend, `+layerwise` / `+auto` for layer-wise streaming on / auto; one cluster,
+    every prompt length."""
     backend, _, mode = name.partition("+")
     cfg = config(args, groups(args, "1p1d"), backend, layerwise="auto" if mode == "auto" else mode == "layerwise")
     with Cluster(cfg, f"ttft-{backend}{'-' + mode if mode else ''}") as c:
@@ -101,8 +102,8 @@ def ttft_split(args, name: str, out: dict) -> None:
 def measure_ttft(c: Cluster, args, prompt_len: int = 0) -> dict:
     """Medians over `--ttft-requests` requests sent one at a time, from each request's own
     phases (the router's GET /debug/requests/{id}), plus client TTFT and kv_ack_ms (prefill's
-    kv_transfer_seconds: kv_batch sent -> kv_ack; with layer-wise streaming the bytes left
-    before the kv_batch, so it no longer times the transfer)."""
+    kv_transfer_seconds: first bytes sent -> kv_ack; with layer-wise streaming the first layer
+    leaves during the forward, so this overlaps `prefill_forward_ms`)."""
     prompt_len = prompt_len or args.prompt_len
     for i in range(2):
         asyncio.run(_one(c, prompt(100 + i, prompt_len), 4))       # warm up
