@@ -6,7 +6,8 @@ meets the SLO when it succeeds, its first token comes within `--slo-ttft` and it
 inter-token time, (e2e - ttft) / (tokens - 1), is within `--slo-tpot`. Per rate the report
 gives the attainment (share meeting the SLO) and latency percentiles; the goodput is the
 highest swept rate whose attainment reaches `--attainment` (default 90%). `--plot DIR` draws
-attainment vs rate (`slo_attainment.png`), `--json FILE` writes every rate's figures.
+attainment vs rate (`slo_attainment.png`), `--json FILE` writes every rate's figures, each
+request's (TTFT, TPOT) included, so `attainment_at` can score a stored run against other SLOs.
 """
 from __future__ import annotations
 
@@ -69,8 +70,22 @@ def rate_summary(rate: float, results: list[dict], duration: float, args) -> dic
     good = sum(bench_report.is_good(r, args.slo_ttft, args.slo_tpot) for r in results)
     keep = ("completed", "failed", "duration", "request_throughput", "output_throughput",
             "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "p99_itl_ms")
+    per_request = [None if "error" in r else [round(r["ttft"], 5), _rounded(bench_report.tpot(r))] for r in results]
     return {"rate": rate, "num_requests": len(results), "slo_attainment": round(good / max(1, len(results)), 4),
-            **{k: s[k] for k in keep}}
+            **{k: s[k] for k in keep}, "ttft_tpot_s": per_request}
+
+
+def _rounded(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 6)
+
+
+def attainment_at(row: dict, slo_ttft: Optional[float], slo_tpot: Optional[float]) -> float:
+    """A stored rate's attainment under another SLO, from its requests' (TTFT, TPOT) pairs
+    (a failed request, None, never meets it; a one-token answer has no TPOT to miss)."""
+    pairs = row["ttft_tpot_s"]
+    good = sum(p is not None and (slo_ttft is None or p[0] <= slo_ttft)
+               and (slo_tpot is None or p[1] is None or p[1] <= slo_tpot) for p in pairs)
+    return round(good / max(1, len(pairs)), 4)
 
 
 def goodput(rows: list[dict], attainment: float) -> Optional[float]:

@@ -30,6 +30,9 @@ def test_attainment_counts_slo_and_goodput_is_the_highest_rate_meeting_it(tmp_pa
     slow_steps = {**fast, "e2e": 0.5 + 0.06 * 9}
     row = bench_goodput.rate_summary(2.0, [fast, fast, slow_first, slow_steps, {"error": "x"}], 10.0, args)
     assert row["slo_attainment"] == 0.4 and row["completed"] == 4
+    assert bench_goodput.attainment_at(row, 1.0, 0.05) == 0.4                 # the run's own SLO
+    assert bench_goodput.attainment_at(row, 2.0, 0.1) == 0.8                  # looser: only the error fails
+    assert bench_goodput.attainment_at(row, 1.0, 0.03) == 0.0                 # tighter TPOT: nobody
     rows = [{"rate": 1, "slo_attainment": 1.0}, {"rate": 2, "slo_attainment": 0.95},
             {"rate": 4, "slo_attainment": 0.5}, {"rate": 6, "slo_attainment": 0.91}]
     assert bench_goodput.goodput(rows, 0.9) == 6 and bench_goodput.goodput(rows[2:3], 0.9) is None
