@@ -29,15 +29,17 @@ want() { [[ $PARTS == *",$1,"* ]]; }
 # SIGTERM at the limit (pytest and the study turn it into KeyboardInterrupt and stop their
 # clusters; SIGINT may be ignored in a non-interactive run), SIGKILL 15 s later; then the
 # launchers of this part's clusters that are still alive (own sessions: `timeout` misses them).
+# Each part's clusters live under its own TMPDIR (W/tmp-NAME), so the clean-up can never touch
+# another run's clusters on a shared machine.
 run_part() {
   local name=$1 cap=$2; shift 2
   local lim=$(( $(left) - 20 )); [ "$cap" -lt "$lim" ] && lim=$cap
   if [ "$lim" -lt 20 ]; then echo "$name skipped: $(left) s left" | tee -a "$W/parts.txt"; return; fi
   echo "== $name (limit $lim s, $(left) s left)"
-  local t=$(date +%s); touch "$W/start-$name"
-  timeout -s TERM -k 15 "$lim" "$@" > "$W/$name.log" 2>&1
+  local t=$(date +%s) tmp="$W/tmp-$name"; mkdir -p "$tmp"
+  TMPDIR=$tmp timeout -s TERM -k 15 "$lim" "$@" > "$W/$name.log" 2>&1
   local rc=$?
-  for d in $(find /tmp -maxdepth 1 -name 'pdcluster-*' -newer "$W/start-$name"); do
+  for d in $(find "$tmp" -maxdepth 1 -name 'pdcluster-*'); do
     for p in $(pgrep -f "$d/cluster.toml"); do echo "$name: killing leftover cluster $d"; kill -KILL -- "-$p"; done
   done 2>/dev/null
   echo "$name rc=$rc $(( $(date +%s) - t ))s (limit $lim)" | tee -a "$W/parts.txt"
@@ -90,7 +92,7 @@ want ttft && study ttft $TTFT_CAP --backends "$BACKENDS" --ttft-prompt-lens "$LE
 want goodput && study goodput 100000 --rates "$RATES" --seconds-per-rate "$SPR" --ttft-requests 3 $GOODPUT_SIZES
 [ -f "$W/goodput/slo_attainment.png" ] && cp "$W/goodput/slo_attainment.png" "$W/"
 
-find /tmp -maxdepth 1 -name 'pdcluster-*' -newer "$W/machine.txt" -print0 2>/dev/null \
+find "$W"/tmp-* -maxdepth 1 -name 'pdcluster-*' -print0 2>/dev/null \
   | tar -czf "$W/logs.tar.gz" --null -T - "$W"/*.log 2>/dev/null
 for f in machine.txt parts.txt gpu_tests.log page_copy.json kv_transfer_bw.json kv_gpu_ttft.json \
          kv_gpu_goodput.json slo_attainment.png logs.tar.gz; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
