@@ -11,8 +11,7 @@ from typing import Optional
 from cluster.roles import served_model
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.prefill_manager import PrefillManager
-from cluster.runtime.stats import PrefillStats
-from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 
 
@@ -44,18 +43,6 @@ class UnifiedScheduler(WorkerScheduler):
                     self.decode.add(req)   # its next decode reads the sampled token from its future slot
             return batch
         return self.decode.schedule()
-
-    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
-        if batch.mode == ForwardMode.EXTEND:
-            self.process_batch_result_prefill(batch, result)
-        else:
-            self.process_batch_result_decode(batch, result)
-
-    def process_batch_result_prefill(self, batch: ScheduleBatch, result) -> None:
-        self.output.commit(batch, result)
-        self.report_prefill_stats(batch, PrefillStats.of_batch(
-            batch, self.cache.token_usage, self.num_running_reqs, self.num_queue_reqs))
-        self.flush_outputs()
 
     @property
     def num_running_reqs(self) -> int:

@@ -28,9 +28,9 @@ from cluster.kv_transfer import TransferHub
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire import protocol as P
 from cluster.runtime.decode_manager import DecodeManager
-from cluster.runtime.stats import DecodeStats, KvTransferStats, PrefillStats
+from cluster.runtime.stats import DecodeStats, KvTransferStats
 from cluster.runtime.prefill_manager import PrefillManager
-from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from decode_worker.kv_intake import KvIntake, Landed
 from decode_worker.prealloc_queue import PreallocQueue
@@ -234,19 +234,6 @@ class DecodeScheduler(WorkerScheduler):
         self.intake.forget(req.rid)
         self.decode.remove(req)
         self.retracted.discard(req.rid)
-
-    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
-        if batch.mode == ForwardMode.EXTEND:
-            self.process_batch_result_prefill(batch, result)
-        else:
-            self.process_batch_result_decode(batch, result)
-
-    def process_batch_result_prefill(self, batch: ScheduleBatch, result) -> None:
-        """A local prefill (selective disaggregation): its first tokens go out from here."""
-        self.output.commit(batch, result)
-        self.report_prefill_stats(batch, PrefillStats.of_batch(
-            batch, self.cache.token_usage, self.num_running_reqs, self.num_queue_reqs))
-        self.flush_outputs()
 
     def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
         return DecodeStats.of_batch(

@@ -15,11 +15,11 @@ from cluster.wire import protocol as P
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.runtime.output_processor import OutputProcessor
-from cluster.runtime.stats import DecodeStats
+from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.request_marks import MarkBook
 from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
-from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.base_scheduler import Scheduler
 
 logger = logging.getLogger("pdcluster.worker")
@@ -187,6 +187,21 @@ class WorkerScheduler(Scheduler):
     def forget(self, req: Req) -> None:
         """Drop the request from the role's queues."""
         raise NotImplementedError
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        """Workers that prefill and decode (unified; decode with a local prefill); prefill and
+        DLLM workers override it."""
+        if batch.mode == ForwardMode.EXTEND:
+            self.process_batch_result_prefill(batch, result)
+        else:
+            self.process_batch_result_decode(batch, result)
+
+    def process_batch_result_prefill(self, batch: ScheduleBatch, result) -> None:
+        """A prefill whose first tokens go out from this worker."""
+        self.output.commit(batch, result)
+        self.report_prefill_stats(batch, PrefillStats.of_batch(
+            batch, self.cache.token_usage, self.num_running_reqs, self.num_queue_reqs))
+        self.flush_outputs()
 
     def process_batch_result_decode(self, batch: ScheduleBatch, result) -> None:
         """A decode batch of the unified or decode worker: commit its tokens, report it under
