@@ -155,7 +155,7 @@ class PrefillScheduler(WorkerScheduler):
         """Where a request this forward completes streams its layers, and what its KV is."""
         backend = self.transfer.sender_for(req.peer.data_addr)
         pages, length = self.kv_span(req, kv_len)
-        num = (length + self.cache.page_size - 1) // self.cache.page_size
+        num = self.runner.kv_pool.pages_for(length)
         span = P.KvSpan(req.rid, kv_len, attempt=req.kv_attempt, held_len=self.held_of(req, kv_len),
                         src_pages=list(pages[:num]) if backend.holds_pages else None)
         return Planned(backend, pages, length, req.peer.data_addr, span)

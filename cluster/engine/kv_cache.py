@@ -41,9 +41,13 @@ class KVPool:
         """Bytes of one request's KV in handoff layout."""
         return self.num_layers * 2 * length * self.num_kv_heads * self.head_dim * self.kv.element_size()
 
+    def pages_for(self, length: int) -> int:
+        """Pages that hold `length` positions."""
+        return (length + self.page_size - 1) // self.page_size
+
     def slots(self, page_table: list[int], length: int) -> torch.Tensor:
         """Flat slot index (page * page_size + offset) of positions 0..length-1."""
-        num = (length + self.page_size - 1) // self.page_size
+        num = self.pages_for(length)
         if len(page_table) < num:
             raise ValueError(f"{len(page_table)} pages cannot hold {length} tokens (page_size {self.page_size})")
         pages = torch.tensor(page_table[:num], dtype=torch.int64)

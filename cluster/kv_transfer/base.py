@@ -205,6 +205,17 @@ class KvTransfer:
     def landed_checksum(self, pages: list[int], length: int) -> int:
         return self.checksum_of(self.pool.export_kv(pages, length))
 
+    def source_pages(self, sender: str, src: torch.Tensor, item) -> list[int]:
+        """Page-reading backends (shm, cuda_ipc): the item's pages in the peer's pool `src`,
+        checked against its length and against both pools' shapes."""
+        src_pages, length = item.src_pages or [], item.prompt_len
+        if len(src_pages) != self.pool.pages_for(length) or max(src_pages, default=0) >= src.shape[3]:
+            raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
+        if src.shape[0] != self.pool.num_layers:
+            raise KvTransferError("shape", f"{sender}'s pool has {src.shape[0]} layers, this one "
+                                  f"{self.pool.num_layers}")
+        return src_pages
+
     def layer_span(self, layers: Optional[tuple[int, int]]) -> tuple[int, int, bool]:
         """(first, end, whole): the layers an unpack moves; `whole` ones are verified there."""
         if layers is None:

@@ -66,7 +66,7 @@ class CudaIpcTransfer(KvTransfer):
         return self._source
 
     def pack(self, pages: list[int], length: int) -> Packed:
-        num = (length + self.pool.page_size - 1) // self.pool.page_size
+        num = self.pool.pages_for(length)
         checksum = self.checksum_of(self.pool.export_kv(pages, length)) if self.verify else None
         # NOTE: the prefill forward that wrote these pages has finished: its sampled tokens
         # were read on the host before this runs
@@ -80,17 +80,11 @@ class CudaIpcTransfer(KvTransfer):
             raise KvTransferError("unreachable", f"{sender}'s GPU is on another host")
         first, end, whole = self.layer_span(layers)
         src = self._map(sender, source)
-        src_pages, length = item.src_pages or [], item.prompt_len
-        num = (length + self.pool.page_size - 1) // self.pool.page_size
-        if len(src_pages) != num or max(src_pages, default=0) >= src.shape[3]:
-            raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
-        if src.shape[0] != self.pool.num_layers:
-            raise KvTransferError("shape", f"{sender}'s pool has {src.shape[0]} layers, this one "
-                                  f"{self.pool.num_layers}")
+        src_pages, length = self.source_pages(sender, src, item), item.prompt_len
         with self.fence.stream():
-            copy_pages(src[first:end], self.pool.kv[first:end], src_pages, dst_pages[:num])
+            copy_pages(src[first:end], self.pool.kv[first:end], src_pages, dst_pages[:len(src_pages)])
             if whole:
-                self.check(item.checksum, lambda: self.checksum_of(self.pool.export_kv(dst_pages, length)))
+                self.check(item.checksum, lambda: self.landed_checksum(dst_pages, length))
         return self.pool.request_bytes(length) * (end - first) // self.pool.num_layers
 
     def _map(self, sender: str, source: dict) -> torch.Tensor:

@@ -91,7 +91,7 @@ class ShmTransfer(KvTransfer):
                 "boot_id": boot_id()}
 
     def pack(self, pages: list[int], length: int) -> Packed:
-        num = (length + self.pool.page_size - 1) // self.pool.page_size
+        num = self.pool.pages_for(length)
         checksum = xxh3_pages(self.pool.kv, pages, length) if self.verify else None
         return Packed(checksum, self.pool.request_bytes(length), src_pages=list(pages[:num]))
 
@@ -103,14 +103,8 @@ class ShmTransfer(KvTransfer):
             raise KvTransferError("unreachable", f"{sender}'s shared memory is on another host")
         first, end, whole = self.layer_span(layers)
         peer = self._map(sender, source)
-        src_pages, length = item.src_pages or [], item.prompt_len
-        num = (length + self.pool.page_size - 1) // self.pool.page_size
-        if len(src_pages) != num or max(src_pages, default=0) >= peer.kv.shape[3]:
-            raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
-        if peer.kv.shape[0] != self.pool.num_layers:
-            raise KvTransferError("shape", f"{sender}'s pool has {peer.kv.shape[0]} layers, this one "
-                                  f"{self.pool.num_layers}")
-        copy_pages(peer.kv[first:end], self.pool.kv[first:end], src_pages, dst_pages[:num])
+        src_pages, length = self.source_pages(sender, peer.kv, item), item.prompt_len
+        copy_pages(peer.kv[first:end], self.pool.kv[first:end], src_pages, dst_pages[:len(src_pages)])
         if whole:
             self.check(item.checksum, lambda: self.landed_checksum(dst_pages, length))
         return self.pool.request_bytes(length) * (end - first) // self.pool.num_layers
