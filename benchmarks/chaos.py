@@ -20,19 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import machine
 from tests import test_e2e_hardening as h
-from tests.cluster_harness import LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster
 
 
 def launch(kv_faults: str) -> LaunchedCluster:
-    toml = cluster_config("[[prefill]]\ncount = 2\n\n[[decode]]\ncount = 2\n",
-                          extra="heartbeat_interval = 0.5\nheartbeat_dead_after = 4.0\n"
-                                "decode_ready = 20\nkv_transfer = 20\nrequest = 180\n"
-                                "[recovery]\nrestart_reset_after = 30\n"
-                                "[security]\ncurve = \"on\"\n")
-    toml = toml.replace("[model]\n", "[model]\nmax_model_len = 512\n", 1)
-    c = LaunchedCluster(toml, "chaos", env={"PDCLUSTER_TEST_KV_FAULT": kv_faults})
-    c.reference = {p: h.complete(c, p) for p in h.PROMPTS}
-    return c
+    return h.launch_2p2d("chaos", kv_faults)
 
 
 def main() -> None:

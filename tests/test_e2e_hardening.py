@@ -38,17 +38,24 @@ KV_FAULTS = "drop=0.03,corrupt=0.03,seed=7"
 FUZZ_EXAMPLES = 15                                     # per operation
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def launch_2p2d(name: str, kv_faults: str) -> LaunchedCluster:
+    """2 prefill + 2 decode, CURVE on, quick failure detection, the KV fault switch set; with
+    each prompt's greedy answer from before any fault (benchmarks/chaos.py launches it too)."""
     toml = cluster_config("[[prefill]]\ncount = 2\n\n[[decode]]\ncount = 2\n",
                           extra="heartbeat_interval = 0.5\nheartbeat_dead_after = 4.0\n"
                                 "decode_ready = 20\nkv_transfer = 20\nrequest = 180\n"
                                 "[recovery]\nrestart_reset_after = 30\n"
                                 "[security]\ncurve = \"on\"\n")
     toml = toml.replace("[model]\n", "[model]\nmax_model_len = 512\n", 1)
-    c = LaunchedCluster(toml, "hardening", env={"PDCLUSTER_TEST_KV_FAULT": KV_FAULTS})
-    c.http = httpx.Client(base_url=c.base_url, timeout=60)
+    c = LaunchedCluster(toml, name, env={"PDCLUSTER_TEST_KV_FAULT": kv_faults})
     c.reference = {p: complete(c, p) for p in PROMPTS}
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = launch_2p2d("hardening", KV_FAULTS)
+    c.http = httpx.Client(base_url=c.base_url, timeout=60)
     yield c
     c.http.close()
     c.stop()
