@@ -83,8 +83,7 @@ def attainment_at(row: dict, slo_ttft: Optional[float], slo_tpot: Optional[float
     """A stored rate's attainment under another SLO, from its requests' (TTFT, TPOT) pairs
     (a failed request, None, never meets it; a one-token answer has no TPOT to miss)."""
     pairs = row["ttft_tpot_s"]
-    good = sum(p is not None and (slo_ttft is None or p[0] <= slo_ttft)
-               and (slo_tpot is None or p[1] is None or p[1] <= slo_tpot) for p in pairs)
+    good = sum(p is not None and bench_report.meets_slo(p[0], p[1], slo_ttft, slo_tpot) for p in pairs)
     return round(good / max(1, len(pairs)), 4)
 
 
@@ -109,11 +108,7 @@ def plot_attainment(series: dict[str, list[dict]], out_dir: str, title: str, att
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "slo_attainment.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return bench_report.save_png(fig, out_dir, "slo_attainment.png")
 
 
 async def sweep(args) -> dict:

@@ -56,11 +56,13 @@ def tpot(r: dict) -> Optional[float]:
 
 
 def is_good(r: dict, slo_ttft: Optional[float], slo_tpot: Optional[float]) -> bool:
-    if "error" in r:
-        return False
-    t = tpot(r)
-    return ((slo_ttft is None or r["ttft"] <= slo_ttft) and
-            (slo_tpot is None or t is None or t <= slo_tpot))
+    return "error" not in r and meets_slo(r["ttft"], tpot(r), slo_ttft, slo_tpot)
+
+
+def meets_slo(ttft: float, tpot_s: Optional[float], slo_ttft: Optional[float], slo_tpot: Optional[float]) -> bool:
+    """A one-token answer (no TPOT) cannot miss the TPOT bound; an unset bound is met."""
+    return ((slo_ttft is None or ttft <= slo_ttft) and
+            (slo_tpot is None or tpot_s is None or tpot_s <= slo_tpot))
 
 
 def _percentile(xs: list[float], p: float) -> float:
@@ -176,10 +178,7 @@ def plot(results: list[dict], duration: float, out_dir: str, title: str = "") ->
     axes[0].set_ylabel("fraction of samples")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    cdf_path = os.path.join(out_dir, "latency_cdf.png")
-    fig.savefig(cdf_path, dpi=110)
-    plt.close(fig)
+    cdf_path = save_png(fig, out_dir, "latency_cdf.png")
     xs, ys = throughput_over_time(ok, duration)
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.plot(xs, ys, marker=".")
@@ -188,11 +187,17 @@ def plot(results: list[dict], duration: float, out_dir: str, title: str = "") ->
     ax.set_title("Output throughput over time" + (f" - {title}" if title else ""), fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
+    return [cdf_path, save_png(fig, out_dir, "throughput.png")]
+
+
+def save_png(fig, out_dir: str, name: str) -> str:
+    """Lay out, write OUT_DIR/NAME and free the figure; -> its path."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    tp_path = os.path.join(out_dir, "throughput.png")
-    fig.savefig(tp_path, dpi=110)
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [cdf_path, tp_path]
+    return path
 
 
 class Progress(ProgressBar):
