@@ -11,7 +11,7 @@ Each gets a warm-up burst (one request per concurrency slot), then `--num-reques
 streamed greedy completions (`ignore_eos`, exactly `--max-tokens` tokens), `--concurrency`
 in flight (closed loop; `--request-rate R` sends them open loop instead, Poisson
 arrivals at R/s, seeded, still capped by `--concurrency`), through the HTTP API with
-`pdcluster bench`'s own per-request client (`cluster.bench.one_request`); prompts are
+`pdcluster bench`'s own per-request client (`cluster.bench.client.one_request`); prompts are
 `pdcluster bench`'s (`--prompt-len` words, rotated per request), identical for both. `--rounds 2` runs disagg, unified,
 disagg, unified and reports the median of rounds, which evens out a machine shared with
 other jobs.
@@ -34,13 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.common import REPO, Cluster, disagg_config, machine, now_utc, quantile, stream_completion  # noqa: E402
-from cluster.bench import one_request  # noqa: E402
-
-WORDS = ("alpha", "beta", "gamma", "delta", "omega")     # as `pdcluster bench`
-
-
-def bench_prompt(i: int, prompt_len: int) -> str:
-    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(prompt_len))
+from cluster.bench.client import cycled_prompt, one_request  # noqa: E402
 
 
 async def run_load(base_url: str, args, num_requests: int, offset: int = 0) -> dict:
@@ -60,7 +54,7 @@ async def run_load(base_url: str, args, num_requests: int, offset: int = 0) -> d
             nonlocal done
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
             async with gate:
-                r = await one_request(client, req_args, bench_prompt(offset + i, args.prompt_len))
+                r = await one_request(client, req_args, cycled_prompt(offset + i, args.prompt_len))
             done += 1
             if done % max(1, num_requests // 4) == 0:
                 print(f"    {done}/{num_requests} done", flush=True)
@@ -90,7 +84,7 @@ async def prompt_tokens(base_url: str, prompt: str) -> int:
 def run_cluster(name: str, toml: str, args) -> dict:
     print(f"  [{name}] launching (load average {machine().split('load average ')[1]})", flush=True)
     with Cluster(toml, name) as cluster:
-        n_prompt = asyncio.run(prompt_tokens(cluster.base_url, bench_prompt(0, args.prompt_len)))
+        n_prompt = asyncio.run(prompt_tokens(cluster.base_url, cycled_prompt(0, args.prompt_len)))
         print(f"  [{name}] warm-up: {args.concurrency} requests ({n_prompt} prompt tokens each)", flush=True)
         asyncio.run(run_load(cluster.base_url, args, args.concurrency, offset=10_000))
         print(f"  [{name}] measuring: {args.num_requests} requests, concurrency {args.concurrency}", flush=True)

@@ -22,7 +22,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster import bench  # noqa: E402
+from cluster.bench import cli as bench  # noqa: E402
 from cluster.engine.model_config import PRESETS  # noqa: E402
 
 PORT = 8123
@@ -111,8 +111,8 @@ def measure(layout: str, model_dir: str, args) -> dict:
         for conc, num in ((1, 8), (args.concurrency, 2 * args.concurrency)):
             a = argparse.Namespace(url=f"http://127.0.0.1:{PORT}/v1", model=None, num_requests=num, prompt_len=32,
                                    max_tokens=max_tokens, concurrency=conc, api_key="", json=True)
-            asyncio.run(bench._bench(argparse.Namespace(**{**vars(a), "num_requests": conc, "max_tokens": 8})))
-            result[f"c{conc}"] = summary(*asyncio.run(bench._bench(a)))   # after a short warm-up round
+            asyncio.run(bench.run_closed_loop(argparse.Namespace(**{**vars(a), "num_requests": conc, "max_tokens": 8})))
+            result[f"c{conc}"] = summary(*asyncio.run(bench.run_closed_loop(a)))   # after a short warm-up round
             print(layout, conc, json.dumps(result[f"c{conc}"]), flush=True)
         return result
     finally:

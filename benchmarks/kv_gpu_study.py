@@ -8,7 +8,7 @@ leaves it to `layerwise = "auto"`, plain `NAME` turns it off), a 1 prefill
 (default 2k and 8k tokens; 8 output tokens): medians of each request's own phases, as the
 router assembled them from the workers' marks (GET /debug/requests/{x-request-id}): queue
 (router + prefill), prefill forward, KV transfer, first decode step, and client TTFT.
-`goodput`: DistServe style, `pdcluster bench --request-rate` logic (cluster/bench_goodput.py):
+`goodput`: DistServe style, `pdcluster bench --request-rate` logic (cluster/bench/goodput.py):
 Poisson arrivals at each rate, 2k-token prompts, 256 output tokens, SLO TTFT <= 1 s and mean
 inter-token time <= 50 ms, at each of `--rates` (stops a layout past saturation or at the
 deadline), for 1P1D on 2 GPUs (`--layerwise`: with layer-wise streaming), 2 unified workers on
@@ -32,9 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import Cluster, metric_values  # noqa: E402
 
-from cluster import bench_goodput  # noqa: E402
-
-WORDS = ("alpha", "beta", "gamma", "delta", "omega")
+from cluster.bench import goodput as bench_goodput  # noqa: E402
+from cluster.bench.client import cycled_prompt  # noqa: E402
 
 
 def config(args, groups: str, backend: str = "auto", layerwise=False) -> str:
@@ -75,13 +74,9 @@ def groups(args, layout: str) -> str:
             "1 unified": "[[unified]]\n" + gpus("[0]")}[layout]
 
 
-def prompt(i: int, n: int) -> str:
-    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
-
-
 async def _one(c: Cluster, p: str, max_tokens: int) -> dict:
     import httpx
-    from cluster.bench import one_request
+    from cluster.bench.client import one_request
     args = argparse.Namespace(model="dummy", max_tokens=max_tokens)
     async with httpx.AsyncClient(base_url=c.base_url + "/v1", timeout=300) as client:
         return await one_request(client, args, p)
@@ -106,12 +101,12 @@ def measure_ttft(c: Cluster, args, prompt_len: int = 0) -> dict:
     leaves during the forward, so this overlaps `prefill_forward_ms`)."""
     prompt_len = prompt_len or args.prompt_len
     for i in range(2):
-        asyncio.run(_one(c, prompt(100 + i, prompt_len), 4))       # warm up
+        asyncio.run(_one(c, cycled_prompt(100 + i, prompt_len), 4))       # warm up
     m0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_sum")
     k0 = metric_values(c.metrics(), "pdcluster:kv_transfer_seconds_count")
     results = []
     for i in range(args.ttft_requests):
-        r = asyncio.run(_one(c, prompt(i, prompt_len), 8))
+        r = asyncio.run(_one(c, cycled_prompt(i, prompt_len), 8))
         if "error" in r:
             raise RuntimeError(r["error"])
         results.append(r)
@@ -160,7 +155,7 @@ def goodput(args, layout: str, out: dict, ttft_out: dict, deadline: float) -> No
             ttft_out["auto"] = measure_ttft(c, args)
             print(f"ttft auto: {ttft_out['auto']}", flush=True)
         for i in range(4):
-            asyncio.run(_one(c, prompt(200 + i, args.prompt_len), 8))       # warm up every worker
+            asyncio.run(_one(c, cycled_prompt(200 + i, args.prompt_len), 8))       # warm up every worker
         bench_args = argparse.Namespace(
             url=c.base_url + "/v1", model="dummy", api_key="", request_rate=args.rates, num_requests=0,
             prompt_len=args.prompt_len, max_tokens=args.max_tokens, slo_ttft=args.slo_ttft,

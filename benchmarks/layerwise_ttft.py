@@ -19,14 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import Cluster, machine, now_utc  # noqa: E402
 
+from cluster.bench.client import cycled_prompt  # noqa: E402
 from tests.cluster_harness import cluster_config  # noqa: E402
-
-WORDS = ("alpha", "beta", "gamma", "delta", "omega")
-
 
 async def ttft(c: Cluster, prompt: str) -> float:
     import httpx
-    from cluster.bench import one_request
+    from cluster.bench.client import one_request
     args = argparse.Namespace(model="smollm2-135m-instruct", max_tokens=4)
     async with httpx.AsyncClient(base_url=c.base_url + "/v1", timeout=300) as client:
         r = await one_request(client, args, prompt)
@@ -51,7 +49,7 @@ def main() -> None:
             got = {m: [] for m in modes}
             for i in range(args.reps + 1):                       # the first round warms up
                 for m, c in clusters.items():
-                    prompt = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
+                    prompt = cycled_prompt(i, n)
                     t = asyncio.run(ttft(c, prompt))
                     if i:
                         got[m].append(t)

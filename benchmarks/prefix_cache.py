@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.common import Cluster, machine, metric_values, now_utc  # noqa: E402
-from cluster.bench_multiturn import per_turn, run_conversations  # noqa: E402
-from cluster import bench_report  # noqa: E402
+from cluster.bench import report as bench_report  # noqa: E402
+from cluster.bench.multiturn import per_turn, run_conversations  # noqa: E402
 
 SCENARIOS = {   # name -> (prefill workers, prefix cache, policy, local_prefill_max_tokens)
     "off": (1, False, "round_robin", 0),
@@ -118,8 +118,8 @@ def run_scenario(name: str, args) -> dict:
     out = {"scenario": name, "failed": summary["failed"], "duration_s": summary["duration"],
            "output_tok_s": summary["output_throughput"],
            "ttft_p50_ms": summary["median_ttft_ms"], "ttft_p99_ms": summary["p99_ttft_ms"],
-           "turn2plus_ttft_p50_ms": round(bench_report._percentile([1000 * r["ttft"] for r in later], 50), 1),
-           "turn2plus_ttft_p99_ms": round(bench_report._percentile([1000 * r["ttft"] for r in later], 99), 1),
+           "turn2plus_ttft_p50_ms": round(bench_report.percentile([1000 * r["ttft"] for r in later], 50), 1),
+           "turn2plus_ttft_p99_ms": round(bench_report.percentile([1000 * r["ttft"] for r in later], 99), 1),
            "prefill_hit_rate": round((last["hit"] - first["hit"]) / q, 3) if q else 0.0,
            "kv_bytes_total": int(last["kv_bytes"] - first["kv_bytes"]), "local_prefills": local_lines,
            "turns": turns}

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from cluster import bench, bench_goodput
+from cluster.bench import cli as bench, goodput as bench_goodput
 
 
 def test_arrivals_are_poisson_at_the_rate_and_seeded():

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster import bench_report
+from cluster.bench import report as bench_report
 
 
 def results():

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from cluster import bench
+from cluster.bench import cli as bench
 from cluster.config import ConfigError, load_config
 from cluster.roles import ROLE_PACKAGES
 

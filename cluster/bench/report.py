@@ -65,7 +65,7 @@ def meets_slo(ttft: float, tpot_s: Optional[float], slo_ttft: Optional[float], s
             (slo_tpot is None or tpot_s is None or tpot_s <= slo_tpot))
 
 
-def _percentile(xs: list[float], p: float) -> float:
+def percentile(xs: list[float], p: float) -> float:
     """Linear interpolation between closest ranks (numpy's default, as vLLM uses)."""
     xs = sorted(xs)
     k = (len(xs) - 1) * p / 100
@@ -98,7 +98,7 @@ def summarize(results: list[dict], duration: float, args) -> dict:
         out[f"median_{name}_ms"] = round(statistics.median(ms), 3) if ms else None
         out[f"std_{name}_ms"] = round(statistics.pstdev(ms), 3) if ms else None
         for p in PERCENTILES:
-            out[f"p{p}_{name}_ms"] = round(_percentile(ms, p), 3) if ms else None
+            out[f"p{p}_{name}_ms"] = round(percentile(ms, p), 3) if ms else None
     out.update(input_lens=[r.get("prompt_tokens", 0) for r in results],
                output_lens=[r.get("num_tokens", 0) for r in results],
                ttfts=[r.get("ttft", 0.0) for r in results], itls=[r.get("itl", []) for r in results],
@@ -168,8 +168,8 @@ def plot(results: list[dict], duration: float, out_dir: str, title: str = "") ->
         if xs:
             ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post")
             for p, style in ((50, ":"), (99, "--")):
-                ax.axvline(_percentile(xs, p), color="grey", linestyle=style, linewidth=0.8,
-                           label=f"p{p} {_percentile(xs, p):.1f} ms")
+                ax.axvline(percentile(xs, p), color="grey", linestyle=style, linewidth=0.8,
+                           label=f"p{p} {percentile(xs, p):.1f} ms")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_title(f"{name} CDF ({len(xs)} samples)")
         ax.set_xlabel("ms")

@@ -19,7 +19,8 @@ import sys
 import time
 from typing import Optional
 
-from cluster import bench_report
+from cluster.bench import report
+from cluster.bench.client import api_client, cycled_prompt, one_request, relative_to, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,6 @@ def arrival_times(rate: float, num: int, seed: int) -> list[float]:
 
 async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[dict], float]:
     """One open-loop run: every request sent at its Poisson arrival time."""
-    from cluster.bench import one_request, relative_to
     times = arrival_times(rate, len(prompts), args.seed)
     start = time.perf_counter()
 
@@ -66,11 +66,11 @@ async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[
 
 
 def rate_summary(rate: float, results: list[dict], duration: float, args) -> dict:
-    s = bench_report.summarize(results, duration, args)
-    good = sum(bench_report.is_good(r, args.slo_ttft, args.slo_tpot) for r in results)
+    s = report.summarize(results, duration, args)
+    good = sum(report.is_good(r, args.slo_ttft, args.slo_tpot) for r in results)
     keep = ("completed", "failed", "duration", "request_throughput", "output_throughput",
             "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "p99_itl_ms")
-    per_request = [None if "error" in r else [round(r["ttft"], 5), _rounded(bench_report.tpot(r))] for r in results]
+    per_request = [None if "error" in r else [round(r["ttft"], 5), _rounded(report.tpot(r))] for r in results]
     return {"rate": rate, "num_requests": len(results), "slo_attainment": round(good / max(1, len(results)), 4),
             **{k: s[k] for k in keep}, "ttft_tpot_s": per_request}
 
@@ -83,7 +83,7 @@ def attainment_at(row: dict, slo_ttft: Optional[float], slo_tpot: Optional[float
     """A stored rate's attainment under another SLO, from its requests' (TTFT, TPOT) pairs
     (a failed request, None, never meets it; a one-token answer has no TPOT to miss)."""
     pairs = row["ttft_tpot_s"]
-    good = sum(p is not None and bench_report.meets_slo(p[0], p[1], slo_ttft, slo_tpot) for p in pairs)
+    good = sum(p is not None and report.meets_slo(p[0], p[1], slo_ttft, slo_tpot) for p in pairs)
     return round(good / max(1, len(pairs)), 4)
 
 
@@ -108,26 +108,17 @@ def plot_attainment(series: dict[str, list[dict]], out_dir: str, title: str, att
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return bench_report.save_png(fig, out_dir, "slo_attainment.png")
+    return report.save_png(fig, out_dir, "slo_attainment.png")
 
 
 async def sweep(args) -> dict:
-    import httpx
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    base = args.url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    words = ("alpha", "beta", "gamma", "delta", "omega")
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     rows = []
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(600.0)) as client:
-        if args.model is None:
-            args.model = (await client.get("/models")).json()["data"][0]["id"]
+    async with api_client(args, max_connections=None, max_keepalive_connections=64) as client:
+        await resolve_model(client, args)
         for rate in parse_rates(args.request_rate):
             # NOTE: a distinct leading tag per request and rate, so a prefix cache cannot turn
             # the cycled words into hits and the load is the uncached one the SLO study means
-            prompts = [f"request {rate:g}-{i}: " + " ".join(words[(i + k) % len(words)] for k in range(args.prompt_len))
-                       for i in range(args.num_requests)]
+            prompts = [f"request {rate:g}-{i}: " + cycled_prompt(i, args.prompt_len) for i in range(args.num_requests)]
             results, duration = await run_rate(client, args, rate, prompts)
             rows.append(rate_summary(rate, results, duration, args))
             print(f"rate {rate:g} req/s: {rows[-1]['slo_attainment']:.0%} meet the SLO, TTFT p50 "
@@ -143,16 +134,16 @@ def cmd_sweep(args) -> int:
     except ValueError as e:
         print(f"pdcluster bench: {e}", file=sys.stderr)
         return 2
-    report = asyncio.run(sweep(args))
+    swept = asyncio.run(sweep(args))
     if args.json:
-        bench_report.write_json(report, args.json)
+        report.write_json(swept, args.json)
     if args.json != "-":
         print(f"{'rate':>6} {'SLO met':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT mean':>9} {'ITL p99':>8}")
-        for r in report["rates"]:
+        for r in swept["rates"]:
             print(f"{r['rate']:>6g} {r['slo_attainment']:>8.0%} {r['median_ttft_ms']!s:>9} {r['p99_ttft_ms']!s:>9} "
                   f"{r['mean_tpot_ms']!s:>9} {r['p99_itl_ms']!s:>8}")
-        print(f"goodput (highest rate with >= {args.attainment:.0%} meeting the SLO): {report['goodput_rps']} req/s")
+        print(f"goodput (highest rate with >= {args.attainment:.0%} meeting the SLO): {swept['goodput_rps']} req/s")
     if args.plot:
-        print(f"plot: {plot_attainment({args.model: report['rates']}, args.plot, args.model, args.attainment)}",
+        print(f"plot: {plot_attainment({args.model: swept['rates']}, args.plot, args.model, args.attainment)}",
               file=sys.stderr)
     return 0

@@ -15,7 +15,8 @@ import asyncio
 import random
 import time
 
-from cluster import bench_report
+from cluster.bench import report
+from cluster.bench.client import api_client, relative_to, resolve_model, stream_timed
 from cluster.progress import ProgressBar
 
 WORDS = ("bread", "flour", "oven", "crust", "yeast", "butter", "sugar", "salt", "rye", "wheat",
@@ -39,7 +40,6 @@ async def one_turn(client, args, messages: list[dict]) -> dict:
     body = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
             "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    from cluster.bench import stream_timed
     return await stream_timed(client, "/chat/completions", body, lambda choice: choice["delta"].get("content"))
 
 
@@ -47,17 +47,11 @@ async def run_conversations(args, on_turn_end=None) -> tuple[list[dict], float]:
     """Every turn's result (with `conversation` and `turn`), and the run's duration;
     `on_turn_end(turn)` runs after every conversation finished that turn (benchmarks
     read the cluster's counters there)."""
-    import httpx
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    base = args.url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
     rng = random.Random(getattr(args, "seed", 0) or 0)
     system = "You are a baker's assistant. Notes: " + _text(rng, args.system_prompt_len)
     users = [[_text(rng, args.user_len) for _ in range(args.turns)] for _ in range(args.conversations)]
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0),
-                                 limits=httpx.Limits(max_connections=args.concurrency)) as client:
-        if args.model is None:
-            args.model = (await client.get("/models")).json()["data"][0]["id"]
+    async with api_client(args, max_connections=args.concurrency) as client:
+        await resolve_model(client, args)
         history = [[{"role": "system", "content": system}] for _ in range(args.conversations)]
         gate = asyncio.Semaphore(args.concurrency)
         progress = ProgressBar(args.conversations * args.turns, desc="turns", unit="turn")
@@ -82,10 +76,7 @@ async def run_conversations(args, on_turn_end=None) -> tuple[list[dict], float]:
         finally:
             progress.close()
         duration = time.perf_counter() - start
-    for r in results:
-        if "error" not in r:
-            r["arrivals"] = [x - start for x in r["arrivals"]]
-            r["start"] -= start
+    relative_to(results, start)
     return results, duration
 
 
@@ -94,20 +85,20 @@ def per_turn(results: list[dict]) -> dict[int, dict]:
     for t in sorted({r["turn"] for r in results}):
         ttfts = [1000 * r["ttft"] for r in results if r["turn"] == t and "error" not in r]
         prompt = [r["prompt_tokens"] for r in results if r["turn"] == t and "error" not in r]
-        out[t] = {"median_ttft_ms": round(bench_report._percentile(ttfts, 50), 3) if ttfts else None,
-                  "p99_ttft_ms": round(bench_report._percentile(ttfts, 99), 3) if ttfts else None,
+        out[t] = {"median_ttft_ms": round(report.percentile(ttfts, 50), 3) if ttfts else None,
+                  "p99_ttft_ms": round(report.percentile(ttfts, 99), 3) if ttfts else None,
                   "mean_prompt_tokens": round(sum(prompt) / len(prompt), 1) if prompt else None}
     return out
 
 
 def cmd_bench_multiturn(args) -> int:
     results, duration = asyncio.run(run_conversations(args))
-    summary = bench_report.summarize(results, duration, args)
+    summary = report.summarize(results, duration, args)
     summary["turns"] = per_turn(results)
     if args.json:
-        bench_report.write_json(summary, args.json)
+        report.write_json(summary, args.json)
     if args.json != "-":
-        bench_report.print_summary(summary)
+        report.print_summary(summary)
         print(f"{'turn':>4} {'prompt tok':>10} {'TTFT p50 (ms)':>14} {'TTFT p99 (ms)':>14}")
         for t, s in summary["turns"].items():
             print(f"{t:>4} {s['mean_prompt_tokens'] or 0:>10} {s['median_ttft_ms'] or 0:>14.1f} "
