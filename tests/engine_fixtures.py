@@ -3,23 +3,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from cluster.engine.forward_batch import ForwardInput
 from cluster.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=1)
-
-
-@pytest.fixture(scope="module", autouse=False)
-def single_thread():
-    """One intra-op thread: on a shared 2-core box, a second OpenMP thread waits for a busy core at every
-    parallel region and makes small ops 100x slower. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def hf_gguf_location() -> tuple[str, str]:

@@ -11,7 +11,7 @@ from cluster.engine.loader import load_model
 from cluster.engine.model import RMSNorm
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.rotary import RotaryEmbedding, apply_rope, inv_frequencies
-from tests.engine_fixtures import batch_input, prefill_input, single_thread  # noqa: F401
+from tests.engine_fixtures import batch_input, prefill_input
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,7 +9,6 @@ from cluster.engine.llm import LLM
 from cluster.engine.stop_checker import check_finish, trim_stop
 from cluster.engine.tokenizer import IncrementalDetokenizer
 from cluster.sampling_params import SamplingParams
-from tests.engine_fixtures import single_thread  # noqa: F401
 
 PROMPT = "<|im_start|>user\nCount from one to ten in words, separated by commas.<|im_end|>\n<|im_start|>assistant\n"
 

@@ -11,7 +11,7 @@ from cluster.engine import loader
 from cluster.engine.loader import load_model
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.model_runner import ModelRunner
-from tests.engine_fixtures import batch_input, single_thread  # noqa: F401
+from tests.engine_fixtures import batch_input
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6)

@@ -9,7 +9,7 @@ import torch
 from cluster.engine.forward_batch import ForwardInput
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
-from tests.engine_fixtures import GREEDY, single_thread  # noqa: F401
+from tests.engine_fixtures import GREEDY
 
 VOCAB = 512
 TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,

@@ -8,7 +8,7 @@ import torch
 
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.engine_fixtures import hf_gguf_location, prefill_input, single_thread  # noqa: F401
+from tests.engine_fixtures import hf_gguf_location, prefill_input
 
 PLAIN = [
     "The capital of France is",

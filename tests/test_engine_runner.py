@@ -7,7 +7,7 @@ import torch
 from cluster.engine.llm import LLM
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from tests.engine_fixtures import batch_input, greedy_decode, prefill_input, single_thread  # noqa: F401
+from tests.engine_fixtures import batch_input, greedy_decode, prefill_input
 
 PROMPTS = [
     "The capital of France is", "List three colors:", "In 1969, the first humans landed on",

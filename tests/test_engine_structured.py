@@ -12,7 +12,6 @@ from cluster.engine.grammar import GrammarError
 from cluster.engine.llm import LLM
 from cluster.engine.sampler import sample
 from cluster.sampling_params import SamplingParams
-from tests.engine_fixtures import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

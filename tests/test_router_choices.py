@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from cluster.wire import protocol
-from tests.test_router_api import (CHAT, COMPLETION, MODEL, echo_reply, make_router, pd_pair, router,  # noqa: F401
-                                   sse_events, tokenizers)
+from tests.router_harness import CHAT, COMPLETION, MODEL, echo_reply, pd_pair, sse_events
 
 
 def test_n_choices_stream_with_their_index_and_usage_counts_the_prompt_once(router):

@@ -9,17 +9,12 @@ import time
 
 import pytest
 
-from tests.test_router_api import (CHAT, COMPLETION, MODEL, assert_error, make_router, pd_pair,  # noqa: F401
-                                   tokenizers, wait_for)
+from tests.router_harness import CHAT, COMPLETION, MODEL, assert_error, pd_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm_tokenizer(tokenizers):
-    """Load the tokenizer before the first request: its few seconds must not count
-    against the HTTP client's timeout on a busy machine."""
-    from cluster.engine.loader import load_tokenizer
-    if "" not in tokenizers:
-        tokenizers[""] = load_tokenizer(MODEL, "", "auto")
+# the tokenizer loads before the first request: its few seconds must not count against
+# the HTTP client's timeout on a busy machine
+pytestmark = pytest.mark.usefixtures("tokenizers")
 
 NAN_CASES = [b'"temperature": NaN', b'"temperature": Infinity', b'"top_p": -Infinity',
              b'"presence_penalty": 1e999', b'"seed": ' + b"9" * 5000]

@@ -12,21 +12,12 @@ import time
 from cluster.runtime.router_link import RouterLink
 from cluster.wire import protocol
 from cluster.wire.transport import ControlClient, ControlServer
-from tests.test_router_api import (COMPLETION, MODEL, echo_reply, make_router, pd_pair,  # noqa: F401
-                                   tokenizers, wait_for)
+from tests.router_harness import COMPLETION, MODEL, echo_reply, generates, pd_pair, wait_for
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm_tokenizer(tokenizers):
-    """Load the tokenizer before the first request: its few seconds must not count
-    against the HTTP client's timeout on a busy machine."""
-    from cluster.engine.loader import load_tokenizer
-    if "" not in tokenizers:
-        tokenizers[""] = load_tokenizer(MODEL, "", "auto")
-
-
-def generates(worker) -> list:
-    return [m for m in worker.received if isinstance(m, protocol.Generate)]
+# the tokenizer loads before the first request: its few seconds must not count against
+# the HTTP client's timeout on a busy machine
+pytestmark = pytest.mark.usefixtures("tokenizers")
 
 
 def post_in_background(r, body):

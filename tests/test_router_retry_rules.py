@@ -7,21 +7,12 @@ import threading
 import pytest
 
 from cluster.wire import protocol
-from tests.test_router_api import (COMPLETION, MODEL, assert_error, echo_reply, make_router,  # noqa: F401
-                                   pd_pair, tokenizers, wait_for)
+from tests.router_harness import COMPLETION, MODEL, assert_error, echo_reply, generates, pd_pair, wait_for
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm_tokenizer(tokenizers):
-    """Load the tokenizer before the first request: its few seconds must not count
-    against the HTTP client's timeout on a busy machine."""
-    from cluster.engine.loader import load_tokenizer
-    if "" not in tokenizers:
-        tokenizers[""] = load_tokenizer(MODEL, "", "auto")
-
-
-def generates(worker) -> list:
-    return [m for m in worker.received if isinstance(m, protocol.Generate)]
+# the tokenizer loads before the first request: its few seconds must not count against
+# the HTTP client's timeout on a busy machine
+pytestmark = pytest.mark.usefixtures("tokenizers")
 
 
 def test_poison_request_fails_once_and_is_not_redispatched(make_router):

@@ -1,7 +1,7 @@
 """Router endpoints without workers: /tokenize, /detokenize, /v1/models/{id}."""
 from __future__ import annotations
 
-from tests.test_router_api import assert_error, make_router, router, tokenizers  # noqa: F401
+from tests.router_harness import assert_error
 
 
 def test_tokenize_then_detokenize_round_trips(router):

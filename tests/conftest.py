@@ -1,0 +1,48 @@
+"""Fixtures shared by the test modules: the router tests' real router with scripted workers
+(tests/router_harness.py) and the engine tests' single intra-op thread."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """Tokenizer cache shared by every router of a module, loaded once here: the first
+    load takes seconds, longer than a request's timeout on a busy machine."""
+    from cluster.engine.loader import load_tokenizer
+    return {"": load_tokenizer()}
+
+
+@pytest.fixture
+def make_router(tokenizers):
+    """make(**sections) -> a RunningRouter with those config sections replaced; its
+    `worker(...)` adds a ScriptedWorker. All are closed after the test."""
+    from tests.router_harness import RunningRouter, ScriptedWorker
+    routers, workers = [], []
+
+    def make(**sections):
+        r = RunningRouter(tokenizers, **sections)
+        routers.append(r)
+        r.worker = lambda *a, **k: workers.append(ScriptedWorker(r.control, *a, **k)) or workers[-1]
+        return r
+    yield make
+    for w in workers:
+        w.close()
+    for r in routers:
+        r.close()
+
+
+@pytest.fixture
+def router(make_router):
+    return make_router()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: on a shared 2-core box, a second OpenMP thread waits for a busy core at every
+    parallel region and makes small ops 100x slower. Restored after the module."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,160 @@
+"""A real router in this process (uvicorn on a free loopback port) and scripted workers
+speaking the real protocol through ControlClient sockets, for the router tests
+(tests/test_router_*.py; their fixtures `router`, `make_router`, `tokenizers` are in
+tests/conftest.py)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+from typing import Callable, Optional
+
+import httpx
+import uvicorn
+
+from cluster.config import default_config
+from cluster.wire import protocol
+from tests.cluster_harness import free_port
+
+MODEL = "smollm2-135m-instruct"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8}
+
+
+class RunningRouter:
+    def __init__(self, tokenizer_cache: dict, internal_token: str = "", **sections):
+        from cluster.router.app import create_app
+        from cluster.router.dispatcher import Dispatcher
+        from cluster.router.service import RouterService
+        cfg = default_config(env={})
+        for name, fields in sections.items():
+            if name == "groups":
+                cfg = replace(cfg, groups=fields)
+            else:
+                cfg = replace(cfg, **{name: replace(getattr(cfg, name), **fields)})
+        self.cfg = cfg
+        self.dispatcher = Dispatcher(cfg, "tcp://127.0.0.1:0")
+        self.control = self.dispatcher.start()
+        self.service = RouterService(cfg, self.dispatcher)
+        self.service._tokenizers = tokenizer_cache
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        app = create_app(self.service, internal_token)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_config=None, access_log=False,
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.dispatcher.close()
+
+
+Reply = Callable[["ScriptedWorker", protocol.Generate], None]
+
+
+class ScriptedWorker:
+    """A worker process stand-in: registers, heartbeats, and answers `generate` via `reply`."""
+
+    def __init__(self, endpoint: str, worker_id: str, role: str, model: str,
+                 reply: Optional[Reply] = None, stats: Optional[dict] = None,
+                 histograms: Optional[list] = None):
+        from cluster.wire.transport import ControlClient
+        self.worker_id, self.role, self.reply = worker_id, role, reply
+        self.stats = stats or {}
+        self.histograms = histograms or []
+        self.received: list = []
+        self.client = ControlClient(endpoint, worker_id)
+        self.client.send(protocol.Register(
+            worker_id=worker_id, role=role, model=model,
+            capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
+            kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8,
+                            "dtype": "float32", "page_size": 16},
+            data_addr=f"tcp://127.0.0.1:1{abs(hash(worker_id)) % 9000 + 1000}", pid=1))
+        self._stop = threading.Event()
+        self.heartbeats = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while not self._stop.is_set():
+            if self.heartbeats and time.monotonic() >= next_beat:
+                self.client.send(protocol.Heartbeat(worker_id=self.worker_id, forward_ct=3,
+                                                    stats=dict(self.stats),
+                                                    histograms=list(self.histograms)))
+                next_beat = time.monotonic() + 0.2
+            msg = self.client.recv(timeout=0.05)
+            if msg is None:
+                continue
+            self.received.append(msg)
+            if isinstance(msg, protocol.Generate) and self.reply is not None:
+                self.reply(self, msg)
+
+    def tokens(self, rid: str, ids: list[int], finish: Optional[str] = None,
+               error: Optional[str] = None, logprobs=None) -> None:
+        self.client.send(protocol.Tokens(worker_id=self.worker_id, items=[
+            protocol.TokensItem(rid, list(ids), finish, error, logprobs)]))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=2)
+        self.client.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def assert_error(resp: httpx.Response, status: int, *needles: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"])
+    for n in needles:
+        assert n in body["error"]["message"], body
+    return body["error"]
+
+
+def pd_pair(r, reply_decode: Optional[Reply] = None, suffix: str = "0"):
+    prefill = r.worker(f"prefill-{suffix}", "prefill", MODEL)
+    decode = r.worker(f"decode-{suffix}", "decode", MODEL, reply=reply_decode)
+    assert wait_for(lambda: r.dispatcher.directory.has_pair())
+    return prefill, decode
+
+
+def sse_events(resp: httpx.Response) -> list:
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+
+def echo_reply(text_ids: list[int], finish: str = "length") -> Reply:
+    def reply(worker, gen):
+        for rid in [gen.rid, *gen.siblings]:        # a decode worker forks n > 1 choices (siblings)
+            for i, t in enumerate(text_ids):
+                last = i == len(text_ids) - 1
+                worker.tokens(rid, [t], finish if last else None, logprobs=[-0.5])
+    return reply
+
+
+
+def generates(worker) -> list:
+    """The `generate` messages a scripted worker received."""
+    return [m for m in worker.received if isinstance(m, protocol.Generate)]
