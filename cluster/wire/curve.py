@@ -65,6 +65,16 @@ class CurveKeys:
         return (mechanism == b"CURVE" and len(credentials) == 1
                 and z85.encode(credentials[0]) == self.public)
 
+    def answer_zap(self, zap: zmq.Socket) -> None:
+        """Answer the ZAP requests (RFC 27) waiting on `zap`: admit only clients holding
+        the cluster key pair."""
+        while zap.poll(0):
+            frames = zap.recv_multipart()
+            ok = len(frames) >= 6 and self.admits(frames[5], frames[6:])
+            head = frames[:2] if len(frames) >= 2 else [b"1.0", b""]
+            zap.send_multipart([*head, b"200" if ok else b"400",
+                                b"OK" if ok else b"not a cluster key", b"", b""])
+
 
 def is_loopback(host: str) -> bool:
     host = host.strip("[]")

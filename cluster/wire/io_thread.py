@@ -8,7 +8,7 @@ blocks on the network: `send` only encodes and enqueues, `recv` reads a queue.
 - Wakeup: callers ping an inproc PUSH/PULL pair after enqueueing (under a lock: the PUSH
   end is shared), so sends leave at once instead of at the next poll tick.
 - Back-pressure: a send that would block (peer's high-water mark) goes to a per-destination
-  backlog retried every few ms, so one slow peer does not hold back the others.
+  backlog (`send_backlog.py`) retried every few ms, so one slow peer does not hold back the others.
 - Back-pressure on receive: past MAX_INBOX undelivered items the thread stops reading,
   so ZeroMQ's receive high-water mark pushes back on the senders instead of memory growing.
 - Bad frames: `ProtocolError` is logged (rate limited), counted in `num_protocol_errors`
@@ -25,19 +25,18 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Hashable, Optional
 
 import zmq
 
 from cluster.wire.curve import HANDSHAKE_FAILURES, ZAP_ENDPOINT, CurveKeys
 from cluster.wire.protocol import MAX_HEADER_BYTES, Message, ProtocolError, encode
+from cluster.wire.send_backlog import SendBacklog
 
 logger = logging.getLogger(__name__)
 
 POLL_MS = 100              # idle poll tick (the stop flag is seen within this)
 BACKLOG_POLL_MS = 5        # poll tick while some send waits for a peer
-MAX_BACKLOG = 10_000       # queued messages per destination before dropping
 RECV_BURST = 256           # messages read per socket per pass before sending again
 CLOSE_TIMEOUT_S = 2.0
 MAX_INBOX = 4096           # undelivered received items before reading pauses
@@ -56,13 +55,12 @@ class SocketLoop:
         self._zap: Optional[zmq.Socket] = None       # ZAP handler (CURVE servers only)
         self._monitors: list[zmq.Socket] = []
         self.num_protocol_errors = 0
-        self.num_send_errors = 0           # dropped sends (unknown peer, backlog overflow)
         self._on_message = on_message
         self.arrivals: Optional[threading.Event] = None   # set on every inbox item (a waiter's wake-up)
         self._ctx = zmq.Context(io_threads=1)
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()   # (destination key, frames | None)
-        self._backlog: dict[Hashable, deque] = {}
+        self._backlog = SendBacklog(name, self._send_frames, self._forget)
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
         self._wake_lock = threading.Lock()
@@ -120,6 +118,11 @@ class SocketLoop:
     def _dial_securely(self, sock: zmq.Socket) -> None:
         if self.curve is not None:
             self.curve.dial(sock)
+
+    @property
+    def num_send_errors(self) -> int:
+        """Dropped sends (unknown peer, backlog overflow)."""
+        return self._backlog.num_send_errors
 
     def count_rejected(self, reason: str) -> None:
         self.rejected_frames[reason] = self.rejected_frames.get(reason, 0) + 1
@@ -198,11 +201,11 @@ class SocketLoop:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
                 if self._zap in events:
-                    self._answer_zap()
+                    self.curve.answer_zap(self._zap)
                 for mon in self._monitors:
                     if mon in events:
                         self._read_monitor(mon)
-                self._flush()
+                self._backlog.flush(self._outbox)
                 for sock in self._recv_sockets():
                     if sock in events:
                         self._drain(sock)
@@ -210,15 +213,6 @@ class SocketLoop:
             logger.exception("%s: I/O thread failed", self.name)
         finally:
             self._close_all()
-
-    def _answer_zap(self) -> None:
-        """ZAP (RFC 27): admit only clients holding the cluster key pair."""
-        while self._zap.poll(0):
-            frames = self._zap.recv_multipart()
-            ok = len(frames) >= 6 and self.curve.admits(frames[5], frames[6:])
-            head = frames[:2] if len(frames) >= 2 else [b"1.0", b""]
-            self._zap.send_multipart([*head, b"200" if ok else b"400",
-                                      b"OK" if ok else b"not a cluster key", b"", b""])
 
     def _read_monitor(self, mon: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -265,42 +259,3 @@ class SocketLoop:
                 self._on_message(item)
             except Exception:
                 logger.exception("%s: on_message callback failed", self.name)
-
-    def _flush(self) -> None:
-        for key in list(self._backlog):        # retry waiting destinations first, in order
-            pending = self._backlog[key]
-            while pending and self._try_send(key, pending[0]):
-                pending.popleft()
-            if not pending:
-                del self._backlog[key]
-        while True:
-            try:
-                key, frames = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            if frames is None:
-                self._backlog.pop(key, None)
-                self._forget(key)
-            elif key in self._backlog:
-                self._queue_for_retry(key, frames)
-            elif not self._try_send(key, frames):
-                self._queue_for_retry(key, frames)
-
-    def _queue_for_retry(self, key: Hashable, frames: list) -> None:
-        pending = self._backlog.setdefault(key, deque())
-        if len(pending) >= MAX_BACKLOG:
-            self.num_send_errors += 1
-            logger.warning("%s: backlog for %s is full; dropping a message", self.name, key)
-            return
-        pending.append(frames)
-
-    def _try_send(self, key: Hashable, frames: list) -> bool:
-        """True when the message left (or was dropped for good), False to retry later."""
-        try:
-            self._send_frames(key, frames)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as e:
-            self.num_send_errors += 1
-            logger.warning("%s: dropped a message to %s: %s", self.name, key, e)
-        return True
