@@ -1,122 +1,226 @@
-"""The config's shapes: frozen dataclasses, one per TOML section (pinned in shared/DESIGN.md).
+"""The config's shapes: frozen dataclasses, one per TOML section, that check themselves.
 
-`cluster/config.py` loads and validates them; import both from `cluster.config`.
+Every key is an `option(default, help, bounds...)` (config_fields.py) and every section's
+`__post_init__` checks its keys, so a section built in code is as safe as one read from a
+file; `ClusterConfig` adds the checks that span sections (worker pairs, GPU sharing).
+`cluster/config.py` parses TOML into these; import both from `cluster.config`. The lists of
+names a key may take are defined here once and imported by whoever needs them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
+
+from cluster.config_fields import ConfigError, check_fields, option
+from cluster.dllm_params import DllmParams
+from cluster.launch.placement import place_gpus
+from cluster.roles import ROLES
+from cluster.sampling_params import InvalidParam
+
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+ROUTER_POLICIES = ("round_robin", "least_load", "cache_aware")
+KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")      # what a kv_batch may name on the wire
+CURVE_MODES = ("auto", "on", "off")
+ENDPOINT = r"(tcp://.+:\d+|ipc://.+|inproc://.+)"
+HTTP_URL = r"(https?://[^/\s]+(/\S*)?)?"
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfigSection:
-    name: str = "smollm2-135m-instruct"
-    path: str = ""
-    load_format: str = "auto"          # auto | gguf | safetensors | dummy
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_model_len: int = 4096
+    name: str = option("smollm2-135m-instruct", "served model name; also resolves the embedded "
+                       "default weights", nonempty=True)
+    path: str = option("", "GGUF file or HF directory; empty = the embedded default weights")
+    load_format: str = option("auto", "how to read `path`", choices=LOAD_FORMATS)
+    dtype: str = option("float32", "weights and KV dtype (float32 on CPU; bfloat16 on CUDA)",
+                        choices=MODEL_DTYPES)
+    device: str = option("cpu", "where workers run the model", pattern=r"cpu|cuda(:\d+)?",
+                         form="cpu, cuda or cuda:N")
+    max_model_len: int = option(4096, "longest prompt + output a request may have", lo=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    control: str = "tcp://127.0.0.1:0"
-    policy: str = "round_robin"        # round_robin | least_load | cache_aware
-    local_prefill_max_tokens: int = 0  # > 0: decode prefills short uncached remainders itself
-    api_key: str = ""
-    max_queued_requests: int = 1024
-    max_body_bytes: int = 8 << 20      # larger request bodies: 413, never read whole
-    metrics_require_key: bool = False  # /metrics asks for api_key too
+    host: str = option("127.0.0.1", "HTTP bind address", nonempty=True)
+    port: int = option(8000, "HTTP port", lo=0, hi=65535)
+    control: str = option("tcp://127.0.0.1:0", "ZeroMQ endpoint workers connect to; port 0 = a "
+                          "free port", pattern=ENDPOINT, form="a ZeroMQ endpoint like tcp://HOST:PORT")
+    policy: str = option("round_robin", "how a worker is picked for a request", choices=ROUTER_POLICIES)
+    local_prefill_max_tokens: int = option(0, "> 0: decode prefills short uncached remainders "
+                                           "itself", lo=0)
+    api_key: str = option("", "bearer key the HTTP API asks for; empty = no auth")
+    max_queued_requests: int = option(1024, "requests waiting beyond this get 503 with "
+                                      "Retry-After", lo=1)
+    max_body_bytes: int = option(8 << 20, "larger request bodies get 413, never read whole", lo=1024)
+    metrics_require_key: bool = option(False, "/metrics asks for api_key too")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    overlap: bool = True
-    log_forward_iters: bool = True
-    page_size: int = 16
-    num_pages: int = 2048
-    max_running_requests: int = 64
-    max_prefill_tokens: int = 4096
-    decode_log_interval: int = 1
-    threads: int = 0                   # torch threads per worker; 0 = cores / workers on this host
+    overlap: bool = option(True, "overlap scheduling: launch batch N+1 before processing N's result")
+    log_forward_iters: bool = option(True, "end batch log lines with ` [N]`, the forward iteration; "
+                                     "PDCLUSTER_LOG_FORWARD_ITERS=0/1 overrides")
+    page_size: int = option(16, "tokens per KV page", lo=1)
+    num_pages: int = option(2048, "KV pages in a worker's pool", lo=1)
+    max_running_requests: int = option(64, "requests in one running batch at most", lo=1)
+    max_prefill_tokens: int = option(4096, "new tokens in one prefill batch at most", lo=1)
+    decode_log_interval: int = option(1, "one Decode batch line every N decode iterations", lo=1)
+    threads: int = option(0, "torch threads per worker; 0 = cores / workers on this host", lo=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
-    register: float = 120.0
-    heartbeat_interval: float = 1.0
-    heartbeat_dead_after: float = 3.0
-    decode_ready: float = 30.0
-    kv_transfer: float = 30.0
-    request: float = 600.0
-    router_lost: float = 30.0          # a worker that cannot reach its router this long exits
+    register: float = option(120.0, "seconds the launcher waits for every worker to register", gt=0)
+    heartbeat_interval: float = option(1.0, "seconds between a worker's heartbeats", gt=0)
+    heartbeat_dead_after: float = option(3.0, "a worker silent this long is dead (> heartbeat_interval)",
+                                         gt=0)
+    decode_ready: float = option(30.0, "seconds prefill holds a request waiting for decode's pages", gt=0)
+    kv_transfer: float = option(30.0, "seconds a KV handoff may take before it fails", gt=0)
+    request: float = option(600.0, "seconds a request may take end to end", gt=0)
+    router_lost: float = option(30.0, "a worker that cannot reach its router this long exits", gt=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.heartbeat_dead_after > self.heartbeat_interval:
+            raise ConfigError(type(self).__name__, "heartbeat_dead_after",
+                              "must be greater than timeouts.heartbeat_interval")
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
-    restart_workers: bool = True
-    resume_on_decode_failure: bool = True
-    restart_reset_after: float = 60.0  # a worker healthy this long gets its restart budget back
+    restart_workers: bool = option(True, "the launcher restarts a worker that dies")
+    resume_on_decode_failure: bool = option(True, "re-prefill prompt + sent tokens on another decode "
+                                            "worker when decode fails")
+    restart_reset_after: float = option(60.0, "a worker healthy this long gets its restart budget "
+                                        "back", gt=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class KvTransferConfig:
-    backend: str = "auto"              # auto | zmq | shm | cuda_ipc | nccl (cluster/kv_transfer)
-    verify: bool = False               # checksum every transfer (a mismatch is prefilled again); off by
-                                       # default: it doubles a device-to-device handoff (BENCHMARKS.md)
-    layerwise: Union[bool, str] = "auto"   # send each layer's KV as its forward finishes
-                                       # (kv_transfer/layerwise.py): true | false | "auto" (for
-                                       # peers reached through zmq, where it measures faster)
+    backend: str = option("auto", "KV transfer backend (cluster/kv_transfer); auto picks per peer",
+                          choices=("auto",) + KV_BACKENDS)
+    verify: bool = option(False, "checksum every transfer, a mismatch is prefilled again; off by "
+                          "default: it doubles a device-to-device handoff (BENCHMARKS.md)")
+    layerwise: Union[bool, str] = option("auto", "send each layer's KV as its forward finishes; "
+                                         "auto = for peers reached through zmq, where it measures "
+                                         "faster", choices=(True, False, "auto"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:
-    curve: str = "auto"                # auto (on when any bind is not loopback) | on | off
-    keys_dir: str = ""                 # where the launcher writes / workers read the CURVE keys
+    curve: str = option("auto", "CURVE encryption of ZeroMQ sockets; auto = on when any bind is not "
+                        "loopback", choices=CURVE_MODES)
+    keys_dir: str = option("", "where the launcher writes / workers read the CURVE keys "
+                           "(`pdcluster keys DIR`)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class TracingConfig:
-    otlp_endpoint: str = ""            # OTLP/HTTP collector; empty = no export (phases kept for /debug)
+    otlp_endpoint: str = option("", "OTLP/HTTP collector; empty = no export (phases are kept for "
+                                "/debug)", pattern=HTTP_URL, form="an http(s) URL like http://127.0.0.1:4318")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    prefix_cache: bool = True          # radix prefix cache on prefill, unified and decode workers
+    prefix_cache: bool = option(True, "radix prefix cache on prefill, unified and decode workers")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerGroup:
     """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
-    role: str
-    count: int = 1
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    model: Optional[str] = None        # served name (dllm)
-    path: str = ""                     # dllm weights; empty = same as [model]
-    block_size: int = 1
-    algorithm: str = "low_confidence"  # low_confidence | fixed_steps
-    threshold: float = 0.9
-    steps_per_block: int = 1
-    mask_token_id: Optional[int] = None  # placeholder for causal models without a mask token
-    gpus: tuple[int, ...] = ()         # GPUs of this group's workers, dealt round-robin (launch/placement.py)
-    share_gpus: bool = False           # may a GPU run several workers (of this group or another)?
+    role: str = option(help="the role of this group's workers", choices=ROLES)
+    count: int = option(1, "workers in this group", lo=0)
+    scheduler: SchedulerConfig = option(help="[scheduler] with this table's overrides",
+                                        factory=SchedulerConfig)
+    model: Optional[str] = option(None, "dllm: served model name (must differ from model.name)")
+    path: str = option("", "dllm: weights; empty = the same as [model]")
+    block_size: int = option(1, "dllm: tokens decoded together in one block")
+    algorithm: str = option("low_confidence", "dllm: low_confidence | fixed_steps")
+    threshold: float = option(0.9, "dllm low_confidence: commit every position above it (0: all)")
+    steps_per_block: int = option(1, "dllm fixed_steps: forwards a full block is spread over")
+    mask_token_id: Optional[int] = option(None, "dllm: placeholder token for causal models without "
+                                          "a mask token", lo=0)
+    gpus: tuple[int, ...] = option((), "GPUs of this group's workers, dealt round-robin "
+                                   "(launch/placement.py)")
+    share_gpus: bool = option(False, "may a GPU run several workers (of this group or another)?")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.role == "dllm" and not self.model:
+            raise ConfigError(type(self).__name__, "model", "a dllm group needs a served model name")
+        try:
+            DllmParams(block_size=self.block_size, algorithm=self.algorithm,
+                       threshold=self.threshold, steps_per_block=self.steps_per_block)
+        except InvalidParam as e:
+            raise ConfigError(type(self).__name__, e.name, e.reason) from None
+
+
+def _default_groups() -> tuple[WorkerGroup, ...]:
+    return (WorkerGroup("prefill"), WorkerGroup("decode"))
 
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
-    model: ModelConfigSection = field(default_factory=ModelConfigSection)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    kv_transfer: KvTransferConfig = field(default_factory=KvTransferConfig)
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    tracing: TracingConfig = field(default_factory=TracingConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    groups: tuple[WorkerGroup, ...] = ()
-    source: str = "<defaults>"         # file the config came from, for error messages
+    model: ModelConfigSection = option(help="[model]", factory=ModelConfigSection)
+    router: RouterConfig = option(help="[router]", factory=RouterConfig)
+    scheduler: SchedulerConfig = option(help="[scheduler]: shared defaults, overridable per group",
+                                        factory=SchedulerConfig)
+    timeouts: TimeoutsConfig = option(help="[timeouts], in seconds", factory=TimeoutsConfig)
+    recovery: RecoveryConfig = option(help="[recovery]", factory=RecoveryConfig)
+    kv_transfer: KvTransferConfig = option(help="[kv_transfer]", factory=KvTransferConfig)
+    security: SecurityConfig = option(help="[security]", factory=SecurityConfig)
+    tracing: TracingConfig = option(help="[tracing]", factory=TracingConfig)
+    cache: CacheConfig = option(help="[cache]", factory=CacheConfig)
+    groups: tuple[WorkerGroup, ...] = option(help="the worker groups, in role order",
+                                             factory=_default_groups)
+    source: str = option("<defaults>", "file the config came from, for error messages")
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.source)
+        for key, g in self.group_keys():
+            if g.role == "dllm" and g.model == self.model.name:
+                raise ConfigError(self.source, f"{key}.model", f"must differ from model.name {self.model.name!r}")
+        counts = {role: sum(g.count for g in self.groups if g.role == role) for role in ROLES}
+        if (counts["prefill"] > 0) != (counts["decode"] > 0):
+            lacking = "decode" if counts["prefill"] else "prefill"
+            raise ConfigError(self.source, lacking, "prefill and decode workers come in pairs: add a "
+                              f"[[{lacking}]] group or use [[unified]]")
+        if not any(counts.values()):
+            raise ConfigError(self.source, "groups", "no workers: add [[prefill]] + [[decode]], "
+                              "[[unified]] or [[dllm]]")
+        place_gpus(self)               # sharing rules; that each GPU exists: the launcher checks
+
+    def group_keys(self) -> list[tuple[str, WorkerGroup]]:
+        """(key, group) for every group table: prefill[0], prefill[1], decode[0], ..."""
+        out, index = [], {}
+        for g in self.groups:
+            i = index[g.role] = index.get(g.role, -1) + 1
+            out.append((f"{g.role}[{i}]", g))
+        return out
 
     def worker_ids(self) -> list[tuple[str, WorkerGroup]]:
         """(worker_id, group) for every worker: prefill-0, prefill-1, decode-0, ..."""

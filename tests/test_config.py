@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import (ClusterConfig, ConfigError, SchedulerConfig, default_config,
-                            load_config)
+from cluster.config import (ClusterConfig, ConfigError, KvTransferConfig, RouterConfig, SchedulerConfig,
+                            TimeoutsConfig, WorkerGroup, default_config, load_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,3 +198,36 @@ def test_env_overrides_log_forward_iters_everywhere(tmp_path):
 def test_env_override_reads_process_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PDCLUSTER_LOG_FORWARD_ITERS", "0")
     assert default_config().scheduler.log_forward_iters is False
+
+
+def test_a_section_built_in_code_checks_its_own_bounds():
+    cases = [(lambda: RouterConfig(port=70000), "RouterConfig", "port", "must be in 0..65535, got 70000"),
+             (lambda: SchedulerConfig(num_pages=0), "SchedulerConfig", "num_pages", "must be >= 1, got 0"),
+             (lambda: KvTransferConfig(backend="rdma"), "KvTransferConfig", "backend", "'rdma' is not one of"),
+             (lambda: TimeoutsConfig(heartbeat_interval=5.0), "TimeoutsConfig", "heartbeat_dead_after",
+              "must be greater than"),
+             (lambda: WorkerGroup("decode", count=-1), "WorkerGroup", "count", "must be >= 0"),
+             (lambda: WorkerGroup("dllm"), "WorkerGroup", "model", "needs a served model name"),
+             (lambda: SchedulerConfig(overlap=1), "SchedulerConfig", "overlap", "expected bool, got int 1"),
+             (lambda: ClusterConfig(groups=(WorkerGroup("prefill"),)), "<defaults>", "decode", "in pairs")]
+    for build, source, key, reason in cases:
+        with pytest.raises(ConfigError) as e:
+            build()
+        assert (e.value.source, e.value.key) == (source, key) and reason in e.value.reason
+    assert TimeoutsConfig(request=5).request == 5.0 and isinstance(TimeoutsConfig(request=5).request, float)
+    assert WorkerGroup("decode", gpus=[0, 1]).gpus == (0, 1)
+
+
+def test_a_bound_read_from_toml_names_file_key_and_the_types_reason(tmp_path):
+    e = load_error(tmp_path, "[router]\nport = 70000\n")
+    assert str(e) == f"{tmp_path / 'cluster.toml'}: router.port: must be in 0..65535, got 70000"
+    e = load_error(tmp_path, "[[prefill]]\n[[decode]]\n[[decode]]\nmax_prefill_tokens = 0\n")
+    assert e.key == "decode[1].max_prefill_tokens" and e.reason == "must be >= 1, got 0"
+
+
+def test_every_config_key_has_help_for_the_reference_page():
+    from dataclasses import fields
+    from cluster.config import SECTIONS
+    for section in (*SECTIONS.values(), WorkerGroup, ClusterConfig):
+        for f in fields(section):
+            assert f.metadata.get("help"), f"{section.__name__}.{f.name} has no help"

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-from cluster.config import ConfigError
-from cluster.config_types import ClusterConfig
+from cluster.config_fields import ConfigError
 
 
-def place_gpus(cfg: ClusterConfig, num_gpus: Optional[int] = None) -> dict[str, int]:
+def place_gpus(cfg, num_gpus: Optional[int] = None) -> dict[str, int]:
     """worker id -> GPU index, for workers of groups with `gpus`; ConfigError on a GPU that does
-    not exist (when `num_gpus` is known) or is shared without `share_gpus`."""
+    not exist (when `num_gpus` is known) or is shared without `share_gpus`. `cfg` is a
+    ClusterConfig, which calls this to check itself (so this module does not import it back)."""
     placed: dict[str, int] = {}
     sharing: dict[int, list[tuple[str, bool]]] = {}
-    index: dict[str, int] = {}
     by_group: dict[int, list[str]] = {}
     for wid, g in cfg.worker_ids():
         by_group.setdefault(id(g), []).append(wid)
-    for g in cfg.groups:
-        i = index[g.role] = index.get(g.role, -1) + 1
-        key = f"{g.role}[{i}].gpus"
+    for table, g in cfg.group_keys():
+        key = f"{table}.gpus"
         if not g.gpus:
             continue
         if cfg.model.device == "cpu":
