@@ -1,0 +1,77 @@
+"""docs/reference/messages.md: every wire message and nested item, from the dataclasses of
+cluster/wire/messages.py (the codec in cluster/wire/protocol.py checks them)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from cluster.docgen import header
+from cluster.docgen.source import cell, class_comment, default_of, docstring, field_comments, source_line
+
+INTRO = """\
+Every message is a list of ZeroMQ frames. Frame 0 is a msgpack map `{"v": %(version)d, "type": T,
+...fields}`; tensors (KV caches, token-id lists over %(inline)d ids) follow as extra frames that
+the body describes by dtype, shape and frame index, never as bytes inside the map.
+`cluster.wire.protocol.encode(msg)` and `decode(frames)` check the exact key set, every field's
+type and range and every tensor's dtype, shape and byte count; anything malformed is one
+`ProtocolError`, which the transport logs, counts (`protocol_errors_total`) and drops. Pickle
+is never used.
+
+Router <-> worker messages travel on the control plane (the router's ROUTER socket, one
+DEALER per worker); prefill <-> decode messages on the data plane (a ROUTER socket per
+worker). Fields are listed in wire order; a field with a default may be left at it.
+"""
+
+
+def _messages() -> list[type]:
+    from cluster.wire import messages
+    return sorted(typing.get_args(messages.Message), key=source_line)
+
+
+def _nested() -> list[type]:
+    """Items that travel inside messages: the wire's dataclasses without a TYPE, in the
+    order protocol.__all__ names them."""
+    from cluster.wire import protocol
+    found = [getattr(protocol, name) for name in protocol.__all__]
+    return sorted((t for t in found if dataclasses.is_dataclass(t) and not hasattr(t, "TYPE")), key=source_line)
+
+
+def _default(f: dataclasses.Field) -> str:
+    value = default_of(f)
+    return "required" if value is dataclasses.MISSING else f"`{value!r}`"
+
+
+def _fields_table(cls: type) -> list[str]:
+    notes = field_comments(cls)
+    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        if f.name == "TYPE":
+            continue
+        rows.append(f"| `{f.name}` | `{cell(f.type)}` | {_default(f)} | {cell(notes.get(f.name, ''))} |")
+    return rows
+
+
+def _section(title: str, cls: type, lead: str = "") -> list[str]:
+    out = [f"## {title}", ""]
+    for text in (lead, docstring(cls)):
+        if text:
+            out += [text, ""]
+    return out + _fields_table(cls) + [""]
+
+
+def render() -> str:
+    from cluster.wire import protocol
+    out = [header("Wire messages", "cluster/wire/messages.py"),
+           INTRO % {"version": protocol.PROTOCOL_VERSION, "inline": protocol.INLINE_IDS},
+           "| type | dataclass | direction |", "| --- | --- | --- |"]
+    for cls in _messages():
+        out.append(f"| [`{cls.TYPE}`](#{cls.TYPE}) | `{cls.__name__}` | {cell(class_comment(cls))} |")
+    out.append("")
+    for cls in _messages():
+        direction = class_comment(cls)
+        out += _section(cls.TYPE, cls, f"Direction: {direction}." if direction else "")
+    out += ["# Nested items", "", "Typed like the messages that hold them; a decoded message holds "
+            "these types, never loose maps.", ""]
+    for cls in _nested():
+        out += _section(cls.__name__, cls)
+    return "\n".join(out).rstrip("\n") + "\n"

@@ -1,0 +1,60 @@
+"""docs/reference/metrics.md: the metric names, kinds, labels and help texts the router's
+`/metrics` exports, read from the router's own metric definitions (cluster/router/metrics.py)."""
+from __future__ import annotations
+
+from cluster.docgen import header
+from cluster.docgen.source import cell
+
+INTRO = """\
+`GET /metrics` on the router is Prometheus text (`prometheus_client`). Every name has the
+prefix `pdcluster:`. The router's own metrics describe requests as clients see them; worker
+metrics come from each worker's last heartbeat, read at scrape time, with the labels `role`
+and `worker` (the worker id); a worker that dies stops being exported. A counter's samples
+carry the suffix `_total`, a histogram's `_bucket`, `_sum` and `_count`.
+"""
+ONE_WORKER = ("decode", "decode-0")
+OPEN_LABELS = ("role", "worker", "reason")       # values come from the workers
+
+
+def _families(collector) -> list:
+    return list(collector.collect())
+
+
+def _sample_name(family) -> str:
+    return family.name + ("_total" if family.type == "counter" else "")
+
+
+def _labels(family) -> str:
+    """Each label, with the values it takes where the router fixes them (outcome, phase)."""
+    values: dict[str, list] = {}
+    for sample in family.samples:
+        for key, value in sample.labels.items():
+            if key != "le" and value not in values.setdefault(key, []):
+                values[key].append(value)
+    return ", ".join(f"`{k}`" + ("" if k in OPEN_LABELS else f" ({', '.join(v)})") for k, v in values.items())
+
+
+def _rows(families) -> list[str]:
+    rows = ["| name | kind | labels | meaning |", "| --- | --- | --- | --- |"]
+    for f in families:
+        rows.append(f"| `{_sample_name(f)}` | {f.type} | {cell(_labels(f))} | {cell(f.documentation)} |")
+    return rows + [""]
+
+
+def render() -> str:
+    from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
+    router = RouterMetrics()
+    # one live worker, restarted once, and one refused frame: every fixed family shows its labels
+    workers = WorkerStatsCollector(lambda: [(*ONE_WORKER, {}, [])], lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)},
+                                   lambda: {"unauthenticated": 1})
+    out = [header("Metrics", "cluster/router/metrics.py"), INTRO,
+           "## Router", "", *_rows(_families(router.registry)),
+           "## Workers", "",
+           "Kept by the router for every registered worker (labels `role`, `worker`; the router's "
+           "own refused frames carry `role=\"router\"`):", "",
+           *_rows(_families(workers)),
+           "Every other worker metric is a value of the worker's heartbeat: a number named `S` "
+           "becomes `pdcluster:S`, a counter when `S` ends in `_total` (a map of counts adds a "
+           "`reason` label), else a gauge; each histogram the heartbeat carries becomes a histogram "
+           "of the same name.", ""]
+    return "\n".join(out).rstrip("\n") + "\n"
