@@ -1,8 +1,8 @@
 """RouterService: from a parsed OpenAI request to a stream of text deltas.
 
-It resolves the model, renders the chat template, tokenizes, checks lengths, builds the
-SamplingParams, admits the request through the Dispatcher and turns dispatcher events
-into `TextDelta`s, observing TTFT / ITL / e2e latency and counting outcomes on the way.
+It resolves the model, has the request tokenized and validated (`prepare.py`), admits it
+through the Dispatcher and turns dispatcher events into `TextDelta`s, observing TTFT /
+ITL / e2e latency and counting outcomes on the way.
 Tokenizers are the only model state the router loads (never weights):
 `cluster.engine.loader.load_tokenizer(name, path, load_format)`, one per distinct path.
 """
@@ -16,8 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
-import jinja2
-
 from cluster.config import ClusterConfig
 from cluster.roles import served_model
 from cluster.router.completion import CompletionText, TextDelta
@@ -26,24 +24,14 @@ from cluster.router.errors import APIError, bad_request, overloaded
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
+from cluster.router.prepare import check_for_model, check_prompt_size, prompt_ids, sampling_for
 from cluster.router.request_state import FailedEvent, LoopSink, RequestState, TokensEvent
 from cluster.router.tracing import RequestTracing
-from cluster.sampling_params import InvalidParam, SamplingParams
 
 log = logging.getLogger("pdcluster.router")
-COMPLETION_DEFAULT_MAX_TOKENS = 16             # OpenAI's legacy completions default
 DISCONNECT_POLL_S = 1.0
 TOKENIZE_THREADS = 2            # tokenizing releases the GIL; more threads than cores buy nothing
 
-
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, **kwargs) -> str:
-    """The chat template's text; a model without one, or messages its template refuses, are a 400."""
-    if tokenizer.chat_template is None:
-        raise bad_request("this model has no chat template: use /v1/completions", "messages")
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-    except jinja2.TemplateError as e:   # the template's own checks (e.g. role order) are input errors
-        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
 
 @dataclass
 class Generation:
@@ -57,11 +45,6 @@ class Generation:
     index: int = 0                    # the choice's index in the response
     prompt_index: int = 0             # which prompt of a list it answers (usage counts each once)
     parsed: Optional[ParsedRequest] = None
-
-
-# parameters a DLLM worker does not implement: a clean 400 naming them
-_NOT_FOR_DLLM = (("grammar_kind", "response_format"), ("logit_bias", "logit_bias"),
-                 ("top_logprobs", "top_logprobs"), ("prompt_logprobs", "echo"))
 
 
 def _merged(a: TokensEvent, b: TokensEvent) -> TokensEvent:
@@ -154,33 +137,19 @@ class RouterService:
         if parsed.dllm and route != "dllm":
             raise bad_request(f"{', '.join(parsed.dllm)} only apply to dllm models "
                               f"({', '.join(self.served_models()[1:]) or 'none served'})")
-        # bounds first: a bad value is a 400 before any tokenizer work
-        self._sampling_params(parsed, parsed.max_tokens or self.cfg.model.max_model_len)
         tokenizer = self.tokenizer_for(model)
-        self._check_prompt_size(parsed, tokenizer)
+        max_len = self.cfg.model.max_model_len
+        check_prompt_size(parsed, tokenizer, max_len)
         # NOTE: off the event loop: rendering and tokenizing a long prompt take long enough
         # to stall every other client's stream
         loop = asyncio.get_running_loop()
-        input_ids = await loop.run_in_executor(self._tokenize_pool, self._input_ids, parsed,
-                                               tokenizer)
-        self._check_token_ids(input_ids, tokenizer, "prompt")
-        sampling = self._sampling(parsed, len(input_ids))
-        self._check_token_ids(sampling.stop_token_ids, tokenizer, "stop_token_ids")
-        self._check_token_ids([t for t, _ in sampling.logit_bias], tokenizer, "logit_bias")
-        if route == "dllm":
-            for name, param in _NOT_FOR_DLLM:
-                if name == "top_logprobs" and parsed.kind == "completion":
-                    param = "logprobs"
-                if getattr(sampling, name):
-                    raise bad_request("not supported by diffusion (dllm) models", parsed.grammar_field or param
-                                      if name == "grammar_kind" else param)
+        input_ids = await loop.run_in_executor(self._tokenize_pool, prompt_ids, parsed, tokenizer)
+        sampling = sampling_for(parsed, len(input_ids), max_len)
+        check_for_model(parsed, sampling, input_ids, tokenizer, route)
         if sampling.grammar_kind:
             from cluster.router.structured_request import check_grammar
             await loop.run_in_executor(self._tokenize_pool, check_grammar, tokenizer, sampling.grammar_kind,
                                        sampling.grammar_spec, parsed.grammar_field)
-        if sampling.top_k > tokenizer.vocab_size:
-            raise bad_request(f"must be <= the vocabulary size {tokenizer.vocab_size}, got "
-                              f"{sampling.top_k}", "top_k")
         rid = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         st = RequestState(rid=rid, model=model, route=route, input_ids=input_ids,
@@ -208,66 +177,6 @@ class RouterService:
             for st in sts:
                 self.tracing.end(st.trace, "rejected", error=e.message)
             raise
-
-    def _check_prompt_size(self, parsed: ParsedRequest, tokenizer) -> None:
-        """A prompt whose characters cannot fit in max_model_len tokens is refused before
-        it is tokenized (which would cost seconds for megabytes of text)."""
-        if parsed.kind == "chat":
-            num_chars = sum(len(m["content"]) for m in parsed.messages)
-        else:
-            num_chars = len(parsed.prompt or "")
-        max_len = self.cfg.model.max_model_len
-        limit = max_len * tokenizer.max_token_chars
-        if num_chars > limit or len(parsed.prompt_ids or ()) > max_len:
-            raise bad_request(f"the prompt is too long ({num_chars or len(parsed.prompt_ids)} "
-                              f"characters or tokens) for this model's maximum context "
-                              f"length of {max_len} tokens", "prompt")
-
-    @staticmethod
-    def _input_ids(parsed: ParsedRequest, tokenizer) -> list[int]:
-        if parsed.kind == "chat":
-            tools = [{"type": "function", "function": f} for f in parsed.functions]
-            prompt = render_chat(tokenizer, parsed.messages, True, **({"tools": tools} if tools else {}))
-            input_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        elif parsed.prompt_ids is not None:
-            input_ids = list(parsed.prompt_ids)
-        else:
-            # NOTE: the tokenizer's default (no BOS for SmolLM2, as its HF tokenizer does);
-            # a model that needs BOS gets it from its tokenizer's own encode default
-            input_ids = tokenizer.encode(parsed.prompt)
-        if not input_ids:
-            raise bad_request("the prompt has no tokens", "prompt")
-        return input_ids
-
-    @staticmethod
-    def _check_token_ids(ids: list[int], tokenizer, param: str) -> None:
-        vocab = tokenizer.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param)
-
-    def _sampling(self, parsed: ParsedRequest, num_prompt: int) -> SamplingParams:
-        max_len = self.cfg.model.max_model_len
-        room = max_len - num_prompt
-        if room < 1:
-            raise bad_request(f"the prompt has {num_prompt} tokens; this model's maximum "
-                              f"context length is {max_len} tokens", "prompt")
-        max_tokens = parsed.max_tokens
-        if max_tokens is None:
-            max_tokens = min(room, COMPLETION_DEFAULT_MAX_TOKENS) if parsed.kind == "completion" \
-                else room
-        elif num_prompt + max_tokens > max_len:
-            raise bad_request(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) "
-                              f"exceeds this model's maximum context length of {max_len} "
-                              "tokens", "max_tokens")
-        return self._sampling_params(parsed, max_tokens)
-
-    @staticmethod
-    def _sampling_params(parsed: ParsedRequest, max_tokens: int) -> SamplingParams:
-        try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=parsed.logprobs, **parsed.sampling)
-        except InvalidParam as e:
-            raise bad_request(e.reason, e.name) from None
 
     # events -> text
     async def deltas(self, gen: Generation,

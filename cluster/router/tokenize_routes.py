@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI, Request
 
 from cluster.router.errors import APIError, bad_request
-from cluster.router.service import render_chat
+from cluster.router.prepare import render_chat
 
 
 def model_card(name: str, max_model_len: int) -> dict:

@@ -1,0 +1,252 @@
+"""Router CPU per streamed token, SSE events per token, and burst admission time.
+
+    PYTHONPATH=$PWD python benchmarks/router_stream.py [--streams 1,64,256] [--step-ms 20]
+
+Three processes besides this one, so that only the router is measured:
+- the real router (`python -m cluster.router`) with its HTTP/SSE front end(s);
+- a fake worker speaking the real wire protocol (ControlClient, msgpack): it registers as a
+  unified worker, heartbeats, and answers each `generate` by streaming `max_tokens` tokens,
+  one `tokens` message per step for every running request (a decode batch), every
+  `--step-ms`; it logs when each `generate` arrived;
+- a streaming client (httpx, asyncio) opening N concurrent `/v1/completions` streams of a
+  ~130-token prompt at once, and reading every SSE event.
+
+Router CPU = user + system time of the router process and its children (front ends) over
+the streaming window, divided by the tokens the client received. "events/token" is the SSE
+content chunks the client saw per token (1.0 = every token sent as it arrived).
+"admission" is the time from the client's request to the worker's receipt of its
+`generate` (p50 / max over the burst). The script measures whatever `cluster` package
+PYTHONPATH names, so a `git worktree` of another commit can be compared with the same client.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = " ".join(f"word{i % 10}" for i in range(65))       # ~130 tokens
+TOKEN_IDS = [260, 2644, 2643, 335, 1171]                   # " the cat sat on mat": plain ASCII words
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- fake worker
+
+def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
+    """A unified worker whose forward costs nothing: a fixed-rate decode step."""
+    from cluster.wire import protocol
+    from cluster.wire.transport import ControlClient
+    client = ControlClient(endpoint, "unified-0")
+    client.send(protocol.Register(
+        worker_id="unified-0", role="unified", model=MODEL,
+        capacity={"num_pages": 65536, "page_size": 16, "max_running_requests": 1024},
+        kv_fingerprint={"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
+                        "page_size": 16}, data_addr="", pid=os.getpid()))
+    running: dict[str, list[int]] = {}                     # wire rid -> [left, sent]
+    log = open(log_path, "w", buffering=1)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    next_step = next_beat = time.monotonic()
+    forward_ct = 0
+    while not stop:
+        now = time.monotonic()
+        if now >= next_beat:
+            client.send(protocol.Heartbeat(worker_id="unified-0", forward_ct=forward_ct))
+            next_beat = now + 0.5
+        if now >= next_step:
+            if running:
+                forward_ct += 1
+                items = []
+                for rid, state in list(running.items()):
+                    state[0] -= 1
+                    state[1] += 1
+                    done = state[0] <= 0
+                    items.append(protocol.TokensItem(rid, [TOKEN_IDS[state[1] % len(TOKEN_IDS)]],
+                                                     "length" if done else None, forward_iter=forward_ct))
+                    if done:
+                        del running[rid]
+                client.send(protocol.Tokens(worker_id="unified-0", items=items))
+            next_step += step_s
+            if next_step < now:                            # fell behind: no catch-up burst
+                next_step = now + step_s
+        msg = client.recv(timeout=max(0.0, min(next_step, next_beat) - time.monotonic()))
+        while msg is not None:
+            if isinstance(msg, protocol.Generate):
+                log.write(f"{msg.rid} {time.monotonic():.6f}\n")
+                running[msg.rid] = [msg.sampling.max_tokens, 0]
+            elif isinstance(msg, protocol.Abort):
+                running.pop(msg.rid, None)
+            msg = client.recv(timeout=0)
+    log.close()
+    client.close()
+
+
+# --------------------------------------------------------------------------------- client
+
+async def one_stream(http, max_tokens: int) -> dict:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    sent = time.monotonic()
+    out = {"sent": sent, "events": 0, "tokens": 0, "ended": "cut", "rid": ""}
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as resp:
+            out["rid"] = resp.headers.get("x-request-id", "")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    out["ended"] = "done"
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    out["ended"] = "error"
+                    break
+                if chunk.get("usage"):
+                    out["tokens"] = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    out["events"] += 1
+                    out.setdefault("first", time.monotonic())
+    except Exception as e:                                 # a cut stream: what the test guards
+        out["ended"] = f"cut: {type(e).__name__}"
+    return out
+
+
+async def run_client(url: str, streams: int, max_tokens: int) -> None:
+    import httpx
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await one_stream(http, 2)                          # warm: connection, tokenizer
+        print("READY", flush=True)
+        sys.stdin.readline()
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(one_stream(http, max_tokens) for _ in range(streams)))
+        print(json.dumps({"t0": t0, "t1": time.monotonic(), "results": results}), flush=True)
+
+
+# --------------------------------------------------------------------------------- driver
+
+def cpu_seconds(proc) -> float:
+    import psutil
+    total = 0.0
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> dict:
+    client = subprocess.Popen([sys.executable, __file__, "--role", "client", "--url", url,
+                               "--streams", str(streams), "--max-tokens", str(max_tokens)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert client.stdout.readline().strip() == "READY"
+    time.sleep(0.5)
+    idle0, t_idle = cpu_seconds(router), time.monotonic()
+    time.sleep(1.0)
+    idle_rate = (cpu_seconds(router) - idle0) / (time.monotonic() - t_idle)
+    spy = None
+    if os.environ.get("ROUTER_PYSPY"):                     # a sampled profile of the window (py-spy)
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(router.pid), "-r", "200", "-f", "raw",
+                                "--nonblocking", "-o", f"{os.environ['ROUTER_PYSPY']}.{streams}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+    cpu0 = cpu_seconds(router)
+    client.stdin.write("GO\n")
+    client.stdin.flush()
+    report = json.loads(client.stdout.readline())
+    cpu = cpu_seconds(router) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+    client.wait(timeout=30)
+    results = report["results"]
+    tokens = sum(r["tokens"] for r in results)
+    events = sum(r["events"] for r in results)
+    arrived = {}
+    with open(gen_log) as f:
+        for line in f:
+            rid, t = line.split()
+            arrived[rid.split(".")[0]] = float(t)
+    admission = sorted(arrived[r["rid"]] - r["sent"] for r in results if r["rid"] in arrived)
+    window = report["t1"] - report["t0"]
+    return {"streams": streams, "tokens": tokens, "window_s": round(window, 2),
+            "router_cpu_s": round(cpu, 3), "router_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
+            "idle_cpu_per_s": round(idle_rate, 4), "events_per_token": round(events / max(tokens, 1), 3),
+            "tok_per_s": round(tokens / window, 0),
+            "admission_p50_ms": round(statistics.median(admission) * 1e3, 1) if admission else None,
+            "admission_max_ms": round(admission[-1] * 1e3, 1) if admission else None,
+            "ttft_p50_ms": round(statistics.median(r["first"] - r["sent"] for r in results if "first" in r) * 1e3, 1),
+            "ended": {e: sum(r["ended"] == e for r in results) for e in {r["ended"] for r in results}}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--role", default="driver", choices=["driver", "worker", "client"])
+    ap.add_argument("--streams", default="1,64,256")
+    ap.add_argument("--max-tokens", type=int, default=0, help="0: 200 at 1 stream, else 64")
+    ap.add_argument("--step-ms", type=float, default=20.0)
+    ap.add_argument("--api-servers", type=int, default=None, help="[router] api_servers, when the router has it")
+    ap.add_argument("--url", default="")
+    ap.add_argument("--endpoint", default="")
+    ap.add_argument("--log", default="")
+    args = ap.parse_args()
+    if args.role == "worker":
+        return run_worker(args.endpoint, args.step_ms / 1e3, args.log)
+    if args.role == "client":
+        return asyncio.run(run_client(args.url, int(args.streams), args.max_tokens))
+    import httpx
+    import psutil
+    tmp = tempfile.mkdtemp(prefix="router-stream-")
+    port, control = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    config = os.path.join(tmp, "router.toml")
+    with open(config, "w") as f:
+        f.write("[router]\nmax_queued_requests = 4096\n")
+        if args.api_servers is not None:
+            f.write(f"api_servers = {args.api_servers}\n")
+    router = subprocess.Popen([sys.executable, "-m", "cluster.router", "--config", config, "--port", str(port),
+                               "--control", control, "--log-dir", tmp])
+    gen_log = os.path.join(tmp, "generate.log")
+    worker = subprocess.Popen([sys.executable, __file__, "--role", "worker", "--endpoint", control,
+                               "--step-ms", str(args.step_ms), "--log", gen_log])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        proc = psutil.Process(router.pid)
+        for n in [int(s) for s in args.streams.split(",")]:
+            max_tokens = args.max_tokens or (200 if n == 1 else 64)
+            print(json.dumps(measure(url, proc, n, max_tokens, gen_log)), flush=True)
+    finally:
+        for p in (worker, router):
+            p.send_signal(signal.SIGTERM)
+        for p in (worker, router):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
