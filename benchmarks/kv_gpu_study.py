@@ -1,4 +1,4 @@
-"""TTFT split per KV transfer backend, and goodput of 1P1D vs unified workers (issue 14's study).
+"""TTFT split per KV transfer backend, and goodput of 1P1D vs unified workers.
 
     python benchmarks/kv_gpu_study.py --model-dir DIR --out OUT [--deadline-s S]
 

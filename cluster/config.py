@@ -1,4 +1,4 @@
-"""Cluster config: TOML -> the frozen dataclasses of `config_types.py` (DESIGN.md shapes).
+"""Cluster config: TOML -> the frozen dataclasses of `config_types.py`.
 
 `load_config(path)` reads a TOML file, `default_config()` gives the defaults (one prefill +
 one decode worker). This module only parses: the types check their own keys and bounds, and
@@ -107,5 +107,5 @@ def load_config(path, env=None) -> ClusterConfig:
 
 
 def default_config(env=None) -> ClusterConfig:
-    """Defaults of shared/DESIGN.md with one prefill and one decode worker."""
+    """Every key at its default, with one prefill and one decode worker."""
     return config_from_dict({}, "<defaults>", env)

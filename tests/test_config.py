@@ -1,4 +1,4 @@
-"""Config loading: defaults, every key of the DESIGN.md example, errors naming file+key+reason."""
+"""Config loading: defaults, every key of the documented example, errors naming file+key+reason."""
 from __future__ import annotations
 
 import textwrap

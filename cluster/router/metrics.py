@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from cluster.router.request_trace import PHASES
 
-disable_created_metrics()          # no `_created` series: not part of DESIGN.md's names
+disable_created_metrics()          # no `_created` series: not among the documented names
 PREFIX = "pdcluster:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,

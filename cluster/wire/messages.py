@@ -1,4 +1,4 @@
-"""The wire message types: one frozen dataclass per `type` of DESIGN.md's message table,
+"""The wire message types: one frozen dataclass per message `type` (docs/reference/messages.md),
 and the small frozen items nested inside them (`Peer`, `KvReq`, `KvSpan`, `TokensItem`,
 `HistogramSample`; the sampling parameters travel as `SamplingParams` itself).
 
