@@ -77,7 +77,7 @@ class ScriptedWorker:
             worker_id=worker_id, role=role, model=model,
             capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
             kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8,
-                            "dtype": "float32", "page_size": 16},
+                            "dtype": "float32", "page_size": 16, "layout": "kv"},
             data_addr=f"tcp://127.0.0.1:1{abs(hash(worker_id)) % 9000 + 1000}", pid=1))
         self._stop = threading.Event()
         self.heartbeats = True

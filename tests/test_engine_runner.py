@@ -149,4 +149,4 @@ def test_mixed_extend_and_decode_in_one_forward(llm):
 
 def test_kv_fingerprint(llm):
     assert llm.runner.kv_fingerprint() == {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
-                                           "dtype": "float32", "page_size": 16}
+                                           "dtype": "float32", "page_size": 16, "layout": "kv"}

@@ -28,7 +28,7 @@ SIMPLE_MESSAGES = [
     P.Register("prefill-0", "prefill", "smollm2", {"num_pages": 2048, "page_size": 16,
                                                     "max_running_requests": 64},
                {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "dtype": "bfloat16",
-                "page_size": 16}, "tcp://127.0.0.1:5555", 1234),
+                "page_size": 16, "layout": "kv"}, "tcp://127.0.0.1:5555", 1234),
     P.Heartbeat("decode-0", 17, {"pdcluster:num_running_reqs": 3, "pdcluster:token_usage": 0.25},
                 [P.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 1.5, 3)]),
     P.Generate("r1", [1, 2, 3], SAMPLING),

@@ -80,7 +80,7 @@ def test_worker_registers_again_when_the_router_restarts_and_gives_up_when_it_is
                                  capacity={"num_pages": 8, "page_size": 16,
                                            "max_running_requests": 8},
                                  kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8,
-                                                 "dtype": "float32", "page_size": 16},
+                                                 "dtype": "float32", "page_size": 16, "layout": "kv"},
                                  data_addr="tcp://127.0.0.1:1", pid=1)
     lost = threading.Event()
     link = RouterLink(client, register, lost_after=1.5, on_lost=lost.set).start()

@@ -5,8 +5,9 @@ name map: a function from the checkpoint's tensor name to the HF Llama name
 (`model.layers.N.self_attn.q_proj.weight`, ...; return None to drop the tensor). Pass
 it as `load_model(..., name_map=fn)`; the layouts this engine knows are listed in `LAYOUTS`
 by config.json `architectures` entry, as (name_map, config_map), where `config_map`
-rewrites that config.json dict into Llama keys for `ModelConfig.from_hf_config`
-(`llada_layout.py`: LLaDA; `sdar_layout.py`: SDAR).
+rewrites that config.json dict into the keys `ModelConfig.from_hf_config` reads
+(`llada_layout.py`: LLaDA; `sdar_layout.py`: SDAR; `moe_layout.py`: Qwen3-MoE, Mixtral,
+DeepSeek-V2). An architecture missing from the table is refused, naming the supported ones.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from cluster.engine import llada_layout, sdar_layout
+from cluster.engine import llada_layout, moe_layout, sdar_layout
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.rotary import RotaryEmbedding
@@ -32,7 +33,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NameMap = Callable[[str], Optional[str]]
-LAYOUTS: dict[str, tuple[NameMap, Optional[Callable[[dict], dict]]]] = {
+LAYOUTS: dict[str, tuple[Optional[NameMap], Optional[Callable[[dict], dict]]]] = {
+    **{arch: (None, None) for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")},
+    **{arch: (None, None) for arch in moe_layout.QWEN3_MOE + moe_layout.DEEPSEEK_V2},
+    **{arch: (moe_layout.mixtral_name_map, None) for arch in moe_layout.MIXTRAL},
     **{arch: (llada_layout.llada_name_map, llada_layout.llada_config_map) for arch in llada_layout.ARCHITECTURES},
     **{arch: (sdar_layout.sdar_name_map, sdar_layout.sdar_config_map) for arch in sdar_layout.ARCHITECTURES},
 }
@@ -110,10 +114,12 @@ def _dir_config(path: str, name_map: Optional[NameMap]) -> tuple[ModelConfig, Op
         return PRESETS[path], name_map
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    layout = LAYOUTS.get((cfg.get("architectures") or [""])[0])
-    if layout is not None:
-        name_map = name_map or layout[0]
-        cfg = layout[1](cfg) if layout[1] else cfg
+    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in LAYOUTS:
+        raise ValueError(f"unsupported architecture {arch!r} in {path}/config.json; supported: {sorted(LAYOUTS)}")
+    layout_names, layout_config = LAYOUTS[arch]
+    name_map = name_map or layout_names
+    cfg = layout_config(cfg) if layout_config else cfg
     gen = os.path.join(path, "generation_config.json")
     if os.path.exists(gen):   # generation_config's eos list is the one generation stops on
         with open(gen) as f:

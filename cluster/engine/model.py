@@ -1,4 +1,5 @@
-"""Llama-family decoder: Llama 2/3, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm).
+"""The decoder: Llama 2/3, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm); with sparse MoE
+feed-forward blocks (moe.py: Qwen3-MoE, Mixtral, DeepSeek-V2) and latent attention (mla.py: DeepSeek-V2).
 
 Tokens of all requests are flattened to `[num_tokens, hidden]` so every projection is one
 GEMM; only attention sees requests (through the AttentionContext). q/k/v and gate/up are
@@ -7,29 +8,22 @@ fused into one weight each: fewer, larger GEMMs. Weights load from HF tensor nam
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cluster.engine.attention import AttentionContext, paged_attention
 from cluster.engine.linear import linear
+from cluster.engine.mla import MlaAttention
 from cluster.engine.model_config import ModelConfig
+from cluster.engine.moe import MLP, SparseMoe
+from cluster.engine.norm import RMSNorm
 from cluster.engine.rotary import RotaryEmbedding, apply_rope
 
+__all__ = ["LlamaModel", "RMSNorm"]
+
 MAX_ROPE_POSITIONS = 32768   # cos/sin tables beyond this cost memory for nothing here
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # HF's `weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)`: torch's rms_norm computes in
-        # float32 and rounds once like it (bit-identical on CPU); on CUDA one fused kernel instead of six
-        return self.weight * F.rms_norm(x, (x.shape[-1],), None, self.eps)
 
 
 class Attention(nn.Module):
@@ -53,24 +47,14 @@ class Attention(nn.Module):
         return linear(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale), self.o_proj.weight)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg) if cfg.mla is None else MlaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        sparse = cfg.moe is not None and index in cfg.moe.sparse_layers
+        self.mlp = SparseMoe(cfg) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, kv, ctx):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, ctx)
@@ -82,7 +66,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS),
@@ -108,40 +92,53 @@ class LlamaModel(nn.Module):
     # weights
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _SHARDED = re.compile(r"(layers\.\d+\.[\w.]+\.)(\w+)\.(weight|bias)$")
+    _EXPERT = re.compile(r"(layers\.\d+\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
     @torch.no_grad()
     def load_hf_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...) into the fused layout."""
+        """Copy HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...) into the fused layout.
+        Every parameter must be filled exactly once, slice by slice for fused ones."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        filled = dict.fromkeys(params, 0)
         for name, w in tensors.items():
             name = name.removeprefix("model.")
-            if "rotary_emb" in name:
-                continue
-            m = re.match(r"(layers\.\d+\.\w+\.)(\w+)\.(weight|bias)$", name)
-            if m and m.group(2) in self._FUSED:
-                fused, shard = self._FUSED[m.group(2)]
-                target = params[f"{m.group(1)}{fused}.{m.group(3)}"]
-                sizes = self._shard_sizes(fused)
-                start = sum(sizes[:shard])
-                target[start:start + sizes[shard]].copy_(w)
-                loaded.add(f"{m.group(1)}{fused}.{m.group(3)}#{shard}")   # every shard must come
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue   # tied: some checkpoints still ship a copy
-            if name not in params:
+            target, index = self._weight_target(name, params)
+            if target not in params:
                 raise KeyError(f"unexpected weight {name!r}")
-            params[name].copy_(w)
-            loaded.add(name)
-        shards = {n: len(self._shard_sizes(n.split(".")[-2])) for n in params
-                  if ".qkv_proj." in n or ".gate_up_proj." in n}
-        missing = [n for n in params if n not in loaded and
-                   not (n in shards and all(f"{n}#{i}" in loaded for i in range(shards[n])))]
+            dst = params[target] if index is None else params[target][index]
+            if dst.numel() != w.numel():
+                raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(w.reshape(dst.shape))
+            filled[target] += w.numel()
+        missing = [n for n, p in params.items() if filled[n] != p.numel()]
         if missing:
             raise KeyError(f"weights missing from checkpoint: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
 
-    def _shard_sizes(self, fused: str) -> list[int]:
+    def _weight_target(self, name: str, params: dict) -> tuple[str, Optional[tuple]]:
+        """(parameter, index into it) that the checkpoint tensor `name` fills."""
+        m = self._EXPERT.match(name)
+        if m:   # one expert's projection: its slice of the fused expert weights
+            expert, proj = int(m.group(2)), m.group(3)
+            if proj == "down_proj":
+                return f"{m.group(1)}down_proj", (expert,)
+            size = self.config.moe.intermediate_size
+            start = size if proj == "up_proj" else 0
+            return f"{m.group(1)}gate_up_proj", (expert, slice(start, start + size))
+        m = self._SHARDED.match(name)
+        if m and m.group(2) in self._FUSED:
+            fused, shard = self._FUSED[m.group(2)]
+            target = f"{m.group(1)}{fused}.{m.group(3)}"
+            if target in params:   # MLA keeps its own q_proj
+                sizes = self._shard_sizes(fused, params[target])
+                start = sum(sizes[:shard])
+                return target, (slice(start, start + sizes[shard]),)
+        return name, None
+
+    def _shard_sizes(self, fused: str, param: torch.Tensor) -> list[int]:
         cfg = self.config
         if fused == "qkv_proj":
             return [cfg.q_size, cfg.kv_size, cfg.kv_size]
-        return [cfg.intermediate_size, cfg.intermediate_size]
+        return [param.shape[0] // 2] * 2   # dense MLPs and shared experts differ in width

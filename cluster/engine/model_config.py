@@ -1,4 +1,5 @@
-"""ModelConfig: the shape of a Llama-family decoder, from an HF config.json, GGUF metadata or a preset."""
+"""ModelConfig: the shape of a decoder (Llama family, plus sparse-MoE feed-forward blocks and
+DeepSeek's multi-head latent attention), from an HF config.json, GGUF metadata or a preset."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,6 +7,40 @@ from typing import Optional
 
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Sparse feed-forward blocks: each token runs `top_k` of `num_experts` expert MLPs (see moe.py)."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int            # of one expert
+    sparse_layers: tuple              # layer indices with a sparse block; the others keep the dense MLP
+    norm_topk_prob: bool = False      # renormalise the chosen experts' weights to sum to 1
+    num_shared_experts: int = 0       # DeepSeek: a dense MLP this many experts wide beside the routed ones
+    topk_method: str = "greedy"       # greedy | group_limited_greedy (DeepSeek: top groups, then experts)
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        assert 0 < self.top_k <= self.num_experts, "top_k must be in [1, num_experts]"
+        assert self.topk_method in ("greedy", "group_limited_greedy"), f"topk_method {self.topk_method!r}"
+        assert self.num_experts % self.num_groups == 0, "num_experts must be a multiple of n_group"
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention (DeepSeek-V2): K/V come from one low-rank latent per token (see mla.py)."""
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None   # None: q comes from one full projection (V2-Lite)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -27,6 +62,8 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple = ()
     architecture: str = "LlamaForCausalLM"
+    moe: Optional[MoeConfig] = None
+    mla: Optional[MlaConfig] = None
 
     def __post_init__(self) -> None:
         assert self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
@@ -39,6 +76,14 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """(planes, heads, dim) of one token's cache entry per layer: K and V per KV head, or with MLA
+        one plane holding the compressed latent and the rope key side by side (all heads share it)."""
+        if self.mla is not None:
+            return 1, 1, self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return 2, self.num_kv_heads, self.head_dim
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelConfig":
@@ -54,16 +99,48 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         is_qwen2 = arch.startswith("Qwen2")
+        mla = _mla_config(cfg)
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=mla.qk_rope_head_dim if mla else cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", is_qwen2), qk_norm=arch.startswith("Qwen3"),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, architecture=arch)
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, architecture=arch,
+            moe=_moe_config(cfg), mla=mla)
+
+
+def _moe_config(cfg: dict) -> Optional[MoeConfig]:
+    """Qwen3-MoE (`decoder_sparse_step`, `mlp_only_layers`), Mixtral (every layer, always renormalised),
+    DeepSeek-V2 (`first_k_dense_replace` dense layers, shared experts, scaled and group-limited routing)."""
+    num = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    if not num:
+        return None
+    layers, arch = range(cfg["num_hidden_layers"]), (cfg.get("architectures") or [""])[0]
+    if arch.startswith("Deepseek"):
+        # transformers' DeepseekV2TopkRouter scales and never renormalises, whatever norm_topk_prob says
+        return MoeConfig(num, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                         tuple(i for i in layers if i >= cfg.get("first_k_dense_replace", 0)),
+                         num_shared_experts=cfg.get("n_shared_experts") or 0,
+                         topk_method=cfg.get("topk_method") or "greedy", num_groups=cfg.get("n_group") or 1,
+                         topk_groups=cfg.get("topk_group") or 1,
+                         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)))
+    if arch.startswith("Mixtral"):
+        return MoeConfig(num, cfg["num_experts_per_tok"], cfg["intermediate_size"], tuple(layers), True)
+    step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+    return MoeConfig(num, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                     tuple(i for i in layers if i not in dense and (i + 1) % step == 0),
+                     bool(cfg.get("norm_topk_prob", False)))
+
+
+def _mla_config(cfg: dict) -> Optional[MlaConfig]:
+    if not cfg.get("kv_lora_rank"):
+        return None
+    return MlaConfig(cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"],
+                     cfg.get("q_lora_rank"))
 
 
 PRESETS: dict[str, ModelConfig] = {

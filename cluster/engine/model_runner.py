@@ -39,13 +39,15 @@ class ModelRunner:
         self.page_size = page_size
         self.page_allocator = PageAllocator(num_pages)
         cfg = self.config
-        self.kv_pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages, page_size,
-                              self.dtype, self.device, storage=kv_storage)
+        planes, kv_heads, kv_dim = cfg.kv_cache_shape
+        self.kv_pool = KVPool(cfg.num_layers, kv_heads, kv_dim, num_pages, page_size, self.dtype, self.device,
+                              storage=kv_storage, num_planes=planes)
         self.import_fence = None   # kv_transfer.ImportFence of a decode worker: KV imports to wait for
         self.kv_caches = self.kv_pool.layer_caches()
         # one slot past the last: the trash slot that graph padding rows store into
         self.future_map = torch.zeros(NUM_FUTURE_SLOTS + 1, dtype=torch.int64, device=self.device)
-        self.attention_backend = attention_backend(self.device, cfg.head_dim)
+        # latent attention (mla.py) runs on the torch backend only
+        self.attention_backend = attention_backend(self.device, cfg.head_dim) if cfg.mla is None else "torch"
         self.decode_graphs = None
         if cuda_graphs_enabled(self.device) and self.attention_backend == "triton":
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.future_map, NUM_FUTURE_SLOTS,
@@ -57,9 +59,11 @@ class ModelRunner:
         return self.loaded.tokenizer
 
     def kv_fingerprint(self) -> dict:
-        cfg = self.config
-        return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-                "dtype": str(self.dtype).removeprefix("torch."), "page_size": self.page_size}
+        """What a KV handoff between two workers must agree on; `layout` names the planes' meaning."""
+        pool, mla = self.kv_pool, self.config.mla
+        layout = "kv" if mla is None else f"latent:{mla.kv_lora_rank}+{mla.qk_rope_head_dim}"
+        return {"num_layers": pool.num_layers, "num_kv_heads": pool.num_kv_heads, "head_dim": pool.head_dim,
+                "dtype": str(self.dtype).removeprefix("torch."), "page_size": self.page_size, "layout": layout}
 
     # future-token map
     def resolve_future(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -51,3 +51,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     half = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation over adjacent pairs (x[2i], x[2i+1]) instead of halves: DeepSeek-V2's rope
+    (transformers multiplies the pairs as complex numbers). Takes RotaryEmbedding's tables as is."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., half:]   # the second half of the signed table is +sin
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)

@@ -108,7 +108,7 @@ class Register:                                   # worker -> router
     role: str                                     # one of cluster.roles.ROLES
     model: str
     capacity: dict                                # num_pages, page_size, max_running_requests
-    kv_fingerprint: dict                          # num_layers, num_kv_heads, head_dim, dtype, page_size
+    kv_fingerprint: dict                          # num_layers, num_kv_heads, head_dim, dtype, page_size, layout (kv | latent:R+P)
     data_addr: str = ""                           # "" when the worker has no data plane
     pid: int = 0
 

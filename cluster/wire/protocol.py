@@ -100,7 +100,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                    "max_running_requests": Int(lo=0)}),
                "kv_fingerprint": Record({"num_layers": Int(lo=0), "num_kv_heads": Int(lo=0),
                                          "head_dim": Int(lo=0), "dtype": Str(max_len=64),
-                                         "page_size": Int(lo=1)}),
+                                         "page_size": Int(lo=1), "layout": Str(max_len=64)}),
                "data_addr": TEXT, "pid": Int(lo=0)},
     Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), NumberOrCounts()),
                 "histograms": List(Typed(HistogramSample, {

@@ -1,0 +1,105 @@
+"""Multi-head latent attention (DeepSeek-V2): the KV cache holds one latent per token.
+
+Per token, `kv_a_proj_with_mqa` yields a compressed latent `c` (`kv_lora_rank` values, then
+RMSNorm) and one rope key `k_pe` (`qk_rope_head_dim`, shared by all heads). The cache stores
+`[c, k_pe]` side by side: one plane, one "head" (kv_cache.py), `kv_lora_rank + qk_rope_head_dim`
+values per token and layer instead of `2 * heads * head_dim`. Head h's key is
+`[W_UK[h] c, k_pe]` and its value `W_UV[h] c`, with `kv_b_proj = [W_UK; W_UV]` per head.
+
+- Prefill / extend (many queries per request): the expanded form. The latents of the
+  request (its new tokens, or its pages when a prefix is cached) go through `kv_b_proj`
+  into per-head keys and values, then SDPA, as transformers does.
+- Decode (one query per request): the absorbed form. `W_UK` is folded into the query
+  (`q_nope W_UK[h]` lives in latent space), so the scores read the cached latents directly,
+  the weighted sum of latents is taken first and `W_UV` applied once per head afterwards:
+  nothing per cached token is expanded.
+
+Rope is interleaved over pairs (rotary.apply_rope_interleaved), like transformers' DeepSeek-V2.
+Torch backend only (the model runner never picks Triton for MLA).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.engine.attention import gather_kv
+from cluster.engine.attention_context import AttentionContext
+from cluster.engine.linear import linear
+from cluster.engine.model_config import ModelConfig
+from cluster.engine.norm import RMSNorm
+from cluster.engine.rotary import apply_rope_interleaved
+
+LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
+
+
+class MlaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = self.mla = cfg.mla
+        self.num_heads = cfg.num_heads
+        qk_size, bias = cfg.num_heads * m.qk_head_dim, cfg.attention_bias
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, qk_size, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, m.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, qk_size, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * m.v_head_dim, cfg.hidden_size, bias=bias)
+        self.scale = m.qk_head_dim ** -0.5
+
+    def forward(self, x, rope, kv, ctx: AttentionContext):
+        m, t = self.mla, x.shape[0]
+        if m.q_lora_rank is None:
+            q = linear(x, self.q_proj.weight)
+        else:
+            q = linear(self.q_a_layernorm(linear(x, self.q_a_proj.weight, self.q_a_proj.bias)), self.q_b_proj.weight)
+        q_nope, q_pe = q.view(t, self.num_heads, m.qk_head_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
+        c, k_pe = linear(x, self.kv_a_proj_with_mqa.weight, self.kv_a_proj_with_mqa.bias).split(
+            [m.kv_lora_rank, m.qk_rope_head_dim], -1)
+        q_pe = apply_rope_interleaved(q_pe, *rope)
+        latent = torch.cat((self.kv_a_layernorm(c), apply_rope_interleaved(k_pe[:, None], *rope)[:, 0]), dim=-1)
+        cache = kv[0]                                                    # [1, num_pages, page_size, rank + rope]
+        cache.view(-1, cache.shape[-1]).index_copy_(0, ctx.slot_mapping, latent)
+        if ctx.is_decode:
+            out = self._decode_absorbed(q_nope, q_pe, cache, ctx)
+        else:
+            out = self._extend_expanded(q_nope, q_pe, latent, cache, ctx)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK `[H, nope, rank]`, W_UV `[H, v, rank]`: views of kv_b_proj."""
+        m = self.mla
+        w = self.kv_b_proj.weight.view(self.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
+
+    def _decode_absorbed(self, q_nope, q_pe, cache, ctx: AttentionContext) -> torch.Tensor:
+        w_uk, w_uv = self._up_weights()
+        latents = gather_kv(cache, ctx)[0]                                # [B, L, rank + rope]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
+        scores = torch.baddbmm(ctx.mask.to(q_pe.dtype), torch.cat((q_latent, q_pe), dim=-1),
+                               latents.transpose(1, 2), alpha=self.scale)   # [B, H, L]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
+        out_latent = torch.bmm(probs, latents[..., :self.mla.kv_lora_rank])  # [B, H, rank]
+        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2))   # [H, B, v]
+        return out.transpose(0, 1).reshape(q_pe.shape[0], -1)
+
+    def _extend_expanded(self, q_nope, q_pe, latent, cache, ctx: AttentionContext) -> torch.Tensor:
+        m, h = self.mla, self.num_heads
+        b, lq = ctx.num_reqs, ctx.max_q_len
+        pad = (lambda x: x[ctx.q_index]) if ctx.q_index is not None else (lambda x: x.view(b, lq, *x.shape[1:]))
+        # prompts from position 0 see only their own new tokens: skip the cache read
+        latents = pad(latent) if ctx.mask is None else gather_kv(cache, ctx)[0]   # [B, L, rank + rope]
+        length = latents.shape[1]
+        c, k_pe = latents.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        kv = linear(c.reshape(b * length, -1), self.kv_b_proj.weight).view(b, length, h, -1)
+        k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        keys = torch.cat((k_nope, k_pe[:, :, None].expand(b, length, h, m.qk_rope_head_dim)), dim=-1)
+        query = pad(torch.cat((q_nope, q_pe), dim=-1))
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b * lq, h * m.v_head_dim)
+        return out[ctx.out_index] if ctx.out_index is not None else out
