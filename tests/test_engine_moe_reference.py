@@ -11,7 +11,7 @@ import torch
 
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
-from tests.engine_fixtures import batch_input, single_thread  # noqa: F401
+from tests.engine_fixtures import batch_input
 from tests.moe_checkpoints import FAMILIES, save_tiny
 
 PAGE = 4
