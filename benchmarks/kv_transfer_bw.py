@@ -53,11 +53,12 @@ def pages_for(pool, tokens: int, rng, contiguous: bool = False) -> list[int]:
 
 def decode_side(args) -> None:
     import random
+    from cluster.config import KvTransferConfig
     from cluster.kv_transfer import TransferHub
     from cluster.wire import protocol as P
     from cluster.wire.transport import DataPlane
     pool, _ = make_pool(args, shared=False)
-    hub = TransferHub("auto", pool, "decode-0", verify=True)
+    hub = TransferHub(KvTransferConfig(verify=True), pool, "decode-0")
     rng = random.Random(1)
     with DataPlane("decode-0") as dp:
         hub.data_addr = dp.address
@@ -83,11 +84,12 @@ def decode_side(args) -> None:
 def prefill_side(args, decode_addr: str) -> None:
     import random
     import torch
+    from cluster.config import KvTransferConfig
     from cluster.kv_transfer import TransferHub
     from cluster.wire import protocol as P
     from cluster.wire.transport import DataPlane
     pool, seg = make_pool(args, shared="shm" in args.backend_list)
-    hub = TransferHub("auto", pool, "prefill-0", verify=True, segment=seg)
+    hub = TransferHub(KvTransferConfig(verify=True), pool, "prefill-0", segment=seg)
     rng = random.Random(0)
     rows = []
     with DataPlane("prefill-0") as dp:

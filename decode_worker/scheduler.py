@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from cluster.config import KvTransferConfig
 from cluster.kv_transfer import TransferHub
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire import protocol as P
@@ -51,7 +52,7 @@ class DecodeScheduler(WorkerScheduler):
         super().__init__(config, worker_id, runner, control)
         self.data_plane = data_plane
         self.wake_on(data_plane)
-        self.transfer = transfer or TransferHub("auto", runner.kv_pool, worker_id)
+        self.transfer = transfer or TransferHub(KvTransferConfig(), runner.kv_pool, worker_id)
         self.transfer.data_addr = data_plane.address
         runner.import_fence = self.transfer.fence   # forwards wait for the KV imports
         self.prealloc_queue = PreallocQueue(self.cache)

@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from typing import Optional
 
+from cluster.config import KvTransferConfig
 from cluster.kv_transfer import MAX_KV_ATTEMPTS, TransferHub
 from cluster.kv_transfer.layerwise import LayerStream, Planned
 from cluster.wire import protocol as P
@@ -33,7 +34,7 @@ class PrefillScheduler(WorkerScheduler):
         super().__init__(config, worker_id, runner, control)
         self.data_plane = data_plane
         self.wake_on(data_plane)
-        self.transfer = transfer or TransferHub("zmq", runner.kv_pool, worker_id)
+        self.transfer = transfer or TransferHub(KvTransferConfig(), runner.kv_pool, worker_id)
         self.transfer.data_addr = data_plane.address
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)

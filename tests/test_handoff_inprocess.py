@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cluster.wire import protocol as P
-from cluster.config import SchedulerConfig, TimeoutsConfig
+from cluster.config import KvTransferConfig, SchedulerConfig, TimeoutsConfig
 from cluster.engine.loader import load_model
+from cluster.kv_transfer import TransferHub
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
 from cluster.wire.transport import DataPlane
@@ -72,10 +73,13 @@ class Pair:
         self.pc, self.dc = QueueControl(), QueueControl()
         self.pdp, self.ddp = DataPlane("prefill-0"), DataPlane("decode-0")
         t = TimeoutsConfig()
-        self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0",
-                                        runner_for(loaded), self.pc, self.pdp, t)
-        self.decode = DecodeScheduler(SchedulerConfig(overlap=overlap), "decode-0",
-                                      runner_for(loaded, decode_pages), self.dc, self.ddp, t)
+        # whole-request handoff, checksummed (the layer-wise path: test_kv_layerwise.py)
+        kv = KvTransferConfig(verify=True, layerwise=False)
+        prefill_runner, decode_runner = runner_for(loaded), runner_for(loaded, decode_pages)
+        self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0", prefill_runner, self.pc,
+                                        self.pdp, t, transfer=TransferHub(kv, prefill_runner.kv_pool, "prefill-0"))
+        self.decode = DecodeScheduler(SchedulerConfig(overlap=overlap), "decode-0", decode_runner, self.dc,
+                                      self.ddp, t, transfer=TransferHub(kv, decode_runner.kv_pool, "decode-0"))
         self.decode_forwards: list = []
         forward = self.decode.executor.forward_fn
         self.decode.executor.forward_fn = lambda fi: (self.decode_forwards.append(list(fi.extend_lens)), forward(fi))[1]

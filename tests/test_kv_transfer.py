@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.config import KvTransferConfig
 from cluster.engine.kv_cache import KVPool
 from cluster.kv_transfer import (KvFaults, KvFaultSpec, KvTransferError, TransferHub, choose_backend,
                                  is_same_host)
@@ -48,7 +49,7 @@ def hand_off(hub_p: TransferHub, hub_d: TransferHub, src_pages, dst_pages, lengt
 def test_zmq_writes_frames_straight_into_reserved_pages(frame_bytes):
     src, dst = filled_pool(16, seed=1), KVPool(num_pages=12, **SHAPE)
     src_pages, dst_pages, length = [3, 7, 8, 1], [9, 2, 3, 5], 14
-    n = hand_off(TransferHub("zmq", src, "prefill-0"), TransferHub("zmq", dst, "decode-0"),
+    n = hand_off(TransferHub(KvTransferConfig("zmq"), src, "prefill-0"), TransferHub(KvTransferConfig("zmq"), dst, "decode-0"),
                  src_pages, dst_pages, length, frame_bytes)
     assert n == src.request_bytes(length)
     assert torch.equal(dst.export_kv(dst_pages, length), src.export_kv(src_pages, length))
@@ -58,14 +59,15 @@ def test_zmq_writes_frames_straight_into_reserved_pages(frame_bytes):
 def test_shm_copies_pages_from_the_prefill_segment():
     storage, seg = shared_pool_storage((3, 2, 2, 16, 4, 8), torch.float32)
     src, dst = filled_pool(16, seed=2, storage=storage), KVPool(num_pages=8, **SHAPE)
-    hub_p = TransferHub("shm", src, "prefill-0", segment=seg)
-    hand_off(hub_p, TransferHub("shm", dst, "decode-0"), [5, 6, 7, 2], [0, 1, 2, 3], 13)
+    hub_p = TransferHub(KvTransferConfig("shm"), src, "prefill-0", segment=seg)
+    hand_off(hub_p, TransferHub(KvTransferConfig("shm"), dst, "decode-0"), [5, 6, 7, 2], [0, 1, 2, 3], 13)
     assert torch.equal(dst.export_kv([0, 1, 2, 3], 13), src.export_kv([5, 6, 7, 2], 13))
 
 
 def test_checksum_mismatch_is_caught_before_pages_go_live():
     src, dst = filled_pool(8, seed=3), KVPool(num_pages=8, **SHAPE)
-    hub_p, hub_d = TransferHub("zmq", src, "prefill-0"), TransferHub("zmq", dst, "decode-0")
+    verified = KvTransferConfig("zmq", verify=True)
+    hub_p, hub_d = TransferHub(verified, src, "prefill-0"), TransferHub(verified, dst, "decode-0")
     backend = hub_p.sender_for("tcp://127.0.0.1:1")
     packed = backend.pack([0, 1], 6)
     backend.corrupt(packed)
@@ -77,7 +79,7 @@ def test_checksum_mismatch_is_caught_before_pages_go_live():
 
 
 def test_fixed_backend_refuses_another():
-    hub = TransferHub("shm", KVPool(num_pages=2, **SHAPE), "decode-0")
+    hub = TransferHub(KvTransferConfig("shm"), KVPool(num_pages=2, **SHAPE), "decode-0")
     with pytest.raises(KvTransferError, match="takes 'shm'"):
         hub.receiver_for("zmq")
 
@@ -91,7 +93,7 @@ def test_auto_picks_cuda_ipc_shm_or_zmq():
     assert is_same_host("tcp://127.0.0.1:5000") and is_same_host("tcp://localhost:1")
     assert not is_same_host("tcp://203.0.113.9:5000")
     storage, seg = shared_pool_storage((3, 2, 2, 4, 4, 8), torch.float32)
-    hub = TransferHub("auto", KVPool(num_pages=4, storage=storage, **SHAPE), "prefill-0", segment=seg)
+    hub = TransferHub(KvTransferConfig("auto"), KVPool(num_pages=4, storage=storage, **SHAPE), "prefill-0", segment=seg)
     assert hub.sender_for("tcp://127.0.0.1:9").name == "shm"
     assert hub.sender_for("tcp://203.0.113.9:9").name == "zmq"
     hub.layerwise = "auto"                               # layer-wise only where bytes cross a socket
@@ -135,13 +137,14 @@ PREFILL_CHILD = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from tests.test_kv_transfer import SHAPE, filled_pool
+from cluster.config import KvTransferConfig
 from cluster.kv_transfer import TransferHub
 from cluster.kv_transfer.shm_backend import shared_pool_storage
 from cluster.wire import protocol as P
 from cluster.wire.transport import DataPlane
 storage, seg = shared_pool_storage((3, 2, 2, 32, 4, 8), torch.float32)
 pool = filled_pool(32, seed=11, storage=storage)
-hub = TransferHub(sys.argv[3], pool, "prefill-0", segment=seg)
+hub = TransferHub(KvTransferConfig(sys.argv[3]), pool, "prefill-0", segment=seg)
 with DataPlane("prefill-0") as dp:
     print(dp.address, flush=True)
     backend = hub.sender_for(sys.argv[2])
@@ -160,7 +163,7 @@ with DataPlane("prefill-0") as dp:
 @pytest.mark.parametrize("backend", ["zmq", "shm"])
 def test_two_processes_hand_off_bit_exact(backend):
     dst = KVPool(num_pages=16, **SHAPE)
-    hub = TransferHub(backend, dst, "decode-0")
+    hub = TransferHub(KvTransferConfig(backend), dst, "decode-0")
     expect = filled_pool(32, seed=11)
     with DataPlane("decode-0") as dp:
         hub.data_addr = dp.address

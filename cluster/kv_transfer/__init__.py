@@ -40,10 +40,10 @@ reached through zmq, where it measures faster (`TransferHub.streams_layers`).
 """
 from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError, Packed
 from cluster.kv_transfer.faults import ENV as FAULT_ENV, KvFaults, KvFaultSpec
-from cluster.kv_transfer.hub import BACKENDS, TransferHub, choose_backend, is_same_host
+from cluster.kv_transfer.hub import TransferHub, choose_backend, is_same_host
 
 MAX_KV_ATTEMPTS = 3
 
-__all__ = ["BACKENDS", "FAULT_ENV", "ImportFence", "KvFaults", "KvFaultSpec", "KvTransfer",
+__all__ = ["FAULT_ENV", "ImportFence", "KvFaults", "KvFaultSpec", "KvTransfer",
            "KvTransferError", "MAX_KV_ATTEMPTS", "Packed", "TransferHub", "choose_backend",
            "is_same_host"]

@@ -13,14 +13,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from typing import Optional, Union
+from typing import Optional
 
+from cluster.config_types import KV_BACKENDS, KvTransferConfig
 from cluster.engine.kv_cache import KVPool
 from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError
 from cluster.kv_transfer.faults import KvFaults
 
 logger = logging.getLogger("pdcluster.kv_transfer")
-BACKENDS = ("auto", "zmq", "shm", "cuda_ipc", "nccl")
 
 
 def choose_backend(device_type: str, same_host: bool, has_shared_pool: bool) -> str:
@@ -50,13 +50,10 @@ def is_same_host(address: str) -> bool:
 
 
 class TransferHub:
-    def __init__(self, backend: str, pool: KVPool, worker_id: str, verify: bool = True,
-                 data_host: str = "127.0.0.1", segment=None, faults: Optional[KvFaults] = None,
-                 layerwise: Union[bool, str] = False):
-        if backend not in BACKENDS:
-            raise ValueError(f"kv_transfer.backend {backend!r} is not one of {', '.join(BACKENDS)}")
-        self.backend, self.pool, self.worker_id, self.verify = backend, pool, worker_id, verify
-        self.data_host, self.segment, self.layerwise = data_host, segment, layerwise
+    def __init__(self, config: KvTransferConfig, pool: KVPool, worker_id: str,
+                 data_host: str = "127.0.0.1", segment=None, faults: Optional[KvFaults] = None):
+        self.backend, self.verify, self.layerwise = config.backend, config.verify, config.layerwise
+        self.pool, self.worker_id, self.data_host, self.segment = pool, worker_id, data_host, segment
         self.faults = faults if faults is not None else KvFaults.from_env()
         self.fence = ImportFence(pool.device)
         self._backends: dict[str, KvTransfer] = {}
@@ -103,7 +100,7 @@ class TransferHub:
         return self.layerwise is True or (self.layerwise == "auto" and backend.name == "zmq")
 
     def receiver_for(self, name: str) -> KvTransfer:
-        if self.backend not in ("auto", name) or name not in BACKENDS:
+        if self.backend not in ("auto", name) or name not in KV_BACKENDS:
             raise KvTransferError("backend", f"kv_batch sent with {name!r}, this worker takes "
                                   f"{self.backend!r}")
         return self.get(name)

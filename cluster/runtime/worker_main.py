@@ -131,10 +131,8 @@ def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
     def build(args, config, group, runner, control):
         from cluster.kv_transfer import TransferHub
         data_plane = DataPlane(args.worker_id, bind_host=args.data_host, curve=args.curve)
-        kv = config.kv_transfer
-        transfer = TransferHub(kv.backend, runner.kv_pool, args.worker_id, verify=kv.verify,
-                               data_host=args.data_host, segment=getattr(runner, "kv_segment", None),
-                               layerwise=kv.layerwise)
+        transfer = TransferHub(config.kv_transfer, runner.kv_pool, args.worker_id, data_host=args.data_host,
+                               segment=getattr(runner, "kv_segment", None))
         scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts,
                                   transfer=transfer)
         return scheduler, {"model": served_model(config, group), "data_addr": data_plane.address}

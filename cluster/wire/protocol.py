@@ -24,6 +24,7 @@ from typing import Any, Sequence, Union
 import msgpack
 import torch
 
+from cluster.config_types import KV_BACKENDS
 from cluster.roles import ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import DllmParams
@@ -77,7 +78,6 @@ TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [
 PROMPT_LPS = List(Float())                                                   # one per prompt token after the first
 PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
 
-KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")
 MAX_LAYERS = 1024
 
 
