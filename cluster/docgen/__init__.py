@@ -3,7 +3,8 @@
 - `messages.py` renders docs/reference/messages.md from the wire dataclasses,
 - `config.py` renders docs/reference/config.md from the config sections' types,
 - `metrics.py` renders docs/reference/metrics.md from the metric declarations,
-- `source.py` reads a dataclass's fields with the comments written beside them.
+- `source.py` reads a dataclass's fields with the comments written beside them, and
+  writes a page's header.
 
 `python -m cluster.docgen` rewrites every page; `--check` only says which are stale
 (tests/test_docs_reference.py runs the same check).
@@ -13,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from cluster.docgen.source import REGENERATE  # noqa: F401 (callers import it from here)
+
 REPO = Path(__file__).resolve().parents[2]
-REGENERATE = "python -m cluster.docgen"
 
 
 def pages() -> dict[str, Callable[[], str]]:
@@ -23,11 +25,6 @@ def pages() -> dict[str, Callable[[], str]]:
     return {"docs/reference/messages.md": messages.render,
             "docs/reference/config.md": config.render,
             "docs/reference/metrics.md": metrics.render}
-
-
-def header(title: str, sources: str) -> str:
-    return (f"# {title}\n\n<!-- generated from {sources} by `{REGENERATE}`; edit the code, "
-            f"not this page -->\n")
 
 
 def stale_pages(root: Path = REPO) -> list[str]:

@@ -7,8 +7,9 @@ import dataclasses
 import typing
 from types import NoneType
 
-from cluster.docgen import header
-from cluster.docgen.source import cell, default_of, docstring, field_comments
+from cluster.config_types import ClusterConfig, WorkerGroup
+from cluster.docgen.source import cell, default_of, docstring, field_comments, header
+from cluster.roles import ROLES
 
 INTRO = """\
 A cluster is one TOML file (`pdcluster launch CONFIG`); every section is optional and every
@@ -90,15 +91,12 @@ def _table(cls: type, skip=()) -> list[str]:
 
 def sections() -> list[tuple[str, type]]:
     """(TOML name, type) of every `[section]`: the dataclass fields of ClusterConfig."""
-    from cluster.config_types import ClusterConfig
     hints = typing.get_type_hints(ClusterConfig)
     return [(f.name, hints[f.name]) for f in dataclasses.fields(ClusterConfig)
             if dataclasses.is_dataclass(hints[f.name])]
 
 
 def render() -> str:
-    from cluster.config_types import WorkerGroup
-    from cluster.roles import ROLES
     out = [header("Config keys", "cluster/config_types.py"), INTRO]
     for name, cls in sections():
         out += [f"## [{name}]", ""]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from cluster.docgen import header
-from cluster.docgen.source import cell, class_comment, default_of, docstring, field_comments, source_line
+from cluster.docgen.source import cell, class_comment, default_of, docstring, field_comments, header, source_line
+from cluster.wire import messages, protocol
 
 INTRO = """\
 Every message is a list of ZeroMQ frames. Frame 0 is a msgpack map `{"v": %(version)d, "type": T,
@@ -24,14 +24,12 @@ worker). Fields are listed in wire order; a field with a default may be left at 
 
 
 def _messages() -> list[type]:
-    from cluster.wire import messages
     return sorted(typing.get_args(messages.Message), key=source_line)
 
 
 def _nested() -> list[type]:
     """Items that travel inside messages: the wire's dataclasses without a TYPE, in the
     order protocol.__all__ names them."""
-    from cluster.wire import protocol
     found = [getattr(protocol, name) for name in protocol.__all__]
     return sorted((t for t in found if dataclasses.is_dataclass(t) and not hasattr(t, "TYPE")), key=source_line)
 
@@ -60,7 +58,6 @@ def _section(title: str, cls: type, lead: str = "") -> list[str]:
 
 
 def render() -> str:
-    from cluster.wire import protocol
     out = [header("Wire messages", "cluster/wire/messages.py"),
            INTRO % {"version": protocol.PROTOCOL_VERSION, "inline": protocol.INLINE_IDS},
            "| type | dataclass | direction |", "| --- | --- | --- |"]

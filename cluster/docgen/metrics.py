@@ -2,8 +2,8 @@
 `/metrics` exports, read from the router's own metric definitions (cluster/router/metrics.py)."""
 from __future__ import annotations
 
-from cluster.docgen import header
-from cluster.docgen.source import cell
+from cluster.docgen.source import cell, header
+from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 
 INTRO = """\
 `GET /metrics` on the router is Prometheus text (`prometheus_client`). Every name has the
@@ -42,7 +42,6 @@ def _rows(families) -> list[str]:
 
 
 def render() -> str:
-    from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
     router = RouterMetrics()
     # one live worker, restarted once, and one refused frame: every fixed family shows its labels
     workers = WorkerStatsCollector(lambda: [(*ONE_WORKER, {}, [])], lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)},

@@ -1,5 +1,5 @@
 """A dataclass's fields as its source writes them: the comment beside each field (and the
-comment lines continuing it), for pages generated from the code."""
+comment lines continuing it), and the header of a page generated from the code."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,12 @@ import tokenize
 from typing import Any
 
 FIELD_LINE = re.compile(r"\s+(\w+)\s*:")
+REGENERATE = "python -m cluster.docgen"
+
+
+def header(title: str, sources: str) -> str:
+    return (f"# {title}\n\n<!-- generated from {sources} by `{REGENERATE}`; edit the code, "
+            f"not this page -->\n")
 
 
 def field_comments(cls: type) -> dict[str, str]:

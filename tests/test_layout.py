@@ -1,0 +1,84 @@
+"""The package layout stays a layering: no two product modules import each other in a circle
+(directly or through others), counting imports inside functions too, since a lazy import
+that dodges a circle still ties the two modules together."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCT = ("cluster", "prefill_worker", "decode_worker", "dllm")
+
+
+def product_modules() -> dict[str, Path]:
+    out = {}
+    for root in PRODUCT:
+        for path in (REPO / root).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def imported(path: Path, module: str, modules: dict) -> set[str]:
+    """The product modules `module` imports anywhere in its file (a name imported from a
+    package counts as its submodule when it is one)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def known(name: str):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            deps.update(known(a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:
+                deps.add(known(f"{base}.{a.name}") if f"{base}.{a.name}" in modules else known(base))
+    return deps - {None, module}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_two_product_modules_import_each_other_in_a_circle():
+    modules = product_modules()
+    graph = {m: imported(p, m, modules) for m, p in modules.items()}
+    assert len(graph) > 100 and "cluster.wire.protocol" in graph["cluster.wire.transport"]
+    assert circles(graph) == []
+
+
+def test_a_circle_is_found_however_long():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
