@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-ROLES = ("prefill", "decode", "unified", "dllm")
 ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
                  "unified": "cluster.unified", "dllm": "dllm"}
+ROLES = tuple(ROLE_PACKAGES)
+DATA_PLANE_ROLES = ("prefill", "decode")            # the roles that hand KV off (--data-host)
 
 ROUTER_TOKEN_ENV = "PDCLUSTER_ROUTER_TOKEN"         # the launcher's secret for /internal/*
 THREADS_ENV = "PDCLUSTER_THREADS"                    # e.g. a pod's CPU limit (deploy k8s)

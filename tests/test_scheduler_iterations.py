@@ -4,6 +4,7 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from cluster.config import default_config
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from tests.scripted_scheduler import ScriptedScheduler
@@ -52,9 +53,9 @@ def test_idle_pass_does_not_touch_forward_ct():
     assert s.forward_ct == 1 and s.launched == [1]
 
 
-def test_log_suffix_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("PDCLUSTER_LOG_FORWARD_ITERS", "0")
-    s = ScriptedScheduler(["prefill", "decode"], overlap=True).run()
+def test_log_suffix_can_be_turned_off_by_env():
+    on = default_config(env={"PDCLUSTER_LOG_FORWARD_ITERS": "0"}).group_of("prefill-0").scheduler.log_forward_iters
+    s = ScriptedScheduler(["prefill", "decode"], overlap=True, log_forward_iters=on).run()
     assert s.lines[0].startswith("Prefill batch, #new-seq: 1")
     assert s.stats.reported_iters == [("prefill", 1), ("decode", 2)]   # metrics keep the iteration
 

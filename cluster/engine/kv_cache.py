@@ -16,7 +16,12 @@ import torch
 
 from cluster.engine.page_allocator import PageAllocator
 
-__all__ = ["KVPool", "PageAllocator"]
+__all__ = ["KVPool", "PageAllocator", "pages_for"]
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold `num_tokens` positions."""
+    return -(-num_tokens // page_size)
 
 
 class KVPool:
@@ -52,8 +57,7 @@ class KVPool:
         return layers, self.num_planes, length, self.num_kv_heads, self.head_dim
 
     def pages_for(self, length: int) -> int:
-        """Pages that hold `length` positions."""
-        return (length + self.page_size - 1) // self.page_size
+        return pages_for(length, self.page_size)
 
     def slots(self, page_table: list[int], length: int) -> torch.Tensor:
         """Flat slot index (page * page_size + offset) of positions 0..length-1."""

@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 
 from cluster.engine.forward_batch import ForwardInput
+from cluster.engine.kv_cache import pages_for
 from cluster.engine.loader import DEFAULT_MODEL, load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.sampler import token_generator
@@ -97,7 +98,7 @@ class LLM:
         while waiting or running:
             admitted = []
             while waiting and len(running) + len(admitted) < self.max_batch_size:
-                need = -(-(len(waiting[0].input_ids) + waiting[0].sampling.max_tokens) // page_size)
+                need = pages_for(len(waiting[0].input_ids) + waiting[0].sampling.max_tokens, page_size)
                 if not alloc.can_allocate(need):
                     if not running and not admitted:
                         raise MemoryError(f"request {waiting[0].index} needs {need} pages; pool has {alloc.num_pages}")

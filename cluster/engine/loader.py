@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cluster.config_types import MODEL_DTYPES
 from cluster.engine import llada_layout, moe_layout, sdar_layout
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 NameMap = Callable[[str], Optional[str]]
 LAYOUTS: dict[str, tuple[Optional[NameMap], Optional[Callable[[dict], dict]]]] = {
     **{arch: (None, None) for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")},

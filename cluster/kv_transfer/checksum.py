@@ -17,6 +17,8 @@ from typing import Iterable
 import torch
 import xxhash
 
+from cluster.engine.kv_cache import pages_for
+
 UINT64 = (1 << 64) - 1
 _FOLD_COLS = 4096
 
@@ -66,7 +68,7 @@ def xxh3_pages(kv: torch.Tensor, pages: list[int], length: int) -> int:
     from cluster.kv_transfer.page_copy import page_runs
     page_size, item = kv.shape[4], kv.element_size()
     per_page = page_size * kv.shape[5] * item                                 # bytes
-    num = (length + page_size - 1) // page_size
+    num = pages_for(length, page_size)
     rows = kv.view(torch.uint8).numpy().reshape(-1, kv.shape[3], per_page)    # one view, sliced in numpy
     runs = page_runs(list(pages[:num]), list(pages[:num]))
     end = (num - 1) * per_page + (length - (num - 1) * page_size) * kv.shape[5] * item

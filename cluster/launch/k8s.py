@@ -27,7 +27,7 @@ import os
 from typing import Optional
 
 from cluster.config import ClusterConfig
-from cluster.roles import ROLE_PACKAGES
+from cluster.roles import DATA_PLANE_ROLES, ROLE_PACKAGES
 from cluster.wire import curve
 
 ROUTER = "pdcluster-router"
@@ -38,7 +38,6 @@ CONFIG_DIR = "/etc/pdcluster"
 CONFIG_FILE = f"{CONFIG_DIR}/cluster.toml"
 KEYS_DIR = f"{CONFIG_DIR}/keys"
 HEALTH_FILE = "/tmp/pdcluster-health"
-DATA_PLANE_ROLES = ("prefill", "decode")
 DEFAULT_IMAGE = "pdcluster:0.1.0"
 PROBE_PERIOD_S = 5
 

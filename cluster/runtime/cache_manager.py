@@ -9,6 +9,7 @@ used first, when an allocation runs short: for scheduling they count as free.
 """
 from __future__ import annotations
 
+from cluster.engine.kv_cache import pages_for
 from cluster.engine.radix_cache import RadixCache
 from cluster.runtime.schedule_batch import Req
 
@@ -27,7 +28,7 @@ class CacheManager:
             self.tree = RadixCache(self.allocator, self.page_size)
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def num_missing_pages(self, req: Req, num_tokens: int) -> int:
         return max(0, self.pages_for(num_tokens) - len(req.page_table))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cluster.histogram import Histogram
-from cluster.roles import log_forward_iters_override
 
 logger = logging.getLogger("pdcluster.scheduler")
 
@@ -64,8 +63,7 @@ class IterationStats:
     """The stats lines of one worker and the gauges they set."""
 
     def __init__(self, log_forward_iters: bool, decode_log_interval: int):
-        override = log_forward_iters_override()
-        self.log_forward_iters = log_forward_iters if override is None else override
+        self.log_forward_iters = log_forward_iters      # PDCLUSTER_LOG_FORWARD_ITERS: applied by the config loader
         self.decode_log_interval = max(1, decode_log_interval)
         self.forward_iter = 0                              # last reported
         self.gen_throughput: Optional[float] = None        # set by the first decode line

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cluster.config_types import MODEL_DTYPES
 from cluster.wire.checks import Int, List, Record, Str, fail
 
 FRAME_BYTES = 4 << 20                   # max bytes per tensor frame
@@ -33,12 +34,8 @@ MAX_TENSOR_BYTES = 16 << 30             # absurd-size guard
 MAX_NDIM = 8
 
 # dtype allow-list: name on the wire -> torch dtype (no bool: arbitrary bytes are not valid bools)
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2, "int64": torch.int64, "int32": torch.int32,
-    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in MODEL_DTYPES + (
+    "float64", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8", "uint8")}
 DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in DTYPES.items()}
 
 TENSOR_DESC = Record({
