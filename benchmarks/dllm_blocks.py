@@ -85,8 +85,8 @@ def run(runner, prompts, params: DllmParams, max_tokens: int, overlap: bool) -> 
     sched.stop()
     loop.join()
     return {"tokens": [control.tokens[f"q{i}"] for i in range(len(prompts))], "wall": wall,
-            "rounds": sched.forward_ct, "tok_fwd": sched.heartbeat_stats()["dllm_tokens_per_forward"],
-            "fwd_blk": sched.heartbeat_stats()["dllm_forwards_per_block"]}
+            "rounds": sched.forward_ct, "tok_fwd": sched.heartbeat_gauges().dllm_tokens_per_forward,
+            "fwd_blk": sched.heartbeat_gauges().dllm_forwards_per_block}
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from cluster.config import KvTransferConfig
 from cluster.kv_transfer import TransferHub
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire import protocol as P
+from cluster.wire.gauges import WorkerGauges
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.stats import DecodeStats, KvTransferStats
 from cluster.runtime.prefill_manager import PrefillManager
@@ -250,13 +252,10 @@ class DecodeScheduler(WorkerScheduler):
     def num_queue_reqs(self) -> int:
         return len(self.prealloc_queue) + len(self.local_prefill)
 
-    def heartbeat_stats(self) -> dict:
-        stats = super().heartbeat_stats()
-        stats.update(num_prealloc_reqs=len(self.prealloc_queue), num_transfer_reqs=len(self.transfer_queue),
-                     num_retracted_reqs_total=self.decode.num_retracted_total,
-                     kv_transfer_bytes_total=self.kv_transfer.bytes_total,
-                     kv_transfer_failures_total=dict(self.kv_transfer.failures))
-        return stats
+    def heartbeat_gauges(self) -> WorkerGauges:
+        return replace(super().heartbeat_gauges(), num_prealloc_reqs=len(self.prealloc_queue),
+                       num_transfer_reqs=len(self.transfer_queue),
+                       num_retracted_reqs_total=self.decode.num_retracted_total, **self.kv_transfer.gauges())
 
     def num_protocol_errors(self) -> int:
         return super().num_protocol_errors() + self.data_plane.num_protocol_errors

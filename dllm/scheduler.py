@@ -7,9 +7,11 @@ base Scheduler's; this class supplies the four role steps and `process_batch_res
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Optional
 
 from cluster.engine.sampler import token_generator
+from cluster.wire.gauges import WorkerGauges
 from cluster.engine.stop_checker import check_finish
 from cluster.runtime.stats import PrefillStats
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
@@ -135,10 +137,10 @@ class DllmScheduler(WorkerScheduler):
     def num_queue_reqs(self) -> int:
         return len(self.rounds.waiting)
 
-    def heartbeat_stats(self) -> dict:
-        return {**super().heartbeat_stats(),
-                "dllm_tokens_per_forward": self.num_commits / max(1, self.num_block_forwards),
-                "dllm_forwards_per_block": self.num_finished_block_forwards / max(1, self.num_blocks)}
+    def heartbeat_gauges(self) -> WorkerGauges:
+        return replace(super().heartbeat_gauges(),
+                       dllm_tokens_per_forward=self.num_commits / max(1, self.num_block_forwards),
+                       dllm_forwards_per_block=self.num_finished_block_forwards / max(1, self.num_blocks))
 
 
 def _average(avg: float, x: float, weight: float = 0.2) -> float:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Optional
 
 from cluster.config import KvTransferConfig
 from cluster.kv_transfer import MAX_KV_ATTEMPTS, TransferHub
 from cluster.kv_transfer.layerwise import LayerStream, Planned
 from cluster.wire import protocol as P
+from cluster.wire.gauges import WorkerGauges
 from cluster.runtime.stats import KvTransferStats, PrefillStats
 from cluster.runtime.output_processor import SampledToken, sampled_tokens
 from cluster.runtime.prefill_manager import PrefillManager
@@ -232,15 +234,10 @@ class PrefillScheduler(WorkerScheduler):
     def num_queue_reqs(self) -> int:
         return len(self.prefill) + len(self.bootstrap_queue)
 
-    def heartbeat_stats(self) -> dict:
-        stats = super().heartbeat_stats()
-        stats.update(num_bootstrap_reqs=len(self.bootstrap_queue), num_inflight_reqs=len(self.inflight_queue),
-                     kv_transfer_bytes_total=self.kv_transfer.bytes_total,
-                     kv_transfer_failures_total=dict(self.kv_transfer.failures))
-        return stats
-
-    def heartbeat_histograms(self) -> list:
-        return [self.kv_transfer.seconds.sample()]
+    def heartbeat_gauges(self) -> WorkerGauges:
+        return replace(super().heartbeat_gauges(), num_bootstrap_reqs=len(self.bootstrap_queue),
+                       num_inflight_reqs=len(self.inflight_queue), **self.kv_transfer.gauges(),
+                       kv_transfer_seconds=self.kv_transfer.seconds.sample())
 
     def num_protocol_errors(self) -> int:
         return super().num_protocol_errors() + self.data_plane.num_protocol_errors

@@ -65,12 +65,10 @@ class ScriptedWorker:
     """A worker process stand-in: registers, heartbeats, and answers `generate` via `reply`."""
 
     def __init__(self, endpoint: str, worker_id: str, role: str, model: str,
-                 reply: Optional[Reply] = None, stats: Optional[dict] = None,
-                 histograms: Optional[list] = None):
+                 reply: Optional[Reply] = None, gauges: Optional[protocol.WorkerGauges] = None):
         from cluster.wire.transport import ControlClient
         self.worker_id, self.role, self.reply = worker_id, role, reply
-        self.stats = stats or {}
-        self.histograms = histograms or []
+        self.gauges = gauges or protocol.WorkerGauges()
         self.received: list = []
         self.client = ControlClient(endpoint, worker_id)
         self.client.send(protocol.Register(
@@ -89,8 +87,7 @@ class ScriptedWorker:
         while not self._stop.is_set():
             if self.heartbeats and time.monotonic() >= next_beat:
                 self.client.send(protocol.Heartbeat(worker_id=self.worker_id, forward_ct=3,
-                                                    stats=dict(self.stats),
-                                                    histograms=list(self.histograms)))
+                                                    gauges=self.gauges))
                 next_beat = time.monotonic() + 0.2
             msg = self.client.recv(timeout=0.05)
             if msg is None:

@@ -283,4 +283,4 @@ def test_checkpoint_serves_through_the_block_loop(which, params, llada_dir, sdar
                               overlap=True, spec=spec)
     for out in control.outputs().values():
         assert len(out) == 10 and MASK not in out and all(0 <= t < V for t in out)
-    assert sched.heartbeat_stats()["dllm_tokens_per_forward"] >= 1.0
+    assert sched.heartbeat_gauges().dllm_tokens_per_forward >= 1.0

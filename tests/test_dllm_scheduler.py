@@ -134,8 +134,8 @@ def test_fixed_steps_commit_the_planned_count_each_step(runner):
         per_block.setdefault((rid, start, length), []).append(len(positions))
     for (_, _, length), counts in per_block.items():
         assert counts == {8: [3, 3, 2], 5: [2, 2, 1]}[length]
-    assert sched.heartbeat_stats()["dllm_forwards_per_block"] == pytest.approx(3.0)
-    assert sched.heartbeat_stats()["dllm_tokens_per_forward"] == pytest.approx(13 / 6)
+    assert sched.heartbeat_gauges().dllm_forwards_per_block == pytest.approx(3.0)
+    assert sched.heartbeat_gauges().dllm_tokens_per_forward == pytest.approx(13 / 6)
 
 
 def test_mask_token_never_comes_out(runner):

@@ -94,7 +94,7 @@ def test_kv_handoff_between_cuda_workers_equals_unified():
         for i, p in enumerate(prompts):
             pair.submit(f"r{i}", p)
         assert pair.run(len(prompts)) == ref
-        assert pair.decode.heartbeat_stats()["kv_transfer_bytes_total"] > 0
+        assert pair.decode.heartbeat_gauges().kv_transfer_bytes_total > 0
     finally:
         pair.close()
 

@@ -129,9 +129,9 @@ def test_decode_receives_the_prompt_kv_and_runs_one_token_per_forward(loaded):
         pair.run(1)
         cfg = loaded.config
         expected = cfg.num_layers * 2 * len(ids) * cfg.num_kv_heads * cfg.head_dim * 4   # float32
-        assert pair.decode.heartbeat_stats()["kv_transfer_bytes_total"] == expected
-        assert pair.prefill.heartbeat_stats()["kv_transfer_bytes_total"] == expected
-        [seconds] = pair.prefill.heartbeat_histograms()
+        assert pair.decode.heartbeat_gauges().kv_transfer_bytes_total == expected
+        assert pair.prefill.heartbeat_gauges().kv_transfer_bytes_total == expected
+        seconds = pair.prefill.heartbeat_gauges().kv_transfer_seconds
         assert seconds.name == "kv_transfer_seconds" and seconds.count == 1
         assert pair.decode_forwards and all(lens == [1] for lens in pair.decode_forwards)
         assert ("prefill", 1) not in pair.decode.stats.reported_iters
@@ -278,7 +278,7 @@ def test_n_siblings_fork_from_one_prefill_and_match_their_own_runs(loaded, prefi
         assert prefill_rows == [[len(ids)]]                      # one prefill of the prompt
         cfg = loaded.config
         one_prompt = cfg.num_layers * 2 * len(ids) * cfg.num_kv_heads * cfg.head_dim * 4
-        assert pair.decode.heartbeat_stats()["kv_transfer_bytes_total"] == one_prompt
+        assert pair.decode.heartbeat_gauges().kv_transfer_bytes_total == one_prompt
         assert pair.dc.errors() == [] and pair.decode.reqs == {}
         assert pair.decode.cache.token_usage == 0.0
         pair.decode.runner.page_allocator.check_integrity()

@@ -81,7 +81,7 @@ def test_unified_greedy_output_with_cache_hits_equals_cold_output(loaded, caplog
     logged = sum(int(m.group(1)) for r in caplog.records
                  if (m := re.search(r"^Prefill batch \[\d+\].*#cached-token: (\d+)", r.getMessage())))
     assert logged == warm.cache.num_hit_tokens
-    assert warm.heartbeat_stats()["prefix_cache_hit_rate"] == pytest.approx(warm.cache.hit_rate)
+    assert warm.heartbeat_gauges().prefix_cache_hit_rate == pytest.approx(warm.cache.hit_rate)
     assert warm.cache.hit_rate > 0.3
     check_pages(warm)
 
@@ -118,7 +118,7 @@ def test_prefill_worker_extends_from_cached_prefix_and_decode_output_is_unchange
         out = pair.run(1 + len(second))
         assert {k: v for k, v in out.items() if k != "warm"} == ref
         assert pair.prefill.cache.num_hit_tokens >= len(first[0]) // 16 * 16
-        assert pair.prefill.heartbeat_stats()["prefix_cache_hit_tokens_total"] == pair.prefill.cache.num_hit_tokens
+        assert pair.prefill.heartbeat_gauges().prefix_cache_hit_tokens_total == pair.prefill.cache.num_hit_tokens
         check_pages(pair.prefill)
     finally:
         pair.close()
@@ -136,12 +136,12 @@ def test_decode_prefills_a_short_uncached_remainder_itself_from_what_it_finished
         answer = pair.run(1)["t1"]
         turn2 = first[0] + answer + loaded.tokenizer.encode(" Tell me more.")
         ref = serve(unified(loaded, prefix_cache=False), [turn2], "r")["r0"]
-        sent_before = pair.prefill.heartbeat_stats()["kv_transfer_bytes_total"]
+        sent_before = pair.prefill.heartbeat_gauges().kv_transfer_bytes_total
         pair.dc.generate("t2", turn2, max_tokens=MAX_TOKENS, ignore_eos=True)   # no peer: prefill here
         out = pair.run(2)
         assert out["t2"] == ref
         assert pair.decode.cache.num_hit_tokens >= (len(first[0]) + MAX_TOKENS - 1) // 16 * 16
-        assert pair.prefill.heartbeat_stats()["kv_transfer_bytes_total"] == sent_before   # nothing crossed
+        assert pair.prefill.heartbeat_gauges().kv_transfer_bytes_total == sent_before   # nothing crossed
         assert pair.dc.errors() == []
         check_pages(pair.decode)
     finally:
@@ -160,17 +160,17 @@ def test_decode_side_reuse_transfers_only_the_pages_decode_does_not_hold(loaded)
     try:
         submit_ids(pair, "t1", first[0])
         answer = pair.run(1)["t1"]
-        assert pair.decode.heartbeat_stats()["kv_transfer_bytes_total"] == per_token * len(first[0])
+        assert pair.decode.heartbeat_gauges().kv_transfer_bytes_total == per_token * len(first[0])
         turn2 = first[0] + answer + loaded.tokenizer.encode(" Tell me more.")
         ref = serve(unified(loaded, prefix_cache=False), [turn2], "r")["r0"]
-        before = {s: s.heartbeat_stats()["kv_transfer_bytes_total"] for s in (pair.prefill, pair.decode)}
+        before = {s: s.heartbeat_gauges().kv_transfer_bytes_total for s in (pair.prefill, pair.decode)}
         submit_ids(pair, "t2", turn2)
         out = pair.run(2)
         assert out["t2"] == ref
         held = pair.decode.cache.num_hit_tokens
         assert held >= (len(first[0]) + MAX_TOKENS - 1) // 16 * 16 and held % 16 == 0
         for s in (pair.prefill, pair.decode):
-            assert s.heartbeat_stats()["kv_transfer_bytes_total"] - before[s] == per_token * (len(turn2) - held)
+            assert s.heartbeat_gauges().kv_transfer_bytes_total - before[s] == per_token * (len(turn2) - held)
         assert pair.dc.errors() == [] and pair.pc.errors() == []
         check_pages(pair.decode)
     finally:

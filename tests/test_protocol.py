@@ -23,14 +23,16 @@ def kv(layers: int, prompt_len: int, heads: int, head_dim: int, dtype=torch.floa
     g = torch.Generator().manual_seed(seed)
     return torch.randn(layers, 2, prompt_len, heads, head_dim, generator=g).to(dtype)
 
+NO_GAUGES = {d.name: None for d in P.WorkerGauges.declared()}
 
 SIMPLE_MESSAGES = [
     P.Register("prefill-0", "prefill", "smollm2", {"num_pages": 2048, "page_size": 16,
                                                     "max_running_requests": 64},
                {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "dtype": "bfloat16",
                 "page_size": 16, "layout": "kv"}, "tcp://127.0.0.1:5555", 1234),
-    P.Heartbeat("decode-0", 17, {"pdcluster:num_running_reqs": 3, "pdcluster:token_usage": 0.25},
-                [P.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 1.5, 3)]),
+    P.Heartbeat("decode-0", 17, P.WorkerGauges(
+        num_running_reqs=3, token_usage=0.25, kv_transfer_failures_total={"checksum": 1},
+        kv_transfer_seconds=P.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 1.5, 3))),
     P.Generate("r1", [1, 2, 3], SAMPLING),
     P.Generate("r2", list(range(5000)), SAMPLING, peer=P.Peer("decode-0", "tcp://127.0.0.1:1"),
                model="m", dllm={"block_size": 8, "algorithm": "low_confidence", "threshold": 0.9},
@@ -205,7 +207,7 @@ BAD_INPUTS = {
     "missing key": _with_body([encode(P.Abort("r", "x"))[0]], reason=KeyError),
     "extra key": _with_body([encode(P.Abort("r", "x"))[0]], why="x"),
     "wrong type": _with_body([encode(P.Abort("r", "x"))[0]], rid=5),
-    "bool as int": _with_body([encode(P.Heartbeat("w", 1))[0]], forward_ct=True),
+    "bool as int": _with_body([encode(P.Heartbeat("w", 1, P.WorkerGauges()))[0]], forward_ct=True),
     "negative length": _with_body(_kv_frames(), reqs=[{"rid": "r", "first_token": 1, "prompt_len": -4,
                                                        "first_logprob": None}]),
     "bin in body": _with_body([encode(P.Abort("r", "x"))[0]], reason=b"bytes"),
@@ -215,8 +217,11 @@ BAD_INPUTS = {
                                           "error": None, "logprobs": [0.0]}]),
     "sampling bound": _with_body(encode(SIMPLE_MESSAGES[2]), sampling={**SAMPLING.to_wire(), "max_tokens": 0}),
     "sampling missing field": _with_body(encode(SIMPLE_MESSAGES[2]), sampling={"max_tokens": 4}),
-    "histogram counts": _with_body(encode(SIMPLE_MESSAGES[1]), histograms=[
-        {"name": "h", "bounds": [1.0], "counts": [1], "sum": 0.0, "count": 1}]),
+    "histogram counts": _with_body(encode(SIMPLE_MESSAGES[1]), gauges={**NO_GAUGES, "kv_transfer_seconds": {
+        "name": "h", "bounds": [1.0], "counts": [1], "sum": 0.0, "count": 1}}),
+    "undeclared gauge": _with_body(encode(SIMPLE_MESSAGES[1]), gauges={**NO_GAUGES, "num_runing_reqs": 1}),
+    "labelled counter not a map": _with_body(encode(SIMPLE_MESSAGES[1]),
+                                             gauges={**NO_GAUGES, "kv_transfer_failures_total": 3}),
     "missing tensor frame": _kv_frames()[:-1],
     "extra frame": _kv_frames() + [b"\x00" * 8],
     "byte count mismatch": _kv_frames()[:-1] + [_kv_frames()[-1] + b"\x00"],

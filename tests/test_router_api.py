@@ -129,12 +129,13 @@ METRIC_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="
 
 
 def test_metrics_text_parses_and_exports_worker_gauges(router):
-    stats = {"num_running_reqs": 2, "num_queue_reqs": 1, "token_usage": 0.25,
-             "kv_transfer_bytes_total": 4096, "protocol_errors_total": 0}
-    histograms = [protocol.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 0.5, 3)]
-    router.worker("decode-0", "decode", MODEL, stats=stats, histograms=histograms)
+    seconds = protocol.HistogramSample("kv_transfer_seconds", [0.1, 1.0], [1, 2, 0], 0.5, 3)
+    gauges = protocol.WorkerGauges(num_running_reqs=2, num_queue_reqs=1, token_usage=0.25,
+                                   kv_transfer_bytes_total=4096, protocol_errors_total=0,
+                                   kv_transfer_seconds=seconds)
+    router.worker("decode-0", "decode", MODEL, gauges=gauges)
     assert wait_for(lambda: router.dispatcher.worker_stats()
-                    and router.dispatcher.worker_stats()[0][2])
+                    and router.dispatcher.worker_stats()[0][2] == gauges)
     resp = router.http.get("/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     lines = resp.text.strip().split("\n")

@@ -40,7 +40,7 @@ def raw_ctx():
 def test_control_server_and_client_exchange_in_order(server):
     with ControlClient(server.endpoint, "decode-0") as client:
         for i in range(50):
-            client.send(P.Heartbeat("decode-0", i, {"pdcluster:num_running_reqs": i}))
+            client.send(P.Heartbeat("decode-0", i, P.WorkerGauges(num_running_reqs=i)))
         got = [server.recv(T) for _ in range(50)]
         assert [(w, m.forward_ct) for w, m in got] == [("decode-0", i) for i in range(50)]
         server.send("decode-0", P.Abort("r1", "client gone"))

@@ -45,7 +45,7 @@ def _fields_table(cls: type) -> list[str]:
     for f in dataclasses.fields(cls):
         if f.name == "TYPE":
             continue
-        rows.append(f"| `{f.name}` | `{cell(f.type)}` | {_default(f)} | {cell(notes.get(f.name, ''))} |")
+        rows.append(f"| `{f.name}` | `{cell(f.type)}` | {_default(f)} | {cell(notes.get(f.name) or f.metadata.get('help', ''))} |")
     return rows
 
 

@@ -1,9 +1,11 @@
 """docs/reference/metrics.md: the metric names, kinds, labels and help texts the router's
-`/metrics` exports, read from the router's own metric definitions (cluster/router/metrics.py)."""
+`/metrics` exports, read from the router's own metric definitions (cluster/router/metrics.py)
+and the heartbeat's declaration of worker metrics (`WorkerGauges`, cluster/wire/gauges.py)."""
 from __future__ import annotations
 
 from cluster.docgen.source import cell, header
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
+from cluster.wire.gauges import COUNTER, WorkerGauges
 
 INTRO = """\
 `GET /metrics` on the router is Prometheus text (`prometheus_client`). Every name has the
@@ -41,19 +43,27 @@ def _rows(families) -> list[str]:
     return rows + [""]
 
 
+def _declared_rows() -> list[str]:
+    rows = ["| name | kind | labels | meaning |", "| --- | --- | --- | --- |"]
+    for d in WorkerGauges.declared():
+        name = d.name + ("_total" if d.kind == COUNTER and not d.name.endswith("_total") else "")
+        labels = ", ".join(f"`{k}`" for k in ("role", "worker", d.label) if k)
+        rows.append(f"| `pdcluster:{name}` | {d.kind} | {labels} | {cell(d.help)} |")
+    return rows + [""]
+
+
 def render() -> str:
     router = RouterMetrics()
     # one live worker, restarted once, and one refused frame: every fixed family shows its labels
-    workers = WorkerStatsCollector(lambda: [(*ONE_WORKER, {}, [])], lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)},
-                                   lambda: {"unauthenticated": 1})
-    out = [header("Metrics", "cluster/router/metrics.py"), INTRO,
+    workers = WorkerStatsCollector(lambda: [(*ONE_WORKER, WorkerGauges())],
+                                   lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)}, lambda: {"unauthenticated": 1})
+    out = [header("Metrics", "cluster/router/metrics.py and cluster/wire/gauges.py"), INTRO,
            "## Router", "", *_rows(_families(router.registry)),
            "## Workers", "",
            "Kept by the router for every registered worker (labels `role`, `worker`; the router's "
            "own refused frames carry `role=\"router\"`):", "",
            *_rows(_families(workers)),
-           "Every other worker metric is a value of the worker's heartbeat: a number named `S` "
-           "becomes `pdcluster:S`, a counter when `S` ends in `_total` (a map of counts adds a "
-           "`reason` label), else a gauge; each histogram the heartbeat carries becomes a histogram "
-           "of the same name.", ""]
+           "Reported by the workers with each heartbeat, as declared by `WorkerGauges` "
+           "(cluster/wire/gauges.py); a worker exports only those its role reports:", "",
+           *_declared_rows()]
     return "\n".join(out).rstrip("\n") + "\n"

@@ -26,8 +26,9 @@ from typing import Optional
 from cluster.wire import protocol
 from cluster.config import ClusterConfig
 from cluster.router.errors import overloaded
-from cluster.router.request_state import FailedEvent, RequestState, TokensEvent, deliver_all
+from cluster.router.request_state import FailedEvent, Placement, RequestState, TokensEvent, deliver_all
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
+from cluster.wire.gauges import WorkerGauges
 
 log = logging.getLogger("pdcluster.router")
 MAX_ATTEMPTS = 4
@@ -106,7 +107,7 @@ class Dispatcher:
             if not self._pick(first):
                 raise overloaded(f"no live worker serves model {first.model!r}", retry_after=2)
             sp = first.sampling
-            if first.route != "pd" or sp.prompt_logprobs or sp.grammar_kind:
+            if first.placement.route != "pd" or sp.prompt_logprobs or sp.grammar_kind:
                 self._send_generate(first)
                 for st in rest:
                     if not self._pick(st):
@@ -114,7 +115,7 @@ class Dispatcher:
                     self._send_generate(st)
                 return
             for st in rest:
-                st.workers, st.route = first.workers, first.route
+                st.placement = first.placement
                 self._register(st)
             self._send_generate(first, siblings=[st.wire_rid for st in rest])
 
@@ -134,22 +135,23 @@ class Dispatcher:
     # dispatch
     def _pick(self, st: RequestState) -> bool:
         d = self.directory
+        st.placement = None
         if st.route == "dllm":
             w = d.pick("dllm", model=st.model)
-            st.workers = (w.worker_id,) if w else ()
+            if w:
+                st.placement = Placement.single("dllm", w.worker_id)
         elif d.count("unified") and not d.has_pair():
             w = d.pick("unified", token_ids=st.input_ids + st.output_ids, rid=st.rid)
-            st.workers, st.route = ((w.worker_id,) if w else ()), "unified"
+            if w:
+                st.placement = Placement.single("unified", w.worker_id)
         else:
             ids = st.input_ids + st.output_ids
             local = self._pick_local_prefill(st, ids)
             if local is not None:
-                st.workers, st.route = (local.worker_id,), "local"
-            else:
-                pair = d.pick_pair(token_ids=ids, rid=st.rid)
-                st.workers = (pair[0].worker_id, pair[1].worker_id) if pair else ()
-                st.route = "pd"
-        return bool(st.workers)
+                st.placement = Placement.single("local", local.worker_id)
+            elif pair := d.pick_pair(token_ids=ids, rid=st.rid):
+                st.placement = Placement("pd", pair[0].worker_id, pair[1].worker_id)
+        return st.placement is not None
 
     def _pick_local_prefill(self, st: RequestState, ids: list[int]):
         """Selective disaggregation: the decode worker that already holds all but at most
@@ -173,7 +175,7 @@ class Dispatcher:
             self._finish(st, TokensEvent([], None, "length"))
             return
         infos = self._register(st)
-        peers = [infos[1].peer, infos[0].peer] if len(infos) == 2 else [None]
+        peers = [infos[1].peer, infos[0].peer] if st.placement.is_pair else [None]
         for info, peer in zip(infos, peers):
             self._send(info.worker_id, protocol.Generate(
                 rid=st.wire_rid, input_ids=list(st.input_ids), sampling=st.sampling, peer=peer,
@@ -187,7 +189,7 @@ class Dispatcher:
         st.last_progress = time.monotonic()
         self.requests[st.wire_rid] = st
         if st.trace is not None:
-            st.trace.route = st.route
+            st.trace.route = st.placement.route
             st.trace.mark("dispatched", worker="router", attempt=st.attempt,
                           workers=",".join(st.workers))
         infos = [self.directory.get(w) for w in st.workers]
@@ -208,7 +210,7 @@ class Dispatcher:
             self._send_generate(st)
         else:
             log.warning("request %s: %s; parked until a worker is available", st.rid, reason)
-            st.is_parked, st.workers = True, ()
+            st.is_parked, st.placement = True, None
             self.requests[st.wire_rid] = st
 
     def _retry_parked(self) -> None:
@@ -232,7 +234,7 @@ class Dispatcher:
 
     def _remember_finished(self, st: RequestState) -> None:
         """The worker that streamed a finished request keeps its KV (prefix cache)."""
-        if st.route in ("pd", "local", "unified") and st.token_source is not None:
+        if st.placement is not None and st.placement.route in ("pd", "local", "unified"):
             self.directory.record_finished(st.token_source, st.input_ids + st.output_ids)
 
     def _fail(self, st: RequestState, event: FailedEvent) -> None:
@@ -317,8 +319,7 @@ class Dispatcher:
         if info is None:
             return                                         # never registered here
         info.last_seen = time.monotonic()
-        info.stats = dict(msg.stats)
-        info.histograms = list(msg.histograms)
+        info.gauges = msg.gauges
         info.forward_ct = msg.forward_ct
 
     def _on_tokens(self, sender: str, msg) -> None:
@@ -394,7 +395,7 @@ class Dispatcher:
         if info.role == "prefill":
             handed_over = [s for s in affected if s.output_ids and s.token_source != worker_id]
             for st in handed_over:
-                st.workers = tuple(w for w in st.workers if w != worker_id)
+                st.placement = st.placement.without_prefill()
             affected = [s for s in affected if s not in handed_over]
         log.warning("worker %s is gone (%s): %d request(s) affected", worker_id, reason,
                     len(affected))
@@ -428,7 +429,7 @@ class Dispatcher:
     def rejected_frames(self) -> dict[str, int]:
         return dict(self.server.rejected_frames) if self.server is not None else {}
 
-    def worker_stats(self) -> list[tuple[str, str, dict, list]]:
+    def worker_stats(self) -> list[tuple[str, str, WorkerGauges]]:
         with self.lock:
-            return [(w.role, w.worker_id, dict(w.stats), list(w.histograms))
+            return [(w.role, w.worker_id, w.gauges)
                     for w in sorted(self.directory.workers.values(), key=lambda w: w.worker_id)]

@@ -4,16 +4,15 @@ Router: `pdcluster:time_to_first_token_seconds`, `pdcluster:inter_token_latency_
 `pdcluster:e2e_request_latency_seconds`, `pdcluster:request_phase_seconds{phase}`
 (histograms), `pdcluster:requests_total{outcome}`, `pdcluster:num_requests_in_flight`.
 Workers (labels `role`, `worker`), read from their last heartbeat at scrape time by
-`WorkerStatsCollector`: every numeric stat `S` becomes `pdcluster:S` - a counter when `S`
-ends in `_total` (a {reason: n} value adds a `reason` label), else a gauge - and every
-histogram a heartbeat carries becomes a histogram of the same name; `pdcluster:worker_up`
+`WorkerStatsCollector`: every metric `M` declared by `WorkerGauges` (cluster/wire/gauges.py)
+that a worker reports becomes `pdcluster:M` of the declared kind (a labelled counter's
+{reason: n} adds a `reason` label); `pdcluster:worker_up`
 is 1 for every live worker and `pdcluster:worker_restarts_total` counts how often a
 worker id registered again. Each router owns its registry (tests run several in one process).
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, Iterable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
@@ -21,6 +20,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from cluster.router.request_trace import PHASES
+from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, MetricDecl, WorkerGauges
 
 disable_created_metrics()          # no `_created` series: not among the documented names
 PREFIX = "pdcluster:"
@@ -34,7 +34,8 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0
 PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0, 30.0, 60.0, 120.0, 480.0)
 OUTCOMES = ("success", "error", "timeout", "aborted", "rejected")
-_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+WORKER_METRICS = {d.name: d for d in WorkerGauges.declared()}
+_FAMILIES = {GAUGE: GaugeMetricFamily, COUNTER: CounterMetricFamily, HISTOGRAM: HistogramMetricFamily}
 
 
 class RouterMetrics:
@@ -83,10 +84,10 @@ class RouterMetrics:
 
 
 class WorkerStatsCollector:
-    """Workers' heartbeat stats as metric families, read at scrape time.
+    """Workers' heartbeat gauges as metric families, read at scrape time; each family's kind,
+    help and label come from the `WorkerGauges` declaration.
 
-    `snapshot()` -> [(role, worker_id, stats, histograms)], histograms being the typed
-    `HistogramSample`s of the heartbeat;
+    `snapshot()` -> [(role, worker_id, WorkerGauges)];
     `restarts()` -> {worker_id: (role, n)}; `router_rejected()` -> {reason: n}.
     """
 
@@ -96,44 +97,32 @@ class WorkerStatsCollector:
 
     def collect(self) -> Iterable:
         labels = ["role", "worker"]
-        gauges: dict[str, GaugeMetricFamily] = {}
-        counters: dict[str, CounterMetricFamily] = {}
-        histograms: dict[str, HistogramMetricFamily] = {}
+        families: dict[str, object] = {}              # only metrics some worker reported
+
+        def family(decl: MetricDecl):
+            if decl.name not in families:
+                families[decl.name] = _FAMILIES[decl.kind](PREFIX + decl.name, decl.help,
+                                                           labels=labels + [decl.label] * bool(decl.label))
+            return families[decl.name]
+
         up = GaugeMetricFamily(PREFIX + "worker_up", "1 for every registered, live worker.",
                                labels=labels)
-
-        def counter(key: str, with_reason: bool) -> CounterMetricFamily:
-            if key not in counters:
-                counters[key] = CounterMetricFamily(PREFIX + key, f"Worker counter {key}.",
-                                                    labels=labels + ["reason"] * with_reason)
-            return counters[key]
-
-        for role, worker_id, stats, histograms_of in self.snapshot():
+        for role, worker_id, gauges in self.snapshot():
             values = [role, worker_id]
             up.add_metric(values, 1)
-            for h in histograms_of:
-                if _NAME.fullmatch(h.name):
-                    family = histograms.setdefault(h.name, HistogramMetricFamily(
-                        PREFIX + h.name, f"Worker histogram {h.name}.", labels=labels))
-                    family.add_metric(values, _cumulative(h), h.sum)
-            for key, value in stats.items():
-                if not _NAME.fullmatch(key):
-                    continue
-                if isinstance(value, dict) and key.endswith("_total"):     # {reason: n}
-                    family = counter(key, with_reason=True)
-                    for reason, n in sorted(value.items()):
-                        if _is_number(n):
-                            family.add_metric(values + [str(reason)], n)
-                elif _is_number(value) and key.endswith("_total"):
-                    counter(key, with_reason=False).add_metric(values, value)
-                elif _is_number(value):
-                    gauges.setdefault(key, GaugeMetricFamily(
-                        PREFIX + key, f"Worker gauge {key}.", labels=labels)).add_metric(values, value)
+            for decl, value in gauges.reported():
+                if decl.kind == HISTOGRAM:
+                    family(decl).add_metric(values, _cumulative(value), value.sum)
+                elif decl.label:
+                    for label, n in sorted(value.items()):
+                        family(decl).add_metric(values + [str(label)], n)
+                else:
+                    family(decl).add_metric(values, value)
         rejected = self.router_rejected()
         if rejected:
-            family = counter("rejected_frames_total", with_reason=True)
+            decl = WORKER_METRICS["rejected_frames_total"]
             for reason, n in sorted(rejected.items()):
-                family.add_metric(["router", "router", str(reason)], n)
+                family(decl).add_metric(["router", "router", str(reason)], n)
         restarts = CounterMetricFamily(PREFIX + "worker_restarts_total",
                                        "Times a worker id registered again (a restarted worker).",
                                        labels=labels)
@@ -141,9 +130,7 @@ class WorkerStatsCollector:
             restarts.add_metric([role, worker_id], n)
         yield up
         yield restarts
-        yield from gauges.values()
-        yield from counters.values()
-        yield from histograms.values()
+        yield from families.values()
 
 
 def _cumulative(h) -> list[tuple[str, float]]:
@@ -153,6 +140,3 @@ def _cumulative(h) -> list[tuple[str, float]]:
         out.append(("+Inf" if math.isinf(le) else repr(float(le)), total))
     return out
 
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

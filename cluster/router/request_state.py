@@ -61,18 +61,46 @@ def _put_all(items: list) -> None:
         queue.put_nowait(event)
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one attempt of a request runs. `decode` streams its tokens; `prefill` processes
+    its prompt and is the same worker when one worker does both (`unified`, `dllm`, and
+    `local`: a decode worker prefilling a short uncached remainder itself), or None once a
+    pair's prefill worker is gone after handing the request over."""
+    route: str                        # "pd" | "local" | "unified" | "dllm"
+    prefill: Optional[str]
+    decode: str
+
+    @classmethod
+    def single(cls, route: str, worker_id: str) -> "Placement":
+        return cls(route, worker_id, worker_id)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.prefill is not None and self.prefill != self.decode
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """Each worker of the attempt once: (prefill, decode) of a pair, else (decode,)."""
+        return (self.prefill, self.decode) if self.is_pair else (self.decode,)
+
+    def without_prefill(self) -> "Placement":
+        """The pair after its prefill worker died holding nothing of the request any more."""
+        return Placement(self.route, None, self.decode)
+
+
 @dataclass
 class RequestState:
     rid: str
     model: str
-    route: str                        # "pd" | "unified" | "dllm"
+    route: str                        # requested: "pd" (any prefill/decode path) | "dllm"
     input_ids: list[int]
     sampling: SamplingParams
     sink: Callable[[Event], None]     # thread-safe hand-off to the HTTP coroutine
     dllm: dict = field(default_factory=dict)  # DllmParams overrides (dllm route)
     output_ids: list[int] = field(default_factory=list)
     attempt: int = 0
-    workers: tuple[str, ...] = ()     # (prefill, decode) or (worker,) of the current attempt
+    placement: Optional[Placement] = None   # the current attempt's workers; None while parked
     last_progress: float = field(default_factory=time.monotonic)
     is_parked: bool = False           # waiting for a worker to (re)appear
     trace: Optional[RequestTrace] = None   # its phases, for /debug, metrics and spans
@@ -82,9 +110,13 @@ class RequestState:
         return f"{self.rid}.{self.attempt}"
 
     @property
+    def workers(self) -> tuple[str, ...]:
+        return self.placement.workers if self.placement is not None else ()
+
+    @property
     def token_source(self) -> Optional[str]:
         """The worker whose `tokens` count: decode in a pair, else the single worker."""
-        return self.workers[-1] if self.workers else None
+        return self.placement.decode if self.placement is not None else None
 
     @property
     def is_exhausted(self) -> bool:

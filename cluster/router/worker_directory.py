@@ -25,7 +25,7 @@ from cluster.router.prefix_index import PrefixIndex
 log = logging.getLogger("pdcluster.router")
 BALANCE_THRESHOLD = 4    # cache_aware: load spread (requests) beyond which least load wins
 
-from cluster.wire.messages import Peer
+from cluster.wire.messages import Peer, WorkerGauges
 
 
 @dataclass
@@ -38,15 +38,14 @@ class WorkerInfo:
     data_addr: str
     pid: int
     last_seen: float = field(default_factory=time.monotonic)
-    stats: dict = field(default_factory=dict)
-    histograms: list = field(default_factory=list)   # HistogramSample, as last reported
+    gauges: WorkerGauges = field(default_factory=WorkerGauges)   # as last reported
     forward_ct: int = 0
     num_inflight: int = 0                     # router-side: requests assigned and not done
     stale_rids: set = field(default_factory=set)  # wire rids it held when declared dead
 
     @property
     def load(self) -> float:
-        reported = self.stats.get("num_queue_reqs", 0) + self.stats.get("num_running_reqs", 0)
+        reported = (self.gauges.num_queue_reqs or 0) + (self.gauges.num_running_reqs or 0)
         return float(reported) + self.num_inflight
 
     @property

@@ -5,7 +5,7 @@ Under overlap a batch is reported after later batches were launched, so the labe
 `batch.forward_iter` (snapshotted by `Scheduler.run_batch`); the scheduler passes it in
 (`Scheduler.iteration_of`). `IterationStats` writes the `Prefill batch [N]` / `Decode
 batch [N]` lines and keeps the gauges they set (`forward_iter`, `gen_throughput`); the
-queue gauges are read live by each role's `heartbeat_stats`. `KvTransferStats` belongs to
+queue gauges are read live by each role's `heartbeat_gauges`. `KvTransferStats` belongs to
 the roles that move KV (prefill, decode); its time histogram travels as a typed
 heartbeat field.
 """
@@ -142,6 +142,10 @@ class KvTransferStats:
 
     def count_failure(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def gauges(self) -> dict:
+        """Its counters as `WorkerGauges` fields (the time histogram is prefill's alone)."""
+        return {"kv_transfer_bytes_total": self.bytes_total, "kv_transfer_failures_total": dict(self.failures)}
 
     def record(self, num_bytes: int, seconds: Optional[float] = None) -> None:
         self.bytes_total += num_bytes

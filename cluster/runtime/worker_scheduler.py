@@ -12,6 +12,7 @@ import time
 from typing import Optional
 
 from cluster.wire import protocol as P
+from cluster.wire.gauges import WorkerGauges
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.runtime.output_processor import OutputProcessor
@@ -234,18 +235,15 @@ class WorkerScheduler(Scheduler):
     def num_queue_reqs(self) -> int:
         return 0
 
-    def heartbeat_stats(self) -> dict:
+    def heartbeat_gauges(self) -> WorkerGauges:
         """The gauges this role owns, read live (roles add their queues')."""
-        return {**self.stats.gauges(), "num_running_reqs": self.num_running_reqs,
-                "num_queue_reqs": self.num_queue_reqs, "token_usage": self.cache.token_usage,
-                "prefix_cache_hit_rate": self.cache.hit_rate,
-                "prefix_cache_hit_tokens_total": self.cache.num_hit_tokens,
-                "prefix_cache_query_tokens_total": self.cache.num_query_tokens,
-                "protocol_errors_total": self.num_protocol_errors(),
-                "rejected_frames_total": self.rejected_frames()}
-
-    def heartbeat_histograms(self) -> list:
-        return []
+        return WorkerGauges(**self.stats.gauges(), num_running_reqs=self.num_running_reqs,
+                            num_queue_reqs=self.num_queue_reqs, token_usage=self.cache.token_usage,
+                            prefix_cache_hit_rate=self.cache.hit_rate,
+                            prefix_cache_hit_tokens_total=self.cache.num_hit_tokens,
+                            prefix_cache_query_tokens_total=self.cache.num_query_tokens,
+                            protocol_errors_total=self.num_protocol_errors(),
+                            rejected_frames_total=self.rejected_frames())
 
     def rejected_frames(self) -> dict[str, int]:
         """Refused handshakes and frames of this worker's sockets, by reason."""
@@ -268,8 +266,7 @@ def start_heartbeat(scheduler: WorkerScheduler, control, interval: float) -> thr
         while scheduler.is_running:
             try:
                 control.send(P.Heartbeat(worker_id=scheduler.worker_id, forward_ct=scheduler.forward_ct,
-                                         stats=scheduler.heartbeat_stats(),
-                                         histograms=scheduler.heartbeat_histograms()))
+                                         gauges=scheduler.heartbeat_gauges()))
             except Exception:   # never let a gauge kill the worker
                 logger.exception("heartbeat failed")
             time.sleep(interval)

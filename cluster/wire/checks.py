@@ -18,7 +18,7 @@ Check = Callable[[Any, str], Any]
 
 MAX_STR = 1 << 20          # 1 MiB of text in one field
 MAX_ITEMS = 1 << 22        # elements in one list (token ids of a whole batch)
-MAX_KEYS = 1 << 16         # keys in one open-ended map (stats, failed rids)
+MAX_KEYS = 1 << 16         # keys in one open-ended map (failed rids)
 INT32_MAX = (1 << 31) - 1
 
 
@@ -85,19 +85,6 @@ def Number() -> Check:
         if type(v) not in (int, float):
             fail(path, f"expected int or float, got {_kind(v)}")
         return v
-    return check
-
-
-def NumberOrCounts() -> Check:
-    """A gauge, or counts by reason ({reason: number}, a few keys) for labeled counters."""
-    number, counts = Number(), None
-
-    def check(v: Any, path: str) -> Any:
-        nonlocal counts
-        if isinstance(v, dict):
-            counts = counts or Map(Str(max_len=64), Number(), max_len=64)
-            return counts(v, path)
-        return number(v, path)
     return check
 
 

@@ -1,12 +1,12 @@
 """The wire message types: one frozen dataclass per message `type` (docs/reference/messages.md),
 and the small frozen items nested inside them (`Peer`, `KvReq`, `KvSpan`, `TokensItem`,
-`HistogramSample`; the sampling parameters travel as `SamplingParams` itself).
+`HistogramSample`, `WorkerGauges` from gauges.py; the sampling parameters travel as
+`SamplingParams` itself).
 
 Their codec (field checks, encode, decode) is `cluster/wire/protocol.py`, which re-exports
 them; import them from there. Nested items are checked by the same codec as the messages
 that hold them, so a decoded message holds these types, never loose dicts. Other list and
-dict fields hold plain values exactly as they travel (token ids as list[int], gauges as
-dict), except `KvBatch.tensors` and `KvLayers.tensors` (torch.Tensor; FramedTensor once decoded).
+dict fields hold plain values exactly as they travel (token ids as list[int]), except `KvBatch.tensors` and `KvLayers.tensors` (torch.Tensor; FramedTensor once decoded).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
 from cluster.sampling_params import SamplingParams
+from cluster.wire.gauges import HistogramSample, WorkerGauges   # noqa: F401 (nested in Heartbeat)
 
 
 # nested items ---------------------------------------------------------------------------
@@ -83,22 +84,6 @@ class TokensItem:
             raise ValueError(f"{len(self.top_logprobs)} top_logprobs for {len(self.token_ids)} tokens")
 
 
-@dataclass(frozen=True, slots=True)
-class HistogramSample:
-    """A worker's histogram as it stands: per-bucket counts (the last is above every bound)."""
-    name: str                                     # metric name without the prefix
-    bounds: list                                  # upper bounds, ascending
-    counts: list                                  # len(bounds) + 1 counts, not cumulative
-    sum: float
-    count: int
-
-    def __post_init__(self) -> None:
-        if len(self.counts) != len(self.bounds) + 1:
-            raise ValueError(f"{len(self.counts)} counts for {len(self.bounds)} bounds")
-        if list(self.bounds) != sorted(self.bounds) or sum(self.counts) != self.count:
-            raise ValueError("bounds must ascend and counts must add up to count")
-
-
 # messages -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +103,7 @@ class Heartbeat:                                  # worker -> router
     TYPE: ClassVar[str] = "heartbeat"
     worker_id: str
     forward_ct: int
-    stats: dict = field(default_factory=dict)     # gauge name -> int | float
-    histograms: list = field(default_factory=list)  # HistogramSample
+    gauges: WorkerGauges                          # its metrics, as gauges.py declares them
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,8 +29,9 @@ from cluster.roles import ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import DllmParams
 from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
-                                Number, NumberOrCounts, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
+                                Number, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
                                 fail)
+from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, WorkerGauges
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
                                    KvAck, KvBatch, KvLayers, KvReq, KvSpan, MarksItem, Message, Peer,
                                    Register, Reprefill,
@@ -42,7 +43,7 @@ from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvLayers", "KvAck",
            "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "KvSpan", "TokensItem",
-           "HistogramSample", "MarksItem", "RequestMark"]
+           "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
@@ -94,6 +95,14 @@ def _source_value(v: Any, path: str) -> Any:
 
 KV_SOURCE = Map(Str(max_len=64), _source_value, max_len=32)
 
+HISTOGRAM_SAMPLE = Typed(HistogramSample, {
+    "name": Str(max_len=256), "bounds": List(Float(finite=True), max_len=256),
+    "counts": List(Int(lo=0), max_len=257), "sum": Float(), "count": Int(lo=0)})
+_METRIC_CHECKS = {GAUGE: Number(), COUNTER: Number(), HISTOGRAM: HISTOGRAM_SAMPLE}
+LABELED_COUNTS = Map(Str(max_len=64), Number(), max_len=64)          # {reason: n}
+WORKER_GAUGES = Typed(WorkerGauges, {d.name: Opt(LABELED_COUNTS if d.label else _METRIC_CHECKS[d.kind])
+                                     for d in WorkerGauges.declared()})
+
 _FIELDS: dict[type, dict[str, Check]] = {
     Register: {"worker_id": ID, "role": Str(choices=ROLES), "model": TEXT,
                "capacity": Record({"num_pages": Int(lo=0), "page_size": Int(lo=1),
@@ -102,11 +111,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                          "head_dim": Int(lo=0), "dtype": Str(max_len=64),
                                          "page_size": Int(lo=1), "layout": Str(max_len=64)}),
                "data_addr": TEXT, "pid": Int(lo=0)},
-    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "stats": Map(Str(max_len=256), NumberOrCounts()),
-                "histograms": List(Typed(HistogramSample, {
-                    "name": Str(max_len=256), "bounds": List(Float(finite=True), max_len=256),
-                    "counts": List(Int(lo=0), max_len=257), "sum": Float(), "count": Int(lo=0)}),
-                    max_len=64)},
+    Heartbeat: {"worker_id": ID, "forward_ct": Int(lo=0), "gauges": WORKER_GAUGES},
     Generate: {"rid": ID, "input_ids": _ids_or_tensor, "sampling": SAMPLING, "peer": Opt(PEER),
                "model": TEXT, "dllm": _dllm_overrides, "output_ids": TokenIds(),
                "siblings": List(ID, max_len=MAX_SIBLINGS)},
