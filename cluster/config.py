@@ -15,16 +15,18 @@ import tomllib
 from dataclasses import fields, replace
 
 from cluster.config_fields import ConfigError
+from cluster.dllm_params import DllmParams
+from cluster.sampling_params import InvalidParam
 from cluster.roles import LOG_FORWARD_ITERS_ENV, ROLES, log_forward_iters_override
-from cluster.config_types import (CacheConfig, ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
+from cluster.config_types import (DLLM_ONLY_FIELDS, CacheConfig, ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
                                    RecoveryConfig, RouterConfig, SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
                                    WorkerGroup)
 
 SECTIONS = {f.name: f.default_factory for f in fields(ClusterConfig) if f.name not in ("groups", "source")}
-GROUP_KEYS = tuple(f.name for f in fields(WorkerGroup) if f.name not in ("role", "scheduler"))
-DLLM_ONLY_KEYS = ("model", "path", "block_size", "algorithm", "threshold",
-                  "steps_per_block", "mask_token_id")
 SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerConfig))
+DLLM_KEYS = tuple(f.name for f in fields(DllmParams))             # flat in a [[dllm]] table
+GROUP_KEYS = tuple(f.name for f in fields(WorkerGroup) if f.name not in ("role", "scheduler", "dllm")) + DLLM_KEYS
+DLLM_ONLY_KEYS = tuple(k for k in DLLM_ONLY_FIELDS if k != "dllm") + DLLM_KEYS
 
 
 def _build(cls, table, source: str, prefix: str, base=None):
@@ -54,8 +56,12 @@ def _parse_group(role: str, i: int, table, scheduler: SchedulerConfig, src: str)
             raise ConfigError(src, f"{p}.{key}", "only [[dllm]] groups take this key")
     group_sched = _build(SchedulerConfig, {k: v for k, v in table.items() if k in SCHEDULER_KEYS},
                          src, p, base=scheduler)
-    own = {k: v for k, v in table.items() if k in GROUP_KEYS}
-    return _build(WorkerGroup, {"role": role, "scheduler": group_sched, **own}, src, p)
+    try:
+        dllm = DllmParams(**{k: v for k, v in table.items() if k in DLLM_KEYS})
+    except InvalidParam as e:
+        raise ConfigError(src, f"{p}.{e.name}", e.reason) from None
+    own = {k: v for k, v in table.items() if k in GROUP_KEYS and k not in DLLM_KEYS}
+    return _build(WorkerGroup, {"role": role, "scheduler": group_sched, "dllm": dllm, **own}, src, p)
 
 
 def _log_forward_iters_env(env) -> "bool | None":

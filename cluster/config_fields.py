@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import typing
-from dataclasses import MISSING, field, fields
+from dataclasses import MISSING, Field, field, fields
 from types import NoneType
 from typing import Any, Optional, Union
 
@@ -43,6 +43,11 @@ def option(default: Any = MISSING, help: str = "", *, factory=None, lo=None, hi=
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def default_of(f: Field) -> Any:
+    """A field's default value (MISSING for a required one)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 @functools.cache

@@ -8,20 +8,20 @@ names a key may take are defined here once and imported by whoever needs them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
-from cluster.config_fields import ConfigError, check_fields, option
+from cluster.config_fields import ConfigError, check_fields, default_of, option
 from cluster.dllm_params import DllmParams
 from cluster.launch.placement import place_gpus
 from cluster.roles import ROLES
-from cluster.sampling_params import InvalidParam
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 ROUTER_POLICIES = ("round_robin", "least_load", "cache_aware")
 KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")      # what a kv_batch may name on the wire
 CURVE_MODES = ("auto", "on", "off")
+DLLM_ONLY_FIELDS = ("model", "path", "dllm", "mask_token_id")     # of WorkerGroup
 ENDPOINT = r"(tcp://.+:\d+|ipc://.+|inproc://.+)"
 HTTP_URL = r"(https?://[^/\s]+(/\S*)?)?"
 
@@ -158,10 +158,8 @@ class WorkerGroup:
                                         factory=SchedulerConfig)
     model: Optional[str] = option(None, "dllm: served model name (must differ from model.name)")
     path: str = option("", "dllm: weights; empty = the same as [model]")
-    block_size: int = option(1, "dllm: tokens decoded together in one block")
-    algorithm: str = option("low_confidence", "dllm: low_confidence | fixed_steps")
-    threshold: float = option(0.9, "dllm low_confidence: commit every position above it (0: all)")
-    steps_per_block: int = option(1, "dllm fixed_steps: forwards a full block is spread over")
+    dllm: DllmParams = option(help="dllm: how its requests' blocks are filled (the keys below sit "
+                              "in the group's table)", factory=DllmParams)
     mask_token_id: Optional[int] = option(None, "dllm: placeholder token for causal models without "
                                           "a mask token", lo=0)
     gpus: tuple[int, ...] = option((), "GPUs of this group's workers, dealt round-robin "
@@ -172,11 +170,9 @@ class WorkerGroup:
         check_fields(self)
         if self.role == "dllm" and not self.model:
             raise ConfigError(type(self).__name__, "model", "a dllm group needs a served model name")
-        try:
-            DllmParams(block_size=self.block_size, algorithm=self.algorithm,
-                       threshold=self.threshold, steps_per_block=self.steps_per_block)
-        except InvalidParam as e:
-            raise ConfigError(type(self).__name__, e.name, e.reason) from None
+        for f in fields(self):
+            if self.role != "dllm" and f.name in DLLM_ONLY_FIELDS and getattr(self, f.name) != default_of(f):
+                raise ConfigError(type(self).__name__, f.name, "only [[dllm]] groups take this key")
 
 
 def _default_groups() -> tuple[WorkerGroup, ...]:

@@ -10,14 +10,13 @@ import sys
 
 from cluster.roles import served_model
 from dllm.model_spec import detect_spec
-from cluster.dllm_params import DllmParams
 
 
 def build(args, config, group, runner, control):
     from dllm.scheduler import DllmScheduler
     spec = detect_spec(group.path or config.model.path, runner.tokenizer, runner.tokenizer.eos_token_ids,
                        group.mask_token_id)
-    scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, DllmParams.from_group(group))
+    scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, group.dllm)
     return scheduler, {"model": served_model(config, group)}
 
 

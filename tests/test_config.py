@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.dllm_params import DllmParams
 from cluster.config import (ClusterConfig, ConfigError, KvTransferConfig, RouterConfig, SchedulerConfig,
                             TimeoutsConfig, WorkerGroup, default_config, load_config)
 
@@ -90,7 +91,7 @@ def test_design_example_parses_every_key(tmp_path):
     assert isinstance(cfg, ClusterConfig)
     assert [w for w, _ in cfg.worker_ids()] == ["prefill-0", "decode-0", "dllm-0"]
     dllm = cfg.group_of("dllm-0")
-    assert dllm.model == "smollm2-135m-instruct-dllm" and dllm.algorithm == "low_confidence"
+    assert dllm.model == "smollm2-135m-instruct-dllm" and dllm.dllm.algorithm == "low_confidence"
     assert cfg.timeouts.register == 120.0 and isinstance(cfg.timeouts.register, float)
     assert cfg.recovery.resume_on_decode_failure is True
     assert cfg.source == str(tmp_path / "cluster.toml")
@@ -208,6 +209,8 @@ def test_a_section_built_in_code_checks_its_own_bounds():
               "must be greater than"),
              (lambda: WorkerGroup("decode", count=-1), "WorkerGroup", "count", "must be >= 0"),
              (lambda: WorkerGroup("dllm"), "WorkerGroup", "model", "needs a served model name"),
+             (lambda: WorkerGroup("decode", dllm=DllmParams(block_size=4)), "WorkerGroup", "dllm",
+              "only [[dllm]] groups"),
              (lambda: SchedulerConfig(overlap=1), "SchedulerConfig", "overlap", "expected bool, got int 1"),
              (lambda: ClusterConfig(groups=(WorkerGroup("prefill"),)), "<defaults>", "decode", "in pairs")]
     for build, source, key, reason in cases:
@@ -216,6 +219,11 @@ def test_a_section_built_in_code_checks_its_own_bounds():
         assert (e.value.source, e.value.key) == (source, key) and reason in e.value.reason
     assert TimeoutsConfig(request=5).request == 5.0 and isinstance(TimeoutsConfig(request=5).request, float)
     assert WorkerGroup("decode", gpus=[0, 1]).gpus == (0, 1)
+
+
+def test_a_dllm_group_holds_its_dllm_params(tmp_path):
+    cfg = load_config(write(tmp_path, '[[dllm]]\nmodel = "d"\nblock_size = 4\nalgorithm = "fixed_steps"\n'), env={})
+    assert cfg.group_of("dllm-0").dllm == DllmParams(block_size=4, algorithm="fixed_steps")
 
 
 def test_a_bound_read_from_toml_names_file_key_and_the_types_reason(tmp_path):

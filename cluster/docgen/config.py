@@ -67,20 +67,30 @@ def bounds(meta) -> str:
     return "; ".join(parts)
 
 
-def _table(cls: type, skip=()) -> list[str]:
+def _rows(cls: type, skip=()) -> tuple[list[str], list[type]]:
+    """One row per key of `cls`; a nested `[section]` is named, not listed (-> nested), and a
+    nested type that is no section (a group's DllmParams) has its keys flat in the table."""
     hints, notes = typing.get_type_hints(cls), field_comments(cls)
-    rows = ["| key | type | default | bounds | meaning |", "| --- | --- | --- | --- | --- |"]
-    nested = []
+    rows, nested = [], []
+    section_types = {kind for _, kind in sections()}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         if dataclasses.is_dataclass(hints[f.name]):
-            nested.append(hints[f.name])
+            if hints[f.name] in section_types:
+                nested.append(hints[f.name])
+            else:
+                rows += _rows(hints[f.name])[0]
             continue
         meaning = f.metadata.get("help") or notes.get(f.name, "")
         rows.append(f"| `{f.name}` | {type_name(hints[f.name])} | {toml_value(default_of(f))} | "
                     f"{cell(bounds(f.metadata))} | {cell(meaning)} |")
-    out = rows + [""]
+    return rows, nested
+
+
+def _table(cls: type, skip=()) -> list[str]:
+    rows, nested = _rows(cls, skip)
+    out = ["| key | type | default | bounds | meaning |", "| --- | --- | --- | --- | --- |"] + rows + [""]
     names = {kind: name for name, kind in sections()}
     for kind in nested:
         where = f"`[{names[kind]}]`" if kind in names else f"`{kind.__name__}`"
