@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import zmq
@@ -15,6 +18,7 @@ from cluster.wire.curve import CurveKeys, is_wanted, keys_for, read_keys, write_
 from cluster.wire.transport import ControlClient, ControlServer, DataPlane
 
 T = 10.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -31,6 +35,31 @@ def test_keys_are_written_private_and_read_back(tmp_path):
     os.chmod(d / "cluster.key_secret", 0o644)
     with pytest.raises(RuntimeError, match="chmod 600"):
         read_keys(str(d))
+
+
+def pdcluster_keys(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.launch.cli", "keys", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_pdcluster_keys_writes_a_private_pair_and_replaces_it_only_with_force(tmp_path):
+    d = tmp_path / "keys"
+    done = pdcluster_keys(str(d))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(d / "cluster.key"), str(d / "cluster.key_secret")]
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(d / "cluster.key_secret").st_mode) == 0o600
+    first = read_keys(str(d))
+    refused = pdcluster_keys(str(d))
+    assert refused.returncode == 1 and "already holds CURVE keys; --force" in refused.stderr
+    assert read_keys(str(d)) == first == write_keys(str(d))      # untouched; the launcher keeps it too
+    assert pdcluster_keys(str(d), "--force").returncode == 0
+    second = read_keys(str(d))
+    assert second != first and stat.S_IMODE(os.stat(d / "cluster.key_secret").st_mode) == 0o600
+    assert sorted(os.listdir(d)) == ["cluster.key", "cluster.key_secret"]
+    with ControlServer(curve=second) as server, ControlClient(server.endpoint, "decode-0", curve=second) as client:
+        client.send(P.Abort("r", "test"))
+        assert server.recv(T) == ("decode-0", P.Abort("r", "test"))   # the new pair serves a plane
 
 
 def test_curve_auto_is_on_only_off_loopback():

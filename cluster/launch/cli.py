@@ -1,10 +1,11 @@
-"""`pdcluster` console script: launch | serve | worker | router | bench (`cluster.bench`).
+"""`pdcluster` console script: launch | serve | worker | router | deploy | keys | bench (`cluster.bench`).
 
     pdcluster launch CONFIG [--port N] [--host H] [--log-dir DIR] [--backend local|ray [--address A]]
     pdcluster serve [MODEL_PATH] [--port N] [--host H] [--log-dir DIR]   # 1 prefill + 1 decode
     pdcluster worker --role R --config C --worker-id ID --router ENDPOINT [--log-dir DIR]
     pdcluster router --config C --control ENDPOINT [--port N]            # the router alone
     pdcluster deploy k8s CONFIG [--out DIR] [--image IMG] [--no-secret]  # Kubernetes manifests
+    pdcluster keys DIR [--force]                                          # the cluster's CURVE key pair
     pdcluster bench --url URL [--num-requests N --prompt-len P --max-tokens M --concurrency C]
 """
 from __future__ import annotations
@@ -84,6 +85,22 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    """Write the cluster's CURVE key pair into DIR for `[security] keys_dir` (copy DIR to every
+    host); an existing pair is kept unless --force: replacing it locks out every process that
+    still holds the old one."""
+    from cluster.wire import curve
+    try:
+        curve.save_keys(args.dir, curve.CurveKeys.generate(), overwrite=args.force)
+    except FileExistsError:
+        print(f"pdcluster: {args.dir} already holds CURVE keys; --force replaces them (then copy "
+              "the new pair to every host)", file=sys.stderr)
+        return 1
+    for name in (curve.PUBLIC_FILE, curve.SECRET_FILE):
+        print(os.path.join(args.dir, name))
+    return 0
+
+
 def cmd_worker(args, rest: list[str]) -> int:
     name = ROLE_PACKAGES[args.role]
     module = importlib.import_module(name if "." in name else f"{name}.__main__")
@@ -127,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="4Gi", help="memory request and limit per worker")
     p.add_argument("--no-secret", action="store_true",
                    help="leave out the CURVE key Secret (keep the keys already deployed)")
+    p = sub.add_parser("keys", help="write the cluster's CURVE key pair (for [security] keys_dir)")
+    p.add_argument("dir", help="keys directory (made 0700; the secret file is 0600)")
+    p.add_argument("--force", action="store_true", help="replace a key pair already there")
     p = sub.add_parser("worker", help="one worker process (same as python -m <package>)")
     p.add_argument("--role", required=True, choices=sorted(ROLE_PACKAGES))
     sub.add_parser("router", help="the router alone (python -m cluster.router)", add_help=False)
@@ -143,7 +163,7 @@ def main(argv=None) -> int:
         return cmd_worker(args, rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"launch": cmd_launch, "serve": cmd_serve, "deploy": cmd_deploy, "bench": bench.cmd_bench}[args.command](args)
+    return {"launch": cmd_launch, "serve": cmd_serve, "deploy": cmd_deploy, "keys": cmd_keys, "bench": bench.cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

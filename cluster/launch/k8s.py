@@ -167,9 +167,7 @@ def router_objects(cfg: ClusterConfig, image: str) -> list[dict]:
 
 def curve_key_files() -> dict[str, str]:
     """One fresh CURVE key pair for the cluster, as the files `cluster/wire/curve.py` reads."""
-    import zmq
-    public, secret = zmq.curve_keypair()
-    return {curve.PUBLIC_FILE: public.decode() + "\n", curve.SECRET_FILE: secret.decode() + "\n"}
+    return curve.CurveKeys.generate().files()
 
 
 def render(cfg: ClusterConfig, config_text: str, image: str = DEFAULT_IMAGE, cpus: int = 2,

@@ -2,7 +2,8 @@
 
 Every process of a cluster holds the same key pair (`cluster.key` / `cluster.key_secret`
 in `[security] keys_dir`, the secret 0600 in a 0700 directory; the launcher writes them,
-a worker started by hand reads them, `pdcluster deploy k8s` mounts them). A bound socket is
+`pdcluster keys DIR` writes them for workers started by hand, `pdcluster deploy k8s` mounts
+them). A bound socket is
 a CURVE server; a connecting socket is a CURVE client that presents the cluster key as its
 own. The ZAP handler (served on the owning I/O thread, see `io_thread.py`) admits only
 clients presenting the cluster public key, so a process without the secret file cannot
@@ -47,6 +48,15 @@ class CurveKeys:
         for name in ("public", "secret"):
             if len(getattr(self, name)) != 40:
                 raise CurveError(f"CURVE {name} key must be 40 Z85 characters")
+
+    @classmethod
+    def generate(cls) -> "CurveKeys":
+        """A fresh cluster key pair."""
+        return cls(*zmq.curve_keypair())
+
+    def files(self) -> dict[str, str]:
+        """{file name: text} of this pair as a keys directory holds it."""
+        return {PUBLIC_FILE: self.public.decode() + "\n", SECRET_FILE: self.secret.decode() + "\n"}
 
     def serve(self, sock: zmq.Socket) -> None:
         """A bound socket: CURVE server with the cluster's secret key."""
@@ -101,18 +111,32 @@ def is_wanted(mode: str, hosts: Iterable[str], env=os.environ) -> bool:
     return any(not is_loopback(h) for h in hosts)
 
 
+def save_keys(keys_dir: str, keys: CurveKeys, overwrite: bool = False) -> None:
+    """Write `keys` into `keys_dir` (made 0700): the public key 0644, the secret 0600 from its
+    first byte. An existing key file raises FileExistsError unless `overwrite`; then each file
+    is written aside and renamed over the old one, so a reader never sees half a key."""
+    os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+    modes = {PUBLIC_FILE: 0o644, SECRET_FILE: 0o600}
+    for name, text in keys.files().items():
+        path = os.path.join(keys_dir, name)
+        target = path + ".new" if overwrite else path
+        if overwrite and os.path.exists(target):
+            os.unlink(target)                          # a leftover: O_EXCL below must create it
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, modes[name])
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if overwrite:
+            os.replace(target, path)
+
+
 def write_keys(keys_dir: str) -> CurveKeys:
-    """A fresh cluster key pair in `keys_dir` (0700; the secret 0600), or the pair already
-    there, so workers started by hand elsewhere keep matching."""
+    """A fresh cluster key pair in `keys_dir`, or the pair already there, so workers started
+    by hand elsewhere keep matching (the launcher's rule; `pdcluster keys` refuses instead)."""
     if os.path.exists(os.path.join(keys_dir, SECRET_FILE)):
         return read_keys(keys_dir)
-    os.makedirs(keys_dir, mode=0o700, exist_ok=True)
-    public, secret = zmq.curve_keypair()
-    for name, value, mode in ((PUBLIC_FILE, public, 0o644), (SECRET_FILE, secret, 0o600)):
-        fd = os.open(os.path.join(keys_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(value.decode() + "\n")
-    return CurveKeys(public, secret)
+    keys = CurveKeys.generate()
+    save_keys(keys_dir, keys)
+    return keys
 
 
 def read_keys(keys_dir: str) -> CurveKeys:
