@@ -73,7 +73,8 @@ class Pair:
         self.pc, self.dc = QueueControl(), QueueControl()
         self.pdp, self.ddp = DataPlane("prefill-0"), DataPlane("decode-0")
         t = TimeoutsConfig()
-        # whole-request handoff, checksummed (the layer-wise path: test_kv_layerwise.py)
+        # whole-request handoff, checksummed: both workers share one model here, and a layer-wise
+        # stream would take the decode forwards' layer hooks for its own (see test_kv_layerwise.py)
         kv = KvTransferConfig(verify=True, layerwise=False)
         prefill_runner, decode_runner = runner_for(loaded), runner_for(loaded, decode_pages)
         self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0", prefill_runner, self.pc,
