@@ -54,16 +54,17 @@ def _declared_rows() -> list[str]:
 
 def render() -> str:
     router = RouterMetrics()
-    # one live worker, restarted once, and one refused frame: every fixed family shows its labels
+    # one live worker that reports nothing, restarted once: the router's own families show their labels
     workers = WorkerStatsCollector(lambda: [(*ONE_WORKER, WorkerGauges())],
-                                   lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)}, lambda: {"unauthenticated": 1})
+                                   lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)}, lambda: {})
     out = [header("Metrics", "cluster/router/metrics.py and cluster/wire/gauges.py"), INTRO,
            "## Router", "", *_rows(_families(router.registry)),
            "## Workers", "",
-           "Kept by the router for every registered worker (labels `role`, `worker`; the router's "
-           "own refused frames carry `role=\"router\"`):", "",
+           "Kept by the router for every registered worker:", "",
            *_rows(_families(workers)),
            "Reported by the workers with each heartbeat, as declared by `WorkerGauges` "
            "(cluster/wire/gauges.py); a worker exports only those its role reports:", "",
-           *_declared_rows()]
+           *_declared_rows(),
+           "`pdcluster:rejected_frames_total` also counts the router's own refused handshakes, "
+           "with `role=\"router\"` and `worker=\"router\"`.", ""]
     return "\n".join(out).rstrip("\n") + "\n"
