@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from cluster.engine.kv_cache import pages_for
+
 
 @dataclass
 class AttentionContext:
@@ -65,10 +67,10 @@ class AttentionContext:
         if backend == "triton":
             return cls._build_triton(extend_lens, prefix_lens, seq_lens, page_tables, bidirectional_lens,
                                      page_size, is_decode, device, attn_block_sizes if blocky else None, positions)
-        num_pages = max((s + page_size - 1) // page_size for s in seq_lens)
+        num_pages = max(pages_for(s, page_size) for s in seq_lens)
         rows = []
         for i, (pages, s) in enumerate(zip(page_tables, seq_lens)):
-            n = (s + page_size - 1) // page_size
+            n = pages_for(s, page_size)
             assert len(pages) >= n, f"request {i}: {len(pages)} pages for {s} tokens"
             rows.append(list(pages[:n]) + [0] * (num_pages - n))
         pt = torch.tensor(rows, dtype=torch.int64)
@@ -107,7 +109,7 @@ class AttentionContext:
     def _build_triton(cls, extend_lens, prefix_lens, seq_lens, page_tables, bidirectional_lens, page_size,
                       is_decode, device, block_sizes, positions) -> "AttentionContext":
         num_reqs = len(extend_lens)
-        counts = [(s + page_size - 1) // page_size for s in seq_lens]
+        counts = [pages_for(s, page_size) for s in seq_lens]
         for i, (pages, n) in enumerate(zip(page_tables, counts)):
             assert len(pages) >= n, f"request {i}: {len(pages)} pages for {seq_lens[i]} tokens"
         flat = flat_pages(page_tables, counts)
