@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = " ".join(f"word{i % 10}" for i in range(65))       # ~130 tokens
@@ -50,11 +51,18 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
     from cluster.wire import protocol
     from cluster.wire.transport import ControlClient
     client = ControlClient(endpoint, "unified-0")
-    client.send(protocol.Register(
-        worker_id="unified-0", role="unified", model=MODEL,
-        capacity={"num_pages": 65536, "page_size": 16, "max_running_requests": 1024},
-        kv_fingerprint={"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
-                        "page_size": 16}, data_addr="", pid=os.getpid()))
+    fingerprint = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32", "page_size": 16,
+                   "layout": "kv"}
+    try:
+        register = protocol.Register(
+            worker_id="unified-0", role="unified", model=MODEL, data_addr="", pid=os.getpid(),
+            capacity={"num_pages": 65536, "page_size": 16, "max_running_requests": 1024},
+            kv_fingerprint=fingerprint)
+        protocol.encode(register)
+    except protocol.ProtocolError:                         # a tree from before KV layouts
+        fingerprint.pop("layout")
+        register = replace(register, kv_fingerprint=fingerprint)
+    client.send(register)
     running: dict[str, list[int]] = {}                     # wire rid -> [left, sent]
     log = open(log_path, "w", buffering=1)
     stop = []

@@ -9,11 +9,14 @@ an `auto` call as soon as its block closes (`ToolCallStream`); the finish reason
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import AsyncIterator, Optional
 
-from cluster.router.errors import APIError
+from cluster.router.errors import APIError, error_body
 from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.tool_calls import ToolCallStream, calls_from_constrained, parse_tool_calls
+
+log = logging.getLogger("pdcluster.router")
 
 
 def _usage(gens) -> tuple[int, int]:
@@ -45,12 +48,13 @@ async def whole_response(service, gens, disconnected) -> Optional[dict]:
     """The non-streamed body, or None when the client went away."""
     async def collect(gen):
         texts, logprobs, finish = [], [], None
-        async for delta in service.deltas(gen, disconnected):
-            texts.append(delta.text)
-            if delta.prompt_logprobs is not None and _echo(gen):
-                logprobs.append(gen.writer.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs))
-            logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs))
-            finish = delta.finish_reason
+        async for deltas in service.deltas(gen, disconnected):
+            for delta in deltas:
+                texts.append(delta.text)
+                if delta.prompt_logprobs is not None and _echo(gen):
+                    logprobs.append(gen.writer.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs))
+                logprobs.append(gen.writer.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs))
+                finish = delta.finish_reason
         return "".join(texts), ResponseWriter.merge_logprobs(logprobs), finish
 
     results = await asyncio.gather(*(collect(g) for g in gens))
@@ -67,14 +71,41 @@ async def whole_response(service, gens, disconnected) -> Optional[dict]:
 
 
 async def stream_choices(service, gens) -> AsyncIterator[bytes]:
-    """SSE chunks of every generation, interleaved; one error event (no [DONE]) on failure."""
+    """SSE chunks of every generation, interleaved; one error event (no [DONE]) on failure.
+
+    What arrived together leaves in one write: one event per token, one send. Any failure
+    while streaming, expected (APIError) or not, ends the stream with an error event: once
+    the response has started, an exception escaping here would make the server cut the
+    connection with no word to the client."""
+    try:
+        if len(gens) == 1:                     # no interleaving: no pump task, no queue
+            async for chunks in _choice_chunks(service, gens[0]):
+                yield b"".join(map(sse, chunks))
+        else:
+            async for data in _interleaved(service, gens):
+                yield data
+    except APIError as e:
+        yield sse(e.body())
+        return
+    except Exception as e:                     # a bug must not look like a network cut
+        log.exception("stream of %s failed", gens[0].st.rid)
+        yield sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error", 500))
+        return
+    w = gens[0].writer
+    if w.include_usage:
+        yield sse(w.usage_chunk(*_usage(gens)))
+    yield sse("[DONE]")
+
+
+async def _interleaved(service, gens) -> AsyncIterator[bytes]:
+    """n > 1 choices or several prompts: each streams on its own task into one queue."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(gen):
         try:
-            async for chunk in _choice_chunks(service, gen):
-                await queue.put(chunk)
-        except APIError as e:
+            async for chunks in _choice_chunks(service, gen):
+                await queue.put(chunks)
+        except Exception as e:                 # raised again below, in the response's task
             await queue.put(e)
         finally:
             await queue.put(None)
@@ -86,21 +117,17 @@ async def stream_choices(service, gens) -> AsyncIterator[bytes]:
             item = await queue.get()
             if item is None:
                 running -= 1
-            elif isinstance(item, APIError):
-                yield sse(item.body())
-                return
+            elif isinstance(item, Exception):
+                raise item
             else:
-                yield sse(item)
-        w = gens[0].writer
-        if w.include_usage:
-            yield sse(w.usage_chunk(*_usage(gens)))
-        yield sse("[DONE]")
+                yield b"".join(map(sse, item))
     finally:                                   # NOTE: a closed stream aborts every choice
         for t in tasks:
             t.cancel()
 
 
-async def _choice_chunks(service, gen) -> AsyncIterator[dict]:
+async def _choice_chunks(service, gen) -> AsyncIterator[list[dict]]:
+    """The chunks of one generation, a list per batch of deltas that arrived together."""
     w, p = gen.writer, gen.parsed
     tools = p is not None and p.kind == "chat" and p.functions and p.tool_choice.mode != "none"
     auto = ToolCallStream(p.functions) if tools and p.tool_choice.mode == "auto" else None
@@ -110,38 +137,42 @@ async def _choice_chunks(service, gen) -> AsyncIterator[dict]:
     try:
         echo = _echo(gen)
         if w.kind == "chat":                   # the role chunk, at once
-            yield w.chunk("", None, None, first=True)
+            yield [w.chunk("", None, None, first=True)]
         elif echo and not w.logprobs:
-            yield w.chunk(echo, None)
+            yield [w.chunk(echo, None)]
             echo = ""
-        async for delta in deltas:
-            if echo:                           # with logprobs: the prompt's arrive with the first token
-                prompt_lp = (w.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs)
-                             if delta.prompt_logprobs is not None else None)
-                yield w.chunk(echo, None, prompt_lp)
-                echo = ""
-            lp = w.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
-            text, calls, finish = delta.text, [], delta.finish_reason
-            if auto is not None:
-                text, calls = auto.feed(text)
-                if finish is not None:
-                    rest, more = auto.finish()
-                    text, calls = text + rest, calls + more
-            elif tools:
-                held.append(text)
-                text = ""
-                if finish is not None:
-                    whole = "".join(held)
-                    calls = calls_from_constrained(whole, p.tool_choice)
-                    text = "" if calls else whole
-            if calls:
-                indexed = list(enumerate(calls, num_calls))
-                num_calls += len(calls)
-                yield w.chunk(text, None, lp, tool_calls=indexed)
-                text, lp = "", None
-            if finish is not None and num_calls:
-                finish = "tool_calls"
-            if text or lp is not None or finish is not None:
-                yield w.chunk(text, finish, lp)
+        async for batch in deltas:
+            out: list[dict] = []
+            for delta in batch:
+                if echo:                       # with logprobs: the prompt's arrive with the first token
+                    prompt_lp = (w.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs)
+                                 if delta.prompt_logprobs is not None else None)
+                    out.append(w.chunk(echo, None, prompt_lp))
+                    echo = ""
+                lp = w.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
+                text, calls, finish = delta.text, [], delta.finish_reason
+                if auto is not None:
+                    text, calls = auto.feed(text)
+                    if finish is not None:
+                        rest, more = auto.finish()
+                        text, calls = text + rest, calls + more
+                elif tools:
+                    held.append(text)
+                    text = ""
+                    if finish is not None:
+                        whole = "".join(held)
+                        calls = calls_from_constrained(whole, p.tool_choice)
+                        text = "" if calls else whole
+                if calls:
+                    indexed = list(enumerate(calls, num_calls))
+                    num_calls += len(calls)
+                    out.append(w.chunk(text, None, lp, tool_calls=indexed))
+                    text, lp = "", None
+                if finish is not None and num_calls:
+                    finish = "tool_calls"
+                if text or lp is not None or finish is not None:
+                    out.append(w.chunk(text, finish, lp))
+            if out:
+                yield out
     finally:
         await deltas.aclose()

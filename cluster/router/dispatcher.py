@@ -26,7 +26,8 @@ from typing import Optional
 from cluster.wire import protocol
 from cluster.config import ClusterConfig
 from cluster.router.errors import overloaded
-from cluster.router.request_state import FailedEvent, Placement, RequestState, TokensEvent, deliver_all
+from cluster.router.mailbox import deliver_all
+from cluster.router.request_state import FailedEvent, Placement, RequestState, TokensEvent
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 from cluster.wire.gauges import WorkerGauges
 

@@ -6,8 +6,12 @@ import time
 from typing import Optional
 
 
+_compact = json.JSONEncoder(separators=(",", ":")).encode   # one encoder: json.dumps with
+                                                            # separators builds one per call
+
+
 def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    data = payload if isinstance(payload, str) else _compact(payload)
     return f"data: {data}\n\n".encode()
 
 

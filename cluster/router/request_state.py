@@ -33,34 +33,6 @@ class FailedEvent:
 Event = TokensEvent | FailedEvent
 
 
-class LoopSink:
-    """A request's sink into its coroutine's asyncio queue, callable from any thread."""
-
-    def __init__(self, loop, queue):
-        self.loop, self.queue = loop, queue
-
-    def __call__(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-
-def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]]) -> None:
-    """Hand one message's events to their requests, waking each event loop once for all of them
-    (a decode step of 64 streams is one wake-up of the HTTP loop, not 64). Order per request is kept."""
-    by_loop: dict = {}
-    for sink, event in pairs:
-        if isinstance(sink, LoopSink):
-            by_loop.setdefault(sink.loop, []).append((sink.queue, event))
-        else:
-            sink(event)
-    for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
-
-
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where one attempt of a request runs. `decode` streams its tokens; `prefill` processes

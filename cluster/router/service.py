@@ -25,18 +25,20 @@ from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
 from cluster.router.prepare import check_for_model, check_prompt_size, prompt_ids, sampling_for
-from cluster.router.request_state import FailedEvent, LoopSink, RequestState, TokensEvent
+from cluster.router.mailbox import Mailbox
+from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.tracing import RequestTracing
 
 log = logging.getLogger("pdcluster.router")
-DISCONNECT_POLL_S = 1.0
+DISCONNECT_POLL_S = 1.0        # a whole (non-streamed) response checks its client this often
+MAX_EVENTS_BEHIND = 8          # more events waiting than this: sent as one delta
 TOKENIZE_THREADS = 2            # tokenizing releases the GIL; more threads than cores buy nothing
 
 
 @dataclass
 class Generation:
     st: RequestState
-    queue: asyncio.Queue
+    mailbox: Mailbox
     text: CompletionText
     writer: ResponseWriter
     num_prompt: int
@@ -47,10 +49,19 @@ class Generation:
     parsed: Optional[ParsedRequest] = None
 
 
-def _merged(a: TokensEvent, b: TokensEvent) -> TokensEvent:
-    join = lambda x, y: x + y if x is not None and y is not None else None  # noqa: E731  (per token lists)
-    return TokensEvent(a.token_ids + b.token_ids, join(a.logprobs, b.logprobs), b.finish_reason,
-                       join(a.top_logprobs, b.top_logprobs))
+def coalesced(events: list) -> list:
+    """Runs of TokensEvents folded into one each (a failure stays its own event)."""
+    out: list = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if isinstance(ev, TokensEvent) and isinstance(prev, TokensEvent) and prev.finish_reason is None:
+            join = lambda x, y: x + y if x is not None and y is not None else None  # noqa: E731
+            out[-1] = TokensEvent(prev.token_ids + ev.token_ids, join(prev.logprobs, ev.logprobs),
+                                  ev.finish_reason, join(prev.top_logprobs, ev.top_logprobs),
+                                  prev.prompt_logprobs or ev.prompt_logprobs)
+        else:
+            out.append(ev)
+    return out
 
 
 class RouterService:
@@ -151,15 +162,14 @@ class RouterService:
             await loop.run_in_executor(self._tokenize_pool, check_grammar, tokenizer, sampling.grammar_kind,
                                        sampling.grammar_spec, parsed.grammar_field)
         rid = uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
+        mailbox = Mailbox(loop)
         st = RequestState(rid=rid, model=model, route=route, input_ids=input_ids,
-                          sampling=sampling, dllm=dict(parsed.dllm),
-                          sink=LoopSink(loop, queue))
+                          sampling=sampling, dllm=dict(parsed.dllm), sink=mailbox)
         writer = ResponseWriter(parsed.kind, rid, model, tokenizer, parsed.logprobs,
                                 parsed.top_logprobs, parsed.include_usage)
         from cluster.engine.tokenizer import IncrementalDetokenizer
         text = CompletionText(IncrementalDetokenizer(tokenizer), list(sampling.stop))
-        gen = Generation(st, queue, text, writer, len(input_ids), time.monotonic(), parsed=parsed)
+        gen = Generation(st, mailbox, text, writer, len(input_ids), time.monotonic(), parsed=parsed)
         st.trace = self.tracing.begin(rid, model, route, arrival, traceparent)
         if submit:
             self._submit([st])
@@ -181,51 +191,49 @@ class RouterService:
     # events -> text
     async def deltas(self, gen: Generation,
                      disconnected: Optional[Callable[[], Awaitable[bool]]] = None
-                     ) -> AsyncIterator[TextDelta]:
-        """Text deltas until the finishing one; raises APIError when the request fails."""
-        last, held = None, None
+                     ) -> AsyncIterator[list[TextDelta]]:
+        """The text deltas of every event that arrived since the last list, one delta per
+        event (each token leaves when it arrived), until the finishing one; raises APIError
+        when the request fails. A backlog beyond MAX_EVENTS_BEHIND (the client or this loop
+        is slower than the stream) leaves as one delta: one detokenize, one chunk."""
+        last = None
         try:
             while True:
-                if held is not None:
-                    ev, held = held, None
-                elif gen.queue.empty():
-                    try:
-                        ev = await asyncio.wait_for(gen.queue.get(), DISCONNECT_POLL_S)
-                    except asyncio.TimeoutError:
-                        if disconnected is not None and await disconnected():
-                            return
-                        continue
-                else:
-                    ev = gen.queue.get_nowait()
-                # NOTE: what queued up meanwhile goes out as one delta: one detokenize, one SSE write
-                while isinstance(ev, TokensEvent) and ev.finish_reason is None and not gen.queue.empty():
-                    nxt = gen.queue.get_nowait()
-                    if not isinstance(nxt, TokensEvent):
-                        held = nxt
-                        break
-                    ev = _merged(ev, nxt)
+                events = await gen.mailbox.take(DISCONNECT_POLL_S if disconnected is not None else None)
+                if not events:
+                    if disconnected is not None and await disconnected():
+                        return
+                    continue
+                if len(events) > MAX_EVENTS_BEHIND:
+                    events = coalesced(events)
                 now = time.monotonic()
-                if isinstance(ev, FailedEvent):
-                    gen.is_done = True
-                    outcome = "timeout" if ev.status == 504 else "error"
-                    self.metrics.count_outcome(outcome)
-                    self.tracing.end(gen.st.trace, outcome, error=ev.message)
-                    raise APIError(ev.status, ev.message, ev.type, code=ev.status)
-                if ev.token_ids:
+                num_tokens = sum(len(ev.token_ids) for ev in events if isinstance(ev, TokensEvent))
+                if num_tokens:
                     if last is None:
                         self.metrics.observe(self.metrics.ttft, now - gen.arrival)
                     else:
-                        n = len(ev.token_ids)
-                        self.metrics.observe(self.metrics.itl, (now - last) / n, times=n)
+                        self.metrics.observe(self.metrics.itl, (now - last) / num_tokens, times=num_tokens)
                     last = now
-                delta = gen.text.add(ev.token_ids, ev.logprobs, ev.finish_reason)
-                delta.top_logprobs, delta.prompt_logprobs = ev.top_logprobs, ev.prompt_logprobs
-                if ev.finish_reason is not None:
-                    gen.is_done = True
-                    self.metrics.observe(self.metrics.e2e, now - gen.arrival)
-                    self.metrics.count_outcome("success")
-                    self.tracing.end(gen.st.trace, "success", ev.finish_reason)
-                yield delta
+                out: list[TextDelta] = []
+                for ev in events:
+                    if isinstance(ev, FailedEvent):
+                        if out:                            # the tokens before the failure first
+                            yield out
+                        gen.is_done = True
+                        outcome = "timeout" if ev.status == 504 else "error"
+                        self.metrics.count_outcome(outcome)
+                        self.tracing.end(gen.st.trace, outcome, error=ev.message)
+                        raise APIError(ev.status, ev.message, ev.type, code=ev.status)
+                    delta = gen.text.add(ev.token_ids, ev.logprobs, ev.finish_reason)
+                    delta.top_logprobs, delta.prompt_logprobs = ev.top_logprobs, ev.prompt_logprobs
+                    out.append(delta)
+                    if ev.finish_reason is not None:
+                        gen.is_done = True
+                        self.metrics.observe(self.metrics.e2e, now - gen.arrival)
+                        self.metrics.count_outcome("success")
+                        self.tracing.end(gen.st.trace, "success", ev.finish_reason)
+                        break
+                yield out
                 if gen.is_done:
                     return
         finally:

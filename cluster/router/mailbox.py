@@ -1,0 +1,72 @@
+"""A request's mailbox: events handed from the dispatcher's thread to the request's coroutine.
+
+The dispatcher calls `deliver_all` once per worker message: one `call_soon_threadsafe` per
+event loop for every request the message touches (a decode step of 256 streams is one
+wake-up of the HTTP loop, not 256), and on the loop each mailbox appends its events and
+resolves its one waiting future. The coroutine takes everything that arrived since it last
+looked (`take`), in order. No asyncio.Queue and no `wait_for` task per event: a token costs
+one list append and at most one future resolution.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Optional
+
+from cluster.router.request_state import Event
+
+
+class Mailbox:
+    """One request's events; `self(event)` may be called from any thread."""
+
+    __slots__ = ("loop", "events", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: list[Event] = []
+        self.waiter: Optional[asyncio.Future] = None
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.put, event)
+
+    def put(self, event: Event) -> None:
+        """On the loop's thread."""
+        self.events.append(event)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, timeout: Optional[float] = None) -> list[Event]:
+        """Every event not taken yet, waiting for the first up to `timeout` seconds ([] then)."""
+        if not self.events:
+            self.waiter = waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, _wake, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        events, self.events = self.events, []
+        return events
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]]) -> None:
+    """Hand one message's events to their requests, waking each event loop once for all of
+    them. Order per request is kept. A sink that is not a Mailbox is called directly."""
+    by_loop: dict = {}
+    for sink, event in pairs:
+        if isinstance(sink, Mailbox):
+            by_loop.setdefault(sink.loop, []).append((sink, event))
+        else:
+            sink(event)
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list) -> None:
+    for mailbox, event in items:
+        mailbox.put(event)

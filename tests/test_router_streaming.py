@@ -1,0 +1,166 @@
+"""Streaming at the router: one SSE event per token when the client keeps up, what arrived
+together in one write, a backlog as one delta, and no stream that ends without [DONE] or an
+error event (scripted workers, real router)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from cluster.wire import protocol
+from tests.router_harness import MODEL, wait_for
+
+pytestmark = pytest.mark.usefixtures("tokenizers")
+WORDS = " one two three four five six seven eight"
+
+
+def paced_reply(ids: list[int], together: int, every_s: float):
+    """A worker that sends `together` one-token messages back to back every `every_s` (as a
+    worker whose socket thread got the GIL late would), from its own thread."""
+    def reply(worker, gen):
+        def run():
+            for i, t in enumerate(ids):
+                if worker._stop.is_set() or any(isinstance(m, protocol.Abort) for m in worker.received):
+                    return
+                worker.tokens(gen.rid, [t], "length" if i == len(ids) - 1 else None)
+                if (i + 1) % together == 0:
+                    time.sleep(every_s)
+        threading.Thread(target=run, daemon=True).start()
+    return reply
+
+
+def stream_texts(r, body: dict) -> tuple[list[str], str]:
+    """(text of each content event, how the stream ended)."""
+    texts, ended = [], "cut"
+    with r.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                ended = "done"
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                ended = "error"
+                break
+            if chunk["choices"][0]["text"]:
+                texts.append(chunk["choices"][0]["text"])
+    return texts, ended
+
+
+@pytest.mark.parametrize("together", [1, 2])
+def test_stream_sends_one_event_per_token_when_the_client_keeps_up(make_router, together):
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(WORDS)
+    pieces = [tok.decode([t]) for t in ids]
+    assert "".join(pieces) == WORDS                    # one word per token: events can be counted
+    r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, together, 0.04))
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+    texts, ended = stream_texts(r, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)})
+    assert ended == "done"
+    assert texts == pieces                              # one event per token, in order
+
+
+def _generation(svc, tok):
+    from cluster.engine.tokenizer import IncrementalDetokenizer
+    from cluster.router.completion import CompletionText
+    from cluster.router.mailbox import Mailbox
+    from cluster.router.openai_response import ResponseWriter
+    from cluster.router.request_state import RequestState
+    from cluster.router.service import Generation
+    from cluster.sampling_params import SamplingParams
+    mailbox = Mailbox(asyncio.get_running_loop())
+    st = RequestState("r", MODEL, "pd", [1], SamplingParams(max_tokens=64), sink=mailbox)
+    st.trace = svc.tracing.begin("r", MODEL, "pd", time.monotonic())
+    return Generation(st, mailbox, CompletionText(IncrementalDetokenizer(tok), []),
+                      ResponseWriter("completion", "r", MODEL, tok, False, 0, False), 1, time.monotonic())
+
+
+def test_events_that_arrived_together_leave_in_one_batch_and_a_backlog_as_one_delta(router):
+    """Events already waiting when the stream looks leave together (one write), still one delta
+    each; more than MAX_EVENTS_BEHIND waiting (a client or loop slower than the stream) leave as
+    one delta; an error behind tokens still ends the stream after them."""
+    from cluster.router.request_state import FailedEvent, TokensEvent
+    from cluster.router.service import MAX_EVENTS_BEHIND
+    svc = router.service
+    tok = svc.tokenizer_for(MODEL)
+    ids = tok.encode(WORDS)
+
+    async def drain(events):
+        gen = _generation(svc, tok)
+        for ev in events:
+            gen.mailbox.put(ev)
+        out = []
+        try:
+            async for batch in svc.deltas(gen):
+                out.append(batch)
+        except Exception as e:
+            out.append(e)
+        return out
+
+    singles = [TokensEvent([t], None, None) for t in ids[:-1]] + [TokensEvent([ids[-1]], None, "stop")]
+    assert len(singles) <= MAX_EVENTS_BEHIND
+    [batch] = asyncio.run(drain(singles))
+    assert [d.token_ids for d in batch] == [[t] for t in ids]
+    assert "".join(d.text for d in batch) == WORDS and batch[-1].finish_reason == "stop"
+    backlog = [TokensEvent([ids[i % len(ids)]], None, None) for i in range(MAX_EVENTS_BEHIND + 1)]
+    [[merged]] = asyncio.run(drain(backlog + [TokensEvent([ids[0]], None, "length")]))
+    assert len(merged.token_ids) == MAX_EVENTS_BEHIND + 2 and merged.finish_reason == "length"
+    failed = asyncio.run(drain(singles[:2] + [FailedEvent(500, "boom")]))
+    assert [d.token_ids for d in failed[0]] == [[ids[0]], [ids[1]]] and "boom" in str(failed[-1].message)
+
+
+def test_an_unexpected_failure_mid_stream_ends_with_an_error_event_not_a_cut(make_router, monkeypatch):
+    """A bug while streaming (here: the detokenizer raising) must reach the client as an error
+    event; an exception escaping the response would make the server drop the connection."""
+    from cluster.router.completion import CompletionText
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(WORDS)
+    r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.01))
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+    real_add = CompletionText.add
+
+    def add(self, token_ids, logprobs, finish_reason):
+        if len(self.token_ids) >= 3:
+            raise KeyError("boom")
+        return real_add(self, token_ids, logprobs, finish_reason)
+    monkeypatch.setattr(CompletionText, "add", add)
+    texts, ended = stream_texts(r, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)})
+    assert ended == "error" and texts == [tok.decode([t]) for t in ids[:3]]
+    assert wait_for(lambda: not r.dispatcher.requests)  # and the request was aborted
+
+
+def test_burst_of_streams_all_end_with_done(make_router):
+    """128 streams at once through one router: every one ends with [DONE]."""
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(WORDS)
+    r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.02))
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+
+    async def burst(n):
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=r.url, timeout=60, limits=limits) as http:
+            async def one():
+                body = {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids), "stream": True}
+                try:
+                    async with http.stream("POST", "/v1/completions", json=body) as resp:
+                        async for line in resp.aiter_lines():
+                            if line == "data: [DONE]":
+                                return "done"
+                            if line.startswith("data: ") and '"error"' in line:
+                                return "error"
+                    return "ended without [DONE]"
+                except httpx.HTTPError as e:
+                    return f"cut: {type(e).__name__}"
+            return await asyncio.gather(*(one() for _ in range(n)))
+    ends = asyncio.run(burst(128))
+    assert ends.count("done") == 128, {e: ends.count(e) for e in set(ends)}
