@@ -63,6 +63,11 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
         fingerprint.pop("layout")
         register = replace(register, kv_fingerprint=fingerprint)
     client.send(register)
+    try:                                                   # heartbeats carry typed gauges
+        from cluster.wire.gauges import WorkerGauges
+        beat = {"gauges": WorkerGauges()}
+    except ImportError:
+        beat = {}
     running: dict[str, list[int]] = {}                     # wire rid -> [left, sent]
     log = open(log_path, "w", buffering=1)
     stop = []
@@ -72,7 +77,7 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
     while not stop:
         now = time.monotonic()
         if now >= next_beat:
-            client.send(protocol.Heartbeat(worker_id="unified-0", forward_ct=forward_ct))
+            client.send(protocol.Heartbeat(worker_id="unified-0", forward_ct=forward_ct, **beat))
             next_beat = now + 0.5
         if now >= next_step:
             if running:
