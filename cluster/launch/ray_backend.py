@@ -55,12 +55,8 @@ class WorkerProcess:
             f.write(config_text)
         if key_files:                  # CURVE on: this node's copy of the cluster keys
             keys_dir = os.path.join(log_dir, f"ray-{worker_id}-keys")
-            os.makedirs(keys_dir, mode=0o700, exist_ok=True)
-            for name, text in key_files.items():
-                fd = os.open(os.path.join(keys_dir, name),
-                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
+            # a restarted actor rewrites its copy
+            curve.save_keys(keys_dir, curve.CurveKeys.from_files(key_files), overwrite=True)
             env = {**env, curve.KEYS_DIR_ENV: keys_dir}
         argv = [sys.executable] + [config_path if a == CONFIG_ARG else a for a in args]
         self.child = Child(worker_id, argv, {**os.environ, **env},
@@ -150,9 +146,7 @@ class RayLauncher(Launcher):
                    if k in (curve.CURVE_ENV, curve.KEYS_DIR_ENV)}
         key_files = {}
         if decided.get(curve.CURVE_ENV) == "on":
-            for name in (curve.PUBLIC_FILE, curve.SECRET_FILE):
-                with open(os.path.join(decided[curve.KEYS_DIR_ENV], name)) as f:
-                    key_files[name] = f.read()
+            key_files = curve.read_keys(decided[curve.KEYS_DIR_ENV]).files()
         actor_cls = ray.remote(WorkerProcess)
         for i, wid in enumerate(ids):
             num_threads = max(1, int(bundles[i]["CPU"]))

@@ -58,6 +58,10 @@ class CurveKeys:
         """{file name: text} of this pair as a keys directory holds it."""
         return {PUBLIC_FILE: self.public.decode() + "\n", SECRET_FILE: self.secret.decode() + "\n"}
 
+    @classmethod
+    def from_files(cls, files: dict[str, str]) -> "CurveKeys":
+        return cls(files[PUBLIC_FILE].strip().encode(), files[SECRET_FILE].strip().encode())
+
     def serve(self, sock: zmq.Socket) -> None:
         """A bound socket: CURVE server with the cluster's secret key."""
         sock.setsockopt(zmq.CURVE_SERVER, 1)
