@@ -73,7 +73,7 @@ def decode_side(args) -> None:
             for item, payload in zip(msg.reqs, msg.tensors or [None] * len(msg.reqs)):
                 try:
                     hub.receiver_for(msg.backend).unpack(sender, msg.source, item, payload, pages_for(
-                        pool, item.prompt_len, rng, bool(msg.source.get("contiguous", 0))))
+                        pool, item.transfer_len, rng, bool(msg.source.get("contiguous", 0))))
                 except Exception as e:     # reported back, not fatal: the figure says it failed
                     failed[item.rid] = f"{type(e).__name__}: {e}"
             hub.fence.synchronize()

@@ -9,7 +9,6 @@ The scheduler acts on the outcome: it starts the landed requests and fails or re
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -81,8 +80,8 @@ class KvIntake:
                         self.landing.take(item.rid, item.attempt, item.layers_sent)
                     self.unpack(msg, item, payload, req, (min(item.layers_sent, num_layers), num_layers))
                     if req is not None:
-                        self.transfer.receiver_for(msg.backend).verify_landed(relative(item), self.pages_of(req, item))
-                    num_bytes = self.transfer.pool.request_bytes(item.prompt_len - item.held_len)
+                        self.transfer.receiver_for(msg.backend).verify_landed(item, self.pages_of(req, item))
+                    num_bytes = self.transfer.pool.request_bytes(item.transfer_len)
                 else:
                     num_bytes = self.unpack(msg, item, payload, req, None)
             except KvTransferError as e:
@@ -98,24 +97,19 @@ class KvIntake:
     def unpack(self, msg, item, payload, req: Optional[Req], layers) -> int:
         backend = self.transfer.receiver_for(msg.backend)
         dst = self.pages_of(req, item) if req is not None else None
-        return backend.unpack(msg.prefill_worker_id, msg.source, relative(item), payload, dst, layers)
+        return backend.unpack(msg.prefill_worker_id, msg.source, item, payload, dst, layers)
 
     def pages_of(self, req: Req, item) -> list[int]:
-        """The pages that take positions [held_len, prompt_len): decode already holds the rest."""
+        """The pages that take positions [held_len, seq_len): decode already holds the rest."""
         return req.page_table[item.held_len // self.page_size:]
 
     def forget(self, rid: str) -> None:
         self.landing.forget(rid)
 
 
-def relative(item):
-    """The item as its backend sees it: positions [held_len, prompt_len) only."""
-    return dataclasses.replace(item, prompt_len=item.prompt_len - item.held_len, held_len=0)
-
-
 def check_shape(req: Req, item) -> None:
-    if item.prompt_len != req.seq_len:
-        raise KvTransferError("shape", f"KV of {item.prompt_len} tokens for a {req.seq_len}-token request")
-    if item.held_len != req.num_cached_tokens:
+    if item.seq_len != req.seq_len:
+        raise KvTransferError("shape", f"KV of {item.seq_len} tokens for a {req.seq_len}-token request")
+    if item.held_len != req.cached_len:
         raise KvTransferError("shape", f"KV after {item.held_len} held tokens, but "
-                              f"{req.num_cached_tokens} are held here")
+                              f"{req.cached_len} are held here")

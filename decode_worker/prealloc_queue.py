@@ -33,7 +33,7 @@ class PreallocQueue:
         """Reserve pages for queued requests in order; stop at the first that does not fit.
 
         Decode-side reuse: a request starts on the longest prefix this worker's cache holds
-        (`req.num_cached_tokens`), so only the rest has to arrive; not those in `no_reuse`."""
+        (`req.cached_len`), so only the rest has to arrive; not those in `no_reuse`."""
         reserved: list[Req] = []
         while self.waiting and num_running + len(reserved) < max_running:
             req = self.waiting[0]

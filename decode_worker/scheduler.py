@@ -125,7 +125,7 @@ class DecodeScheduler(WorkerScheduler):
             self.kv_transfer.record(got.num_bytes)   # the prefill side times the transfer
             self.mark_kv_received(got.req, msg, got)
             logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
-                         msg.prefill_worker_id, msg.forward_iter, got.req.rid, got.item.prompt_len,
+                         msg.prefill_worker_id, msg.forward_iter, got.req.rid, got.item.seq_len,
                          got.num_bytes, msg.backend)   # benchmarks/disagg_ttft.py reads it
             self.start(got.req, got.item, msg)
         self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id), P.KvAck(
@@ -137,7 +137,7 @@ class DecodeScheduler(WorkerScheduler):
         self.transfer_queue.pop(req.rid)
         if self.corrupt_kv:
             self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
-        req.kv_len = item.prompt_len
+        req.kv_len = item.seq_len
         self.fork_siblings(req)
         self.retracted.discard(req.rid)
         if req.grammar is not None:   # the prefill's matcher took it; ours is not in any forward yet
@@ -216,7 +216,7 @@ class DecodeScheduler(WorkerScheduler):
         else:
             self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
                                                         decode_data_addr=self.data_plane.address,
-                                                        num_held_tokens=req.num_cached_tokens))
+                                                        held_len=req.cached_len))
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)

@@ -83,7 +83,7 @@ class DllmScheduler(WorkerScheduler):
             self.step_block(state, logits, batch.forward_iter)
         self.report_prefill_stats(batch, PrefillStats(
             num_new_seqs=batch.batch_size, num_new_tokens=batch.num_tokens,
-            num_cached_tokens=batch.num_cached_tokens, token_usage=self.cache.token_usage,
+            cached_len=None, num_prefix_tokens=batch.num_prefix_tokens, token_usage=self.cache.token_usage,
             num_running_reqs=self.num_running_reqs, num_queue_reqs=self.num_queue_reqs))
         self.flush_outputs()
         self.forward_s = _average(self.forward_s, result.timings.get("total_s", 0.0))

@@ -67,8 +67,8 @@ class PrefillScheduler(WorkerScheduler):
                 logger.warning("%s: %s from %s claims to be from %s: dropped", self.worker_id,
                                type(msg).__name__, sender, msg.decode_worker_id)
             elif isinstance(msg, P.DecodeReady):
-                if msg.num_held_tokens:
-                    self.held_by_decode[msg.rid] = msg.num_held_tokens
+                if msg.held_len:
+                    self.held_by_decode[msg.rid] = msg.held_len
                 req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode_worker_id, msg.decode_data_addr)
                 if req is not None:
                     self.prefill.add(req)

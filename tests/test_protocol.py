@@ -19,9 +19,9 @@ SAMPLING = SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop
                           stop_token_ids=[2], logprobs=True)
 
 
-def kv(layers: int, prompt_len: int, heads: int, head_dim: int, dtype=torch.float32, seed=0):
+def kv(layers: int, seq_len: int, heads: int, head_dim: int, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(layers, 2, prompt_len, heads, head_dim, generator=g).to(dtype)
+    return torch.randn(layers, 2, seq_len, heads, head_dim, generator=g).to(dtype)
 
 NO_GAUGES = {d.name: None for d in P.WorkerGauges.declared()}
 
@@ -97,7 +97,7 @@ def test_nested_items_decode_as_their_types():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("frame_bytes", [P.FRAME_BYTES, 1000, 7])
 def test_kv_batch_tensors_bit_exact(dtype, frame_bytes):
-    shapes = [(3, 7, 5, 11), (1, 1, 1, 3), (2, 13, 3, 9)]      # layers, prompt_len, heads, dim
+    shapes = [(3, 7, 5, 11), (1, 1, 1, 3), (2, 13, 3, 9)]      # layers, seq_len, heads, dim
     tensors = [kv(l, n, h, d, dtype, seed=i) for i, (l, n, h, d) in enumerate(shapes)]
     reqs = [kv_req(f"r{i}", 10 + i, s[1], -0.1 * i if i else None) for i, s in enumerate(shapes)]
     msg = P.KvBatch(42, "prefill-0", reqs, tensors)
@@ -125,12 +125,12 @@ def test_kv_layers_carry_one_layer_per_request_and_the_kv_batch_then_zero():
     assert decode(encode(in_place)) == in_place
     with pytest.raises(ProtocolError, match="2 layers, the message carries 1"):
         encode(P.KvLayers(9, "prefill-0", 0, 1, spans[:1], [kv(2, 6, 2, 4)]))
-    with pytest.raises(ProtocolError, match="prompt_len - held_len=5"):
+    with pytest.raises(ProtocolError, match="seq_len - held_len=5"):
         encode(P.KvLayers(9, "prefill-0", 0, 1, spans[1:], [kv(1, 9, 2, 4)]))
     with pytest.raises(ProtocolError, match="num_layers"):
         encode(P.KvLayers(9, "prefill-0", 0, 0, [], []))
     with pytest.raises(ProtocolError, match="held_len"):
-        encode(P.KvLayers(9, "prefill-0", 0, 1, [{"rid": "a", "prompt_len": 2, "attempt": 0,
+        encode(P.KvLayers(9, "prefill-0", 0, 1, [{"rid": "a", "seq_len": 2, "attempt": 0,
                                                    "src_pages": None, "held_len": 2}], [], backend="shm"))
 
 
@@ -163,7 +163,7 @@ def test_encode_refuses_bad_messages():
         encode(object())
     with pytest.raises(ProtocolError, match=r"generate.input_ids\[1\]"):
         encode(P.Generate("r", [1, -2], SAMPLING))
-    with pytest.raises(ProtocolError, match="prompt_len"):
+    with pytest.raises(ProtocolError, match="seq_len"):
         encode(P.KvBatch(1, "p", [kv_req("r", 1, 5)], [kv(1, 4, 1, 2)]))
     with pytest.raises(ProtocolError, match="top_p"):
         encode(P.Generate("r", [1], {**SAMPLING.to_wire(), "top_p": 2.0}))
@@ -208,7 +208,7 @@ BAD_INPUTS = {
     "extra key": _with_body([encode(P.Abort("r", "x"))[0]], why="x"),
     "wrong type": _with_body([encode(P.Abort("r", "x"))[0]], rid=5),
     "bool as int": _with_body([encode(P.Heartbeat("w", 1, P.WorkerGauges()))[0]], forward_ct=True),
-    "negative length": _with_body(_kv_frames(), reqs=[{"rid": "r", "first_token": 1, "prompt_len": -4,
+    "negative length": _with_body(_kv_frames(), reqs=[{"rid": "r", "first_token": 1, "seq_len": -4,
                                                        "first_logprob": None}]),
     "bin in body": _with_body([encode(P.Abort("r", "x"))[0]], reason=b"bytes"),
     "bad role": _with_body(encode(SIMPLE_MESSAGES[0]), role="leader"),
@@ -229,7 +229,7 @@ BAD_INPUTS = {
     "frame index zero": _tensor_desc(frames=[0, 2]),
     "dtype not allowed": _tensor_desc(dtype="object"),
     "shape vs bytes": _tensor_desc(shape=[1, 2, 4, 2, 4]),
-    "kv shape vs prompt_len": _tensor_desc(shape=[1, 2, 2, 4, 3]),
+    "kv shape vs seq_len": _tensor_desc(shape=[1, 2, 2, 4, 3]),
     "absurd shape": _tensor_desc(shape=[1 << 20, 2, 4, 1 << 20, 1 << 10]),
     "ids tensor wrong dtype": _with_body(encode(P.Generate("r", list(range(300)), SAMPLING)),
                                          input_ids={"dtype": "float32", "shape": [300], "frames": [1, 1]}),

@@ -200,7 +200,7 @@ class KvTransfer:
         """Every layer of a streamed request landed: its checksum over the pages (on CUDA on the
         import stream, after the copies)."""
         with self.fence.stream():
-            self.check(item.checksum, lambda: self.landed_checksum(dst_pages, item.prompt_len))
+            self.check(item.checksum, lambda: self.landed_checksum(dst_pages, item.transfer_len))
 
     def landed_checksum(self, pages: list[int], length: int) -> int:
         return self.checksum_of(self.pool.export_kv(pages, length))
@@ -208,7 +208,7 @@ class KvTransfer:
     def source_pages(self, sender: str, src: torch.Tensor, item) -> list[int]:
         """Page-reading backends (shm, cuda_ipc): the item's pages in the peer's pool `src`,
         checked against its length and against both pools' shapes."""
-        src_pages, length = item.src_pages or [], item.prompt_len
+        src_pages, length = item.src_pages or [], item.transfer_len
         if len(src_pages) != self.pool.pages_for(length) or max(src_pages, default=0) >= src.shape[3]:
             raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
         if src.shape[0] != self.pool.num_layers:

@@ -80,7 +80,7 @@ class CudaIpcTransfer(KvTransfer):
             raise KvTransferError("unreachable", f"{sender}'s GPU is on another host")
         first, end, whole = self.layer_span(layers)
         src = self._map(sender, source)
-        src_pages, length = self.source_pages(sender, src, item), item.prompt_len
+        src_pages, length = self.source_pages(sender, src, item), item.transfer_len
         with self.fence.stream():
             copy_pages(src[first:end], self.pool.kv[first:end], src_pages, dst_pages[:len(src_pages)])
             if whole:

@@ -98,7 +98,7 @@ class NcclTransfer(KvTransfer):
         if first == end:
             return 0
         group = self._group(f"{sender}>{self.data_addr}", 1, source)
-        pool, length = self.pool, item.prompt_len
+        pool, length = self.pool, item.transfer_len
         with self.fence.stream():
             buf = torch.empty((end - first, 2, length, pool.num_kv_heads, pool.head_dim),
                               dtype=pool.dtype, device=pool.device)

@@ -103,7 +103,7 @@ class ShmTransfer(KvTransfer):
             raise KvTransferError("unreachable", f"{sender}'s shared memory is on another host")
         first, end, whole = self.layer_span(layers)
         peer = self._map(sender, source)
-        src_pages, length = self.source_pages(sender, peer.kv, item), item.prompt_len
+        src_pages, length = self.source_pages(sender, peer.kv, item), item.transfer_len
         copy_pages(peer.kv[first:end], self.pool.kv[first:end], src_pages, dst_pages[:len(src_pages)])
         if whole:
             self.check(item.checksum, lambda: self.landed_checksum(dst_pages, length))

@@ -45,7 +45,7 @@ class ZmqTransfer(KvTransfer):
                layers: Optional[tuple[int, int]] = None) -> int:
         if dst_pages is None or payload is None:
             return 0
-        pool, length = self.pool, item.prompt_len
+        pool, length = self.pool, item.transfer_len
         first, end, whole = self.layer_span(layers)
         want = (end - first, 2, length, pool.num_kv_heads, pool.head_dim)
         if tuple(payload.shape) != want or payload.dtype != pool.dtype:

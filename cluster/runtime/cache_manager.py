@@ -67,14 +67,14 @@ class CacheManager:
         self.tree.lock(node)
         req.cache_node, req.num_shared_pages = node, len(pages)
         req.page_table = list(pages)
-        req.kv_len = req.num_cached_tokens = len(pages) * self.page_size
+        req.kv_len = req.cached_len = len(pages) * self.page_size
         self.num_query_tokens += len(ids)
         self.num_hit_tokens += req.kv_len
         return req.kv_len
 
     def unmatch(self, req: Req) -> None:
         """Undo `match_prefix` of a request that was not scheduled after all."""
-        if req.cache_node is not None and req.kv_len == req.num_cached_tokens:
+        if req.cache_node is not None and req.kv_len == req.cached_len:
             self.num_query_tokens -= req.seq_len
             self.num_hit_tokens -= req.kv_len
             self.release(req, keep_kv=False)
@@ -129,7 +129,7 @@ class CacheManager:
                 self.tree.lock(node)
             child.page_table = list(shared) + mine
             child.num_shared_pages, child.cache_node = num_whole, node
-            child.kv_len, child.num_cached_tokens = num_tokens, 0
+            child.kv_len, child.cached_len = num_tokens, 0
         return copies
 
     # ---- release -------------------------------------------------------------------
@@ -138,7 +138,7 @@ class CacheManager:
         the prefix cache: positions whose token is known and whose forward has returned
         (not those of a launched forward still pending, which may yet fail)."""
         pages, shared = req.page_table, req.num_shared_pages
-        req.page_table, req.num_shared_pages, req.num_cached_tokens = [], 0, 0
+        req.page_table, req.num_shared_pages, req.cached_len = [], 0, 0
         node, req.cache_node = req.cache_node, None
         if self.tree is None:
             if pages:

@@ -65,4 +65,4 @@ class PrefillManager:
                 req.num_pending += 1
         return ScheduleBatch(reqs, ForwardMode.EXTEND, extend_lens=extend_lens,
                              prefix_lens=prefix_lens, is_last_chunk=is_last_chunk,
-                             num_cache_hit_tokens=num_hit_tokens)
+                             cached_len=num_hit_tokens)

@@ -29,7 +29,7 @@ class Req:
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot",
         "output_logprobs", "peer", "grammar", "prompt_logprobs", "kv_attempt", "cache_node", "num_shared_pages",
-        "num_cached_tokens",
+        "cached_len",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -53,10 +53,11 @@ class Req:
         self.prompt_logprobs: Optional[list[float]] = None   # echo: computed, not yet streamed
         self.kv_attempt = 0                # disaggregation: KV handoffs tried (a bad checksum prefills again)
         # prefix cache (CacheManager): the radix node this request references, how many pages
-        # at the head of page_table are the tree's, and the tokens reused at its last admission
+        # at the head of page_table are the tree's, and the prefix-cache hit of its last admission
+        # (on decode: the leading tokens it holds, which the prefill side calls held_len)
         self.cache_node: Any = None
         self.num_shared_pages = 0
-        self.num_cached_tokens = 0
+        self.cached_len = 0
 
     # derived lengths are properties, never copies kept in sync
     @property
@@ -95,7 +96,7 @@ class ScheduleBatch:
     # short: an AR request samples its next token from it, a DLLM round carries its block
     is_last_chunk: list[bool] = field(default_factory=list)
     forward_iter: Optional[int] = None                     # set by Scheduler.run_batch, never later
-    num_cache_hit_tokens: int = 0                          # tokens its requests reused from the prefix cache
+    cached_len: int = 0                                    # prefix-cache hits of its requests (their cached_len)
 
     def __post_init__(self) -> None:
         n = len(self.reqs)
@@ -116,11 +117,12 @@ class ScheduleBatch:
         return sum(self.extend_lens)
 
     @property
-    def num_cached_tokens(self) -> int:
+    def num_prefix_tokens(self) -> int:
+        """Tokens already in KV before this forward (prefix hits, earlier chunks and blocks)."""
         return sum(self.prefix_lens)
 
     def copy(self) -> "ScheduleBatch":
         """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""
         return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
                              prefix_lens=list(self.prefix_lens), is_last_chunk=list(self.is_last_chunk),
-                             forward_iter=self.forward_iter, num_cache_hit_tokens=self.num_cache_hit_tokens)
+                             forward_iter=self.forward_iter, cached_len=self.cached_len)

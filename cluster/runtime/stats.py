@@ -28,7 +28,8 @@ MAX_REPORTED_ITERS = 8192           # reported_iters kept for tests and debuggin
 class PrefillStats:
     num_new_seqs: int
     num_new_tokens: int
-    num_cached_tokens: int = 0
+    cached_len: Optional[int] = 0              # prefix-cache hits (#cached-token); None: no prefix cache
+    num_prefix_tokens: Optional[int] = None    # DLLM: all earlier KV the round attends (#prefix-token)
     token_usage: float = 0.0
     num_running_reqs: int = 0
     num_queue_reqs: int = 0
@@ -39,7 +40,7 @@ class PrefillStats:
     def of_batch(cls, batch, token_usage: float, num_running_reqs: int, num_queue_reqs: int,
                  **role) -> "PrefillStats":
         return cls(num_new_seqs=sum(batch.is_last_chunk), num_new_tokens=batch.num_tokens,
-                   num_cached_tokens=batch.num_cache_hit_tokens, token_usage=token_usage,
+                   cached_len=batch.cached_len, token_usage=token_usage,
                    num_running_reqs=num_running_reqs, num_queue_reqs=num_queue_reqs, **role)
 
 
@@ -80,9 +81,13 @@ class IterationStats:
         throughput = stats.num_new_tokens / max(now - self._last_prefill_log, 1e-9)
         self._last_prefill_log = now
         parts = [self._label("Prefill", it), f"#new-seq: {stats.num_new_seqs}",
-                 f"#new-token: {stats.num_new_tokens}", f"#cached-token: {stats.num_cached_tokens}",
-                 f"token usage: {stats.token_usage:.2f}", f"#running-req: {stats.num_running_reqs}",
-                 f"#queue-req: {stats.num_queue_reqs}"]
+                 f"#new-token: {stats.num_new_tokens}"]
+        if stats.cached_len is not None:
+            parts.append(f"#cached-token: {stats.cached_len}")
+        if stats.num_prefix_tokens is not None:
+            parts.append(f"#prefix-token: {stats.num_prefix_tokens}")
+        parts += [f"token usage: {stats.token_usage:.2f}", f"#running-req: {stats.num_running_reqs}",
+                  f"#queue-req: {stats.num_queue_reqs}"]
         if stats.num_bootstrap_reqs is not None:
             parts.append(f"#bootstrap-req: {stats.num_bootstrap_reqs}")
         if stats.num_inflight_reqs is not None:

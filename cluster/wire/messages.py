@@ -26,6 +26,11 @@ class Peer:
     data_addr: str
 
 
+def _check_held(item) -> None:
+    if not 0 <= item.held_len < item.seq_len:
+        raise ValueError(f"held_len {item.held_len} not in [0, seq_len {item.seq_len})")
+
+
 @dataclass(frozen=True, slots=True)
 class KvReq:
     """One request of a `kv_batch`: its first token, the length of its KV, the KV attempt
@@ -33,7 +38,7 @@ class KvReq:
     and, for backends that read the prefill pool in place (shm, cuda_ipc), its source pages."""
     rid: str
     first_token: int
-    prompt_len: int                               # positions in the KV tensor
+    seq_len: int                                  # positions the request's KV covers
     first_logprob: Optional[float] = None
     first_top: Optional[list] = None              # the first token's [[token_id, logprob], ...] (top_logprobs)
     prompt_logprobs: Optional[list] = None        # prompt tokens 1.. when asked (echo with logprobs)
@@ -41,13 +46,17 @@ class KvReq:
     checksum: Optional[int] = None                # cluster/kv_transfer/checksum.py
     src_pages: Optional[list] = None
     held_len: int = 0                             # leading tokens decode already holds: the KV
-                                                  # travelling is positions [held_len, prompt_len)
+                                                  # travelling is positions [held_len, seq_len)
     layers_sent: int = 0                          # leading layers that went ahead in kv_layers
                                                   # messages (layer-wise); this one moves the rest
 
     def __post_init__(self) -> None:
-        if not 0 <= self.held_len < self.prompt_len:
-            raise ValueError(f"held_len {self.held_len} not in [0, prompt_len {self.prompt_len})")
+        _check_held(self)
+
+    @property
+    def transfer_len(self) -> int:
+        """Positions whose KV travels: [held_len, seq_len)."""
+        return self.seq_len - self.held_len
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +64,17 @@ class KvSpan:
     """One request of a `kv_layers` message: which KV the layers belong to (the fields of its
     coming `KvReq` that do not wait for the forward to finish)."""
     rid: str
-    prompt_len: int
+    seq_len: int
     attempt: int = 0
     src_pages: Optional[list] = None
     held_len: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.held_len < self.prompt_len:
-            raise ValueError(f"held_len {self.held_len} not in [0, prompt_len {self.prompt_len})")
+        _check_held(self)
+
+    @property
+    def transfer_len(self) -> int:
+        return self.seq_len - self.held_len
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +149,7 @@ class DecodeReady:                                # decode -> prefill (data plan
     rid: str
     decode_worker_id: str
     decode_data_addr: str
-    num_held_tokens: int = 0                      # leading tokens whose KV decode keeps from its cache
+    held_len: int = 0                             # leading tokens whose KV decode keeps from its cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +158,7 @@ class KvBatch:                                    # prefill -> decode (data plan
     forward_iter: int
     prefill_worker_id: str
     reqs: list                                    # KvReq
-    tensors: list = field(compare=False)          # zmq: per req [layers, 2, prompt_len, kv_heads, head_dim]
+    tensors: list = field(compare=False)          # zmq: per req [layers, 2, seq_len - held_len, kv_heads, head_dim]
                                                   # (decoded as FramedTensor); other backends: []
     backend: str = "zmq"                          # the kv_transfer backend that moves the bytes
     source: dict = field(default_factory=dict)    # how to reach the prefill pool (shm, cuda_ipc, nccl)
@@ -162,7 +174,7 @@ class KvLayers:                                   # prefill -> decode (data plan
     layer: int
     num_layers: int
     reqs: list                                    # KvSpan
-    tensors: list = field(compare=False)          # zmq: per req [num_layers, 2, prompt_len - held_len,
+    tensors: list = field(compare=False)          # zmq: per req [num_layers, 2, seq_len - held_len,
                                                   # kv_heads, head_dim]; other backends: []
     backend: str = "zmq"
     source: dict = field(default_factory=dict)

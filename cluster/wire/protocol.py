@@ -117,10 +117,10 @@ _FIELDS: dict[type, dict[str, Check]] = {
                "siblings": List(ID, max_len=MAX_SIBLINGS)},
     Reprefill: {"rid": ID, "input_ids": TokenIds(min_len=1), "sampling": SAMPLING,
                 "output_ids": TokenIds(), "decode": PEER},
-    DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT, "num_held_tokens": Int(lo=0)},
+    DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT, "held_len": Int(lo=0)},
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
               "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
-                                         "prompt_len": Int(lo=1), "first_logprob": Opt(Float()),
+                                         "seq_len": Int(lo=1), "first_logprob": Opt(Float()),
                                          "first_top": Opt(TOP), "prompt_logprobs": Opt(PROMPT_LPS),
                                          "attempt": Int(lo=0, hi=INT32_MAX),
                                          "checksum": Opt(Int(lo=0, hi=(1 << 64) - 1)),
@@ -133,7 +133,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
               "source": KV_SOURCE},
     KvLayers: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
                "layer": Int(lo=0, hi=MAX_LAYERS - 1), "num_layers": Int(lo=1, hi=MAX_LAYERS),
-               "reqs": List(Typed(KvSpan, {"rid": ID, "prompt_len": Int(lo=1),
+               "reqs": List(Typed(KvSpan, {"rid": ID, "seq_len": Int(lo=1),
                                            "attempt": Int(lo=0, hi=INT32_MAX),
                                            "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
                                            "held_len": Int(lo=0, hi=INT32_MAX)}),
@@ -175,7 +175,7 @@ def _check_body(cls: type, body: dict) -> dict:
 
 def _check_kv_tensors(name: str, body: dict) -> None:
     """One tensor per request with the zmq backend (none with the others), each holding its
-    request's positions [held_len, prompt_len); kv_layers tensors hold exactly its layers."""
+    request's positions [held_len, seq_len); kv_layers tensors hold exactly its layers."""
     if body["tensors"] and len(body["reqs"]) != len(body["tensors"]):
         fail(name, f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
     if (body["backend"] == "zmq") != bool(body["tensors"]) and body["reqs"]:
@@ -186,9 +186,9 @@ def _check_kv_tensors(name: str, body: dict) -> None:
     layers = body.get("num_layers")
     for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
         shape = t["shape"]
-        if len(shape) != 5 or shape[1] != 2 or shape[2] != r.prompt_len - r.held_len:
+        if len(shape) != 5 or shape[1] != 2 or shape[2] != r.transfer_len:
             fail(f"{name}.tensors[{i}]", f"shape {shape} is not [layers, 2, "
-                 f"prompt_len - held_len={r.prompt_len - r.held_len}, kv_heads, head_dim]")
+                 f"seq_len - held_len={r.transfer_len}, kv_heads, head_dim]")
         if layers is not None and shape[0] != layers:
             fail(f"{name}.tensors[{i}]", f"{shape[0]} layers, the message carries {layers}")
 
