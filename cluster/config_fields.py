@@ -1,11 +1,12 @@
 """Config keys that carry their own help and bounds, and the one check that reads them.
 
-Each section of `config_types.py` declares its keys with `option(default, help, ...)` and
-calls `check_fields(self)` in `__post_init__`, so a section built in code is checked exactly
-like one read from TOML (the loader only parses and names the file and key). The metadata a
-key carries (`help`, `lo`, `hi`, `gt`, `choices`, `pattern` + `form`, `nonempty`) is what the
-check reads and what a reference page can print, so a key's documentation cannot drift from
-its check. Adding a validated key is one `option(...)` line on its section.
+Each section of `config_types.py` is a `Section` that declares its keys with
+`option(default, help, ...)`; its `__post_init__` calls `check_fields(self)`, so a section
+built in code is checked exactly like one read from TOML (the loader only parses and names
+the file and key). The metadata a key carries (`help`, `lo`, `hi`, `gt`, `choices`, `pattern`
++ `form`, `nonempty`) is what the check reads and what a reference page prints, so a key's
+documentation cannot drift from its check. Adding a validated key is one `option(...)` line
+on its section.
 """
 from __future__ import annotations
 
@@ -117,6 +118,15 @@ def _bound_error(value, m) -> Optional[str]:
     if "pattern" in m and re.fullmatch(m["pattern"], value) is None:
         return f"{value!r} is not {m.get('form', 'of the form ' + m['pattern'])}"
     return None
+
+
+class Section:
+    """Base of a config section: checks its keys on construction (a section with checks that
+    span keys defines its own `__post_init__`, calling `check_fields` first)."""
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def check_fields(obj, source: Optional[str] = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
-from cluster.config_fields import ConfigError, check_fields, default_of, option
+from cluster.config_fields import ConfigError, Section, check_fields, default_of, option
 from cluster.dllm_params import DllmParams
 from cluster.launch.placement import place_gpus
 from cluster.roles import ROLES
@@ -27,7 +27,7 @@ HTTP_URL = r"(https?://[^/\s]+(/\S*)?)?"
 
 
 @dataclass(frozen=True, slots=True)
-class ModelConfigSection:
+class ModelConfigSection(Section):
     name: str = option("smollm2-135m-instruct", "served model name; also resolves the embedded "
                        "default weights", nonempty=True)
     path: str = option("", "GGUF file or HF directory; empty = the embedded default weights")
@@ -38,12 +38,9 @@ class ModelConfigSection:
                          form="cpu, cuda or cuda:N")
     max_model_len: int = option(4096, "longest prompt + output a request may have", lo=1)
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class RouterConfig:
+class RouterConfig(Section):
     host: str = option("127.0.0.1", "HTTP bind address", nonempty=True)
     port: int = option(8000, "HTTP port", lo=0, hi=65535)
     control: str = option("tcp://127.0.0.1:0", "ZeroMQ endpoint workers connect to; port 0 = a "
@@ -57,12 +54,9 @@ class RouterConfig:
     max_body_bytes: int = option(8 << 20, "larger request bodies get 413, never read whole", lo=1024)
     metrics_require_key: bool = option(False, "/metrics asks for api_key too")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class SchedulerConfig:
+class SchedulerConfig(Section):
     overlap: bool = option(True, "overlap scheduling: launch batch N+1 before processing N's result")
     log_forward_iters: bool = option(True, "end batch log lines with ` [N]`, the forward iteration; "
                                      "PDCLUSTER_LOG_FORWARD_ITERS=0/1 overrides")
@@ -73,12 +67,9 @@ class SchedulerConfig:
     decode_log_interval: int = option(1, "one Decode batch line every N decode iterations", lo=1)
     threads: int = option(0, "torch threads per worker; 0 = cores / workers on this host", lo=0)
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class TimeoutsConfig:
+class TimeoutsConfig(Section):
     register: float = option(120.0, "seconds the launcher waits for every worker to register", gt=0)
     heartbeat_interval: float = option(1.0, "seconds between a worker's heartbeats", gt=0)
     heartbeat_dead_after: float = option(3.0, "a worker silent this long is dead (> heartbeat_interval)",
@@ -96,19 +87,16 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class RecoveryConfig:
+class RecoveryConfig(Section):
     restart_workers: bool = option(True, "the launcher restarts a worker that dies")
     resume_on_decode_failure: bool = option(True, "re-prefill prompt + sent tokens on another decode "
                                             "worker when decode fails")
     restart_reset_after: float = option(60.0, "a worker healthy this long gets its restart budget "
                                         "back", gt=0)
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class KvTransferConfig:
+class KvTransferConfig(Section):
     backend: str = option("auto", "KV transfer backend (cluster/kv_transfer); auto picks per peer",
                           choices=("auto",) + KV_BACKENDS)
     verify: bool = option(False, "checksum every transfer, a mismatch is prefilled again; off by "
@@ -117,40 +105,28 @@ class KvTransferConfig:
                                          "auto = for peers reached through zmq, where it measures "
                                          "faster", choices=(True, False, "auto"))
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class SecurityConfig:
+class SecurityConfig(Section):
     curve: str = option("auto", "CURVE encryption of ZeroMQ sockets; auto = on when any bind is not "
                         "loopback", choices=CURVE_MODES)
     keys_dir: str = option("", "where the launcher writes / workers read the CURVE keys "
                            "(`pdcluster keys DIR`)")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class TracingConfig:
+class TracingConfig(Section):
     otlp_endpoint: str = option("", "OTLP/HTTP collector; empty = no export (phases are kept for "
                                 "/debug)", pattern=HTTP_URL, form="an http(s) URL like http://127.0.0.1:4318")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class CacheConfig:
+class CacheConfig(Section):
     prefix_cache: bool = option(True, "radix prefix cache on prefill, unified and decode workers")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
 
 @dataclass(frozen=True, slots=True)
-class WorkerGroup:
+class WorkerGroup(Section):
     """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
     role: str = option(help="the role of this group's workers", choices=ROLES)
     count: int = option(1, "workers in this group", lo=0)
@@ -180,7 +156,7 @@ def _default_groups() -> tuple[WorkerGroup, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class ClusterConfig:
+class ClusterConfig(Section):
     model: ModelConfigSection = option(help="[model]", factory=ModelConfigSection)
     router: RouterConfig = option(help="[router]", factory=RouterConfig)
     scheduler: SchedulerConfig = option(help="[scheduler]: shared defaults, overridable per group",
