@@ -3,10 +3,14 @@
 - `app.py`          FastAPI routes (completions, chat, models, health, metrics, internal)
 - `openai_request.py` request bodies -> validated `ParsedRequest` (400s are raised here)
 - `openai_response.py` response bodies, SSE chunks, logprobs formatting
-- `service.py`      admission: model, tokenize, lengths, sampling; events -> text deltas
+- `service.py`      admission and streaming: model, tokenize, dispatch; events -> text deltas
+- `prepare.py`      tokenize and validate: prompt size, token ids, one SamplingParams
 - `request_state.py` per-request state and the events handed to the HTTP side
+- `mailbox.py`      a request's events from the dispatcher's thread to its coroutine
 - `completion.py`   one request's text: incremental detokenizing, stop-string trimming
-- `dispatcher.py`   the control loop: registration, heartbeats, dispatch, tokens, failover
+- `dispatcher.py`   the control loop: registration, heartbeats, dispatch, tokens
+- `request_table.py` the requests in flight: attempts start, end, abort
+- `failover.py`     workers gone or back: requests moved, parked, resumed or failed
 - `worker_directory.py` live workers, their gauges and the dispatch policies
 - `metrics.py`      Prometheus text for router histograms and worker gauges
 - `errors.py`       `APIError` and the `{"error": {...}}` body
