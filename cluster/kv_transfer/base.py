@@ -109,7 +109,7 @@ class Staged:
     """One request's KV being gathered layer by layer into handoff layout (layer-wise)."""
     pages: list[int]
     length: int
-    tensor: Optional[torch.Tensor] = None    # [layers, 2, length, heads, dim] on the pool's device
+    tensor: Optional[torch.Tensor] = None    # pool.handoff_shape(length) on the pool's device
     rows: Optional[torch.Tensor] = None      # handoff row ids per layer: [layers, rows]
     host: Optional[torch.Tensor] = None      # pinned copy (zmq on CUDA)
     layers_done: int = 0
@@ -145,7 +145,7 @@ class KvTransfer:
         staged = Staged(list(pages), length)
         if self.stages_layers:
             pool = self.pool
-            shape = (pool.num_layers, 2, length, pool.num_kv_heads, pool.head_dim)
+            shape = pool.handoff_shape(length)
             staged.tensor = torch.empty(shape, dtype=pool.dtype, device=pool.device)
             staged.rows = pool.handoff_rows(pages, length).view(pool.num_layers, -1)
             if self.stages_to_host and pool.device.type == "cuda":

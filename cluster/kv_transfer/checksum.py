@@ -1,6 +1,6 @@
 """Checksums of a request's KV, computed where the bytes are.
 
-Both sides hash the same logical tensor, the handoff layout `[layers, 2, length, kv_heads,
+Both sides hash the same logical tensor, the handoff layout `[layers, planes, length, kv_heads,
 head_dim]`, so the value does not depend on either side's page placement:
 - on the CPU: xxh3-64 of its bytes, streamed over the frames or chunks that hold them;
 - on a GPU: a position-weighted sum of its 32-bit words mod 2^64 (`fold64`), computed on the
@@ -62,8 +62,8 @@ def kv_checksum(t: torch.Tensor) -> int:
 
 
 def xxh3_pages(kv: torch.Tensor, pages: list[int], length: int) -> int:
-    """xxh3-64 of a request's KV read in place from a CPU pool `[layers, 2, heads, pages, page_size,
-    dim]`: for each (layer, K/V, head) row, its pages' valid slots in request order, one update
+    """xxh3-64 of a request's KV read in place from a CPU pool `[layers, planes, heads, pages, page_size,
+    dim]`: for each (layer, plane, head) row, its pages' valid slots in request order, one update
     per run of consecutive pages; the value does not depend on where the pages are."""
     from cluster.kv_transfer.page_copy import page_runs
     page_size, item = kv.shape[4], kv.element_size()

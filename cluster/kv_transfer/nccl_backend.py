@@ -100,7 +100,7 @@ class NcclTransfer(KvTransfer):
         group = self._group(f"{sender}>{self.data_addr}", 1, source)
         pool, length = self.pool, item.transfer_len
         with self.fence.stream():
-            buf = torch.empty((end - first, 2, length, pool.num_kv_heads, pool.head_dim),
+            buf = torch.empty(pool.handoff_shape(length, end - first),
                               dtype=pool.dtype, device=pool.device)
             group.recv([buf], 0, 0).wait()
             if dst_pages is None:

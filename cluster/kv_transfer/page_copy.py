@@ -1,8 +1,8 @@
 """Copy a request's pages from one KV pool tensor to another of the same layout.
 
-Pools are `[layers, 2, kv_heads, num_pages, page_size, head_dim]` (engine/kv_cache.py).
+Pools are `[layers, planes, kv_heads, num_pages, page_size, head_dim]` (engine/kv_cache.py: K and V, or one latent plane).
 Page pairs are coalesced into runs that are consecutive on both sides. A run is a 2-D copy:
-`layers * 2 * kv_heads` rows, each `n * page_size * head_dim` contiguous elements, one row
+`layers * planes * kv_heads` rows, each `n * page_size * head_dim` contiguous elements, one row
 every `stride(2)` elements on each side.
 
 On a GPU, up to `MAX_RUNS` runs, a run is one `cudaMemcpy2DAsync` (cuda_memcpy.py): the copy

@@ -47,7 +47,7 @@ class ZmqTransfer(KvTransfer):
             return 0
         pool, length = self.pool, item.transfer_len
         first, end, whole = self.layer_span(layers)
-        want = (end - first, 2, length, pool.num_kv_heads, pool.head_dim)
+        want = pool.handoff_shape(length, end - first)
         if tuple(payload.shape) != want or payload.dtype != pool.dtype:
             raise KvTransferError("shape", f"KV {tuple(payload.shape)} {payload.dtype} does not match "
                                   f"{want} {pool.dtype}")

@@ -60,9 +60,9 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
     storage = segment = None
     if shared_pool:
         from cluster.kv_transfer.shm_backend import shared_pool_storage
-        c = loaded.config
+        planes, kv_heads, kv_dim = loaded.config.kv_cache_shape
         storage, segment = shared_pool_storage(
-            (c.num_layers, 2, c.num_kv_heads, s.num_pages, s.page_size, c.head_dim), DTYPES[m.dtype])
+            (loaded.config.num_layers, planes, kv_heads, s.num_pages, s.page_size, kv_dim), DTYPES[m.dtype])
     # decode batches never exceed the running set: CUDA graphs up to that size only
     runner = ModelRunner(loaded, num_pages=s.num_pages, page_size=s.page_size, device=m.device,
                          dtype=m.dtype, kv_storage=storage, max_decode_batch=s.max_running_requests)

@@ -158,8 +158,9 @@ class KvBatch:                                    # prefill -> decode (data plan
     forward_iter: int
     prefill_worker_id: str
     reqs: list                                    # KvReq
-    tensors: list = field(compare=False)          # zmq: per req [layers, 2, seq_len - held_len, kv_heads, head_dim]
-                                                  # (decoded as FramedTensor); other backends: []
+    tensors: list = field(compare=False)          # zmq: per req [layers, planes, seq_len - held_len, kv_heads,
+                                                  # head_dim] (planes: K and V, or MLA's one latent plane;
+                                                  # decoded as FramedTensor); other backends: []
     backend: str = "zmq"                          # the kv_transfer backend that moves the bytes
     source: dict = field(default_factory=dict)    # how to reach the prefill pool (shm, cuda_ipc, nccl)
 
@@ -174,7 +175,7 @@ class KvLayers:                                   # prefill -> decode (data plan
     layer: int
     num_layers: int
     reqs: list                                    # KvSpan
-    tensors: list = field(compare=False)          # zmq: per req [num_layers, 2, seq_len - held_len,
+    tensors: list = field(compare=False)          # zmq: per req [num_layers, planes, seq_len - held_len,
                                                   # kv_heads, head_dim]; other backends: []
     backend: str = "zmq"
     source: dict = field(default_factory=dict)

@@ -175,7 +175,8 @@ def _check_body(cls: type, body: dict) -> dict:
 
 def _check_kv_tensors(name: str, body: dict) -> None:
     """One tensor per request with the zmq backend (none with the others), each holding its
-    request's positions [held_len, seq_len); kv_layers tensors hold exactly its layers."""
+    request's positions [held_len, seq_len); kv_layers tensors hold exactly its layers. The
+    receiver checks the rest of the shape against its own pool."""
     if body["tensors"] and len(body["reqs"]) != len(body["tensors"]):
         fail(name, f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
     if (body["backend"] == "zmq") != bool(body["tensors"]) and body["reqs"]:
@@ -186,8 +187,8 @@ def _check_kv_tensors(name: str, body: dict) -> None:
     layers = body.get("num_layers")
     for i, (r, t) in enumerate(zip(body["reqs"], body["tensors"])):
         shape = t["shape"]
-        if len(shape) != 5 or shape[1] != 2 or shape[2] != r.transfer_len:
-            fail(f"{name}.tensors[{i}]", f"shape {shape} is not [layers, 2, "
+        if len(shape) != 5 or shape[1] not in (1, 2) or shape[2] != r.transfer_len:
+            fail(f"{name}.tensors[{i}]", f"shape {shape} is not [layers, planes (K/V: 2, latent: 1), "
                  f"seq_len - held_len={r.transfer_len}, kv_heads, head_dim]")
         if layers is not None and shape[0] != layers:
             fail(f"{name}.tensors[{i}]", f"{shape[0]} layers, the message carries {layers}")
