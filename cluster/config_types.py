@@ -16,6 +16,7 @@ from cluster.dllm_params import DllmParams
 from cluster.launch.placement import place_gpus
 from cluster.roles import ROLES
 
+DEFAULT_MODEL = "smollm2-135m-instruct"              # the embedded weights (engine/loader.py)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 ROUTER_POLICIES = ("round_robin", "least_load", "cache_aware")
@@ -28,7 +29,7 @@ HTTP_URL = r"(https?://[^/\s]+(/\S*)?)?"
 
 @dataclass(frozen=True, slots=True)
 class ModelConfigSection(Section):
-    name: str = option("smollm2-135m-instruct", "served model name; also resolves the embedded "
+    name: str = option(DEFAULT_MODEL, "served model name; also resolves the embedded "
                        "default weights", nonempty=True)
     path: str = option("", "GGUF file or HF directory; empty = the embedded default weights")
     load_format: str = option("auto", "how to read `path`", choices=LOAD_FORMATS)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from cluster.config_types import MODEL_DTYPES
+from cluster.config_types import DEFAULT_MODEL, MODEL_DTYPES
 from cluster.engine import llada_layout, moe_layout, sdar_layout
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
@@ -30,7 +30,6 @@ from cluster.progress import progress
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 NameMap = Callable[[str], Optional[str]]

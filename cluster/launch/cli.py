@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import replace
 
 from cluster.bench import cli as bench
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, ModelConfigSection, RouterConfig, load_config
 from cluster.roles import ROLE_PACKAGES
 
 
@@ -50,11 +50,16 @@ def cmd_launch(args) -> int:
     return launcher.run(cfg, args.config, _log_dir(args.log_dir))
 
 
+def _toml_keys(table: dict) -> list[str]:
+    return [f"{key} = {json.dumps(value)}" for key, value in table.items() if value is not None]
+
+
 def cmd_serve(args) -> int:
-    """One prefill + one decode worker for MODEL_PATH (default: the embedded model)."""
-    lines = ["[model]", f"name = {json.dumps(args.model_name)}",
-             f"path = {json.dumps(os.path.abspath(args.model_path) if args.model_path else '')}",
-             "[router]", f"host = {json.dumps(args.host)}", f"port = {args.port}",
+    """One prefill + one decode worker for MODEL_PATH (default: the embedded model); what is
+    not given keeps the config's default."""
+    model = {"name": args.model_name, "path": os.path.abspath(args.model_path) if args.model_path else None}
+    router = {"host": args.host, "port": args.port}
+    lines = ["[model]", *_toml_keys(model), "[router]", *_toml_keys(router),
              "[[prefill]]", "count = 1", "[[decode]]", "count = 1"]
     log_dir = _log_dir(args.log_dir)
     path = os.path.join(log_dir, "serve.toml")        # workers and router read the same file
@@ -131,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray placement group strategy for the workers (default SPREAD)")
     p = sub.add_parser("serve", help="1 prefill + 1 decode worker, no config file")
     p.add_argument("model_path", nargs="?", default="")
-    p.add_argument("--model-name", default="smollm2-135m-instruct")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model-name", default=None, help=f"default: {ModelConfigSection().name}")
+    p.add_argument("--port", type=int, default=None, help=f"default: {RouterConfig().port}")
+    p.add_argument("--host", default=None, help=f"default: {RouterConfig().host}")
     p.add_argument("--log-dir", default=None)
     p = sub.add_parser("deploy", help="render deployment manifests from a TOML config")
     p.add_argument("target", choices=["k8s"])
