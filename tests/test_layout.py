@@ -82,3 +82,13 @@ def test_no_two_product_modules_import_each_other_in_a_circle():
 def test_a_circle_is_found_however_long():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
+
+
+MAX_PRODUCT_LINES = 320   # "about 300": small files, one concept each; a little slack so a
+                          # one-line fix never forces a split
+
+
+def test_no_product_file_is_much_over_300_lines():
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in product_modules().values()}
+    too_long = {path: n for path, n in sizes.items() if n > MAX_PRODUCT_LINES}
+    assert not too_long, f"split these by concept: {too_long}"
