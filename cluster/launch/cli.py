@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from cluster.bench import cli as bench
 from cluster.config import ConfigError, ModelConfigSection, RouterConfig, load_config
+from cluster.launch import k8s
 from cluster.roles import ROLE_PACKAGES
 
 
@@ -73,7 +74,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from cluster.launch import k8s
     cfg = _config(args.config)
     if cfg is None:
         return 2
@@ -144,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=["k8s"])
     p.add_argument("config")
     p.add_argument("--out", default=None, help="write one file per object here (default: stdout)")
-    p.add_argument("--image", default="pdcluster:0.1.0", help="container image with pdcluster")
-    p.add_argument("--cpus", type=int, default=2, help="CPU request and limit per worker")
-    p.add_argument("--memory", default="4Gi", help="memory request and limit per worker")
+    p.add_argument("--image", default=k8s.DEFAULT_IMAGE, help="container image with pdcluster")
+    p.add_argument("--cpus", type=int, default=k8s.DEFAULT_CPUS, help="CPU request and limit per worker")
+    p.add_argument("--memory", default=k8s.DEFAULT_MEMORY, help="memory request and limit per worker")
     p.add_argument("--no-secret", action="store_true",
                    help="leave out the CURVE key Secret (keep the keys already deployed)")
     p = sub.add_parser("keys", help="write the cluster's CURVE key pair (for [security] keys_dir)")

@@ -39,6 +39,7 @@ CONFIG_FILE = f"{CONFIG_DIR}/cluster.toml"
 KEYS_DIR = f"{CONFIG_DIR}/keys"
 HEALTH_FILE = "/tmp/pdcluster-health"
 DEFAULT_IMAGE = "pdcluster:0.1.0"
+DEFAULT_CPUS, DEFAULT_MEMORY = 2, "4Gi"         # per worker pod: requests = limits
 PROBE_PERIOD_S = 5
 
 
@@ -170,8 +171,8 @@ def curve_key_files() -> dict[str, str]:
     return curve.CurveKeys.generate().files()
 
 
-def render(cfg: ClusterConfig, config_text: str, image: str = DEFAULT_IMAGE, cpus: int = 2,
-           memory: str = "4Gi", key_files: Optional[dict[str, str]] = None) -> list[dict]:
+def render(cfg: ClusterConfig, config_text: str, image: str = DEFAULT_IMAGE, cpus: int = DEFAULT_CPUS,
+           memory: str = DEFAULT_MEMORY, key_files: Optional[dict[str, str]] = None) -> list[dict]:
     """Every manifest of the cluster, in apply order."""
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": CONFIG_MAP, "labels": labels("config")},
