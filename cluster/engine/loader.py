@@ -150,7 +150,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 def _build(config: ModelConfig, dtype: torch.dtype, device: str) -> LlamaModel:
     with torch.device("meta"):   # no throwaway init: weights are overwritten anyway
         model = LlamaModel(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)   # in the model dtype at once: no float32 copy of 61 GB
     model.rope = _rope(config, model.rope.cos.shape[0], device)   # to_empty left its tables uninitialised
     for p in model.parameters():
         p.requires_grad_(False)

@@ -154,7 +154,28 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
         rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, max_position_embeddings=131072,
         tie_word_embeddings=False, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
+    # sparse and latent-attention shapes (dummy weights: benchmarks/moe_gpu.py); V2-Lite without its yarn scaling
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32, num_kv_heads=4,
+        head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, qk_norm=True,
+        eos_token_ids=(151645,), architecture="Qwen3MoeForCausalLM",
+        moe=MoeConfig(128, 8, 768, tuple(range(48)), norm_topk_prob=True)),
+    "deepseek-v2-lite": ModelConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_layers=27, num_heads=16, num_kv_heads=16,
+        head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=163840,
+        bos_token_id=100000, eos_token_ids=(100001,), architecture="DeepseekV2ForCausalLM",
+        moe=MoeConfig(64, 6, 1408, tuple(range(1, 27)), num_shared_experts=2),
+        mla=MlaConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)),
     # vocabulary of the default tokenizer (SmolLM2), so dummy runs can decode text
+    "tiny-qwen3-moe": ModelConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, rms_norm_eps=1e-6, qk_norm=True, eos_token_ids=(2,), architecture="Qwen3MoeForCausalLM",
+        moe=MoeConfig(8, 2, 32, (0, 1), norm_topk_prob=True)),
+    "tiny-deepseek-v2": ModelConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=8, rms_norm_eps=1e-6, eos_token_ids=(2,), architecture="DeepseekV2ForCausalLM",
+        moe=MoeConfig(8, 2, 32, (1,), num_shared_experts=1),
+        mla=MlaConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
     "tiny-llama": ModelConfig(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -7,9 +7,14 @@ transformers', see `route`). DeepSeek adds shared experts: one dense MLP every t
 Experts are stored fused, as transformers 5 keeps them: `experts.gate_up_proj` `[E, 2I, H]`
 (gate rows first) and `experts.down_proj` `[E, H, I]`; per-expert checkpoint tensors load
 into their slices (model.py). The CPU path sorts the (token, expert) pairs by expert and runs
-one GEMM pair per expert that received tokens: no work for an idle expert, no padding.
+one GEMM pair per expert that received tokens: no work for an idle expert, no padding. On
+CUDA with Triton the same runs as one fused grouped GEMM per projection (triton_moe.py), with
+no host sync (CUDA graphs); `PDCLUSTER_MOE=torch` keeps the loop there too.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,12 @@ from torch import nn
 
 from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig, MoeConfig
+
+BACKEND_SWITCH = "PDCLUSTER_MOE"   # "torch": the expert loop on CUDA too
+
+
+def use_fused_moe(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get(BACKEND_SWITCH, "") != "torch" and importlib.util.find_spec("triton") is not None
 
 
 class MLP(nn.Module):
@@ -38,6 +49,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x `[T, H]`, weights / ids `[T, k]` -> `sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`."""
+        if use_fused_moe(x):
+            from cluster.engine.triton_moe import fused_experts
+            return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
+        return self.loop(x, weights, ids)
+
+    def loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The plain path: one GEMM pair per expert that got tokens (syncs with the device once)."""
         k = ids.shape[1]
         order = ids.view(-1).argsort(stable=True)              # (token, slot) pairs grouped by expert
         token_of = order // k

@@ -1,0 +1,155 @@
+"""Sparse-MoE and MLA models on one GPU with dummy weights: engine speed, the fused MoE layer against a
+bare torch loop, MLA decode attention against its latent bytes, and KV bytes per token for the handoff.
+
+Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
+- prefill tokens/s (`ModelRunner.forward` over `--prefill-tokens` new tokens in `--prompt-len` prompts);
+- decode ms/step of the engine at each batch (`--batches`) and `--context` tokens of context;
+- the first sparse layer's experts at batch `--moe-batch`: the fused Triton kernel (triton_moe.py) and
+  the plain loop over the active experts (`Experts.loop`, one GEMM pair per expert with tokens),
+  router included in neither; the goal is fused >= 3x faster;
+- MLA only: one layer's absorbed decode attention over `--mla-batch` requests of `--mla-context`
+  tokens, against reading their latent KV once at the copy bandwidth measured here (goal: <= 1.3x);
+- KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
+
+    python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
+    python benchmarks/moe_gpu.py --device cpu --presets tiny-qwen3-moe,tiny-deepseek-v2 --batches 1,4 \\
+        --context 32 --prompt-len 64 --prefill-tokens 128 --moe-batch 8 --mla-batch 4 --mla-context 64  # rehearsal
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.engine_gpu import bench_engine_decode, bench_prefill, sync, timed  # noqa: E402
+from cluster.engine.attention_context import AttentionContext  # noqa: E402
+from cluster.engine.linear import linear  # noqa: E402
+from cluster.engine.loader import load_model  # noqa: E402
+from cluster.engine.model_config import PRESETS  # noqa: E402
+from cluster.engine.model_runner import ModelRunner  # noqa: E402
+from cluster.engine.moe import SparseMoe, route, use_fused_moe  # noqa: E402
+
+DENSE_REFERENCE = "llama-3.1-8b"
+
+
+def dense_kv_bytes_per_token(preset: str, element_size: int) -> int:
+    cfg = PRESETS[preset]
+    planes, heads, dim = cfg.kv_cache_shape
+    return cfg.num_layers * planes * heads * dim * element_size
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes/s moved (read + written) by one large device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), 10, device)
+
+
+def bench_moe_layer(model, args, dtype) -> dict:
+    layer = next(m for m in model.modules() if isinstance(m, SparseMoe))
+    x = torch.randn(args.moe_batch, model.config.hidden_size, device=args.device, dtype=dtype)
+    weights, ids = route(linear(x, layer.gate.weight), layer.moe)
+    experts = layer.experts
+    loop_ms = 1e3 * timed(lambda: experts.loop(x, weights, ids), args.reps * 10, args.device)
+    row = {"moe_batch": args.moe_batch, "active_experts": int(ids.unique().numel()), "loop_ms": loop_ms,
+           "fused_ms": None, "fused_speedup": None}
+    if use_fused_moe(x):
+        from cluster.engine.triton_moe import fused_experts
+        fused = lambda: fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids)  # noqa: E731
+        diff = (fused() - experts.loop(x, weights, ids)).abs().max().item()
+        row["fused_ms"] = 1e3 * timed(fused, args.reps * 10, args.device)
+        row.update(fused_speedup=loop_ms / row["fused_ms"], fused_max_abs_diff=diff)
+    return row
+
+
+def bench_mla_decode(runner, args) -> dict:
+    """One layer's absorbed decode attention (the latent gather, scores, softmax, weighted latents, W_UV)."""
+    cfg, attn = runner.config, runner.model.layers[0].self_attn
+    b, length = args.mla_batch, args.mla_context
+    tables = [runner.page_allocator.allocate(-(-length // runner.page_size)) for _ in range(b)]
+    ctx = AttentionContext.build([1] * b, [length - 1] * b, tables, [0] * b, runner.page_size, True, runner.device,
+                                 None, runner.dtype, "torch")
+    q_nope = torch.randn(b, cfg.num_heads, cfg.mla.qk_nope_head_dim, device=runner.device, dtype=runner.dtype)
+    q_pe = torch.randn(b, cfg.num_heads, cfg.mla.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
+    cache = runner.kv_caches[0][0]
+    seconds = timed(lambda: attn._decode_absorbed(q_nope, q_pe, cache, ctx), args.reps * 10, args.device)
+    for t in tables:
+        runner.page_allocator.free(t)
+    latent_bytes = b * length * runner.kv_pool.head_dim * runner.kv_pool.kv.element_size()
+    bandwidth = copy_bandwidth(args.device)
+    floor = latent_bytes / bandwidth
+    return {"mla_batch": b, "mla_context": length, "mla_decode_ms": 1e3 * seconds, "latent_mb": latent_bytes / 1e6,
+            "copy_gb_s": bandwidth / 1e9, "latent_read_ms": 1e3 * floor, "mla_ratio": seconds / floor}
+
+
+@torch.inference_mode()
+def run_preset(preset: str, args) -> dict:
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    batches = [int(b) for b in args.batches.split(",")]
+    loaded = load_model(preset, path=preset, load_format="dummy", dtype=dtype_name, device=args.device)
+    model, cfg = loaded.model, loaded.config
+    dtype = model.embed_tokens.weight.dtype
+    tokens = max(max(batches) * (args.context + args.decode_steps + 2 * args.page_size),
+                 args.prefill_tokens + args.prompt_len, args.mla_batch * (args.mla_context + args.page_size))
+    runner = ModelRunner(loaded, num_pages=tokens // args.page_size + 16, page_size=args.page_size,
+                         device=args.device, dtype=dtype_name, max_decode_batch=max(batches))
+    runner.kv_pool.kv.normal_()   # KV content does not matter for speed
+    kv_per_token = runner.kv_pool.request_bytes(1)
+    dense = dense_kv_bytes_per_token(DENSE_REFERENCE, runner.kv_pool.kv.element_size())
+    info = {"preset": preset, "dtype": dtype_name, "backend": runner.attention_backend,
+            "cuda_graphs": runner.decode_graphs is not None,
+            "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+            "prefill_tok_s": bench_prefill(runner, args, 0),
+            "kv_bytes_per_token": kv_per_token, f"{DENSE_REFERENCE}_kv_bytes_per_token": dense,
+            "kv_bytes_vs_dense": kv_per_token / dense}
+    for batch in batches:
+        ms = bench_engine_decode(runner, args, batch, args.context)
+        info[f"decode_ms_b{batch}"] = ms
+        info[f"decode_tok_s_b{batch}"] = 1e3 * batch / ms
+    info.update(bench_moe_layer(model, args, dtype))
+    if cfg.mla is not None:
+        info.update(bench_mla_decode(runner, args))
+    sync(args.device)
+    print(json.dumps(info), flush=True)
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="qwen3-30b-a3b,deepseek-v2-lite")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="", help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--prefill-tokens", type=int, default=4096, help="tokens per prefill forward")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--context", type=int, default=256, help="context tokens of the decode steps")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--moe-batch", type=int, default=64)
+    ap.add_argument("--mla-batch", type=int, default=64)
+    ap.add_argument("--mla-context", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--json", default="", help="write the per-preset results to this file")
+    args = ap.parse_args()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    results = []
+    for preset in args.presets.split(","):
+        t0 = time.perf_counter()
+        results.append(run_preset(preset, args))
+        results[-1]["wall_s"] = time.perf_counter() - t0
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
