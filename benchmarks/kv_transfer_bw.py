@@ -58,10 +58,9 @@ def decode_side(args) -> None:
     from cluster.wire import protocol as P
     from cluster.wire.transport import DataPlane
     pool, _ = make_pool(args, shared=False)
-    hub = TransferHub(KvTransferConfig(verify=True), pool, "decode-0")
     rng = random.Random(1)
     with DataPlane("decode-0") as dp:
-        hub.data_addr = dp.address
+        hub = TransferHub(KvTransferConfig(verify=True), pool, "decode-0", data_addr=dp.address)
         print(dp.address, flush=True)
         while True:
             got = dp.recv(300)
@@ -89,11 +88,10 @@ def prefill_side(args, decode_addr: str) -> None:
     from cluster.wire import protocol as P
     from cluster.wire.transport import DataPlane
     pool, seg = make_pool(args, shared="shm" in args.backend_list)
-    hub = TransferHub(KvTransferConfig(verify=True), pool, "prefill-0", segment=seg)
     rng = random.Random(0)
     rows = []
     with DataPlane("prefill-0") as dp:
-        hub.data_addr = dp.address
+        hub = TransferHub(KvTransferConfig(verify=True), pool, "prefill-0", segment=seg, data_addr=dp.address)
         for backend in args.backend_list:
             b = hub.get(backend)
             for tokens, contiguous, verify in [(t, c, v) for t in args.tokens_list

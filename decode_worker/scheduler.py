@@ -25,13 +25,12 @@ from typing import Optional
 
 import torch
 
-from cluster.config import KvTransferConfig
-from cluster.kv_transfer import TransferHub
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.wire import protocol as P
 from cluster.wire.gauges import WorkerGauges
 from cluster.runtime.decode_manager import DecodeManager
-from cluster.runtime.stats import DecodeStats, KvTransferStats
+from cluster.runtime.kv_handoff import KvHandoff
+from cluster.runtime.stats import DecodeStats
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
@@ -49,18 +48,13 @@ class DecodeScheduler(WorkerScheduler):
     role = "decode"
     supports_prefix_cache = True
 
-    def __init__(self, config, worker_id, runner, control, data_plane, timeouts,
-                 transfer: Optional[TransferHub] = None):
-        super().__init__(config, worker_id, runner, control)
-        self.data_plane = data_plane
-        self.wake_on(data_plane)
-        self.transfer = transfer or TransferHub(KvTransferConfig(), runner.kv_pool, worker_id)
-        self.transfer.data_addr = data_plane.address
+    def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts):
+        super().__init__(config, worker_id, runner, control, handoff)
+        self.transfer = handoff.transfer
         runner.import_fence = self.transfer.fence   # forwards wait for the KV imports
         self.prealloc_queue = PreallocQueue(self.cache)
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
-        self.kv_transfer = KvTransferStats()
         self.intake = KvIntake(self.transfer, self.transfer_queue, self.cache.page_size)
         self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.retracted: set[str] = set()      # rids that must be prefilled again
@@ -94,13 +88,8 @@ class DecodeScheduler(WorkerScheduler):
         self.prealloc_queue.add(req)
 
     def recv_data(self) -> None:
-        while (got := self.data_plane.recv(timeout=0)) is not None:
-            sender, msg = got
-            if isinstance(msg, (P.KvBatch, P.KvLayers)) and msg.prefill_worker_id != sender:
-                self.data_plane.count_rejected("wrong_peer")   # a body naming someone else
-                logger.warning("%s: %s from %s claims to be from %s: dropped",
-                               self.worker_id, msg.TYPE, sender, msg.prefill_worker_id)
-            elif isinstance(msg, P.KvBatch):
+        for sender, msg in self.handoff.received():
+            if isinstance(msg, P.KvBatch):
                 self.handle_kv_batch(msg)
             elif isinstance(msg, P.KvLayers):
                 self.intake.land_layers(msg)
@@ -113,7 +102,7 @@ class DecodeScheduler(WorkerScheduler):
         landed, refused, unexpected = self.intake.land_batch(msg)
         failed = {rid: "not expected (aborted or timed out)" for rid in unexpected}
         for r in refused:
-            self.kv_transfer.count_failure(r.error.reason)
+            self.handoff.stats.count_failure(r.error.reason)
             failed[r.item.rid] = str(r.error)
             if r.req is not None and r.error.reason == "checksum":   # the prefill worker sends it again
                 r.req.kv_attempt = r.item.attempt + 1
@@ -122,13 +111,13 @@ class DecodeScheduler(WorkerScheduler):
                 self.transfer_queue.pop(r.req.rid)
                 self.fail(r.req, f"KV from {msg.prefill_worker_id}: {r.error}")
         for got in landed:
-            self.kv_transfer.record(got.num_bytes)   # the prefill side times the transfer
+            self.handoff.stats.record(got.num_bytes)   # the prefill side times the transfer
             self.mark_kv_received(got.req, msg, got)
             logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
                          msg.prefill_worker_id, msg.forward_iter, got.req.rid, got.item.seq_len,
                          got.num_bytes, msg.backend)   # benchmarks/disagg_ttft.py reads it
             self.start(got.req, got.item, msg)
-        self.data_plane.send_to(self.peer_addr(msg.prefill_worker_id), P.KvAck(
+        self.handoff.send_to(self.peer_addr(msg.prefill_worker_id), P.KvAck(
             rids=[got.req.rid for got in landed], failed=failed, decode_worker_id=self.worker_id))
         self.flush_outputs()
 
@@ -210,13 +199,13 @@ class DecodeScheduler(WorkerScheduler):
         if req.rid in self.retracted:
             # the prefill worker forgot it after the handoff: the original parameters and the
             # tokens so far; the pages are reserved, so this is also the readiness
-            self.data_plane.send_to(addr, P.Reprefill(
+            self.handoff.send_to(addr, P.Reprefill(
                 rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling,
-                output_ids=list(req.output_ids), decode=P.Peer(self.worker_id, self.data_plane.address)))
+                output_ids=list(req.output_ids), decode=P.Peer(self.worker_id, self.handoff.address)))
         else:
-            self.data_plane.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
-                                                        decode_data_addr=self.data_plane.address,
-                                                        held_len=req.cached_len))
+            self.handoff.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
+                                                     decode_data_addr=self.handoff.address,
+                                                     held_len=req.cached_len))
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)
@@ -255,11 +244,4 @@ class DecodeScheduler(WorkerScheduler):
     def heartbeat_gauges(self) -> WorkerGauges:
         return replace(super().heartbeat_gauges(), num_prealloc_reqs=len(self.prealloc_queue),
                        num_transfer_reqs=len(self.transfer_queue),
-                       num_retracted_reqs_total=self.decode.num_retracted_total, **self.kv_transfer.gauges())
-
-    def num_protocol_errors(self) -> int:
-        return super().num_protocol_errors() + self.data_plane.num_protocol_errors
-
-    def close(self) -> None:
-        self.data_plane.close()
-        self.transfer.close()
+                       num_retracted_reqs_total=self.decode.num_retracted_total)

@@ -11,12 +11,12 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Optional
 
-from cluster.config import KvTransferConfig
-from cluster.kv_transfer import MAX_KV_ATTEMPTS, TransferHub
+from cluster.kv_transfer import MAX_KV_ATTEMPTS
 from cluster.kv_transfer.layerwise import LayerStream, Planned
 from cluster.wire import protocol as P
 from cluster.wire.gauges import WorkerGauges
-from cluster.runtime.stats import KvTransferStats, PrefillStats
+from cluster.runtime.kv_handoff import KvHandoff
+from cluster.runtime.stats import PrefillStats
 from cluster.runtime.output_processor import SampledToken, sampled_tokens
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
@@ -31,19 +31,14 @@ class PrefillScheduler(WorkerScheduler):
     role = "prefill"
     supports_prefix_cache = True
 
-    def __init__(self, config, worker_id, runner, control, data_plane, timeouts,
-                 transfer: Optional[TransferHub] = None):
-        super().__init__(config, worker_id, runner, control)
-        self.data_plane = data_plane
-        self.wake_on(data_plane)
-        self.transfer = transfer or TransferHub(KvTransferConfig(), runner.kv_pool, worker_id)
-        self.transfer.data_addr = data_plane.address
+    def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts):
+        super().__init__(config, worker_id, runner, control, handoff)
+        self.transfer = handoff.transfer
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
         self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
-        self.kv_transfer = KvTransferStats()
-        self.layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, data_plane.send_to) \
+        self.layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, handoff.send_to) \
             if self.transfer.layerwise else None
         if self.layers is not None:
             self.executor.on_launch = self.layers.launching
@@ -60,13 +55,8 @@ class PrefillScheduler(WorkerScheduler):
             self.prefill.add(ready)
 
     def recv_data(self) -> None:
-        while (got := self.data_plane.recv(timeout=0)) is not None:
-            sender, msg = got
-            if isinstance(msg, (P.DecodeReady, P.KvAck)) and msg.decode_worker_id != sender:
-                self.data_plane.count_rejected("wrong_peer")   # a body naming someone else
-                logger.warning("%s: %s from %s claims to be from %s: dropped", self.worker_id,
-                               type(msg).__name__, sender, msg.decode_worker_id)
-            elif isinstance(msg, P.DecodeReady):
+        for sender, msg in self.handoff.received():
+            if isinstance(msg, P.DecodeReady):
                 if msg.held_len:
                     self.held_by_decode[msg.rid] = msg.held_len
                 req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode_worker_id, msg.decode_data_addr)
@@ -88,7 +78,7 @@ class PrefillScheduler(WorkerScheduler):
         """Acks count only from the decode worker the router paired the request with."""
         req = self.reqs.get(rid)
         if req is not None and (req.peer is None or req.peer.worker_id != decode_worker_id):
-            self.data_plane.count_rejected("wrong_peer")
+            self.handoff.count_rejected("wrong_peer")
             return False
         return True
 
@@ -99,7 +89,7 @@ class PrefillScheduler(WorkerScheduler):
             acked = self.inflight_queue.ack(rid)
             if acked is not None:
                 req, seconds, num_bytes = acked
-                self.kv_transfer.record(num_bytes, seconds)
+                self.handoff.stats.record(num_bytes, seconds)
                 req.finish_reason = "handed_off"
                 self.release(req)
         for rid, reason in msg.failed.items():
@@ -139,9 +129,9 @@ class PrefillScheduler(WorkerScheduler):
             self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s",
                       retriable=True)
         for req in self.inflight_queue.pop_expired():
-            self.kv_transfer.count_failure("timeout")
+            self.handoff.stats.count_failure("timeout")
             # a peer silent this long is gone: release the KV frames still queued for it
-            self.data_plane.drop_peer(req.peer.data_addr)
+            self.handoff.drop_peer(req.peer.data_addr)
             self.fail(req, f"no kv_ack from {req.peer.worker_id} within "
                       f"{self.inflight_queue.timeout_s:g}s", retriable=True)
         return self.prefill.schedule(num_running=0)
@@ -224,9 +214,9 @@ class PrefillScheduler(WorkerScheduler):
         self.marks.flush(self.control)                  # NOTE: the router hears it before decode
         if not reqs:
             return
-        self.data_plane.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter, prefill_worker_id=self.worker_id,
-                                                reqs=reqs, tensors=tensors, backend=backend.name,
-                                                source=backend.source()))
+        self.handoff.send_to(addr, P.KvBatch(forward_iter=batch.forward_iter, prefill_worker_id=self.worker_id,
+                                             reqs=reqs, tensors=tensors, backend=backend.name,
+                                             source=backend.source()))
         backend.after_send(addr, packed_all)
 
     # ---- gauges ------------------------------------------------------------------
@@ -236,14 +226,10 @@ class PrefillScheduler(WorkerScheduler):
 
     def heartbeat_gauges(self) -> WorkerGauges:
         return replace(super().heartbeat_gauges(), num_bootstrap_reqs=len(self.bootstrap_queue),
-                       num_inflight_reqs=len(self.inflight_queue), **self.kv_transfer.gauges(),
-                       kv_transfer_seconds=self.kv_transfer.seconds.sample())
-
-    def num_protocol_errors(self) -> int:
-        return super().num_protocol_errors() + self.data_plane.num_protocol_errors
+                       num_inflight_reqs=len(self.inflight_queue),
+                       kv_transfer_seconds=self.handoff.stats.seconds.sample())
 
     def close(self) -> None:
-        self.data_plane.close()
-        self.transfer.close()
+        super().close()
         if self.layers is not None:
             self.layers.close()

@@ -12,10 +12,9 @@ import torch
 from cluster.wire import protocol as P
 from cluster.config import KvTransferConfig, SchedulerConfig, TimeoutsConfig
 from cluster.engine.loader import load_model
-from cluster.kv_transfer import TransferHub
 from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
-from cluster.wire.transport import DataPlane
+from cluster.runtime.kv_handoff import KvHandoff
 from cluster.unified import UnifiedScheduler
 from decode_worker.scheduler import CORRUPT_KV_ENV, DecodeScheduler
 from prefill_worker.scheduler import PrefillScheduler
@@ -71,16 +70,16 @@ class Pair:
 
     def __init__(self, loaded, overlap=True, decode_pages=256):
         self.pc, self.dc = QueueControl(), QueueControl()
-        self.pdp, self.ddp = DataPlane("prefill-0"), DataPlane("decode-0")
         t = TimeoutsConfig()
         # whole-request handoff, checksummed: both workers share one model here, and a layer-wise
         # stream would take the decode forwards' layer hooks for its own (see test_kv_layerwise.py)
         kv = KvTransferConfig(verify=True, layerwise=False)
         prefill_runner, decode_runner = runner_for(loaded), runner_for(loaded, decode_pages)
         self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0", prefill_runner, self.pc,
-                                        self.pdp, t, transfer=TransferHub(kv, prefill_runner.kv_pool, "prefill-0"))
+                                        KvHandoff.open("prefill-0", prefill_runner.kv_pool, kv), t)
         self.decode = DecodeScheduler(SchedulerConfig(overlap=overlap), "decode-0", decode_runner, self.dc,
-                                      self.ddp, t, transfer=TransferHub(kv, decode_runner.kv_pool, "decode-0"))
+                                      KvHandoff.open("decode-0", decode_runner.kv_pool, kv), t)
+        self.pdp, self.ddp = self.prefill.handoff.data_plane, self.decode.handoff.data_plane
         self.decode_forwards: list = []
         forward = self.decode.executor.forward_fn
         self.decode.executor.forward_fn = lambda fi: (self.decode_forwards.append(list(fi.extend_lens)), forward(fi))[1]

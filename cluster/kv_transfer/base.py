@@ -125,7 +125,6 @@ class KvTransfer:
                  fence: Optional[ImportFence] = None):
         self.pool, self.worker_id, self.verify = pool, worker_id, verify
         self.fence = fence or ImportFence(pool.device)
-        self.data_addr = ""              # this worker's data-plane address (set by its scheduler)
 
     # prefill side
     def source(self) -> dict:

@@ -5,7 +5,8 @@ or with `auto`, `cuda_ipc` for a peer on this host when the pool is on a GPU, `s
 peer on this host when it is on the CPU (and its pool is in a shared segment), `zmq`
 otherwise; the choice is logged once per peer. A decode worker unpacks each kv_batch with
 the backend the message names (`receiver_for`); with a fixed backend it accepts only that
-one. All backends of a worker share one ImportFence (one import stream on CUDA). Layer-wise
+one. All backends of a worker share one ImportFence (one import stream on CUDA): the
+worker's, which its model runner waits on too, when it passes one in. Layer-wise
 streaming is per peer too (`streams_layers`).
 """
 from __future__ import annotations
@@ -51,20 +52,20 @@ def is_same_host(address: str) -> bool:
 
 class TransferHub:
     def __init__(self, config: KvTransferConfig, pool: KVPool, worker_id: str,
-                 data_host: str = "127.0.0.1", segment=None, faults: Optional[KvFaults] = None):
+                 data_host: str = "127.0.0.1", data_addr: str = "", segment=None,
+                 faults: Optional[KvFaults] = None, fence: Optional[ImportFence] = None):
         self.backend, self.verify, self.layerwise = config.backend, config.verify, config.layerwise
         self.pool, self.worker_id, self.data_host, self.segment = pool, worker_id, data_host, segment
         self.faults = faults if faults is not None else KvFaults.from_env()
-        self.fence = ImportFence(pool.device)
+        self.data_addr = data_addr                 # this worker's data-plane address (nccl pairs)
+        self.fence = fence or ImportFence(pool.device)
         self._backends: dict[str, KvTransfer] = {}
         self._chosen: dict[str, str] = {}          # peer address -> backend name (auto)
-        self.data_addr = ""
 
     def get(self, name: str) -> KvTransfer:
         b = self._backends.get(name)
         if b is None:
             b = self._backends[name] = self._make(name)
-            b.data_addr = self.data_addr
         return b
 
     def _make(self, name: str) -> KvTransfer:
@@ -80,7 +81,7 @@ class TransferHub:
             return CudaIpcTransfer(**common)
         if name == "nccl":
             from cluster.kv_transfer.nccl_backend import NcclTransfer
-            return NcclTransfer(**common, data_host=self.data_host)
+            return NcclTransfer(**common, data_host=self.data_host, data_addr=self.data_addr)
         raise ValueError(f"no KV transfer backend {name!r}")
 
     def sender_for(self, peer_addr: str) -> KvTransfer:

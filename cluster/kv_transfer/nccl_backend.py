@@ -46,9 +46,10 @@ class NcclTransfer(KvTransfer):
     stages_layers = True
 
     def __init__(self, pool: KVPool, worker_id: str, verify: bool = True, fence=None,
-                 data_host: str = "127.0.0.1"):
+                 data_host: str = "127.0.0.1", data_addr: str = ""):
         super().__init__(pool, worker_id, verify, fence)
         self.data_host = data_host
+        self.data_addr = data_addr         # this worker's data-plane address: names its pairs
         self._store = None
         self._groups: dict[str, object] = {}          # pair prefix -> ProcessGroupNCCL
         self._in_flight: list[tuple[torch.Tensor, object]] = []   # sends whose buffers must live

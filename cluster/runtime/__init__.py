@@ -7,6 +7,8 @@
 - `forward_executor.py` forwards inline or on the forward thread (overlap)
 - `prefill_manager.py`, `decode_manager.py`, `cache_manager.py`  one queue or pool each
 - `deadline_queue.py`  entries that expire (prefill bootstrap / inflight, decode transfer)
+- `kv_handoff.py`      KvHandoff: a prefill or decode worker's data plane, transfer hub,
+                       transfer stats and peer checks, passed to its scheduler
 - `batch_builder.py`   ScheduleBatch -> ForwardInput (future tokens, per-token seeds)
 - `output_processor.py` the commit loop shared by prefill and the output processor
 - `stats.py`           `Prefill batch [N]` / `Decode batch [N]` lines, per-role stats objects

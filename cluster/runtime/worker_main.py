@@ -125,15 +125,12 @@ def run_worker(role: str, argv, build: Callable) -> int:
 
 
 def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
-    """Prefill and decode workers: a scheduler plus a data plane for the KV handoff."""
-    from cluster.wire.transport import DataPlane
+    """Prefill and decode workers: a scheduler plus its KV handoff (data plane and transfer hub)."""
 
     def build(args, config, group, runner, control):
-        from cluster.kv_transfer import TransferHub
-        data_plane = DataPlane(args.worker_id, bind_host=args.data_host, curve=args.curve)
-        transfer = TransferHub(config.kv_transfer, runner.kv_pool, args.worker_id, data_host=args.data_host,
-                               segment=getattr(runner, "kv_segment", None))
-        scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, data_plane, config.timeouts,
-                                  transfer=transfer)
-        return scheduler, {"model": served_model(config, group), "data_addr": data_plane.address}
+        from cluster.runtime.kv_handoff import KvHandoff
+        handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
+                                 curve=args.curve, segment=getattr(runner, "kv_segment", None))
+        scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts)
+        return scheduler, {"model": served_model(config, group), "data_addr": handoff.address}
     return run_worker(role, argv, build)

@@ -3,13 +3,15 @@
 Intake of `generate` / `abort` from the router, per-request resources (pages, future
 slot), token streaming back to the router (one `tokens` message per
 processed batch), failing a request with a reason, and the heartbeat gauges.
+A disaggregated role (prefill, decode) passes its `KvHandoff` in: the worker then also
+wakes on its data plane, reports its transfer gauges and closes it.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cluster.wire import protocol as P
 from cluster.wire.gauges import WorkerGauges
@@ -23,6 +25,9 @@ from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from cluster.runtime.base_scheduler import Scheduler
 
+if TYPE_CHECKING:
+    from cluster.runtime.kv_handoff import KvHandoff
+
 logger = logging.getLogger("pdcluster.worker")
 
 IDLE_WAIT_S = 0.005   # how long an idle pass blocks waiting for the next message
@@ -31,13 +36,15 @@ IDLE_WAIT_S = 0.005   # how long an idle pass blocks waiting for the next messag
 class WorkerScheduler(Scheduler):
     supports_prefix_cache = False   # roles whose requests extend from a shared prefix
 
-    def __init__(self, config: SchedulerConfig, worker_id: str, runner, control):
+    def __init__(self, config: SchedulerConfig, worker_id: str, runner, control,
+                 handoff: Optional["KvHandoff"] = None):
         super().__init__(config, worker_id, runner.forward, on_cuda=str(runner.device).startswith("cuda"))
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.cache = CacheManager(runner.page_allocator, runner.page_size)
         self.slots = SlotAllocator(runner.future_map.numel())
         self.control = control
+        self.handoff = handoff
         self.reqs: dict[str, Req] = {}          # live requests by rid
         self.outbox: list[P.TokensItem] = []
         self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
@@ -48,6 +55,8 @@ class WorkerScheduler(Scheduler):
         # has a message (a kv_batch or decode_ready must not wait out a control-plane timeout)
         self.arrivals = threading.Event()
         self.wake_on(control)
+        if handoff is not None:
+            self.wake_on(handoff.data_plane)
 
     def wake_on(self, plane) -> None:
         if hasattr(plane, "arrivals"):
@@ -243,21 +252,25 @@ class WorkerScheduler(Scheduler):
                             prefix_cache_hit_tokens_total=self.cache.num_hit_tokens,
                             prefix_cache_query_tokens_total=self.cache.num_query_tokens,
                             protocol_errors_total=self.num_protocol_errors(),
-                            rejected_frames_total=self.rejected_frames())
+                            rejected_frames_total=self.rejected_frames(),
+                            **(self.handoff.gauges() if self.handoff is not None else {}))
 
     def rejected_frames(self) -> dict[str, int]:
         """Refused handshakes and frames of this worker's sockets, by reason."""
-        out: dict[str, int] = {}
-        for plane in (self.control, getattr(self, "data_plane", None)):
-            for reason, n in dict(getattr(plane, "rejected_frames", {})).items():
+        out = dict(getattr(self.control, "rejected_frames", {}))
+        if self.handoff is not None:
+            for reason, n in self.handoff.rejected_frames.items():
                 out[reason] = out.get(reason, 0) + n
         return out
 
     def num_protocol_errors(self) -> int:
-        return getattr(self.control, "num_protocol_errors", 0)
+        errors = getattr(self.control, "num_protocol_errors", 0)
+        return errors + (self.handoff.num_protocol_errors if self.handoff is not None else 0)
 
     def close(self) -> None:
-        """Release role resources (data plane) after the loop ends."""
+        """Release role resources (the KV handoff) after the loop ends."""
+        if self.handoff is not None:
+            self.handoff.close()
 
 
 def start_heartbeat(scheduler: WorkerScheduler, control, interval: float) -> threading.Thread:
