@@ -1,5 +1,5 @@
 """Fixtures shared by the test modules: the router tests' real router with scripted workers
-(tests/router_harness.py) and the engine tests' single intra-op thread."""
+(tests/router_harness.py), the engine tests' single intra-op thread and tiny dummy Llama."""
 from __future__ import annotations
 
 import pytest
@@ -46,3 +46,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A directory holding only the config.json of engine_fixtures.TINY_LLAMA: load it with
+    `load_format="dummy"` for seeded random weights."""
+    import json
+    from tests.engine_fixtures import TINY_LLAMA
+    d = tmp_path_factory.mktemp("tiny-llama")
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return str(d)

@@ -9,6 +9,14 @@ from cluster.engine.forward_batch import ForwardInput
 from cluster.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=1)
+TINY_VOCAB = 512
+# a tiny Llama for dummy weights (`tiny_llama_dir` in conftest.py); an untied random lm_head, so
+# greedy outputs vary with the context (tied ones echo the input)
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": TINY_VOCAB, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 1024, "tie_word_embeddings": False, "bos_token_id": 1,
+              "eos_token_id": 2}
 
 
 def hf_gguf_location() -> tuple[str, str]:

@@ -2,7 +2,6 @@
 queue pair (tests/queue_control.py) the way the router feeds a worker."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -24,28 +23,16 @@ from dllm.model_spec import DllmModelSpec
 from cluster.dllm_params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager
 from dllm.scheduler import DllmScheduler
+from tests.engine_fixtures import TINY_VOCAB
 from tests.queue_control import QueueControl
 
-VOCAB = 512
 PLACEHOLDER = 0
-TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 PROMPTS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301]]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """Untied random lm_head: greedy outputs vary with the context (tied ones echo the input)."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    (d / "config.json").write_text(json.dumps(TINY))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def runner(tiny_dir):
-    return ModelRunner(load_model("tiny", tiny_dir, load_format="dummy"), num_pages=256, page_size=4)
+def runner(tiny_llama_dir):
+    return ModelRunner(load_model("tiny", tiny_llama_dir, load_format="dummy"), num_pages=256, page_size=4)
 
 
 def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, trace=False,
@@ -195,7 +182,7 @@ def test_bad_override_fails_only_that_request(runner):
 
 # ---- block size 1 is autoregressive greedy decoding -------------------------------------
 @pytest.mark.parametrize("overlap", [False, True])
-def test_block_size_one_reproduces_autoregressive_greedy(runner, tiny_dir, overlap):
+def test_block_size_one_reproduces_autoregressive_greedy(runner, tiny_llama_dir, overlap):
     forwards = []
 
     def record(batch, fi):
@@ -203,7 +190,7 @@ def test_block_size_one_reproduces_autoregressive_greedy(runner, tiny_dir, overl
         return fi
     control, _ = run_dllm(runner, reqs(max_tokens=12), DllmParams(block_size=1), overlap=overlap,
                           on_forward=record)
-    llm = LLM("tiny", tiny_dir, load_format="dummy", num_pages=64, page_size=4)
+    llm = LLM("tiny", tiny_llama_dir, load_format="dummy", num_pages=64, page_size=4)
     ar = llm.generate(PROMPTS, SamplingParams(max_tokens=12))
     outputs = control.outputs()
     assert [outputs[f"r{i}"] for i in range(len(PROMPTS))] == [o.token_ids for o in ar]
@@ -251,7 +238,7 @@ def test_merged_groups_under_overlap_keep_one_round_in_flight(runner):
 
 
 def test_a_long_prompt_is_chunked_and_answers_like_an_unchunked_one(runner):
-    long_prompt = [(7 * i + 3) % VOCAB for i in range(150)]
+    long_prompt = [(7 * i + 3) % TINY_VOCAB for i in range(150)]
     params = DllmParams(block_size=4, threshold=0.003)
     chunked = run_dllm(runner, reqs(prompts=[long_prompt, PROMPTS[0]], ignore_eos=True), params)[0].outputs()
     control = QueueControl()
@@ -290,17 +277,17 @@ def test_abort_mid_answer_frees_the_request_and_spares_the_others(runner, overla
     assert sched.reqs == {} and runner.page_allocator.num_free_pages == free_before
 
 
-def test_worker_build_registers_the_groups_served_name(tmp_path, tiny_dir):
+def test_worker_build_registers_the_groups_served_name(tmp_path, tiny_llama_dir):
     from cluster.config import load_config
     from dllm.__main__ import build
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[model]\nname = "tiny"\npath = "{tiny_dir}"\nload_format = "dummy"\n'
+    cfg.write_text(f'[model]\nname = "tiny"\npath = "{tiny_llama_dir}"\nload_format = "dummy"\n'
                    '[[unified]]\ncount = 1\n'
                    '[[dllm]]\ncount = 1\nmodel = "tiny-dllm"\nblock_size = 4\nalgorithm = "fixed_steps"\n'
                    'steps_per_block = 2\nmask_token_id = 7\n')
     config = load_config(str(cfg))
     group = config.group_of("dllm-0")
-    runner = ModelRunner(load_model("tiny", tiny_dir, load_format="dummy"), num_pages=16, page_size=4)
+    runner = ModelRunner(load_model("tiny", tiny_llama_dir, load_format="dummy"), num_pages=16, page_size=4)
 
     class Args:
         worker_id = "dllm-0"
@@ -347,7 +334,7 @@ def test_round_returns_only_block_rows_and_they_equal_the_full_logits(runner):
     assert fi.logits_lens == [4 + 1, 0]
     kept = runner.forward(fi).logits
     full = runner.forward(replace(fi, logits_lens=[])).logits
-    assert kept.shape == (5, VOCAB) and full.shape == (15, VOCAB)
+    assert kept.shape == (5, TINY_VOCAB) and full.shape == (15, TINY_VOCAB)
     block, chunk = rounds.block_logits(batch, kept)
     assert chunk is None
     torch.testing.assert_close(block, full[9 - 4 - 1:9 - 1], atol=1e-5, rtol=1e-5)

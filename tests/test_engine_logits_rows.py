@@ -1,7 +1,6 @@
 """`ForwardInput.logits_lens`: the engine returns (and projects) only each request's last rows."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -9,13 +8,8 @@ import torch
 from cluster.engine.forward_batch import ForwardInput
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
-from tests.engine_fixtures import GREEDY
+from tests.engine_fixtures import GREEDY, TINY_VOCAB
 
-VOCAB = 512
-TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 CHUNKS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301], [40, 41, 42, 43, 44, 45, 46]]
 PREFIX_LENS = [0, 3, 0, 6]   # two requests extend a cached prefix
 
@@ -23,10 +17,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    (d / "config.json").write_text(json.dumps(TINY))
-    return ModelRunner(load_model("tiny", str(d), load_format="dummy"), num_pages=64, page_size=4)
+def runner(tiny_llama_dir):
+    return ModelRunner(load_model("tiny", tiny_llama_dir, load_format="dummy"), num_pages=64, page_size=4)
 
 
 def _mixed_input(logits_lens: list[int], sample: bool = False) -> ForwardInput:
@@ -51,8 +43,8 @@ def _expected_rows(extend_lens: list[int], logits_lens: list[int]) -> list[int]:
 def test_logits_lens_returns_each_requests_last_rows_of_the_full_logits(runner, logits_lens):
     full = runner.forward(_mixed_input([])).logits
     kept = runner.forward(_mixed_input(logits_lens)).logits
-    assert full.shape == (sum(map(len, CHUNKS)), VOCAB)
-    assert kept.shape == (sum(logits_lens), VOCAB) and kept.dtype == torch.float32
+    assert full.shape == (sum(map(len, CHUNKS)), TINY_VOCAB)
+    assert kept.shape == (sum(logits_lens), TINY_VOCAB) and kept.dtype == torch.float32
     torch.testing.assert_close(kept, full[_expected_rows([len(c) for c in CHUNKS], logits_lens)],
                                atol=1e-5, rtol=1e-5)
 
