@@ -1,5 +1,6 @@
-"""Qwen3-MoE, Mixtral and DeepSeek-V2 (sparse experts; latent attention) against transformers:
-tiny random checkpoints made here, loaded by the engine from their directories (float32).
+"""Qwen3-MoE, Mixtral and DeepSeek-V2 (sparse experts; latent attention; with and without YaRN rope
+scaling) against transformers: tiny random checkpoints made here, loaded by the engine from their
+directories (float32).
 
 Batch-1 decode with top-2 of 4 experts leaves at least two experts without a token in every
 sparse layer and step, so the idle-expert path runs throughout.
@@ -38,8 +39,10 @@ def test_architecture_picks_the_sparse_and_latent_blocks(family):
     cfg = runner.config
     assert cfg.moe is not None and cfg.moe.num_experts == 4 and cfg.moe.top_k == 2
     assert cfg.moe.sparse_layers == ((0, 1) if name == "mixtral" else (1,))
-    assert (cfg.mla is not None) == (name == "deepseek_v2")
-    assert runner.kv_pool.kv.shape[1:3] == ((1, 1) if name == "deepseek_v2" else (2, 2))
+    is_mla = name.startswith("deepseek_v2")
+    assert (cfg.mla is not None) == is_mla
+    assert runner.kv_pool.kv.shape[1:3] == ((1, 1) if is_mla else (2, 2))
+    assert (cfg.rope_scaling or {}).get("rope_type") == ("yarn" if name.endswith("yarn") else None)
 
 
 def test_prefill_logits_match_transformers(family):

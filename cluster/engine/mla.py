@@ -28,7 +28,7 @@ from cluster.engine.attention_context import AttentionContext
 from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig
 from cluster.engine.norm import RMSNorm
-from cluster.engine.rotary import apply_rope_interleaved
+from cluster.engine.rotary import apply_rope_interleaved, softmax_mscale
 
 LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
 
@@ -49,7 +49,7 @@ class MlaAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * m.v_head_dim, cfg.hidden_size, bias=bias)
-        self.scale = m.qk_head_dim ** -0.5
+        self.scale = m.qk_head_dim ** -0.5 * softmax_mscale(cfg.rope_scaling)
 
     def forward(self, x, rope, kv, ctx: AttentionContext):
         m, t = self.mla, x.shape[0]

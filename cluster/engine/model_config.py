@@ -54,7 +54,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = field(default=None, hash=False, compare=False)  # Llama-3 scaling
+    rope_scaling: Optional[dict] = field(default=None, hash=False, compare=False)  # Llama-3 or YaRN
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False      # Qwen2: q/k/v projections carry a bias
@@ -93,9 +93,13 @@ class ModelConfig:
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
+        if rope_type not in ("default", "llama3", "yarn"):
             raise ValueError(f"unsupported rope scaling {rope_type!r}")
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope_type != "default" else None
+        if scaling is not None:
+            scaling["rope_type"] = rope_type
+            if rope_type == "yarn" and scaling.get("factor") is None:   # DeepSeek-V3 style: implied by the lengths
+                scaling["factor"] = cfg["max_position_embeddings"] / scaling["original_max_position_embeddings"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         is_qwen2 = arch.startswith("Qwen2")
