@@ -36,13 +36,13 @@ class QueueControl:
         out: dict[str, list[int]] = {}
         for msg in self.sent:
             if isinstance(msg, P.Tokens):
-                for item in msg.items:
+                for item in msg.all_items():
                     out.setdefault(item.rid, []).extend(item.token_ids)
         return out
 
     def finished(self) -> dict[str, str]:
         return {item.rid: item.finish_reason for msg in self.sent if isinstance(msg, P.Tokens)
-                for item in msg.items if item.finish_reason}
+                for item in msg.all_items() if item.finish_reason}
 
     def errors(self) -> list:
         return [m for m in self.sent if isinstance(m, P.Error)]

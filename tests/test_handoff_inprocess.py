@@ -43,9 +43,10 @@ def drain(schedulers, lasts, done, timeout=120):
     while not done() and time.monotonic() < deadline:
         step_all(schedulers, lasts, schedulers[0].config.overlap)
     assert done(), "requests did not finish in time"
-    for s, last in zip(schedulers, lasts):      # process what is still in flight
+    for i, (s, last) in enumerate(zip(schedulers, lasts)):   # process what is still in flight, once
         if last is not None:
             s._process(*last)
+            lasts[i] = None
 
 
 def runner_for(loaded, num_pages=256):

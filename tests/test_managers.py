@@ -29,7 +29,7 @@ def test_prefill_budget_chunks_the_request_that_does_not_fit():
     assert b.kv_len == 9 and len(b.page_table) == 3
 
 
-def test_decode_feeds_future_token_until_result_is_processed():
+def test_decode_feeds_the_token_from_its_future_slot():
     cache = CacheManager(PageAllocator(64), page_size=4)
     pm = PrefillManager(cache, 64, 8)
     req = make_req("r3", 5)
@@ -46,8 +46,8 @@ def test_decode_feeds_future_token_until_result_is_processed():
     assert build_forward_input(prefill).input_ids.tolist() == [1, 2, 3, 4, 5]
     decode.reqs[0].num_pending -= 1
     req.output_ids.append(43)
-    nxt = dm.schedule()
-    assert build_forward_input(nxt).input_ids.tolist() == [43] and nxt.prefix_lens == [6]
+    nxt = dm.schedule()                          # the decode forward stored 43 into slot 3: still read from there
+    assert build_forward_input(nxt).input_ids.tolist() == [-(3 + 1)] and nxt.prefix_lens == [6]
 
 
 def test_decode_retracts_newest_when_pages_run_out():

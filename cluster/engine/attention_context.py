@@ -36,6 +36,7 @@ class AttentionContext:
     kv_index: Optional[torch.Tensor] = None   # [kv_heads * B * P] rows of the flat cache; see gather_kv
     kv_pair_index: Optional[torch.Tensor] = None   # [2 * B * kv_heads * P] K then V rows; see gather_kv_pair
     kv_buffers: Optional[list] = None         # CPU decode gather buffer for K, shared by all layers
+    head_mask: Optional[torch.Tensor] = None  # CPU decode: the mask per (KV head, request) pair [kvh * B, 1, L]
     v_token_rows: Optional[torch.Tensor] = None   # [kv_heads * B * G, L] V rows per bag; see _v_token_rows
     backend: str = "torch"                    # "torch" | "triton"
     pages: Optional[torch.Tensor] = None      # triton: int64 flat page list of all requests, in order
@@ -104,6 +105,31 @@ class AttentionContext:
         positions, slot_mapping, pt, q_index, out_index = to_device(device, positions, slot_mapping, pt,
                                                                     q_index, out_index)
         return cls(num_reqs, max_q, positions, slot_mapping, pt, mask, q_index, out_index, False)
+
+    @classmethod
+    def build_decode(cls, positions: torch.Tensor, block_table: torch.Tensor, page_size: int, device,
+                     dtype: torch.dtype = torch.float32, backend: str = "torch") -> "AttentionContext":
+        """One query per request at `positions` (int64 [B]) over its row of `block_table` (int64 [B, P],
+        padded): whole-tensor work, whatever the batch."""
+        num_reqs = positions.numel()
+        seq_t = positions + 1
+        counts = (seq_t + page_size - 1) // page_size
+        width = int(counts.max())
+        table = block_table[:, :width]
+        keep = torch.arange(width)[None, :] < counts[:, None]
+        slots = table[torch.arange(num_reqs), positions // page_size] * page_size + positions % page_size
+        if backend == "triton":
+            pages = table[keep]                                   # row-major: request order
+            starts = torch.cumsum(counts, 0) - counts
+            positions, slots, pages, starts, seq_t = to_device(device, positions, slots, pages, starts, seq_t)
+            return cls(num_reqs, 1, positions, slots, None, None, None, None, True, backend="triton",
+                       pages=pages, page_start=starts, seq_lens=seq_t)
+        table = torch.where(keep, table, 0)                       # pages past the sequence: page 0, masked
+        kpos = torch.arange(width * page_size)
+        mask = torch.zeros(num_reqs, 1, kpos.numel(), dtype=dtype)
+        mask.masked_fill_(kpos[None, None, :] >= seq_t[:, None, None], float("-inf"))
+        positions, slots, table = to_device(device, positions, slots, table)
+        return cls(num_reqs, 1, positions, slots, table, to_device(device, mask)[0], None, None, True)
 
     @classmethod
     def _build_triton(cls, extend_lens, prefix_lens, seq_lens, page_tables, bidirectional_lens, page_size,

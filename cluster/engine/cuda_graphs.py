@@ -131,7 +131,11 @@ class DecodeGraphs:
         n, ps, lay, h = fi.num_reqs, self.page_size, self.layout, self.host
         pos = np.asarray(fi.prefix_lens, dtype=np.int64)
         counts = pos // ps + 1
-        pages = flat_pages(fi.page_tables, counts.tolist())
+        if fi.block_table is not None:   # the scheduler's persistent rows: one masked gather
+            table = fi.block_table.numpy()
+            pages = table[np.arange(table.shape[1])[None, :] < counts[:, None]]
+        else:
+            pages = flat_pages(fi.page_tables, counts.tolist())
         m = pages.size
         if m + 1 > lay.max_pages:
             return False

@@ -31,7 +31,7 @@ class ForwardInput:
     input_ids: torch.Tensor                 # int64 [num_tokens]; value -(k+1) = future token of slot k
     extend_lens: list[int]                  # new tokens per request (1 for decode)
     prefix_lens: list[int]                  # tokens already in the KV cache per request
-    page_tables: list[list[int]]            # pages per request, enough for prefix + extend
+    page_tables: list[list[int]]            # pages per request, enough for prefix + extend ([] with block_table)
     sample: list[bool]                      # sample a next token from the request's last position
     sampling: list[SamplingParams]
     generators: list[Optional[torch.Generator]] = field(default_factory=list)
@@ -46,6 +46,10 @@ class ForwardInput:
     return_logits: bool = False             # DLLM: return logits of extend tokens (see logits_lens)
     logits_lens: list[int] = field(default_factory=list)  # with return_logits: last rows kept per request, [] = all
     is_decode: bool = False                 # every extend_len is 1 (lets the engine take a batched path)
+    # decode from the scheduler's persistent batch: int64 [B, P] pages per request, padded with 0 and at
+    # least enough for prefix + 1 tokens; given instead of page_tables
+    block_table: Optional[torch.Tensor] = None
+    all_greedy: bool = False                # every request's token is the argmax of its raw logits (set when known)
 
     @property
     def num_reqs(self) -> int:

@@ -76,6 +76,9 @@ class ModelRunner:
         return torch.where(ids < 0, self.future_map[(-ids - 1).clamp(min=0)], ids)
 
     def store_future(self, slots: list[int], tokens: torch.Tensor) -> None:
+        if slots and min(slots) >= 0:   # every row stores (a decode step)
+            self.future_map[torch.tensor(slots).to(self.device, non_blocking=True)] = tokens.to(self.device)
+            return
         keep = [i for i, s in enumerate(slots) if s >= 0]
         if keep:
             idx = torch.tensor([slots[i] for i in keep]).to(self.device, non_blocking=True)
@@ -105,14 +108,16 @@ class ModelRunner:
             hidden = graphed.hidden
         else:
             input_ids = self.resolve_future(fi.input_ids)
-            ctx = AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
+            ctx = AttentionContext.build_decode(
+                torch.tensor(fi.prefix_lens, dtype=torch.int64), fi.block_table, self.page_size, self.device,
+                self.dtype, self.attention_backend) if fi.block_table is not None else AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
                                          fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
                                          fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype,
                                          self.attention_backend)
             hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
-        if graphed is not None and all(fi.sample) and is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left,
-                                                                       fi.grammars):
+        plain_greedy = fi.all_greedy or is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left, fi.grammars)
+        if graphed is not None and all(fi.sample) and plain_greedy:
             # the graph took the argmax and stored it into the future map: only the host copy is left
             next_ids = torch.empty(fi.num_reqs, dtype=torch.int64, pin_memory=True)
             next_ids.copy_(graphed.greedy_ids[:fi.num_reqs], non_blocking=True)
@@ -128,7 +133,8 @@ class ModelRunner:
         if fi.return_logits:   # NOTE: select hidden rows first, so the lm_head runs only on the kept ones
             keep = fi.logits_rows()
             logits_all = self.model.compute_logits(hidden if keep is None else hidden[keep.to(self.device, non_blocking=True)])
-        pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
+        every_row = len(rows) == fi.num_reqs
+        pick = lambda xs: (list(xs) if every_row else [xs[i] for i in rows]) if xs else []  # noqa: E731
         if rows:
             kept_lens = fi.logits_lens or fi.extend_lens
             if logits_all is not None and all(kept_lens[i] for i in rows):   # every sampled last row was kept
@@ -136,10 +142,13 @@ class ModelRunner:
             else:
                 logits = self.model.compute_logits(_last_rows(hidden[:fi.num_tokens], fi.extend_lens, rows,
                                                               self.device))
-            ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
-                                   pick(fi.min_tokens_left), pick(fi.eos_token_ids), pick(fi.grammars))
+            if plain_greedy and every_row:    # nothing to process: the argmax is the token
+                ids, lps, top = logits.argmax(dim=-1), None, None
+            else:
+                ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
+                                       pick(fi.min_tokens_left), pick(fi.eos_token_ids), pick(fi.grammars))
             if fi.future_slots:
-                self.store_future([fi.future_slots[i] for i in rows], ids)
+                self.store_future(fi.future_slots if every_row else [fi.future_slots[i] for i in rows], ids)
             next_ids[rows] = ids.cpu()
             if lps is not None:
                 logprobs = torch.zeros(fi.num_reqs, dtype=torch.float32)

@@ -55,9 +55,10 @@ def sample(logits: torch.Tensor, sampling: list[SamplingParams], generators: lis
     logits = _biased(logits, sampling)
     logits = _penalized(logits, sampling, prior_ids)
     logits = _ban_stop_tokens(logits, sampling, min_tokens_left, eos_token_ids)
+    grammars = list(grammars) if any(g is not None for g in grammars) else []   # a list of Nones masks nothing
     if grammars:
         logits = logits.clone() if logits is raw else logits   # the mask applies in place
-        apply_grammar_masks(logits, list(grammars))
+        apply_grammar_masks(logits, grammars)
     logprobs = torch.log_softmax(logits, dim=-1) if any(sp.logprobs for sp in sampling) else None
     next_ids = logits.argmax(dim=-1)
     rows = [i for i, sp in enumerate(sampling) if not sp.is_greedy]
@@ -68,7 +69,7 @@ def sample(logits: torch.Tensor, sampling: list[SamplingParams], generators: lis
         drawn = _inverse_cdf(probs, u)
         next_ids = drawn if index is None else next_ids.index_copy(0, index, drawn)
     if grammars:
-        accept_sampled(list(grammars), next_ids)
+        accept_sampled(grammars, next_ids)
     if logprobs is None:
         return Sampled(next_ids, None)
     chosen = logprobs.gather(1, next_ids.view(b, 1)).view(b)

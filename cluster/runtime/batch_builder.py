@@ -36,6 +36,8 @@ def _prompt_targets(req, prefix: int, extend: int) -> list[int]:
 
 
 def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
+    if batch.rows is not None:
+        return decode_forward_input(batch)
     ids: list[int] = []
     for req, prefix, extend in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
         ids += _segment_ids(req, prefix, prefix + extend)
@@ -59,4 +61,43 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         prompt_targets=[_prompt_targets(r, p, e) for r, p, e in zip(reqs, batch.prefix_lens, batch.extend_lens)],
         bidirectional_lens=[0] * len(reqs),
         is_decode=batch.mode == ForwardMode.DECODE,
+    )
+
+
+def decode_forward_input(batch: ScheduleBatch) -> ForwardInput:
+    """A decode step from its RunningBatch rows: whole arrays, plus per-row values only for the rows
+    whose sampling needs them each step (a seed's generator, penalties' prior ids, a grammar)."""
+    rows, reqs = batch.rows, batch.reqs
+    n = len(reqs)
+    generators: list = []
+    prior_ids: list = []
+    grammars: list = []
+    if rows.host_rows:
+        generators, prior_ids, grammars = [None] * n, [[]] * n, [None] * n
+        out_lens = rows.out_lens
+        for i in rows.host_rows:
+            r = reqs[i]
+            sp = r.sampling
+            if sp.seed is not None:   # the sampled token is output number out_lens[i]
+                generators[i] = token_generator(sp.seed, int(out_lens[i]) - 1)
+            if _has_penalty(sp):
+                prior_ids[i] = r.all_ids
+            grammars[i] = r.grammar
+    min_left = rows.min_tokens - (rows.out_lens - 1)
+    return ForwardInput(
+        input_ids=torch.from_numpy(rows.input_ids),
+        extend_lens=[1] * n,
+        prefix_lens=batch.prefix_lens,
+        page_tables=[],
+        block_table=torch.from_numpy(rows.page_table),
+        sample=[True] * n,
+        sampling=rows.sampling,
+        generators=generators,
+        prior_ids=prior_ids,
+        min_tokens_left=min_left.clip(min=0).tolist() if (min_left > 0).any() else [],
+        eos_token_ids=rows.eos_token_ids,
+        future_slots=rows.future_slots.tolist(),
+        grammars=grammars if any(g is not None for g in grammars) else [],
+        is_decode=True,
+        all_greedy=rows.all_plain_greedy,
     )

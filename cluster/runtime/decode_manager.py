@@ -1,9 +1,14 @@
-"""DecodeManager: the running set, and retraction when pages run out."""
+"""DecodeManager: the running set, and retraction when pages run out.
+
+The running requests live in a `RunningBatch` (running_batch.py): a steady step touches only
+the rows that cross into a new page; the rest is whole-array work.
+"""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.running_batch import RunningBatch
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 
 
@@ -11,24 +16,28 @@ class DecodeManager:
     def __init__(self, cache: CacheManager, on_retract: Callable[[Req], None],
                  on_fail: Callable[[Req, str], None]):
         self.cache = cache
-        self.running: list[Req] = []
+        self.rows = RunningBatch(cache.page_size)
         self.on_retract = on_retract    # requeue the request to be prefilled again
         self.on_fail = on_fail          # finish the request with an error
         self.num_retracted_total = 0
 
+    @property
+    def running(self) -> list[Req]:
+        """The running requests, oldest first."""
+        return self.rows.reqs
+
     def add(self, req: Req) -> None:
-        self.running.append(req)
+        self.rows.add(req)
 
     def remove(self, req: Req) -> None:
-        if req in self.running:
-            self.running.remove(req)
+        self.rows.remove(req)
 
     def __len__(self) -> int:
-        return len(self.running)
+        return len(self.rows)
 
     @property
     def num_tokens(self) -> int:
-        return sum(r.kv_len for r in self.running)
+        return int(self.rows.kv_lens[:len(self.rows)].sum())
 
     def schedule(self) -> Optional[ScheduleBatch]:
         """One new token per running request; retract the newest while pages are short.
@@ -36,13 +45,14 @@ class DecodeManager:
         The token fed at position `kv_len` is known, or (overlap) is the request's last
         sampled token, which the forward side reads from its future slot.
         """
-        self.running = [r for r in self.running if not r.is_finished]
-        while self.running:
-            missing = sum(self.cache.num_missing_pages(r, r.kv_len + 1) for r in self.running)
-            if self.cache.can_allocate(missing):
+        rows = self.rows
+        while len(rows):
+            missing = rows.rows_short_of_pages()
+            if self.cache.can_allocate(int(missing.sum())):
                 break
-            victim = self.running.pop()          # newest request
-            if not self.running:
+            victim = rows.reqs[-1]               # newest request
+            rows.remove(victim)
+            if not len(rows):
                 # alone and still short: re-prefilling would need even more pages
                 self.cache.free(victim)
                 self.on_fail(victim, f"KV cache exhausted: {victim.seq_len} tokens do not fit the page pool")
@@ -51,13 +61,16 @@ class DecodeManager:
             victim.kv_len = 0
             self.num_retracted_total += 1
             self.on_retract(victim)
-        if not self.running:
+        if not len(rows):
             return None
-        for r in self.running:
-            self.cache.grow(r, r.kv_len + 1)
-        batch = ScheduleBatch(list(self.running), ForwardMode.DECODE,
-                              prefix_lens=[r.kv_len for r in self.running])
-        for r in self.running:
+        for i in missing.nonzero()[0].tolist():  # only the rows that cross into a new page
+            req = rows.reqs[i]
+            self.cache.grow(req, req.kv_len + 1)
+            rows.set_pages(i, req.page_table)
+        reqs = list(rows.reqs)
+        step = rows.launch()
+        batch = ScheduleBatch(reqs, ForwardMode.DECODE, prefix_lens=step.positions.tolist(), rows=step)
+        for r in reqs:
             r.kv_len += 1
             r.num_pending += 1
         return batch

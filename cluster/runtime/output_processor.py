@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, NamedTuple, Optional
 
+import numpy as np
+
 from cluster.engine.stop_checker import check_finish
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 
@@ -51,8 +53,10 @@ class OutputProcessor:
     """Commits sampled tokens to their requests and streams them (`emit`); a finished
     request is freed at once (`release`)."""
 
-    def __init__(self, tokenizer, emit: Callable, release: Callable[[Req], None]):
+    def __init__(self, tokenizer, emit: Callable, release: Callable[[Req], None],
+                 emit_plain: Optional[Callable[[list, list], None]] = None):
         self.tokenizer, self.emit, self.release = tokenizer, emit, release
+        self.emit_plain = emit_plain   # (rids, tokens): one bare token each, nothing finished
 
     def commit_token(self, req: Req, token: int, logprob: Optional[float] = None,
                      top: Optional[list] = None) -> None:
@@ -67,5 +71,35 @@ class OutputProcessor:
             self.release(req)
 
     def commit(self, batch: ScheduleBatch, result) -> None:
+        if batch.rows is not None and self.emit_plain is not None:
+            return self.commit_decode(batch, result)
         for req, token, logprob, top in sampled_tokens(batch, result):
             self.commit_token(req, token, logprob, top)
+
+    def commit_decode(self, batch: ScheduleBatch, result) -> None:
+        """A decode step from the running batch: EOS, min_tokens and max_tokens for every row at once;
+        only the rows that finish or ask for more (stop strings or ids, logprobs) go one by one
+        through `commit_token`. The rest append their token and leave in one `emit_plain`."""
+        rows = batch.rows
+        ids = result.next_token_ids.numpy()
+        done = (rows.out_lens >= rows.max_tokens) | (
+            rows.eos_on & np.isin(ids, rows.eos_ids) & (rows.out_lens >= rows.min_tokens))
+        one_by_one = (done | ~rows.plain_result).tolist()
+        tokens = ids.tolist()
+        rids, plain = [], []
+        for req, token, slow in zip(batch.reqs, tokens, one_by_one):
+            req.num_pending -= 1
+            if slow or req.finish_reason is not None:   # finished earlier: overlap's extra token
+                continue
+            req.output_ids.append(token)
+            rids.append(req.rid)
+            plain.append(token)
+        if rids:
+            self.emit_plain(rids, plain)
+        if any(one_by_one):
+            logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+            for i in np.flatnonzero(done | ~rows.plain_result).tolist():
+                req = batch.reqs[i]
+                if req.finish_reason is None:
+                    self.commit_token(req, tokens[i], logprobs[i] if logprobs is not None and req.sampling.logprobs
+                                      else None, _top_pairs(result, i, req.sampling.top_logprobs))

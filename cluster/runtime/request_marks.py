@@ -20,6 +20,12 @@ from cluster.wire import protocol as P
 logger = logging.getLogger("pdcluster.requests")
 
 
+def _first_steps(batch: ScheduleBatch) -> list[Req]:
+    """The requests that may be in their first step of this kind: a decode step from the running
+    batch knows which rows joined since the last one (the others were marked then)."""
+    return batch.rows.joined if batch.rows is not None else batch.reqs
+
+
 class MarkBook:
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -49,7 +55,7 @@ class MarkBook:
         a request's first decode step."""
         name = "first_decode_launched" if batch.mode == ForwardMode.DECODE else "prefill_launched"
         t = time.time()
-        for req in batch.reqs:
+        for req in _first_steps(batch):
             if not req.is_finished and not self.has(req.rid, name):
                 self.mark(req.rid, name, t, forward_iter=batch.forward_iter)
 
@@ -59,7 +65,7 @@ class MarkBook:
         if batch.mode != ForwardMode.DECODE:
             return
         t = time.time()                    # (under overlap, a request that finished in the
-        for req in batch.reqs:             # batch before still rides along: skipped)
+        for req in _first_steps(batch):    # batch before still rides along: skipped)
             if not req.is_finished and not self.has(req.rid, "first_decode_done"):
                 self.mark(req.rid, "first_decode_done", t, forward_iter=batch.forward_iter)
 

@@ -97,6 +97,7 @@ class ScheduleBatch:
     is_last_chunk: list[bool] = field(default_factory=list)
     forward_iter: Optional[int] = None                     # set by Scheduler.run_batch, never later
     cached_len: int = 0                                    # prefix-cache hits of its requests (their cached_len)
+    rows: Any = None                                       # decode: its StepRows (runtime/running_batch.py)
 
     def __post_init__(self) -> None:
         n = len(self.reqs)
@@ -125,4 +126,4 @@ class ScheduleBatch:
         """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""
         return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
                              prefix_lens=list(self.prefix_lens), is_last_chunk=list(self.is_last_chunk),
-                             forward_iter=self.forward_iter, cached_len=self.cached_len)
+                             forward_iter=self.forward_iter, cached_len=self.cached_len, rows=self.rows)

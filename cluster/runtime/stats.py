@@ -56,7 +56,7 @@ class DecodeStats:
 
     @classmethod
     def of_batch(cls, batch, token_usage: float, num_queue_reqs: int, **role) -> "DecodeStats":
-        return cls(num_running_reqs=batch.batch_size, num_tokens=sum(p + 1 for p in batch.prefix_lens),
+        return cls(num_running_reqs=batch.batch_size, num_tokens=sum(batch.prefix_lens) + batch.batch_size,
                    token_usage=token_usage, num_queue_reqs=num_queue_reqs, **role)
 
 

@@ -47,7 +47,9 @@ class WorkerScheduler(Scheduler):
         self.handoff = handoff
         self.reqs: dict[str, Req] = {}          # live requests by rid
         self.outbox: list[P.TokensItem] = []
-        self.output = OutputProcessor(self.tokenizer, self.emit, self.release)
+        self.plain_rids: list[str] = []          # bare tokens of a decode step, sent after the outbox
+        self.plain_tokens: list[int] = []
+        self.output = OutputProcessor(self.tokenizer, self.emit, self.release, self.emit_plain)
         self.marks = MarkBook(worker_id)    # per-request moments for the router's traces
         self._idle = False
         self._grammar_backend = None
@@ -161,10 +163,19 @@ class WorkerScheduler(Scheduler):
         self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs,
                                         self.marks.sampling_iter if token_ids else None, prompt_logprobs))
 
+    def emit_plain(self, rids: list[str], tokens: list[int]) -> None:
+        """One bare token for each of `rids` (a decode step's requests that did not finish)."""
+        self.plain_rids += rids
+        self.plain_tokens += tokens
+
     def flush_outputs(self) -> None:
         self.marks.flush(self.control)          # NOTE: before the tokens they lead up to
-        if self.outbox:
-            self.control.send(P.Tokens(worker_id=self.worker_id, items=self.outbox))
+        if self.outbox or self.plain_rids:
+            plain = None
+            if self.plain_rids:
+                plain = P.PlainTokens(self.plain_rids, self.plain_tokens, self.marks.sampling_iter)
+                self.plain_rids, self.plain_tokens = [], []
+            self.control.send(P.Tokens(worker_id=self.worker_id, items=self.outbox, plain=plain))
             self.outbox = []
 
     def fail(self, req: Req, reason: str, retriable: bool = False) -> None:

@@ -190,10 +190,34 @@ class KvAck:                                      # decode -> prefill (data plan
 
 
 @dataclass(frozen=True, slots=True)
+class PlainTokens:
+    """A steady decode step's output in two parallel lists: one new token per request and
+    nothing else (no finish, error or logprobs). msgpack packs the lists in C, where a
+    TokensItem per request costs a map each; the receiver reads them as TokensItems."""
+    rids: list
+    token_ids: list                               # token_ids[i] is the one new token of rids[i]
+    forward_iter: Optional[int] = None            # the batch that sampled them
+
+    def __post_init__(self) -> None:
+        if len(self.rids) != len(self.token_ids):
+            raise ValueError(f"{len(self.rids)} rids for {len(self.token_ids)} tokens")
+
+    def items(self) -> list:
+        it = self.forward_iter
+        return [TokensItem(rid, [t], None, None, None, None, it, None) for rid, t in zip(self.rids, self.token_ids)]
+
+
+@dataclass(frozen=True, slots=True)
 class Tokens:                                     # decode / unified / dllm -> router
     TYPE: ClassVar[str] = "tokens"
     worker_id: str
     items: list                                   # TokensItem
+    # more requests' tokens, emitted after every item above (decoding appends them to `items`)
+    plain: Optional[PlainTokens] = None
+
+    def all_items(self) -> list:
+        """`items`, then `plain` as TokensItems (a message not yet through the codec)."""
+        return self.items + self.plain.items() if self.plain is not None else self.items
 
 
 # the moments of a request a worker reports (cluster/router/request_trace.py orders them);

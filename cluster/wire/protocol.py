@@ -34,7 +34,7 @@ from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, 
 from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, WorkerGauges
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
                                    KvAck, KvBatch, KvLayers, KvReq, KvSpan, MarksItem, Message, Peer,
-                                   Register, Reprefill,
+                                   PlainTokens, Register, Reprefill,
                                    RequestMark, RequestMarks, Shutdown, Tokens, TokensItem,
                                    WORKER_MARKS)
 from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
@@ -43,7 +43,7 @@ from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvLayers", "KvAck",
            "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "KvSpan", "TokensItem",
-           "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
+           "PlainTokens", "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
@@ -150,7 +150,9 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                               "top_logprobs": Opt(List(TOP, max_len=MAX_KEYS)),
                                               "forward_iter": Opt(Int(lo=0)),
                                               "prompt_logprobs": Opt(PROMPT_LPS)}),
-                           max_len=MAX_KEYS)},
+                           max_len=MAX_KEYS),
+             "plain": Opt(Typed(PlainTokens, {"rids": List(ID, max_len=MAX_KEYS), "token_ids": TokenIds(),
+                                              "forward_iter": Opt(Int(lo=0))}))},
     RequestMarks: {"worker_id": ID, "items": List(Typed(MarksItem, {
         "rid": ID, "marks": List(Typed(RequestMark, {
             "name": Str(choices=WORKER_MARKS), "t": Float(finite=True),
@@ -194,10 +196,20 @@ def _check_kv_tensors(name: str, body: dict) -> None:
             fail(f"{name}.tensors[{i}]", f"{shape[0]} layers, the message carries {layers}")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}   # dataclass -> its field names (looked up once)
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def _plain(v: Any) -> Any:
     """A checked field as msgpack takes it: nested frozen items become maps."""
     if dataclasses.is_dataclass(v):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return {name: _plain(getattr(v, name)) for name in _field_names(type(v))}
     if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
         return [_plain(x) for x in v]
     return v
@@ -272,4 +284,6 @@ def decode(frames: Sequence[Any]) -> Message:
     if not all(used):
         unused = [i for i, u in enumerate(used) if not u]
         raise ProtocolError(f"{cls.TYPE}: frames {unused[:8]} are not referenced by the body")
+    if cls is Tokens and body["plain"] is not None:   # receivers see one list of items
+        body["items"], body["plain"] = Tokens(**body).all_items(), None
     return cls(**body)
