@@ -8,8 +8,8 @@ Cache layout per layer (see kv_cache.py): K and V are each `[num_kv_heads, num_p
 head_dim]`, so one (head, page) is a contiguous `page_size * head_dim` row. Decode gathers
 those rows per request into a small buffer and runs grouped-query attention as batched
 matmuls (the G query heads of a KV head share one K/V read, no repeat of K/V): on CUDA all
-heads and requests at once (few large kernels); on CPU the scores per head in cache-sized
-chunks of gathered K, and P @ V as one `embedding_bag` that reads V's rows in place. Prompts that
+heads and requests at once (few large kernels); on CPU the scores over (head, request) pairs in
+cache-sized chunks of gathered K, and P @ V as one `embedding_bag` that reads V's rows in place. Prompts that
 start at position 0 attend to their fresh K/V directly through SDPA's causal kernel; an
 extend over a cached prefix (chunked prefill, prefix reuse, DLLM blocks) gathers the
 prefix from the pages and uses an explicit mask.
@@ -143,30 +143,33 @@ def _v_token_rows(v_cache: torch.Tensor, ctx: AttentionContext, group: int) -> t
 
 
 def _decode_chunked(q, k_cache, v_cache, ctx: AttentionContext, scale: float) -> torch.Tensor:
-    """Scores per KV head over chunks of requests small enough (~DECODE_CHUNK_BYTES of K per thread) that the
-    gathered K is still in cache when the matmul reads it; P @ V as one `embedding_bag` (weighted sums of V rows
-    read where they lie: no V gather, and 2x faster than the M = G matmul on a gathered copy)."""
+    """Scores over chunks of (KV head, request) pairs small enough (~DECODE_CHUNK_BYTES of K per thread) that the
+    gathered K is still in cache when the matmul reads it (heads and requests in one flat loop: a small batch is
+    one gather and one matmul per layer); P @ V as one `embedding_bag` (weighted sums of V rows read where they
+    lie: no V gather, and 2x faster than the M = G matmul on a gathered copy)."""
     num_reqs, num_heads, d = q.shape
     kvh, num_pages, page_size, _ = k_cache.shape
     group = num_heads // kvh
     p = ctx.page_table.shape[1]
     length = p * page_size
-    qg = q.view(num_reqs, kvh, group, d).transpose(0, 1).mul(scale).contiguous()   # [kvh, B, G, D]
-    rows = _kv_rows(k_cache, ctx).view(kvh, num_reqs * p)
+    pairs = kvh * num_reqs                                                        # (head, request), head-major
+    qg = q.view(num_reqs, kvh, group, d).transpose(0, 1).mul(scale).reshape(pairs, group, d)
+    rows = _kv_rows(k_cache, ctx)                                                 # [pairs * p], same order
+    if ctx.head_mask is None:                                                     # the mask of each pair's request
+        ctx.head_mask = ctx.mask.expand(kvh, num_reqs, 1, length).reshape(pairs, 1, length)
     chunk_bytes = DECODE_CHUNK_BYTES * torch.get_num_threads()
-    per_chunk = max(1, min(num_reqs, chunk_bytes // (length * d * k_cache.element_size())))
+    per_chunk = max(1, min(pairs, chunk_bytes // (length * d * k_cache.element_size())))
     if ctx.kv_buffers is None or ctx.kv_buffers[0].shape[0] != per_chunk * p:
         ctx.kv_buffers = [k_cache.new_empty(per_chunk * p, page_size * d)]
     kbuf = ctx.kv_buffers[0]
     k_flat = k_cache.view(kvh * num_pages, page_size * d)
-    scores = q.new_empty(kvh, num_reqs, group, length)
-    for h in range(kvh):
-        for b0 in range(0, num_reqs, per_chunk):
-            b1 = min(num_reqs, b0 + per_chunk)
-            n = b1 - b0
-            keys = torch.index_select(k_flat, 0, rows[h, b0 * p:b1 * p], out=kbuf[:n * p]).view(n, length, d)
-            torch.baddbmm(ctx.mask[b0:b1].expand(n, group, length), qg[h, b0:b1], keys.transpose(1, 2),
-                          out=scores[h, b0:b1])
+    scores = q.new_empty(pairs, group, length)
+    for c0 in range(0, pairs, per_chunk):
+        c1 = min(pairs, c0 + per_chunk)
+        n = c1 - c0
+        keys = torch.index_select(k_flat, 0, rows[c0 * p:c1 * p], out=kbuf[:n * p]).view(n, length, d)
+        torch.baddbmm(ctx.head_mask[c0:c1].expand(n, group, length), qg[c0:c1], keys.transpose(1, 2),
+                      out=scores[c0:c1])
     # bf16 / fp16: softmax in float32
     probs = scores.softmax(dim=-1) if q.dtype == torch.float32 else scores.float().softmax(dim=-1).to(q.dtype)
     out = F.embedding_bag(_v_token_rows(v_cache, ctx, group), v_cache.view(-1, d), mode="sum",
