@@ -7,8 +7,9 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
 - the first sparse layer's experts at batch `--moe-batch`: the fused Triton kernel (triton_moe.py) and
   the plain loop over the active experts (`Experts.loop`, one GEMM pair per expert with tokens),
   router included in neither; the goal is fused >= 3x faster;
-- MLA only: one layer's absorbed decode attention over `--mla-batch` requests of `--mla-context`
-  tokens, against reading their latent KV once at the copy bandwidth measured here (goal: <= 1.3x);
+- MLA only: one layer's absorbed decode attention (the Triton kernel on the latent pages, and the
+  gathered torch path) over `--mla-batch` requests of `--mla-context` tokens, against reading their
+  latent KV once at the copy bandwidth measured here (goal: <= 1.3x);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
 
     python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
@@ -31,6 +32,7 @@ from benchmarks.engine_gpu import bench_engine_decode, bench_prefill, sync, time
 from cluster.engine.attention_context import AttentionContext  # noqa: E402
 from cluster.engine.linear import linear  # noqa: E402
 from cluster.engine.loader import load_model  # noqa: E402
+from cluster.engine.mla import BACKEND_SWITCH as MLA_SWITCH, use_triton_mla  # noqa: E402
 from cluster.engine.model_config import PRESETS  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
 from cluster.engine.moe import SparseMoe, route, use_fused_moe  # noqa: E402
@@ -78,13 +80,21 @@ def bench_mla_decode(runner, args) -> dict:
     q_nope = torch.randn(b, cfg.num_heads, cfg.mla.qk_nope_head_dim, device=runner.device, dtype=runner.dtype)
     q_pe = torch.randn(b, cfg.num_heads, cfg.mla.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
     cache = runner.kv_caches[0][0]
-    seconds = timed(lambda: attn._decode_absorbed(q_nope, q_pe, cache, ctx), args.reps * 10, args.device)
+    step = lambda: attn._decode_absorbed(q_nope, q_pe, cache, ctx)  # noqa: E731
+    seconds = timed(step, args.reps * 10, args.device)
+    os.environ[MLA_SWITCH] = "torch"   # the same step with the latents gathered (the CPU path)
+    try:
+        torch_seconds = timed(step, args.reps * 10, args.device)
+    finally:
+        os.environ.pop(MLA_SWITCH)
     for t in tables:
         runner.page_allocator.free(t)
     latent_bytes = b * length * runner.kv_pool.head_dim * runner.kv_pool.kv.element_size()
     bandwidth = copy_bandwidth(args.device)
     floor = latent_bytes / bandwidth
-    return {"mla_batch": b, "mla_context": length, "mla_decode_ms": 1e3 * seconds, "latent_mb": latent_bytes / 1e6,
+    return {"mla_batch": b, "mla_context": length, "mla_decode_ms": 1e3 * seconds,
+            "mla_kernel": use_triton_mla(cache, cfg.mla), "mla_gathered_ms": 1e3 * torch_seconds,
+            "latent_mb": latent_bytes / 1e6,
             "copy_gb_s": bandwidth / 1e9, "latent_read_ms": 1e3 * floor, "mla_ratio": seconds / floor}
 
 

@@ -1,5 +1,6 @@
-"""The fused MoE kernels compiled on CUDA: equal to the expert loop, and capturable in a CUDA graph
-(no host sync in routing, alignment or the grouped GEMMs). Skipped without CUDA and Triton."""
+"""The MoE and MLA kernels compiled on CUDA: fused experts equal to the expert loop and capturable in
+a CUDA graph (no host sync in routing, alignment or the grouped GEMMs); the MLA decode kernel equal
+to gathered latents at DeepSeek-V2-Lite's latent shape. Skipped without CUDA and Triton."""
 import importlib.util
 
 import pytest
@@ -55,3 +56,19 @@ def test_sparse_block_replays_from_a_cuda_graph():
         graph.replay()
         torch.testing.assert_close(out.float(), layer(x).float(), atol=1e-2, rtol=1e-2)
     assert not torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol):
+    from cluster.engine.triton_mla import decode_latent
+    rank, rope, page, heads, lens = 512, 64, 16, 16, [1, 70, 300]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cache = torch.randn(64, page, rank + rope, generator=g, device="cuda").to(dtype)
+    width = max(-(-n // page) for n in lens)
+    tables = torch.randperm(64, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), heads, rank + rope, generator=g, device="cuda").to(dtype)
+    got = decode_latent(q, cache, tables, torch.tensor(lens, device="cuda"), 0.07, rank)
+    for b, n in enumerate(lens):
+        lat = cache[tables[b]].reshape(-1, rank + rope)[:n].float()
+        want = torch.softmax(q[b].float() @ lat.T * 0.07, dim=-1) @ lat[:, :rank]
+        torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)

@@ -15,9 +15,14 @@ values per token and layer instead of `2 * heads * head_dim`. Head h's key is
   nothing per cached token is expanded.
 
 Rope is interleaved over pairs (rotary.apply_rope_interleaved), like transformers' DeepSeek-V2.
-Torch backend only (the model runner never picks Triton for MLA).
+The attention context is the torch backend's (the model runner never picks Triton attention for
+MLA); on CUDA the absorbed decode reads the latent pages in place with its own Triton kernel
+(triton_mla.py; `PDCLUSTER_MLA=torch` gathers them instead).
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,15 @@ from cluster.engine.model_config import ModelConfig
 from cluster.engine.norm import RMSNorm
 from cluster.engine.rotary import apply_rope_interleaved, softmax_mscale
 
+BACKEND_SWITCH = "PDCLUSTER_MLA"   # "torch": gather the latents and use torch ops on CUDA too
 LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
+
+
+def use_triton_mla(cache: torch.Tensor, mla) -> bool:
+    if not cache.is_cuda or os.environ.get(BACKEND_SWITCH, "") == "torch" or importlib.util.find_spec("triton") is None:
+        return False
+    from cluster.engine.triton_mla import supports
+    return supports(mla.kv_lora_rank, mla.qk_rope_head_dim)
 
 
 class MlaAttention(nn.Module):
@@ -78,12 +91,17 @@ class MlaAttention(nn.Module):
 
     def _decode_absorbed(self, q_nope, q_pe, cache, ctx: AttentionContext) -> torch.Tensor:
         w_uk, w_uv = self._up_weights()
-        latents = gather_kv(cache, ctx)[0]                                # [B, L, rank + rope]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
-        scores = torch.baddbmm(ctx.mask.to(q_pe.dtype), torch.cat((q_latent, q_pe), dim=-1),
-                               latents.transpose(1, 2), alpha=self.scale)   # [B, H, L]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
-        out_latent = torch.bmm(probs, latents[..., :self.mla.kv_lora_rank])  # [B, H, rank]
+        q_full = torch.cat((q_latent, q_pe), dim=-1)
+        if use_triton_mla(cache, self.mla):   # the latent pages read in place, once per request
+            from cluster.engine.triton_mla import decode_latent
+            out_latent = decode_latent(q_full, cache[0], ctx.page_table, ctx.positions + 1, self.scale,
+                                       self.mla.kv_lora_rank)
+        else:
+            latents = gather_kv(cache, ctx)[0]                             # [B, L, rank + rope]
+            scores = torch.baddbmm(ctx.mask.to(q_pe.dtype), q_full, latents.transpose(1, 2), alpha=self.scale)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
+            out_latent = torch.bmm(probs, latents[..., :self.mla.kv_lora_rank])  # [B, H, rank]
         out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2))   # [H, B, v]
         return out.transpose(0, 1).reshape(q_pe.shape[0], -1)
 
