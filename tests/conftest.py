@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: the router tests' real router with scripted workers
-(tests/router_harness.py), the engine tests' single intra-op thread and tiny dummy Llama."""
+(tests/router_harness.py), the engine tests' single intra-op thread and tiny dummy Llama, and
+the default model loaded once per module for the in-process worker tests."""
 from __future__ import annotations
 
 import pytest
@@ -57,3 +58,12 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("tiny-llama")
     (d / "config.json").write_text(json.dumps(TINY_LLAMA))
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """The default model (SmolLM2-135M-Instruct), loaded once per module, two torch threads."""
+    import torch
+    from cluster.engine.loader import load_model
+    torch.set_num_threads(2)
+    return load_model()

@@ -4,21 +4,13 @@ their pages and slots, and the same scheduler keeps serving (real model, both lo
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cluster.config import SchedulerConfig
-from cluster.engine.loader import load_model
 from cluster.unified import UnifiedScheduler
+from tests.inprocess_workers import drain, runner_for
 from tests.queue_control import QueueControl
-from tests.test_handoff_inprocess import drain, runner_for
 
 POISON = 4242                                  # a prompt holding this token breaks the forward
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    torch.set_num_threads(2)
-    return load_model()
 
 
 def poisoned_unified(loaded, overlap):

@@ -84,7 +84,7 @@ def test_batched_decode_on_cuda_equals_alone():
 
 
 def test_kv_handoff_between_cuda_workers_equals_unified():
-    from tests.test_handoff_inprocess import Pair, run_unified
+    from tests.inprocess_workers import Pair, run_unified
     loaded = load_model("llama-3.2-1b", load_format="dummy", dtype="bfloat16", device="cuda")
     loaded._tokenizer = ByteTokenizer()
     prompts = ["the quick brown fox", "jumps over", "the lazy dog again and again"]

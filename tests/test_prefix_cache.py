@@ -6,26 +6,18 @@ turn) and must extend from the cached pages, with the same tokens as a cold run.
 import re
 
 import pytest
-import torch
 
 from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
 from cluster.wire import protocol as P
-from cluster.engine.loader import load_model
 from cluster.unified import UnifiedScheduler
+from tests.inprocess_workers import Pair, drain, runner_for
 from tests.queue_control import QueueControl
-from tests.test_handoff_inprocess import Pair, drain, runner_for
 
 SYSTEM = ("You are a helpful assistant. Answer in one short sentence, politely, and never "
           "mention that you are a language model. Keep answers factual and brief. ")
 QUESTIONS = ["What is the capital of France?", "Name a large ocean.", "How many legs has a cat?"]
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    torch.set_num_threads(2)
-    return load_model()
 
 
 def turns(tok) -> tuple[list[list[int]], list[list[int]]]:
