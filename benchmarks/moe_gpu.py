@@ -93,7 +93,7 @@ def bench_mla_decode(runner, args) -> dict:
     bandwidth = copy_bandwidth(args.device)
     floor = latent_bytes / bandwidth
     return {"mla_batch": b, "mla_context": length, "mla_decode_ms": 1e3 * seconds,
-            "mla_kernel": use_triton_mla(cache, cfg.mla), "mla_gathered_ms": 1e3 * torch_seconds,
+            "mla_kernel": use_triton_mla(cache.device, cfg.mla), "mla_gathered_ms": 1e3 * torch_seconds,
             "latent_mb": latent_bytes / 1e6,
             "copy_gb_s": bandwidth / 1e9, "latent_read_ms": 1e3 * floor, "mla_ratio": seconds / floor}
 

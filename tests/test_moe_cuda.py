@@ -67,8 +67,35 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol):
     width = max(-(-n // page) for n in lens)
     tables = torch.randperm(64, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, rank + rope, generator=g, device="cuda").to(dtype)
-    got = decode_latent(q, cache, tables, torch.tensor(lens, device="cuda"), 0.07, rank)
+    got = decode_latent(q, cache, tables.reshape(-1), torch.arange(0, len(lens) * width, width, device="cuda"),
+                        torch.tensor(lens, device="cuda"), 0.07, rank)
     for b, n in enumerate(lens):
         lat = cache[tables[b]].reshape(-1, rank + rope)[:n].float()
         want = torch.softmax(q[b].float() @ lat.T * 0.07, dim=-1) @ lat[:, :rank]
         torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-qwen3-moe"])
+def test_moe_and_mla_models_decode_the_same_from_cuda_graphs_and_eagerly(preset, monkeypatch):
+    """Decode steps replayed from CUDA graphs (fused MoE, MLA kernel on the graph's flat page list)
+    give the tokens of eager steps."""
+    from cluster.engine.loader import load_model
+    from cluster.engine.model_runner import ModelRunner
+    from tests.engine_fixtures import batch_input
+    prompts = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(40, 61))]
+
+    def greedy(graphs: bool) -> list[list[int]]:
+        monkeypatch.setenv("PDCLUSTER_CUDA_GRAPHS", "1" if graphs else "0")
+        runner = ModelRunner(load_model(preset, path=preset, load_format="dummy", device="cuda"), num_pages=64,
+                             page_size=16, device="cuda", max_decode_batch=4)
+        assert (runner.decode_graphs is not None) == graphs
+        tables = [runner.page_allocator.allocate(2) for _ in prompts]
+        out = runner.forward(batch_input(prompts, [0] * 3, tables)).next_token_ids.tolist()
+        seqs = [p + [t] for p, t in zip(prompts, out)]
+        for _ in range(8):
+            fi = batch_input([[s[-1]] for s in seqs], [len(s) - 1 for s in seqs], tables, is_decode=True)
+            for s, t in zip(seqs, runner.forward(fi).next_token_ids.tolist()):
+                s.append(t)
+        return seqs
+
+    assert greedy(True) == greedy(False)

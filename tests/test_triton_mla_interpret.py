@@ -34,7 +34,9 @@ def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, s
         tables.append(perm[start:start + need] + [0] * (width - need))   # padded with page 0, as the torch context
         start += need
     q = torch.randn(len(lens), heads, RANK + ROPE, generator=g)
-    got = kernels.decode_latent(q, cache, torch.tensor(tables), torch.tensor(lens), 0.125, RANK, num_splits=splits)
+    flat = torch.tensor([p for t in tables for p in t])                 # the padded table, row by row
+    starts = torch.arange(0, len(lens) * width, width)
+    got = kernels.decode_latent(q, cache, flat, starts, torch.tensor(lens), 0.125, RANK, num_splits=splits)
     want = _reference(q, cache, [t[:-(-n // PAGE)] for t, n in zip(tables, lens)], lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

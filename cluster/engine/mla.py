@@ -16,8 +16,8 @@ values per token and layer instead of `2 * heads * head_dim`. Head h's key is
 
 Rope is interleaved over pairs (rotary.apply_rope_interleaved), like transformers' DeepSeek-V2.
 The attention context is the torch backend's (the model runner never picks Triton attention for
-MLA); on CUDA the absorbed decode reads the latent pages in place with its own Triton kernel
-(triton_mla.py; `PDCLUSTER_MLA=torch` gathers them instead).
+MLA), or for decode CUDA graphs the Triton one; on CUDA the absorbed decode reads the latent pages
+in place with its own Triton kernel (triton_mla.py; `PDCLUSTER_MLA=torch` gathers them instead).
 """
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ BACKEND_SWITCH = "PDCLUSTER_MLA"   # "torch": gather the latents and use torch o
 LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
 
 
-def use_triton_mla(cache: torch.Tensor, mla) -> bool:
-    if not cache.is_cuda or os.environ.get(BACKEND_SWITCH, "") == "torch" or importlib.util.find_spec("triton") is None:
+def use_triton_mla(device: torch.device, mla) -> bool:
+    """The Triton decode kernel runs on CUDA for latent and rope widths it takes (and then decode
+    steps can be CUDA graphs: model_runner)."""
+    if device.type != "cuda" or os.environ.get(BACKEND_SWITCH, "") == "torch" or importlib.util.find_spec("triton") is None:
         return False
     from cluster.engine.triton_mla import supports
     return supports(mla.kv_lora_rank, mla.qk_rope_head_dim)
@@ -93,9 +95,15 @@ class MlaAttention(nn.Module):
         w_uk, w_uv = self._up_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
         q_full = torch.cat((q_latent, q_pe), dim=-1)
-        if use_triton_mla(cache, self.mla):   # the latent pages read in place, once per request
+        if use_triton_mla(cache.device, self.mla):   # the latent pages read in place, once per request
             from cluster.engine.triton_mla import decode_latent
-            out_latent = decode_latent(q_full, cache[0], ctx.page_table, ctx.positions + 1, self.scale,
+            if ctx.pages is not None:   # a decode CUDA graph's context: flat page list
+                pages, page_start, seq_lens = ctx.pages, ctx.page_start, ctx.seq_lens
+            else:                       # the torch context's padded page table
+                width = ctx.page_table.shape[1]
+                pages, seq_lens = ctx.page_table.reshape(-1), ctx.positions + 1
+                page_start = torch.arange(0, ctx.num_reqs * width, width, device=pages.device)
+            out_latent = decode_latent(q_full, cache[0], pages, page_start, seq_lens, self.scale,
                                        self.mla.kv_lora_rank)
         else:
             latents = gather_kv(cache, ctx)[0]                             # [B, L, rank + rope]

@@ -177,9 +177,9 @@ PRESETS: dict[str, ModelConfig] = {
         moe=MoeConfig(8, 2, 32, (0, 1), norm_topk_prob=True)),
     "tiny-deepseek-v2": ModelConfig(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
-        head_dim=8, rms_norm_eps=1e-6, eos_token_ids=(2,), architecture="DeepseekV2ForCausalLM",
-        moe=MoeConfig(8, 2, 32, (1,), num_shared_experts=1),
-        mla=MlaConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
+        head_dim=16, rms_norm_eps=1e-6, eos_token_ids=(2,), architecture="DeepseekV2ForCausalLM",
+        moe=MoeConfig(8, 2, 32, (1,), num_shared_experts=1),   # latent widths the Triton MLA kernel takes
+        mla=MlaConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)),
     "tiny-llama": ModelConfig(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,

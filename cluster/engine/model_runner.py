@@ -18,6 +18,7 @@ from cluster.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
 from cluster.engine.forward_batch import ForwardInput, ForwardOutput
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.loader import DTYPES, LoadedModel
+from cluster.engine.mla import use_triton_mla
 from cluster.engine.page_allocator import PageAllocator
 from cluster.engine.sampler import is_plain_greedy, sample
 
@@ -49,7 +50,8 @@ class ModelRunner:
         # latent attention (mla.py) runs on the torch backend only
         self.attention_backend = attention_backend(self.device, cfg.head_dim) if cfg.mla is None else "torch"
         self.decode_graphs = None
-        if cuda_graphs_enabled(self.device) and self.attention_backend == "triton":
+        graphable = self.attention_backend == "triton" if cfg.mla is None else use_triton_mla(self.device, cfg.mla)
+        if cuda_graphs_enabled(self.device) and graphable:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.future_map, NUM_FUTURE_SLOTS,
                                               self.page_allocator, page_size, max_decode_batch, self.device)
             self.decode_graphs.capture_all()

@@ -8,7 +8,8 @@ the output is the softmax-weighted sum of the latents `c`, `[B, H, R]` (W_UV is 
 One program per (request, block of 16 heads, split of the sequence): the heads of a block share
 each latent tile, so with DeepSeek-V2-Lite's 16 heads each request's latent is read once. Splits
 (as in triton_attention.decode) give a small batch enough programs; their partial outputs merge
-by log-sum-exp in torch. Shapes depend on the batch only (CUDA graphs). R and P must be powers
+by log-sum-exp in torch. Shapes depend on the batch only, and the pages come as the Triton
+attention context lists them, so the decode CUDA graphs capture it. R and P must be powers
 of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU tensors (tests).
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ BLOCK_H = 16
 
 
 @triton.jit
-def _mla_decode_split_kernel(Q, CACHE, PAGE_TABLE, SEQ_LENS, PART_O, PART_LSE, qk_scale, num_splits, num_heads,
-                             stride_qb, stride_qh, stride_pt, stride_page,
+def _mla_decode_split_kernel(Q, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, qk_scale, num_splits, num_heads,
+                             stride_qb, stride_qh, stride_page,
                              PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
@@ -43,7 +44,7 @@ def _mla_decode_split_kernel(Q, CACHE, PAGE_TABLE, SEQ_LENS, PART_O, PART_LSE, q
     q_row = Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh
     q_c = tl.load(q_row + r[None, :], mask=live[:, None], other=0.0)
     q_p = tl.load(q_row + R + p[None, :], mask=live[:, None], other=0.0)
-    pages = PAGE_TABLE + b.to(tl.int64) * stride_pt
+    pages = PAGES + tl.load(PAGE_START + b)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
@@ -74,10 +75,11 @@ def supports(kv_lora_rank: int, rope_dim: int) -> bool:
     return all(n >= 16 and n & (n - 1) == 0 for n in (kv_lora_rank, rope_dim))
 
 
-def decode_latent(q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                  scale: float, kv_lora_rank: int, num_splits: int = 0) -> torch.Tensor:
-    """q `[B, H, R + P]` (absorbed), cache `[num_pages, page_size, R + P]`, page_table int64 `[B, max_pages]`,
-    seq_lens int64 `[B]` -> softmax-weighted latents `[B, H, R]` in q's dtype."""
+def decode_latent(q: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor, page_start: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, kv_lora_rank: int, num_splits: int = 0) -> torch.Tensor:
+    """q `[B, H, R + P]` (absorbed), cache `[num_pages, page_size, R + P]`, request b's pages
+    `pages[page_start[b]:]` covering `seq_lens[b]` tokens (int64, the Triton attention context's
+    layout) -> softmax-weighted latents `[B, H, R]` in q's dtype."""
     b, h, d = q.shape
     page_size = cache.shape[1]
     r = kv_lora_rank
@@ -86,8 +88,8 @@ def decode_latent(q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     _mla_decode_split_kernel[(b, triton.cdiv(h, BLOCK_H), splits)](
-        q, cache, page_table, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
-        q.stride(0), q.stride(1), page_table.stride(0), cache.stride(0),
+        q, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
+        q.stride(0), q.stride(1), cache.stride(0),
         PAGE_SIZE=page_size, R=r, P=d - r, BLOCK_H=BLOCK_H, BLOCK_N=32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     weights = torch.softmax(part_lse * math.log(2), dim=-1)                      # base-2 lse -> natural
