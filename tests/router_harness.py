@@ -155,3 +155,26 @@ def echo_reply(text_ids: list[int], finish: str = "length") -> Reply:
 def generates(worker) -> list:
     """The `generate` messages a scripted worker received."""
     return [m for m in worker.received if isinstance(m, protocol.Generate)]
+
+
+def stream_endings(base_url: str, body: dict, n: int, timeout: float = 120) -> list[str]:
+    """Open `n` streams of `body` at once; how each ended: "done" ([DONE]), "error" (an error
+    event), "ended without [DONE]", or "cut: <httpx error>" (the connection dropped)."""
+    import asyncio
+
+    async def burst():
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http:
+            async def one():
+                try:
+                    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+                        async for line in resp.aiter_lines():
+                            if line == "data: [DONE]":
+                                return "done"
+                            if line.startswith("data: ") and '"error"' in line:
+                                return "error"
+                    return "ended without [DONE]"
+                except httpx.HTTPError as e:
+                    return f"cut: {type(e).__name__}"
+            return await asyncio.gather(*(one() for _ in range(n)))
+    return asyncio.run(burst())

@@ -7,6 +7,7 @@ import pytest
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
 from tests.cluster_harness import LaunchedCluster, cluster_config
+from tests.router_harness import stream_endings
 from tests.test_e2e_local import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.integration
@@ -49,6 +50,14 @@ def test_unified_json_schema_and_top_logprobs(cluster):
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     for item in r.choices[0].logprobs.content:   # the grammar's pick is the top of the processed distribution
         assert item.top_logprobs[0].token == item.token and len(item.top_logprobs) == 2
+
+
+def test_burst_of_128_streams_each_ends_with_done_or_an_error_event(cluster):
+    """A burst larger than the running batch: no stream may end with a cut connection."""
+    ends = stream_endings(cluster.base_url, {"model": "smollm2-135m-instruct", "prompt": "Tell me a story.",
+                                             "max_tokens": 8, "temperature": 0}, 128, timeout=600)
+    assert all(e in ("done", "error") for e in ends), {e: ends.count(e) for e in set(ends)}
+    assert ends.count("done") == 128                   # nothing here should fail either
 
 
 def test_ctrl_c_leaves_no_child_process(cluster):

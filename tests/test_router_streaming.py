@@ -8,11 +8,10 @@ import json
 import threading
 import time
 
-import httpx
 import pytest
 
 from cluster.wire import protocol
-from tests.router_harness import MODEL, wait_for
+from tests.router_harness import MODEL, stream_endings, wait_for
 
 pytestmark = pytest.mark.usefixtures("tokenizers")
 WORDS = " one two three four five six seven eight"
@@ -145,22 +144,5 @@ def test_burst_of_streams_all_end_with_done(make_router):
     ids = tok.encode(WORDS)
     r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.02))
     assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
-
-    async def burst(n):
-        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-        async with httpx.AsyncClient(base_url=r.url, timeout=60, limits=limits) as http:
-            async def one():
-                body = {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids), "stream": True}
-                try:
-                    async with http.stream("POST", "/v1/completions", json=body) as resp:
-                        async for line in resp.aiter_lines():
-                            if line == "data: [DONE]":
-                                return "done"
-                            if line.startswith("data: ") and '"error"' in line:
-                                return "error"
-                    return "ended without [DONE]"
-                except httpx.HTTPError as e:
-                    return f"cut: {type(e).__name__}"
-            return await asyncio.gather(*(one() for _ in range(n)))
-    ends = asyncio.run(burst(128))
+    ends = stream_endings(r.url, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)}, 128)
     assert ends.count("done") == 128, {e: ends.count(e) for e in set(ends)}
