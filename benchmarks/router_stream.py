@@ -8,8 +8,9 @@ Three processes besides this one, so that only the router is measured:
   unified worker, heartbeats, and answers each `generate` by streaming `max_tokens` tokens,
   one `tokens` message per step for every running request (a decode batch), every
   `--step-ms`; it logs when each `generate` arrived;
-- a streaming client (httpx, asyncio) opening N concurrent `/v1/completions` streams of a
-  ~130-token prompt at once, and reading every SSE event.
+- a streaming client on raw sockets: N connections opened beforehand, N `/v1/completions`
+  streams of a ~130-token prompt sent at once, every SSE event read (so the client costs
+  little CPU and sends the burst in microseconds).
 
 Router CPU = user + system time of the router process and its children (front ends) over
 the streaming window, divided by the tokens the client received. "events/token" is the SSE
@@ -21,9 +22,9 @@ PYTHONPATH names, so a `git worktree` of another commit can be compared with the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from typing import Optional
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = " ".join(f"word{i % 10}" for i in range(65))       # ~130 tokens
@@ -109,45 +111,80 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
 
 # --------------------------------------------------------------------------------- client
 
-async def one_stream(http, max_tokens: int) -> dict:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    sent = time.monotonic()
-    out = {"sent": sent, "events": 0, "tokens": 0, "ended": "cut", "rid": ""}
-    try:
-        async with http.stream("POST", "/v1/completions", json=body) as resp:
-            out["rid"] = resp.headers.get("x-request-id", "")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    out["ended"] = "done"
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    out["ended"] = "error"
-                    break
-                if chunk.get("usage"):
-                    out["tokens"] = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    out["events"] += 1
-                    out.setdefault("first", time.monotonic())
-    except Exception as e:                                 # a cut stream: what the test guards
-        out["ended"] = f"cut: {type(e).__name__}"
+def request_bytes(host: str, port: int, max_tokens: int) -> bytes:
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def parse_stream(raw: bytes, sent: float, first: Optional[float]) -> dict:
+    """One response as the client saw it: SSE content events, tokens (usage), how it ended."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    rid = re.search(rb"x-request-id: (\w+)", head, re.I)
+    out = {"sent": sent, "events": 0, "tokens": 0, "ended": "cut", "rid": rid.group(1).decode() if rid else ""}
+    if first is not None:
+        out["first"] = first
+    for data in re.findall(rb"data: (.*?)\n\n", body):    # chunk-size lines fall between events
+        if data == b"[DONE]":
+            out["ended"] = "done"
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            out["ended"] = "error"
+            break
+        if chunk.get("usage"):
+            out["tokens"] = chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and chunk["choices"][0]["text"]:
+            out["events"] += 1
     return out
 
 
-async def run_client(url: str, streams: int, max_tokens: int) -> None:
-    import httpx
-    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        await one_stream(http, 2)                          # warm: connection, tokenizer
-        print("READY", flush=True)
-        sys.stdin.readline()
-        t0 = time.monotonic()
-        results = await asyncio.gather(*(one_stream(http, max_tokens) for _ in range(streams)))
-        print(json.dumps({"t0": t0, "t1": time.monotonic(), "results": results}), flush=True)
+def run_client(url: str, streams: int, max_tokens: int) -> None:
+    """Raw sockets and one selector: opening the burst takes microseconds per request and
+    reading costs little, so the client neither delays admission nor competes for the CPU."""
+    import selectors
+    host, port = url.split("//")[1].split(":")
+    port = int(port)
+    warm = socket.create_connection((host, port))          # warm: the router's first request
+    warm.sendall(request_bytes(host, port, 2))
+    while b"[DONE]" not in warm.recv(65536):
+        pass
+    warm.close()
+    req = request_bytes(host, port, max_tokens)
+    socks = [socket.create_connection((host, port)) for _ in range(streams)]
+    print("READY", flush=True)
+    sys.stdin.readline()
+    t0 = time.monotonic()
+    sent = []
+    for sock in socks:
+        sent.append(time.monotonic())
+        sock.sendall(req)
+    sel = selectors.DefaultSelector()
+    raw = [bytearray() for _ in socks]
+    first: list[Optional[float]] = [None] * streams
+    for i, sock in enumerate(socks):
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, i)
+    left = streams
+    while left:
+        events = sel.select(timeout=120)
+        if not events:
+            break
+        for key, _ in events:
+            i = key.data
+            data = key.fileobj.recv(1 << 16)
+            if first[i] is None and b'"text":"' in data and b'"text":""' not in data:
+                first[i] = time.monotonic()
+            raw[i] += data
+            tail = bytes(raw[i][-200:])
+            if not data or b"data: [DONE]" in tail or b'data: {"error"' in raw[i]:
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+                left -= 1
+    t1 = time.monotonic()
+    results = [parse_stream(bytes(r), t, f) for r, t, f in zip(raw, sent, first)]
+    print(json.dumps({"t0": t0, "t1": t1, "results": results}), flush=True)
 
 
 # --------------------------------------------------------------------------------- driver
@@ -222,7 +259,7 @@ def main() -> None:
     if args.role == "worker":
         return run_worker(args.endpoint, args.step_ms / 1e3, args.log)
     if args.role == "client":
-        return asyncio.run(run_client(args.url, int(args.streams), args.max_tokens))
+        return run_client(args.url, int(args.streams), args.max_tokens)
     import httpx
     import psutil
     tmp = tempfile.mkdtemp(prefix="router-stream-")

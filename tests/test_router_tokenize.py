@@ -48,3 +48,34 @@ def test_chat_without_a_usable_template_is_400_not_500(router):
         assert_error(router.http.post("/v1/chat/completions", json=chat), 400, "roles must alternate")
     finally:
         tok.chat_template, tok._template = saved
+
+
+def test_prompts_that_arrive_together_are_tokenized_in_one_job(router):
+    """A burst does not queue behind itself: prompts added in one turn of the event loop are
+    encoded by one job on the tokenize thread, each getting its own ids (or its own 400)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.router.errors import APIError
+    from dataclasses import replace
+
+    from cluster.router.openai_request import parse_completion
+    from cluster.router.tokenize_batch import TokenizeBatcher
+    tok = router.service.tokenizer_for(router.cfg.model.name)
+    jobs = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            jobs.append(len(args[1]))
+            return super().submit(fn, *args)
+
+    async def burst():
+        batcher = TokenizeBatcher(CountingPool(1))
+        prompts = [parse_completion({"prompt": f"request number {i}"}) for i in range(64)]
+        refused = replace(parse_completion({"prompt": "x"}), prompt="")    # no tokens: a 400
+        return await asyncio.gather(*(batcher.prompt_ids(p, tok) for p in prompts + [refused]),
+                                    return_exceptions=True)
+    results = asyncio.run(burst())
+    assert jobs == [65]
+    assert results[:64] == [tok.encode(f"request number {i}") for i in range(64)]
+    assert isinstance(results[64], APIError) and results[64].status == 400

@@ -108,6 +108,11 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text (no special tokens), all at once: the backend runs them in
+        parallel without holding the GIL."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
     @property
     def max_token_chars(self) -> int:
         """No token decodes to more characters than its longest vocabulary entry has

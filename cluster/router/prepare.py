@@ -1,8 +1,8 @@
 """Tokenize and validate: from a parsed OpenAI request to checked token ids and SamplingParams.
 
 Admission calls these in order: `check_prompt_size` (before any tokenizer work: megabytes
-of text are refused by their length alone), `prompt_ids` on a tokenize thread (renders the
-chat template, encodes), then `sampling_for`, which builds the request's one
+of text are refused by their length alone), `prompt_text` on the tokenize thread (renders the
+chat template; tokenize_batch.py encodes a burst's texts together), then `sampling_for`, which builds the request's one
 SamplingParams with the prompt length known (max_tokens defaults to what is left of the
 context; completions to at most 16, OpenAI's legacy default), and `check_for_model`.
 Every refusal is a 400 naming the parameter.
@@ -46,20 +46,13 @@ def check_prompt_size(parsed: ParsedRequest, tokenizer, max_model_len: int) -> N
 
 
 def prompt_text(parsed: ParsedRequest, tokenizer) -> str | None:
-    """What to encode: the rendered chat, the completion prompt, or None for given token ids."""
+    """What to encode: the rendered chat, the completion prompt, or None for given token ids.
+    It is encoded without added special tokens, the tokenizer's default (no BOS for SmolLM2,
+    as its HF tokenizer does); a chat template writes its own."""
     if parsed.kind == "chat":
         tools = [{"type": "function", "function": f} for f in parsed.functions]
         return render_chat(tokenizer, parsed.messages, True, **({"tools": tools} if tools else {}))
     return None if parsed.prompt_ids is not None else parsed.prompt
-
-
-def prompt_ids(parsed: ParsedRequest, tokenizer) -> list[int]:
-    text = prompt_text(parsed, tokenizer)
-    # NOTE: the tokenizer's default (no BOS for SmolLM2, as its HF tokenizer does); a model
-    # that needs BOS gets it from its tokenizer's own encode default, or from its chat template
-    ids = list(parsed.prompt_ids) if text is None else tokenizer.encode(text)
-    check_ids_present(ids)
-    return ids
 
 
 def check_ids_present(ids: list[int]) -> None:

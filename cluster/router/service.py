@@ -24,7 +24,8 @@ from cluster.router.errors import APIError, bad_request, overloaded
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.openai_response import ResponseWriter
-from cluster.router.prepare import check_for_model, check_prompt_size, prompt_ids, sampling_for
+from cluster.router.prepare import check_for_model, check_prompt_size, sampling_for
+from cluster.router.tokenize_batch import TokenizeBatcher
 from cluster.router.mailbox import Mailbox
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.tracing import RequestTracing
@@ -74,6 +75,7 @@ class RouterService:
         self.is_draining = False
         self._tokenizers: dict[str, object] = {}
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        self._tokenize = TokenizeBatcher(self._tokenize_pool)
 
     # models
     def configured_dllm(self) -> dict[str, str]:
@@ -151,10 +153,10 @@ class RouterService:
         tokenizer = self.tokenizer_for(model)
         max_len = self.cfg.model.max_model_len
         check_prompt_size(parsed, tokenizer, max_len)
-        # NOTE: off the event loop: rendering and tokenizing a long prompt take long enough
-        # to stall every other client's stream
+        # NOTE: off the event loop, and batched with the requests that arrived with it:
+        # tokenizing a long prompt, or a burst of them, would stall every client's stream
         loop = asyncio.get_running_loop()
-        input_ids = await loop.run_in_executor(self._tokenize_pool, prompt_ids, parsed, tokenizer)
+        input_ids = await self._tokenize.prompt_ids(parsed, tokenizer)
         sampling = sampling_for(parsed, len(input_ids), max_len)
         check_for_model(parsed, sampling, input_ids, tokenizer, route)
         if sampling.grammar_kind:
