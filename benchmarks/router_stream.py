@@ -189,13 +189,14 @@ def run_client(url: str, streams: int, max_tokens: int) -> None:
 
 # --------------------------------------------------------------------------------- driver
 
-def cpu_seconds(proc) -> float:
+def cpu_seconds(proc, kind: str = "both") -> float:
+    """User + system CPU seconds of `proc` and its children (or `kind` "system" alone)."""
     import psutil
     total = 0.0
     for p in [proc] + proc.children(recursive=True):
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            total += t.system if kind == "system" else t.user + t.system
         except psutil.NoSuchProcess:
             pass
     return total
@@ -212,15 +213,15 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
     idle_rate = (cpu_seconds(router) - idle0) / (time.monotonic() - t_idle)
     spy = None
     if os.environ.get("ROUTER_PYSPY"):                     # a sampled profile of the window (py-spy)
-        spy = subprocess.Popen(["py-spy", "record", "-p", str(router.pid), "-r", "200", "-f", "raw",
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(router.pid), "-r", "1000", "-f", "raw",
                                 "--nonblocking", "-o", f"{os.environ['ROUTER_PYSPY']}.{streams}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
-    cpu0 = cpu_seconds(router)
+    cpu0, sys0 = cpu_seconds(router), cpu_seconds(router, "system")
     client.stdin.write("GO\n")
     client.stdin.flush()
     report = json.loads(client.stdout.readline())
-    cpu = cpu_seconds(router) - cpu0
+    cpu, system = cpu_seconds(router) - cpu0, cpu_seconds(router, "system") - sys0
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=30)
@@ -237,6 +238,7 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
     window = report["t1"] - report["t0"]
     return {"streams": streams, "tokens": tokens, "window_s": round(window, 2),
             "router_cpu_s": round(cpu, 3), "router_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
+            "of_it_system_us": round(system / max(tokens, 1) * 1e6, 1),
             "idle_cpu_per_s": round(idle_rate, 4), "events_per_token": round(events / max(tokens, 1), 3),
             "tok_per_s": round(tokens / window, 0),
             "admission_p50_ms": round(statistics.median(admission) * 1e3, 1) if admission else None,
@@ -269,7 +271,8 @@ def main() -> None:
         f.write("[router]\nmax_queued_requests = 4096\n")
         if args.api_servers is not None:
             f.write(f"api_servers = {args.api_servers}\n")
-    router = subprocess.Popen([sys.executable, "-m", "cluster.router", "--config", config, "--port", str(port),
+    profile = ["-m", "cProfile", "-o", os.environ["ROUTER_CPROFILE"]] if os.environ.get("ROUTER_CPROFILE") else []
+    router = subprocess.Popen([sys.executable, *profile, "-m", "cluster.router", "--config", config, "--port", str(port),
                                "--control", control, "--log-dir", tmp])
     gen_log = os.path.join(tmp, "generate.log")
     worker = subprocess.Popen([sys.executable, __file__, "--role", "worker", "--endpoint", control,

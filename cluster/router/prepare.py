@@ -60,8 +60,7 @@ def check_ids_present(ids: list[int]) -> None:
         raise bad_request("the prompt has no tokens", "prompt")
 
 
-def check_token_ids(ids: list[int], tokenizer, param: str) -> None:
-    vocab = tokenizer.vocab_size
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param)
@@ -90,9 +89,10 @@ def check_for_model(parsed: ParsedRequest, sampling: SamplingParams, input_ids: 
                     route: str) -> None:
     """What only the model can judge: token ids in its vocabulary, top_k within it, and the
     parameters a DLLM model does not implement."""
-    check_token_ids(input_ids, tokenizer, "prompt")
-    check_token_ids(sampling.stop_token_ids, tokenizer, "stop_token_ids")
-    check_token_ids([t for t, _ in sampling.logit_bias], tokenizer, "logit_bias")
+    vocab = tokenizer.vocab_size                           # NOTE: ~13 us a call: once
+    check_token_ids(input_ids, vocab, "prompt")
+    check_token_ids(sampling.stop_token_ids, vocab, "stop_token_ids")
+    check_token_ids([t for t, _ in sampling.logit_bias], vocab, "logit_bias")
     if route == "dllm":
         for name, param in _NOT_FOR_DLLM:
             if name == "top_logprobs" and parsed.kind == "completion":
@@ -100,6 +100,6 @@ def check_for_model(parsed: ParsedRequest, sampling: SamplingParams, input_ids: 
             if getattr(sampling, name):
                 raise bad_request("not supported by diffusion (dllm) models",
                                   parsed.grammar_field or param if name == "grammar_kind" else param)
-    if sampling.top_k > tokenizer.vocab_size:
-        raise bad_request(f"must be <= the vocabulary size {tokenizer.vocab_size}, got "
+    if sampling.top_k > vocab:
+        raise bad_request(f"must be <= the vocabulary size {vocab}, got "
                           f"{sampling.top_k}", "top_k")
