@@ -190,7 +190,8 @@ def test_n_siblings_fork_from_one_prefill_and_match_their_own_runs(loaded, prefi
         assert out == ref
         assert prefill_rows == [[len(ids)]]                      # one prefill of the prompt
         cfg = loaded.config
-        one_prompt = cfg.num_layers * 2 * len(ids) * cfg.num_kv_heads * cfg.head_dim * 4
+        planes, kv_heads, kv_dim = cfg.kv_cache_shape   # K and V per head, or MLA's one latent
+        one_prompt = cfg.num_layers * planes * len(ids) * kv_heads * kv_dim * 4
         assert pair.decode.heartbeat_gauges().kv_transfer_bytes_total == one_prompt
         assert pair.dc.errors() == [] and pair.decode.reqs == {}
         assert pair.decode.cache.token_usage == 0.0
