@@ -49,3 +49,30 @@ def greedy_decode(runner, ids: list[int], num_tokens: int, pages: list[int]) -> 
         fi = batch_input([[out[-1]]], [len(ids) + len(out) - 1], [pages], is_decode=True)
         out.append(int(runner.forward(fi).next_token_ids[0]))
     return out
+
+
+TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+
+def save_tiny_hf(tmp_path, kind: str) -> tuple[str, object]:
+    """A tiny random transformers model (`kind`: llama3, qwen2 or qwen3) saved as safetensors
+    under tmp_path; -> (its directory, the model in eval mode)."""
+    import transformers
+    torch.manual_seed(0)
+    if kind == "llama3":
+        cfg = transformers.LlamaConfig(**TINY_HF, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY_HF, tie_word_embeddings=True))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY_HF, tie_word_embeddings=False))
+    with torch.no_grad():   # default init leaves biases / norms trivial: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = str(tmp_path / kind)
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model.eval()

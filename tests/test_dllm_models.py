@@ -17,7 +17,7 @@ from cluster.runtime.schedule_batch import Req
 from dllm.model_spec import DllmModelSpec, detect_spec
 from cluster.dllm_params import DllmParams
 from dllm.round_manager import DllmReq, RoundManager
-from tests.test_dllm_scheduler import reqs, run_dllm
+from tests.dllm_runs import reqs, run_dllm
 
 V, D, HEADS, KV_HEADS, HD, FF, LAYERS, THETA, EPS = 160, 64, 4, 2, 16, 96, 2, 10000.0, 1e-5
 MASK = 150

@@ -20,11 +20,10 @@ from cluster.engine.model_runner import ModelRunner
 from cluster.engine.sampler import sample
 from cluster.sampling_params import SamplingParams
 from cluster.unified import UnifiedScheduler
-from tests.engine_fixtures import batch_input, greedy_decode, prefill_input
+from tests.engine_fixtures import batch_input, greedy_decode, prefill_input, save_tiny_hf
 from tests.paged_attention_cases import (extend_args, extend_limits, make_case, reference_decode,
                                          reference_extend)
 from tests.queue_control import QueueControl
-from tests.test_engine_loader import _save_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("kind", ["llama3", "qwen3"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_model_on_cuda_matches_transformers(tmp_path, kind, dtype):
-    path, ref_model = _save_tiny(tmp_path, kind)
+    path, ref_model = save_tiny_hf(tmp_path, kind)
     runner = ModelRunner(load_model("tiny", path=path, dtype=dtype, device="cuda"), 32, 8, "cuda", dtype)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (70, 9)]

@@ -11,38 +11,14 @@ from cluster.engine import loader
 from cluster.engine.loader import load_model
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.model_runner import ModelRunner
-from tests.engine_fixtures import batch_input
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6)
+from tests.engine_fixtures import batch_input, save_tiny_hf
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _save_tiny(tmp_path, kind: str) -> str:
-    import transformers
-    torch.manual_seed(0)
-    if kind == "llama3":
-        cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32})
-        model = transformers.LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=True))
-    else:
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, tie_word_embeddings=False))
-    with torch.no_grad():   # default init leaves biases / norms trivial: make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    path = str(tmp_path / kind)
-    model.save_pretrained(path, safe_serialization=True)
-    return path, model.eval()
-
-
 @pytest.mark.parametrize("kind", ["llama3", "qwen2", "qwen3"])
 def test_tiny_safetensors_model_matches_transformers_logits(tmp_path, kind):
-    path, ref_model = _save_tiny(tmp_path, kind)
+    path, ref_model = save_tiny_hf(tmp_path, kind)
     loaded = load_model("tiny", path=path)
     assert loaded.config.attention_bias == (kind == "qwen2") and loaded.config.qk_norm == (kind == "qwen3")
     assert (loaded.config.rope_scaling is not None) == (kind == "llama3")
@@ -66,14 +42,14 @@ def test_dummy_weights_are_seeded_and_presets_have_real_shapes(tmp_path):
                                                                        c["embed_tokens.weight"])
     p = PRESETS["llama-3.2-1b"]
     assert (p.hidden_size, p.num_layers, p.num_heads, p.num_kv_heads, p.vocab_size) == (2048, 16, 32, 8, 128256)
-    path, _ = _save_tiny(tmp_path, "qwen3")
+    path, _ = save_tiny_hf(tmp_path, "qwen3")
     d = load_model("x", path=path, load_format="dummy")
     assert d.config.qk_norm and d.config.vocab_size == 128
 
 
 def test_name_map_hook_loads_other_layouts(tmp_path):
     from safetensors.torch import save_file
-    path, ref_model = _save_tiny(tmp_path, "llama3")
+    path, ref_model = save_tiny_hf(tmp_path, "llama3")
     renamed = {k.replace("model.layers.", "model.transformer.blocks."): v.contiguous()
                for k, v in ref_model.state_dict().items()}
     os.remove(os.path.join(path, "model.safetensors"))

@@ -1,0 +1,50 @@
+"""A DLLM scheduler run to completion over a real runner, the router end a QueueControl (for the
+DLLM scheduler and model tests)."""
+from __future__ import annotations
+
+import threading
+import time
+
+from cluster.config import SchedulerConfig
+from cluster.dllm_params import DllmParams
+from cluster.sampling_params import SamplingParams
+from cluster.wire import protocol as P
+from dllm.model_spec import DllmModelSpec
+from dllm.scheduler import DllmScheduler
+from tests.queue_control import QueueControl
+
+PLACEHOLDER = 0                 # the mask placeholder of a causal model (no mask token)
+PROMPTS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301]]
+
+
+def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, trace=False,
+             on_forward=None, split=None, timeout=120.0):
+    """requests: [(rid, prompt, sampling kwargs, extra)] -> (control, scheduler) once all finished."""
+    control = QueueControl()
+    sched = DllmScheduler(SchedulerConfig(overlap=overlap, max_prefill_tokens=64), "dllm-0", runner, control,
+                          spec or DllmModelSpec.causal(PLACEHOLDER), params, split_groups=split)
+    sched.commit_trace = []
+    if trace:
+        sched.trace, sched.executor.trace = [], []
+    if on_forward is not None:
+        build = sched.build_forward_input
+        sched.build_forward_input = lambda b: on_forward(b, build(b))
+    free_before = runner.page_allocator.num_free_pages
+    for rid, prompt, sampling, extra in requests:
+        control.inbound.put(P.Generate(rid=rid, input_ids=list(prompt), sampling=SamplingParams(**sampling),
+                                       dllm=dict(extra)))
+    loop = threading.Thread(target=sched.event_loop, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + timeout
+    while len(control.finished()) + len(control.errors()) < len(requests) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sched.stop()
+    loop.join(timeout=30)
+    assert len(control.finished()) == len(requests), f"unfinished: {control.finished()} {control.errors()}"
+    assert runner.page_allocator.num_free_pages == free_before, "pages leaked"
+    return control, sched
+
+
+def reqs(prompts=PROMPTS, extra=None, **sampling):
+    sampling = {"max_tokens": 11, **sampling}
+    return [(f"r{i}", p, sampling, extra or {}) for i, p in enumerate(prompts)]
