@@ -22,8 +22,10 @@ def test_align_groups_pairs_by_expert_in_padded_runs(kernels):
     assert block_expert.tolist() == [0, 2, 5, -1, -1, -1]
 
 
-@pytest.mark.parametrize("tokens, experts, top_k, hidden, inter", [(5, 4, 2, 32, 16), (19, 8, 3, 48, 40), (1, 6, 2, 16, 24)])
+@pytest.mark.parametrize("tokens, experts, top_k, hidden, inter",
+                         [(5, 4, 2, 32, 16), (19, 8, 3, 48, 40), (1, 6, 2, 16, 24), (70, 4, 2, 80, 72)])
 def test_fused_experts_match_the_cpu_expert_loop(kernels, tokens, experts, top_k, hidden, inter):
+    """Small tiles for a few pairs per expert, large ones (the last case) for many."""
     g = torch.Generator().manual_seed(tokens)
     layer = Experts(experts, hidden, inter)
     with torch.no_grad():

@@ -24,6 +24,12 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16
+LARGE_TILES = (64, 128, 64)   # (M, N, K) once experts average 32+ pairs: fewer re-reads of each expert's weights
+SMALL_TILES = (BLOCK_M, 64, 32)   # decode: a few pairs per expert, little padding
+
+
+def tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int]:
+    return LARGE_TILES if num_pairs >= 32 * num_experts else SMALL_TILES
 
 
 @triton.jit
@@ -82,14 +88,14 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M)
     return sorted_pairs, block_expert.to(torch.int32)
 
 
-def _grouped_gemm(a, w, sorted_pairs, block_expert, num_pairs, rows_per_pair, weights=None):
+def _grouped_gemm(a, w, sorted_pairs, block_expert, num_pairs, rows_per_pair, block, weights=None):
     n, k = w.shape[1], w.shape[2]
     out = a.new_empty(num_pairs, n)
-    block_n, block_k = 64, 32
+    block_m, block_n, block_k = block
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](a, w, out, weights if weights is not None else out, sorted_pairs, block_expert,
                                num_pairs, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                               rows_per_pair, MUL_WEIGHT=weights is not None, BLOCK_M=BLOCK_M,
+                               rows_per_pair, MUL_WEIGHT=weights is not None, BLOCK_M=block_m,
                                BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
@@ -98,10 +104,11 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
                   ids: torch.Tensor) -> torch.Tensor:
     """x `[T, H]`, w13 `[E, 2I, H]`, w2 `[E, H, I]`, weights / ids `[T, k]` -> `[T, H]`."""
     t, k = ids.shape
-    sorted_pairs, block_expert = align_by_expert(ids, w13.shape[0])
-    gate_up = _grouped_gemm(x.contiguous(), w13, sorted_pairs, block_expert, t * k, k)
+    block = tiles(t * k, w13.shape[0])
+    sorted_pairs, block_expert = align_by_expert(ids, w13.shape[0], block[0])
+    gate_up = _grouped_gemm(x.contiguous(), w13, sorted_pairs, block_expert, t * k, k, block)
     gate, up = gate_up.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
     pair_weights = weights.reshape(-1).to(torch.float32).contiguous()
-    down = _grouped_gemm(hidden, w2, sorted_pairs, block_expert, t * k, 1, pair_weights)
+    down = _grouped_gemm(hidden, w2, sorted_pairs, block_expert, t * k, 1, block, pair_weights)
     return down.view(t, k, -1).sum(dim=1)
