@@ -54,7 +54,7 @@ def pages_for(pool, tokens: int, rng, contiguous: bool = False) -> list[int]:
 def decode_side(args) -> None:
     import random
     from cluster.config import KvTransferConfig
-    from cluster.kv_transfer import TransferHub
+    from cluster.kv_transfer import KvTransferError, TransferHub
     from cluster.wire import protocol as P
     from cluster.wire.transport import DataPlane
     pool, _ = make_pool(args, shared=False)
@@ -68,15 +68,17 @@ def decode_side(args) -> None:
                 return
             sender, msg = got
             hub.verify = bool(msg.source.get("verify", 1))
-            failed = {}
+            failed = []
             for item, payload in zip(msg.reqs, msg.tensors or [None] * len(msg.reqs)):
                 try:
                     hub.receiver_for(msg.backend).unpack(sender, msg.source, item, payload, pages_for(
                         pool, item.transfer_len, rng, bool(msg.source.get("contiguous", 0))))
                 except Exception as e:     # reported back, not fatal: the figure says it failed
-                    failed[item.rid] = f"{type(e).__name__}: {e}"
+                    reason = e.reason if isinstance(e, KvTransferError) else P.KvFailure.BACKEND
+                    failed.append(P.KvFailed(item.rid, reason, f"{type(e).__name__}: {e}"))
             hub.fence.synchronize()
-            dp.send_to(msg.source["reply_to"], P.KvAck([r.rid for r in msg.reqs if r.rid not in failed],
+            refused = {f.rid for f in failed}
+            dp.send_to(msg.source["reply_to"], P.KvAck([r.rid for r in msg.reqs if r.rid not in refused],
                                                        failed, "decode-0"))
 
 
@@ -114,7 +116,7 @@ def prefill_side(args, decode_addr: str) -> None:
                         dt = time.perf_counter() - t0
                         if got is None:
                             raise SystemExit(f"{backend} {tokens}: no kv_ack")
-                        errors |= set(got[1].failed.values())
+                        errors |= {str(f) for f in got[1].failed}
                         if rep >= args.warmup:
                             times.append(dt)
                     nbytes = pool.request_bytes(tokens)

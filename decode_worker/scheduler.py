@@ -100,11 +100,11 @@ class DecodeScheduler(WorkerScheduler):
     def handle_kv_batch(self, msg: "P.KvBatch") -> None:
         """Land each request's KV in its reserved pages, verified, start them, then ack the batch."""
         landed, refused, unexpected = self.intake.land_batch(msg)
-        failed = {rid: "not expected (aborted or timed out)" for rid in unexpected}
+        failed = [P.KvFailed(rid, P.KvFailure.NOT_EXPECTED, "aborted or timed out") for rid in unexpected]
         for r in refused:
             self.handoff.stats.count_failure(r.error.reason)
-            failed[r.item.rid] = str(r.error)
-            if r.req is not None and r.error.reason == "checksum":   # the prefill worker sends it again
+            failed.append(P.KvFailed(r.item.rid, r.error.reason, r.error.detail))
+            if r.req is not None and r.error.reason is P.KvFailure.CHECKSUM:   # the prefill worker sends it again
                 r.req.kv_attempt = r.item.attempt + 1
                 self.transfer_queue.add(r.req)
             elif r.req is not None:
@@ -173,6 +173,11 @@ class DecodeScheduler(WorkerScheduler):
     def peer_addr(self, prefill_worker_id: str) -> str:
         return self.prefill_addrs[prefill_worker_id]
 
+    @property
+    def own_peer(self) -> "P.Peer":
+        """This worker as a prefill worker reaches it."""
+        return P.Peer(self.worker_id, self.handoff.address)
+
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
         for req in self.transfer_queue.pop_expired():
@@ -201,11 +206,9 @@ class DecodeScheduler(WorkerScheduler):
             # tokens so far; the pages are reserved, so this is also the readiness
             self.handoff.send_to(addr, P.Reprefill(
                 rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling,
-                output_ids=list(req.output_ids), decode=P.Peer(self.worker_id, self.handoff.address)))
+                output_ids=list(req.output_ids), decode=self.own_peer))
         else:
-            self.handoff.send_to(addr, P.DecodeReady(rid=req.rid, decode_worker_id=self.worker_id,
-                                                     decode_data_addr=self.handoff.address,
-                                                     held_len=req.cached_len))
+            self.handoff.send_to(addr, P.DecodeReady(rid=req.rid, decode=self.own_peer, held_len=req.cached_len))
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)

@@ -31,10 +31,9 @@ class BootstrapQueue:
         self.waiting.put(req.rid, req)
         return None
 
-    def mark_ready(self, rid: str, decode_worker_id: str, decode_data_addr: str) -> Optional[Req]:
+    def mark_ready(self, rid: str, peer: Peer) -> Optional[Req]:
         """The request, once the decode worker the router chose for it (no other: the KV
         holds the user's prompt) has reserved its pages."""
-        peer = Peer(decode_worker_id, decode_data_addr)
         entry = self.waiting.entries.get(rid)
         req = entry[0] if entry is not None else None
         if req is None:

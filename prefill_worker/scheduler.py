@@ -59,7 +59,7 @@ class PrefillScheduler(WorkerScheduler):
             if isinstance(msg, P.DecodeReady):
                 if msg.held_len:
                     self.held_by_decode[msg.rid] = msg.held_len
-                req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode_worker_id, msg.decode_data_addr)
+                req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode)
                 if req is not None:
                     self.prefill.add(req)
             elif isinstance(msg, P.KvAck):
@@ -92,18 +92,18 @@ class PrefillScheduler(WorkerScheduler):
                 self.handoff.stats.record(num_bytes, seconds)
                 req.finish_reason = "handed_off"
                 self.release(req)
-        for rid, reason in msg.failed.items():
-            if not self.is_peer_of(rid, msg.decode_worker_id):
+        for failed in msg.failed:
+            if not self.is_peer_of(failed.rid, msg.decode_worker_id):
                 continue
-            acked = self.inflight_queue.ack(rid)
+            acked = self.inflight_queue.ack(failed.rid)
             if acked is None:
                 continue
             req = acked[0]
             attempt = req.kv_attempt + 1
-            if reason.startswith("checksum") and attempt < MAX_KV_ATTEMPTS:
-                self.prefill_again(req, attempt, reason)
+            if failed.reason is P.KvFailure.CHECKSUM and attempt < MAX_KV_ATTEMPTS:
+                self.prefill_again(req, attempt, str(failed))
             else:
-                self.fail(req, f"decode worker {msg.decode_worker_id} rejected the KV: {reason}")
+                self.fail(req, f"decode worker {msg.decode_worker_id} rejected the KV: {failed}")
 
     def prefill_again(self, req: Req, attempt: int, reason: str) -> None:
         """The KV did not arrive intact: prefill it again (seeded sampling draws per token index,
@@ -129,7 +129,7 @@ class PrefillScheduler(WorkerScheduler):
             self.fail(req, f"no decode_ready within {self.bootstrap_queue.timeout_s:g}s",
                       retriable=True)
         for req in self.inflight_queue.pop_expired():
-            self.handoff.stats.count_failure("timeout")
+            self.handoff.stats.count_failure(P.KvFailure.TIMEOUT)
             # a peer silent this long is gone: release the KV frames still queued for it
             self.handoff.drop_peer(req.peer.data_addr)
             self.fail(req, f"no kv_ack from {req.peer.worker_id} within "
@@ -233,3 +233,4 @@ class PrefillScheduler(WorkerScheduler):
         super().close()
         if self.layers is not None:
             self.layers.close()
+

@@ -179,7 +179,7 @@ def test_two_processes_hand_off_bit_exact(backend):
             for item, payload, table in zip(msg.reqs, payloads, dst_tables):
                 hub.receiver_for(msg.backend).unpack(sender, msg.source, item, payload, table)
             prefill_addr = child.stdout.readline().strip()
-            dp.send_to(prefill_addr, P.KvAck([r.rid for r in msg.reqs], {}, "decode-0"))
+            dp.send_to(prefill_addr, P.KvAck([r.rid for r in msg.reqs], [], "decode-0"))
             assert json.loads(child.communicate(timeout=T)[0]) == ["r0", "r1"]
         finally:
             child.kill()

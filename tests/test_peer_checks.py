@@ -21,19 +21,19 @@ def paired_req(rid: str) -> Req:
 def test_decode_ready_from_another_peer_does_not_release_the_request():
     q = BootstrapQueue(timeout_s=30)
     assert q.add(paired_req("r1")) is None
-    assert q.mark_ready("r1", "decode-9", "tcp://10.0.0.9:6000") is None      # an impostor
-    assert q.mark_ready("r1", "decode-0", "tcp://10.0.0.9:6000") is None      # right id, wrong address
+    assert q.mark_ready("r1", Peer("decode-9", "tcp://10.0.0.9:6000")) is None      # an impostor
+    assert q.mark_ready("r1", Peer("decode-0", "tcp://10.0.0.9:6000")) is None      # right id, wrong address
     assert len(q) == 1
-    req = q.mark_ready("r1", CHOSEN.worker_id, CHOSEN.data_addr)
+    req = q.mark_ready("r1", CHOSEN)
     assert req is not None and req.peer == CHOSEN and len(q) == 0
 
 
 def test_early_ready_counts_only_from_the_chosen_peer():
     q = BootstrapQueue(timeout_s=30)
-    q.mark_ready("r2", "decode-9", "tcp://10.0.0.9:6000")                    # before generate
+    q.mark_ready("r2", Peer("decode-9", "tcp://10.0.0.9:6000"))                    # before generate
     assert q.add(paired_req("r2")) is None                                   # still waiting
-    assert q.mark_ready("r2", CHOSEN.worker_id, CHOSEN.data_addr) is not None
-    q.mark_ready("r3", CHOSEN.worker_id, CHOSEN.data_addr)
+    assert q.mark_ready("r2", CHOSEN) is not None
+    q.mark_ready("r3", CHOSEN)
     assert q.add(paired_req("r3")) is not None
 
 

@@ -38,8 +38,8 @@ SIMPLE_MESSAGES = [
                model="m", dllm={"block_size": 8, "algorithm": "low_confidence", "threshold": 0.9},
                output_ids=[7, 8]),
     P.Reprefill("r3", [1, 2], SAMPLING, [7, 8, 9], P.Peer("decode-1", "tcp://127.0.0.1:2")),
-    P.DecodeReady("r1", "decode-0", "tcp://127.0.0.1:6000"),
-    P.KvAck(["r1", "r2"], {"r3": "no pages"}, "decode-0"),
+    P.DecodeReady("r1", P.Peer("decode-0", "tcp://127.0.0.1:6000"), held_len=32),
+    P.KvAck(["r1", "r2"], [P.KvFailed("r3", P.KvFailure.CHECKSUM, "KV checksum 0x1 != sent 0x2")], "decode-0"),
     P.Tokens("decode-0", [tokens_item("r1", [5, 6], None, None, [-0.5, -math.inf]),
                           tokens_item("r2", [], "stop", None), tokens_item("r3", [], None, "boom")]),
     P.Abort("r1", "client gone"),
@@ -58,6 +58,13 @@ def test_every_message_type_round_trips(msg):
     assert isinstance(frames[0], bytes)
     assert decode(frames) == msg
     assert decode([bytes(f) for f in frames]) == msg     # as received: plain bytes
+
+
+def test_kv_ack_failure_reason_decodes_as_its_enum():
+    [failed] = decode(encode(P.KvAck([], [P.KvFailed("r", "checksum", "bad")], "decode-0"))).failed
+    assert failed.reason is P.KvFailure.CHECKSUM and str(failed) == "checksum: bad"
+    with pytest.raises(ValueError):
+        P.KvFailed("r", "checksum mismatch")
 
 
 def test_every_type_is_covered():
@@ -219,6 +226,8 @@ BAD_INPUTS = {
     "sampling missing field": _with_body(encode(SIMPLE_MESSAGES[2]), sampling={"max_tokens": 4}),
     "histogram counts": _with_body(encode(SIMPLE_MESSAGES[1]), gauges={**NO_GAUGES, "kv_transfer_seconds": {
         "name": "h", "bounds": [1.0], "counts": [1], "sum": 0.0, "count": 1}}),
+    "kv_ack reason not declared": _with_body(encode(SIMPLE_MESSAGES[6]), failed=[
+        {"rid": "r3", "reason": "checksum mismatch", "detail": ""}]),
     "undeclared gauge": _with_body(encode(SIMPLE_MESSAGES[1]), gauges={**NO_GAUGES, "num_runing_reqs": 1}),
     "labelled counter not a map": _with_body(encode(SIMPLE_MESSAGES[1]),
                                              gauges={**NO_GAUGES, "kv_transfer_failures_total": 3}),

@@ -144,7 +144,7 @@ def test_one_wake_up_event_fires_for_any_plane_a_worker_reads(server):
     with ControlClient(server.endpoint, "decode-0") as control, DataPlane("decode-0") as data, \
             DataPlane("prefill-0") as prefill:
         control.arrivals = data.arrivals = arrivals
-        prefill.send_to(data.address, P.KvAck(["r1"], {}, "prefill-0"))
+        prefill.send_to(data.address, P.KvAck(["r1"], [], "prefill-0"))
         assert arrivals.wait(T) and data.recv(0)[1].rids == ["r1"]
         arrivals.clear()
         control.send(P.Abort("r2", "x"))                   # the router knows the client once it spoke
@@ -155,17 +155,17 @@ def test_one_wake_up_event_fires_for_any_plane_a_worker_reads(server):
 
 def test_data_plane_moves_kv_batch_between_workers():
     with DataPlane("prefill-0") as prefill, DataPlane("decode-0") as decode:
-        decode.send_to(prefill.address, P.DecodeReady("r1", "decode-0", decode.address))
+        decode.send_to(prefill.address, P.DecodeReady("r1", P.Peer("decode-0", decode.address)))
         sender, ready = prefill.recv(T)
-        assert (sender, ready.decode_data_addr) == ("decode-0", decode.address)
+        assert (sender, ready.decode.data_addr) == ("decode-0", decode.address)
         tensors = [torch.randn(2, 2, 700, 4, 64).to(torch.bfloat16), torch.randn(2, 2, 3, 4, 64)]
-        prefill.send_to(ready.decode_data_addr, P.KvBatch(
+        prefill.send_to(ready.decode.data_addr, P.KvBatch(
             9, "prefill-0", [kv_req("r1", 5, 700), kv_req("r2", 6, 3)], tensors))
         sender, kv = decode.recv(T)
         assert sender == "prefill-0" and kv.forward_iter == 9
         assert all(torch.equal(a, b.tensor()) for a, b in zip(tensors, kv.tensors))
         prefill.drop_peer(decode.address)
-        decode.send_to(prefill.address, P.KvAck(["r1", "r2"], {}, "decode-0"))
+        decode.send_to(prefill.address, P.KvAck(["r1", "r2"], [], "decode-0"))
         assert prefill.recv(T)[1].rids == ["r1", "r2"]
 
 

@@ -35,14 +35,16 @@ import torch
 
 from cluster.engine.kv_cache import KVPool
 from cluster.kv_transfer.checksum import kv_checksum
+from cluster.wire.messages import KvFailure
 
 
 class KvTransferError(RuntimeError):
-    """A request's KV did not arrive intact; `reason` is a short label for the metric."""
+    """A request's KV did not arrive intact, for a `KvFailure` reason (a raise with any other
+    reason fails at once) that travels typed in the `kv_ack`."""
 
-    def __init__(self, reason: str, detail: str):
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}")
+    def __init__(self, reason: KvFailure | str, detail: str):
+        self.reason, self.detail = KvFailure(reason), detail
+        super().__init__(f"{self.reason.value}: {detail}")
 
 
 @dataclass(slots=True)

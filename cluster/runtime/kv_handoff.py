@@ -27,7 +27,9 @@ logger = logging.getLogger("pdcluster.kv_handoff")
 
 def claimed_sender(msg) -> Optional[str]:
     """The worker a data-plane message's body says it comes from (None: it names none)."""
-    if isinstance(msg, (P.DecodeReady, P.KvAck)):
+    if isinstance(msg, P.DecodeReady):
+        return msg.decode.worker_id
+    if isinstance(msg, P.KvAck):
         return msg.decode_worker_id
     if isinstance(msg, (P.KvBatch, P.KvLayers)):
         return msg.prefill_worker_id

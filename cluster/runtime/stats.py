@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cluster.histogram import Histogram
+from cluster.wire.messages import KvFailure
 
 logger = logging.getLogger("pdcluster.scheduler")
 
@@ -145,8 +146,9 @@ class KvTransferStats:
         self.seconds = Histogram("kv_transfer_seconds", KV_TRANSFER_BUCKETS)
         self.failures: dict[str, int] = {}   # reason -> count: kv_transfer_failures_total{reason}
 
-    def count_failure(self, reason: str) -> None:
-        self.failures[reason] = self.failures.get(reason, 0) + 1
+    def count_failure(self, reason: KvFailure) -> None:
+        key = KvFailure(reason).value
+        self.failures[key] = self.failures.get(key, 0) + 1
 
     def gauges(self) -> dict:
         """Its counters as `WorkerGauges` fields (the time histogram is prefill's alone)."""

@@ -1,6 +1,6 @@
 """The wire message types: one frozen dataclass per message `type` (docs/reference/messages.md),
 and the small frozen items nested inside them (`Peer`, `KvReq`, `KvSpan`, `TokensItem`,
-`HistogramSample`, `WorkerGauges` from gauges.py; the sampling parameters travel as
+`KvFailed`, `HistogramSample`, `WorkerGauges` from gauges.py; the sampling parameters travel as
 `SamplingParams` itself).
 
 Their codec (field checks, encode, decode) is `cluster/wire/protocol.py`, which re-exports
@@ -10,6 +10,7 @@ dict fields hold plain values exactly as they travel (token ids as list[int]), e
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
@@ -75,6 +76,36 @@ class KvSpan:
     @property
     def transfer_len(self) -> int:
         return self.seq_len - self.held_len
+
+
+class KvFailure(str, enum.Enum):
+    """Why a request's KV was refused (`kv_ack`) or lost; the `reason` label of
+    `kv_transfer_failures_total`. Only CHECKSUM is worth prefilling again."""
+    CHECKSUM = "checksum"            # landed, but not what was sent
+    SHAPE = "shape"                  # lengths, pages or pool shapes that do not fit the request
+    LAYERS = "layers"                # layer-wise: layers missing or out of order
+    LAYOUT = "layout"                # a KV layout this worker cannot map
+    UNREACHABLE = "unreachable"      # the backend cannot reach the sender's memory
+    BACKEND = "backend"              # a backend this worker does not take, or that failed
+    TIMEOUT = "timeout"              # prefill side: no kv_ack in time
+    NOT_EXPECTED = "not_expected"    # the request was aborted, timed out, or this is an older attempt
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class KvFailed:
+    """One request of a `kv_ack` whose KV decode refused, and why."""
+    rid: str
+    reason: KvFailure                             # checked against KvFailure's values on decode
+    detail: str = ""                              # what went wrong, for logs and the request's error
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", KvFailure(self.reason))   # the wire's text, typed
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +178,7 @@ class Reprefill:                                  # decode -> prefill (data plan
 class DecodeReady:                                # decode -> prefill (data plane)
     TYPE: ClassVar[str] = "decode_ready"
     rid: str
-    decode_worker_id: str
-    decode_data_addr: str
+    decode: Peer                                  # the decode worker that reserved the pages
     held_len: int = 0                             # leading tokens whose KV decode keeps from its cache
 
 
@@ -185,7 +215,7 @@ class KvLayers:                                   # prefill -> decode (data plan
 class KvAck:                                      # decode -> prefill (data plane)
     TYPE: ClassVar[str] = "kv_ack"
     rids: list
-    failed: dict                                  # rid -> reason
+    failed: list                                  # KvFailed
     decode_worker_id: str
 
 

@@ -33,8 +33,8 @@ from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, 
                                 fail)
 from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, WorkerGauges
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
-                                   KvAck, KvBatch, KvLayers, KvReq, KvSpan, MarksItem, Message, Peer,
-                                   PlainTokens, Register, Reprefill,
+                                   KvAck, KvBatch, KvFailed, KvFailure, KvLayers, KvReq, KvSpan, MarksItem, Message,
+                                   Peer, PlainTokens, Register, Reprefill,
                                    RequestMark, RequestMarks, Shutdown, Tokens, TokensItem,
                                    WORKER_MARKS)
 from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
@@ -42,8 +42,8 @@ from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, 
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvLayers", "KvAck",
-           "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "KvSpan", "TokensItem",
-           "PlainTokens", "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
+           "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "KvSpan", "KvFailed", "KvFailure",
+           "TokensItem", "PlainTokens", "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
@@ -117,7 +117,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                "siblings": List(ID, max_len=MAX_SIBLINGS)},
     Reprefill: {"rid": ID, "input_ids": TokenIds(min_len=1), "sampling": SAMPLING,
                 "output_ids": TokenIds(), "decode": PEER},
-    DecodeReady: {"rid": ID, "decode_worker_id": ID, "decode_data_addr": TEXT, "held_len": Int(lo=0)},
+    DecodeReady: {"rid": ID, "decode": PEER, "held_len": Int(lo=0)},
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
               "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
                                          "seq_len": Int(lo=1), "first_logprob": Opt(Float()),
@@ -141,7 +141,9 @@ _FIELDS: dict[type, dict[str, Check]] = {
                "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
                "backend": Str(choices=KV_BACKENDS),
                "source": KV_SOURCE},
-    KvAck: {"rids": List(ID, max_len=MAX_KEYS), "failed": Map(ID, TEXT),
+    KvAck: {"rids": List(ID, max_len=MAX_KEYS),
+            "failed": List(Typed(KvFailed, {"rid": ID, "reason": Str(choices=[r.value for r in KvFailure]),
+                                            "detail": TEXT}), max_len=MAX_KEYS),
             "decode_worker_id": ID},
     Tokens: {"worker_id": ID,
              "items": List(Typed(TokensItem, {"rid": ID, "token_ids": TokenIds(),
