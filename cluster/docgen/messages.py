@@ -3,6 +3,7 @@ cluster/wire/messages.py (the codec in cluster/wire/protocol.py checks them)."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import typing
 
 from cluster.docgen.source import cell, class_comment, default_of, docstring, field_comments, header, source_line
@@ -32,6 +33,13 @@ def _nested() -> list[type]:
     order protocol.__all__ names them."""
     found = [getattr(protocol, name) for name in protocol.__all__]
     return sorted((t for t in found if dataclasses.is_dataclass(t) and not hasattr(t, "TYPE")), key=source_line)
+
+
+def _enums() -> list[type]:
+    """The enumerations the wire module defines, in source order."""
+    found = [v for v in vars(messages).values() if isinstance(v, type) and issubclass(v, enum.Enum)
+             and v.__module__ == messages.__name__]
+    return sorted(found, key=source_line)
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -71,4 +79,12 @@ def render() -> str:
             "these types, never loose maps.", ""]
     for cls in _nested():
         out += _section(cls.__name__, cls)
+    enums = _enums()
+    if enums:
+        out += ["# Enumerations", "", "Fields of these types travel as the value text.", ""]
+    for cls in enums:
+        notes = field_comments(cls)
+        out += [f"## {cls.__name__}", "", *([docstring(cls), ""] if docstring(cls) else []),
+                "| value | meaning |", "| --- | --- |",
+                *(f"| `{m.value}` | {cell(notes.get(m.name, ''))} |" for m in cls), ""]
     return "\n".join(out).rstrip("\n") + "\n"

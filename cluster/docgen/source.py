@@ -9,7 +9,7 @@ import re
 import tokenize
 from typing import Any
 
-FIELD_LINE = re.compile(r"\s+(\w+)\s*:")
+FIELD_LINE = re.compile(r"\s+(\w+)\s*[:=]")
 REGENERATE = "python -m cluster.docgen"
 
 
@@ -19,13 +19,13 @@ def header(title: str, sources: str) -> str:
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """{field name: its comment}: the `# ...` on the field's line, joined with the
+    """{field (or enum member) name: its comment}: the `# ...` on the field's line, joined with the
     comment-only lines under it (a comment written over several lines)."""
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):
         return {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(cls.__members__)
     comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
         if tok.type == tokenize.COMMENT:
