@@ -18,6 +18,7 @@ from cluster.engine.forward_batch import ForwardInput
 from cluster.engine.kv_cache import pages_for
 from cluster.engine.loader import DEFAULT_MODEL, load_model
 from cluster.engine.model_runner import ModelRunner
+from cluster.engine.parallel import TpGroup
 from cluster.engine.sampler import token_generator
 from cluster.engine.stop_checker import check_finish, trim_stop
 from cluster.sampling_params import SamplingParams
@@ -64,8 +65,11 @@ def _has_penalty(sp: SamplingParams) -> bool:
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto",
                  dtype: str = "float32", device: str = "cpu", num_pages: int = 4096, page_size: int = 16,
-                 max_batch_size: int = 256, max_prefill_tokens: int = 4096, seed: int = 0):
-        self.loaded = load_model(model, path, load_format, dtype, device, seed)
+                 max_batch_size: int = 256, max_prefill_tokens: int = 4096, seed: int = 0,
+                 tp: TpGroup = TpGroup()):
+        """`tp`: this process is one rank of a tensor-parallel group; every rank calls `generate`
+        with the same arguments (parallel.py)."""
+        self.loaded = load_model(model, path, load_format, dtype, device, seed, tp=tp)
         self.runner = ModelRunner(self.loaded, num_pages, page_size, device, dtype)
         self.tokenizer = self.loaded.tokenizer
         self.device = device

@@ -25,6 +25,7 @@ from cluster.config_types import DEFAULT_MODEL, MODEL_DTYPES
 from cluster.engine import llada_layout, moe_layout, sdar_layout
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
+from cluster.engine.parallel import TpGroup, TpLayout
 from cluster.engine.rotary import RotaryEmbedding
 from cluster.progress import progress
 
@@ -68,7 +69,9 @@ def default_gguf_path() -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto", dtype: str = "float32",
-               device: str = "cpu", seed: int = 0, name_map: Optional[NameMap] = None) -> LoadedModel:
+               device: str = "cpu", seed: int = 0, name_map: Optional[NameMap] = None,
+               tp: TpGroup = TpGroup()) -> LoadedModel:
+    """With `tp` of several ranks: this rank's shard, cut from the full model built on the host."""
     t0 = time.monotonic()
     if not path and name == DEFAULT_MODEL:
         path = default_gguf_path()
@@ -86,16 +89,19 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
         tensors = _read_safetensors(path) if fmt == "safetensors" else None
     else:
         raise ValueError(f"unknown load_format {load_format!r} (auto | gguf | safetensors | dummy)")
-    model = _build(config, DTYPES[dtype], device)
+    TpLayout(config, tp.size, tp.rank)   # a model that cannot split fails before any weight is read
+    model = _build(config, DTYPES[dtype], "cpu" if tp.size > 1 else device)
     if tensors is None:
         _init_dummy(model, seed)
     else:
         if name_map is not None:
             tensors = {n2: w for n, w in tensors.items() if (n2 := name_map(n)) is not None}
         model.load_hf_weights(tensors)
+    if tp.size > 1:
+        model = _shard(model, config, DTYPES[dtype], device, tp)
     model.eval()
-    logger.info("loaded %s: %d layers, %.1fM parameters in %.1fs", name, config.num_layers,
-                sum(p.numel() for p in model.parameters()) / 1e6, time.monotonic() - t0)
+    logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d) in %.1fs", name, config.num_layers,
+                sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size, time.monotonic() - t0)
     return LoadedModel(config, model, tokenizer_fn)
 
 
@@ -147,13 +153,26 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _build(config: ModelConfig, dtype: torch.dtype, device: str) -> LlamaModel:
+def _build(config: ModelConfig, dtype: torch.dtype, device: str, tp: TpGroup = TpGroup()) -> LlamaModel:
     with torch.device("meta"):   # no throwaway init: weights are overwritten anyway
-        model = LlamaModel(config)
+        model = LlamaModel(config, tp)
     model = model.to(dtype).to_empty(device=device)   # in the model dtype at once: no float32 copy of 61 GB
     model.rope = _rope(config, model.rope.cos.shape[0], device)   # to_empty left its tables uninitialised
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def _shard(full: LlamaModel, config: ModelConfig, dtype: torch.dtype, device: str, tp: TpGroup) -> LlamaModel:
+    """This rank's model on `device`, each parameter its slice of the full one's."""
+    model = _build(config, dtype, device, tp)
+    params = dict(full.named_parameters())
+    for name, p in model.named_parameters():
+        part = model.layout.shard(name, params.pop(name))
+        if part.shape != p.shape:
+            raise ValueError(f"shard of {name!r} has shape {tuple(part.shape)}, expected {tuple(p.shape)}")
+        p.copy_(part)
     return model
 
 

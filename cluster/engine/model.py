@@ -19,6 +19,7 @@ from cluster.engine.mla import MlaAttention
 from cluster.engine.model_config import ModelConfig
 from cluster.engine.moe import MLP, SparseMoe
 from cluster.engine.norm import RMSNorm
+from cluster.engine.parallel import TpGroup, TpLayout
 from cluster.engine.rotary import RotaryEmbedding, apply_rope
 
 __all__ = ["LlamaModel", "RMSNorm"]
@@ -27,11 +28,15 @@ MAX_ROPE_POSITIONS = 32768   # cos/sin tables beyond this cost memory for nothin
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """This rank's heads: column-parallel qkv, row-parallel o ending in one all-reduce (parallel.py)."""
+
+    def __init__(self, cfg: ModelConfig, layout: TpLayout, tp: TpGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, cfg.head_dim
+        self.tp = tp
+        q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
@@ -44,17 +49,18 @@ class Attention(nn.Module):
                 [self.num_heads, self.num_kv_heads], dim=1)
         else:
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        return linear(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale), self.o_proj.weight)
+        out = linear(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale), self.o_proj.weight)
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, cfg: ModelConfig, index: int, layout: TpLayout, tp: TpGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg) if cfg.mla is None else MlaAttention(cfg)
+        self.self_attn = Attention(cfg, layout, tp) if cfg.mla is None else MlaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.moe is not None and index in cfg.moe.sparse_layers
-        self.mlp = SparseMoe(cfg) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = SparseMoe(cfg) if sparse else MLP(cfg.hidden_size, layout.intermediate_size, tp)
 
     def forward(self, x, rope, kv, ctx):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, ctx)
@@ -62,20 +68,24 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The whole model, or with a `TpGroup` of several ranks this rank's shard of it (parallel.py)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TpGroup = TpGroup()):
         super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.config, self.tp = cfg, tp
+        self.layout = layout = TpLayout(cfg, tp.size, tp.rank)
+        self.embed_tokens = nn.Embedding(layout.vocab_per_rank, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, layout, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, layout.vocab_per_rank, bias=False))
         self.rope = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS),
                                     cfg.rope_theta, cfg.rope_scaling)
         self.layer_hook = None   # f(layer index) after each layer (kv_transfer.LayerStream: layer-wise KV)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, ctx: AttentionContext):
         """-> final hidden states [num_tokens, hidden] (normed); `compute_logits` maps rows to vocab."""
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, rope, kv, ctx)
@@ -83,10 +93,21 @@ class LlamaModel(nn.Module):
                 self.layer_hook(i)   # NOTE: on CUDA, layer i's kernels are launched, not yet done
         return self.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.layout.vocab_start   # vocabulary-parallel: rows outside this rank read zero
+        outside = (local < 0) | (local >= self.layout.vocab_per_rank)
+        x = self.embed_tokens(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0.0)
+        return self.tp.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-        """float32 logits; `upcast=False` keeps the model dtype (argmax is the same: the upcast is exact)."""
+        """float32 logits; `upcast=False` keeps the model dtype (argmax is the same: the upcast is exact).
+        Under tensor parallelism every rank gets the full vocabulary's (gathered, padding cut)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = linear(hidden, weight)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits)[..., :self.config.vocab_size]
         return logits.float() if upcast else logits
 
     # weights

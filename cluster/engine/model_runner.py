@@ -40,7 +40,8 @@ class ModelRunner:
         self.page_size = page_size
         self.page_allocator = PageAllocator(num_pages)
         cfg = self.config
-        planes, kv_heads, kv_dim = cfg.kv_cache_shape
+        self.tp = self.model.tp
+        planes, kv_heads, kv_dim = self.model.layout.kv_cache_shape   # this rank's heads only
         self.kv_pool = KVPool(cfg.num_layers, kv_heads, kv_dim, num_pages, page_size, self.dtype, self.device,
                               storage=kv_storage, num_planes=planes)
         self.import_fence = None   # kv_transfer.ImportFence of a decode worker: KV imports to wait for
@@ -149,6 +150,7 @@ class ModelRunner:
             else:
                 ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
                                        pick(fi.min_tokens_left), pick(fi.eos_token_ids), pick(fi.grammars))
+                ids = self.tp.broadcast(ids)   # NOTE: rank 0's draw on every rank, so their future maps agree
             if fi.future_slots:
                 self.store_future(fi.future_slots if every_row else [fi.future_slots[i] for i in rows], ids)
             next_ids[rows] = ids.cpu()

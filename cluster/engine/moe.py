@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import nn
 
 from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig, MoeConfig
+from cluster.engine.parallel import TpGroup
 
 BACKEND_SWITCH = "PDCLUSTER_MOE"   # "torch": the expert loop on CUDA too
 
@@ -31,14 +33,18 @@ def use_fused_moe(x: torch.Tensor) -> bool:
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    """`tp`: this rank's slice of the intermediate, its down projection's sum all-reduced (parallel.py)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: Optional[TpGroup] = None):
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+        out = linear(F.silu(gate) * up, self.down_proj.weight)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class Experts(nn.Module):

@@ -1,0 +1,107 @@
+"""Tensor parallelism on the CPU (gloo): ranks spawned as processes give the greedy text and the
+logits of the unsplit model; a model that cannot split is a ConfigError naming the numbers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.config_fields import ConfigError
+from cluster.config_types import DEFAULT_MODEL
+from cluster.engine.llm import LLM
+from cluster.engine.model_config import PRESETS
+from cluster.engine.parallel import TpLayout
+from cluster.sampling_params import SamplingParams
+from tests.engine_tp_rank import run_greedy
+from tests.test_engine_reference import CHATS, PLAIN
+
+NUM_GREEDY = 16
+NUM_PAGES = 256
+RANKS_TIMEOUT_S = 300
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def run_ranks(tmp_path, size: int, model: str, prompts: list, num_tokens: int) -> list[dict]:
+    """Each rank's result (tokens, text, KV heads and bytes, logits), from `size` rank processes."""
+    args = json.dumps({"size": size, "out_dir": str(tmp_path), "model": model, "prompts": prompts,
+                       "num_tokens": num_tokens, "num_pages": NUM_PAGES})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.engine_tp_rank", str(rank), args], env=env)
+             for rank in range(size)]
+    try:
+        codes = [p.wait(timeout=RANKS_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert codes == [0] * size
+    results = []
+    for rank in range(size):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            results.append({**json.load(f), "logits": load_file(str(tmp_path / f"logits{rank}.safetensors"))})
+    return results
+
+
+def assert_matches_unsplit(results: list[dict], ref: dict) -> None:
+    for r in results:   # every rank sampled the same tokens and gathered the same logits
+        assert r["tokens"] == ref["tokens"]
+        assert r["text"] == ref["text"]
+        for key, want in ref["logits"].items():
+            # 1e-4, plus 1e-5 of the value: logits reach 20 and the split sums round differently
+            torch.testing.assert_close(r["logits"][key], want, atol=1e-4, rtol=1e-5)
+
+
+def test_default_model_at_tp3_gives_the_reference_greedy_text_and_logits(tmp_path):
+    """9 heads, 3 KV heads, intermediate 1536, vocabulary 49152: tp=3 divides them all."""
+    ref_llm = LLM(num_pages=NUM_PAGES)
+    prompts = PLAIN + [ref_llm.tokenizer.apply_chat_template(m) for m in CHATS]
+    ref = run_greedy(ref_llm, prompts, NUM_GREEDY)
+    del ref_llm
+    results = run_ranks(tmp_path, 3, DEFAULT_MODEL, prompts, NUM_GREEDY)
+    assert_matches_unsplit(results, ref)
+    for r in results:   # each rank's pool holds its one KV head of three
+        assert r["kv_heads"] == 1 and r["kv_bytes"] * 3 == ref["kv_bytes"]
+
+
+@pytest.mark.parametrize("model,tp,kv_heads", [
+    ("tiny-llama", 4, 1),          # 4 heads, 2 KV heads: each KV head replicated on two ranks
+    ("tiny-qwen3-moe", 2, 1),      # one KV head per rank; sparse blocks replicated, q/k norms per head
+    ("tiny-deepseek-v2", 2, 1),    # latent attention replicated: one latent "head" on every rank
+])
+def test_tiny_models_split_over_ranks_match_unsplit(tmp_path, model, tp, kv_heads):
+    prompts = [[5, 17, 300, 4000, 12], [7, 7, 7, 49151, 2000, 31, 8, 9, 10]]
+    ref = run_greedy(LLM(model=model, num_pages=NUM_PAGES), prompts, 6)
+    results = run_ranks(tmp_path, tp, model, prompts, 6)
+    assert_matches_unsplit(results, ref)
+    assert [r["kv_heads"] for r in results] == [kv_heads] * tp
+
+
+def test_kv_heads_replicated_when_fewer_than_ranks_pick_the_heads_their_queries_read():
+    cfg = PRESETS["tiny-llama"]   # 4 heads, 2 KV heads
+    assert [TpLayout(cfg, 4, r).kv_head_start for r in range(4)] == [0, 0, 1, 1]
+    assert [TpLayout(cfg, 2, r).kv_head_start for r in range(2)] == [0, 1]
+
+
+def test_vocabulary_not_divisible_is_padded_on_the_last_rank():
+    cfg = dataclasses.replace(PRESETS["tiny-llama"], vocab_size=49151)
+    layout = TpLayout(cfg, 2, 1)
+    shard = layout.shard("embed_tokens.weight", torch.ones(49151, 64))
+    assert shard.shape == (24576, 64) and float(shard[-1].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("change,tp,numbers", [
+    ({}, 2, "num_heads 9"),                                    # the default model's heads
+    ({"num_heads": 12, "num_kv_heads": 6}, 4, "num_kv_heads 6"),
+    ({"num_heads": 12, "num_kv_heads": 3, "intermediate_size": 1537}, 3, "intermediate_size 1537"),
+])
+def test_model_that_does_not_split_is_a_config_error_naming_the_numbers(change, tp, numbers):
+    cfg = dataclasses.replace(PRESETS["tiny-llama"], num_heads=9, num_kv_heads=3, intermediate_size=1536)
+    with pytest.raises(ConfigError, match=f"{numbers}.*tp={tp}|tp={tp}.*{numbers}"):
+        TpLayout(dataclasses.replace(cfg, **change), tp, 0)
