@@ -62,6 +62,11 @@ class TpGroup:
         return x
 
 
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
+
 def init_tp(rank: int, size: int, init_method: str, device: str = "cpu",
             timeout_s: float = DEFAULT_TIMEOUT_S) -> TpGroup:
     """Join the worker's ranks (`init_method`: `tcp://host:port` or `file://path`): gloo on the CPU,
