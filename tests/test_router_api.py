@@ -193,6 +193,7 @@ def test_generate_goes_to_both_sides_of_a_pair_with_peers(router, tokenizers):
     assert body["choices"][0]["text"] == " world, and more"
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == len(ids)
+    assert wait_for(lambda: prefill.received and decode.received)   # the prefill side reads it on its own thread
     gp, gd = prefill.received[0], decode.received[0]
     assert gp.rid == gd.rid and gp.input_ids == gd.input_ids == tok.encode("Hello")
     assert gp.peer.worker_id == "decode-0" and gd.peer.worker_id == "prefill-0"
