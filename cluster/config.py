@@ -19,8 +19,8 @@ from cluster.dllm_params import DllmParams
 from cluster.sampling_params import InvalidParam
 from cluster.roles import LOG_FORWARD_ITERS_ENV, ROLES, log_forward_iters_override
 from cluster.config_types import (DLLM_ONLY_FIELDS, CacheConfig, ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
-                                   RecoveryConfig, RouterConfig, SchedulerConfig, SecurityConfig, TimeoutsConfig, TracingConfig,
-                                   WorkerGroup)
+                                   RecoveryConfig, RouterConfig, SchedulerConfig, SecurityConfig, SloConfig, TimeoutsConfig,
+                                   TracingConfig, WorkerGroup)
 
 SECTIONS = {f.name: f.default_factory for f in fields(ClusterConfig) if f.name not in ("groups", "source")}
 SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerConfig))

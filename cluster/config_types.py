@@ -127,6 +127,19 @@ class CacheConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class SloConfig(Section):
+    ttft: Optional[float] = option(None, "target time to first token, seconds; unset = no TTFT "
+                                   "target", gt=0)
+    tpot: Optional[float] = option(None, "target mean time per output token after the first, "
+                                   "seconds; unset = no TPOT target", gt=0)
+    window: float = option(60.0, "seconds of finished requests the attainment metrics cover", gt=0)
+
+    @property
+    def is_set(self) -> bool:
+        return self.ttft is not None or self.tpot is not None
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerGroup(Section):
     """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
     role: str = option(help="the role of this group's workers", choices=ROLES)
@@ -168,6 +181,8 @@ class ClusterConfig(Section):
     security: SecurityConfig = option(help="[security]", factory=SecurityConfig)
     tracing: TracingConfig = option(help="[tracing]", factory=TracingConfig)
     cache: CacheConfig = option(help="[cache]", factory=CacheConfig)
+    slo: SloConfig = option(help="[slo]: latency targets (optional); attainment metrics when set",
+                            factory=SloConfig)
     groups: tuple[WorkerGroup, ...] = option(help="the worker groups, in role order",
                                              factory=_default_groups)
     source: str = option("<defaults>", "file the config came from, for error messages")

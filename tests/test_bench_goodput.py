@@ -45,3 +45,21 @@ def test_bench_cli_takes_the_open_loop_flags():
     bench.add_arguments(p)
     args = p.parse_args(["--request-rate", "1,2", "--slo-ttft", "1", "--slo-tpot", "0.05"])
     assert (args.request_rate, args.slo_ttft, args.attainment) == ("1,2", 1.0, 0.9)
+
+
+def test_each_rate_runs_thirty_seconds_of_arrivals_unless_a_count_is_given():
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--request-rate", "0.5,4"])
+    assert [bench_goodput.requests_at(r, args) for r in (0.5, 4.0)] == [15, 120]   # 30 s x rate
+    short = p.parse_args(["--request-rate", "4", "--rate-seconds", "2"])
+    assert bench_goodput.requests_at(4.0, short) == 8
+    counted = p.parse_args(["--request-rate", "4", "--num-requests", "5"])
+    assert bench_goodput.requests_at(4.0, counted) == 5
+
+
+def test_a_rate_row_states_its_window():
+    args = argparse.Namespace(slo_ttft=1.0, slo_tpot=None, model="m", concurrency=None)
+    ok = {"ttft": 0.5, "e2e": 0.6, "num_tokens": 2, "itl": [0.1], "start": 0.0}
+    row = bench_goodput.rate_summary(2.0, [ok, ok], 31.0, args, arrival_window=30.25)
+    assert (row["num_requests"], row["arrival_window_s"]) == (2, 30.25)

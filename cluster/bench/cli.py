@@ -16,11 +16,15 @@ import time
 from cluster.bench import goodput, multiturn, report
 from cluster.bench.client import api_client, cycled_prompt, one_request, relative_to, resolve_model
 
+CLOSED_LOOP_REQUESTS = 32
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", default=None, help="default: the first of /v1/models")
-    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=None,
+                   help=f"requests to send (default {CLOSED_LOOP_REQUESTS}; with --request-rate: per "
+                        "rate, default --rate-seconds of arrivals)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt length in words")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
@@ -61,6 +65,7 @@ def cmd_bench(args) -> int:
         return multiturn.cmd_bench_multiturn(args)
     if args.request_rate:
         return goodput.cmd_sweep(args)
+    args.num_requests = args.num_requests or CLOSED_LOOP_REQUESTS
     results, duration = asyncio.run(run_closed_loop(args))
     summary = report.report(results, duration, args)
     return 0 if summary["completed"] == summary["num_prompts"] else 1

@@ -5,7 +5,10 @@ no cap on requests in flight: a slow server gets a growing queue, as in producti
 meets the SLO when it succeeds, its first token comes within `--slo-ttft` and its mean
 inter-token time, (e2e - ttft) / (tokens - 1), is within `--slo-tpot`. Per rate the report
 gives the attainment (share meeting the SLO) and latency percentiles; the goodput is the
-highest swept rate whose attainment reaches `--attainment` (default 90%). `--plot DIR` draws
+highest swept rate whose attainment reaches `--attainment` (default 90%). Each rate runs
+long enough for a steady state: `--rate-seconds` (default 30) seconds of arrivals, that is
+ceil(30 x rate) requests, unless `--num-requests` names the count; the output states each
+rate's window (requests, seconds of arrivals). `--plot DIR` draws
 attainment vs rate (`slo_attainment.png`), `--json FILE` writes every rate's figures, each
 request's (TTFT, TPOT) included, so `attainment_at` can score a stored run against other SLOs.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import sys
@@ -22,6 +26,8 @@ from typing import Optional
 from cluster.bench import report
 from cluster.bench.client import api_client, cycled_prompt, one_request, relative_to, resolve_model
 
+STEADY_SECONDS = 30.0          # arrivals per rate by default: past the ramp of a queue
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", default=None, metavar="R[,R..]",
@@ -30,6 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attainment", type=float, default=0.9,
                    help="goodput: the highest rate where at least this share meets the SLO")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    p.add_argument("--rate-seconds", type=float, default=STEADY_SECONDS, metavar="S",
+                   help="open loop: each rate sends S seconds of arrivals, ceil(S x rate) requests, "
+                        "unless --num-requests is given")
+
+
+def requests_at(rate: float, args) -> int:
+    """How many requests one rate sends: --num-requests when given, else --rate-seconds of
+    arrivals (a few seconds of a sweep measure the ramp, not the steady state)."""
+    if args.num_requests:
+        return args.num_requests
+    return max(1, math.ceil(getattr(args, "rate_seconds", STEADY_SECONDS) * rate))
 
 
 def parse_rates(text: str) -> list[float]:
@@ -51,8 +68,9 @@ def arrival_times(rate: float, num: int, seed: int) -> list[float]:
     return out
 
 
-async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[dict], float]:
-    """One open-loop run: every request sent at its Poisson arrival time."""
+async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[dict], float, float]:
+    """One open-loop run: every request sent at its Poisson arrival time; (results, duration,
+    seconds from the first arrival to the last)."""
     times = arrival_times(rate, len(prompts), args.seed)
     start = time.perf_counter()
 
@@ -62,16 +80,17 @@ async def run_rate(client, args, rate: float, prompts: list[str]) -> tuple[list[
     results = await asyncio.gather(*(fire(at, p) for at, p in zip(times, prompts)))
     duration = time.perf_counter() - start
     relative_to(results, start)
-    return results, duration
+    return results, duration, times[-1]
 
 
-def rate_summary(rate: float, results: list[dict], duration: float, args) -> dict:
+def rate_summary(rate: float, results: list[dict], duration: float, args, arrival_window: float = 0.0) -> dict:
     s = report.summarize(results, duration, args)
     good = sum(report.is_good(r, args.slo_ttft, args.slo_tpot) for r in results)
     keep = ("completed", "failed", "duration", "request_throughput", "output_throughput",
             "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "p99_itl_ms")
     per_request = [None if "error" in r else [round(r["ttft"], 5), _rounded(report.tpot(r))] for r in results]
-    return {"rate": rate, "num_requests": len(results), "slo_attainment": round(good / max(1, len(results)), 4),
+    return {"rate": rate, "num_requests": len(results), "arrival_window_s": round(arrival_window, 3),
+            "slo_attainment": round(good / max(1, len(results)), 4),
             **{k: s[k] for k in keep}, "ttft_tpot_s": per_request}
 
 
@@ -118,13 +137,16 @@ async def sweep(args) -> dict:
         for rate in parse_rates(args.request_rate):
             # NOTE: a distinct leading tag per request and rate, so a prefix cache cannot turn
             # the cycled words into hits and the load is the uncached one the SLO study means
-            prompts = [f"request {rate:g}-{i}: " + cycled_prompt(i, args.prompt_len) for i in range(args.num_requests)]
-            results, duration = await run_rate(client, args, rate, prompts)
-            rows.append(rate_summary(rate, results, duration, args))
-            print(f"rate {rate:g} req/s: {rows[-1]['slo_attainment']:.0%} meet the SLO, TTFT p50 "
+            prompts = [f"request {rate:g}-{i}: " + cycled_prompt(i, args.prompt_len)
+                       for i in range(requests_at(rate, args))]
+            results, duration, window = await run_rate(client, args, rate, prompts)
+            rows.append(rate_summary(rate, results, duration, args, window))
+            print(f"rate {rate:g} req/s over {rows[-1]['num_requests']} requests, "
+                  f"{rows[-1]['arrival_window_s']:g} s of arrivals: {rows[-1]['slo_attainment']:.0%} meet the SLO, TTFT p50 "
                   f"{rows[-1]['median_ttft_ms']} ms, ITL p99 {rows[-1]['p99_itl_ms']} ms", file=sys.stderr)
     return {"model": args.model, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot,
             "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "attainment": args.attainment,
+            "requests_per_rate": args.num_requests or f"{getattr(args, 'rate_seconds', STEADY_SECONDS):g} s of arrivals",
             "goodput_rps": goodput(rows, args.attainment), "rates": rows}
 
 
@@ -138,10 +160,11 @@ def cmd_sweep(args) -> int:
     if args.json:
         report.write_json(swept, args.json)
     if args.json != "-":
-        print(f"{'rate':>6} {'SLO met':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT mean':>9} {'ITL p99':>8}")
+        print(f"{'rate':>6} {'requests':>8} {'window s':>8} {'SLO met':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'TPOT mean':>9} {'ITL p99':>8}")
         for r in swept["rates"]:
-            print(f"{r['rate']:>6g} {r['slo_attainment']:>8.0%} {r['median_ttft_ms']!s:>9} {r['p99_ttft_ms']!s:>9} "
-                  f"{r['mean_tpot_ms']!s:>9} {r['p99_itl_ms']!s:>8}")
+            print(f"{r['rate']:>6g} {r['num_requests']:>8} {r['arrival_window_s']:>8g} {r['slo_attainment']:>8.0%} "
+                  f"{r['median_ttft_ms']!s:>9} {r['p99_ttft_ms']!s:>9} {r['mean_tpot_ms']!s:>9} {r['p99_itl_ms']!s:>8}")
         print(f"goodput (highest rate with >= {args.attainment:.0%} meeting the SLO): {swept['goodput_rps']} req/s")
     if args.plot:
         print(f"plot: {plot_attainment({args.model: swept['rates']}, args.plot, args.model, args.attainment)}",

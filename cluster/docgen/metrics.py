@@ -4,7 +4,9 @@ and the heartbeat's declaration of worker metrics (`WorkerGauges`, cluster/wire/
 from __future__ import annotations
 
 from cluster.docgen.source import cell, header
+from cluster.config import SloConfig
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
+from cluster.router.slo import SloWindow
 from cluster.wire.gauges import COUNTER, WorkerGauges
 
 INTRO = """\
@@ -52,6 +54,13 @@ def _declared_rows() -> list[str]:
     return rows + [""]
 
 
+def _slo_families() -> list:
+    """The SLO families as a router with `[slo]` targets exports them after one request."""
+    window = SloWindow(SloConfig(ttft=1.0, tpot=0.05))
+    window.observe(0.5, 0.01)
+    return _families(window)
+
+
 def render() -> str:
     router = RouterMetrics()
     # one live worker that reports nothing, restarted once: the router's own families show their labels
@@ -59,6 +68,9 @@ def render() -> str:
                                    lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)}, lambda: {})
     out = [header("Metrics", "cluster/router/metrics.py and cluster/wire/gauges.py"), INTRO,
            "## Router", "", *_rows(_families(router.registry)),
+           "With an `[slo]` target set (docs/reference/config.md), over the last `[slo] window` "
+           "seconds of successful requests (none exported while the window is empty):", "",
+           *_rows(_slo_families()),
            "## Workers", "",
            "Kept by the router for every registered worker:", "",
            *_rows(_families(workers)),

@@ -28,6 +28,7 @@ from cluster.router.prepare import check_for_model, check_prompt_size, sampling_
 from cluster.router.tokenize_batch import TokenizeBatcher
 from cluster.router.mailbox import Mailbox
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
+from cluster.router.slo import SloWindow, request_tpot
 from cluster.router.tracing import RequestTracing
 
 log = logging.getLogger("pdcluster.router")
@@ -48,6 +49,8 @@ class Generation:
     index: int = 0                    # the choice's index in the response
     prompt_index: int = 0             # which prompt of a list it answers (usage counts each once)
     parsed: Optional[ParsedRequest] = None
+    first_token_at: Optional[float] = None
+    num_output: int = 0
 
 
 def coalesced(events: list) -> list:
@@ -72,6 +75,9 @@ class RouterService:
         self.metrics.add_collector(WorkerStatsCollector(
             dispatcher.worker_stats, dispatcher.restarts, dispatcher.rejected_frames))
         self.tracing = RequestTracing(cfg.tracing.otlp_endpoint, self.metrics.observe_phase)
+        self.slo = SloWindow(cfg.slo) if cfg.slo.is_set else None
+        if self.slo:
+            self.metrics.add_collector(self.slo)
         self.is_draining = False
         self._tokenizers: dict[str, object] = {}
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
@@ -211,7 +217,9 @@ class RouterService:
                 now = time.monotonic()
                 num_tokens = sum(len(ev.token_ids) for ev in events if isinstance(ev, TokensEvent))
                 if num_tokens:
+                    gen.num_output += num_tokens
                     if last is None:
+                        gen.first_token_at = now
                         self.metrics.observe(self.metrics.ttft, now - gen.arrival)
                     else:
                         self.metrics.observe(self.metrics.itl, (now - last) / num_tokens, times=num_tokens)
@@ -233,6 +241,9 @@ class RouterService:
                         gen.is_done = True
                         self.metrics.observe(self.metrics.e2e, now - gen.arrival)
                         self.metrics.count_outcome("success")
+                        if self.slo:
+                            first = gen.first_token_at or now
+                            self.slo.observe(first - gen.arrival, request_tpot(first, now, gen.num_output))
                         self.tracing.end(gen.st.trace, "success", ev.finish_reason)
                         break
                 yield out
