@@ -19,7 +19,8 @@ msgpack `tokens` message included). The only fake part is the forward:
 
 B requests with ~130-token prompts are admitted, prefilled, then decoded with `ignore_eos`
 and no length limit; after they all decode, `--steps` steady decode steps are timed
-`--repeats` times (overlap loop on by default) and the median µs per step is printed.
+`--repeats` times (overlap loop on by default) and the median µs per step is printed, wall time
+and the process's CPU time (all threads; steadier than wall time on a machine shared with others).
 `--profile N` prints cProfile's top N functions of the scheduler thread for the largest batch
 (with `--loop normal` the forward runs on that thread too, so it is profiled as well).
 """
@@ -84,6 +85,10 @@ def zero_cost_forward(runner: ModelRunner):
     """`ModelRunner.forward` that returns at once: token 7 for every sampled row, stored into the
     request's future slot like the real forward, so overlap's future tokens resolve."""
     def forward(fi: ForwardInput, wait: bool = True) -> ForwardOutput:
+        if fi.is_decode:                      # every row samples
+            ids = torch.full((fi.num_reqs,), 7, dtype=torch.int64)
+            runner.store_future(fi.future_slots, ids)
+            return ForwardOutput(next_token_ids=ids)
         rows = [i for i, s in enumerate(fi.sample) if s]
         ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
         ids[rows] = 7
@@ -135,8 +140,9 @@ class Loop:
 
 
 def measure(batch: int, steps: int, repeats: int, fake: str, overlap: bool,
-            profile: int = 0) -> list[float]:
-    """µs per steady decode step, one figure per repeat."""
+            profile: int = 0) -> list[tuple[float, float]]:
+    """(wall, CPU) µs per steady decode step, one pair per repeat. CPU time is the process's (every
+    thread): on a shared machine it moves less than wall time with other processes' load."""
     warmup = 10
     s, ctl = build_worker(batch, PROMPT_LEN + 64 + warmup + steps * repeats, fake, overlap)
     loop = Loop(s, overlap)
@@ -151,10 +157,10 @@ def measure(batch: int, steps: int, repeats: int, fake: str, overlap: bool,
     for _ in range(repeats):
         if prof:
             prof.enable()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             loop.step()
-        out.append((time.perf_counter() - t0) / steps * 1e6)
+        out.append(((time.perf_counter() - t0) / steps * 1e6, (time.process_time() - c0) / steps * 1e6))
         if prof:
             prof.disable()
     assert len(s.decode) == batch and not ctl.errors(), "requests left the batch during the measurement"
@@ -182,8 +188,10 @@ def main() -> None:
     for b in args.batches:
         prof = args.profile if b == max(args.batches) else 0
         t = measure(b, args.steps, args.repeats, args.fake, args.loop == "overlap", prof)
-        print(f"batch {b:4d}: {statistics.median(t):8.1f} us/decode step (median of {len(t)}; "
-              f"min {min(t):.1f}, max {max(t):.1f}; fake {args.fake}, {args.loop} loop)", flush=True)
+        wall, cpu = [w for w, _ in t], [c for _, c in t]
+        print(f"batch {b:4d}: {statistics.median(wall):8.1f} us/decode step wall (min {min(wall):.1f}, "
+              f"max {max(wall):.1f}), {statistics.median(cpu):8.1f} us CPU; median of {len(t)}, "
+              f"fake {args.fake}, {args.loop} loop", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from scratch from the requests."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
+from cluster.engine.attention_context import AttentionContext
 from cluster.engine.page_allocator import PageAllocator
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager
@@ -146,3 +149,19 @@ def test_steady_step_touches_only_rows_that_grow_a_page():
     assert batch.rows.positions.tolist() == [3, 4, 5]
     assert np.array_equal(batch.rows.input_ids, [-1, -2, -3])
     assert batch.rows.page_table[1].tolist()[:2] == reqs[1].page_table
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_context_from_block_table_equals_one_from_page_lists(backend):
+    tables = [[5, 9, 2], [7], [3, 4, 8, 1]]            # more pages than needed, as a running row may hold
+    positions = [20, 0, 33]
+    width = max(map(len, tables))
+    block = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64)
+    fast = AttentionContext.build_decode(np.array(positions), block, PAGE_SIZE * 4, "cpu", torch.float32, backend)
+    ref = AttentionContext.build([1] * 3, positions, tables, [0] * 3, PAGE_SIZE * 4, True, "cpu", None,
+                                 torch.float32, backend)
+    for name in ("positions", "slot_mapping", "page_table", "mask", "pages", "page_start", "seq_lens"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), name

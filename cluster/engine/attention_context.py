@@ -107,29 +107,29 @@ class AttentionContext:
         return cls(num_reqs, max_q, positions, slot_mapping, pt, mask, q_index, out_index, False)
 
     @classmethod
-    def build_decode(cls, positions: torch.Tensor, block_table: torch.Tensor, page_size: int, device,
+    def build_decode(cls, positions: np.ndarray, block_table: np.ndarray, page_size: int, device,
                      dtype: torch.dtype = torch.float32, backend: str = "torch") -> "AttentionContext":
         """One query per request at `positions` (int64 [B]) over its row of `block_table` (int64 [B, P],
-        padded): whole-tensor work, whatever the batch."""
-        num_reqs = positions.numel()
-        seq_t = positions + 1
-        counts = (seq_t + page_size - 1) // page_size
+        padded): whole-array work in numpy (a few µs per op, where a small torch op costs several)."""
+        num_reqs = positions.shape[0]
+        seq = positions + 1
+        counts = (seq + page_size - 1) // page_size
         width = int(counts.max())
         table = block_table[:, :width]
-        keep = torch.arange(width)[None, :] < counts[:, None]
-        slots = table[torch.arange(num_reqs), positions // page_size] * page_size + positions % page_size
+        keep = np.arange(width)[None, :] < counts[:, None]
+        slots = table[np.arange(num_reqs), positions // page_size] * page_size + positions % page_size
+        host = torch.from_numpy
         if backend == "triton":
-            pages = table[keep]                                   # row-major: request order
-            starts = torch.cumsum(counts, 0) - counts
-            positions, slots, pages, starts, seq_t = to_device(device, positions, slots, pages, starts, seq_t)
-            return cls(num_reqs, 1, positions, slots, None, None, None, None, True, backend="triton",
-                       pages=pages, page_start=starts, seq_lens=seq_t)
-        table = torch.where(keep, table, 0)                       # pages past the sequence: page 0, masked
-        kpos = torch.arange(width * page_size)
-        mask = torch.zeros(num_reqs, 1, kpos.numel(), dtype=dtype)
-        mask.masked_fill_(kpos[None, None, :] >= seq_t[:, None, None], float("-inf"))
-        positions, slots, table = to_device(device, positions, slots, table)
-        return cls(num_reqs, 1, positions, slots, table, to_device(device, mask)[0], None, None, True)
+            starts = np.cumsum(counts) - counts
+            moved = to_device(device, host(positions), host(slots), host(table[keep]), host(starts), host(seq))
+            return cls(num_reqs, 1, moved[0], moved[1], None, None, None, None, True, backend="triton",
+                       pages=moved[2], page_start=moved[3], seq_lens=moved[4])
+        table = np.where(keep, table, 0)                          # pages past the sequence: page 0, masked
+        mask = np.where(np.arange(width * page_size)[None, None, :] >= seq[:, None, None],
+                        np.float32(-np.inf), np.float32(0.0))
+        positions_t, slots_t, table_t = to_device(device, host(positions), host(slots), host(table))
+        return cls(num_reqs, 1, positions_t, slots_t, table_t, to_device(device, host(mask).to(dtype))[0],
+                   None, None, True)
 
     @classmethod
     def _build_triton(cls, extend_lens, prefix_lens, seq_lens, page_tables, bidirectional_lens, page_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 from cluster.engine.attention import AttentionContext, attention_backend
@@ -112,7 +113,7 @@ class ModelRunner:
         else:
             input_ids = self.resolve_future(fi.input_ids)
             ctx = AttentionContext.build_decode(
-                torch.tensor(fi.prefix_lens, dtype=torch.int64), fi.block_table, self.page_size, self.device,
+                np.asarray(fi.prefix_lens, dtype=np.int64), fi.block_table.numpy(), self.page_size, self.device,
                 self.dtype, self.attention_backend) if fi.block_table is not None else AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
                                          fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
                                          fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype,

@@ -62,6 +62,13 @@ def _ids_or_tensor(v: Any, path: str) -> Any:
     return TokenIds(min_len=1)(v, path)
 
 
+def _ids(v: Any, path: str) -> list:
+    """Request ids, one per row of a packed block: checked in C where they are all short strings."""
+    if isinstance(v, list) and len(v) <= MAX_KEYS and set(map(type, v)) <= {str} and max(map(len, v), default=0) <= MAX_ID_LEN:
+        return v
+    return List(ID, max_len=MAX_KEYS)(v, path)
+
+
 def _dllm_overrides(v: Any, path: str) -> dict:
     """DLLM overrides: some of DllmParams' fields, bounded by DllmParams itself."""
     d = Map(Str(max_len=64), lambda x, p: x, max_len=16)(v, path)
@@ -72,7 +79,8 @@ def _dllm_overrides(v: Any, path: str) -> dict:
     return d
 
 
-ID, TEXT = Str(max_len=1024), Str()
+MAX_ID_LEN = 1024
+ID, TEXT = Str(max_len=MAX_ID_LEN), Str()
 MAX_SIBLINGS = 63                       # n > 1: choices forked from one prefill (the router's n is smaller)
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
@@ -153,7 +161,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                               "forward_iter": Opt(Int(lo=0)),
                                               "prompt_logprobs": Opt(PROMPT_LPS)}),
                            max_len=MAX_KEYS),
-             "plain": Opt(Typed(PlainTokens, {"rids": List(ID, max_len=MAX_KEYS), "token_ids": TokenIds(),
+             "plain": Opt(Typed(PlainTokens, {"rids": _ids, "token_ids": TokenIds(),
                                               "forward_iter": Opt(Int(lo=0))}))},
     RequestMarks: {"worker_id": ID, "items": List(Typed(MarksItem, {
         "rid": ID, "marks": List(Typed(RequestMark, {
