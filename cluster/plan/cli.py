@@ -1,0 +1,61 @@
+"""`pdcluster plan --profile PROFILE.json --gpus N --slo-ttft S --slo-tpot S [--workload FILE]`:
+every static layout of N one-GPU workers (all unified, every xPyD) simulated under the
+profile's cost model; prints each layout's predicted goodput and the best one for the SLO."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.plan.costs import CostModel, ProfileError
+from cluster.plan.goodput import Limits, Slo, goodput
+from cluster.plan.simulate import layouts_for
+from cluster.plan.workload import Workload
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, help="a cost profile written by `pdcluster profile`")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (one-GPU workers) to lay out")
+    p.add_argument("--slo-ttft", type=float, default=None, metavar="S", help="TTFT target, seconds")
+    p.add_argument("--slo-tpot", type=float, default=None, metavar="S", help="mean TPOT target, seconds")
+    p.add_argument("--workload", default=None, help="JSON workload (cluster/plan/workload.py); "
+                   "default 512-token prompts, 64 output tokens, Poisson arrivals")
+    p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLO")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def plan(profile: dict, gpus: int, slo: Slo, workload: Workload, share: float = 0.9) -> dict:
+    costs = CostModel.from_profile(profile)
+    limits = Limits(int(profile.get("max_prefill_tokens", Limits.max_prefill_tokens)),
+                    int(profile.get("max_running_requests", Limits.max_running)))
+    rows = [{"layout": layout.name,
+             "goodput_rps": goodput(layout, costs, workload, slo, share=share, limits=limits)}
+            for layout in layouts_for(gpus)]
+    ranked = [r for r in rows if r["goodput_rps"] is not None]
+    best = max(ranked, key=lambda r: r["goodput_rps"], default=None)
+    return {"gpus": gpus, "slo_ttft_s": slo.ttft, "slo_tpot_s": slo.tpot, "attainment": share,
+            "layouts": rows, "best": best}
+
+
+def cmd_plan(args) -> int:
+    if args.gpus < 1:
+        print("pdcluster plan: --gpus must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        with open(args.profile) as f:
+            profile = json.load(f)
+        out = plan(profile, args.gpus, Slo(args.slo_ttft, args.slo_tpot), Workload.load(args.workload),
+                   args.attainment)
+    except (OSError, ValueError, ProfileError) as e:
+        print(f"pdcluster plan: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"SLO: TTFT <= {args.slo_ttft} s, TPOT <= {args.slo_tpot} s, {args.attainment:.0%} of requests")
+    for r in out["layouts"]:
+        g = r["goodput_rps"]
+        print(f"  {r['layout']:>12}: {'unreachable' if g is None else f'{g:.3g} req/s'}")
+    best = out["best"]
+    print(f"best: {best['layout']} at {best['goodput_rps']:.3g} req/s" if best else "best: none meets the SLO")
+    return 0

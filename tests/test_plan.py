@@ -1,0 +1,89 @@
+"""`pdcluster plan`: the cost model fitted from a profile and the discrete-event simulation
+of static layouts, checked against answers computed by hand on a synthetic profile."""
+import json
+
+import pytest
+
+from cluster.plan.costs import CostModel
+from cluster.plan.goodput import Limits, Slo, goodput
+from cluster.plan.simulate import Layout, SimRequest, layouts_for, simulate
+from cluster.plan.workload import Workload
+
+# prefill 0.1 ms a token (a 1000-token prompt: 0.1 s), a decode step 10 ms whatever the
+# batch, free transfers: samples on those lines, so the fit is exact
+PROFILE = {"prefill": [[100, 0.01], [1000, 0.1], [4000, 0.4]],
+           "decode": [[1, 100, 0.01], [8, 5000, 0.01], [32, 900, 0.01], [4, 20000, 0.01]],
+           "transfer": [[0, 0.0], [1 << 20, 0.0]], "kv_bytes_per_token": 1024}
+# evenly spaced 1000-token prompts, 21 output tokens (the first from prefill, 20 decode steps)
+WORKLOAD = Workload(input_len=1000, output_len=21, num_requests=40, arrival="uniform")
+LIMITS = Limits(max_prefill_tokens=1000)
+RATES = [4, 9, 12, 25]
+
+
+def costs() -> CostModel:
+    return CostModel.from_profile(PROFILE)
+
+
+def test_fit_recovers_the_lines_the_samples_lie_on():
+    c = costs()
+    assert c.prefill(2000) == pytest.approx(0.2)
+    assert c.decode_step(64, 123456) == pytest.approx(0.01)
+    assert c.transfer(1000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_one_request_through_1p1d_and_unified_takes_the_hand_computed_times():
+    pd = simulate(Layout(1, 1), costs(), [SimRequest(0.0, 1000, 21)])[0]
+    assert pd.ttft == pytest.approx(0.1) and pd.tpot == pytest.approx(0.01)      # 0.1 + 20 x 0.01
+    uni = simulate(Layout(unified=1), costs(), [SimRequest(0.0, 1000, 21)])[0]
+    assert uni.ttft == pytest.approx(0.1) and uni.finished_at == pytest.approx(0.3)
+
+
+def test_a_prompt_joining_a_unified_worker_slows_the_decodes_it_joins():
+    # the second prompt arrives mid-decode of the first: one step costs 0.1 + 0.01
+    a, b = simulate(Layout(unified=1), costs(), [SimRequest(0.0, 1000, 21), SimRequest(0.15, 1000, 21)])
+    assert a.finished_at == pytest.approx(0.3 + 0.1)
+    assert a.tpot == pytest.approx((19 * 0.01 + 0.11) / 20)
+
+
+def test_plan_picks_disaggregation_under_tight_tpot_and_unified_under_loose():
+    # tight TPOT (12 ms): 1P1D prefills 10 prompts/s without queueing (TTFT 0.1 s) and its
+    # decode steps stay 10 ms, so it holds up to 9 req/s of the grid; two unified workers
+    # interfere once a worker's arrivals come closer than a request's 0.3 s life
+    # (2 / rate < 0.3: above 6.7 req/s), every request then pays a 110 ms step: 15 ms TPOT
+    tight = Slo(ttft=0.2, tpot=0.012)
+    assert goodput(Layout(1, 1), costs(), WORKLOAD, tight, rates=RATES, limits=LIMITS) == 9
+    assert goodput(Layout(unified=2), costs(), WORKLOAD, tight, rates=RATES, limits=LIMITS) == 4
+    # loose TPOT: unified prefills on both GPUs; at 12 req/s a worker's 0.11 s steps keep up
+    # with its 0.167 s gaps (TTFT <= 0.12 s) while 1P1D's single prefill queue grows 17 ms a
+    # request past its 10/s (the 7th waits beyond 0.2 s); at 25 req/s both queues grow
+    loose = Slo(ttft=0.2, tpot=1.0)
+    assert goodput(Layout(1, 1), costs(), WORKLOAD, loose, rates=RATES, limits=LIMITS) == 9
+    assert goodput(Layout(unified=2), costs(), WORKLOAD, loose, rates=RATES, limits=LIMITS) == 12
+
+
+def test_layouts_of_n_gpus_are_all_unified_or_every_xpyd_split():
+    assert [l.name for l in layouts_for(3)] == ["unified x3", "1P2D", "2P1D"]
+
+
+def test_workload_file_reads_distributions_and_refuses_unknown_keys(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"input_len": [10, 20], "output_len": 5, "num_requests": 50, "seed": 3}))
+    w = Workload.load(str(path))
+    reqs = w.requests(2.0)
+    assert {r.input_len for r in reqs} == {10, 20} and len(reqs) == 50
+    assert [r.input_len for r in reqs] == [r.input_len for r in w.requests(2.0)]     # seeded
+    path.write_text(json.dumps({"rate": 3}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        Workload.load(str(path))
+
+
+def test_plan_cli_prints_every_layout_and_the_best(tmp_path, capsys):
+    from cluster.launch.cli import main
+    profile, workload = tmp_path / "p.json", tmp_path / "w.json"
+    profile.write_text(json.dumps({**PROFILE, "max_prefill_tokens": 1000}))
+    workload.write_text(json.dumps({"input_len": 1000, "output_len": 21, "num_requests": 40,
+                                    "arrival": "uniform"}))
+    assert main(["plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft", "0.2",
+                 "--slo-tpot", "0.012", "--workload", str(workload)]) == 0
+    out = capsys.readouterr().out
+    assert "unified x2" in out and "1P1D" in out and "best: 1P1D" in out
