@@ -95,7 +95,7 @@ def prefill_side(args, decode_addr: str) -> None:
     with DataPlane("prefill-0") as dp:
         hub = TransferHub(KvTransferConfig(verify=True), pool, "prefill-0", segment=seg, data_addr=dp.address)
         for backend in args.backend_list:
-            b = hub.get(backend)
+            b = hub.sender(backend)
             for tokens, contiguous, verify in [(t, c, v) for t in args.tokens_list
                                                for c in args.placement_list for v in (True, False)]:
                 if True:

@@ -15,8 +15,8 @@ import pytest
 from cluster.kv_transfer import KvTransferError
 from cluster.kv_transfer.checksum import xxh3_tensor
 from cluster.kv_transfer.layerwise import LayerStream, Planned
-from cluster.kv_transfer.shm_backend import ShmTransfer, shared_pool_storage
-from cluster.kv_transfer.zmq_backend import ZmqTransfer
+from cluster.kv_transfer.shm_backend import ShmReceiver, ShmSender, shared_pool_storage
+from cluster.kv_transfer.zmq_backend import ZmqReceiver, ZmqSender
 from cluster.wire import protocol as P
 from decode_worker.layer_landing import LayerLanding
 
@@ -78,7 +78,7 @@ def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_hol
     model.layers = torch.nn.ModuleList(SlowLayer(layer) for layer in model.layers)
     pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE)
     wire = Wire()
-    stream, zmq = LayerStream(model, pool.device, "prefill-0", wire), ZmqTransfer(pool, "prefill-0", verify=True)
+    stream, zmq = LayerStream(model, pool.device, "prefill-0", wire), ZmqSender(pool, "prefill-0", verify=True)
     try:
         stream.plan(6, [planned(zmq, rid="stale")])          # its forward failed before it ran
         stream.plan(7, [planned(zmq)])
@@ -97,7 +97,7 @@ def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_hol
         assert stream.finish("r1") is None and stream.finish("stale") is None   # consumed once; dropped
 
         decode = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 8, PAGE)
-        receiver = ZmqTransfer(decode, "decode-0", verify=True)
+        receiver = ZmqReceiver(decode, "decode-0", verify=True)
         land(wire.sent, receiver, decode, [6, 0, 3], CFG.num_layers)
         item = P.KvReq("r1", 1, LENGTH, checksum=packed.checksum, layers_sent=packed.layers_sent)
         receiver.verify_landed(item, [6, 0, 3])
@@ -114,7 +114,7 @@ def test_in_place_backends_send_each_layer_as_a_message_and_decode_copies_it_fro
     model = LlamaModel(CFG)
     pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE, storage=storage)
     wire = Wire()
-    stream, shm = LayerStream(model, pool.device, "prefill-0", wire), ShmTransfer(pool, "prefill-0", True, segment=seg)
+    stream, shm = LayerStream(model, pool.device, "prefill-0", wire), ShmSender(pool, "prefill-0", True, segment=seg)
     try:
         stream.plan(1, [])                                   # a forward that completes no prompt
         stream.plan(2, [planned(shm)])
@@ -128,7 +128,7 @@ def test_in_place_backends_send_each_layer_as_a_message_and_decode_copies_it_fro
                                                         for _, m, _ in wire.sent)
         assert packed.tensor is None and packed.src_pages == PAGES and packed.layers_sent == CFG.num_layers
         decode = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 8, PAGE)
-        receiver = ShmTransfer(decode, "decode-0", verify=True)
+        receiver = ShmReceiver(decode, "decode-0", verify=True)
         land(wire.sent, receiver, decode, [1, 2, 7], CFG.num_layers)
         receiver.verify_landed(P.KvReq("r1", 1, LENGTH, checksum=packed.checksum), [1, 2, 7])
         assert torch.equal(decode.export_kv([1, 2, 7], LENGTH), pool.export_kv(PAGES, LENGTH))

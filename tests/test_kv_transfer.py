@@ -97,9 +97,9 @@ def test_auto_picks_cuda_ipc_shm_or_zmq():
     assert hub.sender_for("tcp://127.0.0.1:9").name == "shm"
     assert hub.sender_for("tcp://203.0.113.9:9").name == "zmq"
     hub.layerwise = "auto"                               # layer-wise only where bytes cross a socket
-    assert [hub.streams_layers(hub.get(n)) for n in ("zmq", "shm")] == [True, False]
+    assert [hub.streams_layers(hub.sender(n)) for n in ("zmq", "shm")] == [True, False]
     hub.layerwise = True
-    assert hub.streams_layers(hub.get("shm"))
+    assert hub.streams_layers(hub.sender("shm"))
 
 
 def test_page_runs_coalesce_and_scattered_pages_copy_exactly():

@@ -3,7 +3,8 @@
 The `kv_batch` control message always travels over the ZeroMQ data plane, with the prefill
 batch's `forward_iter`, one per destination decode worker; per request it carries the first
 token, the prompt length, the KV attempt number and (with `verify`) the KV checksum. What
-moves the bytes is a backend (`[kv_transfer] backend`, interface in `base.py`):
+moves the bytes is a backend (`[kv_transfer] backend`), each a sender half that prefill packs and
+sends with (`sender.py`) and a receiver half that decode lands the KV with (`receiver.py`):
 
     zmq        the bytes are frames of the kv_batch (any hosts); decode writes them straight
                into its reserved pages
@@ -38,12 +39,14 @@ request leaves in its own `kv_layers` message as soon as the forward computed it
 then moves no bytes. `true` for every peer, `false` for none, `"auto"` (the default) for peers
 reached through zmq, where it measures faster (`TransferHub.streams_layers`).
 """
-from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError, Packed
+from cluster.kv_transfer.base import ImportFence, KvTransferError, Packed
 from cluster.kv_transfer.faults import ENV as FAULT_ENV, KvFaults, KvFaultSpec
 from cluster.kv_transfer.hub import TransferHub, choose_backend, is_same_host
+from cluster.kv_transfer.receiver import KvReceiver
+from cluster.kv_transfer.sender import KvSender
 
 MAX_KV_ATTEMPTS = 3
 
-__all__ = ["FAULT_ENV", "ImportFence", "KvFaults", "KvFaultSpec", "KvTransfer",
+__all__ = ["FAULT_ENV", "ImportFence", "KvFaults", "KvFaultSpec", "KvReceiver", "KvSender",
            "KvTransferError", "MAX_KV_ATTEMPTS", "Packed", "TransferHub", "choose_backend",
            "is_same_host"]

@@ -6,9 +6,9 @@ as plain values, bytes as hex strings in the kv_batch's msgpack body: never pick
 decode worker opens it once per prefill process (`_new_shared_cuda`, in its own device's
 context: CUDA enables peer access lazily, so the prefill GPU must be visible to the decode
 process; the launcher lists every GPU of the cluster in CUDA_VISIBLE_DEVICES, the worker's
-own first). Page copies run on the import stream and are ordered by CUDA events: the forward
-stream waits on them, and kv_ack leaves only once they are done, so the prefill side never
-reuses pages that are still being read. Checksums are `fold64`, on the device.
+own first). Page copies run on the import stream (`page_reading.py`) and are ordered by CUDA
+events: the forward stream waits on them, and kv_ack leaves only once they are done, so the
+prefill side never reuses pages that are still being read. Checksums are `fold64`, on the device.
 Layer-wise: a kv_layers message for layer i leaves once layer i's kernels have finished on the
 prefill GPU, and decode copies that layer of the request's pages when it reads the message.
 """
@@ -19,9 +19,8 @@ from typing import Optional
 import torch
 
 from cluster.engine.kv_cache import KVPool
-from cluster.kv_transfer.base import KvTransfer, KvTransferError, Packed
-from cluster.kv_transfer.page_copy import copy_pages
-from cluster.kv_transfer.shm_backend import boot_id
+from cluster.kv_transfer.checksum import kv_checksum
+from cluster.kv_transfer.page_reading import PageReadingReceiver, PageReadingSender, boot_id
 from cluster.wire.tensor_frames import DTYPE_NAMES, DTYPES
 
 
@@ -51,53 +50,28 @@ def open_pool(source: dict, device: torch.device) -> torch.Tensor:
     return t.set_(typed, source["tensor_offset"], source["shape"], source["stride"])
 
 
-class CudaIpcTransfer(KvTransfer):
+class CudaIpcSender(PageReadingSender):
     name = "cuda_ipc"
-    holds_pages = True
 
-    def __init__(self, pool: KVPool, worker_id: str, verify: bool = True, fence=None):
-        super().__init__(pool, worker_id, verify, fence)
+    def __init__(self, pool: KVPool, worker_id: str, verify: bool = True):
+        super().__init__(pool, worker_id, verify)
         self._source: Optional[dict] = None
-        self._peers: dict[tuple, torch.Tensor] = {}
 
     def source(self) -> dict:
         if self._source is None:
             self._source = share_pool(self.pool.kv)
         return self._source
 
-    def pack(self, pages: list[int], length: int) -> Packed:
-        num = self.pool.pages_for(length)
-        checksum = self.checksum_of(self.pool.export_kv(pages, length)) if self.verify else None
-        # NOTE: the prefill forward that wrote these pages has finished: its sampled tokens
-        # were read on the host before this runs
-        return Packed(checksum, self.pool.request_bytes(length), src_pages=list(pages[:num]))
+    def pages_checksum(self, pages: list[int], length: int) -> int:
+        return kv_checksum(self.pool.export_kv(pages, length))
 
-    def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
-               layers: Optional[tuple[int, int]] = None) -> int:
-        if dst_pages is None:
-            return 0
-        if source.get("boot_id") != boot_id():
-            raise KvTransferError("unreachable", f"{sender}'s GPU is on another host")
-        first, end, whole = self.layer_span(layers)
-        src = self._map(sender, source)
-        src_pages, length = self.source_pages(sender, src, item), item.transfer_len
-        with self.fence.stream():
-            copy_pages(src[first:end], self.pool.kv[first:end], src_pages, dst_pages[:len(src_pages)])
-            if whole:
-                self.check(item.checksum, lambda: self.landed_checksum(dst_pages, length))
-        return self.pool.request_bytes(length) * (end - first) // self.pool.num_layers
 
-    def _map(self, sender: str, source: dict) -> torch.Tensor:
-        key = (sender, source["handle"], source["offset_bytes"])
-        src = self._peers.get(key)
-        if src is None:
-            try:
-                src = open_pool(source, self.pool.device)
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise KvTransferError("unreachable", f"cannot open {sender}'s CUDA IPC handle: {e}") from None
-            self._peers = {k: v for k, v in self._peers.items() if k[0] != sender}
-            self._peers[key] = src
-        return src
+class CudaIpcReceiver(PageReadingReceiver):
+    name = "cuda_ipc"
+    peer_kind = "GPU pool (CUDA IPC)"
 
-    def close(self) -> None:
-        self._peers.clear()
+    def peer_key(self, source: dict) -> tuple:
+        return source["handle"], source["offset_bytes"]
+
+    def open_peer(self, source: dict) -> torch.Tensor:
+        return open_pool(source, self.pool.device)

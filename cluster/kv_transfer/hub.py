@@ -1,13 +1,14 @@
 """TransferHub: a worker's KV transfer backends and the choice among them.
 
-A prefill worker packs with one backend per decode peer (`sender_for`): the configured one,
-or with `auto`, `cuda_ipc` for a peer on this host when the pool is on a GPU, `shm` for a
-peer on this host when it is on the CPU (and its pool is in a shared segment), `zmq`
-otherwise; the choice is logged once per peer. A decode worker unpacks each kv_batch with
-the backend the message names (`receiver_for`); with a fixed backend it accepts only that
-one. All backends of a worker share one ImportFence (one import stream on CUDA): the
-worker's, which its model runner waits on too, when it passes one in. Layer-wise
-streaming is per peer too (`streams_layers`).
+Each backend has a sender half and a receiver half; the hub makes each half on first use.
+A prefill worker packs with one backend's sender per decode peer (`sender_for`): the
+configured one, or with `auto`, `cuda_ipc` for a peer on this host when the pool is on a
+GPU, `shm` for a peer on this host when it is on the CPU (and its pool is in a shared
+segment), `zmq` otherwise; the choice is logged once per peer. A decode worker unpacks each
+kv_batch with the receiver of the backend the message names (`receiver_for`); with a fixed
+backend it accepts only that one. All receivers of a worker share one ImportFence (one
+import stream on CUDA): the worker's, which its model runner waits on too, when it passes
+one in. Layer-wise streaming is per peer too (`streams_layers`).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from typing import Optional
 
 from cluster.config_types import KV_BACKENDS, KvTransferConfig
 from cluster.engine.kv_cache import KVPool
-from cluster.kv_transfer.base import ImportFence, KvTransfer, KvTransferError
+from cluster.kv_transfer.base import ImportFence, KvTransferError
 from cluster.kv_transfer.faults import KvFaults
+from cluster.kv_transfer.receiver import KvReceiver
+from cluster.kv_transfer.sender import KvSender
 
 logger = logging.getLogger("pdcluster.kv_transfer")
 
@@ -59,32 +62,55 @@ class TransferHub:
         self.faults = faults if faults is not None else KvFaults.from_env()
         self.data_addr = data_addr                 # this worker's data-plane address (nccl pairs)
         self.fence = fence or ImportFence(pool.device)
-        self._backends: dict[str, KvTransfer] = {}
+        self._senders: dict[str, KvSender] = {}
+        self._receivers: dict[str, KvReceiver] = {}
         self._chosen: dict[str, str] = {}          # peer address -> backend name (auto)
 
-    def get(self, name: str) -> KvTransfer:
-        b = self._backends.get(name)
-        if b is None:
-            b = self._backends[name] = self._make(name)
-        return b
+    def sender(self, name: str) -> KvSender:
+        s = self._senders.get(name)
+        if s is None:
+            s = self._senders[name] = self._make_sender(name)
+        return s
 
-    def _make(self, name: str) -> KvTransfer:
-        common = dict(pool=self.pool, worker_id=self.worker_id, verify=self.verify, fence=self.fence)
+    def receiver(self, name: str) -> KvReceiver:
+        r = self._receivers.get(name)
+        if r is None:
+            r = self._receivers[name] = self._make_receiver(name)
+        return r
+
+    def _make_sender(self, name: str) -> KvSender:
+        common = dict(pool=self.pool, worker_id=self.worker_id, verify=self.verify)
         if name == "zmq":
-            from cluster.kv_transfer.zmq_backend import ZmqTransfer
-            return ZmqTransfer(**common)
+            from cluster.kv_transfer.zmq_backend import ZmqSender
+            return ZmqSender(**common)
         if name == "shm":
-            from cluster.kv_transfer.shm_backend import ShmTransfer
-            return ShmTransfer(**common, segment=self.segment)
+            from cluster.kv_transfer.shm_backend import ShmSender
+            return ShmSender(**common, segment=self.segment)
         if name == "cuda_ipc":
-            from cluster.kv_transfer.cuda_ipc_backend import CudaIpcTransfer
-            return CudaIpcTransfer(**common)
+            from cluster.kv_transfer.cuda_ipc_backend import CudaIpcSender
+            return CudaIpcSender(**common)
         if name == "nccl":
-            from cluster.kv_transfer.nccl_backend import NcclTransfer
-            return NcclTransfer(**common, data_host=self.data_host, data_addr=self.data_addr)
+            from cluster.kv_transfer.nccl_backend import NcclSender
+            return NcclSender(**common, data_host=self.data_host)
         raise ValueError(f"no KV transfer backend {name!r}")
 
-    def sender_for(self, peer_addr: str) -> KvTransfer:
+    def _make_receiver(self, name: str) -> KvReceiver:
+        common = dict(pool=self.pool, worker_id=self.worker_id, verify=self.verify, fence=self.fence)
+        if name == "zmq":
+            from cluster.kv_transfer.zmq_backend import ZmqReceiver
+            return ZmqReceiver(**common)
+        if name == "shm":
+            from cluster.kv_transfer.shm_backend import ShmReceiver
+            return ShmReceiver(**common)
+        if name == "cuda_ipc":
+            from cluster.kv_transfer.cuda_ipc_backend import CudaIpcReceiver
+            return CudaIpcReceiver(**common)
+        if name == "nccl":
+            from cluster.kv_transfer.nccl_backend import NcclReceiver
+            return NcclReceiver(**common, data_addr=self.data_addr)
+        raise ValueError(f"no KV transfer backend {name!r}")
+
+    def sender_for(self, peer_addr: str) -> KvSender:
         name = self._chosen.get(peer_addr)
         if name is None:
             name = self.backend
@@ -92,20 +118,20 @@ class TransferHub:
                 name = choose_backend(self.pool.device.type, is_same_host(peer_addr), self.segment is not None)
                 logger.info("%s: kv_transfer auto -> %s for decode peer %s", self.worker_id, name, peer_addr)
             self._chosen[peer_addr] = name
-        return self.get(name)
+        return self.sender(name)
 
-    def streams_layers(self, backend: KvTransfer) -> bool:
+    def streams_layers(self, backend: KvSender) -> bool:
         """Layer-wise for this peer's backend? `auto`: only where the bytes cross a socket (zmq):
         on 2 x H200 it cut zmq's TTFT by a third to a half, and added 2-14% with cuda_ipc and
         nccl, whose whole-request copy takes about a millisecond (BENCHMARKS.md)."""
         return self.layerwise is True or (self.layerwise == "auto" and backend.name == "zmq")
 
-    def receiver_for(self, name: str) -> KvTransfer:
+    def receiver_for(self, name: str) -> KvReceiver:
         if self.backend not in ("auto", name) or name not in KV_BACKENDS:
             raise KvTransferError("backend", f"kv_batch sent with {name!r}, this worker takes "
                                   f"{self.backend!r}")
-        return self.get(name)
+        return self.receiver(name)
 
     def close(self) -> None:
-        for b in self._backends.values():
-            b.close()
+        for half in [*self._senders.values(), *self._receivers.values()]:
+            half.close()

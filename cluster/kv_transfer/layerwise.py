@@ -6,7 +6,7 @@ computes, each with its backend, pages, decode peer and the `KvSpan` naming its 
 before a forward runs, the executor names its iteration (`launching`), which selects its plan:
 a plan whose forward never ran (its build or launch failed) is dropped, never reused. After
 layer i the streamer (one thread; on CUDA its own copy stream, waiting on the event recorded
-after layer i's kernels) stages layer i of each planned request (`KvTransfer.stage_layer`:
+after layer i's kernels) stages layer i of each planned request (`KvSender.stage_layer`:
 gathered into handoff layout, on CUDA also copied to pinned host memory for zmq), waits
 until it is final, and sends it at once: one `kv_layers` message per decode peer, while layers
 i+1.. still compute. What travels per backend:
@@ -31,7 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
-from cluster.kv_transfer.base import KvTransfer, KvTransferError, Packed, Staged
+from cluster.kv_transfer.base import KvTransferError, Packed
+from cluster.kv_transfer.sender import KvSender, Staged
 from cluster.wire.protocol import KvLayers, KvSpan
 
 FINISH_TIMEOUT_S = 60.0
@@ -40,7 +41,7 @@ FINISH_TIMEOUT_S = 60.0
 @dataclass(frozen=True, slots=True)
 class Planned:
     """One request a forward completes: where its KV goes and what it is."""
-    backend: KvTransfer
+    backend: KvSender
     pages: list
     length: int
     peer: str                   # the decode worker's data-plane address

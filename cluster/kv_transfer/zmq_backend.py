@@ -16,11 +16,13 @@ from typing import Optional
 
 import torch
 
-from cluster.kv_transfer.base import KvTransfer, KvTransferError, Packed
+from cluster.kv_transfer.base import KvTransferError, Packed
 from cluster.kv_transfer.checksum import fold64, xxh3_chunks
+from cluster.kv_transfer.receiver import KvReceiver
+from cluster.kv_transfer.sender import KvSender
 
 
-class ZmqTransfer(KvTransfer):
+class ZmqSender(KvSender):
     name = "zmq"
     stages_layers = True
     stages_to_host = True
@@ -40,6 +42,10 @@ class ZmqTransfer(KvTransfer):
 
     def rest_of(self, staged) -> torch.Tensor:
         return (staged.host if staged.host is not None else staged.tensor)[:0]
+
+
+class ZmqReceiver(KvReceiver):
+    name = "zmq"
 
     def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
                layers: Optional[tuple[int, int]] = None) -> int:
