@@ -19,6 +19,7 @@ from cluster.roles import ROLES
 DEFAULT_MODEL = "smollm2-135m-instruct"              # the embedded weights (engine/loader.py)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
+CPU_WEIGHTS = ("native", "float32")
 ROUTER_POLICIES = ("round_robin", "least_load", "cache_aware")
 KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")      # what a kv_batch may name on the wire
 CURVE_MODES = ("auto", "on", "off")
@@ -38,6 +39,9 @@ class ModelConfigSection(Section):
     device: str = option("cpu", "where workers run the model", pattern=r"cpu|cuda(:\d+)?",
                          form="cpu, cuda or cuda:N")
     max_model_len: int = option(4096, "longest prompt + output a request may have", lo=1)
+    cpu_weights: str = option("native", "on the CPU, a quantized GGUF file's weights stay packed in their "
+                              "quantization (native; bfloat16 activations into each matmul) or are "
+                              "dequantized to float32 (the reference path)", choices=CPU_WEIGHTS)
 
 
 @dataclass(frozen=True, slots=True)

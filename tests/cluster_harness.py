@@ -152,10 +152,17 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
-def cluster_config(groups: str, scheduler: str = "", extra: str = "") -> str:
+# Clusters and offline references that tests compare token for token run the float32 reference
+# weights: native weights' bfloat16 activations are not batch-invariant (tests/test_quant_linear.py
+# measures how close they stay; tests/test_e2e_native_weights.py serves them end to end).
+REFERENCE_WEIGHTS = "float32"
+
+
+def cluster_config(groups: str, scheduler: str = "", extra: str = "", cpu_weights: str = REFERENCE_WEIGHTS) -> str:
     return f"""
 [model]
 name = "smollm2-135m-instruct"
+cpu_weights = "{cpu_weights}"
 
 [scheduler]
 num_pages = 512
@@ -170,15 +177,19 @@ register = 240
 """
 
 
-def repo_config(name: str) -> str:
-    """The text of `configs/<name>.toml` (what users launch)."""
-    return (REPO / "configs" / f"{name}.toml").read_text()
+def repo_config(name: str, cpu_weights: Optional[str] = None) -> str:
+    """The text of `configs/<name>.toml` (what users launch); `cpu_weights` set in its [model] if given."""
+    text = (REPO / "configs" / f"{name}.toml").read_text()
+    if cpu_weights is None:
+        return text
+    setting = f'cpu_weights = "{cpu_weights}"\n'
+    return text.replace("[model]\n", "[model]\n" + setting, 1) if "[model]\n" in text else "[model]\n" + setting + text
 
 
-def offline_greedy(prompts: list[str], max_tokens: int):
+def offline_greedy(prompts: list[str], max_tokens: int, cpu_weights: str = REFERENCE_WEIGHTS):
     """(token ids per prompt, tokenizer) from the offline engine: what a cluster must answer."""
     from cluster.engine.llm import LLM
     from cluster.sampling_params import SamplingParams
-    llm = LLM()
+    llm = LLM(cpu_weights=cpu_weights)
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens))
     return {p: o.token_ids for p, o in zip(prompts, outs)}, llm.tokenizer

@@ -11,7 +11,7 @@ import pytest
 from cluster.engine.llm import LLM
 from cluster.kv_transfer import FAULT_ENV
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import LaunchedCluster, cluster_config
+from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def launch(backend: str, name: str, env=None, layerwise: bool = False) -> Launch
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM()
+    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     return [llm.tokenizer.decode(o.token_ids) for o in outs]
 

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.cluster_harness import LaunchedCluster, offline_greedy, repo_config
+from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, offline_greedy, repo_config
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LaunchedCluster(repo_config("local"), "local")
+    c = LaunchedCluster(repo_config("local", REFERENCE_WEIGHTS), "local")
     yield c
     c.stop()
 

@@ -20,6 +20,7 @@ import pytest
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
 from cluster.wire import curve
+from tests.cluster_harness import REFERENCE_WEIGHTS
 from tests.netns_hosts import Hosts, HostThread, netns_unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,6 +55,7 @@ class MultiHost:
             f.write(f"""
 [model]
 name = "{MODEL}"
+cpu_weights = "{REFERENCE_WEIGHTS}"
 [router]
 host = "{a}"
 port = {HTTP_PORT}
@@ -176,7 +178,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM()
+    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
     prompts = SHORT_PROMPTS + [STREAM_PROMPT]
     outs = llm.generate(prompts, [SamplingParams(max_tokens=8, ignore_eos=True)] * 2 +
                         [SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True)])

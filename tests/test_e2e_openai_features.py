@@ -4,7 +4,6 @@ logprobs against the offline engine, logit_bias, echo, prompt lists, DLLM refusa
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
@@ -15,7 +14,7 @@ import pytest
 
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import LaunchedCluster
+from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, repo_config
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m-instruct"
@@ -40,15 +39,14 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def cluster():
-    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "local.toml")) as f:
-        c = LaunchedCluster(f.read(), "openai-features")
+    c = LaunchedCluster(repo_config("local", REFERENCE_WEIGHTS), "openai-features")
     yield c
     c.stop()
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(num_pages=128)
+    return LLM(num_pages=128, cpu_weights=REFERENCE_WEIGHTS)
 
 
 def chat(cluster, content, **kw):

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.cluster_harness import LaunchedCluster, offline_greedy, repo_config
+from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, offline_greedy, repo_config
 
 pytest.importorskip("ray", reason="install the ray extra: pip install -e '.[ray]'")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,7 +25,7 @@ REGISTERED = re.compile(r"registered (\S+) \(role=\S+ model=\S+ pid=(\d+)")
 @pytest.fixture(scope="module")
 def cluster():
     # CURVE on although everything is on loopback: the keys must reach every actor
-    c = LaunchedCluster(repo_config("local"), "ray", env={"PDCLUSTER_CURVE": "on"}, args=("--backend", "ray"))
+    c = LaunchedCluster(repo_config("local", REFERENCE_WEIGHTS), "ray", env={"PDCLUSTER_CURVE": "on"}, args=("--backend", "ray"))
     yield c
     c.stop()
 

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import LaunchedCluster, cluster_config
+from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
 from tests.router_harness import stream_endings
 from tests.test_e2e_local import MAX_TOKENS, PROMPTS
 
@@ -21,7 +21,7 @@ def cluster():
 
 
 def test_unified_greedy_equals_offline_engine(cluster):
-    llm = LLM()
+    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
     ref = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
     for prompt, out in zip(PROMPTS, ref):
         r = cluster.client.completions.create(model="smollm2-135m-instruct", prompt=prompt,

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cluster.engine import loader
+from cluster.engine import loader, quant_linear
 from cluster.engine.loader import load_model
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.model_runner import ModelRunner
@@ -67,9 +67,12 @@ def test_gguf_weights_are_cached_once(tmp_path, monkeypatch):
     from cluster.engine import gguf_weights
     real = gguf_weights.read_gguf
     monkeypatch.setattr(gguf_weights, "read_gguf", lambda p: calls.append(p) or real(p))
+    real_blocks = gguf_weights.read_gguf_blocks
+    monkeypatch.setattr(gguf_weights, "read_gguf_blocks", lambda p, c: calls.append(p) or real_blocks(p, c))
     first = load_model()
     second = load_model()
-    assert len(calls) == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
+    packed = quant_linear.native_kernels_available()   # native weights also cache the GGUF blocks
+    assert len(calls) == 1 + packed and len(list(tmp_path.glob("*.safetensors"))) == 1 + packed
     w1, w2 = (m.model.layers[3].self_attn.qkv_proj.weight for m in (first, second))
     assert torch.equal(w1, w2)
     assert first.tokenizer.encode("hello there") == second.tokenizer.encode("hello there")

@@ -1,4 +1,7 @@
-"""The engine against transformers loading the SAME GGUF file (float32): logits, greedy text, tokenizer."""
+"""The engine against transformers loading the SAME GGUF file (float32): logits, greedy text, tokenizer.
+
+The engine runs its reference path, `cpu_weights="float32"` (the GGUF dequantized as transformers
+does); the packed native weights are compared with this path in test_quant_linear.py."""
 from __future__ import annotations
 
 import warnings
@@ -42,7 +45,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(num_pages=512, page_size=16)
+    return LLM(num_pages=512, page_size=16, cpu_weights="float32")
 
 
 def _prompts(llm):

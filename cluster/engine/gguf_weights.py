@@ -31,6 +31,7 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCKS_FORMAT = 2   # bump when gguf_blocks changes what it stores: old caches are then ignored
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -41,10 +42,7 @@ def cache_dir() -> str:
 def load_gguf_cached(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """-> (HF config dict, tokenizer state, HF-named tensors); converts at most once per file."""
     from safetensors.torch import load_file, save_file
-    st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    base = os.path.join(cache_dir(), f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
-    os.makedirs(cache_dir(), exist_ok=True)
+    base = _cache_base(path)
     with open(base + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # one process converts, the others wait and then read
         if os.path.exists(base + ".json") and os.path.exists(base + ".safetensors"):
@@ -61,6 +59,37 @@ def load_gguf_cached(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         os.replace(tmp + ".json", base + ".json")   # written last: its presence means the pair is complete
         logger.info("cached dequantized weights at %s.safetensors", base)
         return config, tok_state, tensors
+
+
+def load_gguf_blocks_cached(path: str, config: dict) -> dict[str, "QuantBlocks"]:
+    """read_gguf_blocks, cached like the float32 tensors (`<cache>/<stem>-<key>.blocks<N>.safetensors`):
+    reading the GGUF metadata alone takes seconds, a cache hit a fraction of one."""
+    from safetensors.torch import load_file, save_file
+
+    from cluster.engine.gguf_blocks import QuantBlocks
+    base = _cache_base(path)
+    blocks_file = f"{base}.blocks{BLOCKS_FORMAT}.safetensors"
+    with open(base + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(blocks_file):
+            flat = load_file(blocks_file)
+            return {name.removesuffix(".q"): QuantBlocks(q, flat[name[:-2] + ".scale"], flat.get(name[:-2] + ".low"))
+                    for name, q in flat.items() if name.endswith(".q")}
+        blocks = read_gguf_blocks(path, config)
+        flat = {f"{name}.{part}": t for name, b in blocks.items()
+                for part, t in (("q", b.q), ("scale", b.scale), ("low", b.low)) if t is not None}
+        tmp = f"{base}.{os.getpid()}.tmp.safetensors"
+        save_file(flat, tmp)
+        os.replace(tmp, blocks_file)   # atomic: present means complete
+        return blocks
+
+
+def _cache_base(path: str) -> str:
+    """`<cache>/<stem>-<key>`: the key hashes the file's absolute path, size and mtime."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    os.makedirs(cache_dir(), exist_ok=True)
+    return os.path.join(cache_dir(), f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
 
 
 def gguf_tokenizer(path: str):
@@ -106,6 +135,28 @@ def read_gguf(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
             logger.info("dequantizing %s: %d/%d tensors (%.1fs)", os.path.basename(path), i + 1, total,
                         time.monotonic() - t0)
     return config, tok.to_state(), tensors
+
+
+def read_gguf_blocks(path: str, config: dict) -> dict[str, "QuantBlocks"]:
+    """HF-named QuantBlocks of every quantized 2-D weight (no float32 pass: packed for the CPU
+    kernels by quant_linear); float tensors are left out. `config`: read_gguf's HF config."""
+    import gguf
+
+    from cluster.engine.gguf_blocks import from_gguf
+    reader = gguf.GGUFReader(path)
+    arch = _field_value(reader.fields["general.architecture"])
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    out = {}
+    for t in reader.tensors:
+        if t.tensor_type in float_types or len(t.shape) != 2 or t.name == "rope_freqs.weight":
+            continue
+        cols, rows = (int(d) for d in t.shape)
+        blocks = from_gguf(t.data, t.tensor_type, rows, cols)
+        if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
+            blocks = blocks.permute_rows(lambda a, heads=heads: _unpermute(a, heads))
+        out[_hf_name(t.name)] = blocks
+    return out
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,9 +1,13 @@
-"""`linear`: F.linear, routed to oneDNN on CPU for float32.
+"""`linear`: F.linear, routed to oneDNN on CPU for float32, and to packed kernels for GGUF weights.
 
 torch's default CPU float32 GEMM is MKL, which runs its AVX2 code on AMD CPUs (such as
 the EPYC these benchmarks run on); oneDNN's matmul picks its kernel by ISA and uses
 AVX-512 there: about 2x faster at every shape the model uses (1 to 4096 rows).
 `PDCLUSTER_ONEDNN=0` turns it off.
+
+A weight loaded with `cpu_weights = "native"` carries `weight.packed` (quant_linear.PackedWeight):
+its GGUF quantization packed for torch's int4/int8 kernels; the tensor itself holds the same
+values in float32 for forwards too large for them.
 """
 from __future__ import annotations
 
@@ -12,11 +16,20 @@ import os
 import torch
 import torch.nn.functional as F
 
+from cluster.engine.quant_linear import packed_linear
+
 USE_ONEDNN = (os.environ.get("PDCLUSTER_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    packed = weight.__dict__.get("packed")   # plain dict read: a per-matmul getattr on a tensor is slower
+    if packed is not None and x.shape[0] and x.device.type == "cpu":
+        return packed_linear(x, weight, packed, bias, _dense)
+    return _dense(x, weight, bias)
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     if USE_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0]:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

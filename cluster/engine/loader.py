@@ -70,8 +70,10 @@ def default_gguf_path() -> str:
 
 def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto", dtype: str = "float32",
                device: str = "cpu", seed: int = 0, name_map: Optional[NameMap] = None,
-               tp: TpGroup = TpGroup()) -> LoadedModel:
-    """With `tp` of several ranks: this rank's shard, cut from the full model built on the host."""
+               tp: TpGroup = TpGroup(), cpu_weights: str = "native") -> LoadedModel:
+    """With `tp` of several ranks: this rank's shard, cut from the full model built on the host.
+    `cpu_weights`: "native" keeps a quantized GGUF file's weights packed on the CPU (quant_linear.py;
+    one rank only), "float32" dequantizes them (the reference path)."""
     t0 = time.monotonic()
     if not path and name == DEFAULT_MODEL:
         path = default_gguf_path()
@@ -99,10 +101,24 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
         model.load_hf_weights(tensors)
     if tp.size > 1:
         model = _shard(model, config, DTYPES[dtype], device, tp)
+    elif fmt == "gguf" and cpu_weights == "native":
+        _pack_gguf_weights(model, path, hf_config, dtype, device)
     model.eval()
     logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d) in %.1fs", name, config.num_layers,
                 sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size, time.monotonic() - t0)
     return LoadedModel(config, model, tokenizer_fn)
+
+
+def _pack_gguf_weights(model: LlamaModel, path: str, hf_config: dict, dtype: str, device: str) -> None:
+    from cluster.engine import quant_linear
+    if device != "cpu" or dtype != "float32" or not quant_linear.native_kernels_available():
+        logger.info("cpu_weights native: not on %s/%s (%s); weights stay float32", device, dtype,
+                    quant_linear.describe_cpu())
+        return
+    from cluster.engine.gguf_weights import load_gguf_blocks_cached
+    quant_linear.attach_packed(model, load_gguf_blocks_cached(path, hf_config))
+    logger.info("cpu_weights native: %s (%s)", quant_linear.weights_summary(model) or "no quantized weights",
+                quant_linear.describe_cpu())
 
 
 def _detect_format(path: str) -> str:

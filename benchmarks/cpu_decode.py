@@ -1,0 +1,127 @@
+"""Engine alone on the CPU, one stream, default model: native (packed GGUF) vs float32 weights.
+
+Both weight forms are loaded in one process and measured in alternating rounds (the machine
+is shared and noisy: compare the ratio, not the absolute figures across runs). Per torch
+thread count: ms per decode token (median of the per-token forward times of each round, best
+round reported) and prefill tok/s for a ~200-word prompt (best round).
+
+    python benchmarks/cpu_decode.py                      # 64 tokens, 3 rounds, threads 1 and 2
+    python benchmarks/cpu_decode.py --tokens 32 --rounds 2 --threads 2
+    python benchmarks/cpu_decode.py --write-md           # update BENCHMARKS.md ("CPU weights")
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cluster.engine.forward_batch import ForwardInput  # noqa: E402
+from cluster.engine.llm import LLM  # noqa: E402
+from cluster.engine.quant_linear import describe_cpu  # noqa: E402
+from cluster.sampling_params import SamplingParams  # noqa: E402
+
+SECTION = "## CPU weights"
+MODES = ("native", "float32")
+PROMPT = ("Write a detailed report on the history of the printing press. " * 20).strip()   # ~200 words
+GREEDY = SamplingParams(max_tokens=1)
+
+
+def _input(ids: list[int], prefix_len: int, pages: list[int], is_decode: bool) -> ForwardInput:
+    return ForwardInput(input_ids=torch.tensor(ids, dtype=torch.int64), extend_lens=[len(ids)],
+                        prefix_lens=[prefix_len], page_tables=[pages], sample=[True], sampling=[GREEDY],
+                        is_decode=is_decode)
+
+
+def one_stream(llm: LLM, prompt_ids: list[int], num_tokens: int) -> tuple[float, float]:
+    """-> (prefill seconds, median seconds per decode token) for one greedy stream."""
+    runner = llm.runner
+    pages = runner.page_allocator.allocate(-(-(len(prompt_ids) + num_tokens) // runner.page_size))
+    try:
+        t0 = time.perf_counter()
+        token = int(runner.forward(_input(prompt_ids, 0, pages, False)).next_token_ids[0])
+        prefill_s = time.perf_counter() - t0
+        steps = []
+        for i in range(num_tokens):
+            t0 = time.perf_counter()
+            token = int(runner.forward(_input([token], len(prompt_ids) + i, pages, True)).next_token_ids[0])
+            steps.append(time.perf_counter() - t0)
+    finally:
+        runner.page_allocator.free(pages)
+    return prefill_s, statistics.median(steps)
+
+
+def measure(llms: dict[str, LLM], threads: int, args) -> dict[str, tuple[float, float]]:
+    """mode -> (best ms per token, best prefill tok/s) over alternating rounds."""
+    torch.set_num_threads(threads)
+    prompt_ids = llms["float32"].tokenizer.encode(PROMPT)
+    best: dict[str, tuple[float, float]] = {}
+    for llm in llms.values():
+        one_stream(llm, prompt_ids[:32], 4)   # warm-up
+    for _ in range(args.rounds):
+        for mode, llm in llms.items():
+            prefill_s, step_s = one_stream(llm, prompt_ids, args.tokens)
+            ms, tps = step_s * 1e3, len(prompt_ids) / prefill_s
+            old = best.get(mode, (float("inf"), 0.0))
+            best[mode] = (min(old[0], ms), max(old[1], tps))
+    return best
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+
+
+def report(results: dict[int, dict[str, tuple[float, float]]], num_prompt: int, args) -> str:
+    lines = [f"{datetime.date.today()}, {cpu_model()} ({os.cpu_count()} cores, {describe_cpu()}), "
+             f"torch {torch.__version__}; `python benchmarks/cpu_decode.py --tokens {args.tokens} "
+             f"--rounds {args.rounds} --threads {','.join(map(str, args.threads))}`. "
+             f"Engine alone (ModelRunner forwards), one stream, default model; best of "
+             f"{args.rounds} alternating rounds. Other sessions were loading the machine.", "",
+             f"| torch threads | native ms/token | float32 ms/token | ratio | native prefill tok/s "
+             f"| float32 prefill tok/s ({num_prompt}-token prompt) |", "|---|---|---|---|---|---|"]
+    for threads, r in results.items():
+        (nm, np_), (fm, fp) = r["native"], r["float32"]
+        lines.append(f"| {threads} | {nm:.1f} | {fm:.1f} | {fm / nm:.2f}x | {np_:.0f} | {fp:.0f} |")
+    return "\n".join(lines)
+
+
+def write_md(table: str) -> None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
+    text = open(path).read()
+    block = f"{SECTION}\n\n{table}\n"
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + block + ("" if end < 0 else text[end:])
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    ap.add_argument("--write-md", action="store_true")
+    args = ap.parse_args()
+    llms = {mode: LLM(num_pages=64, page_size=16, cpu_weights=mode) for mode in MODES}
+    num_prompt = len(llms["float32"].tokenizer.encode(PROMPT))
+    with torch.inference_mode():
+        results = {t: measure(llms, t, args) for t in args.threads}
+    table = report(results, num_prompt, args)
+    print(table)
+    if args.write_md:
+        write_md(table)
+
+
+if __name__ == "__main__":
+    main()
