@@ -24,6 +24,7 @@ COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8}
 
 class RunningRouter:
     def __init__(self, tokenizer_cache: dict, internal_token: str = "", **sections):
+        from cluster.router.__main__ import http_config
         from cluster.router.app import create_app
         from cluster.router.dispatcher import Dispatcher
         from cluster.router.service import RouterService
@@ -41,9 +42,7 @@ class RunningRouter:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         app = create_app(self.service, internal_token)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_config=None, access_log=False,
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(http_config(app, "127.0.0.1", port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10

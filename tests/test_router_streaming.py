@@ -146,3 +146,20 @@ def test_burst_of_streams_all_end_with_done(make_router):
     assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
     ends = stream_endings(r.url, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)}, 128)
     assert ends.count("done") == 128, {e: ends.count(e) for e in set(ends)}
+
+
+def test_an_idle_connection_stays_open_longer_than_clients_keep_theirs(router):
+    """Clients (httpx, the openai SDK) drop a pooled connection after 5 s idle; a server that
+    closed at the same moment would reset the request a client was just sending on it."""
+    import http.client
+    from urllib.parse import urlparse
+    url = urlparse(router.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().read()
+    sock = conn.sock
+    time.sleep(6)                                      # past httpx's keepalive_expiry (5 s)
+    conn.request("GET", "/v1/models")
+    resp = conn.getresponse()
+    assert resp.status == 200 and conn.sock is sock    # the same connection answered
+    conn.close()

@@ -24,6 +24,7 @@ from cluster.router.dispatcher import Dispatcher
 from cluster.router.service import RouterService
 
 log = logging.getLogger("pdcluster.router")
+KEEP_ALIVE_S = 65               # idle HTTP connections: longer than clients keep theirs
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,6 +50,14 @@ class DrainingServer(uvicorn.Server):
         self.service.dispatcher.shutdown_workers("router shutting down")
         await asyncio.sleep(0.2)                          # let error events reach clients
         self.should_exit = True
+
+
+def http_config(app, host: str, port: int) -> uvicorn.Config:
+    # NOTE: an idle keep-alive connection is closed by the client first: uvicorn's default
+    # (5 s) equals httpx's own expiry, so a pooled connection could be reused just as the
+    # server closed it, and that request was reset (a ReadError with no response at all)
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=2, lifespan="off", timeout_keep_alive=KEEP_ALIVE_S)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,8 +110,7 @@ def main(argv=None) -> int:
         dispatcher.close()
         return 1
     app = create_app(service, os.environ.get(ROUTER_TOKEN_ENV, ""))
-    config = uvicorn.Config(app, host=cfg.router.host, port=cfg.router.port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=2, lifespan="off")
+    config = http_config(app, cfg.router.host, cfg.router.port)
     server = DrainingServer(config, service, args.drain_timeout)
     log.info("serving %s on http://%s:%d (control %s)", ", ".join(service.served_models()),
              cfg.router.host, cfg.router.port, dispatcher.control_endpoint)
