@@ -1,4 +1,4 @@
-"""`pdcluster` console script: launch | serve | worker | router | deploy | keys | bench | plan.
+"""`pdcluster` console script: launch | serve | worker | router | deploy | keys | bench | profile | plan.
 
     pdcluster launch CONFIG [--port N] [--host H] [--log-dir DIR] [--backend local|ray [--address A]]
     pdcluster serve [MODEL_PATH] [--port N] [--host H] [--log-dir DIR]   # 1 prefill + 1 decode
@@ -7,6 +7,7 @@
     pdcluster deploy k8s CONFIG [--out DIR] [--image IMG] [--no-secret]  # Kubernetes manifests
     pdcluster keys DIR [--force]                                          # the cluster's CURVE key pair
     pdcluster bench --url URL [--num-requests N --prompt-len P --max-tokens M --concurrency C]
+    pdcluster profile CONFIG --out PROFILE.json                           # measured cost model
     pdcluster plan --profile PROFILE.json --gpus N --slo-ttft S --slo-tpot S [--workload FILE]
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import replace
 from cluster.bench import cli as bench
 from cluster.config import ConfigError, ModelConfigSection, RouterConfig, load_config
 from cluster.launch import k8s
-from cluster.plan import cli as plan
+from cluster.plan import cli as plan, profile
 from cluster.roles import ROLE_PACKAGES
 
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=sorted(ROLE_PACKAGES))
     sub.add_parser("router", help="the router alone (python -m cluster.router)", add_help=False)
     bench.add_arguments(sub.add_parser("bench", help="OpenAI-API load generator: TTFT, ITL, output tok/s"))
+    profile.add_arguments(sub.add_parser("profile", help="measure a cost profile on a cluster launched from CONFIG"))
     plan.add_arguments(sub.add_parser("plan", help="simulate static layouts under a profile: the best per SLO"))
     return ap
 
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     return {"launch": cmd_launch, "serve": cmd_serve, "deploy": cmd_deploy, "keys": cmd_keys, "bench": bench.cmd_bench,
-            "plan": plan.cmd_plan}[args.command](args)
+            "profile": profile.cmd_profile, "plan": plan.cmd_plan}[args.command](args)
 
 
 if __name__ == "__main__":
