@@ -59,8 +59,10 @@ class Pair:
         self.pc, self.dc = QueueControl(), QueueControl()
         t = TimeoutsConfig()
         # whole-request handoff, checksummed: both workers share one model here, and a layer-wise
-        # stream would take the decode forwards' layer hooks for its own (see test_kv_layerwise.py)
-        kv = KvTransferConfig(verify=True, layerwise=False)
+        # stream would take the decode forwards' layer hooks for its own (see test_kv_layerwise.py);
+        # zmq, because `auto` picks cuda_ipc on a GPU and CUDA cannot open an IPC handle in the
+        # process that exported it (both workers live in this one)
+        kv = KvTransferConfig(backend="zmq", verify=True, layerwise=False)
         prefill_runner, decode_runner = runner_for(loaded), runner_for(loaded, decode_pages)
         self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0", prefill_runner, self.pc,
                                         KvHandoff.open("prefill-0", prefill_runner.kv_pool, kv), t)
