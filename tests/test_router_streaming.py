@@ -163,3 +163,17 @@ def test_an_idle_connection_stays_open_longer_than_clients_keep_theirs(router):
     resp = conn.getresponse()
     assert resp.status == 200 and conn.sock is sock    # the same connection answered
     conn.close()
+
+
+def test_metrics_export_the_router_processes_cpu_time(router):
+    """`router_cpu_seconds_total` grows with the router's work: its rate over tokens delivered
+    is the host cost of streaming that benchmarks/router_stream.py measures from outside."""
+    import re
+
+    def cpu() -> float:
+        text = router.http.get("/metrics").text
+        return float(re.search(r'^pdcluster:router_cpu_seconds_total\{process="router"\} (\S+)$', text, re.M).group(1))
+    before = cpu()
+    for _ in range(20):
+        router.http.get("/v1/models")
+    assert 0 < before < cpu()

@@ -2,7 +2,8 @@
 
 Router: `pdcluster:time_to_first_token_seconds`, `pdcluster:inter_token_latency_seconds`,
 `pdcluster:e2e_request_latency_seconds`, `pdcluster:request_phase_seconds{phase}`
-(histograms), `pdcluster:requests_total{outcome}`, `pdcluster:num_requests_in_flight`.
+(histograms), `pdcluster:requests_total{outcome}`, `pdcluster:num_requests_in_flight`,
+`pdcluster:router_cpu_seconds_total{process}`.
 Workers (labels `role`, `worker`), read from their last heartbeat at scrape time by
 `WorkerStatsCollector`: every metric `M` declared by `WorkerGauges` (cluster/wire/gauges.py)
 that a worker reports becomes `pdcluster:M` of the declared kind (a labelled counter's
@@ -13,6 +14,7 @@ worker id registered again. Each router owns its registry (tests run several in 
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Iterable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
@@ -65,6 +67,7 @@ class RouterMetrics:
             self.phase.labels(phase)
         Gauge(PREFIX + "num_requests_in_flight", "Requests admitted and not finished.",
               registry=r).set_function(num_in_flight)
+        r.register(RouterCpuCollector())
 
     def observe(self, histogram: Histogram, value: float, times: int = 1) -> None:
         for _ in range(times):
@@ -81,6 +84,18 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouterCpuCollector:
+    """The router process's CPU time (user + system, every thread), read at scrape time: its
+    rate over the delivered tokens is the host cost of streaming. One process serves HTTP and
+    dispatch, so the `process` label is always "router"."""
+
+    def collect(self) -> Iterable:
+        family = CounterMetricFamily(PREFIX + "router_cpu_seconds", "CPU time (user + system) the "
+                                     "router process has used.", labels=["process"])
+        family.add_metric(["router"], time.process_time())
+        yield family
 
 
 class WorkerStatsCollector:
