@@ -78,3 +78,14 @@ def test_incremental_detokenizer_never_splits_utf8(llm):
     pieces = [detok.add([t]) for t in ids]
     assert "".join(pieces) == text == detok.text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_held_back_for_an_incomplete_character_is_sent_when_the_request_finishes(llm):
+    from cluster.router.completion import CompletionText
+    tok = llm.tokenizer
+    ids = tok.encode("ok 🎉")
+    cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
+    text = CompletionText(IncrementalDetokenizer(tok), [])
+    streamed = text.add(ids[:cut - 1], None, None).text
+    streamed += text.add(ids[cut - 1:cut], None, "length").text
+    assert streamed == tok.decode(ids[:cut]) and streamed.endswith("\ufffd")

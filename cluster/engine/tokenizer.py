@@ -166,10 +166,18 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Iterable[int]) -> str:
         self.ids.extend(token_ids)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        """The text still held back when the sequence ends: a trailing incomplete character is
+        sent as U+FFFD (as transformers decodes it) rather than dropped."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = decode(self.ids[self.prefix_offset:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""
         delta = new_text[len(prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

@@ -39,6 +39,8 @@ class CompletionText:
         self.token_ids += token_ids
         if token_ids:
             self.text += self.detokenizer.add(token_ids)
+        if finish_reason is not None:
+            self.text += self.detokenizer.finish()
         if finish_reason is None:
             end = max(self.num_emitted, len(self.text) - self.hold_back)
         else:
