@@ -39,7 +39,8 @@ def write_model_dir(path: str, tokenizer_json: str, preset: str) -> None:
           "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
           "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
           "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
-          "max_position_embeddings": 8192, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+          "max_position_embeddings": 8192, "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": 1,
+          "eos_token_id": 2}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f)
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,29 +29,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.cluster_itl_gpu import wait_ready  # noqa: E402
+from benchmarks.cluster_itl_gpu import wait_ready, write_model_dir  # noqa: E402
 from cluster.bench import cli as bench  # noqa: E402
-from cluster.engine.model_config import PRESETS  # noqa: E402
 
 PORT = 8123
 PAGE_SIZE = 16
 PROMPT_WORDS = 128                    # ~130 tokens with the default tokenizer
-
-
-def write_model_dir(path: str, tokenizer_json: str, preset: str) -> None:
-    from tokenizers import Tokenizer
-    os.makedirs(path, exist_ok=True)
-    shutil.copy(tokenizer_json, os.path.join(path, "tokenizer.json"))
-    c = PRESETS[preset]
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-          "vocab_size": Tokenizer.from_file(tokenizer_json).get_vocab_size(), "hidden_size": c.hidden_size,
-          "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-          "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-          "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
-          "max_position_embeddings": 8192, "tie_word_embeddings": c.tie_word_embeddings,
-          "bos_token_id": 1, "eos_token_id": 2}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f)
 
 
 def num_pages_for(args) -> int:

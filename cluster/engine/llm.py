@@ -19,7 +19,7 @@ from cluster.engine.kv_cache import pages_for
 from cluster.engine.loader import DEFAULT_MODEL, load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.parallel import TpGroup
-from cluster.engine.sampler import token_generator
+from cluster.engine.sampler import has_penalty, token_generator
 from cluster.engine.stop_checker import check_finish, trim_stop
 from cluster.sampling_params import SamplingParams
 
@@ -56,10 +56,6 @@ class _Seq:
     @property
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
-
-
-def _has_penalty(sp: SamplingParams) -> bool:
-    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
 
 
 class LLM:
@@ -151,7 +147,7 @@ class LLM:
             page_tables=[s.page_table for s in seqs], sample=sample, sampling=[s.sampling for s in seqs],
             generators=[token_generator(s.sampling.seed, len(s.output_ids), self.device)
                         if s.sampling.seed is not None else None for s in seqs],
-            prior_ids=[s.all_ids if _has_penalty(s.sampling) else [] for s in seqs],
+            prior_ids=[s.all_ids if has_penalty(s.sampling) else [] for s in seqs],
             min_tokens_left=[s.sampling.min_tokens - len(s.output_ids) for s in seqs],
             eos_token_ids=[s.eos_token_ids for s in seqs], is_decode=is_decode,
             grammars=[s.grammar for s in seqs],

@@ -42,7 +42,7 @@ def token_generator(seed: int, index: int, device=None) -> torch.Generator:
 def is_plain_greedy(sampling: list[SamplingParams], prior_ids: list[list[int]], min_tokens_left: list[int],
                     grammars: list = ()) -> bool:
     """Argmax of the raw logits is the answer: no temperature, bias, penalty, EOS ban, grammar or logprobs."""
-    return (all(sp.is_greedy and not sp.logprobs and not sp.logit_bias and not _has_penalty(sp) for sp in sampling)
+    return (all(sp.is_greedy and not sp.logprobs and not sp.logit_bias and not has_penalty(sp) for sp in sampling)
             and not any(n > 0 for n in min_tokens_left) and not any(g is not None for g in grammars))
 
 
@@ -91,7 +91,7 @@ def _biased(logits: torch.Tensor, sampling: list[SamplingParams]) -> torch.Tenso
                                         _on(logits.device, list(bias), logits.dtype)).view(logits.shape)
 
 
-def _has_penalty(sp: SamplingParams) -> bool:
+def has_penalty(sp: SamplingParams) -> bool:
     return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
 
 
@@ -103,7 +103,7 @@ def _on(device, values: list, dtype: torch.dtype) -> torch.Tensor:
 def _penalized(logits: torch.Tensor, sampling: list[SamplingParams], prior_ids: list[list[int]]) -> torch.Tensor:
     """CTRL / HF repetition penalty (shrink seen logits towards less likely), then OpenAI presence
     (per seen token) and frequency (per occurrence) penalties; counts from one scatter."""
-    rows = [i for i, sp in enumerate(sampling) if i < len(prior_ids) and prior_ids[i] and _has_penalty(sp)]
+    rows = [i for i, sp in enumerate(sampling) if i < len(prior_ids) and prior_ids[i] and has_penalty(sp)]
     if not rows:
         return logits
     ids = [t for i in rows for t in prior_ids[i]]

@@ -9,12 +9,8 @@ from __future__ import annotations
 import torch
 
 from cluster.engine.forward_batch import ForwardInput
-from cluster.engine.sampler import token_generator
+from cluster.engine.sampler import has_penalty, token_generator
 from cluster.runtime.schedule_batch import ForwardMode, ScheduleBatch
-
-
-def _has_penalty(sp) -> bool:
-    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
 
 
 def _segment_ids(req, start: int, end: int) -> list[int]:
@@ -52,7 +48,7 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         # the sampled token's output index: tokens already out plus those launched before it
         generators=[token_generator(r.sampling.seed, r.num_output + r.num_pending - 1)
                     if s and r.sampling.seed is not None else None for r, s in zip(reqs, batch.is_last_chunk)],
-        prior_ids=[r.all_ids if _has_penalty(r.sampling) else [] for r in reqs],
+        prior_ids=[r.all_ids if has_penalty(r.sampling) else [] for r in reqs],
         # tokens still to come before EOS is allowed (the sampled one counts as num_output + 1)
         min_tokens_left=[max(0, r.sampling.min_tokens - (r.num_output + r.num_pending - 1)) for r in reqs],
         eos_token_ids=[frozenset() if r.sampling.ignore_eos else r.eos_token_ids for r in reqs],
@@ -80,7 +76,7 @@ def decode_forward_input(batch: ScheduleBatch) -> ForwardInput:
             sp = r.sampling
             if sp.seed is not None:   # the sampled token is output number out_lens[i]
                 generators[i] = token_generator(sp.seed, int(out_lens[i]) - 1)
-            if _has_penalty(sp):
+            if has_penalty(sp):
                 prior_ids[i] = r.all_ids
             grammars[i] = r.grammar
     min_left = rows.min_tokens - (rows.out_lens - 1)

@@ -19,13 +19,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from cluster.engine.sampler import has_penalty
 from cluster.runtime.schedule_batch import Req
 
 _INT = np.int64
-
-
-def _has_penalty(sp) -> bool:
-    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
 
 
 def next_input_id(req: Req) -> int:
@@ -49,7 +46,7 @@ class RowKind(NamedTuple):
     @classmethod
     def of(cls, req: Req, eos: frozenset) -> "RowKind":
         sp = req.sampling
-        penalty = _has_penalty(sp)
+        penalty = has_penalty(sp)
         return cls(host_sampling=sp.seed is not None or penalty or req.grammar is not None,
                    plain_greedy=sp.is_greedy and not sp.logprobs and not sp.logit_bias and not penalty
                    and req.grammar is None,
