@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import logging
 import os
 import pstats
 import random
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -42,8 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import SchedulerConfig  # noqa: E402
 from cluster.engine.forward_batch import ForwardInput, ForwardOutput  # noqa: E402
-from cluster.engine.loader import LoadedModel, load_tokenizer  # noqa: E402
-from cluster.engine.model_config import ModelConfig  # noqa: E402
+from cluster.engine.loader import LoadedModel, load_model, load_tokenizer  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
 from cluster.unified import UnifiedScheduler  # noqa: E402
 from cluster.wire import protocol as P  # noqa: E402
@@ -98,11 +99,23 @@ def zero_cost_forward(runner: ModelRunner):
     return forward
 
 
+def tiny_model(tokenizer) -> LoadedModel:
+    """A real one-layer dummy model (the runner builds its KV pool from it) with the default vocabulary."""
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": tokenizer.vocab_size, "hidden_size": 64,
+          "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+          "head_dim": 8, "eos_token_id": sorted(tokenizer.eos_token_ids)}
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(hf, f)
+        loaded = load_model("dummy", path=d, load_format="dummy")
+    loaded._tokenizer = tokenizer
+    return loaded
+
+
 def build_worker(batch: int, num_tokens: int, fake: str, overlap: bool) -> tuple[UnifiedScheduler, EncodingControl]:
     tokenizer = load_tokenizer()
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=64, num_layers=1,
-                         num_heads=1, num_kv_heads=1, head_dim=8, eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)))
-    loaded = LoadedModel(config, None, lambda: tokenizer)
+    loaded = tiny_model(tokenizer)
+    config = loaded.config
     num_pages = batch * (-(-num_tokens // PAGE_SIZE) + 1) + 16
     runner = ModelRunner(loaded, num_pages, PAGE_SIZE)
     if fake == "forward":

@@ -73,6 +73,10 @@ class StepRows(NamedTuple):
     all_plain_greedy: bool     # every row's token is the argmax (no EOS ban pending either)
 
 
+INT_COLS = ("kv_lens", "num_pages", "input_ids", "future_slots", "out_lens", "max_tokens", "min_tokens")
+FLAG_COLS = ("eos_on", "plain_result", "plain_greedy")
+
+
 class RunningBatch:
     def __init__(self, page_size: int, capacity: int = 64, max_pages: int = 16):
         self.page_size = page_size
@@ -86,21 +90,21 @@ class RunningBatch:
         self._alloc(capacity, max_pages)
 
     def _alloc(self, capacity: int, max_pages: int) -> None:
-        old = getattr(self, "kv_lens", None)
+        """Columns live in two blocks (ints, flags), so a step copies and a leaving row shifts each block
+        in one operation; the named columns are views into them."""
+        old = getattr(self, "ints", None)
         n = len(self.reqs)
-        cols = {name: np.zeros(capacity, dtype) for name, dtype in (
-            ("kv_lens", _INT), ("num_pages", _INT), ("input_ids", _INT), ("future_slots", _INT),
-            ("out_lens", _INT), ("max_tokens", _INT), ("min_tokens", _INT), ("eos_on", bool),
-            ("plain_result", bool), ("plain_greedy", bool))}
+        ints, flags = np.zeros((len(INT_COLS), capacity), _INT), np.zeros((len(FLAG_COLS), capacity), bool)
         table = np.zeros((capacity, max_pages), _INT)
         if old is not None:
-            for name, col in cols.items():
-                col[:n] = getattr(self, name)[:n]
+            ints[:, :n], flags[:, :n] = self.ints[:, :n], self.flags[:, :n]
             p = min(max_pages, self.page_table.shape[1])
             table[:n, :p] = self.page_table[:n, :p]
-        for name, col in cols.items():
-            setattr(self, name, col)
-        self.page_table = table
+        self.ints, self.flags, self.page_table = ints, flags, table
+        for k, name in enumerate(INT_COLS):
+            setattr(self, name, ints[k])
+        for k, name in enumerate(FLAG_COLS):
+            setattr(self, name, flags[k])
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -144,10 +148,9 @@ class RunningBatch:
         except ValueError:
             return False
         n = len(self.reqs)
-        for col in (self.kv_lens, self.num_pages, self.input_ids, self.future_slots, self.out_lens,
-                    self.max_tokens, self.min_tokens, self.eos_on, self.plain_result, self.plain_greedy,
-                    self.page_table):
-            col[i:n - 1] = col[i + 1:n]
+        for block in (self.ints, self.flags):
+            block[:, i:n - 1] = block[:, i + 1:n]
+        self.page_table[i:n - 1] = self.page_table[i + 1:n]
         for xs in (self.reqs, self.sampling, self.eos, self.kinds):
             del xs[i]
         if req in self.joined:
@@ -174,17 +177,19 @@ class RunningBatch:
         """The step's copy of the rows; then every row moves on one position and will feed its
         future token (the forward stores each row's sampled token into its slot)."""
         n = len(self.reqs)
-        pos = self.kv_lens[:n].copy()
+        ints, flags = self.ints[:, :n].copy(), self.flags[:, :n].copy()
+        col = dict(zip(INT_COLS, ints))
+        pos, out_lens = col["kv_lens"], col["out_lens"]
+        out_lens += 1                                       # the sampled token is output number out_lens
         cols = int(-(-(pos.max() + 1) // self.page_size)) if n else 0
-        min_left = self.min_tokens[:n] - (self.out_lens[:n])   # the sampled token is output number out_lens + 1
+        plain_greedy = bool(flags[2].all()) and not bool((col["min_tokens"] >= out_lens).any())
         rows = StepRows(
-            input_ids=self.input_ids[:n].copy(), positions=pos, page_table=self.page_table[:n, :cols].copy(),
-            future_slots=self.future_slots[:n].copy(), out_lens=self.out_lens[:n] + 1,
-            max_tokens=self.max_tokens[:n].copy(), min_tokens=self.min_tokens[:n].copy(),
-            eos_on=self.eos_on[:n].copy(), plain_result=self.plain_result[:n].copy(),
+            input_ids=col["input_ids"], positions=pos, page_table=self.page_table[:n, :cols].copy(),
+            future_slots=col["future_slots"], out_lens=out_lens, max_tokens=col["max_tokens"],
+            min_tokens=col["min_tokens"], eos_on=flags[0], plain_result=flags[1],
             eos_ids=self._eos_ids if n else np.zeros(0, _INT), sampling=list(self.sampling),
             eos_token_ids=list(self.eos), host_rows=list(self.host_rows), joined=self.joined,
-            all_plain_greedy=bool(self.plain_greedy[:n].all()) and not bool((min_left > 0).any()))
+            all_plain_greedy=plain_greedy)
         self.joined = []
         self.kv_lens[:n] += 1
         self.out_lens[:n] += 1
