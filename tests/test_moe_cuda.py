@@ -67,8 +67,8 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol):
     width = max(-(-n // page) for n in lens)
     tables = torch.randperm(64, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, rank + rope, generator=g, device="cuda").to(dtype)
-    got = decode_latent(q, cache, tables.reshape(-1), torch.arange(0, len(lens) * width, width, device="cuda"),
-                        torch.tensor(lens, device="cuda"), 0.07, rank)
+    got = decode_latent(q[..., :rank], q[..., rank:], cache, tables.reshape(-1),
+                        torch.arange(0, len(lens) * width, width, device="cuda"), torch.tensor(lens, device="cuda"), 0.07)
     for b, n in enumerate(lens):
         lat = cache[tables[b]].reshape(-1, rank + rope)[:n].float()
         want = torch.softmax(q[b].float() @ lat.T * 0.07, dim=-1) @ lat[:, :rank]

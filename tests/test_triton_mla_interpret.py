@@ -1,6 +1,8 @@
 """The MLA decode kernel under Triton's CPU interpreter against gathered latents and a float32
-softmax: requests of different lengths over scattered pages, more heads than one block, splits
-that end past a short request. Skipped where Triton is missing and on CUDA machines."""
+softmax: requests of different lengths over scattered pages, more heads than one block, several
+splits of a sequence (split-K) merged by log-sum-exp, splits past the end of a short request,
+single-token requests and lengths ending on a page boundary. Skipped where Triton is missing and
+on CUDA machines."""
 import pytest
 import torch
 
@@ -21,10 +23,16 @@ def _reference(q, cache, tables, lens, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("heads, lens, splits", [(4, [1, 13, 40], 0), (20, [7, 33], 4), (16, [2, 30], 8)])
+@pytest.mark.parametrize("heads, lens, splits", [
+    (4, [1, 13, 40], 0),          # the split count chosen from the batch shape
+    (20, [7, 33], 4),             # two head blocks, the second partly masked
+    (16, [2, 30], 8),             # more splits than a short request has tiles
+    (16, [1, 1], 3),              # single tokens: every split but the first is empty
+    (8, [64, 32, 96], 3),         # page-boundary lengths; 96 tokens over 3 splits of one tile each
+    (2, [100], 32)])              # the most splits, one request
 def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, splits):
     g = torch.Generator().manual_seed(heads)
-    num_pages = 32
+    num_pages = sum(-(-n // PAGE) for n in lens) + 4
     cache = torch.randn(num_pages, PAGE, RANK + ROPE, generator=g)
     perm = torch.randperm(num_pages, generator=g).tolist()
     width = max(-(-n // PAGE) for n in lens)
@@ -36,9 +44,19 @@ def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, s
     q = torch.randn(len(lens), heads, RANK + ROPE, generator=g)
     flat = torch.tensor([p for t in tables for p in t])                 # the padded table, row by row
     starts = torch.arange(0, len(lens) * width, width)
-    got = kernels.decode_latent(q, cache, flat, starts, torch.tensor(lens), 0.125, RANK, num_splits=splits)
+    got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, flat, starts, torch.tensor(lens), 0.125,
+                                num_splits=splits)
     want = _reference(q, cache, [t[:-(-n // PAGE)] for t, n in zip(tables, lens)], lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_request_gives_zeros_not_nan(kernels):
+    """A decode graph's padding rows have no tokens: their output must stay finite."""
+    cache = torch.randn(4, PAGE, RANK + ROPE)
+    q = torch.randn(1, 4, RANK + ROPE)
+    got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, torch.tensor([0]), torch.tensor([0]),
+                                torch.tensor([0]), 0.125, num_splits=2)
+    assert torch.equal(got, torch.zeros_like(got))
 
 
 def test_kernel_supports_only_power_of_two_parts(kernels):

@@ -94,7 +94,6 @@ class MlaAttention(nn.Module):
     def _decode_absorbed(self, q_nope, q_pe, cache, ctx: AttentionContext) -> torch.Tensor:
         w_uk, w_uv = self._up_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
-        q_full = torch.cat((q_latent, q_pe), dim=-1)
         if use_triton_mla(cache.device, self.mla):   # the latent pages read in place, once per request
             from cluster.engine.triton_mla import decode_latent
             if ctx.pages is not None:   # a decode CUDA graph's context: flat page list
@@ -103,9 +102,9 @@ class MlaAttention(nn.Module):
                 width = ctx.page_table.shape[1]
                 pages, seq_lens = ctx.page_table.reshape(-1), ctx.positions + 1
                 page_start = torch.arange(0, ctx.num_reqs * width, width, device=pages.device)
-            out_latent = decode_latent(q_full, cache[0], pages, page_start, seq_lens, self.scale,
-                                       self.mla.kv_lora_rank)
+            out_latent = decode_latent(q_latent, q_pe, cache[0], pages, page_start, seq_lens, self.scale)
         else:
+            q_full = torch.cat((q_latent, q_pe), dim=-1)
             latents = gather_kv(cache, ctx)[0]                             # [B, L, rank + rope]
             scores = torch.baddbmm(ctx.mask.to(q_pe.dtype), q_full, latents.transpose(1, 2), alpha=self.scale)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
