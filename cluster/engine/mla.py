@@ -48,6 +48,15 @@ def use_triton_mla(device: torch.device, mla) -> bool:
     return supports(mla.kv_lora_rank, mla.qk_rope_head_dim)
 
 
+def latent_pages(ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode kernel's (pages, page_start, seq_lens) from either attention context."""
+    if ctx.pages is not None:   # a decode CUDA graph's context: flat page list
+        return ctx.pages, ctx.page_start, ctx.seq_lens
+    width = ctx.page_table.shape[1]   # the torch context's padded page table
+    page_start = torch.arange(0, ctx.num_reqs * width, width, device=ctx.page_table.device)
+    return ctx.page_table.reshape(-1), page_start, ctx.positions + 1
+
+
 class MlaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -96,13 +105,7 @@ class MlaAttention(nn.Module):
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
         if use_triton_mla(cache.device, self.mla):   # the latent pages read in place, once per request
             from cluster.engine.triton_mla import decode_latent
-            if ctx.pages is not None:   # a decode CUDA graph's context: flat page list
-                pages, page_start, seq_lens = ctx.pages, ctx.page_start, ctx.seq_lens
-            else:                       # the torch context's padded page table
-                width = ctx.page_table.shape[1]
-                pages, seq_lens = ctx.page_table.reshape(-1), ctx.positions + 1
-                page_start = torch.arange(0, ctx.num_reqs * width, width, device=pages.device)
-            out_latent = decode_latent(q_latent, q_pe, cache[0], pages, page_start, seq_lens, self.scale)
+            out_latent = decode_latent(q_latent, q_pe, cache[0], *latent_pages(ctx), self.scale)
         else:
             q_full = torch.cat((q_latent, q_pe), dim=-1)
             latents = gather_kv(cache, ctx)[0]                             # [B, L, rank + rope]
