@@ -46,9 +46,11 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 class Control:
     """The router end of the worker's control socket, as a queue pair."""
+    arrivals = None                      # no wake-up event: an idle worker polls `recv`
     num_protocol_errors = 0
 
     def __init__(self):
+        self.rejected_frames: dict[str, int] = {}
         self.inbound: queue.Queue = queue.Queue()
         self.tokens: dict[str, list[int]] = {}
         self.done: set[str] = set()

@@ -51,7 +51,8 @@ class DecodeScheduler(WorkerScheduler):
     def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts):
         super().__init__(config, worker_id, runner, control, handoff)
         self.transfer = handoff.transfer
-        runner.import_fence = self.transfer.fence   # forwards wait for the KV imports
+        if runner.import_fence is not self.transfer.fence:   # forwards must wait for the KV imports
+            raise ValueError(f"{worker_id}: the model runner's import fence is not the KV transfer's")
         self.prealloc_queue = PreallocQueue(self.cache)
         self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)

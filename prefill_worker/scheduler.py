@@ -32,16 +32,17 @@ class PrefillScheduler(WorkerScheduler):
     supports_prefix_cache = True
 
     def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts):
-        super().__init__(config, worker_id, runner, control, handoff)
-        self.transfer = handoff.transfer
+        # NOTE: before the base, whose forward executor announces each launch to it
+        layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, handoff.send_to) \
+            if handoff.transfer.layerwise else None
+        super().__init__(config, worker_id, runner, control, handoff,
+                         on_launch=layers.launching if layers is not None else None)
+        self.transfer, self.layers = handoff.transfer, layers
         self.prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
         self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
-        self.layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, handoff.send_to) \
-            if self.transfer.layerwise else None
-        if self.layers is not None:
-            self.executor.on_launch = self.layers.launching
+        if layers is not None:
             logger.info("%s: layer-wise KV streaming %s", worker_id,
                         "on" if self.transfer.layerwise is True else "for peers reached through zmq (auto)")
 

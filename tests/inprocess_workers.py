@@ -5,6 +5,7 @@ import time
 
 from cluster.config import KvTransferConfig, SchedulerConfig, TimeoutsConfig
 from cluster.engine.model_runner import ModelRunner
+from cluster.kv_transfer import ImportFence
 from cluster.runtime.kv_handoff import KvHandoff
 from cluster.sampling_params import SamplingParams
 from cluster.unified import UnifiedScheduler
@@ -35,9 +36,10 @@ def drain(schedulers, lasts, done, timeout=120):
             lasts[i] = None
 
 
-def runner_for(loaded, num_pages=256):
+def runner_for(loaded, num_pages=256, import_fence=None):
     weight = next(loaded.model.parameters())
-    return ModelRunner(loaded, num_pages, 16, device=str(weight.device), dtype=weight.dtype)
+    return ModelRunner(loaded, num_pages, 16, device=str(weight.device), dtype=weight.dtype,
+                       import_fence=import_fence)
 
 
 def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS, **sampling):
@@ -63,11 +65,13 @@ class Pair:
         # zmq, because `auto` picks cuda_ipc on a GPU and CUDA cannot open an IPC handle in the
         # process that exported it (both workers live in this one)
         kv = KvTransferConfig(backend="zmq", verify=True, layerwise=False)
-        prefill_runner, decode_runner = runner_for(loaded), runner_for(loaded, decode_pages)
+        prefill_runner = runner_for(loaded)
+        decode_runner = runner_for(loaded, decode_pages, ImportFence(next(loaded.model.parameters()).device))
         self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0", prefill_runner, self.pc,
                                         KvHandoff.open("prefill-0", prefill_runner.kv_pool, kv), t)
         self.decode = DecodeScheduler(SchedulerConfig(overlap=overlap), "decode-0", decode_runner, self.dc,
-                                      KvHandoff.open("decode-0", decode_runner.kv_pool, kv), t)
+                                      KvHandoff.open("decode-0", decode_runner.kv_pool, kv,
+                                                     fence=decode_runner.import_fence), t)
         self.pdp, self.ddp = self.prefill.handoff.data_plane, self.decode.handoff.data_plane
         self.decode_forwards: list = []
         forward = self.decode.executor.forward_fn

@@ -13,9 +13,12 @@ from cluster.sampling_params import SamplingParams
 
 
 class QueueControl:
+    """A `ControlPlane` (runtime/worker_scheduler.py) that the test drives."""
+    arrivals = None                      # no wake-up event: an idle worker polls `recv`
     num_protocol_errors = 0
 
     def __init__(self):
+        self.rejected_frames: dict[str, int] = {}
         self.inbound: queue.Queue = queue.Queue()
         self.sent: list = []
 

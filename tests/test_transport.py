@@ -141,9 +141,8 @@ def test_on_message_callback_replaces_the_queue():
 
 def test_one_wake_up_event_fires_for_any_plane_a_worker_reads(server):
     arrivals = threading.Event()        # what an idle worker waits on (WorkerScheduler.recv_requests)
-    with ControlClient(server.endpoint, "decode-0") as control, DataPlane("decode-0") as data, \
-            DataPlane("prefill-0") as prefill:
-        control.arrivals = data.arrivals = arrivals
+    with ControlClient(server.endpoint, "decode-0", arrivals=arrivals) as control, \
+            DataPlane("decode-0", arrivals=arrivals) as data, DataPlane("prefill-0") as prefill:
         prefill.send_to(data.address, P.KvAck(["r1"], [], "prefill-0"))
         assert arrivals.wait(T) and data.recv(0)[1].rids == ["r1"]
         arrivals.clear()

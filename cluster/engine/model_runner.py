@@ -29,8 +29,10 @@ NUM_FUTURE_SLOTS = 4096
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32",
                  num_threads: Optional[int] = None, max_decode_batch: int = 256,
-                 kv_storage: Optional[torch.Tensor] = None):
-        """`max_decode_batch`: the largest decode batch CUDA graphs are captured for (at startup)."""
+                 kv_storage: Optional[torch.Tensor] = None, kv_segment=None, import_fence=None):
+        """`max_decode_batch`: the largest decode batch CUDA graphs are captured for (at startup).
+        `kv_segment`: the shared-memory segment `kv_storage` lives in (same-host readers map it);
+        `import_fence`: a decode worker's kv_transfer.ImportFence, the KV imports its forwards wait for."""
         if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
             torch.set_num_threads(num_threads)
         self.loaded = loaded
@@ -45,7 +47,7 @@ class ModelRunner:
         planes, kv_heads, kv_dim = self.model.layout.kv_cache_shape   # this rank's heads only
         self.kv_pool = KVPool(cfg.num_layers, kv_heads, kv_dim, num_pages, page_size, self.dtype, self.device,
                               storage=kv_storage, num_planes=planes)
-        self.import_fence = None   # kv_transfer.ImportFence of a decode worker: KV imports to wait for
+        self.kv_segment, self.import_fence = kv_segment, import_fence
         self.kv_caches = self.kv_pool.layer_caches()
         # one slot past the last: the trash slot that graph padding rows store into
         self.future_map = torch.zeros(NUM_FUTURE_SLOTS + 1, dtype=torch.int64, device=self.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cluster.config import SchedulerConfig
 from cluster.runtime.forward_executor import ForwardExecutor
@@ -26,12 +26,14 @@ FORWARD_TIMEOUT_S = 600.0   # a forward that takes longer is a hang, not a slow 
 class Scheduler:
     role = "base"
 
-    def __init__(self, config: SchedulerConfig, worker_id: str, forward_fn, on_cuda: bool = False):
+    def __init__(self, config: SchedulerConfig, worker_id: str, forward_fn, on_cuda: bool = False,
+                 on_launch: Optional[Callable[[int], None]] = None):
+        """`on_launch(forward_iter)`: on the forward thread, right before that forward runs."""
         self.config = config
         self.worker_id = worker_id
         self.forward_ct = 0             # only run_batch increments it
         self.stats = IterationStats(config.log_forward_iters, config.decode_log_interval)
-        self.executor = ForwardExecutor(forward_fn, threaded=config.overlap, on_cuda=on_cuda)
+        self.executor = ForwardExecutor(forward_fn, threaded=config.overlap, on_cuda=on_cuda, on_launch=on_launch)
         self.is_running = True
         self.trace: Optional[list[tuple[str, int, float, float]]] = None   # ("process", iter, t0, t1)
 

@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 
 
 class ForwardExecutor:
-    def __init__(self, forward_fn: Callable[[Any], Any], threaded: bool, on_cuda: bool = False):
+    def __init__(self, forward_fn: Callable[[Any], Any], threaded: bool, on_cuda: bool = False,
+                 on_launch: Optional[Callable[[int], None]] = None):
         self.forward_fn = forward_fn
         self.threaded = threaded
         self._pool: Optional[ThreadPoolExecutor] = (
@@ -28,7 +29,7 @@ class ForwardExecutor:
         self._trace_lock = threading.Lock()
         # f(forward_iter) on the forward thread right before that forward runs (layer-wise KV
         # streaming picks the plan of the forward it is about to see)
-        self.on_launch: Optional[Callable[[int], None]] = None
+        self.on_launch = on_launch
 
     def submit(self, forward_iter: int, forward_input: Any) -> Future:
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ data plane, `kv_transfer/` for the backends, `runtime/stats.py` for the gauges);
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Iterator, Optional
 
 from cluster.config_types import KvTransferConfig
@@ -45,10 +46,10 @@ class KvHandoff:
 
     @classmethod
     def open(cls, worker_id: str, pool: KVPool, config: KvTransferConfig, *, bind_host: str = "127.0.0.1",
-             curve=None, **hub) -> "KvHandoff":
-        """A fresh data plane on `bind_host` and a hub over `pool` as `config` says (`hub`:
-        TransferHub's other keyword arguments)."""
-        data_plane = DataPlane(worker_id, bind_host=bind_host, curve=curve)
+             curve=None, arrivals: Optional[threading.Event] = None, **hub) -> "KvHandoff":
+        """A fresh data plane on `bind_host` (setting `arrivals` on each message) and a hub over
+        `pool` as `config` says (`hub`: TransferHub's other keyword arguments)."""
+        data_plane = DataPlane(worker_id, bind_host=bind_host, curve=curve, arrivals=arrivals)
         return cls(data_plane, TransferHub(config, pool, worker_id, data_host=bind_host,
                                            data_addr=data_plane.address, **hub))
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from cluster.engine.forward_batch import ForwardOutput
 from cluster.engine.stop_checker import check_finish
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 
@@ -25,11 +26,11 @@ class SampledToken(NamedTuple):
     top: Optional[list]                        # [[token_id, logprob], ...] when it asked for top_logprobs
 
 
-def sampled_tokens(batch: ScheduleBatch, result) -> Iterator[SampledToken]:
+def sampled_tokens(batch: ScheduleBatch, result: ForwardOutput) -> Iterator[SampledToken]:
     """Every request this batch sampled for, with its token (and logprobs when asked)."""
     tokens = result.next_token_ids.tolist()
     logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-    prompt_lps = getattr(result, "prompt_logprobs", None)
+    prompt_lps = result.prompt_logprobs
     for i, req in enumerate(batch.reqs):
         if prompt_lps is not None and prompt_lps[i] is not None:   # echo: every chunk adds its part
             before = req.prompt_logprobs if batch.prefix_lens[i] else None   # a prefill again starts over

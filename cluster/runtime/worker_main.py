@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Callable
 
 from cluster.config import ClusterConfig, WorkerGroup
@@ -49,9 +50,11 @@ def set_threads(config: ClusterConfig, worker_id: str) -> None:
     logger.info("torch threads: %d", n)
 
 
-def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "", shared_pool: bool = False):
+def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "", shared_pool: bool = False,
+                import_fence: bool = False):
     """The model and its KV pool; `shared_pool` puts the pool in a shared-memory segment
-    (`runner.kv_segment`) that same-host decode workers read (kv_transfer `shm`)."""
+    (`runner.kv_segment`) that same-host decode workers read (kv_transfer `shm`);
+    `import_fence`: its forwards wait for KV imports (`runner.import_fence`, decode)."""
     from cluster.engine.loader import DTYPES, load_model
     from cluster.engine.model_runner import ModelRunner
     m, s = config.model, group.scheduler
@@ -64,10 +67,14 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
         storage, segment = shared_pool_storage(
             (loaded.config.num_layers, planes, kv_heads, s.num_pages, s.page_size, kv_dim), DTYPES[m.dtype])
     # decode batches never exceed the running set: CUDA graphs up to that size only
-    runner = ModelRunner(loaded, num_pages=s.num_pages, page_size=s.page_size, device=m.device,
-                         dtype=m.dtype, kv_storage=storage, max_decode_batch=s.max_running_requests)
-    runner.kv_segment = segment
-    return runner
+    fence = None
+    if import_fence:
+        import torch
+        from cluster.kv_transfer import ImportFence
+        fence = ImportFence(torch.device(m.device))
+    return ModelRunner(loaded, num_pages=s.num_pages, page_size=s.page_size, device=m.device,
+                       dtype=m.dtype, kv_storage=storage, kv_segment=segment, import_fence=fence,
+                       max_decode_batch=s.max_running_requests)
 
 
 def run_worker(role: str, argv, build: Callable) -> int:
@@ -93,9 +100,10 @@ def run_worker(role: str, argv, build: Callable) -> int:
     set_threads(config, args.worker_id)
     shared_pool = (role == "prefill" and config.model.device == "cpu"
                    and config.kv_transfer.backend in ("shm", "auto"))
-    runner = load_runner(config, group, group.path, shared_pool=shared_pool)
+    runner = load_runner(config, group, group.path, shared_pool=shared_pool, import_fence=role == "decode")
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
-    control = ControlClient(args.router, args.worker_id, curve=args.curve)
+    # one wake-up for every plane the worker reads (the data plane takes it from the control plane)
+    control = ControlClient(args.router, args.worker_id, curve=args.curve, arrivals=threading.Event())
     scheduler, register = build(args, config, group, runner, control)
     if config.cache.prefix_cache:
         scheduler.enable_prefix_cache()
@@ -130,7 +138,8 @@ def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
     def build(args, config, group, runner, control):
         from cluster.runtime.kv_handoff import KvHandoff
         handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
-                                 curve=args.curve, segment=getattr(runner, "kv_segment", None))
+                                 curve=args.curve, arrivals=control.arrivals, segment=runner.kv_segment,
+                                 fence=runner.import_fence)
         scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts)
         return scheduler, {"model": served_model(config, group), "data_addr": handoff.address}
     return run_worker(role, argv, build)

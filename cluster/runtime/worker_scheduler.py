@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from cluster.wire import protocol as P
 from cluster.wire.gauges import WorkerGauges
@@ -33,12 +33,24 @@ logger = logging.getLogger("pdcluster.worker")
 IDLE_WAIT_S = 0.005   # how long an idle pass blocks waiting for the next message
 
 
+class ControlPlane(Protocol):
+    """What a worker needs of its router connection (`wire.transport.ControlClient`)."""
+    arrivals: Optional[threading.Event]     # set on every arrival here and on the data plane; None: poll
+    rejected_frames: dict[str, int]
+    num_protocol_errors: int
+
+    def send(self, msg) -> None: ...
+
+    def recv(self, timeout: Optional[float] = None): ...
+
+
 class WorkerScheduler(Scheduler):
     supports_prefix_cache = False   # roles whose requests extend from a shared prefix
 
-    def __init__(self, config: SchedulerConfig, worker_id: str, runner, control,
-                 handoff: Optional["KvHandoff"] = None):
-        super().__init__(config, worker_id, runner.forward, on_cuda=str(runner.device).startswith("cuda"))
+    def __init__(self, config: SchedulerConfig, worker_id: str, runner, control: ControlPlane,
+                 handoff: Optional["KvHandoff"] = None, on_launch: Optional[Callable[[int], None]] = None):
+        super().__init__(config, worker_id, runner.forward, on_cuda=str(runner.device).startswith("cuda"),
+                         on_launch=on_launch)
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.cache = CacheManager(runner.page_allocator, runner.page_size)
@@ -53,16 +65,12 @@ class WorkerScheduler(Scheduler):
         self.marks = MarkBook(worker_id)    # per-request moments for the router's traces
         self._idle = False
         self._grammar_backend = None
-        # one wake-up for every plane this worker reads: an idle pass sleeps until any of them
-        # has a message (a kv_batch or decode_ready must not wait out a control-plane timeout)
-        self.arrivals = threading.Event()
-        self.wake_on(control)
-        if handoff is not None:
-            self.wake_on(handoff.data_plane)
-
-    def wake_on(self, plane) -> None:
-        if hasattr(plane, "arrivals"):
-            plane.arrivals = self.arrivals
+        # one wake-up for every plane this worker reads, given to each plane at its construction:
+        # an idle pass sleeps until any of them has a message (a kv_batch or decode_ready must
+        # not wait out a control-plane timeout)
+        self.arrivals = control.arrivals
+        if handoff is not None and handoff.data_plane.arrivals is not self.arrivals:
+            raise ValueError(f"{worker_id}: the data plane must wake the worker as its control plane does")
 
     # ---- intake --------------------------------------------------------------
     def enable_prefix_cache(self) -> None:
@@ -72,7 +80,7 @@ class WorkerScheduler(Scheduler):
     def recv_requests(self) -> None:
         timeout = IDLE_WAIT_S if self._idle else 0.0
         self._idle = False
-        if timeout and getattr(self.control, "arrivals", None) is self.arrivals:
+        if timeout and self.arrivals is not None:
             self.arrivals.wait(timeout)
             self.arrivals.clear()                # NOTE: before draining: a later arrival sets it again
             timeout = 0.0
@@ -268,14 +276,14 @@ class WorkerScheduler(Scheduler):
 
     def rejected_frames(self) -> dict[str, int]:
         """Refused handshakes and frames of this worker's sockets, by reason."""
-        out = dict(getattr(self.control, "rejected_frames", {}))
+        out = dict(self.control.rejected_frames)
         if self.handoff is not None:
             for reason, n in self.handoff.rejected_frames.items():
                 out[reason] = out.get(reason, 0) + n
         return out
 
     def num_protocol_errors(self) -> int:
-        errors = getattr(self.control, "num_protocol_errors", 0)
+        errors = self.control.num_protocol_errors
         return errors + (self.handoff.num_protocol_errors if self.handoff is not None else 0)
 
     def close(self) -> None:

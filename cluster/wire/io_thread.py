@@ -48,7 +48,7 @@ class SocketLoop:
     """Base of the transports; subclasses create sockets and say how frames map to items."""
 
     def __init__(self, name: str, on_message: Optional[Callable[[Any], None]] = None,
-                 curve: Optional[CurveKeys] = None):
+                 curve: Optional[CurveKeys] = None, arrivals: Optional[threading.Event] = None):
         self.name = name
         self.curve = curve
         self.rejected_frames: dict[str, int] = {}    # reason -> refused handshakes / frames
@@ -56,7 +56,7 @@ class SocketLoop:
         self._monitors: list[zmq.Socket] = []
         self.num_protocol_errors = 0
         self._on_message = on_message
-        self.arrivals: Optional[threading.Event] = None   # set on every inbox item (a waiter's wake-up)
+        self.arrivals = arrivals           # set on every inbox item (a waiter's wake-up), often shared
         self._ctx = zmq.Context(io_threads=1)
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()   # (destination key, frames | None)

@@ -20,6 +20,7 @@ on the I/O thread; exceptions are logged).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any, Callable, Hashable, Optional
 
@@ -60,8 +61,8 @@ class ControlClient(SocketLoop):
 
     def __init__(self, endpoint: str, worker_id: str,
                  on_message: Optional[Callable[[Message], None]] = None,
-                 curve: Optional[CurveKeys] = None):
-        super().__init__(f"control-client[{worker_id}]", on_message, curve)
+                 curve: Optional[CurveKeys] = None, arrivals: Optional[threading.Event] = None):
+        super().__init__(f"control-client[{worker_id}]", on_message, curve, arrivals)
         self.endpoint, self.worker_id = endpoint, worker_id
         self._sock = self._socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -153,8 +154,8 @@ class DataPlane(_BoundRouterLoop):
     def __init__(self, worker_id: str, bind_host: str = "127.0.0.1",
                  advertise_host: Optional[str] = None,
                  on_message: Optional[Callable[[tuple[str, Message]], None]] = None,
-                 curve: Optional[CurveKeys] = None):
-        super().__init__(f"data-plane[{worker_id}]", on_message, curve)
+                 curve: Optional[CurveKeys] = None, arrivals: Optional[threading.Event] = None):
+        super().__init__(f"data-plane[{worker_id}]", on_message, curve, arrivals)
         self.worker_id = worker_id
         self._peers: dict[str, zmq.Socket] = {}      # address -> DEALER (I/O thread only)
         self._sock = _bound_router(self, f"tcp://{bind_host}:0")
