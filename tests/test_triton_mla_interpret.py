@@ -29,6 +29,7 @@ def _reference(q, cache, tables, lens, scale):
     (16, [2, 30], 8),             # more splits than a short request has tiles
     (16, [1, 1], 3),              # single tokens: every split but the first is empty
     (8, [64, 32, 96], 3),         # page-boundary lengths; 96 tokens over 3 splits of one tile each
+    (16, [5, 9], 1),              # one split: the merge passes it through
     (2, [100], 32)])              # the most splits, one request
 def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, splits):
     g = torch.Generator().manual_seed(heads)

@@ -121,6 +121,6 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     out = torch.empty(b, h, r, dtype=q_latent.dtype, device=q_latent.device)
-    _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=triton.next_power_of_2(splits),
+    _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=max(2, triton.next_power_of_2(splits)),
                                 num_warps=4)
     return out
