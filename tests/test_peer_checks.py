@@ -1,11 +1,18 @@
 """Data-plane peers are held to the router's choice: a `decode_ready` from any decode
 worker other than the one paired with the request does not release the user's KV to it;
-per-worker bookkeeping kept for tests stays bounded."""
+a data-plane message whose body names another worker than its sender is dropped; per-worker
+bookkeeping kept for tests stays bounded."""
 from __future__ import annotations
 
+import time
+
+from cluster.config import KvTransferConfig
+from cluster.engine.kv_cache import KVPool
+from cluster.runtime.kv_handoff import KvHandoff
 from cluster.runtime.schedule_batch import Req
 from cluster.runtime.stats import MAX_REPORTED_ITERS, IterationStats, PrefillStats
 from cluster.sampling_params import SamplingParams
+from cluster.wire import protocol as P
 from cluster.wire.messages import Peer
 from prefill_worker.bootstrap_queue import BootstrapQueue
 
@@ -43,3 +50,21 @@ def test_reported_iterations_are_bounded():
         stats.report_prefill(it, PrefillStats(1, 4))
     assert len(stats.reported_iters) <= MAX_REPORTED_ITERS
     assert stats.reported_iters[-1] == ("prefill", 3 * MAX_REPORTED_ITERS - 1)
+
+
+def test_a_data_plane_message_whose_body_names_another_sender_is_dropped_and_counted():
+    kv, pool = KvTransferConfig(backend="zmq"), lambda: KVPool(2, 1, 4, 2, 4)
+    prefill = KvHandoff.open("prefill-0", pool(), kv)
+    decode = KvHandoff.open("decode-0", pool(), kv)
+    try:
+        decode.send_to(prefill.address, P.KvAck(["r1"], [], "decode-9"))          # claims another id
+        decode.send_to(prefill.address, P.KvAck(["r2"], [], "decode-0"))
+        got, deadline = [], time.monotonic() + 10
+        while len(got) < 1 and time.monotonic() < deadline:
+            got += list(prefill.received())
+            time.sleep(0.01)
+        assert [(sender, msg.rids) for sender, msg in got] == [("decode-0", ["r2"])]
+        assert prefill.rejected_frames == {"wrong_peer": 1}
+    finally:
+        prefill.close()
+        decode.close()
