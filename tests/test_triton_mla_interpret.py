@@ -29,7 +29,7 @@ def _reference(q, cache, tables, lens, scale):
     (16, [2, 30], 8),             # more splits than a short request has tiles
     (16, [1, 1], 3),              # single tokens: every split but the first is empty
     (8, [64, 32, 96], 3),         # page-boundary lengths; 96 tokens over 3 splits of one tile each
-    (16, [5, 9], 1),              # one split: the merge passes it through
+    (16, [5, 9], 1),              # one split: written in place, no merge
     (2, [100], 32)])              # the most splits, one request
 def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, splits):
     g = torch.Generator().manual_seed(heads)
@@ -62,3 +62,20 @@ def test_empty_request_gives_zeros_not_nan(kernels):
 
 def test_kernel_supports_only_power_of_two_parts(kernels):
     assert kernels.supports(512, 64) and not kernels.supports(16, 4) and not kernels.supports(48, 16)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_half_precision_cache_gives_half_latents_close_to_float32(kernels, splits):
+    """16-bit models: float32 partials (or the one split written in place) rounded once to q's dtype.
+    float16 stands for bfloat16 here: the interpreter holds bfloat16 as raw uint16, which its dot
+    cannot multiply (the CUDA tests cover bfloat16)."""
+    g = torch.Generator().manual_seed(splits)
+    cache = torch.randn(16, PAGE, RANK + ROPE, generator=g)
+    q = torch.randn(2, 16, RANK + ROPE, generator=g)
+    lens, table = [9, 30], torch.arange(16)
+    half = cache.to(torch.float16), q.to(torch.float16)
+    got = kernels.decode_latent(half[1][..., :RANK], half[1][..., RANK:], half[0], table, torch.tensor([0, 8]),
+                                torch.tensor(lens), 0.125, num_splits=splits)
+    want = _reference(half[1].float(), half[0].float(), [table[:3], table[8:16]], lens, 0.125)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

@@ -16,7 +16,8 @@ The work is bound by reading the latents once, so the layout serves that read:
   The split count fills about two programs per SM in one wave (`decode_splits`) and depends on
   the batch shape only, never on lengths, so a decode CUDA graph captures a fixed grid; a split
   past the end of a short request is empty and weighs 0 in the merge.
-- The partials are float32 and few (splits x R per head, against a slice's tokens x (R + P)).
+- The partials are float32 and few (splits x R per head, against a slice's tokens x (R + P)); with
+  one split (large batches) the split kernel writes the output itself and no merge runs.
 R and P must be powers of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU
 tensors (tests).
 """
@@ -71,8 +72,8 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
         m = m_new
     lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
     part = (b * num_heads + h) * num_splits + split                               # [B, H, S] row
-    tl.store(PART_O + part.to(tl.int64)[:, None] * R + r[None, :], acc / tl.maximum(total, 1e-30)[:, None],
-             mask=live[:, None])
+    out = acc / tl.maximum(total, 1e-30)[:, None]
+    tl.store(PART_O + part.to(tl.int64)[:, None] * R + r[None, :], out.to(PART_O.dtype.element_ty), mask=live[:, None])
     tl.store(PART_LSE + part, lse, mask=live)
 
 
@@ -113,14 +114,16 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     head_blocks = triton.cdiv(h, BLOCK_H)
     splits = num_splits or decode_splits(b, head_blocks, q_latent.device)
-    part_o = torch.empty(b, h, splits, r, dtype=torch.float32, device=q_latent.device)
+    out = torch.empty(b, h, r, dtype=q_latent.dtype, device=q_latent.device)
+    # one split (a large batch): its normalised output is the answer, written in place, no merge
+    part_o = out if splits == 1 else torch.empty(b, h, splits, r, dtype=torch.float32, device=q_latent.device)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q_latent.device)
     _mla_split_kernel[(b, head_blocks, splits)](
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
-    out = torch.empty(b, h, r, dtype=q_latent.dtype, device=q_latent.device)
-    _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=max(2, triton.next_power_of_2(splits)),
-                                num_warps=4)
+    if splits > 1:
+        _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=triton.next_power_of_2(splits),
+                                    num_warps=4)
     return out
