@@ -13,6 +13,7 @@ ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
                  "unified": "cluster.unified", "dllm": "dllm"}
 ROLES = tuple(ROLE_PACKAGES)
 DATA_PLANE_ROLES = ("prefill", "decode")            # the roles that hand KV off (--data-host)
+SWITCHABLE_ROLES = ("prefill", "decode", "unified")  # a worker may switch among these in place
 
 ROUTER_TOKEN_ENV = "PDCLUSTER_ROUTER_TOKEN"         # the launcher's secret for /internal/*
 THREADS_ENV = "PDCLUSTER_THREADS"                    # e.g. a pod's CPU limit (deploy k8s)

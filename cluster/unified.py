@@ -53,11 +53,12 @@ class UnifiedScheduler(WorkerScheduler):
         return len(self.prefill)
 
 
+def build(args, config, group, runner, control):
+    return UnifiedScheduler(group.scheduler, args.worker_id, runner, control), {"model": served_model(config, group)}
+
+
 def main(argv=None) -> int:
     from cluster.runtime.worker_main import run_worker
-
-    def build(args, config, group, runner, control):
-        return UnifiedScheduler(group.scheduler, args.worker_id, runner, control), {"model": served_model(config, group)}
     return run_worker("unified", argv, build)
 
 

@@ -2,10 +2,15 @@
 import sys
 
 
-def main(argv=None) -> int:
-    from cluster.runtime.worker_main import run_data_plane_worker
+def build(args, config, group, runner, control):
+    from cluster.runtime.worker_main import data_plane_build
     from decode_worker.scheduler import DecodeScheduler
-    return run_data_plane_worker("decode", DecodeScheduler, argv)
+    return data_plane_build(DecodeScheduler, args, config, group, runner, control)
+
+
+def main(argv=None) -> int:
+    from cluster.runtime.worker_main import run_worker
+    return run_worker("decode", argv, build)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ SIMPLE_MESSAGES = [
                           tokens_item("r2", [], "stop", None), tokens_item("r3", [], None, "boom")]),
     P.Abort("r1", "client gone"),
     P.Shutdown("router shutting down"),
+    P.RoleSwitch("decode"),
     P.Error("r1", "decode worker died", "decode-0"),
     P.Error("r2", "no kv_ack from decode-0 within 20s", "prefill-0", retriable=True),
     P.RequestMarks("prefill-0", [P.MarksItem("r1", [
@@ -322,3 +323,8 @@ def test_plain_tokens_arrive_as_items_after_the_others():
     assert got.items == msg.all_items()
     with pytest.raises(ValueError, match="2 rids for 1 tokens"):
         P.PlainTokens(["b", "c"], [7])
+
+
+def test_role_switch_names_a_role_a_worker_may_switch_to():
+    with pytest.raises(P.ProtocolError):
+        P.decode(P.encode(P.RoleSwitch("dllm")))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from cluster.docgen.source import cell, header
 from cluster.config import SloConfig
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
+from cluster.router.role_switch import RoleSwitches
 from cluster.router.slo import SloWindow
 from cluster.wire.gauges import COUNTER, WorkerGauges
 
@@ -17,7 +18,7 @@ and `worker` (the worker id); a worker that dies stops being exported. A counter
 carry the suffix `_total`, a histogram's `_bucket`, `_sum` and `_count`.
 """
 ONE_WORKER = ("decode", "decode-0")
-OPEN_LABELS = ("role", "worker", "reason")       # values come from the workers
+OPEN_LABELS = ("role", "worker", "reason", "from", "to")       # values come from the workers
 
 
 def _families(collector) -> list:
@@ -61,13 +62,19 @@ def _slo_families() -> list:
     return _families(window)
 
 
+def _role_switch_families() -> list:
+    switches = RoleSwitches(directory=None, send=None)
+    switches.counts[("prefill", "decode")] = 1
+    return _families(switches)
+
+
 def render() -> str:
     router = RouterMetrics()
     # one live worker that reports nothing, restarted once: the router's own families show their labels
     workers = WorkerStatsCollector(lambda: [(*ONE_WORKER, WorkerGauges())],
                                    lambda: {ONE_WORKER[1]: (ONE_WORKER[0], 1)}, lambda: {})
     out = [header("Metrics", "cluster/router/metrics.py and cluster/wire/gauges.py"), INTRO,
-           "## Router", "", *_rows(_families(router.registry)),
+           "## Router", "", *_rows(_families(router.registry) + _role_switch_families()),
            "With an `[slo]` target set (docs/reference/config.md), over the last `[slo] window` "
            "seconds of successful requests (none exported while the window is empty):", "",
            *_rows(_slo_families()),

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.roles import ROLES
+from cluster.router.admin import add_admin_routes
 from cluster.router.choices import stream_choices, whole_response
 from cluster.router.errors import APIError, bad_request, error_body
 from cluster.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -115,6 +116,7 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return {"object": "list", "data": data}
 
     add_tokenize_routes(app, service, authorize, read_json)
+    add_admin_routes(app, service, authorize, read_json)
 
     @app.get("/health")
     async def health():

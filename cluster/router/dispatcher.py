@@ -21,6 +21,7 @@ from cluster.router.failover import Failover
 from cluster.router.mailbox import deliver_all
 from cluster.router.request_state import FailedEvent, Placement, RequestState, TokensEvent
 from cluster.router.request_table import RequestTable
+from cluster.router.role_switch import RoleSwitches
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 from cluster.wire.gauges import WorkerGauges
 
@@ -39,6 +40,7 @@ class Dispatcher:
         self.requests = self.table.requests               # wire rid -> state
         self.failover = Failover(cfg, self.directory, self.table, self._pick)
         self.num_restarts: dict[str, tuple[str, int]] = {}  # worker id -> (role, registrations - 1)
+        self.role_switches = RoleSwitches(self.directory, self._send)
         self.server = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -113,6 +115,10 @@ class Dispatcher:
     def _place_or_refuse(self, st: RequestState) -> None:
         if not self._pick(st):
             raise overloaded(f"no live worker serves model {st.model!r}", retry_after=2)
+
+    def switch_role(self, worker_id: str, role: str) -> dict:
+        with self.lock:
+            return self.role_switches.begin(worker_id, role).describe(time.monotonic())
 
     def abort(self, st: RequestState, reason: str) -> None:
         with self.lock:
@@ -208,6 +214,10 @@ class Dispatcher:
         info = WorkerInfo(msg.worker_id, msg.role, msg.model, dict(msg.capacity),
                           dict(msg.kv_fingerprint), msg.data_addr, msg.pid)
         old = self.directory.get(msg.worker_id) or self.directory.departed.get(msg.worker_id)
+        if self.role_switches.finish(old, msg):           # drained, not restarted
+            self.directory.add(info)
+            self.failover.retry_parked()
+            return
         if old is not None and (old.pid, old.data_addr) == (msg.pid, msg.data_addr):
             # the same process after a link blip: keep its requests, forget old attempts
             self.failover.revive(msg.worker_id)

@@ -74,6 +74,7 @@ class RouterService:
         self.metrics = RouterMetrics(lambda: dispatcher.num_in_flight)
         self.metrics.add_collector(WorkerStatsCollector(
             dispatcher.worker_stats, dispatcher.restarts, dispatcher.rejected_frames))
+        self.metrics.add_collector(dispatcher.role_switches)
         self.tracing = RequestTracing(cfg.tracing.otlp_endpoint, self.metrics.observe_phase)
         self.slo = SloWindow(cfg.slo) if cfg.slo.is_set else None
         if self.slo:

@@ -42,6 +42,8 @@ class WorkerInfo:
     forward_ct: int = 0
     num_inflight: int = 0                     # router-side: requests assigned and not done
     stale_rids: set = field(default_factory=set)  # wire rids it held when declared dead
+    switching_to: Optional[str] = None        # a role switch under way: nothing new placed here
+    switch_started: float = 0.0
 
     @property
     def load(self) -> float:
@@ -56,7 +58,8 @@ class WorkerInfo:
         return {"worker_id": self.worker_id, "role": self.role, "model": self.model,
                 "pid": self.pid, "data_addr": self.data_addr,
                 "seconds_since_heartbeat": round(now - self.last_seen, 3),
-                "num_inflight": self.num_inflight, "forward_ct": self.forward_ct}
+                "num_inflight": self.num_inflight, "forward_ct": self.forward_ct,
+                "switching_to": self.switching_to}
 
 
 class WorkerDirectory:
@@ -105,8 +108,8 @@ class WorkerDirectory:
         return [w.worker_id for w in self.workers.values() if w.last_seen < deadline]
 
     def of_role(self, role: str, model: Optional[str] = None) -> list[WorkerInfo]:
-        return sorted((w for w in self.workers.values()
-                       if w.role == role and (model is None or w.model == model)),
+        return sorted((w for w in self.workers.values() if w.role == role and w.switching_to is None
+                       and (model is None or w.model == model)),
                       key=lambda w: w.worker_id)
 
     def count(self, role: str) -> int:

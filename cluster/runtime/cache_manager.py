@@ -27,6 +27,12 @@ class CacheManager:
         if self.tree is None:
             self.tree = RadixCache(self.allocator, self.page_size)
 
+    def drop_prefix_cache(self) -> None:
+        """Free every cached page (no request may hold any): the pool goes to another role."""
+        if self.tree is not None:
+            self.tree.evict(self.tree.num_evictable_pages)
+            self.tree = None
+
     def pages_for(self, num_tokens: int) -> int:
         return pages_for(num_tokens, self.page_size)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -10,7 +11,7 @@ import threading
 from typing import Callable
 
 from cluster.config import ClusterConfig, WorkerGroup
-from cluster.roles import served_model, threads_per_worker
+from cluster.roles import ROLE_PACKAGES, SWITCHABLE_ROLES, served_model, threads_per_worker
 
 logger = logging.getLogger("pdcluster.worker")
 
@@ -82,7 +83,6 @@ def run_worker(role: str, argv, build: Callable) -> int:
 
     `build(args, config, group, runner, control) -> (scheduler, register_kwargs)`.
     """
-    from cluster.wire import protocol as P
     from cluster.config import load_config
     from cluster.wire.curve import endpoint_host, keys_for
     from cluster.wire.transport import ControlClient
@@ -100,46 +100,77 @@ def run_worker(role: str, argv, build: Callable) -> int:
     set_threads(config, args.worker_id)
     shared_pool = (role == "prefill" and config.model.device == "cpu"
                    and config.kv_transfer.backend in ("shm", "auto"))
-    runner = load_runner(config, group, group.path, shared_pool=shared_pool, import_fence=role == "decode")
+    # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports)
+    runner = load_runner(config, group, group.path, shared_pool=shared_pool,
+                         import_fence=role in SWITCHABLE_ROLES)
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
     # one wake-up for every plane the worker reads (the data plane takes it from the control plane)
     control = ControlClient(args.router, args.worker_id, curve=args.curve, arrivals=threading.Event())
+    stopping = []                              # a signal ends the worker, a role switch does not
+
+    def on_signal(*_):
+        stopping.append(True)
+        scheduler.stop()
+    scheduler = link = None
+    try:
+        while True:
+            scheduler, register_msg = serve_role(role, build, args, config, group, runner, control)
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            if link is None:                   # NOTE: both read `scheduler` late: the current one
+                link = RouterLink(control, register_msg, config.timeouts.router_lost, lambda: scheduler.stop()).start()
+                if args.health_file:
+                    from cluster.runtime.health_file import start_writer
+                    start_writer(args.health_file, lambda: scheduler.is_running,
+                                 config.timeouts.heartbeat_interval)
+            link.register = register_msg
+            start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
+            logger.info("%s (%s) serving; overlap=%s", args.worker_id, role, group.scheduler.overlap)
+            scheduler.event_loop()
+            if stopping or link.is_lost or getattr(scheduler, "switch_to", None) is None:
+                break
+            role, build = scheduler.switch_to, role_build(scheduler.switch_to)
+            scheduler.cache.drop_prefix_cache()    # every page free again for the next role
+            scheduler.close()
+            scheduler = None
+            logger.info("%s: switching to %s", args.worker_id, role)
+    finally:
+        if link is not None:
+            link.stop()
+        if scheduler is not None:
+            scheduler.close()
+        control.close()
+    logger.info("%s stopped", args.worker_id)
+    return 3 if link is not None and link.is_lost else 0
+
+
+def serve_role(role: str, build: Callable, args, config, group, runner, control):
+    """A scheduler of `role` on the loaded model, and the `register` it sent."""
+    from cluster.wire import protocol as P
     scheduler, register = build(args, config, group, runner, control)
     if config.cache.prefix_cache:
         scheduler.enable_prefix_cache()
-    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
-    signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
     register_msg = P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),
                               capacity={"num_pages": group.scheduler.num_pages,
                                         "page_size": group.scheduler.page_size,
                                         "max_running_requests": group.scheduler.max_running_requests},
                               kv_fingerprint=runner.kv_fingerprint(), **register)
     control.send(register_msg)
-    link = RouterLink(control, register_msg, config.timeouts.router_lost, scheduler.stop).start()
-    start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
-    if args.health_file:
-        from cluster.runtime.health_file import start_writer
-        start_writer(args.health_file, lambda: scheduler.is_running,
-                     config.timeouts.heartbeat_interval)
-    logger.info("%s (%s) serving; overlap=%s", args.worker_id, role, group.scheduler.overlap)
-    try:
-        scheduler.event_loop()
-    finally:
-        link.stop()
-        scheduler.close()
-        control.close()
-    logger.info("%s stopped", args.worker_id)
-    return 3 if link.is_lost else 0
+    return scheduler, register_msg
 
 
-def run_data_plane_worker(role: str, scheduler_cls, argv) -> int:
+def role_build(role: str) -> Callable:
+    """The `build` of another role's package, for an in-place role switch (by name: the role
+    packages import this module)."""
+    name = ROLE_PACKAGES[role]
+    return importlib.import_module(name if "." in name else f"{name}.__main__").build
+
+
+def data_plane_build(scheduler_cls, args, config, group, runner, control):
     """Prefill and decode workers: a scheduler plus its KV handoff (data plane and transfer hub)."""
-
-    def build(args, config, group, runner, control):
-        from cluster.runtime.kv_handoff import KvHandoff
-        handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
-                                 curve=args.curve, arrivals=control.arrivals, segment=runner.kv_segment,
-                                 fence=runner.import_fence)
-        scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts)
-        return scheduler, {"model": served_model(config, group), "data_addr": handoff.address}
-    return run_worker(role, argv, build)
+    from cluster.runtime.kv_handoff import KvHandoff
+    handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
+                             curve=args.curve, arrivals=control.arrivals, segment=runner.kv_segment,
+                             fence=runner.import_fence)
+    scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts)
+    return scheduler, {"model": served_model(config, group), "data_addr": handoff.address}

@@ -64,6 +64,7 @@ class WorkerScheduler(Scheduler):
         self.output = OutputProcessor(self.tokenizer, self.emit, self.release, self.emit_plain)
         self.marks = MarkBook(worker_id)    # per-request moments for the router's traces
         self._idle = False
+        self.switch_to: Optional[str] = None     # a role switch: no new work, stop once drained
         self._grammar_backend = None
         # one wake-up for every plane this worker reads, given to each plane at its construction:
         # an idle pass sleeps until any of them has a message (a kv_batch or decode_ready must
@@ -97,6 +98,9 @@ class WorkerScheduler(Scheduler):
 
     def on_idle(self) -> None:
         self._idle = True
+        if self.switch_to is not None and not self.reqs:
+            logger.info("%s: drained for the switch to %s", self.worker_id, self.switch_to)
+            self.stop()
 
     def handle_control(self, msg) -> None:
         if isinstance(msg, P.Generate):
@@ -108,6 +112,11 @@ class WorkerScheduler(Scheduler):
             if req is not None:
                 req.finish_reason, req.error = "abort", msg.reason
                 self.release(req)
+        elif isinstance(msg, P.RoleSwitch):
+            # NOTE: the router placed nothing here after sending it; what came before drains
+            logger.info("%s: role switch to %s requested; draining %d request(s)", self.worker_id,
+                        msg.role, len(self.reqs))
+            self.switch_to = msg.role
         elif isinstance(msg, P.Shutdown):
             logger.info("%s: shutdown requested by the router (%s)", self.worker_id, msg.reason)
             self.stop()

@@ -300,5 +300,11 @@ class Shutdown:                                   # router -> worker: stop (end 
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class RoleSwitch:                                 # router -> worker: drain, then register as `role`
+    TYPE: ClassVar[str] = "role_switch"
+    role: str
+
+
 Message = Union[RequestMarks, Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvLayers, KvAck, Tokens,
-                Abort, Error, Shutdown]
+                Abort, Error, Shutdown, RoleSwitch]

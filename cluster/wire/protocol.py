@@ -25,7 +25,7 @@ import msgpack
 import torch
 
 from cluster.config_types import KV_BACKENDS
-from cluster.roles import ROLES
+from cluster.roles import ROLES, SWITCHABLE_ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import DllmParams
 from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
@@ -35,14 +35,14 @@ from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, WorkerGauges
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
                                    KvAck, KvBatch, KvFailed, KvFailure, KvLayers, KvReq, KvSpan, MarksItem, Message,
                                    Peer, PlainTokens, Register, Reprefill,
-                                   RequestMark, RequestMarks, Shutdown, Tokens, TokensItem,
+                                   RequestMark, RequestMarks, RoleSwitch, Shutdown, Tokens, TokensItem,
                                    WORKER_MARKS)
 from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
                                         framed_from_frames, tensor_from_frames)
 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvLayers", "KvAck",
-           "Tokens", "Abort", "Error", "Shutdown", "RequestMarks", "Peer", "KvReq", "KvSpan", "KvFailed", "KvFailure",
+           "Tokens", "Abort", "Error", "Shutdown", "RoleSwitch", "RequestMarks", "Peer", "KvReq", "KvSpan", "KvFailed", "KvFailure",
            "TokensItem", "PlainTokens", "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
 
 PROTOCOL_VERSION = 1
@@ -171,6 +171,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
     Abort: {"rid": ID, "reason": TEXT},
     Error: {"rid": ID, "reason": TEXT, "worker_id": ID, "retriable": Bool()},
     Shutdown: {"reason": TEXT},
+    RoleSwitch: {"role": Str(choices=SWITCHABLE_ROLES)},
 }
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
 _RECORDS: dict[type, Check] = {cls: Record(f) for cls, f in _FIELDS.items()}

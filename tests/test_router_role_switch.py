@@ -1,0 +1,46 @@
+"""The router's side of a role switch, with scripted workers: the admin API sends
+`role_switch`, places nothing new on the worker meanwhile, and takes its next `register`
+(same process, new role) as the end of the switch, not a restart."""
+from cluster.wire import protocol
+from tests.router_harness import COMPLETION, MODEL, echo_reply, generates, pd_pair, wait_for
+
+
+def register_again(worker, role: str) -> None:
+    worker.role = role
+    worker.client.send(protocol.Register(
+        worker_id=worker.worker_id, role=role, model=MODEL,
+        capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
+        kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
+                        "page_size": 16, "layout": "kv"},
+        data_addr="tcp://127.0.0.1:19999", pid=1))
+
+
+def test_switch_sends_role_switch_stops_placing_and_ends_at_the_new_register(make_router):
+    r = make_router(router={"policy": "round_robin"})
+    _, decode = pd_pair(r, reply_decode=echo_reply([42]))
+    other = r.worker("prefill-1", "prefill", MODEL)
+    assert wait_for(lambda: r.dispatcher.directory.count("prefill") == 2)
+    resp = r.http.post("/admin/workers/prefill-1/role", json={"role": "decode"})
+    assert resp.status_code == 202 and resp.json()["switching_to"] == "decode"
+    assert wait_for(lambda: any(isinstance(m, protocol.RoleSwitch) for m in other.received))
+    for _ in range(3):                                          # all to prefill-0 meanwhile
+        assert r.http.post("/v1/completions", json=COMPLETION).status_code == 200
+    assert generates(other) == []
+    register_again(other, "decode")
+    assert wait_for(lambda: r.dispatcher.directory.count("decode") == 2)
+    listed = {w["worker_id"]: w for w in r.http.get("/admin/workers").json()["workers"]}
+    assert listed["prefill-1"]["role"] == "decode" and listed["prefill-1"]["switching_to"] is None
+    assert r.dispatcher.restarts()["prefill-1"][1] == 0          # a switch, not a restart
+    assert 'pdcluster:role_switches_total{from="prefill",to="decode"} 1.0' in r.http.get("/metrics").text
+
+
+def test_admin_api_asks_for_the_key_and_refuses_bad_switches(make_router):
+    r = make_router(router={"api_key": "k"})
+    pd_pair(r)
+    assert r.http.get("/admin/workers").status_code == 401
+    auth = {"Authorization": "Bearer k"}
+    assert r.http.post("/admin/workers/nobody/role", json={"role": "decode"}, headers=auth).status_code == 404
+    assert r.http.post("/admin/workers/decode-0/role", json={"role": "decode"}, headers=auth).status_code == 409
+    resp = r.http.post("/admin/workers/decode-0/role", json={"role": "prefill"}, headers=auth)
+    assert resp.status_code == 409 and "no prefill/decode pair" in resp.text
+    assert r.http.post("/admin/workers/decode-0/role", json={"mode": 1}, headers=auth).status_code == 400
