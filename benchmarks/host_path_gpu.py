@@ -121,8 +121,10 @@ def summary(results: list[dict], duration: float) -> dict:
 def cluster_run(model_dir: str, out: str, args) -> dict:
     cfg = os.path.join(out, "unified.toml")
     write_config(cfg, model_dir, args)
+    tree = os.path.abspath(args.cluster_tree or os.getcwd())   # another checkout: a before/after pair
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.launch.cli", "launch", cfg, "--log-dir",
-                             os.path.join(out, "logs")], start_new_session=True)
+                             os.path.join(out, "logs")], start_new_session=True, cwd=tree, env=env)
     try:
         wait_ready(proc, args.ready_s)
         req = dict(url=f"http://127.0.0.1:{PORT}/v1", model=None, prompt_len=PROMPT_WORDS, api_key="", json=True,
@@ -181,6 +183,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ready-s", type=float, default=240)
+    ap.add_argument("--parts", default="engine,cluster", help="engine, cluster or both")
+    ap.add_argument("--cluster-tree", help="serve the cluster from this checkout (default: this one)")
     args = ap.parse_args()
     if args.write_tokenizer:   # on a machine with the default GGUF (the device has none)
         from cluster.engine.loader import load_tokenizer
@@ -199,7 +203,8 @@ def main() -> None:
         write_model_dir(model_dir, args.tokenizer_json, preset)
         entry = report["presets"][preset] = {}
         t0 = time.perf_counter()
-        for part, fn in (("engine", engine_steps), ("cluster", lambda m, a: cluster_run(m, out, a))):
+        parts = (("engine", engine_steps), ("cluster", lambda m, a: cluster_run(m, out, a)))
+        for part, fn in (p for p in parts if p[0] in args.parts.split(",")):
             try:
                 entry[part] = fn(model_dir, args)
             except Exception as e:   # one part failing still reports the others

@@ -4,7 +4,8 @@
 # TOKENIZER_JSON: the default model's tokenizer, written on a CPU machine (the device has no GGUF):
 #   python benchmarks/host_path_gpu.py --write-tokenizer .carry-hostpath/tokenizer.json
 # Wheels in .whl/ (the project's deps the device lacks) go to a private target dir on PYTHONPATH, so
-# the system Python is left as it is. Knobs: PRESETS, STREAMS, MAX_TOKENS, BATCHES, DEVICE, DTYPE, PY.
+# the system Python is left as it is. Knobs: PRESETS, STREAMS, MAX_TOKENS, BATCHES, DEVICE, DTYPE, PY,
+# PARTS (engine,cluster), CLUSTER_TREE (serve the cluster from another checkout: the 'before' of a pair).
 # CPU rehearsal (tiny sizes, ~3 min on a 2-core VM), from the repo root:
 #   PY=/work/main/.venv/bin/python DEVICE=cpu DTYPE=float32 PRESETS=tiny-llama STREAMS=8 MAX_TOKENS=16 \
 #     BATCHES=1,8 bash benchmarks/host_path_gpu.sh /tmp/tok.json /tmp/hostpath 400
@@ -25,7 +26,8 @@ export PYTHONUNBUFFERED=1
 cat "$OUT/machine.txt" | tail -3
 timeout -s TERM -k 20 "$BUDGET" $PY benchmarks/host_path_gpu.py --tokenizer-json "$TOK" --out "$W/run" \
   --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" --streams "${STREAMS:-256}" --max-tokens "${MAX_TOKENS:-256}" \
-  --batches "${BATCHES:-1,64,256}" --device "${DEVICE:-cuda:0}" --dtype "${DTYPE:-bfloat16}" 2>&1 | tee "$W/run.log" | tail -40
+  --batches "${BATCHES:-1,64,256}" --device "${DEVICE:-cuda:0}" --dtype "${DTYPE:-bfloat16}" \
+  --parts "${PARTS:-engine,cluster}" ${CLUSTER_TREE:+--cluster-tree "$CLUSTER_TREE"} 2>&1 | tee "$W/run.log" | tail -40
 echo "rc=${PIPESTATUS[0]}" >> "$OUT/machine.txt"
 cp "$W"/run/host_path_gpu.json "$W"/run/host_path_gpu.md "$OUT/" 2>/dev/null
 tar -czf "$OUT/logs.tar.gz" -C "$W" run.log $(cd "$W" && ls -d run/*/logs 2>/dev/null) 2>/dev/null
