@@ -10,8 +10,9 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
 - MLA only: one layer's absorbed decode attention over `--mla-batch` requests of `--mla-context` tokens:
   the whole step with the Triton kernels replayed from a CUDA graph as the engine runs it (`mla_decode_ms`,
   `mla_ratio`; eagerly: `mla_decode_eager_ms`, Python's launches included), the two latent kernels alone
-  (`mla_kernel_ms`, `mla_kernel_ratio`) and the gathered torch path (`mla_gathered_ms`, eager), against
-  reading their latent KV once at the copy bandwidth measured here (goal: ratio <= 1.3);
+  (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits` for other split counts) and the gathered
+  torch path (`mla_gathered_ms`, eager), against reading their latent KV once at the copy bandwidth
+  measured here (goal: ratio <= 1.3);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
 
     python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
@@ -93,9 +94,11 @@ def bench_mla_decode(runner, args) -> dict:
         from cluster.engine.triton_mla import decode_latent, decode_splits
         q_latent = torch.randn(b, cfg.num_heads, cfg.mla.kv_lora_rank, device=runner.device, dtype=runner.dtype)
         pages = latent_pages(ctx)
-        row["mla_kernel_ms"] = graph_ms(lambda: decode_latent(q_latent, q_pe, cache[0], *pages, attn.scale),
-                                        args.reps * 10)
+        kernels = lambda splits=0: decode_latent(q_latent, q_pe, cache[0], *pages, attn.scale, splits)  # noqa: E731
+        row["mla_kernel_ms"] = graph_ms(kernels, args.reps * 10)
         row["mla_splits"] = decode_splits(b, -(-cfg.num_heads // 16), cache.device)
+        # the split count's effect, to tune decode_splits
+        row["mla_kernel_ms_by_splits"] = {s: graph_ms(lambda s=s: kernels(s), args.reps * 10) for s in (1, 2, 4, 8, 16)}
     os.environ[MLA_SWITCH] = "torch"   # the same step with the latents gathered (the CPU path)
     try:
         row["mla_gathered_ms"] = 1e3 * timed(step, args.reps * 10, args.device)

@@ -49,8 +49,9 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
     live = h < num_heads
     r = tl.arange(0, R)
     p = tl.arange(0, P)
-    q_c = tl.load(QC + b.to(tl.int64) * stride_qcb + h[:, None] * stride_qch + r[None, :], mask=live[:, None], other=0.0)
-    q_p = tl.load(QP + b.to(tl.int64) * stride_qpb + h[:, None] * stride_qph + p[None, :], mask=live[:, None], other=0.0)
+    b64 = b.to(tl.int64)
+    q_c = tl.load(QC + b64 * stride_qcb + h[:, None] * stride_qch + r[None, :], mask=live[:, None], other=0.0)
+    q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + p[None, :], mask=live[:, None], other=0.0)
     pages = PAGES + tl.load(PAGE_START + b)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
