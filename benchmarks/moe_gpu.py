@@ -10,7 +10,8 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
 - MLA only: one layer's absorbed decode attention over `--mla-batch` requests of `--mla-context` tokens:
   the whole step with the Triton kernels replayed from a CUDA graph as the engine runs it (`mla_decode_ms`,
   `mla_ratio`; eagerly: `mla_decode_eager_ms`, Python's launches included), the two latent kernels alone
-  (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits` for other split counts) and the gathered
+  (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits` and
+  `mla_kernel_ms_by_block_n_stages` for other split counts and tiles) and the gathered
   torch path (`mla_gathered_ms`, eager), against reading their latent KV once at the copy bandwidth
   measured here (goal: ratio <= 1.3);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
@@ -74,6 +75,15 @@ def bench_moe_layer(model, args, dtype) -> dict:
     return row
 
 
+def _tuning_ms(fn, reps: int) -> float | None:
+    """A tuning point's graph time, None where the kernel cannot build (shared memory exceeded)."""
+    try:
+        return graph_ms(fn, reps)
+    except Exception as e:  # noqa: BLE001 - triton's OutOfResources and compile errors alike
+        print(f"tuning point failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
 def bench_mla_decode(runner, args) -> dict:
     """One layer's absorbed decode attention (W_UK, scores, softmax, weighted latents, W_UV), replayed from
     a CUDA graph as the engine's decode steps run it, and eagerly; the latent kernels alone (graph); the
@@ -94,11 +104,15 @@ def bench_mla_decode(runner, args) -> dict:
         from cluster.engine.triton_mla import decode_latent, decode_splits
         q_latent = torch.randn(b, cfg.num_heads, cfg.mla.kv_lora_rank, device=runner.device, dtype=runner.dtype)
         pages = latent_pages(ctx)
-        kernels = lambda splits=0: decode_latent(q_latent, q_pe, cache[0], *pages, attn.scale, splits)  # noqa: E731
+        kernels = lambda splits=0, **tune: decode_latent(q_latent, q_pe, cache[0], *pages, attn.scale,  # noqa: E731
+                                                         splits, **tune)
         row["mla_kernel_ms"] = graph_ms(kernels, args.reps * 10)
         row["mla_splits"] = decode_splits(b, -(-cfg.num_heads // 16), cache.device)
-        # the split count's effect, to tune decode_splits
+        # the split count's and tile's effects, to tune decode_splits, BLOCK_N and the pipeline depth
         row["mla_kernel_ms_by_splits"] = {s: graph_ms(lambda s=s: kernels(s), args.reps * 10) for s in (1, 2, 4, 8, 16)}
+        row["mla_kernel_ms_by_block_n_stages"] = {
+            f"{n}x{st}": _tuning_ms(lambda n=n, st=st: kernels(block_n=n, num_stages=st), args.reps * 10)
+            for n in (16, 32, 64) for st in (1, 2, 3)}
     os.environ[MLA_SWITCH] = "torch"   # the same step with the latents gathered (the CPU path)
     try:
         row["mla_gathered_ms"] = 1e3 * timed(step, args.reps * 10, args.device)

@@ -104,11 +104,12 @@ def decode_splits(batch: int, head_blocks: int, device: torch.device) -> int:
 
 
 def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor,
-                  page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0) -> torch.Tensor:
+                  page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
+                  block_n: int = BLOCK_N, num_stages: int = 2) -> torch.Tensor:
     """q_latent `[B, H, R]` and q_pe `[B, H, P]` (absorbed; unit last stride), cache
     `[num_pages, page_size, R + P]`, request b's pages `pages[page_start[b]:]` covering `seq_lens[b]`
     tokens (int64, the Triton attention context's layout) -> softmax-weighted latents `[B, H, R]`
-    (contiguous) in q's dtype."""
+    (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`: tuning overrides (moe_gpu.py)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
@@ -122,8 +123,8 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     _mla_split_kernel[(b, head_blocks, splits)](
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
-        PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
+        PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=num_stages)
     if splits > 1:
         _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=triton.next_power_of_2(splits),
                                     num_warps=4)
