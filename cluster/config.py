@@ -18,7 +18,7 @@ from cluster.config_fields import ConfigError
 from cluster.dllm_params import DllmParams
 from cluster.sampling_params import InvalidParam
 from cluster.roles import LOG_FORWARD_ITERS_ENV, ROLES, log_forward_iters_override
-from cluster.config_types import (DLLM_ONLY_FIELDS, CacheConfig, ClusterConfig, KvTransferConfig, ModelConfigSection,  # noqa: F401
+from cluster.config_types import (DLLM_ONLY_FIELDS, CacheConfig, ClusterConfig, KvTransferConfig, ModelConfigSection, PlannerConfig,  # noqa: F401
                                    RecoveryConfig, RouterConfig, SchedulerConfig, SecurityConfig, SloConfig, TimeoutsConfig,
                                    TracingConfig, WorkerGroup)
 

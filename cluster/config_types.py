@@ -144,6 +144,15 @@ class SloConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class PlannerConfig(Section):
+    enabled: bool = option(False, "the router switches worker roles to keep the [slo] targets")
+    interval: float = option(10.0, "seconds between decisions (and after a switch before the next)",
+                             gt=0)
+    hysteresis: float = option(0.1, "relative margin around a target before acting (0.1: act above "
+                               "110% of a target; switch back below 90% of both)", lo=0, hi=0.9)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerGroup(Section):
     """One `[[prefill]]`, `[[decode]]`, `[[unified]]` or `[[dllm]]` table."""
     role: str = option(help="the role of this group's workers", choices=ROLES)
@@ -187,6 +196,8 @@ class ClusterConfig(Section):
     cache: CacheConfig = option(help="[cache]", factory=CacheConfig)
     slo: SloConfig = option(help="[slo]: latency targets (optional); attainment metrics when set",
                             factory=SloConfig)
+    planner: PlannerConfig = option(help="[planner]: role switches from the SLO signals (off by default)",
+                                    factory=PlannerConfig)
     groups: tuple[WorkerGroup, ...] = option(help="the worker groups, in role order",
                                              factory=_default_groups)
     source: str = option("<defaults>", "file the config came from, for error messages")
@@ -204,6 +215,8 @@ class ClusterConfig(Section):
         if not any(counts.values()):
             raise ConfigError(self.source, "groups", "no workers: add [[prefill]] + [[decode]], "
                               "[[unified]] or [[dllm]]")
+        if self.planner.enabled and not self.slo.is_set:
+            raise ConfigError(self.source, "planner.enabled", "the planner needs an [slo] ttft or tpot target")
         place_gpus(self)               # sharing rules; that each GPU exists: the launcher checks
 
     def group_keys(self) -> list[tuple[str, WorkerGroup]]:

@@ -106,6 +106,17 @@ class ScriptedWorker:
         self.client.close()
 
 
+def register_again(worker, role: str) -> None:
+    """The scripted worker ends a role switch: its `register` again, same pid, new role."""
+    worker.role = role
+    worker.client.send(protocol.Register(
+        worker_id=worker.worker_id, role=role, model=MODEL,
+        capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
+        kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
+                        "page_size": 16, "layout": "kv"},
+        data_addr="tcp://127.0.0.1:19999", pid=1))
+
+
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

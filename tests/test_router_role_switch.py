@@ -2,17 +2,7 @@
 `role_switch`, places nothing new on the worker meanwhile, and takes its next `register`
 (same process, new role) as the end of the switch, not a restart."""
 from cluster.wire import protocol
-from tests.router_harness import COMPLETION, MODEL, echo_reply, generates, pd_pair, wait_for
-
-
-def register_again(worker, role: str) -> None:
-    worker.role = role
-    worker.client.send(protocol.Register(
-        worker_id=worker.worker_id, role=role, model=MODEL,
-        capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
-        kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
-                        "page_size": 16, "layout": "kv"},
-        data_addr="tcp://127.0.0.1:19999", pid=1))
+from tests.router_harness import COMPLETION, echo_reply, generates, MODEL, pd_pair, register_again, wait_for
 
 
 def test_switch_sends_role_switch_stops_placing_and_ends_at_the_new_register(make_router):

@@ -28,6 +28,7 @@ from cluster.router.prepare import check_for_model, check_prompt_size, sampling_
 from cluster.router.tokenize_batch import TokenizeBatcher
 from cluster.router.mailbox import Mailbox
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
+from cluster.router.planner import Planner
 from cluster.router.slo import SloWindow, request_tpot
 from cluster.router.tracing import RequestTracing
 
@@ -79,6 +80,7 @@ class RouterService:
         self.slo = SloWindow(cfg.slo) if cfg.slo.is_set else None
         if self.slo:
             self.metrics.add_collector(self.slo)
+        self.planner = Planner(cfg, dispatcher, self.slo).start() if cfg.planner.enabled else None
         self.is_draining = False
         self._tokenizers: dict[str, object] = {}
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")

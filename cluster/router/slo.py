@@ -28,6 +28,8 @@ class Judged:
     finished_at: float
     ttft_met: bool
     tpot_met: bool
+    ttft: float
+    tpot: Optional[float]
 
 
 def meets(value: Optional[float], target: Optional[float]) -> bool:
@@ -47,7 +49,8 @@ class SloWindow:
         self._judged: deque[Judged] = deque()
 
     def observe(self, ttft: float, tpot: Optional[float]) -> None:
-        self._judged.append(Judged(self.clock(), meets(ttft, self.slo.ttft), meets(tpot, self.slo.tpot)))
+        self._judged.append(Judged(self.clock(), meets(ttft, self.slo.ttft), meets(tpot, self.slo.tpot),
+                                   ttft, tpot))
 
     def _current(self) -> deque[Judged]:
         horizon = self.clock() - self.slo.window
@@ -64,6 +67,13 @@ class SloWindow:
         return {"ttft": sum(j.ttft_met for j in judged) / n,
                 "tpot": sum(j.tpot_met for j in judged) / n,
                 "both": sum(j.ttft_met and j.tpot_met for j in judged) / n}
+
+    def means(self) -> tuple[Optional[float], Optional[float]]:
+        """(mean TTFT, mean TPOT) of the window's requests; None where there is none."""
+        judged = self._current()
+        tpots = [j.tpot for j in judged if j.tpot is not None]
+        return (sum(j.ttft for j in judged) / len(judged) if judged else None,
+                sum(tpots) / len(tpots) if tpots else None)
 
     def goodput(self) -> float:
         """Requests per second of window that met both targets."""
