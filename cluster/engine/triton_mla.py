@@ -2,7 +2,7 @@
 
 The cache of one layer is `[num_pages, page_size, R + P]` (kv_cache.py: the latent `c`, R values,
 then the rope key, P values). A decode query, already absorbed into latent space (mla.py:
-`q_nope W_UK` `[B, H, R]` and `q_pe` `[B, H, P]`, any strides), scores every cached token with one
+`q_nope W_UK` `[B, H, R]` and `q_pe` `[B, H, P]`, unit last strides), scores every cached token with one
 dot over both parts; the output is the softmax-weighted sum of the latents `c`, `[B, H, R]`
 (W_UV is applied after).
 
