@@ -28,6 +28,7 @@ from cluster.engine.quant_linear import describe_cpu  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
 
 SECTION = "## CPU weights"
+BEGIN, END = "<!-- cpu_decode.py: generated table -->", "<!-- /cpu_decode.py -->"
 MODES = ("native", "float32")
 PROMPT = ("Write a detailed report on the history of the printing press. " * 20).strip()   # ~200 words
 GREEDY = SamplingParams(max_tokens=1)
@@ -93,15 +94,15 @@ def report(results: dict[int, dict[str, tuple[float, float]]], num_prompt: int, 
 
 
 def write_md(table: str) -> None:
+    """Replace the generated table of BENCHMARKS.md's "CPU weights" section (between its markers),
+    keeping the prose around it; append the section if it is missing."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
     text = open(path).read()
-    block = f"{SECTION}\n\n{table}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + ("" if end < 0 else text[end:])
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip("\n") + "\n\n" + block
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
     with open(path, "w") as f:
         f.write(text)
 
