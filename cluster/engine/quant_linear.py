@@ -10,9 +10,10 @@ bfloat16, on every CPU where the kernels are vectorized (AVX2 and up; detected a
 
 Packed kernels win only while a matmul is memory-bound: at about 16 rows and more, oneDNN's
 float32 GEMM is faster (BENCHMARKS.md, "CPU weights"). Larger forwards (prefill) therefore
-use a float32 copy that holds exactly the packed weights' values and the same bfloat16
-rounding of activations and outputs, so a request gets the same numbers (up to summation
-order) whichever path its batch takes.
+use a float32 copy that holds exactly the packed weights' values, with the same bfloat16
+rounding of activations and outputs: the two paths differ only in summation order. bfloat16
+rounding can still amplify that (and any other batching difference) into ~1% logit noise:
+native weights are not batch-invariant, so token-for-token comparisons use float32 weights.
 
 The kernel's dequantization is `(q - 8) * scale + zero`: a GGUF int4 group `q * scale + low`
 maps exactly with `zero = low + 8 * scale`; only scale and zero are rounded to bfloat16 (the
