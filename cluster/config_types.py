@@ -168,9 +168,17 @@ class WorkerGroup(Section):
     gpus: tuple[int, ...] = option((), "GPUs of this group's workers, dealt round-robin "
                                    "(launch/placement.py)")
     share_gpus: bool = option(False, "may a GPU run several workers (of this group or another)?")
+    tp: int = option(1, "tensor-parallel ranks per worker (one process each); gpus then lists "
+                     "count x tp devices, a worker's ranks on consecutive ones", lo=1)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.tp > 1 and self.role in ("prefill", "decode"):
+            raise ConfigError(type(self).__name__, "tp", f"tp={self.tp}: a KV handoff moves one rank's pool "
+                              "today; tensor-parallel workers are unified or dllm")
+        if self.tp > 1 and self.gpus and len(self.gpus) < self.count * self.tp:
+            raise ConfigError(type(self).__name__, "gpus", f"{len(self.gpus)} GPU(s) for {self.count} worker(s) "
+                              f"x tp={self.tp}: needs {self.count * self.tp}")
         if self.role == "dllm" and not self.model:
             raise ConfigError(type(self).__name__, "model", "a dllm group needs a served model name")
         for f in fields(self):

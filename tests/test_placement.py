@@ -13,8 +13,17 @@ def cfg(prefill: dict, decode: dict, device: str = "cuda"):
 
 def test_groups_deal_their_gpus_round_robin():
     c = cfg({"count": 4, "gpus": [0, 1], "share_gpus": True}, {"gpus": [2]})
-    assert place_gpus(c, num_gpus=3) == {"prefill-0": 0, "prefill-1": 1, "prefill-2": 0, "prefill-3": 1,
-                                         "decode-0": 2}
+    assert place_gpus(c, num_gpus=3) == {"prefill-0": (0,), "prefill-1": (1,), "prefill-2": (0,),
+                                         "prefill-3": (1,), "decode-0": (2,)}
+
+
+def test_tensor_parallel_workers_take_tp_consecutive_gpus():
+    c = config_from_dict({"model": {"device": "cuda"}, "unified": [{"count": 2, "tp": 2, "gpus": [0, 1, 2, 3]},
+                                                                  {"gpus": [4]}]}, "c.toml")
+    assert place_gpus(c, num_gpus=5) == {"unified-0": (0, 1), "unified-1": (2, 3), "unified-2": (4,)}
+    assert cuda_visible_devices((2, 3), [0, 1, 2, 3, 4]) == "2,3,0,1,4"
+    with pytest.raises(ConfigError, match=r"unified\[0\]\.gpus: 3 GPU\(s\) for 2 worker\(s\) x tp=2: needs 4"):
+        config_from_dict({"model": {"device": "cuda"}, "unified": [{"count": 2, "tp": 2, "gpus": [0, 1, 2]}]})
 
 
 def test_a_gpu_that_does_not_exist_names_it():
@@ -33,7 +42,7 @@ def test_sharing_a_gpu_needs_share_gpus_in_every_group_involved():
     with pytest.raises(ConfigError, match="GPU 0 would run"):
         cfg({"gpus": [0], "share_gpus": True}, {"gpus": [0]})
     shared = cfg({"gpus": [0], "share_gpus": True}, {"gpus": [0], "share_gpus": True})
-    assert place_gpus(shared, 1) == {"prefill-0": 0, "decode-0": 0}
+    assert place_gpus(shared, 1) == {"prefill-0": (0,), "decode-0": (0,)}
 
 
 def test_bad_gpu_lists_fail_at_load():
@@ -61,5 +70,5 @@ def test_kv_transfer_keys_are_checked():
 
 
 def test_each_worker_sees_its_own_gpu_first_then_its_peers():
-    assert cuda_visible_devices(1, [0, 1]) == "1,0"
-    assert cuda_visible_devices(2, [0, 1, 2, 2]) == "2,0,1"
+    assert cuda_visible_devices((1,), [0, 1]) == "1,0"
+    assert cuda_visible_devices((2,), [0, 1, 2, 2]) == "2,0,1"

@@ -29,10 +29,11 @@ NUM_FUTURE_SLOTS = 4096
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32",
                  num_threads: Optional[int] = None, max_decode_batch: int = 256,
-                 kv_storage: Optional[torch.Tensor] = None, kv_segment=None, import_fence=None):
+                 kv_storage: Optional[torch.Tensor] = None, kv_segment=None, import_fence=None, followers=None):
         """`max_decode_batch`: the largest decode batch CUDA graphs are captured for (at startup).
         `kv_segment`: the shared-memory segment `kv_storage` lives in (same-host readers map it);
-        `import_fence`: a decode worker's kv_transfer.ImportFence, the KV imports its forwards wait for."""
+        `import_fence`: a decode worker's kv_transfer.ImportFence, the KV imports its forwards wait for;
+        `followers`: rank 0's runtime.tp_ranks.TpFollowers, the other ranks each forward is sent to."""
         if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
             torch.set_num_threads(num_threads)
         self.loaded = loaded
@@ -48,6 +49,7 @@ class ModelRunner:
         self.kv_pool = KVPool(cfg.num_layers, kv_heads, kv_dim, num_pages, page_size, self.dtype, self.device,
                               storage=kv_storage, num_planes=planes)
         self.kv_segment, self.import_fence = kv_segment, import_fence
+        self.followers = followers
         self.kv_caches = self.kv_pool.layer_caches()
         # one slot past the last: the trash slot that graph padding rows store into
         self.future_map = torch.zeros(NUM_FUTURE_SLOTS + 1, dtype=torch.int64, device=self.device)
@@ -105,6 +107,9 @@ class ModelRunner:
         copied into pinned memory; call `.wait()` on the output before reading them. Later steps may be
         launched meanwhile (they read these tokens as futures), which hides the host's work per step."""
         t0 = time.perf_counter()
+        plain_greedy = fi.all_greedy or is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left, fi.grammars)
+        if self.followers is not None:
+            self.followers.send_forward(fi, plain_greedy)
         if self.import_fence is not None:
             self.import_fence.wait()   # NOTE: KV imported into pages this forward reads has landed
         graphed = None
@@ -122,7 +127,6 @@ class ModelRunner:
                                          self.attention_backend)
             hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
         t1 = time.perf_counter()
-        plain_greedy = fi.all_greedy or is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left, fi.grammars)
         if graphed is not None and all(fi.sample) and plain_greedy:
             # the graph took the argmax and stored it into the future map: only the host copy is left
             next_ids = torch.empty(fi.num_reqs, dtype=torch.int64, pin_memory=True)

@@ -92,7 +92,7 @@ class Launcher:
         for wid, _ in self.cfg.worker_ids():
             env = {**self.base_env(), **worker_env(self.cfg, wid)}
             if wid in gpus:
-                env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(gpus[wid], gpus.values())
+                env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(gpus[wid], [g for own in gpus.values() for g in own])
             argv = [sys.executable] + self.worker_args(wid, self.config_path)
             self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
             self.workers[wid].spawn()
@@ -123,14 +123,14 @@ class Launcher:
         return ["-m", ROLE_PACKAGES[role], "--config", config_path, "--worker-id", wid,
                 "--router", self.control, "--log-dir", self.log_dir]
 
-    def _place_gpus(self) -> dict[str, int]:
+    def _place_gpus(self) -> dict[str, tuple[int, ...]]:
         if not any(g.gpus for g in self.cfg.groups):
             return {}
         try:
             placed = place_gpus(self.cfg, host_gpu_count())
         except ConfigError as e:
             raise LaunchError(str(e)) from None
-        log.info("GPU placement: %s", ", ".join(f"{w} -> GPU {g}" for w, g in placed.items()))
+        log.info("GPU placement: %s", ", ".join(f"{w} -> GPU {','.join(map(str, g))}" for w, g in placed.items()))
         return placed
 
     def _curve_env(self) -> dict:

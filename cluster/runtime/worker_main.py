@@ -27,21 +27,26 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
                     help="address to bind the data plane on (default: 127.0.0.1)")
     ap.add_argument("--gpus", default=None, metavar="I[,J..]",
                     help="run on these host GPUs (sets CUDA_VISIBLE_DEVICES; the first is `cuda`)")
+    ap.add_argument("--tp", type=int, default=None, metavar="N",
+                    help="tensor-parallel ranks (default: the group's tp); --gpus then lists N GPUs")
     ap.add_argument("--health-file", default=None,
                     help="rewrite this file every heartbeat while serving (for exec probes)")
     return ap.parse_args(argv)
 
 
-def setup_logging(worker_id: str, log_dir) -> None:
+def setup_logging(worker_id: str, log_dir, rank: int = 0) -> None:
+    """Lines name the worker; a tensor-parallel rank other than 0 as `worker-id/rank`, in its own file."""
     handlers: list[logging.Handler]
+    name, file = ((worker_id, f"{worker_id}.log") if rank == 0
+                  else (f"{worker_id}/{rank}", f"{worker_id}.rank{rank}.log"))
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-        handlers = [logging.FileHandler(os.path.join(log_dir, f"{worker_id}.log"))]
+        handlers = [logging.FileHandler(os.path.join(log_dir, file))]
     else:
         handlers = [logging.StreamHandler(sys.stderr)]
     level = os.environ.get("PDCLUSTER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format=f"%(asctime)s {worker_id} %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
 
 
 def set_threads(config: ClusterConfig, worker_id: str) -> None:
@@ -52,19 +57,22 @@ def set_threads(config: ClusterConfig, worker_id: str) -> None:
 
 
 def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "", shared_pool: bool = False,
-                import_fence: bool = False):
+                import_fence: bool = False, tp=None, followers=None):
     """The model and its KV pool; `shared_pool` puts the pool in a shared-memory segment
     (`runner.kv_segment`) that same-host decode workers read (kv_transfer `shm`);
-    `import_fence`: its forwards wait for KV imports (`runner.import_fence`, decode)."""
+    `import_fence`: its forwards wait for KV imports (`runner.import_fence`, decode). `tp`: this
+    process's engine.parallel.TpGroup (its shard of the model, its heads of the pool); `followers`:
+    rank 0's tp_ranks.TpFollowers, sent each forward."""
+    from cluster.engine.parallel import TpGroup
     from cluster.engine.loader import DTYPES, load_model
     from cluster.engine.model_runner import ModelRunner
     m, s = config.model, group.scheduler
     loaded = load_model(name=m.name, path=model_path or m.path, load_format=m.load_format,
-                        dtype=m.dtype, device=m.device, cpu_weights=m.cpu_weights)
+                        dtype=m.dtype, device=m.device, cpu_weights=m.cpu_weights, tp=tp or TpGroup())
     storage = segment = None
     if shared_pool:
         from cluster.kv_transfer.shm_backend import shared_pool_storage
-        planes, kv_heads, kv_dim = loaded.config.kv_cache_shape
+        planes, kv_heads, kv_dim = loaded.model.layout.kv_cache_shape
         storage, segment = shared_pool_storage(
             (loaded.config.num_layers, planes, kv_heads, s.num_pages, s.page_size, kv_dim), DTYPES[m.dtype])
     # decode batches never exceed the running set: CUDA graphs up to that size only
@@ -75,7 +83,7 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
         fence = ImportFence(torch.device(m.device))
     return ModelRunner(loaded, num_pages=s.num_pages, page_size=s.page_size, device=m.device,
                        dtype=m.dtype, kv_storage=storage, kv_segment=segment, import_fence=fence,
-                       max_decode_batch=s.max_running_requests)
+                       max_decode_batch=s.max_running_requests, followers=followers)
 
 
 def run_worker(role: str, argv, build: Callable) -> int:
@@ -100,9 +108,13 @@ def run_worker(role: str, argv, build: Callable) -> int:
     set_threads(config, args.worker_id)
     shared_pool = (role == "prefill" and config.model.device == "cpu"
                    and config.kv_transfer.backend in ("shm", "auto"))
+    followers, tp = start_ranks(args, group, config.model.device)
     # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports)
     runner = load_runner(config, group, group.path, shared_pool=shared_pool,
-                         import_fence=role in SWITCHABLE_ROLES)
+                         import_fence=role in SWITCHABLE_ROLES, tp=tp, followers=followers)
+    if followers is not None:
+        tp.barrier()   # every rank loaded: the first forward's collectives meet at once
+        followers.watch()
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
     # one wake-up for every plane the worker reads (the data plane takes it from the control plane)
     control = ControlClient(args.router, args.worker_id, curve=args.curve, arrivals=threading.Event())
@@ -140,8 +152,33 @@ def run_worker(role: str, argv, build: Callable) -> int:
         if scheduler is not None:
             scheduler.close()
         control.close()
+        if followers is not None:
+            followers.close()
     logger.info("%s stopped", args.worker_id)
     return 3 if link is not None and link.is_lost else 0
+
+
+def start_ranks(args, group: WorkerGroup, device: str):
+    """(TpFollowers, TpGroup) of a worker of several tensor-parallel ranks, this process rank 0;
+    (None, TpGroup()) for one rank."""
+    from cluster.engine.parallel import TpGroup, init_tp
+    size = args.tp or group.tp
+    if size == 1:
+        return None, TpGroup()
+    if group.role in ("prefill", "decode"):   # the KV handoff moves one rank's pool today
+        raise SystemExit(f"{args.worker_id}: tp={size} is served by unified and dllm workers only")
+    from cluster.runtime.tp_ranks import TpFollowers
+    argv = ["--config", args.config, "--worker-id", args.worker_id]
+    argv += ["--log-dir", args.log_dir] if args.log_dir else []
+    followers = TpFollowers(args.worker_id, size, argv)
+    if "cuda" in device:
+        import torch
+        torch.cuda.set_device(0)
+    try:
+        return followers, init_tp(0, size, followers.init_method, device)
+    except Exception:
+        followers.close()
+        raise
 
 
 def serve_role(role: str, build: Callable, args, config, group, runner, control):
