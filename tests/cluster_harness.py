@@ -110,15 +110,22 @@ class LaunchedCluster:
         return [int(m.group(2)) for m in ITER_LINE.finditer(self.log(worker_id)) if m.group(1) == kind]
 
     def worker_pids(self) -> dict[str, int]:
-        """worker id -> pid of the live worker processes (router excluded)."""
+        """worker id -> pid of the live worker processes (rank 0 of tensor-parallel ones; router excluded)."""
+        return {wid: pid for (wid, rank), pid in self.rank_pids().items() if rank == 0}
+
+    def rank_pids(self) -> dict[tuple[str, int], int]:
+        """(worker id, tensor-parallel rank) -> pid of the live worker processes."""
         out = {}
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:
                 cmd = p.cmdline()
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
             except psutil.NoSuchProcess:
                 continue
             if "--worker-id" in cmd:
-                out[cmd[cmd.index("--worker-id") + 1]] = p.pid
+                rank = int(cmd[cmd.index("--rank") + 1]) if "--rank" in cmd else 0
+                out[cmd[cmd.index("--worker-id") + 1], rank] = p.pid
         return out
 
     def metrics(self) -> str:

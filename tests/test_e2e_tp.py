@@ -30,15 +30,7 @@ def cluster():
 
 def rank_pids(cluster) -> dict[int, int]:
     """rank -> pid of unified-0's live processes (rank 0 is the worker process)."""
-    out = {}
-    for p in psutil.Process(cluster.proc.pid).children(recursive=True):
-        try:
-            cmd = p.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if "unified-0" in cmd and p.status() != psutil.STATUS_ZOMBIE:
-            out[int(cmd[cmd.index("--rank") + 1]) if "--rank" in cmd else 0] = p.pid
-    return out
+    return {rank: pid for (wid, rank), pid in cluster.rank_pids().items() if wid == "unified-0"}
 
 
 def test_tp3_unified_greedy_equals_the_unsplit_engine(cluster):
