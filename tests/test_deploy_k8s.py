@@ -153,6 +153,14 @@ def test_gpu_configs_request_one_gpu_per_worker(tmp_path):
     assert all("nvidia.com/gpu" not in c["resources"]["limits"] for _, c in containers(cpu_only))
 
 
+def test_a_tensor_parallel_worker_is_one_pod_with_a_gpu_per_rank(tmp_path):
+    path = tmp_path / "tp.toml"
+    path.write_text('[model]\ndevice = "cuda"\ndtype = "bfloat16"\n[[unified]]\ncount = 2\ntp = 4\n')
+    sets = [(m, c) for m, c in containers(k8s.render(load_config(path), path.read_text(), key_files={}))
+            if m["kind"] == "StatefulSet"]
+    assert [(m["spec"]["replicas"], c["resources"]["limits"]["nvidia.com/gpu"]) for m, c in sets] == [(2, "4")]
+
+
 def test_committed_manifests_are_the_render_of_2p2d(tmp_path):
     assert cli_main(["deploy", "k8s", os.path.join(ROOT, "configs/2p2d.toml"), "--out", str(tmp_path),
                      "--no-secret"]) == 0

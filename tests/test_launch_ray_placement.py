@@ -19,3 +19,9 @@ def test_threads_set_a_workers_cpus_and_cuda_asks_one_gpu_each():
     bundles = {wid: bundle(cfg, wid, total_cpus=12.0) for wid, _ in cfg.worker_ids()}
     assert bundles["prefill-0"] == {"CPU": 4.0, "GPU": 1}
     assert bundles["decode-0"] == bundles["decode-1"] == {"CPU": 4.0, "GPU": 1}
+
+
+def test_a_tensor_parallel_worker_is_one_bundle_with_a_gpu_per_rank():
+    cfg = config_from_dict({"model": {"device": "cuda", "dtype": "bfloat16"},
+                            "unified": [{"count": 2, "tp": 2, "gpus": [0, 1, 2, 3]}]})
+    assert [bundle(cfg, wid, total_cpus=8.0)["GPU"] for wid, _ in cfg.worker_ids()] == [2, 2]

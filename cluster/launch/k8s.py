@@ -80,11 +80,12 @@ def _volumes() -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _resources(cfg: ClusterConfig, cpus: int, memory: str) -> dict:
+def _resources(cfg: ClusterConfig, cpus: int, memory: str, tp: int = 1) -> dict:
     amounts = {"cpu": str(cpus), "memory": memory}
     if cfg.model.device.startswith("cuda"):
-        # one GPU per worker, as `gpus` deals them on one host; which one is the scheduler's
-        amounts["nvidia.com/gpu"] = "1"
+        # one GPU per rank (a worker's ranks share its pod), as `gpus` deals them on one host;
+        # which ones is the scheduler's
+        amounts["nvidia.com/gpu"] = str(tp)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
@@ -107,7 +108,7 @@ def worker_set(cfg: ClusterConfig, role: str, image: str, cpus: int, memory: str
     t = cfg.timeouts
     container = {
         "name": "worker", "image": image, "command": ["python"], "args": worker_args(role),
-        "env": env, "resources": _resources(cfg, cpus, memory), "volumeMounts": mounts,
+        "env": env, "resources": _resources(cfg, cpus, memory, max(g.tp for g in groups)), "volumeMounts": mounts,
         # loading the model may take up to timeouts.register; liveness waits for it
         "startupProbe": _health_probe(3 * t.heartbeat_interval, failureThreshold=max(
             1, math.ceil(t.register / PROBE_PERIOD_S))),

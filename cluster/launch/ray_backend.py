@@ -97,7 +97,7 @@ def bundle(cfg: ClusterConfig, wid: str, total_cpus: float) -> dict:
     cpus = group.scheduler.threads or total_cpus / max(1, len(cfg.worker_ids()))
     out = {"CPU": math.floor(cpus * 1000) / 1000}     # 3 x 2/3 must fit in 2 CPUs
     if cfg.model.device.startswith("cuda"):
-        out["GPU"] = 1                 # one per worker, as `gpus` deals them; Ray picks which
+        out["GPU"] = group.tp          # one per rank, as `gpus` deals them; Ray picks which
     return out
 
 
