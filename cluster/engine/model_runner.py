@@ -83,6 +83,13 @@ class ModelRunner:
         ids = input_ids.to(self.device, non_blocking=True)
         return torch.where(ids < 0, self.future_map[(-ids - 1).clamp(min=0)], ids)
 
+    def resolve_prior(self, prior_ids: list[list[int]]) -> list[list[int]]:
+        """Penalties' seen ids whose last one is still a future (`-(k + 1)`, overlap): read it from the map
+        (one host read, only for penalized requests)."""
+        if not any(ids and ids[-1] < 0 for ids in prior_ids):
+            return prior_ids
+        return [ids[:-1] + [int(self.future_map[-ids[-1] - 1])] if ids and ids[-1] < 0 else ids for ids in prior_ids]
+
     def store_future(self, slots: list[int], tokens: torch.Tensor) -> None:
         if slots and min(slots) >= 0:   # every row stores (a decode step)
             self.future_map[torch.tensor(slots).to(self.device, non_blocking=True)] = tokens.to(self.device)
@@ -155,7 +162,8 @@ class ModelRunner:
             if plain_greedy and every_row:    # nothing to process: the argmax is the token
                 ids, lps, top = logits.argmax(dim=-1), None, None
             else:
-                ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), pick(fi.prior_ids),
+                prior_ids = self.resolve_prior(pick(fi.prior_ids))
+                ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), prior_ids,
                                        pick(fi.min_tokens_left), pick(fi.eos_token_ids), pick(fi.grammars))
                 ids = self.tp.broadcast(ids)   # NOTE: rank 0's draw on every rank, so their future maps agree
             if fi.future_slots:

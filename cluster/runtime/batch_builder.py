@@ -76,8 +76,9 @@ def decode_forward_input(batch: ScheduleBatch) -> ForwardInput:
             sp = r.sampling
             if sp.seed is not None:   # the sampled token is output number out_lens[i]
                 generators[i] = token_generator(sp.seed, int(out_lens[i]) - 1)
-            if has_penalty(sp):
-                prior_ids[i] = r.all_ids
+            if has_penalty(sp):   # the token this step feeds may still be in flight: its future slot
+                token = int(rows.input_ids[i])
+                prior_ids[i] = r.all_ids + [token] if r.seq_len <= rows.positions[i] else r.all_ids
             grammars[i] = r.grammar
     min_left = rows.min_tokens - (rows.out_lens - 1)
     return ForwardInput(
