@@ -58,7 +58,7 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
     try:
         register = protocol.Register(
             worker_id="unified-0", role="unified", model=MODEL, data_addr="", pid=os.getpid(),
-            capacity={"num_pages": 65536, "page_size": 16, "max_running_requests": 1024},
+            capacity={"num_pages": 65536, "page_size": 16, "max_running_requests": 1024, "tp": 1},
             kv_fingerprint=fingerprint)
         protocol.encode(register)
     except protocol.ProtocolError:                         # a tree from before KV layouts

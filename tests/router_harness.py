@@ -64,7 +64,8 @@ class ScriptedWorker:
     """A worker process stand-in: registers, heartbeats, and answers `generate` via `reply`."""
 
     def __init__(self, endpoint: str, worker_id: str, role: str, model: str,
-                 reply: Optional[Reply] = None, gauges: Optional[protocol.WorkerGauges] = None):
+                 reply: Optional[Reply] = None, gauges: Optional[protocol.WorkerGauges] = None,
+                 tp: int = 1):
         from cluster.wire.transport import ControlClient
         self.worker_id, self.role, self.reply = worker_id, role, reply
         self.gauges = gauges or protocol.WorkerGauges()
@@ -72,7 +73,7 @@ class ScriptedWorker:
         self.client = ControlClient(endpoint, worker_id)
         self.client.send(protocol.Register(
             worker_id=worker_id, role=role, model=model,
-            capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
+            capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8, "tp": tp},
             kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8,
                             "dtype": "float32", "page_size": 16, "layout": "kv"},
             data_addr=f"tcp://127.0.0.1:1{abs(hash(worker_id)) % 9000 + 1000}", pid=1))
@@ -111,7 +112,7 @@ def register_again(worker, role: str) -> None:
     worker.role = role
     worker.client.send(protocol.Register(
         worker_id=worker.worker_id, role=role, model=MODEL,
-        capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8},
+        capacity={"num_pages": 64, "page_size": 16, "max_running_requests": 8, "tp": 1},
         kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
                         "page_size": 16, "layout": "kv"},
         data_addr="tcp://127.0.0.1:19999", pid=1))

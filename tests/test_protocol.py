@@ -27,7 +27,7 @@ NO_GAUGES = {d.name: None for d in P.WorkerGauges.declared()}
 
 SIMPLE_MESSAGES = [
     P.Register("prefill-0", "prefill", "smollm2", {"num_pages": 2048, "page_size": 16,
-                                                    "max_running_requests": 64},
+                                                    "max_running_requests": 64, "tp": 1},
                {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "dtype": "bfloat16",
                 "page_size": 16, "layout": "kv"}, "tcp://127.0.0.1:5555", 1234),
     P.Heartbeat("decode-0", 17, P.WorkerGauges(

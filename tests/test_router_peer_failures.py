@@ -78,7 +78,7 @@ def test_worker_registers_again_when_the_router_restarts_and_gives_up_when_it_is
     client = ControlClient(endpoint, "prefill-0")
     register = protocol.Register(worker_id="prefill-0", role="prefill", model=MODEL,
                                  capacity={"num_pages": 8, "page_size": 16,
-                                           "max_running_requests": 8},
+                                           "max_running_requests": 8, "tp": 1},
                                  kv_fingerprint={"num_layers": 2, "num_kv_heads": 1, "head_dim": 8,
                                                  "dtype": "float32", "page_size": 16, "layout": "kv"},
                                  data_addr="tcp://127.0.0.1:1", pid=1)

@@ -174,7 +174,7 @@ from cluster.wire.protocol import Abort, Register
 from cluster.wire.transport import ControlClient, DataPlane
 client, data = ControlClient(sys.argv[1], "decode-0"), DataPlane("decode-0")
 client.send(Register("decode-0", "decode", "m", {"num_pages": 8, "page_size": 16,
-                     "max_running_requests": 4}, {"num_layers": 3, "num_kv_heads": 2,
+                     "max_running_requests": 4, "tp": 1}, {"num_layers": 3, "num_kv_heads": 2,
                      "head_dim": 64, "dtype": "bfloat16", "page_size": 16, "layout": "kv"}, data.address, os.getpid()))
 deadline = time.monotonic() + 120
 while time.monotonic() < deadline:

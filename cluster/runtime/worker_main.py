@@ -190,7 +190,8 @@ def serve_role(role: str, build: Callable, args, config, group, runner, control)
     register_msg = P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),
                               capacity={"num_pages": group.scheduler.num_pages,
                                         "page_size": group.scheduler.page_size,
-                                        "max_running_requests": group.scheduler.max_running_requests},
+                                        "max_running_requests": group.scheduler.max_running_requests,
+                                        "tp": runner.tp.size},
                               kv_fingerprint=runner.kv_fingerprint(), **register)
     control.send(register_msg)
     return scheduler, register_msg

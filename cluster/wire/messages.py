@@ -135,7 +135,7 @@ class Register:                                   # worker -> router
     worker_id: str
     role: str                                     # one of cluster.roles.ROLES
     model: str
-    capacity: dict                                # num_pages, page_size, max_running_requests
+    capacity: dict                                # num_pages, page_size, max_running_requests, tp
     kv_fingerprint: dict                          # num_layers, num_kv_heads, head_dim, dtype, page_size, layout (kv | latent:R+P)
     data_addr: str = ""                           # "" when the worker has no data plane
     pid: int = 0

@@ -114,7 +114,7 @@ WORKER_GAUGES = Typed(WorkerGauges, {d.name: Opt(LABELED_COUNTS if d.label else 
 _FIELDS: dict[type, dict[str, Check]] = {
     Register: {"worker_id": ID, "role": Str(choices=ROLES), "model": TEXT,
                "capacity": Record({"num_pages": Int(lo=0), "page_size": Int(lo=1),
-                                   "max_running_requests": Int(lo=0)}),
+                                   "max_running_requests": Int(lo=0), "tp": Int(lo=1)}),
                "kv_fingerprint": Record({"num_layers": Int(lo=0), "num_kv_heads": Int(lo=0),
                                          "head_dim": Int(lo=0), "dtype": Str(max_len=64),
                                          "page_size": Int(lo=1), "layout": Str(max_len=64)}),
