@@ -28,14 +28,15 @@ def served_model(config, group) -> str:
 
 
 def threads_per_worker(config, worker_id: str, env: Optional[Mapping[str, str]] = None) -> int:
-    """Torch threads of one worker: its group's `threads`, else `PDCLUSTER_THREADS`, else the
-    cores shared evenly by every worker of the config (several workers on one host must not
-    oversubscribe it)."""
+    """Torch threads of one worker process (each tensor-parallel rank is one): its group's
+    `threads`, else `PDCLUSTER_THREADS`, else the cores shared evenly by every rank of every
+    worker of the config (several processes on one host must not oversubscribe it)."""
     n = config.group_of(worker_id).scheduler.threads
     if n <= 0:
         raw = (os.environ if env is None else env).get(THREADS_ENV, "").strip()
         n = int(raw) if raw.isdigit() else 0
-    return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, len(config.worker_ids())))
+    num_ranks = sum(group.tp for _, group in config.worker_ids())
+    return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, num_ranks))
 
 
 def log_forward_iters_override(env: Optional[Mapping[str, str]] = None) -> Optional[bool]:

@@ -25,3 +25,10 @@ def test_a_tensor_parallel_worker_is_one_bundle_with_a_gpu_per_rank():
     cfg = config_from_dict({"model": {"device": "cuda", "dtype": "bfloat16"},
                             "unified": [{"count": 2, "tp": 2, "gpus": [0, 1, 2, 3]}]})
     assert [bundle(cfg, wid, total_cpus=8.0)["GPU"] for wid, _ in cfg.worker_ids()] == [2, 2]
+
+
+def test_default_threads_share_the_cores_among_every_rank(monkeypatch):
+    from cluster.roles import threads_per_worker
+    monkeypatch.setattr("os.cpu_count", lambda: 12)
+    cfg = config_from_dict({"unified": [{"count": 1, "tp": 3}], "dllm": [{"count": 1, "model": "m-dllm"}]})
+    assert [threads_per_worker(cfg, wid, env={}) for wid, _ in cfg.worker_ids()] == [3, 3]
