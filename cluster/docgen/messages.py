@@ -1,5 +1,6 @@
 """docs/reference/messages.md: every wire message and nested item, from the dataclasses of
-cluster/wire/messages.py (the codec in cluster/wire/protocol.py checks them)."""
+cluster/wire/messages.py and the items it re-exports (the codec in cluster/wire/protocol.py
+checks them)."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,9 @@ def _nested() -> list[type]:
 
 
 def _enums() -> list[type]:
-    """The enumerations the wire module defines, in source order."""
-    found = [v for v in vars(messages).values() if isinstance(v, type) and issubclass(v, enum.Enum)
-             and v.__module__ == messages.__name__]
+    """The enumerations the wire modules define, in source order."""
+    found = {v for v in vars(messages).values() if isinstance(v, type) and issubclass(v, enum.Enum)
+             and v.__module__.startswith("cluster.wire.")}
     return sorted(found, key=source_line)
 
 
