@@ -123,7 +123,7 @@ class DllmScheduler(WorkerScheduler):
         if logprobs is not None:
             req.output_logprobs += logprobs
         state.block = None
-        self.emit(req, tokens, reason, logprobs)
+        self.outbox.emit(req, tokens, reason, logprobs)
         if reason is not None:
             req.finish_reason = reason
             self.release(req)

@@ -1,8 +1,8 @@
 """WorkerScheduler: what every serving role shares on top of the Scheduler loops.
 
 Intake of `generate` / `abort` from the router, per-request resources (pages, future
-slot), token streaming back to the router (one `tokens` message per
-processed batch), failing a request with a reason, and the heartbeat gauges.
+slot), token streaming back to the router (its TokenOutbox, token_outbox.py), failing a
+request with a reason, and the heartbeat gauges.
 A disaggregated role (prefill, decode) passes its `KvHandoff` in: the worker then also
 wakes on its data plane, reports its transfer gauges and closes it.
 """
@@ -20,6 +20,7 @@ from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.request_marks import MarkBook
+from cluster.runtime.token_outbox import TokenOutbox
 from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
@@ -58,11 +59,9 @@ class WorkerScheduler(Scheduler):
         self.control = control
         self.handoff = handoff
         self.reqs: dict[str, Req] = {}          # live requests by rid
-        self.outbox: list[P.TokensItem] = []
-        self.plain_rids: list[str] = []          # bare tokens of a decode step, sent after the outbox
-        self.plain_tokens: list[int] = []
-        self.output = OutputProcessor(self.tokenizer, self.emit, self.release, self.emit_plain)
         self.marks = MarkBook(worker_id)    # per-request moments for the router's traces
+        self.outbox = TokenOutbox(worker_id, control, self.marks)
+        self.output = OutputProcessor(self.tokenizer, self.outbox.emit, self.release, self.outbox.emit_plain)
         self._idle = False
         self.switch_to: Optional[str] = None     # a role switch: no new work, stop once drained
         self._grammar_backend = None
@@ -171,29 +170,8 @@ class WorkerScheduler(Scheduler):
         raise NotImplementedError
 
     # ---- output ----------------------------------------------------------------
-    def emit(self, req: Req, token_ids: list[int], finish_reason: Optional[str],
-             logprobs: Optional[list[float]] = None, error: Optional[str] = None,
-             top_logprobs: Optional[list] = None) -> None:
-        if token_ids:
-            self.marks.on_token(req)
-        prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None   # sent once, with the first token
-        self.outbox.append(P.TokensItem(req.rid, list(token_ids), finish_reason, error, logprobs, top_logprobs,
-                                        self.marks.sampling_iter if token_ids else None, prompt_logprobs))
-
-    def emit_plain(self, rids: list[str], tokens: list[int]) -> None:
-        """One bare token for each of `rids` (a decode step's requests that did not finish)."""
-        self.plain_rids += rids
-        self.plain_tokens += tokens
-
     def flush_outputs(self) -> None:
-        self.marks.flush(self.control)          # NOTE: before the tokens they lead up to
-        if self.outbox or self.plain_rids:
-            plain = None
-            if self.plain_rids:
-                plain = P.PlainTokens(self.plain_rids, self.plain_tokens, self.marks.sampling_iter)
-                self.plain_rids, self.plain_tokens = [], []
-            self.control.send(P.Tokens(worker_id=self.worker_id, items=self.outbox, plain=plain))
-            self.outbox = []
+        self.outbox.flush()
 
     def fail(self, req: Req, reason: str, retriable: bool = False) -> None:
         """`retriable`: a timeout waiting on a peer, which another pair may not hit; a
