@@ -128,6 +128,8 @@ class TracingConfig(Section):
 @dataclass(frozen=True, slots=True)
 class CacheConfig(Section):
     prefix_cache: bool = option(True, "radix prefix cache on prefill, unified and decode workers")
+    host_tier_gb: float = option(0.0, "second prefix-cache tier in host memory (pinned on CUDA), GB "
+                                 "per worker; 0 = off", lo=0)
 
 
 @dataclass(frozen=True, slots=True)

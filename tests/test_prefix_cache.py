@@ -110,7 +110,8 @@ def test_prefill_worker_extends_from_cached_prefix_and_decode_output_is_unchange
         out = pair.run(1 + len(second))
         assert {k: v for k, v in out.items() if k != "warm"} == ref
         assert pair.prefill.cache.num_hit_tokens >= len(first[0]) // 16 * 16
-        assert pair.prefill.heartbeat_gauges().prefix_cache_hit_tokens_total == pair.prefill.cache.num_hit_tokens
+        by_tier = pair.prefill.heartbeat_gauges().prefix_cache_hit_tokens_total
+        assert by_tier == {"device": pair.prefill.cache.num_hit_tokens, "host": 0}
         check_pages(pair.prefill)
     finally:
         pair.close()

@@ -1,4 +1,5 @@
-"""RadixCache: page-granular prefix cache over the KV page pool. Pure Python, no torch.
+"""RadixCache: page-granular prefix cache over the KV page pool, and optionally a host tier.
+Pure Python, no torch.
 
 Every edge is exactly one page of token ids (`page_size` tokens), so a node owns one page
 and a node never splits: a prefix shorter than a page is not worth sharing, and a
@@ -14,21 +15,29 @@ Invariants:
   than its children.
 - `insert` takes ownership of the pages it is given: each one becomes a new node's
   page, or is given back to the allocator when the tree already holds that prefix.
+
+With a host tier (`host_allocator` + `write_back`), a node's KV is on the device (`page`),
+in host memory (`host_page`), or both; -1 where it is not. The device-resident nodes are
+closed under taking the parent, so a request's matched device pages are a prefix and only
+device nodes are ever referenced. Evicting a device page writes it to a host page first
+(unless it has one), the node staying in the tree host-only; host pages are evicted least
+recently used too: a node's copy on both tiers loses its host copy, a host-only leaf goes.
 """
 from __future__ import annotations
 
 import heapq
-from typing import Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from cluster.engine.page_allocator import PageAllocator
 
 
 class RadixNode:
-    __slots__ = ("key", "page", "parent", "children", "ref_count", "last_used")
+    __slots__ = ("key", "page", "host_page", "parent", "children", "ref_count", "last_used")
 
     def __init__(self, key: tuple, page: int, parent: Optional["RadixNode"]):
         self.key = key                 # the page's token ids
-        self.page = page               # -1 for the root
+        self.page = page               # device page; -1 for the root and host-only nodes
+        self.host_page = -1            # host-tier page; -1 when not there
         self.parent = parent
         self.children: dict[tuple, RadixNode] = {}
         self.ref_count = 0
@@ -46,15 +55,24 @@ class RadixNode:
         return self.last_used < other.last_used
 
 
+WriteBack = Callable[[list, list], None]     # (device pages, host pages): queue their copy
+
+
 class RadixCache:
-    def __init__(self, allocator: PageAllocator, page_size: int):
-        assert page_size >= 1
+    def __init__(self, allocator: PageAllocator, page_size: int,
+                 host_allocator: Optional[PageAllocator] = None, write_back: Optional[WriteBack] = None,
+                 host_pinned: Collection[int] = ()):
+        assert page_size >= 1 and (host_allocator is None) == (write_back is None)
         self.allocator = allocator
         self.page_size = page_size
+        self.host_allocator = host_allocator
+        self.write_back = write_back
+        self.host_pinned = host_pinned     # host pages a queued load still reads: not evicted
         self.root = RadixNode((), -1, None)
         self.root.ref_count = 1        # never evicted
-        self.num_cached_pages = 0      # nodes below the root
-        self.num_evictable_pages = 0   # nodes with ref_count == 0
+        self.num_cached_pages = 0      # device-resident nodes below the root
+        self.num_evictable_pages = 0   # of those, nodes with ref_count == 0
+        self.num_host_pages = 0        # nodes with a host page
         self._clock = 0
 
     def _keys(self, token_ids: Sequence[int], num_pages: int):
@@ -73,12 +91,37 @@ class RadixCache:
         node, pages = self.root, []
         for key in self._keys(token_ids, len(token_ids) // self.page_size):
             child = node.children.get(key)
-            if child is None:
+            if child is None or child.page < 0:
                 break
             node = child
             pages.append(node.page)
         self._touch(node)
         return pages, node
+
+    def match_host(self, token_ids: Sequence[int]) -> list[RadixNode]:
+        """The host-only nodes that continue `match_prefix(token_ids)` along `token_ids`:
+        KV the host tier holds beyond the device hit, parent first."""
+        node, out = self.root, []
+        for key in self._keys(token_ids, len(token_ids) // self.page_size):
+            node = node.children.get(key)
+            if node is None or (node.page < 0 and node.host_page < 0):
+                break
+            if node.page < 0:
+                out.append(node)
+        if out:
+            self._touch(out[-1])               # most recent now: not what the host tier evicts next
+        return out
+
+    def adopt(self, nodes: Sequence[RadixNode], pages: Sequence[int]) -> None:
+        """Host-only `nodes` (a path, parent first, continuing the device nodes) now also
+        have device `pages`, which the caller fills from their host pages."""
+        for node, page in zip(nodes, pages, strict=True):
+            assert node.page < 0 and (node.parent is self.root or node.parent.page >= 0)
+            node.page = page
+        self.num_cached_pages += len(nodes)
+        self.num_evictable_pages += len(nodes)
+        if nodes:
+            self._touch(nodes[-1])
 
     # ---- references --------------------------------------------------------------
     def lock(self, node: RadixNode) -> None:
@@ -97,6 +140,20 @@ class RadixCache:
                 self.num_evictable_pages += 1
             node = node.parent
 
+    def unadopt(self, nodes: Sequence[RadixNode]) -> list[int]:
+        """Undo `adopt` where nobody references the pages yet (the request that loaded them was
+        not scheduled): deepest first, back to host-only; -> the device pages given up (the
+        caller frees them)."""
+        pages = []
+        for node in reversed(nodes):
+            if node.ref_count or any(c.page >= 0 for c in node.children.values()):
+                break
+            pages.append(node.page)
+            node.page = -1
+        self.num_cached_pages -= len(pages)
+        self.num_evictable_pages -= len(pages)
+        return pages
+
     # ---- insertion ---------------------------------------------------------------
     def insert(self, token_ids: Sequence[int], pages: Sequence[int]) -> tuple[RadixNode, int]:
         """Cache the whole pages of `token_ids` (KV in `pages`); -> (last node, pages added).
@@ -113,6 +170,9 @@ class RadixCache:
                 child = RadixNode(key, page, node)
                 node.children[key] = child
                 added += 1
+            elif child.page < 0:               # host-only: the device has it again
+                child.page = page
+                added += 1
             elif child.page != page:
                 duplicates.append(page)
             node = child
@@ -125,21 +185,79 @@ class RadixCache:
 
     # ---- eviction ----------------------------------------------------------------
     def evict(self, num_pages: int) -> int:
-        """Free up to `num_pages` pages of unreferenced nodes, least recently used leaf first."""
-        heap = [n for n in self._nodes() if not n.children and n.ref_count == 0]
+        """Free up to `num_pages` device pages of unreferenced nodes, least recently used
+        leaf (of the device nodes) first; with a host tier their KV goes there first."""
+        heap = [n for n in self._nodes() if n.page >= 0 and n.ref_count == 0
+                and not any(c.page >= 0 for c in n.children.values())]
         heapq.heapify(heap)
-        freed: list[int] = []
+        freed, written, hosts = [], [], []
         while heap and len(freed) < num_pages:
             node = heapq.heappop(heap)
             parent = node.parent
-            del parent.children[node.key]
+            if node.host_page < 0 and self.host_allocator is not None and self._host_allocate(node):
+                written.append(node.page)
+                hosts.append(node.host_page)
             freed.append(node.page)
-            if parent is not self.root and not parent.children and parent.ref_count == 0:
+            node.page = -1
+            if node.host_page < 0:             # nowhere else: the node goes (its subtree is host-only)
+                self._drop(node)
+            if parent is not self.root and parent.ref_count == 0 \
+                    and not any(c.page >= 0 for c in parent.children.values()):
                 heapq.heappush(heap, parent)
+        if written:
+            self.write_back(written, hosts)
         if freed:
             self.allocator.free(freed)
         self.num_cached_pages -= len(freed)
         self.num_evictable_pages -= len(freed)
+        return len(freed)
+
+    def _drop(self, node: RadixNode) -> None:
+        """Remove a node that has no device page, and its (host-only) subtree."""
+        del node.parent.children[node.key]
+        stack, hosts = [node], []
+        while stack:
+            n = stack.pop()
+            assert n.page < 0 and n.ref_count == 0
+            if n.host_page >= 0:
+                hosts.append(n.host_page)
+            stack.extend(n.children.values())
+        if hosts:
+            self.host_allocator.free(hosts)
+            self.num_host_pages -= len(hosts)
+
+    def _host_allocate(self, node: RadixNode) -> bool:
+        """Give `node` a host page, evicting the least recently used host copy if none is
+        free; -> whether it has one."""
+        if not self.host_allocator.num_free_pages:
+            self.evict_host(1)
+        if not self.host_allocator.num_free_pages:
+            return False
+        node.host_page = self.host_allocator.allocate(1)[0]
+        self.num_host_pages += 1
+        return True
+
+    def evict_host(self, num_pages: int) -> int:
+        """Free up to `num_pages` host pages, least recently used first: a node on both tiers
+        drops its host copy, a host-only leaf leaves the tree."""
+        pinned = self.host_pinned
+        heap = [n for n in self._nodes() if n.host_page >= 0 and n.host_page not in pinned
+                and (n.page >= 0 or not n.children)]
+        heapq.heapify(heap)
+        freed = []
+        while heap and len(freed) < num_pages:
+            node = heapq.heappop(heap)
+            freed.append(node.host_page)
+            node.host_page = -1
+            if node.page < 0:
+                parent = node.parent
+                del parent.children[node.key]
+                if parent.page < 0 and parent.host_page >= 0 and not parent.children \
+                        and parent.host_page not in pinned:
+                    heapq.heappush(heap, parent)
+        if freed:
+            self.host_allocator.free(freed)
+        self.num_host_pages -= len(freed)
         return len(freed)
 
     def allocate(self, num_pages: int) -> list[int]:
@@ -158,16 +276,29 @@ class RadixCache:
             stack.extend(node.children.values())
 
     def pages(self) -> list[int]:
-        return [n.page for n in self._nodes()]
+        """Device pages of the tree."""
+        return [n.page for n in self._nodes() if n.page >= 0]
+
+    def host_pages(self) -> list[int]:
+        return [n.host_page for n in self._nodes() if n.host_page >= 0]
 
     def check_integrity(self) -> None:
         """Raise if a counter or a reference disagrees with the tree."""
         nodes = list(self._nodes())
-        if len(nodes) != self.num_cached_pages:
-            raise AssertionError(f"{len(nodes)} nodes, counter says {self.num_cached_pages}")
-        if sum(n.ref_count == 0 for n in nodes) != self.num_evictable_pages:
+        device = [n for n in nodes if n.page >= 0]
+        if len(device) != self.num_cached_pages:
+            raise AssertionError(f"{len(device)} device nodes, counter says {self.num_cached_pages}")
+        if sum(n.ref_count == 0 for n in device) != self.num_evictable_pages:
             raise AssertionError("evictable counter disagrees with ref counts")
+        if sum(n.host_page >= 0 for n in nodes) != self.num_host_pages:
+            raise AssertionError("host page counter disagrees with the tree")
         for n in nodes:
+            if n.page < 0 and n.host_page < 0:
+                raise AssertionError("a node with its KV nowhere")
+            if n.page >= 0 and n.parent is not self.root and n.parent.page < 0:
+                raise AssertionError(f"device page {n.page} under a host-only node")
+            if n.page < 0 and n.ref_count:
+                raise AssertionError(f"host page {n.host_page} is referenced")
             if n.ref_count < sum(c.ref_count for c in n.children.values()):
                 raise AssertionError(f"page {n.page} has fewer references than its children")
             if n.last_used < max((c.last_used for c in n.children.values()), default=0):

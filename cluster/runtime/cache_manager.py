@@ -6,6 +6,11 @@ its own. A finished request gives its whole pages to the tree (`release(keep_kv=
 so the next request with the same prefix extends from them; an aborted or failed one
 only drops its references. Cached pages nobody references are evicted, least recently
 used first, when an allocation runs short: for scheduling they count as free.
+
+With a host tier (`engine/host_tier.py`) evicted pages go to host memory instead of away,
+and a request whose prefix continues there gets those pages loaded back into fresh device
+pages (when `LoadCost` predicts loading beats recomputing): it then starts as if the whole
+prefix had been on the device.
 """
 from __future__ import annotations
 
@@ -20,18 +25,26 @@ class CacheManager:
         self.page_size = page_size
         self.num_pages = page_allocator.num_free_pages   # at start every page is free
         self.tree: RadixCache | None = None
+        self.host_tier = None          # HostTier, with the prefix cache only
         self.num_query_tokens = 0      # tokens of requests looked up in the prefix cache
-        self.num_hit_tokens = 0        # of those, tokens whose KV came from the cache
+        self.num_hit_tokens = 0        # of those, tokens whose KV came from the cache (either tier)
+        self.num_host_hit_tokens = 0   # of those, tokens loaded back from the host tier
+        self._host_loads: dict[str, list] = {}  # rid -> tree nodes loaded for it, until released
 
-    def enable_prefix_cache(self) -> None:
+    def enable_prefix_cache(self, host_tier=None) -> None:
         if self.tree is None:
-            self.tree = RadixCache(self.allocator, self.page_size)
+            self.host_tier = host_tier
+            if host_tier is None:
+                self.tree = RadixCache(self.allocator, self.page_size)
+            else:
+                self.tree = RadixCache(self.allocator, self.page_size, host_tier.allocator, host_tier.write,
+                                       host_tier.loading)
 
     def drop_prefix_cache(self) -> None:
         """Free every cached page (no request may hold any): the pool goes to another role."""
         if self.tree is not None:
             self.tree.evict(self.tree.num_evictable_pages)
-            self.tree = None
+            self.tree = self.host_tier = None
 
     def pages_for(self, num_tokens: int) -> int:
         return pages_for(num_tokens, self.page_size)
@@ -71,6 +84,12 @@ class CacheManager:
         ids = req.all_ids
         pages, node = self.tree.match_prefix(ids[:len(ids) - 1])
         self.tree.lock(node)
+        if self.host_tier is not None:
+            node, loaded = self._load_from_host(node, ids[:len(ids) - 1])
+            pages = pages + [n.page for n in loaded]
+            if loaded:
+                self._host_loads[req.rid] = loaded
+                self.num_host_hit_tokens += len(loaded) * self.page_size
         req.cache_node, req.num_shared_pages = node, len(pages)
         req.page_table = list(pages)
         req.kv_len = req.cached_len = len(pages) * self.page_size
@@ -78,12 +97,39 @@ class CacheManager:
         self.num_hit_tokens += req.kv_len
         return req.kv_len
 
+    def _load_from_host(self, node, token_ids) -> tuple[object, list[int]]:
+        """Load the host-only continuation of locked `node` along `token_ids` into fresh
+        device pages, as much as fits and only when the cost model says it pays;
+        -> (the deepest locked node, the nodes loaded)."""
+        wanted = len(self.tree.match_host(token_ids))
+        num = min(wanted, self.num_free_pages)
+        if not num or not self.host_tier.cost.should_load(num * self.page_size):
+            return node, []
+        pages = self.tree.allocate(num)             # may evict to host, and from it
+        nodes = self.tree.match_host(token_ids)[:num]
+        if len(nodes) < num:                        # the host tier made room from our own tail
+            self.allocator.free(pages[len(nodes):])
+            pages = pages[:len(nodes)]
+        if not nodes:
+            return node, []
+        self.host_tier.load([n.host_page for n in nodes], pages)
+        self.tree.adopt(nodes, pages)
+        self.tree.lock(nodes[-1])
+        self.tree.unlock(node)
+        return nodes[-1], nodes
+
     def unmatch(self, req: Req) -> None:
         """Undo `match_prefix` of a request that was not scheduled after all."""
         if req.cache_node is not None and req.kv_len == req.cached_len:
             self.num_query_tokens -= req.seq_len
             self.num_hit_tokens -= req.kv_len
+            loaded = self._host_loads.pop(req.rid, [])
+            self.num_host_hit_tokens -= len(loaded) * self.page_size
             self.release(req, keep_kv=False)
+            if loaded:                              # back to host-only: nothing will read those pages
+                pages = self.tree.unadopt(loaded)
+                self.host_tier.cancel_load(pages)
+                self.allocator.free(pages)
             req.kv_len = 0
 
     @property
@@ -145,6 +191,7 @@ class CacheManager:
         (not those of a launched forward still pending, which may yet fail)."""
         pages, shared = req.page_table, req.num_shared_pages
         req.page_table, req.num_shared_pages, req.cached_len = [], 0, 0
+        self._host_loads.pop(req.rid, None)
         node, req.cache_node = req.cache_node, None
         if self.tree is None:
             if pages:
@@ -163,6 +210,16 @@ class CacheManager:
 
     def free(self, req: Req) -> None:
         self.release(req, keep_kv=False)
+
+    def tier_gauges(self) -> dict:
+        """Hit tokens by tier; with a host tier, its bytes moved and its usage."""
+        out = {"prefix_cache_hit_tokens_total": {"device": self.num_hit_tokens - self.num_host_hit_tokens,
+                                                 "host": self.num_host_hit_tokens}}
+        tier = self.host_tier
+        if tier is not None:
+            out["host_tier_bytes_total"] = {"to_host": tier.bytes_to_host, "to_device": tier.bytes_to_device}
+            out["host_tier_usage"] = tier.usage
+        return out
 
     @property
     def token_usage(self) -> float:

@@ -186,7 +186,7 @@ def serve_role(role: str, build: Callable, args, config, group, runner, control)
     from cluster.wire import protocol as P
     scheduler, register = build(args, config, group, runner, control)
     if config.cache.prefix_cache:
-        scheduler.enable_prefix_cache()
+        scheduler.enable_prefix_cache(config.cache.host_tier_gb)
     register_msg = P.Register(worker_id=args.worker_id, role=role, pid=os.getpid(),
                               capacity={"num_pages": group.scheduler.num_pages,
                                         "page_size": group.scheduler.page_size,

@@ -73,9 +73,21 @@ class WorkerScheduler(Scheduler):
             raise ValueError(f"{worker_id}: the data plane must wake the worker as its control plane does")
 
     # ---- intake --------------------------------------------------------------
-    def enable_prefix_cache(self) -> None:
-        if self.supports_prefix_cache:
-            self.cache.enable_prefix_cache()
+    def enable_prefix_cache(self, host_tier_gb: float = 0) -> None:
+        """The radix prefix cache, with a host tier of `host_tier_gb` GB when > 0: its loads
+        run on the forward thread right before the forward they were sealed for (`run_batch`),
+        and that thread times prefills for its cost model."""
+        if not self.supports_prefix_cache or self.cache.tree is not None:
+            return
+        tier = None
+        if host_tier_gb > 0:
+            from cluster.engine.host_tier import HostTier
+            tier = HostTier.sized(self.runner.kv_pool, host_tier_gb)
+            self.executor.forward_fn = tier.wrap_forward(self.executor.forward_fn)
+            first = self.executor.on_launch        # layer-wise streaming's, if any: both run
+            self.executor.on_launch = tier.launching if first is None else \
+                (lambda forward_iter: (first(forward_iter), tier.launching(forward_iter)))
+        self.cache.enable_prefix_cache(tier)
 
     def recv_requests(self) -> None:
         timeout = IDLE_WAIT_S if self._idle else 0.0
@@ -231,6 +243,8 @@ class WorkerScheduler(Scheduler):
 
     # ---- forward -----------------------------------------------------------------
     def run_batch(self, batch: ScheduleBatch):
+        if self.cache.host_tier is not None:   # its loads so far run before this forward
+            self.cache.host_tier.seal(self.forward_ct + 1)
         future = super().run_batch(batch)       # forward_iter is set there, first
         self.marks.on_launch(batch)
         return future
@@ -255,7 +269,7 @@ class WorkerScheduler(Scheduler):
         return WorkerGauges(**self.stats.gauges(), num_running_reqs=self.num_running_reqs,
                             num_queue_reqs=self.num_queue_reqs, token_usage=self.cache.token_usage,
                             prefix_cache_hit_rate=self.cache.hit_rate,
-                            prefix_cache_hit_tokens_total=self.cache.num_hit_tokens,
+                            **self.cache.tier_gauges(),
                             prefix_cache_query_tokens_total=self.cache.num_query_tokens,
                             protocol_errors_total=self.num_protocol_errors(),
                             rejected_frames_total=self.rejected_frames(),

@@ -52,9 +52,14 @@ class WorkerGauges:
     gen_throughput: Optional[float] = _metric(GAUGE, "Generated tokens per second (last decode log interval).")
     prefix_cache_hit_rate: Optional[float] = _metric(GAUGE, "Prompt tokens found in the prefix cache / "
                                                             "prompt tokens looked up.")
-    prefix_cache_hit_tokens_total: Optional[int] = _metric(COUNTER, "Prompt tokens found in the prefix cache.")
+    prefix_cache_hit_tokens_total: Optional[dict] = _metric(COUNTER, "Prompt tokens found in the prefix cache, "
+                                                            "by the tier they came from (the sum is "
+                                                            "every hit).", label="tier")
     prefix_cache_query_tokens_total: Optional[int] = _metric(COUNTER, "Prompt tokens looked up in the prefix "
                                                                       "cache.")
+    host_tier_bytes_total: Optional[dict] = _metric(COUNTER, "KV bytes copied between the device and the "
+                                                    "host tier of the prefix cache.", label="direction")
+    host_tier_usage: Optional[float] = _metric(GAUGE, "Host-tier pages in use / host-tier pages.")
     protocol_errors_total: Optional[int] = _metric(COUNTER, "Wire messages dropped as malformed.")
     rejected_frames_total: Optional[dict] = _metric(COUNTER, "Refused handshakes and frames by reason.",
                                                     label="reason")

@@ -1,0 +1,248 @@
+"""The host tier of the prefix cache, without a model: a CacheManager over a real (tiny, CPU)
+KV pool and host tier whose pages hold a value per cached prefix, under random traffic of
+requests that finish, abort, are retracted and re-prefilled, and workers that die."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.engine.host_tier import HostTier, LoadCost
+from cluster.engine.kv_cache import KVPool
+from cluster.engine.page_allocator import PageAllocator
+from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.schedule_batch import Req
+from cluster.sampling_params import SamplingParams
+
+PAGE = 2
+NUM_PAGES = 6
+
+
+def manager(num_pages: int = NUM_PAGES, host_pages: int = 64, planes: int = 2) -> CacheManager:
+    pool = KVPool(2, 1, 3, num_pages, PAGE, num_planes=planes)
+    cm = CacheManager(PageAllocator(num_pages), PAGE)
+    cm.enable_prefix_cache(HostTier(pool, host_pages))
+    return cm
+
+
+def before_forward(tier: HostTier) -> None:
+    """What the worker does around a launch: seal the queued loads, then run them before it."""
+    tier.seal(1)
+    tier.launching(1)
+    tier.flush()
+
+
+def value(prefix: tuple) -> float:
+    """The KV a page holds when the tokens up to its end are `prefix` (a made-up function)."""
+    return float(hash(prefix) % 100_003)
+
+
+def compute(cm: CacheManager, req: Req) -> None:
+    """The request's forward: write the KV of every page it owns (not the shared ones), after
+    the copies queued before it (as the worker's forward wrapper does)."""
+    before_forward(cm.host_tier)
+    kv = cm.host_tier.pool.kv
+    for j in range(req.num_shared_pages, len(req.page_table)):
+        kv[:, :, :, req.page_table[j]] = value(tuple(req.all_ids[:(j + 1) * PAGE]))
+    req.kv_len = req.seq_len
+
+
+def check_shared_pages(cm: CacheManager, req: Req) -> None:
+    """Every page a request starts from holds its prefix's KV (loaded ones once flushed)."""
+    before_forward(cm.host_tier)
+    kv = cm.host_tier.pool.kv
+    for j in range(req.num_shared_pages):
+        assert kv[1, -1, 0, req.page_table[j], -1, -1].item() == value(tuple(req.all_ids[:(j + 1) * PAGE]))
+
+
+def check(cm: CacheManager, live: list[Req]) -> None:
+    tree = cm.tree
+    tree.check_integrity()
+    own = [r.page_table[r.num_shared_pages:] for r in live]
+    cm.allocator.check_integrity(held=[tree.pages()] + own)
+    cm.host_tier.allocator.check_integrity(held=[tree.host_pages()])
+    assert not cm.host_tier.loading or cm.host_tier._pending    # pins only while loads are queued
+    assert cm.num_host_hit_tokens <= cm.num_hit_tokens <= cm.num_query_tokens
+
+
+CONVERSATIONS = [(0, 0, 1, 1, 2, 2, 0, 1, 2), (0, 0, 1, 1, 0, 0, 2, 2, 1), (2, 1, 0, 2, 1, 0, 2, 1, 0),
+                 (1, 1, 1, 1, 1, 1, 1, 1, 1)]
+seqs = st.one_of(st.lists(st.integers(0, 1), min_size=3, max_size=9).map(tuple),   # turns of a few
+                 st.tuples(st.sampled_from(CONVERSATIONS), st.integers(3, 9)).map(lambda c: c[0][:c[1]]))
+request = st.tuples(st.just("request"), seqs, st.sampled_from([False, False, True]))  # keep it live?
+ops = st.one_of(
+    request, request, request,
+    st.tuples(st.just("finish"), st.integers(0, 7)),
+    st.tuples(st.just("abort"), st.integers(0, 7)),
+    st.tuples(st.just("retract"), st.integers(0, 7)),      # pages back (kept), prefilled again
+    st.tuples(st.just("death"),),                          # the peer died: every live request aborted
+    st.tuples(st.just("evict_host"), st.integers(0, 5)),
+    st.tuples(st.just("recompute_is_cheaper"), st.booleans()).filter(lambda op: not op[1]),
+    st.tuples(st.just("recompute_is_cheaper"), st.booleans()),
+)
+
+
+def run_program(program, host_pages: int, exact: bool) -> None:
+    cm, model, live, n = manager(host_pages=host_pages), set(), [], 0
+
+    def request(ids: tuple, keep_live: bool) -> None:
+        nonlocal n
+        n += 1
+        req = Req(f"r{n}", list(ids), SamplingParams())
+        pages, node = cm.tree.match_prefix(ids[:-1])
+        cm.tree.lock(node)                     # as match_prefix does before it loads
+        device_k, free = len(pages), cm.num_free_pages
+        cm.tree.unlock(node)
+        model_k = max((j for j in range(len(ids) // PAGE + 1) if (len(ids) - 1) // PAGE >= j
+                       and all(ids[:i * PAGE] in model for i in range(1, j + 1))), default=0)
+        loads = cm.host_tier.cost.should_load(PAGE)
+        cm.match_prefix(req)
+        if exact:   # a host tier that never runs out: all it was given comes back, as far as pages fit
+            assert req.num_shared_pages == (min(model_k, device_k + free) if loads else device_k), \
+                (req.num_shared_pages, model_k, device_k, free)
+        check_shared_pages(cm, req)
+        if not cm.can_grow(req, req.seq_len):
+            cm.unmatch(req)
+            return
+        cm.grow(req, req.seq_len)
+        compute(cm, req)
+        if keep_live:
+            live.append(req)
+        else:
+            finish(req)
+
+    def finish(req: Req) -> None:
+        model.update(tuple(req.all_ids[:j * PAGE]) for j in range(1, req.seq_len // PAGE + 1))
+        cm.release(req, keep_kv=True)
+
+    for op, *args in program:
+        if op == "request":
+            request(*args)
+        elif op in ("finish", "abort", "retract") and live:
+            req = live.pop(args[0] % len(live))
+            if op == "abort":
+                cm.release(req, keep_kv=False)
+            else:
+                finish(req)
+            if op == "retract":
+                request(tuple(req.all_ids), True)
+        elif op == "death":
+            while live:
+                cm.release(live.pop(), keep_kv=False)
+        elif op == "evict_host" and not exact:
+            cm.tree.evict_host(args[0])
+        elif op == "recompute_is_cheaper":
+            cm.host_tier.cost.prefill_tokens_per_s = 1e30 if args[0] else None
+        check(cm, live)
+    while live:
+        cm.release(live.pop(), keep_kv=True)
+    check(cm, live)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(ops, min_size=10, max_size=40))
+def test_tiers_give_back_every_prefix_a_large_host_tier_was_given(program):
+    run_program(program, host_pages=512, exact=True)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(ops, min_size=10, max_size=40))
+def test_tiers_stay_consistent_when_the_host_tier_runs_out(program):
+    run_program(program, host_pages=3, exact=False)
+
+
+def test_tiers_stay_consistent_under_long_seeded_random_traffic():
+    """Longer programs than hypothesis tends to draw, so the host tier fills, serves hits and evicts."""
+    rng = random.Random(7)
+    kinds = ["request"] * 6 + ["finish", "retract", "abort", "evict_host", "death"]
+    for _ in range(60):
+        program = []
+        for _ in range(40):
+            kind = rng.choice(kinds)
+            if kind == "request":
+                ids = rng.choice(CONVERSATIONS)[:rng.randint(3, 9)] if rng.random() < 0.5 else \
+                    tuple(rng.randint(0, 1) for _ in range(rng.randint(1, 9)))
+                program.append((kind, ids, rng.random() < 0.3))
+            else:
+                program.append((kind,) if kind == "death" else (kind, rng.randint(0, 7)))
+        run_program(program, host_pages=512, exact=True)
+        run_program(program, host_pages=3, exact=False)
+
+
+def test_an_evicted_prefix_comes_back_from_the_host_tier_into_fresh_device_pages():
+    cm = manager(num_pages=4)
+    first = Req("a", [1, 1, 2, 2, 3, 3, 9], SamplingParams())
+    cm.match_prefix(first)
+    cm.grow(first, first.seq_len)
+    compute(cm, first)
+    cm.release(first)                                     # 3 whole pages cached, 1 free
+    other = Req("b", [7] * 7, SamplingParams())
+    cm.match_prefix(other)
+    cm.grow(other, other.seq_len)                         # evicts the first prompt's pages to the host
+    assert cm.host_tier.bytes_to_host > 0 and cm.tree.num_host_pages == 3
+    cm.release(other, keep_kv=False)
+    again = Req("c", [1, 1, 2, 2, 3, 3, 4], SamplingParams())
+    assert cm.match_prefix(again) == 6 and cm.num_host_hit_tokens == 6
+    check_shared_pages(cm, again)
+    assert cm.host_tier.bytes_to_device == 3 * cm.host_tier.page_bytes
+    gauges = cm.tier_gauges()
+    assert gauges["prefix_cache_hit_tokens_total"] == {"device": 0, "host": 6}
+    cm.release(again)
+    check(cm, [])
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_host_tier_copies_every_plane_and_layer_of_a_page(planes):
+    pool = KVPool(3, 2, 4, 6, PAGE, num_planes=planes)
+    tier = HostTier(pool, 5)
+    pool.kv.copy_(__import__("torch").randn(pool.kv.shape))
+    before = pool.kv[:, :, :, [1, 4]].clone()
+    tier.write([1, 4], [3, 0])
+    pool.kv[:, :, :, [1, 4]] = 0                 # the device pages are free once write returns
+    tier.load([3, 0], [2, 5])
+    assert tier.loading == {3: 1, 0: 1}
+    before_forward(tier)
+    assert not tier.loading
+    assert (pool.kv[:, :, :, [2, 5]] == before).all()
+
+
+def test_load_cost_loads_only_when_the_copy_beats_the_prefill():
+    cost = LoadCost(copy_bytes_per_s=1e9, bytes_per_token=1000)    # 1 us a token
+    assert cost.should_load(100)                                    # no prefill timed yet
+    cost.observe_prefill(1000, 0.1)                                 # 100 us a token
+    assert cost.should_load(100)
+    cost.prefill_tokens_per_s = 1e7                                 # 0.1 us a token
+    assert not cost.should_load(100)
+
+
+def test_a_load_waits_for_the_forward_it_was_sealed_for():
+    """A forward launched earlier may still write a freshly allocated page: not before it."""
+    pool = KVPool(1, 1, 2, 4, PAGE)
+    tier = HostTier(pool, 4)
+    tier.kv[2] = 7.0
+    tier.load([2], [1])
+    tier.seal(5)
+    tier.launching(4)
+    tier.flush()
+    assert (pool.kv[:, :, :, 1] == 0).all() and tier.loading == {2: 1}
+    tier.launching(5)
+    tier.flush()
+    assert (pool.kv[:, :, :, 1] == 7).all() and not tier.loading
+
+
+def test_a_request_not_scheduled_after_its_host_hit_gives_the_loaded_pages_back():
+    cm = manager(num_pages=4)
+    first = Req("a", [1, 1, 2, 2, 9], SamplingParams())
+    cm.match_prefix(first)
+    cm.grow(first, first.seq_len)
+    compute(cm, first)
+    cm.release(first)
+    cm.tree.evict(2)                                      # both pages to the host tier
+    again = Req("b", [1, 1, 2, 2, 3], SamplingParams())
+    assert cm.match_prefix(again) == 4 and cm.host_tier.loading
+    cm.unmatch(again)
+    assert cm.num_host_hit_tokens == cm.num_hit_tokens == 0 and not cm.host_tier.loading
+    assert cm.tree.num_cached_pages == 0 and cm.tree.num_host_pages == 2
+    check(cm, [])
