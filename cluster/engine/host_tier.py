@@ -232,3 +232,15 @@ class HostTier:
             best = min(best, time.perf_counter() - t0)
             del dst
         return n * self.page_bytes / max(best, 1e-9)
+
+
+def attach_host_tier(executor, pool: KVPool, gigabytes: float) -> HostTier:
+    """A host tier of `gigabytes` for `pool`, its loads run by `executor`'s forward thread right
+    before the forward they were sealed for (the scheduler seals in `run_batch`), which also
+    times prefills for its cost model."""
+    tier = HostTier.sized(pool, gigabytes)
+    executor.forward_fn = tier.wrap_forward(executor.forward_fn)
+    first = executor.on_launch                 # layer-wise streaming's, if any: both run
+    executor.on_launch = tier.launching if first is None else \
+        (lambda forward_iter: (first(forward_iter), tier.launching(forward_iter)))
+    return tier

@@ -211,6 +211,11 @@ class CacheManager:
     def free(self, req: Req) -> None:
         self.release(req, keep_kv=False)
 
+    def seal_loads(self, forward_iter: int) -> None:
+        """Host-tier loads queued so far run right before forward `forward_iter`."""
+        if self.host_tier is not None:
+            self.host_tier.seal(forward_iter)
+
     def tier_gauges(self) -> dict:
         """Hit tokens by tier; with a host tier, its bytes moved and its usage."""
         out = {"prefix_cache_hit_tokens_total": {"device": self.num_hit_tokens - self.num_host_hit_tokens,

@@ -74,20 +74,11 @@ class WorkerScheduler(Scheduler):
 
     # ---- intake --------------------------------------------------------------
     def enable_prefix_cache(self, host_tier_gb: float = 0) -> None:
-        """The radix prefix cache, with a host tier of `host_tier_gb` GB when > 0: its loads
-        run on the forward thread right before the forward they were sealed for (`run_batch`),
-        and that thread times prefills for its cost model."""
-        if not self.supports_prefix_cache or self.cache.tree is not None:
-            return
-        tier = None
-        if host_tier_gb > 0:
-            from cluster.engine.host_tier import HostTier
-            tier = HostTier.sized(self.runner.kv_pool, host_tier_gb)
-            self.executor.forward_fn = tier.wrap_forward(self.executor.forward_fn)
-            first = self.executor.on_launch        # layer-wise streaming's, if any: both run
-            self.executor.on_launch = tier.launching if first is None else \
-                (lambda forward_iter: (first(forward_iter), tier.launching(forward_iter)))
-        self.cache.enable_prefix_cache(tier)
+        """The radix prefix cache, with a host tier of `host_tier_gb` GB when > 0."""
+        if self.supports_prefix_cache and self.cache.tree is None:
+            from cluster.engine.host_tier import attach_host_tier
+            tier = attach_host_tier(self.executor, self.runner.kv_pool, host_tier_gb) if host_tier_gb > 0 else None
+            self.cache.enable_prefix_cache(tier)
 
     def recv_requests(self) -> None:
         timeout = IDLE_WAIT_S if self._idle else 0.0
@@ -243,8 +234,7 @@ class WorkerScheduler(Scheduler):
 
     # ---- forward -----------------------------------------------------------------
     def run_batch(self, batch: ScheduleBatch):
-        if self.cache.host_tier is not None:   # its loads so far run before this forward
-            self.cache.host_tier.seal(self.forward_ct + 1)
+        self.cache.seal_loads(self.forward_ct + 1)   # host-tier loads so far run before this forward
         future = super().run_batch(batch)       # forward_iter is set there, first
         self.marks.on_launch(batch)
         return future
