@@ -1,0 +1,148 @@
+"""Host tier of the prefix cache on one GPU: does a second tier in host memory pay where reuse
+exists, and cost nothing where it does not?
+
+A unified scheduler in this process (the real runtime over the real engine, dummy weights of
+`--preset`; no HTTP, so the figures are the worker's) serves two workloads, tier off and on:
+1. multi-turn: `--conversations` conversations of `--turns` turns (each turn the previous
+   prompt + its answer + `--turn-tokens` new tokens), turns served round-robin at concurrency
+   `--concurrency`, with a device pool of `--num-pages` pages sized so the working set is
+   about `--working-set` times the pool: turn >= 2 TTFT p50, tier on / off;
+2. no reuse: `--unique` distinct prompts at the same concurrency: generated tok/s, on / off.
+Writes host_tier_gpu.json and host_tier_gpu.md into OUT.
+
+    python benchmarks/host_tier_gpu.py OUT                       # one H100: dummy 8B, bf16
+    python benchmarks/host_tier_gpu.py OUT --preset tiny-llama --device cpu --dtype float32 \\
+        --conversations 6 --turns 3 --prompt-tokens 48 --turn-tokens 16 --max-tokens 4 --unique 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.dummy_model import write_model_dir  # noqa: E402
+
+PAGE_SIZE = 16
+
+
+def scheduler(loaded, args, host_tier_gb: float):
+    from cluster.config import SchedulerConfig
+    from cluster.engine.model_runner import ModelRunner
+    from cluster.unified import UnifiedScheduler
+    from tests.queue_control import QueueControl
+    runner = ModelRunner(loaded, args.num_pages, PAGE_SIZE, args.device, args.dtype)
+    s = UnifiedScheduler(SchedulerConfig(overlap=True, num_pages=args.num_pages, page_size=PAGE_SIZE),
+                         "unified-0", runner, QueueControl())
+    s.enable_prefix_cache(host_tier_gb)
+    return s
+
+
+def serve(s, prompts: dict[str, list[int]], args) -> tuple[dict[str, float], float, int]:
+    """Serve `prompts` at `--concurrency`; -> (TTFT by rid, seconds, tokens generated)."""
+    ctl, pending, ttft, started = s.control, list(prompts.items()), {}, {}
+    t0, last = time.perf_counter(), None
+    while pending or len(ttft) < len(started) or any(r not in ctl.finished() for r in started):
+        while pending and sum(r not in ctl.finished() for r in started) < args.concurrency:
+            rid, ids = pending.pop(0)
+            started[rid] = time.perf_counter()
+            ctl.generate(rid, ids, max_tokens=args.max_tokens, ignore_eos=True)
+        last = s.overlap_step(last)
+        now, out = time.perf_counter(), ctl.outputs()
+        for rid in started:
+            if rid not in ttft and out.get(rid):
+                ttft[rid] = now - started[rid]
+        if time.perf_counter() - t0 > args.timeout:
+            raise TimeoutError("workload did not finish")
+    if last is not None:
+        s._process(*last)
+    return ttft, time.perf_counter() - t0, sum(len(v) for v in ctl.outputs().values())
+
+
+def multi_turn(loaded, args, host_tier_gb: float) -> dict:
+    rng = random.Random(0)
+    vocab = loaded.config.vocab_size
+    convs = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.conversations)]
+    s = scheduler(loaded, args, host_tier_gb)
+    later = []
+    for turn in range(args.turns):
+        prompts = {f"c{i}t{turn}": ids for i, ids in enumerate(convs)}
+        ttft, _, _ = serve(s, prompts, args)
+        if turn:
+            later += list(ttft.values())
+        out = s.control.outputs()
+        convs = [ids + out[f"c{i}t{turn}"] + [rng.randrange(3, vocab) for _ in range(args.turn_tokens)]
+                 for i, ids in enumerate(convs)]
+    cache = s.cache
+    return {"ttft_p50_turn2plus_s": round(statistics.median(later), 4),
+            "hit_tokens": cache.tier_gauges()["prefix_cache_hit_tokens_total"],
+            "query_tokens": cache.num_query_tokens, **{k: v for k, v in cache.tier_gauges().items()
+                                                       if k != "prefix_cache_hit_tokens_total"}}
+
+
+def no_reuse(loaded, args, host_tier_gb: float) -> dict:
+    rng = random.Random(1)
+    vocab = loaded.config.vocab_size
+    s = scheduler(loaded, args, host_tier_gb)
+    prompts = {f"u{i}": [rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for i in range(args.unique)}
+    _, seconds, tokens = serve(s, prompts, args)
+    return {"tok_s": round(tokens / seconds, 1), "seconds": round(seconds, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--conversations", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--turn-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--working-set", type=float, default=4.0, help="working set / device pool")
+    ap.add_argument("--host-gb", type=float, default=8.0)
+    ap.add_argument("--unique", type=int, default=64)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    args = ap.parse_args()
+    import torch
+    from cluster.engine.loader import load_model
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    model_dir = write_model_dir(os.path.join(args.out, "model"), args.preset)
+    loaded = load_model("dummy", path=model_dir, load_format="dummy", dtype=args.dtype, device=args.device)
+    final = args.prompt_tokens + (args.turns - 1) * (args.max_tokens + args.turn_tokens) + args.max_tokens
+    working_set = args.conversations * -(-final // PAGE_SIZE)
+    per_request = -(-final // PAGE_SIZE) + 1
+    args.num_pages = max(int(working_set / args.working_set), per_request * args.concurrency)
+    report = {"args": vars(args), "working_set_pages": working_set}
+    for name, gb in (("off", 0.0), ("on", args.host_gb)):
+        t0 = time.perf_counter()
+        report[name] = {"multi_turn": multi_turn(loaded, args, gb), "no_reuse": no_reuse(loaded, args, gb)}
+        print(name, json.dumps(report[name]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    off, on = report["off"], report["on"]
+    report["ttft_ratio"] = round(on["multi_turn"]["ttft_p50_turn2plus_s"] / off["multi_turn"]["ttft_p50_turn2plus_s"], 3)
+    report["no_reuse_throughput_ratio"] = round(on["no_reuse"]["tok_s"] / off["no_reuse"]["tok_s"], 3)
+    with open(os.path.join(args.out, "host_tier_gpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    md = ["| workload | tier off | tier on | on / off |", "|---|---|---|---|",
+          f"| multi-turn TTFT p50, turn >= 2 (s) | {off['multi_turn']['ttft_p50_turn2plus_s']} | "
+          f"{on['multi_turn']['ttft_p50_turn2plus_s']} | {report['ttft_ratio']} |",
+          f"| no reuse, generated tok/s | {off['no_reuse']['tok_s']} | {on['no_reuse']['tok_s']} | "
+          f"{report['no_reuse_throughput_ratio']} |",
+          "", f"device pool {args.num_pages} pages, working set {working_set} pages; "
+          f"hit tokens by tier (on): {on['multi_turn']['hit_tokens']}"]
+    with open(os.path.join(args.out, "host_tier_gpu.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
