@@ -4,8 +4,9 @@ One thread owns the ControlServer's receive side and, under `self.lock`, all req
 worker state; HTTP coroutines enter only through `submit`, `abort`, `worker_exited` and the
 read-only snapshots, each taking the lock briefly. Events reach a request's coroutine
 through its thread-safe `sink` (a Mailbox), so the loop never blocks on a client. The
-requests in flight are a RequestTable (request_table.py); what happens when a worker
-fails, goes silent or comes back is Failover's (failover.py, where the rules are listed).
+requests in flight are a RequestTable (request_table.py); which workers serve a request is
+the Placer's (placer.py); what happens when a worker fails, goes silent or comes back is
+Failover's (failover.py, where the rules are listed).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from cluster.config import ClusterConfig
 from cluster.router.errors import overloaded
 from cluster.router.failover import Failover
 from cluster.router.mailbox import deliver_all
-from cluster.router.request_state import FailedEvent, Placement, RequestState, TokensEvent
+from cluster.router.placer import Placer
+from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.request_table import RequestTable
 from cluster.router.role_switch import RoleSwitches
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
@@ -38,7 +40,8 @@ class Dispatcher:
         self.directory = WorkerDirectory(cfg.router.policy)
         self.table = RequestTable(self.directory, self._send)
         self.requests = self.table.requests               # wire rid -> state
-        self.failover = Failover(cfg, self.directory, self.table, self._pick)
+        self.placer = Placer(self.directory, cfg.router.local_prefill_max_tokens)
+        self.failover = Failover(cfg, self.directory, self.table, self.placer.place)
         self.num_restarts: dict[str, tuple[str, int]] = {}  # worker id -> (role, registrations - 1)
         self.role_switches = RoleSwitches(self.directory, self._send)
         self.server = None
@@ -113,7 +116,7 @@ class Dispatcher:
                              f"{limit}); retry later")
 
     def _place_or_refuse(self, st: RequestState) -> None:
-        if not self._pick(st):
+        if not self.placer.place(st):
             raise overloaded(f"no live worker serves model {st.model!r}", retry_after=2)
 
     def switch_role(self, worker_id: str, role: str) -> dict:
@@ -132,44 +135,6 @@ class Dispatcher:
     @property
     def num_in_flight(self) -> int:
         return len(self.requests)
-
-    # dispatch
-    def _pick(self, st: RequestState) -> bool:
-        d = self.directory
-        st.placement = None
-        if st.route == "dllm":
-            w = d.pick("dllm", model=st.model)
-            if w:
-                st.placement = Placement.single("dllm", w.worker_id)
-        elif d.count("unified") and not d.has_pair():
-            w = d.pick("unified", token_ids=st.input_ids + st.output_ids, rid=st.rid)
-            if w:
-                st.placement = Placement.single("unified", w.worker_id)
-        else:
-            ids = st.input_ids + st.output_ids
-            local = self._pick_local_prefill(st, ids)
-            if local is not None:
-                st.placement = Placement.single("local", local.worker_id)
-            elif pair := d.pick_pair(token_ids=ids, rid=st.rid):
-                st.placement = Placement("pd", pair[0].worker_id, pair[1].worker_id)
-        return st.placement is not None
-
-    def _pick_local_prefill(self, st: RequestState, ids: list[int]):
-        """Selective disaggregation: the decode worker that already holds all but at most
-        `router.local_prefill_max_tokens` of the prompt prefills the rest itself (no prefill
-        worker, no KV transfer); None when no decode worker does."""
-        limit = self.cfg.router.local_prefill_max_tokens
-        if limit <= 0:
-            return None
-        d = self.directory
-        uncached = {w.worker_id: len(ids) - d.prefixes.match(w.worker_id, ids) for w in d.of_role("decode")}
-        fits = [w for w in d.of_role("decode") if uncached[w.worker_id] <= limit]
-        if not fits:
-            return None
-        w = min(fits, key=lambda w: (uncached[w.worker_id], w.load))
-        log.info("local prefill: request %s on %s (uncached %d of %d tokens <= %d)", st.rid, w.worker_id,
-                 uncached[w.worker_id], len(ids), limit)
-        return w
 
     # control loop
     def _loop(self) -> None:
