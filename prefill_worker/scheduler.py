@@ -33,8 +33,10 @@ class PrefillScheduler(WorkerScheduler):
 
     def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts):
         # NOTE: before the base, whose forward executor announces each launch to it
-        layers = LayerStream(runner.model, runner.kv_pool.device, worker_id, handoff.send_to) \
-            if handoff.transfer.layerwise else None
+        layers = None
+        if handoff.transfer.layerwise:
+            layers = LayerStream(runner.config.num_layers, runner.kv_pool.device, worker_id, handoff.send_to)
+            runner.add_layer_listener(layers.on_layer)
         super().__init__(config, worker_id, runner, control, handoff,
                          on_launch=layers.launching if layers is not None else None)
         self.transfer, self.layers = handoff.transfer, layers

@@ -78,7 +78,8 @@ def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_hol
     model.layers = torch.nn.ModuleList(SlowLayer(layer) for layer in model.layers)
     pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE)
     wire = Wire()
-    stream, zmq = LayerStream(model, pool.device, "prefill-0", wire), ZmqSender(pool, "prefill-0", verify=True)
+    stream, zmq = LayerStream(CFG.num_layers, pool.device, "prefill-0", wire), ZmqSender(pool, "prefill-0", verify=True)
+    model.add_layer_listener(stream.on_layer)
     try:
         stream.plan(6, [planned(zmq, rid="stale")])          # its forward failed before it ran
         stream.plan(7, [planned(zmq)])
@@ -114,7 +115,8 @@ def test_in_place_backends_send_each_layer_as_a_message_and_decode_copies_it_fro
     model = LlamaModel(CFG)
     pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE, storage=storage)
     wire = Wire()
-    stream, shm = LayerStream(model, pool.device, "prefill-0", wire), ShmSender(pool, "prefill-0", True, segment=seg)
+    stream, shm = LayerStream(CFG.num_layers, pool.device, "prefill-0", wire), ShmSender(pool, "prefill-0", True, segment=seg)
+    model.add_layer_listener(stream.on_layer)
     try:
         stream.plan(1, [])                                   # a forward that completes no prompt
         stream.plan(2, [planned(shm)])

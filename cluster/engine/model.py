@@ -8,7 +8,7 @@ fused into one weight each: fewer, larger GEMMs. Weights load from HF tensor nam
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -81,7 +81,12 @@ class LlamaModel(nn.Module):
                         else nn.Linear(cfg.hidden_size, layout.vocab_per_rank, bias=False))
         self.rope = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS),
                                     cfg.rope_theta, cfg.rope_scaling)
-        self.layer_hook = None   # f(layer index) after each layer (kv_transfer.LayerStream: layer-wise KV)
+        self._layer_listeners: list[Callable[[int], None]] = []
+
+    def add_layer_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(i)` after each decoder layer i of an eager forward (kv_transfer.LayerStream:
+        layer-wise KV). A captured CUDA graph replays without calling it."""
+        self._layer_listeners.append(listener)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, ctx: AttentionContext):
         """-> final hidden states [num_tokens, hidden] (normed); `compute_logits` maps rows to vocab."""
@@ -89,8 +94,8 @@ class LlamaModel(nn.Module):
         rope = self.rope.lookup(positions, x.dtype)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, rope, kv, ctx)
-            if self.layer_hook is not None:
-                self.layer_hook(i)   # NOTE: on CUDA, layer i's kernels are launched, not yet done
+            for listener in self._layer_listeners:
+                listener(i)          # NOTE: on CUDA, layer i's kernels are launched, not yet done
         return self.norm(x)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:

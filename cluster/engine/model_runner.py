@@ -62,6 +62,10 @@ class ModelRunner:
                                               self.page_allocator, page_size, max_decode_batch, self.device)
             self.decode_graphs.capture_all()
 
+    def add_layer_listener(self, listener) -> None:
+        """`listener(i)` after each decoder layer of this runner's eager forwards (LlamaModel's)."""
+        self.model.add_layer_listener(listener)
+
     @property
     def tokenizer(self):
         return self.loaded.tokenizer

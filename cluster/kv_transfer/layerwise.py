@@ -1,9 +1,10 @@
 """Layer-wise KV streaming (`[kv_transfer] layerwise = true`), prefill side.
 
-The model calls `on_layer(i)` after each decoder layer (`LlamaModel.layer_hook`). Before a
-prefill forward is launched, the scheduler `plan`s it: the requests whose last chunk it
-computes, each with its backend, pages, decode peer and the `KvSpan` naming its KV. Right
-before a forward runs, the executor names its iteration (`launching`), which selects its plan:
+The model calls `on_layer(i)` after each decoder layer (the prefill scheduler registers it
+with `ModelRunner.add_layer_listener`). Before a prefill forward is launched, the scheduler
+`plan`s it: the requests whose last chunk it computes, each with its backend, pages, decode
+peer and the `KvSpan` naming its KV. Right before a forward runs, the executor names its
+iteration (`launching`), which selects its plan:
 a plan whose forward never ran (its build or launch failed) is dropped, never reused. After
 layer i the streamer (one thread; on CUDA its own copy stream, waiting on the event recorded
 after layer i's kernels) stages layer i of each planned request (`KvSender.stage_layer`:
@@ -57,7 +58,7 @@ class _Entry:
 
 
 class LayerStream:
-    def __init__(self, model, device: torch.device, worker_id: str,
+    def __init__(self, num_layers: int, device: torch.device, worker_id: str,
                  send: Callable[[str, KvLayers], None]):
         self.device, self.worker_id, self.send = device, worker_id, send
         self._plans: deque = deque()                 # per forward: (forward_iter, [Planned])
@@ -67,8 +68,7 @@ class LayerStream:
         self._lock = threading.Lock()
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="kv-layers")
         self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-        self._last_layer = len(model.layers) - 1
-        model.layer_hook = self.on_layer
+        self._last_layer = num_layers - 1
 
     def plan(self, forward_iter: int, planned: list[Planned]) -> None:
         """Forward `forward_iter`'s requests that complete their prompt (launched in iteration order)."""
