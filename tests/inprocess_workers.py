@@ -61,7 +61,7 @@ class Pair:
         self.pc, self.dc = QueueControl(), QueueControl()
         t = TimeoutsConfig()
         # whole-request handoff, checksummed: both workers share one model here, and a layer-wise
-        # stream would hear the decode forwards' layers too (one model, one listener list) (see test_kv_layerwise.py);
+        # stream would hear the decode forwards' layers too (see test_kv_layerwise.py);
         # zmq, because `auto` picks cuda_ipc on a GPU and CUDA cannot open an IPC handle in the
         # process that exported it (both workers live in this one)
         kv = KvTransferConfig(backend="zmq", verify=True, layerwise=False)

@@ -84,6 +84,16 @@ def test_fixed_backend_refuses_another():
         hub.receiver_for("zmq")
 
 
+def test_every_wire_backend_has_a_sender_and_a_receiver_class():
+    from cluster.config_types import KV_BACKENDS
+    from cluster.kv_transfer.hub import BACKEND_CLASSES, RECEIVER, SENDER, backend_class
+    assert tuple(BACKEND_CLASSES) == KV_BACKENDS
+    for name in KV_BACKENDS:
+        assert backend_class(name, SENDER).name == backend_class(name, RECEIVER).name == name
+    with pytest.raises(ValueError, match="no KV transfer backend 'rdma'"):
+        backend_class("rdma", SENDER)
+
+
 def test_auto_picks_cuda_ipc_shm_or_zmq():
     assert choose_backend("cuda", same_host=True, has_shared_pool=False) == "cuda_ipc"
     assert choose_backend("cpu", same_host=True, has_shared_pool=True) == "shm"

@@ -12,6 +12,7 @@ one in. Layer-wise streaming is per peer too (`streams_layers`).
 """
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import logging
 import socket
@@ -25,6 +26,25 @@ from cluster.kv_transfer.receiver import KvReceiver
 from cluster.kv_transfer.sender import KvSender
 
 logger = logging.getLogger("pdcluster.kv_transfer")
+
+
+# backend -> (its module in cluster/kv_transfer, sender class, receiver class); a module is
+# imported on first use (nccl and cuda_ipc bring in torch.distributed and CUDA IPC)
+BACKEND_CLASSES = {
+    "zmq": ("zmq_backend", "ZmqSender", "ZmqReceiver"),
+    "shm": ("shm_backend", "ShmSender", "ShmReceiver"),
+    "cuda_ipc": ("cuda_ipc_backend", "CudaIpcSender", "CudaIpcReceiver"),
+    "nccl": ("nccl_backend", "NcclSender", "NcclReceiver"),
+}
+SENDER, RECEIVER = 1, 2
+
+
+def backend_class(name: str, half: int) -> type:
+    """Backend `name`'s SENDER or RECEIVER class."""
+    if name not in BACKEND_CLASSES:
+        raise ValueError(f"no KV transfer backend {name!r}")
+    entry = BACKEND_CLASSES[name]
+    return getattr(importlib.import_module(f"cluster.kv_transfer.{entry[0]}"), entry[half])
 
 
 def choose_backend(device_type: str, same_host: bool, has_shared_pool: bool) -> str:
@@ -79,36 +99,13 @@ class TransferHub:
         return r
 
     def _make_sender(self, name: str) -> KvSender:
-        common = dict(pool=self.pool, worker_id=self.worker_id, verify=self.verify)
-        if name == "zmq":
-            from cluster.kv_transfer.zmq_backend import ZmqSender
-            return ZmqSender(**common)
-        if name == "shm":
-            from cluster.kv_transfer.shm_backend import ShmSender
-            return ShmSender(**common, segment=self.segment)
-        if name == "cuda_ipc":
-            from cluster.kv_transfer.cuda_ipc_backend import CudaIpcSender
-            return CudaIpcSender(**common)
-        if name == "nccl":
-            from cluster.kv_transfer.nccl_backend import NcclSender
-            return NcclSender(**common, data_host=self.data_host)
-        raise ValueError(f"no KV transfer backend {name!r}")
+        extra = {"shm": {"segment": self.segment}, "nccl": {"data_host": self.data_host}}.get(name, {})
+        return backend_class(name, SENDER)(pool=self.pool, worker_id=self.worker_id, verify=self.verify, **extra)
 
     def _make_receiver(self, name: str) -> KvReceiver:
-        common = dict(pool=self.pool, worker_id=self.worker_id, verify=self.verify, fence=self.fence)
-        if name == "zmq":
-            from cluster.kv_transfer.zmq_backend import ZmqReceiver
-            return ZmqReceiver(**common)
-        if name == "shm":
-            from cluster.kv_transfer.shm_backend import ShmReceiver
-            return ShmReceiver(**common)
-        if name == "cuda_ipc":
-            from cluster.kv_transfer.cuda_ipc_backend import CudaIpcReceiver
-            return CudaIpcReceiver(**common)
-        if name == "nccl":
-            from cluster.kv_transfer.nccl_backend import NcclReceiver
-            return NcclReceiver(**common, data_addr=self.data_addr)
-        raise ValueError(f"no KV transfer backend {name!r}")
+        extra = {"nccl": {"data_addr": self.data_addr}}.get(name, {})
+        return backend_class(name, RECEIVER)(pool=self.pool, worker_id=self.worker_id, verify=self.verify,
+                                             fence=self.fence, **extra)
 
     def sender_for(self, peer_addr: str) -> KvSender:
         name = self._chosen.get(peer_addr)
