@@ -35,14 +35,7 @@ class UnifiedScheduler(WorkerScheduler):
         self.decode.remove(req)
 
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
-        # prefill first; keep one page per running request free for its next decode step
-        batch = self.prefill.schedule(len(self.decode), reserve_pages=len(self.decode))
-        if batch is not None:
-            for req, done in zip(batch.reqs, batch.is_last_chunk):
-                if done:
-                    self.decode.add(req)   # its next decode reads the sampled token from its future slot
-            return batch
-        return self.decode.schedule()
+        return self.decode.schedule_after(self.prefill)
 
     @property
     def num_running_reqs(self) -> int:

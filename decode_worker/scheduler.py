@@ -187,13 +187,7 @@ class DecodeScheduler(WorkerScheduler):
         for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests,
                                                     no_reuse=frozenset(self.retracted)):
             self.send_ready(req)
-        batch = self.local_prefill.schedule(len(self.decode), reserve_pages=len(self.decode))
-        if batch is not None:
-            for req, done in zip(batch.reqs, batch.is_last_chunk):
-                if done:
-                    self.decode.add(req)   # its next decode reads the sampled token from its future slot
-            return batch
-        return self.decode.schedule()
+        return self.decode.schedule_after(self.local_prefill)
 
     def send_ready(self, req: Req) -> None:
         addr = req.peer.data_addr

@@ -5,11 +5,14 @@ the rows that cross into a new page; the rest is whole-array work.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from cluster.runtime.cache_manager import CacheManager
 from cluster.runtime.running_batch import RunningBatch
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+
+if TYPE_CHECKING:
+    from cluster.runtime.prefill_manager import PrefillManager
 
 
 class DecodeManager:
@@ -38,6 +41,18 @@ class DecodeManager:
     @property
     def num_tokens(self) -> int:
         return int(self.rows.kv_lens[:len(self.rows)].sum())
+
+    def schedule_after(self, prefill: "PrefillManager") -> Optional[ScheduleBatch]:
+        """A prefill batch first, keeping one page per running request free for its next decode
+        step; else this decode step. A request whose prompt the prefill completes joins the
+        running set (its next decode reads the sampled token from its future slot)."""
+        batch = prefill.schedule(len(self), reserve_pages=len(self))
+        if batch is None:
+            return self.schedule()
+        for req, done in zip(batch.reqs, batch.is_last_chunk):
+            if done:
+                self.add(req)
+        return batch
 
     def schedule(self) -> Optional[ScheduleBatch]:
         """One new token per running request; retract the newest while pages are short.
