@@ -99,6 +99,15 @@ def wait_ready(proc, timeout_s: float) -> None:
     raise TimeoutError(f"cluster not ready in {timeout_s} s")
 
 
+def stop_launcher(proc) -> None:
+    """SIGINT to the launcher's own session (it and its workers); SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def measure(layout: str, model_dir: str, args) -> dict:
     out, max_tokens = args.out, args.max_tokens
     cfg = os.path.join(out, f"{layout}.toml")
@@ -117,11 +126,7 @@ def measure(layout: str, model_dir: str, args) -> dict:
             print(layout, conc, json.dumps(result[f"c{conc}"]), flush=True)
         return result
     finally:
-        os.killpg(proc.pid, signal.SIGINT)   # the launcher's own session: it and its workers
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_launcher(proc)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.cluster_itl_gpu import wait_ready, write_model_dir  # noqa: E402
+from benchmarks.cluster_itl_gpu import stop_launcher, wait_ready, write_model_dir  # noqa: E402
 from cluster.bench import cli as bench  # noqa: E402
 
 PORT = 8123
@@ -139,11 +139,7 @@ def cluster_run(model_dir: str, out: str, args) -> dict:
         s["cpu_percent"] = {k: round(100 * (cpu1.get(k, 0) - cpu0.get(k, 0)) / wall) for k in cpu1}
         return s
     finally:
-        os.killpg(proc.pid, signal.SIGINT)   # the launcher's own session: it and its workers
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_launcher(proc)
 
 
 def table(report: dict, args) -> str:
