@@ -20,18 +20,15 @@ tokens per forward by construction). Columns:
 from __future__ import annotations
 
 import argparse
-import queue
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cluster.wire import protocol as P  # noqa: E402
 from cluster.config import SchedulerConfig  # noqa: E402
 from cluster.engine.loader import load_model  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
@@ -39,54 +36,30 @@ from cluster.sampling_params import SamplingParams  # noqa: E402
 from dllm.model_spec import DllmModelSpec  # noqa: E402
 from cluster.dllm_params import DllmParams  # noqa: E402
 from dllm.scheduler import DllmScheduler  # noqa: E402
+from tests.queue_control import QueueControl  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain what a hash table is.", "List three prime numbers."]
 
 
-class Control:
-    """The router end of the worker's control socket, as a queue pair."""
-    arrivals = None                      # no wake-up event: an idle worker polls `recv`
-    num_protocol_errors = 0
-
-    def __init__(self):
-        self.rejected_frames: dict[str, int] = {}
-        self.inbound: queue.Queue = queue.Queue()
-        self.tokens: dict[str, list[int]] = {}
-        self.done: set[str] = set()
-
-    def send(self, msg) -> None:
-        if isinstance(msg, P.Tokens):
-            for item in msg.items:
-                self.tokens.setdefault(item.rid, []).extend(item.token_ids)
-                if item.finish_reason:
-                    self.done.add(item.rid)
-        elif isinstance(msg, P.Error):
-            raise RuntimeError(msg.reason)
-
-    def recv(self, timeout: Optional[float] = None):
-        try:
-            return self.inbound.get(timeout=timeout) if timeout else self.inbound.get_nowait()
-        except queue.Empty:
-            return None
-
-
 def run(runner, prompts, params: DllmParams, max_tokens: int, overlap: bool) -> dict:
-    control = Control()
+    control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=overlap), "dllm-bench", runner, control,
                           DllmModelSpec.causal(min(runner.tokenizer.eos_token_ids)), params)
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i, ids in enumerate(prompts):
-        control.inbound.put(P.Generate(rid=f"q{i}", input_ids=ids, sampling=sampling))
+        control.generate(f"q{i}", ids, max_tokens=max_tokens, ignore_eos=True)
     loop = threading.Thread(target=sched.event_loop, daemon=True)
     t0 = time.perf_counter()
     loop.start()
-    while len(control.done) < len(prompts):
+    while control.num_finished < len(prompts) and not control.num_errors:
         time.sleep(0.001)
     wall = time.perf_counter() - t0
     sched.stop()
     loop.join()
-    return {"tokens": [control.tokens[f"q{i}"] for i in range(len(prompts))], "wall": wall,
+    if control.num_errors:
+        raise RuntimeError(control.errors()[0].reason)
+    tokens = control.outputs()
+    return {"tokens": [tokens[f"q{i}"] for i in range(len(prompts))], "wall": wall,
             "rounds": sched.forward_ct, "tok_fwd": sched.heartbeat_gauges().dllm_tokens_per_forward,
             "fwd_blk": sched.heartbeat_gauges().dllm_forwards_per_block}
 

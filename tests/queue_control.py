@@ -21,9 +21,15 @@ class QueueControl:
         self.rejected_frames: dict[str, int] = {}
         self.inbound: queue.Queue = queue.Queue()
         self.sent: list = []
+        self.num_finished = 0                # counted as they arrive: a poll need not rescan `sent`
+        self.num_errors = 0
 
     def send(self, msg) -> None:
         self.sent.append(msg)
+        if isinstance(msg, P.Tokens):
+            self.num_finished += sum(1 for item in msg.items if item.finish_reason)   # plain ones never finish
+        elif isinstance(msg, P.Error):
+            self.num_errors += 1
 
     def recv(self, timeout: Optional[float] = None):
         try:
