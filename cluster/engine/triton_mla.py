@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cluster.engine.triton_attention import LOG2E, MAX_SPLITS, _num_sms
+from cluster.engine.triton_attention import LOG2E, MAX_SPLITS, _num_sms, _precision
 
 BLOCK_H = 16      # tl.dot's smallest M; heads beyond a block's are masked
 BLOCK_N = 32      # tokens per tile: 32 x 576 bf16 = 36 KB, two stages fit shared memory
@@ -124,7 +124,7 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
-        PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=num_stages)
+        PRECISION=_precision(q_latent.dtype), num_warps=4, num_stages=num_stages)
     if splits > 1:
         _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=triton.next_power_of_2(splits),
                                     num_warps=4)
