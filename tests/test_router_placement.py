@@ -1,9 +1,12 @@
 """A request's attempt is placed on named workers: a pair's prefill and decode, or one worker
 that does both; the token source is always the decode side, and the route asked for stays
-what the client asked whatever the placement."""
+what the client asked whatever the placement. The Placer picks them by the rules the
+dispatcher documents (dllm, unified without a pair, local prefill, pair)."""
 from __future__ import annotations
 
+from cluster.router.placer import Placer
 from cluster.router.request_state import Placement, RequestState
+from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 from cluster.sampling_params import SamplingParams
 
 
@@ -26,3 +29,36 @@ def test_requested_route_is_kept_apart_from_the_placement():
     assert st.workers == () and st.token_source is None
     st.placement = Placement.single("local", "decode-0")
     assert st.route == "pd" and st.token_source == "decode-0" and st.workers == ("decode-0",)
+
+
+def _directory(*workers: tuple[str, str]):
+    d = WorkerDirectory("round_robin")
+    for worker_id, role in workers:
+        d.add(WorkerInfo(worker_id, role, "m", {"num_pages": 64, "page_size": 16}, {}, "", 0))
+    return d
+
+
+def _request(ids: list[int], route: str = "pd") -> RequestState:
+    return RequestState(rid="r", model="m", route=route, input_ids=ids, sampling=SamplingParams(),
+                        sink=lambda e: None)
+
+
+def test_placer_prefills_on_the_decode_worker_that_holds_nearly_all_of_the_prompt():
+    d = _directory(("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode"))
+    held = list(range(64))                               # four whole pages finished on decode-1
+    d.record_finished("decode-1", held)
+    st = _request(held + [7] * 8)
+    assert Placer(d, local_prefill_max_tokens=8).place(st)
+    assert st.placement == Placement.single("local", "decode-1")
+    assert Placer(d, local_prefill_max_tokens=4).place(st)   # 8 uncached tokens > 4: a pair
+    assert st.placement.is_pair and st.placement.prefill == "prefill-0"
+    assert Placer(d, local_prefill_max_tokens=0).place(_request(held))   # off: a pair even when all is held
+    assert not Placer(d, 0).place(_request([1], route="dllm"))           # no dllm worker: not placed
+
+
+def test_placer_sends_to_unified_workers_only_without_a_pair():
+    d = _directory(("unified-0", "unified"))
+    st = _request([1, 2, 3])
+    assert Placer(d, 0).place(st) and st.placement == Placement.single("unified", "unified-0")
+    d = _directory(("unified-0", "unified"), ("prefill-0", "prefill"), ("decode-0", "decode"))
+    assert Placer(d, 0).place(st) and st.placement == Placement("pd", "prefill-0", "decode-0")
