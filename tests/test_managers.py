@@ -50,6 +50,25 @@ def test_decode_feeds_the_token_from_its_future_slot():
     assert build_forward_input(nxt).input_ids.tolist() == [-(3 + 1)] and nxt.prefix_lens == [6]
 
 
+def test_schedule_after_prefills_first_and_only_a_completed_prompt_joins_the_running_set():
+    cache = CacheManager(PageAllocator(64), page_size=4)
+    pm = PrefillManager(cache, max_prefill_tokens=10, max_running_requests=8)
+    dm = DecodeManager(cache, on_retract=lambda r: None, on_fail=lambda r, why: None)
+    a, b = make_req("r1", 6), make_req("r2", 9)
+    pm.add(a), pm.add(b)
+    first = dm.schedule_after(pm)
+    assert first.mode == ForwardMode.EXTEND and first.is_last_chunk == [True, False]
+    assert dm.running == [a]                     # b's prompt is not done: it does not decode yet
+    a.num_pending -= 1
+    a.output_ids.append(42)
+    second = dm.schedule_after(pm)               # b's last chunk still goes before a's decode
+    assert second.mode == ForwardMode.EXTEND and second.reqs == [b] and dm.running == [a, b]
+    b.num_pending -= 1
+    b.output_ids.append(43)
+    third = dm.schedule_after(pm)                # nothing left to prefill: the decode step
+    assert third.mode == ForwardMode.DECODE and third.reqs == [a, b]
+
+
 def test_decode_retracts_newest_when_pages_run_out():
     alloc = PageAllocator(3)
     cache = CacheManager(alloc, page_size=2)
