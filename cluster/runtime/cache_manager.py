@@ -188,7 +188,10 @@ class CacheManager:
     def release(self, req: Req, keep_kv: bool = True) -> None:
         """Give back the request's pages; with `keep_kv`, its whole pages of written KV go to
         the prefix cache: positions whose token is known and whose forward has returned
-        (not those of a launched forward still pending, which may yet fail)."""
+        (not those of a launched forward still pending, which may yet fail, and which a tree
+        page must never be written by). `kv_len - num_pending` counts them when each pending
+        forward is a decode step (one position): a request whose prefill is still in flight
+        is released without `keep_kv` (DecodeManager's retraction under overlap)."""
         pages, shared = req.page_table, req.num_shared_pages
         req.page_table, req.num_shared_pages, req.cached_len = [], 0, 0
         self._host_loads.pop(req.rid, None)

@@ -66,13 +66,17 @@ class DecodeManager:
             if self.cache.can_allocate(int(missing.sum())):
                 break
             victim = rows.reqs[-1]               # newest request
+            # joined since the last decode launch with a result pending: its prefill is still in
+            # flight (overlap), so its own KV is not (all) written yet; it must not reach the prefix
+            # cache, whose pages a forward never writes (nor the host tier copy them)
+            prefilling = bool(victim.num_pending) and victim in rows.joined
             rows.remove(victim)
             if not len(rows):
                 # alone and still short: re-prefilling would need even more pages
                 self.cache.free(victim)
                 self.on_fail(victim, f"KV cache exhausted: {victim.seq_len} tokens do not fit the page pool")
                 return None
-            self.cache.release(victim)           # its KV stays cached until the pages are needed
+            self.cache.release(victim, keep_kv=not prefilling)   # its KV stays cached until the pages are needed
             victim.kv_len = 0
             self.num_retracted_total += 1
             self.on_retract(victim)
