@@ -1,12 +1,9 @@
 """The host tier in real schedulers with the real model: a pool too small for the working set
 sends turn 2 to the host tier (with the tier on) or to recomputation (off), and greedy output
-is the cold run's either way.
-
-NOTE: these run the normal loop. Under overlap, with a 12-page pool and retractions, a
-prefix's tree page was seen to hold different KV from one computation to the next even with
-the tier off (a race outside the tier, still open); the tier, which serves such pages back,
-then changes greedy output. The copies themselves are checked under overlap ordering in
-test_host_tier.py (a load waits for the forward it was sealed for)."""
+is the cold run's either way. They run the overlap loop (retractions under page pressure in
+both loops); the references, the normal loop. The copies themselves are checked under overlap
+ordering in test_host_tier.py (a load waits for the forward it was sealed for); that the tree
+never takes a page a forward in flight still writes, in test_overlap_cache_pages.py."""
 import pytest
 
 from cluster.config import SchedulerConfig
@@ -18,8 +15,8 @@ from tests.test_prefix_cache import serve, submit_ids, turns
 HOST_TIER_GB = 0.05          # 70 pages of the default model's float32 KV
 
 
-def unified(loaded, host_tier_gb: float, num_pages: int):
-    s = UnifiedScheduler(SchedulerConfig(overlap=False), "unified-0", runner_for(loaded, num_pages), QueueControl())
+def unified(loaded, host_tier_gb: float, num_pages: int, overlap: bool = True):
+    s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded, num_pages), QueueControl())
     s.enable_prefix_cache(host_tier_gb)
     return s
 
@@ -46,7 +43,7 @@ def three_turns(s, first, second, others) -> list[dict]:
 def cold(loaded):
     """Turn 1, fillers, turn 2 in a pool that never evicts: the reference output."""
     first, second = turns(loaded.tokenizer)
-    return three_turns(unified(loaded, 0, 256), first, second, filler(loaded.tokenizer))
+    return three_turns(unified(loaded, 0, 256, overlap=False), first, second, filler(loaded.tokenizer))
 
 
 def test_turn_two_hits_the_host_tier_and_greedy_output_equals_a_cold_run(loaded, cold):
@@ -77,12 +74,13 @@ def test_recomputing_when_the_cost_model_says_loading_is_slower(loaded, cold):
     check_tiers(on)
 
 
-def test_retractions_under_page_pressure_with_the_host_tier_keep_output_and_tiers_consistent(loaded):
+@pytest.mark.parametrize("overlap", [False, True], ids=["normal", "overlap"])
+def test_retractions_under_page_pressure_with_the_host_tier_keep_output_and_tiers_consistent(loaded, overlap):
     first, second = turns(loaded.tokenizer)
     tok = loaded.tokenizer
     waves = [first + second + [ids[:40] + tok.encode(" Say hi.") for ids in first], filler(tok), second]
-    ref = [serve(unified(loaded, 0, 256), p, f"w{i}-") for i, p in enumerate(waves)]
-    small = unified(loaded, HOST_TIER_GB, 10)
+    ref = [serve(unified(loaded, 0, 256, overlap=False), p, f"w{i}-") for i, p in enumerate(waves)]
+    small = unified(loaded, HOST_TIER_GB, 10, overlap)
     assert [serve(small, p, f"w{i}-") for i, p in enumerate(waves)] == ref
     assert small.decode.num_retracted_total > 0 and small.cache.num_host_hit_tokens > 0
     check_tiers(small)
@@ -91,7 +89,7 @@ def test_retractions_under_page_pressure_with_the_host_tier_keep_output_and_tier
 def test_disaggregated_prefill_loads_turn_two_from_its_host_tier(loaded, cold):
     first, second = turns(loaded.tokenizer)
     others, ref = filler(loaded.tokenizer), cold
-    pair = Pair(loaded, overlap=False)
+    pair = Pair(loaded)
     pair.prefill.enable_prefix_cache(HOST_TIER_GB)
     pair.decode.enable_prefix_cache(HOST_TIER_GB)
     try:
