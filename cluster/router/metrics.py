@@ -129,8 +129,9 @@ class WorkerStatsCollector:
                 if decl.kind == HISTOGRAM:
                     family(decl).add_metric(values, _cumulative(value), value.sum)
                 elif decl.label:
+                    labelled = family(decl)   # declared even before its first sample: dashboards query it
                     for label, n in sorted(value.items()):
-                        family(decl).add_metric(values + [str(label)], n)
+                        labelled.add_metric(values + [str(label)], n)
                 else:
                     family(decl).add_metric(values, value)
         rejected = self.router_rejected()
