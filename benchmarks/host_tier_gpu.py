@@ -98,6 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--model-dir", help="a model dir written by benchmarks/dummy_model.py (a GPU machine has "
+                    "no default GGUF to take the tokenizer from)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--conversations", type=int, default=32)
@@ -116,7 +118,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
-    model_dir = write_model_dir(os.path.join(args.out, "model"), args.preset)
+    model_dir = args.model_dir or write_model_dir(os.path.join(args.out, "model"), args.preset)
     loaded = load_model("dummy", path=model_dir, load_format="dummy", dtype=args.dtype, device=args.device)
     final = args.prompt_tokens + (args.turns - 1) * (args.max_tokens + args.turn_tokens) + args.max_tokens
     working_set = args.conversations * -(-final // PAGE_SIZE)
