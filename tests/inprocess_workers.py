@@ -42,6 +42,16 @@ def runner_for(loaded, num_pages=256, import_fence=None):
                        import_fence=import_fence)
 
 
+def serve(s, prompts, tag, max_tokens=8) -> dict[str, list[int]]:
+    """Greedy ids of `prompts` (rids tag0, tag1, ...) served to the end by one in-process worker."""
+    ctl = s.control
+    for i, ids in enumerate(prompts):
+        ctl.generate(f"{tag}{i}", ids, max_tokens=max_tokens, ignore_eos=True)
+    drain([s], [None], lambda: all(f"{tag}{i}" in ctl.finished() for i in range(len(prompts))))
+    assert ctl.errors() == []
+    return {rid: t for rid, t in ctl.outputs().items() if rid.startswith(tag)}
+
+
 def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS, **sampling):
     ctl = QueueControl()
     s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded), ctl)

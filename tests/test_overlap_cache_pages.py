@@ -11,7 +11,7 @@ from cluster.config import SchedulerConfig
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.unified import UnifiedScheduler
-from tests.inprocess_workers import drain
+from tests.inprocess_workers import drain, serve
 from tests.queue_control import QueueControl
 
 MAX_TOKENS = 8
@@ -48,15 +48,6 @@ def unified(loaded, num_pages: int, overlap: bool = True) -> UnifiedScheduler:
         ex.forward_fn = checked
     s.enable_prefix_cache()
     return s
-
-
-def serve(s, prompts, tag) -> dict[str, list[int]]:
-    ctl = s.control
-    for i, ids in enumerate(prompts):
-        ctl.generate(f"{tag}{i}", ids, max_tokens=MAX_TOKENS, ignore_eos=True)
-    drain([s], [None], lambda: all(f"{tag}{i}" in ctl.finished() for i in range(len(prompts))))
-    assert ctl.errors() == []
-    return {rid: t for rid, t in ctl.outputs().items() if rid.startswith(tag)}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from cluster.config import SchedulerConfig
 from cluster.sampling_params import SamplingParams
 from cluster.wire import protocol as P
 from cluster.unified import UnifiedScheduler
-from tests.inprocess_workers import Pair, drain, runner_for
+from tests.inprocess_workers import Pair, drain, runner_for, serve
 from tests.queue_control import QueueControl
 
 SYSTEM = ("You are a helpful assistant. Answer in one short sentence, politely, and never "
@@ -32,15 +32,6 @@ def unified(loaded, prefix_cache: bool, num_pages: int = 256):
     if prefix_cache:
         s.enable_prefix_cache()
     return s
-
-
-def serve(s, prompts, tag) -> dict[str, list[int]]:
-    ctl = s.control
-    for i, ids in enumerate(prompts):
-        ctl.generate(f"{tag}{i}", ids, max_tokens=MAX_TOKENS, ignore_eos=True)
-    drain([s], [None], lambda: all(f"{tag}{i}" in ctl.finished() for i in range(len(prompts))))
-    assert ctl.errors() == []
-    return {rid: t for rid, t in ctl.outputs().items() if rid.startswith(tag)}
 
 
 def submit_ids(pair, rid, ids) -> None:
