@@ -139,7 +139,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
             start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
             logger.info("%s (%s) serving; overlap=%s", args.worker_id, role, group.scheduler.overlap)
             scheduler.event_loop()
-            if stopping or link.is_lost or getattr(scheduler, "switch_to", None) is None:
+            if stopping or link.is_lost or scheduler.switch_to is None:
                 break
             role, build = scheduler.switch_to, role_build(scheduler.switch_to)
             scheduler.cache.drop_prefix_cache()    # every page free again for the next role
