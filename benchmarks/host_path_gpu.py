@@ -63,13 +63,24 @@ def engine_steps(model_dir: str, args) -> dict:
     return {"context": context, "ms_per_step": out}
 
 
+LAYOUTS = ("unified", "1p1d")
+
+
+def workers(layout: str, device: str) -> str:
+    """The config's worker groups; on CUDA, 1p1d shares the one GPU between prefill and decode."""
+    if layout == "unified":
+        return "[[unified]]\ncount = 1\n"
+    gpu = "gpus = [0]\nshare_gpus = true\n" if device.startswith("cuda") else ""
+    return f"[[prefill]]\ncount = 1\n{gpu}\n[[decode]]\ncount = 1\n{gpu}"
+
+
 def write_config(path: str, model_dir: str, args) -> None:
     with open(path, "w") as f:
         f.write(f'[model]\nname = "dummy"\npath = "{model_dir}"\nload_format = "dummy"\n'
                 f'dtype = "{args.dtype}"\ndevice = "{args.device}"\n\n[router]\nport = {PORT}\n'
                 f'max_queued_requests = {4 * args.streams}\n\n'
                 f'[scheduler]\nnum_pages = {num_pages_for(args)}\nmax_running_requests = {args.streams}\n'
-                f'page_size = {PAGE_SIZE}\n\n[[unified]]\ncount = 1\n')
+                f'page_size = {PAGE_SIZE}\n\n' + workers(args.layout, args.device))
 
 
 def tree_cpu_seconds(root: int) -> dict[str, float]:
@@ -95,7 +106,8 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
             continue
         _, cpu, cmd = stats[pid]
         name = ("launcher" if pid == root else "unified" if "-m cluster.unified " in cmd else
-                "router" if "-m cluster.router " in cmd else "other")
+                "router" if "-m cluster.router " in cmd else "prefill" if "-m prefill_worker " in cmd else
+                "decode" if "-m decode_worker " in cmd else "other")
         out[name] = out.get(name, 0.0) + cpu
         todo += [p for p, (ppid, _, _) in stats.items() if ppid == pid]
     return out
@@ -147,7 +159,7 @@ def table(report: dict, args) -> str:
              f"{args.device} {args.dtype}.", "",
              "| preset | engine ms/step (b=" + "/".join(args.batches.split(",")) + ") | engine tok/s at "
              f"b={args.streams} | cluster tok/s | ratio | TPOT p50 ms | TPOT / engine step | TTFT p50 ms | "
-             "ITL p50 ms | tokens/event | streams cut | CPU % (worker, router) |", "|" + "---|" * 12]
+             "ITL p50 ms | tokens/event | streams cut | CPU % (worker or prefill / decode, router) |", "|" + "---|" * 12]
     for preset, r in report["presets"].items():
         eng, c = r.get("engine", {}), r.get("cluster", {})
         steps = eng.get("ms_per_step", {})
@@ -159,10 +171,11 @@ def table(report: dict, args) -> str:
         ratio = round(c["delivered_tok_s"] / eng_tok_s, 2) if eng_tok_s else None
         tpot_ratio = round(c["tpot_ms_p50"] / step, 2) if step and c["tpot_ms_p50"] else None
         cpu = c.get("cpu_percent", {})
+        worker_cpu = cpu["unified"] if "unified" in cpu else f"{cpu.get('prefill')} / {cpu.get('decode')}"
         lines.append(f"| {preset} | {' / '.join(str(v) for v in steps.values())} | {eng_tok_s} | "
                      f"{c['delivered_tok_s']} | {ratio} | {c['tpot_ms_p50']} | {tpot_ratio} | {c['ttft_ms_p50']} | "
                      f"{c['itl_ms_p50']} | {c['tokens_per_event']} | {c['streams_cut']} | "
-                     f"{cpu.get('unified')}, {cpu.get('router')} |")
+                     f"{worker_cpu}, {cpu.get('router')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +193,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ready-s", type=float, default=240)
     ap.add_argument("--parts", default="engine,cluster", help="engine, cluster or both")
+    ap.add_argument("--layout", choices=LAYOUTS, default="unified", help="the cluster's workers")
     ap.add_argument("--cluster-tree", help="serve the cluster from this checkout (default: this one)")
     args = ap.parse_args()
     if args.write_tokenizer:   # on a machine with the default GGUF (the device has none)
