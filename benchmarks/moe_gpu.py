@@ -10,8 +10,10 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
 - MLA only: one layer's absorbed decode attention over `--mla-batch` requests of `--mla-context` tokens:
   the whole step with the Triton kernels replayed from a CUDA graph as the engine runs it (`mla_decode_ms`,
   `mla_ratio`; eagerly: `mla_decode_eager_ms`, Python's launches included), the two latent kernels alone
-  (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits` and
-  `mla_kernel_ms_by_block_n_stages` for other split counts and tiles) and the gathered
+  (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits`, `mla_kernel_ms_by_block_n_stages`,
+  `mla_kernel_ms_by_warps` and `mla_kernel_ms_float32_partials` for other split counts, tiles, warps
+  and float32 split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128
+  heads over the same latent, and `mla_kernel_ms_128_heads_by_block_h_warps`) and the gathered
   torch path (`mla_gathered_ms`, eager), against reading their latent KV once at the copy bandwidth
   measured here (goal: ratio <= 1.3);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
@@ -101,18 +103,35 @@ def bench_mla_decode(runner, args) -> dict:
            "mla_decode_ms": graph_ms(step, args.reps * 10),
            "mla_decode_eager_ms": 1e3 * timed(step, args.reps * 10, args.device), "mla_kernel_ms": None}
     if row["mla_kernel"]:
-        from cluster.engine.triton_mla import decode_latent, decode_splits
-        q_latent = torch.randn(b, cfg.num_heads, cfg.mla.kv_lora_rank, device=runner.device, dtype=runner.dtype)
+        from cluster.engine.triton_mla import decode_latent, decode_splits, head_block
         pages = latent_pages(ctx)
-        kernels = lambda splits=0, **tune: decode_latent(q_latent, q_pe, cache[0], *pages, attn.scale,  # noqa: E731
-                                                         splits, **tune)
+
+        def kernels_for(heads: int):
+            q_latent = torch.randn(b, heads, cfg.mla.kv_lora_rank, device=runner.device, dtype=runner.dtype)
+            q_rope = torch.randn(b, heads, cfg.mla.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
+            return lambda splits=0, **tune: decode_latent(q_latent, q_rope, cache[0], *pages, attn.scale,  # noqa: E731
+                                                          splits, **tune)
+        kernels = kernels_for(cfg.num_heads)
         row["mla_kernel_ms"] = graph_ms(kernels, args.reps * 10)
-        row["mla_splits"] = decode_splits(b, -(-cfg.num_heads // 16), cache.device)
-        # the split count's and tile's effects, to tune decode_splits, BLOCK_N and the pipeline depth
+        block_h = head_block(cfg.num_heads, runner.dtype)
+        row["mla_block_h"] = block_h
+        row["mla_splits"] = decode_splits(b, -(-cfg.num_heads // block_h), cache.device)
+        # the split count's and tile's effects, to tune decode_splits, BLOCK_N, the pipeline depth and warps
         row["mla_kernel_ms_by_splits"] = {s: graph_ms(lambda s=s: kernels(s), args.reps * 10) for s in (1, 2, 4, 8, 16)}
         row["mla_kernel_ms_by_block_n_stages"] = {
             f"{n}x{st}": _tuning_ms(lambda n=n, st=st: kernels(block_n=n, num_stages=st), args.reps * 10)
             for n in (16, 32, 64) for st in (1, 2, 3)}
+        row["mla_kernel_ms_by_warps"] = {
+            w: _tuning_ms(lambda w=w: kernels(num_warps=w), args.reps * 10) for w in (2, 4, 8)}
+        row["mla_kernel_ms_float32_partials"] = _tuning_ms(lambda: kernels(partial_dtype=torch.float32),
+                                                            args.reps * 10)
+        # more heads read the same latent: one program per up to 64 heads, blocks of one slice side by side
+        row["mla_kernel_ms_by_heads"] = {
+            heads: _tuning_ms(kernels_for(heads), args.reps * 10) for heads in (16, 32, 64, 128)}
+        many = kernels_for(128)
+        row["mla_kernel_ms_128_heads_by_block_h_warps"] = {
+            f"{bh}x{w}": _tuning_ms(lambda bh=bh, w=w: many(block_h=bh, num_warps=w), args.reps * 10)
+            for bh, w in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8))}
     os.environ[MLA_SWITCH] = "torch"   # the same step with the latents gathered (the CPU path)
     try:
         row["mla_gathered_ms"] = 1e3 * timed(step, args.reps * 10, args.device)
@@ -126,6 +145,8 @@ def bench_mla_decode(runner, args) -> dict:
     row.update(latent_mb=latent_bytes / 1e6, copy_gb_s=bandwidth / 1e9, latent_read_ms=floor_ms,
                mla_ratio=row["mla_decode_ms"] / floor_ms,
                mla_kernel_ratio=row["mla_kernel_ms"] / floor_ms if row["mla_kernel_ms"] else None)
+    if row["mla_kernel_ms"]:
+        row["mla_kernel_ratio_by_heads"] = {h: ms / floor_ms for h, ms in row["mla_kernel_ms_by_heads"].items() if ms}
     return row
 
 

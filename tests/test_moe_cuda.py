@@ -58,18 +58,22 @@ def test_sparse_block_replays_from_a_cuda_graph():
     assert not torch.equal(out, want)
 
 
+@pytest.mark.parametrize("heads", [16, 128])       # DeepSeek-V2-Lite's one head block; V3's two of 64
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol):
+@pytest.mark.parametrize("splits", [0, 1, 5])
+def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits):
     from cluster.engine.triton_mla import decode_latent
-    rank, rope, page, heads, lens = 512, 64, 16, 16, [1, 70, 300]
+    rank, rope, page, lens = 512, 64, 16, [1, 70, 300, 0]
     g = torch.Generator(device="cuda").manual_seed(0)
-    cache = torch.randn(64, page, rank + rope, generator=g, device="cuda").to(dtype)
+    cache = torch.randn(96, page, rank + rope, generator=g, device="cuda").to(dtype)
     width = max(-(-n // page) for n in lens)
-    tables = torch.randperm(64, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
+    tables = torch.randperm(96, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, rank + rope, generator=g, device="cuda").to(dtype)
     got = decode_latent(q[..., :rank], q[..., rank:], cache, tables.reshape(-1),
-                        torch.arange(0, len(lens) * width, width, device="cuda"), torch.tensor(lens, device="cuda"), 0.07)
-    for b, n in enumerate(lens):
+                        torch.arange(0, len(lens) * width, width, device="cuda"), torch.tensor(lens, device="cuda"), 0.07,
+                        num_splits=splits)
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))     # a graph's padding row: no tokens, zeros
+    for b, n in enumerate(lens[:-1]):
         lat = cache[tables[b]].reshape(-1, rank + rope)[:n].float()
         want = torch.softmax(q[b].float() @ lat.T * 0.07, dim=-1) @ lat[:, :rank]
         torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)

@@ -1,7 +1,8 @@
 """The MLA decode kernel under Triton's CPU interpreter against gathered latents and a float32
-softmax: requests of different lengths over scattered pages, more heads than one block, several
-splits of a sequence (split-K) merged by log-sum-exp, splits past the end of a short request,
-single-token requests and lengths ending on a page boundary. Skipped where Triton is missing and
+softmax: requests of different lengths over scattered pages, all heads in one program or split
+over several head blocks, several splits of a sequence (split-K) merged by log-sum-exp, more
+splits than a short request fills (it uses fewer), single-token requests and lengths ending on a
+page boundary. Skipped where Triton is missing and
 on CUDA machines."""
 import pytest
 import torch
@@ -23,15 +24,17 @@ def _reference(q, cache, tables, lens, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("heads, lens, splits", [
-    (4, [1, 13, 40], 0),          # the split count chosen from the batch shape
-    (20, [7, 33], 4),             # two head blocks, the second partly masked
-    (16, [2, 30], 8),             # more splits than a short request has tiles
-    (16, [1, 1], 3),              # single tokens: every split but the first is empty
-    (8, [64, 32, 96], 3),         # page-boundary lengths; 96 tokens over 3 splits of one tile each
-    (16, [5, 9], 1),              # one split: written in place, no merge
-    (2, [100], 32)])              # the most splits, one request
-def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, splits):
+@pytest.mark.parametrize("heads, lens, splits, block_h", [
+    (4, [1, 13, 40], 0, 0),       # the split count chosen from the batch shape
+    (20, [7, 33], 4, 32),         # all 20 heads in one 32-row program, 12 rows masked
+    (20, [7, 33], 4, 0),          # float32: two head blocks of 16, the second partly masked
+    (40, [50], 2, 64),            # a 64-row head block
+    (16, [2, 30], 8, 0),          # more splits than a short request has tiles: it uses fewer
+    (16, [1, 1], 3, 0),           # single tokens: one split used of three
+    (8, [64, 32, 96], 3, 0),      # page-boundary lengths; 96 tokens over 3 splits of one tile each
+    (16, [5, 9], 1, 0),           # one split: written in place, no merge
+    (2, [100], 32, 0)])           # the most splits, one request
+def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, splits, block_h):
     g = torch.Generator().manual_seed(heads)
     num_pages = sum(-(-n // PAGE) for n in lens) + 4
     cache = torch.randn(num_pages, PAGE, RANK + ROPE, generator=g)
@@ -46,7 +49,7 @@ def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, s
     flat = torch.tensor([p for t in tables for p in t])                 # the padded table, row by row
     starts = torch.arange(0, len(lens) * width, width)
     got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, flat, starts, torch.tensor(lens), 0.125,
-                                num_splits=splits)
+                                num_splits=splits, block_h=block_h)
     want = _reference(q, cache, [t[:-(-n // PAGE)] for t, n in zip(tables, lens)], lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -63,13 +66,19 @@ def test_tile_size_override_gives_the_same_latents(kernels, block_n):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_empty_request_gives_zeros_not_nan(kernels):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_empty_request_gives_zeros_not_nan(kernels, splits):
     """A decode graph's padding rows have no tokens: their output must stay finite."""
     cache = torch.randn(4, PAGE, RANK + ROPE)
     q = torch.randn(1, 4, RANK + ROPE)
     got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, torch.tensor([0]), torch.tensor([0]),
-                                torch.tensor([0]), 0.125, num_splits=2)
+                                torch.tensor([0]), 0.125, num_splits=splits)
     assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_head_block_holds_every_head_up_to_64(kernels):
+    assert [kernels.head_block(h) for h in (1, 16, 20, 64, 128)] == [16, 16, 32, 64, 64]
+    assert kernels.head_block(128, torch.float32) == 16
 
 
 def test_kernel_supports_only_power_of_two_parts(kernels):

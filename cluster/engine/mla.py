@@ -21,6 +21,7 @@ in place with its own Triton kernel (triton_mla.py; `PDCLUSTER_MLA=torch` gather
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -39,13 +40,20 @@ BACKEND_SWITCH = "PDCLUSTER_MLA"   # "torch": gather the latents and use torch o
 LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
 
 
+@functools.cache
+def _kernel_takes(kv_lora_rank: int, rope_dim: int) -> bool:
+    """Triton is installed and its kernel takes these widths (looked up once: every decode step asks)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from cluster.engine.triton_mla import supports
+    return supports(kv_lora_rank, rope_dim)
+
+
 def use_triton_mla(device: torch.device, mla) -> bool:
     """The Triton decode kernel runs on CUDA for latent and rope widths it takes (and then decode
     steps can be CUDA graphs: model_runner)."""
-    if device.type != "cuda" or os.environ.get(BACKEND_SWITCH, "") == "torch" or importlib.util.find_spec("triton") is None:
-        return False
-    from cluster.engine.triton_mla import supports
-    return supports(mla.kv_lora_rank, mla.qk_rope_head_dim)
+    return device.type == "cuda" and os.environ.get(BACKEND_SWITCH, "") != "torch" and \
+        _kernel_takes(mla.kv_lora_rank, mla.qk_rope_head_dim)
 
 
 def latent_pages(ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,17 +7,22 @@ dot over both parts; the output is the softmax-weighted sum of the latents `c`, 
 (W_UV is applied after).
 
 The work is bound by reading the latents once, so the layout serves that read:
-- Heads share tiles: one program takes a block of 16 heads (DeepSeek-V2-Lite's all) and each
-  `[BLOCK_N, R + P]` tile it loads feeds both of its dots for all of them (the latent is key and
-  value at once), so a request's latent is read once per head block, not once per head.
-- Split-K over the sequence (flash-decoding): program (request, head block, split) takes one
+- Heads share tiles: one program takes a block of up to 64 heads (`head_block`: all of
+  DeepSeek-V2-Lite's 16, half of V3's 128; 16 for float32) and each `[BLOCK_N, R + P]` tile it
+  loads feeds both of its dots for all of them (the latent is key and value at once). A 64-head block's float32
+  accumulator `[64, R]` is as much as one program's registers hold, so more heads take more
+  blocks; the head block is the grid's fastest axis, so the blocks that read one latent slice run
+  side by side and all but the first find it in L2.
+- Split-K over the sequence (flash-decoding): program (head block, split, request) takes one
   contiguous, BLOCK_N-aligned slice of the request's tokens and writes its normalised partial
   output and base-2 log-sum-exp; a second kernel merges the splits of each (request, head).
   The split count fills about two programs per SM in one wave (`decode_splits`) and depends on
-  the batch shape only, never on lengths, so a decode CUDA graph captures a fixed grid; a split
-  past the end of a short request is empty and weighs 0 in the merge.
-- The partials are float32 and few (splits x R per head, against a slice's tokens x (R + P)); with
-  one split (large batches) the split kernel writes the output itself and no merge runs.
+  the batch shape only, never on lengths, so a decode CUDA graph captures a fixed grid. Each
+  request uses only the splits its length fills with whole tiles (`_split_range`, in both
+  kernels): the programs of the rest return at once and the merge never reads them.
+- Partials are kept in q's dtype (float32 models stay float32; the log-sum-exp is always
+  float32), so the split-K traffic is small against the latent it summarises; with one split
+  (large batches) the split kernel writes the output itself and no merge runs.
 R and P must be powers of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU
 tensors (tests).
 """
@@ -29,9 +34,16 @@ import triton.language as tl
 
 from cluster.engine.triton_attention import LOG2E, MAX_SPLITS, _num_sms, _precision
 
-BLOCK_H = 16      # tl.dot's smallest M; heads beyond a block's are masked
 BLOCK_N = 32      # tokens per tile: 32 x 576 bf16 = 36 KB, two stages fit shared memory
+MAX_BLOCK_H = 64  # heads per program: the float32 accumulator [64, 512] fills 8 warps' registers
 PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _split_range(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """(tokens per split, splits this request uses): whole tiles, no empty split (none at length 0)."""
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), 1) * BLOCK_N
+    return per_split, tl.cdiv(seq_len, per_split)
 
 
 @triton.jit
@@ -39,63 +51,74 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
                       stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    split = tl.program_id(2)
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
-    live = h < num_heads
-    r = tl.arange(0, R)
-    p = tl.arange(0, P)
-    b64 = b.to(tl.int64)
-    q_c = tl.load(QC + b64 * stride_qcb + h[:, None] * stride_qch + r[None, :], mask=live[:, None], other=0.0)
-    q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + p[None, :], mask=live[:, None], other=0.0)
-    pages = PAGES + tl.load(PAGE_START + b)
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, R], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        page = tl.load(pages + t // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        row = page * stride_page + (t % PAGE_SIZE) * (R + P)
-        c = tl.load(CACHE + row[:, None] + r[None, :], mask=valid[:, None], other=0.0)
-        pe = tl.load(CACHE + row[:, None] + R + p[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION) + tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))              # [BLOCK_H, BLOCK_N], base 2
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        prob = tl.exp2(s - m_new[:, None])
-        total = total * alpha + tl.sum(prob, 1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=PRECISION)
-        m = m_new
-    lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
-    part = (b * num_heads + h) * num_splits + split                               # [B, H, S] row
-    out = acc / tl.maximum(total, 1e-30)[:, None]
-    tl.store(PART_O + part.to(tl.int64)[:, None] * R + r[None, :], out.to(PART_O.dtype.element_ty), mask=live[:, None])
-    tl.store(PART_LSE + part, lse, mask=live)
+    per_split, used = _split_range(seq_len, num_splits, BLOCK_N)
+    if split < tl.maximum(used, 1):    # split 0 always runs: an empty request (graph padding) gets zeros
+        start = split * per_split
+        end = tl.minimum(start + per_split, seq_len)
+        live = h < num_heads
+        r = tl.arange(0, R)
+        p = tl.arange(0, P)
+        b64 = b.to(tl.int64)
+        q_c = tl.load(QC + b64 * stride_qcb + h[:, None] * stride_qch + r[None, :], mask=live[:, None], other=0.0)
+        q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + p[None, :], mask=live[:, None], other=0.0)
+        pages = PAGES + tl.load(PAGE_START + b)
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, R], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            valid = t < end
+            page = tl.load(pages + t // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+            row = page * stride_page + (t % PAGE_SIZE) * (R + P)
+            c = tl.load(CACHE + row[:, None] + r[None, :], mask=valid[:, None], other=0.0)
+            pe = tl.load(CACHE + row[:, None] + R + p[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+            s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))              # [BLOCK_H, BLOCK_N], base 2
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            prob = tl.exp2(s - m_new[:, None])
+            total = total * alpha + tl.sum(prob, 1)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=PRECISION)
+            m = m_new
+        part = (b * num_heads + h) * num_splits + split                               # [B, H, S] row
+        out = acc / tl.maximum(total, 1e-30)[:, None]     # an empty request (graph padding): zeros
+        lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
+        tl.store(PART_O + part.to(tl.int64)[:, None] * R + r[None, :], out.to(PART_O.dtype.element_ty),
+                 mask=live[:, None])
+        tl.store(PART_LSE + part, lse, mask=live)
 
 
 @triton.jit
-def _mla_merge_kernel(PART_O, PART_LSE, OUT, num_splits, R: tl.constexpr, SPLITS: tl.constexpr):
+def _mla_merge_kernel(PART_O, PART_LSE, SEQ_LENS, OUT, num_splits, num_heads, R: tl.constexpr,
+                      SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)                                          # b * H + h
+    _, used = _split_range(tl.load(SEQ_LENS + row // num_heads), num_splits, BLOCK_N)
     s = tl.arange(0, SPLITS)
     r = tl.arange(0, R)
-    top = tl.max(tl.load(PART_LSE + row * num_splits + s, mask=s < num_splits, other=float("-inf")), 0)
-    top = tl.where(top == float("-inf"), 0.0, top)   # an empty request (graph padding): weights 0, output 0
+    top = tl.max(tl.load(PART_LSE + row * num_splits + s, mask=s < used, other=float("-inf")), 0)
     acc = tl.zeros([R], tl.float32)
-    total = top * 0.0
-    for i in range(num_splits):
+    total = tl.zeros([R], tl.float32)
+    for i in range(used):                            # an empty request (graph padding): none, output 0
         w = tl.exp2(tl.load(PART_LSE + row * num_splits + i) - top)
-        acc += w * tl.load(PART_O + (row * num_splits + i) * R + r)
+        acc += w * tl.load(PART_O + (row * num_splits + i) * R + r).to(tl.float32)
         total += w
     tl.store(OUT + row * R + r, (acc / tl.maximum(total, 1e-30)).to(OUT.dtype.element_ty))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
     return all(n >= 16 and n & (n - 1) == 0 for n in (kv_lora_rank, rope_dim))
+
+
+def head_block(num_heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Heads per program: all of them up to MAX_BLOCK_H (16 at least: tl.dot's smallest M); float32
+    tiles and queries are twice as large, so float32 models keep blocks of 16."""
+    cap = 16 if dtype == torch.float32 else MAX_BLOCK_H
+    return min(cap, max(16, triton.next_power_of_2(num_heads)))
 
 
 def decode_splits(batch: int, head_blocks: int, device: torch.device) -> int:
@@ -105,27 +128,32 @@ def decode_splits(batch: int, head_blocks: int, device: torch.device) -> int:
 
 def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor,
                   page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
-                  block_n: int = BLOCK_N, num_stages: int = 2) -> torch.Tensor:
+                  block_n: int = BLOCK_N, num_stages: int = 2, block_h: int = 0, num_warps: int = 0,
+                  partial_dtype: torch.dtype | None = None) -> torch.Tensor:
     """q_latent `[B, H, R]` and q_pe `[B, H, P]` (absorbed; unit last stride), cache
     `[num_pages, page_size, R + P]`, request b's pages `pages[page_start[b]:]` covering `seq_lens[b]`
     tokens (int64, the Triton attention context's layout) -> softmax-weighted latents `[B, H, R]`
-    (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`: tuning overrides (moe_gpu.py)."""
+    (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`, `block_h`, `num_warps`,
+    `partial_dtype`: tuning overrides (moe_gpu.py)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
-    head_blocks = triton.cdiv(h, BLOCK_H)
+    block_h = block_h or head_block(h, q_latent.dtype)
+    head_blocks = triton.cdiv(h, block_h)
     splits = num_splits or decode_splits(b, head_blocks, q_latent.device)
     out = torch.empty(b, h, r, dtype=q_latent.dtype, device=q_latent.device)
     # one split (a large batch): its normalised output is the answer, written in place, no merge
-    part_o = out if splits == 1 else torch.empty(b, h, splits, r, dtype=torch.float32, device=q_latent.device)
+    part_o = out if splits == 1 else torch.empty(b, h, splits, r, dtype=partial_dtype or q_latent.dtype,
+                                                 device=q_latent.device)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q_latent.device)
-    _mla_split_kernel[(b, head_blocks, splits)](
+    _mla_split_kernel[(head_blocks, splits, b)](
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
-        PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
-        PRECISION=_precision(q_latent.dtype), num_warps=4, num_stages=num_stages)
+        PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=block_h, BLOCK_N=block_n,
+        PRECISION=_precision(q_latent.dtype), num_warps=num_warps or (4 if block_h <= 16 else 8),
+        num_stages=num_stages)
     if splits > 1:
-        _mla_merge_kernel[(b * h,)](part_o, part_lse, out, splits, R=r, SPLITS=triton.next_power_of_2(splits),
-                                    num_warps=4)
+        _mla_merge_kernel[(b * h,)](part_o, part_lse, seq_lens, out, splits, h, R=r,
+                                    SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4)
     return out
