@@ -60,8 +60,9 @@ def test_sparse_block_replays_from_a_cuda_graph():
 
 @pytest.mark.parametrize("heads", [16, 128])       # DeepSeek-V2-Lite's one head block; V3's two of 64
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("splits", [0, 1, 5])
-def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits):
+@pytest.mark.parametrize("splits, tune", [(0, {}), (1, {}), (5, {}), (0, {"tokens_major": True, "block_n": 64}),
+                                         (3, {"tokens_major": True, "block_n": 32, "num_stages": 1})])
+def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits, tune):
     from cluster.engine.triton_mla import decode_latent
     rank, rope, page, lens = 512, 64, 16, [1, 70, 300, 0]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -71,7 +72,7 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
     q = torch.randn(len(lens), heads, rank + rope, generator=g, device="cuda").to(dtype)
     got = decode_latent(q[..., :rank], q[..., rank:], cache, tables.reshape(-1),
                         torch.arange(0, len(lens) * width, width, device="cuda"), torch.tensor(lens, device="cuda"), 0.07,
-                        num_splits=splits)
+                        num_splits=splits, **tune)
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))     # a graph's padding row: no tokens, zeros
     for b, n in enumerate(lens[:-1]):
         lat = cache[tables[b]].reshape(-1, rank + rope)[:n].float()

@@ -54,14 +54,14 @@ def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, s
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_tile_size_override_gives_the_same_latents(kernels, block_n):
+@pytest.mark.parametrize("block_n, tokens_major", [(16, False), (64, False), (16, True), (64, True)])
+def test_tile_and_dot_orientation_overrides_give_the_same_latents(kernels, block_n, tokens_major):
     g = torch.Generator().manual_seed(block_n)
     cache = torch.randn(40, PAGE, RANK + ROPE, generator=g)
     q = torch.randn(2, 4, RANK + ROPE, generator=g)
     lens, table = [30, 90], torch.randperm(40, generator=g)
     got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, torch.tensor([0, 8]), torch.tensor(lens),
-                                0.125, num_splits=3, block_n=block_n, num_stages=1)
+                                0.125, num_splits=3, block_n=block_n, num_stages=1, tokens_major=tokens_major)
     want = _reference(q, cache, [table[:8], table[8:31]], lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -12,7 +12,9 @@ The work is bound by reading the latents once, so the layout serves that read:
   loads feeds both of its dots for all of them (the latent is key and value at once). A 64-head block's float32
   accumulator `[64, R]` is as much as one program's registers hold, so more heads take more
   blocks; the head block is the grid's fastest axis, so the blocks that read one latent slice run
-  side by side and all but the first find it in L2.
+  side by side and all but the first find it in L2. The dots take heads as rows
+  (`_attend_heads_major`, the default) or tokens and latent rows (`_attend_tokens_major`, the
+  Hopper tensor-core instruction's 64-row shape); moe_gpu.py times both.
 - Split-K over the sequence (flash-decoding): program (head block, split, request) takes one
   contiguous, BLOCK_N-aligned slice of the request's tokens and writes its normalised partial
   output and base-2 log-sum-exp; a second kernel merges the splits of each (request, head).
@@ -47,10 +49,72 @@ def _split_range(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """Tokens [n0, n0 + BLOCK_N) of a request: (valid, latents `[BLOCK_N, R]`, rope keys `[BLOCK_N, P]`)."""
+    t = n0 + tl.arange(0, BLOCK_N)
+    valid = t < end
+    page = tl.load(pages + t // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    row = page * stride_page + (t % PAGE_SIZE) * (R + P)
+    c = tl.load(CACHE + row[:, None] + tl.arange(0, R)[None, :], mask=valid[:, None], other=0.0)
+    pe = tl.load(CACHE + row[:, None] + R + tl.arange(0, P)[None, :], mask=valid[:, None], other=0.0)
+    return valid, c, pe
+
+
+@triton.jit
+def _attend_heads_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale, PAGE_SIZE: tl.constexpr,
+                        R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Online softmax over [start, end) with heads as the dots' rows: `[H, R] @ [R, N]`, then
+    `[H, N] @ [N, R]`; -> (max, sum, accumulator `[H, R]`)."""
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        valid, c, pe = _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE, R, P, BLOCK_N)
+        s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+        s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))              # [BLOCK_H, BLOCK_N], base 2
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        prob = tl.exp2(s - m_new[:, None])
+        total = total * alpha + tl.sum(prob, 1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=PRECISION)
+        m = m_new
+    return m, total, acc
+
+
+@triton.jit
+def _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale, PAGE_SIZE: tl.constexpr,
+                         R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """The same with tokens and latent rows as the dots' rows (`[N, R] @ [R, H]`, then
+    `[R, N] @ [N, H]`): with 64-token tiles both dots are 64 rows tall, the Hopper tensor-core
+    instruction's height, and the query waits in shared memory rather than in registers."""
+    q_ct = tl.trans(q_c)
+    q_pt = tl.trans(q_p)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc_t = tl.zeros([R, BLOCK_H], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        valid, c, pe = _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE, R, P, BLOCK_N)
+        s = tl.dot(c, q_ct, input_precision=PRECISION)
+        s += tl.dot(pe, q_pt, input_precision=PRECISION)
+        s = tl.where(valid[:, None], s * qk_scale, float("-inf"))              # [BLOCK_N, BLOCK_H], base 2
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp2(m - m_new)
+        prob = tl.exp2(s - m_new[None, :])
+        total = total * alpha + tl.sum(prob, 0)
+        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(c), prob.to(c.dtype), input_precision=PRECISION)
+        m = m_new
+    return m, total, tl.trans(acc_t)
+
+
+@triton.jit
 def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, qk_scale, num_splits, num_heads,
                       stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -61,30 +125,17 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
         end = tl.minimum(start + per_split, seq_len)
         live = h < num_heads
         r = tl.arange(0, R)
-        p = tl.arange(0, P)
         b64 = b.to(tl.int64)
         q_c = tl.load(QC + b64 * stride_qcb + h[:, None] * stride_qch + r[None, :], mask=live[:, None], other=0.0)
-        q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + p[None, :], mask=live[:, None], other=0.0)
+        q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + tl.arange(0, P)[None, :],
+                      mask=live[:, None], other=0.0)
         pages = PAGES + tl.load(PAGE_START + b)
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, R], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            t = n0 + tl.arange(0, BLOCK_N)
-            valid = t < end
-            page = tl.load(pages + t // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-            row = page * stride_page + (t % PAGE_SIZE) * (R + P)
-            c = tl.load(CACHE + row[:, None] + r[None, :], mask=valid[:, None], other=0.0)
-            pe = tl.load(CACHE + row[:, None] + R + p[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
-            s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))              # [BLOCK_H, BLOCK_N], base 2
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            prob = tl.exp2(s - m_new[:, None])
-            total = total * alpha + tl.sum(prob, 1)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=PRECISION)
-            m = m_new
+        if TOKENS_MAJOR:
+            m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
+                                                 PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
+        else:
+            m, total, acc = _attend_heads_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
+                                                PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
         part = (b * num_heads + h) * num_splits + split                               # [B, H, S] row
         out = acc / tl.maximum(total, 1e-30)[:, None]     # an empty request (graph padding): zeros
         lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
@@ -129,12 +180,12 @@ def decode_splits(batch: int, head_blocks: int, device: torch.device) -> int:
 def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor,
                   page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
                   block_n: int = BLOCK_N, num_stages: int = 2, block_h: int = 0, num_warps: int = 0,
-                  partial_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  partial_dtype: torch.dtype | None = None, tokens_major: bool = False) -> torch.Tensor:
     """q_latent `[B, H, R]` and q_pe `[B, H, P]` (absorbed; unit last stride), cache
     `[num_pages, page_size, R + P]`, request b's pages `pages[page_start[b]:]` covering `seq_lens[b]`
     tokens (int64, the Triton attention context's layout) -> softmax-weighted latents `[B, H, R]`
     (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`, `block_h`, `num_warps`,
-    `partial_dtype`: tuning overrides (moe_gpu.py)."""
+    `partial_dtype`, `tokens_major` (`_attend_tokens_major`): tuning overrides (moe_gpu.py)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
@@ -151,8 +202,8 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=block_h, BLOCK_N=block_n,
-        PRECISION=_precision(q_latent.dtype), num_warps=num_warps or (4 if block_h <= 16 else 8),
-        num_stages=num_stages)
+        PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=tokens_major,
+        num_warps=num_warps or (4 if block_h <= 16 else 8), num_stages=num_stages)
     if splits > 1:
         _mla_merge_kernel[(b * h,)](part_o, part_lse, seq_lens, out, splits, h, R=r,
                                     SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4)
