@@ -70,6 +70,7 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
         beat = {"gauges": WorkerGauges()}
     except ImportError:
         beat = {}
+    plain = getattr(protocol, "PlainTokens", None)         # a tree from before packed steps: items only
     running: dict[str, list[int]] = {}                     # wire rid -> [left, sent]
     log = open(log_path, "w", buffering=1)
     stop = []
@@ -84,16 +85,21 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
         if now >= next_step:
             if running:
                 forward_ct += 1
-                items = []
+                items, plain_rids, plain_ids = [], [], []
                 for rid, state in list(running.items()):
                     state[0] -= 1
                     state[1] += 1
-                    done = state[0] <= 0
-                    items.append(protocol.TokensItem(rid, [TOKEN_IDS[state[1] % len(TOKEN_IDS)]],
-                                                     "length" if done else None, forward_iter=forward_ct))
-                    if done:
+                    token = TOKEN_IDS[state[1] % len(TOKEN_IDS)]
+                    if state[0] > 0 and plain is not None:  # a steady row: packed, as the real worker sends it
+                        plain_rids.append(rid)
+                        plain_ids.append(token)
+                        continue
+                    items.append(protocol.TokensItem(rid, [token], "length" if state[0] <= 0 else None,
+                                                     forward_iter=forward_ct))
+                    if state[0] <= 0:
                         del running[rid]
-                client.send(protocol.Tokens(worker_id="unified-0", items=items))
+                extra = {"plain": plain(plain_rids, plain_ids, forward_ct)} if plain_rids else {}
+                client.send(protocol.Tokens(worker_id="unified-0", items=items, **extra))
             next_step += step_s
             if next_step < now:                            # fell behind: no catch-up burst
                 next_step = now + step_s

@@ -89,3 +89,19 @@ def test_text_held_back_for_an_incomplete_character_is_sent_when_the_request_fin
     streamed = text.add(ids[:cut - 1], None, None).text
     streamed += text.add(ids[cut - 1:cut], None, "length").text
     assert streamed == tok.decode(ids[:cut]) and streamed.endswith("\ufffd")
+
+
+def test_incremental_detokenizer_joining_context_free_pieces_equals_decoding_the_whole(llm):
+    import random
+    tok = llm.tokenizer
+    rng = random.Random(0)
+    special = sorted(tok.backend.get_added_tokens_decoder())
+    for trial in range(50):                   # random ids: split characters, specials, plain pieces
+        ids = [rng.choice(special) if rng.random() < 0.05 else rng.randrange(tok.vocab_size)
+               for _ in range(30)]
+        detok, streamed, i = IncrementalDetokenizer(tok), "", 0
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            streamed += detok.add(ids[i:i + n])
+            i += n
+        assert streamed + detok.finish() == tok.decode(ids), trial

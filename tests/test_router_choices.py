@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cluster.wire import protocol
 from tests.router_harness import CHAT, COMPLETION, MODEL, echo_reply, pd_pair, sse_events
 
@@ -95,3 +97,13 @@ def test_streamed_echo_with_logprobs_sends_the_prompt_and_its_logprobs_first(rou
     rest = [c for e in events[1:-1] for c in e["choices"]]
     assert "".join(c["text"] for c in rest) == " friend"
     assert rest[0]["logprobs"]["text_offset"][0] == len("Hello there")
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_templated_sse_event_is_byte_identical_to_encoding_the_chunk(kind, include_usage):
+    from cluster.router.openai_response import ResponseWriter, sse
+    w = ResponseWriter(kind, "abc", "m", None, False, 0, include_usage, index=2)
+    for text in ["", "plain", ' "quoted" \\ back\nslash\t', "Café 日本語 🎉 \x00\x1f"]:
+        assert w.event(text, None) == sse(w.chunk(text, None))
+    assert w.event("end", "stop") == sse(w.chunk("end", "stop"))

@@ -33,6 +33,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = None
         self._max_token_chars: Optional[int] = None
+        self._piece_texts: Optional[list] = None
 
     # construction
     @classmethod
@@ -122,6 +123,22 @@ class Tokenizer:
             self._max_token_chars = max(map(len, self.backend.get_vocab(with_added_tokens=True)))
         return self._max_token_chars
 
+    @property
+    def piece_texts(self) -> list[Optional[str]]:
+        """Per token id, the characters it adds wherever it stands, or None where that depends
+        on its neighbours. With a byte-level decoder, a token whose bytes are whole UTF-8
+        characters decodes alike alone and in any sequence; added (special) tokens and
+        partial characters are None. Any other decoder: all None (built once, on first use)."""
+        if self._piece_texts is None:
+            n = self.vocab_size
+            pieces: list[Optional[str]] = [None] * n
+            if isinstance(self.backend.decoder, decoders.ByteLevel):
+                added = self.backend.get_added_tokens_decoder()
+                texts = self.backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+                pieces = [None if i in added or "\ufffd" in t else t for i, t in enumerate(texts)]
+            self._piece_texts = pieces
+        return self._piece_texts
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -159,13 +176,23 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.pieces = tokenizer.piece_texts
         self.ids: list[int] = []
         self.text = ""
         self.prefix_offset = 0
         self.read_offset = 0
 
     def add(self, token_ids: Iterable[int]) -> str:
+        start = len(self.ids)
         self.ids.extend(token_ids)
+        if self.read_offset == start:          # nothing held back: context-free pieces just join
+            try:
+                delta = "".join([self.pieces[t] for t in self.ids[start:]])
+            except (TypeError, IndexError):    # a piece that needs its context: decode the window
+                return self._advance(final=False)
+            self.prefix_offset, self.read_offset = start, len(self.ids)
+            self.text += delta
+            return delta
         return self._advance(final=False)
 
     def finish(self) -> str:

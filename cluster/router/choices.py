@@ -80,7 +80,7 @@ async def stream_choices(service, gens) -> AsyncIterator[bytes]:
     try:
         if len(gens) == 1:                     # no interleaving: no pump task, no queue
             async for chunks in _choice_chunks(service, gens[0]):
-                yield b"".join(map(sse, chunks))
+                yield b"".join(chunks)
         else:
             async for data in _interleaved(service, gens):
                 yield data
@@ -120,14 +120,14 @@ async def _interleaved(service, gens) -> AsyncIterator[bytes]:
             elif isinstance(item, Exception):
                 raise item
             else:
-                yield b"".join(map(sse, item))
+                yield b"".join(item)
     finally:                                   # NOTE: a closed stream aborts every choice
         for t in tasks:
             t.cancel()
 
 
-async def _choice_chunks(service, gen) -> AsyncIterator[list[dict]]:
-    """The chunks of one generation, a list per batch of deltas that arrived together."""
+async def _choice_chunks(service, gen) -> AsyncIterator[list[bytes]]:
+    """The SSE events of one generation, a list per batch of deltas that arrived together."""
     w, p = gen.writer, gen.parsed
     tools = p is not None and p.kind == "chat" and p.functions and p.tool_choice.mode != "none"
     auto = ToolCallStream(p.functions) if tools and p.tool_choice.mode == "auto" else None
@@ -137,9 +137,9 @@ async def _choice_chunks(service, gen) -> AsyncIterator[list[dict]]:
     try:
         echo = _echo(gen)
         if w.kind == "chat":                   # the role chunk, at once
-            yield [w.chunk("", None, None, first=True)]
+            yield [w.event("", None, None, first=True)]
         elif echo and not w.logprobs:
-            yield [w.chunk(echo, None)]
+            yield [w.event(echo, None)]
             echo = ""
         async for batch in deltas:
             out: list[dict] = []
@@ -147,7 +147,7 @@ async def _choice_chunks(service, gen) -> AsyncIterator[list[dict]]:
                 if echo:                       # with logprobs: the prompt's arrive with the first token
                     prompt_lp = (w.format_prompt_logprobs(gen.st.input_ids, delta.prompt_logprobs)
                                  if delta.prompt_logprobs is not None else None)
-                    out.append(w.chunk(echo, None, prompt_lp))
+                    out.append(w.event(echo, None, prompt_lp))
                     echo = ""
                 lp = w.format_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
                 text, calls, finish = delta.text, [], delta.finish_reason
@@ -166,12 +166,12 @@ async def _choice_chunks(service, gen) -> AsyncIterator[list[dict]]:
                 if calls:
                     indexed = list(enumerate(calls, num_calls))
                     num_calls += len(calls)
-                    out.append(w.chunk(text, None, lp, tool_calls=indexed))
+                    out.append(w.event(text, None, lp, tool_calls=indexed))
                     text, lp = "", None
                 if finish is not None and num_calls:
                     finish = "tool_calls"
                 if text or lp is not None or finish is not None:
-                    out.append(w.chunk(text, finish, lp))
+                    out.append(w.event(text, finish, lp))
             if out:
                 yield out
     finally:

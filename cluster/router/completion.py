@@ -28,10 +28,10 @@ class CompletionText:
     text: str = ""                             # everything decoded so far
     num_emitted: int = 0                       # characters handed to the client
     token_ids: list[int] = field(default_factory=list)
+    hold_back: int = field(init=False)         # characters that could start a stop string
 
-    @property
-    def hold_back(self) -> int:
-        return max((len(s) for s in self.stop), default=1) - 1
+    def __post_init__(self) -> None:
+        self.hold_back = max((len(s) for s in self.stop), default=1) - 1
 
     def add(self, token_ids: list[int], logprobs: Optional[list[float]],
             finish_reason: Optional[str]) -> TextDelta:

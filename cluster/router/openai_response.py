@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Optional
 
 
 _compact = json.JSONEncoder(separators=(",", ":")).encode   # one encoder: json.dumps with
                                                             # separators builds one per call
+_MARK = "\x00text\x00"                                    # stands for the text in a template
 
 
 def sse(payload: dict | str) -> bytes:
@@ -32,6 +34,7 @@ class ResponseWriter:
         self.include_usage = include_usage
         self.text_offset = 0
         self.index = index                # the choice this writer's chunks belong to
+        self._template: Optional[tuple[bytes, bytes]] = None
 
     # logprobs
     def format_logprobs(self, token_ids: list[int], logprobs: Optional[list[float]],
@@ -127,6 +130,19 @@ class ResponseWriter:
         if self.include_usage:
             body["usage"] = None
         return body
+
+    def event(self, text: str, finish_reason: Optional[str], logprobs=None,
+              first: bool = False, tool_calls: Optional[list] = None) -> bytes:
+        """`chunk` as one SSE event. The common case, a text delta with no finish and no
+        logprobs, is the request's template with the JSON-escaped text put in: the same bytes
+        as encoding the chunk, without building and walking a dict per token."""
+        if finish_reason is not None or logprobs is not None or first or tool_calls:
+            return sse(self.chunk(text, finish_reason, logprobs, first, tool_calls))
+        if self._template is None:
+            head, _, tail = sse(self.chunk(_MARK, None)).partition(encode_basestring_ascii(_MARK).encode())
+            self._template = head, tail
+        head, tail = self._template
+        return head + encode_basestring_ascii(text).encode() + tail
 
     def usage_chunk(self, num_prompt: int, num_completion: int) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

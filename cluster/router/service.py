@@ -116,7 +116,7 @@ class RouterService:
 
     def load_tokenizers(self) -> None:
         for model in self.served_models():
-            self.tokenizer_for(model)
+            self.tokenizer_for(model).piece_texts   # built now, not by the first request
 
     # admission
     async def start_choices(self, parsed: ParsedRequest,
