@@ -16,7 +16,8 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
   split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128
   heads over the same latent, and `mla_kernel_ms_128_heads_by_block_h_warps`) and the gathered
   torch path (`mla_gathered_ms`, eager), against reading their latent KV once at the copy bandwidth
-  measured here (goal: ratio <= 1.3);
+  measured here (goal: ratio <= 1.3); one layer's extend over a cached prefix of `--mla-context` tokens,
+  the Triton prefill kernel against the gathered torch path (`mla_extend_triton_ms`, `mla_extend_torch_ms`);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
 
     python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
@@ -155,6 +156,30 @@ def bench_mla_decode(runner, args) -> dict:
     return row
 
 
+def bench_mla_extend(runner, args) -> dict:
+    """One layer's expanded-form extend of `--mla-extend-batch` requests, `--mla-extend-tokens` new tokens
+    each over a cached prefix of `--mla-context` tokens: the Triton kernel over the expanded pages
+    (Triton context) against the gathered latents and SDPA with a mask (torch context), eager."""
+    cfg, attn, m = runner.config, runner.model.layers[0].self_attn, runner.config.mla
+    b, new, prefix = args.mla_extend_batch, args.mla_extend_tokens, args.mla_context
+    tables = [runner.page_allocator.allocate(-(-(prefix + new) // runner.page_size)) for _ in range(b)]
+    q_nope = torch.randn(b * new, cfg.num_heads, m.qk_nope_head_dim, device=runner.device, dtype=runner.dtype)
+    q_pe = torch.randn(b * new, cfg.num_heads, m.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
+    latent = torch.randn(b * new, m.kv_lora_rank + m.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
+    cache = runner.kv_caches[0][0]
+    row = {"mla_extend_batch": b, "mla_extend_tokens": new, "mla_extend_prefix": prefix}
+    for backend in ("triton", "torch") if runner.attention_backend == "triton" else ("torch",):
+        ctx = AttentionContext.build([new] * b, [prefix] * b, tables, [0] * b, runner.page_size, False, runner.device,
+                                     None, runner.dtype, backend)
+        row[f"mla_extend_{backend}_ms"] = 1e3 * timed(lambda: attn._extend_expanded(q_nope, q_pe, latent, cache, ctx),
+                                                      args.reps * 3, args.device)
+    for t in tables:
+        runner.page_allocator.free(t)
+    if "mla_extend_triton_ms" in row:
+        row["mla_extend_speedup"] = row["mla_extend_torch_ms"] / row["mla_extend_triton_ms"]
+    return row
+
+
 @torch.inference_mode()
 def run_preset(preset: str, args) -> dict:
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -184,6 +209,7 @@ def run_preset(preset: str, args) -> dict:
     info.update(bench_moe_layer(model, args, dtype))
     if cfg.mla is not None:
         info.update(bench_mla_decode(runner, args))
+        info.update(bench_mla_extend(runner, args))
     sync(args.device)
     print(json.dumps(info), flush=True)
     return info
@@ -202,6 +228,8 @@ def main() -> None:
     ap.add_argument("--moe-batch", type=int, default=64)
     ap.add_argument("--mla-batch", type=int, default=64)
     ap.add_argument("--mla-context", type=int, default=2048)
+    ap.add_argument("--mla-extend-batch", type=int, default=4)
+    ap.add_argument("--mla-extend-tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--json", default="", help="write the per-preset results to this file")

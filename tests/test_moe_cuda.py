@@ -104,3 +104,63 @@ def test_moe_and_mla_models_decode_the_same_from_cuda_graphs_and_eagerly(preset,
         return seqs
 
     assert greedy(True) == greedy(False)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_mla_extend_kernel_matches_expanded_attention_on_cuda(dtype, tol):
+    """DeepSeek-V2-Lite's widths (latent 512 + rope 64, nope 128, value 128, 16 heads), two requests
+    extending cached prefixes causally, one across several query blocks."""
+    from cluster.engine.attention_context import AttentionContext
+    from cluster.engine.triton_mla_prefill import extend_expanded
+    rank, rope, nope, v, heads, page = 512, 64, 128, 128, 16, 16
+    extend_lens, prefix_lens = [150, 7], [40, 300]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    perm = torch.randperm(64, generator=g, device="cuda").tolist()
+    counts = [-(-s // page) for s in seq_lens]
+    tables = [perm[:counts[0]], perm[counts[0]:counts[0] + counts[1]]]
+    cache = torch.randn(64, page, rank + rope, generator=g, device="cuda").to(dtype)
+    w_kv = (torch.randn(heads * (nope + v), rank, generator=g, device="cuda") * 0.05).to(dtype)
+    q = torch.randn(sum(extend_lens), heads, nope + rope, generator=g, device="cuda").to(dtype)
+    ctx = AttentionContext.build(extend_lens, prefix_lens, tables, [0, 0], page, False, "cuda", backend="triton")
+    latents = cache.index_select(0, ctx.pages).view(-1, rank + rope)
+    kv = (latents[:, :rank] @ w_kv.T).view(latents.shape[0], heads, nope + v)
+    got = extend_expanded(q[..., :nope], q[..., nope:], kv, latents[:, rank:], ctx.page_start, ctx.q_start,
+                          ctx.extend_lens_t, ctx.kv_limit, ctx.max_q_len, page, 0.07)
+    row = 0
+    for table, e, p, s in zip(tables, extend_lens, prefix_lens, seq_lens):
+        lat = cache[table].reshape(-1, rank + rope)[:s].float()
+        full = (lat[:, :rank] @ w_kv.float().T).view(s, heads, nope + v)
+        keys = torch.cat((full[..., :nope], lat[:, None, rank:].expand(s, heads, rope)), -1)
+        scores = torch.einsum("ehd,shd->hes", q[row:row + e].float(), keys) * 0.07
+        causal = torch.arange(s, device="cuda")[None, :] <= torch.arange(p, s, device="cuda")[:, None]
+        want = torch.einsum("hes,shd->ehd", torch.softmax(scores.masked_fill(~causal, float("-inf")), -1),
+                            full[..., nope:])
+        torch.testing.assert_close(got[row:row + e].float(), want, atol=tol, rtol=tol)
+        row += e
+
+
+def test_mla_model_extends_a_cached_prefix_as_the_torch_path_does(monkeypatch):
+    """tiny-deepseek-v2 on the Triton context (prefill kernel over pages, decode kernel) gives the
+    greedy tokens of the torch context with gathered latents, for prompts computed in two chunks."""
+    from cluster.engine.loader import load_model
+    from cluster.engine.model_runner import ModelRunner
+    from tests.engine_fixtures import batch_input
+    prompts = [list(range(40, 77)), list(range(100, 125))]
+
+    def greedy(switch: str) -> list[list[int]]:
+        monkeypatch.setenv("PDCLUSTER_MLA", switch)
+        runner = ModelRunner(load_model("tiny-deepseek-v2", path="tiny-deepseek-v2", load_format="dummy",
+                                        device="cuda"), num_pages=64, page_size=16, device="cuda", max_decode_batch=4)
+        assert runner.attention_backend == ("torch" if switch == "torch" else "triton")
+        tables = [runner.page_allocator.allocate(4) for _ in prompts]
+        runner.forward(batch_input([p[:20] for p in prompts], [0, 0], tables))        # the first chunk
+        out = runner.forward(batch_input([p[20:] for p in prompts], [20, 20], tables)).next_token_ids
+        seqs = [p + [t] for p, t in zip(prompts, out.tolist())]
+        for _ in range(4):
+            fi = batch_input([[s[-1]] for s in seqs], [len(s) - 1 for s in seqs], tables, is_decode=True)
+            for s, t in zip(seqs, runner.forward(fi).next_token_ids.tolist()):
+                s.append(t)
+        return seqs
+
+    assert greedy("triton") == greedy("torch")

@@ -8,16 +8,19 @@ values per token and layer instead of `2 * heads * head_dim`. Head h's key is
 
 - Prefill / extend (many queries per request): the expanded form. The latents of the
   request (its new tokens, or its pages when a prefix is cached) go through `kv_b_proj`
-  into per-head keys and values, then SDPA, as transformers does.
+  into per-head keys and values, then SDPA, as transformers does; on CUDA an extend over a
+  cached prefix expands the batch's latent pages once and a Triton kernel attends over them
+  by page, with no padding or mask (triton_mla_prefill.py).
 - Decode (one query per request): the absorbed form. `W_UK` is folded into the query
   (`q_nope W_UK[h]` lives in latent space), so the scores read the cached latents directly,
   the weighted sum of latents is taken first and `W_UV` applied once per head afterwards:
   nothing per cached token is expanded.
 
 Rope is interleaved over pairs (rotary.apply_rope_interleaved), like transformers' DeepSeek-V2.
-The attention context is the torch backend's (the model runner never picks Triton attention for
-MLA), or for decode CUDA graphs the Triton one; on CUDA the absorbed decode reads the latent pages
-in place with its own Triton kernel (triton_mla.py; `PDCLUSTER_MLA=torch` gathers them instead).
+The attention context is the torch backend's on the CPU; on CUDA the Triton one (flat page list),
+whose absorbed decode reads the latent pages in place with its own Triton kernel (triton_mla.py)
+and whose extends use the prefill kernel; `PDCLUSTER_MLA=torch` at start keeps the torch context
+and gathers the latents instead.
 """
 from __future__ import annotations
 
@@ -41,19 +44,19 @@ LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent n
 
 
 @functools.cache
-def _kernel_takes(kv_lora_rank: int, rope_dim: int) -> bool:
-    """Triton is installed and its kernel takes these widths (looked up once: every decode step asks)."""
+def _kernels_take(mla) -> bool:
+    """Triton is installed and both kernels take these widths (looked up once: every step asks)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    from cluster.engine.triton_mla import supports
-    return supports(kv_lora_rank, rope_dim)
+    from cluster.engine import triton_mla, triton_mla_prefill
+    return triton_mla.supports(mla.kv_lora_rank, mla.qk_rope_head_dim) and \
+        triton_mla_prefill.supports(mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim)
 
 
 def use_triton_mla(device: torch.device, mla) -> bool:
-    """The Triton decode kernel runs on CUDA for latent and rope widths it takes (and then decode
-    steps can be CUDA graphs: model_runner)."""
-    return device.type == "cuda" and os.environ.get(BACKEND_SWITCH, "") != "torch" and \
-        _kernel_takes(mla.kv_lora_rank, mla.qk_rope_head_dim)
+    """The Triton kernels run on CUDA for widths they take: the model runner then builds Triton
+    attention contexts, and decode steps can be CUDA graphs."""
+    return device.type == "cuda" and os.environ.get(BACKEND_SWITCH, "") != "torch" and _kernels_take(mla)
 
 
 def latent_pages(ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,6 +128,8 @@ class MlaAttention(nn.Module):
 
     def _extend_expanded(self, q_nope, q_pe, latent, cache, ctx: AttentionContext) -> torch.Tensor:
         m, h = self.mla, self.num_heads
+        if ctx.kv_limit is not None:     # the Triton context, over a cached prefix
+            return self._extend_over_pages(q_nope, q_pe, cache, ctx)
         b, lq = ctx.num_reqs, ctx.max_q_len
         pad = (lambda x: x[ctx.q_index]) if ctx.q_index is not None else (lambda x: x.view(b, lq, *x.shape[1:]))
         # prompts from position 0 see only their own new tokens: skip the cache read
@@ -139,3 +144,14 @@ class MlaAttention(nn.Module):
                                              attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.scale)
         out = out.transpose(1, 2).reshape(b * lq, h * m.v_head_dim)
         return out[ctx.out_index] if ctx.out_index is not None else out
+
+    def _extend_over_pages(self, q_nope, q_pe, cache, ctx: AttentionContext) -> torch.Tensor:
+        """Every latent of the batch's pages expanded once, in flat-page-list order, then the
+        Triton kernel over them (new tokens included: their latents are in the pages already)."""
+        from cluster.engine.triton_mla_prefill import extend_expanded
+        m, size = self.mla, cache.shape[2]
+        latents = cache[0].index_select(0, ctx.pages).view(-1, cache.shape[-1])     # [pages * size, rank + rope]
+        kv = linear(latents[:, :m.kv_lora_rank], self.kv_b_proj.weight).view(latents.shape[0], self.num_heads, -1)
+        out = extend_expanded(q_nope, q_pe, kv, latents[:, m.kv_lora_rank:], ctx.page_start, ctx.q_start,
+                              ctx.extend_lens_t, ctx.kv_limit, ctx.max_q_len, size, self.scale)
+        return out.reshape(q_pe.shape[0], -1)

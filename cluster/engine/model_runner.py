@@ -53,10 +53,11 @@ class ModelRunner:
         self.kv_caches = self.kv_pool.layer_caches()
         # one slot past the last: the trash slot that graph padding rows store into
         self.future_map = torch.zeros(NUM_FUTURE_SLOTS + 1, dtype=torch.int64, device=self.device)
-        # latent attention (mla.py) runs on the torch backend only
-        self.attention_backend = attention_backend(self.device, cfg.head_dim) if cfg.mla is None else "torch"
+        # latent attention (mla.py): the Triton context where its own kernels run, else torch's
+        self.attention_backend = attention_backend(self.device, cfg.head_dim) if cfg.mla is None else \
+            ("triton" if use_triton_mla(self.device, cfg.mla) else "torch")
         self.decode_graphs = None
-        graphable = self.attention_backend == "triton" if cfg.mla is None else use_triton_mla(self.device, cfg.mla)
+        graphable = self.attention_backend == "triton"
         if cuda_graphs_enabled(self.device) and graphable:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.future_map, NUM_FUTURE_SLOTS,
                                               self.page_allocator, page_size, max_decode_batch, self.device)
