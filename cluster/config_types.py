@@ -23,7 +23,8 @@ CPU_WEIGHTS = ("native", "float32")
 ROUTER_POLICIES = ("round_robin", "least_load", "cache_aware")
 KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")      # what a kv_batch may name on the wire
 CURVE_MODES = ("auto", "on", "off")
-DLLM_ONLY_FIELDS = ("model", "path", "dllm", "mask_token_id")     # of WorkerGroup
+DLLM_ONLY_FIELDS = ("model", "path", "dllm", "mask_token_id", "prefill", "remote_prefill_min_tokens")  # of WorkerGroup
+DLLM_PREFILL = ("local", "remote", "auto")           # who prefills a DLLM prompt
 ENDPOINT = r"(tcp://.+:\d+|ipc://.+|inproc://.+)"
 HTTP_URL = r"(https?://[^/\s]+(/\S*)?)?"
 
@@ -167,6 +168,12 @@ class WorkerGroup(Section):
                               "in the group's table)", factory=DllmParams)
     mask_token_id: Optional[int] = option(None, "dllm: placeholder token for causal models without "
                                           "a mask token", lo=0)
+    prefill: str = option("local", "dllm: who prefills a prompt: the DLLM worker itself (local), a prefill "
+                          "worker that hands the KV over (remote), or remote from "
+                          "remote_prefill_min_tokens prompt tokens or while the DLLM worker is busy (auto)",
+                          choices=DLLM_PREFILL)
+    remote_prefill_min_tokens: int = option(256, "dllm, prefill = auto: prompts of at least this many tokens "
+                                            "are prefilled remotely even when the DLLM worker is idle", lo=1)
     gpus: tuple[int, ...] = option((), "GPUs of this group's workers, dealt round-robin "
                                    "(launch/placement.py)")
     share_gpus: bool = option(False, "may a GPU run several workers (of this group or another)?")
@@ -218,7 +225,10 @@ class ClusterConfig(Section):
             if g.role == "dllm" and g.model == self.model.name:
                 raise ConfigError(self.source, f"{key}.model", f"must differ from model.name {self.model.name!r}")
         counts = {role: sum(g.count for g in self.groups if g.role == role) for role in ROLES}
-        if (counts["prefill"] > 0) != (counts["decode"] > 0):
+        self.check_remote_prefill(counts["prefill"])
+        # prefill workers without decode ones serve only DLLM groups that prefill remotely
+        lone_prefill = counts["prefill"] > 0 and not counts["decode"] and not self.has_remote_dllm_prefill
+        if counts["decode"] > 0 and not counts["prefill"] or lone_prefill:
             lacking = "decode" if counts["prefill"] else "prefill"
             raise ConfigError(self.source, lacking, "prefill and decode workers come in pairs: add a "
                               f"[[{lacking}]] group or use [[unified]]")
@@ -228,6 +238,29 @@ class ClusterConfig(Section):
         if self.planner.enabled and not self.slo.is_set:
             raise ConfigError(self.source, "planner.enabled", "the planner needs an [slo] ttft or tpot target")
         place_gpus(self)               # sharing rules; that each GPU exists: the launcher checks
+
+    @property
+    def has_remote_dllm_prefill(self) -> bool:
+        """Some DLLM group may hand its prompts to the prefill workers."""
+        return any(g.role == "dllm" and g.count and g.prefill != "local" for g in self.groups)
+
+    def check_remote_prefill(self, num_prefill_workers: int) -> None:
+        """A DLLM group prefilling remotely needs prefill workers holding its weights (they
+        load [model]'s: the KV layouts must match)."""
+        for key, g in self.group_keys():
+            if g.role != "dllm" or g.prefill == "local" or not g.count:
+                continue
+            if not num_prefill_workers:
+                raise ConfigError(self.source, f"{key}.prefill", f"prefill = {g.prefill!r} needs a [[prefill]] "
+                                  "group with workers")
+            if g.path and g.path != self.model.path:
+                raise ConfigError(self.source, f"{key}.prefill", f"prefill = {g.prefill!r}: prefill workers "
+                                  f"load model.path {self.model.path or '(the default weights)'!r}, not this "
+                                  f"group's path {g.path!r}; their KV would not fit (leave path empty or use "
+                                  "prefill = \"local\")")
+            if g.tp > 1:
+                raise ConfigError(self.source, f"{key}.prefill", f"prefill = {g.prefill!r} with tp={g.tp}: a KV "
+                                  "handoff moves one rank's pool today")
 
     def group_keys(self) -> list[tuple[str, WorkerGroup]]:
         """(key, group) for every group table: prefill[0], prefill[1], decode[0], ..."""

@@ -13,7 +13,8 @@ other: it finishes, aborts or is retracted (and re-prefilled: itself only) on it
 Selective disaggregation: a request the router sends without a prefill peer (its
 uncached part is short) is prefilled here, extending from this worker's prefix cache,
 which holds the KV of the requests it finished.
-The KV itself lands through `KvIntake` (kv_intake.py): kv_layers as they come, kv_batch last.
+The KV itself lands through `KvReception` (kv_reception.py, shared with DLLM workers): kv_layers
+as they come, kv_batch last.
 """
 from __future__ import annotations
 
@@ -34,9 +35,8 @@ from cluster.runtime.stats import DecodeStats
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
-from decode_worker.kv_intake import KvIntake, Landed
+from decode_worker.kv_reception import KvReception
 from decode_worker.prealloc_queue import PreallocQueue
-from decode_worker.transfer_queue import TransferQueue
 
 logger = logging.getLogger("pdcluster.decode")
 
@@ -54,13 +54,12 @@ class DecodeScheduler(WorkerScheduler):
         if runner.import_fence is not self.transfer.fence:   # forwards must wait for the KV imports
             raise ValueError(f"{worker_id}: the model runner's import fence is not the KV transfer's")
         self.prealloc_queue = PreallocQueue(self.cache)
-        self.transfer_queue = TransferQueue(timeouts.decode_ready + timeouts.kv_transfer)
+        self.reception = KvReception(worker_id, handoff, self.marks, timeouts, self.cache.page_size)
+        self.transfer_queue = self.reception.transfer_queue
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
-        self.intake = KvIntake(self.transfer, self.transfer_queue, self.cache.page_size)
         self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.forks: dict[str, list[Req]] = {}   # rid -> its siblings (n > 1), until its KV lands
-        self.prefill_addrs: dict[str, str] = {}   # prefill worker id -> data address
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
         if self.corrupt_kv:
             logger.warning("%s: %s=1, received KV will be corrupted (tests only)", worker_id, CORRUPT_KV_ENV)
@@ -89,42 +88,14 @@ class DecodeScheduler(WorkerScheduler):
         self.prealloc_queue.add(req)
 
     def recv_data(self) -> None:
-        for sender, msg in self.handoff.received():
-            if isinstance(msg, P.KvBatch):
-                self.handle_kv_batch(msg)
-            elif isinstance(msg, P.KvLayers):
-                self.intake.land_layers(msg)
-            else:
-                logger.warning("%s: unexpected data-plane message %s from %s",
-                               self.worker_id, type(msg).__name__, sender)
-
-    def handle_kv_batch(self, msg: "P.KvBatch") -> None:
-        """Land each request's KV in its reserved pages, verified, start them, then ack the batch."""
-        landed, refused, unexpected = self.intake.land_batch(msg)
-        failed = [P.KvFailed(rid, P.KvFailure.NOT_EXPECTED, "aborted or timed out") for rid in unexpected]
-        for r in refused:
-            self.handoff.stats.count_failure(r.error.reason)
-            failed.append(P.KvFailed(r.item.rid, r.error.reason, r.error.detail))
-            if r.req is not None and r.error.reason is P.KvFailure.CHECKSUM:   # the prefill worker sends it again
-                r.req.kv_attempt = r.item.attempt + 1
-                self.transfer_queue.add(r.req)
-            elif r.req is not None:
-                self.transfer_queue.pop(r.req.rid)
-                self.fail(r.req, f"KV from {msg.prefill_worker_id}: {r.error}")
-        for got in landed:
-            self.handoff.stats.record(got.num_bytes)   # the prefill side times the transfer
-            self.mark_kv_received(got.req, msg, got)
-            logger.debug("%s: kv_batch from %s [%d]: %s kv_len=%d bytes=%d via %s", self.worker_id,
-                         msg.prefill_worker_id, msg.forward_iter, got.req.rid, got.item.seq_len,
-                         got.num_bytes, msg.backend)   # benchmarks/disagg_ttft.py reads it
-            self.start(got.req, got.item, msg)
-        self.handoff.send_to(self.peer_addr(msg.prefill_worker_id), P.KvAck(
-            rids=[got.req.rid for got in landed], failed=failed, decode_worker_id=self.worker_id))
+        self.reception.receive(self.start, self.fail)
         self.flush_outputs()
 
     def start(self, req: Req, item: "P.KvReq", msg: "P.KvBatch") -> None:
         """Its KV landed: the first token (sampled by prefill's batch) is committed, then it decodes."""
-        self.transfer_queue.pop(req.rid)
+        if item.first_token is None:               # KV prefilled for a DLLM worker
+            self.fail(req, f"KV from {msg.prefill_worker_id} came without a first token")
+            return
         if self.corrupt_kv:
             self.runner.kv_pool.kv[:, :, :, req.page_table[0]] += 1.0
         req.kv_len = item.seq_len
@@ -162,26 +133,9 @@ class DecodeScheduler(WorkerScheduler):
         for s in siblings:
             self.decode.add(s)                     # its first step recomputes the last prompt position
 
-    def mark_kv_received(self, req: Req, msg: "P.KvBatch", got: Landed) -> None:
-        ready = self.marks.get(req.rid, "decode_ready") or {}
-        self.marks.mark(req.rid, "kv_received", bytes=got.num_bytes, backend=msg.backend,
-                        src=msg.prefill_worker_id, src_forward_iter=msg.forward_iter,
-                        import_s=round(got.import_s, 6), prealloc_s=ready.get("prealloc_s", 0.0))
-        logger.info("request %s: KV from %s batch [%d], %d bytes, imported in %.1f ms%s", req.rid,
-                    msg.prefill_worker_id, msg.forward_iter, got.num_bytes, 1000 * got.import_s,
-                    f" ({got.item.layers_sent} layers ahead)" if got.item.layers_sent else "")
-
-    def peer_addr(self, prefill_worker_id: str) -> str:
-        return self.prefill_addrs[prefill_worker_id]
-
-    @property
-    def own_peer(self) -> "P.Peer":
-        """This worker as a prefill worker reaches it."""
-        return P.Peer(self.worker_id, self.handoff.address)
-
     # ---- scheduling --------------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
-        for req in self.transfer_queue.pop_expired():
+        for req in self.reception.pop_expired():
             self.fail(req, f"no KV from {req.peer.worker_id} in time", retriable=True)
         # a retracted request is prefilled again through a `reprefill`, which sends the whole KV
         for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests,
@@ -190,9 +144,7 @@ class DecodeScheduler(WorkerScheduler):
         return self.decode.schedule_after(self.local_prefill)
 
     def send_ready(self, req: Req) -> None:
-        addr = req.peer.data_addr
-        self.prefill_addrs[req.peer.worker_id] = addr
-        self.transfer_queue.add(req)
+        addr = self.reception.expect(req)
         admitted = self.marks.get(req.rid, "admitted")
         if admitted is not None:                # pages reserved: how long that took
             self.marks.note(req.rid, "decode_ready", prealloc_s=round(time.time() - admitted["t"], 6))
@@ -201,9 +153,9 @@ class DecodeScheduler(WorkerScheduler):
             # tokens so far; the pages are reserved, so this is also the readiness
             self.handoff.send_to(addr, P.Reprefill(
                 rid=req.rid, input_ids=list(req.input_ids), sampling=req.sampling,
-                output_ids=list(req.output_ids), decode=self.own_peer))
+                output_ids=list(req.output_ids), decode=self.reception.own_peer))
         else:
-            self.handoff.send_to(addr, P.DecodeReady(rid=req.rid, decode=self.own_peer, held_len=req.cached_len))
+            self.handoff.send_to(addr, P.DecodeReady(rid=req.rid, decode=self.reception.own_peer, held_len=req.cached_len))
 
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)
@@ -220,8 +172,7 @@ class DecodeScheduler(WorkerScheduler):
                           retriable=True)
         self.prealloc_queue.remove(req.rid)
         self.local_prefill.remove(req.rid)
-        self.transfer_queue.remove(req.rid)
-        self.intake.forget(req.rid)
+        self.reception.forget(req.rid)
         self.decode.remove(req)
         self.retracted.discard(req.rid)
 

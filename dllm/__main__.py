@@ -13,11 +13,20 @@ from dllm.model_spec import detect_spec
 
 
 def build(args, config, group, runner, control):
+    """A group that prefills remotely gets a data plane (`KvHandoff`) to take the prompts' KV on."""
     from dllm.scheduler import DllmScheduler
     spec = detect_spec(group.path or config.model.path, runner.tokenizer, runner.tokenizer.eos_token_ids,
                        group.mask_token_id)
-    scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, group.dllm)
-    return scheduler, {"model": served_model(config, group)}
+    register = {"model": served_model(config, group)}
+    handoff = None
+    if group.prefill != "local":
+        from cluster.runtime.kv_handoff import KvHandoff
+        handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
+                                 curve=args.curve, arrivals=control.arrivals, fence=runner.import_fence)
+        register["data_addr"] = handoff.address
+    scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, group.dllm,
+                              handoff=handoff, timeouts=config.timeouts)
+    return scheduler, register
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,14 @@ through the engine's `attn_block_sizes` every committed aligned block also atten
 inside itself (SDAR-exact), and prompt chunks end on block boundaries.
 
 Pages for prompt + max_tokens are reserved when a request is admitted, so a running request
-never waits for memory and the pool cannot deadlock.
+never waits for memory and the pool cannot deadlock. Admission first takes the longest
+prefix the prefix cache holds (whole blocks of block-causal KV, see cache_manager.py).
+
+Remote prefill: a request with a prefill peer is admitted like any other, then waits
+(`awaits_kv`) until its prompt's KV landed; `kv_landed` then opens its first block and
+counts as cached exactly the KV a local first round would have kept (`final_kv`): the
+positions past it (a shifted model's last prompt token, an aligned block's prompt tail)
+are computed again by that round, as locally.
 
 Overlap policy: a request is in at most one in-flight round (its next round depends on
 which positions this one commits; `num_pending` marks it). What the other requests do while
@@ -44,6 +51,7 @@ from typing import Callable, Optional
 import torch
 
 from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.prefill_manager import block_chunk
 from cluster.engine.forward_batch import ForwardInput
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 from dllm.block import ActiveBlock
@@ -60,16 +68,20 @@ class DllmReq:
     block: Optional[ActiveBlock] = None
     stop_ids: frozenset = field(default_factory=frozenset)   # EOS (unless ignore_eos) and stop ids
     generator: Optional[torch.Generator] = None              # seeded draws of the active block
+    awaits_kv: bool = False                                  # remote prefill: pages reserved, KV not landed
 
 
 class RoundManager:
     def __init__(self, cache: CacheManager, spec: DllmModelSpec, max_running_requests: int,
-                 max_round_tokens: int, on_fail: Callable[[Req, str], None]):
+                 max_round_tokens: int, on_fail: Callable[[Req, str], None],
+                 on_admit: Callable[[DllmReq], None] = lambda state: None):
+        """`on_admit(state)`: a request just got its pages (remote prefill: now ask for the KV)."""
         self.cache = cache
         self.spec = spec
         self.max_running_requests = max_running_requests
         self.max_round_tokens = max_round_tokens
         self.on_fail = on_fail
+        self.on_admit = on_admit
         self.waiting: deque[DllmReq] = deque()
         self.running: dict[str, DllmReq] = {}
 
@@ -77,7 +89,13 @@ class RoundManager:
     def add(self, state: DllmReq) -> None:
         sp = state.req.sampling
         state.stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else state.req.eos_token_ids)
+        state.req.dllm_attn_block = self.attn_block(state)
         self.waiting.append(state)
+
+    def attn_block(self, state: DllmReq) -> int:
+        """The visibility of this request's final KV: aligned blocks attend both ways (SDAR),
+        otherwise it is causal (1)."""
+        return state.params.block_size if self.spec.aligned_blocks else 1
 
     def remove(self, rid: str) -> None:
         self.running.pop(rid, None)
@@ -100,11 +118,21 @@ class RoundManager:
             if need > self.cache.num_pages:
                 self.on_fail(state.req, f"prompt + max_tokens needs {need} pages; the pool has {self.cache.num_pages}")
                 continue   # on_fail removed it from the queue
+            self.cache.match_prefix(state.req)
             if not self.cache.can_grow(state.req, need * self.cache.page_size):
+                self.cache.unmatch(state.req)
                 break
             self.cache.grow(state.req, need * self.cache.page_size)
             self.waiting.popleft()
             self.running[state.req.rid] = state
+            self.on_admit(state)
+
+    def kv_landed(self, state: DllmReq) -> None:
+        """Its prompt's KV (all `seq_len` positions) came from a prefill worker: keep what a
+        local first round would keep, and let it run."""
+        state.awaits_kv = False
+        state.block = self.new_block(state)
+        state.req.kv_len = self.final_kv(state)
 
     # ---- rounds ----------------------------------------------------------------
     def new_block(self, state: DllmReq) -> ActiveBlock:
@@ -120,8 +148,8 @@ class RoundManager:
     def schedule(self, split: bool = False) -> Optional[ScheduleBatch]:
         """The next round, or None. `split`: alternate two groups (see the module doc)."""
         self.admit()
-        ready = [s for s in self.running.values() if not s.req.num_pending]
-        num_inflight = len(self.running) - len(ready)
+        ready = [s for s in self.running.values() if not s.req.num_pending and not s.awaits_kv]
+        num_inflight = sum(1 for s in self.running.values() if s.req.num_pending)
         if not ready or num_inflight and not split:
             return None
         if split and not num_inflight and len(ready) >= 2:
@@ -155,12 +183,10 @@ class RoundManager:
 
     def chunk_len(self, state: DllmReq, n: int) -> int:
         """A prompt chunk ends on a block boundary when blocks are aligned (a block split
-        across forwards could not attend both ways), unless it is shorter than a block."""
+        across forwards could not attend both ways); `n` is at most the final KV left."""
         if not self.spec.aligned_blocks:
             return n
-        size = state.params.block_size
-        end = (state.req.kv_len + n) // size * size
-        return end - state.req.kv_len if end > state.req.kv_len else n
+        return block_chunk(state.req.kv_len, n, state.params.block_size, n)
 
     def forward_input(self, batch: ScheduleBatch) -> ForwardInput:
         ids: list[int] = []

@@ -3,6 +3,12 @@
 Each request's answer grows block by block (see `round_manager.py` for rounds, the KV policy
 and the overlap policy; `block.py` / `algorithms.py` for the commit rules). The loops are the
 base Scheduler's; this class supplies the four role steps and `process_batch_result_dllm`.
+
+Remote prefill (`[[dllm]] prefill = "remote" | "auto"`): the router pairs a request with a
+prefill worker, and this worker plays the decode side of the handoff through the decode
+worker's `KvReception`: once the request's pages are reserved it sends `decode_ready` naming
+the KV visibility it needs (`dllm_attn_block`), lands the prompt's KV, and then denoises its
+blocks. The prefill worker samples no first token: the first block is made here, as locally.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from dllm.model_spec import DllmModelSpec
 from cluster.dllm_params import DllmParams
+from cluster.wire import protocol as P
+from decode_worker.kv_reception import KvReception
 from dllm.round_manager import DllmReq, RoundManager
 
 SPLIT_WHEN_PROCESS_OVER = 0.5   # of a forward's time (see round_manager's overlap policy)
@@ -26,13 +34,20 @@ SPLIT_WHEN_PROCESS_OVER = 0.5   # of a forward's time (see round_manager's overl
 class DllmScheduler(WorkerScheduler):
     role = "dllm"
 
+    supports_prefix_cache = True
+
     def __init__(self, config, worker_id, runner, control, spec: Optional[DllmModelSpec] = None,
-                 params: Optional[DllmParams] = None, split_groups: Optional[bool] = None):
-        super().__init__(config, worker_id, runner, control)
+                 params: Optional[DllmParams] = None, split_groups: Optional[bool] = None,
+                 handoff=None, timeouts=None):
+        """`handoff` (a KvHandoff) and `timeouts`: this worker takes prompts prefilled remotely."""
+        super().__init__(config, worker_id, runner, control, handoff)
         self.spec = spec or DllmModelSpec.causal(min(self.tokenizer.eos_token_ids, default=0))
         self.params = params or DllmParams()
         self.rounds = RoundManager(self.cache, self.spec, config.max_running_requests,
-                                   config.max_prefill_tokens, on_fail=self.fail)
+                                   config.max_prefill_tokens, on_fail=self.fail, on_admit=self.on_admitted)
+        self.reception: Optional[KvReception] = None
+        if handoff is not None:
+            self.reception = KvReception(worker_id, handoff, self.marks, timeouts, self.cache.page_size)
         self.num_commits = 0            # tokens committed, over all blocks
         self.num_block_forwards = 0     # request-forwards that carried a block
         self.num_blocks = 0             # blocks completed
@@ -50,13 +65,41 @@ class DllmScheduler(WorkerScheduler):
         except (ValueError, TypeError) as e:
             self.fail(req, f"bad request: {e}")
             return
+        if req.peer is not None and self.reception is None:
+            self.fail(req, "this DLLM worker takes no remotely prefilled prompts ([[dllm]] prefill = \"local\")")
+            return
         self.rounds.add(DllmReq(req, params))
+
+    def on_admitted(self, state: DllmReq) -> None:
+        """Remote prefill: its pages are reserved, so the prefill worker may send the KV."""
+        req = state.req
+        if req.peer is None:
+            return
+        state.awaits_kv = True
+        self.marks.note(req.rid, "prefill_launched")     # the prefill worker's mark, not a round here
+        self.handoff.send_to(self.reception.expect(req), P.DecodeReady(
+            rid=req.rid, decode=self.reception.own_peer, held_len=req.cached_len,
+            dllm_attn_block=req.dllm_attn_block))
+
+    def recv_data(self) -> None:
+        if self.reception is not None:
+            self.reception.receive(self.kv_landed, self.fail)
+
+    def kv_landed(self, req: Req, item: "P.KvReq", msg: "P.KvBatch") -> None:
+        state = self.rounds.get(req.rid)
+        if state is not None:
+            self.rounds.kv_landed(state)
 
     def forget(self, req: Req) -> None:
         self.rounds.remove(req.rid)
+        if self.reception is not None:
+            self.reception.forget(req.rid)
 
     # ---- the role steps ----------------------------------------------------------
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        if self.reception is not None:
+            for req in self.reception.pop_expired():
+                self.fail(req, f"no KV from {req.peer.worker_id} in time", retriable=True)
         return self.rounds.schedule(split=self.config.overlap and self.should_split())
 
     def should_split(self) -> bool:
@@ -138,7 +181,8 @@ class DllmScheduler(WorkerScheduler):
         return len(self.rounds.waiting)
 
     def heartbeat_gauges(self) -> WorkerGauges:
-        return replace(super().heartbeat_gauges(),
+        num_transfer = len(self.reception.transfer_queue) if self.reception is not None else None
+        return replace(super().heartbeat_gauges(), num_transfer_reqs=num_transfer,
                        dllm_tokens_per_forward=self.num_commits / max(1, self.num_block_forwards),
                        dllm_forwards_per_block=self.num_finished_block_forwards / max(1, self.num_blocks))
 

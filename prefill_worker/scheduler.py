@@ -2,6 +2,11 @@
 
 A request decode retracted comes back as `reprefill` (its original sampling parameters and
 the tokens so far, pages already reserved on decode): it skips the bootstrap queue.
+A DLLM worker may take the decode side (its `decode_ready` names `dllm_attn_block`): the
+prompt's KV is then computed with the DLLM model's visibility (block-causal chunks of whole
+blocks, or causal) and no first token is sampled, since the DLLM worker makes the first
+block itself: with block size 1 its greedy first token is the autoregressive one anyway,
+and with larger blocks or sampling an autoregressive draw would not be what it commits.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class PrefillScheduler(WorkerScheduler):
         self.bootstrap_queue = BootstrapQueue(timeouts.decode_ready)
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
         self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
+        self.dllm_blocks: dict[str, int] = {}      # rid -> dllm_attn_block its DLLM worker asked for
         if layers is not None:
             logger.info("%s: layer-wise KV streaming %s", worker_id,
                         "on" if self.transfer.layerwise is True else "for peers reached through zmq (auto)")
@@ -55,16 +61,18 @@ class PrefillScheduler(WorkerScheduler):
             return
         ready = self.bootstrap_queue.add(req)
         if ready is not None:
-            self.prefill.add(ready)
+            self.start_prefill(ready)
 
     def recv_data(self) -> None:
         for sender, msg in self.handoff.received():
             if isinstance(msg, P.DecodeReady):
                 if msg.held_len:
                     self.held_by_decode[msg.rid] = msg.held_len
+                if msg.dllm_attn_block:
+                    self.dllm_blocks[msg.rid] = msg.dllm_attn_block
                 req = self.bootstrap_queue.mark_ready(msg.rid, msg.decode)
                 if req is not None:
-                    self.prefill.add(req)
+                    self.start_prefill(req)
             elif isinstance(msg, P.KvAck):
                 self.handle_ack(msg)
             elif isinstance(msg, P.Reprefill):
@@ -76,6 +84,11 @@ class PrefillScheduler(WorkerScheduler):
             else:
                 logger.warning("%s: unexpected data-plane message %s from %s",
                                self.worker_id, type(msg).__name__, sender)
+
+    def start_prefill(self, req: Req) -> None:
+        """Its decode side is ready: prefill it, with the visibility a DLLM worker asked for."""
+        req.dllm_attn_block = self.dllm_blocks.pop(req.rid, 0)
+        self.prefill.add(req)
 
     def is_peer_of(self, rid: str, decode_worker_id: str) -> bool:
         """Acks count only from the decode worker the router paired the request with."""
@@ -123,6 +136,7 @@ class PrefillScheduler(WorkerScheduler):
         self.bootstrap_queue.remove(req.rid)
         self.inflight_queue.remove(req.rid)
         self.held_by_decode.pop(req.rid, None)
+        self.dllm_blocks.pop(req.rid, None)
         if self.layers is not None:
             self.layers.forget(req.rid)
 
@@ -140,7 +154,7 @@ class PrefillScheduler(WorkerScheduler):
         return self.prefill.schedule(num_running=0)
 
     def build_forward_input(self, batch: ScheduleBatch):
-        fi = super().build_forward_input(batch)
+        fi = dllm_prompt_input(batch, super().build_forward_input(batch))
         if self.layers is not None:      # NOTE: after the build (which may fail), one plan per forward
             planned = [self.planned(req, p + e) for req, p, e, last in zip(
                 batch.reqs, batch.prefix_lens, batch.extend_lens, batch.is_last_chunk) if last]
@@ -207,6 +221,8 @@ class PrefillScheduler(WorkerScheduler):
                 self.cache.release(req)                 # the packed copy travels; the pages stay cached
             if fault == "drop":
                 continue                                # lost on the way: kv_ack never comes
+            if req.dllm_attn_block:                   # a DLLM worker makes its own first block
+                token = lp = top = None
             reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, prompt_logprobs=req.prompt_logprobs,
                                 attempt=req.kv_attempt,
                                 checksum=packed.checksum, src_pages=packed.src_pages, held_len=held,
@@ -237,3 +253,19 @@ class PrefillScheduler(WorkerScheduler):
         if self.layers is not None:
             self.layers.close()
 
+
+
+def dllm_prompt_input(batch: ScheduleBatch, fi):
+    """A batch's forward input, its DLLM prompts computed as their DLLM worker asked: no first
+    token sampled, KV block-causal where the block size exceeds 1 (the engine's attn_block_sizes)."""
+    blocks = [req.dllm_attn_block for req in batch.reqs]
+    if not any(blocks):
+        return fi
+    for i, block in enumerate(blocks):
+        if block:
+            fi.sample[i], fi.generators[i] = False, None
+            if fi.future_slots:
+                fi.future_slots[i] = -1
+    if any(b > 1 for b in blocks):
+        fi.attn_block_sizes = [max(1, b) for b in blocks]
+    return fi

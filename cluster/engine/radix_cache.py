@@ -26,6 +26,7 @@ recently used too: a node's copy on both tiers loses its host copy, a host-only 
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Callable, Collection, Optional, Sequence
 
 from cluster.engine.page_allocator import PageAllocator
@@ -75,9 +76,14 @@ class RadixCache:
         self.num_host_pages = 0        # nodes with a host page
         self._clock = 0
 
-    def _keys(self, token_ids: Sequence[int], num_pages: int):
+    def _keys(self, token_ids: Sequence[int], num_pages: int, namespace: int = 0):
+        """Page keys; a `namespace` > 0 tags the first (KV of the same tokens computed another
+        way, e.g. block-causal, lives in its own subtree)."""
         p = self.page_size
-        return (tuple(token_ids[i * p:(i + 1) * p]) for i in range(num_pages))
+        keys = (tuple(token_ids[i * p:(i + 1) * p]) for i in range(num_pages))
+        if namespace and num_pages:
+            keys = itertools.chain([(-namespace, *next(keys))], keys)
+        return keys
 
     def _touch(self, node: RadixNode) -> None:
         self._clock += 1
@@ -86,10 +92,10 @@ class RadixCache:
             node = node.parent
 
     # ---- lookup ------------------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], RadixNode]:
+    def match_prefix(self, token_ids: Sequence[int], namespace: int = 0) -> tuple[list[int], RadixNode]:
         """The pages of the longest cached whole-page prefix of `token_ids`, and its last node."""
         node, pages = self.root, []
-        for key in self._keys(token_ids, len(token_ids) // self.page_size):
+        for key in self._keys(token_ids, len(token_ids) // self.page_size, namespace):
             child = node.children.get(key)
             if child is None or child.page < 0:
                 break
@@ -98,11 +104,11 @@ class RadixCache:
         self._touch(node)
         return pages, node
 
-    def match_host(self, token_ids: Sequence[int]) -> list[RadixNode]:
+    def match_host(self, token_ids: Sequence[int], namespace: int = 0) -> list[RadixNode]:
         """The host-only nodes that continue `match_prefix(token_ids)` along `token_ids`:
         KV the host tier holds beyond the device hit, parent first."""
         node, out = self.root, []
-        for key in self._keys(token_ids, len(token_ids) // self.page_size):
+        for key in self._keys(token_ids, len(token_ids) // self.page_size, namespace):
             node = node.children.get(key)
             if node is None or (node.page < 0 and node.host_page < 0):
                 break
@@ -155,7 +161,7 @@ class RadixCache:
         return pages
 
     # ---- insertion ---------------------------------------------------------------
-    def insert(self, token_ids: Sequence[int], pages: Sequence[int]) -> tuple[RadixNode, int]:
+    def insert(self, token_ids: Sequence[int], pages: Sequence[int], namespace: int = 0) -> tuple[RadixNode, int]:
         """Cache the whole pages of `token_ids` (KV in `pages`); -> (last node, pages added).
 
         `pages[i]` holds tokens `[i * page_size, (i + 1) * page_size)`; pages beyond the
@@ -164,7 +170,7 @@ class RadixCache:
         """
         num = min(len(token_ids) // self.page_size, len(pages))
         node, added, duplicates = self.root, 0, []
-        for key, page in zip(self._keys(token_ids, num), pages):
+        for key, page in zip(self._keys(token_ids, num, namespace), pages):
             child = node.children.get(key)
             if child is None:
                 child = RadixNode(key, page, node)

@@ -149,7 +149,10 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         d = service.dispatcher
         with d.lock:
             counts = {r: d.directory.count(r) for r in ROLES}
-            ok = d.directory.can_serve_main() and not service.is_draining
+            # a cluster of DLLM workers alone (prefill workers at most beside them) serves no main model
+            serves_main = any(g.count and g.role in ("decode", "unified") for g in cfg.groups)
+            up = d.directory.can_serve_main() if serves_main else d.directory.count("dllm") > 0
+            ok = up and not service.is_draining
         body = {"status": "ok" if ok else ("draining" if service.is_draining else "unavailable"),
                 "workers": counts, "num_requests_in_flight": d.num_in_flight}
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -17,6 +17,7 @@ from typing import Optional
 
 from cluster.wire import protocol
 from cluster.config import ClusterConfig
+from cluster.roles import served_model
 from cluster.router.errors import overloaded
 from cluster.router.failover import Failover
 from cluster.router.mailbox import deliver_all
@@ -40,7 +41,8 @@ class Dispatcher:
         self.directory = WorkerDirectory(cfg.router.policy)
         self.table = RequestTable(self.directory, self._send)
         self.requests = self.table.requests               # wire rid -> state
-        self.placer = Placer(self.directory, cfg.router.local_prefill_max_tokens)
+        self.placer = Placer(self.directory, cfg.router.local_prefill_max_tokens,
+                             {served_model(cfg, g): g for g in cfg.groups if g.role == "dllm"})
         self.failover = Failover(cfg, self.directory, self.table, self.placer.place)
         self.num_restarts: dict[str, tuple[str, int]] = {}  # worker id -> (role, registrations - 1)
         self.role_switches = RoleSwitches(self.directory, self._send)

@@ -38,8 +38,9 @@ class Placement:
     """Where one attempt of a request runs. `decode` streams its tokens; `prefill` processes
     its prompt and is the same worker when one worker does both (`unified`, `dllm`, and
     `local`: a decode worker prefilling a short uncached remainder itself), or None once a
-    pair's prefill worker is gone after handing the request over."""
-    route: str                        # "pd" | "local" | "unified" | "dllm"
+    pair's prefill worker is gone after handing the request over. `dllm_remote`: a DLLM
+    request whose prompt a prefill worker prefills for its DLLM worker (`decode`)."""
+    route: str                        # "pd" | "local" | "unified" | "dllm" | "dllm_remote"
     prefill: Optional[str]
     decode: str
 

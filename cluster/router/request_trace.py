@@ -36,7 +36,9 @@ MARKS = ("arrival", "dispatched", "prefill_launched", "prefill_done", "kv_receiv
 PHASE_ENDED_BY = dict(zip(MARKS[1:], PHASES))
 ROUTE_MARKS = {"pd": MARKS,                # the marks each route goes through, in order
                "unified": tuple(m for m in MARKS if m != "kv_received"),
-               "dllm": ("arrival", "dispatched", "prefill_launched", "prefill_done", "finished")}
+               "dllm": ("arrival", "dispatched", "prefill_launched", "prefill_done", "finished"),
+               "dllm_remote": ("arrival", "dispatched", "prefill_launched", "prefill_done", "kv_received",
+                               "finished")}
 MAX_TOKEN_EVENTS = 256                     # per request; later ones are only counted
 RECENT_REQUESTS = 1000                     # /debug/requests keeps this many
 

@@ -14,6 +14,8 @@ prefix had been on the device.
 """
 from __future__ import annotations
 
+import math
+
 from cluster.engine.kv_cache import pages_for
 from cluster.engine.radix_cache import RadixCache
 from cluster.runtime.schedule_batch import Req
@@ -81,10 +83,13 @@ class CacheManager:
             return 0
         if req.sampling.prompt_logprobs and not req.num_output:   # echo: every prompt position's forward is needed
             return 0
-        ids = req.all_ids
-        pages, node = self.tree.match_prefix(ids[:len(ids) - 1])
+        ids, namespace = req.all_ids, kv_namespace(req)
+        pages, node = self.tree.match_prefix(ids[:len(ids) - 1], namespace)
+        if namespace:                              # block-causal KV: whole blocks only
+            while len(pages) % (self.whole_blocks(req) // self.page_size):
+                pages, node = pages[:-1], node.parent
         self.tree.lock(node)
-        if self.host_tier is not None:
+        if self.host_tier is not None and not namespace:
             node, loaded = self._load_from_host(node, ids[:len(ids) - 1])
             pages = pages + [n.page for n in loaded]
             if loaded:
@@ -202,14 +207,20 @@ class CacheManager:
             return
         kept = shared
         if keep_kv:
-            n = min(req.kv_len - req.num_pending, req.seq_len) // self.page_size
+            unit = self.whole_blocks(req)
+            n = min(req.kv_len - req.num_pending, req.seq_len) // unit * unit // self.page_size
             ids = req.all_ids[:n * self.page_size]
-            self.tree.insert(ids, pages[:n])   # takes pages[:n]: new nodes, or freed as duplicates
+            self.tree.insert(ids, pages[:n], kv_namespace(req))   # takes pages[:n]: new nodes, or freed as duplicates
             kept = max(n, shared)
         if len(pages) > kept:
             self.allocator.free(pages[kept:])
         if node is not None:
             self.tree.unlock(node)
+
+    def whole_blocks(self, req: Req) -> int:
+        """The granule of `req`'s cacheable KV: a page, or with block-causal KV (whose positions
+        depend on their whole block) the least common multiple of page and block."""
+        return math.lcm(self.page_size, kv_namespace(req) or 1)
 
     def free(self, req: Req) -> None:
         self.release(req, keep_kv=False)
@@ -253,3 +264,10 @@ class SlotAllocator:
     def free(self, slot: int) -> None:
         if slot >= 0:
             self.free_slots.append(slot)
+
+
+def kv_namespace(req: Req) -> int:
+    """Where `req`'s KV lives in the prefix cache: 0 with causal attention (autoregressive and
+    causal DLLM prompts share it), the block size for block-causal KV, which differs for the
+    same tokens."""
+    return req.dllm_attn_block if req.dllm_attn_block > 1 else 0

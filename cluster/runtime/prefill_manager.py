@@ -46,6 +46,8 @@ class PrefillManager:
             hit = self.cache.match_prefix(req)   # a fresh request extends from its cached prefix
             remaining = req.seq_len - req.kv_len
             chunk = min(remaining, budget)
+            if chunk < remaining and req.dllm_attn_block > 1:   # block-causal KV: whole blocks per forward
+                chunk = block_chunk(req.kv_len, chunk, req.dllm_attn_block, remaining)
             if not self.cache.can_grow(req, req.kv_len + chunk, reserve_pages):
                 self.cache.unmatch(req)
                 break
@@ -66,3 +68,11 @@ class PrefillManager:
         return ScheduleBatch(reqs, ForwardMode.EXTEND, extend_lens=extend_lens,
                              prefix_lens=prefix_lens, is_last_chunk=is_last_chunk,
                              cached_len=num_hit_tokens)
+
+
+def block_chunk(start: int, n: int, block: int, remaining: int) -> int:
+    """A chunk of about `n` positions from `start` that ends on a multiple of `block` (each
+    position of a block attends to the whole block, so a block is computed in one forward);
+    with less than a block of budget, the rest of the current block (at most `remaining`)."""
+    end = (start + n) // block * block
+    return end - start if end > start else min(remaining, block - start % block)

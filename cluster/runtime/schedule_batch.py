@@ -29,7 +29,7 @@ class Req:
         "rid", "input_ids", "output_ids", "sampling", "eos_token_ids", "page_table",
         "kv_len", "num_pending", "finish_reason", "error", "future_slot",
         "output_logprobs", "peer", "grammar", "prompt_logprobs", "kv_attempt", "cache_node", "num_shared_pages",
-        "cached_len",
+        "cached_len", "dllm_attn_block",
     )
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
@@ -58,6 +58,9 @@ class Req:
         self.cache_node: Any = None
         self.num_shared_pages = 0
         self.cached_len = 0
+        # a DLLM prompt (> 0): no first token is sampled here, and committed KV attends both ways
+        # inside aligned blocks of this many tokens (1: causal), which the prefix cache keeps apart
+        self.dllm_attn_block = 0
 
     # derived lengths are properties, never copies kept in sync
     @property

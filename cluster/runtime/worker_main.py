@@ -109,9 +109,11 @@ def run_worker(role: str, argv, build: Callable) -> int:
     shared_pool = (role == "prefill" and config.model.device == "cpu"
                    and config.kv_transfer.backend in ("shm", "auto"))
     followers, tp = start_ranks(args, group, config.model.device)
-    # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports)
+    # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports),
+    # and so does a DLLM worker that takes prompts prefilled remotely
+    takes_kv = role in SWITCHABLE_ROLES or role == "dllm" and group.prefill != "local"
     runner = load_runner(config, group, group.path, shared_pool=shared_pool,
-                         import_fence=role in SWITCHABLE_ROLES, tp=tp, followers=followers)
+                         import_fence=takes_kv, tp=tp, followers=followers)
     if followers is not None:
         tp.barrier()   # every rank loaded: the first forward's collectives meet at once
         followers.watch()

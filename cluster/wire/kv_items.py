@@ -28,7 +28,7 @@ class KvReq:
     (a re-prefill after a failed transfer is the next attempt), the KV checksum when verified,
     and, for backends that read the prefill pool in place (shm, cuda_ipc), its source pages."""
     rid: str
-    first_token: int
+    first_token: Optional[int]                    # None: a DLLM prompt (its worker makes the first tokens)
     seq_len: int                                  # positions the request's KV covers
     first_logprob: Optional[float] = None
     first_top: Optional[list] = None              # the first token's [[token_id, logprob], ...] (top_logprobs)

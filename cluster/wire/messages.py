@@ -92,6 +92,10 @@ class DecodeReady:                                # decode -> prefill (data plan
     rid: str
     decode: Peer                                  # the decode worker that reserved the pages
     held_len: int = 0                             # leading tokens whose KV decode keeps from its cache
+    # > 0: the KV is for a DLLM worker, which makes the first tokens itself (prefill samples
+    # none) and whose committed tokens attend both ways inside aligned blocks of this many
+    # tokens (block-causal, SDAR); 1: causal. 0: an autoregressive decode worker
+    dllm_attn_block: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import torch
 from cluster.config_types import KV_BACKENDS
 from cluster.roles import ROLES, SWITCHABLE_ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from cluster.dllm_params import DllmParams
+from cluster.dllm_params import MAX_BLOCK_SIZE, DllmParams
 from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
                                 Number, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
                                 fail)
@@ -125,9 +125,9 @@ _FIELDS: dict[type, dict[str, Check]] = {
                "siblings": List(ID, max_len=MAX_SIBLINGS)},
     Reprefill: {"rid": ID, "input_ids": TokenIds(min_len=1), "sampling": SAMPLING,
                 "output_ids": TokenIds(), "decode": PEER},
-    DecodeReady: {"rid": ID, "decode": PEER, "held_len": Int(lo=0)},
+    DecodeReady: {"rid": ID, "decode": PEER, "held_len": Int(lo=0), "dllm_attn_block": Int(lo=0, hi=MAX_BLOCK_SIZE)},
     KvBatch: {"forward_iter": Int(lo=0), "prefill_worker_id": ID,
-              "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Int(lo=0, hi=INT32_MAX),
+              "reqs": List(Typed(KvReq, {"rid": ID, "first_token": Opt(Int(lo=0, hi=INT32_MAX)),
                                          "seq_len": Int(lo=1), "first_logprob": Opt(Float()),
                                          "first_top": Opt(TOP), "prompt_logprobs": Opt(PROMPT_LPS),
                                          "attempt": Int(lo=0, hi=INT32_MAX),
