@@ -26,7 +26,9 @@ from dllm.model_spec import DllmModelSpec
 from cluster.dllm_params import DllmParams
 from cluster.wire import protocol as P
 from decode_worker.kv_reception import KvReception
+from dllm.block_loop import BlockResult, block_loop_for, build_block_round
 from dllm.round_manager import DllmReq, RoundManager
+from dllm.unmask import apply_to_block
 
 SPLIT_WHEN_PROCESS_OVER = 0.5   # of a forward's time (see round_manager's overlap policy)
 
@@ -38,11 +40,19 @@ class DllmScheduler(WorkerScheduler):
 
     def __init__(self, config, worker_id, runner, control, spec: Optional[DllmModelSpec] = None,
                  params: Optional[DllmParams] = None, split_groups: Optional[bool] = None,
-                 handoff=None, timeouts=None):
-        """`handoff` (a KvHandoff) and `timeouts`: this worker takes prompts prefilled remotely."""
-        super().__init__(config, worker_id, runner, control, handoff)
-        self.spec = spec or DllmModelSpec.causal(min(self.tokenizer.eos_token_ids, default=0))
-        self.params = params or DllmParams()
+                 handoff=None, timeouts=None, block_loop: Optional[bool] = None):
+        """`handoff` (a KvHandoff) and `timeouts`: this worker takes prompts prefilled remotely.
+        `block_loop`: run greedy rounds' blocks to the end on the device (block_loop.py); default
+        on CUDA (with CUDA graphs unless `PDCLUSTER_CUDA_GRAPHS=0`), off on the CPU."""
+        spec = spec or DllmModelSpec.causal(min(runner.tokenizer.eos_token_ids, default=0))
+        params = params or DllmParams()
+        if block_loop is None:
+            block_loop = runner.device.type == "cuda"
+        self.block_loop = (block_loop_for(runner, spec, params.block_size, config.max_running_requests)
+                           if block_loop and runner.tp.size == 1 else None)
+        super().__init__(config, worker_id, runner, control, handoff,
+                         forward_fn=self.block_loop.forward if self.block_loop is not None else None)
+        self.spec, self.params = spec, params
         self.rounds = RoundManager(self.cache, self.spec, config.max_running_requests,
                                    config.max_prefill_tokens, on_fail=self.fail, on_admit=self.on_admitted)
         self.reception: Optional[KvReception] = None
@@ -108,7 +118,10 @@ class DllmScheduler(WorkerScheduler):
         return self.process_s > SPLIT_WHEN_PROCESS_OVER * self.forward_s > 0
 
     def build_forward_input(self, batch: ScheduleBatch):
-        return self.rounds.forward_input(batch)
+        fi = self.rounds.forward_input(batch)
+        if self.block_loop is None or any(r.sampling.temperature > 0 for r in batch.reqs):
+            return fi
+        return build_block_round(self.rounds, batch, fi, self.runner.config.vocab_size, self.block_loop.graphs)
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
         self.process_batch_result_dllm(batch, result)
@@ -117,13 +130,16 @@ class DllmScheduler(WorkerScheduler):
         """Commit this round's tokens, stream finished blocks, finish requests, then report
         the round under the iteration that launched it (`batch.forward_iter`)."""
         t0 = time.perf_counter()
-        rows = self.rounds.block_logits(batch, result.logits)
-        for req, logits in zip(batch.reqs, rows):
-            req.num_pending = 0
-            state = self.rounds.get(req.rid)
-            if req.is_finished or state is None or logits is None:
-                continue   # aborted while in flight, or a prompt chunk
-            self.step_block(state, logits, batch.forward_iter)
+        if isinstance(result, BlockResult):
+            self.commit_block_round(batch, result)
+        else:
+            rows = self.rounds.block_logits(batch, result.logits)
+            for req, logits in zip(batch.reqs, rows):
+                req.num_pending = 0
+                state = self.rounds.get(req.rid)
+                if req.is_finished or state is None or logits is None:
+                    continue   # aborted while in flight, or a prompt chunk
+                self.step_block(state, logits, batch.forward_iter)
         self.report_prefill_stats(batch, PrefillStats(
             num_new_seqs=batch.batch_size, num_new_tokens=batch.num_tokens,
             cached_len=None, num_prefix_tokens=batch.num_prefix_tokens, token_usage=self.cache.token_usage,
@@ -143,10 +159,31 @@ class DllmScheduler(WorkerScheduler):
             banned=frozenset([self.spec.mask_token_id]) if self.spec.bans_mask else frozenset(),
             banned_before=max(0, sp.min_tokens - 1 - req.num_output), stop_ids=state.stop_ids,
             top_k=sp.top_k, top_p=sp.top_p)
-        self.num_commits += len(positions)
-        self.num_block_forwards += 1
-        if self.commit_trace is not None:
-            self.commit_trace.append((req.rid, forward_iter, block.start, len(block), positions))
+        self.after_steps(state, [positions], forward_iter)
+
+    def commit_block_round(self, batch: ScheduleBatch, result: BlockResult) -> None:
+        """A block round's blocks, filled on the device: its rows are the requests that carried one."""
+        row = 0
+        for req, num_rows in zip(batch.reqs, self.rounds.logits_lens(batch)):
+            req.num_pending = 0
+            if not num_rows:
+                continue   # a prompt chunk
+            i, row = row, row + 1
+            state = self.rounds.get(req.rid)
+            if req.is_finished or state is None or state.block is None:
+                continue   # aborted while in flight
+            steps = apply_to_block(state.block, result.tokens[i], result.logprobs[i], result.commit_step[i],
+                                   result.num_steps[i])
+            self.after_steps(state, steps, batch.forward_iter)
+
+    def after_steps(self, state: DllmReq, steps: list[list[int]], forward_iter: Optional[int]) -> None:
+        """Count the positions each step committed into the block; finish the block once it is done."""
+        block = state.block
+        for positions in steps:
+            self.num_commits += len(positions)
+            self.num_block_forwards += 1
+            if self.commit_trace is not None:
+                self.commit_trace.append((state.req.rid, forward_iter, block.start, len(block), positions))
         if block.is_done(state.stop_ids):
             self.finish_block(state)
 

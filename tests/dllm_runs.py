@@ -18,11 +18,12 @@ PROMPTS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301]]
 
 
 def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, trace=False,
-             on_forward=None, split=None, timeout=120.0):
+             on_forward=None, split=None, timeout=120.0, block_loop=None):
     """requests: [(rid, prompt, sampling kwargs, extra)] -> (control, scheduler) once all finished."""
     control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=overlap, max_prefill_tokens=64), "dllm-0", runner, control,
-                          spec or DllmModelSpec.causal(PLACEHOLDER), params, split_groups=split)
+                          spec or DllmModelSpec.causal(PLACEHOLDER), params, split_groups=split,
+                          block_loop=block_loop)
     sched.commit_trace = []
     if trace:
         sched.trace, sched.executor.trace = [], []

@@ -113,6 +113,18 @@ class ModelRunner:
     def import_kv(self, page_table: list[int], tensor: torch.Tensor) -> None:
         self.kv_pool.import_kv(page_table, tensor)
 
+    def run_model(self, fi: ForwardInput, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The eager model over `fi` -> final hidden states `[num_tokens, hidden]` on the device;
+        `input_ids`: ids already on the device in place of `fi.input_ids` (DLLM blocks)."""
+        ids = self.resolve_future(fi.input_ids) if input_ids is None else input_ids
+        ctx = AttentionContext.build_decode(
+            np.asarray(fi.prefix_lens, dtype=np.int64), fi.block_table.numpy(), self.page_size, self.device,
+            self.dtype, self.attention_backend) if fi.block_table is not None else AttentionContext.build(
+            fi.extend_lens, fi.prefix_lens, fi.page_tables, fi.bidirectional_lens or [0] * fi.num_reqs,
+            self.page_size, fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype,
+            self.attention_backend)
+        return self.model(ids, ctx.positions, self.kv_caches, ctx)
+
     @torch.inference_mode()
     def forward(self, fi: ForwardInput, wait: bool = True) -> ForwardOutput:
         """`wait=False`: a graphed greedy step returns as soon as it is launched, its token ids still being
@@ -127,17 +139,7 @@ class ModelRunner:
         graphed = None
         if self.decode_graphs is not None and fi.is_decode and not fi.return_logits:
             graphed = self.decode_graphs.run(fi)   # None: no bucket fits, run eagerly
-        if graphed is not None:
-            hidden = graphed.hidden
-        else:
-            input_ids = self.resolve_future(fi.input_ids)
-            ctx = AttentionContext.build_decode(
-                np.asarray(fi.prefix_lens, dtype=np.int64), fi.block_table.numpy(), self.page_size, self.device,
-                self.dtype, self.attention_backend) if fi.block_table is not None else AttentionContext.build(fi.extend_lens, fi.prefix_lens, fi.page_tables,
-                                         fi.bidirectional_lens or [0] * fi.num_reqs, self.page_size,
-                                         fi.is_decode, self.device, fi.attn_block_sizes or None, self.dtype,
-                                         self.attention_backend)
-            hidden = self.model(input_ids, ctx.positions, self.kv_caches, ctx)
+        hidden = graphed.hidden if graphed is not None else self.run_model(fi)
         t1 = time.perf_counter()
         if graphed is not None and all(fi.sample) and plain_greedy:
             # the graph took the argmax and stored it into the future map: only the host copy is left

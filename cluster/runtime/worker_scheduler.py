@@ -49,9 +49,11 @@ class WorkerScheduler(Scheduler):
     supports_prefix_cache = False   # roles whose requests extend from a shared prefix
 
     def __init__(self, config: SchedulerConfig, worker_id: str, runner, control: ControlPlane,
-                 handoff: Optional["KvHandoff"] = None, on_launch: Optional[Callable[[int], None]] = None):
-        super().__init__(config, worker_id, runner.forward, on_cuda=str(runner.device).startswith("cuda"),
-                         on_launch=on_launch)
+                 handoff: Optional["KvHandoff"] = None, on_launch: Optional[Callable[[int], None]] = None,
+                 forward_fn: Optional[Callable] = None):
+        """`forward_fn`: what runs a launched batch's forward input (default `runner.forward`)."""
+        super().__init__(config, worker_id, forward_fn or runner.forward,
+                         on_cuda=str(runner.device).startswith("cuda"), on_launch=on_launch)
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.cache = CacheManager(runner.page_allocator, runner.page_size)

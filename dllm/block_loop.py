@@ -1,0 +1,208 @@
+"""BlockLoop: a DLLM round whose blocks are denoised to the end on the device, one host read per round.
+
+The per-forward round (round_manager.py) brings each forward's logits to the host, where the
+commit rule runs, so every denoising step waits for the device. A block round instead runs a
+block's whole loop where the model is: the round's forward, then as many later steps as its
+blocks need, each followed by `unmask_step` (unmask.py, the same rules as tensor ops) on the
+blocks' device state; the tokens leave once, when every block of the round is done.
+
+- The first step is the round's own `ForwardInput` (per request its uncached committed tokens,
+  then its block); a later step's input is per request the committed tokens the KV policy keeps
+  uncached (the shifted model's last token, SDAR's prompt tail in the first block), then the
+  block, whose ids come from the device state. Both build exactly the ForwardInput the per-forward
+  path would, so on the CPU a block round commits exactly what those rounds commit.
+- With `fixed_steps` the number of steps is known when the round is launched: nothing is read
+  until the end. With `low_confidence` it depends on the confidences: after each step one flag
+  (any block still filling) is read, an 8-byte copy the next step waits for; a step launched
+  blindly past the end would cost a whole forward.
+- On CUDA the steps replay CUDA graphs (block_graphs.py) when the batch and its blocks fit a
+  captured bucket, else run eagerly.
+
+Only greedy requests (temperature 0) take this path (seeded draws stay on the host, per forward).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from cluster.engine.cuda_graphs import cuda_graphs_enabled
+from cluster.engine.forward_batch import ForwardInput
+from cluster.runtime.schedule_batch import ForwardMode, ScheduleBatch
+from dllm.block_graphs import BlockGraphs, plan_for
+from dllm.unmask import BlockState, host_rows, unmask_step
+
+
+@dataclass
+class BlockRound:
+    """A round launched as a block loop (built by `build_block_round`)."""
+    entry: ForwardInput          # the round's forward
+    steps: ForwardInput          # a later step: the block requests only, in state-row order
+    state: BlockState            # host state of the block requests' blocks
+    entry_rows: np.ndarray       # int64 [n, L]: row of the entry's kept logits predicting block position j
+    step_rows: np.ndarray        # int64 [n, L]: same for a later step
+    block_lens: list[int]        # per block request
+    max_steps: int               # forwards the slowest block can still need
+    read_each_step: bool         # a low_confidence block: stop as soon as every block is done
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_lens)
+
+    @property
+    def entry_has_only_blocks(self) -> bool:
+        return self.entry.num_reqs == self.num_blocks
+
+
+@dataclass
+class BlockResult:
+    """Per block request (state rows): its block's tokens, logprobs, the step that committed each
+    position (-1: never, past a stop) and its steps taken."""
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    commit_step: list[list[int]]
+    num_steps: list[int]
+    timings: dict = field(default_factory=dict)
+
+
+def kept_rows(fi: ForwardInput, block_lens: list[int], has_block: list[bool], width: int) -> np.ndarray:
+    """[n, width]: for each request with a block, the row of `fi`'s kept logits (`logits_lens`
+    rows per request) that predicts block position j (0 past its block)."""
+    offsets = np.cumsum([0] + list(fi.logits_lens))[:-1]
+    out = np.zeros((len(block_lens), width), dtype=np.int64)
+    for i, off in enumerate(o for o, h in zip(offsets, has_block) if h):
+        out[i, :block_lens[i]] = off + np.arange(block_lens[i])
+    return out
+
+
+def build_block_round(rounds, batch: ScheduleBatch, entry: ForwardInput, vocab_size: int,
+                      graphs: Optional[BlockGraphs] = None) -> BlockRound:
+    """The block round of `batch` (launched by `rounds.schedule`, whose forward is `entry`); its
+    host state in the static shape of a graph bucket where one takes it."""
+    spec = rounds.spec
+    has_block = [bool(n) for n in entry.logits_lens]
+    reqs = [r for r, h in zip(batch.reqs, has_block) if h]
+    states = [rounds.running[r.rid] for r in reqs]
+    blocks = [s.block for s in states]
+    lens = [len(b) for b in blocks]
+    # a later step: from the KV the launch made final to the end of the block
+    step_batch = ScheduleBatch(reqs, ForwardMode.DLLM, extend_lens=[r.seq_len - r.kv_len + n for r, n in zip(reqs, lens)],
+                               prefix_lens=[r.kv_len for r in reqs])
+    steps = rounds.forward_input(step_batch)
+    banned = frozenset([spec.mask_token_id]) if spec.bans_mask else frozenset()
+    stop_ids = [s.stop_ids for s in states]
+    shape = graphs.state_shape(len(reqs), max(lens), max(map(len, stop_ids)), len(banned)) if graphs else None
+    rows, width, k, kb = shape or (0, 0, 0, 0)
+    state = BlockState.build(blocks, [s.params for s in states], stop_ids,
+                             [max(0, r.sampling.min_tokens - 1 - r.num_output) for r in reqs], banned,
+                             vocab_size, spec.mask_token_id, rows, width, k, kb)
+    width = state.width
+    left = [len(b.masked) if b.plan is None else max(1, len(b.plan) - b.num_steps) for b in blocks]
+    return BlockRound(entry, steps, state, kept_rows(entry, lens, has_block, width),
+                      kept_rows(steps, lens, [True] * len(reqs), width), lens, max(1, max(left, default=1)),
+                      any(b.plan is None for b in blocks))
+
+
+def block_loop_for(runner, spec, width: int, max_batch: int) -> "BlockLoop":
+    """The loop of a DLLM worker; on CUDA (unless `PDCLUSTER_CUDA_GRAPHS=0`) with its block-step
+    graphs captured now, for blocks of `width` and batches up to `max_batch`."""
+    graphs = None
+    if cuda_graphs_enabled(runner.device) and runner.attention_backend == "triton" and runner.config.mla is None:
+        graphs = BlockGraphs(runner, spec.shift, width, max_batch, spec.mask_token_id)
+        graphs.capture_all()
+    return BlockLoop(runner, graphs)
+
+
+class BlockLoop:
+    """Runs block rounds (and passes any other input to the runner's forward)."""
+
+    def __init__(self, runner, graphs=None):
+        self.runner = runner
+        self.device = runner.device
+        self.graphs = graphs            # block_graphs.BlockGraphs on CUDA, or None (eager)
+        self.num_graph_steps = self.num_eager_steps = 0
+
+    def forward(self, forward_input):
+        if isinstance(forward_input, BlockRound):
+            return self.run(forward_input)
+        return self.runner.forward(forward_input)
+
+    @torch.inference_mode()
+    def run(self, r: BlockRound) -> BlockResult:
+        t0 = time.perf_counter()
+        n = r.num_blocks
+        plan = plan_for(self.graphs, r)
+        if plan is not None:
+            state = plan.state
+            state.load(plan.host_state)
+        else:
+            state = r.state.to(self.device, non_blocking=True)
+        eager_steps = None
+        flag = torch.zeros(1, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        for k in range(r.max_steps):
+            if k and r.read_each_step and not self._any_active(state, flag):
+                break
+            if plan is not None and plan.replay(k):
+                self.num_graph_steps += 1
+                continue
+            if k == 0:
+                logits = self._logits(r.entry, r.entry_rows, self.runner.run_model(r.entry))
+            else:
+                eager_steps = eager_steps or _EagerSteps(r, self.device)
+                logits = self._logits(r.steps, r.step_rows, self.runner.run_model(r.steps, eager_steps.ids(state)))
+            unmask_step(state.rows(n), logits)
+            self.num_eager_steps += 1
+        out = self._read(state, n)
+        out.timings = {"total_s": time.perf_counter() - t0}
+        return out
+
+    def _logits(self, fi: ForwardInput, rows: np.ndarray, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, L, V] float32: as the per-forward path projects its kept rows, then the block rows."""
+        keep = fi.logits_rows()
+        model = self.runner.model
+        logits = model.compute_logits(hidden if keep is None else hidden[keep.to(self.device, non_blocking=True)])
+        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return logits.index_select(0, index.view(-1)).view(*rows.shape, -1)
+
+    def _any_active(self, state: BlockState, flag: torch.Tensor) -> bool:
+        """The one read a low_confidence step needs (pinned, so it waits for that flag alone)."""
+        if self.device.type != "cuda":
+            return bool(state.num_active[0])
+        flag.copy_(state.num_active, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return bool(flag[0])
+
+    def _read(self, state: BlockState, n: int) -> BlockResult:
+        """The round's only full read: the blocks' rows, through pinned memory on CUDA."""
+        rows = state.rows(n)
+        if self.device.type == "cuda":
+            host = BlockState(**{k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                                 for k, v in vars(rows).items()})
+            ready = torch.cuda.Event()
+            ready.record()
+            ready.synchronize()
+            rows = host
+        return BlockResult(*host_rows(rows))
+
+
+class _EagerSteps:
+    """Input ids of an eager later step: the round's step ids with the blocks' tokens taken from the
+    device state (index built once per round, on the host)."""
+
+    def __init__(self, r: BlockRound, device):
+        fi = r.steps
+        ends = np.cumsum(fi.extend_lens)
+        width = r.state.width
+        token_at = np.concatenate([ends[i] - n + np.arange(n) for i, n in enumerate(r.block_lens)])
+        state_at = np.concatenate([i * width + np.arange(n) for i, n in enumerate(r.block_lens)])
+        self.base = fi.input_ids.to(device, non_blocking=True)
+        self.token_at = torch.from_numpy(token_at).to(device, non_blocking=True)
+        self.state_at = torch.from_numpy(state_at).to(device, non_blocking=True)
+
+    def ids(self, state: BlockState) -> torch.Tensor:
+        return self.base.index_copy(0, self.token_at, state.tokens.reshape(-1).index_select(0, self.state_at))

@@ -1,0 +1,68 @@
+"""Block rounds (dllm/block_loop.py: a round's blocks denoised to the end with the tensor-op commit
+step) against per-forward rounds (host commits), on the CPU where both run eagerly: the same
+tokens, the same commits step by step, the same KV policy for every model kind."""
+import pytest
+
+from cluster.dllm_params import DllmParams
+from cluster.engine.loader import load_model
+from cluster.engine.model_runner import ModelRunner
+from dllm.model_spec import detect_spec
+from tests.dllm_runs import reqs, run_dllm
+from tests.test_dllm_models import llada_dir, sdar_dir  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_llama_dir):
+    return ModelRunner(load_model("tiny", tiny_llama_dir, load_format="dummy"), num_pages=256, page_size=4)
+
+
+def both(runner, requests, params, **kw):
+    """(per-forward run, block-round run): their controls and schedulers."""
+    return run_dllm(runner, requests, params, **kw), run_dllm(runner, requests, params, block_loop=True, **kw)
+
+
+def commits_by_request(sched):
+    out = {}
+    for rid, _, start, length, positions in sched.commit_trace:
+        out.setdefault(rid, []).append((start, length, positions))
+    return out
+
+
+@pytest.mark.parametrize("params", [DllmParams(block_size=1),
+                                    DllmParams(block_size=4, threshold=0.003),
+                                    DllmParams(block_size=8, threshold=0.0),
+                                    DllmParams(block_size=3, algorithm="fixed_steps", steps_per_block=2),
+                                    DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=4)])
+def test_block_rounds_commit_exactly_what_per_forward_rounds_commit(runner, params):
+    (ref, ref_sched), (got, sched) = both(runner, reqs(ignore_eos=True, logprobs=True), params)
+    assert got.outputs() == ref.outputs() and got.finished() == ref.finished()
+    assert commits_by_request(sched) == commits_by_request(ref_sched)
+    assert sched.block_loop.num_eager_steps > 0 and sched.forward_ct <= ref_sched.forward_ct
+    assert sched.heartbeat_gauges().dllm_tokens_per_forward == ref_sched.heartbeat_gauges().dllm_tokens_per_forward
+
+
+def test_stop_ids_and_min_tokens_end_block_rounds_where_per_forward_rounds_end(runner):
+    params = DllmParams(block_size=8, threshold=0.0)
+    ref = run_dllm(runner, reqs(max_tokens=16, ignore_eos=True), params)[0].outputs()
+    stop = ref["r1"][5]
+    for extra in ({}, {"min_tokens": 7}):
+        (a, _), (b, _) = both(runner, reqs(max_tokens=16, stop_token_ids=[stop], **extra), params)
+        assert b.outputs() == a.outputs() and b.finished() == a.finished()
+
+
+def test_sampled_requests_keep_per_forward_rounds_with_the_block_loop_on(runner):
+    params = DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)
+    (a, _), (b, sched) = both(runner, reqs(temperature=0.8, seed=7, ignore_eos=True), params)
+    assert a.outputs() == b.outputs() and sched.block_loop.num_eager_steps == 0
+
+
+@pytest.mark.parametrize("which, params", [("llada", DllmParams(block_size=4, threshold=0.5)),
+                                           ("sdar", DllmParams(block_size=4, algorithm="fixed_steps",
+                                                               steps_per_block=2))])
+def test_block_rounds_equal_per_forward_rounds_on_llada_and_sdar(which, params, llada_dir, sdar_dir):  # noqa: F811
+    path = llada_dir if which == "llada" else sdar_dir
+    runner = ModelRunner(load_model("m", path), num_pages=64, page_size=4)
+    prompts = [[5, 9, 40, 3, 77], [1, 2, 3]]        # SDAR: the prompts' tails share the first block
+    (a, sa), (b, sb) = both(runner, reqs(prompts=prompts, max_tokens=8, ignore_eos=True), params,
+                            spec=detect_spec(path))
+    assert b.outputs() == a.outputs() and commits_by_request(sb) == commits_by_request(sa)
