@@ -52,8 +52,8 @@ class RouterConfig(Section):
     control: str = option("tcp://127.0.0.1:0", "ZeroMQ endpoint workers connect to; port 0 = a "
                           "free port", pattern=ENDPOINT, form="a ZeroMQ endpoint like tcp://HOST:PORT")
     policy: str = option("round_robin", "how a worker is picked for a request", choices=ROUTER_POLICIES)
-    local_prefill_max_tokens: int = option(0, "> 0: decode prefills short uncached remainders "
-                                           "itself", lo=0)
+    local_prefill_max_tokens: int = option(0, "> 0: a decode worker holding all but this many tokens "
+                                           "of a prompt prefills the rest itself", lo=0)
     api_key: str = option("", "bearer key the HTTP API asks for; empty = no auth")
     max_queued_requests: int = option(1024, "requests waiting beyond this get 503 with "
                                       "Retry-After", lo=1)
@@ -136,9 +136,11 @@ class CacheConfig(Section):
 @dataclass(frozen=True, slots=True)
 class SloConfig(Section):
     ttft: Optional[float] = option(None, "target time to first token, seconds; unset = no TTFT "
-                                   "target", gt=0)
+                                   "target. Set: a prompt the prefill workers are predicted to miss "
+                                   "it with goes to a decode worker that would be done sooner", gt=0)
     tpot: Optional[float] = option(None, "target mean time per output token after the first, "
-                                   "seconds; unset = no TPOT target", gt=0)
+                                   "seconds; unset = no TPOT target. A decode step carrying a prefill "
+                                   "chunk is sized to stay within it", gt=0)
     window: float = option(60.0, "seconds of finished requests the attainment metrics cover", gt=0)
 
     @property

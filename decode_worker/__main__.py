@@ -5,7 +5,7 @@ import sys
 def build(args, config, group, runner, control):
     from cluster.runtime.worker_main import data_plane_build
     from decode_worker.scheduler import DecodeScheduler
-    return data_plane_build(DecodeScheduler, args, config, group, runner, control)
+    return data_plane_build(DecodeScheduler, args, config, group, runner, control, tpot=config.slo.tpot)
 
 
 def main(argv=None) -> int:

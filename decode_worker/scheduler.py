@@ -10,9 +10,10 @@ each sibling forks from it (`CacheManager.fork`: whole prompt pages shared, the 
 page copied) at all but the last prompt position, which its first decode step recomputes
 to sample its own first token (seeded seed + j). A sibling is then a request like any
 other: it finishes, aborts or is retracted (and re-prefilled: itself only) on its own.
-Selective disaggregation: a request the router sends without a prefill peer (its
-uncached part is short) is prefilled here, extending from this worker's prefix cache,
-which holds the KV of the requests it finished.
+Decode-side prefill: a request the router sends without a prefill peer (its uncached part
+is short, or the prefill side's queueing would break the TTFT target) is prefilled here in
+chunks riding in the decode steps (`LocalPrefill`, local_prefill.py), extending from this
+worker's prefix cache, which holds the KV of the requests it finished.
 The KV itself lands through `KvReception` (kv_reception.py, shared with DLLM workers): kv_layers
 as they come, kv_batch last.
 """
@@ -31,11 +32,11 @@ from cluster.wire import protocol as P
 from cluster.wire.gauges import WorkerGauges
 from cluster.runtime.decode_manager import DecodeManager
 from cluster.runtime.kv_handoff import KvHandoff
-from cluster.runtime.stats import DecodeStats
-from cluster.runtime.prefill_manager import PrefillManager
+from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from decode_worker.kv_reception import KvReception
+from decode_worker.local_prefill import LocalPrefill
 from decode_worker.prealloc_queue import PreallocQueue
 
 logger = logging.getLogger("pdcluster.decode")
@@ -48,7 +49,9 @@ class DecodeScheduler(WorkerScheduler):
     role = "decode"
     supports_prefix_cache = True
 
-    def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts):
+    def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts,
+                 tpot: Optional[float] = None):
+        """`tpot`: the `[slo] tpot` target a step carrying a prefill chunk stays within."""
         super().__init__(config, worker_id, runner, control, handoff)
         self.transfer = handoff.transfer
         if runner.import_fence is not self.transfer.fence:   # forwards must wait for the KV imports
@@ -57,7 +60,7 @@ class DecodeScheduler(WorkerScheduler):
         self.reception = KvReception(worker_id, handoff, self.marks, timeouts, self.cache.page_size)
         self.transfer_queue = self.reception.transfer_queue
         self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
-        self.local_prefill = PrefillManager(self.cache, config.max_prefill_tokens, config.max_running_requests)
+        self.local_prefill = LocalPrefill(self.cache, config, tpot)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.forks: dict[str, list[Req]] = {}   # rid -> its siblings (n > 1), until its KV lands
         self.corrupt_kv = os.environ.get(CORRUPT_KV_ENV) == "1"
@@ -82,7 +85,7 @@ class DecodeScheduler(WorkerScheduler):
         elif siblings:
             self.forks[req.rid] = siblings
         if req.peer is None:
-            self.local_prefill.add(req)       # short uncached part: prefill it here
+            self.local_prefill.queue.add(req)       # no prefill peer: prefill it here
             return
         self.marks.note(req.rid, "admitted", t=time.time())
         self.prealloc_queue.add(req)
@@ -141,7 +144,7 @@ class DecodeScheduler(WorkerScheduler):
         for req in self.prealloc_queue.pop_reserved(len(self.decode), self.config.max_running_requests,
                                                     no_reuse=frozenset(self.retracted)):
             self.send_ready(req)
-        return self.decode.schedule_after(self.local_prefill)
+        return self.decode.schedule_mixed(self.local_prefill.queue, self.local_prefill.chunk_tokens)
 
     def send_ready(self, req: Req) -> None:
         addr = self.reception.expect(req)
@@ -160,7 +163,7 @@ class DecodeScheduler(WorkerScheduler):
     def retract(self, req: Req) -> None:
         logger.info("%s: retracting %s (%d tokens) to free pages", self.worker_id, req.rid, req.seq_len)
         if req.peer is None:
-            self.local_prefill.add(req, front=True)
+            self.local_prefill.queue.add(req, front=True)
             return
         self.retracted.add(req.rid)
         self.prealloc_queue.add(req, front=True)
@@ -171,10 +174,24 @@ class DecodeScheduler(WorkerScheduler):
                 self.fail(sibling, f"{req.rid} ended before its KV arrived: {req.error or req.finish_reason}",
                           retriable=True)
         self.prealloc_queue.remove(req.rid)
-        self.local_prefill.remove(req.rid)
+        self.local_prefill.queue.remove(req.rid)
         self.reception.forget(req.rid)
         self.decode.remove(req)
         self.retracted.discard(req.rid)
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        self.local_prefill.observe(batch, result, len(self.decode))
+        if batch.mix is None:
+            return super().process_batch_result(batch, result)
+        # a mixed step: its prompt chunk reports as a prefill batch, its rows as a decode step
+        self.output.commit(batch, result)
+        rows = batch.mix.num_decode_rows
+        self.report_prefill_stats(batch, PrefillStats(
+            sum(batch.is_last_chunk[rows:]), batch.num_prefill_tokens, batch.cached_len,
+            token_usage=self.cache.token_usage, num_running_reqs=rows, num_queue_reqs=self.num_queue_reqs))
+        self.report_decode_stats(batch, replace(self.decode_stats(batch), num_running_reqs=rows,
+                                                num_tokens=sum(batch.prefix_lens[:rows]) + rows))
+        self.flush_outputs()
 
     def decode_stats(self, batch: ScheduleBatch) -> DecodeStats:
         return DecodeStats.of_batch(
@@ -188,9 +205,9 @@ class DecodeScheduler(WorkerScheduler):
 
     @property
     def num_queue_reqs(self) -> int:
-        return len(self.prealloc_queue) + len(self.local_prefill)
+        return len(self.prealloc_queue) + len(self.local_prefill.queue)
 
     def heartbeat_gauges(self) -> WorkerGauges:
         return replace(super().heartbeat_gauges(), num_prealloc_reqs=len(self.prealloc_queue),
                        num_transfer_reqs=len(self.transfer_queue),
-                       num_retracted_reqs_total=self.decode.num_retracted_total)
+                       num_retracted_reqs_total=self.decode.num_retracted_total, **self.local_prefill.gauges())

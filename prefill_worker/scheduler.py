@@ -25,6 +25,7 @@ from cluster.runtime.stats import PrefillStats
 from cluster.runtime.output_processor import SampledToken, sampled_tokens
 from cluster.runtime.prefill_manager import PrefillManager
 from cluster.runtime.schedule_batch import Req, ScheduleBatch
+from cluster.runtime.step_cost import RateWindow
 from cluster.runtime.worker_scheduler import WorkerScheduler
 from prefill_worker.bootstrap_queue import BootstrapQueue
 from prefill_worker.inflight_queue import InflightQueue
@@ -50,6 +51,8 @@ class PrefillScheduler(WorkerScheduler):
         self.inflight_queue = InflightQueue(timeouts.kv_transfer)
         self.held_by_decode: dict[str, int] = {}   # rid -> leading tokens decode holds (not sent)
         self.dllm_blocks: dict[str, int] = {}      # rid -> dllm_attn_block its DLLM worker asked for
+        self.rate = RateWindow()                   # prefill_throughput, for the router's queueing prediction
+        self.launched_tokens: dict[int, int] = {}  # forward_iter -> tokens of a forward not processed yet
         if layers is not None:
             logger.info("%s: layer-wise KV streaming %s", worker_id,
                         "on" if self.transfer.layerwise is True else "for peers reached through zmq (auto)")
@@ -178,8 +181,19 @@ class PrefillScheduler(WorkerScheduler):
     def held_of(self, req: Req, kv_len: int) -> int:
         return min(self.held_by_decode.get(req.rid, 0), (kv_len - 1) // self.cache.page_size * self.cache.page_size)
 
+    def run_batch(self, batch: ScheduleBatch):
+        future = super().run_batch(batch)
+        self.launched_tokens[batch.forward_iter] = batch.num_tokens
+        return future
+
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        self.launched_tokens.pop(batch.forward_iter, None)
+        self.rate.observe(batch.num_tokens, result.timings.get("step_s", 0.0))
         self.process_batch_result_disagg_prefill(batch, result)
+
+    def fail_batch(self, batch: ScheduleBatch, reason: str) -> None:
+        self.launched_tokens.pop(batch.forward_iter, None)
+        super().fail_batch(batch, reason)
 
     def process_batch_result_disagg_prefill(self, batch: ScheduleBatch, result) -> None:
         """Ship each finished prompt's KV and first token: one kv_batch per decode worker."""
@@ -243,8 +257,15 @@ class PrefillScheduler(WorkerScheduler):
     def num_queue_reqs(self) -> int:
         return len(self.prefill) + len(self.bootstrap_queue)
 
+    @property
+    def num_queue_tokens(self) -> int:
+        """Prompt tokens still to prefill: waiting for decode_ready or a batch, or in a forward."""
+        waiting = sum(req.seq_len for req, _ in list(self.bootstrap_queue.waiting.entries.values()))
+        return waiting + self.prefill.num_tokens + sum(list(self.launched_tokens.values()))
+
     def heartbeat_gauges(self) -> WorkerGauges:
         return replace(super().heartbeat_gauges(), num_bootstrap_reqs=len(self.bootstrap_queue),
+                       num_queue_tokens=self.num_queue_tokens, prefill_throughput=self.rate.rate,
                        num_inflight_reqs=len(self.inflight_queue),
                        kv_transfer_seconds=self.handoff.stats.seconds.sample())
 

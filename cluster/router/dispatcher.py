@@ -42,7 +42,7 @@ class Dispatcher:
         self.table = RequestTable(self.directory, self._send)
         self.requests = self.table.requests               # wire rid -> state
         self.placer = Placer(self.directory, cfg.router.local_prefill_max_tokens,
-                             {served_model(cfg, g): g for g in cfg.groups if g.role == "dllm"})
+                             {served_model(cfg, g): g for g in cfg.groups if g.role == "dllm"}, ttft=cfg.slo.ttft)
         self.failover = Failover(cfg, self.directory, self.table, self.placer.place)
         self.num_restarts: dict[str, tuple[str, int]] = {}  # worker id -> (role, registrations - 1)
         self.role_switches = RoleSwitches(self.directory, self._send)
@@ -204,6 +204,7 @@ class Dispatcher:
         info.last_seen = time.monotonic()
         info.gauges = msg.gauges
         info.forward_ct = msg.forward_ct
+        info.num_dispatched_tokens = 0                     # the gauges count them now
 
     def _on_tokens(self, sender: str, msg) -> None:
         info = self.directory.get(sender)

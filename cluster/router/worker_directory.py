@@ -41,6 +41,7 @@ class WorkerInfo:
     gauges: WorkerGauges = field(default_factory=WorkerGauges)   # as last reported
     forward_ct: int = 0
     num_inflight: int = 0                     # router-side: requests assigned and not done
+    num_dispatched_tokens: int = 0            # router-side: prompt tokens placed here since its last heartbeat
     stale_rids: set = field(default_factory=set)  # wire rids it held when declared dead
     switching_to: Optional[str] = None        # a role switch under way: nothing new placed here
     switch_started: float = 0.0

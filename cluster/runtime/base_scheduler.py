@@ -76,7 +76,7 @@ class Scheduler:
         return self.stats.report_prefill(self.iteration_of(batch), stats)
 
     def report_decode_stats(self, batch: Optional[ScheduleBatch], stats: DecodeStats) -> Optional[str]:
-        num_new_tokens = batch.batch_size if batch is not None else stats.num_running_reqs
+        num_new_tokens = batch.num_decode_rows if batch is not None else stats.num_running_reqs
         return self.stats.report_decode(self.iteration_of(batch), num_new_tokens, stats)
 
     def _process(self, batch: ScheduleBatch, future: Future) -> None:

@@ -48,7 +48,9 @@ def build_forward_input(batch: ScheduleBatch) -> ForwardInput:
         # the sampled token's output index: tokens already out plus those launched before it
         generators=[token_generator(r.sampling.seed, r.num_output + r.num_pending - 1)
                     if s and r.sampling.seed is not None else None for r, s in zip(reqs, batch.is_last_chunk)],
-        prior_ids=[r.all_ids if has_penalty(r.sampling) else [] for r in reqs],
+        # every id before the sampled one (a mixed step's decode row: its newest may be a future)
+        prior_ids=[_segment_ids(r, 0, p + e) if has_penalty(r.sampling) else []
+                   for r, p, e in zip(reqs, batch.prefix_lens, batch.extend_lens)],
         # tokens still to come before EOS is allowed (the sampled one counts as num_output + 1)
         min_tokens_left=[max(0, r.sampling.min_tokens - (r.num_output + r.num_pending - 1)) for r in reqs],
         eos_token_ids=[frozenset() if r.sampling.ignore_eos else r.eos_token_ids for r in reqs],

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from cluster.runtime.cache_manager import CacheManager
 from cluster.runtime.running_batch import RunningBatch
-from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
+from cluster.runtime.schedule_batch import ForwardMode, MixedStep, Req, ScheduleBatch
 
 if TYPE_CHECKING:
     from cluster.runtime.prefill_manager import PrefillManager
@@ -53,6 +53,32 @@ class DecodeManager:
             if done:
                 self.add(req)
         return batch
+
+    def schedule_mixed(self, prefill: "PrefillManager",
+                       chunk_tokens: Callable[[int], int]) -> Optional[ScheduleBatch]:
+        """This decode step with a chunk of the waiting prompts in the same forward (decode-side
+        prefill): `chunk_tokens(rows)` says how many prompt tokens a step of `rows` decode rows may
+        carry. Without running requests there is no step to protect: a whole prefill batch. The
+        mixed batch is one EXTEND forward whose first entries are the decode rows (one token each,
+        fed from their future slots as in a decode step); a prompt it completes joins the running
+        set for the next step."""
+        if not len(self) or not len(prefill):
+            return self.schedule_after(prefill)
+        step = self.schedule()
+        if step is None:                         # every row was retracted or failed
+            return self.schedule_after(prefill)
+        rows = len(step.reqs)
+        budget = chunk_tokens(rows)
+        chunk = prefill.schedule(len(self), reserve_pages=len(self), budget=budget) if budget > 0 else None
+        if chunk is None:
+            return step
+        for req, done in zip(chunk.reqs, chunk.is_last_chunk):
+            if done:
+                self.add(req)
+        return ScheduleBatch(step.reqs + chunk.reqs, ForwardMode.EXTEND, extend_lens=[1] * rows + chunk.extend_lens,
+                             prefix_lens=step.prefix_lens + chunk.prefix_lens,
+                             is_last_chunk=[True] * rows + chunk.is_last_chunk, cached_len=chunk.cached_len,
+                             mix=MixedStep(rows, budget))
 
     def schedule(self) -> Optional[ScheduleBatch]:
         """One new token per running request; retract the newest while pages are short.

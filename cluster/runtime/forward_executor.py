@@ -45,6 +45,7 @@ class ForwardExecutor:
     def _run(self, forward_iter: int, forward_input: Any, t0: float) -> Any:
         if self.on_launch is not None:
             self.on_launch(forward_iter)
+        started = time.perf_counter()
         if self._stream is not None:
             import torch
             with torch.cuda.stream(self._stream):
@@ -52,6 +53,9 @@ class ForwardExecutor:
                 self._stream.synchronize()
         else:
             out = self.forward_fn(forward_input)
+        timings = getattr(out, "timings", None)
+        if isinstance(timings, dict):   # the forward alone, not its wait behind the previous one (step costs)
+            timings["step_s"] = time.perf_counter() - started
         if self.trace is not None:
             with self._trace_lock:
                 self.trace.append(("forward", forward_iter, t0, time.perf_counter()))

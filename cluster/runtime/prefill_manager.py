@@ -28,15 +28,23 @@ class PrefillManager:
     def __len__(self) -> int:
         return len(self.waiting)
 
-    def schedule(self, num_running: int, reserve_pages: int = 0) -> Optional[ScheduleBatch]:
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the waiting requests still have to prefill (before any prefix-cache hit)."""
+        return sum(r.seq_len - r.kv_len for r in list(self.waiting))   # NOTE: a copy: the heartbeat reads it
+
+    def schedule(self, num_running: int, reserve_pages: int = 0,
+                 budget: Optional[int] = None) -> Optional[ScheduleBatch]:
         """Take waiting requests (whole, or the first one chunked) within the token budget.
 
         A request's remaining tokens are `all_ids[kv_len:]` (prompt, plus output when it
         is re-prefilled after retraction or decode failure); a fresh one first takes the
         longest prefix the prefix cache holds. Only the chunk that reaches
-        the end of the sequence samples. `reserve_pages` keeps room for running decodes.
+        the end of the sequence samples. `reserve_pages` keeps room for running decodes;
+        `budget` (at most `max_prefill_tokens`) caps the new tokens, e.g. a decode step's chunk.
         """
-        budget, num_hit_tokens = self.max_prefill_tokens, 0
+        budget = self.max_prefill_tokens if budget is None else min(budget, self.max_prefill_tokens)
+        num_hit_tokens = 0
         reqs, extend_lens, prefix_lens, is_last_chunk = [], [], [], []
         for req in list(self.waiting):
             if budget <= 0 or num_running + len(reqs) >= self.max_running_requests:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from cluster.sampling_params import SamplingParams
 from cluster.wire.messages import Peer
@@ -87,6 +87,13 @@ class Req:
         return f"Req({self.rid!r}, prompt={self.prompt_len}, out={self.num_output}, kv={self.kv_len})"
 
 
+class MixedStep(NamedTuple):
+    """A decode step carrying a prefill chunk in the same forward: its first `num_decode_rows`
+    requests decode one token each; the rest are prompt chunks sized by the step's cost model."""
+    num_decode_rows: int
+    chunk_budget: int           # prompt tokens the cost model allowed beside those rows
+
+
 @dataclass
 class ScheduleBatch:
     """The requests one forward runs over, plus the per-request token counts it launched."""
@@ -101,6 +108,7 @@ class ScheduleBatch:
     forward_iter: Optional[int] = None                     # set by Scheduler.run_batch, never later
     cached_len: int = 0                                    # prefix-cache hits of its requests (their cached_len)
     rows: Any = None                                       # decode: its StepRows (runtime/running_batch.py)
+    mix: Optional["MixedStep"] = None                      # decode-side prefill riding in a decode step
 
     def __post_init__(self) -> None:
         n = len(self.reqs)
@@ -129,4 +137,17 @@ class ScheduleBatch:
         """A shallow copy that keeps the launch snapshot (forward_iter and token counts)."""
         return ScheduleBatch(reqs=list(self.reqs), mode=self.mode, extend_lens=list(self.extend_lens),
                              prefix_lens=list(self.prefix_lens), is_last_chunk=list(self.is_last_chunk),
-                             forward_iter=self.forward_iter, cached_len=self.cached_len, rows=self.rows)
+                             forward_iter=self.forward_iter, cached_len=self.cached_len, rows=self.rows,
+                             mix=self.mix)
+
+    @property
+    def num_decode_rows(self) -> int:
+        """Requests this forward decodes one token for (a mixed step's first entries)."""
+        if self.mode == ForwardMode.DECODE:
+            return len(self.reqs)
+        return self.mix.num_decode_rows if self.mix is not None else 0
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt tokens this forward prefills (a mixed step's chunk; none in a decode step)."""
+        return 0 if self.mode == ForwardMode.DECODE else self.num_tokens - self.num_decode_rows

@@ -206,11 +206,13 @@ def role_build(role: str) -> Callable:
     return importlib.import_module(name if "." in name else f"{name}.__main__").build
 
 
-def data_plane_build(scheduler_cls, args, config, group, runner, control):
-    """Prefill and decode workers: a scheduler plus its KV handoff (data plane and transfer hub)."""
+def data_plane_build(scheduler_cls, args, config, group, runner, control, **role_args):
+    """Prefill and decode workers: a scheduler plus its KV handoff (data plane and transfer hub);
+    `role_args` go to the scheduler as they are."""
     from cluster.runtime.kv_handoff import KvHandoff
     handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
                              curve=args.curve, arrivals=control.arrivals, segment=runner.kv_segment,
                              fence=runner.import_fence)
-    scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts)
+    scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts,
+                              **role_args)
     return scheduler, {"model": served_model(config, group), "data_addr": handoff.address}

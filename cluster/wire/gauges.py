@@ -63,6 +63,16 @@ class WorkerGauges:
     protocol_errors_total: Optional[int] = _metric(COUNTER, "Wire messages dropped as malformed.")
     rejected_frames_total: Optional[dict] = _metric(COUNTER, "Refused handshakes and frames by reason.",
                                                     label="reason")
+    num_queue_tokens: Optional[int] = _metric(GAUGE, "Prompt tokens waiting to be prefilled here, those of "
+                                                     "forwards launched and not yet done included.")
+    prefill_throughput: Optional[float] = _metric(GAUGE, "Prefill: prompt tokens per second of forward time "
+                                                         "over its recent batches.")
+    decode_side_prefill_rate: Optional[float] = _metric(GAUGE, "Decode: prompt tokens per second it could "
+                                                               "prefill beside its running batch, each step "
+                                                               "within the [slo] TPOT target by its step cost "
+                                                               "model; 0 = no headroom.")
+    decode_side_prefill_tokens_total: Optional[int] = _metric(COUNTER, "Decode: prompt tokens it prefilled "
+                                                                       "itself (decode-side prefill).")
     num_bootstrap_reqs: Optional[int] = _metric(GAUGE, "Prefill: requests waiting for decode_ready.")
     num_inflight_reqs: Optional[int] = _metric(GAUGE, "Prefill: requests whose KV awaits its kv_ack.")
     num_prealloc_reqs: Optional[int] = _metric(GAUGE, "Decode: requests waiting for KV pages to reserve.")
