@@ -1,6 +1,10 @@
 """Worker death mid-stream: with resume off the stream fails and the client raises; the
-launcher restarts the worker and the cluster serves again."""
+launcher restarts the worker and the cluster serves again. A prefill worker that stalls
+(SIGSTOP) under an `[slo]`: the decode worker prefills new requests itself, token for token
+as the pair answered them."""
+import concurrent.futures as cf
 import os
+import re
 import signal
 import time
 
@@ -17,7 +21,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cluster():
     c = LaunchedCluster(cluster_config("[[prefill]]\ncount = 1\n\n[[decode]]\ncount = 1\n",
-                                       extra="\n[recovery]\nrestart_workers = true\nresume_on_decode_failure = false\n"),
+                                       extra="\n[recovery]\nrestart_workers = true\nresume_on_decode_failure = false\n"
+                                             "\n[slo]\nttft = 1.0\ntpot = 0.5\n"),
                         "recovery")
     yield c
     c.stop()
@@ -56,3 +61,46 @@ def test_killed_worker_is_restarted_and_serves_again(cluster):
                 pass
         time.sleep(1)
     pytest.fail("cluster did not recover:\n" + cluster.output())
+
+
+STALL_PROMPTS = ["The capital of France is", "Once upon a time", "Water boils at"]
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    pytest.fail(f"{what} within {timeout_s} s")
+
+
+def test_stalled_prefill_worker_makes_decode_prefill_new_requests_itself(cluster):
+    def complete(prompt: str) -> tuple[str, int]:
+        r = cluster.client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=6,
+                                              temperature=0)
+        return r.choices[0].text, r.usage.prompt_tokens
+    wait_for(lambda: httpx.get(cluster.base_url + "/health", timeout=5).status_code == 200, 180, "healthy")
+    with cf.ThreadPoolExecutor(len(STALL_PROMPTS)) as pool:
+        # through the pair, which answers as the offline engine does (test_e2e_local.py); meanwhile
+        # decode measures its steps and prefill its rate
+        ref = list(pool.map(complete, STALL_PROMPTS))
+    prefill = worker_pid(cluster, "prefill-0")
+    os.kill(prefill, signal.SIGSTOP)
+    try:
+        # no heartbeat for heartbeat_dead_after: nothing is predicted to prefill in time any more
+        wait_for(lambda: httpx.get(cluster.base_url + "/health", timeout=5).status_code != 200, 10,
+                 "prefill-0 declared dead")
+        with cf.ThreadPoolExecutor(len(STALL_PROMPTS)) as pool:
+            assert list(pool.map(complete, STALL_PROMPTS)) == ref
+        assert len(re.findall(r"decode-side prefill: request \S+ on decode-0", cluster.log("router"))) >= 3
+        counted = re.compile(r'pdcluster:decode_side_prefill_tokens_total\{role="decode",worker="decode-0"\} (\S+)')
+        num_prompt_tokens = sum(n for _, n in ref)            # the gauges come with the next heartbeat
+        wait_for(lambda: (m := counted.search(cluster.metrics())) and float(m.group(1)) >= num_prompt_tokens, 5,
+                 "decode_side_prefill_tokens_total counting the prompts")
+        for taken, budget in re.findall(r"Mixed step \[\d+\]: .*#prefill-token: (\d+), chunk budget: (\d+)",
+                                        cluster.log("decode-0")):
+            assert int(taken) <= int(budget)
+    finally:
+        os.kill(prefill, signal.SIGCONT)
