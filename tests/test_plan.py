@@ -87,3 +87,30 @@ def test_plan_cli_prints_every_layout_and_the_best(tmp_path, capsys):
                  "--slo-tpot", "0.012", "--workload", str(workload)]) == 0
     out = capsys.readouterr().out
     assert "unified x2" in out and "1P1D" in out and "best: 1P1D" in out
+
+
+def test_tp_layouts_use_every_gpu_and_name_their_tp():
+    assert [l.name for l in layouts_for(4, (1, 2))] == [
+        "unified x4", "unified x2(tp2)", "1P3D", "2P2D", "3P1D", "2P1D(tp2)", "1P(tp2)2D", "1P(tp2)1D(tp2)"]
+    assert all(l.gpus == 4 for l in layouts_for(4, (1, 2)))
+    assert [l.name for l in layouts_for(3, (1, 2))] == ["unified x3", "1P2D", "2P1D", "1P1D(tp2)", "1P(tp2)1D"]
+
+
+def test_a_tp_worker_runs_its_steps_tp_times_efficiency_faster():
+    # tp 2 at efficiency 0.75: steps 1.5x faster; a 1000-token prompt 0.1 / 1.5 s, each decode step 10 / 1.5 ms
+    c = CostModel.from_profile({**PROFILE, "tp_efficiency": 0.75})
+    uni = simulate(Layout(unified=1, unified_tp=2), c, [SimRequest(0.0, 1000, 21)])[0]
+    assert uni.ttft == pytest.approx(0.1 / 1.5) and uni.tpot == pytest.approx(0.01 / 1.5)
+    pd = simulate(Layout(1, 1, decode_tp=2), c, [SimRequest(0.0, 1000, 21)])[0]
+    assert pd.ttft == pytest.approx(0.1) and pd.tpot == pytest.approx(0.01 / 1.5)
+    assert c.for_tp(2).transfer(1000) == c.transfer(1000)
+
+
+def test_plan_with_tp_picks_the_faster_decode_under_a_tpot_only_tp_meets():
+    # TPOT 8 ms: no one-GPU decode step (10 ms) meets it; decode at tp 2 (10 / 1.6 = 6.25 ms) does
+    from cluster.plan.cli import plan
+    slo = Slo(ttft=0.2, tpot=0.008)
+    out = plan({**PROFILE, "max_prefill_tokens": 1000}, 3, slo, WORKLOAD, tps=(1, 2), tp_efficiency=0.8)
+    rows = {r["layout"]: r["goodput_rps"] for r in out["layouts"]}
+    assert rows["2P1D"] is None and rows["1P2D"] is None and rows["unified x3"] is None
+    assert out["best"]["layout"] == "1P1D(tp2)" and out["tp_efficiency"] == 0.8

@@ -1,11 +1,16 @@
-"""`pdcluster plan --profile PROFILE.json --gpus N --slo-ttft S --slo-tpot S [--workload FILE]`:
-every static layout of N one-GPU workers (all unified, every xPyD) simulated under the
-profile's cost model; prints each layout's predicted goodput and the best one for the SLO."""
+"""`pdcluster plan --profile PROFILE.json --gpus N --slo-ttft S --slo-tpot S [--workload FILE]
+[--tp 1,2] [--tp-efficiency E]`: every static layout of N GPUs (all unified, every xPyD; with
+`--tp`, workers of those tensor-parallel sizes) simulated under the profile's cost model (a TP
+worker's steps scaled by its efficiency: costs.py); prints each layout's predicted goodput and
+the best one for the SLO. The cluster runs TP on unified (and dllm) workers only today: an xPyD
+layout with TP is a prediction for when the KV handoff maps heads between TP sizes."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Optional
 
 from cluster.plan.costs import CostModel, ProfileError
 from cluster.plan.goodput import Limits, Slo, goodput
@@ -22,19 +27,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "default 512-token prompts, 64 output tokens, Poisson arrivals")
     p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLO")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--tp", default="1", metavar="T[,T..]", help="tensor-parallel sizes a worker may have "
+                   "(default 1: one-GPU workers)")
+    p.add_argument("--tp-efficiency", type=float, default=None, metavar="E",
+                   help="speedup / tp of a TP worker's steps (default: the profile's tp_efficiency, else 0.8)")
 
 
-def plan(profile: dict, gpus: int, slo: Slo, workload: Workload, share: float = 0.9) -> dict:
+def plan(profile: dict, gpus: int, slo: Slo, workload: Workload, share: float = 0.9,
+         tps: tuple[int, ...] = (1,), tp_efficiency: Optional[float] = None) -> dict:
     costs = CostModel.from_profile(profile)
+    if tp_efficiency is not None:
+        costs = dataclasses.replace(costs, tp_efficiency=tp_efficiency)
     limits = Limits(int(profile.get("max_prefill_tokens", Limits.max_prefill_tokens)),
                     int(profile.get("max_running_requests", Limits.max_running)))
     rows = [{"layout": layout.name,
              "goodput_rps": goodput(layout, costs, workload, slo, share=share, limits=limits)}
-            for layout in layouts_for(gpus)]
+            for layout in layouts_for(gpus, tps)]
     ranked = [r for r in rows if r["goodput_rps"] is not None]
     best = max(ranked, key=lambda r: r["goodput_rps"], default=None)
     return {"gpus": gpus, "slo_ttft_s": slo.ttft, "slo_tpot_s": slo.tpot, "attainment": share,
-            "layouts": rows, "best": best}
+            "tp_efficiency": costs.tp_efficiency if tps != (1,) else None, "layouts": rows, "best": best}
 
 
 def cmd_plan(args) -> int:
@@ -42,17 +54,21 @@ def cmd_plan(args) -> int:
         print("pdcluster plan: --gpus must be >= 1", file=sys.stderr)
         return 2
     try:
+        tps = tuple(sorted({int(t) for t in args.tp.split(",")}))
+        if not tps or tps[0] < 1:
+            raise ValueError(f"--tp {args.tp}: sizes must be >= 1")
         with open(args.profile) as f:
             profile = json.load(f)
         out = plan(profile, args.gpus, Slo(args.slo_ttft, args.slo_tpot), Workload.load(args.workload),
-                   args.attainment)
+                   args.attainment, tps, args.tp_efficiency)
     except (OSError, ValueError, ProfileError) as e:
         print(f"pdcluster plan: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"SLO: TTFT <= {args.slo_ttft} s, TPOT <= {args.slo_tpot} s, {args.attainment:.0%} of requests")
+    print(f"SLO: TTFT <= {args.slo_ttft} s, TPOT <= {args.slo_tpot} s, {args.attainment:.0%} of requests"
+          + (f"; TP steps {out['tp_efficiency']:g} x tp faster" if out["tp_efficiency"] else ""))
     for r in out["layouts"]:
         g = r["goodput_rps"]
         print(f"  {r['layout']:>12}: {'unreachable' if g is None else f'{g:.3g} req/s'}")

@@ -5,13 +5,23 @@ A profile (JSON, written by `pdcluster profile`) has three sample lists:
 batch's summed sequence lengths) and `transfer` [[bytes, seconds]], plus `kv_bytes_per_token`.
 Each is fitted as a line: prefill a + b*tokens; decode step c + d*batch + e*context;
 transfer f + g*bytes (coefficients clipped at 0: a cost never shrinks with work).
+
+Tensor parallelism: a profile is measured on one-GPU workers; a worker of `tp` ranks runs each
+prefill and decode step `tp * tp_efficiency` times faster (`for_tp`). `tp_efficiency` (speedup
+over tp) comes from the profile's `tp_efficiency` when someone measured it, else `pdcluster plan
+--tp-efficiency`, else DEFAULT_TP_EFFICIENCY, an assumption: NVLink all-reduces of an 8B-class
+model commonly give 0.7-0.9 at tp 2-4. Nothing else changes with tp: the KV transfer moves the
+same bytes, and the larger pool a TP worker has is not modelled (`max_running` stays the limit).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+
+DEFAULT_TP_EFFICIENCY = 0.8
 
 
 class ProfileError(ValueError):
@@ -33,13 +43,27 @@ class CostModel:
     decode_coef: tuple[float, float, float]
     transfer_coef: tuple[float, float]
     kv_bytes_per_token: float
+    tp_efficiency: float = DEFAULT_TP_EFFICIENCY
+
+    def __post_init__(self):
+        if not 0 < self.tp_efficiency <= 1:
+            raise ProfileError(f"tp_efficiency {self.tp_efficiency} is not in (0, 1]")
 
     @classmethod
     def from_profile(cls, profile: dict) -> "CostModel":
         return cls(_fit(profile.get("prefill", []), "prefill", 2),
                    _fit(profile.get("decode", []), "decode", 3),
                    _fit(profile.get("transfer", [[0, 0.0], [1, 0.0]]), "transfer", 2),
-                   float(profile.get("kv_bytes_per_token", 0)))
+                   float(profile.get("kv_bytes_per_token", 0)),
+                   float(profile.get("tp_efficiency", DEFAULT_TP_EFFICIENCY)))
+
+    def for_tp(self, tp: int) -> "CostModel":
+        """The costs of a worker of `tp` ranks: its steps `tp * tp_efficiency` times faster."""
+        if tp == 1:
+            return self
+        speedup = tp * self.tp_efficiency
+        return replace(self, prefill_coef=tuple(c / speedup for c in self.prefill_coef),
+                       decode_coef=tuple(c / speedup for c in self.decode_coef))
 
     @classmethod
     def load(cls, path: str) -> "CostModel":

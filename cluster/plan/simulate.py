@@ -46,22 +46,35 @@ class SimRequest:
 
 @dataclass(frozen=True)
 class Layout:
+    """Workers per role and the tensor-parallel ranks (GPUs) of each of a role's workers."""
     prefill: int = 0
     decode: int = 0
     unified: int = 0
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    unified_tp: int = 1
 
     @property
     def name(self) -> str:
-        return f"unified x{self.unified}" if self.unified else f"{self.prefill}P{self.decode}D"
+        tp = lambda t: f"(tp{t})" if t > 1 else ""      # noqa: E731
+        if self.unified:
+            return f"unified x{self.unified}{tp(self.unified_tp)}"
+        return f"{self.prefill}P{tp(self.prefill_tp)}{self.decode}D{tp(self.decode_tp)}"
 
     @property
     def gpus(self) -> int:
-        return self.prefill + self.decode + self.unified
+        return self.prefill * self.prefill_tp + self.decode * self.decode_tp + self.unified * self.unified_tp
 
 
-def layouts_for(gpus: int) -> list[Layout]:
-    """Every static layout of `gpus` one-GPU workers: all unified, or xPyD with x + y = gpus."""
-    return [Layout(unified=gpus)] + [Layout(x, gpus - x) for x in range(1, gpus)]
+def layouts_for(gpus: int, tps: tuple[int, ...] = (1,)) -> list[Layout]:
+    """Every static layout of `gpus` GPUs whose workers have a tp of `tps`: all unified (one tp),
+    or xPyD (a tp for the prefill workers, one for the decode workers) using every GPU."""
+    out = [Layout(unified=gpus // t, unified_tp=t) for t in tps if gpus % t == 0]
+    for a in tps:
+        for b in tps:
+            out += [Layout(x, (gpus - x * a) // b, prefill_tp=a, decode_tp=b) for x in range(1, gpus // a + 1)
+                    if gpus - x * a > 0 and (gpus - x * a) % b == 0]
+    return out
 
 
 class Clock:
@@ -219,10 +232,12 @@ def simulate(layout: Layout, costs: CostModel, requests: list[SimRequest], *,
     """Run `requests` (arrival times set) through `layout`; they come back finished."""
     clock = Clock()
     if layout.unified:
-        entry = [UnifiedSim(clock, costs, max_running, max_prefill_tokens) for _ in range(layout.unified)]
+        entry = [UnifiedSim(clock, costs.for_tp(layout.unified_tp), max_running, max_prefill_tokens)
+                 for _ in range(layout.unified)]
     else:
-        decode = [DecodeSim(clock, costs, max_running) for _ in range(layout.decode)]
-        entry = [PrefillSim(clock, costs, max_prefill_tokens, decode) for _ in range(layout.prefill)]
+        decode = [DecodeSim(clock, costs.for_tp(layout.decode_tp), max_running) for _ in range(layout.decode)]
+        entry = [PrefillSim(clock, costs.for_tp(layout.prefill_tp), max_prefill_tokens, decode)
+                 for _ in range(layout.prefill)]
     for i, r in enumerate(requests):
         clock.at(r.arrival, lambda r=r, w=entry[i % len(entry)]: w.admit(r))
     clock.run()
