@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizers():
-    """Tokenizer cache shared by every router of a module, loaded once here: the first
-    load takes seconds, longer than a request's timeout on a busy machine."""
+    """Tokenizer cache shared by every in-process router of the session, loaded once here: a
+    load takes up to seconds, longer than a request's timeout on a busy machine."""
     from cluster.engine.loader import load_tokenizer
     return {"": load_tokenizer()}
 

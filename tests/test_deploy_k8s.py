@@ -112,7 +112,7 @@ def test_pod_names_are_the_config_worker_ids_and_their_command_lines_parse(confi
     assert seen == {wid for wid, _ in cfg.worker_ids()}
 
 
-@pytest.mark.slow                                  # one interpreter per module
+@pytest.mark.slow                                  # one interpreter per module, all at once
 def test_every_module_in_the_manifests_runs_with_help():
     modules = set()
     for config in CONFIGS:
@@ -123,11 +123,13 @@ def test_every_module_in_the_manifests_runs_with_help():
                     modules.add(c[probe]["exec"]["command"][2])
     assert {"cluster.router", "prefill_worker", "decode_worker", "cluster.runtime.health_file"} <= modules
     env = {**os.environ, "PYTHONPATH": ROOT}
-    for module in sorted(modules):
-        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, f"{module} --help: {out.stderr}"
-        assert "usage:" in out.stdout
+    procs = {module: subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for module in sorted(modules)}
+    for module, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, f"{module} --help: {stderr}"
+        assert "usage:" in stdout
 
 
 def test_router_service_exposes_http_and_control_and_the_monitor_scrapes_metrics():

@@ -93,13 +93,24 @@ def _cache_base(path: str) -> str:
 
 
 def gguf_tokenizer(path: str):
-    """Only the tokenizer of a GGUF file (metadata only, no dequantizing)."""
+    """Only the tokenizer of a GGUF file (metadata only, no dequantizing), cached as
+    `<cache>/<stem>-<key>.tokenizer.json`: parsing the vocabulary takes seconds, and the router
+    of every launched cluster needs it before it serves."""
     import gguf
 
     from cluster.engine.tokenizer import Tokenizer
+    cached = _cache_base(path) + ".tokenizer.json"
+    if os.path.exists(cached):
+        with open(cached) as f:
+            return Tokenizer.from_state(json.load(f))
     reader = gguf.GGUFReader(path)
-    return Tokenizer.from_gguf_fields({n: _field_value(f) for n, f in reader.fields.items()
-                                       if n.startswith("tokenizer.")})
+    tok = Tokenizer.from_gguf_fields({n: _field_value(f) for n, f in reader.fields.items()
+                                      if n.startswith("tokenizer.")})
+    tmp = f"{cached}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(tok.to_state(), f)
+    os.replace(tmp, cached)              # atomic: present means complete
+    return tok
 
 
 def read_gguf(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:

@@ -1,7 +1,7 @@
 """Launcher: spawns and supervises one cluster's processes on this host (psutil).
 
-Order: pick a concrete control port (when `router.control` uses port 0), start the router,
-wait for its HTTP side, start every worker of the config, wait until all registered
+Order: pick a concrete control port (when `router.control` uses port 0), start the router
+and every worker of the config, wait for the router's HTTP side, wait until all registered
 (`timeouts.register`; on failure name the worker, print the tail of its log, stop
 everything, exit 1), print the URL, then supervise:
 - a worker exits -> the router hears it at once (`POST /internal/workers/{id}/exit`), and
@@ -88,7 +88,9 @@ class Launcher:
     # startup
     def start(self) -> None:
         gpus = self._place_gpus()                  # a GPU that does not exist: fail before spawning
-        self.start_router()
+        # NOTE: workers load their model while the router loads: it binds its control endpoint
+        # first, and a worker's `register` waits in ZeroMQ until it connects
+        self.spawn_router()
         for wid, _ in self.cfg.worker_ids():
             env = {**self.base_env(), **worker_env(self.cfg, wid)}
             if wid in gpus:
@@ -96,6 +98,7 @@ class Launcher:
             argv = [sys.executable] + self.worker_args(wid, self.config_path)
             self.workers[wid] = Child(wid, argv, env, os.path.join(self.log_dir, f"{wid}.log"))
             self.workers[wid].spawn()
+        self._wait_router_http()
         self._wait_registered()
 
     def base_env(self) -> dict:
@@ -106,6 +109,10 @@ class Launcher:
 
     def start_router(self) -> None:
         """Spawn the router and wait until its HTTP side answers."""
+        self.spawn_router()
+        self._wait_router_http()
+
+    def spawn_router(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         r = self.cfg.router
         self.router = Child("router", [sys.executable, "-m", "cluster.router", "--config",
@@ -115,7 +122,6 @@ class Launcher:
                             {**self.base_env(), "OMP_NUM_THREADS": "1"},
                             os.path.join(self.log_dir, "router.log"))
         self.router.spawn()
-        self._wait_router_http()
 
     def worker_args(self, wid: str, config_path: str) -> list[str]:
         """A worker's command line after the interpreter (the documented `-m` form)."""

@@ -91,13 +91,13 @@ def run_worker(role: str, argv, build: Callable) -> int:
 
     `build(args, config, group, runner, control) -> (scheduler, register_kwargs)`.
     """
+    args = parse_args(role, argv)       # NOTE: before the imports below: `--help` needs no torch
     from cluster.config import load_config
     from cluster.wire.curve import endpoint_host, keys_for
     from cluster.wire.transport import ControlClient
     from cluster.runtime.router_link import RouterLink
     from cluster.runtime.worker_scheduler import start_heartbeat
 
-    args = parse_args(role, argv)
     if args.gpus:                       # before anything initializes CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     setup_logging(args.worker_id, args.log_dir)
