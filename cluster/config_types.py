@@ -59,6 +59,8 @@ class RouterConfig(Section):
                                       "Retry-After", lo=1)
     max_body_bytes: int = option(8 << 20, "larger request bodies get 413, never read whole", lo=1024)
     metrics_require_key: bool = option(False, "/metrics asks for api_key too")
+    api_servers: int = option(0, "HTTP front-end processes over one dispatcher; 0 = sized to the "
+                              "machine (one per 4 cores, 1 to 8: a single process below 8 cores)", lo=0, hi=64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The worker roles and the facts every process agrees on about them, in one place.
 
 Role names and the package each runs as, the model name a worker serves, the launcher's
-token variable, the per-worker thread formula and the `PDCLUSTER_LOG_FORWARD_ITERS` rule.
+token variable, the per-worker thread formula, the router's front-end count and the
+`PDCLUSTER_LOG_FORWARD_ITERS` rule.
 Config, wire checks, router, launcher and workers import them from here.
 """
 from __future__ import annotations
@@ -37,6 +38,20 @@ def threads_per_worker(config, worker_id: str, env: Optional[Mapping[str, str]] 
         n = int(raw) if raw.isdigit() else 0
     num_ranks = sum(group.tp for _, group in config.worker_ids())
     return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, num_ranks))
+
+
+CORES_PER_API_SERVER = 4
+MAX_API_SERVERS = 8
+
+
+def api_servers(config, cores: Optional[int] = None) -> int:
+    """The router's HTTP front-end processes: `[router] api_servers`, or with 0 one per
+    CORES_PER_API_SERVER cores this process may use, 1 to MAX_API_SERVERS. Below 8 cores that is
+    1: one process serves HTTP and dispatch with no extra hop, leaving the cores to the workers."""
+    if config.router.api_servers > 0:
+        return config.router.api_servers
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, min(MAX_API_SERVERS, cores // CORES_PER_API_SERVER))
 
 
 def log_forward_iters_override(env: Optional[Mapping[str, str]] = None) -> Optional[bool]:

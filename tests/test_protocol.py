@@ -50,6 +50,17 @@ SIMPLE_MESSAGES = [
     P.RequestMarks("prefill-0", [P.MarksItem("r1", [
         P.RequestMark("prefill_launched", 1764547200.25, {"forward_iter": 17}),
         P.RequestMark("prefill_done", 1764547200.5, {"forward_iter": 17, "to": "decode-0"})])]),
+    P.FrontendSubmit(3, [P.FrontendRequest("a1", "m", "pd", [1, 2], SAMPLING, {}, 1764547200.5, None),
+                         P.FrontendRequest("a2", "m", "pd", [1, 2], SAMPLING, {}, 1764547200.5, "00-ab-cd-01")]),
+    P.FrontendEvents([P.FrontendEvent("a1", [5], None, [-0.5], [[[5, -0.5], [6, -1.5]]]),
+                      P.FrontendEvent("a2", [], status=503, message="no worker", error_type="service_unavailable")]),
+    P.FrontendAbort("a1", "client disconnected"),
+    P.FrontendEnd("a1", "success", "length"),
+    P.FrontendQuery(4, "switch_role", {"worker_id": "decode-0", "role": "prefill"}),
+    P.FrontendReply(4, 503, '{"error": {}}', retry_after=2),
+    P.FrontendReport(17, 1.25, [P.MetricSample("pdcluster:requests_total", {"outcome": "success"}, 3.0)],
+                     [[0.1, 0.02], [0.2, None]]),
+    P.FrontendState(["smollm2-135m-instruct-dllm"]),
 ]
 
 

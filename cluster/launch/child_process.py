@@ -24,20 +24,22 @@ TAIL_LINES = 30
 
 @dataclass
 class Child:
-    name: str                          # "router" or a worker id
+    name: str                          # "router", a worker id or a router front end
     argv: list[str]
     env: dict
-    log_path: str
+    log_path: str                      # "": stdout and stderr are its parent's
     proc: Optional[subprocess.Popen] = None
     num_restarts: int = 0              # restarts since the budget was last given back
     restart_at: Optional[float] = None
     started_at: float = 0.0
+    pass_fds: tuple = ()               # descriptors it inherits (a router front end's listening socket)
 
     def spawn(self) -> None:
-        with open(self.log_path, "ab") as out:
+        with open(self.log_path or os.devnull, "ab") as out:
+            out = out if self.log_path else None       # no log file: it writes where its parent does
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_die_with_parent, pass_fds=self.pass_fds)
         self.restart_at = None
         self.started_at = time.monotonic()
         log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))

@@ -1,7 +1,8 @@
 """`python -m cluster.router --config C [--control EP] [--host H] [--port N] [--log-dir D]`.
 
 Binds the control endpoint first (workers may connect before HTTP is up), loads the
-tokenizers, then serves HTTP with uvicorn. SIGTERM / SIGINT: stop admitting (503 and
+tokenizers, then serves HTTP with uvicorn. With `[router] api_servers` > 1 this process is
+the dispatcher only and HTTP is served by that many front-end processes (frontends.py). SIGTERM / SIGINT: stop admitting (503 and
 /health 503), drain in-flight requests for up to `--drain-timeout` seconds, fail what is
 left with an error event, close the listener and the control socket, exit 0. A second
 signal exits at once.
@@ -18,7 +19,7 @@ from dataclasses import replace
 import uvicorn
 
 from cluster.config import ConfigError, default_config, load_config
-from cluster.roles import ROUTER_TOKEN_ENV
+from cluster.roles import ROUTER_TOKEN_ENV, api_servers
 from cluster.router.app import create_app
 from cluster.router.dispatcher import Dispatcher
 from cluster.router.service import RouterService
@@ -71,14 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def setup_logging(log_dir) -> None:
+def setup_logging(log_dir, name: str = "router") -> None:
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(log_dir, "router.log"))
+        handler = logging.FileHandler(os.path.join(log_dir, f"{name}.log"))
     level = os.environ.get("PDCLUSTER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, handlers=[handler], force=True,
-                        format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv=None) -> int:
@@ -102,6 +103,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         dispatcher.close()
         return 2
+    num_frontends = api_servers(cfg)
+    if num_frontends > 1:                                 # HTTP in front-end processes, dispatch here
+        from cluster.router.frontends import FrontendSupervisor
+        try:
+            return FrontendSupervisor(service, num_frontends, args.config, args.log_dir, args.drain_timeout).run()
+        finally:
+            dispatcher.close()
+            service.tracing.close()
     try:
         service.load_tokenizers()
     except Exception as e:

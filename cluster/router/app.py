@@ -17,7 +17,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.roles import ROLES
 from cluster.router.admin import add_admin_routes
 from cluster.router.choices import stream_choices, whole_response
 from cluster.router.errors import APIError, bad_request, error_body
@@ -31,6 +30,7 @@ from cluster.router.tokenize_routes import add_tokenize_routes, model_card
 log = logging.getLogger("pdcluster.router")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+FRONTEND_HEADER = "x-pdcluster-frontend"     # which front end answered (api_servers > 1)
 RAW_SEND = "pdcluster.send"     # scope key: the server's send, before any middleware wraps it
 
 
@@ -122,6 +122,8 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
     async def respond(parsed, request: Request):
         gens = await service.start_choices(parsed, request.headers.get("traceparent"))
         rid_header = {"x-request-id": gens[0].st.rid}  # joins logs, /debug and traces
+        if service.frontend_id is not None:
+            rid_header[FRONTEND_HEADER] = service.frontend_id
         if parsed.stream:
             return EventStreamResponse(stream_choices(service, gens), media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **rid_header})
@@ -142,42 +144,34 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         return {"object": "list", "data": data}
 
     add_tokenize_routes(app, service, authorize, read_json)
-    add_admin_routes(app, service, authorize, read_json)
+    add_admin_routes(app, service, authorize, read_json, answered)
 
     @app.get("/health")
     async def health():
-        d = service.dispatcher
-        with d.lock:
-            counts = {r: d.directory.count(r) for r in ROLES}
-            # a cluster of DLLM workers alone (prefill workers at most beside them) serves no main model
-            serves_main = any(g.count and g.role in ("decode", "unified") for g in cfg.groups)
-            up = d.directory.can_serve_main() if serves_main else d.directory.count("dllm") > 0
-            ok = up and not service.is_draining
-        body = {"status": "ok" if ok else ("draining" if service.is_draining else "unavailable"),
-                "workers": counts, "num_requests_in_flight": d.num_in_flight}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        answer = await service.ask("health")
+        if service.is_draining and isinstance(answer.body, dict):   # this front end stops admitting
+            return JSONResponse({**answer.body, "status": "draining"}, status_code=503)
+        return answered(answer)
 
     @app.get("/metrics")
     async def metrics(request: Request):
         if cfg.router.metrics_require_key:
             authorize(request)
-        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        answer = await service.ask("metrics")
+        if answer.status != 200:
+            return answered(answer)
+        return Response(answer.body, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/debug/requests/{request_id}")
     async def debug_request(request_id: str, request: Request):
         """The phases of a recent request (the last RECENT_REQUESTS admitted)."""
         authorize(request)
-        trace = service.tracing.get(request_id)
-        if trace is None:
-            raise APIError(404, f"no recent request {request_id!r} (the router keeps the last "
-                           f"{service.tracing.recent.capacity})", "not_found_error")
-        return trace.to_json()
+        return answered(await service.ask("debug_request", {"request_id": request_id}))
 
     @app.get("/internal/workers", include_in_schema=False)
     async def internal_workers(request: Request):
         internal_only(request)
-        return {"workers": service.dispatcher.snapshot(),
-                "control_endpoint": service.dispatcher.control_endpoint}
+        return answered(await service.ask("internal_workers"))
 
     @app.post("/internal/workers/{worker_id}/exit", include_in_schema=False)
     async def internal_worker_exit(worker_id: str, request: Request):
@@ -185,7 +179,11 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         raw = await read_body(request, cfg.router.max_body_bytes)
         body = parse_json(raw) if raw else {}
         reason = str(body.get("reason", "process exited")) if isinstance(body, dict) else ""
-        known = service.dispatcher.worker_exited(worker_id, reason or "process exited")
-        return {"worker_id": worker_id, "was_registered": known}
+        return answered(await service.ask("worker_exit", {"worker_id": worker_id, "reason": reason}))
 
     return app
+
+
+def answered(answer) -> JSONResponse:
+    headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after is not None else None
+    return JSONResponse(answer.body, status_code=answer.status, headers=headers)

@@ -26,6 +26,7 @@ from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.request_table import RequestTable
 from cluster.router.role_switch import RoleSwitches
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
+from cluster.wire.frontend_messages import FRONTEND_MESSAGES
 from cluster.wire.gauges import WorkerGauges
 
 log = logging.getLogger("pdcluster.router")
@@ -39,14 +40,15 @@ class Dispatcher:
         self.control_endpoint = control_endpoint or cfg.router.control
         self.lock = threading.RLock()
         self.directory = WorkerDirectory(cfg.router.policy)
-        self.table = RequestTable(self.directory, self._send)
+        self.table = RequestTable(self.directory, self.send)
         self.requests = self.table.requests               # wire rid -> state
         self.placer = Placer(self.directory, cfg.router.local_prefill_max_tokens,
                              {served_model(cfg, g): g for g in cfg.groups if g.role == "dllm"}, ttft=cfg.slo.ttft)
         self.failover = Failover(cfg, self.directory, self.table, self.placer.place)
         self.num_restarts: dict[str, tuple[str, int]] = {}  # worker id -> (role, registrations - 1)
-        self.role_switches = RoleSwitches(self.directory, self._send)
+        self.role_switches = RoleSwitches(self.directory, self.send)
         self.server = None
+        self.frontends = None                             # a FrontendHub when api_servers > 1
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
 
@@ -72,7 +74,7 @@ class Dispatcher:
         stopped by it anyway)."""
         with self.lock:
             for wid in list(self.directory.workers):
-                self._send(wid, protocol.Shutdown(reason=reason))
+                self.send(wid, protocol.Shutdown(reason=reason))
 
     def close(self, reason: str = "router shutting down") -> None:
         self._stopping.set()
@@ -110,6 +112,17 @@ class Dispatcher:
                 st.placement = first.placement
                 self.table.register(st)
             self.table.send_generate(first, siblings=[st.wire_rid for st in rest])
+
+    async def admit(self, sts: list[RequestState]) -> None:
+        """The HTTP side's one entry: one request, or n choices of one prompt; APIError 503
+        when they do not fit (a front end's DispatcherLink.admit has the same shape)."""
+        if len(sts) == 1:
+            self.submit(sts[0])
+        else:
+            self.submit_group(sts)
+
+    def dllm_models(self) -> list[str]:
+        return self.directory.dllm_models()
 
     def _check_room(self, num_new: int) -> None:
         limit = self.cfg.router.max_queued_requests
@@ -171,6 +184,8 @@ class Dispatcher:
             self._on_error(sender, msg)
         elif isinstance(msg, protocol.Register):
             self._on_register(sender, msg)
+        elif isinstance(msg, FRONTEND_MESSAGES) and self.frontends is not None:
+            self.frontends.handle(sender, msg)
         else:
             log.warning("unexpected %s from %s: dropped", type(msg).__name__, sender)
 
@@ -249,7 +264,7 @@ class Dispatcher:
         else:                                              # deterministic: fail it here
             self.table.fail(st, FailedEvent(500, reason), abort_reason=reason, spare=sender)
 
-    def _send(self, worker_id: str, msg) -> None:
+    def send(self, worker_id: str, msg) -> None:
         try:
             self.server.send(worker_id, msg)
         except Exception as e:                             # unroutable peer, closed socket

@@ -54,17 +54,36 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
+class RemoteSink:
+    """A request admitted by a front-end process: its events leave in that front end's next
+    `frontend_events` message (`outbox.send_events(frontend_id, [(rid, event), ...])`)."""
+
+    __slots__ = ("outbox", "frontend_id", "rid")
+
+    def __init__(self, outbox, frontend_id: str, rid: str):
+        self.outbox, self.frontend_id, self.rid = outbox, frontend_id, rid
+
+    def __call__(self, event: Event) -> None:
+        self.outbox.send_events(self.frontend_id, [(self.rid, event)])
+
+
 def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]]) -> None:
     """Hand one message's events to their requests, waking each event loop once for all of
-    them. Order per request is kept. A sink that is not a Mailbox is called directly."""
+    them and sending each front end one message. Order per request is kept. Any other sink
+    is called directly."""
     by_loop: dict = {}
+    by_frontend: dict = {}
     for sink, event in pairs:
         if isinstance(sink, Mailbox):
             by_loop.setdefault(sink.loop, []).append((sink, event))
+        elif isinstance(sink, RemoteSink):
+            by_frontend.setdefault((sink.outbox, sink.frontend_id), []).append((sink.rid, event))
         else:
             sink(event)
     for loop, items in by_loop.items():
         loop.call_soon_threadsafe(_put_all, items)
+    for (outbox, frontend_id), items in by_frontend.items():
+        outbox.send_events(frontend_id, items)
 
 
 def _put_all(items: list) -> None:

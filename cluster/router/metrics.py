@@ -3,7 +3,8 @@
 Router: `pdcluster:time_to_first_token_seconds`, `pdcluster:inter_token_latency_seconds`,
 `pdcluster:e2e_request_latency_seconds`, `pdcluster:request_phase_seconds{phase}`
 (histograms), `pdcluster:requests_total{outcome}`, `pdcluster:num_requests_in_flight`,
-`pdcluster:router_cpu_seconds_total{process}`.
+`pdcluster:router_cpu_seconds_total{process}` ("router", and "frontend-N" per HTTP front end:
+their series are summed into the dispatcher's, so each request counts once).
 Workers (labels `role`, `worker`), read from their last heartbeat at scrape time by
 `WorkerStatsCollector`: every metric `M` declared by `WorkerGauges` (cluster/wire/gauges.py)
 that a worker reports becomes `pdcluster:M` of the declared kind (a labelled counter's
@@ -22,6 +23,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from cluster.router.request_trace import PHASES
+from cluster.wire.frontend_messages import MetricSample
 from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, MetricDecl, WorkerGauges
 
 disable_created_metrics()          # no `_created` series: not among the documented names
@@ -37,6 +39,8 @@ PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  5.0, 10.0, 30.0, 60.0, 120.0, 480.0)
 OUTCOMES = ("success", "error", "timeout", "aborted", "rejected")
 WORKER_METRICS = {d.name: d for d in WorkerGauges.declared()}
+ROUTER_SERIES = frozenset(PREFIX + n for n in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                                               "e2e_request_latency_seconds", "request_phase_seconds", "requests"))
 _FAMILIES = {GAUGE: GaugeMetricFamily, COUNTER: CounterMetricFamily, HISTOGRAM: HistogramMetricFamily}
 
 
@@ -68,6 +72,7 @@ class RouterMetrics:
         Gauge(PREFIX + "num_requests_in_flight", "Requests admitted and not finished.",
               registry=r).set_function(num_in_flight)
         r.register(RouterCpuCollector())
+        self.frontends = None             # the dispatcher's FrontendHub: its front ends' series join ours
 
     def observe(self, histogram: Histogram, value: float, times: int = 1) -> None:
         for _ in range(times):
@@ -83,16 +88,43 @@ class RouterMetrics:
         self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.frontends is None:
+            return generate_latest(self.registry)
+        return generate_latest(_WithFrontends(self.registry, self.frontends))
+
+    def samples(self) -> list[MetricSample]:
+        """The router series (ROUTER_SERIES) as they stand: what a front end reports."""
+        return [MetricSample(s.name, dict(s.labels), s.value) for family in self.registry.collect()
+                if family.name in ROUTER_SERIES for s in family.samples]
+
+
+class _WithFrontends:
+    """This registry's families with the front ends' router series added to its own (each
+    request was counted by the one front end that served it) and a CPU sample per front end."""
+
+    def __init__(self, registry: CollectorRegistry, frontends):
+        self.registry, self.frontends = registry, frontends
+
+    def collect(self) -> Iterable:
+        added, cpu = self.frontends.summed_samples(), self.frontends.cpu_seconds()
+        for family in self.registry.collect():
+            if family.name in ROUTER_SERIES:
+                family.samples = [s._replace(value=s.value + added.get((s.name, tuple(sorted(s.labels.items()))), 0))
+                                  for s in family.samples]
+            elif family.name == PREFIX + "router_cpu_seconds":
+                for frontend_id, seconds in cpu.items():
+                    family.add_metric([frontend_id], seconds)
+            yield family
 
 
 class RouterCpuCollector:
     """The router process's CPU time (user + system, every thread), read at scrape time: its
-    rate over the delivered tokens is the host cost of streaming. One process serves HTTP and
-    dispatch, so the `process` label is always "router"."""
+    rate over the delivered tokens is the host cost of streaming. `process` is "router" (the
+    one process, or the dispatcher behind front ends); each front end adds its own
+    (`frontend-N`, from its reports)."""
 
     def collect(self) -> Iterable:
-        family = CounterMetricFamily(PREFIX + "router_cpu_seconds", "CPU time (user + system) the "
+        family = CounterMetricFamily(PREFIX + "router_cpu_seconds", "CPU time (user + system) each "
                                      "router process has used.", labels=["process"])
         family.add_metric(["router"], time.process_time())
         yield family

@@ -19,7 +19,9 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 from cluster.config import ClusterConfig
 from cluster.roles import served_model
 from cluster.router.completion import CompletionText, TextDelta
+from cluster.router.control_answers import ControlAnswers
 from cluster.router.dispatcher import Dispatcher
+from cluster.router.dispatcher_link import DispatcherLink
 from cluster.router.errors import APIError, bad_request, overloaded
 from cluster.router.metrics import RouterMetrics, WorkerStatsCollector
 from cluster.router.openai_request import ParsedRequest
@@ -70,18 +72,29 @@ def coalesced(events: list) -> list:
 
 
 class RouterService:
-    def __init__(self, cfg: ClusterConfig, dispatcher: Dispatcher):
+    """`dispatcher` is the Dispatcher itself (one router process, or the dispatcher's process
+    behind front ends), or a front end's DispatcherLink to it: then tracing, the SLO window
+    and every answer about workers live with the dispatcher, and the link forwards to them."""
+
+    def __init__(self, cfg: ClusterConfig, dispatcher: Dispatcher | DispatcherLink):
         self.cfg, self.dispatcher = cfg, dispatcher
         self.metrics = RouterMetrics(lambda: dispatcher.num_in_flight)
-        self.metrics.add_collector(WorkerStatsCollector(
-            dispatcher.worker_stats, dispatcher.restarts, dispatcher.rejected_frames))
-        self.metrics.add_collector(dispatcher.role_switches)
-        self.tracing = RequestTracing(cfg.tracing.otlp_endpoint, self.metrics.observe_phase)
-        self.slo = SloWindow(cfg.slo) if cfg.slo.is_set else None
-        if self.slo:
-            self.metrics.add_collector(self.slo)
-        self.planner = Planner(cfg, dispatcher, self.slo).start() if cfg.planner.enabled else None
+        self.planner = None
+        if isinstance(dispatcher, DispatcherLink):
+            self.tracing, self.slo, self.ask = dispatcher.tracing, dispatcher.slo, dispatcher.ask
+            dispatcher.attach(self.metrics)
+        else:
+            self.metrics.add_collector(WorkerStatsCollector(
+                dispatcher.worker_stats, dispatcher.restarts, dispatcher.rejected_frames))
+            self.metrics.add_collector(dispatcher.role_switches)
+            self.tracing = RequestTracing(cfg.tracing.otlp_endpoint, self.metrics.observe_phase)
+            self.slo = SloWindow(cfg.slo) if cfg.slo.is_set else None
+            if self.slo:
+                self.metrics.add_collector(self.slo)
+            self.planner = Planner(cfg, dispatcher, self.slo).start() if cfg.planner.enabled else None
+            self.ask = ControlAnswers(self).ask
         self.is_draining = False
+        self.frontend_id: Optional[str] = None           # a front end's name (its responses carry it)
         self._tokenizers: dict[str, object] = {}
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
         self._tokenize = TokenizeBatcher(self._tokenize_pool)
@@ -92,7 +105,7 @@ class RouterService:
         return {served_model(self.cfg, g): g.path for g in self.cfg.groups if g.role == "dllm"}
 
     def served_models(self) -> list[str]:
-        dllm = set(self.configured_dllm()) | set(self.dispatcher.directory.dllm_models())
+        dllm = set(self.configured_dllm()) | set(self.dispatcher.dllm_models())
         return [self.cfg.model.name] + sorted(dllm - {self.cfg.model.name})
 
     def route_of(self, model: Optional[str]) -> tuple[str, str]:
@@ -140,7 +153,7 @@ class RouterService:
                     gens.append(gen)
                     group.append(gen)
                 if parsed.n > 1:
-                    self._submit([g.st for g in group])
+                    await self._submit([g.st for g in group])
         except BaseException:
             for gen in gens:          # all or nothing: the client gets the error alone
                 gen.is_done = True
@@ -183,15 +196,12 @@ class RouterService:
         gen = Generation(st, mailbox, text, writer, len(input_ids), time.monotonic(), parsed=parsed)
         st.trace = self.tracing.begin(rid, model, route, arrival, traceparent)
         if submit:
-            self._submit([st])
+            await self._submit([st])
         return gen
 
-    def _submit(self, sts: list[RequestState]) -> None:
+    async def _submit(self, sts: list[RequestState]) -> None:
         try:
-            if len(sts) == 1:
-                self.dispatcher.submit(sts[0])
-            else:
-                self.dispatcher.submit_group(sts)
+            await self.dispatcher.admit(sts)
         except APIError as e:
             if e.status == 503:
                 self.metrics.count_outcome("rejected")

@@ -222,5 +222,9 @@ class RoleSwitch:                                 # router -> worker: drain, the
     role: str
 
 
+from cluster.wire.frontend_messages import (FrontendAbort, FrontendEnd, FrontendEvents, FrontendQuery,  # noqa: E402
+                                            FrontendReply, FrontendReport, FrontendState, FrontendSubmit)
+
 Message = Union[RequestMarks, Register, Heartbeat, Generate, Reprefill, DecodeReady, KvBatch, KvLayers, KvAck, Tokens,
-                Abort, Error, Shutdown, RoleSwitch]
+                Abort, Error, Shutdown, RoleSwitch, FrontendSubmit, FrontendEvents, FrontendAbort, FrontendEnd,
+                FrontendQuery, FrontendReply, FrontendReport, FrontendState]

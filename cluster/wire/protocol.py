@@ -31,6 +31,9 @@ from cluster.dllm_params import MAX_BLOCK_SIZE, DllmParams
 from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
                                 Number, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
                                 fail)
+from cluster.wire.frontend_messages import (FRONTEND_FIELDS, FrontendAbort, FrontendEnd, FrontendEvent,
+                                            FrontendEvents, FrontendQuery, FrontendReply, FrontendReport,
+                                            FrontendRequest, FrontendState, FrontendSubmit, MetricSample)
 from cluster.wire.gauges import COUNTER, GAUGE, HISTOGRAM, WorkerGauges
 from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbeat, HistogramSample,
                                    KvAck, KvBatch, KvFailed, KvFailure, KvLayers, KvReq, KvSpan, MarksItem, Message,
@@ -43,7 +46,9 @@ from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, 
 __all__ = ["PROTOCOL_VERSION", "FRAME_BYTES", "ProtocolError", "Message", "encode", "decode",
            "Register", "Heartbeat", "Generate", "Reprefill", "DecodeReady", "KvBatch", "KvLayers", "KvAck",
            "Tokens", "Abort", "Error", "Shutdown", "RoleSwitch", "RequestMarks", "Peer", "KvReq", "KvSpan", "KvFailed", "KvFailure",
-           "TokensItem", "PlainTokens", "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark"]
+           "TokensItem", "PlainTokens", "HistogramSample", "WorkerGauges", "MarksItem", "RequestMark",
+           "FrontendSubmit", "FrontendEvents", "FrontendAbort", "FrontendEnd", "FrontendQuery", "FrontendReply",
+           "FrontendReport", "FrontendState", "FrontendRequest", "FrontendEvent", "MetricSample"]
 
 PROTOCOL_VERSION = 1
 INLINE_IDS = 256                 # longer token-id lists travel as an int32 frame
@@ -173,6 +178,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
     Shutdown: {"reason": TEXT},
     RoleSwitch: {"role": Str(choices=SWITCHABLE_ROLES)},
 }
+_FIELDS.update(FRONTEND_FIELDS)                  # the router's own processes (api_servers > 1)
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
 _RECORDS: dict[type, Check] = {cls: Record(f) for cls, f in _FIELDS.items()}
 for _cls, _f in _FIELDS.items():   # the schema and the dataclass must agree
