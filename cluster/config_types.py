@@ -157,6 +157,8 @@ class PlannerConfig(Section):
                              gt=0)
     hysteresis: float = option(0.1, "relative margin around a target before acting (0.1: act above "
                                "110% of a target; switch back below 90% of both)", lo=0, hi=0.9)
+    percentile: float = option(90.0, "the percentile of the SLO window's TTFT and TPOT held against the "
+                               "targets (a tail, as SLOs are stated); 0 = their means", lo=0, hi=100)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,3 +81,15 @@ def test_the_planner_needs_an_slo_target():
     with pytest.raises(ConfigError, match="planner.enabled"):
         config_from_dict({"planner": {"enabled": True}})
     assert config_from_dict({"planner": {"enabled": True}, "slo": {"ttft": 1.0}}).planner.enabled
+
+
+def test_a_slow_tail_the_mean_hides_moves_a_worker_at_the_p90(cluster):
+    r, workers, planner, window, clock = cluster
+    for i in range(10):                                   # mean TTFT 0.95 s (95%), p90 2.0 s (200%)
+        window.observe(2.0 if i < 3 else 0.5, 0.01)
+    assert window.means()[0] == pytest.approx(0.95) and window.percentiles(90) == (2.0, 0.01)
+    assert window.percentiles(50) == (0.5, 0.01) and window.percentiles(100)[0] == 2.0
+    planner.settings = replace(planner.settings, percentile=0)
+    assert planner.decide() is None                       # by the mean: inside the band
+    planner.settings = replace(planner.settings, percentile=90)
+    assert planner.decide() == ("decode-0", "prefill")

@@ -1,7 +1,8 @@
 """The planner: role switches that keep the `[slo]` targets, decided from what the router
 already measures (off unless `[planner] enabled`).
 
-Every `interval` seconds it compares the SLO window's mean TTFT and mean TPOT with their
+Every `interval` seconds it compares the SLO window's TTFT and TPOT at `percentile` (p90 by
+default: SLOs are kept or missed in the tail, which a mean hides; 0 = the means) with their
 targets. TTFT above (1 + hysteresis) x its target while TPOT is not above its own: prefill
 is the bottleneck, so the least-loaded decode worker (one of several) becomes a prefill
 worker; the mirror case moves a prefill worker to decode. When both sit below
@@ -58,8 +59,9 @@ class Planner:
         now = self.clock()
         if now - self.last_switch < self.settings.interval:
             return None
-        mean_ttft, mean_tpot = self.slo.means()
-        ttft, tpot = _ratio(mean_ttft, self.targets.ttft), _ratio(mean_tpot, self.targets.tpot)
+        q = self.settings.percentile
+        seen_ttft, seen_tpot = self.slo.percentiles(q) if q else self.slo.means()
+        ttft, tpot = _ratio(seen_ttft, self.targets.ttft), _ratio(seen_tpot, self.targets.tpot)
         with self.dispatcher.lock:
             workers = list(self.dispatcher.directory.workers.values())
             if any(w.switching_to is not None for w in workers):
@@ -72,8 +74,9 @@ class Planner:
                 except APIError as e:
                     log.info("planner: %s -> %s refused: %s", *move, e.message)
                     move = None
-        log.info("planner: TTFT %s, TPOT %s of target (hysteresis %g) -> %s", _show(ttft), _show(tpot),
-                 self.settings.hysteresis, f"switch {move[0]} to {move[1]}" if move else "no change")
+        log.info("planner: %s TTFT %s, TPOT %s of target (hysteresis %g) -> %s", f"p{q:g}" if q else "mean",
+                 _show(ttft), _show(tpot), self.settings.hysteresis,
+                 f"switch {move[0]} to {move[1]}" if move else "no change")
         return move
 
     def _choose(self, ttft: Optional[float], tpot: Optional[float], workers) -> Optional[tuple[str, str]]:

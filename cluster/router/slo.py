@@ -10,6 +10,7 @@ finished request exports no samples.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +40,14 @@ def meets(value: Optional[float], target: Optional[float]) -> bool:
 def request_tpot(first_token_at: float, finished_at: float, num_tokens: int) -> Optional[float]:
     """Mean seconds per output token after the first; None for a one-token answer."""
     return (finished_at - first_token_at) / (num_tokens - 1) if num_tokens > 1 else None
+
+
+def _nearest_rank(values: list[float], q: float) -> Optional[float]:
+    """The smallest value with at least q% of `values` at or below it."""
+    if not values:
+        return None
+    ranked = sorted(values)
+    return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
 
 
 class SloWindow:
@@ -74,6 +83,13 @@ class SloWindow:
         tpots = [j.tpot for j in judged if j.tpot is not None]
         return (sum(j.ttft for j in judged) / len(judged) if judged else None,
                 sum(tpots) / len(tpots) if tpots else None)
+
+    def percentiles(self, q: float) -> tuple[Optional[float], Optional[float]]:
+        """(TTFT, TPOT) at percentile `q` (0-100, nearest rank) of the window's requests; None where
+        there is none."""
+        judged = self._current()
+        return (_nearest_rank([j.ttft for j in judged], q),
+                _nearest_rank([j.tpot for j in judged if j.tpot is not None], q))
 
     def goodput(self) -> float:
         """Requests per second of window that met both targets."""
