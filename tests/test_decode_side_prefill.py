@@ -1,11 +1,10 @@
 """Decode-side prefill under a step budget: the step cost model a decode worker fits from its own
-forwards, the prompt chunk it sizes from it for the TPOT target, the router's choice to send a
-prompt there when the prefill side would break the TTFT target, and the mixed steps themselves
-(greedy output unchanged, each chunk within its budget)."""
+forwards, the prompt chunk it sizes from it for the TPOT target, and the router's choice to send
+a prompt there when the prefill side would break the TTFT target. The mixed steps themselves run
+the real model in tests/test_handoff_inprocess.py."""
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 
@@ -15,7 +14,6 @@ from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 from cluster.runtime.step_cost import BUDGET_SHARE, PRIOR_TOKEN_S, Coefs, RateWindow, StepCostModel
 from cluster.sampling_params import SamplingParams
 from cluster.wire.gauges import WorkerGauges
-from tests.inprocess_workers import Pair, run_unified
 
 TRUE = Coefs(base=0.010, per_row=0.002, per_token=0.0005)
 
@@ -124,38 +122,3 @@ def test_router_moves_prompts_to_decode_when_no_prefill_worker_is_left():
     d.remove("prefill-0")
     assert place(d, 50) == Placement.single("local", "decode-0")
     assert math.isinf(decode_side_seconds(directory(WorkerGauges(), WorkerGauges()).get("decode-0"), 1))
-
-
-# ---- the mixed steps, real model in process ----------------------------------------------------
-LONG = ("A short story about a lighthouse keeper who counts the ships that pass by at night and "
-        "writes each name in a book")
-
-
-def test_mixed_steps_keep_greedy_output_and_each_chunk_within_its_budget(loaded, caplog):
-    prompts = ["The capital of France is", LONG]
-    ref = run_unified(loaded, prompts, overlap=False, max_tokens=6)
-    pair = Pair(loaded)
-    pair.decode.local_prefill.tpot = 1e-4       # no chunk fits: each step carries the one-page minimum
-    try:
-        pair.submit("r0", prompts[0], max_tokens=6)
-        for _ in range(40):                      # decoding before the local prompt arrives
-            pair.prefill.normal_step()
-            pair.decode.normal_step()
-            if len(pair.decode.decode):
-                break
-        ids = loaded.tokenizer.encode(LONG)
-        pair.dc.generate("r1", ids, max_tokens=6)
-        with caplog.at_level("INFO", logger="pdcluster.decode"):
-            out = pair.run(2)
-        assert out == ref
-        mixed = [lens for lens in pair.decode_forwards if max(lens) > 1]      # decode steps are all ones
-        assert mixed and all(lens[0] == 1 and lens[1] <= 16 for lens in mixed)   # the row, then the chunk
-        lines = re.findall(r"Mixed step \[\d+\]: #decode-req: 1, #prefill-token: (\d+), chunk budget: (\d+)",
-                           caplog.text)
-        assert len(lines) == len(mixed) and all(int(t) <= int(b) == 16 for t, b in lines)
-        gauges = pair.decode.heartbeat_gauges()
-        assert gauges.decode_side_prefill_tokens_total == len(ids)
-        assert gauges.num_queue_tokens == 0
-        pair.decode.runner.page_allocator.check_integrity()
-    finally:
-        pair.close()

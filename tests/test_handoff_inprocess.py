@@ -218,3 +218,39 @@ def test_aborting_one_sibling_frees_only_its_pages(loaded):
         pair.decode.runner.page_allocator.check_integrity()
     finally:
         pair.close()
+
+
+# decode-side prefill: a prompt without a prefill peer rides in the decode steps, a page a step
+LONG = ("A short story about a lighthouse keeper who counts the ships that pass by at night and "
+        "writes each name in a book")
+
+
+def test_decode_side_prefill_mixed_into_decode_steps_keeps_greedy_output_and_each_chunk_within_budget(
+        loaded, caplog):
+    prompts = ["The capital of France is", LONG]
+    ref = run_unified(loaded, prompts, overlap=False, max_tokens=6)
+    pair = Pair(loaded)
+    pair.decode.local_prefill.tpot = 1e-4       # no chunk fits: each step carries the one-page minimum
+    try:
+        pair.submit("r0", prompts[0], max_tokens=6)
+        for _ in range(40):                      # decoding before the local prompt arrives
+            pair.prefill.normal_step()
+            pair.decode.normal_step()
+            if len(pair.decode.decode):
+                break
+        ids = loaded.tokenizer.encode(LONG)
+        pair.dc.generate("r1", ids, max_tokens=6)
+        with caplog.at_level("INFO", logger="pdcluster.decode"):
+            out = pair.run(2)
+        assert out == ref
+        mixed = [lens for lens in pair.decode_forwards if max(lens) > 1]      # decode steps are all ones
+        assert mixed and all(lens[0] == 1 and lens[1] <= 16 for lens in mixed)   # the row, then the chunk
+        lines = re.findall(r"Mixed step \[\d+\]: #decode-req: 1, #prefill-token: (\d+), chunk budget: (\d+)",
+                           caplog.text)
+        assert len(lines) == len(mixed) and all(int(t) <= int(b) == 16 for t, b in lines)
+        gauges = pair.decode.heartbeat_gauges()
+        assert gauges.decode_side_prefill_tokens_total == len(ids)
+        assert gauges.num_queue_tokens == 0
+        pair.decode.runner.page_allocator.check_integrity()
+    finally:
+        pair.close()
