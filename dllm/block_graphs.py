@@ -20,7 +20,7 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -39,13 +39,24 @@ MAX_BANNED = 4
 
 @dataclass
 class _Step:
-    graph: torch.cuda.CUDAGraph
     buffer: torch.Tensor         # int64: lead ids [B*R], positions, slots, kv limits [B*T] each, page starts [B], pages
-    lead: int
+    rows: int                    # B
+    lead: int                    # R
+    run: Callable[[], None]      # the step over the static buffer and state, as the graph captured it
+    graph: Optional[torch.cuda.CUDAGraph] = None
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
 
 
 class BlockGraphs:
-    def __init__(self, runner, shift: int, width: int, max_batch: int, mask_token_id: int):
+    """`capture=False`: the same static steps run eagerly, built on first use (tests on the CPU,
+    through Triton's interpreter)."""
+
+    def __init__(self, runner, shift: int, width: int, max_batch: int, mask_token_id: int, capture: bool = True):
         self.runner, self.model, self.kv_caches = runner, runner.model, runner.kv_caches
         self.device, self.page_size = runner.device, runner.page_size
         self.shift, self.width = shift, width
@@ -56,7 +67,8 @@ class BlockGraphs:
         self.max_pages = 2 * runner.page_allocator.num_pages + max_batch + 1
         self.states = {b: BlockState.empty(b, width, MAX_STOP_IDS, MAX_BANNED, self.vocab_size, mask_token_id,
                                            self.device) for b in self.buckets}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.capture = capture
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.steps: dict[tuple[int, int], _Step] = {}
         self.capture_s = 0.0
 
@@ -85,13 +97,13 @@ class BlockGraphs:
         with _no_gc():
             for b in sorted(self.buckets, reverse=True):   # largest first: smaller ones reuse its pool
                 for lead in self.leads:
-                    self.steps[b, lead] = self._capture(b, lead)
+                    self.steps[b, lead] = self._capture(self._build(b, lead))
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d DLLM block-step CUDA graphs (batch %d..%d, block %d) in %.2f s", len(self.steps),
                     self.buckets[0], self.buckets[-1], self.width, self.capture_s)
 
-    def _capture(self, b: int, lead: int) -> _Step:
+    def _build(self, b: int, lead: int) -> _Step:
         t, width, shift = lead + self.width, self.width, self.shift
         ends = self._offsets(b, lead)
         buffer = torch.zeros(ends[-1], dtype=torch.int64, device=self.device)
@@ -110,19 +122,23 @@ class BlockGraphs:
             rows = hidden.view(b, t, -1)[:, lead - shift:lead - shift + width].reshape(b * width, -1)
             unmask_step(state, self.model.compute_logits(rows).view(b, width, -1))
 
+        return _Step(buffer, b, lead, run)
+
+    def _capture(self, step: _Step) -> _Step:
+        ends = self._offsets(step.rows, step.lead)
         # a harmless step for the warm-up and the capture: every slot a padding slot
-        slots.fill_(self.scratch_page * self.page_size)
-        limits.fill_(1)
-        pages[0] = self.scratch_page
+        step.buffer[ends[1]:ends[2]] = self.scratch_page * self.page_size
+        step.buffer[ends[2]:ends[3]] = 1
+        step.buffer[ends[4]] = self.scratch_page
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):   # warm-up outside the graph (allocator, Triton compiles)
-            run()
+            step.run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            run()
-        return _Step(graph, buffer, lead)
+        step.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(step.graph, pool=self.pool):
+            step.run()
+        return step
 
     # ---- replay -------------------------------------------------------------------------
     def fill(self, b: int, fi: ForwardInput, block_lens: list[int]) -> Optional[_Step]:
@@ -162,7 +178,9 @@ class BlockGraphs:
         page_start[n:] = m                                           # padding rows: the scratch page
         host[ends[4]:ends[4] + m] = flat
         host[ends[4] + m] = self.scratch_page
-        step = self.steps[b, lead]
+        step = self.steps.get((b, lead))
+        if step is None:                                             # not captured: built now, run eagerly
+            step = self.steps[b, lead] = self._build(b, lead)
         # NOTE: pageable source: the copy is staged before it returns, so `host` may go
         step.buffer[:host.size].copy_(torch.from_numpy(host), non_blocking=True)
         return step
@@ -192,7 +210,7 @@ class GraphPlan:
             step = self._later
         if step is None:
             return False
-        step.graph.replay()
+        step.replay()
         return True
 
 

@@ -111,8 +111,9 @@ def block_loop_for(runner, spec, width: int, max_batch: int) -> "BlockLoop":
     graphs captured now, for blocks of `width` and batches up to `max_batch`."""
     graphs = None
     if cuda_graphs_enabled(runner.device) and runner.attention_backend == "triton" and runner.config.mla is None:
-        graphs = BlockGraphs(runner, spec.shift, width, max_batch, spec.mask_token_id)
-        graphs.capture_all()
+        graphs = BlockGraphs(runner, spec.shift, width, max_batch, spec.mask_token_id, capture=runner.device.type == "cuda")
+        if graphs.capture:
+            graphs.capture_all()
     return BlockLoop(runner, graphs)
 
 

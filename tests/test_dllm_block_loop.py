@@ -1,6 +1,8 @@
 """Block rounds (dllm/block_loop.py: a round's blocks denoised to the end with the tensor-op commit
 step) against per-forward rounds (host commits), on the CPU where both run eagerly: the same
 tokens, the same commits step by step, the same KV policy for every model kind."""
+import sys
+
 import pytest
 
 from cluster.dllm_params import DllmParams
@@ -9,11 +11,27 @@ from cluster.engine.model_runner import ModelRunner
 from dllm.model_spec import detect_spec
 from tests.dllm_runs import reqs, run_dllm
 from tests.test_dllm_models import llada_dir, sdar_dir  # noqa: F401  (fixtures)
+from tests.triton_interpreter import interpreted_kernels
+
+kernels = interpreted_kernels("triton_attention")
+
+
+class IdsOnlyTokenizer:
+    """These runs check token ids, never text: no tokenizer to load."""
+    eos_token_ids = frozenset({2})
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def ids_only(loaded):
+    loaded._tokenizer = IdsOnlyTokenizer()
+    return loaded
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_llama_dir):
-    return ModelRunner(load_model("tiny", tiny_llama_dir, load_format="dummy"), num_pages=256, page_size=4)
+    return ModelRunner(ids_only(load_model("tiny", tiny_llama_dir, load_format="dummy")), num_pages=256, page_size=4)
 
 
 def both(runner, requests, params, **kw):
@@ -61,8 +79,31 @@ def test_sampled_requests_keep_per_forward_rounds_with_the_block_loop_on(runner)
                                                                steps_per_block=2))])
 def test_block_rounds_equal_per_forward_rounds_on_llada_and_sdar(which, params, llada_dir, sdar_dir):  # noqa: F811
     path = llada_dir if which == "llada" else sdar_dir
-    runner = ModelRunner(load_model("m", path), num_pages=64, page_size=4)
+    runner = ModelRunner(ids_only(load_model("m", path)), num_pages=64, page_size=4)
     prompts = [[5, 9, 40, 3, 77], [1, 2, 3]]        # SDAR: the prompts' tails share the first block
     (a, sa), (b, sb) = both(runner, reqs(prompts=prompts, max_tokens=8, ignore_eos=True), params,
                             spec=detect_spec(path))
     assert b.outputs() == a.outputs() and commits_by_request(sb) == commits_by_request(sa)
+
+
+def test_static_step_layout_of_the_cuda_graphs_commits_what_ragged_rounds_commit(runner, kernels, monkeypatch):
+    """The graphs' padded layout (block_graphs.py) run eagerly, its attention through the interpreted
+    Triton extend kernel as on CUDA, against per-forward rounds on the CPU's torch attention."""
+    import cluster.engine as engine
+    requests = reqs(prompts=[[5, 17, 33], [9, 250, 3, 77, 44, 12]], max_tokens=8, ignore_eos=True)
+    every_params = [DllmParams(block_size=4, threshold=0.003),
+                    DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)]
+    refs = [run_dllm(runner, requests, params) for params in every_params]
+    monkeypatch.setitem(sys.modules, "cluster.engine.triton_attention", kernels)
+    monkeypatch.setattr(engine, "triton_attention", kernels, raising=False)
+    monkeypatch.setattr("dllm.block_loop.cuda_graphs_enabled", lambda device: True)
+    monkeypatch.setattr(runner, "attention_backend", "triton")
+    leads = set()
+    for params, (ref, ref_sched) in zip(every_params, refs):
+        got, sched = run_dllm(runner, requests, params, block_loop=True)
+        graphs = sched.block_loop.graphs
+        runner.page_allocator.free([graphs.scratch_page])
+        assert got.outputs() == ref.outputs() and commits_by_request(sched) == commits_by_request(ref_sched)
+        assert sched.block_loop.num_graph_steps > 0
+        leads |= {lead for _, lead in graphs.steps}
+    assert leads == {1, 5}      # a block's first step (re-running the block before) and its later steps
