@@ -188,9 +188,6 @@ class WorkerGroup(Section):
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.tp > 1 and self.role in ("prefill", "decode"):
-            raise ConfigError(type(self).__name__, "tp", f"tp={self.tp}: a KV handoff moves one rank's pool "
-                              "today; tensor-parallel workers are unified or dllm")
         if self.tp > 1 and self.gpus and len(self.gpus) < self.count * self.tp:
             raise ConfigError(type(self).__name__, "gpus", f"{len(self.gpus)} GPU(s) for {self.count} worker(s) "
                               f"x tp={self.tp}: needs {self.count * self.tp}")

@@ -80,7 +80,8 @@ class KvIntake:
                         self.landing.take(item.rid, item.attempt, item.layers_sent)
                     self.unpack(msg, item, payload, req, (min(item.layers_sent, num_layers), num_layers))
                     if req is not None:
-                        self.transfer.receiver_for(msg.backend).verify_landed(item, self.pages_of(req, item))
+                        self.transfer.receiver_for(msg.backend, msg.source).verify_landed(
+                            item, self.pages_of(req, item))
                     num_bytes = self.transfer.pool.request_bytes(item.transfer_len)
                 else:
                     num_bytes = self.unpack(msg, item, payload, req, None)
@@ -95,7 +96,9 @@ class KvIntake:
         return landed, refused, unexpected
 
     def unpack(self, msg, item, payload, req: Optional[Req], layers) -> int:
-        backend = self.transfer.receiver_for(msg.backend)
+        if item.tp != 1 and "ranks" not in msg.source:
+            raise KvTransferError("layout", f"one pool's KV from a prefill worker of tp={item.tp}")
+        backend = self.transfer.receiver_for(msg.backend, msg.source)
         dst = self.pages_of(req, item) if req is not None else None
         return backend.unpack(msg.prefill_worker_id, msg.source, item, payload, dst, layers)
 

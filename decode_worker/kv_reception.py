@@ -33,8 +33,8 @@ class KvReception:
 
     @property
     def own_peer(self) -> "P.Peer":
-        """This worker as a prefill worker reaches it."""
-        return P.Peer(self.worker_id, self.handoff.address)
+        """This worker as a prefill worker reaches it (its TP size decides how the KV travels)."""
+        return P.Peer(self.worker_id, self.handoff.address, tp=self.handoff.transfer.ranks.size)
 
     def expect(self, req: Req) -> str:
         """`req`'s pages are reserved: wait for its KV; -> its prefill worker's data address."""

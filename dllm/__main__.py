@@ -21,8 +21,10 @@ def build(args, config, group, runner, control):
     handoff = None
     if group.prefill != "local":
         from cluster.runtime.kv_handoff import KvHandoff
+        from cluster.runtime.worker_main import kv_ranks
         handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
-                                 curve=args.curve, arrivals=control.arrivals, fence=runner.import_fence)
+                                 curve=args.curve, arrivals=control.arrivals, fence=runner.import_fence,
+                                 ranks=kv_ranks(runner, config, args.curve))
         register["data_addr"] = handoff.address
     scheduler = DllmScheduler(group.scheduler, args.worker_id, runner, control, spec, group.dllm,
                               handoff=handoff, timeouts=config.timeouts)

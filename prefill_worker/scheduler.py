@@ -53,6 +53,7 @@ class PrefillScheduler(WorkerScheduler):
         self.dllm_blocks: dict[str, int] = {}      # rid -> dllm_attn_block its DLLM worker asked for
         self.rate = RateWindow()                   # prefill_throughput, for the router's queueing prediction
         self.launched_tokens: dict[int, int] = {}  # forward_iter -> tokens of a forward not processed yet
+        self.peer_tp: dict[str, int] = {}          # decode data address -> its TP size (from its readiness)
         if layers is not None:
             logger.info("%s: layer-wise KV streaming %s", worker_id,
                         "on" if self.transfer.layerwise is True else "for peers reached through zmq (auto)")
@@ -68,6 +69,8 @@ class PrefillScheduler(WorkerScheduler):
 
     def recv_data(self) -> None:
         for sender, msg in self.handoff.received():
+            if isinstance(msg, (P.DecodeReady, P.Reprefill)):
+                self.peer_tp[msg.decode.data_addr] = msg.decode.tp
             if isinstance(msg, P.DecodeReady):
                 if msg.held_len:
                     self.held_by_decode[msg.rid] = msg.held_len
@@ -166,12 +169,20 @@ class PrefillScheduler(WorkerScheduler):
 
     def planned(self, req: Req, kv_len: int) -> Planned:
         """Where a request this forward completes streams its layers, and what its KV is."""
-        backend = self.transfer.sender_for(req.peer.data_addr)
+        backend = self.sender_for(req.peer.data_addr)
         pages, length = self.kv_span(req, kv_len)
         num = self.runner.kv_pool.pages_for(length)
         span = P.KvSpan(req.rid, kv_len, attempt=req.kv_attempt, held_len=self.held_of(req, kv_len),
-                        src_pages=list(pages[:num]) if backend.holds_pages else None)
+                        src_pages=list(pages[:num]) if backend.holds_pages else None, **self.tp_layout)
         return Planned(backend, pages, length, req.peer.data_addr, span)
+
+    def sender_for(self, addr: str):
+        return self.transfer.sender_for(addr, self.peer_tp.get(addr, 1))
+
+    @property
+    def tp_layout(self) -> dict:
+        """What every KV item says of this worker's TP layout: its ranks and the KV heads each holds."""
+        return {"tp": self.runner.tp.size, "heads_per_rank": self.runner.kv_pool.num_kv_heads}
 
     def kv_span(self, req: Req, kv_len: int) -> tuple[list[int], int]:
         """(pages, length) of the KV that travels: the whole pages decode already holds do not."""
@@ -209,7 +220,7 @@ class PrefillScheduler(WorkerScheduler):
 
     def send_kv(self, batch: ScheduleBatch, addr: str, items, forward_s: float) -> None:
         """One kv_batch to the decode worker at `addr`; the backend moves the bytes."""
-        backend = self.transfer.sender_for(addr)
+        backend = self.sender_for(addr)
         faults = self.transfer.faults
         reqs, tensors, packed_all = [], [], []
         for req, token, lp, top in items:
@@ -240,8 +251,8 @@ class PrefillScheduler(WorkerScheduler):
             reqs.append(P.KvReq(req.rid, token, req.kv_len, lp, top, prompt_logprobs=req.prompt_logprobs,
                                 attempt=req.kv_attempt,
                                 checksum=packed.checksum, src_pages=packed.src_pages, held_len=held,
-                                layers_sent=packed.layers_sent))
-            if backend.name == "zmq":
+                                layers_sent=packed.layers_sent, **self.tp_layout))
+            if packed.tensor is not None and backend.name == "zmq":
                 tensors.append(packed.tensor)
             packed_all.append(packed)
         self.marks.flush(self.control)                  # NOTE: the router hears it before decode

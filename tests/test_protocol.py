@@ -150,7 +150,8 @@ def test_kv_layers_carry_one_layer_per_request_and_the_kv_batch_then_zero():
         encode(P.KvLayers(9, "prefill-0", 0, 0, [], []))
     with pytest.raises(ProtocolError, match="held_len"):
         encode(P.KvLayers(9, "prefill-0", 0, 1, [{"rid": "a", "seq_len": 2, "attempt": 0,
-                                                   "src_pages": None, "held_len": 2}], [], backend="shm"))
+                                                   "src_pages": None, "held_len": 2, "tp": 1,
+                                                   "heads_per_rank": 0}], [], backend="shm"))
 
 
 def test_default_split_is_4mib():

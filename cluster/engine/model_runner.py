@@ -72,10 +72,11 @@ class ModelRunner:
         return self.loaded.tokenizer
 
     def kv_fingerprint(self) -> dict:
-        """What a KV handoff between two workers must agree on; `layout` names the planes' meaning."""
+        """What a KV handoff between two workers must agree on; `layout` names the planes' meaning.
+        `num_kv_heads` is the model's, whatever this worker's TP size: the handoff maps heads between sizes."""
         pool, mla = self.kv_pool, self.config.mla
         layout = "kv" if mla is None else f"latent:{mla.kv_lora_rank}+{mla.qk_rope_head_dim}"
-        return {"num_layers": pool.num_layers, "num_kv_heads": pool.num_kv_heads, "head_dim": pool.head_dim,
+        return {"num_layers": pool.num_layers, "num_kv_heads": self.config.kv_cache_shape[1], "head_dim": pool.head_dim,
                 "dtype": str(self.dtype).removeprefix("torch."), "page_size": self.page_size, "layout": layout}
 
     # future-token map

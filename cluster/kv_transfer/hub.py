@@ -16,7 +16,8 @@ import importlib
 import ipaddress
 import logging
 import socket
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from cluster.config_types import KV_BACKENDS, KvTransferConfig
 from cluster.engine.kv_cache import KVPool
@@ -73,10 +74,21 @@ def is_same_host(address: str) -> bool:
     return host in local
 
 
+@dataclass(frozen=True)
+class TpRanks:
+    """The worker's tensor-parallel ranks as its KV handoff sees them (`rank_read.py`)."""
+    size: int = 1
+    num_kv_heads: int = 0              # the model's, over all ranks
+    followers: Any = None              # rank 0's runtime.tp_ranks.TpFollowers: the other ranks
+    timeout_s: float = 30.0            # a decode rank's wait for a read or for the other ranks
+    curve: Any = None                  # the cluster's CURVE keys (slice servers and their clients)
+
+
 class TransferHub:
     def __init__(self, config: KvTransferConfig, pool: KVPool, worker_id: str,
                  data_host: str = "127.0.0.1", data_addr: str = "", segment=None,
-                 faults: Optional[KvFaults] = None, fence: Optional[ImportFence] = None):
+                 faults: Optional[KvFaults] = None, fence: Optional[ImportFence] = None,
+                 ranks: Optional[TpRanks] = None):
         self.backend, self.verify, self.layerwise = config.backend, config.verify, config.layerwise
         self.pool, self.worker_id, self.data_host, self.segment = pool, worker_id, data_host, segment
         self.faults = faults if faults is not None else KvFaults.from_env()
@@ -85,6 +97,9 @@ class TransferHub:
         self._senders: dict[str, KvSender] = {}
         self._receivers: dict[str, KvReceiver] = {}
         self._chosen: dict[str, str] = {}          # peer address -> backend name (auto)
+        self.ranks = ranks or TpRanks(1, pool.num_kv_heads)
+        self._rank_halves: dict[tuple, Any] = {}   # (SENDER | RECEIVER, transport) -> rank_read half
+        self._slice_server = None                  # rank 0's, once a peer reads over zmq
 
     def sender(self, name: str) -> KvSender:
         s = self._senders.get(name)
@@ -107,7 +122,11 @@ class TransferHub:
         return backend_class(name, RECEIVER)(pool=self.pool, worker_id=self.worker_id, verify=self.verify,
                                              fence=self.fence, **extra)
 
-    def sender_for(self, peer_addr: str) -> KvSender:
+    def sender_for(self, peer_addr: str, peer_tp: int = 1) -> KvSender:
+        """The sender for a decode peer; when either side has several TP ranks, the decode ranks
+        read their heads (`rank_read.py`) over shm (same host, CPU) or zmq."""
+        if self.ranks.size > 1 or peer_tp > 1:
+            return self._rank_sender(self._read_transport(peer_addr))
         name = self._chosen.get(peer_addr)
         if name is None:
             name = self.backend
@@ -121,14 +140,61 @@ class TransferHub:
         """Layer-wise for this peer's backend? `auto`: only where the bytes cross a socket (zmq):
         on 2 x H200 it cut zmq's TTFT by a third to a half, and added 2-14% with cuda_ipc and
         nccl, whose whole-request copy takes about a millisecond (BENCHMARKS.md)."""
-        return self.layerwise is True or (self.layerwise == "auto" and backend.name == "zmq")
+        return self.layerwise is True or (self.layerwise == "auto" and backend.name == "zmq"
+                                          and not backend.holds_pages)   # not reads between TP sizes
 
-    def receiver_for(self, name: str) -> KvReceiver:
+    def receiver_for(self, name: str, source: Optional[dict] = None) -> KvReceiver:
         if self.backend not in ("auto", name) or name not in KV_BACKENDS:
             raise KvTransferError("backend", f"kv_batch sent with {name!r}, this worker takes "
                                   f"{self.backend!r}")
+        if source is not None and "ranks" in source:
+            return self._rank_receiver(name)
+        if self.ranks.size > 1:
+            raise KvTransferError("layout", f"one whole pool's KV sent to a worker of tp={self.ranks.size}")
         return self.receiver(name)
 
+    # ---- reads between TP sizes (rank_read.py) ------------------------------------------
+    def _read_transport(self, peer_addr: str) -> str:
+        from cluster.kv_transfer.rank_read import TRANSPORTS
+        if self.backend in TRANSPORTS:
+            return self.backend
+        same_host_cpu = self.pool.device.type == "cpu" and self.segment is not None and is_same_host(peer_addr)
+        name = "shm" if same_host_cpu else "zmq"
+        if self._chosen.get(peer_addr) != name:
+            logger.info("%s: kv_transfer %s -> %s reads for decode peer %s (TP sizes differ)", self.worker_id,
+                        self.backend, name, peer_addr)
+            self._chosen[peer_addr] = name
+        return name
+
+    def _rank_sender(self, transport: str) -> KvSender:
+        from cluster.kv_transfer.rank_read import RankReadSender, rank_source
+        half = self._rank_halves.get((SENDER, transport))
+        if half is None:
+            if transport == "zmq" and self._slice_server is None:
+                from cluster.kv_transfer.slice_server import SliceServer
+                self._slice_server = SliceServer(self.pool, self.data_host, self.ranks.curve)
+            own = rank_source(self.pool, self.segment, self._slice_server)
+            others = self.ranks.followers.sources if self.ranks.followers is not None else {}
+            sources = [own, *(others[r] for r in range(1, self.ranks.size))]
+            half = RankReadSender(self.pool, self.worker_id, transport, sources, self.ranks.num_kv_heads)
+            self._rank_halves[(SENDER, transport)] = half
+        return half
+
+    def _rank_receiver(self, transport: str) -> KvReceiver:
+        from cluster.kv_transfer.rank_read import TRANSPORTS, RankReader, RankReadReceiver
+        if transport not in TRANSPORTS:
+            raise KvTransferError("backend", f"KV heads are read over {TRANSPORTS}, not {transport!r}")
+        half = self._rank_halves.get((RECEIVER, transport))
+        if half is None:
+            r = self.ranks
+            reader = RankReader(self.pool, 0, r.size, r.num_kv_heads, r.timeout_s, r.curve)
+            half = RankReadReceiver(self.pool, self.worker_id, transport, reader, r.followers, r.timeout_s,
+                                    self.fence)
+            self._rank_halves[(RECEIVER, transport)] = half
+        return half
+
     def close(self) -> None:
-        for half in [*self._senders.values(), *self._receivers.values()]:
+        for half in [*self._senders.values(), *self._receivers.values(), *self._rank_halves.values()]:
             half.close()
+        if self._slice_server is not None:
+            self._slice_server.close()

@@ -49,6 +49,17 @@ def shared_pool_storage(shape, dtype: torch.dtype) -> tuple[torch.Tensor, Shared
     return seg.tensor(shape, dtype), seg
 
 
+def map_segment(pid: int, fd: int, nbytes: int, shape: list, dtype: str) -> torch.Tensor:
+    """Another process's segment through /proc, mapped read-write (only read) as its pool tensor;
+    the tensor keeps the mapping alive."""
+    fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes).view(DTYPES[dtype]).view(shape)
+
+
 class ShmSender(PageReadingSender):
     name = "shm"
 
@@ -76,15 +87,7 @@ class ShmReceiver(PageReadingReceiver):
         return source["pid"], source["fd"], source["nbytes"]
 
     def open_peer(self, source: dict) -> torch.Tensor:
-        """The peer's segment through /proc, mapped read-write (only read); the tensor keeps
-        the mapping alive."""
-        fd = os.open(f"/proc/{source['pid']}/fd/{source['fd']}", os.O_RDWR)
-        try:
-            mapped = mmap.mmap(fd, source["nbytes"])
-        finally:
-            os.close(fd)
-        return torch.frombuffer(mapped, dtype=torch.uint8, count=source["nbytes"]) \
-            .view(DTYPES[source["dtype"]]).view(source["shape"])
+        return map_segment(source["pid"], source["fd"], source["nbytes"], source["shape"], source["dtype"])
 
     def landed_checksum(self, pages: list[int], length: int) -> int:
         return xxh3_pages(self.pool.kv, pages, length)

@@ -37,6 +37,23 @@ def decode_forward(msg: dict) -> ForwardInput:
         block_table=None if table is None else torch.tensor(table, dtype=torch.int64))
 
 
+def land_import(reader, msg: dict) -> dict:
+    """This rank's heads of one request's KV (kv_transfer/rank_read.py), and the answer for rank 0."""
+    from cluster.kv_transfer.base import KvTransferError
+    job = msg["job"]
+    answer = {"op": "imported", "rank": reader.rank, "seq": msg["seq"], "rid": job["rid"],
+              "attempt": job["attempt"], "bytes": 0, "error": None}
+    try:
+        with torch.inference_mode():
+            answer["bytes"] = reader.land(msg["transport"], msg["sender"], msg["source"], job)
+    except KvTransferError as e:
+        answer["error"] = [e.reason.value, e.detail]
+    except Exception as e:     # noqa: BLE001 - any failure fails that request's KV, not the rank
+        logger.exception("KV import of %s failed", job["rid"])
+        answer["error"] = ["backend", f"{type(e).__name__}: {e}"]
+    return answer
+
+
 def die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent (rank 0) dies, so no rank outlives its worker."""
     try:
@@ -45,8 +62,8 @@ def die_with_parent() -> None:
         pass   # elsewhere the idle loop's parent check ends it
 
 
-def follow(runner, ops_endpoint: str, parent: int) -> None:
-    """Run rank 0's forwards until it sends stop or goes away."""
+def follow(runner, ops_endpoint: str, parent: int, replies=None, reader=None) -> None:
+    """Run rank 0's forwards and KV imports, in its order, until it sends stop or goes away."""
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(ops_endpoint)
     try:
@@ -59,6 +76,9 @@ def follow(runner, ops_endpoint: str, parent: int) -> None:
             msg = msgpack.unpackb(sock.recv())
             if msg["op"] == "stop":
                 return
+            if msg["op"] == "kv_import":
+                replies.send(msgpack.packb(land_import(reader, msg)))
+                continue
             runner.forward(decode_forward(msg))
     finally:
         sock.close(linger=0)
@@ -67,13 +87,15 @@ def follow(runner, ops_endpoint: str, parent: int) -> None:
 def follower_main(argv=None) -> int:
     from cluster.config import load_config
     from cluster.engine.parallel import close_tp, init_tp
-    from cluster.runtime.worker_main import load_runner, set_threads, setup_logging
+    from cluster.kv_transfer.rank_read import rank_source
+    from cluster.runtime.worker_main import load_runner, set_threads, setup_logging, uses_shared_pool
     ap = argparse.ArgumentParser(prog="python -m cluster.runtime.tp_follower")
     for flag in ("--rank", "--tp"):
         ap.add_argument(flag, type=int, required=True)
-    for flag in ("--init", "--ops", "--config", "--worker-id"):
+    for flag in ("--init", "--ops", "--replies", "--config", "--worker-id"):
         ap.add_argument(flag, required=True)
     ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--data-host", default="127.0.0.1")
     args = ap.parse_args(argv)
     parent = os.getppid()
     die_with_parent()
@@ -85,14 +107,41 @@ def follower_main(argv=None) -> int:
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(args.rank)   # CUDA_VISIBLE_DEVICES lists the worker's tp GPUs in rank order
     tp = init_tp(args.rank, args.tp, args.init, device)
+    replies = zmq.Context.instance().socket(zmq.PUSH)
+    replies.setsockopt(zmq.LINGER, 0)
+    replies.connect(args.replies)
+    server = reader = None
     try:
-        runner = load_runner(config, group, group.path, tp=tp)
+        runner = load_runner(config, group, group.path, shared_pool=uses_shared_pool(config, group.role), tp=tp)
+        server, reader = kv_endpoints(config, group, runner, args.rank, args.data_host)
         tp.barrier()
+        replies.send(msgpack.packb({"op": "ready", "rank": args.rank,
+                                    "source": rank_source(runner.kv_pool, runner.kv_segment, server)}))
         logger.info("rank %d of %d ready", args.rank, args.tp)
-        follow(runner, args.ops, parent)
+        follow(runner, args.ops, parent, replies, reader)
     finally:
+        for part in (server, reader):
+            if part is not None:
+                part.close()
+        replies.close()
         close_tp(tp)
     return 0
+
+
+def kv_endpoints(config, group, runner, rank: int, data_host: str):
+    """(slice server, rank reader) of a rank: a prefill rank serves reads of its pool over zmq (when
+    the backend may pick zmq); a decode rank (or a DLLM one that takes remote prefills) reads its
+    heads from prefill ranks."""
+    from cluster.kv_transfer.rank_read import RankReader
+    from cluster.kv_transfer.slice_server import SliceServer
+    from cluster.wire.curve import keys_for
+    curve = keys_for(config.security, [data_host])
+    if group.role == "prefill" and config.kv_transfer.backend != "shm":
+        return SliceServer(runner.kv_pool, data_host, curve), None
+    if group.role == "decode" or (group.role == "dllm" and group.prefill != "local"):
+        return None, RankReader(runner.kv_pool, rank, runner.tp.size, runner.config.kv_cache_shape[1],
+                                config.timeouts.kv_transfer, curve)
+    return None, None
 
 
 if __name__ == "__main__":

@@ -47,6 +47,43 @@ def encode_forward(fi: ForwardInput, plain_greedy: bool) -> bytes:
         "block_table": None if fi.block_table is None else fi.block_table.tolist(), "greedy": plain_greedy})
 
 
+class ImportLedger:
+    """Rank 0's account of the import jobs it sent its other ranks and their answers (in order per rank)."""
+    MAX_TRACKED = 4096
+
+    def __init__(self) -> None:
+        self.num_sent = 0
+        self.answered: dict[int, int] = {}                 # rank -> last seq answered
+        self.results: dict[tuple, dict] = {}               # (rid, attempt) -> {rank: bytes | error}
+
+    def sent(self) -> int:
+        self.num_sent += 1
+        return self.num_sent
+
+    def all_answered(self, num_ranks: int) -> bool:
+        return len(self.answered) == num_ranks and min(self.answered.values()) >= self.num_sent
+
+    def answer(self, msg: dict) -> None:
+        self.answered[msg["rank"]] = msg["seq"]
+        ranks = self.results.setdefault((msg["rid"], msg["attempt"]), {})
+        prev = ranks.get(msg["rank"], 0)
+        if msg["error"] is not None or not isinstance(prev, int):
+            ranks[msg["rank"]] = prev if not isinstance(prev, int) else msg["error"]   # the first error stays
+        else:
+            ranks[msg["rank"]] = prev + msg["bytes"]
+        while len(self.results) > self.MAX_TRACKED:           # aborted requests are never taken
+            self.results.pop(next(iter(self.results)))
+
+    def take(self, rid: str, attempt: int, num_ranks: int) -> list[int]:
+        from cluster.kv_transfer.base import KvTransferError
+        ranks = self.results.pop((rid, attempt), {})
+        for rank, got in sorted(ranks.items()):
+            if not isinstance(got, int):
+                reason, detail = got
+                raise KvTransferError(reason, f"rank {rank}: {detail}")
+        return [ranks.get(rank, 0) for rank in range(1, num_ranks + 1)]
+
+
 class TpFollowers:
     """Rank 0's side: starts ranks 1..tp-1, sends them each forward, and watches them."""
 
@@ -57,6 +94,11 @@ class TpFollowers:
         self.init_method = f"file://{self.dir}/rendezvous"
         self.ctx = zmq.Context.instance()
         self.sockets, self.procs = [], []
+        self.replies = self.ctx.socket(zmq.PULL)       # ready and import answers from every rank
+        self.replies.setsockopt(zmq.LINGER, 0)
+        self.replies.bind(f"ipc://{self.dir}/replies")
+        self.sources: dict[int, dict] = {}             # rank -> how its pool is read (rank_read.rank_source)
+        self.imports = ImportLedger()
         for rank in range(1, tp):
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
@@ -64,17 +106,59 @@ class TpFollowers:
             self.sockets.append(sock)
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "cluster.runtime.tp_follower", "--rank", str(rank), "--tp", str(tp),
-                 "--init", self.init_method, "--ops", self._ops_endpoint(rank), *argv]))
+                 "--init", self.init_method, "--ops", self._ops_endpoint(rank),
+                 "--replies", f"ipc://{self.dir}/replies", *argv]))
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()   # NOTE: forwards go out on the forward thread, imports on the scheduler's
         self._closed = False
 
     def _ops_endpoint(self, rank: int) -> str:
         return f"ipc://{self.dir}/ops{rank}"
 
     def send_forward(self, fi: ForwardInput, plain_greedy: bool) -> None:
-        frame = encode_forward(fi, plain_greedy)
-        for sock in self.sockets:
-            sock.send(frame, copy=False)
+        self._send_all(encode_forward(fi, plain_greedy))
+
+    def _send_all(self, frame: bytes) -> None:
+        with self._send_lock:
+            for sock in self.sockets:
+                sock.send(frame, copy=False)
+
+    def wait_ready(self, timeout_s: float) -> dict[int, dict]:
+        """Every other rank loaded: rank -> its KV source (what a decode rank reads its pool through)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.sources) < self.tp - 1:
+            msg = self._recv_reply(deadline)
+            if msg is None:
+                raise TimeoutError(f"{self.worker_id}: ranks {sorted(set(range(1, self.tp)) - set(self.sources))} "
+                                   f"not ready within {timeout_s:g}s")
+            if msg["op"] == "ready":
+                self.sources[msg["rank"]] = msg["source"]
+        return self.sources
+
+    def send_import(self, transport: str, sender: str, source: dict, job: dict) -> None:
+        """Each other rank lands its heads of one request's KV (rank_read.RankReader), after the
+        forwards already sent and before the ones that follow."""
+        self._send_all(msgpack.packb({"op": "kv_import", "seq": self.imports.sent(), "transport": transport,
+                                      "sender": sender, "source": source, "job": job}))
+
+    def settle(self, rid: str, attempt: int, timeout_s: float) -> list[int]:
+        """Wait (bounded) until every rank answered every import sent so far; -> the bytes each
+        other rank landed for this KV attempt. Raises KvTransferError when a rank refused it or
+        did not answer in time."""
+        from cluster.kv_transfer.base import KvTransferError
+        deadline = time.monotonic() + timeout_s
+        while not self.imports.all_answered(self.tp - 1):
+            msg = self._recv_reply(deadline)
+            if msg is None:
+                raise KvTransferError("timeout", f"ranks did not land the KV of {rid} within {timeout_s:g}s")
+            if msg["op"] == "imported":
+                self.imports.answer(msg)
+        return self.imports.take(rid, attempt, self.tp - 1)
+
+    def _recv_reply(self, deadline: float):
+        if not self.replies.poll(max(0, int(1000 * (deadline - time.monotonic())))):
+            return None
+        return msgpack.unpackb(self.replies.recv())
 
     def watch(self) -> "TpFollowers":
         """A thread that takes the worker down when a follower ends (the launcher restarts it whole)."""
@@ -114,4 +198,5 @@ class TpFollowers:
         self.kill()
         for sock in self.sockets:
             sock.close()
+        self.replies.close(linger=0)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -56,6 +56,11 @@ def set_threads(config: ClusterConfig, worker_id: str) -> None:
     logger.info("torch threads: %d", n)
 
 
+def uses_shared_pool(config: ClusterConfig, role: str) -> bool:
+    """A CPU prefill worker's pool (each rank's) lives in a shared segment when shm may be picked."""
+    return role == "prefill" and config.model.device == "cpu" and config.kv_transfer.backend in ("shm", "auto")
+
+
 def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "", shared_pool: bool = False,
                 import_fence: bool = False, tp=None, followers=None):
     """The model and its KV pool; `shared_pool` puts the pool in a shared-memory segment
@@ -106,8 +111,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
     if group.role != role:
         raise SystemExit(f"{args.config}: {args.worker_id} is a {group.role} worker, not {role}")
     set_threads(config, args.worker_id)
-    shared_pool = (role == "prefill" and config.model.device == "cpu"
-                   and config.kv_transfer.backend in ("shm", "auto"))
+    shared_pool = uses_shared_pool(config, role)
     followers, tp = start_ranks(args, group, config.model.device)
     # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports),
     # and so does a DLLM worker that takes prompts prefilled remotely
@@ -116,6 +120,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
                          import_fence=takes_kv, tp=tp, followers=followers)
     if followers is not None:
         tp.barrier()   # every rank loaded: the first forward's collectives meet at once
+        followers.wait_ready(config.timeouts.register)
         followers.watch()
     args.curve = keys_for(config.security, [endpoint_host(args.router), args.data_host])
     # one wake-up for every plane the worker reads (the data plane takes it from the control plane)
@@ -167,10 +172,8 @@ def start_ranks(args, group: WorkerGroup, device: str):
     size = args.tp or group.tp
     if size == 1:
         return None, TpGroup()
-    if group.role in ("prefill", "decode"):   # the KV handoff moves one rank's pool today
-        raise SystemExit(f"{args.worker_id}: tp={size} is served by unified and dllm workers only")
     from cluster.runtime.tp_ranks import TpFollowers
-    argv = ["--config", args.config, "--worker-id", args.worker_id]
+    argv = ["--config", args.config, "--worker-id", args.worker_id, "--data-host", args.data_host]
     argv += ["--log-dir", args.log_dir] if args.log_dir else []
     followers = TpFollowers(args.worker_id, size, argv)
     if "cuda" in device:
@@ -206,13 +209,20 @@ def role_build(role: str) -> Callable:
     return importlib.import_module(name if "." in name else f"{name}.__main__").build
 
 
+def kv_ranks(runner, config: ClusterConfig, curve):
+    """The worker's TP ranks as its KV handoff sees them (reads between TP sizes)."""
+    from cluster.kv_transfer.hub import TpRanks
+    return TpRanks(runner.tp.size, runner.config.kv_cache_shape[1], runner.followers,
+                   config.timeouts.kv_transfer, curve)
+
+
 def data_plane_build(scheduler_cls, args, config, group, runner, control, **role_args):
     """Prefill and decode workers: a scheduler plus its KV handoff (data plane and transfer hub);
     `role_args` go to the scheduler as they are."""
     from cluster.runtime.kv_handoff import KvHandoff
     handoff = KvHandoff.open(args.worker_id, runner.kv_pool, config.kv_transfer, bind_host=args.data_host,
                              curve=args.curve, arrivals=control.arrivals, segment=runner.kv_segment,
-                             fence=runner.import_fence)
+                             fence=runner.import_fence, ranks=kv_ranks(runner, config, args.curve))
     scheduler = scheduler_cls(group.scheduler, args.worker_id, runner, control, handoff, config.timeouts,
                               **role_args)
     return scheduler, {"model": served_model(config, group), "data_addr": handoff.address}

@@ -12,9 +12,11 @@ from typing import Optional
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The other side of a disaggregated request: its worker id and data-plane address."""
+    """The other side of a disaggregated request: its worker id and data-plane address, and (a
+    decode worker naming itself) its tensor-parallel size, which decides how its KV travels."""
     worker_id: str
     data_addr: str
+    tp: int = 1
 
 
 def _check_held(item) -> None:
@@ -40,6 +42,8 @@ class KvReq:
                                                   # travelling is positions [held_len, seq_len)
     layers_sent: int = 0                          # leading layers that went ahead in kv_layers
                                                   # messages (layer-wise); this one moves the rest
+    tp: int = 1                                   # the prefill worker's TP layout: its ranks and the
+    heads_per_rank: int = 0                       # KV heads each holds (0: not stated, one whole pool)
 
     def __post_init__(self) -> None:
         _check_held(self)
@@ -59,6 +63,8 @@ class KvSpan:
     attempt: int = 0
     src_pages: Optional[list] = None
     held_len: int = 0
+    tp: int = 1                                   # as KvReq
+    heads_per_rank: int = 0
 
     def __post_init__(self) -> None:
         _check_held(self)

@@ -90,9 +90,11 @@ MAX_SIBLINGS = 63                       # n > 1: choices forked from one prefill
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
 PROMPT_LPS = List(Float())                                                   # one per prompt token after the first
-PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT})
+MAX_TP = 1024
+PEER = Typed(Peer, {"worker_id": ID, "data_addr": TEXT, "tp": Int(lo=1, hi=MAX_TP)})
 
 MAX_LAYERS = 1024
+TP_LAYOUT = {"tp": Int(lo=1, hi=MAX_TP), "heads_per_rank": Int(lo=0, hi=INT32_MAX)}
 
 
 def _source_value(v: Any, path: str) -> Any:
@@ -139,7 +141,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                          "checksum": Opt(Int(lo=0, hi=(1 << 64) - 1)),
                                          "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
                                          "held_len": Int(lo=0, hi=INT32_MAX),
-                                         "layers_sent": Int(lo=0, hi=MAX_LAYERS)}),
+                                         "layers_sent": Int(lo=0, hi=MAX_LAYERS), **TP_LAYOUT}),
                            max_len=MAX_KEYS),
               "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
               "backend": Str(choices=KV_BACKENDS),
@@ -149,7 +151,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                "reqs": List(Typed(KvSpan, {"rid": ID, "seq_len": Int(lo=1),
                                            "attempt": Int(lo=0, hi=INT32_MAX),
                                            "src_pages": Opt(List(Int(lo=0, hi=INT32_MAX))),
-                                           "held_len": Int(lo=0, hi=INT32_MAX)}),
+                                           "held_len": Int(lo=0, hi=INT32_MAX), **TP_LAYOUT}),
                             max_len=MAX_KEYS),
                "tensors": List(TENSOR_DESC, max_len=MAX_KEYS),
                "backend": Str(choices=KV_BACKENDS),
@@ -193,14 +195,16 @@ def _check_body(cls: type, body: dict) -> dict:
 
 
 def _check_kv_tensors(name: str, body: dict) -> None:
-    """One tensor per request with the zmq backend (none with the others), each holding its
-    request's positions [held_len, seq_len); kv_layers tensors hold exactly its layers. The
-    receiver checks the rest of the shape against its own pool."""
+    """One tensor per request with the zmq backend (none with the others, nor when decode ranks
+    read their heads: a `source` naming `ranks`), each holding its request's positions
+    [held_len, seq_len); kv_layers tensors hold exactly its layers. The receiver checks the rest
+    of the shape against its own pool."""
     if body["tensors"] and len(body["reqs"]) != len(body["tensors"]):
         fail(name, f"{len(body['reqs'])} reqs but {len(body['tensors'])} tensors")
-    if (body["backend"] == "zmq") != bool(body["tensors"]) and body["reqs"]:
+    pushes = body["backend"] == "zmq" and "ranks" not in body["source"]
+    if pushes != bool(body["tensors"]) and body["reqs"]:
         fail(f"{name}.tensors", f"the {body['backend']} backend "
-             f"{'sends' if body['backend'] == 'zmq' else 'sends no'} tensors")
+             f"{'sends' if pushes else 'sends no'} tensors{'' if pushes else ' here'}")
     if len({r.rid for r in body["reqs"]}) != len(body["reqs"]):
         fail(f"{name}.reqs", "duplicate rid")
     layers = body.get("num_layers")

@@ -1,0 +1,123 @@
+"""KV handoff between workers of different tensor-parallel sizes, through `pdcluster launch`: prefill
+tp=3 -> decode tp=1 and prefill tp=1 -> decode tp=3 give the greedy text of the unsplit engine, each
+decode rank landing exactly its share of the KV bytes; a decode rank killed mid-stream takes its
+worker down whole, the streams end (resumed or with an error event, never hanging), all its ranks
+come back, and nothing is left after shutdown."""
+import re
+import signal
+import os
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.cluster_harness import LaunchedCluster, cluster_config, offline_greedy
+from tests.test_e2e_local import PROMPTS
+
+pytestmark = pytest.mark.integration
+
+MODEL = "smollm2-135m-instruct"
+MAX_TOKENS = 6
+# round robin per role over sorted ids: request k goes to prefill-(k % 2) and decode-(k % 2)
+GROUPS = """
+[[prefill]]
+count = 1
+tp = 3
+[[prefill]]
+count = 1
+[[decode]]
+count = 1
+[[decode]]
+count = 1
+tp = 3
+"""
+PER_RANK = re.compile(r"request (\S+): KV heads from (prefill-\d) landed per rank \(bytes\): \[([\d, ]+)\]")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LaunchedCluster(cluster_config(GROUPS,
+                                       extra="\n[recovery]\nrestart_workers = true\n"), "tp-handoff")
+    try:
+        wait_for(lambda: len(registered(c)) == 4, 240, "all four workers registered", c)
+        yield c
+    finally:
+        c.stop()
+
+
+def registered(cluster) -> list[str]:
+    return [w["worker_id"] for w in httpx.get(cluster.base_url + "/admin/workers", timeout=5).json()["workers"]]
+
+
+def wait_for(cond, timeout_s: float, what: str, cluster) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except (httpx.HTTPError, openai.APIError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"not {what} within {timeout_s}s:\n{cluster.output()}")
+
+
+def landed_per_rank(cluster, decode: str) -> list[tuple[str, list[int]]]:
+    return [(m.group(2), [int(x) for x in m.group(3).split(",")]) for m in PER_RANK.finditer(cluster.log(decode))]
+
+
+def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(cluster):
+    ref, tok = offline_greedy(PROMPTS[:2], MAX_TOKENS)
+    for prompt, ids in ref.items():      # the first to prefill-0 (tp=3) + decode-0 (tp=1), the second crosswise
+        r = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].text == tok.decode(ids, skip_special_tokens=True), prompt
+    [(src0, whole)] = landed_per_rank(cluster, "decode-0")
+    [(src1, shares)] = landed_per_rank(cluster, "decode-1")
+    assert (src0, src1) == ("prefill-0", "prefill-1")
+    # every rank of decode-1 landed its one KV head of three: a third of what decode-0 (all heads) did
+    assert len(whole) == 1 and len(shares) == 3 and len(set(shares)) == 1
+
+
+def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):
+    before = {rank: pid for (wid, rank), pid in cluster.rank_pids().items() if wid == "decode-1"}
+    assert sorted(before) == [0, 1, 2]
+    outcomes, started = [], threading.Barrier(3, timeout=120)
+
+    def stream(prompt):
+        try:
+            s = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+            first = True
+            for _ in s:
+                if first:
+                    first = False
+                    started.wait()
+            outcomes.append("done")
+        except openai.APIError as e:     # the error event of a stream that could not go on
+            outcomes.append(f"error: {e}")
+        except threading.BrokenBarrierError:
+            outcomes.append("done")
+
+    threads = [threading.Thread(target=stream, args=(p,)) for p in PROMPTS[:2]]   # one on each pair
+    for t in threads:
+        t.start()
+    started.wait()
+    os.kill(before[2], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), f"a stream hung:\n{cluster.output()}"
+    assert len(outcomes) == 2, outcomes
+
+    def restarted():
+        now = {rank: pid for (wid, rank), pid in cluster.rank_pids().items() if wid == "decode-1"}
+        return sorted(now) == [0, 1, 2] and not set(now.values()) & set(before.values())
+    wait_for(restarted, 240, "decode-1 restarted with all its ranks", cluster)
+    wait_for(lambda: len(registered(cluster)) == 4, 240, "decode-1 registered again", cluster)
+
+
+def test_stop_leaves_no_rank_behind(cluster):
+    cluster.descendants = psutil.Process(cluster.proc.pid).children(recursive=True)
+    assert len(cluster.rank_pids()) == 8
+    assert cluster.stop() == []

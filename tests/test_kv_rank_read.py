@@ -1,0 +1,95 @@
+"""Reads of KV heads between TP sizes, in process: each decode rank's pool ends up holding exactly
+its heads of what the prefill ranks computed, over shm and zmq, whole or layer by layer, and lands
+exactly its share of the bytes; a layout it cannot map is refused with reason `layout`."""
+import pytest
+import torch
+
+from cluster.engine.kv_cache import KVPool
+from cluster.kv_transfer.base import KvTransferError
+from cluster.kv_transfer.head_map import HeadSplit
+from cluster.kv_transfer.rank_read import RankReader, RankReadSender, import_job, rank_source
+from cluster.kv_transfer.shm_backend import shared_pool_storage
+from cluster.kv_transfer.slice_server import SliceServer
+from cluster.wire import protocol as P
+
+LAYERS, KV_HEADS, HEAD_DIM, PAGES, PAGE_SIZE = 2, 3, 4, 8, 4
+SEQ_LEN = 10                                  # three pages, the last one partial
+SRC_PAGES, DST_PAGES = [5, 1, 6], [2, 3, 7]
+
+
+def pool(heads: int, storage=None) -> KVPool:
+    return KVPool(LAYERS, heads, HEAD_DIM, PAGES, PAGE_SIZE, storage=storage)
+
+
+class PrefillRanks:
+    """A prefill worker of `tp` ranks: each pool holds its heads of one full-model KV."""
+
+    def __init__(self, full: torch.Tensor, tp: int, transport: str):
+        split = HeadSplit(KV_HEADS, tp)
+        self.pools, self.sources, self.closers = [], [], []
+        for rank in range(tp):
+            storage, segment = shared_pool_storage((LAYERS, 2, split.heads_per_rank, PAGES, PAGE_SIZE, HEAD_DIM),
+                                                   torch.float32)
+            p = pool(split.heads_per_rank, storage)
+            first = split.first_head(rank)
+            p.kv.copy_(full[:, :, first:first + split.heads_per_rank])
+            server = SliceServer(p) if transport == "zmq" else None
+            self.pools.append(p)
+            self.sources.append(rank_source(p, segment, server))
+            self.closers += [c for c in (server, segment) if c is not None]
+        self.sender = RankReadSender(self.pools[0], "prefill-0", transport, self.sources, KV_HEADS)
+
+    def item(self, **kw) -> "P.KvReq":
+        packed = self.sender.pack(SRC_PAGES, SEQ_LEN)
+        layout = {"tp": len(self.pools), "heads_per_rank": self.pools[0].num_kv_heads, **kw}
+        return P.KvReq("r1", 42, SEQ_LEN, src_pages=packed.src_pages, **layout)
+
+    def close(self):
+        for c in self.closers:
+            c.close()
+
+
+@pytest.fixture
+def full():
+    torch.manual_seed(0)
+    return torch.randn(LAYERS, 2, KV_HEADS, PAGES, PAGE_SIZE, HEAD_DIM)
+
+
+@pytest.mark.parametrize("transport", ["shm", "zmq"])
+@pytest.mark.parametrize("src_tp,dst_tp", [(1, 3), (3, 1), (3, 3), (1, 1)])
+def test_each_decode_rank_lands_exactly_its_heads(full, transport, src_tp, dst_tp):
+    prefill = PrefillRanks(full, src_tp, transport)
+    try:
+        item, dst = prefill.item(), HeadSplit(KV_HEADS, dst_tp)
+        source = prefill.sender.source()
+        # the message the decode worker gets checks out on the wire (no tensors: nothing is pushed)
+        P.decode(P.encode(P.KvBatch(3, "prefill-0", [item], [], backend=transport, source=source)))
+        for rank, layerwise in ((r, lw) for r in range(dst_tp) for lw in (False, True)):
+            p = pool(dst.heads_per_rank)
+            reader = RankReader(p, rank, dst_tp, KV_HEADS, timeout_s=5)
+            spans = [(layer, layer + 1) for layer in range(LAYERS)] if layerwise else [(0, LAYERS)]
+            landed = sum(reader.land(transport, "prefill-0", source, import_job(item, DST_PAGES, span))
+                         for span in spans)
+            reader.close()
+            first = dst.first_head(rank)
+            want = full[:, :, first:first + dst.heads_per_rank][:, :, :, SRC_PAGES]
+            torch.testing.assert_close(p.kv[:, :, :, DST_PAGES], want, rtol=0, atol=0)
+            assert landed == p.request_bytes(SEQ_LEN)          # its share: its heads, nothing more
+            assert landed * dst_tp == prefill.sender.pack(SRC_PAGES, SEQ_LEN).num_bytes
+    finally:
+        prefill.close()
+
+
+def test_a_layout_decode_cannot_map_is_refused_with_reason_layout(full):
+    prefill = PrefillRanks(full, 3, "shm")
+    try:
+        reader = RankReader(pool(KV_HEADS), 0, 1, KV_HEADS, timeout_s=5)
+        bad = prefill.item(tp=2, heads_per_rank=1)      # 3 heads do not split over 2 ranks
+        with pytest.raises(KvTransferError) as e:
+            reader.land("shm", "prefill-0", prefill.sender.source(), import_job(bad, DST_PAGES, (0, LAYERS)))
+        assert e.value.reason is P.KvFailure.LAYOUT
+        other = prefill.item(tp=3, heads_per_rank=2)    # another model's heads
+        with pytest.raises(KvTransferError, match="layout"):
+            reader.land("shm", "prefill-0", prefill.sender.source(), import_job(other, DST_PAGES, (0, LAYERS)))
+    finally:
+        prefill.close()
