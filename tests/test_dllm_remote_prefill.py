@@ -106,3 +106,47 @@ def test_remote_prefill_answers_what_local_prefill_answers(loaded, dllm_loaded, 
         assert pair.pc.finished() == {}                  # the prefill worker streams no first token
     finally:
         pair.close()
+
+
+# ---- prefix cache: block-causal KV of the same tokens is another entry ----------------------
+def cached_req(rid, ids, attn_block=0) -> Req:
+    req = Req(rid, ids, SamplingParams(max_tokens=4))
+    req.dllm_attn_block = attn_block
+    return req
+
+
+def test_block_causal_kv_is_cached_apart_from_causal_kv_and_matched_in_whole_blocks(loaded):
+    cache = CacheManager(runner_of(loaded).page_allocator, PAGE)
+    cache.enable_prefix_cache()
+    ids = list(range(10, 10 + 25))
+    for attn_block in (0, 8):                    # the same 24 tokens cached as causal and as 8-blocks
+        req = cached_req(f"w{attn_block}", ids, attn_block)
+        cache.grow(req, len(ids))
+        req.kv_len = len(ids)
+        cache.release(req)
+    assert cache.match_prefix(cached_req("c", ids)) == 24                      # causal: its own 6 pages
+    assert cache.match_prefix(cached_req("d", ids, attn_block=1)) == 24        # causal DLLM KV is the same KV
+    assert cache.match_prefix(cached_req("b", ids, attn_block=8)) == 24        # 8-blocks: 3 whole blocks
+    diverged = ids[:12] + [999] * 13             # shares 3 pages, but only one whole 8-block
+    assert cache.match_prefix(cached_req("e", diverged, attn_block=8)) == 8
+    assert cache.match_prefix(cached_req("f", ids, attn_block=4)) == 0          # 4-blocks: nothing cached
+    cache.tree.check_integrity()
+
+
+def test_a_repeated_prompt_is_served_from_both_prefix_caches_with_the_same_answer(loaded, dllm_loaded):
+    spec, params = SPECS["sdar"], DllmParams(block_size=4, threshold=0.0)
+    local = local_outputs(loaded, spec, params, [LONG], ignore_eos=True)["r0"]
+    pair = RemotePair(loaded, dllm_loaded, spec, params, prefix_cache=True)
+    held = []
+    send = pair.dllm.handoff.send_to
+    pair.dllm.handoff.send_to = lambda addr, msg: (
+        held.append(msg.held_len) if isinstance(msg, P.DecodeReady) else None, send(addr, msg))[1]
+    try:
+        for turn in range(2):
+            pair.submit(f"t{turn}", LONG, ignore_eos=True)
+            assert pair.run(turn + 1)[f"t{turn}"] == local
+        # turn 1 found the prompt's whole blocks in the DLLM worker's cache: that KV did not travel
+        assert held[0] == 0 and held[1] >= 32
+        assert pair.prefill.cache.num_hit_tokens >= 32       # and in the prefill worker's (block-causal) cache
+    finally:
+        pair.close()
