@@ -13,7 +13,8 @@ from typing import Mapping, Optional
 ROLE_PACKAGES = {"prefill": "prefill_worker", "decode": "decode_worker",
                  "unified": "cluster.unified", "dllm": "dllm"}
 ROLES = tuple(ROLE_PACKAGES)
-DATA_PLANE_ROLES = ("prefill", "decode")            # the roles that hand KV off (--data-host)
+DATA_PLANE_ROLES = ("prefill", "decode", "dllm")    # the roles that may hand KV off (--data-host; a
+                                                    # dllm worker when its group prefills remotely)
 SWITCHABLE_ROLES = ("prefill", "decode", "unified")  # a worker may switch among these in place
 
 ROUTER_TOKEN_ENV = "PDCLUSTER_ROUTER_TOKEN"         # the launcher's secret for /internal/*

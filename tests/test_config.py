@@ -239,3 +239,25 @@ def test_every_config_key_has_help_for_the_reference_page():
     for section in (*SECTIONS.values(), WorkerGroup, ClusterConfig):
         for f in fields(section):
             assert f.metadata.get("help"), f"{section.__name__}.{f.name} has no help"
+
+
+@pytest.mark.parametrize("groups,key,reason", [
+    ('[[dllm]]\nmodel = "d"\nprefill = "remote"\n', "dllm[0].prefill", "needs a [[prefill]] group"),
+    ('[[prefill]]\n[[dllm]]\nmodel = "d"\nprefill = "auto"\npath = "/elsewhere"\n', "dllm[0].prefill",
+     "prefill workers load model.path"),
+    ('[[prefill]]\n[[dllm]]\nmodel = "d"\nprefill = "remote"\ntp = 2\n', "dllm[0].prefill", "tp=2"),
+    ('[[prefill]]\n[[dllm]]\nmodel = "d"\nprefill = "somewhere"\n', "dllm[0].prefill", "somewhere"),
+    ('[[prefill]]\n[[dllm]]\nmodel = "d"\n', "decode", "come in pairs"),
+    ('[[prefill]]\n[[decode]]\nprefill = "remote"\n', "decode[0].prefill", "only [[dllm]]"),
+])
+def test_remote_dllm_prefill_needs_prefill_workers_on_its_weights(tmp_path, groups, key, reason):
+    e = load_error(tmp_path, groups)
+    assert key in str(e) and reason in str(e)
+
+
+def test_prefill_workers_may_serve_only_a_dllm_group_that_prefills_remotely(tmp_path):
+    cfg = load_config(write(tmp_path, '[[prefill]]\n[[dllm]]\nmodel = "d"\nprefill = "auto"\n'
+                                      'remote_prefill_min_tokens = 64\n'), env={})
+    dllm = cfg.groups[-1]
+    assert (dllm.prefill, dllm.remote_prefill_min_tokens) == ("auto", 64) and cfg.has_remote_dllm_prefill
+    assert WorkerGroup("dllm", model="d").prefill == "local"        # the default changes nothing

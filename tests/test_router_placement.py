@@ -62,3 +62,26 @@ def test_placer_sends_to_unified_workers_only_without_a_pair():
     assert Placer(d, 0).place(st) and st.placement == Placement.single("unified", "unified-0")
     d = _directory(("unified-0", "unified"), ("prefill-0", "prefill"), ("decode-0", "decode"))
     assert Placer(d, 0).place(st) and st.placement == Placement("pd", "prefill-0", "decode-0")
+
+
+def test_a_dllm_group_that_prefills_remotely_pairs_its_worker_with_a_prefill_worker():
+    from cluster.config import WorkerGroup
+    d = WorkerDirectory("round_robin")
+    d.add(WorkerInfo("prefill-0", "prefill", "m", {"num_pages": 64, "page_size": 16}, {}, "tcp://p", 0))
+    d.add(WorkerInfo("dllm-0", "dllm", "m-dllm", {"num_pages": 64, "page_size": 16}, {}, "tcp://d", 0))
+
+    def placed(mode: str, num_tokens: int, busy: bool = False) -> Placement:
+        group = WorkerGroup("dllm", model="m-dllm", prefill=mode, remote_prefill_min_tokens=100)
+        d.get("dllm-0").num_inflight = int(busy)
+        st = RequestState(rid="r", model="m-dllm", route="dllm", input_ids=[5] * num_tokens,
+                          sampling=SamplingParams(), sink=lambda e: None)
+        assert Placer(d, 0, {"m-dllm": group}).place(st)
+        return st.placement
+
+    assert placed("local", 500) == Placement.single("dllm", "dllm-0")
+    assert placed("remote", 3) == Placement("dllm_remote", "prefill-0", "dllm-0")
+    assert placed("auto", 99) == Placement.single("dllm", "dllm-0")        # short, and the worker idles
+    assert placed("auto", 100).route == "dllm_remote"                        # long enough
+    assert placed("auto", 5, busy=True).route == "dllm_remote"               # its running blocks would wait
+    d.remove("prefill-0")
+    assert placed("remote", 500) == Placement.single("dllm", "dllm-0")     # no prefill worker: never waits
