@@ -125,6 +125,7 @@ class BlockLoop:
         self.device = runner.device
         self.graphs = graphs            # block_graphs.BlockGraphs on CUDA, or None (eager)
         self.num_graph_steps = self.num_eager_steps = 0
+        self.num_host_reads = 0         # waits for the device: one per round, plus a flag per low_confidence step
 
     def forward(self, forward_input):
         if isinstance(forward_input, BlockRound):
@@ -170,6 +171,7 @@ class BlockLoop:
 
     def _any_active(self, state: BlockState, flag: torch.Tensor) -> bool:
         """The one read a low_confidence step needs (pinned, so it waits for that flag alone)."""
+        self.num_host_reads += 1
         if self.device.type != "cuda":
             return bool(state.num_active[0])
         flag.copy_(state.num_active, non_blocking=True)
@@ -181,6 +183,7 @@ class BlockLoop:
     def _read(self, state: BlockState, n: int) -> BlockResult:
         """The round's only full read: the blocks' rows, through pinned memory on CUDA."""
         rows = state.rows(n)
+        self.num_host_reads += 1
         if self.device.type == "cuda":
             host = BlockState(**{k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                                  for k, v in vars(rows).items()})

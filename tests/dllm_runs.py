@@ -2,6 +2,7 @@
 DLLM scheduler and model tests)."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -18,8 +19,9 @@ PROMPTS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301]]
 
 
 def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, trace=False,
-             on_forward=None, split=None, timeout=120.0, block_loop=None):
-    """requests: [(rid, prompt, sampling kwargs, extra)] -> (control, scheduler) once all finished."""
+             on_forward=None, split=None, timeout=120.0, block_loop=None, during=contextlib.nullcontext):
+    """requests: [(rid, prompt, sampling kwargs, extra)] -> (control, scheduler) once all finished.
+    `during()`: a context the run (not the scheduler's construction) happens in."""
     control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=overlap, max_prefill_tokens=64), "dllm-0", runner, control,
                           spec or DllmModelSpec.causal(PLACEHOLDER), params, split_groups=split,
@@ -34,13 +36,14 @@ def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, tr
     for rid, prompt, sampling, extra in requests:
         control.inbound.put(P.Generate(rid=rid, input_ids=list(prompt), sampling=SamplingParams(**sampling),
                                        dllm=dict(extra)))
-    loop = threading.Thread(target=sched.event_loop, daemon=True)
-    loop.start()
-    deadline = time.monotonic() + timeout
-    while len(control.finished()) + len(control.errors()) < len(requests) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    sched.stop()
-    loop.join(timeout=30)
+    with during():
+        loop = threading.Thread(target=sched.event_loop, daemon=True)
+        loop.start()
+        deadline = time.monotonic() + timeout
+        while len(control.finished()) + len(control.errors()) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        sched.stop()
+        loop.join(timeout=30)
     assert len(control.finished()) == len(requests), f"unfinished: {control.finished()} {control.errors()}"
     assert runner.page_allocator.num_free_pages == free_before, "pages leaked"
     return control, sched

@@ -86,24 +86,47 @@ def test_block_rounds_equal_per_forward_rounds_on_llada_and_sdar(which, params, 
     assert b.outputs() == a.outputs() and commits_by_request(sb) == commits_by_request(sa)
 
 
-def test_static_step_layout_of_the_cuda_graphs_commits_what_ragged_rounds_commit(runner, kernels, monkeypatch):
-    """The graphs' padded layout (block_graphs.py) run eagerly, its attention through the interpreted
-    Triton extend kernel as on CUDA, against per-forward rounds on the CPU's torch attention."""
+@pytest.fixture
+def interpreted_triton(kernels, monkeypatch):
+    """Static block steps on the CPU: their attention through the interpreted Triton kernels."""
     import cluster.engine as engine
-    requests = reqs(prompts=[[5, 17, 33], [9, 250, 3, 77, 44, 12]], max_tokens=8, ignore_eos=True)
-    every_params = [DllmParams(block_size=4, threshold=0.003),
-                    DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)]
-    refs = [run_dllm(runner, requests, params) for params in every_params]
     monkeypatch.setitem(sys.modules, "cluster.engine.triton_attention", kernels)
     monkeypatch.setattr(engine, "triton_attention", kernels, raising=False)
     monkeypatch.setattr("dllm.block_loop.cuda_graphs_enabled", lambda device: True)
-    monkeypatch.setattr(runner, "attention_backend", "triton")
+
+
+def static_layout_runs(runner, requests, every_params, spec=None) -> set:
+    """Per params: per-forward rounds on the torch attention, then block rounds whose later steps
+    run the graphs' static layout; -> the lead rooms those used."""
+    refs = [run_dllm(runner, requests, params, spec=spec) for params in every_params]
+    runner.attention_backend = "triton"
     leads = set()
-    for params, (ref, ref_sched) in zip(every_params, refs):
-        got, sched = run_dllm(runner, requests, params, block_loop=True)
-        graphs = sched.block_loop.graphs
-        runner.page_allocator.free([graphs.scratch_page])
-        assert got.outputs() == ref.outputs() and commits_by_request(sched) == commits_by_request(ref_sched)
-        assert sched.block_loop.num_graph_steps > 0
-        leads |= {lead for _, lead in graphs.steps}
+    try:
+        for params, (ref, ref_sched) in zip(every_params, refs):
+            got, sched = run_dllm(runner, requests, params, spec=spec, block_loop=True)
+            graphs = sched.block_loop.graphs
+            runner.page_allocator.free([graphs.scratch_page])
+            assert got.outputs() == ref.outputs() and commits_by_request(sched) == commits_by_request(ref_sched)
+            assert sched.block_loop.num_graph_steps > 0
+            leads |= {lead for _, lead in graphs.steps}
+    finally:
+        runner.attention_backend = "torch"
+    return leads
+
+
+def test_static_step_layout_of_the_cuda_graphs_commits_what_ragged_rounds_commit(runner, interpreted_triton):
+    """The graphs' padded layout (block_graphs.py) run eagerly, its attention through the interpreted
+    Triton extend kernel as on CUDA, against per-forward rounds on the CPU's torch attention."""
+    requests = reqs(prompts=[[5, 17, 33], [9, 250, 3, 77, 44, 12]], max_tokens=8, ignore_eos=True)
+    leads = static_layout_runs(runner, requests, [DllmParams(block_size=4, threshold=0.003),
+                                                  DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)])
     assert leads == {1, 5}      # a block's first step (re-running the block before) and its later steps
+
+
+def test_static_step_layout_keeps_sdars_aligned_blocks(sdar_dir, interpreted_triton):  # noqa: F811
+    runner = ModelRunner(ids_only(load_model("m", sdar_dir)), num_pages=64, page_size=4)
+    # first blocks of 3 and 1 (the prompts' tails share them), a last one cut short by max_tokens
+    requests = reqs(prompts=[[5, 9, 40, 3, 77], [1, 2, 3]], max_tokens=7, ignore_eos=True)
+    leads = static_layout_runs(runner, requests, [DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)],
+                               spec=detect_spec(sdar_dir))
+    assert leads == {0, 4}
