@@ -228,18 +228,19 @@ LONG = ("A short story about a lighthouse keeper who counts the ships that pass 
 def test_decode_side_prefill_mixed_into_decode_steps_keeps_greedy_output_and_each_chunk_within_budget(
         loaded, caplog):
     prompts = ["The capital of France is", LONG]
-    ref = run_unified(loaded, prompts, overlap=False, max_tokens=6)
+    # a penalty: a decode row's prior ids in a mixed step end with its token still in flight
+    ref = run_unified(loaded, prompts, overlap=False, max_tokens=6, repetition_penalty=1.3)
     pair = Pair(loaded)
     pair.decode.local_prefill.tpot = 1e-4       # no chunk fits: each step carries the one-page minimum
     try:
-        pair.submit("r0", prompts[0], max_tokens=6)
+        pair.submit("r0", prompts[0], max_tokens=6, repetition_penalty=1.3)
         for _ in range(40):                      # decoding before the local prompt arrives
             pair.prefill.normal_step()
             pair.decode.normal_step()
             if len(pair.decode.decode):
                 break
         ids = loaded.tokenizer.encode(LONG)
-        pair.dc.generate("r1", ids, max_tokens=6)
+        pair.dc.generate("r1", ids, max_tokens=6, repetition_penalty=1.3)
         with caplog.at_level("INFO", logger="pdcluster.decode"):
             out = pair.run(2)
         assert out == ref
