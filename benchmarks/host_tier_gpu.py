@@ -6,7 +6,9 @@ A unified scheduler in this process (the real runtime over the real engine, dumm
 1. multi-turn: `--conversations` conversations of `--turns` turns (each turn the previous
    prompt + its answer + `--turn-tokens` new tokens), turns served round-robin at concurrency
    `--concurrency`, with a device pool of `--num-pages` pages sized so the working set is
-   about `--working-set` times the pool: turn >= 2 TTFT p50, tier on / off;
+   about `--working-set` times the pool: turn >= 2 TTFT p50, tier on / off (`ttft_ratio`: long
+   loads layer by layer, overlapped with the forward; `ttft_ratio_whole_loads`: each load whole
+   before its forward);
 2. no reuse: `--unique` distinct prompts at the same concurrency: generated tok/s, on / off.
 Writes host_tier_gpu.json and host_tier_gpu.md into OUT.
 
@@ -64,11 +66,13 @@ def serve(s, prompts: dict[str, list[int]], args) -> tuple[dict[str, float], flo
     return ttft, time.perf_counter() - t0, sum(len(v) for v in ctl.outputs().values())
 
 
-def multi_turn(loaded, args, host_tier_gb: float) -> dict:
+def multi_turn(loaded, args, host_tier_gb: float, layerwise: bool = True) -> dict:
     rng = random.Random(0)
     vocab = loaded.config.vocab_size
     convs = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.conversations)]
     s = scheduler(loaded, args, host_tier_gb)
+    if host_tier_gb and not layerwise:
+        s.cache.host_tier.layerwise_min_bytes = float("inf")   # every load whole, before its forward
     later = []
     for turn in range(args.turns):
         prompts = {f"c{i}t{turn}": ids for i, ids in enumerate(convs)}
@@ -79,7 +83,8 @@ def multi_turn(loaded, args, host_tier_gb: float) -> dict:
         convs = [ids + out[f"c{i}t{turn}"] + [rng.randrange(3, vocab) for _ in range(args.turn_tokens)]
                  for i, ids in enumerate(convs)]
     cache = s.cache
-    return {"ttft_p50_turn2plus_s": round(statistics.median(later), 4),
+    layered = cache.host_tier.num_layerwise_loads if cache.host_tier is not None else 0
+    return {"ttft_p50_turn2plus_s": round(statistics.median(later), 4), "layerwise_loads": layered,
             "hit_tokens": cache.tier_gauges()["prefix_cache_hit_tokens_total"],
             "query_tokens": cache.num_query_tokens, **{k: v for k, v in cache.tier_gauges().items()
                                                        if k != "prefix_cache_hit_tokens_total"}}
@@ -129,14 +134,21 @@ def main() -> None:
         t0 = time.perf_counter()
         report[name] = {"multi_turn": multi_turn(loaded, args, gb), "no_reuse": no_reuse(loaded, args, gb)}
         print(name, json.dumps(report[name]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    off, on = report["off"], report["on"]
+    t0 = time.perf_counter()
+    report["on_whole_loads"] = {"multi_turn": multi_turn(loaded, args, args.host_gb, layerwise=False)}
+    print("on_whole_loads", json.dumps(report["on_whole_loads"]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    off, on, whole = report["off"], report["on"], report["on_whole_loads"]
     report["ttft_ratio"] = round(on["multi_turn"]["ttft_p50_turn2plus_s"] / off["multi_turn"]["ttft_p50_turn2plus_s"], 3)
+    report["ttft_ratio_whole_loads"] = round(
+        whole["multi_turn"]["ttft_p50_turn2plus_s"] / off["multi_turn"]["ttft_p50_turn2plus_s"], 3)
     report["no_reuse_throughput_ratio"] = round(on["no_reuse"]["tok_s"] / off["no_reuse"]["tok_s"], 3)
     with open(os.path.join(args.out, "host_tier_gpu.json"), "w") as f:
         json.dump(report, f, indent=1)
     md = ["| workload | tier off | tier on | on / off |", "|---|---|---|---|",
           f"| multi-turn TTFT p50, turn >= 2 (s) | {off['multi_turn']['ttft_p50_turn2plus_s']} | "
           f"{on['multi_turn']['ttft_p50_turn2plus_s']} | {report['ttft_ratio']} |",
+          f"| the same, every load whole before its forward (s) | | "
+          f"{whole['multi_turn']['ttft_p50_turn2plus_s']} | {report['ttft_ratio_whole_loads']} |",
           f"| no reuse, generated tok/s | {off['no_reuse']['tok_s']} | {on['no_reuse']['tok_s']} | "
           f"{report['no_reuse_throughput_ratio']} |",
           "", f"device pool {args.num_pages} pages, working set {working_set} pages; "

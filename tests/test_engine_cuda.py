@@ -4,7 +4,7 @@ Run on a GPU machine: `python -m pytest tests/test_engine_cuda.py`. Small random
 against transformers on the same device; the scheduler's forward runs on a CUDA stream; the
 Triton paged-attention kernels against SDPA on gathered pages over random shapes; CUDA graph
 decode against eager and torch-backend decode; no host sync in sampling or in a graphed step
-but the token copy.
+but the token copy; the host KV tier's copies, whole and layer by layer (per-layer events).
 """
 import random
 import time
@@ -241,3 +241,50 @@ def test_graph_decode_step_never_waits_and_overlapped_steps_equal_waited_ones():
     assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     steps = [o.wait().next_token_ids.tolist() for o in outs]
     assert [[row[i] for row in steps] for i in range(3)] == [o[2:] for o in waited]
+
+
+def _host_tier(layers: int = 4):
+    from cluster.engine.host_tier import HostTier
+    from cluster.engine.kv_cache import KVPool
+    return HostTier(KVPool(layers, 2, 64, 16, 16, torch.bfloat16, torch.device("cuda")), 8)
+
+
+def test_host_tier_write_back_and_load_round_trip_every_layer_on_cuda():
+    tier = _host_tier()
+    kv = tier.pool.kv
+    kv.copy_(torch.randn(kv.shape, device="cuda"))
+    before = kv[:, :, :, [1, 5]].clone()
+    tier.write([1, 5], [0, 6])
+    kv[:, :, :, [1, 5]] = 0
+    tier.load([0, 6], [9, 3])
+    tier.seal(1)
+    tier.launching(1)
+    tier.flush()
+    assert torch.equal(kv[:, :, :, [9, 3]], before)
+
+
+def test_host_tier_layer_loads_land_before_the_layer_that_waits_for_their_event():
+    """Layer by layer on CUDA: every layer issued at once on the load stream with an event each;
+    work the forward stream launches after `before_layer(i)` sees layer i's pages even while the
+    load stream is held back (a sleep queued ahead of the copies)."""
+    tier = _host_tier()
+    tier.layerwise_min_bytes = 0
+    for layer in range(4):
+        tier.kv[layer, 3] = layer + 1
+        tier.kv[layer, 4] = 10 * (layer + 1)
+    tier.load([3, 4], [7, 2])
+    tier.seal(1)
+    tier.launching(1)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(tier.load_stream):
+        torch.cuda._sleep(200_000_000)            # ~0.1 s: the copies queue behind it
+    tier.flush(layerwise=True)
+    assert len(tier._layer_events) == 4 and not tier.loading and tier.num_layerwise_loads == 1
+    seen = []
+    for layer in range(4):
+        tier.before_layer(layer)
+        seen.append(tier.pool.kv[layer][:, :, [7, 2]].float())   # launched on the forward stream
+    tier.end_forward()
+    torch.cuda.synchronize()
+    for layer, got in enumerate(seen):
+        assert (got[:, :, 0] == layer + 1).all() and (got[:, :, 1] == 10 * (layer + 1)).all()

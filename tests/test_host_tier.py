@@ -6,10 +6,12 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.engine.host_tier import HostTier, LoadCost
+from cluster.engine.host_tier import HostTier
+from cluster.engine.load_cost import LoadCost
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.page_allocator import PageAllocator
 from cluster.runtime.cache_manager import CacheManager
@@ -197,7 +199,7 @@ def test_an_evicted_prefix_comes_back_from_the_host_tier_into_fresh_device_pages
 def test_host_tier_copies_every_plane_and_layer_of_a_page(planes):
     pool = KVPool(3, 2, 4, 6, PAGE, num_planes=planes)
     tier = HostTier(pool, 5)
-    pool.kv.copy_(__import__("torch").randn(pool.kv.shape))
+    pool.kv.copy_(torch.randn(pool.kv.shape))
     before = pool.kv[:, :, :, [1, 4]].clone()
     tier.write([1, 4], [3, 0])
     pool.kv[:, :, :, [1, 4]] = 0                 # the device pages are free once write returns
@@ -221,7 +223,7 @@ def test_a_load_waits_for_the_forward_it_was_sealed_for():
     """A forward launched earlier may still write a freshly allocated page: not before it."""
     pool = KVPool(1, 1, 2, 4, PAGE)
     tier = HostTier(pool, 4)
-    tier.kv[2] = 7.0
+    tier.kv[:, 2] = 7.0
     tier.load([2], [1])
     tier.seal(5)
     tier.launching(4)
@@ -245,4 +247,89 @@ def test_a_request_not_scheduled_after_its_host_hit_gives_the_loaded_pages_back(
     cm.unmatch(again)
     assert cm.num_host_hit_tokens == cm.num_hit_tokens == 0 and not cm.host_tier.loading
     assert cm.tree.num_cached_pages == 0 and cm.tree.num_host_pages == 2
+    check(cm, [])
+
+
+def filled_tier(layers: int = 3) -> HostTier:
+    """A tier whose host pages 0..3 hold 10 * layer + page + 1 in every value."""
+    tier = HostTier(KVPool(layers, 1, 2, 6, PAGE), 4)
+    value = torch.arange(layers)[:, None] * 10.0 + torch.arange(4)[None, :] + 1.0       # [layers, pages]
+    tier.kv.copy_(value[:, :, None, None, None, None].expand(tier.kv.shape))
+    return tier
+
+
+def test_a_long_load_goes_layer_by_layer_each_layer_copied_right_before_its_layer():
+    tier = filled_tier()
+    tier.layerwise_min_bytes = 0                  # every load counts as long
+    kv = tier.pool.kv
+    tier.load([2, 3], [4, 1])
+    tier.seal(1)
+    tier.launching(1)
+    tier.flush(layerwise=True)
+    assert (kv == 0).all() and tier.loading == {2: 1, 3: 1} and tier.num_layerwise_loads == 1
+    tier.before_layer(0)
+    assert (kv[0, :, :, 4] == 3).all() and (kv[0, :, :, 1] == 4).all() and (kv[1:] == 0).all()
+    tier.before_layer(1)
+    assert (kv[1, :, :, 4] == 13).all() and (kv[2] == 0).all()
+    tier.end_forward()                            # the forward failed before layer 2: its pages are completed
+    assert (kv[2, :, :, 4] == 23).all() and (kv[2, :, :, 1] == 24).all() and not tier.loading
+
+
+def test_a_short_load_or_a_decode_forward_loads_every_layer_before_the_forward():
+    tier = filled_tier()
+    tier.load([0], [2])
+    tier.seal(1)
+    tier.launching(1)
+    tier.flush(layerwise=True)                    # 1 page: under layerwise_min_bytes
+    assert [tier.pool.kv[layer, 0, 0, 2, 0, 0].item() for layer in range(3)] == [1, 11, 21]
+    assert tier.num_layerwise_loads == 0 and not tier.loading
+
+
+def aborted_host_hit(cm: CacheManager) -> list[int]:
+    """A request hits two host pages (their loads queued and sealed for forward 1) and is aborted
+    before that forward runs; -> the device pages its loads target."""
+    first = Req("a", [1, 1, 2, 2, 9], SamplingParams())
+    cm.match_prefix(first)
+    cm.grow(first, first.seq_len)
+    compute(cm, first)
+    cm.release(first)
+    cm.tree.evict(2)                              # both pages to the host tier
+    again = Req("b", [1, 1, 2, 2, 3], SamplingParams())
+    assert cm.match_prefix(again) == 4
+    cm.seal_loads(1)
+    targets = again.page_table[:2]
+    cm.release(again, keep_kv=False)              # the abort: the loaded nodes are unreferenced now
+    return targets
+
+
+def test_an_aborted_host_hit_whose_load_has_not_run_never_overwrites_a_decode_import():
+    cm = manager(num_pages=4)
+    tier = cm.host_tier
+    targets = aborted_host_hit(cm)
+    imported = cm.tree.allocate(4)                # a decode import takes every page: the targets are evicted
+    assert set(targets) <= set(imported) and not tier.loading
+    tier.pool.kv[:, :, :, imported] = -5.0        # the imported KV lands
+    tier.launching(1)
+    tier.flush()                                  # forward 1 starts: its cancelled loads must not run
+    assert (tier.pool.kv[:, :, :, imported] == -5.0).all()
+    assert tier.bytes_to_device == 0
+    cm.allocator.free(imported)
+    check(cm, [])
+
+
+def test_a_layer_by_layer_load_stops_at_a_page_evicted_during_its_forward():
+    cm = manager(num_pages=4)
+    tier = cm.host_tier
+    tier.layerwise_min_bytes = 0
+    targets = aborted_host_hit(cm)
+    tier.launching(1)
+    tier.flush(layerwise=True)
+    tier.before_layer(0)                          # forward 1 runs layer 0 with the loads in flight
+    imported = cm.tree.allocate(4)
+    tier.pool.kv[:, :, :, imported] = -5.0
+    tier.before_layer(1)
+    tier.end_forward()
+    assert set(targets) <= set(imported) and (tier.pool.kv[:, :, :, imported] == -5.0).all()
+    assert not tier.loading
+    cm.allocator.free(imported)
     check(cm, [])

@@ -1,6 +1,6 @@
 """The host tier in real schedulers with the real model: a pool too small for the working set
 sends turn 2 to the host tier (with the tier on) or to recomputation (off), and greedy output
-is the cold run's either way. They run the overlap loop (retractions under page pressure in
+is the cold run's either way (loads layer by layer too). They run the overlap loop (retractions under page pressure in
 both loops); the references, the normal loop. The copies themselves are checked under overlap
 ordering in test_host_tier.py (a load waits for the forward it was sealed for); that the tree
 never takes a page a forward in flight still writes, in test_overlap_cache_pages.py."""
@@ -61,6 +61,17 @@ def test_turn_two_hits_the_host_tier_and_greedy_output_equals_a_cold_run(loaded,
     assert gauges.host_tier_bytes_total["to_host"] > 0
     assert gauges.host_tier_bytes_total["to_device"] == by_tier["host"] // 16 * on.cache.host_tier.page_bytes
     assert 0 < gauges.host_tier_usage <= 1
+    check_tiers(on)
+
+
+def test_layer_by_layer_loads_give_the_cold_run_output(loaded, cold):
+    """Every host-tier load forced layer by layer: each layer's pages are copied right before the
+    layer runs (on the forward thread, under overlap)."""
+    first, second = turns(loaded.tokenizer)
+    on = unified(loaded, HOST_TIER_GB, 12)
+    on.cache.host_tier.layerwise_min_bytes = 0
+    assert three_turns(on, first, second, filler(loaded.tokenizer)) == cold
+    assert on.cache.host_tier.num_layerwise_loads > 0 and on.cache.num_host_hit_tokens > 0
     check_tiers(on)
 
 

@@ -1,8 +1,9 @@
 """HostTier: the prefix cache's second tier, KV pages in host memory, and the copies between tiers.
 
-Host pages are page-major (`[num_pages, layers, planes, kv_heads, page_size, head_dim]`, the
-device pool's planes, latent layout included), so a run of consecutive host pages is one
-contiguous block: one DMA per run. On CUDA the memory is pinned.
+Host pages are layer-major (`[layers, num_pages, planes, kv_heads, page_size, head_dim]`, the
+device pool's planes, latent layout included), so one layer of a run of consecutive host pages
+is one contiguous block: one DMA per layer and run, which lets a load go layer by layer. On CUDA
+the memory is pinned.
 
 Write-back (`write`, on eviction from the device) runs at once: the pages are the tree's,
 which no forward writes, and once read they may be reused by anyone (a decode worker's KV
@@ -14,15 +15,18 @@ finished: a freshly allocated page may still be written by one of them (a finish
 riding along). So they are queued, sealed with the forward iteration about to launch
 (`seal`), and run on the forward thread right before that forward (`flush`, through
 `wrap_forward` and `launching`): on CUDA on their own stream, the forward stream waiting for
-them on the device only. A host page with a queued load is pinned: the host tier's eviction
-skips it. On the CPU every copy is synchronous.
+them on the device only. A long load into an eager forward goes layer by layer (`flush`,
+`before_layer`): on CUDA every layer is issued at once with an event each and the forward's
+layer i waits for layer i's event only; on the CPU layer i is copied right before layer i.
+A host page with a queued load is pinned: the host tier's eviction skips it; a device page
+whose load has not run may be evicted (its request was aborted), and the tree then cancels
+the load (`cancel_load`) before the page goes back to the allocator. On the CPU every copy is
+synchronous.
 
-`LoadCost` decides whether a host hit is loaded or recomputed: bytes / measured copy
-bandwidth against tokens / the worker's measured prefill speed.
+`LoadCost` (load_cost.py) decides whether a host hit is loaded or recomputed.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from typing import Optional
@@ -30,34 +34,10 @@ from typing import Optional
 import torch
 
 from cluster.engine.kv_cache import KVPool
+from cluster.engine.load_cost import LoadCost
 from cluster.engine.page_allocator import PageAllocator
 
-PREFILL_EWMA = 0.3        # weight of the newest prefill-speed sample
-
-
-class LoadCost:
-    """Predicted seconds to load host pages back against recomputing their tokens."""
-
-    def __init__(self, copy_bytes_per_s: float, bytes_per_token: int):
-        self.copy_bytes_per_s = copy_bytes_per_s
-        self.bytes_per_token = bytes_per_token
-        self.prefill_tokens_per_s: Optional[float] = None   # until the first prefill is timed
-
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens <= 0 or seconds <= 0:
-            return
-        speed = num_tokens / seconds
-        old = self.prefill_tokens_per_s
-        self.prefill_tokens_per_s = speed if old is None else old + PREFILL_EWMA * (speed - old)
-
-    def load_seconds(self, num_tokens: int) -> float:
-        return num_tokens * self.bytes_per_token / self.copy_bytes_per_s
-
-    def recompute_seconds(self, num_tokens: int) -> float:
-        return num_tokens / self.prefill_tokens_per_s if self.prefill_tokens_per_s else float("inf")
-
-    def should_load(self, num_tokens: int) -> bool:
-        return self.load_seconds(num_tokens) < self.recompute_seconds(num_tokens)
+LAYERWISE_MIN_BYTES = 16 << 20   # a load this long goes layer by layer, overlapped with the forward
 
 
 def _runs(pages: list[int]) -> list[tuple[int, int, int]]:
@@ -78,18 +58,24 @@ class HostTier:
         self.allocator = PageAllocator(num_pages)
         self.num_pages = num_pages
         self.on_cuda = pool.device.type == "cuda"
-        shape = (num_pages, pool.num_layers, pool.num_planes, pool.num_kv_heads, pool.page_size, pool.head_dim)
+        shape = (pool.num_layers, num_pages, pool.num_planes, pool.num_kv_heads, pool.page_size, pool.head_dim)
         self.kv = torch.zeros(shape, dtype=pool.dtype, pin_memory=self.on_cuda)
-        self.page_bytes = self.kv[0].numel() * self.kv.element_size()
+        self.page_bytes = self.kv[:, 0].numel() * self.kv.element_size()
         if self.on_cuda:
             self.gather_stream, self.to_host_stream, self.load_stream = (
                 torch.cuda.Stream(pool.device) for _ in range(3))
             self._gathered = None                  # event: the last write-back's pages are read
         self.bytes_to_host = self.bytes_to_device = 0
+        self.layerwise_min_bytes = LAYERWISE_MIN_BYTES
+        self.num_layerwise_loads = 0               # forwards whose loads went layer by layer
         self.loading: dict[int, int] = {}          # host page -> queued loads of it (not evictable)
         self._pending: list[tuple[list[int], list[int]]] = []           # (host, device) not sealed yet
         self._sealed: list[tuple[int, list[tuple[list[int], list[int]]]]] = []   # (forward_iter, loads)
         self._launching = 0                        # the forward iteration the forward thread runs next
+        self._by_layer: Optional[tuple[list[int], list[int]]] = None    # CPU: the running forward's loads
+        self._next_layer = 0                       # CPU: the first of them not copied yet
+        self._layer_events: Optional[list] = None  # CUDA: the running forward's loads, an event per layer
+        self._issued = False                       # CUDA: loads issued since cancel_load last fenced them
         self._lock = threading.Lock()              # sealed on the scheduler thread, run on the forward one
         self.cost = LoadCost(self.measure_copy_bandwidth(), self.page_bytes // pool.page_size)
 
@@ -114,19 +100,21 @@ class HostTier:
         kv = self.pool.kv                          # [layers, planes, heads, pages, page_size, dim]
         index = torch.tensor(device_pages, dtype=torch.int64, device=kv.device)
         if not self.on_cuda:
-            block = kv.index_select(3, index).permute(3, 0, 1, 2, 4, 5)
+            block = kv.index_select(3, index).permute(0, 3, 1, 2, 4, 5)
             for i, first, n in _runs(host_pages):
-                self.kv[first:first + n].copy_(block[i:i + n])
+                self.kv[:, first:first + n].copy_(block[:, i:i + n])
         else:
             self.gather_stream.wait_stream(torch.cuda.current_stream(kv.device))
             with torch.cuda.stream(self.gather_stream):
-                block = kv.index_select(3, index).permute(3, 0, 1, 2, 4, 5).contiguous()
+                block = kv.index_select(3, index).permute(0, 3, 1, 2, 4, 5).contiguous()
                 self._gathered = self.gather_stream.record_event()
             self.to_host_stream.wait_event(self._gathered)
+            self.to_host_stream.wait_stream(self.load_stream)   # NOTE: a host page is read by its load first
             with torch.cuda.stream(self.to_host_stream):
                 block.record_stream(self.to_host_stream)
-                for i, first, n in _runs(host_pages):
-                    self.kv[first:first + n].copy_(block[i:i + n], non_blocking=True)
+                for layer in range(block.shape[0]):    # host pages are layer-major: one DMA per layer and run
+                    for i, first, n in _runs(host_pages):
+                        self.kv[layer, first:first + n].copy_(block[layer, i:i + n], non_blocking=True)
             self._gathered.synchronize()           # the device pages are free to reuse now
         self.bytes_to_host += len(device_pages) * self.page_bytes
 
@@ -134,93 +122,160 @@ class HostTier:
     def load(self, host_pages: list[int], device_pages: list[int]) -> None:
         """Queue a copy of host pages into device pages (a hit on the host tier)."""
         if device_pages:
-            self._pending.append((list(host_pages), list(device_pages)))
-            self._pin(host_pages)
+            with self._lock:
+                self._pending.append((list(host_pages), list(device_pages)))
+                self._pin(host_pages)
             self.bytes_to_device += len(device_pages) * self.page_bytes
 
     def cancel_load(self, device_pages: list[int]) -> None:
-        """Drop queued (not yet sealed) loads into `device_pages`: their request was not scheduled."""
+        """Drop the loads into `device_pages` that have not run (their request was not scheduled,
+        or was aborted and the tree evicted the pages): the pages may take other KV at once."""
         drop = set(device_pages)
+        with self._lock:
+            self._pending = self._without(self._pending, drop)
+            self._sealed = [(it, kept) for it, loads in self._sealed if (kept := self._without(loads, drop))]
+            if self._by_layer is not None:
+                kept = self._without([self._by_layer], drop)
+                self._by_layer = kept[0] if kept else ([], [])
+            if self._issued:   # NOTE: issued loads land before what the caller's stream does next
+                torch.cuda.current_stream(self.pool.device).wait_stream(self.load_stream)
+                self._issued = False
+
+    def _without(self, loads, drop: set) -> list[tuple[list[int], list[int]]]:
         kept = []
-        for host, dev in self._pending:
+        for host, dev in loads:
             pairs = [(h, d) for h, d in zip(host, dev) if d not in drop]
-            self._unpin([h for h, d in zip(host, dev) if d in drop])
-            self.bytes_to_device -= (len(dev) - len(pairs)) * self.page_bytes
+            if len(pairs) < len(dev):
+                self._unpin([h for h, d in zip(host, dev) if d in drop])
+                self.bytes_to_device -= (len(dev) - len(pairs)) * self.page_bytes
             if pairs:
                 kept.append(([h for h, _ in pairs], [d for _, d in pairs]))
-        self._pending = kept
+        return kept
 
     def seal(self, forward_iter: int) -> None:
         """The loads queued so far precede forward `forward_iter` (called before its launch)."""
         if self._pending:
             with self._lock:
                 self._sealed.append((forward_iter, self._pending))
-            self._pending = []
+                self._pending = []
 
     def launching(self, forward_iter: int) -> None:
         """Forward-thread hook: `forward_iter` is the forward about to run."""
         self._launching = forward_iter
 
-    def flush(self) -> None:
-        """Run the loads sealed for forwards up to the one about to run (on the forward thread)."""
+    def flush(self, layerwise: bool = False) -> None:
+        """Run the loads sealed for forwards up to the one about to run (on the forward thread).
+        With `layerwise` (an eager forward that calls `before_layer`) a load of at least
+        `layerwise_min_bytes` goes layer by layer: layer i of the forward waits for layer i's
+        copy only (on the CPU the copy runs then)."""
         with self._lock:
-            due = [loads for it, loads in self._sealed if it <= self._launching]
+            due = [pair for it, loads in self._sealed if it <= self._launching for pair in loads]
             self._sealed = [(it, loads) for it, loads in self._sealed if it > self._launching]
-        if not due:
-            return
-        forward_stream = torch.cuda.current_stream(self.pool.device) if self.on_cuda else None
-        if forward_stream is not None:
-            self.load_stream.wait_stream(forward_stream)
-            self.load_stream.wait_stream(self.to_host_stream)   # a host page written, then loaded
-        with torch.cuda.stream(self.load_stream) if forward_stream is not None \
-                else contextlib.nullcontext():
-            for loads in due:
-                for host, dev in loads:
-                    self._load_now(host, dev)
-        if forward_stream is not None:
+            if not due:
+                return
+            host = [h for hs, _ in due for h in hs]
+            dev = [d for _, ds in due for d in ds]
+            by_layer = layerwise and len(dev) * self.page_bytes >= self.layerwise_min_bytes
+            self.num_layerwise_loads += by_layer
+            if not self.on_cuda and by_layer:
+                self._by_layer, self._next_layer = (host, dev), 0    # pinned until end_forward
+                return
+            if not self.on_cuda:
+                plan = self._plan(host, dev)
+                for layer in range(self.pool.num_layers):
+                    self._load_layer(layer, *plan)
+            else:
+                self._issue(self._plan(host, dev), by_layer)
+            self._unpin(host)
+
+    def _issue(self, plan, by_layer: bool) -> None:
+        """CUDA: every layer's copy on the load stream after the forwards launched so far (and after
+        the write-backs: a host page written, then loaded); the forward waits for all of them, or
+        with `by_layer` for layer i's event before layer i."""
+        forward_stream = torch.cuda.current_stream(self.pool.device)
+        self.load_stream.wait_stream(forward_stream)
+        self.load_stream.wait_stream(self.to_host_stream)
+        events = []
+        with torch.cuda.stream(self.load_stream):
+            for layer in range(self.pool.num_layers):
+                self._load_layer(layer, *plan)
+                if by_layer:
+                    events.append(self.load_stream.record_event())
+        if by_layer:
+            self._layer_events = events
+        else:
             forward_stream.wait_stream(self.load_stream)
-        for loads in due:
-            for host, _ in loads:
+        self._issued = True
+
+    def before_layer(self, layer: int) -> None:
+        """Model hook, before decoder layer `layer` of an eager forward: its pages are loaded."""
+        if self._layer_events is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(self._layer_events[layer])
+        elif self._by_layer is not None:
+            with self._lock:
+                self._load_layer(layer, *self._plan(*self._by_layer))
+                self._next_layer = layer + 1
+
+    def end_forward(self) -> None:
+        """After the forward (also one that failed midway): layer-wise loads complete and unpinned."""
+        if self._layer_events is not None:
+            torch.cuda.current_stream(self.pool.device).wait_stream(self.load_stream)
+            self._layer_events = None
+        if self._by_layer is not None:
+            with self._lock:
+                host, dev = self._by_layer
+                plan = self._plan(host, dev)
+                for layer in range(self._next_layer, self.pool.num_layers):   # the layers a failure skipped
+                    self._load_layer(layer, *plan)
                 self._unpin(host)
+                self._by_layer = None
 
-    def _pin(self, host_pages) -> None:
-        with self._lock:
-            for h in host_pages:
-                self.loading[h] = self.loading.get(h, 0) + 1
+    def _pin(self, host_pages) -> None:           # under self._lock
+        for h in host_pages:
+            self.loading[h] = self.loading.get(h, 0) + 1
 
-    def _unpin(self, host_pages) -> None:
-        with self._lock:
-            for h in host_pages:
-                if self.loading[h] == 1:
-                    del self.loading[h]
-                else:
-                    self.loading[h] -= 1
+    def _unpin(self, host_pages) -> None:         # under self._lock
+        for h in host_pages:
+            if self.loading[h] == 1:
+                del self.loading[h]
+            else:
+                self.loading[h] -= 1
 
-    def _load_now(self, host: list[int], dev: list[int]) -> None:
-        kv = self.pool.kv
-        index = torch.tensor(dev, dtype=torch.int64, device=kv.device)
-        parts = [self.kv[first:first + n].to(kv.device, non_blocking=self.on_cuda) for _, first, n in _runs(host)]
+    def _plan(self, host: list[int], dev: list[int]) -> tuple[list, Optional[torch.Tensor]]:
+        """(runs of the host pages, device page index) of a load, for `_load_layer`."""
+        index = torch.tensor(dev, dtype=torch.int64).to(self.pool.device, non_blocking=True) if dev else None
+        return _runs(host), index
+
+    def _load_layer(self, layer: int, runs: list, index: Optional[torch.Tensor]) -> None:
+        if index is None:
+            return
+        parts = [self.kv[layer, first:first + n].to(self.pool.device, non_blocking=self.on_cuda)
+                 for _, first, n in runs]
         block = parts[0] if len(parts) == 1 else torch.cat(parts)
-        kv.index_copy_(3, index, block.permute(1, 2, 3, 0, 4, 5))
+        self.pool.kv[layer].index_copy_(2, index, block.permute(1, 2, 0, 3, 4))   # [planes, heads, pages, ..]
 
     def wrap_forward(self, forward):
-        """`forward` preceded by `flush`; a prefill's time feeds the cost model (on CUDA the
-        forward returns once its result is on the host, so the time is the device's)."""
+        """`forward` preceded by `flush` and followed by `end_forward`; a prefill's time feeds the
+        cost model (on CUDA the forward returns once its result is on the host, so the time is the
+        device's)."""
         def run(fi):
-            self.flush()
-            if fi.is_decode:
-                return forward(fi)
-            t0 = time.perf_counter()
-            out = forward(fi)
-            self.cost.observe_prefill(sum(fi.extend_lens), time.perf_counter() - t0)
-            return out
+            self.flush(layerwise=not fi.is_decode)
+            try:
+                if fi.is_decode:
+                    return forward(fi)
+                t0 = time.perf_counter()
+                out = forward(fi)
+                self.cost.observe_prefill(sum(fi.extend_lens), time.perf_counter() - t0)
+                return out
+            finally:
+                self.end_forward()
         return run
 
     # ---- measured once at start ----------------------------------------------------
     def measure_copy_bandwidth(self, num_pages: int = 8) -> float:
         """Bytes per second of a host-to-device copy of `num_pages` pages (the load direction)."""
         n = min(num_pages, self.num_pages)
-        src = self.kv[:n]
+        src = self.kv.view(-1)[:n * self.kv[:, 0].numel()]
         best = float("inf")
         for _ in range(3):
             if self.on_cuda:
@@ -234,11 +289,13 @@ class HostTier:
         return n * self.page_bytes / max(best, 1e-9)
 
 
-def attach_host_tier(executor, pool: KVPool, gigabytes: float) -> HostTier:
-    """A host tier of `gigabytes` for `pool`, its loads run by `executor`'s forward thread right
-    before the forward they were sealed for (the scheduler seals in `run_batch`), which also
-    times prefills for its cost model."""
-    tier = HostTier.sized(pool, gigabytes)
+def attach_host_tier(executor, runner, gigabytes: float) -> HostTier:
+    """A host tier of `gigabytes` for `runner`'s pool, its loads run by `executor`'s forward thread
+    right before the forward they were sealed for (the scheduler seals in `run_batch`), or layer
+    by layer inside it (`runner`'s model calls `before_layer`); the wrapper also times prefills
+    for its cost model."""
+    tier = HostTier.sized(runner.kv_pool, gigabytes)
+    runner.add_layer_gate(tier.before_layer)
     executor.forward_fn = tier.wrap_forward(executor.forward_fn)
     first = executor.on_launch                 # layer-wise streaming's, if any: both run
     executor.on_launch = tier.launching if first is None else \

@@ -82,17 +82,25 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS),
                                     cfg.rope_theta, cfg.rope_scaling)
         self._layer_listeners: list[Callable[[int], None]] = []
+        self._layer_gates: list[Callable[[int], None]] = []
 
     def add_layer_listener(self, listener: Callable[[int], None]) -> None:
         """`listener(i)` after each decoder layer i of an eager forward (kv_transfer.LayerStream:
         layer-wise KV). A captured CUDA graph replays without calling it."""
         self._layer_listeners.append(listener)
 
+    def add_layer_gate(self, gate: Callable[[int], None]) -> None:
+        """`gate(i)` before each decoder layer i of an eager forward (host_tier.HostTier: layer i's
+        KV loaded). A captured CUDA graph replays without calling it."""
+        self._layer_gates.append(gate)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, ctx: AttentionContext):
         """-> final hidden states [num_tokens, hidden] (normed); `compute_logits` maps rows to vocab."""
         x = self._embed(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            for gate in self._layer_gates:
+                gate(i)
             x = layer(x, rope, kv, ctx)
             for listener in self._layer_listeners:
                 listener(i)          # NOTE: on CUDA, layer i's kernels are launched, not yet done

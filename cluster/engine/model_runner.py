@@ -67,6 +67,10 @@ class ModelRunner:
         """`listener(i)` after each decoder layer of this runner's eager forwards (LlamaModel's)."""
         self.model.add_layer_listener(listener)
 
+    def add_layer_gate(self, gate) -> None:
+        """`gate(i)` before each decoder layer of this runner's eager forwards (LlamaModel's)."""
+        self.model.add_layer_gate(gate)
+
     @property
     def tokenizer(self):
         return self.loaded.tokenizer

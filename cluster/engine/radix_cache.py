@@ -57,18 +57,20 @@ class RadixNode:
 
 
 WriteBack = Callable[[list, list], None]     # (device pages, host pages): queue their copy
+CancelLoads = Callable[[list], None]         # (device pages): drop the host loads into them not run yet
 
 
 class RadixCache:
     def __init__(self, allocator: PageAllocator, page_size: int,
                  host_allocator: Optional[PageAllocator] = None, write_back: Optional[WriteBack] = None,
-                 host_pinned: Collection[int] = ()):
+                 host_pinned: Collection[int] = (), cancel_loads: Optional[CancelLoads] = None):
         assert page_size >= 1 and (host_allocator is None) == (write_back is None)
         self.allocator = allocator
         self.page_size = page_size
         self.host_allocator = host_allocator
         self.write_back = write_back
         self.host_pinned = host_pinned     # host pages a queued load still reads: not evicted
+        self.cancel_loads = cancel_loads   # an evicted device page's queued load must not land later
         self.root = RadixNode((), -1, None)
         self.root.ref_count = 1        # never evicted
         self.num_cached_pages = 0      # device-resident nodes below the root
@@ -212,6 +214,8 @@ class RadixCache:
                 heapq.heappush(heap, parent)
         if written:
             self.write_back(written, hosts)
+        if freed and self.cancel_loads is not None:
+            self.cancel_loads(freed)           # NOTE: before the pages can be allocated again
         if freed:
             self.allocator.free(freed)
         self.num_cached_pages -= len(freed)

@@ -79,7 +79,7 @@ class WorkerScheduler(Scheduler):
         """The radix prefix cache, with a host tier of `host_tier_gb` GB when > 0."""
         if self.supports_prefix_cache and self.cache.tree is None:
             from cluster.engine.host_tier import attach_host_tier
-            tier = attach_host_tier(self.executor, self.runner.kv_pool, host_tier_gb) if host_tier_gb > 0 else None
+            tier = attach_host_tier(self.executor, self.runner, host_tier_gb) if host_tier_gb > 0 else None
             self.cache.enable_prefix_cache(tier)
 
     def recv_requests(self) -> None:
