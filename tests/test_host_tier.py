@@ -234,8 +234,9 @@ def test_a_load_waits_for_the_forward_it_was_sealed_for():
     assert (pool.kv[:, :, :, 1] == 7).all() and not tier.loading
 
 
-def test_a_request_not_scheduled_after_its_host_hit_gives_the_loaded_pages_back():
-    cm = manager(num_pages=4)
+def host_hit(cm: CacheManager) -> Req:
+    """A prompt computed and cached, its two whole pages evicted to the host tier, then a request
+    matching them: -> that request, its loads queued."""
     first = Req("a", [1, 1, 2, 2, 9], SamplingParams())
     cm.match_prefix(first)
     cm.grow(first, first.seq_len)
@@ -244,6 +245,12 @@ def test_a_request_not_scheduled_after_its_host_hit_gives_the_loaded_pages_back(
     cm.tree.evict(2)                                      # both pages to the host tier
     again = Req("b", [1, 1, 2, 2, 3], SamplingParams())
     assert cm.match_prefix(again) == 4 and cm.host_tier.loading
+    return again
+
+
+def test_a_request_not_scheduled_after_its_host_hit_gives_the_loaded_pages_back():
+    cm = manager(num_pages=4)
+    again = host_hit(cm)
     cm.unmatch(again)
     assert cm.num_host_hit_tokens == cm.num_hit_tokens == 0 and not cm.host_tier.loading
     assert cm.tree.num_cached_pages == 0 and cm.tree.num_host_pages == 2
@@ -288,14 +295,7 @@ def test_a_short_load_or_a_decode_forward_loads_every_layer_before_the_forward()
 def aborted_host_hit(cm: CacheManager) -> list[int]:
     """A request hits two host pages (their loads queued and sealed for forward 1) and is aborted
     before that forward runs; -> the device pages its loads target."""
-    first = Req("a", [1, 1, 2, 2, 9], SamplingParams())
-    cm.match_prefix(first)
-    cm.grow(first, first.seq_len)
-    compute(cm, first)
-    cm.release(first)
-    cm.tree.evict(2)                              # both pages to the host tier
-    again = Req("b", [1, 1, 2, 2, 3], SamplingParams())
-    assert cm.match_prefix(again) == 4
+    again = host_hit(cm)
     cm.seal_loads(1)
     targets = again.page_table[:2]
     cm.release(again, keep_kv=False)              # the abort: the loaded nodes are unreferenced now
