@@ -33,7 +33,7 @@ from cluster.engine.cuda_graphs import cuda_graphs_enabled
 from cluster.engine.forward_batch import ForwardInput
 from cluster.runtime.schedule_batch import ForwardMode, ScheduleBatch
 from dllm.block_graphs import BlockGraphs, plan_for
-from dllm.unmask import BlockState, host_rows, unmask_step
+from dllm.unmask import BlockState, unmask_step
 
 
 @dataclass
@@ -182,16 +182,15 @@ class BlockLoop:
 
     def _read(self, state: BlockState, n: int) -> BlockResult:
         """The round's only full read: the blocks' rows, through pinned memory on CUDA."""
-        rows = state.rows(n)
         self.num_host_reads += 1
+        rows = state.rows(n)
+        out = [rows.tokens, rows.logprobs, rows.commit_step, rows.num_steps]
         if self.device.type == "cuda":
-            host = BlockState(**{k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                                 for k, v in vars(rows).items()})
+            out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
             ready = torch.cuda.Event()
             ready.record()
             ready.synchronize()
-            rows = host
-        return BlockResult(*host_rows(rows))
+        return BlockResult(*(t.tolist() for t in out))
 
 
 class _EagerSteps:

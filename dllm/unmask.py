@@ -14,7 +14,7 @@ is left alone, as the host loop stops stepping such a block.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -52,22 +52,23 @@ class BlockState:
         k = max([num_stop_ids, 1] + [len(s) for s in stop_ids])
         state = cls.empty(max(rows, len(blocks)), width, k, max(num_banned, len(banned), 1), vocab_size,
                           mask_token_id, "cpu")
+        h = {f.name: getattr(state, f.name).numpy() for f in fields(state)}   # numpy views: cheap per-row writes
         for i, (block, p, stops, before) in enumerate(zip(blocks, params, stop_ids, banned_before)):
             n = len(block)
-            state.tokens[i, :n] = torch.tensor(block.input_ids(mask_token_id))
-            state.masked[i, :n] = torch.tensor([t is None for t in block.tokens])
-            state.in_block[i, :n] = True
-            state.logprobs[i, :n] = torch.tensor(block.logprobs)
-            state.num_steps[i] = block.num_steps
-            state.threshold[i] = p.threshold
+            h["tokens"][i, :n] = block.input_ids(mask_token_id)
+            h["masked"][i, :n] = [t is None for t in block.tokens]
+            h["in_block"][i, :n] = True
+            h["logprobs"][i, :n] = block.logprobs
+            h["num_steps"][i] = block.num_steps
+            h["threshold"][i] = p.threshold
             if block.plan is not None:
-                state.is_fixed[i] = True
-                state.plan[i, :len(block.plan)] = torch.tensor(block.plan)
-            state.early[i, :min(max(before, 0), n)] = True
+                h["is_fixed"][i] = True
+                h["plan"][i, :len(block.plan)] = block.plan
+            h["early"][i, :min(max(before, 0), n)] = True
             ids = sorted(t for t in stops if 0 <= t < vocab_size)
-            state.stop_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            h["stop_ids"][i, :len(ids)] = ids
         ids = sorted(t for t in banned if 0 <= t < vocab_size)
-        state.banned[:len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        h["banned"][:len(ids)] = ids
         state.num_active.fill_(int(active_rows(state).sum()))
         return state
 
@@ -167,9 +168,3 @@ def apply_to_block(block: ActiveBlock, tokens: list[int], logprobs: list[float],
             steps[k - first].append(j)
     block.num_steps = num_steps
     return steps
-
-
-def host_rows(state: BlockState, n: Optional[int] = None) -> tuple[list, list, list, list]:
-    """(tokens, logprobs, commit_step, num_steps) of the first `n` rows as lists (one read each)."""
-    s = state.rows(n if n is not None else state.tokens.shape[0])
-    return s.tokens.tolist(), s.logprobs.tolist(), s.commit_step.tolist(), s.num_steps.tolist()

@@ -7,7 +7,7 @@ import torch
 
 from cluster.dllm_params import DllmParams
 from dllm.block import ActiveBlock
-from dllm.unmask import BlockState, active_rows, apply_to_block, host_rows, unmask_step
+from dllm.unmask import BlockState, active_rows, apply_to_block, unmask_step
 
 VOCAB, MASK = 40, 39
 
@@ -61,7 +61,9 @@ def test_tensor_step_commits_exactly_what_the_host_rules_commit(seed):
         logits = random_logits(rng, state.tokens.shape[0], state.width)
         expected = [host_step(b, p, s, before, logits[i], banned) for i, (b, p, s, before) in enumerate(cases)]
         unmask_step(state, logits)
-        tokens, logprobs, commit_step, num_steps = host_rows(state, rows)
+        s = state.rows(rows)
+        tokens, logprobs, commit_step, num_steps = (t.tolist() for t in (s.tokens, s.logprobs, s.commit_step,
+                                                                          s.num_steps))
         for i, (block, want) in enumerate(zip(mirror, expected)):
             got = apply_to_block(block, tokens[i], logprobs[i], commit_step[i], num_steps[i])
             assert got == ([] if want is None else [want]), (i, got, want)
