@@ -185,10 +185,10 @@ class HostTier:
                 for layer in range(self.pool.num_layers):
                     self._load_layer(layer, *plan)
             else:
-                self._issue(self._plan(host, dev), by_layer)
+                self._issue(host, dev, by_layer)
             self._unpin(host)
 
-    def _issue(self, plan, by_layer: bool) -> None:
+    def _issue(self, host: list[int], dev: list[int], by_layer: bool) -> None:
         """CUDA: every layer's copy on the load stream after the forwards launched so far (and after
         the write-backs: a host page written, then loaded); the forward waits for all of them, or
         with `by_layer` for layer i's event before layer i."""
@@ -196,7 +196,8 @@ class HostTier:
         self.load_stream.wait_stream(forward_stream)
         self.load_stream.wait_stream(self.to_host_stream)
         events = []
-        with torch.cuda.stream(self.load_stream):
+        with torch.cuda.stream(self.load_stream):   # NOTE: the index too is the load stream's memory
+            plan = self._plan(host, dev)
             for layer in range(self.pool.num_layers):
                 self._load_layer(layer, *plan)
                 if by_layer:
