@@ -40,7 +40,8 @@ the weights (a ~ 150 ms for SmolLM2-135M) while P is 1-5 ms, and alternating mea
 the merged throughput, so the scheduler picks `split` from measured times
 (`DllmScheduler.split_groups`). SGLang instead runs a whole block's denoising loop inside one
 `run_batch`; per-forward rounds keep each forward a scheduler iteration with its own `[N]`
-line and let requests join and leave at every forward.
+line and let requests join and leave at every forward. On CUDA, where a host read per forward
+would stall the device, greedy rounds are block rounds that do as SGLang does (block_loop.py).
 """
 from __future__ import annotations
 
