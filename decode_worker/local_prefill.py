@@ -14,8 +14,6 @@ decode rows alone fill the budget a chunk is still one page, so a prompt keeps m
 from __future__ import annotations
 
 import logging
-import math
-import time
 from typing import Optional
 
 from cluster.config import SchedulerConfig
@@ -26,8 +24,6 @@ from cluster.runtime.step_cost import StepCostModel
 
 logger = logging.getLogger("pdcluster.decode")
 
-RATE_REFRESH_S = 0.25   # the headroom gauge is refitted at most this often (on the scheduler thread)
-
 
 class LocalPrefill:
     def __init__(self, cache: CacheManager, config: SchedulerConfig, tpot: Optional[float] = None):
@@ -36,8 +32,6 @@ class LocalPrefill:
         self.tpot = tpot
         self.min_chunk = config.page_size
         self.num_tokens_total = 0          # decode_side_prefill_tokens_total
-        self.rate = 0.0                    # decode_side_prefill_rate, as last refreshed
-        self._rate_at = -math.inf
 
     def chunk_tokens(self, decode_rows: int) -> int:
         """Prompt tokens a step of `decode_rows` decode rows may carry."""
@@ -46,7 +40,7 @@ class LocalPrefill:
             return limit
         return max(min(self.min_chunk, limit), self.cost.chunk_tokens(decode_rows, self.tpot, limit))
 
-    def observe(self, batch: ScheduleBatch, result, num_running: int) -> None:
+    def observe(self, batch: ScheduleBatch, result) -> None:
         """A processed forward of this worker: a sample for the cost model; its prompt tokens counted."""
         timings = getattr(result, "timings", None) or {}
         rows, tokens = batch.num_decode_rows, batch.num_prefill_tokens
@@ -58,11 +52,11 @@ class LocalPrefill:
                         batch.mix.chunk_budget, 1000 * timings.get("step_s", 0.0),
                         1000 * self.cost.predict(rows, tokens),
                         "-" if self.tpot is None else f"{1000 * self.tpot:.1f} ms")
-        now = time.monotonic()
-        if now - self._rate_at >= RATE_REFRESH_S:
-            self.rate = self.cost.prefill_rate(num_running, self.tpot, self.queue.max_prefill_tokens)
-            self._rate_at = now
 
-    def gauges(self) -> dict:
-        return {"num_queue_tokens": self.queue.num_tokens, "decode_side_prefill_rate": self.rate,
+    def gauges(self, num_running: int) -> dict:
+        """On the heartbeat thread: the headroom beside `num_running` decode rows, as fitted so far
+        (0 before any forward: no evidence of headroom yet)."""
+        rate = self.cost.prefill_rate(num_running, self.tpot, self.queue.max_prefill_tokens) \
+            if self.cost.num_steps else 0.0
+        return {"num_queue_tokens": self.queue.num_tokens, "decode_side_prefill_rate": rate,
                 "decode_side_prefill_tokens_total": self.num_tokens_total}

@@ -180,7 +180,7 @@ class DecodeScheduler(WorkerScheduler):
         self.retracted.discard(req.rid)
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
-        self.local_prefill.observe(batch, result, len(self.decode))
+        self.local_prefill.observe(batch, result)
         if batch.mix is None:
             return super().process_batch_result(batch, result)
         # a mixed step: its prompt chunk reports as a prefill batch, its rows as a decode step
@@ -210,4 +210,4 @@ class DecodeScheduler(WorkerScheduler):
     def heartbeat_gauges(self) -> WorkerGauges:
         return replace(super().heartbeat_gauges(), num_prealloc_reqs=len(self.prealloc_queue),
                        num_transfer_reqs=len(self.transfer_queue),
-                       num_retracted_reqs_total=self.decode.num_retracted_total, **self.local_prefill.gauges())
+                       num_retracted_reqs_total=self.decode.num_retracted_total, **self.local_prefill.gauges(len(self.decode)))

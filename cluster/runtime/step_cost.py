@@ -56,13 +56,15 @@ class StepCostModel:
     @property
     def coefs(self) -> Coefs:
         """The fitted coefficients (the prior's where the steps say nothing)."""
-        if self._coefs is None:
-            x = np.array([(1.0, r, t) for r, t, _ in self.steps]).reshape(-1, 3)
-            y = np.array([s for _, _, s in self.steps])
+        coefs = self._coefs                   # NOTE: read once: the heartbeat thread fits too
+        if coefs is None:
+            steps = list(self.steps)
+            x = np.array([(1.0, r, t) for r, t, _ in steps]).reshape(-1, 3)
+            y = np.array([s for _, _, s in steps])
             a = x.T @ x + np.diag(self.penalty)
             b = x.T @ y + self.penalty * np.array(self.prior)
-            self._coefs = Coefs(*(float(c) for c in np.linalg.solve(a, b)))
-        return self._coefs
+            coefs = self._coefs = Coefs(*(float(c) for c in np.linalg.solve(a, b)))
+        return coefs
 
     def predict(self, decode_rows: int, prefill_tokens: int) -> float:
         return self.coefs.seconds(decode_rows, prefill_tokens)
