@@ -11,9 +11,9 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
   the whole step with the Triton kernels replayed from a CUDA graph as the engine runs it (`mla_decode_ms`,
   `mla_ratio`; eagerly: `mla_decode_eager_ms`, Python's launches included), the two latent kernels alone
   (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits`, `mla_kernel_ms_by_block_n_stages`,
-  `mla_kernel_ms_by_warps`, `mla_kernel_ms_tokens_major_by_block_n_stages_warps` and
-  `mla_kernel_ms_float32_partials` for other split counts, tiles, warps, dot orientation and float32
-  split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128
+  `mla_kernel_ms_by_warps`, `mla_kernel_ms_tokens_major_by_block_n_stages_warps`,
+  `mla_kernel_ms_reload_q_by_block_n_warps` and `mla_kernel_ms_float32_partials` for other split
+  counts, tiles, warps, dot orientation, the query read per tile and float32 split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128
   heads over the same latent, and `mla_kernel_ms_128_heads_by_block_h_warps`) and the gathered
   torch path (`mla_gathered_ms`, eager), against reading their latent KV once at the copy bandwidth
   measured here (goal: ratio <= 1.3); one layer's extend over a cached prefix of `--mla-context` tokens,
@@ -129,6 +129,9 @@ def bench_mla_decode(runner, args) -> dict:
             f"{n}x{st}x{w}": _tuning_ms(lambda n=n, st=st, w=w: kernels(tokens_major=True, block_n=n, num_stages=st,
                                                                          num_warps=w), args.reps * 10)
             for n in (32, 64) for st in (1, 2, 3) for w in (4, 8)}
+        row["mla_kernel_ms_reload_q_by_block_n_warps"] = {
+            f"{n}x{w}": _tuning_ms(lambda n=n, w=w: kernels(reload_q=True, block_n=n, num_warps=w), args.reps * 10)
+            for n in (32, 64) for w in (4, 8)}
         row["mla_kernel_ms_float32_partials"] = _tuning_ms(lambda: kernels(partial_dtype=torch.float32),
                                                             args.reps * 10)
         # more heads read the same latent: one program per up to 64 heads, blocks of one slice side by side

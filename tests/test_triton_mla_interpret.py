@@ -54,14 +54,15 @@ def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, s
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block_n, tokens_major", [(16, False), (64, False), (16, True), (64, True)])
-def test_tile_and_dot_orientation_overrides_give_the_same_latents(kernels, block_n, tokens_major):
+@pytest.mark.parametrize("block_n, tune", [(16, {}), (64, {}), (16, {"tokens_major": True}),
+                                           (64, {"tokens_major": True}), (32, {"reload_q": True})])
+def test_tile_dot_orientation_and_query_reload_overrides_give_the_same_latents(kernels, block_n, tune):
     g = torch.Generator().manual_seed(block_n)
     cache = torch.randn(40, PAGE, RANK + ROPE, generator=g)
     q = torch.randn(2, 4, RANK + ROPE, generator=g)
     lens, table = [30, 90], torch.randperm(40, generator=g)
     got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, torch.tensor([0, 8]), torch.tensor(lens),
-                                0.125, num_splits=3, block_n=block_n, num_stages=1, tokens_major=tokens_major)
+                                0.125, num_splits=3, block_n=block_n, num_stages=1, **tune)
     want = _reference(q, cache, [table[:8], table[8:31]], lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -62,17 +62,21 @@ def _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE: tl.constexpr, R: tl.con
 
 
 @triton.jit
-def _attend_heads_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale, PAGE_SIZE: tl.constexpr,
-                        R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _attend_heads_major(q_c, q_p, q_c_ptrs, live, CACHE, pages, start, end, stride_page, qk_scale,
+                        PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr):
     """Online softmax over [start, end) with heads as the dots' rows: `[H, R] @ [R, N]`, then
-    `[H, N] @ [N, R]`; -> (max, sum, accumulator `[H, R]`)."""
+    `[H, N] @ [N, R]`; -> (max, sum, accumulator `[H, R]`). `RELOAD_Q` reads the query again for
+    every tile (from L1) instead of holding it in registers across the loop."""
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         valid, c, pe = _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE, R, P, BLOCK_N)
-        s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+        if RELOAD_Q:
+            s = tl.dot(tl.load(q_c_ptrs, mask=live[:, None], other=0.0), tl.trans(c), input_precision=PRECISION)
+        else:
+            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))              # [BLOCK_H, BLOCK_N], base 2
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -114,7 +118,8 @@ def _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_sca
 def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, qk_scale, num_splits, num_heads,
                       stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
+                      RELOAD_Q: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -126,7 +131,8 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
         live = h < num_heads
         r = tl.arange(0, R)
         b64 = b.to(tl.int64)
-        q_c = tl.load(QC + b64 * stride_qcb + h[:, None] * stride_qch + r[None, :], mask=live[:, None], other=0.0)
+        q_c_ptrs = QC + b64 * stride_qcb + h[:, None] * stride_qch + r[None, :]
+        q_c = tl.load(q_c_ptrs, mask=live[:, None], other=0.0)
         q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + tl.arange(0, P)[None, :],
                       mask=live[:, None], other=0.0)
         pages = PAGES + tl.load(PAGE_START + b)
@@ -134,8 +140,8 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
             m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
                                                  PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
         else:
-            m, total, acc = _attend_heads_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
-                                                PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
+            m, total, acc = _attend_heads_major(q_c, q_p, q_c_ptrs, live, CACHE, pages, start, end, stride_page,
+                                                qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, RELOAD_Q)
         part = (b * num_heads + h) * num_splits + split                               # [B, H, S] row
         out = acc / tl.maximum(total, 1e-30)[:, None]     # an empty request (graph padding): zeros
         lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
@@ -180,12 +186,13 @@ def decode_splits(batch: int, head_blocks: int, device: torch.device) -> int:
 def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor,
                   page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
                   block_n: int = BLOCK_N, num_stages: int = 2, block_h: int = 0, num_warps: int = 0,
-                  partial_dtype: torch.dtype | None = None, tokens_major: bool = False) -> torch.Tensor:
+                  partial_dtype: torch.dtype | None = None, tokens_major: bool = False,
+                  reload_q: bool = False) -> torch.Tensor:
     """q_latent `[B, H, R]` and q_pe `[B, H, P]` (absorbed; unit last stride), cache
     `[num_pages, page_size, R + P]`, request b's pages `pages[page_start[b]:]` covering `seq_lens[b]`
     tokens (int64, the Triton attention context's layout) -> softmax-weighted latents `[B, H, R]`
     (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`, `block_h`, `num_warps`,
-    `partial_dtype`, `tokens_major` (`_attend_tokens_major`): tuning overrides (moe_gpu.py)."""
+    `partial_dtype`, `tokens_major` (`_attend_tokens_major`), `reload_q`: tuning overrides (moe_gpu.py)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
@@ -202,7 +209,7 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=block_h, BLOCK_N=block_n,
-        PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=tokens_major,
+        PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=tokens_major, RELOAD_Q=reload_q,
         num_warps=num_warps or (4 if block_h <= 16 else 8), num_stages=num_stages)
     if splits > 1:
         _mla_merge_kernel[(b * h,)](part_o, part_lse, seq_lens, out, splits, h, R=r,
