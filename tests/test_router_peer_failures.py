@@ -106,3 +106,30 @@ def test_drained_router_tells_its_workers_to_shut_down(make_router):
     r.dispatcher.shutdown_workers("router shutting down")
     assert wait_for(lambda: any(isinstance(m, protocol.Shutdown) for m in d0.received))
     assert any(isinstance(m, protocol.Shutdown) for m in p0.received)
+
+
+def test_prefill_death_after_the_kv_landed_on_a_dllm_worker_leaves_the_request_there(make_router):
+    """A DLLM worker streams nothing until its first block is done: the `kv_received` mark,
+    not a token, says the prompt was handed over."""
+    from cluster.config import WorkerGroup
+    dllm_model = f"{MODEL}-dllm"
+    r = make_router(groups=(WorkerGroup("prefill"), WorkerGroup("dllm", model=dllm_model, prefill="remote")))
+    release = threading.Event()
+
+    def land_then_answer(worker, gen):
+        worker.client.send(protocol.RequestMarks(worker_id=worker.worker_id, items=[protocol.MarksItem(
+            gen.rid, [protocol.RequestMark("kv_received", time.time(), {})])]))
+        threading.Thread(target=lambda: (release.wait(10), worker.tokens(gen.rid, [7, 8], "length")),
+                         daemon=True).start()
+    r.worker("prefill-0", "prefill", MODEL)
+    dllm = r.worker("dllm-0", "dllm", dllm_model, reply=land_then_answer)
+    assert wait_for(lambda: r.dispatcher.directory.count("prefill") and r.dispatcher.directory.count("dllm"))
+    t, got = post_in_background(r, {**COMPLETION, "model": dllm_model, "max_tokens": 2})
+    assert wait_for(lambda: any(s.trace and "kv_received" in s.trace.marks for s in r.dispatcher.requests.values()))
+    r.http.post("/internal/workers/prefill-0/exit", json={"reason": "killed"})
+    release.set()
+    t.join(10)
+    assert got["resp"].status_code == 200, got["resp"].text
+    assert generates(dllm)[0].peer.worker_id == "prefill-0"   # it was placed on the pair
+    assert len(generates(dllm)) == 1                     # and never moved
+    assert not [m for m in dllm.received if isinstance(m, protocol.Abort)]

@@ -8,7 +8,8 @@ Rules (the failure semantics of docs/ARCHITECTURE.md):
 - a request with tokens already sent resumes when `recovery.resume_on_decode_failure`
   (`generate` with the prompt, the tokens sent so far and the original sampling
   parameters, whose max_tokens / min_tokens count those tokens too), else fails;
-- a dead prefill worker moves only the requests it has not handed over yet;
+- a dead prefill worker moves only the requests it has not handed over yet (a token streamed,
+  or the KV landed: a DLLM worker streams nothing until its first block is done);
 - the surviving side of a pair gets `abort` for the attempt; tokens of an old attempt are
   ignored (every attempt has its own wire rid); a worker declared dead that comes back is
   told to drop the attempts that moved meanwhile;
@@ -66,7 +67,7 @@ class Failover:
         affected = self.table.on(worker_id)
         info.stale_rids.update(s.wire_rid for s in affected)
         if info.role == "prefill":                         # decode streams the handed-over ones
-            handed_over = [s for s in affected if s.output_ids and s.token_source != worker_id]
+            handed_over = [s for s in affected if s.token_source != worker_id and is_handed_over(s)]
             for st in handed_over:
                 st.placement = st.placement.without_prefill()
             affected = [s for s in affected if s not in handed_over]
@@ -102,3 +103,8 @@ class Failover:
         for st in [s for s in self.table.requests.values() if now - s.last_progress > limit]:
             reason = f"request timed out: no progress for {limit:g} s"
             self.table.fail(st, FailedEvent(504, reason, "timeout"), abort_reason=reason)
+
+
+def is_handed_over(st: RequestState) -> bool:
+    """Its KV left the prefill worker for good: decode streamed a token, or marked it received."""
+    return bool(st.output_ids) or (st.trace is not None and "kv_received" in st.trace.marks)
