@@ -150,3 +150,26 @@ def test_a_repeated_prompt_is_served_from_both_prefix_caches_with_the_same_answe
         assert pair.prefill.cache.num_hit_tokens >= 32       # and in the prefill worker's (block-causal) cache
     finally:
         pair.close()
+
+
+def test_under_overlap_the_kv_names_the_prefill_iteration_that_launched_the_prompt(loaded, dllm_loaded):
+    spec, params = SPECS["sdar"], DllmParams(block_size=4, threshold=0.0)
+    pair = RemotePair(loaded, dllm_loaded, spec, params, overlap=True)
+    launched, received = {}, {}                  # rid -> prefill forward_iter of its last chunk / of its KV
+    run = pair.prefill.run_batch
+
+    def run_batch(batch):
+        future = run(batch)
+        launched.update({r.rid: batch.forward_iter for r, last in zip(batch.reqs, batch.is_last_chunk) if last})
+        return future
+    pair.prefill.run_batch = run_batch
+    land = pair.dllm.reception.land_batch
+    pair.dllm.reception.land_batch = lambda msg, *a: (received.update({r.rid: msg.forward_iter for r in msg.reqs}),
+                                                      land(msg, *a))[1]
+    try:
+        for i, p in enumerate(PROMPTS):
+            pair.submit(f"r{i}", p, ignore_eos=True)
+        pair.run(len(PROMPTS))
+        assert received == launched and len(set(launched.values())) >= 2   # LONG is chunked: a later batch
+    finally:
+        pair.close()
