@@ -117,6 +117,18 @@ def test_router_counts_tokens_placed_since_the_last_heartbeat():
     assert decode_side_seconds(d.get("decode-0"), 0) == pytest.approx(0.75)
 
 
+def test_router_probes_a_decode_worker_that_never_prefilled_once_per_heartbeat():
+    busy = WorkerGauges(num_queue_tokens=1900, prefill_throughput=1000.0)      # 2 s: breaks the 1 s target
+    untried = WorkerGauges(decode_side_prefill_rate=40.0, decode_side_prefill_tokens_total=0)   # 2.5 s
+    d = directory(busy, untried)
+    assert place(d, 100) == Placement.single("local", "decode-0")             # the probe
+    assert place(d, 100).is_pair                                               # one until the next heartbeat
+    d.get("decode-0").num_dispatched_tokens = 0                                # a heartbeat, nothing measured yet
+    assert place(d, 100) == Placement.single("local", "decode-0")
+    measured = WorkerGauges(decode_side_prefill_rate=40.0, decode_side_prefill_tokens_total=100)
+    assert place(directory(busy, measured), 100).is_pair                      # measured slow: no detour
+
+
 def test_router_moves_prompts_to_decode_when_no_prefill_worker_is_left():
     d = directory(WorkerGauges(), WorkerGauges(decode_side_prefill_rate=400.0))
     d.remove("prefill-0")

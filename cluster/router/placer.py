@@ -12,7 +12,9 @@ Decode-side prefill has two triggers:
   decode worker's is the same over the rate it can prefill beside its running batch within the
   TPOT target (`decode_side_prefill_rate`, from its step cost model). The gauges lag by up to a
   heartbeat, so the tokens placed on a worker since its last one count too. Without a measured
-  rate a prefill worker is taken to be on time: no evidence, no detour.
+  rate a prefill worker is taken to be on time: no evidence, no detour. A decode worker that
+  never prefilled is rated by its cost model's conservative prior alone, so while the prefill
+  side would break the target it gets one prompt per heartbeat as a probe until it has measured.
 """
 from __future__ import annotations
 
@@ -98,10 +100,18 @@ class Placer:
             return None
         choices = [(decode_side_seconds(w, self.uncached(w, ids)), w.worker_id, w) for w in d.of_role("decode")]
         seconds, _, w = min(choices, default=(math.inf, "", None))
-        if w is None or seconds >= prefill_s:
+        why = "sooner"
+        if w is not None and seconds >= prefill_s:
+            # a worker that never prefilled is rated by its prior alone, slow on purpose: one probe
+            # (per heartbeat) measures it, or it would never be chosen to be measured
+            untried = [c for c in choices if math.isfinite(c[0]) and c[2].num_dispatched_tokens == 0
+                       and not c[2].gauges.decode_side_prefill_tokens_total]
+            seconds, _, w = min(untried, default=(math.inf, "", None))
+            why = "a probe: it never prefilled"
+        if w is None:
             return None
-        log.info("decode-side prefill: request %s on %s (%d uncached tokens, predicted %.3f s; prefill side "
-                 "%.3f s > ttft %g s)", st.rid, w.worker_id, self.uncached(w, ids), seconds, prefill_s, self.ttft)
+        log.info("decode-side prefill: request %s on %s (%d uncached tokens, predicted %.3f s, %s; prefill side "
+                 "%.3f s > ttft %g s)", st.rid, w.worker_id, self.uncached(w, ids), seconds, why, prefill_s, self.ttft)
         return w
 
     def local_prefill(self, st: RequestState, ids: list[int]) -> WorkerInfo | None:
