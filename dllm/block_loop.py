@@ -135,6 +135,8 @@ class BlockLoop:
     @torch.inference_mode()
     def run(self, r: BlockRound) -> BlockResult:
         t0 = time.perf_counter()
+        if self.runner.import_fence is not None:
+            self.runner.import_fence.wait()   # NOTE: a prompt's KV prefilled remotely has landed (as in forward)
         n = r.num_blocks
         plan = plan_for(self.graphs, r)
         if plan is not None:

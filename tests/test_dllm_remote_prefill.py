@@ -51,7 +51,7 @@ class RemotePair:
     """A prefill worker and a DLLM worker that takes its prompts' KV."""
 
     def __init__(self, loaded, dllm_loaded, spec, params, overlap=True, layerwise=False, prefix_cache=False,
-                 max_prefill_tokens=16):
+                 max_prefill_tokens=16, block_loop=False):
         kv = KvTransferConfig(backend="zmq", verify=True, layerwise=layerwise)
         self.pc, self.dc = QueueControl(), QueueControl()
         pr, dr = runner_of(loaded), runner_of(dllm_loaded, fence=True)
@@ -60,7 +60,7 @@ class RemotePair:
                                         TimeoutsConfig())
         self.dllm = DllmScheduler(SchedulerConfig(overlap=overlap, max_prefill_tokens=64), "dllm-0", dr, self.dc,
                                   spec, params, handoff=KvHandoff.open("dllm-0", dr.kv_pool, kv, fence=dr.import_fence),
-                                  timeouts=TimeoutsConfig())
+                                  timeouts=TimeoutsConfig(), block_loop=block_loop)
         if prefix_cache:
             self.prefill.enable_prefix_cache()
             self.dllm.enable_prefix_cache()
@@ -91,12 +91,14 @@ def local_outputs(loaded, spec, params, prompts, **sampling):
     return control.outputs()
 
 
-@pytest.mark.parametrize("kind,block_size,layerwise", [("causal", 1, False), ("causal", 4, True),
-                                                       ("sdar", 4, False), ("sdar", 3, True)])
-def test_remote_prefill_answers_what_local_prefill_answers(loaded, dllm_loaded, kind, block_size, layerwise):
+@pytest.mark.parametrize("kind,block_size,layerwise,block_loop", [
+    ("causal", 1, False, False), ("causal", 4, True, False), ("sdar", 4, False, False), ("sdar", 3, True, False),
+    ("sdar", 4, False, True)])          # blocks filled to the end per round (the CUDA loop, eager here)
+def test_remote_prefill_answers_what_local_prefill_answers(loaded, dllm_loaded, kind, block_size, layerwise,
+                                                           block_loop):
     spec, params = SPECS[kind], DllmParams(block_size=block_size, threshold=0.0)
     local = local_outputs(loaded, spec, params, PROMPTS, ignore_eos=True)
-    pair = RemotePair(loaded, dllm_loaded, spec, params, layerwise=layerwise)
+    pair = RemotePair(loaded, dllm_loaded, spec, params, layerwise=layerwise, block_loop=block_loop)
     try:
         for i, p in enumerate(PROMPTS):
             pair.submit(f"r{i}", p, ignore_eos=True)
@@ -104,6 +106,7 @@ def test_remote_prefill_answers_what_local_prefill_answers(loaded, dllm_loaded, 
         # the DLLM worker computes blocks (and at most an aligned block's prompt tail), never a prompt
         assert max(max(r) for r in pair.dllm_rounds) <= 2 * block_size + spec.shift
         assert pair.pc.finished() == {}                  # the prefill worker streams no first token
+        assert not block_loop or pair.dllm.block_loop.num_eager_steps > 0
     finally:
         pair.close()
 
