@@ -1,32 +1,45 @@
-"""The colocated baseline: one unified worker behind the router; same greedy tokens as
-the offline engine (and so as the disaggregated cluster); Ctrl-C stops everything."""
+"""The colocated baseline: one unified worker behind a router of two HTTP front-end processes
+over one dispatcher (`[router] api_servers = 2`); same greedy tokens as the offline engine (and
+so as the disaggregated cluster), whole or streamed by either front end; /metrics counts each
+request once; a client that goes away frees the worker's pages; a front end that dies is
+restarted while the other's streams go on; Ctrl-C stops everything."""
+import concurrent.futures as cf
+import json
+import os
+import re
 import signal
+import time
 
+import httpx
+import psutil
 import pytest
 
-from cluster.engine.llm import LLM
-from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster, cluster_config, offline_greedy
 from tests.router_harness import stream_endings
 from tests.test_e2e_local import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.integration
+MODEL = "smollm2-135m-instruct"
+FRONTEND = "x-pdcluster-frontend"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = LaunchedCluster(cluster_config("[[unified]]\ncount = 1\n"), "unified")
+def reference() -> list[str]:
+    ids, tokenizer = offline_greedy(PROMPTS, MAX_TOKENS)
+    return [tokenizer.decode(ids[p]) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def cluster(reference):                    # NOTE: after the reference: its engine is freed first
+    c = LaunchedCluster(cluster_config("[[unified]]\ncount = 1\n", extra="[router]\napi_servers = 2\n"), "unified")
     yield c
     c.stop()
 
 
-def test_unified_greedy_equals_offline_engine(cluster):
-    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
-    ref = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
-    for prompt, out in zip(PROMPTS, ref):
-        r = cluster.client.completions.create(model="smollm2-135m-instruct", prompt=prompt,
-                                              max_tokens=MAX_TOKENS, temperature=0)
-        assert r.choices[0].text == out.text, prompt
+def test_unified_greedy_equals_offline_engine(cluster, reference):
+    for prompt, text in zip(PROMPTS, reference):
+        r = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].text == text, prompt
 
 
 def test_unified_log_lines_name_their_launch_iteration(cluster):
@@ -58,6 +71,116 @@ def test_burst_of_128_streams_each_ends_with_done_or_an_error_event(cluster):
                                              "max_tokens": 8, "temperature": 0}, 128, timeout=600)
     assert all(e in ("done", "error") for e in ends), {e: ends.count(e) for e in set(ends)}
     assert ends.count("done") == 128                   # nothing here should fail either
+
+
+def stream(base_url: str, prompt: str, max_tokens: int, started=None, **extra) -> tuple[str, str, str]:
+    """(front end that answered, streamed text, how the stream ended), on a fresh connection;
+    `started` gets the front end as soon as the response began."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+    text, ended = "", "cut"
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200, resp.read()
+        if started is not None:
+            started.append(resp.headers.get(FRONTEND, ""))
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                ended = "done"
+            elif line.startswith("data: "):
+                text += json.loads(line[6:])["choices"][0]["text"] if '"choices":[{' in line else ""
+        return resp.headers.get(FRONTEND, ""), text, ended
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{re.escape(name)}{{[^}}]*{re.escape(want)}[^}}]*}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def frontend_pids(cluster) -> dict[str, int]:
+    out = {}
+    for p in psutil.Process(cluster.proc.pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+            if "--frontend-id" in cmd and p.status() != psutil.STATUS_ZOMBIE:
+                out[cmd[cmd.index("--frontend-id") + 1]] = p.pid
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_both_front_ends_stream_the_engines_greedy_text(cluster, reference):
+    seen = set()
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        for _ in range(4):                 # connections go to whichever front end accepts first
+            results = list(pool.map(lambda p: stream(cluster.base_url, p, MAX_TOKENS), PROMPTS))
+            assert [text for _, text, _ in results] == reference
+            assert all(ended == "done" for _, _, ended in results)
+            seen |= {fe for fe, _, _ in results}
+            if len(seen) == 2:
+                break
+    assert seen == {"frontend-0", "frontend-1"}
+
+
+def settled_successes(cluster) -> float:
+    """requests_total{success} once two reads 0.7 s apart agree (front ends report every 0.5 s)."""
+    last, deadline = None, time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = metric(cluster.metrics(), "pdcluster:requests_total", outcome="success")
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.7)
+    return last
+
+
+def test_metrics_count_each_request_once_and_each_front_ends_cpu(cluster):
+    before = settled_successes(cluster)
+    with cf.ThreadPoolExecutor(6) as pool:
+        fronts = [fe for fe, _, _ in pool.map(lambda i: stream(cluster.base_url, "Hello", 2), range(6))]
+    assert settled_successes(cluster) == before + 6, fronts
+    page = cluster.metrics()
+    assert page.count("# TYPE pdcluster:requests_total counter") == 1
+    for process in ("router", "frontend-0", "frontend-1"):
+        assert metric(page, "pdcluster:router_cpu_seconds_total", process=process) > 0
+
+
+def test_a_client_that_goes_away_frees_the_workers_pages(cluster):
+    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", cluster.base_url + "/v1/completions", json=body, timeout=60) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i >= 6:
+                break                      # the connection closes here, mid-stream
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        page = cluster.metrics()
+        if (metric(page, "pdcluster:num_running_reqs", worker="unified-0") == 0
+                and metric(page, "pdcluster:requests_total", outcome="aborted") >= 1):
+            break
+        time.sleep(0.3)
+    assert metric(page, "pdcluster:num_running_reqs", worker="unified-0") == 0
+    assert metric(page, "pdcluster:token_usage", worker="unified-0") == 0
+    assert metric(page, "pdcluster:requests_total", outcome="aborted") >= 1
+
+
+def test_a_killed_front_end_is_restarted_and_the_others_streams_finish(cluster):
+    pids, started = frontend_pids(cluster), []
+    with cf.ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream, cluster.base_url, "Tell me a story.", 48, started, ignore_eos=True)
+                   for _ in range(8)]
+        deadline = time.monotonic() + 30
+        while len(started) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        keeper = max(set(started), key=started.count)        # the front end serving most streams
+        victim = "frontend-1" if keeper == "frontend-0" else "frontend-0"
+        os.kill(pids[victim], signal.SIGKILL)
+        results = [f.result() if f.exception() is None else (victim, "", "cut") for f in streams]
+    kept = [ended for fe, _, ended in results if fe == keeper]
+    assert len(kept) == started.count(keeper) and all(e == "done" for e in kept), results
+    while time.monotonic() < deadline + 30:
+        if frontend_pids(cluster).get(victim) not in (None, pids[victim]):
+            break
+        time.sleep(0.2)
+    assert frontend_pids(cluster).get(victim) not in (None, pids[victim])
 
 
 def test_ctrl_c_leaves_no_child_process(cluster):

@@ -48,17 +48,20 @@ class FrontendHub:
 
     def send_events(self, frontend_id: str, items: list) -> None:
         """[(rid, event)] of one worker message -> one `frontend_events` to that front end."""
-        out = []
+        out, plain_rids, plain_ids = [], [], []
         for rid, ev in items:
             if isinstance(ev, FailedEvent):
                 out.append(FrontendEvent(rid, [], status=ev.status, message=ev.message, error_type=ev.type))
                 self.requests.pop((frontend_id, rid), None)
-                continue
-            out.append(FrontendEvent(rid, ev.token_ids, ev.finish_reason, ev.logprobs, ev.top_logprobs,
-                                     ev.prompt_logprobs))
-            if ev.finish_reason is not None:
-                self.requests.pop((frontend_id, rid), None)
-        self.dispatcher.send(frontend_id, FrontendEvents(out))
+            elif ev.is_plain:
+                plain_rids.append(rid)
+                plain_ids.append(ev.token_ids[0])
+            else:
+                out.append(FrontendEvent(rid, ev.token_ids, ev.finish_reason, ev.logprobs, ev.top_logprobs,
+                                         ev.prompt_logprobs))
+                if ev.finish_reason is not None:
+                    self.requests.pop((frontend_id, rid), None)
+        self.dispatcher.send(frontend_id, FrontendEvents(out, plain_rids, plain_ids))
 
     def frontend_gone(self, frontend_id: str, reason: str) -> int:
         """A front end exited: its requests are aborted on their workers; its series are kept."""

@@ -22,6 +22,12 @@ class TokensEvent:
     top_logprobs: Optional[list] = None   # per token: [[token_id, logprob], ...]
     prompt_logprobs: Optional[list] = None   # echo with logprobs: prompt tokens 1.., with the first token
 
+    @property
+    def is_plain(self) -> bool:
+        """One token and nothing else: a steady decode step's event."""
+        return (len(self.token_ids) == 1 and self.finish_reason is None and self.logprobs is None
+                and self.top_logprobs is None and self.prompt_logprobs is None)
+
 
 @dataclass
 class FailedEvent:

@@ -12,7 +12,7 @@ encodes and decodes them like every other message.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from cluster.sampling_params import SamplingParams
@@ -69,6 +69,13 @@ class FrontendSubmit:                             # front end -> dispatcher
 class FrontendEvents:                             # dispatcher -> front end
     TYPE: ClassVar[str] = "frontend_events"
     items: list                                   # FrontendEvent
+    # requests that got one bare token (a steady decode step), packed as two lists
+    plain_rids: list = field(default_factory=list)
+    plain_token_ids: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.plain_rids) != len(self.plain_token_ids):
+            raise ValueError(f"{len(self.plain_rids)} rids for {len(self.plain_token_ids)} tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +137,8 @@ FRONTEND_FIELDS = {
         "rid": ID, "model": TEXT, "route": Str(choices=("pd", "dllm")), "input_ids": TokenIds(min_len=1),
         "sampling": Typed(SamplingParams), "dllm": Map(Str(max_len=64), Scalar(), max_len=16),
         "arrival": Float(finite=True), "traceparent": Opt(Str(max_len=256))}), min_len=1, max_len=MAX_KEYS)},
-    FrontendEvents: {"items": List(_EVENT, max_len=MAX_KEYS)},
+    FrontendEvents: {"items": List(_EVENT, max_len=MAX_KEYS), "plain_rids": List(ID, max_len=MAX_KEYS),
+                     "plain_token_ids": TokenIds()},
     FrontendAbort: {"rid": ID, "reason": TEXT},
     FrontendEnd: {"rid": ID, "outcome": Str(choices=OUTCOMES), "finish_reason": Opt(TEXT), "error": Opt(TEXT)},
     FrontendQuery: {"ticket": Int(lo=0), "what": Str(choices=QUERIES),
