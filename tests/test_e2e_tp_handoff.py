@@ -2,10 +2,15 @@
 tp=3 -> decode tp=1 and prefill tp=1 -> decode tp=3 give the greedy text of the unsplit engine, each
 decode rank landing exactly its share of the KV bytes; a decode rank killed mid-stream takes its
 worker down whole, the streams end (resumed or with an error event, never hanging), all its ranks
-come back, and nothing is left after shutdown."""
+come back, and nothing is left after shutdown.
+
+The model is a tiny Llama with the default model's head shape in small (3 KV heads, so tp = 1 and 3
+both split it) and seeded random weights: eight worker processes load it in no time on two cores.
+"""
+import json
+import os
 import re
 import signal
-import os
 import threading
 import time
 
@@ -14,12 +19,17 @@ import openai
 import psutil
 import pytest
 
-from tests.cluster_harness import LaunchedCluster, cluster_config, offline_greedy
-from tests.test_e2e_local import PROMPTS
+from cluster.engine.llm import LLM
+from cluster.sampling_params import SamplingParams
+from tests.cluster_harness import LaunchedCluster
+from tests.engine_fixtures import TINY_LLAMA
 
 pytestmark = pytest.mark.integration
 
-MODEL = "smollm2-135m-instruct"
+MODEL = "tiny-3kv"
+TINY_3KV = {**TINY_LLAMA, "vocab_size": 49152, "hidden_size": 96, "intermediate_size": 192,
+            "num_attention_heads": 6, "num_key_value_heads": 3}   # the default tokenizer's vocabulary
+PROMPTS = ["The capital of France is", "Once upon a time"]
 MAX_TOKENS = 6
 # round robin per role over sorted ids: request k goes to prefill-(k % 2) and decode-(k % 2)
 GROUPS = """
@@ -38,9 +48,30 @@ PER_RANK = re.compile(r"request (\S+): KV heads from (prefill-\d) landed per ran
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = LaunchedCluster(cluster_config(GROUPS,
-                                       extra="\n[recovery]\nrestart_workers = true\n"), "tp-handoff")
+def model_dir(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("tiny-3kv")
+    (d / "config.json").write_text(json.dumps(TINY_3KV))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    c = LaunchedCluster(f"""
+[model]
+name = "{MODEL}"
+path = "{model_dir}"
+load_format = "dummy"
+
+[scheduler]
+num_pages = 128
+max_running_requests = 8
+
+[timeouts]
+register = 240
+
+[recovery]
+restart_workers = true
+{GROUPS}""", "tp-handoff")
     try:
         wait_for(lambda: len(registered(c)) == 4, 240, "all four workers registered", c)
         yield c
@@ -68,11 +99,13 @@ def landed_per_rank(cluster, decode: str) -> list[tuple[str, list[int]]]:
     return [(m.group(2), [int(x) for x in m.group(3).split(",")]) for m in PER_RANK.finditer(cluster.log(decode))]
 
 
-def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(cluster):
-    ref, tok = offline_greedy(PROMPTS[:2], MAX_TOKENS)
-    for prompt, ids in ref.items():      # the first to prefill-0 (tp=3) + decode-0 (tp=1), the second crosswise
-        r = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-        assert r.choices[0].text == tok.decode(ids, skip_special_tokens=True), prompt
+def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(cluster, model_dir):
+    llm = LLM(MODEL, path=model_dir, load_format="dummy", num_pages=64)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):   # the first to prefill-0 (tp=3) + decode-0 (tp=1), the second crosswise
+        r = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert r.choices[0].text == llm.tokenizer.decode(out.token_ids), prompt
     [(src0, whole)] = landed_per_rank(cluster, "decode-0")
     [(src1, shares)] = landed_per_rank(cluster, "decode-1")
     assert (src0, src1) == ("prefill-0", "prefill-1")
@@ -100,7 +133,7 @@ def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):
         except threading.BrokenBarrierError:
             outcomes.append("done")
 
-    threads = [threading.Thread(target=stream, args=(p,)) for p in PROMPTS[:2]]   # one on each pair
+    threads = [threading.Thread(target=stream, args=(p,)) for p in PROMPTS]   # one on each pair
     for t in threads:
         t.start()
     started.wait()
