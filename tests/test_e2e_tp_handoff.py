@@ -28,9 +28,10 @@ pytestmark = pytest.mark.integration
 
 MODEL = "tiny-3kv"
 TINY_3KV = {**TINY_LLAMA, "vocab_size": 49152, "hidden_size": 96, "intermediate_size": 192,
-            "num_attention_heads": 6, "num_key_value_heads": 3}   # the default tokenizer's vocabulary
+            "num_attention_heads": 6, "num_key_value_heads": 3, "max_position_embeddings": 4096}   # the default tokenizer's vocabulary
 PROMPTS = ["The capital of France is", "Once upon a time"]
 MAX_TOKENS = 6
+STREAM_TOKENS = 300      # cut at its first tokens: the rank dies long before the end
 # round robin per role over sorted ids: request k goes to prefill-(k % 2) and decode-(k % 2)
 GROUPS = """
 [[prefill]]
@@ -120,7 +121,7 @@ def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):
 
     def stream(prompt):
         try:
-            s = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0,
+            s = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=STREAM_TOKENS, temperature=0,
                                                   stream=True, extra_body={"ignore_eos": True})
             first = True
             for _ in s:
@@ -142,6 +143,8 @@ def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):
         t.join(timeout=240)
     assert not any(t.is_alive() for t in threads), f"a stream hung:\n{cluster.output()}"
     assert len(outcomes) == 2, outcomes
+    assert re.search(r"worker decode-1 is gone \(.*\): 1 request\(s\) affected", cluster.log("router")), \
+        f"decode-1 died with no stream on it: {outcomes}"
 
     def restarted():
         now = {rank: pid for (wid, rank), pid in cluster.rank_pids().items() if wid == "decode-1"}

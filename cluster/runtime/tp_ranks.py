@@ -164,15 +164,26 @@ class TpFollowers:
         """A thread that takes the worker down when a follower ends (the launcher restarts it whole)."""
         def loop():
             while not self._closed:
-                for rank, p in enumerate(self.procs, start=1):
-                    if p.poll() is not None and not self._closed:
-                        logger.error("%s rank %d exited with %s: the worker goes down with it",
-                                     self.worker_id, rank, p.returncode)
-                        self.kill()
-                        os._exit(EXIT_RANK_DIED)
+                self.exit_if_rank_died()
                 time.sleep(WATCH_INTERVAL_S)
         threading.Thread(target=loop, name="tp-watch", daemon=True).start()
         return self
+
+    def exit_if_rank_died(self, wait_s: float = 0.0) -> None:
+        """If another rank ended (checked for up to `wait_s`), end this process: rank death is worker
+        death, so its requests move on as a dead worker's do (a batch that failed because a rank died
+        must not fail its requests for good)."""
+        deadline = time.monotonic() + wait_s
+        while not self._closed:
+            for rank, p in enumerate(self.procs, start=1):
+                if p.poll() is not None and not self._closed:
+                    logger.error("%s rank %d exited with %s: the worker goes down with it",
+                                 self.worker_id, rank, p.returncode)
+                    self.kill()
+                    os._exit(EXIT_RANK_DIED)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def kill(self) -> None:
         for p in self.procs:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pdcluster.worker")
 
 IDLE_WAIT_S = 0.005   # how long an idle pass blocks waiting for the next message
+RANK_DEATH_WAIT_S = 1.0   # after a failed batch of a worker of several ranks: did one of them die?
 
 
 class ControlPlane(Protocol):
@@ -188,6 +189,8 @@ class WorkerScheduler(Scheduler):
         self.release(req)
 
     def fail_batch(self, batch: ScheduleBatch, reason: str) -> None:
+        if self.runner.followers is not None:      # a collective fails at once when a rank dies
+            self.runner.followers.exit_if_rank_died(wait_s=RANK_DEATH_WAIT_S)
         for req in batch.reqs:
             if self.reqs.get(req.rid) is req:      # not finished or failed already
                 self.fail(req, reason)
