@@ -71,11 +71,9 @@ class BlockResult:
 def kept_rows(fi: ForwardInput, block_lens: list[int], has_block: list[bool], width: int) -> np.ndarray:
     """[n, width]: for each request with a block, the row of `fi`'s kept logits (`logits_lens`
     rows per request) that predicts block position j (0 past its block)."""
-    offsets = np.cumsum([0] + list(fi.logits_lens))[:-1]
-    out = np.zeros((len(block_lens), width), dtype=np.int64)
-    for i, off in enumerate(o for o, h in zip(offsets, has_block) if h):
-        out[i, :block_lens[i]] = off + np.arange(block_lens[i])
-    return out
+    offsets = (np.cumsum(fi.logits_lens) - fi.logits_lens)[np.asarray(has_block, dtype=bool)]
+    j = np.arange(width)[None, :]
+    return np.where(j < np.asarray(block_lens)[:, None], offsets[:, None] + j, 0).astype(np.int64)
 
 
 def build_block_round(rounds, batch: ScheduleBatch, entry: ForwardInput, vocab_size: int,

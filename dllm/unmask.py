@@ -14,7 +14,7 @@ is left alone, as the host loop stops stepping such a block.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -24,6 +24,8 @@ from dllm.block import ActiveBlock
 
 @dataclass
 class BlockState:
+    """Every tensor is a view into one byte buffer (`storage`), so a host state reaches the
+    device, or a graph's static state, in one copy."""
     tokens: torch.Tensor        # int64 [B, L]: committed ids; the mask id where masked
     masked: torch.Tensor        # bool [B, L]: still to be filled
     in_block: torch.Tensor      # bool [B, L]: position j < the row's block length
@@ -37,10 +39,15 @@ class BlockState:
     stop_ids: torch.Tensor      # int64 [B, K]: the row's stop ids, padded with the vocabulary size
     banned: torch.Tensor        # int64 [Kb]: ids that never come out (a real mask token), padded likewise
     num_active: torch.Tensor    # int64 [1]: rows still filling after the last step
+    storage: Optional[torch.Tensor] = None   # uint8: all of the above (None for a view of some rows)
 
     @property
     def width(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage"}
 
     @classmethod
     def build(cls, blocks: Sequence[ActiveBlock], params: Sequence[DllmParams], stop_ids: Sequence[frozenset],
@@ -48,27 +55,26 @@ class BlockState:
               rows: int = 0, width: int = 0, num_stop_ids: int = 0, num_banned: int = 0) -> "BlockState":
         """Host tensors of these blocks (their current commits and steps), padded to `rows` rows of
         `width` positions, stop lists to `num_stop_ids`, the banned list to `num_banned` (0: as needed)."""
+        n = len(blocks)
         width = max([width] + [len(b) for b in blocks])
-        k = max([num_stop_ids, 1] + [len(s) for s in stop_ids])
-        state = cls.empty(max(rows, len(blocks)), width, k, max(num_banned, len(banned), 1), vocab_size,
-                          mask_token_id, "cpu")
-        h = {f.name: getattr(state, f.name).numpy() for f in fields(state)}   # numpy views: cheap per-row writes
-        for i, (block, p, stops, before) in enumerate(zip(blocks, params, stop_ids, banned_before)):
-            n = len(block)
-            h["tokens"][i, :n] = block.input_ids(mask_token_id)
-            h["masked"][i, :n] = [t is None for t in block.tokens]
-            h["in_block"][i, :n] = True
-            h["logprobs"][i, :n] = block.logprobs
-            h["num_steps"][i] = block.num_steps
-            h["threshold"][i] = p.threshold
-            if block.plan is not None:
-                h["is_fixed"][i] = True
-                h["plan"][i, :len(block.plan)] = block.plan
-            h["early"][i, :min(max(before, 0), n)] = True
-            ids = sorted(t for t in stops if 0 <= t < vocab_size)
-            h["stop_ids"][i, :len(ids)] = ids
+        stops = [sorted(t for t in s if 0 <= t < vocab_size) for s in stop_ids]
+        k = max([num_stop_ids, 1] + [len(s) for s in stops])
+        state = cls.empty(max(rows, n), width, k, max(num_banned, len(banned), 1), vocab_size, mask_token_id, "cpu")
+        if n:   # whole fields at once from padded lists (a batch of 64 blocks is built every round)
+            h = {name: t.numpy() for name, t in state.tensors.items()}
+            h["tokens"][:n] = _padded([b.input_ids(mask_token_id) for b in blocks], width, mask_token_id)
+            h["masked"][:n] = _padded([[t is None for t in b.tokens] for b in blocks], width, False)
+            h["in_block"][:n] = _padded([[True] * len(b) for b in blocks], width, False)
+            h["logprobs"][:n] = _padded([b.logprobs for b in blocks], width, 0.0)
+            h["num_steps"][:n] = [b.num_steps for b in blocks]
+            h["threshold"][:n] = [p.threshold for p in params]
+            h["is_fixed"][:n] = [b.plan is not None for b in blocks]
+            h["plan"][:n] = _padded([b.plan or [] for b in blocks], width + 1, width)
+            h["early"][:n] = _padded([[True] * min(max(e, 0), len(b)) for b, e in zip(blocks, banned_before)],
+                                     width, False)
+            h["stop_ids"][:n] = _padded(stops, k, vocab_size)
         ids = sorted(t for t in banned if 0 <= t < vocab_size)
-        h["banned"][:len(ids)] = ids
+        state.banned[:len(ids)] = torch.tensor(ids, dtype=torch.int64)
         state.num_active.fill_(int(active_rows(state).sum()))
         return state
 
@@ -76,20 +82,25 @@ class BlockState:
     def empty(cls, rows: int, width: int, num_stop_ids: int, num_banned: int, vocab_size: int,
               mask_token_id: int, device) -> "BlockState":
         """Rows with no block (padding): nothing masked, nothing active."""
-        z = dict(device=device)
-        return cls(tokens=torch.full((rows, width), mask_token_id, dtype=torch.int64, **z),
-                   masked=torch.zeros(rows, width, dtype=torch.bool, **z),
-                   in_block=torch.zeros(rows, width, dtype=torch.bool, **z),
-                   logprobs=torch.zeros(rows, width, dtype=torch.float32, **z),
-                   commit_step=torch.full((rows, width), -1, dtype=torch.int64, **z),
-                   num_steps=torch.zeros(rows, dtype=torch.int64, **z),
-                   threshold=torch.zeros(rows, dtype=torch.float32, **z),
-                   is_fixed=torch.zeros(rows, dtype=torch.bool, **z),
-                   plan=torch.full((rows, width + 1), width, dtype=torch.int64, **z),
-                   early=torch.zeros(rows, width, dtype=torch.bool, **z),
-                   stop_ids=torch.full((rows, num_stop_ids), vocab_size, dtype=torch.int64, **z),
-                   banned=torch.full((num_banned,), vocab_size, dtype=torch.int64, **z),
-                   num_active=torch.zeros(1, dtype=torch.int64, **z))
+        shapes = {"tokens": (rows, width), "masked": (rows, width), "in_block": (rows, width),
+                  "logprobs": (rows, width), "commit_step": (rows, width), "num_steps": (rows,),
+                  "threshold": (rows,), "is_fixed": (rows,), "plan": (rows, width + 1), "early": (rows, width),
+                  "stop_ids": (rows, num_stop_ids), "banned": (num_banned,), "num_active": (1,)}
+        offsets, total = {}, 0
+        for f in fields(cls):
+            if f.name in shapes:
+                offsets[f.name] = total
+                total += -(-_DTYPES[f.name].itemsize * _numel(shapes[f.name]) // 8) * 8   # 8-byte aligned
+        storage = torch.zeros(total, dtype=torch.uint8, device=device)
+        views = {name: storage[o:o + _DTYPES[name].itemsize * _numel(shapes[name])].view(_DTYPES[name])
+                 .view(shapes[name]) for name, o in offsets.items()}
+        state = cls(**views, storage=storage)
+        state.tokens.fill_(mask_token_id)
+        state.commit_step.fill_(-1)
+        state.plan.fill_(width)
+        state.stop_ids.fill_(vocab_size)
+        state.banned.fill_(vocab_size)
+        return state
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -97,19 +108,36 @@ class BlockState:
         return (*self.tokens.shape, self.stop_ids.shape[1], self.banned.numel())
 
     def load(self, host: "BlockState") -> None:
-        """Copy a host state of the same shape into this one (non-blocking: a graph's static state)."""
+        """Copy a host state of the same shape into this one: one non-blocking copy (a graph's static state)."""
         assert host.shape == self.shape, (host.shape, self.shape)
-        for f in fields(self):
-            getattr(self, f.name).copy_(getattr(host, f.name), non_blocking=True)
+        self.storage.copy_(host.storage, non_blocking=True)
 
     def rows(self, n: int) -> "BlockState":
         """The first `n` rows (views), e.g. to read a padded state back."""
-        return BlockState(**{f.name: getattr(self, f.name) if f.name in ("banned", "num_active")
-                             else getattr(self, f.name)[:n] for f in fields(self)})
+        return BlockState(**{name: t if name in ("banned", "num_active") else t[:n]
+                             for name, t in self.tensors.items()})
 
     def to(self, device, non_blocking: bool = False) -> "BlockState":
-        return BlockState(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                             for f in fields(self)})
+        out = BlockState.empty(*self.shape, 0, 0, device)
+        out.load(self) if non_blocking else out.storage.copy_(self.storage)
+        return out
+
+
+_DTYPES = {"tokens": torch.int64, "masked": torch.bool, "in_block": torch.bool, "logprobs": torch.float32,
+           "commit_step": torch.int64, "num_steps": torch.int64, "threshold": torch.float32, "is_fixed": torch.bool,
+           "plan": torch.int64, "early": torch.bool, "stop_ids": torch.int64, "banned": torch.int64,
+           "num_active": torch.int64}
+
+
+def _numel(shape: tuple) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _padded(rows: list, width: int, fill) -> list[list]:
+    return [list(r) + [fill] * (width - len(r)) for r in rows]
 
 
 def ended(state: BlockState) -> torch.Tensor:

@@ -68,6 +68,13 @@ def test_stop_ids_and_min_tokens_end_block_rounds_where_per_forward_rounds_end(r
         assert b.outputs() == a.outputs() and b.finished() == a.finished()
 
 
+def test_a_chunked_long_prompt_answers_alike_in_block_rounds(runner):
+    long_prompt = [(7 * j) % 400 + 3 for j in range(150)]      # chunks of 64 tokens: rounds without a block
+    (a, _), (b, sched) = both(runner, reqs(prompts=[long_prompt, [5, 17, 33]], ignore_eos=True),
+                              DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2))
+    assert b.outputs() == a.outputs() and sched.block_loop.num_eager_steps > 0
+
+
 def test_sampled_requests_keep_per_forward_rounds_with_the_block_loop_on(runner):
     params = DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)
     (a, _), (b, sched) = both(runner, reqs(temperature=0.8, seed=7, ignore_eos=True), params)

@@ -176,19 +176,20 @@ def flat_pages(page_tables: list[list[int]], counts: list[int]) -> np.ndarray:
 
 def kv_limits(extend_lens, prefix_lens, seq_lens, bidirectional_lens, block_sizes) -> torch.Tensor:
     """int64 [T]: token j of request i sees keys `[0, limit)`: itself and before (causal); the whole
-    sequence when it sits in the trailing bidirectional segment (DLLM); its whole aligned block (SDAR)."""
-    parts = []
-    for i, (e, p, s) in enumerate(zip(extend_lens, prefix_lens, seq_lens)):
-        qpos = torch.arange(p, p + e)
-        limit = qpos + 1
-        bidi = bidirectional_lens[i] if bidirectional_lens else 0
-        if bidi:
-            limit = torch.where(qpos >= s - bidi, s, limit)
-        blk = block_sizes[i] if block_sizes else 1
-        if blk > 1:
-            limit = torch.maximum(limit, (qpos // blk + 1) * blk)
-        parts.append(limit.clamp(max=s))
-    return torch.cat(parts)
+    sequence when it sits in the trailing bidirectional segment (DLLM); its whole aligned block (SDAR).
+    Whole-array numpy (no Python per request: a batch of 64 DLLM blocks builds it every round)."""
+    ext = np.asarray(extend_lens, dtype=np.int64)
+    req = np.repeat(np.arange(ext.size), ext)
+    qpos = np.asarray(prefix_lens, dtype=np.int64)[req] + np.arange(req.size) - np.repeat(np.cumsum(ext) - ext, ext)
+    seq = np.asarray(seq_lens, dtype=np.int64)[req]
+    limit = qpos + 1
+    if bidirectional_lens and any(bidirectional_lens):
+        bidi = np.asarray(bidirectional_lens, dtype=np.int64)[req]
+        limit = np.where((bidi > 0) & (qpos >= seq - bidi), seq, limit)
+    if block_sizes:
+        blk = np.maximum(np.asarray(block_sizes, dtype=np.int64)[req], 1)
+        limit = np.where(blk > 1, np.maximum(limit, (qpos // blk + 1) * blk), limit)
+    return torch.from_numpy(np.minimum(limit, seq))
 
 
 def _padding(extend_lens: list[int], max_q: int) -> tuple[torch.Tensor, torch.Tensor]:
