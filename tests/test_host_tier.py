@@ -333,3 +333,25 @@ def test_a_layer_by_layer_load_stops_at_a_page_evicted_during_its_forward():
     assert not tier.loading
     cm.allocator.free(imported)
     check(cm, [])
+
+
+def test_pages_in_reverse_host_order_copy_as_one_run_each_way():
+    """A prefix evicted leaf first holds its host pages in reverse: still one block per layer."""
+    tier = HostTier(KVPool(2, 1, 2, 6, PAGE), 5)
+    kv = tier.pool.kv
+    kv.copy_(torch.randn(kv.shape))
+    before = kv[:, :, :, [0, 1, 2]].clone()
+    tier.write([0, 1, 2], [4, 3, 2])
+    assert torch.equal(tier.kv[:, [4, 3, 2]], before.permute(0, 3, 1, 2, 4, 5))
+    tier.load([4, 3, 2], [5, 4, 3])
+    assert tier._plan([4, 3, 2], [5, 4, 3])[0] == [(0, 2, 3)]
+    before_forward(tier)
+    assert torch.equal(kv[:, :, :, [5, 4, 3]], before)
+
+
+def test_a_host_page_given_twice_in_one_write_back_holds_the_last_device_page():
+    tier = HostTier(KVPool(2, 1, 2, 6, PAGE), 5)
+    kv = tier.pool.kv
+    kv.copy_(torch.randn(kv.shape))
+    tier.write([4, 1, 3], [2, 0, 2])            # host page 2 given, taken back and given again
+    assert torch.equal(tier.kv[:, 2], kv[:, :, :, 3]) and torch.equal(tier.kv[:, 0], kv[:, :, :, 1])

@@ -40,6 +40,15 @@ from cluster.engine.page_allocator import PageAllocator
 LAYERWISE_MIN_BYTES = 16 << 20   # a load this long goes layer by layer, overlapped with the forward
 
 
+def _by_host_page(host: list[int], dev: list[int], last_wins: bool = False) -> tuple[list[int], list[int]]:
+    """The (host, device) pairs in host page order: a prefix evicted leaf first got its host pages
+    in reverse, and sorted they are one run again (one DMA per layer and run). `last_wins` (a
+    write-back): a host page named twice keeps its last pair, since one eviction may give a host
+    page, take it back (the host tier's own eviction) and give it again before the copies run."""
+    pairs = sorted(dict(zip(host, dev)).items() if last_wins else zip(host, dev))
+    return [h for h, _ in pairs], [d for _, d in pairs]
+
+
 def _runs(pages: list[int]) -> list[tuple[int, int, int]]:
     """(index into `pages`, first page, length) of each run of consecutive page ids."""
     out, i = [], 0
@@ -98,6 +107,7 @@ class HostTier:
         if not device_pages:
             return
         kv = self.pool.kv                          # [layers, planes, heads, pages, page_size, dim]
+        host_pages, device_pages = _by_host_page(host_pages, device_pages, last_wins=True)
         index = torch.tensor(device_pages, dtype=torch.int64, device=kv.device)
         if not self.on_cuda:
             block = kv.index_select(3, index).permute(0, 3, 1, 2, 4, 5)
@@ -244,6 +254,7 @@ class HostTier:
 
     def _plan(self, host: list[int], dev: list[int]) -> tuple[list, Optional[torch.Tensor]]:
         """(runs of the host pages, device page index) of a load, for `_load_layer`."""
+        host, dev = _by_host_page(host, dev)
         index = torch.tensor(dev, dtype=torch.int64).to(self.pool.device, non_blocking=True) if dev else None
         return _runs(host), index
 
