@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from cluster.engine.kv_cache import KVPool
-from cluster.engine.load_cost import LoadCost
+from cluster.engine.load_cost import LoadCost, copy_bandwidth
 from cluster.engine.page_allocator import PageAllocator
 
 LAYERWISE_MIN_BYTES = 16 << 20   # a load this long goes layer by layer, overlapped with the forward
@@ -86,7 +86,8 @@ class HostTier:
         self._layer_events: Optional[list] = None  # CUDA: the running forward's loads, an event per layer
         self._issued = False                       # CUDA: loads issued since cancel_load last fenced them
         self._lock = threading.Lock()              # sealed on the scheduler thread, run on the forward one
-        self.cost = LoadCost(self.measure_copy_bandwidth(), self.page_bytes // pool.page_size)
+        sample = self.kv.view(-1)[:min(8, num_pages) * self.kv[:, 0].numel()]     # 8 pages' bytes
+        self.cost = LoadCost(copy_bandwidth(sample, pool.device), self.page_bytes // pool.page_size)
 
     @classmethod
     def sized(cls, pool: KVPool, gigabytes: float) -> "HostTier":
@@ -282,23 +283,6 @@ class HostTier:
             finally:
                 self.end_forward()
         return run
-
-    # ---- measured once at start ----------------------------------------------------
-    def measure_copy_bandwidth(self, num_pages: int = 8) -> float:
-        """Bytes per second of a host-to-device copy of `num_pages` pages (the load direction)."""
-        n = min(num_pages, self.num_pages)
-        src = self.kv.view(-1)[:n * self.kv[:, 0].numel()]
-        best = float("inf")
-        for _ in range(3):
-            if self.on_cuda:
-                torch.cuda.synchronize(self.pool.device)
-            t0 = time.perf_counter()
-            dst = src.to(self.pool.device, non_blocking=self.on_cuda) if self.on_cuda else src.clone()
-            if self.on_cuda:
-                torch.cuda.synchronize(self.pool.device)
-            best = min(best, time.perf_counter() - t0)
-            del dst
-        return n * self.page_bytes / max(best, 1e-9)
 
 
 def attach_host_tier(executor, runner, gigabytes: float) -> HostTier:

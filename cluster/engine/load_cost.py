@@ -1,10 +1,14 @@
 """LoadCost: whether a hit on the host tier is loaded back or recomputed.
 
-Bytes / measured copy bandwidth against tokens / the worker's measured prefill speed.
+Bytes / measured copy bandwidth (`copy_bandwidth`) against tokens / the worker's measured prefill
+speed.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
+
+import torch
 
 PREFILL_EWMA = 0.3        # weight of the newest prefill-speed sample
 
@@ -32,3 +36,20 @@ class LoadCost:
 
     def should_load(self, num_tokens: int) -> bool:
         return self.load_seconds(num_tokens) < self.recompute_seconds(num_tokens)
+
+
+def copy_bandwidth(src: torch.Tensor, device: torch.device) -> float:
+    """Bytes per second of copying `src` (host memory, pinned on CUDA) to `device`: the load
+    direction, best of three, measured once at start."""
+    on_cuda = device.type == "cuda"
+    best = float("inf")
+    for _ in range(3):
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst = src.to(device, non_blocking=True) if on_cuda else src.clone()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+        del dst
+    return src.numel() * src.element_size() / max(best, 1e-9)
