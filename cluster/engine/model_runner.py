@@ -9,6 +9,7 @@ Forwards run in launch order on one thread, so N's store happens before N+1's re
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import numpy as np
@@ -18,12 +19,14 @@ from cluster.engine.attention import AttentionContext, attention_backend
 from cluster.engine.cuda_graphs import DecodeGraphs, cuda_graphs_enabled
 from cluster.engine.forward_batch import ForwardInput, ForwardOutput
 from cluster.engine.kv_cache import KVPool
+from cluster.engine.linear import small_ops_on_one_thread
 from cluster.engine.loader import DTYPES, LoadedModel
 from cluster.engine.mla import use_triton_mla
 from cluster.engine.page_allocator import PageAllocator
 from cluster.engine.sampler import is_plain_greedy, sample
 
 NUM_FUTURE_SLOTS = 4096
+SMALL_STEP_REQS = 4   # CPU decode steps up to this batch run their small ops on one thread (linear.py)
 
 
 class ModelRunner:
@@ -135,6 +138,11 @@ class ModelRunner:
         """`wait=False`: a graphed greedy step returns as soon as it is launched, its token ids still being
         copied into pinned memory; call `.wait()` on the output before reading them. Later steps may be
         launched meanwhile (they read these tokens as futures), which hides the host's work per step."""
+        small_step = self.device.type == "cpu" and fi.is_decode and fi.num_reqs <= SMALL_STEP_REQS
+        with small_ops_on_one_thread() if small_step else nullcontext():
+            return self._forward(fi, wait)
+
+    def _forward(self, fi: ForwardInput, wait: bool) -> ForwardOutput:
         t0 = time.perf_counter()
         plain_greedy = fi.all_greedy or is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left, fi.grammars)
         if self.followers is not None:

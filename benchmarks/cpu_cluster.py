@@ -1,0 +1,130 @@
+"""The default model on the CPU: one config served through the cluster against the engine alone, side by side.
+
+Each round measures the engine alone (ModelRunner forwards in this process, one greedy stream,
+the worker's torch thread count) and then, per variant, the cluster (`pdcluster launch CONFIG`
+in its own processes, `pdcluster bench` as the client in another): median TPOT and output
+tok/s. Variants are environment settings of the launched cluster (`NAME=VALUE,...`), tried in
+turn within each round, so a shared machine's load falls on all of them alike; compare the
+ratios within a run.
+
+    python benchmarks/cpu_cluster.py                                    # 1 stream, 2 rounds
+    python benchmarks/cpu_cluster.py --streams 16 --requests 32 --rounds 1
+    python benchmarks/cpu_cluster.py --variants "default;OMP_WAIT_POLICY=ACTIVE"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.cpu_decode import PROMPT, one_stream  # noqa: E402
+from cluster.engine.llm import LLM  # noqa: E402
+from cluster.engine.quant_linear import describe_cpu  # noqa: E402
+
+READY_TIMEOUT_S = 180
+
+
+def parse_variant(text: str) -> dict[str, str]:
+    """"default" -> {}; "A=1,B=2" -> {"A": "1", "B": "2"}."""
+    if text.strip() in ("", "default"):
+        return {}
+    return dict(kv.split("=", 1) for kv in text.split(","))
+
+
+def engine_ms(llm: LLM, threads: int, tokens: int) -> float:
+    torch.set_num_threads(threads)
+    ids = llm.tokenizer.encode(PROMPT)
+    with torch.inference_mode():
+        one_stream(llm, ids[:32], 4)    # warm-up
+        return one_stream(llm, ids, tokens)[1] * 1e3
+
+
+def serve_and_bench(config: str, port: int, env: dict[str, str], args) -> dict:
+    """Launch the config on `port` with `env`, run one `pdcluster bench`, stop; -> the bench summary."""
+    with open(config) as f:
+        text = f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = os.path.join(tmp, "cluster.toml")
+        with open(cfg_path, "w") as f:
+            f.write(text)
+        launch = subprocess.Popen([sys.executable, "-m", "cluster.launch.cli", "launch", cfg_path, "--port", str(port),
+                                   "--log-dir", os.path.join(tmp, "logs")],
+                                  env={**os.environ, "PYTHONPATH": ROOT, **env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            wait_serving(launch)
+            out = os.path.join(tmp, "bench.json")
+            subprocess.run([sys.executable, "-m", "cluster.launch.cli", "bench", "--url", f"http://127.0.0.1:{port}/v1",
+                            "--num-requests", str(args.requests), "--concurrency", str(args.streams),
+                            "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.tokens), "--json", out],
+                           env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, check=True, timeout=600)
+            with open(out) as f:
+                return json.load(f)
+        finally:
+            launch.send_signal(signal.SIGINT)
+            try:
+                launch.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launch.kill()
+
+
+def wait_serving(launch: subprocess.Popen) -> None:
+    """Until `pdcluster launch` prints that it serves (every worker registered), or fails."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for line in launch.stdout:
+        if line.startswith("pdcluster: serving"):
+            return
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"pdcluster launch did not serve (exit code {launch.poll()})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "unified.toml"))
+    ap.add_argument("--variants", default="default", help="';'-separated env settings of the cluster")
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=200, help="words")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--engine-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--port", type=int, default=8231)
+    args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(";")]
+    llm = LLM(num_pages=64, page_size=16) if args.streams == 1 else None
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, {describe_cpu()}, "
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    engine: list[float] = []
+    for r in range(args.rounds):
+        if llm is not None:
+            engine.append(engine_ms(llm, args.engine_threads, args.tokens))
+            print(f"round {r}: engine alone {engine[-1]:.2f} ms/token ({args.engine_threads} threads)", flush=True)
+        for v in variants:
+            s = serve_and_bench(args.config, args.port, parse_variant(v), args)
+            rows[v].append((s["median_tpot_ms"], s["output_throughput"]))
+            ratio = f" = {s['median_tpot_ms'] / engine[-1]:.2f}x the engine" if engine else ""
+            print(f"round {r}: {v}: TPOT median {s['median_tpot_ms']:.2f} ms{ratio}, "
+                  f"{s['output_throughput']:.1f} tok/s ({s['completed']} of {args.requests} completed; "
+                  f"load {os.getloadavg()[0]:.1f})", flush=True)
+    for v, xs in rows.items():
+        best = min(t for t, _ in xs)
+        print(f"best {v}: TPOT {best:.2f} ms, {max(x for _, x in xs):.1f} tok/s"
+              + (f", engine best {min(engine):.2f} ms, ratio of medians "
+                 f"{statistics.median(t for t, _ in xs) / statistics.median(engine):.2f}x" if engine else ""))
+
+
+if __name__ == "__main__":
+    main()
