@@ -165,7 +165,10 @@ class BlockGraphs:
         limit = kv_limits(fi.extend_lens, fi.prefix_lens, seq.tolist(), fi.bidirectional_lens or [0] * n,
                           fi.attn_block_sizes or None).numpy()
         ends = self._offsets(b, lead)
-        host = np.zeros(ends[4] + m + 1, dtype=np.int64)
+        # pinned on CUDA: a pageable copy may wait for the stream (the step before this one); the host
+        # allocator keeps the block until its copy is done
+        host_t = torch.zeros(ends[4] + m + 1, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        host = host_t.numpy()
         ids_lead, positions, slots, limits, page_start = (host[s:e] for s, e in zip((0,) + ends[:4], ends[:5]))
         slots[:] = self.scratch_page * ps
         limits[:] = 1
@@ -181,8 +184,7 @@ class BlockGraphs:
         step = self.steps.get((b, lead))
         if step is None:                                             # not captured: built now, run eagerly
             step = self.steps[b, lead] = self._build(b, lead)
-        # NOTE: pageable source: the copy is staged before it returns, so `host` may go
-        step.buffer[:host.size].copy_(torch.from_numpy(host), non_blocking=True)
+        step.buffer[:host.size].copy_(host_t, non_blocking=True)
         return step
 
 

@@ -77,9 +77,9 @@ def kept_rows(fi: ForwardInput, block_lens: list[int], has_block: list[bool], wi
 
 
 def build_block_round(rounds, batch: ScheduleBatch, entry: ForwardInput, vocab_size: int,
-                      graphs: Optional[BlockGraphs] = None) -> BlockRound:
+                      graphs: Optional[BlockGraphs] = None, pin_memory: bool = False) -> BlockRound:
     """The block round of `batch` (launched by `rounds.schedule`, whose forward is `entry`); its
-    host state in the static shape of a graph bucket where one takes it."""
+    host state in the static shape of a graph bucket where one takes it (pinned for a CUDA device)."""
     spec = rounds.spec
     has_block = [bool(n) for n in entry.logits_lens]
     reqs = [r for r, h in zip(batch.reqs, has_block) if h]
@@ -96,7 +96,7 @@ def build_block_round(rounds, batch: ScheduleBatch, entry: ForwardInput, vocab_s
     rows, width, k, kb = shape or (0, 0, 0, 0)
     state = BlockState.build(blocks, [s.params for s in states], stop_ids,
                              [max(0, r.sampling.min_tokens - 1 - r.num_output) for r in reqs], banned,
-                             vocab_size, spec.mask_token_id, rows, width, k, kb)
+                             vocab_size, spec.mask_token_id, rows, width, k, kb, pin_memory)
     width = state.width
     left = [len(b.masked) if b.plan is None else max(1, len(b.plan) - b.num_steps) for b in blocks]
     return BlockRound(entry, steps, state, kept_rows(entry, lens, has_block, width),

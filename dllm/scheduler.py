@@ -121,7 +121,8 @@ class DllmScheduler(WorkerScheduler):
         fi = self.rounds.forward_input(batch)
         if self.block_loop is None or not any(fi.logits_lens) or any(r.sampling.temperature > 0 for r in batch.reqs):
             return fi   # per-forward: prompt chunks only, or a sampled request
-        return build_block_round(self.rounds, batch, fi, self.runner.config.vocab_size, self.block_loop.graphs)
+        return build_block_round(self.rounds, batch, fi, self.runner.config.vocab_size, self.block_loop.graphs,
+                                 pin_memory=self.runner.device.type == "cuda")
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
         self.process_batch_result_dllm(batch, result)

@@ -52,14 +52,17 @@ class BlockState:
     @classmethod
     def build(cls, blocks: Sequence[ActiveBlock], params: Sequence[DllmParams], stop_ids: Sequence[frozenset],
               banned_before: Sequence[int], banned: frozenset, vocab_size: int, mask_token_id: int,
-              rows: int = 0, width: int = 0, num_stop_ids: int = 0, num_banned: int = 0) -> "BlockState":
+              rows: int = 0, width: int = 0, num_stop_ids: int = 0, num_banned: int = 0,
+              pin_memory: bool = False) -> "BlockState":
         """Host tensors of these blocks (their current commits and steps), padded to `rows` rows of
-        `width` positions, stop lists to `num_stop_ids`, the banned list to `num_banned` (0: as needed)."""
+        `width` positions, stop lists to `num_stop_ids`, the banned list to `num_banned` (0: as needed);
+        `pin_memory` for a CUDA device to copy them from without waiting."""
         n = len(blocks)
         width = max([width] + [len(b) for b in blocks])
         stops = [sorted(t for t in s if 0 <= t < vocab_size) for s in stop_ids]
         k = max([num_stop_ids, 1] + [len(s) for s in stops])
-        state = cls.empty(max(rows, n), width, k, max(num_banned, len(banned), 1), vocab_size, mask_token_id, "cpu")
+        state = cls.empty(max(rows, n), width, k, max(num_banned, len(banned), 1), vocab_size, mask_token_id, "cpu",
+                          pin_memory)
         if n:   # whole fields at once from padded lists (a batch of 64 blocks is built every round)
             h = {name: t.numpy() for name, t in state.tensors.items()}
             h["tokens"][:n] = _padded([b.input_ids(mask_token_id) for b in blocks], width, mask_token_id)
@@ -80,7 +83,7 @@ class BlockState:
 
     @classmethod
     def empty(cls, rows: int, width: int, num_stop_ids: int, num_banned: int, vocab_size: int,
-              mask_token_id: int, device) -> "BlockState":
+              mask_token_id: int, device, pin_memory: bool = False) -> "BlockState":
         """Rows with no block (padding): nothing masked, nothing active."""
         shapes = {"tokens": (rows, width), "masked": (rows, width), "in_block": (rows, width),
                   "logprobs": (rows, width), "commit_step": (rows, width), "num_steps": (rows,),
@@ -91,7 +94,7 @@ class BlockState:
             if f.name in shapes:
                 offsets[f.name] = total
                 total += -(-_DTYPES[f.name].itemsize * _numel(shapes[f.name]) // 8) * 8   # 8-byte aligned
-        storage = torch.zeros(total, dtype=torch.uint8, device=device)
+        storage = torch.zeros(total, dtype=torch.uint8, device=device, pin_memory=pin_memory)
         views = {name: storage[o:o + _DTYPES[name].itemsize * _numel(shapes[name])].view(_DTYPES[name])
                  .view(shapes[name]) for name, o in offsets.items()}
         state = cls(**views, storage=storage)
