@@ -261,3 +261,15 @@ def test_prefill_workers_may_serve_only_a_dllm_group_that_prefills_remotely(tmp_
     dllm = cfg.groups[-1]
     assert (dllm.prefill, dllm.remote_prefill_min_tokens) == ("auto", 64) and cfg.has_remote_dllm_prefill
     assert WorkerGroup("dllm", model="d").prefill == "local"        # the default changes nothing
+
+
+def test_launch_refuses_a_model_whose_heads_do_not_split_over_tp(tmp_path, capsys):
+    """Caught from the model's metadata before any worker starts (not a worker restart loop)."""
+    from cluster.engine.parallel import check_tp_splits
+    from cluster.launch import cli
+    path = tmp_path / "tp2.toml"
+    path.write_text("[[prefill]]\ncount = 1\ntp = 2\n[[decode]]\ncount = 1\ntp = 3\n")
+    assert cli.main(["launch", str(path)]) == 2
+    assert f"{path}: prefill[0].tp: num_heads 9 is not divisible by tp=2" in capsys.readouterr().err
+    path.write_text("[[prefill]]\ncount = 1\ntp = 3\n[[decode]]\ncount = 1\n")
+    check_tp_splits(load_config(str(path)))     # SmolLM2-135M: 9 heads, 3 KV heads, 1536, 49152

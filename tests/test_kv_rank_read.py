@@ -93,3 +93,16 @@ def test_a_layout_decode_cannot_map_is_refused_with_reason_layout(full):
             reader.land("shm", "prefill-0", prefill.sender.source(), import_job(other, DST_PAGES, (0, LAYERS)))
     finally:
         prefill.close()
+
+
+def test_decode_ranks_take_reads_whatever_the_backend_and_refuse_one_whole_pool():
+    from cluster.config_types import KvTransferConfig
+    from cluster.kv_transfer.hub import TpRanks, TransferHub
+    hub = TransferHub(KvTransferConfig(backend="nccl"), pool(1), "decode-0", ranks=TpRanks(3, KV_HEADS))
+    try:
+        assert hub.receiver_for("zmq", {"ranks": 1, "servers": "tcp://127.0.0.1:1"}).name == "zmq"
+        with pytest.raises(KvTransferError) as e:       # a tp=1 prefill's push of all three heads
+            hub.receiver_for("nccl", {})
+        assert e.value.reason is P.KvFailure.LAYOUT
+    finally:
+        hub.close()

@@ -113,6 +113,34 @@ def gguf_tokenizer(path: str):
     return tok
 
 
+def gguf_config(path: str) -> dict:
+    """A GGUF file's model config from its metadata alone (no tensor read, no vocabulary decoded);
+    parsing the header takes seconds, so the answer is cached beside the dequantized weights."""
+    base = _cache_base(path)
+    for cached in (base + ".json", base + ".config.json"):
+        if os.path.exists(cached):
+            with open(cached) as f:
+                return json.load(f)["config"]
+    config = _read_gguf_config(path)
+    tmp = f"{base}.{os.getpid()}.tmp.config.json"
+    with open(tmp, "w") as f:
+        json.dump({"config": config}, f)
+    os.replace(tmp, base + ".config.json")
+    return config
+
+
+def _read_gguf_config(path: str) -> dict:
+    import gguf
+    reader = gguf.GGUFReader(path)
+    fields = {n: _field_value(f) for n, f in reader.fields.items() if not n.startswith("tokenizer.ggml.") or n.endswith("_id")}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    fields["tokenizer.ggml.tokens"] = range(len(tokens.data) if tokens is not None else 0)
+    arch = fields["general.architecture"]
+    if arch not in _ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} not supported (supported: {sorted(_ARCHS)})")
+    return _hf_config(fields, arch)
+
+
 def read_gguf(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     import gguf
 

@@ -109,6 +109,18 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
     return LoadedModel(config, model, tokenizer_fn)
 
 
+def model_config(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto") -> ModelConfig:
+    """A model's config from its metadata alone (a GGUF header, a config.json, a preset): what a
+    config check needs before any worker loads weights."""
+    if not path and name == DEFAULT_MODEL:
+        path = default_gguf_path()
+    fmt = _detect_format(path or name) if load_format == "auto" else load_format
+    if fmt == "gguf":
+        from cluster.engine.gguf_weights import gguf_config
+        return ModelConfig.from_hf_config(gguf_config(path))
+    return _dir_config(path or name, None)[0]
+
+
 def _pack_gguf_weights(model: LlamaModel, path: str, hf_config: dict, dtype: str, device: str) -> None:
     from cluster.engine import quant_linear
     if device != "cpu" or dtype != "float32" or not quant_linear.native_kernels_available():

@@ -144,11 +144,11 @@ class TransferHub:
                                           and not backend.holds_pages)   # not reads between TP sizes
 
     def receiver_for(self, name: str, source: Optional[dict] = None) -> KvReceiver:
+        if source is not None and "ranks" in source:   # reads between TP sizes: shm or zmq, whatever
+            return self._rank_receiver(name)           # the configured backend (cuda_ipc, nccl: zmq)
         if self.backend not in ("auto", name) or name not in KV_BACKENDS:
             raise KvTransferError("backend", f"kv_batch sent with {name!r}, this worker takes "
                                   f"{self.backend!r}")
-        if source is not None and "ranks" in source:
-            return self._rank_receiver(name)
         if self.ranks.size > 1:
             raise KvTransferError("layout", f"one whole pool's KV sent to a worker of tp={self.ranks.size}")
         return self.receiver(name)
@@ -158,6 +158,7 @@ class TransferHub:
         from cluster.kv_transfer.rank_read import TRANSPORTS
         if self.backend in TRANSPORTS:
             return self.backend
+        # auto, cuda_ipc and nccl: reads between TP sizes go over shm (same host, CPU pools) or zmq
         same_host_cpu = self.pool.device.type == "cpu" and self.segment is not None and is_same_host(peer_addr)
         name = "shm" if same_host_cpu else "zmq"
         if self._chosen.get(peer_addr) != name:

@@ -31,10 +31,15 @@ def _log_dir(arg) -> str:
     return arg or tempfile.mkdtemp(prefix="pdcluster-logs-")
 
 
-def _config(path):
-    """The loaded config, or None after printing why not (the command exits 2)."""
+def _config(path, check_model: bool = False):
+    """The loaded config, or None after printing why not (the command exits 2). `check_model`: also
+    that the model splits over each group's tensor-parallel ranks (reads the model's metadata)."""
     try:
-        return load_config(path)
+        cfg = load_config(path)
+        if check_model:
+            from cluster.engine.parallel import check_tp_splits
+            check_tp_splits(cfg)
+        return cfg
     except ConfigError as e:
         print(f"pdcluster: {e}", file=sys.stderr)
         return None
@@ -42,7 +47,7 @@ def _config(path):
 
 def cmd_launch(args) -> int:
     from cluster.launch import launcher
-    cfg = _config(args.config)
+    cfg = _config(args.config, check_model=True)
     if cfg is None:
         return 2
     router = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}

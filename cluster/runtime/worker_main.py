@@ -112,7 +112,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
         raise SystemExit(f"{args.config}: {args.worker_id} is a {group.role} worker, not {role}")
     set_threads(config, args.worker_id)
     shared_pool = uses_shared_pool(config, role)
-    followers, tp = start_ranks(args, group, config.model.device)
+    followers, tp = start_ranks(args, config, group)
     # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports),
     # and so does a DLLM worker that takes prompts prefilled remotely
     takes_kv = role in SWITCHABLE_ROLES or role == "dllm" and group.prefill != "local"
@@ -165,14 +165,18 @@ def run_worker(role: str, argv, build: Callable) -> int:
     return 3 if link is not None and link.is_lost else 0
 
 
-def start_ranks(args, group: WorkerGroup, device: str):
+def start_ranks(args, config: ClusterConfig, group: WorkerGroup):
     """(TpFollowers, TpGroup) of a worker of several tensor-parallel ranks, this process rank 0;
     (None, TpGroup()) for one rank."""
     from cluster.engine.parallel import TpGroup, init_tp
-    size = args.tp or group.tp
+    size, device = args.tp or group.tp, config.model.device
     if size == 1:
         return None, TpGroup()
+    from cluster.engine.loader import model_config
+    from cluster.engine.parallel import TpLayout
     from cluster.runtime.tp_ranks import TpFollowers
+    m = config.model
+    TpLayout(model_config(m.name, group.path or m.path, m.load_format), size)   # before any rank starts
     argv = ["--config", args.config, "--worker-id", args.worker_id, "--data-host", args.data_host]
     argv += ["--log-dir", args.log_dir] if args.log_dir else []
     followers = TpFollowers(args.worker_id, size, argv)
