@@ -8,7 +8,10 @@ Per preset (default: SDAR-1.7B and SDAR-8B shapes, Qwen3 layout, bfloat16) and b
   `--steps` fixed steps, each round's blocks denoised to the end on the device (dllm/block_loop.py;
   CUDA graphs per batch bucket captured at its start, not timed).
 tok/s = output tokens over the wall time from the first step to the last token; ratio = DLLM / AR.
-The goal (batch 1, block 4, 2 steps): ratio >= 1.8.
+The goal (batch 1, block 4, 2 steps): ratio >= 1.8. `dllm_loop_share` is the part of the DLLM wall
+time spent inside the block loop (inputs copied, steps replayed, tokens read), `dllm_loop_tok_s` the
+rate that part alone gives: the rest is the scheduler's host work between rounds, which nothing
+overlaps at batch 1 (a round needs the tokens of the one before).
 
     python benchmarks/dllm_gpu.py --json out.json                                   # on the GPU machine
     python benchmarks/dllm_gpu.py --device cpu --presets tiny --batch 1,4 --max-tokens 16 --prompt-len 8
@@ -85,9 +88,9 @@ def run(sched, control: QueueControl, prompts: list[list[int]], max_tokens: int,
     return time.perf_counter() - t0
 
 
-def loop_counts(sched) -> tuple[int, int, int]:
+def loop_counts(sched) -> tuple:
     loop = getattr(sched, "block_loop", None)
-    return (loop.num_graph_steps, loop.num_eager_steps, loop.num_host_reads) if loop else (0, 0, 0)
+    return (loop.num_graph_steps, loop.num_eager_steps, loop.num_host_reads, loop.run_s) if loop else (0, 0, 0, 0.0)
 
 
 def bench(sched, prompts, args) -> dict:
@@ -97,9 +100,9 @@ def bench(sched, prompts, args) -> dict:
     wall = run(sched, control, prompts, args.max_tokens, args.device)
     tokens = sum(len(item.token_ids) for m in control.sent[sent:] if hasattr(m, "all_items") for item in m.all_items())
     assert tokens == len(prompts) * args.max_tokens, (tokens, len(prompts), args.max_tokens)
-    graph_steps, eager_steps, reads = (y - x for x, y in zip(before, loop_counts(sched)))
+    graph_steps, eager_steps, reads, loop_s = (y - x for x, y in zip(before, loop_counts(sched)))
     return {"tok_s": tokens / wall, "wall_s": wall, "rounds": sched.forward_ct - forwards,
-            "graph_steps": graph_steps, "eager_steps": eager_steps, "host_reads": reads}
+            "graph_steps": graph_steps, "eager_steps": eager_steps, "host_reads": reads, "loop_s": loop_s}
 
 
 @torch.inference_mode()
@@ -136,7 +139,10 @@ def run_preset(preset: str, args, rows: list) -> None:
                "ar_tok_s": a["tok_s"], "dllm_tok_s": d["tok_s"], "ratio": d["tok_s"] / a["tok_s"],
                "ar_wall_s": a["wall_s"], "dllm_wall_s": d["wall_s"], "ar_forwards": a["rounds"],
                "dllm_rounds": d["rounds"], "dllm_graph_steps": d["graph_steps"],
-               "dllm_eager_steps": d["eager_steps"], "dllm_host_reads": d["host_reads"]}
+               "dllm_eager_steps": d["eager_steps"], "dllm_host_reads": d["host_reads"],
+               # the block loop alone (inputs to tokens read): what the scheduler's own time leaves
+               "dllm_loop_share": d["loop_s"] / d["wall_s"],
+               "dllm_loop_tok_s": batch * args.max_tokens / d["loop_s"] if d["loop_s"] else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
     dllm.executor.shutdown()

@@ -124,6 +124,7 @@ class BlockLoop:
         self.graphs = graphs            # block_graphs.BlockGraphs on CUDA, or None (eager)
         self.num_graph_steps = self.num_eager_steps = 0
         self.num_host_reads = 0         # waits for the device: one per round, plus a flag per low_confidence step
+        self.run_s = 0.0                # wall time inside `run`, from the inputs' copy to the tokens' read
 
     def forward(self, forward_input):
         if isinstance(forward_input, BlockRound):
@@ -159,6 +160,7 @@ class BlockLoop:
             self.num_eager_steps += 1
         out = self._read(state, n)
         out.timings = {"total_s": time.perf_counter() - t0}
+        self.run_s += out.timings["total_s"]
         return out
 
     def _logits(self, fi: ForwardInput, rows: np.ndarray, hidden: torch.Tensor) -> torch.Tensor:
