@@ -123,8 +123,10 @@ class MlaAttention(nn.Module):
             scores = torch.baddbmm(ctx.mask.to(q_pe.dtype), q_full, latents.transpose(1, 2), alpha=self.scale)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
             out_latent = torch.bmm(probs, latents[..., :self.mla.kv_lora_rank])  # [B, H, rank]
-        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2))   # [H, B, v]
-        return out.transpose(0, 1).reshape(q_pe.shape[0], -1)
+        out = q_pe.new_empty(q_pe.shape[0], self.num_heads, self.mla.v_head_dim)
+        # NOTE: written through the [H, B, v] view in place (a strided batched GEMM), no transpose copy
+        torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out.view(q_pe.shape[0], -1)
 
     def _extend_expanded(self, q_nope, q_pe, latent, cache, ctx: AttentionContext) -> torch.Tensor:
         m, h = self.mla, self.num_heads
