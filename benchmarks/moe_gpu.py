@@ -10,14 +10,14 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
 - MLA only: one layer's absorbed decode attention over `--mla-batch` requests of `--mla-context` tokens:
   the whole step with the Triton kernels replayed from a CUDA graph as the engine runs it (`mla_decode_ms`,
   `mla_ratio`; eagerly: `mla_decode_eager_ms`, Python's launches included), the two latent kernels alone
-  (`mla_kernel_ms`, `mla_kernel_ratio`; `mla_kernel_ms_by_splits`, `mla_kernel_ms_by_block_n_stages`,
-  `mla_kernel_ms_by_warps`, `mla_kernel_ms_tokens_major_by_block_n_stages_warps`,
-  `mla_kernel_ms_reload_q_by_block_n_warps` and `mla_kernel_ms_float32_partials` for other split
-  counts, tiles, warps, dot orientation, the query read per tile and float32 split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128
-  heads over the same latent, and `mla_kernel_ms_128_heads_by_block_h_warps`) and the gathered
-  torch path (`mla_gathered_ms`, eager), against reading their latent KV once at the copy bandwidth
-  measured here (goal: ratio <= 1.3); one layer's extend over a cached prefix of `--mla-context` tokens,
-  the Triton prefill kernel against the gathered torch path (`mla_extend_triton_ms`, `mla_extend_torch_ms`);
+  (`mla_kernel_ms`, `mla_kernel_ratio`) and the gathered torch path (`mla_gathered_ms`, eager), against
+  reading their latent KV once at the copy bandwidth measured here (goal: ratio <= 1.3). Tuning points
+  (`mla_kernel_ms_by_*`, `mla_kernel_ms_*_by_*`, `mla_kernel_ms_splits_x_variant`,
+  `mla_kernel_ms_float32_partials`): split counts, tiles, pipeline depth, warps, dot orientation, the
+  query read per tile, float32 split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads`
+  for 16 to 128 heads over the same latent, `mla_kernel_ms_128_heads_by_block_h_warps` for head blocks.
+  Then one layer's extend over a cached prefix of `--mla-context` tokens: the Triton prefill kernel
+  against the gathered torch path (`mla_extend_triton_ms`, `mla_extend_torch_ms`);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
 
     python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
@@ -132,6 +132,11 @@ def bench_mla_decode(runner, args) -> dict:
         row["mla_kernel_ms_reload_q_by_block_n_warps"] = {
             f"{n}x{w}": _tuning_ms(lambda n=n, w=w: kernels(reload_q=True, block_n=n, num_warps=w), args.reps * 10)
             for n in (32, 64) for w in (4, 8)}
+        row["mla_kernel_ms_splits_x_variant"] = {
+            f"{sp}:{name}": _tuning_ms(lambda sp=sp, tune=tune: kernels(sp, **tune), args.reps * 10)
+            for sp in (3, 4, 6, 8) for name, tune in (
+                ("reload_q", {"reload_q": True}), ("tokens_major_64x1", {"tokens_major": True, "block_n": 64,
+                                                                         "num_stages": 1}))}
         row["mla_kernel_ms_float32_partials"] = _tuning_ms(lambda: kernels(partial_dtype=torch.float32),
                                                             args.reps * 10)
         # more heads read the same latent: one program per up to 64 heads, blocks of one slice side by side
