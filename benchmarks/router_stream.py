@@ -13,7 +13,8 @@ Three processes besides this one, so that only the router is measured:
   little CPU and sends the burst in microseconds).
 
 Router CPU = user + system time of the router process and its children (front ends) over
-the streaming window, divided by the tokens the client received. "events/token" is the SSE
+the streaming window, divided by the tokens the client received; "dispatcher" is the router
+process alone (with `--api-servers N` > 1, the dispatcher without its front ends). "events/token" is the SSE
 content chunks the client saw per token (1.0 = every token sent as it arrived).
 "admission" is the time from the client's request to the worker's receipt of its
 `generate` (p50 / max over the burst). The script measures whatever `cluster` package
@@ -195,11 +196,11 @@ def run_client(url: str, streams: int, max_tokens: int) -> None:
 
 # --------------------------------------------------------------------------------- driver
 
-def cpu_seconds(proc, kind: str = "both") -> float:
+def cpu_seconds(proc, kind: str = "both", children: bool = True) -> float:
     """User + system CPU seconds of `proc` and its children (or `kind` "system" alone)."""
     import psutil
     total = 0.0
-    for p in [proc] + proc.children(recursive=True):
+    for p in [proc] + (proc.children(recursive=True) if children else []):
         try:
             t = p.cpu_times()
             total += t.system if kind == "system" else t.user + t.system
@@ -223,11 +224,12 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
                                 "--nonblocking", "-o", f"{os.environ['ROUTER_PYSPY']}.{streams}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
-    cpu0, sys0 = cpu_seconds(router), cpu_seconds(router, "system")
+    cpu0, sys0, own0 = cpu_seconds(router), cpu_seconds(router, "system"), cpu_seconds(router, children=False)
     client.stdin.write("GO\n")
     client.stdin.flush()
     report = json.loads(client.stdout.readline())
     cpu, system = cpu_seconds(router) - cpu0, cpu_seconds(router, "system") - sys0
+    own = cpu_seconds(router, children=False) - own0     # with front ends: the dispatcher's process alone
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=30)
@@ -244,6 +246,7 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
     window = report["t1"] - report["t0"]
     return {"streams": streams, "tokens": tokens, "window_s": round(window, 2),
             "router_cpu_s": round(cpu, 3), "router_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
+            "dispatcher_us_per_token": round(own / max(tokens, 1) * 1e6, 1),
             "of_it_system_us": round(system / max(tokens, 1) * 1e6, 1),
             "idle_cpu_per_s": round(idle_rate, 4), "events_per_token": round(events / max(tokens, 1), 3),
             "tok_per_s": round(tokens / window, 0),

@@ -16,5 +16,10 @@
 - `errors.py`       `APIError` and the `{"error": {...}}` body
 - `request_body.py`, `tokenize_routes.py`, `tool_calls.py`, `tracing.py`, `request_trace.py`,
   `otlp_export.py`  body limits, /tokenize, tools, request phases and their export
+- `control_answers.py` /health, /metrics, /debug, /admin, /internal: answers from the dispatcher's state
+- `frontends.py`    `[router] api_servers` > 1: the front-end processes, started and restarted
+- `frontend.py`     one front end (`python -m cluster.router.frontend`), started by frontends.py
+- `dispatcher_link.py` a front end's stand-in for the Dispatcher (messages to the dispatcher)
+- `frontend_hub.py` the dispatcher's side of its front ends
 - `__main__.py`     `python -m cluster.router --config C --control ENDPOINT`
 """
