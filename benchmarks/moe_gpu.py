@@ -14,7 +14,7 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
   reading their latent KV once at the copy bandwidth measured here (goal: ratio <= 1.3). Tuning points
   (`mla_kernel_ms_by_*`, `mla_kernel_ms_*_by_*`, `mla_kernel_ms_splits_x_variant`,
   `mla_kernel_ms_float32_partials`): split counts, tiles, pipeline depth, warps, dot orientation, the
-  query read per tile, float32 split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads`
+  query read per tile, the merge fused into the split kernel, float32 split-K partials; `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads`
   for 16 to 128 heads over the same latent, `mla_kernel_ms_128_heads_by_block_h_warps` for head blocks.
   Then one layer's extend over a cached prefix of `--mla-context` tokens: the Triton prefill kernel
   against the gathered torch path (`mla_extend_triton_ms`, `mla_extend_torch_ms`);
@@ -135,8 +135,9 @@ def bench_mla_decode(runner, args) -> dict:
         row["mla_kernel_ms_splits_x_variant"] = {
             f"{sp}:{name}": _tuning_ms(lambda sp=sp, tune=tune: kernels(sp, **tune), args.reps * 10)
             for sp in (3, 4, 6, 8) for name, tune in (
-                ("reload_q", {"reload_q": True}), ("tokens_major_64x1", {"tokens_major": True, "block_n": 64,
-                                                                         "num_stages": 1}))}
+                ("reload_q", {"reload_q": True}), ("fused_merge", {"fused_merge": True}),
+                ("reload_q_fused_merge", {"reload_q": True, "fused_merge": True}),
+                ("tokens_major_64x1", {"tokens_major": True, "block_n": 64, "num_stages": 1}))}
         row["mla_kernel_ms_float32_partials"] = _tuning_ms(lambda: kernels(partial_dtype=torch.float32),
                                                             args.reps * 10)
         # more heads read the same latent: one program per up to 64 heads, blocks of one slice side by side

@@ -62,7 +62,7 @@ def test_sparse_block_replays_from_a_cuda_graph():
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("splits, tune", [(0, {}), (1, {}), (5, {}), (0, {"tokens_major": True, "block_n": 64}),
                                          (3, {"tokens_major": True, "block_n": 32, "num_stages": 1}),
-                                         (0, {"reload_q": True})])
+                                         (0, {"reload_q": True}), (4, {"fused_merge": True})])
 def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits, tune):
     from cluster.engine.triton_mla import decode_latent
     rank, rope, page, lens = 512, 64, 16, [1, 70, 300, 0]
@@ -75,10 +75,32 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
                         torch.arange(0, len(lens) * width, width, device="cuda"), torch.tensor(lens, device="cuda"), 0.07,
                         num_splits=splits, **tune)
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))     # a graph's padding row: no tokens, zeros
+    if tune.get("fused_merge"):                                # the counters are ready for the next launch
+        from cluster.engine.triton_mla import _merge_counters
+        assert not _merge_counters(cache.device).any()
     for b, n in enumerate(lens[:-1]):
         lat = cache[tables[b]].reshape(-1, rank + rope)[:n].float()
         want = torch.softmax(q[b].float() @ lat.T * 0.07, dim=-1) @ lat[:, :rank]
         torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)
+
+
+def test_mla_fused_merge_equals_the_merge_kernel_launch_after_launch():
+    """The last split merges once all of its block's partials are visible: many launches at DeepSeek-V2-Lite's
+    decode shape (batch 64, lengths up to 2,048), each with new queries (a stale partial would be the last
+    launch's), give the separate merge kernel's latents every time."""
+    from cluster.engine.triton_mla import decode_latent
+    rank, rope, page, b = 512, 64, 16, 64
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lens = torch.randint(1, 2049, (b,), generator=g, device="cuda")
+    cache = torch.randn(b * 128, page, rank + rope, generator=g, device="cuda").to(torch.bfloat16)
+    pages = torch.randperm(b * 128, generator=g, device="cuda")
+    starts = torch.arange(0, b * 128, 128, device="cuda")
+    for _ in range(30):
+        q = torch.randn(b, 16, rank + rope, generator=g, device="cuda").to(torch.bfloat16)
+        want = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=8)
+        got = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=8,
+                            fused_merge=True)
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-qwen3-moe"])

@@ -54,6 +54,24 @@ def test_interpreted_mla_decode_matches_gathered_latents(kernels, heads, lens, s
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_merge_by_the_last_split_gives_the_same_latents_launch_after_launch(kernels):
+    """The last split of each (request, head block) to finish merges them; the counters it keeps
+    are zero again afterwards, so a second launch (a graph replay) merges as the first did."""
+    g = torch.Generator().manual_seed(5)
+    lens = [70, 3, 0, 33]                 # four splits used, one, none (padding), three
+    cache = torch.randn(48, PAGE, RANK + ROPE, generator=g)
+    table = torch.randperm(48, generator=g)
+    starts = torch.tensor([0, 18, 19, 20])
+    q = torch.randn(4, 20, RANK + ROPE, generator=g)     # float32: two head blocks of 16
+    want = _reference(q[[0, 1, 3]], cache, [table[:18], table[18:19], table[20:29]], [70, 3, 33], 0.125)
+    for _ in range(2):
+        got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, starts, torch.tensor(lens), 0.125,
+                                    num_splits=4, fused_merge=True)
+        torch.testing.assert_close(got[[0, 1, 3]], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[2], torch.zeros_like(got[2]))
+        assert not kernels._merge_counters(q.device).any()
+
+
 @pytest.mark.parametrize("block_n, tune", [(16, {}), (64, {}), (16, {"tokens_major": True}),
                                            (64, {"tokens_major": True}), (32, {"reload_q": True})])
 def test_tile_dot_orientation_and_query_reload_overrides_give_the_same_latents(kernels, block_n, tune):

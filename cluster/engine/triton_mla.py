@@ -9,22 +9,23 @@ dot over both parts; the output is the softmax-weighted sum of the latents `c`, 
 The work is bound by reading the latents once, so the layout serves that read:
 - Heads share tiles: one program takes a block of up to 64 heads (`head_block`: all of
   DeepSeek-V2-Lite's 16, half of V3's 128; 16 for float32) and each `[BLOCK_N, R + P]` tile it
-  loads feeds both of its dots for all of them (the latent is key and value at once). A 64-head block's float32
-  accumulator `[64, R]` is as much as one program's registers hold, so more heads take more
+  loads feeds both of its dots for all of them (the latent is key and value at once). A 64-head
+  block's float32 accumulator `[64, R]` is as much as one program's registers hold, so more heads take more
   blocks; the head block is the grid's fastest axis, so the blocks that read one latent slice run
   side by side and all but the first find it in L2. The dots take heads as rows
   (`_attend_heads_major`, the default) or tokens and latent rows (`_attend_tokens_major`, the
   Hopper tensor-core instruction's 64-row shape); moe_gpu.py times both.
 - Split-K over the sequence (flash-decoding): program (head block, split, request) takes one
   contiguous, BLOCK_N-aligned slice of the request's tokens and writes its normalised partial
-  output and base-2 log-sum-exp; a second kernel merges the splits of each (request, head).
-  The split count fills about two programs per SM in one wave (`decode_splits`) and depends on
-  the batch shape only, never on lengths, so a decode CUDA graph captures a fixed grid. Each
-  request uses only the splits its length fills with whole tiles (`_split_range`, in both
-  kernels): the programs of the rest return at once and the merge never reads them.
+  output and base-2 log-sum-exp; a second kernel merges the splits of each (request, head), or
+  with `fused_merge` the split of a head block that finishes last does (an arrival counter per
+  block, reset by that program). The split count fills about two programs per SM in one wave
+  (`decode_splits`) and depends on the batch shape only, never on lengths, so a decode CUDA graph
+  captures a fixed grid. Each request uses only the splits its length fills with whole tiles
+  (`_split_range`, in both kernels): the programs of the rest return at once, and a request with
+  one split (or none: graph padding, zeros) gets its output written directly, no partial, no merge.
 - Partials are kept in q's dtype (float32 models stay float32; the log-sum-exp is always
-  float32), so the split-K traffic is small against the latent it summarises; with one split
-  (large batches) the split kernel writes the output itself and no merge runs.
+  float32), so the split-K traffic is small against the latent it summarises.
 R and P must be powers of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU
 tensors (tests).
 """
@@ -39,6 +40,8 @@ from cluster.engine.triton_attention import LOG2E, MAX_SPLITS, _num_sms, _precis
 BLOCK_N = 32      # tokens per tile: 32 x 576 bf16 = 36 KB, two stages fit shared memory
 MAX_BLOCK_H = 64  # heads per program: the float32 accumulator [64, 512] fills 8 warps' registers
 PROGRAMS_PER_SM = 2
+MERGE_ROWS = 4    # heads per merge program
+MAX_COUNTERS = 1 << 16   # (request, head block) pairs the fused merge can count
 
 
 @triton.jit
@@ -115,11 +118,11 @@ def _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_sca
 
 
 @triton.jit
-def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, qk_scale, num_splits, num_heads,
-                      stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
+def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, OUT, COUNTERS, qk_scale,
+                      num_splits, num_heads, stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
-                      RELOAD_Q: tl.constexpr):
+                      RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -142,29 +145,49 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
         else:
             m, total, acc = _attend_heads_major(q_c, q_p, q_c_ptrs, live, CACHE, pages, start, end, stride_page,
                                                 qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, RELOAD_Q)
-        part = (b * num_heads + h) * num_splits + split                               # [B, H, S] row
         out = acc / tl.maximum(total, 1e-30)[:, None]     # an empty request (graph padding): zeros
-        lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
-        tl.store(PART_O + part.to(tl.int64)[:, None] * R + r[None, :], out.to(PART_O.dtype.element_ty),
-                 mask=live[:, None])
-        tl.store(PART_LSE + part, lse, mask=live)
+        rows = b64 * num_heads + h                                                    # [B, H] rows
+        if used <= 1:                                     # the one split (or none) is the answer
+            tl.store(OUT + rows[:, None] * R + r[None, :], out.to(OUT.dtype.element_ty), mask=live[:, None])
+        else:
+            part = rows * num_splits + split                                          # [B, H, S] rows
+            tl.store(PART_O + part[:, None] * R + r[None, :], out.to(PART_O.dtype.element_ty), mask=live[:, None])
+            tl.store(PART_LSE + part, m + tl.log2(total), mask=live)    # a used split has tokens: total > 0
+            if FUSED_MERGE:
+                tl.debug_barrier()                        # NOTE: all of this block's partial stored first
+                counter = COUNTERS + b64 * tl.num_programs(0) + tl.program_id(0)
+                if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:   # the last split to finish merges
+                    _merge_rows(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R, BLOCK_H, ".cg")
+                    tl.store(counter, 0)                  # ready for the next launch (graph replays too)
+
+
+@triton.jit
+def _merge_rows(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R: tl.constexpr, ROWS: tl.constexpr,
+                CACHE: tl.constexpr):
+    """OUT's `rows` (b * H + h, one request): their `used` split partials weighted by log-sum-exp.
+    `CACHE` ".cg": partials other programs just wrote are read past L1."""
+    r = tl.arange(0, R)
+    top = tl.full([ROWS], float("-inf"), tl.float32)
+    for i in range(used):
+        top = tl.maximum(top, tl.load(PART_LSE + rows * num_splits + i, mask=live, other=0.0, cache_modifier=CACHE))
+    acc = tl.zeros([ROWS, R], tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    for i in range(used):
+        w = tl.exp2(tl.load(PART_LSE + rows * num_splits + i, mask=live, other=0.0, cache_modifier=CACHE) - top)
+        acc += w[:, None] * tl.load(PART_O + (rows * num_splits + i)[:, None] * R + r[None, :], mask=live[:, None],
+                                    other=0.0, cache_modifier=CACHE).to(tl.float32)
+        total += w
+    tl.store(OUT + rows[:, None] * R + r[None, :], (acc / total[:, None]).to(OUT.dtype.element_ty), mask=live[:, None])
 
 
 @triton.jit
 def _mla_merge_kernel(PART_O, PART_LSE, SEQ_LENS, OUT, num_splits, num_heads, R: tl.constexpr,
-                      SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)                                          # b * H + h
-    _, used = _split_range(tl.load(SEQ_LENS + row // num_heads), num_splits, BLOCK_N)
-    s = tl.arange(0, SPLITS)
-    r = tl.arange(0, R)
-    top = tl.max(tl.load(PART_LSE + row * num_splits + s, mask=s < used, other=float("-inf")), 0)
-    acc = tl.zeros([R], tl.float32)
-    total = tl.zeros([R], tl.float32)
-    for i in range(used):                            # an empty request (graph padding): none, output 0
-        w = tl.exp2(tl.load(PART_LSE + row * num_splits + i) - top)
-        acc += w * tl.load(PART_O + (row * num_splits + i) * R + r).to(tl.float32)
-        total += w
-    tl.store(OUT + row * R + r, (acc / tl.maximum(total, 1e-30)).to(OUT.dtype.element_ty))
+                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    h = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b = tl.program_id(1).to(tl.int64)
+    _, used = _split_range(tl.load(SEQ_LENS + b), num_splits, BLOCK_N)
+    if used > 1:                                          # one split or none: the split kernel wrote it
+        _merge_rows(PART_O, PART_LSE, OUT, b * num_heads + h, h < num_heads, num_splits, used, R, ROWS, "")
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -187,12 +210,13 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
                   page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
                   block_n: int = BLOCK_N, num_stages: int = 2, block_h: int = 0, num_warps: int = 0,
                   partial_dtype: torch.dtype | None = None, tokens_major: bool = False,
-                  reload_q: bool = False) -> torch.Tensor:
+                  reload_q: bool = False, fused_merge: bool = False) -> torch.Tensor:
     """q_latent `[B, H, R]` and q_pe `[B, H, P]` (absorbed; unit last stride), cache
     `[num_pages, page_size, R + P]`, request b's pages `pages[page_start[b]:]` covering `seq_lens[b]`
     tokens (int64, the Triton attention context's layout) -> softmax-weighted latents `[B, H, R]`
     (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`, `block_h`, `num_warps`,
-    `partial_dtype`, `tokens_major` (`_attend_tokens_major`), `reload_q`: tuning overrides (moe_gpu.py)."""
+    `partial_dtype`, `tokens_major` (`_attend_tokens_major`), `reload_q`, `fused_merge` (the last split
+    of a head block merges, no second kernel): tuning overrides (moe_gpu.py)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
@@ -201,17 +225,30 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     head_blocks = triton.cdiv(h, block_h)
     splits = num_splits or decode_splits(b, head_blocks, q_latent.device)
     out = torch.empty(b, h, r, dtype=q_latent.dtype, device=q_latent.device)
-    # one split (a large batch): its normalised output is the answer, written in place, no merge
+    # one split (a large batch): the split kernel writes the answer itself, no partials, no merge
     part_o = out if splits == 1 else torch.empty(b, h, splits, r, dtype=partial_dtype or q_latent.dtype,
                                                  device=q_latent.device)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q_latent.device)
+    fused_merge = fused_merge and splits > 1 and b * head_blocks <= MAX_COUNTERS
+    counters = _merge_counters(q_latent.device) if fused_merge else part_lse
     _mla_split_kernel[(head_blocks, splits, b)](
-        q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, scale * LOG2E, splits, h,
-        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
+        q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, out, counters, scale * LOG2E,
+        splits, h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=block_h, BLOCK_N=block_n,
         PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=tokens_major, RELOAD_Q=reload_q,
-        num_warps=num_warps or (4 if block_h <= 16 else 8), num_stages=num_stages)
-    if splits > 1:
-        _mla_merge_kernel[(b * h,)](part_o, part_lse, seq_lens, out, splits, h, R=r,
-                                    SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4)
+        FUSED_MERGE=fused_merge, num_warps=num_warps or (4 if block_h <= 16 else 8), num_stages=num_stages)
+    if splits > 1 and not fused_merge:
+        _mla_merge_kernel[(triton.cdiv(h, MERGE_ROWS), b)](part_o, part_lse, seq_lens, out, splits, h, R=r,
+                                                            ROWS=MERGE_ROWS, BLOCK_N=block_n, num_warps=4)
     return out
+
+
+_counters: dict = {}
+
+
+def _merge_counters(device: torch.device) -> torch.Tensor:
+    """Per (request, head block) arrivals of the fused merge, zero between launches (the merging
+    program resets its own), allocated once per device (before any graph capture uses it)."""
+    if device not in _counters:
+        _counters[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
