@@ -21,7 +21,9 @@ in host memory (`host_page`), or both; -1 where it is not. The device-resident n
 closed under taking the parent, so a request's matched device pages are a prefix and only
 device nodes are ever referenced. Evicting a device page writes it to a host page first
 (unless it has one), the node staying in the tree host-only; host pages are evicted least
-recently used too: a node's copy on both tiers loses its host copy, a host-only leaf goes.
+recently used too: a node's copy on both tiers loses its host copy, a host-only leaf goes. A
+device page evicted while a host load into it is still queued (its request was aborted) has that
+load cancelled (`cancel_loads`) before the page goes back to the allocator.
 """
 from __future__ import annotations
 
