@@ -23,7 +23,10 @@ COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8}
 
 
 class RunningRouter:
-    def __init__(self, tokenizer_cache: dict, internal_token: str = "", **sections):
+    """`frontend=True`: the path of `[router] api_servers` > 1 in one process: HTTP is served
+    by a front end's RouterService over a DispatcherLink, the dispatcher has a FrontendHub."""
+
+    def __init__(self, tokenizer_cache: dict, internal_token: str = "", frontend: bool = False, **sections):
         from cluster.router.__main__ import http_config
         from cluster.router.app import create_app
         from cluster.router.dispatcher import Dispatcher
@@ -38,6 +41,15 @@ class RunningRouter:
         self.dispatcher = Dispatcher(cfg, "tcp://127.0.0.1:0")
         self.control = self.dispatcher.start()
         self.service = RouterService(cfg, self.dispatcher)
+        self.link = None
+        if frontend:
+            from cluster.router.dispatcher_link import DispatcherLink
+            from cluster.router.frontend_hub import FrontendHub
+            hub = FrontendHub(self.service, ["frontend-0"])
+            self.dispatcher.frontends = self.service.metrics.frontends = hub
+            self.link = DispatcherLink(cfg, "frontend-0", self.control)
+            self.service = RouterService(cfg, self.link)         # the one HTTP serves from
+            self.service.frontend_id = "frontend-0"
         self.service._tokenizers = tokenizer_cache
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -54,6 +66,8 @@ class RunningRouter:
         self.http.close()
         self.server.should_exit = True
         self.thread.join(timeout=5)
+        if self.link is not None:
+            self.link.close()
         self.dispatcher.close()
 
 
