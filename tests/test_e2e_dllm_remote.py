@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster_harness import LaunchedCluster, cluster_config, offline_greedy
+from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +45,18 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return offline_greedy(PROMPTS, MAX_TOKENS)
+def engine():
+    """The offline engine on the reference weights: autoregressive answers, and its loaded model
+    for the in-process DLLM run with local prefill."""
+    from cluster.engine.llm import LLM
+    return LLM(cpu_weights=REFERENCE_WEIGHTS, num_pages=64)     # a small pool: the machine is shared
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    from cluster.sampling_params import SamplingParams
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    return {p: o.token_ids for p, o in zip(PROMPTS, outs)}, engine.tokenizer
 
 
 def complete(cluster, prompt, **body):
@@ -79,7 +89,7 @@ def test_block_size_1_with_remote_prefill_equals_the_autoregressive_reference(cl
     assert rounds and rounds == sorted(set(rounds))
 
 
-def test_block_size_4_with_remote_prefill_equals_local_prefill_with_the_same_seed(cluster, loaded):
+def test_block_size_4_with_remote_prefill_equals_local_prefill_with_the_same_seed(cluster, engine):
     from cluster.engine.model_runner import ModelRunner
     from cluster.dllm_params import DllmParams
     from dllm.model_spec import DllmModelSpec
@@ -87,8 +97,8 @@ def test_block_size_4_with_remote_prefill_equals_local_prefill_with_the_same_see
     body = {"temperature": 0.8, "seed": 11, "max_tokens": 8}
     prompt = PROMPTS[1]
     _, remote = complete(cluster, prompt, block_size=4, **body)
-    tok = loaded.tokenizer
-    runner = ModelRunner(loaded, num_pages=64, page_size=16)
+    tok = engine.tokenizer
+    runner = ModelRunner(engine.loaded, num_pages=64, page_size=16)
     spec = DllmModelSpec.causal(min(tok.eos_token_ids))          # the worker's, for these weights
     control, _ = run_dllm(runner, [("r0", tok.encode(prompt), body, {})], DllmParams(block_size=4), spec=spec)
     assert remote == tok.decode(control.outputs()["r0"])
