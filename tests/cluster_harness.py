@@ -197,6 +197,6 @@ def offline_greedy(prompts: list[str], max_tokens: int, cpu_weights: str = REFER
     """(token ids per prompt, tokenizer) from the offline engine: what a cluster must answer."""
     from cluster.engine.llm import LLM
     from cluster.sampling_params import SamplingParams
-    llm = LLM(cpu_weights=cpu_weights)
+    llm = LLM(cpu_weights=cpu_weights, num_pages=256)   # 4k tokens: the default pool is 3 GB of a shared box
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens))
     return {p: o.token_ids for p, o in zip(prompts, outs)}, llm.tokenizer
