@@ -12,6 +12,7 @@ descendant still alive, so nothing leaks into the next module or benchmark run.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -193,10 +194,18 @@ def repo_config(name: str, cpu_weights: Optional[str] = None) -> str:
     return text.replace("[model]\n", "[model]\n" + setting, 1) if "[model]\n" in text else "[model]\n" + setting + text
 
 
+@functools.lru_cache(maxsize=None)
+def reference_llm(cpu_weights: str = REFERENCE_WEIGHTS):
+    """The offline engine clusters are compared with, one per weights mode for the whole session
+    (it keeps no state between `generate` calls): each module loading its own cost seconds. 256
+    pages: 4k tokens, plenty for tests' prompts; the default pool is 3 GB of a shared box."""
+    from cluster.engine.llm import LLM
+    return LLM(num_pages=256, cpu_weights=cpu_weights)
+
+
 def offline_greedy(prompts: list[str], max_tokens: int, cpu_weights: str = REFERENCE_WEIGHTS):
     """(token ids per prompt, tokenizer) from the offline engine: what a cluster must answer."""
-    from cluster.engine.llm import LLM
     from cluster.sampling_params import SamplingParams
-    llm = LLM(cpu_weights=cpu_weights, num_pages=256)   # 4k tokens: the default pool is 3 GB of a shared box
+    llm = reference_llm(cpu_weights)
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens))
     return {p: o.token_ids for p, o in zip(prompts, outs)}, llm.tokenizer

@@ -1,9 +1,36 @@
-"""Fixtures shared by the test modules: the router tests' real router with scripted workers
+"""Fixtures shared by the test modules: launched clusters shared by several modules
+(tests/cluster_pool.py), the router tests' real router with scripted workers
 (tests/router_harness.py), the engine tests' single intra-op thread and tiny dummy Llama, and
 the default model loaded once per module for the in-process worker tests."""
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    from tests.cluster_pool import group_by_shared_cluster
+    items[:] = group_by_shared_cluster(items)
+
+
+@pytest.fixture(scope="session")
+def cluster_pool():
+    from tests.cluster_pool import ClusterPool
+    pool = ClusterPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(request, cluster_pool):
+    """The launched cluster named by the module's `shared_cluster` marker (tests/cluster_pool.py),
+    stopped after the last module that uses it: SIGTERM must leave no process behind."""
+    from tests.cluster_pool import is_last_user
+    key = request.node.get_closest_marker("shared_cluster").args[0]
+    yield cluster_pool.get(key)
+    if is_last_user(request.session.items, request.module, key):
+        left = cluster_pool.release(key)
+        assert left == [], f"shared cluster {key!r}: processes still alive after SIGTERM: {left}"
 
 
 @pytest.fixture(scope="session")

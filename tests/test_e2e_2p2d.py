@@ -9,9 +9,8 @@ import signal
 import psutil
 import pytest
 
-from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster, cluster_config, reference_llm
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +34,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(cpu_weights=REFERENCE_WEIGHTS)
+    return reference_llm()
 
 
 def test_small_decode_pools_retract_and_every_request_completes(cluster, llm):

@@ -8,10 +8,9 @@ import re
 
 import pytest
 
-from cluster.engine.llm import LLM
 from cluster.kv_transfer import FAULT_ENV
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster, cluster_config, reference_llm
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +31,7 @@ def launch(backend: str, name: str, env=None, layerwise: bool = False) -> Launch
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
+    llm = reference_llm()
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     return [llm.tokenizer.decode(o.token_ids) for o in outs]
 

@@ -1,15 +1,16 @@
 """The product end to end: `pdcluster launch configs/local.toml` (what `make run` starts:
 1 prefill + 1 decode + 1 DLLM worker), the official openai client, the real default model,
-greedy output equal to LLM.generate."""
+greedy output equal to LLM.generate. The cluster is shared with test_e2e_openai_features.py;
+its release checks that SIGTERM leaves no child process (tests/cluster_pool.py)."""
 import concurrent.futures as cf
 
 import httpx
 import openai
 import pytest
 
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, offline_greedy, repo_config
+from tests.cluster_harness import offline_greedy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_cluster("local")]
 
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def add(a, b):",
            "The best thing about Python is", "Water boils at", "My favourite colour is", "Roses are red,"]
@@ -17,10 +18,8 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = LaunchedCluster(repo_config("local", REFERENCE_WEIGHTS), "local")
-    yield c
-    c.stop()
+def cluster(shared_cluster):
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +141,5 @@ def test_dllm_streams_by_blocks(cluster):
                                           extra_body={"algorithm": "no-such-algorithm"})
 
 
-def test_sigterm_leaves_no_child_process(cluster):
+def test_router_and_every_worker_run_as_child_processes(cluster):
     assert len(cluster.descendants) >= 4          # router + prefill + decode + dllm
-    assert cluster.stop() == []

@@ -17,10 +17,9 @@ import httpx
 import openai
 import pytest
 
-from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
 from cluster.wire import curve
-from tests.cluster_harness import REFERENCE_WEIGHTS
+from tests.cluster_harness import REFERENCE_WEIGHTS, reference_llm
 from tests.netns_hosts import Hosts, HostThread, netns_unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -178,7 +177,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
+    llm = reference_llm()
     prompts = SHORT_PROMPTS + [STREAM_PROMPT]
     outs = llm.generate(prompts, [SamplingParams(max_tokens=8, ignore_eos=True)] * 2 +
                         [SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True)])

@@ -12,11 +12,10 @@ import jsonschema
 import openai
 import pytest
 
-from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, repo_config
+from tests.cluster_harness import reference_llm
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_cluster("local")]
 MODEL = "smollm2-135m-instruct"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -38,15 +37,13 @@ SCHEMAS = [
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = LaunchedCluster(repo_config("local", REFERENCE_WEIGHTS), "openai-features")
-    yield c
-    c.stop()
+def cluster(shared_cluster):
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(num_pages=128, cpu_weights=REFERENCE_WEIGHTS)
+    return reference_llm()
 
 
 def chat(cluster, content, **kw):

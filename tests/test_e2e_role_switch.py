@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from cluster.engine.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster, cluster_config, reference_llm
 from tests.router_harness import wait_for
 
 pytestmark = pytest.mark.integration
@@ -37,7 +36,7 @@ def cluster():
 
 def reference() -> tuple[dict, object]:
     """Each prompt's greedy ids from the offline engine (what the unified worker answers)."""
-    llm = LLM(cpu_weights=REFERENCE_WEIGHTS)
+    llm = reference_llm()
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     return {p: o.token_ids for p, o in zip(PROMPTS, outs)}, llm.tokenizer
 
