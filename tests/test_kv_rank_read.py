@@ -67,7 +67,8 @@ def test_each_decode_rank_lands_exactly_its_heads(full, transport, src_tp, dst_t
         for rank, layerwise in ((r, lw) for r in range(dst_tp) for lw in (False, True)):
             p = pool(dst.heads_per_rank)
             reader = RankReader(p, rank, dst_tp, KV_HEADS, timeout_s=5)
-            spans = [(layer, layer + 1) for layer in range(LAYERS)] if layerwise else [(0, LAYERS)]
+            # layer-wise: each layer as its kv_layers message names it, then the kv_batch's empty rest
+            spans = [(l, l + 1) for l in range(LAYERS)] + [(LAYERS, LAYERS)] if layerwise else [(0, LAYERS)]
             landed = sum(reader.land(transport, "prefill-0", source, import_job(item, DST_PAGES, span))
                          for span in spans)
             reader.close()

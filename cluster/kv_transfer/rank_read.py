@@ -33,6 +33,7 @@ import os
 from typing import Optional
 
 import torch
+import zmq
 
 from cluster.kv_transfer.base import KvTransferError, Packed
 from cluster.kv_transfer.head_map import HeadSplit, LayoutError, head_pieces
@@ -120,6 +121,8 @@ class RankReader:
         if len(src_pages) != num or len(job["dst_pages"]) < num:
             raise KvTransferError("shape", f"{len(src_pages)} source pages for {length} tokens")
         dst_pages = job["dst_pages"][:num]
+        if first == end:
+            return 0          # a kv_batch after layer-wise streaming: every layer already landed
         for p in pieces:
             dst = pool.kv[first:end, :, p.dst_head:p.dst_head + p.count]
             if transport == "shm":
@@ -176,16 +179,24 @@ class RankReadReceiver(KvReceiver):
         if self.followers is not None:     # NOTE: first, so the other ranks read while this one does
             self.followers.send_import(self.name, sender, source, job)
         key = (item.rid, item.attempt)
-        with self.fence.stream():
-            num_bytes = self.reader.land(self.name, sender, source, job)
-        self.fence.record()
-        self._landed[key] = self._landed.pop(key, 0) + num_bytes    # (most recent last)
-        while len(self._landed) > MAX_TRACKED:
-            self._landed.pop(next(iter(self._landed)))
+        try:
+            with self.fence.stream():
+                num_bytes = self.reader.land(self.name, sender, source, job)
+        except (RuntimeError, ValueError, KeyError, IndexError, zmq.ZMQError) as e:   # its KV fails, not the worker
+            if isinstance(e, KvTransferError):
+                raise
+            raise KvTransferError("backend", f"reading KV heads from {sender}: {type(e).__name__}: {e}") from None
+        finally:
+            self.fence.record()
+        if first < end:
+            self._landed[key] = self._landed.pop(key, 0) + num_bytes    # (most recent last)
+            while len(self._landed) > MAX_TRACKED:
+                self._landed.pop(next(iter(self._landed)))
         if end == self.pool.num_layers:
             per_rank = self.followers.settle(*key, self.timeout_s) if self.followers is not None else []
-            logger.info("request %s: KV heads from %s landed per rank (bytes): %s", item.rid, sender,
-                        [self._landed.pop(key, 0), *per_rank])
+            if key in self._landed:       # once per KV attempt (not again for a layer-wise kv_batch)
+                logger.info("request %s: KV heads from %s landed per rank (bytes): %s", item.rid, sender,
+                            [self._landed.pop(key), *per_rank])
         return num_bytes
 
     def close(self) -> None:
