@@ -45,7 +45,7 @@ count = 1
 count = 1
 tp = 3
 """
-PER_RANK = re.compile(r"request (\S+): KV heads from (prefill-\d) landed per rank \(bytes\): \[([\d, ]+)\]")
+PER_RANK = re.compile(r"request (\S+): KV heads from ((?:prefill|decode)-\d) landed per rank \(bytes\): \[([\d, ]+)\]")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,24 @@ def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):
         return sorted(now) == [0, 1, 2] and not set(now.values()) & set(before.values())
     wait_for(restarted, 240, "decode-1 restarted with all its ranks", cluster)
     wait_for(lambda: len(registered(cluster)) == 4, 240, "decode-1 registered again", cluster)
+
+
+def test_a_decode_worker_of_three_ranks_switches_to_prefill_in_place(cluster, model_dir):
+    """Its ranks now serve reads of their pools (zmq: its pool is in no shared segment) to decode-0."""
+    resp = httpx.post(cluster.base_url + "/admin/workers/decode-1/role", json={"role": "prefill"}, timeout=10)
+    assert resp.status_code == 202, resp.text
+    roles = lambda: {w["worker_id"]: w["role"] for w in  # noqa: E731
+                     httpx.get(cluster.base_url + "/admin/workers", timeout=5).json()["workers"]}
+    wait_for(lambda: roles().get("decode-1") == "prefill" and len(roles()) == 4, 120, "decode-1 a prefill worker",
+             cluster)
+    llm = LLM(MODEL, path=model_dir, load_format="dummy", num_pages=64)
+    want = llm.tokenizer.decode(llm.generate(PROMPTS[:1], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0]
+                                .token_ids)
+    for _ in range(3):            # round robin over the three prefill workers, decode-0 the only decode one
+        r = cluster.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want
+    assert [shares for src, shares in landed_per_rank(cluster, "decode-0") if src == "decode-1"]
 
 
 def test_stop_leaves_no_rank_behind(cluster):

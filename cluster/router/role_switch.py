@@ -39,9 +39,6 @@ class RoleSwitches:
             raise APIError(404, f"no live worker {worker_id!r}", "not_found_error")
         if info.role not in SWITCHABLE_ROLES:
             raise APIError(409, f"a {info.role} worker cannot switch roles", "conflict")
-        if int(info.capacity.get("tp", 1)) > 1:   # its handoff would move one rank's heads
-            raise APIError(409, f"{worker_id} has tp={info.capacity['tp']} ranks: a tensor-parallel worker "
-                           "keeps its role", "conflict")
         if info.switching_to is not None:
             raise APIError(409, f"{worker_id} is already switching to {info.switching_to}", "conflict")
         if info.role == role:

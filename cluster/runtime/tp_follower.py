@@ -129,19 +129,23 @@ def follower_main(argv=None) -> int:
 
 
 def kv_endpoints(config, group, runner, rank: int, data_host: str):
-    """(slice server, rank reader) of a rank: a prefill rank serves reads of its pool over zmq (when
-    the backend may pick zmq); a decode rank (or a DLLM one that takes remote prefills) reads its
-    heads from prefill ranks."""
+    """(slice server, rank reader) of a rank: a rank that may prefill for a decode worker serves reads
+    of its pool over zmq (when the backend may pick zmq); one that may take KV (decode, a DLLM worker
+    that takes remote prefills) reads its heads from prefill ranks. A role that may switch in place
+    (prefill, decode, unified) gets both, so its ranks serve whatever role it becomes."""
     from cluster.kv_transfer.rank_read import RankReader
     from cluster.kv_transfer.slice_server import SliceServer
+    from cluster.roles import SWITCHABLE_ROLES
     from cluster.wire.curve import keys_for
     curve = keys_for(config.security, [data_host])
-    if group.role == "prefill" and config.kv_transfer.backend != "shm":
-        return SliceServer(runner.kv_pool, data_host, curve), None
-    if group.role == "decode" or (group.role == "dllm" and group.prefill != "local"):
-        return None, RankReader(runner.kv_pool, rank, runner.tp.size, runner.config.kv_cache_shape[1],
-                                config.timeouts.kv_transfer, curve)
-    return None, None
+    switchable = group.role in SWITCHABLE_ROLES
+    server = reader = None
+    if switchable and config.kv_transfer.backend != "shm":
+        server = SliceServer(runner.kv_pool, data_host, curve)
+    if switchable or (group.role == "dllm" and group.prefill != "local"):
+        reader = RankReader(runner.kv_pool, rank, runner.tp.size, runner.config.kv_cache_shape[1],
+                            config.timeouts.kv_transfer, curve)
+    return server, reader
 
 
 if __name__ == "__main__":
