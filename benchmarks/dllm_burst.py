@@ -37,12 +37,16 @@ from benchmarks.common import Cluster, machine, now_utc, quantile, stream_comple
 
 MODEL = "burst-dllm"
 PAGE = 16
+RUNNING_PROMPT = 32             # prompt tokens of each running request
 
 
 def config(args, mode: str) -> str:
     """The cluster of one mode: a DLLM worker, plus a prefill worker for `remote`."""
     on_gpu = args.device != "cpu"
-    need_tokens = (args.running + args.burst) * (args.prompt_tokens + args.max_tokens)
+    # pages a DLLM worker reserves at admission (prompt + max_tokens): the running requests, the
+    # burst, and the warm-up prompt (prefill workers take the same [scheduler] and need less)
+    need_tokens = (args.running * (RUNNING_PROMPT + args.max_tokens)
+                   + (args.burst + 1) * (args.prompt_tokens + args.block_size))
     model = [f'name = "{args.model_name}"', f'device = "{args.device}"',
              f'dtype = "{"bfloat16" if on_gpu else "float32"}"',
              f"max_model_len = {args.prompt_tokens + args.max_tokens + 64}"]
@@ -82,8 +86,9 @@ async def measure(base_url: str, args) -> dict:
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(1800.0)) as client:
         # warm-up: one burst-sized prompt and a few short ones (kernels for both shapes)
         await one(client, prompt_ids(10_000, args.prompt_tokens), args.block_size)
-        await asyncio.gather(*(one(client, prompt_ids(10_001 + i, 32), 2 * args.block_size) for i in range(2)))
-        running = [asyncio.create_task(one(client, prompt_ids(i, 32), args.max_tokens))
+        await asyncio.gather(*(one(client, prompt_ids(10_001 + i, RUNNING_PROMPT), 2 * args.block_size)
+                               for i in range(2)))
+        running = [asyncio.create_task(one(client, prompt_ids(i, RUNNING_PROMPT), args.max_tokens))
                    for i in range(args.running)]
         await wait_all_streaming(running, args)
         t_burst = time.time()
