@@ -38,6 +38,11 @@ class DllmScheduler(WorkerScheduler):
 
     supports_prefix_cache = True
 
+    def enable_prefix_cache(self, host_tier_gb: float = 0) -> None:
+        """The device prefix cache only: the host tier wraps the forward for a ForwardInput,
+        which a block round (block_loop.py) is not."""
+        super().enable_prefix_cache(0)
+
     def __init__(self, config, worker_id, runner, control, spec: Optional[DllmModelSpec] = None,
                  params: Optional[DllmParams] = None, split_groups: Optional[bool] = None,
                  handoff=None, timeouts=None, block_loop: Optional[bool] = None):
