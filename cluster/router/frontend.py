@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import replace
@@ -32,7 +33,7 @@ class FrontendServer(DrainingServer):
     ends too. SIGINT twice still exits at once."""
 
     def handle_exit(self, sig, frame) -> None:
-        if sig == 15 and self._is_draining and not self.should_exit:   # SIGTERM
+        if sig == signal.SIGTERM and self._is_draining and not self.should_exit:
             return
         super().handle_exit(sig, frame)
 
