@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_config
+from tests.cluster_harness import LaunchedCluster, cluster_config, reference_llm
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +46,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def engine():
-    """The offline engine on the reference weights: autoregressive answers, and its loaded model
-    for the in-process DLLM run with local prefill."""
-    from cluster.engine.llm import LLM
-    return LLM(cpu_weights=REFERENCE_WEIGHTS, num_pages=64)     # a small pool: the machine is shared
+    """The session's offline engine on the reference weights: autoregressive answers, and its
+    loaded model for the in-process DLLM run with local prefill."""
+    return reference_llm()
 
 
 @pytest.fixture(scope="module")
