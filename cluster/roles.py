@@ -45,13 +45,16 @@ CORES_PER_API_SERVER = 4
 MAX_API_SERVERS = 8
 
 
-def api_servers(config, cores: Optional[int] = None) -> int:
+def api_servers(config, cores: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> int:
     """The router's HTTP front-end processes: `[router] api_servers`, or with 0 one per
-    CORES_PER_API_SERVER cores this process may use, 1 to MAX_API_SERVERS. Below 8 cores that is
-    1: one process serves HTTP and dispatch with no extra hop, leaving the cores to the workers."""
+    CORES_PER_API_SERVER cores this process may use (`PDCLUSTER_THREADS` when set, as a pod's CPU
+    limit, else its CPU affinity), 1 to MAX_API_SERVERS. Below 8 cores that is 1: one process
+    serves HTTP and dispatch with no extra hop, leaving the cores to the workers."""
     if config.router.api_servers > 0:
         return config.router.api_servers
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    if cores is None:
+        raw = (os.environ if env is None else env).get(THREADS_ENV, "").strip()
+        cores = int(raw) if raw.isdigit() and int(raw) > 0 else len(os.sched_getaffinity(0))
     return max(1, min(MAX_API_SERVERS, cores // CORES_PER_API_SERVER))
 
 

@@ -273,3 +273,13 @@ def test_launch_refuses_a_model_whose_heads_do_not_split_over_tp(tmp_path, capsy
     assert f"{path}: prefill[0].tp: num_heads 9 is not divisible by tp=2" in capsys.readouterr().err
     path.write_text("[[prefill]]\ncount = 1\ntp = 3\n[[decode]]\ncount = 1\n")
     check_tp_splits(load_config(str(path)))     # SmolLM2-135M: 9 heads, 3 KV heads, 1536, 49152
+
+
+def test_api_servers_zero_is_one_front_end_per_four_cores_and_one_below_eight():
+    from dataclasses import replace
+
+    from cluster.roles import api_servers
+    cfg = default_config(env={})
+    assert [api_servers(cfg, cores=n) for n in (1, 2, 7, 8, 16, 64, 256)] == [1, 1, 1, 2, 4, 8, 8]
+    assert api_servers(cfg, env={"PDCLUSTER_THREADS": "16"}) == 4          # a pod's CPU limit
+    assert api_servers(replace(cfg, router=replace(cfg.router, api_servers=3)), cores=2) == 3

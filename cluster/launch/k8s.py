@@ -137,7 +137,10 @@ def router_objects(cfg: ClusterConfig, image: str) -> list[dict]:
     port = cfg.router.port
     container = {
         "name": "router", "image": image, "command": ["python"], "args": router_args(cfg),
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *curve_env()],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *curve_env(),
+                # the pod's CPU limit, not the node's cores, sizes `[router] api_servers = 0`
+                {"name": "PDCLUSTER_THREADS", "valueFrom": {"resourceFieldRef": {
+                    "resource": "limits.cpu", "divisor": "1"}}}],
         "ports": [{"name": "http", "containerPort": port},
                   {"name": "control", "containerPort": CONTROL_PORT}],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"},
