@@ -82,17 +82,17 @@ class ZeroCostModel:
         return self.logits[:hidden.shape[0]]
 
 
-def zero_cost_forward(runner: ModelRunner):
-    """`ModelRunner.forward` that returns at once: token 7 for every sampled row, stored into the
+def zero_cost_forward(runner: ModelRunner, token: int = 7):
+    """`ModelRunner.forward` that returns at once: `token` for every sampled row, stored into the
     request's future slot like the real forward, so overlap's future tokens resolve."""
     def forward(fi: ForwardInput, wait: bool = True) -> ForwardOutput:
         if fi.is_decode:                      # every row samples
-            ids = torch.full((fi.num_reqs,), 7, dtype=torch.int64)
+            ids = torch.full((fi.num_reqs,), token, dtype=torch.int64)
             runner.store_future(fi.future_slots, ids)
             return ForwardOutput(next_token_ids=ids)
         rows = [i for i, s in enumerate(fi.sample) if s]
         ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
-        ids[rows] = 7
+        ids[rows] = token
         if fi.future_slots:
             runner.store_future([fi.future_slots[i] for i in rows], ids[rows])
         return ForwardOutput(next_token_ids=ids)
