@@ -23,6 +23,7 @@ from cluster.roles import ROUTER_TOKEN_ENV, api_servers
 from cluster.router.app import create_app
 from cluster.router.dispatcher import Dispatcher
 from cluster.router.service import RouterService
+from cluster.startup_heap import freeze_startup_heap
 
 log = logging.getLogger("pdcluster.router")
 KEEP_ALIVE_S = 65               # idle HTTP connections: longer than clients keep theirs
@@ -43,6 +44,10 @@ class DrainingServer(uvicorn.Server):
         self._is_draining = True
         asyncio.get_event_loop().call_soon_threadsafe(
             lambda: asyncio.ensure_future(self._drain_then_exit()))
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        freeze_startup_heap()                             # tokenizers and app loaded: serving next
 
     async def _drain_then_exit(self) -> None:
         log.info("shutdown requested: draining for up to %.1f s", self.drain_s)

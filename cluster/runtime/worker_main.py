@@ -12,6 +12,7 @@ from typing import Callable
 
 from cluster.config import ClusterConfig, WorkerGroup
 from cluster.roles import ROLE_PACKAGES, SWITCHABLE_ROLES, served_model, threads_per_worker
+from cluster.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("pdcluster.worker")
 
@@ -145,6 +146,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
             link.register = register_msg
             start_heartbeat(scheduler, control, config.timeouts.heartbeat_interval)
             logger.info("%s (%s) serving; overlap=%s", args.worker_id, role, group.scheduler.overlap)
+            freeze_startup_heap()              # the model, the pool and this role's scheduler are built
             scheduler.event_loop()
             if stopping or link.is_lost or scheduler.switch_to is None:
                 break
