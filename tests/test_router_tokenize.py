@@ -50,9 +50,10 @@ def test_chat_without_a_usable_template_is_400_not_500(router):
         tok.chat_template, tok._template = saved
 
 
-def test_prompts_that_arrive_together_are_tokenized_in_one_job(router):
+def test_a_burst_is_tokenized_in_jobs_that_leave_while_it_is_parsed(router):
     """A burst does not queue behind itself: prompts added in one turn of the event loop are
-    encoded by one job on the tokenize thread, each getting its own ids (or its own 400)."""
+    encoded by few jobs on the tokenize thread, each leaving once it holds MAX_BATCH prompts
+    (not at the end of the turn), each prompt getting its own ids (or its own 400)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
@@ -60,7 +61,7 @@ def test_prompts_that_arrive_together_are_tokenized_in_one_job(router):
     from dataclasses import replace
 
     from cluster.router.openai_request import parse_completion
-    from cluster.router.tokenize_batch import TokenizeBatcher
+    from cluster.router.tokenize_batch import MAX_BATCH, TokenizeBatcher
     tok = router.service.tokenizer_for(router.cfg.model.name)
     jobs = []
 
@@ -71,11 +72,11 @@ def test_prompts_that_arrive_together_are_tokenized_in_one_job(router):
 
     async def burst():
         batcher = TokenizeBatcher(CountingPool(1))
-        prompts = [parse_completion({"prompt": f"request number {i}"}) for i in range(64)]
+        prompts = [parse_completion({"prompt": f"request number {i}"}) for i in range(2 * MAX_BATCH)]
         refused = replace(parse_completion({"prompt": "x"}), prompt="")    # no tokens: a 400
         return await asyncio.gather(*(batcher.prompt_ids(p, tok) for p in prompts + [refused]),
                                     return_exceptions=True)
     results = asyncio.run(burst())
-    assert jobs == [65]
-    assert results[:64] == [tok.encode(f"request number {i}") for i in range(64)]
-    assert isinstance(results[64], APIError) and results[64].status == 400
+    assert jobs == [MAX_BATCH, MAX_BATCH, 1]
+    assert results[:-1] == [tok.encode(f"request number {i}") for i in range(2 * MAX_BATCH)]
+    assert isinstance(results[-1], APIError) and results[-1].status == 400

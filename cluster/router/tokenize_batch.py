@@ -4,8 +4,13 @@ A burst of requests is parsed in one turn of the event loop; each request adds i
 here and awaits a future. At the end of the turn one job goes to the tokenize thread: it
 renders the chat templates, encodes every text with one `encode_batch` per tokenizer (run
 in parallel by the backend, without the GIL, where `encode` holds it) and hands all results
-back with one wake-up of the loop. 256 requests arriving at once are one executor round
-trip, not 256 that each stall the loop while their encode holds the GIL.
+back with one wake-up of the loop. 256 requests arriving at once are a few executor round
+trips, not 256 that each stall the loop while their encode holds the GIL.
+
+A burst is parsed in one turn (uvicorn starts every request's task together), so a job also
+leaves as soon as it holds `MAX_BATCH` prompts: the thread encodes them while the loop parses
+the rest, instead of the whole burst's tokenizing starting only after its last request was
+parsed.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from concurrent.futures import Executor
 
 from cluster.router.openai_request import ParsedRequest
 from cluster.router.prepare import check_ids_present, prompt_text
+
+MAX_BATCH = 32            # prompts per tokenize job; more wait for the end of the loop's turn
 
 
 class TokenizeBatcher:
@@ -28,11 +35,14 @@ class TokenizeBatcher:
         if not self._pending:
             loop.call_soon(self._flush, loop)              # after everything ready this turn
         self._pending.append((parsed, tokenizer, future))
+        if len(self._pending) >= MAX_BATCH:
+            self._flush(loop)
         return await future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending, []
-        self.pool.submit(_tokenize_all, loop, batch)
+        if batch:                                          # (flushed early, at MAX_BATCH)
+            self.pool.submit(_tokenize_all, loop, batch)
 
 
 def _tokenize_all(loop: asyncio.AbstractEventLoop, batch: list) -> None:
