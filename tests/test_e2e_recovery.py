@@ -89,9 +89,11 @@ def test_stalled_prefill_worker_makes_decode_prefill_new_requests_itself(cluster
     prefill = worker_pid(cluster, "prefill-0")
     os.kill(prefill, signal.SIGSTOP)
     try:
-        # no heartbeat for heartbeat_dead_after: nothing is predicted to prefill in time any more
-        wait_for(lambda: httpx.get(cluster.base_url + "/health", timeout=5).status_code != 200, 10,
-                 "prefill-0 declared dead")
+        # no heartbeat for heartbeat_dead_after: gone from the worker directory, nothing is predicted to
+        # prefill in time any more; the cluster stays healthy, degraded: decode prefills itself
+        health = wait_for(lambda: (h := httpx.get(cluster.base_url + "/health", timeout=5)).json()["workers"]
+                          ["prefill"] == 0 and h, 10, "prefill-0 declared dead")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
         with cf.ThreadPoolExecutor(len(STALL_PROMPTS)) as pool:
             assert list(pool.map(complete, STALL_PROMPTS)) == ref
         assert len(re.findall(r"decode-side prefill: request \S+ on decode-0", cluster.log("router"))) >= 3

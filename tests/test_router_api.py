@@ -111,6 +111,18 @@ def test_health_is_503_without_workers_and_200_with_a_pair(router):
     assert wait_for(lambda: router.http.get("/health").status_code == 200)
 
 
+@pytest.mark.parametrize("sections", [{"slo": {"ttft": 1.0}}, {"router": {"local_prefill_max_tokens": 64}}],
+                         ids=["decode_side_prefill", "local_prefill"])
+def test_health_is_degraded_not_503_when_decode_workers_prefill_themselves(make_router, sections):
+    r = make_router(**sections)
+    assert r.http.get("/health").status_code == 503          # nothing serves
+    r.worker("decode-0", "decode", MODEL)
+    assert wait_for(lambda: r.http.get("/health").json()["status"] == "degraded")
+    assert r.http.get("/health").status_code == 200
+    r.worker("prefill-0", "prefill", MODEL)
+    assert wait_for(lambda: r.http.get("/health").json()["status"] == "ok")
+
+
 def test_no_workers_is_503_with_retry_after(router):
     resp = router.http.post("/v1/completions", json=COMPLETION)
     assert_error(resp, 503, "no live worker")

@@ -44,15 +44,19 @@ class ControlAnswers:
         return self.answer(what, args or {})
 
     def health(self, args: dict) -> Answer:
-        d, draining, groups = self.dispatcher, self.service.is_draining, self.service.cfg.groups
+        """200 "ok"; 200 "degraded" while decode workers serve without a prefill worker (they
+        prefill themselves: decode-side prefill under an [slo], or local prefill); else 503."""
+        d, draining, cfg = self.dispatcher, self.service.is_draining, self.service.cfg
         with d.lock:
             counts = {r: d.directory.count(r) for r in ROLES}
             # a cluster of DLLM workers alone (prefill workers at most beside them) serves no main model
-            serves_main = any(g.count and g.role in ("decode", "unified") for g in groups)
+            serves_main = any(g.count and g.role in ("decode", "unified") for g in cfg.groups)
             up = d.directory.can_serve_main() if serves_main else d.directory.count("dllm") > 0
-            ok = up and not draining
-        body = {"status": "ok" if ok else ("draining" if draining else "unavailable"),
-                "workers": counts, "num_requests_in_flight": d.num_in_flight}
+        decode_prefills = cfg.slo.ttft is not None or cfg.router.local_prefill_max_tokens > 0
+        degraded = serves_main and not up and counts["decode"] > 0 and decode_prefills
+        ok = (up or degraded) and not draining
+        status = ("ok" if up else "degraded") if ok else ("draining" if draining else "unavailable")
+        body = {"status": status, "workers": counts, "num_requests_in_flight": d.num_in_flight}
         return Answer(200 if ok else 503, body)
 
     def metrics(self, args: dict) -> Answer:
