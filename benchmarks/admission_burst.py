@@ -129,24 +129,6 @@ def write_config(path: str, args) -> None:
                 + f'\n[cache]\nprefix_cache = {str(args.prefix_cache).lower()}\n\n[[unified]]\ncount = 1\n')
 
 
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the cluster did not become healthy")
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 class Cluster:
     """The router and the zero-cost worker, from `tree`, with their logs in one temp dir."""
 
@@ -214,6 +196,7 @@ def burst(cluster: Cluster, streams: int, max_tokens: int, pyspy: str = "") -> d
     """One burst of `streams` at once; `pyspy` PREFIX: py-spy profiles of the router and the
     worker over it (PREFIX.router.txt, PREFIX.worker.txt: raw, for flamegraph.pl)."""
     import httpx
+    from benchmarks.common import quantile
     client = subprocess.Popen([sys.executable, __file__, "--role", "client", "--url", cluster.url,
                                "--streams", str(streams), "--max-tokens", str(max_tokens)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -252,7 +235,7 @@ def burst(cluster: Cluster, streams: int, max_tokens: int, pyspy: str = "") -> d
            "prefill_batches": len(batches), "prompts_per_batch": f"{min(batches)}-{max(batches)}" if batches else "-"}
     for b in moments:
         v = moments[b]
-        out[b] = [round(pct(v, 0.5) * 1e3, 1), round(pct(v, 0.99) * 1e3, 1)] if v else None
+        out[b] = [round(quantile(v, 0.5) * 1e3, 1), round(quantile(v, 0.99) * 1e3, 1)] if v else None
     out["cpu_s"] = cpu
     for name in ("router", "worker"):                       # cyclic GC passes during the burst
         passes = [float(d) for t, _, d in read_lines(cluster.log[f"gc-{name}"], offsets[f"gc-{name}"])[0]
@@ -282,6 +265,7 @@ def main() -> None:
         return run_worker(rest, args.recv_log, args.gc_log)
     if args.role == "client":
         return run_client(args.url, args.streams, args.max_tokens)
+    from benchmarks.common import wait_healthy
     cluster = Cluster(args)
     try:
         wait_healthy(cluster.url)

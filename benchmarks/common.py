@@ -105,6 +105,20 @@ async def stream_completion(client, prompt, max_tokens: int, model: Optional[str
     return {"rid": rid, "t_send": t_send, "arrivals": arrivals, "t_end": time.time(), "usage": usage}
 
 
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    """Until `url`/health answers 200 (a router started by hand, not by `Cluster`)."""
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not become healthy in {timeout:g} s")
+
+
 def quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
