@@ -104,9 +104,9 @@ class DispatcherLink:
                             st.trace.arrival, st.trace.traceparent) for st in sts])
         try:
             reply = await self._ask(submit)
-        except BaseException:
+        except BaseException:                              # no answer: never let it run unseen
             for st in sts:
-                self.requests.pop(st.rid, None)
+                self.abort(st, "admission was not answered")
             raise
         if reply.status != 200:
             for st in sts:

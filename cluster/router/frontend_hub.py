@@ -99,9 +99,12 @@ class FrontendHub:
                 self.dispatcher.submit(sts[0])
             else:
                 self.dispatcher.submit_group(sts)
-        except APIError as e:
+        except Exception as e:                             # refused (APIError) or a bug: the front end hears it
             for st in sts:
                 self.requests.pop((sender, st.rid), None)
+            if not isinstance(e, APIError):
+                log.exception("submit from %s failed", sender)
+                e = APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
             retry = e.headers.get("Retry-After")
             self._reply(sender, msg.ticket, e.status, json.dumps(e.body()), int(retry) if retry else None)
             return
