@@ -106,3 +106,40 @@ def test_model_that_does_not_split_is_a_config_error_naming_the_numbers(change, 
     cfg = dataclasses.replace(PRESETS["tiny-llama"], num_heads=9, num_kv_heads=3, intermediate_size=1536)
     with pytest.raises(ConfigError, match=f"{numbers}.*tp={tp}|tp={tp}.*{numbers}"):
         TpLayout(dataclasses.replace(cfg, **change), tp, 0)
+
+
+def test_a_rank_reads_only_its_shard_and_gets_the_slices_of_the_full_load(tmp_path):
+    """`load_hf_shards` over lazily read tensors (one full parameter at a time) gives each rank exactly
+    what cutting the fully loaded model gives it."""
+    from safetensors.torch import save_file
+
+    from cluster.engine.lazy_tensors import LazyTensors
+    from cluster.engine.loader import _build, _shard
+    from cluster.engine.model import LlamaModel
+    from cluster.engine.parallel import TpGroup
+    cfg = dataclasses.replace(PRESETS["tiny-llama"], vocab_size=510, max_position_embeddings=64)   # 510: padded rows
+    torch.manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (cfg.q_size, cfg.hidden_size),
+                   p + "self_attn.k_proj.weight": (cfg.kv_size, cfg.hidden_size),
+                   p + "self_attn.v_proj.weight": (cfg.kv_size, cfg.hidden_size),
+                   p + "self_attn.o_proj.weight": (cfg.hidden_size, cfg.q_size),
+                   p + "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+                   p + "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+                   p + "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
+                   p + "input_layernorm.weight": (cfg.hidden_size,), p + "post_attention_layernorm.weight": (cfg.hidden_size,)}
+    tensors = {n: torch.randn(s) for n, s in shapes.items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    full = _build(cfg, torch.float32, "cpu")
+    full.load_hf_weights(tensors)
+    with torch.device("meta"):
+        meta = LlamaModel(cfg)
+    for rank in range(4):
+        tp = TpGroup(rank, 4)
+        want = dict(_shard(full, cfg, torch.float32, "cpu", tp).named_parameters())
+        got = _build(cfg, torch.float32, "cpu", tp)
+        got.load_hf_shards(meta, LazyTensors([str(tmp_path / "model.safetensors")]))
+        for name, p in got.named_parameters():
+            assert torch.equal(p, want[name]), (rank, name)

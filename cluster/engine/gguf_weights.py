@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -39,9 +40,12 @@ def cache_dir() -> str:
     return os.environ.get("PDCLUSTER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdcluster")
 
 
-def load_gguf_cached(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """-> (HF config dict, tokenizer state, HF-named tensors); converts at most once per file."""
+def load_gguf_cached(path: str, lazy: bool = False) -> tuple[dict, dict, Mapping[str, torch.Tensor]]:
+    """-> (HF config dict, tokenizer state, HF-named tensors); converts at most once per file.
+    `lazy`: the tensors are read from the cache only when asked (a tensor-parallel rank's load)."""
     from safetensors.torch import load_file, save_file
+
+    from cluster.engine.lazy_tensors import LazyTensors
     base = _cache_base(path)
     with open(base + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # one process converts, the others wait and then read
@@ -49,7 +53,8 @@ def load_gguf_cached(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
             logger.info("loading dequantized weights from cache %s.safetensors", base)
             with open(base + ".json") as f:
                 meta = json.load(f)
-            return meta["config"], meta["tokenizer"], load_file(base + ".safetensors")
+            tensors = LazyTensors([base + ".safetensors"]) if lazy else load_file(base + ".safetensors")
+            return meta["config"], meta["tokenizer"], tensors
         config, tok_state, tensors = read_gguf(path)
         tmp = f"{base}.{os.getpid()}.tmp"
         save_file(tensors, tmp + ".safetensors")
@@ -58,7 +63,7 @@ def load_gguf_cached(path: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         os.replace(tmp + ".safetensors", base + ".safetensors")
         os.replace(tmp + ".json", base + ".json")   # written last: its presence means the pair is complete
         logger.info("cached dequantized weights at %s.safetensors", base)
-        return config, tok_state, tensors
+        return config, tok_state, LazyTensors([base + ".safetensors"]) if lazy else tensors
 
 
 def load_gguf_blocks_cached(path: str, config: dict) -> dict[str, "QuantBlocks"]:

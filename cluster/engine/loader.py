@@ -23,6 +23,7 @@ import torch
 
 from cluster.config_types import DEFAULT_MODEL, MODEL_DTYPES
 from cluster.engine import llada_layout, moe_layout, sdar_layout
+from cluster.engine.lazy_tensors import LazyTensors
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.parallel import TpGroup, TpLayout
@@ -82,16 +83,23 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
     if fmt == "gguf":
         from cluster.engine.gguf_weights import load_gguf_cached
         from cluster.engine.tokenizer import Tokenizer
-        hf_config, tok_state, tensors = load_gguf_cached(path)
+        hf_config, tok_state, tensors = load_gguf_cached(path, lazy=tp.size > 1)
         config = ModelConfig.from_hf_config(hf_config)
         tokenizer_fn = lambda: Tokenizer.from_state(tok_state)  # noqa: E731
     elif fmt in ("safetensors", "dummy"):
         config, name_map = _dir_config(path or name, name_map)
         tokenizer_fn = lambda: _dir_tokenizer(path, config)  # noqa: E731
-        tensors = _read_safetensors(path) if fmt == "safetensors" else None
+        tensors = None if fmt == "dummy" else _read_safetensors(path) if tp.size == 1 else LazyTensors(_files(path))
     else:
         raise ValueError(f"unknown load_format {load_format!r} (auto | gguf | safetensors | dummy)")
     TpLayout(config, tp.size, tp.rank)   # a model that cannot split fails before any weight is read
+    if tp.size > 1 and tensors is not None:   # only its shard: one full parameter held at a time
+        model = _load_shards(config, DTYPES[dtype], device, tp, tensors, name_map)
+        model.eval()
+        logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d, its shard only) in %.1fs", name,
+                    config.num_layers, sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size,
+                    time.monotonic() - t0)
+        return LoadedModel(config, model, tokenizer_fn)
     model = _build(config, DTYPES[dtype], "cpu" if tp.size > 1 else device)
     if tensors is None:
         _init_dummy(model, seed)
@@ -171,10 +179,26 @@ def _dir_tokenizer(path: str, config: ModelConfig):
     return gguf_tokenizer(default_gguf_path())   # dummy weights without a tokenizer: the default one
 
 
+def _files(path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def _load_shards(config: ModelConfig, dtype: torch.dtype, device: str, tp: TpGroup, tensors,
+                 name_map: Optional[NameMap]) -> LlamaModel:
+    """A rank's model read straight into its shard (`LlamaModel.load_hf_shards`)."""
+    if name_map is not None:
+        tensors = tensors.renamed(name_map)
+    model = _build(config, dtype, device, tp)
+    with torch.device("meta"):
+        full = LlamaModel(config)          # names and shapes of the unsplit parameters
+    model.load_hf_shards(full, tensors)
+    return model
+
+
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     tensors: dict[str, torch.Tensor] = {}
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = _files(path)
     for i, f in enumerate(progress(files, len(files), "reading safetensors", unit="file")):
         tensors.update(load_file(f))
         logger.info("read %s (%d/%d)", os.path.basename(f), i + 1, len(files))

@@ -8,7 +8,7 @@ fused into one weight each: fewer, larger GEMMs. Weights load from HF tensor nam
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -130,26 +130,42 @@ class LlamaModel(nn.Module):
     _EXPERT = re.compile(r"(layers\.\d+\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
     @torch.no_grad()
-    def load_hf_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_hf_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...) into the fused layout.
         Every parameter must be filled exactly once, slice by slice for fused ones."""
         params = dict(self.named_parameters())
-        filled = dict.fromkeys(params, 0)
-        for name, w in tensors.items():
-            name = name.removeprefix("model.")
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+        sources = self._weight_sources(tensors.keys(), params)
+        for target, p in params.items():
+            _fill(p, target, sources.get(target, []), tensors)
+
+    @torch.no_grad()
+    def load_hf_shards(self, full: "LlamaModel", tensors: Mapping[str, torch.Tensor]) -> None:
+        """This rank's slice of every parameter (`layout.shard`), filled one full parameter at a time:
+        `full` is the unsplit model on the meta device (names and shapes only), and `tensors` may read
+        lazily (safetensors' `safe_open`), so a rank never holds more of the whole model than its
+        largest parameter."""
+        full_params = dict(full.named_parameters())
+        sources = full._weight_sources(tensors.keys(), full_params)
+        for target, p in self.named_parameters():
+            whole = torch.empty(full_params[target].shape, dtype=p.dtype)
+            _fill(whole, target, sources.get(target, []), tensors)
+            part = self.layout.shard(target, whole)
+            if part.shape != p.shape:
+                raise ValueError(f"shard of {target!r} has shape {tuple(part.shape)}, expected {tuple(p.shape)}")
+            p.copy_(part)
+
+    def _weight_sources(self, names, params: dict) -> dict[str, list[tuple[str, Optional[tuple]]]]:
+        """parameter -> [(checkpoint tensor name, index into the parameter it fills)]."""
+        sources: dict[str, list] = {}
+        for name in names:
+            short = name.removeprefix("model.")
+            if "rotary_emb" in short or (short == "lm_head.weight" and self.lm_head is None):
                 continue   # tied: some checkpoints still ship a copy
-            target, index = self._weight_target(name, params)
+            target, index = self._weight_target(short, params)
             if target not in params:
-                raise KeyError(f"unexpected weight {name!r}")
-            dst = params[target] if index is None else params[target][index]
-            if dst.numel() != w.numel():
-                raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(w.reshape(dst.shape))
-            filled[target] += w.numel()
-        missing = [n for n, p in params.items() if filled[n] != p.numel()]
-        if missing:
-            raise KeyError(f"weights missing from checkpoint: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+                raise KeyError(f"unexpected weight {short!r}")
+            sources.setdefault(target, []).append((name, index))
+        return sources
 
     def _weight_target(self, name: str, params: dict) -> tuple[str, Optional[tuple]]:
         """(parameter, index into it) that the checkpoint tensor `name` fills."""
@@ -176,3 +192,18 @@ class LlamaModel(nn.Module):
         if fused == "qkv_proj":
             return [cfg.q_size, cfg.kv_size, cfg.kv_size]
         return [param.shape[0] // 2] * 2   # dense MLPs and shared experts differ in width
+
+
+@torch.no_grad()
+def _fill(param: torch.Tensor, target: str, sources: list, tensors: Mapping[str, torch.Tensor]) -> None:
+    """`param` from its checkpoint tensors, each exactly once (slice by slice for fused ones)."""
+    filled = 0
+    for name, index in sources:
+        w = tensors[name]
+        dst = param if index is None else param[index]
+        if dst.numel() != w.numel():
+            raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(w.reshape(dst.shape))
+        filled += w.numel()
+    if filled != param.numel():
+        raise KeyError(f"weights missing from checkpoint: {target}")

@@ -13,8 +13,10 @@ Not split (replicated on every rank, no collective): sparse MoE blocks (router, 
 shared experts) and multi-head latent attention (its latent cache is one "head" every head
 reads). Such layers compute the same on every rank; only dense attention and dense MLPs split.
 
-The weights load once on the host in full and each rank keeps its slice (`TpLayout.shard`), so a
-rank needs host memory for the whole model while it loads.
+A rank reads the checkpoint lazily (memory-mapped safetensors: the GGUF file's dequantized cache or
+an HF directory) one full parameter at a time and keeps its slice (`TpLayout.shard`,
+`LlamaModel.load_hf_shards`), so it holds its shard plus at most one full parameter; dummy weights
+are drawn in full and cut, so every rank draws what the unsplit model does.
 
 The collectives are torch.distributed: gloo on the CPU, NCCL on CUDA (whose collectives may be
 captured in CUDA graphs). A collective that does not finish within the group's timeout raises.
