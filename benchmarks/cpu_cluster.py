@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -42,12 +43,24 @@ def parse_variant(text: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in text.split(","))
 
 
-def engine_ms(llm: LLM, threads: int, tokens: int) -> float:
-    torch.set_num_threads(threads)
+def engine_ms(llm: LLM, threads: int, tokens: int) -> tuple[float, float]:
+    """ms per token on this (the main) thread, and on a second thread as a worker runs its forwards.
+    The two differ in libgomp's wait: a process whose threads outnumber the cores (the worker: the main
+    thread loaded the model with its own team) spins ~100 iterations before sleeping; this one alone
+    spins ~300,000 (fast on an idle machine, a stall at every region when another process holds a core)."""
     ids = llm.tokenizer.encode(PROMPT)
-    with torch.inference_mode():
-        one_stream(llm, ids[:32], 4)    # warm-up
-        return one_stream(llm, ids, tokens)[1] * 1e3
+    out = []
+
+    def measure():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            one_stream(llm, ids[:32], 4)    # warm-up
+            out.append(one_stream(llm, ids, tokens)[1] * 1e3)
+    measure()
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    return out[0], out[1]
 
 
 def serve_and_bench(config: str, port: int, env: dict[str, str], args) -> dict:
@@ -110,8 +123,10 @@ def main() -> None:
     engine: list[float] = []
     for r in range(args.rounds):
         if llm is not None:
-            engine.append(engine_ms(llm, args.engine_threads, args.tokens))
-            print(f"round {r}: engine alone {engine[-1]:.2f} ms/token ({args.engine_threads} threads)", flush=True)
+            main_ms, thread_ms = engine_ms(llm, args.engine_threads, args.tokens)
+            engine.append(main_ms)
+            print(f"round {r}: engine alone {main_ms:.2f} ms/token on the main thread, {thread_ms:.2f} on a forward "
+                  f"thread ({args.engine_threads} threads; load {os.getloadavg()[0]:.1f})", flush=True)
         for v in variants:
             s = serve_and_bench(args.config, args.port, parse_variant(v), args)
             rows[v].append((s["median_tpot_ms"], s["output_throughput"]))
