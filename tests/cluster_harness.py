@@ -94,7 +94,7 @@ class LaunchedCluster:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise RuntimeError(f"cluster not healthy after {timeout_s:.0f}s:\n{self.output()}")
 
     def output(self) -> str:

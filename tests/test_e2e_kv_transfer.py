@@ -4,6 +4,7 @@ text of the offline engine (the unified worker's engine), and with the test-only
 switch corrupting transfers, decode catches every bad checksum, the request is prefilled
 again, the client still gets the reference text, and the failures are counted. With
 `layerwise = true` (each layer sent as the forward computes it) zmq and shm give the same text."""
+import concurrent.futures as cf
 import re
 
 import pytest
@@ -36,10 +37,16 @@ def reference():
     return [llm.tokenizer.decode(o.token_ids) for o in outs]
 
 
-def texts(cluster) -> list[str]:
-    return [cluster.client.completions.create(model="smollm2-135m-instruct", prompt=p, max_tokens=MAX_TOKENS,
-                                              temperature=0, extra_body={"ignore_eos": True}).choices[0].text
-            for p in PROMPTS]
+def texts(cluster, at_once: bool = True) -> list[str]:
+    """The greedy answer to each prompt; `at_once`: the requests sent together (float32 answers
+    do not depend on the batch), else one after another."""
+    def text(p):
+        return cluster.client.completions.create(model="smollm2-135m-instruct", prompt=p, max_tokens=MAX_TOKENS,
+                                                 temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    if not at_once:
+        return [text(p) for p in PROMPTS]
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(text, PROMPTS))
 
 
 def counter(metrics: str, name: str, **labels) -> float:
@@ -66,7 +73,7 @@ def test_auto_picks_shm_on_one_cpu_host_and_matches_the_offline_engine(reference
 def test_zmq_corrupted_transfers_are_caught_prefilled_again_and_counted(reference, layerwise):
     cluster = launch("zmq", f"kv-zmq-faults-{layerwise}", env={FAULT_ENV: FAULTS}, layerwise=layerwise)
     try:
-        assert texts(cluster) == reference
+        assert texts(cluster, at_once=False) == reference
         failures = counter(cluster.metrics(), "kv_transfer_failures_total", worker="decode-0", reason="checksum")
         assert failures >= 2
         assert "prefilling it again" in cluster.log("prefill-0")

@@ -6,6 +6,7 @@ latent pages also go through layer-wise shm, the prefix cache (a prompt sent aga
 forks."""
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -32,6 +33,7 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+@functools.lru_cache(maxsize=None)      # both MLA tests compare with the same checkpoint
 def reference(path: str) -> list[str]:
     llm = LLM(MODEL, path=path, num_pages=256)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))

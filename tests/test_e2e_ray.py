@@ -103,7 +103,7 @@ def test_killed_worker_actor_is_restarted_by_ray_and_registers_again(cluster, re
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(1)
+            time.sleep(0.2)
 
 
 def test_shutdown_leaves_no_ray_or_worker_process(cluster):

@@ -62,7 +62,7 @@ def test_killed_rank_restarts_the_worker_whole(cluster):
         now = rank_pids(cluster)
         if sorted(now) == [0, 1, 2] and not set(now.values()) & set(before.values()):
             break
-        time.sleep(1)
+        time.sleep(0.2)
     else:
         pytest.fail(f"worker not restarted whole: {before} -> {rank_pids(cluster)}\n{cluster.output()}")
     while time.monotonic() < deadline:
@@ -73,7 +73,7 @@ def test_killed_rank_restarts_the_worker_whole(cluster):
                 return
         except (openai.APIError, httpx.HTTPError):
             pass
-        time.sleep(1)
+        time.sleep(0.2)
     pytest.fail("worker did not serve again:\n" + cluster.output())
 
 

@@ -29,7 +29,7 @@ TOKENIZER_TEXTS = [
     "Unicode: café, naïve, 日本語, emoji 🎉🚀", "<|im_start|>user\nhi<|im_end|>\n", "don't won't I'm we'll",
     "code: x = [i**2 for i in range(10)]  # squares",
 ]
-NUM_GREEDY = 48
+NUM_GREEDY = 32
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -86,7 +86,7 @@ def test_prefill_logits_match_transformers(hf, llm):
 
 
 def test_greedy_continuations_match_transformers(hf, llm):
-    """48 greedy tokens per prompt, token for token (EOS masked on both sides via min tokens)."""
+    """NUM_GREEDY tokens per prompt, token for token (EOS masked on both sides via min tokens)."""
     _, model = hf
     prompts = _prompts(llm)
     sp = SamplingParams(max_tokens=NUM_GREEDY, min_tokens=NUM_GREEDY)
