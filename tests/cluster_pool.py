@@ -23,6 +23,9 @@ from tests.cluster_harness import REFERENCE_WEIGHTS, LaunchedCluster, cluster_co
 SHARED_CLUSTERS: dict[str, Callable[[], LaunchedCluster]] = {
     # what `make run` starts: 1 prefill + 1 decode + 1 dllm worker, float32 reference weights
     "local": lambda: LaunchedCluster(repo_config("local", REFERENCE_WEIGHTS), "local"),
+    # `pdcluster serve`: no config file, 1 prefill + 1 decode, default (native) weights, HTTP on
+    # every interface
+    "serve": lambda: LaunchedCluster("", "serve", serve=True, args=("--host", "0.0.0.0")),
     # one unified worker (prefill and decode in one process)
     "unified": lambda: LaunchedCluster(cluster_config("[[unified]]\ncount = 1\n"), "unified"),
 }
