@@ -12,6 +12,7 @@ from cluster.engine.grammar import GrammarError
 from cluster.engine.llm import LLM
 from cluster.engine.sampler import sample
 from cluster.sampling_params import SamplingParams
+from tests.engine_fixtures import prefill_input
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -33,7 +34,7 @@ SCHEMAS = {
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(num_pages=256, page_size=16, cpu_weights="float32")   # prompt logprobs are compared with transformers
+    return LLM(num_pages=256, page_size=16, cpu_weights="float32")   # the reference path (test_engine_reference.py)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -126,12 +127,14 @@ def test_prompt_logprobs_match_a_full_forward_and_survive_chunking(llm):
     ids = llm.tokenizer.encode(prompt)
     out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=True))[0]
     assert len(out.prompt_logprobs) == len(ids) - 1
-    from transformers import AutoModelForCausalLM   # the same GGUF, loaded by transformers
-    from tests.engine_fixtures import hf_gguf_location
-    folder, name = hf_gguf_location()
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    # the full forward's logits equal transformers' on the same GGUF (test_engine_reference.py)
+    runner = llm.runner
+    pages = runner.page_allocator.allocate(-(-len(ids) // runner.page_size))
+    try:
+        logits = runner.forward(prefill_input(ids, pages, return_logits=True)).logits
+    finally:
+        runner.page_allocator.free(pages)
+    ref = torch.log_softmax(logits.float(), -1)
     want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(out.prompt_logprobs), want, atol=2e-3, rtol=0)
     chunked = LLM.__new__(LLM)
