@@ -129,6 +129,8 @@ class DecodeScheduler(WorkerScheduler):
             src, dst = zip(*copies)
             kv = self.runner.kv_pool.kv
             copy_pages(kv, kv, list(src), list(dst))
+            if self.runner.followers is not None:   # the other TP ranks copy their heads' pages too
+                self.runner.followers.send_page_copy(list(src), list(dst))
             if kv.is_cuda:                         # NOTE: before a forward on another stream reads them
                 torch.cuda.current_stream(kv.device).synchronize()
         logger.info("request %s: %d siblings forked over %d shared pages", req.rid, len(siblings),

@@ -103,10 +103,12 @@ def landed_per_rank(cluster, decode: str) -> list[tuple[str, list[int]]]:
 def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(cluster, model_dir):
     llm = LLM(MODEL, path=model_dir, load_format="dummy", num_pages=64)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, outs):   # the first to prefill-0 (tp=3) + decode-0 (tp=1), the second crosswise
+    # the first to prefill-0 (tp=3) + decode-0 (tp=1); the second crosswise, with n = 2: decode-1's
+    # ranks each fork the sibling from their own heads of the landed KV
+    for n, prompt, out in zip((1, 2), PROMPTS, outs):
         r = cluster.client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                              extra_body={"ignore_eos": True})
-        assert r.choices[0].text == llm.tokenizer.decode(out.token_ids), prompt
+                                              n=n, extra_body={"ignore_eos": True})
+        assert [c.text for c in r.choices] == [llm.tokenizer.decode(out.token_ids)] * n, prompt
     [(src0, whole)] = landed_per_rank(cluster, "decode-0")
     [(src1, shares)] = landed_per_rank(cluster, "decode-1")
     assert (src0, src1) == ("prefill-0", "prefill-1")

@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from cluster.engine.forward_batch import ForwardInput
+from cluster.kv_transfer.page_copy import copy_pages
 from cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger("pdcluster.tp")
@@ -78,6 +79,10 @@ def follow(runner, ops_endpoint: str, parent: int, replies=None, reader=None) ->
                 return
             if msg["op"] == "kv_import":
                 replies.send(msgpack.packb(land_import(reader, msg)))
+                continue
+            if msg["op"] == "copy_pages":     # n > 1: siblings forked from one request's KV
+                kv = runner.kv_pool.kv
+                copy_pages(kv, kv, msg["src"], msg["dst"])
                 continue
             runner.forward(decode_forward(msg))
     finally:

@@ -135,6 +135,10 @@ class TpFollowers:
                 self.sources[msg["rank"]] = msg["source"]
         return self.sources
 
+    def send_page_copy(self, src_pages: list[int], dst_pages: list[int]) -> None:
+        """Each other rank copies these pages of its pool (a fork's partial page), in order with the forwards."""
+        self._send_all(msgpack.packb({"op": "copy_pages", "src": src_pages, "dst": dst_pages}))
+
     def send_import(self, transport: str, sender: str, source: dict, job: dict) -> None:
         """Each other rank lands its heads of one request's KV (rank_read.RankReader), after the
         forwards already sent and before the ones that follow."""
