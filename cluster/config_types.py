@@ -238,6 +238,10 @@ class ClusterConfig(Section):
         if not any(counts.values()):
             raise ConfigError(self.source, "groups", "no workers: add [[prefill]] + [[decode]], "
                               "[[unified]] or [[dllm]]")
+        split = [key for key, g in self.group_keys() if g.tp > 1]
+        if self.cache.host_tier_gb > 0 and split:   # its copies move rank 0's pages alone
+            raise ConfigError(self.source, "cache.host_tier_gb", f"the host tier does not serve tensor-parallel "
+                              f"workers yet: {', '.join(split)} have tp > 1")
         if self.planner.enabled and not self.slo.is_set:
             raise ConfigError(self.source, "planner.enabled", "the planner needs an [slo] ttft or tpot target")
         place_gpus(self)               # sharing rules; that each GPU exists: the launcher checks
