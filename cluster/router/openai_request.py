@@ -136,7 +136,8 @@ def _dllm(body: dict) -> dict:
                              ("threshold", _number(body, "threshold")),
                              ("steps_per_block", _int(body, "steps_per_block"))) if v is not None}
     try:
-        DllmParams().with_overrides(out)
+        if out:                 # NOTE: building the defaults checks every field: not for each request
+            DllmParams().with_overrides(out)
     except InvalidParam as e:
         raise bad_request(e.reason, e.name) from None
     return out

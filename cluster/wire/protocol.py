@@ -78,7 +78,8 @@ def _dllm_overrides(v: Any, path: str) -> dict:
     """DLLM overrides: some of DllmParams' fields, bounded by DllmParams itself."""
     d = Map(Str(max_len=64), lambda x, p: x, max_len=16)(v, path)
     try:
-        DllmParams().with_overrides(d)
+        if d:                   # NOTE: building the defaults checks every field: not for each message
+            DllmParams().with_overrides(d)
     except (TypeError, ValueError) as e:
         fail(path, str(e))
     return d
