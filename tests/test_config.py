@@ -265,7 +265,7 @@ def test_prefill_workers_may_serve_only_a_dllm_group_that_prefills_remotely(tmp_
 
 def test_launch_refuses_a_model_whose_heads_do_not_split_over_tp(tmp_path, capsys):
     """Caught from the model's metadata before any worker starts (not a worker restart loop)."""
-    from cluster.engine.parallel import check_tp_splits
+    from cluster.engine.tp_splits import check_tp_splits
     from cluster.launch import cli
     path = tmp_path / "tp2.toml"
     path.write_text("[[prefill]]\ncount = 1\ntp = 2\n[[decode]]\ncount = 1\ntp = 3\n")

@@ -86,20 +86,6 @@ def close_tp(tp: TpGroup) -> None:
         dist.destroy_process_group()
 
 
-def check_tp_splits(config) -> None:
-    """ConfigError naming the group and the numbers when the model of a group with tp > 1 cannot
-    split over its ranks; at `pdcluster launch` and worker start, so a bad split never becomes a
-    worker restart loop. Reads only the model's metadata."""
-    from cluster.engine.loader import model_config
-    for key, g in config.group_keys():
-        if g.tp > 1:
-            m = config.model
-            try:
-                TpLayout(model_config(m.name, g.path or m.path, m.load_format), g.tp)
-            except ConfigError as e:
-                raise ConfigError(config.source, f"{key}.tp", e.reason) from None
-
-
 @dataclass(frozen=True)
 class TpLayout:
     """Which slice of each weight, head and vocabulary row rank `rank` of `tp` holds."""

@@ -37,7 +37,7 @@ def _config(path, check_model: bool = False):
     try:
         cfg = load_config(path)
         if check_model:
-            from cluster.engine.parallel import check_tp_splits
+            from cluster.engine.tp_splits import check_tp_splits
             check_tp_splits(cfg)
         return cfg
     except ConfigError as e:
