@@ -250,9 +250,9 @@ def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, me
         raise ProtocolError(f"cannot encode {cls.__name__}: not a wire message")
     body = {name: getattr(msg, name) for name in _FIELDS[cls]}
     tensors = TensorFrames(frame_bytes)
-    if cls is Generate:
-        ids = TokenIds(min_len=1)(body["input_ids"], "generate.input_ids")
-        body["input_ids"] = tensors.add(torch.tensor(ids, dtype=torch.int32)) if len(ids) > INLINE_IDS else ids
+    if cls is Generate and isinstance(body["input_ids"], (list, tuple)) and len(body["input_ids"]) > INLINE_IDS:
+        ids = TokenIds(min_len=1)(body["input_ids"], "generate.input_ids")   # (a short list: by the record check)
+        body["input_ids"] = tensors.add(torch.tensor(ids, dtype=torch.int32))
     elif cls in (KvBatch, KvLayers):
         if not isinstance(body["tensors"], (list, tuple)) or not all(
                 isinstance(t, (torch.Tensor, FramedTensor)) for t in body["tensors"]):
