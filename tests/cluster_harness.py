@@ -12,6 +12,7 @@ descendant still alive, so nothing leaks into the next module or benchmark run.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
@@ -47,6 +48,12 @@ def pdcluster_cmd() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "cluster.launch.cli"]
 
 
+def _stop_with_test_process() -> None:
+    """In the launcher's child: SIGTERM when the test process dies (an OOM kill or a timeout would
+    otherwise leave its whole cluster running and holding gigabytes)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
 class LaunchedCluster:
     """`pdcluster launch CONFIG`, or with `serve=True` `pdcluster serve` (config_toml unused)."""
 
@@ -65,7 +72,8 @@ class LaunchedCluster:
         with open(self.out_path, "w") as out:
             self.proc = subprocess.Popen(
                 pdcluster_cmd() + command + ["--port", str(self.port), "--log-dir", self.log_dir, *args],
-                stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True,
+                preexec_fn=_stop_with_test_process)
         self.descendants: list[psutil.Process] = []
         try:
             self._wait_healthy(timeout_s)
