@@ -63,7 +63,8 @@ def test_graph_block_rounds_equal_eager_block_rounds_and_host_rounds(runner, par
 
 
 def test_blocks_wider_than_captured_run_eagerly_and_equally(runner):
-    requests = reqs(max_tokens=10, ignore_eos=True, extra={"block_size": 8})
+    # two whole blocks of 8: a shorter last block (max_tokens=10 gives 8 + 2) fits the captured width
+    requests = reqs(max_tokens=16, ignore_eos=True, extra={"block_size": 8})
     graphed, gs = run_dllm(runner, requests, PARAMS[1], block_loop=True)      # captured for blocks of 4
     host, _ = run_dllm(runner, requests, PARAMS[1], block_loop=False)
     assert gs.block_loop.num_graph_steps == 0 and gs.block_loop.num_eager_steps > 0

@@ -73,7 +73,7 @@ def test_fused_merge_by_the_last_split_gives_the_same_latents_launch_after_launc
 
 
 @pytest.mark.parametrize("block_n, tune", [(16, {}), (64, {}), (16, {"tokens_major": True}),
-                                           (64, {"tokens_major": True}), (32, {"reload_q": True})])
+                                           (32, {"tokens_major": True}), (32, {"reload_q": True})])
 def test_tile_dot_orientation_and_query_reload_overrides_give_the_same_latents(kernels, block_n, tune):
     g = torch.Generator().manual_seed(block_n)
     cache = torch.randn(40, PAGE, RANK + ROPE, generator=g)
@@ -83,6 +83,14 @@ def test_tile_dot_orientation_and_query_reload_overrides_give_the_same_latents(k
                                 0.125, num_splits=3, block_n=block_n, num_stages=1, **tune)
     want = _reference(q, cache, [table[:8], table[8:31]], lens, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_major_with_64_token_tiles_is_refused(kernels):
+    """It gave wrong latents on an H100 in bfloat16 (and was never the faster orientation)."""
+    q, cache = torch.randn(1, 4, RANK + ROPE), torch.randn(4, PAGE, RANK + ROPE)
+    with pytest.raises(ValueError, match="block_n <= 32"):
+        kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, torch.tensor([0]), torch.tensor([0]),
+                              torch.tensor([1]), 0.125, block_n=64, tokens_major=True)
 
 
 @pytest.mark.parametrize("splits", [1, 2])

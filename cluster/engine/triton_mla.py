@@ -217,6 +217,10 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`, `block_h`, `num_warps`,
     `partial_dtype`, `tokens_major` (`_attend_tokens_major`), `reload_q`, `fused_merge` (the last split
     of a head block merges, no second kernel): tuning overrides (moe_gpu.py)."""
+    if tokens_major and block_n > 32:
+        # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than the
+        # default orientation; refused until someone finds why
+        raise ValueError(f"tokens_major supports block_n <= 32, got {block_n}")
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
