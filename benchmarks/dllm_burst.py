@@ -1,7 +1,7 @@
 """A long-prompt burst beside running DLLM requests: their block time with local vs remote prefill.
 
     python benchmarks/dllm_burst.py --device cuda --model-dir /tmp/m8b \\
-        --prompt-tokens 8192 --running 32 --block-size 4 --json dllm_burst.json
+        --prompt-tokens 8192 --running 32 --block-size 4 --max-tokens 4096 --json dllm_burst.json
     python benchmarks/dllm_burst.py --device cpu --prompt-tokens 256 --running 2 --max-tokens 16   # rehearsal
 
 (`--model-dir`: a directory with config.json + tokenizer.json, loaded with load_format = "dummy",
