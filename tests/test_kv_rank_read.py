@@ -107,3 +107,29 @@ def test_decode_ranks_take_reads_whatever_the_backend_and_refuse_one_whole_pool(
         assert e.value.reason is P.KvFailure.LAYOUT
     finally:
         hub.close()
+
+
+def test_a_hostile_slice_request_is_answered_with_an_error_and_the_server_keeps_serving():
+    import msgpack
+    import zmq
+    from cluster.kv_transfer.slice_server import SliceClient
+    p = pool(3)
+    server = SliceServer(p)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    try:
+        for frames in ([msgpack.packb({"id": 1, "pages": [-1], "heads": [0, 1], "layers": [0, 1]})],
+                       [msgpack.packb({"id": 2, "pages": [10 ** 6], "heads": [0, 1], "layers": [0, 1]})],
+                       [msgpack.packb({"id": 3, "pages": ["0"], "heads": [0, 1], "layers": [0, 1]})],
+                       [b"\xc1not msgpack"], [b"a", b"b"], [msgpack.packb([1, 2])]):
+            sock.send_multipart(frames)
+            assert sock.poll(5000), frames
+            assert "error" in msgpack.unpackb(sock.recv_multipart()[0])
+        client = SliceClient(timeout_s=5)
+        got = client.read(server.address, [0, 1], (0, 1), (0, 1))
+        assert torch.equal(got, p.kv[0:1, :, 0:1].index_select(3, torch.tensor([0, 1])))
+        client.close()
+    finally:
+        sock.close(linger=0)
+        server.close()

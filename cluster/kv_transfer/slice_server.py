@@ -26,6 +26,29 @@ logger = logging.getLogger("pdcluster.kv_transfer")
 POLL_MS = 50              # how soon close() is noticed
 
 
+MAX_REQUEST_BYTES = 1 << 20   # a request names pages, not data: a megabyte is thousands of pages
+
+
+def decode_request(frames: list, pool_shape) -> dict:
+    """A slice request checked before anything is read: one msgpack map of an int id, page numbers
+    inside the pool, and [start, count] heads / [first, end) layers of plain ints."""
+    if len(frames) != 1 or len(frames[0]) > MAX_REQUEST_BYTES:
+        raise ValueError(f"a slice request is one frame of at most {MAX_REQUEST_BYTES} bytes")
+    req = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+
+    def ints(v, n=None):
+        ok = isinstance(v, list) and all(type(x) is int for x in v) and (n is None or len(v) == n)
+        if not ok:
+            raise ValueError(f"expected {n or 'a list of'} ints, got {str(v)[:64]}")
+        return v
+    if not isinstance(req, dict) or type(req.get("id")) is not int:
+        raise ValueError("a slice request is a map with an int id")
+    pages = ints(req.get("pages"))
+    if any(p < 0 or p >= pool_shape[3] for p in pages):
+        raise ValueError(f"page numbers outside the pool's {pool_shape[3]}")
+    return {"id": req["id"], "pages": pages, "heads": ints(req.get("heads"), 2), "layers": ints(req.get("layers"), 2)}
+
+
 class SliceServer:
     def __init__(self, pool, host: str = "127.0.0.1", curve=None):
         self.pool = pool
@@ -43,9 +66,10 @@ class SliceServer:
         while not self._stop.is_set():
             if not self.sock.poll(POLL_MS):
                 continue
-            ident, body = self.sock.recv_multipart()[:2]
+            frames = self.sock.recv_multipart()
+            ident, req = frames[0], None
             try:
-                req = msgpack.unpackb(body)
+                req = decode_request(frames[1:], self.pool.kv.shape)
                 part = self.read(req["pages"], req["heads"], req["layers"])
                 header = {"id": req["id"], "shape": list(part.shape), "dtype": DTYPE_NAMES[part.dtype]}
                 self.sock.send_multipart([ident, msgpack.packb(header), part.reshape(-1).view(torch.uint8).numpy()],
@@ -58,7 +82,7 @@ class SliceServer:
     @torch.inference_mode()
     def read(self, pages: list[int], heads: list[int], layers: list[int]) -> torch.Tensor:
         kv, (h0, count), (l0, l1) = self.pool.kv, heads, layers
-        if not (0 <= h0 and h0 + count <= kv.shape[2] and 0 <= l0 <= l1 <= kv.shape[0]):
+        if not (0 <= h0 and 0 <= count and h0 + count <= kv.shape[2] and 0 <= l0 <= l1 <= kv.shape[0]):
             raise ValueError(f"heads {heads} layers {layers} of a pool {tuple(kv.shape)}")
         idx = torch.tensor(pages, dtype=torch.int64, device=kv.device)
         return kv[l0:l1, :, h0:h0 + count].index_select(3, idx).cpu().contiguous()
