@@ -42,14 +42,16 @@ def tokenizers():
 
 
 @pytest.fixture
-def make_router(tokenizers):
+def make_router(tokenizers, request):
     """make(**sections) -> a RunningRouter with those config sections replaced; its
-    `worker(...)` adds a ScriptedWorker. All are closed after the test."""
+    `worker(...)` adds a ScriptedWorker. All are closed after the test. A module that sets
+    `ROUTER_FRONTEND = True` gets routers that serve HTTP through a front-end process's code."""
     from tests.router_harness import RunningRouter, ScriptedWorker
     routers, workers = [], []
+    frontend = getattr(request.module, "ROUTER_FRONTEND", False)
 
     def make(**sections):
-        r = RunningRouter(tokenizers, **sections)
+        r = RunningRouter(tokenizers, frontend=frontend, **sections)
         routers.append(r)
         r.worker = lambda *a, **k: workers.append(ScriptedWorker(r.control, *a, **k)) or workers[-1]
         return r

@@ -4,11 +4,10 @@ scripted workers. The API behaves as with one process: the tests below are the s
 router's own, run through the front end, plus aborts and request phases."""
 from __future__ import annotations
 
-import pytest
 
 from cluster.wire import protocol
 from tests.router_harness import COMPLETION, MODEL, echo_reply, pd_pair, sse_events, wait_for
-from tests.test_router_api import (  # noqa: F401 (collected here, over this module's make_router)
+from tests.test_router_api import (  # noqa: F401 (collected here, through a front end)
     test_api_key_required_when_configured, test_chat_logprobs_are_returned,
     test_chat_stream_worker_error_sends_one_error_event_without_done, test_dead_decode_resumes_on_another_pair_with_sent_tokens,
     test_launcher_exit_notice_fails_over_at_once_and_internal_endpoints_are_guarded,
@@ -16,21 +15,7 @@ from tests.test_router_api import (  # noqa: F401 (collected here, over this mod
 from tests.test_router_role_switch import test_admin_api_asks_for_the_key_and_refuses_bad_switches  # noqa: F401
 
 
-@pytest.fixture
-def make_router(tokenizers):
-    from tests.router_harness import RunningRouter, ScriptedWorker
-    routers, workers = [], []
-
-    def make(**sections):
-        r = RunningRouter(tokenizers, frontend=True, **sections)
-        routers.append(r)
-        r.worker = lambda *a, **k: workers.append(ScriptedWorker(r.control, *a, **k)) or workers[-1]
-        return r
-    yield make
-    for w in workers:
-        w.close()
-    for r in routers:
-        r.close()
+ROUTER_FRONTEND = True     # conftest.make_router: every router of this module serves through a front end
 
 
 def test_a_client_that_goes_away_aborts_its_request_on_the_workers(router):
