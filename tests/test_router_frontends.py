@@ -4,7 +4,6 @@ scripted workers. The API behaves as with one process: the tests below are the s
 router's own, run through the front end, plus aborts and request phases."""
 from __future__ import annotations
 
-
 from cluster.wire import protocol
 from tests.router_harness import COMPLETION, MODEL, echo_reply, pd_pair, sse_events, wait_for
 from tests.test_router_api import (  # noqa: F401 (collected here, through a front end)
