@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +69,7 @@ class LaunchedCluster:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.out_path = os.path.join(self.dir, "launch.out")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.serve = serve
         command = ["serve"] if serve else ["launch", self.config_path]
         with open(self.out_path, "w") as out:
             self.proc = subprocess.Popen(
@@ -95,7 +97,8 @@ class LaunchedCluster:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"launcher exited {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                health = httpx.get(self.base_url + "/health", timeout=2)
+                if health.status_code == 200 and self._all_registered(health.json()):
                     self.descendants = psutil.Process(self.proc.pid).children(recursive=True)
                     print(f"cluster up in {time.monotonic() - t0:.1f}s at {self.base_url} "
                           f"(logs {self.log_dir})", file=sys.stderr, flush=True)
@@ -104,6 +107,19 @@ class LaunchedCluster:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"cluster not healthy after {timeout_s:.0f}s:\n{self.output()}")
+
+    def _all_registered(self, health: dict) -> bool:
+        """Every configured worker is in the directory, not just enough of them to answer 200: a
+        1P1D cluster with an [slo] is healthy (degraded) with its decode worker alone, and a test
+        that starts then would see requests placed as they never are once both are up."""
+        if self.serve:
+            return True
+        groups = tomllib.loads(Path(self.config_path).read_text())
+        for role in ("prefill", "decode", "unified", "dllm"):
+            expected = sum(g.get("count", 1) for g in groups.get(role, []))
+            if health.get("workers", {}).get(role, 0) < expected:
+                return False
+        return True
 
     def output(self) -> str:
         return Path(self.out_path).read_text()[-4000:] if os.path.exists(self.out_path) else ""

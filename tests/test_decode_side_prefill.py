@@ -134,3 +134,17 @@ def test_router_moves_prompts_to_decode_when_no_prefill_worker_is_left():
     d.remove("prefill-0")
     assert place(d, 50) == Placement.single("local", "decode-0")
     assert math.isinf(decode_side_seconds(directory(WorkerGauges(), WorkerGauges()).get("decode-0"), 1))
+
+
+def test_a_decode_worker_not_yet_measured_serves_when_no_prefill_worker_is_alive():
+    # /health calls a decode worker alone "degraded" under an [slo]: a worker that has run no forward
+    # yet (rate 0) must take the prompt rather than the request being refused
+    fresh, full = WorkerGauges(decode_side_prefill_rate=0.0), WorkerGauges(token_usage=0.95)
+    d = directory(WorkerGauges(), full, fresh)
+    d.remove("prefill-0")
+    assert place(d, 50) == Placement.single("local", "decode-1")
+    only_full = directory(WorkerGauges(), full)
+    only_full.remove("prefill-0")
+    st = RequestState(rid="r", model="m", route="pd", input_ids=list(range(50)), sampling=SamplingParams(),
+                      sink=lambda e: None)
+    assert not Placer(only_full, local_prefill_max_tokens=0, ttft=1.0).place(st)   # no pages to spare: 503

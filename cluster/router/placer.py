@@ -108,11 +108,22 @@ class Placer:
                        and not c[2].gauges.decode_side_prefill_tokens_total]
             seconds, _, w = min(untried, default=(math.inf, "", None))
             why = "a probe: it never prefilled"
+        if w is None and not d.count("prefill"):
+            w = self.only_decode_left(choices)
+            why = "no prefill worker is alive"
         if w is None:
             return None
         log.info("decode-side prefill: request %s on %s (%d uncached tokens, predicted %.3f s, %s; prefill side "
                  "%.3f s > ttft %g s)", st.rid, w.worker_id, self.uncached(w, ids), seconds, why, prefill_s, self.ttft)
         return w
+
+    @staticmethod
+    def only_decode_left(choices: list) -> Optional[WorkerInfo]:
+        """With no prefill worker alive a decode worker with pages to spare prefills, measured or
+        not (one that has not yet run a forward reports no rate): /health calls this cluster
+        degraded, not down, so a request must not be refused while one has room."""
+        room = [c for c in choices if (c[2].gauges.token_usage or 0.0) < MAX_TOKEN_USAGE]
+        return min(room, key=lambda c: (c[0], c[2].load, c[1]), default=(0, "", None))[2]
 
     def local_prefill(self, st: RequestState, ids: list[int]) -> WorkerInfo | None:
         """Selective disaggregation: the decode worker that already holds all but at most
