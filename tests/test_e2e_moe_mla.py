@@ -3,9 +3,12 @@ by a real prefill/decode pair: greedy text equals the offline engine's (the unif
 engine). For MLA the handoff moves the latent: the KV bytes per prompt token that decode
 received are (kv_lora_rank + qk_rope_head_dim) x layers x 4 (float32), not per-head K/V; the
 latent pages also go through layer-wise shm, the prefix cache (a prompt sent again) and n > 1
-forks."""
+forks. A decode pool of a few small latent pages retracts requests under page pressure and
+resumes them through a `reprefill` (the prefill worker's expanded form recomputes the latents
+that decode's absorbed form had built) with the same greedy text."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 import time
 
@@ -42,7 +45,8 @@ def reference(path: str) -> list[str]:
     return texts
 
 
-def launch(path: str, name: str, kv: str, cache: bool = True) -> LaunchedCluster:
+def launch(path: str, name: str, kv: str, cache: bool = True, page_size: int = 16,
+           decode: str = "") -> LaunchedCluster:
     return LaunchedCluster(f"""
 [model]
 name = "{MODEL}"
@@ -50,6 +54,7 @@ path = "{path}"
 
 [scheduler]
 num_pages = 256
+page_size = {page_size}
 max_running_requests = 16
 
 [timeouts]
@@ -63,6 +68,7 @@ prefix_cache = {str(cache).lower()}
 
 [[prefill]]
 [[decode]]
+{decode}
 """, name)
 
 
@@ -71,12 +77,16 @@ def complete(cluster, prompt: str, n: int = 1):
                                              n=n, extra_body={"ignore_eos": True})
 
 
+def decode_metric(cluster, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in cluster.metrics().splitlines()
+               if line.startswith(f"pdcluster:{name}{{") and 'worker="decode-0"' in line)
+
+
 def decode_bytes(cluster, want: float, timeout: float = 15.0) -> float:
     """decode-0's kv_transfer_bytes_total once its heartbeat reports `want` (or the timeout passes)."""
     deadline, got = time.monotonic() + timeout, -1.0
     while time.monotonic() < deadline:
-        got = sum(float(line.rsplit(" ", 1)[1]) for line in cluster.metrics().splitlines()
-                  if line.startswith("pdcluster:kv_transfer_bytes_total{") and 'worker="decode-0"' in line)
+        got = decode_metric(cluster, "kv_transfer_bytes_total")
         if got == want:
             break
         time.sleep(0.3)
@@ -92,20 +102,36 @@ def test_qwen3_moe_prefill_decode_pair_matches_the_offline_engine(checkpoints):
         assert cluster.stop() == []
 
 
-def test_mla_handoff_moves_the_latent_and_matches_the_offline_engine(checkpoints):
+@pytest.fixture(scope="module")
+def mla_zmq(checkpoints):
+    """Pages of 4 tokens, decode holding 8: a prompt and its 8 new tokens fit alone (4 pages), but
+    two or three running at once outgrow the pool and the newest are retracted."""
+    cluster = launch(checkpoints["deepseek_v2"], "mla-zmq", 'backend = "zmq"\nverify = true', cache=False,
+                     page_size=4, decode="num_pages = 8")
+    yield cluster
+    assert cluster.stop() == []
+
+
+def test_mla_handoff_moves_the_latent_and_matches_the_offline_engine(checkpoints, mla_zmq):
     cfg = tiny_config("deepseek_v2")
     per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
     want = reference(checkpoints["deepseek_v2"])
-    cluster = launch(checkpoints["deepseek_v2"], "mla-zmq", 'backend = "zmq"\nverify = true', cache=False)
-    try:
-        outs = [complete(cluster, p) for p in PROMPTS]
-        assert [o.choices[0].text for o in outs] == want
-        prompt_tokens = sum(o.usage.prompt_tokens for o in outs)
-        assert decode_bytes(cluster, prompt_tokens * per_token) == prompt_tokens * per_token
-        forked = complete(cluster, PROMPTS[0], n=2)   # one prefill, the latent pages forked on decode
-        assert [c.text for c in forked.choices] == [want[0]] * 2
-    finally:
-        assert cluster.stop() == []
+    before = decode_metric(mla_zmq, "kv_transfer_bytes_total")
+    outs = [complete(mla_zmq, p) for p in PROMPTS]
+    assert [o.choices[0].text for o in outs] == want
+    moved = sum(o.usage.prompt_tokens for o in outs) * per_token
+    assert decode_bytes(mla_zmq, before + moved) == before + moved
+    forked = complete(mla_zmq, PROMPTS[0], n=2)   # one prefill, the latent pages forked on decode
+    assert [c.text for c in forked.choices] == [want[0]] * 2
+
+
+def test_mla_decode_retracts_latent_pages_under_pressure_and_resumes_with_the_same_text(checkpoints, mla_zmq):
+    want = reference(checkpoints["deepseek_v2"])
+    before = mla_zmq.log("decode-0").count("retracting")
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        outs = list(pool.map(lambda p: complete(mla_zmq, p), PROMPTS * 2))
+    assert [o.choices[0].text for o in outs] == want * 2
+    assert mla_zmq.log("decode-0").count("retracting") > before
 
 
 def test_mla_latent_pages_through_layerwise_shm_prefix_cache_and_forks(checkpoints):

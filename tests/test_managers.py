@@ -96,6 +96,21 @@ def test_lone_request_that_cannot_grow_fails_instead_of_spinning():
     assert dm.schedule() is None and failed and "KV cache exhausted" in failed[0]
 
 
+def test_lone_request_short_of_pages_others_reserved_is_retracted_not_failed():
+    """Pages reserved for requests not running yet (their KV on its way) come back: the lone
+    request waits for them through retraction instead of failing."""
+    cache = CacheManager(PageAllocator(3), page_size=2)
+    retracted, failed = [], []
+    dm = DecodeManager(cache, on_retract=retracted.append, on_fail=lambda r, why: failed.append(why))
+    r, reserved = make_req("r1", 2), make_req("r2", 3)
+    cache.grow(r, 2)
+    cache.grow(reserved, 4)                      # not in the running set: landing KV
+    r.kv_len = 2
+    dm.add(r)
+    assert dm.schedule() is None and retracted == [r] and not failed
+    assert r.page_table == [] and r.kv_len == 0 and cache.can_allocate(1)
+
+
 class CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(96 + i) for i in ids)

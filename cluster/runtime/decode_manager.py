@@ -97,11 +97,13 @@ class DecodeManager:
             # cache, whose pages a forward never writes (nor the host tier copy them)
             prefilling = bool(victim.num_pending) and victim in rows.joined
             rows.remove(victim)
-            if not len(rows):
-                # alone and still short: re-prefilling would need even more pages
+            if not len(rows) and self.cache.pages_for(victim.seq_len + 1) > self.cache.num_pages:
+                # its next step does not fit even the whole pool: re-prefilling could never help
                 self.cache.free(victim)
                 self.on_fail(victim, f"KV cache exhausted: {victim.seq_len} tokens do not fit the page pool")
                 return None
+            # NOTE: alone but fitting the pool, it is retracted too: the pages it lacks are held by
+            # requests not running yet (reserved for KV on its way, a prompt mid-prefill), which free them
             self.cache.release(victim, keep_kv=not prefilling)   # its KV stays cached until the pages are needed
             victim.kv_len = 0
             self.num_retracted_total += 1
