@@ -114,7 +114,9 @@ class MlaAttention(nn.Module):
     def _decode_absorbed(self, q_nope, q_pe, cache, ctx: AttentionContext) -> torch.Tensor:
         w_uk, w_uv = self._up_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, rank]
-        if use_triton_mla(cache.device, self.mla):   # the latent pages read in place, once per request
+        # the latent pages read in place, once per request (a Triton context asks for the kernels
+        # anywhere: the CPU under TRITON_INTERPRET=1 in tests)
+        if ctx.backend == "triton" or use_triton_mla(cache.device, self.mla):
             from cluster.engine.triton_mla import decode_latent
             out_latent = decode_latent(q_latent, q_pe, cache[0], *latent_pages(ctx), self.scale)
         else:
