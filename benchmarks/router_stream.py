@@ -220,7 +220,8 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
     idle_rate = (cpu_seconds(router) - idle0) / (time.monotonic() - t_idle)
     spy = None
     if os.environ.get("ROUTER_PYSPY"):                     # a sampled profile of the window (py-spy)
-        spy = subprocess.Popen(["py-spy", "record", "-p", str(router.pid), "-r", "1000", "-f", "raw",
+        gil = ["--gil"] if os.environ.get("ROUTER_PYSPY_GIL") else []   # only the thread holding the GIL
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(router.pid), "-r", "1000", "-f", "raw", *gil,
                                 "--nonblocking", "-o", f"{os.environ['ROUTER_PYSPY']}.{streams}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)

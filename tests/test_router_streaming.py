@@ -67,6 +67,73 @@ def test_stream_sends_one_event_per_token_when_the_client_keeps_up(make_router, 
     assert texts == pieces                              # one event per token, in order
 
 
+def raw_stream(url: str, body: dict, http_version: str) -> tuple[bytes, bytes]:
+    """(head, body bytes as sent) of one streamed completion over a raw socket."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    payload = json.dumps({**body, "stream": True}).encode()
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/{http_version}\r\nHost: {u.netloc}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + payload)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def dechunked(body: bytes) -> list[bytes]:
+    """The chunks of an HTTP/1.1 chunked body (the last, empty one included)."""
+    chunks = []
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        chunks.append(body[:size])
+        assert body[size:size + 2] == b"\r\n"
+        body = body[size + 2:]
+        if size == 0:
+            return chunks
+
+
+def event_texts(events: bytes) -> list[str]:
+    return [json.loads(e[len(b"data: "):])["choices"][0]["text"]
+            for e in events.split(b"\n\n") if e.startswith(b"data: {")]
+
+
+def test_steady_tokens_go_straight_to_the_socket_framed_as_the_server_frames_them(make_router, monkeypatch):
+    """Once a stream is under way its plain tokens are written to the client's socket from the
+    step's hand-off (no coroutine woken): each is one well-framed chunk holding one event,
+    and an HTTP/1.0 client (no chunked encoding) gets the same events unframed."""
+    from cluster.router.service import RouterService
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(WORDS)
+    pieces = [tok.decode([t]) for t in ids]
+    r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.03))
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+    written = []
+    real = RouterService.steady_writer
+
+    def counting(self, gen, wire):
+        write = real(self, gen, wire)
+        return lambda token_id: write(token_id) and not written.append(token_id)
+    monkeypatch.setattr(RouterService, "steady_writer", counting)
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)}
+    head, raw = raw_stream(r.url, body, "1.1")
+    assert b"transfer-encoding: chunked" in head.lower()
+    chunks = dechunked(raw)
+    texts = [t for c in chunks for t in event_texts(c)]
+    assert texts == pieces and chunks[-2] == b"data: [DONE]\n\n" and chunks[-1] == b""
+    assert all(len(event_texts(c)) <= 1 for c in chunks)           # one event per chunk
+    assert len(written) >= len(ids) - 3                               # all but the first and last
+    written.clear()
+    head, raw = raw_stream(r.url, body, "1.0")
+    assert b"chunked" not in head.lower() and event_texts(raw) == pieces and raw.endswith(b"data: [DONE]\n\n")
+    assert not written                                                # no wire under HTTP/1.0
+
+
 def _generation(svc, tok):
     from cluster.engine.tokenizer import IncrementalDetokenizer
     from cluster.router.completion import CompletionText
@@ -119,19 +186,19 @@ def test_events_that_arrived_together_leave_in_one_batch_and_a_backlog_as_one_de
 def test_an_unexpected_failure_mid_stream_ends_with_an_error_event_not_a_cut(make_router, monkeypatch):
     """A bug while streaming (here: the detokenizer raising) must reach the client as an error
     event; an exception escaping the response would make the server drop the connection."""
-    from cluster.router.completion import CompletionText
+    from cluster.engine.tokenizer import IncrementalDetokenizer
     r = make_router()
     tok = r.service.tokenizer_for(MODEL)
     ids = tok.encode(WORDS)
     r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.01))
     assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
-    real_add = CompletionText.add
+    real_add = IncrementalDetokenizer.add
 
-    def add(self, token_ids, logprobs, finish_reason):
-        if len(self.token_ids) >= 3:
+    def add(self, token_ids):
+        if len(self.ids) >= 3:
             raise KeyError("boom")
-        return real_add(self, token_ids, logprobs, finish_reason)
-    monkeypatch.setattr(CompletionText, "add", add)
+        return real_add(self, token_ids)
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
     texts, ended = stream_texts(r, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)})
     assert ended == "error" and texts == [tok.decode([t]) for t in ids[:3]]
     assert wait_for(lambda: not r.dispatcher.requests)  # and the request was aborted

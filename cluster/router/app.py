@@ -14,12 +14,13 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.router.admin import add_admin_routes
 from cluster.router.choices import stream_choices, whole_response
 from cluster.router.errors import APIError, bad_request, error_body
+from cluster.router.event_stream import RAW_SEND, EventStreamResponse
 from cluster.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.router.openai_request import parse_chat, parse_completion
 from cluster.router.openapi_schema import CHAT_BODY, COMPLETION_BODY, request_body
@@ -31,7 +32,6 @@ log = logging.getLogger("pdcluster.router")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 FRONTEND_HEADER = "x-pdcluster-frontend"     # which front end answered (api_servers > 1)
-RAW_SEND = "pdcluster.send"     # scope key: the server's send, before any middleware wraps it
 
 
 class RouterApp(FastAPI):
@@ -40,23 +40,6 @@ class RouterApp(FastAPI):
     async def __call__(self, scope, receive, send) -> None:
         scope[RAW_SEND] = send
         await super().__call__(scope, receive, send)
-
-
-class EventStreamResponse(StreamingResponse):
-    """An SSE stream whose events go straight to the server's `send`. The start and the end
-    pass through the middlewares as usual (they only note that the response started); the
-    events skip their per-message wrappers, a third of the loop's time per event."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        self._send_event = scope.get(RAW_SEND, send)
-        await super().__call__(scope, receive, send)
-
-    async def stream_response(self, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        send_event = self._send_event
-        async for chunk in self.body_iterator:
-            await send_event({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
@@ -125,8 +108,8 @@ def create_app(service: RouterService, internal_token: str = "") -> FastAPI:
         if service.frontend_id is not None:
             rid_header[FRONTEND_HEADER] = service.frontend_id
         if parsed.stream:
-            return EventStreamResponse(stream_choices(service, gens), media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, **rid_header})
+            return EventStreamResponse(lambda wire: stream_choices(service, gens, wire),
+                                       headers={**SSE_HEADERS, **rid_header})
         try:
             body = await whole_response(service, gens, request.is_disconnected)
         except APIError as e:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from cluster.router.errors import APIError, error_body
+from cluster.router.event_stream import ChunkWire
 from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.tool_calls import ToolCallStream, calls_from_constrained, parse_tool_calls
 
@@ -70,16 +71,18 @@ async def whole_response(service, gens, disconnected) -> Optional[dict]:
     return gens[0].writer.body(choices, *_usage(gens))
 
 
-async def stream_choices(service, gens) -> AsyncIterator[bytes]:
+async def stream_choices(service, gens, wire: Callable[[], Optional[ChunkWire]] = lambda: None
+                         ) -> AsyncIterator[bytes]:
     """SSE chunks of every generation, interleaved; one error event (no [DONE]) on failure.
 
     What arrived together leaves in one write: one event per token, one send. Any failure
     while streaming, expected (APIError) or not, ends the stream with an error event: once
     the response has started, an exception escaping here would make the server cut the
-    connection with no word to the client."""
+    connection with no word to the client. `wire()`: the response's ChunkWire, which a single
+    choice's steady tokens take once the stream is under way (`_choice_chunks`)."""
     try:
         if len(gens) == 1:                     # no interleaving: no pump task, no queue
-            async for chunks in _choice_chunks(service, gens[0]):
+            async for chunks in _choice_chunks(service, gens[0], wire):
                 yield b"".join(chunks)
         else:
             async for data in _interleaved(service, gens):
@@ -126,8 +129,12 @@ async def _interleaved(service, gens) -> AsyncIterator[bytes]:
             t.cancel()
 
 
-async def _choice_chunks(service, gen) -> AsyncIterator[list[bytes]]:
-    """The SSE events of one generation, a list per batch of deltas that arrived together."""
+async def _choice_chunks(service, gen, wire: Callable[[], Optional[ChunkWire]] = lambda: None
+                         ) -> AsyncIterator[list[bytes]]:
+    """The SSE events of one generation, a list per batch of deltas that arrived together.
+    With a `wire`, once the first token is out and every event is a plain text delta (no
+    tools, logprobs or echo left), later plain tokens may bypass this generator: the mailbox
+    hands them to `service.steady_writer` while it waits here (mailbox.py)."""
     w, p = gen.writer, gen.parsed
     tools = p is not None and p.kind == "chat" and p.functions and p.tool_choice.mode != "none"
     auto = ToolCallStream(p.functions) if tools and p.tool_choice.mode == "auto" else None
@@ -174,5 +181,8 @@ async def _choice_chunks(service, gen) -> AsyncIterator[list[bytes]]:
                     out.append(w.event(text, finish, lp))
             if out:
                 yield out
+            if (gen.mailbox.steady is None and gen.first_token_at is not None and not tools
+                    and not w.logprobs and not echo and (chunk_wire := wire()) is not None):
+                gen.mailbox.steady = service.steady_writer(gen, chunk_wire)
     finally:
         await deltas.aclose()

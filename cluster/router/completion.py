@@ -42,15 +42,27 @@ class CompletionText:
         if finish_reason is not None:
             self.text += self.detokenizer.finish()
         if finish_reason is None:
-            end = max(self.num_emitted, len(self.text) - self.hold_back)
-        else:
-            end = len(self.text)
-            if finish_reason == "stop" and self.stop:
-                end = self._stop_position()
-                self.text = self.text[:end]
+            return TextDelta(self._release(), token_ids, logprobs, None)
+        end = len(self.text)
+        if finish_reason == "stop" and self.stop:
+            end = self._stop_position()
+            self.text = self.text[:end]
         delta = self.text[self.num_emitted:end]
         self.num_emitted = end
         return TextDelta(delta, token_ids, logprobs, finish_reason)
+
+    def add_token(self, token_id: int) -> str:
+        """`add` of one token that does not finish: the text that may be sent now."""
+        self.token_ids.append(token_id)
+        self.text += self.detokenizer.add((token_id,))
+        return self._release()
+
+    def _release(self) -> str:
+        """The text not sent yet, but for the last `hold_back` characters."""
+        end = max(self.num_emitted, len(self.text) - self.hold_back)
+        delta = self.text[self.num_emitted:end]
+        self.num_emitted = end
+        return delta
 
     def _stop_position(self) -> int:
         """Start of the earliest stop string not yet sent, or the text's end if none."""

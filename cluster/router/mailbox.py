@@ -6,30 +6,41 @@ wake-up of the HTTP loop, not 256), and on the loop each mailbox appends its eve
 resolves its one waiting future. The coroutine takes everything that arrived since it last
 looked (`take`), in order. No asyncio.Queue and no `wait_for` task per event: a token costs
 one list append and at most one future resolution.
+
+A stream under way may set `steady`: a plain token (one token, nothing else) that arrives
+while its coroutine waits here with nothing queued is handed to it instead, and written to
+the client from this callback (service.py `steady_writer`), with no coroutine woken. The
+order holds: a waiting coroutine has sent everything it took, and whatever `steady`
+refuses (a paused or gone client) is queued as usual, behind which the next tokens queue.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Callable, Optional
 
-from cluster.router.request_state import Event
+from cluster.router.request_state import Event, TokensEvent
 
 
 class Mailbox:
     """One request's events; `self(event)` may be called from any thread."""
 
-    __slots__ = ("loop", "events", "waiter")
+    __slots__ = ("loop", "events", "waiter", "steady")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.events: list[Event] = []
         self.waiter: Optional[asyncio.Future] = None
+        self.steady: Optional[Callable[[int], bool]] = None   # token id -> written to the client
 
     def __call__(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.put, event)
 
     def put(self, event: Event) -> None:
         """On the loop's thread."""
+        if (self.steady is not None and not self.events and self.waiter is not None
+                and not self.waiter.done() and type(event) is TokensEvent and event.is_plain
+                and self.steady(event.token_ids[0])):
+            return
         self.events.append(event)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)

@@ -138,6 +138,10 @@ class ResponseWriter:
         as encoding the chunk, without building and walking a dict per token."""
         if finish_reason is not None or logprobs is not None or first or tool_calls:
             return sse(self.chunk(text, finish_reason, logprobs, first, tool_calls))
+        return self.text_event(text)
+
+    def text_event(self, text: str) -> bytes:
+        """The event of a plain text delta (no finish, no logprobs)."""
         if self._template is None:
             head, _, tail = sse(self.chunk(_MARK, None)).partition(encode_basestring_ascii(_MARK).encode())
             self._template = head, tail

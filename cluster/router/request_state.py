@@ -39,6 +39,21 @@ class FailedEvent:
 Event = TokensEvent | FailedEvent
 
 
+def coalesced(events: list) -> list:
+    """Runs of TokensEvents folded into one each (a failure stays its own event)."""
+    out: list = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if isinstance(ev, TokensEvent) and isinstance(prev, TokensEvent) and prev.finish_reason is None:
+            join = lambda x, y: x + y if x is not None and y is not None else None  # noqa: E731
+            out[-1] = TokensEvent(prev.token_ids + ev.token_ids, join(prev.logprobs, ev.logprobs),
+                                  ev.finish_reason, join(prev.top_logprobs, ev.top_logprobs),
+                                  prev.prompt_logprobs or ev.prompt_logprobs)
+        else:
+            out.append(ev)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where one attempt of a request runs. `decode` streams its tokens; `prefill` processes

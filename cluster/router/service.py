@@ -29,7 +29,7 @@ from cluster.router.openai_response import ResponseWriter
 from cluster.router.prepare import check_for_model, check_prompt_size, sampling_for
 from cluster.router.tokenize_batch import TokenizeBatcher
 from cluster.router.mailbox import Mailbox
-from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
+from cluster.router.request_state import FailedEvent, RequestState, TokensEvent, coalesced
 from cluster.router.planner import Planner
 from cluster.router.slo import SloWindow, request_tpot
 from cluster.router.tracing import RequestTracing
@@ -53,22 +53,8 @@ class Generation:
     prompt_index: int = 0             # which prompt of a list it answers (usage counts each once)
     parsed: Optional[ParsedRequest] = None
     first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
     num_output: int = 0
-
-
-def coalesced(events: list) -> list:
-    """Runs of TokensEvents folded into one each (a failure stays its own event)."""
-    out: list = []
-    for ev in events:
-        prev = out[-1] if out else None
-        if isinstance(ev, TokensEvent) and isinstance(prev, TokensEvent) and prev.finish_reason is None:
-            join = lambda x, y: x + y if x is not None and y is not None else None  # noqa: E731
-            out[-1] = TokensEvent(prev.token_ids + ev.token_ids, join(prev.logprobs, ev.logprobs),
-                                  ev.finish_reason, join(prev.top_logprobs, ev.top_logprobs),
-                                  prev.prompt_logprobs or ev.prompt_logprobs)
-        else:
-            out.append(ev)
-    return out
 
 
 class RouterService:
@@ -217,7 +203,6 @@ class RouterService:
         event (each token leaves when it arrived), until the finishing one; raises APIError
         when the request fails. A backlog beyond MAX_EVENTS_BEHIND (the client or this loop
         is slower than the stream) leaves as one delta: one detokenize, one chunk."""
-        last = None
         try:
             while True:
                 events = await gen.mailbox.take(DISCONNECT_POLL_S if disconnected is not None else None)
@@ -231,12 +216,13 @@ class RouterService:
                 num_tokens = sum(len(ev.token_ids) for ev in events if isinstance(ev, TokensEvent))
                 if num_tokens:
                     gen.num_output += num_tokens
-                    if last is None:
+                    if gen.last_token_at is None:
                         gen.first_token_at = now
                         self.metrics.observe(self.metrics.ttft, now - gen.arrival)
                     else:
-                        self.metrics.observe(self.metrics.itl, (now - last) / num_tokens, times=num_tokens)
-                    last = now
+                        self.metrics.observe(self.metrics.itl, (now - gen.last_token_at) / num_tokens,
+                                             times=num_tokens)
+                    gen.last_token_at = now
                 out: list[TextDelta] = []
                 for ev in events:
                     if isinstance(ev, FailedEvent):
@@ -268,6 +254,34 @@ class RouterService:
                 self.metrics.count_outcome("aborted")
                 self.tracing.end(gen.st.trace, "aborted", error="client disconnected")
                 self.dispatcher.abort(gen.st, "client disconnected")
+
+    def steady_writer(self, gen: Generation, wire) -> Callable[[int], bool]:
+        """A stream's plain tokens written straight to `wire` (event_stream.ChunkWire) by its
+        mailbox: what `deltas` and the stream's chunk do with such a token (count, ITL, text,
+        one event when there is text to send), on the HTTP loop with no coroutine woken.
+        False (the token is then queued for the coroutine) while the client cannot take
+        more. A failure here fails the request with an error event, as one in `deltas` does."""
+        observe_itl, text, event = self.metrics.itl.observe, gen.text, gen.writer.text_event
+
+        def write_token(token_id: int) -> bool:
+            if not wire.is_writable():
+                return False
+            try:
+                now = time.monotonic()
+                gen.num_output += 1
+                observe_itl(now - gen.last_token_at)
+                gen.last_token_at = now
+                delta = text.add_token(token_id)
+                if delta:
+                    wire.write(event(delta))
+            except Exception as e:
+                log.exception("stream of %s failed", gen.st.rid)
+                gen.mailbox.steady = None
+                self.dispatcher.abort(gen.st, "router failure")
+                gen.mailbox.events.append(FailedEvent(500, f"internal error: {type(e).__name__}: {e}"))
+                return False                   # queued behind the failure: the coroutine wakes
+            return True
+        return write_token
 
     # shutdown
     async def drain(self, seconds: float) -> None:
