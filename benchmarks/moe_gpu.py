@@ -18,7 +18,9 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
   `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128 heads over the same latent,
   `mla_kernel_ms_128_heads_by_block_h_warps` for head blocks. Then one layer's extend over a cached
   prefix of `--mla-context` tokens: the Triton prefill kernel against the gathered torch path
-  (`mla_extend_triton_ms`, `mla_extend_torch_ms`);
+  (`mla_extend_triton_ms`, `mla_extend_torch_ms`), and the same prompts fresh (from position 0):
+  the prefill kernel over their new tokens against SDPA's causal kernel (`mla_prefill_kernel_ms`,
+  `mla_prefill_sdpa_ms`, `mla_prefill_speedup`);
 - KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
 
     python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
@@ -42,7 +44,8 @@ from benchmarks.engine_gpu import bench_engine_decode, bench_prefill, sync, time
 from cluster.engine.attention_context import AttentionContext  # noqa: E402
 from cluster.engine.linear import linear  # noqa: E402
 from cluster.engine.loader import load_model  # noqa: E402
-from cluster.engine.mla import BACKEND_SWITCH as MLA_SWITCH, latent_pages, use_triton_mla  # noqa: E402
+from cluster.engine.mla import (BACKEND_SWITCH as MLA_SWITCH, FRESH_PREFILL_SWITCH, latent_pages,  # noqa: E402
+                                use_triton_mla)
 from cluster.engine.model_config import PRESETS  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
 from cluster.engine.moe import SparseMoe, route, use_fused_moe  # noqa: E402
@@ -175,6 +178,15 @@ def bench_mla_extend(runner, args) -> dict:
                                      None, runner.dtype, backend)
         row[f"mla_extend_{backend}_ms"] = 1e3 * timed(lambda: attn._extend_expanded(q_nope, q_pe, latent, cache, ctx),
                                                       args.reps * 3, args.device)
+    if runner.attention_backend == "triton":   # the same prompts fresh: the prefill kernel against SDPA
+        ctx = AttentionContext.build([new] * b, [0] * b, tables, [0] * b, runner.page_size, False, runner.device,
+                                     None, runner.dtype, "triton")
+        for name, switch in (("kernel", ""), ("sdpa", "sdpa")):
+            os.environ[FRESH_PREFILL_SWITCH] = switch
+            row[f"mla_prefill_{name}_ms"] = 1e3 * timed(
+                lambda: attn._extend_expanded(q_nope, q_pe, latent, cache, ctx), args.reps * 3, args.device)
+        os.environ.pop(FRESH_PREFILL_SWITCH)
+        row["mla_prefill_speedup"] = row["mla_prefill_sdpa_ms"] / row["mla_prefill_kernel_ms"]
     for t in tables:
         runner.page_allocator.free(t)
     if "mla_extend_triton_ms" in row:

@@ -6,7 +6,9 @@ Two backends read it (see attention.py):
 - "triton" (CUDA): a flat page list, `pages[page_start[b]:]` for request b, with `seq_lens`; an
   extend also gets `q_start`/`extend_lens` per request and a visibility limit per token
   (`kv_limit`: the token sees keys `[0, kv_limit)`). No mask is built.
-Prompts that start at position 0 with nothing bidirectional use SDPA's causal kernel on either.
+Prompts that start at position 0 with nothing bidirectional use SDPA's causal kernel on either
+(the Triton context still carries `q_start`/`extend_lens`, no `kv_limit`: MLA's prefill kernel
+takes such prompts from their new tokens alone, mla.py).
 
 The device copies are one non-blocking host-to-device copy, so building never waits for the device.
 """
@@ -152,14 +154,17 @@ class AttentionContext:
             return cls(num_reqs, 1, positions, slots, None, None, None, None, True, backend="triton",
                        pages=pages_t, page_start=page_start, seq_lens=seq_t)
         max_q = max(extend_lens)
-        if not any(prefix_lens) and not any(bidirectional_lens) and block_sizes is None:   # SDPA, causal
-            q_index, out_index = _padding(extend_lens, max_q) if any(e != max_q for e in extend_lens) else (None, None)
-            moved = to_device(device, positions, slots, *(t for t in (q_index, out_index) if t is not None))
-            q_index, out_index = (moved[2], moved[3]) if q_index is not None else (None, None)
-            return cls(num_reqs, max_q, moved[0], moved[1], None, None, q_index, out_index, False, backend="triton")
-        limit = kv_limits(extend_lens, prefix_lens, seq_lens, bidirectional_lens, block_sizes)
         ext = torch.tensor(extend_lens, dtype=torch.int64)
         q_start = torch.cumsum(ext, 0) - ext
+        if not any(prefix_lens) and not any(bidirectional_lens) and block_sizes is None:   # causal from 0
+            # SDPA's padded rows, or (MLA's prefill kernel) the rows by q_start; no kv_limit: nothing cached
+            q_index, out_index = _padding(extend_lens, max_q) if any(e != max_q for e in extend_lens) else (None, None)
+            padding = [t for t in (q_index, out_index) if t is not None]
+            moved = to_device(device, positions, slots, q_start, ext, *padding)
+            q_index, out_index = (moved[4], moved[5]) if q_index is not None else (None, None)
+            return cls(num_reqs, max_q, moved[0], moved[1], None, None, q_index, out_index, False, backend="triton",
+                       q_start=moved[2], extend_lens_t=moved[3])
+        limit = kv_limits(extend_lens, prefix_lens, seq_lens, bidirectional_lens, block_sizes)
         positions, slots, pages_t, page_start, seq_t, q_start, ext, limit = to_device(
             device, positions, slots, pages_t, page_start, seq_t, q_start, ext, limit)
         return cls(num_reqs, max_q, positions, slots, None, None, None, None, False, backend="triton",

@@ -8,9 +8,12 @@ values per token and layer instead of `2 * heads * head_dim`. Head h's key is
 
 - Prefill / extend (many queries per request): the expanded form. The latents of the
   request (its new tokens, or its pages when a prefix is cached) go through `kv_b_proj`
-  into per-head keys and values, then SDPA, as transformers does; on CUDA an extend over a
-  cached prefix expands the batch's latent pages once and a Triton kernel attends over them
-  by page, with no padding or mask (triton_mla_prefill.py).
+  into per-head keys and values, then SDPA, as transformers does. On CUDA a Triton kernel
+  (triton_mla_prefill.py) takes them instead, with no padding, mask or per-head copy of the
+  rope key: an extend over a cached prefix expands the batch's latent pages once and attends
+  over them by page; a fresh prompt expands only its new tokens' latents and attends causally
+  over those. `PDCLUSTER_MLA_PREFILL=sdpa` keeps fresh prompts on SDPA (its padded batch and
+  expanded keys) for comparison; which is faster on a GPU is not measured yet.
 - Decode (one query per request): the absorbed form. `W_UK` is folded into the query
   (`q_nope W_UK[h]` lives in latent space), so the scores read the cached latents directly,
   the weighted sum of latents is taken first and `W_UV` applied once per head afterwards:
@@ -40,6 +43,7 @@ from cluster.engine.norm import RMSNorm
 from cluster.engine.rotary import apply_rope_interleaved, softmax_mscale
 
 BACKEND_SWITCH = "PDCLUSTER_MLA"   # "torch": gather the latents and use torch ops on CUDA too
+FRESH_PREFILL_SWITCH = "PDCLUSTER_MLA_PREFILL"   # "sdpa": fresh prompts on a Triton context through SDPA
 LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
 
 
@@ -134,6 +138,10 @@ class MlaAttention(nn.Module):
         m, h = self.mla, self.num_heads
         if ctx.kv_limit is not None:     # the Triton context, over a cached prefix
             return self._extend_over_pages(q_nope, q_pe, cache, ctx)
+        if ctx.q_start is not None and os.environ.get(FRESH_PREFILL_SWITCH, "") != "sdpa":
+            # the Triton context, fresh prompts: rows are the new tokens (page size 1, request b's
+            # from q_start[b]), each token sees its request's rows up to itself
+            return self._attend_expanded(q_nope, q_pe, latent, ctx, ctx.q_start, ctx.positions + 1, 1)
         b, lq = ctx.num_reqs, ctx.max_q_len
         pad = (lambda x: x[ctx.q_index]) if ctx.q_index is not None else (lambda x: x.view(b, lq, *x.shape[1:]))
         # prompts from position 0 see only their own new tokens: skip the cache read
@@ -152,10 +160,16 @@ class MlaAttention(nn.Module):
     def _extend_over_pages(self, q_nope, q_pe, cache, ctx: AttentionContext) -> torch.Tensor:
         """Every latent of the batch's pages expanded once, in flat-page-list order, then the
         Triton kernel over them (new tokens included: their latents are in the pages already)."""
-        from cluster.engine.triton_mla_prefill import extend_expanded
-        m, size = self.mla, cache.shape[2]
         latents = cache[0].index_select(0, ctx.pages).view(-1, cache.shape[-1])     # [pages * size, rank + rope]
-        kv = linear(latents[:, :m.kv_lora_rank], self.kv_b_proj.weight).view(latents.shape[0], self.num_heads, -1)
-        out = extend_expanded(q_nope, q_pe, kv, latents[:, m.kv_lora_rank:], ctx.page_start, ctx.q_start,
-                              ctx.extend_lens_t, ctx.kv_limit, ctx.max_q_len, size, self.scale)
+        return self._attend_expanded(q_nope, q_pe, latents, ctx, ctx.page_start, ctx.kv_limit, cache.shape[2])
+
+    def _attend_expanded(self, q_nope, q_pe, latents, ctx: AttentionContext, page_start, kv_limit,
+                         page_size: int) -> torch.Tensor:
+        """`latents` `[rows, rank + rope]` through kv_b_proj (keys' nope part and values per head),
+        then the Triton prefill kernel; the rope keys stay the latents' shared tails."""
+        from cluster.engine.triton_mla_prefill import extend_expanded
+        rank = self.mla.kv_lora_rank
+        kv = linear(latents[:, :rank], self.kv_b_proj.weight).view(latents.shape[0], self.num_heads, -1)
+        out = extend_expanded(q_nope, q_pe, kv, latents[:, rank:], page_start, ctx.q_start, ctx.extend_lens_t,
+                              kv_limit, ctx.max_q_len, page_size, self.scale)
         return out.reshape(q_pe.shape[0], -1)

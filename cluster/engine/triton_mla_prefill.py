@@ -1,9 +1,11 @@
-"""MLA extend (prefill over a cached prefix) in Triton (CUDA): the expanded form over latent pages.
+"""MLA prefill and extend in Triton (CUDA): the expanded form over latent rows.
 
-The caller expands every latent of the batch's pages once (`kv_b_proj`: per head a key part
-`k_nope` and a value, `[rows, H, Dn + Dv]`; mla.py), with the rows in the order of the Triton
-context's flat page list, so request b's token t is row `page_start[b] * page_size + t`. The rope
-key is the latent's own tail (`[rows, P]`, one per token, shared by every head), never expanded.
+Over a cached prefix the caller expands every latent of the batch's pages once (`kv_b_proj`: per
+head a key part `k_nope` and a value, `[rows, H, Dn + Dv]`; mla.py), with the rows in the order of
+the Triton context's flat page list, so request b's token t is row `page_start[b] * page_size + t`.
+A fresh prompt is the same loop over its new tokens' latents alone: `page_size` 1 and
+`page_start = q_start`, each token seeing its request's rows up to itself. The rope key is the
+latent's own tail (`[rows, P]`, one per token, shared by every head), never expanded.
 
 One program per (block of BLOCK_M new tokens, request, head) keeps an online softmax (float32,
 base 2) over the request's rows up to the block's furthest visibility limit, a score being
