@@ -91,7 +91,7 @@ def run_worker(argv: list[str], recv_log: str, gc_log: str) -> int:
     import torch
     import cluster  # noqa: F401  NOTE: first: host_path puts this checkout on sys.path, --tree's must win
     host_path = sibling("host_path")
-    from cluster.engine.loader import load_tokenizer
+    from cluster.engine.model_files import load_tokenizer
     from cluster.engine.model_runner import ModelRunner
     from cluster.runtime import worker_main
     from cluster.unified import UnifiedScheduler, build

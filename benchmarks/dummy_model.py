@@ -28,8 +28,8 @@ PRESETS = {
 
 
 def write_model_dir(out: str, preset: str) -> str:
-    from cluster.engine.gguf_weights import gguf_tokenizer
-    from cluster.engine.loader import default_gguf_path
+    from cluster.engine.gguf_metadata import gguf_tokenizer
+    from cluster.engine.model_files import default_gguf_path
     tok = gguf_tokenizer(default_gguf_path())
     os.makedirs(out, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,

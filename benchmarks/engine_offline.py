@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cluster.engine.linear import USE_ONEDNN, linear  # noqa: E402
 from cluster.engine.llm import LLM  # noqa: E402
-from cluster.engine.loader import default_gguf_path  # noqa: E402
+from cluster.engine.model_files import default_gguf_path  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
 
 SECTION = "## Engine offline (CPU)"

@@ -101,7 +101,7 @@ def main() -> None:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     if args.mask_only:
         from cluster.engine.grammar import GrammarBackend
-        from cluster.engine.loader import load_tokenizer
+        from cluster.engine.model_files import load_tokenizer
         tok = load_tokenizer(path=args.model_path, load_format=args.load_format)
         backend = GrammarBackend(tok, tok.vocab_size)
         for b in sizes:

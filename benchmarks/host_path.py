@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import SchedulerConfig  # noqa: E402
 from cluster.engine.forward_batch import ForwardInput, ForwardOutput  # noqa: E402
-from cluster.engine.loader import LoadedModel, load_model, load_tokenizer  # noqa: E402
+from cluster.engine.loader import LoadedModel, load_model  # noqa: E402
+from cluster.engine.model_files import load_tokenizer  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
 from cluster.unified import UnifiedScheduler  # noqa: E402
 from cluster.wire import protocol as P  # noqa: E402

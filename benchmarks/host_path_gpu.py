@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--cluster-tree", help="serve the cluster from this checkout (default: this one)")
     args = ap.parse_args()
     if args.write_tokenizer:   # on a machine with the default GGUF (the device has none)
-        from cluster.engine.loader import load_tokenizer
+        from cluster.engine.model_files import load_tokenizer
         os.makedirs(os.path.dirname(os.path.abspath(args.write_tokenizer)), exist_ok=True)
         with open(args.write_tokenizer, "w") as f:
             f.write(load_tokenizer().backend.to_str())

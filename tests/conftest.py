@@ -37,7 +37,7 @@ def shared_cluster(request, cluster_pool):
 def tokenizers():
     """Tokenizer cache shared by every in-process router of the session, loaded once here: a
     load takes up to seconds, longer than a request's timeout on a busy machine."""
-    from cluster.engine.loader import load_tokenizer
+    from cluster.engine.model_files import load_tokenizer
     return {"": load_tokenizer()}
 
 

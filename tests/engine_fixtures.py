@@ -20,7 +20,7 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": TINY_VOCAB, "
 
 
 def hf_gguf_location() -> tuple[str, str]:
-    from cluster.engine.loader import default_gguf_path
+    from cluster.engine.model_files import default_gguf_path
     path = default_gguf_path()
     return os.path.dirname(path), os.path.basename(path)
 

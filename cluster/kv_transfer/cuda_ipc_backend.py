@@ -21,7 +21,7 @@ import torch
 from cluster.engine.kv_cache import KVPool
 from cluster.kv_transfer.checksum import kv_checksum
 from cluster.kv_transfer.page_reading import PageReadingReceiver, PageReadingSender, boot_id
-from cluster.wire.tensor_frames import DTYPE_NAMES, DTYPES
+from cluster.wire.torch_dtypes import DTYPE_NAMES, DTYPES
 
 
 def share_pool(kv: torch.Tensor) -> dict:

@@ -43,7 +43,7 @@ from cluster.kv_transfer.receiver import KvReceiver
 from cluster.kv_transfer.sender import KvSender
 from cluster.kv_transfer.shm_backend import map_segment
 from cluster.kv_transfer.slice_server import SliceClient
-from cluster.wire.tensor_frames import DTYPE_NAMES
+from cluster.wire.torch_dtypes import DTYPE_NAMES
 
 logger = logging.getLogger("pdcluster.kv_transfer")
 

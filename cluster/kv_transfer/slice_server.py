@@ -19,7 +19,7 @@ import torch
 import zmq
 
 from cluster.kv_transfer.base import KvTransferError
-from cluster.wire.tensor_frames import DTYPE_NAMES, DTYPES
+from cluster.wire.torch_dtypes import DTYPE_NAMES, DTYPES
 
 logger = logging.getLogger("pdcluster.kv_transfer")
 

@@ -107,7 +107,7 @@ class RouterService:
     def tokenizer_for(self, model: str):
         path = self.configured_dllm().get(model, "") or self.cfg.model.path
         if path not in self._tokenizers:
-            from cluster.engine.loader import load_tokenizer
+            from cluster.engine.model_files import load_tokenizer
             m = self.cfg.model
             self._tokenizers[path] = load_tokenizer(m.name if path == m.path else model, path,
                                                     m.load_format)

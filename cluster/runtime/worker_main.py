@@ -174,7 +174,7 @@ def start_ranks(args, config: ClusterConfig, group: WorkerGroup):
     size, device = args.tp or group.tp, config.model.device
     if size == 1:
         return None, TpGroup()
-    from cluster.engine.loader import model_config
+    from cluster.engine.model_files import model_config
     from cluster.engine.parallel import TpLayout
     from cluster.runtime.tp_ranks import TpFollowers
     m = config.model

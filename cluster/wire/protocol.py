@@ -22,7 +22,7 @@ import dataclasses
 from typing import Any, Sequence, Union
 
 import msgpack
-import torch
+import numpy as np
 
 from cluster.config_types import KV_BACKENDS
 from cluster.roles import ROLES, SWITCHABLE_ROLES
@@ -252,8 +252,9 @@ def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, me
     tensors = TensorFrames(frame_bytes)
     if cls is Generate and isinstance(body["input_ids"], (list, tuple)) and len(body["input_ids"]) > INLINE_IDS:
         ids = TokenIds(min_len=1)(body["input_ids"], "generate.input_ids")   # (a short list: by the record check)
-        body["input_ids"] = tensors.add(torch.tensor(ids, dtype=torch.int32))
+        body["input_ids"] = tensors.add(np.asarray(ids, dtype=np.int32))   # numpy: the router has no torch
     elif cls in (KvBatch, KvLayers):
+        import torch                     # only workers send KV
         if not isinstance(body["tensors"], (list, tuple)) or not all(
                 isinstance(t, (torch.Tensor, FramedTensor)) for t in body["tensors"]):
             raise ProtocolError(f"{cls.TYPE}.tensors: expected a list of torch.Tensor")

@@ -24,7 +24,6 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from cluster.config_types import MODEL_DTYPES
 from cluster.wire.checks import Int, List, Record, Str, fail
@@ -33,13 +32,15 @@ FRAME_BYTES = 4 << 20                   # max bytes per tensor frame
 MAX_TENSOR_BYTES = 16 << 30             # absurd-size guard
 MAX_NDIM = 8
 
-# dtype allow-list: name on the wire -> torch dtype (no bool: arbitrary bytes are not valid bools)
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in MODEL_DTYPES + (
-    "float64", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8", "uint8")}
-DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in DTYPES.items()}
+# dtype allow-list, by name on the wire (no bool: arbitrary bytes are not valid bools); torch
+# dtypes in `torch_dtypes.py`, imported where a tensor is built or sent (torch loads only there)
+WIRE_DTYPES = MODEL_DTYPES + ("float64", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8", "uint8")
+NUMPY_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8")
+ITEM_BYTES = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "bfloat16": 2, "int16": 2,
+              "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
 
 TENSOR_DESC = Record({
-    "dtype": Str(choices=DTYPES),
+    "dtype": Str(choices=WIRE_DTYPES),
     "shape": List(Int(lo=0, hi=MAX_TENSOR_BYTES), max_len=MAX_NDIM),
     "frames": List(Int(lo=0), min_len=2, max_len=2),
 })
@@ -53,20 +54,24 @@ class TensorFrames:
         self.frame_bytes = frame_bytes
         self.frames: list[memoryview] = []
 
-    def add(self, t: torch.Tensor) -> dict:
+    def add(self, t: "torch.Tensor | np.ndarray") -> dict:
         """Append `t`'s bytes as frames; return its descriptor for the body."""
-        if t.dtype not in DTYPE_NAMES:
-            fail("tensor", f"dtype {t.dtype} is not allowed on the wire")
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # keeps t alive
+        if isinstance(t, np.ndarray):
+            if t.dtype.name not in NUMPY_DTYPES:
+                fail("tensor", f"dtype {t.dtype} is not allowed on the wire")
+            name, t = t.dtype.name, np.ascontiguousarray(t)
+            raw = memoryview(t.reshape(-1).view(np.uint8))             # keeps t alive
+        else:
+            import torch
+            name = str(t.dtype).removeprefix("torch.")
+            if name not in WIRE_DTYPES:
+                fail("tensor", f"dtype {t.dtype} is not allowed on the wire")
+            t = t.detach().cpu().contiguous()
+            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # keeps t alive
         first = len(self.frames) + 1
         step = self.frame_bytes
         self.frames.extend(raw[i:i + step] for i in range(0, len(raw), step))
-        return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                "frames": [first, len(self.frames) + 1 - first]}
+        return {"dtype": name, "shape": list(t.shape), "frames": [first, len(self.frames) + 1 - first]}
 
 
 def frame_buffer(frame: Any) -> memoryview:
@@ -94,6 +99,7 @@ class FramedTensor:
 
     def tensor(self) -> torch.Tensor:
         """The whole tensor (zero copy for one writable frame, else one gather)."""
+        import torch
         if len(self.chunks) == 1 and not self.chunks[0].readonly:
             return torch.frombuffer(self.chunks[0], dtype=torch.uint8).view(self.dtype).view(self.shape)
         flat = torch.empty(self.nbytes, dtype=torch.uint8)
@@ -106,6 +112,7 @@ class FramedTensor:
     def row_blocks(self, row_elems: int):
         """Yield (first_row, [n, row_elems] tensor) covering the tensor as rows of `row_elems`:
         views of the frames themselves, except a row cut by a frame boundary (copied alone)."""
+        import torch
         row_bytes = row_elems * self.dtype.itemsize
         pending, row = bytearray(), 0
         for c in self.chunks:
@@ -128,12 +135,12 @@ class FramedTensor:
 
 
 def _claim(desc: dict, buffers: Sequence[memoryview], used: list[bool], path: str) -> list[memoryview]:
-    dtype, shape = DTYPES[desc["dtype"]], desc["shape"]
+    shape = desc["shape"]
     first, count = desc["frames"]
     if first < 1 or first + count > len(buffers):
         fail(f"{path}.frames", f"frames {first}..{first + count - 1} out of range "
              f"(message has frames 1..{len(buffers) - 1})")
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * ITEM_BYTES[desc["dtype"]]
     if nbytes > MAX_TENSOR_BYTES:
         fail(f"{path}.shape", f"{shape} is {nbytes} bytes, over {MAX_TENSOR_BYTES}")
     chunks = list(buffers[first:first + count])
@@ -150,8 +157,9 @@ def _claim(desc: dict, buffers: Sequence[memoryview], used: list[bool], path: st
 def framed_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[bool],
                        path: str) -> FramedTensor:
     """Like `tensor_from_frames`, without joining the frames."""
+    import torch
     chunks = _claim(desc, buffers, used, path)
-    return FramedTensor(DTYPES[desc["dtype"]], desc["shape"], chunks)
+    return FramedTensor(getattr(torch, desc["dtype"]), desc["shape"], chunks)
 
 
 def tensor_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[bool],
@@ -161,6 +169,7 @@ def tensor_from_frames(desc: dict, buffers: Sequence[memoryview], used: list[boo
     `buffers[i]` is frame i; `used[i]` marks frames already claimed so that two tensors
     cannot share a frame and leftover frames can be reported by the caller.
     """
+    import torch
     framed = framed_from_frames(desc, buffers, used, path)
     if framed.nbytes == 0:
         return torch.empty(framed.shape, dtype=framed.dtype)
