@@ -59,7 +59,11 @@ class DecodeScheduler(WorkerScheduler):
         self.prealloc_queue = PreallocQueue(self.cache)
         self.reception = KvReception(worker_id, handoff, self.marks, timeouts, self.cache.page_size)
         self.transfer_queue = self.reception.transfer_queue
-        self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail)
+        # a lone request short of pages waits for those reserved by KV on its way when its KV
+        # comes from a prefill worker (the prealloc queue holds no pages); a local prefill would
+        # queue behind the prompts mid-prefill that hold them
+        self.decode = DecodeManager(self.cache, on_retract=self.retract, on_fail=self.fail,
+                                    can_wait_alone=lambda req: req.peer is not None)
         self.local_prefill = LocalPrefill(self.cache, config, tpot)
         self.retracted: set[str] = set()      # rids that must be prefilled again
         self.forks: dict[str, list[Req]] = {}   # rid -> its siblings (n > 1), until its KV lands

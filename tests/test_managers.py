@@ -1,4 +1,6 @@
 """The scheduler's managers: token budget, chunking, page growth, retraction, future tokens."""
+import pytest
+
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager
 from cluster.runtime.decode_manager import DecodeManager
@@ -85,10 +87,13 @@ def test_decode_retracts_newest_when_pages_run_out():
     alloc.check_integrity(held=[old.page_table])
 
 
-def test_lone_request_that_cannot_grow_fails_instead_of_spinning():
+@pytest.mark.parametrize("can_wait", [True, False])
+def test_lone_request_that_cannot_grow_fails_instead_of_spinning(can_wait):
+    """Its next step does not fit even the whole pool: waiting could never help."""
     cache = CacheManager(PageAllocator(1), page_size=2)
     failed = []
-    dm = DecodeManager(cache, on_retract=lambda r: None, on_fail=lambda r, why: failed.append(why))
+    dm = DecodeManager(cache, on_retract=lambda r: None, on_fail=lambda r, why: failed.append(why),
+                       can_wait_alone=lambda req: can_wait)
     r = make_req("r1", 2)
     cache.grow(r, 2)
     r.kv_len = 2
@@ -96,19 +101,21 @@ def test_lone_request_that_cannot_grow_fails_instead_of_spinning():
     assert dm.schedule() is None and failed and "KV cache exhausted" in failed[0]
 
 
-def test_lone_request_short_of_pages_others_reserved_is_retracted_not_failed():
-    """Pages reserved for requests not running yet (their KV on its way) come back: the lone
-    request waits for them through retraction instead of failing."""
+@pytest.mark.parametrize("can_wait", [True, False])
+def test_lone_request_short_of_pages_others_reserved_waits_where_it_may(can_wait):
+    """Pages reserved for requests not running yet (a decode worker's KV on its way) come back:
+    where the role allows it, the lone request waits for them through retraction, else it fails."""
     cache = CacheManager(PageAllocator(3), page_size=2)
     retracted, failed = [], []
-    dm = DecodeManager(cache, on_retract=retracted.append, on_fail=lambda r, why: failed.append(why))
+    dm = DecodeManager(cache, on_retract=retracted.append, on_fail=lambda r, why: failed.append(why),
+                       can_wait_alone=lambda req: can_wait)
     r, reserved = make_req("r1", 2), make_req("r2", 3)
     cache.grow(r, 2)
     cache.grow(reserved, 4)                      # not in the running set: landing KV
     r.kv_len = 2
     dm.add(r)
-    assert dm.schedule() is None and retracted == [r] and not failed
-    assert r.page_table == [] and r.kv_len == 0 and cache.can_allocate(1)
+    assert dm.schedule() is None and r.page_table == [] and cache.can_allocate(1)
+    assert (retracted, bool(failed)) == (([r], False) if can_wait else ([], True))
 
 
 class CharTokenizer:

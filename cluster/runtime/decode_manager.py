@@ -17,11 +17,16 @@ if TYPE_CHECKING:
 
 class DecodeManager:
     def __init__(self, cache: CacheManager, on_retract: Callable[[Req], None],
-                 on_fail: Callable[[Req, str], None]):
+                 on_fail: Callable[[Req, str], None], can_wait_alone: Callable[[Req], bool] = lambda req: False):
+        """`can_wait_alone(req)`: a request left alone in the running set and short of pages may be
+        retracted to wait for pages that others hold without running yet (a decode worker's KV on
+        its way); where false it fails, as a re-prefill could queue behind a prompt mid-prefill
+        that holds those pages (a deadlock)."""
         self.cache = cache
         self.rows = RunningBatch(cache.page_size)
         self.on_retract = on_retract    # requeue the request to be prefilled again
         self.on_fail = on_fail          # finish the request with an error
+        self.can_wait_alone = can_wait_alone
         self.num_retracted_total = 0
 
     @property
@@ -97,13 +102,13 @@ class DecodeManager:
             # cache, whose pages a forward never writes (nor the host tier copy them)
             prefilling = bool(victim.num_pending) and victim in rows.joined
             rows.remove(victim)
-            if not len(rows) and self.cache.pages_for(victim.seq_len + 1) > self.cache.num_pages:
-                # its next step does not fit even the whole pool: re-prefilling could never help
+            # alone, it waits only where it may and its next step fits the whole pool (else it would
+            # retract again and again)
+            if not len(rows) and not (self.can_wait_alone(victim)
+                                      and self.cache.pages_for(victim.seq_len + 1) <= self.cache.num_pages):
                 self.cache.free(victim)
                 self.on_fail(victim, f"KV cache exhausted: {victim.seq_len} tokens do not fit the page pool")
                 return None
-            # NOTE: alone but fitting the pool, it is retracted too: the pages it lacks are held by
-            # requests not running yet (reserved for KV on its way, a prompt mid-prefill), which free them
             self.cache.release(victim, keep_kv=not prefilling)   # its KV stays cached until the pages are needed
             victim.kv_len = 0
             self.num_retracted_total += 1
