@@ -38,6 +38,24 @@ def test_one_request_through_1p1d_and_unified_takes_the_hand_computed_times():
     assert uni.ttft == pytest.approx(0.1) and uni.finished_at == pytest.approx(0.3)
 
 
+def test_1p1d_first_tokens_and_joins_follow_the_overlap_loop_and_the_handoff():
+    # the measured layout, by hand: prefill 0.1 s, transfer 5 ms, decode steps 10 ms. A busy
+    # worker reads a message at its step's end and a request it reads joins the step after next;
+    # the first token counts when decode has read the landed KV, as the cluster streams it.
+    # A (t=0): all idle; prefill 0-0.1, lands 0.105: TTFT 0.105, steps 0.105-0.305.
+    # B (t=0.2): decode reads it at 0.205 (decode_ready), prefill 0.205-0.305, lands 0.31 while
+    #   decode runs the step A rides past its end (0.305-0.315): read 0.315, TTFT 0.115.
+    # C (t=0.21): decode reads it at 0.215, prefill busy with B until 0.305, then 0.305-0.405,
+    #   lands 0.41, read at 0.415 (TTFT 0.205); the step 0.415-0.425 was launched without it,
+    #   so its 20 steps run 0.425-0.625: TPOT (0.625 - 0.415) / 20.
+    costs = CostModel.from_profile({**PROFILE, "transfer": [[0, 0.005], [1 << 20, 0.005]]})
+    a, b, c = simulate(Layout(1, 1), costs, [SimRequest(0.0, 1000, 21), SimRequest(0.2, 1000, 21),
+                                             SimRequest(0.21, 1000, 21)])
+    assert [a.ttft, b.ttft, c.ttft] == pytest.approx([0.105, 0.115, 0.205])
+    assert [a.tpot, b.tpot] == pytest.approx([0.01, 0.01])
+    assert c.finished_at == pytest.approx(0.625) and c.tpot == pytest.approx(0.0105)
+
+
 def test_a_prompt_joining_a_unified_worker_slows_the_decodes_it_joins():
     # the second prompt arrives mid-decode of the first: one step costs 0.1 + 0.01
     a, b = simulate(Layout(unified=1), costs(), [SimRequest(0.0, 1000, 21), SimRequest(0.15, 1000, 21)])
@@ -87,6 +105,13 @@ def test_plan_cli_prints_every_layout_and_the_best(tmp_path, capsys):
                  "--slo-tpot", "0.012", "--workload", str(workload)]) == 0
     out = capsys.readouterr().out
     assert "unified x2" in out and "1P1D" in out and "best: 1P1D" in out
+    assert main(["plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft", "0.2", "--slo-tpot", "0.012",
+                 "--workload", str(workload), "--layout", "1P1D", "--rates", "4", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["layouts"]
+    assert row["layout"] == "1P1D" and row["goodput_rps"] is not None
+    (at,) = row["at_rates"]
+    assert at["rate"] == 4 and at["num_requests"] == 40 and at["slo_attainment"] == 1.0
+    assert 100 <= at["median_ttft_ms"] <= 120 and at["mean_tpot_ms"] == pytest.approx(10.0)
 
 
 def test_tp_layouts_use_every_gpu_and_name_their_tp():

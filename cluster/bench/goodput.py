@@ -10,7 +10,9 @@ long enough for a steady state: `--rate-seconds` (default 30) seconds of arrival
 ceil(30 x rate) requests, unless `--num-requests` names the count; the output states each
 rate's window (requests, seconds of arrivals). `--plot DIR` draws
 attainment vs rate (`slo_attainment.png`), `--json FILE` writes every rate's figures, each
-request's (TTFT, TPOT) included, so `attainment_at` can score a stored run against other SLOs.
+request's (TTFT, TPOT) included, so `attainment_at` can score a stored run against other SLOs,
+and each request's router id (`request_ids`), so its phases can be read back from
+`GET /debug/requests/{id}` while the router still holds them (its last 1,000 requests).
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def rate_summary(rate: float, results: list[dict], duration: float, args, arriva
     per_request = [None if "error" in r else [round(r["ttft"], 5), _rounded(report.tpot(r))] for r in results]
     return {"rate": rate, "num_requests": len(results), "arrival_window_s": round(arrival_window, 3),
             "slo_attainment": round(good / max(1, len(results)), 4),
-            **{k: s[k] for k in keep}, "ttft_tpot_s": per_request}
+            **{k: s[k] for k in keep}, "ttft_tpot_s": per_request,
+            "request_ids": [r.get("request_id") for r in results]}
 
 
 def _rounded(x: Optional[float]) -> Optional[float]:

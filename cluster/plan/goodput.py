@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from cluster.bench.report import percentile
 from cluster.plan.costs import CostModel
-from cluster.plan.simulate import Layout, simulate
+from cluster.plan.simulate import Layout, SimRequest, simulate
 from cluster.plan.workload import Workload
 
 RATE_STEP = 1.1                     # the default search grid: 0.05 req/s, then 10% apart
@@ -29,11 +30,29 @@ class Limits:
     max_running: int = 64
 
 
+def run_at(layout: Layout, costs: CostModel, workload: Workload, rate: float,
+           limits: Limits = Limits()) -> list[SimRequest]:
+    return simulate(layout, costs, workload.requests(rate), max_prefill_tokens=limits.max_prefill_tokens,
+                    max_running=limits.max_running)
+
+
 def attainment(layout: Layout, costs: CostModel, workload: Workload, slo: Slo, rate: float,
                limits: Limits = Limits()) -> float:
-    done = simulate(layout, costs, workload.requests(rate), max_prefill_tokens=limits.max_prefill_tokens,
-                    max_running=limits.max_running)
+    done = run_at(layout, costs, workload, rate, limits)
     return sum(slo.met_by(r) for r in done) / len(done)
+
+
+def predict(layout: Layout, costs: CostModel, workload: Workload, slo: Slo, rate: float,
+            limits: Limits = Limits()) -> dict:
+    """One rate's predicted figures under `pdcluster bench --request-rate`'s names (ms)."""
+    done = run_at(layout, costs, workload, rate, limits)
+    ttfts = [r.ttft * 1e3 for r in done]
+    tpots = [r.tpot * 1e3 for r in done if r.tpot is not None]
+    return {"rate": rate, "num_requests": len(done),
+            "slo_attainment": round(sum(slo.met_by(r) for r in done) / len(done), 4),
+            "median_ttft_ms": round(percentile(ttfts, 50), 3), "p90_ttft_ms": round(percentile(ttfts, 90), 3),
+            "p99_ttft_ms": round(percentile(ttfts, 99), 3),
+            "mean_tpot_ms": round(sum(tpots) / len(tpots), 3) if tpots else None}
 
 
 def default_rates():

@@ -6,8 +6,11 @@ so it is what the cluster spends, not what a client sees: a prompt of T token id
 output tokens gives a prefill sample (T, `prefill_forward`) and a transfer sample (the
 `kv_transfer` phase's bytes and duration); B such prompts of L tokens sent at once with M
 output tokens give a decode sample (B, B x (L + M/2) context tokens, the median gap between
-their token events after the first). Prompts are seeded random ids, distinct per request, so
-the prefix cache does not shorten them.
+their token events after the first). Prompts are random ids, distinct per request and per run
+(a second profile of the same running cluster must not hit the first one's prefix cache). Each point is measured `--repeats` times and its
+median kept: one sample on a shared machine is often one other process's burst.
+`--url` measures a cluster already running from CONFIG (so a profile and a benchmark can run
+on the same processes, minutes apart) instead of launching one.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import replace
+from typing import Optional
 
 import httpx
 
@@ -35,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,4", help="decode batch sizes to time")
     p.add_argument("--contexts", default="16,64", help="prompt lengths of the decode batches")
     p.add_argument("--decode-tokens", type=int, default=6, help="output tokens per decode request")
+    p.add_argument("--repeats", type=int, default=3, help="samples per point (the median is kept)")
+    p.add_argument("--url", default=None, help="measure the cluster running at this router URL "
+                   "(launched from CONFIG) instead of launching one")
 
 
 def _ints(text: str) -> list[int]:
@@ -50,7 +57,7 @@ def _free_port() -> int:
 class Probe:
     """Requests of exact token lengths, each read back as the router's phases."""
 
-    def __init__(self, http: httpx.AsyncClient, model: str, seed: int = 0):
+    def __init__(self, http: httpx.AsyncClient, model: str, seed: Optional[int] = None):
         self.http, self.model, self.rng = http, model, random.Random(seed)
 
     async def trace(self, num_tokens: int, max_tokens: int) -> dict:
@@ -77,20 +84,25 @@ def step_gaps(trace: dict) -> list[float]:
 async def measure(http: httpx.AsyncClient, model: str, args) -> dict:
     probe = Probe(http, model)
     await probe.trace(16, 2)                                   # warm-up: first-call costs
+    repeats = range(max(1, getattr(args, "repeats", 1)))
     prefill, transfer = [], []
     for n in _ints(args.prefill_tokens):
-        t = await probe.trace(n, 2)
-        prefill.append([n, _phase(t, "prefill_forward")["duration_s"]])
-        kv = _phase(t, "kv_transfer")
-        transfer.append([kv.get("bytes", 0), kv["duration_s"]])
+        traces = [await probe.trace(n, 2) for _ in repeats]
+        prefill.append([n, statistics.median(_phase(t, "prefill_forward")["duration_s"] for t in traces)])
+        kvs = [_phase(t, "kv_transfer") for t in traces]
+        transfer.append([kvs[0].get("bytes", 0), statistics.median(kv["duration_s"] for kv in kvs)])
     decode = []
     m = args.decode_tokens
     for batch in _ints(args.batches):
         for ctx in _ints(args.contexts):
-            traces = await asyncio.gather(*(probe.trace(ctx, m) for _ in range(batch)))
-            gaps = [g for t in traces for g in step_gaps(t)]
-            if gaps:
-                decode.append([batch, batch * (ctx + m // 2), statistics.median(gaps)])
+            steps = []
+            for _ in repeats:
+                traces = await asyncio.gather(*(probe.trace(ctx, m) for _ in range(batch)))
+                gaps = [g for t in traces for g in step_gaps(t)]
+                if gaps:
+                    steps.append(statistics.median(gaps))
+            if steps:
+                decode.append([batch, batch * (ctx + m // 2), statistics.median(steps)])
     per_token = [b / n for (n, _), (b, _) in zip(prefill, transfer) if b]
     return {"prefill": prefill, "decode": decode, "transfer": transfer,
             "kv_bytes_per_token": statistics.median(per_token) if per_token else 0}
@@ -107,6 +119,13 @@ def cmd_profile(args) -> int:
     if not {"prefill", "decode"} <= roles:
         print("pdcluster profile: the config needs [[prefill]] and [[decode]] workers", file=sys.stderr)
         return 2
+    if args.url:
+        try:
+            profile = asyncio.run(_measure_at(args.url.rstrip("/").removesuffix("/v1"), cfg, args))
+        except httpx.HTTPError as e:
+            print(f"pdcluster profile: {args.url}: {e}", file=sys.stderr)
+            return 1
+        return _write(profile, args.out)
     cfg = replace(cfg, router=replace(cfg.router, port=_free_port(), host="127.0.0.1"))
     launcher = Launcher(cfg, args.config, tempfile.mkdtemp(prefix="pdcluster-profile-"))
     try:
@@ -117,9 +136,13 @@ def cmd_profile(args) -> int:
         return 1
     finally:
         launcher.shutdown()
-    with open(args.out, "w") as f:
+    return _write(profile, args.out)
+
+
+def _write(profile: dict, out: str) -> int:
+    with open(out, "w") as f:
         json.dump(profile, f, indent=1)
-    print(f"profile: {args.out} ({len(profile['prefill'])} prefill, {len(profile['decode'])} decode, "
+    print(f"profile: {out} ({len(profile['prefill'])} prefill, {len(profile['decode'])} decode, "
           f"{len(profile['transfer'])} transfer samples)")
     return 0
 
