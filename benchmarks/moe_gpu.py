@@ -181,7 +181,7 @@ def bench_mla_extend(runner, args) -> dict:
     if runner.attention_backend == "triton":   # the same prompts fresh: the prefill kernel against SDPA
         ctx = AttentionContext.build([new] * b, [0] * b, tables, [0] * b, runner.page_size, False, runner.device,
                                      None, runner.dtype, "triton")
-        for name, switch in (("kernel", ""), ("sdpa", "sdpa")):
+        for name, switch in (("kernel", "kernel"), ("sdpa", "")):
             os.environ[FRESH_PREFILL_SWITCH] = switch
             row[f"mla_prefill_{name}_ms"] = 1e3 * timed(
                 lambda: attn._extend_expanded(q_nope, q_pe, latent, cache, ctx), args.reps * 3, args.device)

@@ -74,11 +74,12 @@ def test_extend_kernel_over_cached_prefixes_equals_the_torch_path(layer):
 @pytest.mark.parametrize("extend_lens", [[6, 40, 1], [9, 9]])   # ragged (40: two query blocks), and even
 def test_fresh_prompts_through_the_prefill_kernel_equal_sdpa(layer, extend_lens, monkeypatch):
     """Prompts from position 0: the kernel over the new tokens' latents, causal, as SDPA's causal
-    kernel on the torch context; PDCLUSTER_MLA_PREFILL=sdpa sends the Triton context to SDPA too."""
+    kernel on the torch context (PDCLUSTER_MLA_PREFILL=kernel); by default the Triton context uses SDPA too."""
+    monkeypatch.setenv(FRESH_PREFILL_SWITCH, "kernel")
     got = run_both(layer, extend_lens, [0] * len(extend_lens))
     torch.testing.assert_close(got["triton"][0], got["torch"][0], atol=1e-5, rtol=1e-5)
     assert torch.equal(got["triton"][1], got["torch"][1])
     monkeypatch.setattr(MODULES["triton_mla_prefill"], "extend_expanded", None)   # SDPA must not need it
-    monkeypatch.setenv(FRESH_PREFILL_SWITCH, "sdpa")
+    monkeypatch.delenv(FRESH_PREFILL_SWITCH)
     torch.testing.assert_close(run_both(layer, extend_lens, [0] * len(extend_lens))["triton"][0], got["torch"][0],
                                atol=1e-6, rtol=1e-6)

@@ -166,12 +166,14 @@ def test_mla_extend_kernel_matches_expanded_attention_on_cuda(dtype, tol):
 
 def test_mla_model_extends_a_cached_prefix_as_the_torch_path_does(monkeypatch):
     """tiny-deepseek-v2 on the Triton context (the prefill kernel over the first chunk's new tokens,
-    then over pages; the decode kernel) gives the greedy tokens of the torch context with gathered
-    latents, for prompts computed in two chunks."""
+    opted in, then over pages; the decode kernel) gives the greedy tokens of the torch context with
+    gathered latents, for prompts computed in two chunks."""
     from cluster.engine.loader import load_model
     from cluster.engine.model_runner import ModelRunner
     from tests.engine_fixtures import batch_input
     prompts = [list(range(40, 77)), list(range(100, 125))]
+
+    monkeypatch.setenv("PDCLUSTER_MLA_PREFILL", "kernel")
 
     def greedy(switch: str) -> list[list[int]]:
         monkeypatch.setenv("PDCLUSTER_MLA", switch)

@@ -11,9 +11,10 @@ values per token and layer instead of `2 * heads * head_dim`. Head h's key is
   into per-head keys and values, then SDPA, as transformers does. On CUDA a Triton kernel
   (triton_mla_prefill.py) takes them instead, with no padding, mask or per-head copy of the
   rope key: an extend over a cached prefix expands the batch's latent pages once and attends
-  over them by page; a fresh prompt expands only its new tokens' latents and attends causally
-  over those. `PDCLUSTER_MLA_PREFILL=sdpa` keeps fresh prompts on SDPA (its padded batch and
-  expanded keys) for comparison; which is faster on a GPU is not measured yet.
+  over them by page. A fresh prompt goes through SDPA (its padded batch and expanded keys)
+  unless `PDCLUSTER_MLA_PREFILL=kernel`, which sends it through the same kernel over its new
+  tokens' latents, causally: the two agree under Triton's CPU interpreter, but the kernel has
+  never run on a GPU, so it stays opt-in until it is measured there (benchmarks/moe_gpu.py).
 - Decode (one query per request): the absorbed form. `W_UK` is folded into the query
   (`q_nope W_UK[h]` lives in latent space), so the scores read the cached latents directly,
   the weighted sum of latents is taken first and `W_UV` applied once per head afterwards:
@@ -43,7 +44,7 @@ from cluster.engine.norm import RMSNorm
 from cluster.engine.rotary import apply_rope_interleaved, softmax_mscale
 
 BACKEND_SWITCH = "PDCLUSTER_MLA"   # "torch": gather the latents and use torch ops on CUDA too
-FRESH_PREFILL_SWITCH = "PDCLUSTER_MLA_PREFILL"   # "sdpa": fresh prompts on a Triton context through SDPA
+FRESH_PREFILL_SWITCH = "PDCLUSTER_MLA_PREFILL"   # "kernel": fresh prompts on a Triton context through it
 LATENT_NORM_EPS = 1e-6   # transformers' DeepseekV2RMSNorm default: the latent norms ignore rms_norm_eps
 
 
@@ -138,7 +139,7 @@ class MlaAttention(nn.Module):
         m, h = self.mla, self.num_heads
         if ctx.kv_limit is not None:     # the Triton context, over a cached prefix
             return self._extend_over_pages(q_nope, q_pe, cache, ctx)
-        if ctx.q_start is not None and os.environ.get(FRESH_PREFILL_SWITCH, "") != "sdpa":
+        if ctx.q_start is not None and os.environ.get(FRESH_PREFILL_SWITCH, "") == "kernel":
             # the Triton context, fresh prompts: rows are the new tokens (page size 1, request b's
             # from q_start[b]), each token sees its request's rows up to itself
             return self._attend_expanded(q_nope, q_pe, latent, ctx, ctx.q_start, ctx.positions + 1, 1)
