@@ -115,6 +115,11 @@ class ScriptedWorker:
         self.client.send(protocol.Tokens(worker_id=self.worker_id, items=[
             protocol.TokensItem(rid, list(ids), finish, error, logprobs)]))
 
+    def plain_tokens(self, rids: list[str], ids: list[int]) -> None:
+        """One steady decode step: one bare token per request, packed as the real worker sends it."""
+        self.client.send(protocol.Tokens(worker_id=self.worker_id, items=[],
+                                         plain=protocol.PlainTokens(list(rids), list(ids), forward_iter=7)))
+
     def close(self) -> None:
         self._stop.set()
         self.thread.join(timeout=2)

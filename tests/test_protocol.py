@@ -327,13 +327,14 @@ def test_fuzz_truncated_and_dropped_frames(frames, data):
         _decode_or_protocol_error(frames[:i] + frames[i + 1:] if i else frames[1:])
 
 
-def test_plain_tokens_arrive_as_items_after_the_others():
+def test_plain_tokens_arrive_packed_and_read_as_items_after_the_others():
     msg = P.Tokens("unified-0", [P.TokensItem("a", [1], "stop")],
                    plain=P.PlainTokens(["b", "c"], [7, 8], forward_iter=5))
     got = P.decode(P.encode(msg))
-    assert got.plain is None and [(i.rid, i.token_ids, i.finish_reason, i.forward_iter) for i in got.items] == [
+    assert got.plain == msg.plain
+    assert [(i.rid, i.token_ids, i.finish_reason, i.forward_iter) for i in got.all_items()] == [
         ("a", [1], "stop", None), ("b", [7], None, 5), ("c", [8], None, 5)]
-    assert got.items == msg.all_items()
+    assert got.all_items() == msg.all_items()
     with pytest.raises(ValueError, match="2 rids for 1 tokens"):
         P.PlainTokens(["b", "c"], [7])
 

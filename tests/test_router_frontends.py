@@ -12,6 +12,7 @@ from tests.test_router_api import (  # noqa: F401 (collected here, through a fro
     test_launcher_exit_notice_fails_over_at_once_and_internal_endpoints_are_guarded,
     test_metrics_text_parses_and_exports_worker_gauges, test_over_max_queued_requests_is_503_with_retry_after)
 from tests.test_router_role_switch import test_admin_api_asks_for_the_key_and_refuses_bad_switches  # noqa: F401
+from tests.test_router_streaming import test_stream_sends_one_event_per_token_when_the_client_keeps_up  # noqa: F401
 
 
 ROUTER_FRONTEND = True     # conftest.make_router: every router of this module serves through a front end

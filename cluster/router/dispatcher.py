@@ -245,7 +245,23 @@ class Dispatcher:
                 self.table.remember_finished(st)
                 self.table.release(st)
             ready.append((st.sink, event))
-        deliver_all(ready)
+        deliver_all(ready, self._plain_tokens(sender, msg.plain, now) if msg.plain is not None else ())
+
+    def _plain_tokens(self, sender: str, rows, now: float) -> list:
+        """(sink, token id) of a step's packed rows: one token each and nothing else, so no
+        item or event is built per row."""
+        requests, forward_iter, t = self.requests, rows.forward_iter, time.time()
+        out = []
+        for rid, token_id in zip(rows.rids, rows.token_ids):
+            st = requests.get(rid)
+            if st is None or st.token_source != sender:
+                continue                                   # finished, aborted or stale attempt
+            st.output_ids.append(token_id)
+            if st.trace is not None:
+                st.trace.add_tokens(1, forward_iter, t)
+            st.last_progress = now
+            out.append((st.sink, token_id))
+        return out
 
     def _on_marks(self, sender: str, msg) -> None:
         for item in msg.items:

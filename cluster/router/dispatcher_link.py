@@ -156,7 +156,7 @@ class DispatcherLink:
     def _on_message(self, msg) -> None:
         """On the control client's I/O thread."""
         if isinstance(msg, FrontendEvents):
-            deliver_all(self._events(msg.items) + self._plain_events(msg.plain_rids, msg.plain_token_ids))
+            deliver_all(self._events(msg.items), self._plain_tokens(msg.plain_rids, msg.plain_token_ids))
         elif isinstance(msg, FrontendReply):
             waiting = self._waiting.get(msg.ticket)
             if waiting is not None:
@@ -182,10 +182,9 @@ class DispatcherLink:
             pairs.append((st.sink, event))
         return pairs
 
-    def _plain_events(self, rids: list, token_ids: list) -> list:
+    def _plain_tokens(self, rids: list, token_ids: list) -> list:
         requests = self.requests
-        return [(st.sink, TokensEvent([t], None, None)) for rid, t in zip(rids, token_ids)
-                if (st := requests.get(rid)) is not None]
+        return [(st.sink, t) for rid, t in zip(rids, token_ids) if (st := requests.get(rid)) is not None]
 
     def _report(self) -> None:
         if self.metrics is None:

@@ -37,10 +37,19 @@ class Mailbox:
 
     def put(self, event: Event) -> None:
         """On the loop's thread."""
+        if type(event) is TokensEvent and event.is_plain:
+            return self.put_token(event.token_ids[0])
+        self._queue(event)
+
+    def put_token(self, token_id: int) -> None:
+        """A plain token, on the loop's thread: to `steady` when the coroutine waits here with
+        nothing queued and the writer takes it, else queued as an event."""
         if (self.steady is not None and not self.events and self.waiter is not None
-                and not self.waiter.done() and type(event) is TokensEvent and event.is_plain
-                and self.steady(event.token_ids[0])):
+                and not self.waiter.done() and self.steady(token_id)):
             return
+        self._queue(TokensEvent([token_id], None, None))
+
+    def _queue(self, event: Event) -> None:
         self.events.append(event)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
@@ -67,7 +76,8 @@ def _wake(waiter: asyncio.Future) -> None:
 
 class RemoteSink:
     """A request admitted by a front-end process: its events leave in that front end's next
-    `frontend_events` message (`outbox.send_events(frontend_id, [(rid, event), ...])`)."""
+    `frontend_events` message (`outbox.send_events(frontend_id, [(rid, event), ...], [(rid,
+    plain token id), ...])`)."""
 
     __slots__ = ("outbox", "frontend_id", "rid")
 
@@ -75,28 +85,33 @@ class RemoteSink:
         self.outbox, self.frontend_id, self.rid = outbox, frontend_id, rid
 
     def __call__(self, event: Event) -> None:
-        self.outbox.send_events(self.frontend_id, [(self.rid, event)])
+        self.outbox.send_events(self.frontend_id, [(self.rid, event)], [])
 
 
-def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]]) -> None:
+def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]],
+                plain: list[tuple[Callable[[Event], None], int]] = ()) -> None:
     """Hand one message's events to their requests, waking each event loop once for all of
-    them and sending each front end one message. Order per request is kept. Any other sink
-    is called directly."""
+    them and sending each front end one message. `plain`: (sink, token id) of requests that
+    got one token and nothing else, after `pairs` (no event object is built for them unless
+    one must be queued). Order per request is kept. Any other sink is called directly."""
     by_loop: dict = {}
     by_frontend: dict = {}
-    for sink, event in pairs:
-        if isinstance(sink, Mailbox):
-            by_loop.setdefault(sink.loop, []).append((sink, event))
-        elif isinstance(sink, RemoteSink):
-            by_frontend.setdefault((sink.outbox, sink.frontend_id), []).append((sink.rid, event))
-        else:
-            sink(event)
-    for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_put_all, items)
-    for (outbox, frontend_id), items in by_frontend.items():
-        outbox.send_events(frontend_id, items)
+    for i, rows in enumerate((pairs, plain)):
+        for sink, event in rows:
+            if isinstance(sink, Mailbox):
+                by_loop.setdefault(sink.loop, ([], []))[i].append((sink, event))
+            elif isinstance(sink, RemoteSink):
+                by_frontend.setdefault((sink.outbox, sink.frontend_id), ([], []))[i].append((sink.rid, event))
+            else:
+                sink(event if i == 0 else TokensEvent([event], None, None))
+    for loop, (events, tokens) in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, events, tokens)
+    for (outbox, frontend_id), (events, tokens) in by_frontend.items():
+        outbox.send_events(frontend_id, events, tokens)
 
 
-def _put_all(items: list) -> None:
-    for mailbox, event in items:
+def _put_all(events: list, tokens: list) -> None:
+    for mailbox, event in events:
         mailbox.put(event)
+    for mailbox, token_id in tokens:
+        mailbox.put_token(token_id)

@@ -158,11 +158,12 @@ class Tokens:                                     # decode / unified / dllm -> r
     TYPE: ClassVar[str] = "tokens"
     worker_id: str
     items: list                                   # TokensItem
-    # more requests' tokens, emitted after every item above (decoding appends them to `items`)
+    # more requests' tokens, emitted after every item above (they stay packed through the
+    # codec: the router hands them on row by row without an item each)
     plain: Optional[PlainTokens] = None
 
     def all_items(self) -> list:
-        """`items`, then `plain` as TokensItems (a message not yet through the codec)."""
+        """`items`, then `plain` as TokensItems."""
         return self.items + self.plain.items() if self.plain is not None else self.items
 
 

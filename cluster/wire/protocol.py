@@ -308,8 +308,6 @@ def decode(frames: Sequence[Any]) -> Message:
         unused = [i for i, u in enumerate(used) if not u]
         raise ProtocolError(f"{cls.TYPE}: frames {unused[:8]} are not referenced by the body")
     try:   # a message's own __post_init__ cross-checks its fields (lengths that must agree)
-        if cls is Tokens and body["plain"] is not None:   # receivers see one list of items
-            body["items"], body["plain"] = Tokens(**body).all_items(), None
         return cls(**body)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{cls.TYPE}: {e}") from None
