@@ -19,13 +19,18 @@ WORDS = " one two three four five six seven eight"
 
 def paced_reply(ids: list[int], together: int, every_s: float):
     """A worker that sends `together` one-token messages back to back every `every_s` (as a
-    worker whose socket thread got the GIL late would), from its own thread."""
+    worker whose socket thread got the GIL late would), from its own thread. The first and
+    last token travel as items, the steady ones between packed (`PlainTokens`), as a real
+    worker sends them."""
     def reply(worker, gen):
         def run():
             for i, t in enumerate(ids):
                 if worker._stop.is_set() or any(isinstance(m, protocol.Abort) for m in worker.received):
                     return
-                worker.tokens(gen.rid, [t], "length" if i == len(ids) - 1 else None)
+                if 0 < i < len(ids) - 1:
+                    worker.plain_tokens([gen.rid], [t])
+                else:
+                    worker.tokens(gen.rid, [t], "length" if i == len(ids) - 1 else None)
                 if (i + 1) % together == 0:
                     time.sleep(every_s)
         threading.Thread(target=run, daemon=True).start()
@@ -134,6 +139,32 @@ def test_steady_tokens_go_straight_to_the_socket_framed_as_the_server_frames_the
     assert not written                                                # no wire under HTTP/1.0
 
 
+def test_steady_tokens_hold_back_a_possible_stop_string_as_events_do(tokenizers):
+    """The steady path (`add_token`) releases the same text at the same tokens as the event
+    path (`add`), holding back what could start a stop string, and the finish trims it."""
+    import random
+    from cluster.engine.tokenizer import IncrementalDetokenizer
+    from cluster.router.completion import CompletionText
+    tok = tokenizers[""]
+    ids = tok.encode("one two ST STOP three café 日本語 🎉 STOP")
+    rng = random.Random(0)
+    for stop in ([], ["STOP"], ["STOP", "日本"], ["x"]):
+        for _ in range(5):
+            steady, events = (CompletionText(IncrementalDetokenizer(tok), stop) for _ in range(2))
+            cut = rng.randrange(1, len(ids) + 1)
+            for t in ids[:cut - 1]:
+                got = events.add([t], None, None).text
+                as_event = rng.random() < 0.3          # both paths feed one stream
+                assert (steady.add([t], None, None).text if as_event else steady.add_token(t)) == got
+            tail = ids[cut - 1:cut]
+            assert steady.add(tail, None, "stop").text == events.add(tail, None, "stop").text
+            assert steady.token_ids == ids[:cut]
+    stop_at = next(i for i in range(len(ids)) if "STOP" in tok.decode(ids[:i + 1]))
+    text = CompletionText(IncrementalDetokenizer(tok), ["STOP"])
+    sent = "".join(text.add_token(t) for t in ids[:stop_at]) + text.add(ids[stop_at:stop_at + 1], None, "stop").text
+    assert sent == "one two ST "
+
+
 def _generation(svc, tok):
     from cluster.engine.tokenizer import IncrementalDetokenizer
     from cluster.router.completion import CompletionText
@@ -192,13 +223,16 @@ def test_an_unexpected_failure_mid_stream_ends_with_an_error_event_not_a_cut(mak
     ids = tok.encode(WORDS)
     r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.01))
     assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
-    real_add = IncrementalDetokenizer.add
+    real_add, real_add_one = IncrementalDetokenizer.add, IncrementalDetokenizer.add_one
 
-    def add(self, token_ids):
-        if len(self.ids) >= 3:
-            raise KeyError("boom")
-        return real_add(self, token_ids)
-    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    def failing(real):
+        def add(self, token_ids):
+            if len(self.ids) >= 3:
+                raise KeyError("boom")
+            return real(self, token_ids)
+        return add
+    monkeypatch.setattr(IncrementalDetokenizer, "add", failing(real_add))
+    monkeypatch.setattr(IncrementalDetokenizer, "add_one", failing(real_add_one))
     texts, ended = stream_texts(r, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)})
     assert ended == "error" and texts == [tok.decode([t]) for t in ids[:3]]
     assert wait_for(lambda: not r.dispatcher.requests)  # and the request was aborted

@@ -178,9 +178,25 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.pieces = tokenizer.piece_texts
         self.ids: list[int] = []
-        self.text = ""
+        self.deltas: list[str] = []            # the text, as returned (joined only when asked)
         self.prefix_offset = 0
         self.read_offset = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+    def add_one(self, token_id: int) -> str:
+        """`add([token_id])`; the common case (a context-free piece, nothing held back) first."""
+        if self.read_offset == len(self.ids) and 0 <= token_id < len(self.pieces):
+            piece = self.pieces[token_id]
+            if piece is not None:
+                self.ids.append(token_id)
+                self.prefix_offset = self.read_offset
+                self.read_offset += 1
+                self.deltas.append(piece)
+                return piece
+        return self.add((token_id,))
 
     def add(self, token_ids: Iterable[int]) -> str:
         start = len(self.ids)
@@ -191,7 +207,7 @@ class IncrementalDetokenizer:
             except (TypeError, IndexError):    # a piece that needs its context: decode the window
                 return self._advance(final=False)
             self.prefix_offset, self.read_offset = start, len(self.ids)
-            self.text += delta
+            self.deltas.append(delta)
             return delta
         return self._advance(final=False)
 
@@ -208,7 +224,7 @@ class IncrementalDetokenizer:
             return ""
         delta = new_text[len(prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += delta
+        self.deltas.append(delta)
         return delta
 
 

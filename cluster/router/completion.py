@@ -25,8 +25,7 @@ class TextDelta:
 class CompletionText:
     detokenizer: object                        # IncrementalDetokenizer
     stop: list[str]
-    text: str = ""                             # everything decoded so far
-    num_emitted: int = 0                       # characters handed to the client
+    unsent: str = ""                           # decoded, not handed to the client yet
     token_ids: list[int] = field(default_factory=list)
     hold_back: int = field(init=False)         # characters that could start a stop string
 
@@ -38,33 +37,31 @@ class CompletionText:
         """New tokens in; the text that may be sent now out (all of it once finished)."""
         self.token_ids += token_ids
         if token_ids:
-            self.text += self.detokenizer.add(token_ids)
-        if finish_reason is not None:
-            self.text += self.detokenizer.finish()
+            self.unsent += self.detokenizer.add(token_ids)
         if finish_reason is None:
             return TextDelta(self._release(), token_ids, logprobs, None)
-        end = len(self.text)
+        delta, self.unsent = self.unsent + self.detokenizer.finish(), ""
         if finish_reason == "stop" and self.stop:
-            end = self._stop_position()
-            self.text = self.text[:end]
-        delta = self.text[self.num_emitted:end]
-        self.num_emitted = end
+            delta = delta[:self._stop_position(delta)]
         return TextDelta(delta, token_ids, logprobs, finish_reason)
 
     def add_token(self, token_id: int) -> str:
         """`add` of one token that does not finish: the text that may be sent now."""
         self.token_ids.append(token_id)
-        self.text += self.detokenizer.add((token_id,))
+        if not self.hold_back and not self.unsent:    # no stop string to watch for
+            return self.detokenizer.add_one(token_id)
+        self.unsent += self.detokenizer.add_one(token_id)
         return self._release()
 
     def _release(self) -> str:
         """The text not sent yet, but for the last `hold_back` characters."""
-        end = max(self.num_emitted, len(self.text) - self.hold_back)
-        delta = self.text[self.num_emitted:end]
-        self.num_emitted = end
+        cut = len(self.unsent) - self.hold_back
+        if cut <= 0:
+            return ""
+        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
         return delta
 
-    def _stop_position(self) -> int:
-        """Start of the earliest stop string not yet sent, or the text's end if none."""
-        hits = [i for s in self.stop if (i := self.text.find(s, self.num_emitted)) >= 0]
-        return min(hits) if hits else len(self.text)
+    def _stop_position(self, text: str) -> int:
+        """Start of the earliest stop string in `text` (not sent yet), or its end if none."""
+        hits = [i for s in self.stop if (i := text.find(s)) >= 0]
+        return min(hits) if hits else len(text)
