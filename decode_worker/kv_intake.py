@@ -24,7 +24,7 @@ from decode_worker.transfer_queue import TransferQueue
 class Landed:
     item: "P.KvReq"
     req: Req
-    num_bytes: int
+    num_bytes: int                  # on every rank of a TP worker (kv_transfer_bytes_total)
     import_s: float
 
 
@@ -57,9 +57,9 @@ class KvIntake:
                 if req is not None:
                     check_shape(req, span)
                     self.landing.expect(span.rid, span.attempt, msg.layer)
-                self.unpack(msg, span, payload, req, (msg.layer, msg.layer + msg.num_layers))
+                num_bytes = self.unpack(msg, span, payload, req, (msg.layer, msg.layer + msg.num_layers))
                 if req is not None:
-                    self.landing.landed(span.rid, msg.num_layers)
+                    self.landing.landed(span.rid, msg.num_layers, num_bytes)
             except KvTransferError as e:
                 if req is not None:
                     self.landing.failed(span.rid, span.attempt, e)
@@ -76,13 +76,12 @@ class KvIntake:
                 if req is not None:
                     check_shape(req, item)
                 if item.layers_sent:             # the rest (usually none), then the whole is verified
-                    if req is not None:
-                        self.landing.take(item.rid, item.attempt, item.layers_sent)
-                    self.unpack(msg, item, payload, req, (min(item.layers_sent, num_layers), num_layers))
+                    ahead = self.landing.take(item.rid, item.attempt, item.layers_sent) if req is not None else 0
+                    num_bytes = ahead + self.unpack(msg, item, payload, req,
+                                                    (min(item.layers_sent, num_layers), num_layers))
                     if req is not None:
                         self.transfer.receiver_for(msg.backend, msg.source).verify_landed(
                             item, self.pages_of(req, item))
-                    num_bytes = self.transfer.pool.request_bytes(item.transfer_len)
                 else:
                     num_bytes = self.unpack(msg, item, payload, req, None)
             except KvTransferError as e:

@@ -18,6 +18,7 @@ from cluster.kv_transfer import KvTransferError
 class _Progress:
     attempt: int
     layers: int = 0
+    num_bytes: int = 0          # landed on every rank (a TP worker's other ranks count at the last layer)
     error: Optional[KvTransferError] = None
 
 
@@ -38,8 +39,10 @@ class LayerLanding:
         if layer != p.layers:
             raise KvTransferError("layers", f"layer {layer} arrived after {p.layers} layers")
 
-    def landed(self, rid: str, num_layers: int) -> None:
-        self._landed[rid].layers += num_layers
+    def landed(self, rid: str, num_layers: int, num_bytes: int) -> None:
+        p = self._landed[rid]
+        p.layers += num_layers
+        p.num_bytes += num_bytes
 
     def failed(self, rid: str, attempt: int, error: KvTransferError) -> None:
         p = self._landed.get(rid)
@@ -47,14 +50,16 @@ class LayerLanding:
             p = self._landed[rid] = _Progress(attempt)
         p.error = p.error or error
 
-    def take(self, rid: str, attempt: int, layers_sent: int) -> None:
-        """The kv_batch item says `layers_sent` went ahead: raises unless exactly those landed."""
+    def take(self, rid: str, attempt: int, layers_sent: int) -> int:
+        """The kv_batch item says `layers_sent` went ahead: raises unless exactly those landed;
+        -> the bytes they brought."""
         p = self._landed.pop(rid, None)
         got = p.layers if p is not None and p.attempt == attempt else 0
         if p is not None and p.attempt == attempt and p.error is not None:
             raise p.error
         if got != layers_sent:
             raise KvTransferError("layers", f"{got} of the {layers_sent} layers sent ahead landed")
+        return p.num_bytes if p is not None else 0
 
     def forget(self, rid: str) -> None:
         self._landed.pop(rid, None)

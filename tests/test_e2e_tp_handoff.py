@@ -100,6 +100,16 @@ def landed_per_rank(cluster, decode: str) -> list[tuple[str, list[int]]]:
     return [(m.group(2), [int(x) for x in m.group(3).split(",")]) for m in PER_RANK.finditer(cluster.log(decode))]
 
 
+def decode_bytes(cluster) -> dict[str, float]:
+    """Each decode worker's kv_transfer_bytes_total (summed over its backend labels)."""
+    out: dict[str, float] = {}
+    for line in cluster.metrics().splitlines():
+        if line.startswith("pdcluster:kv_transfer_bytes_total{") and 'role="decode"' in line:
+            worker = re.search(r'worker="([^"]+)"', line).group(1)
+            out[worker] = out.get(worker, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(cluster, model_dir):
     llm = LLM(MODEL, path=model_dir, load_format="dummy", num_pages=64)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -114,6 +124,9 @@ def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(clust
     assert (src0, src1) == ("prefill-0", "prefill-1")
     # every rank of decode-1 landed its one KV head of three: a third of what decode-0 (all heads) did
     assert len(whole) == 1 and len(shares) == 3 and len(set(shares)) == 1
+    # each worker's kv_transfer_bytes_total counts every one of its ranks (rank 0 reports for all)
+    wait_for(lambda: decode_bytes(cluster) == {"decode-0": sum(whole), "decode-1": sum(shares)}, 15,
+             f"kv_transfer_bytes_total of {whole} and {shares}", cluster)
 
 
 def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):

@@ -67,9 +67,10 @@ def land(msgs, backend, decode_pool, dst_pages, num_layers):
         span = msg.reqs[0]
         landing.expect(span.rid, span.attempt, msg.layer)
         payload = msg.tensors[0] if msg.tensors else None
-        backend.unpack("prefill-0", msg.source, span, payload, dst_pages, (msg.layer, msg.layer + msg.num_layers))
-        landing.landed(span.rid, msg.num_layers)
-    landing.take("r1", 0, num_layers)
+        num_bytes = backend.unpack("prefill-0", msg.source, span, payload, dst_pages,
+                                   (msg.layer, msg.layer + msg.num_layers))
+        landing.landed(span.rid, msg.num_layers, num_bytes)
+    assert landing.take("r1", 0, num_layers) == decode_pool.request_bytes(LENGTH)   # the layers add up to the whole
 
 
 def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_holds_it():
@@ -142,16 +143,16 @@ def test_in_place_backends_send_each_layer_as_a_message_and_decode_copies_it_fro
 def test_landing_takes_exactly_the_layers_sent_ahead_in_order_per_attempt():
     landing = LayerLanding()
     landing.expect("r", 0, 0)
-    landing.landed("r", 1)
+    landing.landed("r", 1, 100)
     with pytest.raises(KvTransferError, match="layers"):
         landing.expect("r", 0, 2)                            # layer 1 never came
     with pytest.raises(KvTransferError, match="1 of the 3"):
         landing.take("r", 0, 3)
     landing.expect("r", 0, 0)
-    landing.landed("r", 1)
+    landing.landed("r", 1, 100)
     landing.expect("r", 1, 0)                                # a newer attempt starts over
-    landing.landed("r", 2)
-    landing.take("r", 1, 2)
+    landing.landed("r", 2, 300)
+    assert landing.take("r", 1, 2) == 300                    # its bytes alone
     landing.failed("q", 0, KvTransferError("unreachable", "no mapping"))
     with pytest.raises(KvTransferError, match="unreachable"):
         landing.take("q", 0, 3)

@@ -172,6 +172,8 @@ class RankReadReceiver(KvReceiver):
 
     def unpack(self, sender: str, source: dict, item, payload, dst_pages: Optional[list[int]],
                layers: Optional[tuple[int, int]] = None) -> int:
+        """-> the bytes landed: this rank's of these layers, plus at the last layer every other rank's
+        whole share (their answers, settled then), so the worker counts every rank's bytes."""
         if dst_pages is None:
             return 0           # nothing is pushed: a request no longer expected is simply not read
         first, end, _ = self.layer_span(layers)
@@ -197,6 +199,7 @@ class RankReadReceiver(KvReceiver):
             if key in self._landed:       # once per KV attempt (not again for a layer-wise kv_batch)
                 logger.info("request %s: KV heads from %s landed per rank (bytes): %s", item.rid, sender,
                             [self._landed.pop(key), *per_rank])
+            return num_bytes + sum(per_rank)
         return num_bytes
 
     def close(self) -> None:

@@ -78,7 +78,8 @@ class WorkerGauges:
     num_prealloc_reqs: Optional[int] = _metric(GAUGE, "Decode: requests waiting for KV pages to reserve.")
     num_transfer_reqs: Optional[int] = _metric(GAUGE, "Decode: requests whose KV is arriving.")
     num_retracted_reqs_total: Optional[int] = _metric(COUNTER, "Decode: requests retracted when pages ran out.")
-    kv_transfer_bytes_total: Optional[int] = _metric(COUNTER, "KV bytes sent (prefill) or received (decode).")
+    kv_transfer_bytes_total: Optional[int] = _metric(COUNTER, "KV bytes sent (prefill) or received "
+                                                     "(decode; on every rank).")
     kv_transfer_failures_total: Optional[dict] = _metric(COUNTER, "KV transfers that failed, by reason.",
                                                          label="reason")
     kv_transfer_seconds: Optional[HistogramSample] = _metric(
