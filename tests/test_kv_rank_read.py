@@ -133,3 +133,31 @@ def test_a_hostile_slice_request_is_answered_with_an_error_and_the_server_keeps_
     finally:
         sock.close(linger=0)
         server.close()
+
+
+def test_with_curve_a_slice_server_answers_only_holders_of_the_cluster_key(tmp_path):
+    """As every bound socket of a cluster: its ZAP handler admits only the cluster key pair, so a
+    client that knows the server's public key but not the secret is never answered."""
+    import msgpack
+    import zmq
+
+    from cluster.kv_transfer.slice_server import SliceClient
+    from cluster.wire.curve import CurveKeys, write_keys
+    keys = write_keys(str(tmp_path / "keys"))
+    p = pool(3)
+    server = SliceServer(p, curve=keys)
+    member = SliceClient(timeout_s=5, curve=keys)
+    intruder = zmq.Context.instance().socket(zmq.DEALER)
+    intruder.setsockopt(zmq.LINGER, 0)
+    CurveKeys(*zmq.curve_keypair()).dial(intruder)
+    intruder.setsockopt(zmq.CURVE_SERVERKEY, keys.public)
+    try:
+        got = member.read(server.address, [0, 1], (0, 1), (0, 1))
+        assert torch.equal(got, p.kv[0:1, :, 0:1].index_select(3, torch.tensor([0, 1])))
+        intruder.connect(server.address)
+        intruder.send(msgpack.packb({"id": 1, "pages": [0, 1], "heads": [0, 1], "layers": [0, 1]}))
+        assert not intruder.poll(1000)
+    finally:
+        intruder.close(linger=0)
+        member.close()
+        server.close()

@@ -7,18 +7,21 @@ frame, `[layers, planes, heads, pages, page_size, head_dim]` in the pool's dtype
 read in place: the prefill worker holds them until the decode worker's kv_ack.
 `SliceClient`: the decode rank's side, one DEALER per server, every wait bounded.
 Requests and answers are msgpack maps plus one raw frame (no pickle).
+With CURVE keys the server is a CURVE server with its own ZAP handler (on its thread, in its own
+context, as `wire/io_thread.py` does for the other bound sockets): only clients holding the cluster
+key pair are admitted.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Optional
 
 import msgpack
 import torch
 import zmq
 
 from cluster.kv_transfer.base import KvTransferError
+from cluster.wire.curve import ZAP_ENDPOINT
 from cluster.wire.torch_dtypes import DTYPE_NAMES, DTYPES
 
 logger = logging.getLogger("pdcluster.kv_transfer")
@@ -51,10 +54,15 @@ def decode_request(frames: list, pool_shape) -> dict:
 
 class SliceServer:
     def __init__(self, pool, host: str = "127.0.0.1", curve=None):
-        self.pool = pool
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.pool, self.curve = pool, curve
+        self._ctx = zmq.Context(io_threads=1)    # its own: the ZAP endpoint is one per context
+        self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self._zap = None
         if curve is not None:
+            self._zap = self._ctx.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(ZAP_ENDPOINT)         # NOTE: before the bind, so no handshake goes unchecked
             curve.serve(self.sock)
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
@@ -63,21 +71,30 @@ class SliceServer:
         self._thread.start()
 
     def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.sock, self._zap):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if not self.sock.poll(POLL_MS):
-                continue
-            frames = self.sock.recv_multipart()
-            ident, req = frames[0], None
-            try:
-                req = decode_request(frames[1:], self.pool.kv.shape)
-                part = self.read(req["pages"], req["heads"], req["layers"])
-                header = {"id": req["id"], "shape": list(part.shape), "dtype": DTYPE_NAMES[part.dtype]}
-                self.sock.send_multipart([ident, msgpack.packb(header), part.reshape(-1).view(torch.uint8).numpy()],
-                                         copy=False)
-            except Exception as e:     # a bad request is answered, never fatal
-                logger.warning("kv slice request refused: %s", e)
-                rid = req.get("id") if isinstance(req, dict) else None
-                self.sock.send_multipart([ident, msgpack.packb({"id": rid, "error": str(e)})])
+            ready = dict(poller.poll(POLL_MS))
+            if self._zap in ready:
+                self.curve.answer_zap(self._zap)
+            if self.sock in ready:
+                self._serve_one()
+
+    def _serve_one(self) -> None:
+        frames = self.sock.recv_multipart()
+        ident, req = frames[0], None
+        try:
+            req = decode_request(frames[1:], self.pool.kv.shape)
+            part = self.read(req["pages"], req["heads"], req["layers"])
+            header = {"id": req["id"], "shape": list(part.shape), "dtype": DTYPE_NAMES[part.dtype]}
+            self.sock.send_multipart([ident, msgpack.packb(header), part.reshape(-1).view(torch.uint8).numpy()],
+                                     copy=False)
+        except Exception as e:     # a bad request is answered, never fatal
+            logger.warning("kv slice request refused: %s", e)
+            rid = req.get("id") if isinstance(req, dict) else None
+            self.sock.send_multipart([ident, msgpack.packb({"id": rid, "error": str(e)})])
 
     @torch.inference_mode()
     def read(self, pages: list[int], heads: list[int], layers: list[int]) -> torch.Tensor:
@@ -90,7 +107,10 @@ class SliceServer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2 * POLL_MS / 1000)
-        self.sock.close(linger=0)
+        for sock in (self.sock, self._zap):
+            if sock is not None:
+                sock.close(linger=0)
+        self._ctx.term()
 
 
 class SliceClient:
