@@ -56,6 +56,34 @@ def test_1p1d_first_tokens_and_joins_follow_the_overlap_loop_and_the_handoff():
     assert c.finished_at == pytest.approx(0.625) and c.tpot == pytest.approx(0.0105)
 
 
+def test_prefill_and_decode_steps_that_overlap_the_other_role_stretch_by_the_co_run_factors():
+    # prefill x2 while decode steps, decode x1.5 while prefill runs; transfer 4 ms.
+    # A (t=0) alone: lands 0.104; its steps 0.104-0.114 and 0.114-0.124 (launched before B's prefill)
+    # B (t=0.11): read at 0.114, prefill 0.114-0.314 (0.2 s: decode busy); A's steps starting at
+    # 0.124 + 0.015k while it runs take 15 ms (k = 0..12, the last ends 0.319), its last five 10 ms
+    costs = CostModel.from_profile({**PROFILE, "transfer": [[0, 0.004], [1 << 20, 0.004]],
+                                    "co_run": {"prefill": 2.0, "decode": 1.5}})
+    a, b = simulate(Layout(1, 1), costs, [SimRequest(0.0, 1000, 21), SimRequest(0.11, 1000, 21)])
+    assert a.ttft == pytest.approx(0.104) and a.finished_at == pytest.approx(0.369)
+    assert b.ttft == pytest.approx(0.319 - 0.11)
+
+
+def test_co_run_factors_compare_forwards_during_decode_with_alone_and_steps_inside_with_outside():
+    from cluster.plan.co_run import co_run_factors
+
+    def prompt(start, seconds):
+        return {"arrival_unix_s": start, "phases": [{"phase": "prefill_forward", "start_s": 0.0, "end_s": seconds}]}
+
+    def decode(times):
+        return {"arrival_unix_s": 0.0, "tokens": [{"t_s": t} for t in times]}
+    alone = [prompt(0, 0.2), prompt(1, 0.3), prompt(2, 0.2)]
+    # decode steps 100 ms apart from 10.0, 150 ms while the prompt 10.3-10.75 runs; a prompt
+    # before the decodes' first steps does not count
+    steps = [10.0, 10.1, 10.2, 10.3, 10.45, 10.6, 10.75, 10.85, 10.95, 11.05]
+    prompts = [prompt(9.0, 0.9), prompt(10.3, 0.45)]
+    assert co_run_factors(alone, prompts, [decode([9.5] + steps)] * 2) == {"prefill": 2.25, "decode": 1.5}
+
+
 def test_a_prompt_joining_a_unified_worker_slows_the_decodes_it_joins():
     # the second prompt arrives mid-decode of the first: one step costs 0.1 + 0.01
     a, b = simulate(Layout(unified=1), costs(), [SimRequest(0.0, 1000, 21), SimRequest(0.15, 1000, 21)])

@@ -6,6 +6,10 @@ batch's summed sequence lengths) and `transfer` [[bytes, seconds]], plus `kv_byt
 Each is fitted as a line: prefill a + b*tokens; decode step c + d*batch + e*context;
 transfer f + g*bytes (coefficients clipped at 0: a cost never shrinks with work).
 
+Co-running (co_run.py): a profile's `co_run` {"prefill": f, "decode": g} says how much slower a
+prefill step runs while a decode worker steps, and a decode step while a prefill worker runs
+(workers sharing a host's cores); absent, both are 1.
+
 Tensor parallelism: a profile is measured on one-GPU workers; a worker of `tp` ranks runs each
 prefill and decode step `tp * tp_efficiency` times faster (`for_tp`). `tp_efficiency` (speedup
 over tp) comes from the profile's `tp_efficiency` when someone measured it, else `pdcluster plan
@@ -44,10 +48,14 @@ class CostModel:
     transfer_coef: tuple[float, float]
     kv_bytes_per_token: float
     tp_efficiency: float = DEFAULT_TP_EFFICIENCY
+    co_run_prefill: float = 1.0
+    co_run_decode: float = 1.0
 
     def __post_init__(self):
         if not 0 < self.tp_efficiency <= 1:
             raise ProfileError(f"tp_efficiency {self.tp_efficiency} is not in (0, 1]")
+        if self.co_run_prefill < 1 or self.co_run_decode < 1:
+            raise ProfileError("co_run factors must be >= 1")
 
     @classmethod
     def from_profile(cls, profile: dict) -> "CostModel":
@@ -55,7 +63,9 @@ class CostModel:
                    _fit(profile.get("decode", []), "decode", 3),
                    _fit(profile.get("transfer", [[0, 0.0], [1, 0.0]]), "transfer", 2),
                    float(profile.get("kv_bytes_per_token", 0)),
-                   float(profile.get("tp_efficiency", DEFAULT_TP_EFFICIENCY)))
+                   float(profile.get("tp_efficiency", DEFAULT_TP_EFFICIENCY)),
+                   float(profile.get("co_run", {}).get("prefill", 1.0)),
+                   float(profile.get("co_run", {}).get("decode", 1.0)))
 
     def for_tp(self, tp: int) -> "CostModel":
         """The costs of a worker of `tp` ranks: its steps `tp * tp_efficiency` times faster."""

@@ -6,11 +6,13 @@ so it is what the cluster spends, not what a client sees: a prompt of T token id
 output tokens gives a prefill sample (T, `prefill_forward`) and a transfer sample (the
 `kv_transfer` phase's bytes and duration); B such prompts of L tokens sent at once with M
 output tokens give a decode sample (B, B x (L + M/2) context tokens, the median gap between
-their token events after the first). Prompts are random ids, distinct per request and per run
-(a second profile of the same running cluster must not hit the first one's prefix cache). Each point is measured `--repeats` times and its
-median kept: one sample on a shared machine is often one other process's burst.
-`--url` measures a cluster already running from CONFIG (so a profile and a benchmark can run
-on the same processes, minutes apart) instead of launching one.
+their token events after the first); `co_run` says how much prefill and decode slow each
+other when they run at once (co_run.py). Prompts are random ids, distinct per request and
+per run (a second profile of the same running cluster must not hit the first one's prefix
+cache). Each point is measured `--repeats` times and its median kept: one sample on a shared
+machine is often one other process's burst. `--url` measures a cluster already running from
+CONFIG (so a profile and a benchmark can run on the same processes, minutes apart) instead
+of launching one.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Optional
 import httpx
 
 from cluster.config import ConfigError, load_config
+from cluster.plan.co_run import measure_co_run
 
 VOCAB_SPAN = (100, 20000)            # ids safe for any served tokenizer of the default size
 
@@ -104,8 +107,9 @@ async def measure(http: httpx.AsyncClient, model: str, args) -> dict:
             if steps:
                 decode.append([batch, batch * (ctx + m // 2), statistics.median(steps)])
     per_token = [b / n for (n, _), (b, _) in zip(prefill, transfer) if b]
+    co_run = await measure_co_run(probe, int(statistics.median(_ints(args.prefill_tokens))), len(repeats))
     return {"prefill": prefill, "decode": decode, "transfer": transfer,
-            "kv_bytes_per_token": statistics.median(per_token) if per_token else 0}
+            "kv_bytes_per_token": statistics.median(per_token) if per_token else 0, "co_run": co_run}
 
 
 def cmd_profile(args) -> int:

@@ -75,8 +75,9 @@ class StepWorker:
     one runs at once, the ended step's results are processed, the messages that came during it
     are read, and the step after the queued one is composed."""
 
-    def __init__(self, clock: Clock):
-        self.clock = clock
+    def __init__(self, clock: Clock, co_run: float = 1.0):
+        self.clock, self.co_run = clock, co_run
+        self.others: list[StepWorker] = []         # the other role's workers on the host
         self.is_busy = False
         self.launched = None                       # composed, runs when the current step ends
         self.inbox: list[Callable[[], None]] = []
@@ -101,6 +102,8 @@ class StepWorker:
 
     def _run(self, planned) -> None:
         seconds, at_end = planned
+        if any(w.is_busy for w in self.others):    # sharing the host's cores: co_run.py
+            seconds *= self.co_run
         self.is_busy = True
 
         def end():
@@ -121,7 +124,7 @@ class StepWorker:
 
 class DecodeSim(StepWorker):
     def __init__(self, clock: Clock, costs: CostModel, max_running: int):
-        super().__init__(clock)
+        super().__init__(clock, costs.co_run_decode)
         self.costs, self.max_running = costs, max_running
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
@@ -171,7 +174,7 @@ class DecodeSim(StepWorker):
 
 class PrefillSim(StepWorker):
     def __init__(self, clock: Clock, costs: CostModel, max_prefill_tokens: int):
-        super().__init__(clock)
+        super().__init__(clock, costs.co_run_prefill)
         self.costs, self.max_prefill_tokens = costs, max_prefill_tokens
         self.queue: deque[tuple[SimRequest, DecodeSim]] = deque()
 

@@ -7,7 +7,8 @@ prompt) once their decode worker has reserved pages; the KV moves to that decode
 (whoever it read joins a later step, up to `max_running`). A unified worker runs chunked
 prefill mixed into its decode steps, so prompts slow the decodes they join. Requests go round
 robin to prefill (or unified) workers, as the router's default policy, and to the decode
-worker holding the fewest requests.
+worker holding the fewest requests. A prefill or decode step that starts while a worker of
+the other role is busy is stretched by the profile's co-run factor (co_run.py).
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def simulate(layout: Layout, costs: CostModel, requests: list[SimRequest], *,
         decode = [DecodeSim(clock, costs.for_tp(layout.decode_tp), max_running) for _ in range(layout.decode)]
         prefill = [PrefillSim(clock, costs.for_tp(layout.prefill_tp), max_prefill_tokens)
                    for _ in range(layout.prefill)]
+        for w in prefill:
+            w.others = decode
+        for w in decode:
+            w.others = prefill
         for i, r in enumerate(requests):
             clock.at(r.arrival, lambda r=r, p=prefill[i % len(prefill)]: p.admit(r, min(decode, key=lambda d: d.load)))
     clock.run()
