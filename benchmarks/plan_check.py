@@ -10,8 +10,11 @@ where a profile is `pdcluster profile CONFIG --url ...` (the cost model) and a b
 minutes; the profiles just before and just after a rate show by how much.
 Then `pdcluster plan --layout 1P1D --rates R` on both of a rate's profiles, with a workload of
 the bench's own lengths (prompt tokens counted by the router's /tokenize), count and seed: the
-simulation replays the very Poisson arrival times the bench sent. The table sets the predicted
-attainment, TTFT and mean TPOT beside the measured ones, and the goodput over the swept rates.
+simulation replays the very Poisson arrival times the bench sent. A third prediction ("run")
+uses the costs the run itself paid (benchmarks/run_costs.py: its prefill forwards and decode
+steps), which leaves only the simulator's scheduling rules to differ from the measurement.
+The table sets the predicted attainment, TTFT and mean TPOT beside the measured ones, and the
+goodput over the swept rates; below it, where each rate's measured TTFT went (router phases).
 
     python benchmarks/plan_check.py                          # rates 1,3; 30 s of arrivals each
     python benchmarks/plan_check.py --rates 0.5,2,4 --seconds 60 --json plan_check.json
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import httpx
 
@@ -32,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import Cluster, disagg_config, machine, now_utc  # noqa: E402
+from benchmarks.run_costs import fetch_traces, phase_means, run_profile  # noqa: E402
 from cluster.bench.client import cycled_prompt  # noqa: E402
 from tests.cluster_harness import pdcluster_cmd  # noqa: E402
 
@@ -76,24 +81,6 @@ def plan_1p1d(profile: str, num: int, input_len: int, args, out_dir: str, *rates
     return out["layouts"][0]
 
 
-PHASES = ("router_queue", "prefill_queue", "prefill_forward", "kv_transfer", "decode_queue", "first_decode")
-
-
-def phase_means(base_url: str, request_ids: list) -> dict:
-    """Mean seconds of each router phase over the requests, and of the router's own TTFT
-    (arrival to its first token event): where a measured TTFT went."""
-    sums, counts = {}, {}
-    for rid in filter(None, request_ids):
-        trace = httpx.get(f"{base_url}/debug/requests/{rid}", timeout=30).json()
-        spans = {p["phase"]: p["duration_s"] for p in trace.get("phases", ())}
-        if trace.get("tokens"):
-            spans["router_ttft"] = trace["tokens"][0]["t_s"]
-        for name, seconds in spans.items():
-            sums[name] = sums.get(name, 0.0) + seconds
-            counts[name] = counts.get(name, 0) + 1
-    return {name: round(sums[name] / counts[name] * 1e3, 1) for name in (*PHASES, "router_ttft") if name in sums}
-
-
 def swept_goodput(rows: list[dict], share: float):
     ok = [r["rate"] for r in rows if r["slo_attainment"] >= share]
     return max(ok) if ok else None
@@ -107,19 +94,19 @@ def fmt(x, digits: int) -> str:
 
 def table(result: dict) -> str:
     head = f"{'rate':>5} {'reqs':>5} {'window s':>8}" + "".join(
-        f" | {name:>20}" for _, name, _ in FIGURES)
-    sub = f"{'':>20}" + "".join(f" | {'before/after/meas':>20}" for _ in FIGURES)
+        f" | {name:>24}" for _, name, _ in FIGURES)
+    sub = f"{'':>20}" + "".join(f" | {'before/after/run/meas':>24}" for _ in FIGURES)
     lines = [head, sub]
     for m in result["rates"]:
         cells = ""
         for key, _, digits in FIGURES:
-            trio = [m["predicted_before"][key], m["predicted_after"][key], m["measured"][key]]
-            cells += " | " + f"{'/'.join(fmt(x, digits) for x in trio):>20}"
+            four = [m["predicted_before"][key], m["predicted_after"][key], m["predicted_run"][key], m["measured"][key]]
+            cells += " | " + f"{'/'.join(fmt(x, digits) for x in four):>24}"
         lines.append(f"{m['rate']:>5g} {m['measured']['num_requests']:>5} "
                      f"{m['measured']['arrival_window_s']:>8g}{cells}")
     g = result["goodput"]
-    lines.append(f"goodput over the swept rates: predicted {g['predicted_before']} / {g['predicted_after']} "
-                 f"(the profile before / after each rate), measured {g['measured']} req/s; plan's own "
+    lines.append(f"goodput over the swept rates: predicted {g['predicted_before']} / {g['predicted_after']} / "
+                 f"{g['predicted_run']} (the profile before / after each rate / the run's own steps), measured {g['measured']} req/s; plan's own "
                  f"search (a 10% grid, 200 requests a rate; first / last profile): {fmt(g['plan_before'], 2)} / {fmt(g['plan_after'], 2)} req/s")
     return "\n".join(lines)
 
@@ -143,21 +130,25 @@ def main() -> int:
     with Cluster(disagg_config(), "plan-check") as c:
         cfg = c.config_path
         result["uptime"] = [uptime()]
-        measured, phases = {}, {}
+        measured, phases, windows, traces = {}, {}, {}, {}
         for i, r in enumerate([None, *rates]):
             if r is not None:
                 bench_json = f"{out_dir}/bench-{r:g}.json"
+                started = time.time()
                 pdcluster("bench", "--url", c.base_url + "/v1", "--request-rate", f"{r:g}",
                           "--rate-seconds", f"{args.seconds:g}", "--prompt-len", str(args.prompt_words),
                           "--max-tokens", str(args.max_tokens), "--slo-ttft", str(args.slo_ttft),
                           "--slo-tpot", str(args.slo_tpot), "--attainment", str(args.attainment),
                           "--json", bench_json)
+                windows[r] = (started, time.time())
                 with open(bench_json) as f:
                     measured[r] = json.load(f)["rates"][0]
-                phases[r] = phase_means(c.base_url, measured[r]["request_ids"])
+                traces[r] = fetch_traces(c.base_url, measured[r]["request_ids"])
+                phases[r] = phase_means(traces[r])
             pdcluster("profile", cfg, "--url", c.base_url, "--out", f"{out_dir}/profile-{i}.json", *PROFILE_ARGS)
             result["uptime"].append(uptime())
         lengths = {r: prompt_tokens(c.base_url, r, measured[r]["num_requests"], args.prompt_words) for r in rates}
+        decode_log = c.log("decode-0")
     result["profiles"] = []
     for i in range(len(rates) + 1):
         with open(f"{out_dir}/profile-{i}.json") as f:
@@ -167,15 +158,18 @@ def main() -> int:
         m = measured[r]
         row = {"rate": r, "prompt_tokens": lengths[r], "measured_phases_ms": phases[r],
                "measured": {k: v for k, v in m.items() if k not in ("ttft_tpot_s", "request_ids")}}
-        for name, j in (("before", i), ("after", i + 1)):
-            row[f"predicted_{name}"] = plan_1p1d(f"{out_dir}/profile-{j}.json", m["num_requests"], lengths[r],
+        row["run_profile"] = run_profile(traces[r], decode_log, *windows[r], result["profiles"][i])
+        with open(f"{out_dir}/run-{r:g}.json", "w") as f:
+            json.dump(row["run_profile"], f)
+        for name, path in (("before", f"profile-{i}"), ("after", f"profile-{i + 1}"), ("run", f"run-{r:g}")):
+            row[f"predicted_{name}"] = plan_1p1d(f"{out_dir}/{path}.json", m["num_requests"], lengths[r],
                                                  args, out_dir, r)["at_rates"][0]
         result["rates"].append(row)
     typical = round(statistics.mean(lengths.values()))
     result["goodput"] = {
         "measured": swept_goodput([x["measured"] for x in result["rates"]], args.attainment),
         **{f"predicted_{p}": swept_goodput([x[f"predicted_{p}"] for x in result["rates"]], args.attainment)
-           for p in ("before", "after")},
+           for p in ("before", "after", "run")},
         **{f"plan_{p}": plan_1p1d(f"{out_dir}/profile-{j}.json", 200, typical, args, out_dir)["goodput_rps"]
            for p, j in (("before", 0), ("after", len(rates)))}}
     print(f"{result['date']}; {result['machine']}\n{result['window']}; SLO TTFT <= {args.slo_ttft} s, "

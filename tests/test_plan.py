@@ -31,6 +31,15 @@ def test_fit_recovers_the_lines_the_samples_lie_on():
     assert c.transfer(1000) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_fit_keeps_every_term_non_negative_when_batch_and_context_move_together():
+    # a run's steps: context ~45 tokens a request and noise; a free fit trades batch against
+    # context (one goes negative), and clipping that one alone left the other inflated 6x
+    rows = [[1, 44.5, 0.167], [2, 94.0, 0.191], [3, 140, 0.184], [4, 181.0, 0.222]]
+    c = CostModel.from_profile({**PROFILE, "decode": rows})
+    assert all(x >= 0 for x in c.decode_coef)
+    assert all(c.decode_step(b, ctx) == pytest.approx(s, rel=0.1) for b, ctx, s in rows)
+
+
 def test_one_request_through_1p1d_and_unified_takes_the_hand_computed_times():
     pd = simulate(Layout(1, 1), costs(), [SimRequest(0.0, 1000, 21)])[0]
     assert pd.ttft == pytest.approx(0.1) and pd.tpot == pytest.approx(0.01)      # 0.1 + 20 x 0.01

@@ -4,7 +4,7 @@ A profile (JSON, written by `pdcluster profile`) has three sample lists:
 `prefill` [[tokens, seconds]], `decode` [[batch, context_tokens, seconds]] (context = the
 batch's summed sequence lengths) and `transfer` [[bytes, seconds]], plus `kv_bytes_per_token`.
 Each is fitted as a line: prefill a + b*tokens; decode step c + d*batch + e*context;
-transfer f + g*bytes (coefficients clipped at 0: a cost never shrinks with work).
+transfer f + g*bytes (coefficients >= 0: a cost never shrinks with work; `_fit`).
 
 Co-running (co_run.py): a profile's `co_run` {"prefill": f, "decode": g} says how much slower a
 prefill step runs while a decode worker steps, and a decode step while a prefill worker runs
@@ -33,12 +33,23 @@ class ProfileError(ValueError):
 
 
 def _fit(rows: list, name: str, width: int) -> tuple[float, ...]:
+    """Least squares with every coefficient >= 0 (a cost never shrinks with work): a term whose
+    free fit is negative is dropped and the rest refitted. Clipping a joint fit instead is wrong
+    where the terms move together (a decode batch's size and its context): the negative term
+    was offsetting an inflated partner, which clipping leaves inflated."""
     if not rows or any(len(r) != width for r in rows):
         raise ProfileError(f"profile: {name} needs rows of {width} numbers")
     a = np.array(rows, dtype=np.float64)
     x = np.hstack([np.ones((len(a), 1)), a[:, :-1]])
-    coef, *_ = np.linalg.lstsq(x, a[:, -1], rcond=None)
-    return tuple(max(0.0, float(c)) for c in coef)
+    keep = list(range(width))
+    coef = np.zeros(width)
+    while keep:
+        sol, *_ = np.linalg.lstsq(x[:, keep], a[:, -1], rcond=None)
+        if (sol >= 0).all():
+            coef[keep] = sol
+            break
+        del keep[int(np.argmin(sol))]
+    return tuple(float(c) for c in coef)
 
 
 @dataclass(frozen=True)
