@@ -1,8 +1,8 @@
 """KV handoff between workers of different tensor-parallel sizes, through `pdcluster launch`: prefill
 tp=3 -> decode tp=1 and prefill tp=1 -> decode tp=3 give the greedy text of the unsplit engine, each
-decode rank landing exactly its share of the KV bytes; a decode rank killed mid-stream takes its
-worker down whole, the streams end (resumed or with an error event, never hanging), all its ranks
-come back, and nothing is left after shutdown.
+decode rank landing exactly its share of the KV bytes, verified by checksums each rank computes over
+its own heads; a decode rank killed mid-stream takes its worker down whole, the streams end (resumed
+or with an error event, never hanging), all its ranks come back, and nothing is left after shutdown.
 
 The model is a tiny Llama with the default model's head shape in small (3 KV heads, so tp = 1 and 3
 both split it) and seeded random weights: eight worker processes load it in no time on two cores.
@@ -70,6 +70,9 @@ max_running_requests = 8
 [timeouts]
 register = 240
 
+[kv_transfer]
+verify = true
+
 [recovery]
 restart_workers = true
 {GROUPS}""", "tp-handoff")
@@ -122,6 +125,8 @@ def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(clust
     [(src0, whole)] = landed_per_rank(cluster, "decode-0")
     [(src1, shares)] = landed_per_rank(cluster, "decode-1")
     assert (src0, src1) == ("prefill-0", "prefill-1")
+    for decode in ("decode-0", "decode-1"):   # verify: the heads every rank landed, against every prefill rank's
+        assert re.search(r"landed per rank \(bytes\): \[[\d, ]+\], checksum verified", cluster.log(decode))
     # every rank of decode-1 landed its one KV head of three: a third of what decode-0 (all heads) did
     assert len(whole) == 1 and len(shares) == 3 and len(set(shares)) == 1
     # each worker's kv_transfer_bytes_total counts every one of its ranks (rank 0 reports for all)

@@ -81,6 +81,39 @@ def test_each_decode_rank_lands_exactly_its_heads(full, transport, src_tp, dst_t
         prefill.close()
 
 
+@pytest.mark.parametrize("src_tp,dst_tp", [(1, 3), (3, 1)])
+def test_with_verify_the_decode_ranks_heads_check_against_the_prefill_ranks_checksum(full, src_tp, dst_tp):
+    """Each rank hashes only its own heads; combined in head order they give one checksum, whatever
+    the split on either side, and a changed value in any rank's landed heads changes it."""
+    from cluster.kv_transfer.checksum import combine_head_checksums, head_checksums
+    prefill = PrefillRanks(full, src_tp, "shm")
+    try:
+        split = HeadSplit(KV_HEADS, src_tp)
+        sent = {}
+        for rank, p in enumerate(prefill.pools):
+            sent |= head_checksums(p, SRC_PAGES, SEQ_LEN, split.first_head(rank))
+        expected = combine_head_checksums(sent, KV_HEADS)
+        if src_tp == 1:   # a prefill worker of one rank computes it alone
+            alone = RankReadSender(prefill.pools[0], "prefill-0", "shm", prefill.sources, KV_HEADS, verify=True)
+            assert alone.pack(SRC_PAGES, SEQ_LEN).checksum == expected
+        item, source = prefill.item(checksum=expected), prefill.sender.source()
+        landed, readers = {}, []
+        for rank in range(dst_tp):
+            reader = RankReader(pool(HeadSplit(KV_HEADS, dst_tp).heads_per_rank), rank, dst_tp, KV_HEADS, timeout_s=5)
+            job = import_job(item, DST_PAGES, (0, LAYERS), verify=True)
+            reader.land("shm", "prefill-0", source, job)
+            landed |= reader.head_checksums(job)
+            readers.append((reader, job))
+        assert combine_head_checksums(landed, KV_HEADS) == expected
+        reader, job = readers[-1]
+        reader.pool.kv[1, 1, 0, DST_PAGES[-1], 0, 0] += 1.0    # one value of the last rank's last head
+        assert combine_head_checksums(landed | reader.head_checksums(job), KV_HEADS) != expected
+        for reader, _ in readers:
+            reader.close()
+    finally:
+        prefill.close()
+
+
 def test_a_layout_decode_cannot_map_is_refused_with_reason_layout(full):
     prefill = PrefillRanks(full, 3, "shm")
     try:

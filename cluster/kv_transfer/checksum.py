@@ -9,9 +9,13 @@ Each backend hashes on one kind of device at both ends, so the two never meet.
 `shm` reads the pools in place and hashes them in place too (`xxh3_pages`): the same bytes in a
 fixed order (per layer, K/V and head: the request's pages' valid slots), without gathering them
 into handoff layout first, so its value differs from `xxh3_tensor` of the same KV.
+Between TP sizes no process sees every head: each rank hashes its own heads (`head_checksums`,
+numbered as the model numbers them) and the request's checksum is xxh3 over the per-head values in
+head order (`combine_head_checksums`), however the heads are spread over either side's ranks.
 """
 from __future__ import annotations
 
+import struct
 from typing import Iterable
 
 import torch
@@ -81,3 +85,18 @@ def xxh3_pages(kv: torch.Tensor, pages: list[int], length: int) -> int:
             done += block.size
             h.update(block)
     return h.intdigest()
+
+
+def head_checksums(pool, pages: list[int], length: int, first_head: int) -> dict[int, int]:
+    """{model KV head: checksum of its slice of a request's KV in handoff layout} for the heads of
+    one rank's pool, the first of which is the model's head `first_head`."""
+    kv = pool.export_kv(pages, length)
+    return {first_head + h: kv_checksum(kv[:, :, :, h]) for h in range(kv.shape[3])}
+
+
+def combine_head_checksums(sums: dict[int, int], num_kv_heads: int) -> int:
+    """A request's checksum from every one of the model's KV heads' (any rank's copy of each)."""
+    missing = sorted(set(range(num_kv_heads)) - set(sums))
+    if missing:
+        raise ValueError(f"no checksum of KV heads {missing}")
+    return xxh3_chunks([struct.pack(f"<{num_kv_heads}Q", *(sums[h] for h in range(num_kv_heads)))])

@@ -177,7 +177,8 @@ class TransferHub:
             own = rank_source(self.pool, self.segment, self._slice_server)
             others = self.ranks.followers.sources if self.ranks.followers is not None else {}
             sources = [own, *(others[r] for r in range(1, self.ranks.size))]
-            half = RankReadSender(self.pool, self.worker_id, transport, sources, self.ranks.num_kv_heads)
+            half = RankReadSender(self.pool, self.worker_id, transport, sources, self.ranks.num_kv_heads,
+                                  self.verify, self.ranks.followers, self.ranks.timeout_s)
             self._rank_halves[(SENDER, transport)] = half
         return half
 
@@ -190,7 +191,7 @@ class TransferHub:
             r = self.ranks
             reader = RankReader(self.pool, 0, r.size, r.num_kv_heads, r.timeout_s, r.curve)
             half = RankReadReceiver(self.pool, self.worker_id, transport, reader, r.followers, r.timeout_s,
-                                    self.fence)
+                                    self.fence, self.verify)
             self._rank_halves[(RECEIVER, transport)] = half
         return half
 

@@ -24,7 +24,11 @@ the same fields, in order with the forwards, so a rank's import always precedes 
 reads the pages); they land theirs and answer. Before the request starts and is acked, rank 0 waits
 (bounded) for every rank's answer; any rank's failure fails the request's KV with its reason. A
 layout decode cannot map (a head count or split that differs) is refused with reason `layout`.
-Verification (`verify`) is not offered here: no single process sees all the heads.
+
+With `verify`, no single process sees all the heads, so each rank hashes its own (checksum.py,
+`head_checksums`): prefill rank 0 asks its other ranks for theirs when it packs the request, and
+the item carries the checksum combined over every head; decode ranks hash the heads they landed
+and send the values with their answers, and rank 0 combines them and compares.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import torch
 import zmq
 
 from cluster.kv_transfer.base import KvTransferError, Packed
+from cluster.kv_transfer.checksum import combine_head_checksums, head_checksums
 from cluster.kv_transfer.head_map import HeadSplit, LayoutError, head_pieces
 from cluster.kv_transfer.page_copy import copy_pages
 from cluster.kv_transfer.page_reading import boot_id
@@ -77,9 +82,11 @@ class RankReadSender(KvSender):
     """Prefill rank 0's half: names the pages and where each rank's pool is read; moves no bytes."""
     holds_pages = True
 
-    def __init__(self, pool, worker_id: str, transport: str, ranks: list[dict], num_kv_heads: int):
-        super().__init__(pool, worker_id, verify=False)
+    def __init__(self, pool, worker_id: str, transport: str, ranks: list[dict], num_kv_heads: int,
+                 verify: bool = False, followers=None, timeout_s: float = 30.0):
+        super().__init__(pool, worker_id, verify=verify)
         self.name, self.ranks, self.num_kv_heads = transport, ranks, num_kv_heads
+        self.followers, self.timeout_s = followers, timeout_s
         self._source = kv_source(transport, pool, ranks)
 
     def source(self) -> dict:
@@ -87,14 +94,25 @@ class RankReadSender(KvSender):
 
     def pack(self, pages: list[int], length: int) -> Packed:
         whole = self.pool.request_bytes(length) * self.num_kv_heads // self.pool.num_kv_heads
-        return Packed(None, whole, src_pages=list(pages[:self.pool.pages_for(length)]))
+        pages = list(pages[:self.pool.pages_for(length)])
+        return Packed(self.checksum(pages, length) if self.verify else None, whole, src_pages=pages)
+
+    def checksum(self, pages: list[int], length: int) -> int:
+        """The request's KV checksum over every rank's heads (each rank hashes its own)."""
+        if self.followers is not None:     # NOTE: first, so the other ranks hash while this one does
+            self.followers.send_checksum(pages, length)
+        sums = head_checksums(self.pool, pages, length, 0)
+        if self.followers is not None:
+            sums |= self.followers.collect_checksums(self.timeout_s)
+        return combine_head_checksums(sums, self.num_kv_heads)
 
 
-def import_job(item, dst_pages: list[int], layers: tuple[int, int]) -> dict:
-    """What a decode rank needs to land its share of one request's KV (msgpack-able)."""
+def import_job(item, dst_pages: list[int], layers: tuple[int, int], verify: bool = False) -> dict:
+    """What a decode rank needs to land its share of one request's KV (msgpack-able); `verify`: it
+    also hashes its heads once every layer landed."""
     return {"rid": item.rid, "attempt": item.attempt, "tp": item.tp, "heads_per_rank": item.heads_per_rank,
             "src_pages": list(item.src_pages or []), "length": item.transfer_len, "dst_pages": list(dst_pages),
-            "layers": list(layers)}
+            "layers": list(layers), "verify": verify}
 
 
 class RankReader:
@@ -139,6 +157,11 @@ class RankReader:
                 raise KvTransferError("backend", f"no read of KV heads over {transport!r}")
         return pool.request_bytes(length) * (end - first) // pool.num_layers
 
+    def head_checksums(self, job: dict) -> dict[int, int]:
+        """{KV head: checksum} of this rank's heads of `job` as they landed."""
+        pages = job["dst_pages"][:self.pool.pages_for(job["length"])]
+        return head_checksums(self.pool, pages, job["length"], self.split.first_head(self.rank))
+
     def _segment(self, sender: str, source: dict, rank: int) -> torch.Tensor:
         if source.get("boot_id") != boot_id():
             raise KvTransferError("unreachable", f"{sender}'s shared memory is on another host")
@@ -165,8 +188,8 @@ class RankReadReceiver(KvReceiver):
     """Decode rank 0's half: lands its share, has the other ranks land theirs, and waits for them."""
 
     def __init__(self, pool, worker_id: str, transport: str, reader: RankReader, followers=None,
-                 timeout_s: float = 30.0, fence=None):
-        super().__init__(pool, worker_id, verify=False, fence=fence)
+                 timeout_s: float = 30.0, fence=None, verify: bool = False):
+        super().__init__(pool, worker_id, verify=verify, fence=fence)
         self.name, self.reader, self.followers, self.timeout_s = transport, reader, followers, timeout_s
         self._landed: dict[tuple, int] = {}    # (rid, attempt) -> bytes this rank landed so far
 
@@ -177,7 +200,8 @@ class RankReadReceiver(KvReceiver):
         if dst_pages is None:
             return 0           # nothing is pushed: a request no longer expected is simply not read
         first, end, _ = self.layer_span(layers)
-        job = import_job(item, dst_pages, (first, end))
+        expected = getattr(item, "checksum", None)      # a kv_layers span has none: its kv_batch verifies
+        job = import_job(item, dst_pages, (first, end), verify=self.verify and expected is not None)
         if self.followers is not None:     # NOTE: first, so the other ranks read while this one does
             self.followers.send_import(self.name, sender, source, job)
         key = (item.rid, item.attempt)
@@ -195,12 +219,24 @@ class RankReadReceiver(KvReceiver):
             while len(self._landed) > MAX_TRACKED:
                 self._landed.pop(next(iter(self._landed)))
         if end == self.pool.num_layers:
-            per_rank = self.followers.settle(*key, self.timeout_s) if self.followers is not None else []
+            per_rank, sums = self.followers.settle(*key, self.timeout_s) if self.followers is not None else ([], {})
+            if job["verify"]:
+                sums |= self.reader.head_checksums(job)
+                self.check(expected, lambda: self.combined(sums))
             if key in self._landed:       # once per KV attempt (not again for a layer-wise kv_batch)
-                logger.info("request %s: KV heads from %s landed per rank (bytes): %s", item.rid, sender,
-                            [self._landed.pop(key), *per_rank])
+                logger.info("request %s: KV heads from %s landed per rank (bytes): %s%s", item.rid, sender,
+                            [self._landed.pop(key), *per_rank], ", checksum verified" if job["verify"] else "")
             return num_bytes + sum(per_rank)
         return num_bytes
+
+    def combined(self, sums: dict[int, int]) -> int:
+        try:
+            return combine_head_checksums(sums, self.reader.split.num_kv_heads)
+        except ValueError as e:
+            raise KvTransferError("backend", str(e)) from None
+
+    def verify_landed(self, item, dst_pages: list[int]) -> None:
+        """Nothing more: the unpack of a request's last layers verified every rank's heads."""
 
     def close(self) -> None:
         self.reader.close()

@@ -27,6 +27,7 @@ from cluster.wire.torch_dtypes import DTYPE_NAMES, DTYPES
 logger = logging.getLogger("pdcluster.kv_transfer")
 
 POLL_MS = 50              # how soon close() is noticed
+CLOSE_TIMEOUT_S = 2.0
 
 
 MAX_REQUEST_BYTES = 1 << 20   # a request names pages, not data: a megabyte is thousands of pages
@@ -106,7 +107,7 @@ class SliceServer:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * POLL_MS / 1000)
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)
         for sock in (self.sock, self._zap):
             if sock is not None:
                 sock.close(linger=0)

@@ -47,12 +47,24 @@ def land_import(reader, msg: dict) -> dict:
     try:
         with torch.inference_mode():
             answer["bytes"] = reader.land(msg["transport"], msg["sender"], msg["source"], job)
+            if job.get("verify") and job["layers"][1] == reader.pool.num_layers:   # all its layers landed
+                answer["sums"] = [[head, value] for head, value in reader.head_checksums(job).items()]
     except KvTransferError as e:
         answer["error"] = [e.reason.value, e.detail]
     except Exception as e:     # noqa: BLE001 - any failure fails that request's KV, not the rank
         logger.exception("KV import of %s failed", job["rid"])
         answer["error"] = ["backend", f"{type(e).__name__}: {e}"]
     return answer
+
+
+def hash_heads(runner, msg: dict) -> dict:
+    """The answer to rank 0's `kv_checksum`: the checksum of each KV head this rank holds."""
+    from cluster.kv_transfer.checksum import head_checksums
+    from cluster.kv_transfer.head_map import HeadSplit
+    first = HeadSplit(runner.config.kv_cache_shape[1], runner.tp.size).first_head(runner.tp.rank)
+    with torch.inference_mode():
+        sums = head_checksums(runner.kv_pool, msg["pages"], msg["length"], first)
+    return {"op": "checksummed", "rank": runner.tp.rank, "seq": msg["seq"], "sums": [list(p) for p in sums.items()]}
 
 
 def die_with_parent() -> None:
@@ -79,6 +91,9 @@ def follow(runner, ops_endpoint: str, parent: int, replies=None, reader=None) ->
                 return
             if msg["op"] == "kv_import":
                 replies.send(msgpack.packb(land_import(reader, msg)))
+                continue
+            if msg["op"] == "kv_checksum":    # prefill with verify: this rank's heads of a request's KV
+                replies.send(msgpack.packb(hash_heads(runner, msg)))
                 continue
             if msg["op"] == "copy_pages":     # n > 1: siblings forked from one request's KV
                 kv = runner.kv_pool.kv

@@ -55,6 +55,7 @@ class ImportLedger:
         self.num_sent = 0
         self.answered: dict[int, int] = {}                 # rank -> last seq answered
         self.results: dict[tuple, dict] = {}               # (rid, attempt) -> {rank: bytes | error}
+        self.head_sums: dict[tuple, dict] = {}             # (rid, attempt) -> {KV head: checksum} (verify)
 
     def sent(self) -> int:
         self.num_sent += 1
@@ -71,17 +72,22 @@ class ImportLedger:
             ranks[msg["rank"]] = prev if not isinstance(prev, int) else msg["error"]   # the first error stays
         else:
             ranks[msg["rank"]] = prev + msg["bytes"]
-        while len(self.results) > self.MAX_TRACKED:           # aborted requests are never taken
-            self.results.pop(next(iter(self.results)))
+        if msg.get("sums"):
+            self.head_sums.setdefault((msg["rid"], msg["attempt"]), {}).update(dict(msg["sums"]))
+        for tracked in (self.results, self.head_sums):         # aborted requests are never taken
+            while len(tracked) > self.MAX_TRACKED:
+                tracked.pop(next(iter(tracked)))
 
-    def take(self, rid: str, attempt: int, num_ranks: int) -> list[int]:
+    def take(self, rid: str, attempt: int, num_ranks: int) -> tuple[list[int], dict[int, int]]:
+        """-> (bytes each other rank landed, their KV heads' checksums where they verified)."""
         from cluster.kv_transfer.base import KvTransferError
         ranks = self.results.pop((rid, attempt), {})
+        sums = self.head_sums.pop((rid, attempt), {})
         for rank, got in sorted(ranks.items()):
             if not isinstance(got, int):
                 reason, detail = got
                 raise KvTransferError(reason, f"rank {rank}: {detail}")
-        return [ranks.get(rank, 0) for rank in range(1, num_ranks + 1)]
+        return [ranks.get(rank, 0) for rank in range(1, num_ranks + 1)], sums
 
 
 class TpFollowers:
@@ -99,6 +105,8 @@ class TpFollowers:
         self.replies.bind(f"ipc://{self.dir}/replies")
         self.sources: dict[int, dict] = {}             # rank -> how its pool is read (rank_read.rank_source)
         self.imports = ImportLedger()
+        self._num_checksums = 0
+        self._checksums: dict[int, tuple[int, list]] = {}   # rank -> (seq, [[KV head, checksum], ...])
         for rank in range(1, tp):
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
@@ -145,19 +153,43 @@ class TpFollowers:
         self._send_all(msgpack.packb({"op": "kv_import", "seq": self.imports.sent(), "transport": transport,
                                       "sender": sender, "source": source, "job": job}))
 
-    def settle(self, rid: str, attempt: int, timeout_s: float) -> list[int]:
-        """Wait (bounded) until every rank answered every import sent so far; -> the bytes each
-        other rank landed for this KV attempt. Raises KvTransferError when a rank refused it or
-        did not answer in time."""
+    def settle(self, rid: str, attempt: int, timeout_s: float) -> tuple[list[int], dict[int, int]]:
+        """Wait (bounded) until every rank answered every import sent so far; -> (the bytes each
+        other rank landed for this KV attempt, the checksums of their KV heads when the job asked
+        for them). Raises KvTransferError when a rank refused it or did not answer in time."""
         from cluster.kv_transfer.base import KvTransferError
         deadline = time.monotonic() + timeout_s
         while not self.imports.all_answered(self.tp - 1):
-            msg = self._recv_reply(deadline)
-            if msg is None:
+            if not self._take_reply(deadline):
                 raise KvTransferError("timeout", f"ranks did not land the KV of {rid} within {timeout_s:g}s")
-            if msg["op"] == "imported":
-                self.imports.answer(msg)
         return self.imports.take(rid, attempt, self.tp - 1)
+
+    def send_checksum(self, pages: list[int], length: int) -> None:
+        """Each other rank hashes its KV heads of these pages (prefill, `verify`), after the
+        forwards already sent, so after the forward that wrote them."""
+        self._num_checksums += 1
+        self._send_all(msgpack.packb({"op": "kv_checksum", "seq": self._num_checksums, "pages": pages,
+                                      "length": length}))
+
+    def collect_checksums(self, timeout_s: float) -> dict[int, int]:
+        """{KV head: checksum} of every other rank's heads for the last `send_checksum` (bounded)."""
+        from cluster.kv_transfer.base import KvTransferError
+        deadline = time.monotonic() + timeout_s
+        while any(self._checksums.get(r, (0,))[0] < self._num_checksums for r in range(1, self.tp)):
+            if not self._take_reply(deadline):
+                raise KvTransferError("timeout", f"ranks did not hash their KV heads within {timeout_s:g}s")
+        return {head: value for r in range(1, self.tp) for head, value in self._checksums[r][1]}
+
+    def _take_reply(self, deadline: float) -> bool:
+        """Record one answer of another rank; False when none came before `deadline`."""
+        msg = self._recv_reply(deadline)
+        if msg is None:
+            return False
+        if msg["op"] == "imported":
+            self.imports.answer(msg)
+        elif msg["op"] == "checksummed":
+            self._checksums[msg["rank"]] = (msg["seq"], msg["sums"])
+        return True
 
     def _recv_reply(self, deadline: float):
         if not self.replies.poll(max(0, int(1000 * (deadline - time.monotonic())))):
