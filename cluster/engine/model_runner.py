@@ -39,6 +39,7 @@ class ModelRunner:
         `followers`: rank 0's runtime.tp_ranks.TpFollowers, the other ranks each forward is sent to."""
         if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
             torch.set_num_threads(num_threads)
+        self.num_threads = torch.get_num_threads()   # what its forwards use (a forward thread sets its own)
         self.loaded = loaded
         self.config = loaded.config
         self.model = loaded.model

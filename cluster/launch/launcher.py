@@ -38,6 +38,11 @@ KILL_AFTER_S = 10.0
 MAX_RESTARTS = 5
 MAX_BACKOFF_S = 30.0
 PROGRESS_S = 5.0                # how often a launch that is still loading says so
+# libgomp spins this many pauses (~20 ns each here) before a waiting worker thread sleeps: long
+# enough to bridge the small ops between a decode step's matmuls, short enough that a thread
+# whose partner lost its core to another process soon yields (libgomp's 300,000 stalls the
+# step under load; BENCHMARKS.md, "CPU threads")
+WORKER_SPIN_COUNT = 3000
 
 
 class LaunchError(RuntimeError):
@@ -66,7 +71,8 @@ def worker_env(cfg: ClusterConfig, wid: str, num_threads: Optional[int] = None) 
     # MALLOC_MMAP_THRESHOLD_: reuse freed heap for big KV buffers instead of a fresh mmap
     # per kv_batch (BENCHMARKS.md, "Wire codec": 1.09 -> 1.68 GB/s for split 64 MiB tensors)
     return {"PDCLUSTER_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 30))}
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 30)),
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", str(WORKER_SPIN_COUNT))}
 
 
 class Launcher:

@@ -27,13 +27,15 @@ class Scheduler:
     role = "base"
 
     def __init__(self, config: SchedulerConfig, worker_id: str, forward_fn, on_cuda: bool = False,
-                 on_launch: Optional[Callable[[int], None]] = None):
-        """`on_launch(forward_iter)`: on the forward thread, right before that forward runs."""
+                 on_launch: Optional[Callable[[int], None]] = None, cpu_threads: Optional[int] = None):
+        """`on_launch(forward_iter)`: on the forward thread, right before that forward runs;
+        `cpu_threads`: the forward thread's torch threads (ForwardExecutor)."""
         self.config = config
         self.worker_id = worker_id
         self.forward_ct = 0             # only run_batch increments it
         self.stats = IterationStats(config.log_forward_iters, config.decode_log_interval)
-        self.executor = ForwardExecutor(forward_fn, threaded=config.overlap, on_cuda=on_cuda, on_launch=on_launch)
+        self.executor = ForwardExecutor(forward_fn, threaded=config.overlap, on_cuda=on_cuda, on_launch=on_launch,
+                                        cpu_threads=cpu_threads)
         self.is_running = True
         self.trace: Optional[list[tuple[str, int, float, float]]] = None   # ("process", iter, t0, t1)
 

@@ -14,11 +14,15 @@ from typing import Any, Callable, Optional
 
 class ForwardExecutor:
     def __init__(self, forward_fn: Callable[[Any], Any], threaded: bool, on_cuda: bool = False,
-                 on_launch: Optional[Callable[[int], None]] = None):
+                 on_launch: Optional[Callable[[int], None]] = None, cpu_threads: Optional[int] = None):
+        """`cpu_threads`: the torch threads of the forward thread (each thread has its own count;
+        the worker's main thread keeps one, omp_team.py)."""
         self.forward_fn = forward_fn
         self.threaded = threaded
+        init = (_set_torch_threads, (cpu_threads,)) if cpu_threads else (None, ())
         self._pool: Optional[ThreadPoolExecutor] = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward") if threaded else None)
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward", initializer=init[0], initargs=init[1])
+            if threaded else None)
         self._stream = None
         if threaded and on_cuda:
             import torch
@@ -64,3 +68,8 @@ class ForwardExecutor:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)

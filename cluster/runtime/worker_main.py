@@ -103,6 +103,7 @@ def run_worker(role: str, argv, build: Callable) -> int:
     from cluster.wire.transport import ControlClient
     from cluster.runtime.router_link import RouterLink
     from cluster.runtime.worker_scheduler import start_heartbeat
+    from cluster.runtime.omp_team import load_off_main_thread
 
     if args.gpus:                       # before anything initializes CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
@@ -117,8 +118,11 @@ def run_worker(role: str, argv, build: Callable) -> int:
     # NOTE: every role that may switch to decode gets the import fence (a no-op with no imports),
     # and so does a DLLM worker that takes prompts prefilled remotely
     takes_kv = role in SWITCHABLE_ROLES or role == "dllm" and group.prefill != "local"
-    runner = load_runner(config, group, group.path, shared_pool=shared_pool,
-                         import_fence=takes_kv, tp=tp, followers=followers)
+    load = lambda: load_runner(config, group, group.path, shared_pool=shared_pool,  # noqa: E731
+                               import_fence=takes_kv, tp=tp, followers=followers)
+    # NOTE: forwards on a CPU forward thread: the load's OpenMP team must not outlive it (omp_team.py)
+    forward_thread_on_cpu = group.scheduler.overlap and "cuda" not in config.model.device
+    runner = load_off_main_thread(load) if forward_thread_on_cpu else load()
     if followers is not None:
         tp.barrier()   # every rank loaded: the first forward's collectives meet at once
         followers.wait_ready(config.timeouts.register)

@@ -53,8 +53,9 @@ class WorkerScheduler(Scheduler):
                  handoff: Optional["KvHandoff"] = None, on_launch: Optional[Callable[[int], None]] = None,
                  forward_fn: Optional[Callable] = None):
         """`forward_fn`: what runs a launched batch's forward input (default `runner.forward`)."""
-        super().__init__(config, worker_id, forward_fn or runner.forward,
-                         on_cuda=str(runner.device).startswith("cuda"), on_launch=on_launch)
+        on_cuda = str(runner.device).startswith("cuda")
+        super().__init__(config, worker_id, forward_fn or runner.forward, on_cuda=on_cuda, on_launch=on_launch,
+                         cpu_threads=None if on_cuda else runner.num_threads)
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.cache = CacheManager(runner.page_allocator, runner.page_size)
