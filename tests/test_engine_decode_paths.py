@@ -1,7 +1,10 @@
-"""The batched decode path (CUDA's: all heads and requests at once) against the chunked CPU path,
-and the launch-saving rewrites of RoPE and RMSNorm against the formulas they replace. All on CPU."""
+"""The batched decode path (CUDA's: all heads and requests at once) against the chunked CPU path, one
+request's KV read in place against the gathered path, and the launch-saving rewrites of RoPE and RMSNorm against the formulas they replace. All on CPU."""
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +50,27 @@ def test_batched_decode_attention_equals_chunked(monkeypatch, adjacent_kv, chunk
         monkeypatch.setattr(attention, "BATCHED_DECODE", batched)
         out[batched] = decode_attention(q, k_cache, v_cache, _decode_context(seq_lens, page_size, num_pages), 0.25)
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 16, 30])
+def test_one_request_on_consecutive_pages_reads_kv_in_place_like_the_gathered_path(seq_len):
+    kvh, group, d, page_size, num_pages = 2, 3, 16, 4, 40
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(2, kvh, num_pages, page_size, d, generator=g)
+    q = torch.randn(1, kvh * group, d, generator=g)
+    pages = list(range(9, 9 + -(-seq_len // page_size)))
+    span = AttentionContext.build([1], [seq_len - 1], [pages], [0], page_size, True, "cpu")
+    table = np.array([pages + [0, 0]], dtype=np.int64)   # the persistent batch's padded row
+    assert span.kv_span == (9, seq_len)
+    assert AttentionContext.build_decode(np.array([seq_len - 1]), table, page_size, "cpu").kv_span == (9, seq_len)
+    gathered = dataclasses.replace(span, kv_span=None)
+    torch.testing.assert_close(decode_attention(q, kv[0], kv[1], span, 0.25),
+                               decode_attention(q, kv[0], kv[1], gathered, 0.25), atol=1e-6, rtol=1e-6)
+
+
+def test_scattered_pages_or_several_requests_gather_their_kv():
+    assert AttentionContext.build([1], [6], [[3, 5]], [0], 4, True, "cpu").kv_span is None
+    assert AttentionContext.build([1, 1], [2, 2], [[1], [2]], [0, 0], 4, True, "cpu").kv_span is None
 
 
 def _mixed_batch_decode(runner: ModelRunner, prompts: list[list[int]], num_steps: int):

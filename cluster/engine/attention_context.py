@@ -39,6 +39,7 @@ class AttentionContext:
     kv_pair_index: Optional[torch.Tensor] = None   # [2 * B * kv_heads * P] K then V rows; see gather_kv_pair
     kv_buffers: Optional[list] = None         # CPU decode gather buffer for K, shared by all layers
     head_mask: Optional[torch.Tensor] = None  # CPU decode: the mask per (KV head, request) pair [kvh * B, 1, L]
+    kv_span: Optional[tuple[int, int]] = None # CPU decode of one request on consecutive pages: (first page, seq_len)
     v_token_rows: Optional[torch.Tensor] = None   # [kv_heads * B * G, L] V rows per bag; see _v_token_rows
     backend: str = "torch"                    # "torch" | "triton"
     pages: Optional[torch.Tensor] = None      # triton: int64 flat page list of all requests, in order
@@ -85,7 +86,8 @@ class AttentionContext:
             mask = torch.zeros(num_reqs, 1, kpos.numel(), dtype=dtype)
             mask.masked_fill_(kpos[None, None, :] >= seq_t[:, None, None], float("-inf"))
             positions, slot_mapping, pt = to_device(device, positions, slot_mapping, pt)
-            return cls(num_reqs, 1, positions, slot_mapping, pt, to_device(device, mask)[0], None, None, True)
+            return cls(num_reqs, 1, positions, slot_mapping, pt, to_device(device, mask)[0], None, None, True,
+                       kv_span=kv_span(rows[0], seq_lens[0], device) if num_reqs == 1 else None)
         max_q = max(extend_lens)
         qj = torch.arange(max_q)
         mask = None   # plain prompts from position 0: SDPA's own causal mask (it skips masked blocks)
@@ -131,7 +133,7 @@ class AttentionContext:
                         np.float32(-np.inf), np.float32(0.0))
         positions_t, slots_t, table_t = to_device(device, host(positions), host(slots), host(table))
         return cls(num_reqs, 1, positions_t, slots_t, table_t, to_device(device, host(mask).to(dtype))[0],
-                   None, None, True)
+                   None, None, True, kv_span=kv_span(table[0], int(seq[0]), device) if num_reqs == 1 else None)
 
     @classmethod
     def _build_triton(cls, extend_lens, prefix_lens, seq_lens, page_tables, bidirectional_lens, page_size,
@@ -170,6 +172,16 @@ class AttentionContext:
         return cls(num_reqs, max_q, positions, slots, None, None, None, None, False, backend="triton",
                    pages=pages_t, page_start=page_start, seq_lens=seq_t, q_start=q_start, extend_lens_t=ext,
                    kv_limit=limit)
+
+
+def kv_span(pages, seq_len: int, device) -> Optional[tuple[int, int]]:
+    """(first page, seq_len) when the pages holding `seq_len` tokens are consecutive and on the CPU: decode
+    then reads K and V in place (attention.decode_attention). The allocator hands out the lowest free
+    pages, so one stream's pages usually are."""
+    first = int(pages[0])
+    if torch.device(device).type != "cpu" or any(int(p) != first + i for i, p in enumerate(pages)):
+        return None
+    return first, seq_len
 
 
 def flat_pages(page_tables: list[list[int]], counts: list[int]) -> np.ndarray:
