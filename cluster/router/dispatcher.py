@@ -1,8 +1,10 @@
 """The router's control loop: worker registry, dispatch, token fan-in.
 
-One thread owns the ControlServer's receive side and, under `self.lock`, all request and
-worker state; HTTP coroutines enter only through `submit`, `abort`, `worker_exited` and the
-read-only snapshots, each taking the lock briefly. Events reach a request's coroutine
+Workers' messages are handled on the ControlServer's own I/O thread as each is decoded (no
+queue and no second thread woken per worker step), under `self.lock`, which guards all
+request and worker state; a liveness thread judges silent workers and stalled requests
+under the same lock. HTTP coroutines enter only through `submit`, `abort`, `worker_exited`
+and the read-only snapshots, each taking the lock briefly. Events reach a request's coroutine
 through its thread-safe `sink` (a Mailbox), so the loop never blocks on a client. The
 requests in flight are a RequestTable (request_table.py); which workers serve a request is
 the Placer's (placer.py); what happens when a worker fails, goes silent or comes back is
@@ -30,7 +32,7 @@ from cluster.wire.frontend_messages import FRONTEND_MESSAGES
 from cluster.wire.gauges import WorkerGauges
 
 log = logging.getLogger("pdcluster.router")
-TICK_S = 0.05
+CHECK_S = 0.1                   # liveness is judged this often
 STALL_S = 0.5                   # a longer gap between liveness checks means this process stalled
 
 
@@ -57,9 +59,9 @@ class Dispatcher:
         from cluster.wire.curve import endpoint_host, keys_for
         from cluster.wire.transport import ControlServer
         curve = keys_for(self.cfg.security, [endpoint_host(self.control_endpoint)])
-        self.server = ControlServer(self.control_endpoint, curve=curve)
+        self.server = ControlServer(self.control_endpoint, on_message=self._on_message, curve=curve)
         self.control_endpoint = self.server.endpoint
-        self._thread = threading.Thread(target=self._loop, name="router-control", daemon=True)
+        self._thread = threading.Thread(target=self._check_loop, name="router-liveness", daemon=True)
         self._thread.start()
         log.info("control endpoint %s", self.control_endpoint)
         return self.control_endpoint
@@ -152,26 +154,25 @@ class Dispatcher:
         return len(self.requests)
 
     # control loop
-    def _loop(self) -> None:
-        """Liveness is judged here, on the control plane's own thread, right after every
-        queued heartbeat was read: a busy HTTP loop can delay neither."""
-        next_check = last_check = time.monotonic()
-        while not self._stopping.is_set():
+    def _on_message(self, got: tuple) -> None:
+        """On the control socket's I/O thread (exceptions are logged there, the thread lives on)."""
+        with self.lock:
+            self._handle(*got)
+
+    def _check_loop(self) -> None:
+        """Liveness is judged on a thread of its own: a busy HTTP loop cannot delay it."""
+        last_check = time.monotonic()
+        while not self._stopping.wait(CHECK_S):
             try:
-                got = self.server.recv(timeout=TICK_S)
                 with self.lock:
-                    while got is not None:
-                        self._handle(*got)
-                        got = self.server.recv(timeout=0)
                     now = time.monotonic()
-                    if now >= next_check:
-                        stall = now - last_check - TICK_S * 2
-                        if stall > STALL_S:                # NOTE: this thread was starved,
-                            self.directory.excuse(stall)   # not the workers: do not convict
-                        self.failover.check_liveness(now)
-                        last_check, next_check = now, now + TICK_S * 2
+                    stall = now - last_check - CHECK_S
+                    if stall > STALL_S:                    # NOTE: this process was starved,
+                        self.directory.excuse(stall)       # not the workers: do not convict
+                    self.failover.check_liveness(now)
+                    last_check = now
             except Exception:                              # the loop must survive anything
-                log.exception("control loop error")
+                log.exception("liveness check error")
 
     def _handle(self, sender: str, msg) -> None:
         if isinstance(msg, protocol.Tokens):
