@@ -132,7 +132,8 @@ class TracingConfig(Section):
 class CacheConfig(Section):
     prefix_cache: bool = option(True, "radix prefix cache on prefill, unified and decode workers")
     host_tier_gb: float = option(0.0, "second prefix-cache tier in host memory (pinned on CUDA), GB "
-                                 "per worker; 0 = off", lo=0)
+                                 "per worker (per rank of a tensor-parallel worker: each keeps its "
+                                 "own KV heads); 0 = off", lo=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,10 +239,6 @@ class ClusterConfig(Section):
         if not any(counts.values()):
             raise ConfigError(self.source, "groups", "no workers: add [[prefill]] + [[decode]], "
                               "[[unified]] or [[dllm]]")
-        split = [key for key, g in self.group_keys() if g.tp > 1]
-        if self.cache.host_tier_gb > 0 and split:   # its copies move rank 0's pages alone
-            raise ConfigError(self.source, "cache.host_tier_gb", f"the host tier does not serve tensor-parallel "
-                              f"workers yet: {', '.join(split)} have tp > 1")
         if self.planner.enabled and not self.slo.is_set:
             raise ConfigError(self.source, "planner.enabled", "the planner needs an [slo] ttft or tpot target")
         place_gpus(self)               # sharing rules; that each GPU exists: the launcher checks

@@ -285,8 +285,7 @@ def test_api_servers_zero_is_one_front_end_per_four_cores_and_one_below_eight():
     assert api_servers(replace(cfg, router=replace(cfg.router, api_servers=3)), cores=2) == 3
 
 
-def test_the_host_tier_is_refused_beside_tensor_parallel_workers(tmp_path):
+def test_the_host_tier_is_allowed_beside_tensor_parallel_workers(tmp_path):
     path = tmp_path / "tier.toml"
     path.write_text("[cache]\nhost_tier_gb = 1\n[[unified]]\ncount = 1\ntp = 3\n")
-    with pytest.raises(ConfigError, match=r"cache.host_tier_gb: .*unified\[0\] have tp > 1"):
-        load_config(str(path))
+    assert load_config(str(path)).cache.host_tier_gb == 1

@@ -1,8 +1,9 @@
 """KV handoff between workers of different tensor-parallel sizes, through `pdcluster launch`: prefill
 tp=3 -> decode tp=1 and prefill tp=1 -> decode tp=3 give the greedy text of the unsplit engine, each
 decode rank landing exactly its share of the KV bytes, verified by checksums each rank computes over
-its own heads; a decode rank killed mid-stream takes its worker down whole, the streams end (resumed
-or with an error event, never hanging), all its ranks come back, and nothing is left after shutdown.
+its own heads; each rank keeps a host tier of its own heads in step with rank 0's; a decode rank
+killed mid-stream takes its worker down whole, the streams end (resumed or with an error event,
+never hanging), all its ranks come back, and nothing is left after shutdown.
 
 The model is a tiny Llama with the default model's head shape in small (3 KV heads, so tp = 1 and 3
 both split it) and seeded random weights: eight worker processes load it in no time on two cores.
@@ -64,8 +65,11 @@ path = "{model_dir}"
 load_format = "dummy"
 
 [scheduler]
-num_pages = 128
+num_pages = 32
 max_running_requests = 8
+
+[cache]
+host_tier_gb = 0.001
 
 [timeouts]
 register = 240
@@ -132,6 +136,30 @@ def test_prefill_and_decode_of_other_tp_sizes_give_the_unsplit_greedy_text(clust
     # each worker's kv_transfer_bytes_total counts every one of its ranks (rank 0 reports for all)
     wait_for(lambda: decode_bytes(cluster) == {"decode-0": sum(whole), "decode-1": sum(shares)}, 15,
              f"kv_transfer_bytes_total of {whole} and {shares}", cluster)
+
+
+def host_hit_tokens(cluster, worker: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in cluster.metrics().splitlines()
+               if line.startswith("pdcluster:prefix_cache_hit_tokens_total{") and 'tier="host"' in line
+               and f'worker="{worker}"' in line)
+
+
+def test_ranks_keep_host_tiers_of_their_own_heads_in_step_with_rank_0(cluster, model_dir):
+    """[cache] host_tier_gb with tp = 3: a prompt that others pushed out of prefill-0's small device
+    pool to the host tier comes back from every rank's tier, and the greedy text stays the unsplit
+    engine's."""
+    prompt = "Remember this: " + " ".join(f"item{i}" for i in range(40))
+    others = [f"Unrelated {i}: " + " ".join(f"filler{i}x{j}" for j in range(40)) for i in range(8)]
+    llm = LLM(MODEL, path=model_dir, load_format="dummy", num_pages=64)
+    want = llm.tokenizer.decode(llm.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0]
+                                .token_ids)
+    complete = lambda p, n: cluster.client.completions.create(  # noqa: E731 - round robin: both prefill workers
+        model=MODEL, prompt=p, max_tokens=n, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    assert [complete(prompt, MAX_TOKENS) for _ in range(2)] == [want] * 2
+    for other in others:                      # four each: more than a 32-page pool keeps
+        complete(other, 1)
+    assert [complete(prompt, MAX_TOKENS) for _ in range(2)] == [want] * 2
+    wait_for(lambda: host_hit_tokens(cluster, "prefill-0") > 0, 15, "prefill-0 hit its host tier", cluster)
 
 
 def test_killed_decode_rank_mid_stream_restarts_the_worker_whole(cluster):

@@ -355,3 +355,29 @@ def test_a_host_page_given_twice_in_one_write_back_holds_the_last_device_page():
     kv.copy_(torch.randn(kv.shape))
     tier.write([4, 1, 3], [2, 0, 2])            # host page 2 given, taken back and given again
     assert torch.equal(tier.kv[:, 2], kv[:, :, :, 3]) and torch.equal(tier.kv[:, 0], kv[:, :, :, 1])
+
+
+def test_other_tp_ranks_follow_rank_0s_write_backs_and_loads_on_their_own_heads():
+    """Each rank's tier holds its own heads: rank 0's write-backs and loads, sent in order with the
+    forwards, do the same on another rank's pool (tp_follower.follow_tier), so both pools get their
+    own heads of an evicted prefix back."""
+    from types import SimpleNamespace
+
+    from cluster.runtime.tp_follower import follow_tier
+    pools = [KVPool(2, 1, 3, NUM_PAGES, PAGE) for _ in range(2)]     # rank r holds KV head r
+    for r, p in enumerate(pools):
+        p.kv.copy_(torch.arange(p.kv.numel(), dtype=torch.float32).view_as(p.kv) * (r + 1))
+    want = [p.kv.clone() for p in pools]
+    rank1 = SimpleNamespace(kv_pool=pools[1], tier=None)
+    tier = HostTier(pools[0], 16)
+    tier.mirror = lambda op, n, host, dev: setattr(rank1, "tier", follow_tier(
+        rank1, rank1.tier, {"op": op, "num_pages": n, "host": host, "dev": dev}))
+    tier.write([4, 1], [7, 3])                  # evicted: device pages 4 and 1 to host pages 7 and 3
+    for p in pools:
+        p.kv[:, :, :, [1, 2, 4, 5]] = -1.0      # the device pages take other KV
+    tier.load([3, 7], [2, 5])                   # a host hit: back into device pages 2 and 5
+    assert (pools[1].kv[:, :, :, [2, 5]] == -1.0).all()   # not before the forward it precedes
+    before_forward(tier)                        # rank 0 runs it, and sends it ahead of the forward
+    for r, p in enumerate(pools):
+        assert torch.equal(p.kv[:, :, :, [2, 5]], want[r][:, :, :, [1, 4]]), r
+    assert rank1.tier.num_pages == tier.num_pages and rank1.tier.bytes_to_device == tier.bytes_to_device

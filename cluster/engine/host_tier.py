@@ -24,6 +24,9 @@ the load (`cancel_load`) before the page goes back to the allocator. On the CPU 
 synchronous.
 
 `LoadCost` (load_cost.py) decides whether a host hit is loaded or recomputed.
+
+Tensor parallelism: every rank has a tier of its own KV heads, as many pages as rank 0's, whose
+write-backs and loads rank 0 sends it in order with the forwards (`mirror`); it runs each at once.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ class HostTier:
                 torch.cuda.Stream(pool.device) for _ in range(3))
             self._gathered = None                  # event: the last write-back's pages are read
         self.bytes_to_host = self.bytes_to_device = 0
+        self.mirror = None                         # rank 0 of several: mirror(op, num_pages, host, device)
         self.layerwise_min_bytes = LAYERWISE_MIN_BYTES
         self.num_layerwise_loads = 0               # forwards whose loads went layer by layer
         self.loading: dict[int, int] = {}          # host page -> queued loads of it (not evictable)
@@ -128,6 +132,8 @@ class HostTier:
                         self.kv[layer, first:first + n].copy_(block[layer, i:i + n], non_blocking=True)
             self._gathered.synchronize()           # the device pages are free to reuse now
         self.bytes_to_host += len(device_pages) * self.page_bytes
+        if self.mirror is not None:
+            self.mirror("tier_write", self.num_pages, host_pages, device_pages)
 
     # ---- host -> device, before the next forward -----------------------------------
     def load(self, host_pages: list[int], device_pages: list[int]) -> None:
@@ -186,15 +192,15 @@ class HostTier:
                 return
             host = [h for hs, _ in due for h in hs]
             dev = [d for _, ds in due for d in ds]
+            if self.mirror is not None:            # NOTE: before this forward goes to the other ranks
+                self.mirror("tier_load", self.num_pages, host, dev)
             by_layer = layerwise and len(dev) * self.page_bytes >= self.layerwise_min_bytes
             self.num_layerwise_loads += by_layer
             if not self.on_cuda and by_layer:
                 self._by_layer, self._next_layer = (host, dev), 0    # pinned until end_forward
                 return
             if not self.on_cuda:
-                plan = self._plan(host, dev)
-                for layer in range(self.pool.num_layers):
-                    self._load_layer(layer, *plan)
+                self._load_all(host, dev)
             else:
                 self._issue(host, dev, by_layer)
             self._unpin(host)
@@ -218,6 +224,16 @@ class HostTier:
         else:
             forward_stream.wait_stream(self.load_stream)
         self._issued = True
+
+    def load_now(self, host_pages: list[int], device_pages: list[int]) -> None:
+        """A rank other than 0: rank 0's load, before the forward rank 0 sent after it."""
+        self._load_all(host_pages, device_pages)
+        self.bytes_to_device += len(device_pages) * self.page_bytes
+
+    def _load_all(self, host: list[int], dev: list[int]) -> None:
+        plan = self._plan(host, dev)
+        for layer in range(self.pool.num_layers):
+            self._load_layer(layer, *plan)
 
     def before_layer(self, layer: int) -> None:
         """Model hook, before decoder layer `layer` of an eager forward: its pages are loaded."""
@@ -291,6 +307,8 @@ def attach_host_tier(executor, runner, gigabytes: float) -> HostTier:
     by layer inside it (`runner`'s model calls `before_layer`); the wrapper also times prefills
     for its cost model."""
     tier = HostTier.sized(runner.kv_pool, gigabytes)
+    if runner.followers is not None:               # the other ranks keep theirs in step
+        tier.mirror = runner.followers.send_tier
     runner.add_layer_gate(tier.before_layer)
     executor.forward_fn = tier.wrap_forward(executor.forward_fn)
     first = executor.on_launch                 # layer-wise streaming's, if any: both run

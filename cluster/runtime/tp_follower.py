@@ -67,6 +67,20 @@ def hash_heads(runner, msg: dict) -> dict:
     return {"op": "checksummed", "rank": runner.tp.rank, "seq": msg["seq"], "sums": [list(p) for p in sums.items()]}
 
 
+def follow_tier(runner, tier, msg: dict):
+    """Do rank 0's host-tier write-back or load with this rank's tier (made, or made again, with
+    rank 0's page count); -> the tier."""
+    from cluster.engine.host_tier import HostTier
+    if tier is None or tier.num_pages != msg["num_pages"]:
+        tier = HostTier(runner.kv_pool, msg["num_pages"])
+    with torch.inference_mode():
+        if msg["op"] == "tier_write":
+            tier.write(msg["dev"], msg["host"])
+        else:
+            tier.load_now(msg["host"], msg["dev"])
+    return tier
+
+
 def die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent (rank 0) dies, so no rank outlives its worker."""
     try:
@@ -79,6 +93,7 @@ def follow(runner, ops_endpoint: str, parent: int, replies=None, reader=None) ->
     """Run rank 0's forwards and KV imports, in its order, until it sends stop or goes away."""
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(ops_endpoint)
+    tier = None                      # this rank's host tier, once rank 0's first uses its own
     try:
         while True:
             if not sock.poll(IDLE_POLL_MS):
@@ -94,6 +109,9 @@ def follow(runner, ops_endpoint: str, parent: int, replies=None, reader=None) ->
                 continue
             if msg["op"] == "kv_checksum":    # prefill with verify: this rank's heads of a request's KV
                 replies.send(msgpack.packb(hash_heads(runner, msg)))
+                continue
+            if msg["op"] in ("tier_write", "tier_load"):   # rank 0's host tier, on this rank's heads
+                tier = follow_tier(runner, tier, msg)
                 continue
             if msg["op"] == "copy_pages":     # n > 1: siblings forked from one request's KV
                 kv = runner.kv_pool.kv

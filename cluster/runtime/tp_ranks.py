@@ -147,6 +147,12 @@ class TpFollowers:
         """Each other rank copies these pages of its pool (a fork's partial page), in order with the forwards."""
         self._send_all(msgpack.packb({"op": "copy_pages", "src": src_pages, "dst": dst_pages}))
 
+    def send_tier(self, op: str, num_pages: int, host_pages: list[int], device_pages: list[int]) -> None:
+        """Each other rank does what rank 0's host tier did (`tier_write` or `tier_load`) with its
+        own heads, in order with the forwards (engine/host_tier.py)."""
+        self._send_all(msgpack.packb({"op": op, "num_pages": num_pages, "host": list(host_pages),
+                                      "dev": list(device_pages)}))
+
     def send_import(self, transport: str, sender: str, source: dict, job: dict) -> None:
         """Each other rank lands its heads of one request's KV (rank_read.RankReader), after the
         forwards already sent and before the ones that follow."""
