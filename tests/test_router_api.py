@@ -170,6 +170,20 @@ def test_metrics_text_parses_and_exports_worker_gauges(router):
     assert values[("pdcluster:worker_restarts_total", decode)] == 0
 
 
+def test_inter_token_latency_histogram_exports_what_prometheus_histogram_does():
+    """The ITL histogram is observed per streamed token by a cheaper class: its exposition is
+    byte-identical to prometheus_client's Histogram fed the same values (edges included)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from cluster.router.metrics import ITL_BUCKETS, LoopHistogram
+    ours, theirs = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
+    loop = LoopHistogram("pdcluster:itl_seconds", "doc", ITL_BUCKETS, ours)
+    reference = Histogram("pdcluster:itl_seconds", "doc", buckets=ITL_BUCKETS, registry=theirs)
+    for v in [0.0, 0.005, 0.0050001, 0.02, 0.019999, 2.5, 3.0, 1e9] + [i / 997 for i in range(300)]:
+        loop.observe(v)
+        reference.observe(v)
+    assert generate_latest(ours) == generate_latest(theirs)
+
+
 def metric_values(text: str) -> dict:
     """{(sample name, sorted labels): value} parsed by prometheus_client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_left
 from typing import Callable, Iterable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from cluster.router.request_trace import PHASES
 from cluster.wire.frontend_messages import MetricSample
@@ -53,9 +55,8 @@ class RouterMetrics:
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "Time from request arrival to its first token.",
                               buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Time between consecutive output tokens.", buckets=ITL_BUCKETS,
-                             registry=r)
+        self.itl = LoopHistogram(PREFIX + "inter_token_latency_seconds",
+                                 "Time between consecutive output tokens.", ITL_BUCKETS, r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
                              "Time from request arrival to its last token.", buckets=E2E_BUCKETS,
                              registry=r)
@@ -96,6 +97,30 @@ class RouterMetrics:
         """The router series (ROUTER_SERIES) as they stand: what a front end reports."""
         return [MetricSample(s.name, dict(s.labels), s.value) for family in self.registry.collect()
                 if family.name in ROUTER_SERIES for s in family.samples]
+
+
+class LoopHistogram:
+    """A histogram observed from one thread only (the HTTP event loop), exported exactly as
+    prometheus_client's Histogram is. It is observed once per streamed token: a list bump
+    costs ~0.1 µs where Histogram.observe takes two locks (~1.2 µs)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple, registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = [float(b) for b in buckets] + [math.inf]
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1     # le: value <= bound
+        self.sum += value
+
+    def collect(self) -> Iterable:
+        cumulative, total = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            total += n
+            cumulative.append((floatToGoString(bound), total))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
 
 
 class _WithFrontends:
