@@ -4,8 +4,7 @@
 - `run_profile`: a profile (cluster/plan/costs.py's format) fitted from the run's own steps:
   prefill forwards from the router's phases (one sample per forward: its requests' tokens,
   its duration) and decode steps from the decode worker's `Decode batch [N]` lines (the time
-  between consecutive iterations, the median per running batch size, so the few gaps that
-  hold an idle spell do not count). Its steps ran under the run's real co-running and load,
+  between consecutive busy iterations, the mean per batch size). Its steps ran under the run's real co-running and load,
   so its co-run factors are 1. A prediction from it tests the simulator's scheduling rules
   alone: what is left between it and the measurement is not the profile's noise. (Where a
   run's forwards all have one length, the fit is the least-norm line through their mean.)
@@ -56,7 +55,22 @@ def prefill_samples(traces: list[dict]) -> list[list[float]]:
     return out
 
 
-def decode_samples(log_text: str, start: float, end: float) -> list[list[float]]:
+def first_decode_iters(traces: list[dict]) -> dict[int, int]:
+    """forward_iter -> how many requests had their first decode step in it."""
+    out: dict[int, int] = {}
+    for trace in traces:
+        for p in trace.get("phases", ()):
+            if p["phase"] == "decode_queue" and p.get("forward_iter") is not None:
+                out[p["forward_iter"]] = out.get(p["forward_iter"], 0) + 1
+    return out
+
+
+def decode_samples(log_text: str, traces: list[dict], start: float, end: float) -> list[list[float]]:
+    """(batch, context tokens, mean seconds) per batch size, from consecutive `Decode batch [N]`
+    lines. A step counts only when a request of its batch was also in the step before (the
+    worker was busy throughout, so the gap is one step, not an idle spell and a step). The mean,
+    not the median: a TPOT is a sum of steps, and a shared machine's steps are skewed."""
+    new_in = first_decode_iters(traces)
     steps = []                                   # (batch, context tokens, seconds)
     last = None
     for line in log_text.splitlines():
@@ -64,17 +78,17 @@ def decode_samples(log_text: str, start: float, end: float) -> list[list[float]]
         if not m or t is None or not start <= t <= end:
             continue
         it, batch, context = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        if last is not None and it == last[0] + 1:
+        if last is not None and it == last[0] + 1 and new_in.get(it, 0) < batch:
             steps.append((batch, context, t - last[1]))
         last = (it, t)
     by_batch: dict[int, list] = {}
     for batch, context, seconds in steps:
         by_batch.setdefault(batch, []).append((context, seconds))
-    return [[b, statistics.median(c for c, _ in rows), statistics.median(s for _, s in rows)]
+    return [[b, statistics.mean(c for c, _ in rows), statistics.mean(s for _, s in rows)]
             for b, rows in sorted(by_batch.items())]
 
 
 def run_profile(traces: list[dict], decode_log: str, start: float, end: float, base: dict) -> dict:
     """`base`: a measured profile, for what the run does not show apart (transfer, limits)."""
-    return {**base, "prefill": prefill_samples(traces), "decode": decode_samples(decode_log, start, end),
+    return {**base, "prefill": prefill_samples(traces), "decode": decode_samples(decode_log, traces, start, end),
             "co_run": {"prefill": 1.0, "decode": 1.0}}

@@ -72,6 +72,7 @@ def test_switch_mid_stream_loses_and_repeats_nothing_and_the_worker_then_decodes
         assert resp.json()["switching_to"] == "decode"
         assert wait_for(lambda: workers(cluster).get("prefill-1", {}).get("role") == "decode", 30)
         switch_s = time.monotonic() - started
+        print(f"role switch prefill-1 -> decode took {switch_s:.2f} s (request to re-registered)")
         results = [s.result(timeout=180) for s in streams]
     for prompt, (text, finishes) in zip(PROMPTS, results):
         assert finishes == ["length"], prompt                       # ended once
