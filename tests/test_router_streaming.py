@@ -238,6 +238,22 @@ def test_an_unexpected_failure_mid_stream_ends_with_an_error_event_not_a_cut(mak
     assert wait_for(lambda: not r.dispatcher.requests)  # and the request was aborted
 
 
+def test_a_stream_whose_client_goes_away_is_aborted_on_its_worker(make_router):
+    """A client that closes mid-stream (tokens still coming, its coroutine waiting) cancels the
+    stream and the request is aborted on the worker."""
+    r = make_router()
+    tok = r.service.tokenizer_for(MODEL)
+    ids = tok.encode(WORDS) * 20
+    worker = r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.02))
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids), "stream": True}
+    with r.http.stream("POST", "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        assert sum(1 for _, line in zip(range(12), lines) if line.startswith("data: ")) >= 5
+    assert wait_for(lambda: any(isinstance(m, protocol.Abort) for m in worker.received), timeout=10)
+    assert wait_for(lambda: not r.dispatcher.requests)
+
+
 def test_burst_of_streams_all_end_with_done(make_router):
     """128 streams at once through one router: every one ends with [DONE]."""
     r = make_router()
