@@ -16,7 +16,7 @@ steps), which leaves only the simulator's scheduling rules to differ from the me
 The table sets the predicted attainment, TTFT and mean TPOT beside the measured ones, and the
 goodput over the swept rates; below it, where each rate's measured TTFT went (router phases).
 
-    python benchmarks/plan_check.py                          # rates 1,3; 30 s of arrivals each
+    python benchmarks/plan_check.py          # rates 1,4; 30 s of arrivals each; SLO 2 s / 0.25 s
     python benchmarks/plan_check.py --rates 0.5,2,4 --seconds 60 --json plan_check.json
 """
 from __future__ import annotations
@@ -113,12 +113,12 @@ def table(result: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="1,3", help="request rates to measure and predict")
+    ap.add_argument("--rates", default="1,4", help="request rates to measure and predict")
     ap.add_argument("--seconds", type=float, default=30.0, help="seconds of arrivals per rate")
     ap.add_argument("--prompt-words", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--slo-ttft", type=float, default=1.0)
-    ap.add_argument("--slo-tpot", type=float, default=0.1)
+    ap.add_argument("--slo-ttft", type=float, default=2.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.25)
     ap.add_argument("--attainment", type=float, default=0.9)
     ap.add_argument("--json", default=None, help="write everything measured and predicted here")
     args = ap.parse_args()
