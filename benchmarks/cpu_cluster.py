@@ -74,7 +74,8 @@ def serve_and_bench(config: str, port: int, env: dict[str, str], args) -> dict:
         launch = subprocess.Popen([sys.executable, "-m", "cluster.launch.cli", "launch", cfg_path, "--port", str(port),
                                    "--log-dir", os.path.join(tmp, "logs")],
                                   env={**os.environ, "PYTHONPATH": ROOT, **env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+                                  stderr=subprocess.DEVNULL, text=True,
+                                  cwd=env.get("PYTHONPATH", ROOT))   # NOTE: `-m` puts the cwd first on sys.path
         try:
             wait_serving(launch)
             out = os.path.join(tmp, "bench.json")

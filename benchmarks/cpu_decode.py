@@ -8,6 +8,7 @@ round reported) and prefill tok/s for a ~200-word prompt (best round).
     python benchmarks/cpu_decode.py                      # 64 tokens, 3 rounds, threads 1 and 2
     python benchmarks/cpu_decode.py --tokens 32 --rounds 2 --threads 2
     python benchmarks/cpu_decode.py --write-md           # update BENCHMARKS.md ("CPU weights")
+    python benchmarks/cpu_decode.py --trees /path/to/before,.  # two checkouts, native, alternating processes
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -79,6 +81,49 @@ def cpu_model() -> str:
         return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
 
 
+# one process per measurement: the tree's own engine (its PYTHONPATH), native weights, this thread.
+# Prints the median wall and the median CPU time of this thread per decode step: on a shared machine
+# the CPU time (1 thread) moves far less than the wall time with other processes' load.
+TREE_PROBE = """
+import statistics, sys, time, torch
+from benchmarks.cpu_decode import PROMPT, _input
+from cluster.engine.llm import LLM
+threads, tokens = int(sys.argv[1]), int(sys.argv[2])
+llm = LLM(num_pages=64, page_size=16)
+torch.set_num_threads(threads)
+ids, runner = llm.tokenizer.encode(PROMPT), llm.runner
+pages = runner.page_allocator.allocate(-(-(len(ids) + tokens + 4) // runner.page_size))
+walls, cpus = [], []
+with torch.inference_mode():
+    token = int(runner.forward(_input(ids, 0, pages, False)).next_token_ids[0])
+    for i in range(tokens + 4):
+        t, c = time.perf_counter(), time.thread_time()
+        token = int(runner.forward(_input([token], len(ids) + i, pages, True)).next_token_ids[0])
+        if i >= 4:   # warm-up steps
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.thread_time() - c)
+print(statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3)
+"""
+
+
+def compare_trees(trees: list[str], args) -> None:
+    """ms per decode token of each checkout's engine (wall and this thread's CPU time), in alternating
+    processes (native weights); the ratios to the first tree per round, and the load average with each."""
+    for r in range(args.rounds):
+        for threads in args.threads:
+            row = []
+            for tree in trees:
+                tree = os.path.abspath(tree)
+                out = subprocess.run([sys.executable, "-c", TREE_PROBE, str(threads), str(args.tokens)], check=True,
+                                     env={**os.environ, "PYTHONPATH": tree}, cwd=tree, capture_output=True,
+                                     text=True, timeout=900)
+                wall, cpu = map(float, out.stdout.split()[-2:])
+                row.append((tree, wall, cpu, os.getloadavg()[0]))
+            print(f"round {r}, {threads} threads: " + "; ".join(
+                f"{t}: {wall:.2f} ms wall ({wall / row[0][1]:.2f}x), {cpu:.2f} ms CPU of the forward's thread "
+                f"({cpu / row[0][2]:.2f}x), load {load:.1f}" for t, wall, cpu, load in row), flush=True)
+
+
 def report(results: dict[int, dict[str, tuple[float, float]]], num_prompt: int, args) -> str:
     lines = [f"{datetime.date.today()}, {cpu_model()} ({os.cpu_count()} cores, {describe_cpu()}), "
              f"torch {torch.__version__}; `python benchmarks/cpu_decode.py --tokens {args.tokens} "
@@ -113,7 +158,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     ap.add_argument("--write-md", action="store_true")
+    ap.add_argument("--trees", default="", help="','-separated checkouts: compare their engines instead")
     args = ap.parse_args()
+    if args.trees:
+        compare_trees(args.trees.split(","), args)
+        return
     llms = {mode: LLM(num_pages=64, page_size=16, cpu_weights=mode) for mode in MODES}
     num_prompt = len(llms["float32"].tokenizer.encode(PROMPT))
     with torch.inference_mode():
