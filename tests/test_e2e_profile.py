@@ -35,5 +35,6 @@ def test_profile_measures_prefill_decode_and_transfer_and_plan_reads_it(tmp_path
     assert profile["kv_bytes_per_token"] == 30 * 3 * 64 * 2 * 4
     assert profile["transfer"][1][0] == 32 * profile["kv_bytes_per_token"]
     assert CostModel.from_profile(profile).prefill(32) > 0
+    assert set(profile["co_run"]) == {"prefill", "decode"} and min(profile["co_run"].values()) >= 1.0
     assert main(["plan", "--profile", str(out), "--gpus", "2", "--slo-ttft", "60", "--slo-tpot", "5"]) == 0
     assert "best:" in capsys.readouterr().out
