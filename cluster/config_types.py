@@ -43,6 +43,22 @@ class ModelConfigSection(Section):
     cpu_weights: str = option("native", "on the CPU, a quantized GGUF file's weights stay packed in their "
                               "quantization (native; bfloat16 activations into each matmul) or are "
                               "dequantized to float32 (the reference path)", choices=CPU_WEIGHTS)
+    tp_invariant: bool = option(False, "TP-invariant numerics: the row-parallel sums (attention o and "
+                                "MLP down projections) in float64 at every tp, 1 included, rounded once, "
+                                "so the logits do not depend on tp (the default model at tp=3: equal to "
+                                "tp=1's, 1.6e-4 apart without); costs a float64 copy of those weights and "
+                                '5-18% of a CPU decode step. On the CPU it needs cpu_weights = "float32"')
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_tp_invariant(self.tp_invariant, self.device, self.cpu_weights, type(self).__name__)
+
+
+def check_tp_invariant(tp_invariant: bool, device: str, cpu_weights: str, source: str = "model") -> None:
+    """The packed native CPU kernels do not sum in float64, so tp-invariant numerics need float weights."""
+    if tp_invariant and device == "cpu" and cpu_weights == "native":
+        raise ConfigError(source, "tp_invariant", 'needs cpu_weights = "float32": the packed native CPU '
+                                                  "weights' kernels do not accumulate in float64")
 
 
 @dataclass(frozen=True, slots=True)

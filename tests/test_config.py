@@ -289,3 +289,11 @@ def test_the_host_tier_is_allowed_beside_tensor_parallel_workers(tmp_path):
     path = tmp_path / "tier.toml"
     path.write_text("[cache]\nhost_tier_gb = 1\n[[unified]]\ncount = 1\ntp = 3\n")
     assert load_config(str(path)).cache.host_tier_gb == 1
+
+
+def test_tp_invariant_with_packed_cpu_weights_is_an_error_naming_cpu_weights_float32(tmp_path):
+    e = load_error(tmp_path, "[model]\ntp_invariant = true\n")   # cpu_weights "native" by default
+    assert e.key == "model.tp_invariant" and 'cpu_weights = "float32"' in e.reason
+    cfg = load_config(write(tmp_path, '[model]\ntp_invariant = true\ncpu_weights = "float32"\n'), env={})
+    assert cfg.model.tp_invariant
+    assert load_config(write(tmp_path, '[model]\ntp_invariant = true\ndevice = "cuda"\n'), env={}).model.tp_invariant

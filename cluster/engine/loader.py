@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from cluster.config_types import DEFAULT_MODEL, MODEL_DTYPES
+from cluster.config_types import DEFAULT_MODEL, MODEL_DTYPES, check_tp_invariant
 from cluster.engine.lazy_tensors import LazyTensors
 from cluster.engine.model import LlamaModel
 from cluster.engine.model_config import ModelConfig
@@ -46,10 +46,12 @@ class LoadedModel:
 
 def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto", dtype: str = "float32",
                device: str = "cpu", seed: int = 0, name_map: Optional[NameMap] = None,
-               tp: TpGroup = TpGroup(), cpu_weights: str = "native") -> LoadedModel:
+               tp: TpGroup = TpGroup(), cpu_weights: str = "native", tp_invariant: bool = False) -> LoadedModel:
     """With `tp` of several ranks: this rank's shard, cut from the full model built on the host.
     `cpu_weights`: "native" keeps a quantized GGUF file's weights packed on the CPU (quant_linear.py;
-    one rank only), "float32" dequantizes them (the reference path)."""
+    one rank only), "float32" dequantizes them (the reference path). `tp_invariant`: the row-parallel
+    sums in float64 at every tp (parallel.py)."""
+    check_tp_invariant(tp_invariant, device, cpu_weights)
     t0 = time.monotonic()
     if not path and name == DEFAULT_MODEL:
         path = default_gguf_path()
@@ -70,6 +72,7 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
     TpLayout(config, tp.size, tp.rank)   # a model that cannot split fails before any weight is read
     if tp.size > 1 and tensors is not None:   # only its shard: one full parameter held at a time
         model = _load_shards(config, DTYPES[dtype], device, tp, tensors, name_map)
+        model.set_tp_invariant(tp_invariant)
         model.eval()
         logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d, its shard only) in %.1fs", name,
                     config.num_layers, sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size,
@@ -86,6 +89,7 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
         model = _shard(model, config, DTYPES[dtype], device, tp)
     elif fmt == "gguf" and cpu_weights == "native":
         _pack_gguf_weights(model, path, hf_config, dtype, device)
+    model.set_tp_invariant(tp_invariant)
     model.eval()
     logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d) in %.1fs", name, config.num_layers,
                 sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size, time.monotonic() - t0)

@@ -19,7 +19,7 @@ from cluster.engine.mla import MlaAttention
 from cluster.engine.model_config import ModelConfig
 from cluster.engine.moe import MLP, SparseMoe
 from cluster.engine.norm import RMSNorm
-from cluster.engine.parallel import TpGroup, TpLayout
+from cluster.engine.parallel import TpGroup, TpLayout, row_parallel_linear
 from cluster.engine.rotary import RotaryEmbedding, apply_rope
 
 __all__ = ["LlamaModel", "RMSNorm"]
@@ -49,8 +49,8 @@ class Attention(nn.Module):
                 [self.num_heads, self.num_kv_heads], dim=1)
         else:
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        out = linear(paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale), self.o_proj.weight)
-        return self.tp.all_reduce(out)
+        out = paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale)
+        return row_parallel_linear(out, self.o_proj.weight, self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -83,6 +83,15 @@ class LlamaModel(nn.Module):
                                     cfg.rope_theta, cfg.rope_scaling)
         self._layer_listeners: list[Callable[[int], None]] = []
         self._layer_gates: list[Callable[[int], None]] = []
+
+    @torch.no_grad()
+    def set_tp_invariant(self, on: bool) -> None:
+        """The row-parallel weights in float64, so their sums are the same at every tp (parallel.py;
+        `[model] tp_invariant`), or back in the model dtype (exactly: they were loaded in it)."""
+        dtype = torch.float64 if on else self.norm.weight.dtype
+        for name, p in self.named_parameters():
+            if self.layout.is_row_parallel(name):
+                p.data = p.data.to(dtype)
 
     def add_layer_listener(self, listener: Callable[[int], None]) -> None:
         """`listener(i)` after each decoder layer i of an eager forward (kv_transfer.LayerStream:

@@ -23,7 +23,7 @@ from torch import nn
 
 from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig, MoeConfig
-from cluster.engine.parallel import TpGroup
+from cluster.engine.parallel import TpGroup, row_parallel_linear
 
 BACKEND_SWITCH = "PDCLUSTER_MOE"   # "torch": the expert loop on CUDA too
 
@@ -43,8 +43,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-        out = linear(F.silu(gate) * up, self.down_proj.weight)
-        return out if self.tp is None else self.tp.all_reduce(out)
+        if self.tp is None:   # a shared expert: replicated on every rank
+            return linear(F.silu(gate) * up, self.down_proj.weight)
+        return row_parallel_linear(F.silu(gate) * up, self.down_proj.weight, self.tp)
 
 
 class Experts(nn.Module):

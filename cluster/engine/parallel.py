@@ -20,6 +20,13 @@ are drawn in full and cut, so every rank draws what the unsplit model does.
 
 The collectives are torch.distributed: gloo on the CPU, NCCL on CUDA (whose collectives may be
 captured in CUDA graphs). A collective that does not finish within the group's timeout raises.
+
+TP-invariant numerics (`[model] tp_invariant`, `LlamaModel.set_tp_invariant`): only the row-parallel
+sums round differently at another tp (every column-parallel slice is bitwise the full matmul's; the
+embedding's all-reduce adds zeros, exactly), so with the row-parallel weights in float64 the partial
+matmul and the all-reduce run in float64 and round once to the model dtype, on every tp size, 1
+included: each tp size rounds nearly the same exact sum, and they agree to the last bit almost always
+(BENCHMARKS.md, "Tensor parallelism: tp=3 logits against tp=1").
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.config_fields import ConfigError
+from cluster.engine.linear import linear
 from cluster.engine.model_config import ModelConfig
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -67,6 +75,15 @@ class TpGroup:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+    """`x @ weight.T` summed over the ranks, each holding a slice of the input features: a partial
+    matmul, then one all-reduce. A float64 weight (tp-invariant numerics) makes both float64, rounded
+    once to `x`'s dtype."""
+    if weight.dtype != torch.float64:
+        return tp.all_reduce(linear(x, weight))
+    return tp.all_reduce(linear(x.double(), weight)).to(x.dtype)
 
 
 def init_tp(rank: int, size: int, init_method: str, device: str = "cpu",
@@ -153,6 +170,10 @@ class TpLayout:
     _O = re.compile(r"layers\.\d+\.self_attn\.o_proj\.weight$")
     _GATE_UP = re.compile(r"layers\.\d+\.mlp\.gate_up_proj\.weight$")
     _DOWN = re.compile(r"layers\.\d+\.mlp\.down_proj\.weight$")
+
+    def is_row_parallel(self, name: str) -> bool:
+        """Does parameter `name` end in the all-reduce of partial sums (dense o and down)?"""
+        return bool((self.config.mla is None and self._O.search(name)) or self._DOWN.search(name))
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the full (fused-layout) parameter `name`."""

@@ -74,7 +74,8 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
     from cluster.engine.model_runner import ModelRunner
     m, s = config.model, group.scheduler
     loaded = load_model(name=m.name, path=model_path or m.path, load_format=m.load_format,
-                        dtype=m.dtype, device=m.device, cpu_weights=m.cpu_weights, tp=tp or TpGroup())
+                        dtype=m.dtype, device=m.device, cpu_weights=m.cpu_weights, tp=tp or TpGroup(),
+                        tp_invariant=m.tp_invariant)
     storage = segment = None
     if shared_pool:
         from cluster.kv_transfer.shm_backend import shared_pool_storage
