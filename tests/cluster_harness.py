@@ -190,11 +190,13 @@ def _children(pid: int) -> list[psutil.Process]:
 REFERENCE_WEIGHTS = "float32"
 
 
-def cluster_config(groups: str, scheduler: str = "", extra: str = "", cpu_weights: str = REFERENCE_WEIGHTS) -> str:
+def cluster_config(groups: str, scheduler: str = "", extra: str = "", cpu_weights: str = REFERENCE_WEIGHTS,
+                   model: str = "") -> str:
     return f"""
 [model]
 name = "smollm2-135m-instruct"
 cpu_weights = "{cpu_weights}"
+{model}
 
 [scheduler]
 num_pages = 512

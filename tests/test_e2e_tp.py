@@ -1,6 +1,7 @@
 """A unified worker of three tensor-parallel ranks (gloo) through `pdcluster launch`: greedy text
 equal to the unsplit offline engine, one worker to the router, rank log lines named `worker/rank`,
-and a rank's death restarts the worker whole with no process left behind."""
+and a rank's death restarts the worker whole with no process left behind. The worker runs with
+`tp_invariant` (float64 row-parallel sums), which every rank must load alike."""
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ import openai
 import psutil
 import pytest
 
+from cluster.engine.loader import TP_INVARIANT_NOTE
 from tests.cluster_harness import LaunchedCluster, cluster_config, offline_greedy
 from tests.test_e2e_local import PROMPTS
 
@@ -22,7 +24,7 @@ NUM_PROMPTS = 2
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LaunchedCluster(cluster_config("[[unified]]\ncount = 1\ntp = 3\n",
+    c = LaunchedCluster(cluster_config("[[unified]]\ncount = 1\ntp = 3\n", model="tp_invariant = true",
                                        extra="\n[recovery]\nrestart_workers = true\n"), "tp")
     yield c
     c.stop()
@@ -47,11 +49,14 @@ def test_sampled_requests_are_served_by_all_ranks(cluster):
     assert r.choices[0].text
 
 
-def test_ranks_log_under_worker_slash_rank(cluster):
+def test_ranks_log_under_worker_slash_rank_and_all_load_tp_invariant(cluster):
     assert sorted(rank_pids(cluster)) == [0, 1, 2]
     for rank in (1, 2):
         with open(os.path.join(cluster.log_dir, f"unified-0.rank{rank}.log")) as f:
-            assert f"unified-0/{rank} INFO" in f.read()
+            log = f.read()
+        assert f"unified-0/{rank} INFO" in log and TP_INVARIANT_NOTE in log
+    with open(os.path.join(cluster.log_dir, "unified-0.log")) as f:
+        assert TP_INVARIANT_NOTE in f.read()
 
 
 def test_killed_rank_restarts_the_worker_whole(cluster):

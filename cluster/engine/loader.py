@@ -26,6 +26,7 @@ from cluster.progress import progress
 logger = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
+TP_INVARIANT_NOTE = ", tp_invariant: float64 row-parallel sums"   # in the "loaded" log line
 
 
 class LoadedModel:
@@ -74,9 +75,9 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
         model = _load_shards(config, DTYPES[dtype], device, tp, tensors, name_map)
         model.set_tp_invariant(tp_invariant)
         model.eval()
-        logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d, its shard only) in %.1fs", name,
+        logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d, its shard only%s) in %.1fs", name,
                     config.num_layers, sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size,
-                    time.monotonic() - t0)
+                    TP_INVARIANT_NOTE if tp_invariant else "", time.monotonic() - t0)
         return LoadedModel(config, model, tokenizer_fn)
     model = _build(config, DTYPES[dtype], "cpu" if tp.size > 1 else device)
     if tensors is None:
@@ -91,8 +92,9 @@ def load_model(name: str = DEFAULT_MODEL, path: str = "", load_format: str = "au
         _pack_gguf_weights(model, path, hf_config, dtype, device)
     model.set_tp_invariant(tp_invariant)
     model.eval()
-    logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d) in %.1fs", name, config.num_layers,
-                sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size, time.monotonic() - t0)
+    logger.info("loaded %s: %d layers, %.1fM parameters (rank %d of %d%s) in %.1fs", name, config.num_layers,
+                sum(p.numel() for p in model.parameters()) / 1e6, tp.rank, tp.size,
+                TP_INVARIANT_NOTE if tp_invariant else "", time.monotonic() - t0)
     return LoadedModel(config, model, tokenizer_fn)
 
 
