@@ -33,6 +33,8 @@ except ImportError:          # GPU hosts without the client: their tests talk ht
     openai = None
 import psutil
 
+from cluster.roles import ROLES
+
 LAUNCH_TIMEOUT_S = 300
 REPO = Path(__file__).resolve().parents[1]
 ITER_LINE = re.compile(r"(Prefill|Decode) batch \[(\d+)\]")
@@ -55,6 +57,14 @@ def _stop_with_test_process() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
+def expected_workers(config_toml: str) -> dict[str, int]:
+    """Workers per role the config launches. Healthy means all of them registered, not just enough
+    to answer 200: a 1P1D cluster with an [slo] is healthy (degraded) with its decode worker alone,
+    and a test that starts then would see requests placed as they never are once both are up."""
+    groups = tomllib.loads(config_toml)
+    return {role: sum(g.get("count", 1) for g in groups.get(role, [])) for role in ROLES}
+
+
 class LaunchedCluster:
     """`pdcluster launch CONFIG`, or with `serve=True` `pdcluster serve` (config_toml unused)."""
 
@@ -69,7 +79,7 @@ class LaunchedCluster:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.out_path = os.path.join(self.dir, "launch.out")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.serve = serve
+        self.expected_workers = {} if serve else expected_workers(config_toml)
         command = ["serve"] if serve else ["launch", self.config_path]
         with open(self.out_path, "w") as out:
             self.proc = subprocess.Popen(
@@ -98,7 +108,9 @@ class LaunchedCluster:
                 raise RuntimeError(f"launcher exited {self.proc.returncode}:\n{self.output()}")
             try:
                 health = httpx.get(self.base_url + "/health", timeout=2)
-                if health.status_code == 200 and self._all_registered(health.json()):
+                registered = health.json().get("workers", {}) if health.status_code == 200 else None
+                if registered is not None and all(registered.get(role, 0) >= n
+                                                  for role, n in self.expected_workers.items()):
                     self.descendants = psutil.Process(self.proc.pid).children(recursive=True)
                     print(f"cluster up in {time.monotonic() - t0:.1f}s at {self.base_url} "
                           f"(logs {self.log_dir})", file=sys.stderr, flush=True)
@@ -107,19 +119,6 @@ class LaunchedCluster:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"cluster not healthy after {timeout_s:.0f}s:\n{self.output()}")
-
-    def _all_registered(self, health: dict) -> bool:
-        """Every configured worker is in the directory, not just enough of them to answer 200: a
-        1P1D cluster with an [slo] is healthy (degraded) with its decode worker alone, and a test
-        that starts then would see requests placed as they never are once both are up."""
-        if self.serve:
-            return True
-        groups = tomllib.loads(Path(self.config_path).read_text())
-        for role in ("prefill", "decode", "unified", "dllm"):
-            expected = sum(g.get("count", 1) for g in groups.get(role, []))
-            if health.get("workers", {}).get(role, 0) < expected:
-                return False
-        return True
 
     def output(self) -> str:
         return Path(self.out_path).read_text()[-4000:] if os.path.exists(self.out_path) else ""

@@ -15,12 +15,7 @@ def make_case(seed: int, batch: int, num_heads: int, num_kv_heads: int, head_dim
     lens[0] = max(1, (lens[0] // page_size) * page_size + 1) if page_size > 1 else lens[0]   # one token into a page
     ext = [min(n, int(e)) for n, e in zip(lens, torch.randint(1, max_extend + 1, (batch,), generator=g))]
     num_pages = sum(-(-n // page_size) for n in lens) + 3
-    perm = torch.randperm(num_pages, generator=g).tolist()
-    tables, i = [], 0
-    for n in lens:
-        k = -(-n // page_size)
-        tables.append(perm[i:i + k])
-        i += k
+    tables = scattered_tables(torch.randperm(num_pages, generator=g).tolist(), lens, page_size)
     k_cache = torch.randn(num_kv_heads, num_pages, page_size, head_dim, generator=g).to(device, dtype)
     v_cache = torch.randn(num_kv_heads, num_pages, page_size, head_dim, generator=g).to(device, dtype)
     counts = [len(t) for t in tables]
@@ -30,6 +25,16 @@ def make_case(seed: int, batch: int, num_heads: int, num_kv_heads: int, head_dim
             "page_start": as_dev(page_start), "seq_lens": as_dev(lens), "tables": tables, "lens": lens, "ext": ext,
             "q_dec": torch.randn(batch, num_heads, head_dim, generator=g).to(device, dtype),
             "q_ext": torch.randn(sum(ext), num_heads, head_dim, generator=g).to(device, dtype)}
+
+
+def scattered_tables(perm: list[int], lens: list[int], page_size: int) -> list[list[int]]:
+    """Each length's page table, cut in order from the shuffled page ids `perm`."""
+    tables, i = [], 0
+    for n in lens:
+        k = -(-n // page_size)
+        tables.append(perm[i:i + k])
+        i += k
+    return tables
 
 
 def gathered(cache: torch.Tensor, pages: list[int], length: int) -> torch.Tensor:

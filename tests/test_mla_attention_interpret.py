@@ -12,6 +12,7 @@ from cluster.engine.attention_context import AttentionContext
 from cluster.engine.mla import FRESH_PREFILL_SWITCH, MlaAttention
 from cluster.engine.model_config import PRESETS
 from cluster.engine.rotary import RotaryEmbedding
+from tests.paged_attention_cases import scattered_tables
 from tests.triton_interpreter import load_interpreted
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA machines test the compiled kernels")
@@ -38,12 +39,7 @@ def run_both(layer, extend_lens, prefix_lens):
     """The layer over random cached prefixes, once per backend -> (outputs, caches) per backend."""
     g = torch.Generator().manual_seed(sum(extend_lens) + sum(prefix_lens))
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-    perm = torch.randperm(NUM_PAGES, generator=g).tolist()
-    tables, start = [], 0
-    for s in seq_lens:
-        n = -(-s // PAGE)
-        tables.append(perm[start:start + n])
-        start += n
+    tables = scattered_tables(torch.randperm(NUM_PAGES, generator=g).tolist(), seq_lens, PAGE)
     cache = torch.randn(1, 1, NUM_PAGES, PAGE, WIDTH, generator=g)
     x = torch.randn(sum(extend_lens), CFG.hidden_size, generator=g)
     positions = torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)])

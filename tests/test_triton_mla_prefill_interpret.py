@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cluster.engine.attention_context import AttentionContext
+from tests.paged_attention_cases import scattered_tables
 from tests.triton_interpreter import interpreted_kernels
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA machines test the compiled kernels")
@@ -19,11 +20,7 @@ def _case(extend_lens, prefix_lens, bidirectional_lens, seed):
     g = torch.Generator().manual_seed(seed)
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     num_pages = sum(-(-s // PAGE) for s in seq_lens) + 3
-    perm = torch.randperm(num_pages, generator=g).tolist()
-    tables, start = [], 0
-    for s in seq_lens:
-        tables.append(perm[start:start + -(-s // PAGE)])
-        start += -(-s // PAGE)
+    tables = scattered_tables(torch.randperm(num_pages, generator=g).tolist(), seq_lens, PAGE)
     cache = torch.randn(num_pages, PAGE, RANK + ROPE, generator=g)
     w_kv = torch.randn(HEADS * (NOPE + V), RANK, generator=g) * 0.2
     t = sum(extend_lens)
