@@ -26,6 +26,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,14 +61,35 @@ def release(s) -> None:
         torch.cuda.empty_cache()
 
 
-def serve(s, prompts: dict[str, list[int]], args) -> tuple[dict[str, float], float, int]:
-    """Serve `prompts` at `--concurrency`; -> (TTFT by rid, seconds, tokens generated)."""
+def phases(s, sent_at: dict[str, float]) -> dict:
+    """Where turn >= 2 TTFT goes, from the worker's request marks (wall clock, as `sent_at`):
+    queued = sent -> its prefill launched, prefill = launched -> its first token; medians in s."""
+    from cluster.wire import protocol as P
+    marks: dict[str, dict[str, float]] = {}
+    for msg in s.control.sent:
+        if isinstance(msg, P.RequestMarks):
+            for item in msg.items:
+                for m in item.marks:
+                    marks.setdefault(item.rid, {}).setdefault(m.name, m.t)
+    queued = [m["prefill_launched"] - sent_at[r] for r, m in marks.items() if r in sent_at and "prefill_launched" in m]
+    prefill = [m["prefill_done"] - m["prefill_launched"] for r, m in marks.items()
+               if r in sent_at and {"prefill_launched", "prefill_done"} <= m.keys()]
+    med = (lambda xs: round(statistics.median(xs), 4) if xs else None)
+    return {"queued_p50_s": med(queued), "prefill_p50_s": med(prefill)}
+
+
+def serve(s, prompts: dict[str, list[int]], args, sent_at: Optional[dict] = None
+          ) -> tuple[dict[str, float], float, int]:
+    """Serve `prompts` at `--concurrency`; -> (TTFT by rid, seconds, tokens generated).
+    `sent_at` gets each request's wall-clock send time."""
     ctl, pending, ttft, started = s.control, list(prompts.items()), {}, {}
     t0, last = time.perf_counter(), None
     while pending or len(ttft) < len(started) or any(r not in ctl.finished() for r in started):
         while pending and sum(r not in ctl.finished() for r in started) < args.concurrency:
             rid, ids = pending.pop(0)
             started[rid] = time.perf_counter()
+            if sent_at is not None:
+                sent_at[rid] = time.time()
             ctl.generate(rid, ids, max_tokens=args.max_tokens, ignore_eos=True)
         last = s.overlap_step(last)
         now, out = time.perf_counter(), ctl.outputs()
@@ -88,19 +110,20 @@ def multi_turn(loaded, args, host_tier_gb: float, layerwise: bool = True) -> dic
     s = scheduler(loaded, args, host_tier_gb)
     if host_tier_gb and not layerwise:
         s.cache.host_tier.layerwise_min_bytes = float("inf")   # every load whole, before its forward
-    later = []
+    later, sent_at = [], {}
     for turn in range(args.turns):
         prompts = {f"c{i}t{turn}": ids for i, ids in enumerate(convs)}
-        ttft, _, _ = serve(s, prompts, args)
+        ttft, _, _ = serve(s, prompts, args, sent_at if turn else None)
         if turn:
             later += list(ttft.values())
         out = s.control.outputs()
         convs = [ids + out[f"c{i}t{turn}"] + [rng.randrange(3, vocab) for _ in range(args.turn_tokens)]
                  for i, ids in enumerate(convs)]
-    cache = s.cache
+    cache, where = s.cache, phases(s, sent_at)
     release(s)
     layered = cache.host_tier.num_layerwise_loads if cache.host_tier is not None else 0
-    return {"ttft_p50_turn2plus_s": round(statistics.median(later), 4), "layerwise_loads": layered,
+    return {"ttft_p50_turn2plus_s": round(statistics.median(later), 4), "turn2plus": where,
+            "layerwise_loads": layered,
             "hit_tokens": cache.tier_gauges()["prefix_cache_hit_tokens_total"],
             "query_tokens": cache.num_query_tokens, **{k: v for k, v in cache.tier_gauges().items()
                                                        if k != "prefix_cache_hit_tokens_total"}}
