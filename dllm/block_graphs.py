@@ -141,9 +141,11 @@ class BlockGraphs:
         return step
 
     # ---- replay -------------------------------------------------------------------------
-    def fill(self, b: int, fi: ForwardInput, block_lens: list[int]) -> Optional[_Step]:
+    def fill(self, b: int, fi: ForwardInput, block_lens: list[int], carry=None,
+             carried: Optional[torch.Tensor] = None) -> Optional[_Step]:
         """Load `fi` (per request: committed tokens, then a block of `block_lens[i]`) into the
-        narrowest captured layout it fits; None when none does."""
+        narrowest captured layout it fits; None when none does. `carry` / `carried`: ids still on the
+        device (a chained round, carry.py), written into their lead slots there."""
         leads = np.asarray(fi.extend_lens, dtype=np.int64) - np.asarray(block_lens, dtype=np.int64)
         lead = next((r for r in self.leads if leads.max() <= r), None)
         if lead is None or max(block_lens) > self.width or fi.num_reqs != len(block_lens):
@@ -185,6 +187,13 @@ class BlockGraphs:
         if step is None:                                             # not captured: built now, run eagerly
             step = self.steps[b, lead] = self._build(b, lead)
         step.buffer[:host.size].copy_(host_t, non_blocking=True)
+        if carry is not None:                                        # carried ids sit before their blocks
+            lead_slot = np.full(req.size, -1, dtype=np.int64)
+            lead_slot[is_lead] = (req * lead + lead - leads[req] + k)[is_lead]
+            slots = torch.from_numpy(lead_slot[carry.token_at.numpy()])
+            assert int(slots.min()) >= 0, "a carried id past its lead room"
+            slots = slots.pin_memory() if self.device.type == "cuda" else slots
+            step.buffer.index_copy_(0, slots.to(self.device, non_blocking=True), carried)
         return step
 
 
@@ -201,14 +210,16 @@ class GraphPlan:
         self._later: Optional[_Step] = None
         self._tried_later = False
 
-    def replay(self, k: int) -> bool:
-        """Replay step k (0: the round's forward) if a graph takes it; False: run it eagerly."""
+    def replay(self, k: int, carried: Optional[torch.Tensor] = None) -> bool:
+        """Replay step k (0: the round's forward) if a graph takes it; False: run it eagerly.
+        `carried`: the step's ids still on the device (a chained round's, carry.py)."""
         r, g = self.round, self.graphs
         if k == 0:
-            step = g.fill(self.bucket, r.entry, r.block_lens) if r.entry_has_only_blocks else None
+            step = g.fill(self.bucket, r.entry, r.block_lens, r.entry_carry, carried) if r.entry_has_only_blocks else None
         else:
             if not self._tried_later:
-                self._later, self._tried_later = g.fill(self.bucket, r.steps, r.block_lens), True
+                self._later = g.fill(self.bucket, r.steps, r.block_lens, r.steps_carry, carried)
+                self._tried_later = True
             step = self._later
         if step is None:
             return False

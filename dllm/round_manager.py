@@ -25,8 +25,8 @@ positions past it (a shifted model's last prompt token, an aligned block's promp
 are computed again by that round, as locally.
 
 Overlap policy: a request is in at most one in-flight round (its next round depends on
-which positions this one commits; `num_pending` marks it). What the other requests do while
-a round is in flight is `split`:
+which positions this one commits; `num_pending` marks it), except in a chained round (below).
+What the other requests do while a round is in flight is `split`:
 
 - merge (split False): nothing launches; ready requests and newcomers join the next round
   once the in-flight one is processed. One forward per step for everybody.
@@ -42,6 +42,15 @@ the merged throughput, so the scheduler picks `split` from measured times
 `run_batch`; per-forward rounds keep each forward a scheduler iteration with its own `[N]`
 line and let requests join and leave at every forward. On CUDA, where a host read per forward
 would stall the device, greedy rounds are block rounds that do as SGLang does (block_loop.py).
+
+Chained rounds (`schedule(chain_from=N)`): a block round fills its blocks to the end, so what
+the next round of its requests looks like is known at its launch, all but the block's tokens.
+Round N+1 is then launched while N is in flight: each request of N that its block leaves
+tokens for gets its next block (`next_block`, from `block.start + len(block)`), and the
+block's tokens reach N+1's input on the device (carry.py). So the host's work on N's result
+overlaps N+1 on the device, at batch 1 too. A request that finishes in N (a stop id, a stop
+string) is released then; N+1's tokens for it are discarded, and only KV final before N+1
+(`done_kv_len`) goes to the prefix cache.
 """
 from __future__ import annotations
 
@@ -70,6 +79,17 @@ class DllmReq:
     stop_ids: frozenset = field(default_factory=frozenset)   # EOS (unless ignore_eos) and stop ids
     generator: Optional[torch.Generator] = None              # seeded draws of the active block
     awaits_kv: bool = False                                  # remote prefill: pages reserved, KV not landed
+    # chained rounds: the block of a round launched before `block`'s round was processed; the
+    # (forward_iter, state row) of the block round filling the newest block on the device; the KV
+    # final before the chained round
+    next_block: Optional[ActiveBlock] = None
+    round_row: Optional[tuple[int, int]] = None
+    done_kv_len: int = 0
+
+    @property
+    def newest_block(self) -> Optional[ActiveBlock]:
+        """The block the request's latest launched round carries."""
+        return self.next_block if self.next_block is not None else self.block
 
 
 class RoundManager:
@@ -136,24 +156,37 @@ class RoundManager:
         state.req.kv_len = self.final_kv(state)
 
     # ---- rounds ----------------------------------------------------------------
-    def new_block(self, state: DllmReq) -> ActiveBlock:
+    def new_block(self, state: DllmReq, ahead: int = 0) -> ActiveBlock:
+        """The request's next block; `ahead`: tokens of an in-flight block not yet appended."""
         req, size = state.req, state.params.block_size
-        seq_len, left = req.seq_len, req.sampling.max_tokens - req.num_output
+        seq_len, left = req.seq_len + ahead, req.sampling.max_tokens - req.num_output - ahead
         attn_start = seq_len - seq_len % size if self.spec.aligned_blocks else seq_len
         return ActiveBlock(seq_len, min(attn_start + size - seq_len, left), state.params, attn_start)
 
-    def final_kv(self, state: DllmReq) -> int:
-        """Positions whose KV is final once the coming round is launched."""
-        return min(state.req.seq_len - self.spec.shift, state.block.attn_start)
+    def final_kv(self, state: DllmReq, block: Optional[ActiveBlock] = None) -> int:
+        """Positions whose KV is final once the coming round (carrying `block`) is launched."""
+        block = block or state.block
+        return min(block.start - self.spec.shift, block.attn_start)
 
-    def schedule(self, split: bool = False) -> Optional[ScheduleBatch]:
-        """The next round, or None. `split`: alternate two groups (see the module doc)."""
+    def can_chain(self, state: DllmReq, chain_from: Optional[int]) -> bool:
+        """In flight in block round `chain_from` alone, with tokens left past its block."""
+        req, block = state.req, state.block
+        return (chain_from is not None and req.num_pending == 1 and state.next_block is None and block is not None
+                and state.round_row is not None and state.round_row[0] == chain_from
+                and req.sampling.max_tokens - req.num_output - len(block) > 0)
+
+    def schedule(self, split: bool = False, chain_from: Optional[int] = None) -> Optional[ScheduleBatch]:
+        """The next round, or None. `split`: alternate two groups; `chain_from`: the last launched
+        round was block round `chain_from`, whose requests may chain (see the module doc)."""
         self.admit()
         ready = [s for s in self.running.values() if not s.req.num_pending and not s.awaits_kv]
         num_inflight = sum(1 for s in self.running.values() if s.req.num_pending)
-        if not ready or num_inflight and not split:
+        chained = [s for s in self.running.values() if self.can_chain(s, chain_from)]
+        if any(s.req.sampling.temperature > 0 for s in ready):
+            chained = []        # a chained round is a block round, which takes greedy requests only
+        if not ready and not chained or num_inflight and not split and not chained:
             return None
-        if split and not num_inflight and len(ready) >= 2:
+        if split and not chained and not num_inflight and len(ready) >= 2:
             ready = ready[: (len(ready) + 1) // 2]   # start two alternating groups
         budget = self.max_round_tokens
         reqs, extend_lens, prefix_lens, with_block = [], [], [], []
@@ -176,6 +209,20 @@ class RoundManager:
             req.kv_len = final_kv if full else req.kv_len + extend
             req.num_pending = 1
             budget -= extend
+        for state in chained:
+            req = state.req
+            block = self.new_block(state, ahead=len(state.block))
+            need = block.start - req.kv_len + len(block)
+            if need > budget:
+                continue        # waits for its round to be processed, then goes as a ready one
+            state.next_block, state.done_kv_len = block, req.kv_len
+            reqs.append(req)
+            prefix_lens.append(req.kv_len)
+            extend_lens.append(need)
+            with_block.append(True)
+            req.kv_len = self.final_kv(state, block)
+            req.num_pending += 1
+            budget -= need
         if not reqs:
             return None
         # `is_last_chunk[i]`: the round carries request i's block (it commits tokens); False = prompt chunk
@@ -197,8 +244,11 @@ class RoundManager:
                 ids += req.all_ids[prefix:prefix + extend]
                 bidirectional_lens.append(0)
                 continue
-            block = self.running[req.rid].block
-            ids += req.all_ids[prefix:] + block.input_ids(self.spec.mask_token_id)
+            block = self.running[req.rid].newest_block
+            # positions past seq_len: a chained request's in-flight block, filled in on the device (carry.py)
+            known = req.all_ids[prefix:block.start]
+            ids += known + [self.spec.mask_token_id] * (block.start - prefix - len(known))
+            ids += block.input_ids(self.spec.mask_token_id)
             bidi = prefix + extend - block.attn_start if self.spec.block_attention else 0
             bidirectional_lens.append(bidi)
         n = batch.batch_size
@@ -206,7 +256,9 @@ class RoundManager:
             input_ids=torch.tensor(ids, dtype=torch.int64), extend_lens=list(batch.extend_lens),
             prefix_lens=list(batch.prefix_lens), page_tables=[list(r.page_table) for r in batch.reqs],
             sample=[False] * n, sampling=[r.sampling for r in batch.reqs],
-            bidirectional_lens=bidirectional_lens, return_logits=True, logits_lens=self.logits_lens(batch))
+            bidirectional_lens=bidirectional_lens, return_logits=True,
+            logits_lens=[len(self.running[r.rid].newest_block) + self.spec.shift if full else 0
+                         for r, full in zip(batch.reqs, batch.is_last_chunk)])
         if self.spec.aligned_blocks:
             fi.attn_block_sizes = [self.running[r.rid].params.block_size for r in batch.reqs]
         return fi

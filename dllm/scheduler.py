@@ -9,6 +9,10 @@ prefill worker, and this worker plays the decode side of the handoff through the
 worker's `KvReception`: once the request's pages are reserved it sends `decode_ready` naming
 the KV visibility it needs (`dllm_attn_block`), lands the prompt's KV, and then denoises its
 blocks. The prefill worker samples no first token: the first block is made here, as locally.
+
+Chained rounds (`chain_rounds`, round_manager.py): under overlap with the block loop, the next
+block round of a request is launched from its tokens still on the device, so processing round N
+overlaps round N+1 even at batch 1; the block loop's reads are then deferred (block_loop.py).
 """
 from __future__ import annotations
 
@@ -45,10 +49,13 @@ class DllmScheduler(WorkerScheduler):
 
     def __init__(self, config, worker_id, runner, control, spec: Optional[DllmModelSpec] = None,
                  params: Optional[DllmParams] = None, split_groups: Optional[bool] = None,
-                 handoff=None, timeouts=None, block_loop: Optional[bool] = None):
+                 handoff=None, timeouts=None, block_loop: Optional[bool] = None,
+                 chain_rounds: Optional[bool] = None):
         """`handoff` (a KvHandoff) and `timeouts`: this worker takes prompts prefilled remotely.
         `block_loop`: run greedy rounds' blocks to the end on the device (block_loop.py); default
-        on CUDA (with CUDA graphs unless `PDCLUSTER_CUDA_GRAPHS=0`), off on the CPU."""
+        on CUDA (with CUDA graphs unless `PDCLUSTER_CUDA_GRAPHS=0`), off on the CPU.
+        `chain_rounds`: launch a block round's next round before processing it (needs the block
+        loop and overlap; default: whenever both are on)."""
         spec = spec or DllmModelSpec.causal(min(runner.tokenizer.eos_token_ids, default=0))
         params = params or DllmParams()
         if block_loop is None:
@@ -72,6 +79,9 @@ class DllmScheduler(WorkerScheduler):
         # measured times (None): alternate while processing a round costs over half a forward
         self.split_groups = split_groups
         self.forward_s = self.process_s = 0.0   # moving averages per round
+        self.chain_rounds = self.block_loop is not None and (chain_rounds is None or chain_rounds)
+        self.last_block_round: Optional[int] = None   # forward_iter of the last launch, when a block round
+        self.num_chained_rounds = 0     # rounds launched from the tokens of a round still in flight
 
     # ---- intake ----------------------------------------------------------------
     def admit(self, req: Req, msg) -> None:
@@ -115,7 +125,11 @@ class DllmScheduler(WorkerScheduler):
         if self.reception is not None:
             for req in self.reception.pop_expired():
                 self.fail(req, f"no KV from {req.peer.worker_id} in time", retriable=True)
-        return self.rounds.schedule(split=self.config.overlap and self.should_split())
+        chain = self.chain_rounds and self.config.overlap
+        if self.block_loop is not None:
+            self.block_loop.defer_read = chain
+        return self.rounds.schedule(split=self.config.overlap and not chain and self.should_split(),
+                                    chain_from=self.last_block_round if chain else None)
 
     def should_split(self) -> bool:
         if self.split_groups is not None:
@@ -123,11 +137,19 @@ class DllmScheduler(WorkerScheduler):
         return self.process_s > SPLIT_WHEN_PROCESS_OVER * self.forward_s > 0
 
     def build_forward_input(self, batch: ScheduleBatch):
+        self.last_block_round = None
         fi = self.rounds.forward_input(batch)
         if self.block_loop is None or not any(fi.logits_lens) or any(r.sampling.temperature > 0 for r in batch.reqs):
             return fi   # per-forward: prompt chunks only, or a sampled request
-        return build_block_round(self.rounds, batch, fi, self.runner.config.vocab_size, self.block_loop.graphs,
-                                 pin_memory=self.runner.device.type == "cuda")
+        r = build_block_round(self.rounds, batch, fi, self.runner.config.vocab_size, self.block_loop.graphs,
+                              pin_memory=self.runner.device.type == "cuda")
+        # NOTE: after the round's carry named the rows it chains from
+        reqs = [req for req, n in zip(batch.reqs, fi.logits_lens) if n]
+        for row, req in enumerate(reqs):
+            self.rounds.running[req.rid].round_row = (batch.forward_iter, row)
+        self.last_block_round = batch.forward_iter
+        self.num_chained_rounds += r.entry_carry is not None
+        return r
 
     def process_batch_result(self, batch: ScheduleBatch, result) -> None:
         self.process_batch_result_dllm(batch, result)
@@ -137,7 +159,7 @@ class DllmScheduler(WorkerScheduler):
         the round under the iteration that launched it (`batch.forward_iter`)."""
         t0 = time.perf_counter()
         if isinstance(result, BlockResult):
-            self.commit_block_round(batch, result)
+            self.commit_block_round(batch, result.wait())
         else:
             rows = self.rounds.block_logits(batch, result.logits)
             for req, logits in zip(batch.reqs, rows):
@@ -168,19 +190,30 @@ class DllmScheduler(WorkerScheduler):
         self.after_steps(state, [positions], forward_iter)
 
     def commit_block_round(self, batch: ScheduleBatch, result: BlockResult) -> None:
-        """A block round's blocks, filled on the device: its rows are the requests that carried one."""
+        """A block round's blocks, filled on the device: its rows are the requests that carried one.
+        A request's rounds are processed in launch order, so this round filled its oldest block."""
         row = 0
-        for req, num_rows in zip(batch.reqs, self.rounds.logits_lens(batch)):
-            req.num_pending = 0
-            if not num_rows:
+        for req, full in zip(batch.reqs, batch.is_last_chunk):
+            req.num_pending = max(0, req.num_pending - 1)
+            if not full:
                 continue   # a prompt chunk
             i, row = row, row + 1
             state = self.rounds.get(req.rid)
             if req.is_finished or state is None or state.block is None:
-                continue   # aborted while in flight
+                continue   # aborted while in flight, or finished in the round before (a chained round)
             steps = apply_to_block(state.block, result.tokens[i], result.logprobs[i], result.commit_step[i],
                                    result.num_steps[i])
             self.after_steps(state, steps, batch.forward_iter)
+            if self.rounds.get(req.rid) is state and state.next_block is not None:
+                self.take_next_block(state)
+
+    def take_next_block(self, state: DllmReq) -> None:
+        """A chained request whose block was processed: the chained round's block becomes its block."""
+        req, block = state.req, state.next_block
+        if state.block is not None or block.start != req.seq_len:   # never: a block round fills its block
+            self.fail(req, f"chained block at {block.start} does not follow the output ({req.seq_len} tokens)")
+            return
+        state.block, state.next_block = block, None
 
     def after_steps(self, state: DllmReq, steps: list[list[int]], forward_iter: Optional[int]) -> None:
         """Count the positions each step committed into the block; finish the block once it is done."""
@@ -212,6 +245,9 @@ class DllmScheduler(WorkerScheduler):
         self.outbox.emit(req, tokens, reason, logprobs)
         if reason is not None:
             req.finish_reason = reason
+            if state.next_block is not None:
+                # a chained round is writing KV past this; its tokens are dropped when it is processed
+                req.kv_len, req.num_pending = state.done_kv_len, 0
             self.release(req)
 
     # ---- gauges ------------------------------------------------------------------

@@ -19,13 +19,16 @@ PROMPTS = [[5, 17, 33, 101, 7], [9, 250, 3, 77, 44, 12, 8, 91, 60], [300, 301]]
 
 
 def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, trace=False,
-             on_forward=None, split=None, timeout=120.0, block_loop=None, during=contextlib.nullcontext):
+             on_forward=None, split=None, timeout=120.0, block_loop=None, during=contextlib.nullcontext,
+             chain_rounds=None, prefix_cache=False):
     """requests: [(rid, prompt, sampling kwargs, extra)] -> (control, scheduler) once all finished.
     `during()`: a context the run (not the scheduler's construction) happens in."""
     control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=overlap, max_prefill_tokens=64), "dllm-0", runner, control,
                           spec or DllmModelSpec.causal(PLACEHOLDER), params, split_groups=split,
-                          block_loop=block_loop)
+                          block_loop=block_loop, chain_rounds=chain_rounds)
+    if prefix_cache:
+        sched.enable_prefix_cache()
     sched.commit_trace = []
     if trace:
         sched.trace, sched.executor.trace = [], []
@@ -44,6 +47,8 @@ def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, tr
             time.sleep(0.005)
         sched.stop()
         loop.join(timeout=30)
+    if prefix_cache:
+        sched.cache.drop_prefix_cache()
     assert len(control.finished()) == len(requests), f"unfinished: {control.finished()} {control.errors()}"
     assert runner.page_allocator.num_free_pages == free_before, "pages leaked"
     return control, sched

@@ -54,7 +54,8 @@ class ForwardExecutor:
             import torch
             with torch.cuda.stream(self._stream):
                 out = self.forward_fn(forward_input)
-                self._stream.synchronize()
+                if getattr(out, "ready", None) is None:   # else a deferred read: its reader waits for `ready`
+                    self._stream.synchronize()
         else:
             out = self.forward_fn(forward_input)
         timings = getattr(out, "timings", None)
