@@ -8,10 +8,15 @@ Per preset (default: SDAR-1.7B and SDAR-8B shapes, Qwen3 layout, bfloat16) and b
   `--steps` fixed steps, each round's blocks denoised to the end on the device (dllm/block_loop.py;
   CUDA graphs per batch bucket captured at its start, not timed).
 tok/s = output tokens over the wall time from the first step to the last token; ratio = DLLM / AR.
-The goal (batch 1, block 4, 2 steps): ratio >= 1.8. `dllm_loop_share` is the part of the DLLM wall
-time spent inside the block loop (inputs copied, steps replayed, tokens read), `dllm_loop_tok_s` the
-rate that part alone gives: the rest is the scheduler's host work between rounds, which nothing
-overlaps at batch 1 (a round needs the tokens of the one before).
+The goal (batch 1, block 4, 2 steps): ratio >= 1.8. DLLM runs in two modes on the same scheduler:
+- chained (the default path, `dllm_tok_s` / `ratio`): round N+1 is launched from round N's tokens
+  still on the device, its read deferred, so the host's work on N overlaps N+1 on the device;
+- sequential (`seq_*`, the path before chaining): a round is launched once the one before it was
+  processed, so at batch 1 the host's work between rounds is never overlapped.
+`chain_gain` = chained / sequential tok/s. `*_device_share`: the rounds' spans on the device (CUDA
+events around each round) over the wall time; 1 - share is the device idle between rounds.
+`seq_loop_share`: the sequential wall time spent inside the block loop (inputs copied, steps
+replayed, tokens read). Each figure is the best of `--repeat` runs, the modes and AR alternating.
 
     python benchmarks/dllm_gpu.py --json out.json                                   # on the GPU machine
     python benchmarks/dllm_gpu.py --device cpu --presets tiny --batch 1,4 --max-tokens 16 --prompt-len 8
@@ -93,16 +98,29 @@ def loop_counts(sched) -> tuple:
     return (loop.num_graph_steps, loop.num_eager_steps, loop.num_host_reads, loop.run_s) if loop else (0, 0, 0, 0.0)
 
 
-def bench(sched, prompts, args) -> dict:
+def bench(sched, prompts, args, chain: bool = False) -> dict:
     control = sched.control
+    loop = getattr(sched, "block_loop", None)
+    if loop is not None:
+        sched.chain_rounds = chain
     run(sched, control, prompts[:1], 8, args.device)                  # warm-up: eager paths, Triton compiles
     sent, forwards, before = len(control.sent), sched.forward_ct, loop_counts(sched)
+    chained_before = getattr(sched, "num_chained_rounds", 0)
+    if loop is not None:
+        loop.device_spans = []
     wall = run(sched, control, prompts, args.max_tokens, args.device)
+    device_s = loop.device_s() if loop is not None else 0.0
     tokens = sum(len(item.token_ids) for m in control.sent[sent:] if hasattr(m, "all_items") for item in m.all_items())
     assert tokens == len(prompts) * args.max_tokens, (tokens, len(prompts), args.max_tokens)
     graph_steps, eager_steps, reads, loop_s = (y - x for x, y in zip(before, loop_counts(sched)))
     return {"tok_s": tokens / wall, "wall_s": wall, "rounds": sched.forward_ct - forwards,
-            "graph_steps": graph_steps, "eager_steps": eager_steps, "host_reads": reads, "loop_s": loop_s}
+            "chained_rounds": getattr(sched, "num_chained_rounds", 0) - chained_before,
+            "graph_steps": graph_steps, "eager_steps": eager_steps, "host_reads": reads, "loop_s": loop_s,
+            "device_share": device_s / wall}
+
+
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda r: r["tok_s"])
 
 
 @torch.inference_mode()
@@ -133,16 +151,25 @@ def run_preset(preset: str, args, rows: list) -> None:
     for batch in batches:
         prompts = torch.randint(3, min(cfg.vocab_size, spec.mask_token_id), (batch, args.prompt_len),
                                 generator=g).tolist()
-        a = bench(ar, prompts, args)
-        d = bench(dllm, prompts, args)
+        runs: dict[str, list] = {"ar": [], "seq": [], "chain": []}
+        for _ in range(args.repeat):      # alternating, so a drift of the machine hits each alike
+            runs["ar"].append(bench(ar, prompts, args))
+            runs["seq"].append(bench(dllm, prompts, args, chain=False))
+            runs["chain"].append(bench(dllm, prompts, args, chain=True))
+        a, q, d = best(runs["ar"]), best(runs["seq"]), best(runs["chain"])
         row = {"preset": preset, "batch": batch, "block_size": args.block_size, "steps": args.steps,
                "ar_tok_s": a["tok_s"], "dllm_tok_s": d["tok_s"], "ratio": d["tok_s"] / a["tok_s"],
-               "ar_wall_s": a["wall_s"], "dllm_wall_s": d["wall_s"], "ar_forwards": a["rounds"],
-               "dllm_rounds": d["rounds"], "dllm_graph_steps": d["graph_steps"],
-               "dllm_eager_steps": d["eager_steps"], "dllm_host_reads": d["host_reads"],
+               "seq_dllm_tok_s": q["tok_s"], "seq_ratio": q["tok_s"] / a["tok_s"],
+               "chain_gain": d["tok_s"] / q["tok_s"],
+               "ar_wall_s": a["wall_s"], "dllm_wall_s": d["wall_s"], "seq_dllm_wall_s": q["wall_s"],
+               "ar_forwards": a["rounds"], "dllm_rounds": d["rounds"], "dllm_chained_rounds": d["chained_rounds"],
+               "dllm_graph_steps": d["graph_steps"], "dllm_eager_steps": d["eager_steps"],
+               "dllm_host_reads": d["host_reads"],
+               "dllm_device_share": d["device_share"], "seq_device_share": q["device_share"],
                # the block loop alone (inputs to tokens read): what the scheduler's own time leaves
-               "dllm_loop_share": d["loop_s"] / d["wall_s"],
-               "dllm_loop_tok_s": batch * args.max_tokens / d["loop_s"] if d["loop_s"] else None}
+               "seq_loop_share": q["loop_s"] / q["wall_s"],
+               "seq_loop_tok_s": batch * args.max_tokens / q["loop_s"] if q["loop_s"] else None,
+               "all_tok_s": {k: [round(r["tok_s"], 1) for r in v] for k, v in runs.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     dllm.executor.shutdown()
@@ -160,6 +187,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2, help="fixed steps per block")
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each mode (best kept)")
     ap.add_argument("--json", default="", help="write the rows to this file")
     args = ap.parse_args()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -169,10 +197,13 @@ def main() -> None:
         run_preset(preset, args, rows)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print("\n| model · batch | AR tok/s | DLLM tok/s (block %d, %d steps) | DLLM / AR |" % (args.block_size, args.steps))
-    print("|---|---|---|---|")
+    print("\n| model · batch | AR tok/s | DLLM tok/s sequential | chained (block %d, %d steps) | DLLM / AR "
+          "sequential | chained | chained / sequential | device share seq / chained |" % (args.block_size, args.steps))
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} · {r['batch']} | {r['ar_tok_s']:,.1f} | {r['dllm_tok_s']:,.1f} | {r['ratio']:.2f}x |")
+        print(f"| {r['preset']} · {r['batch']} | {r['ar_tok_s']:,.1f} | {r['seq_dllm_tok_s']:,.1f} | "
+              f"{r['dllm_tok_s']:,.1f} | {r['seq_ratio']:.2f}x | {r['ratio']:.2f}x | {r['chain_gain']:.2f}x | "
+              f"{r['seq_device_share']:.2f} / {r['dllm_device_share']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)

@@ -1,7 +1,8 @@
 """DLLM block rounds on a CUDA device (skipped where there is none): the block-step CUDA graphs
 captured at startup per (batch bucket, lead room), graph replay against the eager block loop and
 against per-forward host rounds, bucket choice, and no host sync but the one read per round (plus
-one flag per low_confidence step).
+one flag per low_confidence step). Chained rounds (overlap: a round launched from the last one's
+tokens still on the device, its read deferred) against rounds launched one after the other.
 
 Run on a GPU machine: `python -m pytest tests/test_dllm_cuda.py`.
 """
@@ -116,3 +117,64 @@ def test_block_rounds_never_sync_the_device_and_read_once_per_round(runner, para
         assert loop.num_host_reads == sched.forward_ct and steps == 2 * sched.forward_ct
     else:
         assert sched.forward_ct < loop.num_host_reads <= sched.forward_ct + steps
+
+
+# ---- chained rounds: launched from the tokens of the round before, still on the device ----------------
+def chained_and_sequential(runner, requests, params, **kw):
+    chained = run_dllm(runner, requests, params, overlap=True, block_loop=True, **kw)
+    sequential = run_dllm(runner, requests, params, overlap=True, block_loop=True, chain_rounds=False, **kw)
+    return chained, sequential
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_chained_graph_rounds_equal_sequential_graph_rounds_and_host_rounds(runner, params):
+    requests = reqs(max_tokens=13, ignore_eos=True, logprobs=True)
+    (got, gs), (seq, ss) = chained_and_sequential(runner, requests, params)
+    host, _ = run_dllm(runner, requests, params, block_loop=False)
+    assert gs.num_chained_rounds > 0 and gs.block_loop.num_graph_steps > 0 and gs.block_loop.defer_read
+    assert ss.num_chained_rounds == 0 and not ss.block_loop.defer_read
+    assert got.outputs() == seq.outputs() == host.outputs() and got.finished() == seq.finished()
+    assert commits_by_request(gs) == commits_by_request(ss)
+
+
+def test_chained_eager_rounds_equal_sequential_ones(runner, monkeypatch):
+    monkeypatch.setenv("PDCLUSTER_CUDA_GRAPHS", "0")
+    (got, gs), (seq, _) = chained_and_sequential(runner, reqs(max_tokens=13, ignore_eos=True), PARAMS[2])
+    assert gs.block_loop.graphs is None and gs.num_chained_rounds > 0
+    assert got.outputs() == seq.outputs()
+
+
+def test_a_request_stopping_mid_chain_drops_its_chained_round_on_the_device(runner):
+    full = run_dllm(runner, reqs(max_tokens=24, ignore_eos=True), PARAMS[2])[0].outputs()
+    for extra in ({}, {"min_tokens": 11}):
+        (got, gs), (seq, _) = chained_and_sequential(
+            runner, reqs(max_tokens=24, stop_token_ids=[full["r1"][9]], **extra), PARAMS[2])
+        assert gs.num_chained_rounds > 0
+        assert got.outputs() == seq.outputs() and got.finished() == seq.finished()   # run_dllm: no page leaked
+
+
+@pytest.mark.parametrize("which", ["llada", "sdar"])
+def test_llada_and_sdar_chained_graph_rounds_equal_sequential_ones(which, llada_dir, sdar_dir):  # noqa: F811
+    path = llada_dir if which == "llada" else sdar_dir
+    runner = ModelRunner(ids_only(load_model("m", path, device="cuda")), 64, 4, "cuda", "float32",
+                         max_decode_batch=4)
+    requests = reqs(prompts=[[5, 9, 40, 3, 77], [1, 2, 3]], max_tokens=10, ignore_eos=True)
+    for params in PARAMS[1:]:
+        (got, gs), (seq, ss) = chained_and_sequential(runner, requests, params, spec=detect_spec(path))
+        assert gs.num_chained_rounds > 0 and gs.block_loop.num_graph_steps > 0
+        assert got.outputs() == seq.outputs() and commits_by_request(gs) == commits_by_request(ss)
+
+
+@pytest.mark.parametrize("params", [PARAMS[1], PARAMS[2]])
+def test_chained_rounds_never_sync_the_device_and_overlap_processing_at_batch_one(runner, params):
+    """One request: round N+1 is launched before round N's processing (which waits for N's deferred
+    read) ends, in nearly every pass; neither a synchronizing copy nor a stream or device sync."""
+    syncs, caught = [], []
+    _, sched = run_dllm(runner, reqs(prompts=PROMPTS[:1], max_tokens=40, ignore_eos=True), params, overlap=True,
+                        block_loop=True, trace=True, during=lambda: no_sync_allowed(syncs, caught))
+    assert not caught and not syncs and sched.num_chained_rounds >= sched.forward_ct - 2
+    loop = sched.block_loop
+    if params.algorithm == "fixed_steps":
+        assert loop.num_host_reads == sched.forward_ct
+    launched = {it: t0 for _, it, t0, _ in sched.executor.trace}
+    assert sum(1 for _, it, _, p1 in sched.trace if launched.get(it + 1, p1) < p1) >= sched.forward_ct - 2
