@@ -16,6 +16,7 @@ overlaps round N+1 even at batch 1; the block loop's reads are then deferred (bl
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Optional
@@ -35,6 +36,7 @@ from dllm.round_manager import DllmReq, RoundManager
 from dllm.unmask import apply_to_block
 
 SPLIT_WHEN_PROCESS_OVER = 0.5   # of a forward's time (see round_manager's overlap policy)
+CHAIN_ENV = "PDCLUSTER_DLLM_CHAIN"   # 0 = no chained rounds (each block round waits for the last one's result)
 
 
 class DllmScheduler(WorkerScheduler):
@@ -55,7 +57,7 @@ class DllmScheduler(WorkerScheduler):
         `block_loop`: run greedy rounds' blocks to the end on the device (block_loop.py); default
         on CUDA (with CUDA graphs unless `PDCLUSTER_CUDA_GRAPHS=0`), off on the CPU.
         `chain_rounds`: launch a block round's next round before processing it (needs the block
-        loop and overlap; default: whenever both are on)."""
+        loop and overlap; default: whenever both are on, unless `PDCLUSTER_DLLM_CHAIN=0`)."""
         spec = spec or DllmModelSpec.causal(min(runner.tokenizer.eos_token_ids, default=0))
         params = params or DllmParams()
         if block_loop is None:
@@ -79,7 +81,9 @@ class DllmScheduler(WorkerScheduler):
         # measured times (None): alternate while processing a round costs over half a forward
         self.split_groups = split_groups
         self.forward_s = self.process_s = 0.0   # moving averages per round
-        self.chain_rounds = self.block_loop is not None and (chain_rounds is None or chain_rounds)
+        if chain_rounds is None:
+            chain_rounds = os.environ.get(CHAIN_ENV, "1") != "0"
+        self.chain_rounds = self.block_loop is not None and chain_rounds
         self.last_block_round: Optional[int] = None   # forward_iter of the last launch, when a block round
         self.num_chained_rounds = 0     # rounds launched from the tokens of a round still in flight
 

@@ -166,3 +166,9 @@ def test_chained_rounds_through_the_cuda_graphs_static_layout(runner, interprete
         runner.attention_backend = "torch"
     assert sched.num_chained_rounds > 0 and sched.block_loop.num_graph_steps > 0
     assert got.outputs() == ref.outputs()
+
+
+def test_the_environment_switch_turns_chaining_off(runner, monkeypatch):
+    monkeypatch.setenv("PDCLUSTER_DLLM_CHAIN", "0")
+    _, sched = run_dllm(runner, reqs(ignore_eos=True), PARAMS[3], overlap=True, block_loop=True)
+    assert not sched.chain_rounds and sched.num_chained_rounds == 0
