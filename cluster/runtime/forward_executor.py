@@ -2,7 +2,10 @@
 
 One thread, so forwards stay in launch order: batch N+1's forward starts only after
 N's finished, which is what lets N+1 read N's sampled tokens from the future map and
-lets pages freed while N+1 runs be reused only by N+2.
+lets pages freed while N+1 runs be reused only by N+2. On CUDA a forward whose output
+carries a pending `ready` event (a DLLM block round's deferred read) returns once launched:
+N+1 is then queued behind N on the same stream, which keeps that order on the device, and
+the scheduler waits for `ready` before it reads N's output.
 """
 from __future__ import annotations
 
