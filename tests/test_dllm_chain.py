@@ -75,30 +75,46 @@ def test_a_request_stopping_in_a_round_drops_the_chained_round_and_frees_its_pag
 
 def test_a_finished_requests_cached_kv_is_only_what_was_final_before_the_chained_round(tiny_llama_dir):
     """A request that stops while its chained round is in flight gives the prefix cache only KV final
-    before that round: a follow-up prompt extending its answer from the cache answers as without it."""
+    before that round (as many pages as without chaining): a follow-up prompt extending its answer
+    from the cache answers as without the cache."""
     runner = ModelRunner(ids_only(load_model("tiny", tiny_llama_dir, load_format="dummy")), num_pages=256, page_size=4)
     params = DllmParams(block_size=4, algorithm="fixed_steps", steps_per_block=2)
-    full = run_dllm(runner, reqs(prompts=PROMPTS[1:2], max_tokens=24, ignore_eos=True), params)[0].outputs()["r0"]
-    stop = full[13]
+    full = run_dllm(runner, reqs(prompts=[PROMPT], max_tokens=24, ignore_eos=True), params)[0].outputs()["r0"]
+    # a block starts at 7 + 4j: the KV final before its chained round ends at 6 + 4j, inside a page
+    # that the chained round fills; a stop anywhere in the block must not hand that page over
+    stop = full[next(i for i in range(4, 24) if full[i] not in full[:i])]
+    chained, sequential = (serve_in_turn(runner, params, chain, stop) for chain in (True, False))
+    assert chained["num_chained_rounds"] > 0 and chained["hit_tokens"] > 0
+    assert chained["cached_pages"] == sequential["cached_pages"] > 0
+    fresh = run_dllm(runner, reqs(prompts=[chained["follow_up"]], max_tokens=12, ignore_eos=True),
+                     params)[0].outputs()["r0"]
+    assert chained["answer"] == sequential["answer"] == fresh
+
+
+PROMPT = [5, 17, 33, 101, 7, 9, 250]
+
+
+def serve_in_turn(runner, params, chain: bool, stop: int) -> dict:
+    """Request `a` stopping at `stop`, then `b` extending `a`'s answer, on one prefix-cached worker."""
     control = QueueControl()
     sched = DllmScheduler(SchedulerConfig(overlap=True, max_prefill_tokens=64), "dllm-0", runner, control,
-                          DllmModelSpec.causal(PLACEHOLDER), params, block_loop=True)
+                          DllmModelSpec.causal(PLACEHOLDER), params, block_loop=True, chain_rounds=chain)
     sched.enable_prefix_cache()
     loop = threading.Thread(target=sched.event_loop, daemon=True)
     loop.start()
     try:
-        control.generate("a", PROMPTS[1], max_tokens=24, stop_token_ids=[stop])
+        control.generate("a", PROMPT, max_tokens=24, stop_token_ids=[stop])
         wait_finished(control, 1)
-        answer = control.outputs()["a"]
-        follow_up = PROMPTS[1] + answer + [7, 8]
+        cached_pages = sched.cache.tree.num_evictable_pages
+        follow_up = PROMPT + control.outputs()["a"] + [7, 8]
         control.generate("b", follow_up, max_tokens=12, ignore_eos=True)
         wait_finished(control, 2)
     finally:
         sched.stop()
         loop.join(timeout=30)
-    assert sched.num_chained_rounds > 0 and sched.cache.num_hit_tokens > 0
-    fresh = run_dllm(runner, reqs(prompts=[follow_up], max_tokens=12, ignore_eos=True), params)[0].outputs()["r0"]
-    assert control.outputs()["b"] == fresh
+        sched.cache.drop_prefix_cache()
+    return {"cached_pages": cached_pages, "follow_up": follow_up, "answer": control.outputs()["b"],
+            "hit_tokens": sched.cache.num_hit_tokens, "num_chained_rounds": sched.num_chained_rounds}
 
 
 def wait_finished(control: QueueControl, n: int, timeout: float = 60.0) -> None:
