@@ -11,21 +11,24 @@ Per preset (default: Qwen3-30B-A3B and DeepSeek-V2-Lite shapes, bfloat16):
   the whole step with the Triton kernels replayed from a CUDA graph as the engine runs it (`mla_decode_ms`,
   `mla_ratio`; eagerly: `mla_decode_eager_ms`, Python's launches included), the two latent kernels alone
   (`mla_kernel_ms`, `mla_kernel_ratio`) and the gathered torch path (`mla_gathered_ms`, eager), against
-  reading their latent KV once at the copy bandwidth measured here (goal: ratio <= 1.3). Tuning points
-  (`mla_kernel_ms_by_*`, `mla_kernel_ms_*_by_*`, `mla_kernel_ms_splits_x_variant`,
-  `mla_kernel_ms_float32_partials`): split counts, warps, tiles and pipeline depth, dot orientation,
-  the query read per tile, the merge fused into the split kernel, float32 split-K partials;
-  `mla_kernel_ms_by_heads` / `mla_kernel_ratio_by_heads` for 16 to 128 heads over the same latent,
-  `mla_kernel_ms_128_heads_by_block_h_warps` for head blocks. Then one layer's extend over a cached
+  reading their latent KV once at the copy bandwidth measured here (goal: ratio <= 1.3); the kernels
+  run as triton_mla_config's table configures them (`mla_config`, `mla_splits`). Then one layer's extend over a cached
   prefix of `--mla-context` tokens: the Triton prefill kernel against the gathered torch path
   (`mla_extend_triton_ms`, `mla_extend_torch_ms`), and the same prompts fresh (from position 0):
   the prefill kernel over their new tokens against SDPA's causal kernel (`mla_prefill_kernel_ms`,
   `mla_prefill_sdpa_ms`, `mla_prefill_speedup`);
-- KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's.
+- KV bytes per token moved by the handoff, against the dense Llama-3.1-8B's;
+- `mla-sweep` (mla_decode_sweep.py, no model loaded): every candidate configuration of the MLA decode
+  kernels at `--mla-batch` x `--mla-context` for `--mla-heads`, checked, timed and the best printed as a
+  table row with its ratio; the whole absorbed step with the table's configuration and the best.
+`--parts` picks among engine (prefill, decode steps, KV bytes), moe, mla-decode, mla-extend, mla-sweep:
+
+    python benchmarks/moe_gpu.py --presets deepseek-v2-lite --parts mla-sweep --json mla.json  # MLA decode only
 
     python benchmarks/moe_gpu.py --json out.json                     # on the GPU machine
     python benchmarks/moe_gpu.py --device cpu --presets tiny-qwen3-moe,tiny-deepseek-v2 --batches 1,4 \\
-        --context 32 --prompt-len 64 --prefill-tokens 128 --moe-batch 8 --mla-batch 4 --mla-context 64  # rehearsal
+        --context 32 --prompt-len 64 --prefill-tokens 128 --moe-batch 8 --mla-batch 4 --mla-context 64 \\
+        --mla-extend-tokens 16 --mla-heads 16,32 --mla-quick    # rehearsal (TRITON_INTERPRET=1: mla-sweep's kernels)
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.attention_kernels import ms as graph_ms  # noqa: E402
 from benchmarks.engine_gpu import bench_engine_decode, bench_prefill, sync, timed  # noqa: E402
+from benchmarks.mla_decode_sweep import add_arguments as add_sweep_arguments, copy_bandwidth, run_sweep  # noqa: E402
 from cluster.engine.attention_context import AttentionContext  # noqa: E402
 from cluster.engine.linear import linear  # noqa: E402
 from cluster.engine.loader import load_model  # noqa: E402
@@ -49,21 +53,16 @@ from cluster.engine.mla import (BACKEND_SWITCH as MLA_SWITCH, FRESH_PREFILL_SWIT
 from cluster.engine.model_config import PRESETS  # noqa: E402
 from cluster.engine.model_runner import ModelRunner  # noqa: E402
 from cluster.engine.moe import SparseMoe, route, use_fused_moe  # noqa: E402
+from cluster.engine.triton_attention import _num_sms  # noqa: E402
 
 DENSE_REFERENCE = "llama-3.1-8b"
+PARTS = ("engine", "moe", "mla-decode", "mla-extend", "mla-sweep")
 
 
 def dense_kv_bytes_per_token(preset: str, element_size: int) -> int:
     cfg = PRESETS[preset]
     planes, heads, dim = cfg.kv_cache_shape
     return cfg.num_layers * planes * heads * dim * element_size
-
-
-def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    """Bytes/s moved (read + written) by one large device copy."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / timed(lambda: dst.copy_(src), 10, device)
 
 
 def bench_moe_layer(model, args, dtype) -> dict:
@@ -83,15 +82,6 @@ def bench_moe_layer(model, args, dtype) -> dict:
     return row
 
 
-def _tuning_ms(fn, reps: int) -> float | None:
-    """A tuning point's graph time, None where the kernel cannot build (shared memory exceeded)."""
-    try:
-        return graph_ms(fn, reps)
-    except Exception as e:  # noqa: BLE001 - triton's OutOfResources and compile errors alike
-        print(f"tuning point failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        return None
-
-
 def bench_mla_decode(runner, args) -> dict:
     """One layer's absorbed decode attention (W_UK, scores, softmax, weighted latents, W_UV), replayed from
     a CUDA graph as the engine's decode steps run it, and eagerly; the latent kernels alone (graph); the
@@ -108,41 +98,18 @@ def bench_mla_decode(runner, args) -> dict:
     row = {"mla_batch": b, "mla_context": length, "mla_kernel": use_triton_mla(cache.device, cfg.mla),
            "mla_decode_ms": graph_ms(step, args.reps * 10),
            "mla_decode_eager_ms": 1e3 * timed(step, args.reps * 10, args.device), "mla_kernel_ms": None}
-    if row["mla_kernel"]:
-        from cluster.engine.triton_mla import decode_latent, decode_splits, head_block
+    if row["mla_kernel"]:   # the latent kernels alone, as the table configures them (mla-sweep: the candidates)
+        from cluster.engine.triton_mla import decode_latent, head_block
+        from cluster.engine.triton_mla_config import decode_config
+        q_latent = torch.randn(b, cfg.num_heads, cfg.mla.kv_lora_rank, device=runner.device, dtype=runner.dtype)
+        q_rope = torch.randn(b, cfg.num_heads, cfg.mla.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
         pages = latent_pages(ctx)
-
-        def kernels_for(heads: int):
-            q_latent = torch.randn(b, heads, cfg.mla.kv_lora_rank, device=runner.device, dtype=runner.dtype)
-            q_rope = torch.randn(b, heads, cfg.mla.qk_rope_head_dim, device=runner.device, dtype=runner.dtype)
-            return lambda **tune: decode_latent(q_latent, q_rope, cache[0], *pages, attn.scale, **tune)  # noqa: E731
-        kernels = kernels_for(cfg.num_heads)
-        row["mla_kernel_ms"] = graph_ms(kernels, args.reps * 10)
-        block_h = head_block(cfg.num_heads, runner.dtype)
-        row["mla_block_h"] = block_h
-        row["mla_splits"] = decode_splits(b, -(-cfg.num_heads // block_h), cache.device)
-        # the split count's and tile's effects, to tune decode_splits, BLOCK_N, the pipeline depth and warps
-        # tuning points (each a compile: kept few); 32-token tiles x 2 stages won the earlier tile sweep
-        tune = lambda **kw: _tuning_ms(lambda: kernels(**kw), args.reps * 10)  # noqa: E731
-        row["mla_kernel_ms_by_splits"] = {s: tune(num_splits=s) for s in (1, 2, 4, 6, 8)}
-        row["mla_kernel_ms_by_warps"] = {w: tune(num_warps=w) for w in (2, 8)}
-        row["mla_kernel_ms_tokens_major_by_block_n_stages_warps"] = {
-            f"{n}x{st}x{w}": tune(tokens_major=True, block_n=n, num_stages=st, num_warps=w)
-            for n, st, w in ((32, 1, 4), (32, 2, 4), (32, 2, 8))}   # 64-token tiles: refused
-        row["mla_kernel_ms_reload_q_by_block_n_warps"] = {
-            f"{n}x{w}": tune(reload_q=True, block_n=n, num_warps=w) for n, w in ((32, 4), (64, 4), (32, 2))}
-        row["mla_kernel_ms_splits_x_variant"] = {
-            f"{sp}:{name}": tune(num_splits=sp, **kw) for sp in (4, 6, 8) for name, kw in (
-                ("reload_q", {"reload_q": True}), ("fused_merge", {"fused_merge": True}),
-                ("reload_q_fused_merge", {"reload_q": True, "fused_merge": True}))}
-        row["mla_kernel_ms_float32_partials"] = tune(partial_dtype=torch.float32)
-        # more heads read the same latent: one program per up to 64 heads, blocks of one slice side by side
-        row["mla_kernel_ms_by_heads"] = {
-            heads: _tuning_ms(kernels_for(heads), args.reps * 10) for heads in (16, 32, 64, 128)}
-        many = kernels_for(128)
-        row["mla_kernel_ms_128_heads_by_block_h_warps"] = {
-            f"{bh}x{w}": _tuning_ms(lambda bh=bh, w=w: many(block_h=bh, num_warps=w), args.reps * 10)
-            for bh, w in ((16, 4), (32, 4), (32, 8), (64, 4))}
+        row["mla_kernel_ms"] = graph_ms(lambda: decode_latent(q_latent, q_rope, cache[0], *pages, attn.scale),
+                                        args.reps * 10)
+        config = decode_config(cfg.num_heads, runner.dtype)
+        block_h = config.block_h or head_block(cfg.num_heads, runner.dtype)
+        row.update(mla_config=config.brief(), mla_block_h=block_h,
+                   mla_splits=config.splits(b, -(-cfg.num_heads // block_h), _num_sms(cache.device)))
     os.environ[MLA_SWITCH] = "torch"   # the same step with the latents gathered (the CPU path)
     try:
         row["mla_gathered_ms"] = 1e3 * timed(step, args.reps * 10, args.device)
@@ -156,8 +123,6 @@ def bench_mla_decode(runner, args) -> dict:
     row.update(latent_mb=latent_bytes / 1e6, copy_gb_s=bandwidth / 1e9, latent_read_ms=floor_ms,
                mla_ratio=row["mla_decode_ms"] / floor_ms,
                mla_kernel_ratio=row["mla_kernel_ms"] / floor_ms if row["mla_kernel_ms"] else None)
-    if row["mla_kernel_ms"]:
-        row["mla_kernel_ratio_by_heads"] = {h: ms / floor_ms for h, ms in row["mla_kernel_ms_by_heads"].items() if ms}
     return row
 
 
@@ -197,6 +162,13 @@ def bench_mla_extend(runner, args) -> dict:
 @torch.inference_mode()
 def run_preset(preset: str, args) -> dict:
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    info = {"preset": preset, "dtype": dtype_name}
+    has_mla = PRESETS[preset].mla is not None
+    if "mla-sweep" in args.parts and has_mla:   # no model: the latent kernels and one layer
+        info.update(run_sweep(argparse.Namespace(**{**vars(args), "preset": preset, "batch": args.mla_batch,
+                                                    "context": args.mla_context, "dtype": dtype_name})))
+    if not args.parts & {"engine", "moe", "mla-decode", "mla-extend"}:
+        return info
     batches = [int(b) for b in args.batches.split(",")]
     loaded = load_model(preset, path=preset, load_format="dummy", dtype=dtype_name, device=args.device)
     model, cfg = loaded.model, loaded.config
@@ -208,24 +180,25 @@ def run_preset(preset: str, args) -> dict:
     runner = ModelRunner(loaded, num_pages=tokens // args.page_size + 16, page_size=args.page_size,
                          device=args.device, dtype=dtype_name, max_decode_batch=max(batches))
     runner.kv_pool.kv.normal_()   # KV content does not matter for speed
-    kv_per_token = runner.kv_pool.request_bytes(1)
-    dense = dense_kv_bytes_per_token(DENSE_REFERENCE, runner.kv_pool.kv.element_size())
-    info = {"preset": preset, "dtype": dtype_name, "backend": runner.attention_backend,
-            "cuda_graphs": runner.decode_graphs is not None,
-            "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
-            "prefill_tok_s": bench_prefill(runner, args, 0),
-            "kv_bytes_per_token": kv_per_token, f"{DENSE_REFERENCE}_kv_bytes_per_token": dense,
-            "kv_bytes_vs_dense": kv_per_token / dense}
-    for batch in batches:
-        ms = bench_engine_decode(runner, args, batch, args.context)
-        info[f"decode_ms_b{batch}"] = ms
-        info[f"decode_tok_s_b{batch}"] = 1e3 * batch / ms
-    info.update(bench_moe_layer(model, args, dtype))
-    if cfg.mla is not None:
+    info.update(backend=runner.attention_backend, cuda_graphs=runner.decode_graphs is not None,
+                weights_gb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9)
+    if "engine" in args.parts:
+        kv_per_token = runner.kv_pool.request_bytes(1)
+        dense = dense_kv_bytes_per_token(DENSE_REFERENCE, runner.kv_pool.kv.element_size())
+        info.update({"prefill_tok_s": bench_prefill(runner, args, 0), "kv_bytes_per_token": kv_per_token,
+                     f"{DENSE_REFERENCE}_kv_bytes_per_token": dense, "kv_bytes_vs_dense": kv_per_token / dense})
+        for batch in batches:
+            ms = bench_engine_decode(runner, args, batch, args.context)
+            info[f"decode_ms_b{batch}"] = ms
+            info[f"decode_tok_s_b{batch}"] = 1e3 * batch / ms
+    if "moe" in args.parts:
+        info.update(bench_moe_layer(model, args, dtype))
+    if "mla-decode" in args.parts and has_mla:
         info.update(bench_mla_decode(runner, args))
+    if "mla-extend" in args.parts and has_mla:
         info.update(bench_mla_extend(runner, args))
     sync(args.device)
-    print(json.dumps(info), flush=True)
+    print(json.dumps({k: v for k, v in info.items() if k != "mla_sweep"}), flush=True)
     return info
 
 
@@ -247,7 +220,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--json", default="", help="write the per-preset results to this file")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    add_sweep_arguments(ap)
     args = ap.parse_args()
+    args.parts = set(args.parts.split(","))
+    if args.parts - set(PARTS):
+        ap.error(f"unknown parts {sorted(args.parts - set(PARTS))}; known: {', '.join(PARTS)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from benchmarks.mla_decode_sweep import interpret_on_cpu
+        interpret_on_cpu()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     results = []

@@ -60,12 +60,17 @@ def test_sparse_block_replays_from_a_cuda_graph():
 
 @pytest.mark.parametrize("heads", [16, 128])       # DeepSeek-V2-Lite's one head block; V3's two of 64
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("splits, tune", [(0, {}), (1, {}), (5, {}), (0, {"tokens_major": True, "block_n": 32,
-                                                                           "num_stages": 2}),
-                                         (3, {"tokens_major": True, "block_n": 32, "num_stages": 1}),
-                                         (0, {"reload_q": True}), (4, {"fused_merge": True})])
+@pytest.mark.parametrize("splits, tune", [
+    (0, {}), (1, {}), (5, {}), (5, {"fused_merge": False}), (0, {"tokens_major": True, "block_n": 32, "num_stages": 2}),
+    (3, {"tokens_major": True, "block_n": 32, "num_stages": 1}), (0, {"reload_q": True}), (4, {"fused_merge": True}),
+    (0, {"page_rows": True}), (5, {"prefetch_pages": True}), (3, {"float32_partials": True}),
+    (4, {"prefetch_pages": True, "page_rows": True, "fused_merge": True, "num_stages": 3}),
+    (0, {"block_n": 16, "num_stages": 4, "prefetch_pages": True}), (2, {"block_n": 64, "num_warps": 8}),
+    (0, {"block_h": 16, "num_warps": 4, "fused_merge": True})])   # (0: the table's split count and config)
 def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits, tune):
     from cluster.engine.triton_mla import decode_latent
+    if dtype == torch.float32 and tune.get("block_n", 32) * tune.get("num_stages", 2) > 64:
+        pytest.skip("float32 tiles this deep exceed shared memory (bfloat16 is what runs them)")
     rank, rope, page, lens = 512, 64, 16, [1, 70, 300, 0]
     g = torch.Generator(device="cuda").manual_seed(0)
     cache = torch.randn(96, page, rank + rope, generator=g, device="cuda").to(dtype)
@@ -98,7 +103,8 @@ def test_mla_fused_merge_equals_the_merge_kernel_launch_after_launch():
     starts = torch.arange(0, b * 128, 128, device="cuda")
     for _ in range(30):
         q = torch.randn(b, 16, rank + rope, generator=g, device="cuda").to(torch.bfloat16)
-        want = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=8)
+        want = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=8,
+                             fused_merge=False)
         got = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=8,
                             fused_merge=True)
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

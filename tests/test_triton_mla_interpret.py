@@ -73,8 +73,17 @@ def test_fused_merge_by_the_last_split_gives_the_same_latents_launch_after_launc
 
 
 @pytest.mark.parametrize("block_n, tune", [(16, {}), (64, {}), (16, {"tokens_major": True}),
-                                           (32, {"tokens_major": True}), (32, {"reload_q": True})])
-def test_tile_dot_orientation_and_query_reload_overrides_give_the_same_latents(kernels, block_n, tune):
+                                           (32, {"tokens_major": True}), (32, {"reload_q": True}),
+                                           (16, {"page_rows": True}), (32, {"page_rows": True, "tokens_major": True}),
+                                           (16, {"prefetch_pages": True}),
+                                           (32, {"prefetch_pages": True, "page_rows": True, "fused_merge": True}),
+                                           (32, {"float32_partials": True}), (16, {"r_chunks": 2}),
+                                           (32, {"r_chunks": 2, "prefetch_pages": True, "page_rows": True}),
+                                           (16, {"r_chunks": 2, "fused_merge": True})])
+def test_tile_dot_orientation_page_reads_and_query_reload_overrides_give_the_same_latents(kernels, block_n, tune):
+    """Each variant over requests of 30 and 90 tokens in three splits (tiles of 16 to 64 tokens over
+    pages of 4): page ids per page or per token, read with the tile or two tiles ahead (the last
+    tiles' look-ahead past the request's end reads nothing), the latent axis in chunks of 16."""
     g = torch.Generator().manual_seed(block_n)
     cache = torch.randn(40, PAGE, RANK + ROPE, generator=g)
     q = torch.randn(2, 4, RANK + ROPE, generator=g)
@@ -88,6 +97,8 @@ def test_tile_dot_orientation_and_query_reload_overrides_give_the_same_latents(k
 def test_tokens_major_with_64_token_tiles_is_refused(kernels):
     """It gave wrong latents on an H100 in bfloat16 (and was never the faster orientation)."""
     q, cache = torch.randn(1, 4, RANK + ROPE), torch.randn(4, PAGE, RANK + ROPE)
+    with pytest.raises(ValueError, match="block_n <= 32"):
+        kernels.DecodeConfig(block_n=64, tokens_major=True)
     with pytest.raises(ValueError, match="block_n <= 32"):
         kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, torch.tensor([0]), torch.tensor([0]),
                               torch.tensor([1]), 0.125, block_n=64, tokens_major=True)
@@ -127,3 +138,17 @@ def test_half_precision_cache_gives_half_latents_close_to_float32(kernels, split
     want = _reference(half[1].float(), half[0].float(), [table[:3], table[8:16]], lens, 0.125)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads, block_h, chunks", [(20, 32, 2), (40, 64, 2), (16, 16, 1)])
+def test_latent_axis_in_chunks_gives_the_latents_of_plain_dots(kernels, heads, block_h, chunks):
+    """r_chunks: the query, tiles and accumulator cut along the latent axis (3-D dots), put back in
+    order at the end; masked heads of a partial block stay out."""
+    g = torch.Generator().manual_seed(heads + chunks)
+    cache = torch.randn(40, PAGE, RANK + ROPE, generator=g)
+    q = torch.randn(2, heads, RANK + ROPE, generator=g)
+    lens, table = [30, 90], torch.randperm(40, generator=g)
+    got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, torch.tensor([0, 8]), torch.tensor(lens),
+                                0.125, num_splits=2, block_h=block_h, r_chunks=chunks)
+    want = _reference(q, cache, [table[:8], table[8:31]], lens, 0.125)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

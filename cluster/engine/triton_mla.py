@@ -6,7 +6,8 @@ then the rope key, P values). A decode query, already absorbed into latent space
 dot over both parts; the output is the softmax-weighted sum of the latents `c`, `[B, H, R]`
 (W_UV is applied after).
 
-The work is bound by reading the latents once, so the layout serves that read:
+The work is bound by reading the latents once, so the layout serves that read (triton_mla_attend.py
+holds a program's walk over its tiles: heads-major, the latent axis split over warps, or tokens-major):
 - Heads share tiles: one program takes a block of up to 64 heads (`head_block`: all of
   DeepSeek-V2-Lite's 16, half of V3's 128; 16 for float32) and each `[BLOCK_N, R + P]` tile it
   loads feeds both of its dots for all of them (the latent is key and value at once). A 64-head
@@ -14,32 +15,38 @@ The work is bound by reading the latents once, so the layout serves that read:
   blocks; the head block is the grid's fastest axis, so the blocks that read one latent slice run
   side by side and all but the first find it in L2. The dots take heads as rows
   (`_attend_heads_major`, the default) or tokens and latent rows (`_attend_tokens_major`, the
-  Hopper tensor-core instruction's 64-row shape); moe_gpu.py times both.
+  Hopper tensor-core instruction's 64-row shape).
 - Split-K over the sequence (flash-decoding): program (head block, split, request) takes one
   contiguous, BLOCK_N-aligned slice of the request's tokens and writes its normalised partial
   output and base-2 log-sum-exp; a second kernel merges the splits of each (request, head), or
   with `fused_merge` the split of a head block that finishes last does (an arrival counter per
   block, reset by that program). The split count fills about two programs per SM in one wave
-  (`decode_splits`) and depends on the batch shape only, never on lengths, so a decode CUDA graph
-  captures a fixed grid. Each request uses only the splits its length fills with whole tiles
+  (`DecodeConfig.splits`) and depends on the batch shape only, never on lengths, so a decode CUDA
+  graph captures a fixed grid. Each request uses only the splits its length fills with whole tiles
   (`_split_range`, in both kernels): the programs of the rest return at once, and a request with
   one split (or none: graph padding, zeros) gets its output written directly, no partial, no merge.
 - Partials are kept in q's dtype (float32 models stay float32; the log-sum-exp is always
   float32), so the split-K traffic is small against the latent it summarises.
-R and P must be powers of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU
+- A tile's rows come from the page table: one page id per token, or per page (`page_rows`), read
+  in the iteration that loads the tile or two tiles ahead (`prefetch_pages`).
+How a shape runs (splits, tile, pipeline depth, warps, head block, these variants) is one
+`DecodeConfig`, by default the measured table's row for the head count (triton_mla_config.py;
+benchmarks/mla_decode_sweep.py measures the candidates). R and P must be powers of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU
 tensors (tests).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from cluster.engine.triton_attention import LOG2E, MAX_SPLITS, _num_sms, _precision
+from cluster.engine.triton_attention import LOG2E, _num_sms, _precision
+from cluster.engine.triton_mla_attend import _attend_heads_major, _attend_split_r, _attend_tokens_major
+from cluster.engine.triton_mla_config import DecodeConfig, decode_config
 
-BLOCK_N = 32      # tokens per tile: 32 x 576 bf16 = 36 KB, two stages fit shared memory
 MAX_BLOCK_H = 64  # heads per program: the float32 accumulator [64, 512] fills 8 warps' registers
-PROGRAMS_PER_SM = 2
 MERGE_ROWS = 4    # heads per merge program
 MAX_COUNTERS = 1 << 16   # (request, head block) pairs the fused merge can count
 
@@ -51,78 +58,13 @@ def _split_range(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return per_split, tl.cdiv(seq_len, per_split)
 
 
-@triton.jit
-def _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
-          BLOCK_N: tl.constexpr):
-    """Tokens [n0, n0 + BLOCK_N) of a request: (valid, latents `[BLOCK_N, R]`, rope keys `[BLOCK_N, P]`)."""
-    t = n0 + tl.arange(0, BLOCK_N)
-    valid = t < end
-    page = tl.load(pages + t // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-    row = page * stride_page + (t % PAGE_SIZE) * (R + P)
-    c = tl.load(CACHE + row[:, None] + tl.arange(0, R)[None, :], mask=valid[:, None], other=0.0)
-    pe = tl.load(CACHE + row[:, None] + R + tl.arange(0, P)[None, :], mask=valid[:, None], other=0.0)
-    return valid, c, pe
-
-
-@triton.jit
-def _attend_heads_major(q_c, q_p, q_c_ptrs, live, CACHE, pages, start, end, stride_page, qk_scale,
-                        PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr):
-    """Online softmax over [start, end) with heads as the dots' rows: `[H, R] @ [R, N]`, then
-    `[H, N] @ [N, R]`; -> (max, sum, accumulator `[H, R]`). `RELOAD_Q` reads the query again for
-    every tile (from L1) instead of holding it in registers across the loop."""
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, R], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        valid, c, pe = _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE, R, P, BLOCK_N)
-        if RELOAD_Q:
-            s = tl.dot(tl.load(q_c_ptrs, mask=live[:, None], other=0.0), tl.trans(c), input_precision=PRECISION)
-        else:
-            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
-        s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))              # [BLOCK_H, BLOCK_N], base 2
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        prob = tl.exp2(s - m_new[:, None])
-        total = total * alpha + tl.sum(prob, 1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=PRECISION)
-        m = m_new
-    return m, total, acc
-
-
-@triton.jit
-def _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale, PAGE_SIZE: tl.constexpr,
-                         R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """The same with tokens and latent rows as the dots' rows (`[N, R] @ [R, H]`, then
-    `[R, N] @ [N, H]`): with 64-token tiles both dots are 64 rows tall, the Hopper tensor-core
-    instruction's height, and the query waits in shared memory rather than in registers."""
-    q_ct = tl.trans(q_c)
-    q_pt = tl.trans(q_p)
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    acc_t = tl.zeros([R, BLOCK_H], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        valid, c, pe = _tile(CACHE, pages, n0, end, stride_page, PAGE_SIZE, R, P, BLOCK_N)
-        s = tl.dot(c, q_ct, input_precision=PRECISION)
-        s += tl.dot(pe, q_pt, input_precision=PRECISION)
-        s = tl.where(valid[:, None], s * qk_scale, float("-inf"))              # [BLOCK_N, BLOCK_H], base 2
-        m_new = tl.maximum(m, tl.max(s, 0))
-        alpha = tl.exp2(m - m_new)
-        prob = tl.exp2(s - m_new[None, :])
-        total = total * alpha + tl.sum(prob, 0)
-        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(c), prob.to(c.dtype), input_precision=PRECISION)
-        m = m_new
-    return m, total, tl.trans(acc_t)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])   # one compile for every split count
 def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, OUT, COUNTERS, qk_scale,
                       num_splits, num_heads, stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
-                      RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr):
+                      RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr, PAGE_ROWS: tl.constexpr,
+                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -141,10 +83,15 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
         pages = PAGES + tl.load(PAGE_START + b)
         if TOKENS_MAJOR:
             m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
-                                                 PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
+                                                 PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, PAGE_ROWS)
+        elif R_CHUNKS > 1:
+            m, total, acc = _attend_split_r(QC, q_p, b64, h, live, stride_qcb, stride_qch, CACHE, pages, start, end,
+                                            stride_page, qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION,
+                                            R_CHUNKS, PAGE_ROWS, PREFETCH)
         else:
             m, total, acc = _attend_heads_major(q_c, q_p, q_c_ptrs, live, CACHE, pages, start, end, stride_page,
-                                                qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, RELOAD_Q)
+                                                qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, RELOAD_Q,
+                                                PAGE_ROWS, PREFETCH)
         out = acc / tl.maximum(total, 1e-30)[:, None]     # an empty request (graph padding): zeros
         rows = b64 * num_heads + h                                                    # [B, H] rows
         if used <= 1:                                     # the one split (or none) is the answer
@@ -180,7 +127,7 @@ def _merge_rows(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R: tl.const
     tl.store(OUT + rows[:, None] * R + r[None, :], (acc / total[:, None]).to(OUT.dtype.element_ty), mask=live[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _mla_merge_kernel(PART_O, PART_LSE, SEQ_LENS, OUT, num_splits, num_heads, R: tl.constexpr,
                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     h = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -201,49 +148,40 @@ def head_block(num_heads: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return min(cap, max(16, triton.next_power_of_2(num_heads)))
 
 
-def decode_splits(batch: int, head_blocks: int, device: torch.device) -> int:
-    """Splits per (request, head block) so the grid is about PROGRAMS_PER_SM per SM in one wave."""
-    return max(1, min(MAX_SPLITS, PROGRAMS_PER_SM * _num_sms(device) // (batch * head_blocks)))
-
-
 def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, pages: torch.Tensor,
-                  page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 0,
-                  block_n: int = BLOCK_N, num_stages: int = 2, block_h: int = 0, num_warps: int = 0,
-                  partial_dtype: torch.dtype | None = None, tokens_major: bool = False,
-                  reload_q: bool = False, fused_merge: bool = False) -> torch.Tensor:
+                  page_start: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                  config: DecodeConfig | None = None, **overrides) -> torch.Tensor:
     """q_latent `[B, H, R]` and q_pe `[B, H, P]` (absorbed; unit last stride), cache
     `[num_pages, page_size, R + P]`, request b's pages `pages[page_start[b]:]` covering `seq_lens[b]`
     tokens (int64, the Triton attention context's layout) -> softmax-weighted latents `[B, H, R]`
-    (contiguous) in q's dtype. `num_splits`, `block_n`, `num_stages`, `block_h`, `num_warps`,
-    `partial_dtype`, `tokens_major` (`_attend_tokens_major`), `reload_q`, `fused_merge` (the last split
-    of a head block merges, no second kernel): tuning overrides (moe_gpu.py)."""
-    if tokens_major and block_n > 32:
-        # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than the
-        # default orientation; refused until someone finds why
-        raise ValueError(f"tokens_major supports block_n <= 32, got {block_n}")
+    (contiguous) in q's dtype. `config`: how to run it (default: the table's row for the head count,
+    triton_mla_config.py); `overrides`: DecodeConfig fields replaced in it (tests, the sweep)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
+    cfg = dataclasses.replace(config or decode_config(h, q_latent.dtype), **overrides)
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
-    block_h = block_h or head_block(h, q_latent.dtype)
+    block_h = cfg.block_h or head_block(h, q_latent.dtype)
     head_blocks = triton.cdiv(h, block_h)
-    splits = num_splits or decode_splits(b, head_blocks, q_latent.device)
+    splits = cfg.splits(b, head_blocks, _num_sms(q_latent.device))
     out = torch.empty(b, h, r, dtype=q_latent.dtype, device=q_latent.device)
     # one split (a large batch): the split kernel writes the answer itself, no partials, no merge
-    part_o = out if splits == 1 else torch.empty(b, h, splits, r, dtype=partial_dtype or q_latent.dtype,
-                                                 device=q_latent.device)
+    part_o = out if splits == 1 else torch.empty(b, h, splits, r, device=q_latent.device,
+                                                 dtype=torch.float32 if cfg.float32_partials else q_latent.dtype)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q_latent.device)
-    fused_merge = fused_merge and splits > 1 and b * head_blocks <= MAX_COUNTERS
+    fused_merge = cfg.fused_merge and splits > 1 and b * head_blocks <= MAX_COUNTERS
     counters = _merge_counters(q_latent.device) if fused_merge else part_lse
+    page_size = cache.shape[1]
     _mla_split_kernel[(head_blocks, splits, b)](
         q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, out, counters, scale * LOG2E,
         splits, h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
-        PAGE_SIZE=cache.shape[1], R=r, P=p, BLOCK_H=block_h, BLOCK_N=block_n,
-        PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=tokens_major, RELOAD_Q=reload_q,
-        FUSED_MERGE=fused_merge, num_warps=num_warps or (4 if block_h <= 16 else 8), num_stages=num_stages)
+        PAGE_SIZE=page_size, R=r, P=p, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
+        PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=cfg.tokens_major, RELOAD_Q=cfg.reload_q,
+        FUSED_MERGE=fused_merge, PAGE_ROWS=cfg.page_rows and cfg.block_n % page_size == 0,
+        PREFETCH=cfg.prefetch_pages, R_CHUNKS=cfg.r_chunks, num_warps=cfg.warps(block_h), num_stages=cfg.num_stages)
     if splits > 1 and not fused_merge:
         _mla_merge_kernel[(triton.cdiv(h, MERGE_ROWS), b)](part_o, part_lse, seq_lens, out, splits, h, R=r,
-                                                            ROWS=MERGE_ROWS, BLOCK_N=block_n, num_warps=4)
+                                                            ROWS=MERGE_ROWS, BLOCK_N=cfg.block_n, num_warps=4)
     return out
 
 

@@ -1,0 +1,246 @@
+"""MLA decode attention (DeepSeek-V2-Lite's latent: 512 + 64 per token, bf16) on one GPU: every candidate
+configuration of the latent kernels (triton_mla_config.DecodeConfig) timed from CUDA graphs against reading
+the latent once at the copy bandwidth measured here (goal: ratio <= 1.3), each checked against a float32
+softmax over the gathered latents first; the best per head count printed with its ratio and as a `TABLE`
+row for triton_mla_config.py. Then the whole absorbed step of one MlaAttention layer (W_UK absorption,
+the kernels, W_UV) with the table's configuration and with the best, and each of its matmuls alone.
+
+    python benchmarks/mla_decode_sweep.py --json mla.json                          # on the GPU machine
+    TRITON_INTERPRET=1 python benchmarks/mla_decode_sweep.py --device cpu --dtype float32 \\
+        --preset tiny-deepseek-v2 --batch 2 --context 64 --page-size 4 --mla-heads 16,32 --mla-quick  # rehearsal
+(moe_gpu.py --parts mla-sweep runs the same.) Pages are shuffled, as in a long-running pool.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cluster.engine import triton_mla_config  # noqa: E402
+from cluster.engine.attention_context import AttentionContext  # noqa: E402
+from cluster.engine.model_config import PRESETS  # noqa: E402
+from cluster.engine.triton_mla_config import DecodeConfig  # noqa: E402
+
+C = DecodeConfig
+# 16 heads (one head block): the split count (as programs per SM: 1.5 / 2 / 2.5 / 3 / 4 give 3 / 4 / 5 / 6 / 8
+# splits at batch 64 on 132 SMs) across tile, pipeline depth, warps and page-read variants
+SPLIT_GRID = (1.5, 2, 2.5, 3, 4)
+VARIANTS_16 = (C(), C(fused_merge=True), C(fused_merge=True, page_rows=True), C(fused_merge=True, prefetch_pages=True),
+               C(fused_merge=True, prefetch_pages=True, page_rows=True), C(fused_merge=True, float32_partials=True),
+               C(fused_merge=True, num_stages=3), C(fused_merge=True, prefetch_pages=True, num_stages=3),
+               C(fused_merge=True, block_n=16, num_stages=3), C(fused_merge=True, block_n=16, num_stages=4),
+               C(fused_merge=True, block_n=16, num_stages=4, prefetch_pages=True),
+               C(fused_merge=True, block_n=64, num_warps=8), C(fused_merge=True, num_warps=8),
+               C(fused_merge=True, num_warps=2), C(fused_merge=True, reload_q=True), C(prefetch_pages=True),
+               C(page_rows=True), C(fused_merge=True, tokens_major=True),
+               # the latent axis over warps: one chunk of it per warp (3-D dots put every warp on the chunk axis)
+               C(r_chunks=4, num_warps=4), C(fused_merge=True, r_chunks=4, num_warps=4),
+               C(fused_merge=True, r_chunks=8, num_warps=8), C(fused_merge=True, r_chunks=2, num_warps=2),
+               C(fused_merge=True, r_chunks=4, num_warps=4, prefetch_pages=True),
+               C(fused_merge=True, r_chunks=4, num_warps=4, num_stages=3),
+               C(fused_merge=True, r_chunks=8, num_warps=8, num_stages=3),
+               C(fused_merge=True, r_chunks=8, num_warps=8, block_n=64),
+               C(fused_merge=True, r_chunks=4, num_warps=4, block_n=16, num_stages=4))
+# more heads: head blocks of 16 to 64 (blocks of one latent slice side by side, sharing it in L2), warps,
+# the latent axis in chunks
+HEAD_BLOCKS = ((16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1), (16, 4, 4), (32, 4, 4), (32, 8, 8), (64, 8, 8))
+MANY_SPLITS = (1, 2, 4)
+
+
+def candidates(heads: int, quick: bool = False) -> list[DecodeConfig]:
+    if heads <= 16:
+        variants = VARIANTS_16[:2] + VARIANTS_16[19:21] if quick else VARIANTS_16
+        return [dataclasses.replace(v, programs_per_sm=p) for v in variants for p in SPLIT_GRID[:2 if quick else None]]
+    blocks = HEAD_BLOCKS[::4] if quick else HEAD_BLOCKS
+    return [triton_mla_config.decode_config(heads, torch.bfloat16)] + [
+        C(block_h=bh, num_warps=w, r_chunks=r, fused_merge=True, programs_per_sm=p) for bh, w, r in blocks
+        if bh <= max(16, heads) for p in MANY_SPLITS[:1 if quick else None]]
+
+
+def graph_ms(fn, calls: int = 20, rounds: int = 5) -> float:
+    """Median ms per call over `rounds` replays of one CUDA graph of `calls` calls (eager on a CPU)."""
+    fn()
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes/s moved (read + written) by one large device copy (a median of graph replays)."""
+    if not device.startswith("cuda"):
+        nbytes = 1 << 24
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (1e-3 * graph_ms(lambda: dst.copy_(src), calls=5))
+
+
+def latent_case(batch: int, context: int, heads: int, rank: int, rope: int, page: int, dtype, device: str, seed=0):
+    """Random absorbed queries over `batch` requests of `context` tokens on shuffled pages (the flat page list
+    of a decode graph's Triton context) -> (q_latent, q_pe, cache, pages, page_start, seq_lens, tables)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    per = -(-context // page)
+    tables = torch.randperm(batch * per + 8, generator=g)[:batch * per].view(batch, per)
+    cache = torch.randn(batch * per + 8, page, rank + rope, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(batch, heads, rank + rope, generator=g).to(device=device, dtype=dtype)
+    pages, starts = tables.reshape(-1).to(device), torch.arange(0, batch * per, per, device=device)
+    seq_lens = torch.full((batch,), context, device=device)
+    return q[..., :rank], q[..., rank:], cache, pages, starts, seq_lens, tables
+
+
+def reference(q_latent, q_pe, cache, tables, context: int, scale: float) -> torch.Tensor:
+    lat = cache[tables.to(cache.device)].flatten(1, 2)[:, :context].float()          # [B, L, R + P]
+    q = torch.cat((q_latent, q_pe), -1).float()
+    probs = torch.softmax(torch.bmm(q, lat.transpose(1, 2)) * scale, -1)
+    return torch.bmm(probs, lat[..., :q_latent.shape[-1]])
+
+
+def sweep_heads(args, heads: int, floor_ms: float) -> list[dict]:
+    """Every candidate at this head count: its error against the float32 reference, then its time."""
+    from cluster.engine.triton_mla import decode_latent
+    dtype = getattr(torch, args.dtype)
+    q_latent, q_pe, cache, pages, starts, seq_lens, tables = latent_case(
+        args.batch, args.context, heads, args.rank, args.rope, args.page_size, dtype, args.device)
+    scale = PRESETS[args.preset].mla.qk_head_dim ** -0.5
+    want = reference(q_latent, q_pe, cache, tables, args.context, scale)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    rows = []
+    for cfg in candidates(heads, args.quick):
+        run = lambda cfg=cfg: decode_latent(q_latent, q_pe, cache, pages, starts, seq_lens, scale, cfg)  # noqa: E731
+        row = {"heads": heads, "config": cfg.brief(), "ms": None}
+        try:
+            err = (run().float() - want).abs().max().item()
+            row.update(max_abs_err=err, ok=err <= tol)
+            row["ms"] = graph_ms(run, args.calls) if row["ok"] else None
+        except Exception as e:  # noqa: BLE001 - triton's OutOfResources and compile errors alike
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+        if row["ms"]:
+            row["ratio"] = row["ms"] / floor_ms
+        print(json.dumps(row), flush=True)
+        rows.append({**row, "_config": cfg})
+    return rows
+
+
+def bench_step(args, best: DecodeConfig | None, floor_ms: float) -> dict:
+    """One DeepSeek-V2-Lite MlaAttention layer's absorbed decode step from CUDA graphs, with the table's
+    configuration and with `best` in its place, and its two matmuls (W_UK absorption, W_UV) alone."""
+    from cluster.engine.mla import MlaAttention
+    cfg = PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    layer = MlaAttention(cfg).to(device=args.device, dtype=dtype).eval()
+    m, b, length = cfg.mla, args.batch, args.context
+    _, _, cache, _, _, _, tables = latent_case(b, length, cfg.num_heads, m.kv_lora_rank, m.qk_rope_head_dim,
+                                               args.page_size, dtype, args.device)
+    ctx = AttentionContext.build([1] * b, [length - 1] * b, tables.tolist(), [0] * b, args.page_size, True,
+                                 args.device, None, dtype, "triton")
+    q_nope = torch.randn(b, cfg.num_heads, m.qk_nope_head_dim, device=args.device, dtype=dtype)
+    q_pe = torch.randn(b, cfg.num_heads, m.qk_rope_head_dim, device=args.device, dtype=dtype)
+    w_uk, w_uv = layer._up_weights()
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)
+    out = torch.empty(b, cfg.num_heads, m.v_head_dim, device=args.device, dtype=dtype)
+    lat = torch.randn(b, cfg.num_heads, m.kv_lora_rank, device=args.device, dtype=dtype)
+    row = {"step_absorb_ms": graph_ms(lambda: torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_latent), args.calls),
+           "step_up_ms": graph_ms(lambda: torch.bmm(lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1)),
+                                  args.calls)}
+    step = lambda: layer._decode_absorbed(q_nope, q_pe, cache[None], ctx)  # noqa: E731
+    row["step_table_ms"] = graph_ms(step, args.calls)
+    if best is not None:
+        key = min(h for h in triton_mla_config.TABLE if h >= cfg.num_heads)
+        kept = triton_mla_config.TABLE[key]
+        triton_mla_config.TABLE[key] = best        # the table as it would be with the sweep's winner
+        try:
+            row["step_best_ms"] = graph_ms(step, args.calls)
+        finally:
+            triton_mla_config.TABLE[key] = kept
+    row.update({k.replace("_ms", "_ratio"): v / floor_ms for k, v in list(row.items()) if k.startswith("step_")})
+    return row
+
+
+@torch.inference_mode()
+def run_sweep(args) -> dict:
+    m = PRESETS[args.preset].mla
+    args.rank, args.rope = m.kv_lora_rank, m.qk_rope_head_dim
+    latent_bytes = args.batch * args.context * (args.rank + args.rope) * getattr(torch, args.dtype).itemsize
+    bandwidth = copy_bandwidth(args.device)
+    floor_ms = 1e3 * latent_bytes / bandwidth
+    out = {"mla_batch": args.batch, "mla_context": args.context, "latent_mb": latent_bytes / 1e6,
+           "copy_gb_s": bandwidth / 1e9, "latent_read_ms": floor_ms, "mla_sweep": [], "mla_best": {}}
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (list, dict))}), flush=True)
+    best_16 = None
+    for heads in [int(h) for h in args.heads.split(",")]:
+        rows = sweep_heads(args, heads, floor_ms)
+        timed = [r for r in rows if r["ms"]]
+        table_cfg = triton_mla_config.decode_config(heads, getattr(torch, args.dtype))
+        if timed:
+            best = min(timed, key=lambda r: r["ms"])
+            if heads == 16:
+                best_16 = best["_config"]
+            row = f"{heads}: {best['_config'].code()},"
+            out["mla_best"][heads] = {"config": best["config"], "ms": best["ms"], "ratio": best["ratio"], "table_row": row}
+            print(f"best at {heads} heads: {best['ms']:.4f} ms = {best['ratio']:.2f}x of one latent read; "
+                  f"TABLE row  {row}  (table now: {table_cfg.brief()})", flush=True)
+        out["mla_sweep"] += [{k: v for k, v in r.items() if k != "_config"} for r in rows]
+    if args.step:
+        out.update(bench_step(args, best_16, floor_ms))
+        print(json.dumps({k: v for k, v in out.items() if k.startswith("step_")}), flush=True)
+    return out
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--mla-heads", dest="heads", default="16,32,64,128", help="head counts to sweep (the first 16: the step)")
+    ap.add_argument("--mla-quick", dest="quick", action="store_true", help="a few candidates only (rehearsals)")
+    ap.add_argument("--mla-calls", dest="calls", type=int, default=20, help="calls per timed CUDA graph")
+    ap.add_argument("--mla-no-step", dest="step", action="store_false", help="skip the whole absorbed step")
+
+
+def interpret_on_cpu() -> None:
+    """TRITON_INTERPRET=1 rehearsals: the kernels through the tests' interpreter loader (its numpy-2 fix)."""
+    from tests.triton_interpreter import load_interpreted
+    sys.modules["cluster.engine.triton_mla"] = load_interpreted("triton_mla")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="deepseek-v2-lite")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--json", default="")
+    add_arguments(ap)
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        interpret_on_cpu()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    result = {"device": name, **run_sweep(args)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""How the MLA decode kernel (triton_mla.py) runs a batch shape: its tuning knobs as one frozen value,
+and a small table of the best measured per head count.
+
+The kernel is bound by reading the latents once, so a configuration is judged by its time against
+that read (benchmarks/mla_decode_sweep.py times every candidate on the GPU, checks its latents
+against the default's, and prints the winner as a `TABLE` row to paste here). The split count
+depends on the batch shape only (never on lengths), so a decode CUDA graph captures a fixed grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+MAX_SPLITS = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """num_splits: sequence splits per (request, head block), 0 = sized to the SMs (`splits`);
+    programs_per_sm: the grid that sizing aims at, in programs per SM for one wave;
+    block_n: tokens per tile; num_stages: Triton's pipeline depth; block_h: heads per program
+    (0: `head_block`); num_warps (0: 4 for 16-head blocks, else 8);
+    fused_merge: the last split of a head block merges (no second kernel);
+    reload_q: the query read again for every tile instead of held in registers;
+    tokens_major: tokens as the dots' rows (block_n <= 32: 64 was wrong on an H100);
+    page_rows: a tile's rows from one page id per page (block_n a multiple of the page size)
+    instead of one per token; prefetch_pages: the page ids of a tile read two tiles ahead, so
+    the latent load never waits on them; float32_partials: split-K partials kept in float32;
+    r_chunks: the latent axis cut into this many chunks, one per warp group (3-D dots: a warp holds
+    a chunk of the query and accumulator, not all of it), 1 = plain 2-D dots."""
+    num_splits: int = 0
+    programs_per_sm: float = 2
+    block_n: int = 32
+    num_stages: int = 2
+    block_h: int = 0
+    num_warps: int = 0
+    fused_merge: bool = False
+    reload_q: bool = False
+    tokens_major: bool = False
+    page_rows: bool = False
+    prefetch_pages: bool = False
+    float32_partials: bool = False
+    r_chunks: int = 1
+
+    def __post_init__(self):
+        assert 0 <= self.num_splits <= MAX_SPLITS and self.programs_per_sm > 0, self
+        assert self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0, self
+        assert self.block_h in (0, 16, 32, 64) and self.num_warps in (0, 1, 2, 4, 8, 16), self
+        assert self.num_stages >= 1 and self.r_chunks in (1, 2, 4, 8), self
+        assert not (self.r_chunks > 1 and (self.tokens_major or self.reload_q)), self
+        if self.tokens_major and self.block_n > 32:
+            # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than
+            # the default orientation; refused until someone finds why
+            raise ValueError(f"tokens_major supports block_n <= 32, got {self.block_n}")
+
+    def splits(self, batch: int, head_blocks: int, num_sms: int) -> int:
+        """The split count: as set, or about `programs_per_sm` programs per SM in one wave."""
+        if self.num_splits:
+            return self.num_splits
+        return max(1, min(MAX_SPLITS, int(self.programs_per_sm * num_sms) // max(1, batch * head_blocks)))
+
+    def warps(self, block_h: int) -> int:
+        return self.num_warps or (4 if block_h <= 16 else 8)
+
+    def changes(self) -> list[str]:
+        """`name=value` for the fields that differ from the defaults."""
+        base = DecodeConfig()
+        return [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(base, f.name)]
+
+    def brief(self) -> str:
+        """The changes comma-separated, or "default" (the sweep's keys)."""
+        return ",".join(self.changes()) or "default"
+
+    def code(self) -> str:
+        """This config as Python (a TABLE row)."""
+        return f"DecodeConfig({', '.join(self.changes())})"
+
+
+# Per head count (the smallest bound at or above the model's), bfloat16 / float16, on an H100.
+# 16 heads: the 13:08 UTC call of 2026-12-07 (batch 64, 2,048 tokens): 4 splits, fused merge
+# 0.0710 ms against 0.0726 for the separate merge. Larger: the defaults until the sweep measures them.
+TABLE: dict[int, DecodeConfig] = {
+    16: DecodeConfig(fused_merge=True),
+    32: DecodeConfig(),
+    64: DecodeConfig(),
+    128: DecodeConfig(),
+}
+
+
+def decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
+    """The table's row for this head count; float32 models (tests, the CPU interpreter) keep the
+    defaults, whose 16-head blocks fit the float32 tiles."""
+    if dtype == torch.float32:
+        return DecodeConfig()
+    return TABLE[min((h for h in TABLE if h >= num_heads), default=max(TABLE))]
