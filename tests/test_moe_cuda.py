@@ -58,19 +58,8 @@ def test_sparse_block_replays_from_a_cuda_graph():
     assert not torch.equal(out, want)
 
 
-@pytest.mark.parametrize("heads", [16, 128])       # DeepSeek-V2-Lite's one head block; V3's two of 64
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("splits, tune", [
-    (0, {}), (1, {}), (5, {}), (5, {"fused_merge": False}), (0, {"tokens_major": True, "block_n": 32, "num_stages": 2}),
-    (3, {"tokens_major": True, "block_n": 32, "num_stages": 1}), (0, {"reload_q": True}), (4, {"fused_merge": True}),
-    (0, {"page_rows": True}), (5, {"prefetch_pages": True}), (3, {"float32_partials": True}),
-    (4, {"prefetch_pages": True, "page_rows": True, "fused_merge": True, "num_stages": 3}),
-    (0, {"block_n": 16, "num_stages": 4, "prefetch_pages": True}), (2, {"block_n": 64, "num_warps": 8}),
-    (0, {"block_h": 16, "num_warps": 4, "fused_merge": True})])   # (0: the table's split count and config)
-def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits, tune):
+def _check_mla_decode(dtype, tol, heads, splits, tune):
     from cluster.engine.triton_mla import decode_latent
-    if dtype == torch.float32 and tune.get("block_n", 32) * tune.get("num_stages", 2) > 64:
-        pytest.skip("float32 tiles this deep exceed shared memory (bfloat16 is what runs them)")
     rank, rope, page, lens = 512, 64, 16, [1, 70, 300, 0]
     g = torch.Generator(device="cuda").manual_seed(0)
     cache = torch.randn(96, page, rank + rope, generator=g, device="cuda").to(dtype)
@@ -90,6 +79,30 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
         torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("heads", [16, 128])       # DeepSeek-V2-Lite's one head block; V3's two of 64
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("splits, tune", [
+    (0, {}), (1, {}), (5, {}), (5, {"fused_merge": False}), (0, {"tokens_major": True, "block_n": 32, "num_stages": 2}),
+    (3, {"tokens_major": True, "block_n": 32, "num_stages": 1}), (0, {"reload_q": True}),
+    (4, {"fused_merge": True})])                   # (0: the table's split count and config)
+def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, splits, tune):
+    _check_mla_decode(dtype, tol, heads, splits, tune)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("splits, tune", [
+    (0, {"page_rows": True}), (5, {"prefetch_pages": True}), (3, {"float32_partials": True}),
+    (4, {"prefetch_pages": True, "page_rows": True, "fused_merge": True, "num_stages": 3}),
+    (0, {"block_n": 16, "num_stages": 4, "prefetch_pages": True}), (2, {"block_n": 64, "num_warps": 8}),
+    (0, {"block_h": 16, "num_warps": 4, "fused_merge": True}), (4, {"r_chunks": 4, "num_warps": 4}),
+    (6, {"r_chunks": 8, "num_warps": 8, "fused_merge": True, "prefetch_pages": True}),
+    (3, {"r_chunks": 4, "num_warps": 4, "block_h": 32, "fused_merge": True})])
+def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, splits, tune):
+    """The sweep's variants (mla_decode_sweep.py) in bfloat16, what runs them: page ids per page or two
+    tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps."""
+    _check_mla_decode(torch.bfloat16, 2e-2, heads, splits, tune)
+
+
 def test_mla_fused_merge_equals_the_merge_kernel_launch_after_launch():
     """The last split merges once all of its block's partials are visible: many launches at DeepSeek-V2-Lite's
     decode shape (batch 64, lengths up to 2,048), each with new queries (a stale partial would be the last
@@ -107,6 +120,32 @@ def test_mla_fused_merge_equals_the_merge_kernel_launch_after_launch():
                              fused_merge=False)
         got = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=8,
                             fused_merge=True)
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("tune", [{}, {"r_chunks": 4, "num_warps": 4, "fused_merge": True, "num_splits": 6},
+                                  {"prefetch_pages": True, "page_rows": True, "fused_merge": True, "num_splits": 5}])
+def test_mla_decode_table_config_replays_from_a_cuda_graph(tune):
+    """The table's configuration for bfloat16 16 heads (the fused merge: arrival counters reset by
+    the merging program) and two sweep candidates, captured once at DeepSeek-V2-Lite's latent shape
+    and replayed with new queries, equal eager launches with the separate merge kernel."""
+    from cluster.engine.triton_mla import decode_latent
+    rank, rope, page, b = 512, 64, 16, 8
+    g = torch.Generator(device="cuda").manual_seed(4)
+    lens = torch.randint(1, 1025, (b,), generator=g, device="cuda")
+    cache = torch.randn(b * 64, page, rank + rope, generator=g, device="cuda").to(torch.bfloat16)
+    pages, starts = torch.randperm(b * 64, generator=g, device="cuda"), torch.arange(0, b * 64, 64, device="cuda")
+    q = torch.randn(b, 16, rank + rope, generator=g, device="cuda").to(torch.bfloat16)
+    run = lambda: decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, **tune)  # noqa: E731
+    run()                                                     # compiles and allocates outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run()
+    for _ in range(3):
+        q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
+        graph.replay()
+        want = decode_latent(q[..., :rank], q[..., rank:], cache, pages, starts, lens, 0.07, num_splits=tune.get(
+            "num_splits", 0), fused_merge=False)
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
