@@ -102,18 +102,18 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
 def latent_case(batch: int, context: int, heads: int, rank: int, rope: int, page: int, dtype, device: str, seed=0):
     """Random absorbed queries over `batch` requests of `context` tokens on shuffled pages (the flat page list
     of a decode graph's Triton context) -> (q_latent, q_pe, cache, pages, page_start, seq_lens, tables)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     per = -(-context // page)
-    tables = torch.randperm(batch * per + 8, generator=g)[:batch * per].view(batch, per)
-    cache = torch.randn(batch * per + 8, page, rank + rope, generator=g).to(device=device, dtype=dtype)
-    q = torch.randn(batch, heads, rank + rope, generator=g).to(device=device, dtype=dtype)
-    pages, starts = tables.reshape(-1).to(device), torch.arange(0, batch * per, per, device=device)
+    tables = torch.randperm(batch * per + 8, generator=g, device=device)[:batch * per].view(batch, per)
+    cache = torch.randn(batch * per + 8, page, rank + rope, generator=g, device=device).to(dtype)
+    q = torch.randn(batch, heads, rank + rope, generator=g, device=device).to(dtype)
+    pages, starts = tables.reshape(-1), torch.arange(0, batch * per, per, device=device)
     seq_lens = torch.full((batch,), context, device=device)
     return q[..., :rank], q[..., rank:], cache, pages, starts, seq_lens, tables
 
 
 def reference(q_latent, q_pe, cache, tables, context: int, scale: float) -> torch.Tensor:
-    lat = cache[tables.to(cache.device)].flatten(1, 2)[:, :context].float()          # [B, L, R + P]
+    lat = cache[tables].flatten(1, 2)[:, :context].float()                           # [B, L, R + P]
     q = torch.cat((q_latent, q_pe), -1).float()
     probs = torch.softmax(torch.bmm(q, lat.transpose(1, 2)) * scale, -1)
     return torch.bmm(probs, lat[..., :q_latent.shape[-1]])

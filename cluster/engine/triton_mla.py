@@ -158,7 +158,8 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     triton_mla_config.py); `overrides`: DecodeConfig fields replaced in it (tests, the sweep)."""
     b, h, r = q_latent.shape
     p = q_pe.shape[-1]
-    cfg = dataclasses.replace(config or decode_config(h, q_latent.dtype), **overrides)
+    cfg = config or decode_config(h, q_latent.dtype)
+    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     block_h = cfg.block_h or head_block(h, q_latent.dtype)
