@@ -190,23 +190,32 @@ def run_sweep(args) -> dict:
     out = {"mla_batch": args.batch, "mla_context": args.context, "latent_mb": latent_bytes / 1e6,
            "copy_gb_s": bandwidth / 1e9, "latent_read_ms": floor_ms, "mla_sweep": [], "mla_best": {}}
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (list, dict))}), flush=True)
-    best_16 = None
+    best_16, summary = None, []
     for heads in [int(h) for h in args.heads.split(",")]:
         rows = sweep_heads(args, heads, floor_ms)
-        timed = [r for r in rows if r["ms"]]
-        table_cfg = triton_mla_config.decode_config(heads, getattr(torch, args.dtype))
+        timed = sorted((r for r in rows if r["ms"]), key=lambda r: r["ms"])
+        table_brief = triton_mla_config.decode_config(heads, getattr(torch, args.dtype)).brief()
+        table_ms = next((r["ms"] for r in rows if r["config"] == table_brief and r["ms"]), None)
         if timed:
-            best = min(timed, key=lambda r: r["ms"])
+            best = timed[0]
             if heads == 16:
                 best_16 = best["_config"]
             row = f"{heads}: {best['_config'].code()},"
-            out["mla_best"][heads] = {"config": best["config"], "ms": best["ms"], "ratio": best["ratio"], "table_row": row}
-            print(f"best at {heads} heads: {best['ms']:.4f} ms = {best['ratio']:.2f}x of one latent read; "
-                  f"TABLE row  {row}  (table now: {table_cfg.brief()})", flush=True)
+            out["mla_best"][heads] = {"config": best["config"], "ms": best["ms"], "ratio": best["ratio"],
+                                      "table_row": row, "table_config": table_brief, "table_ms": table_ms}
+            summary.append(f"{heads} heads: best {best['ms']:.4f} ms = {best['ratio']:.2f}x of one latent read; "
+                           f"table now ({table_brief}): {table_ms and f'{table_ms:.4f} ms = {table_ms / floor_ms:.2f}x'}; "
+                           f"TABLE row  {row}")
+            summary += [f"    {r['ms']:.4f} ms {r['ratio']:.2f}x  {r['config']}" for r in timed[:6]]
+        failed = [r["config"] for r in rows if not r["ok"]]
+        if failed:
+            summary.append(f"    {len(failed)} failed or wrong: {'; '.join(failed)}")
         out["mla_sweep"] += [{k: v for k, v in r.items() if k != "_config"} for r in rows]
     if args.step:
         out.update(bench_step(args, best_16, floor_ms))
-        print(json.dumps({k: v for k, v in out.items() if k.startswith("step_")}), flush=True)
+        summary.append(json.dumps({k: round(v, 5) for k, v in out.items() if k.startswith("step_")}))
+    print(f"MLA decode, batch {args.batch} x {args.context} tokens, {out['latent_mb']:.0f} MB of latent read once "
+          f"at {out['copy_gb_s']:.0f} GB/s in {floor_ms:.4f} ms:", *summary, sep="\n", flush=True)
     return out
 
 
