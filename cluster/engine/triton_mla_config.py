@@ -2,8 +2,8 @@
 and a small table of the best measured per head count.
 
 The kernel is bound by reading the latents once, so a configuration is judged by its time against
-that read (benchmarks/mla_decode_sweep.py times every candidate on the GPU, checks its latents
-against the default's, and prints the winner as a `TABLE` row to paste here). The split count
+that read (benchmarks/mla_decode_sweep.py checks every candidate's latents against a float32 softmax,
+times it on the GPU and prints the winner as a `TABLE` row to paste here). The split count
 depends on the batch shape only (never on lengths), so a decode CUDA graph captures a fixed grid.
 """
 from __future__ import annotations
@@ -27,8 +27,9 @@ class DecodeConfig:
     page_rows: a tile's rows from one page id per page (block_n a multiple of the page size)
     instead of one per token; prefetch_pages: the page ids of a tile read two tiles ahead, so
     the latent load never waits on them; float32_partials: split-K partials kept in float32;
-    r_chunks: the latent axis cut into this many chunks, one per warp group (3-D dots: a warp holds
-    a chunk of the query and accumulator, not all of it), 1 = plain 2-D dots."""
+    r_chunks: the latent axis cut into this many chunks, one per warp when it equals num_warps (3-D
+    dots put the warps on the chunk axis: a warp holds a chunk of the query and the accumulator,
+    not all of it), 1 = plain 2-D dots."""
     num_splits: int = 0
     programs_per_sm: float = 2
     block_n: int = 32
