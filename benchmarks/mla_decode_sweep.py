@@ -49,6 +49,7 @@ VARIANTS_16 = (C(), C(fused_merge=True), C(fused_merge=True, page_rows=True), C(
                C(fused_merge=True, r_chunks=8, num_warps=8, num_stages=3),
                C(fused_merge=True, r_chunks=8, num_warps=8, block_n=64),
                C(fused_merge=True, r_chunks=4, num_warps=4, block_n=16, num_stages=4),
+               C(fused_merge=True, r_chunks=4, num_warps=4, block_n=16, num_stages=3),   # 3 programs per SM fit
                # 16 heads padded to a 64-row block: the Hopper tensor-core instruction's height (4x the dots)
                C(fused_merge=True, block_h=64, num_warps=8))
 # more heads: head blocks of 16 to 64 (blocks of one latent slice side by side, sharing it in L2), warps,
