@@ -213,8 +213,11 @@ def run_sweep(args) -> dict:
             summary.append(f"    {len(failed)} failed or wrong: {'; '.join(failed)}")
         out["mla_sweep"] += [{k: v for k, v in r.items() if k != "_config"} for r in rows]
     if args.step:
-        out.update(bench_step(args, best_16, floor_ms))
-        summary.append(json.dumps({k: round(v, 5) for k, v in out.items() if k.startswith("step_")}))
+        try:
+            out.update(bench_step(args, best_16, floor_ms))
+            summary.append(json.dumps({k: round(v, 5) for k, v in out.items() if k.startswith("step_")}))
+        except Exception as e:  # noqa: BLE001 - the sweep's summary still prints
+            summary.append(f"whole step failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"MLA decode, batch {args.batch} x {args.context} tokens, {out['latent_mb']:.0f} MB of latent read once "
           f"at {out['copy_gb_s']:.0f} GB/s in {floor_ms:.4f} ms:", *summary, sep="\n", flush=True)
     return out
