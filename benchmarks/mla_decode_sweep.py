@@ -3,7 +3,8 @@ configuration of the latent kernels (triton_mla_config.DecodeConfig) timed from 
 the latent once at the copy bandwidth measured here (goal: ratio <= 1.3), each checked against a float32
 softmax over the gathered latents first; the best per head count printed with its ratio and as a `TABLE`
 row for triton_mla_config.py. Then the whole absorbed step of one MlaAttention layer (W_UK absorption,
-the kernels, W_UV) with the table's configuration and with the best, and each of its matmuls alone.
+the kernels, W_UV) with the table's configuration and with the best, and each of its matmuls alone (also on
+contiguous operands).
 
     python benchmarks/mla_decode_sweep.py --json mla.json                          # on the GPU machine
     TRITON_INTERPRET=1 python benchmarks/mla_decode_sweep.py --device cpu --dtype float32 \\
@@ -167,6 +168,12 @@ def bench_step(args, best: DecodeConfig | None, floor_ms: float) -> dict:
     row = {"step_absorb_ms": graph_ms(lambda: torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_latent), args.calls),
            "step_up_ms": graph_ms(lambda: torch.bmm(lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1)),
                                   args.calls)}
+    # the same matmuls on contiguous operands (weights copied once, as a loader could keep them): does
+    # cuBLAS pick a slower kernel for the kv_b_proj views and the [H, B] transposes?
+    q_heads, w_uk_c, w_uv_c = q_nope.transpose(0, 1).contiguous(), w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
+    lat_heads, out_heads = lat.transpose(0, 1).contiguous(), out.transpose(0, 1).contiguous()
+    row.update(step_absorb_contiguous_ms=graph_ms(lambda: torch.bmm(q_heads, w_uk_c, out=q_latent), args.calls),
+               step_up_contiguous_ms=graph_ms(lambda: torch.bmm(lat_heads, w_uv_c, out=out_heads), args.calls))
     step = lambda: layer._decode_absorbed(q_nope, q_pe, cache[None], ctx)  # noqa: E731
     row["step_table_ms"] = graph_ms(step, args.calls)
     if best is not None:
