@@ -81,26 +81,39 @@ def phases(s, sent_at: dict[str, float]) -> dict:
 def serve(s, prompts: dict[str, list[int]], args, sent_at: Optional[dict] = None
           ) -> tuple[dict[str, float], float, int]:
     """Serve `prompts` at `--concurrency`; -> (TTFT by rid, seconds, tokens generated).
-    `sent_at` gets each request's wall-clock send time."""
+    `sent_at` gets each request's wall-clock send time. The worker's messages are read once each,
+    as they come (rescanning all of them every step made this loop, not the worker, the bottleneck)."""
+    from cluster.wire import protocol as P
     ctl, pending, ttft, started = s.control, list(prompts.items()), {}, {}
+    done, tokens, seen = set(), 0, len(ctl.sent)
     t0, last = time.perf_counter(), None
-    while pending or len(ttft) < len(started) or any(r not in ctl.finished() for r in started):
-        while pending and sum(r not in ctl.finished() for r in started) < args.concurrency:
+    while pending or len(done) < len(started):
+        while pending and len(started) - len(done) < args.concurrency:
             rid, ids = pending.pop(0)
             started[rid] = time.perf_counter()
             if sent_at is not None:
                 sent_at[rid] = time.time()
             ctl.generate(rid, ids, max_tokens=args.max_tokens, ignore_eos=True)
         last = s.overlap_step(last)
-        now, out = time.perf_counter(), ctl.outputs()
-        for rid in started:
-            if rid not in ttft and out.get(rid):
-                ttft[rid] = now - started[rid]
-        if time.perf_counter() - t0 > args.timeout:
+        now, new, seen = time.perf_counter(), ctl.sent[seen:], len(ctl.sent)
+        for msg in new:
+            if not isinstance(msg, P.Tokens):
+                continue
+            for item in msg.all_items():
+                if item.rid not in started:
+                    continue
+                tokens += len(item.token_ids)
+                if item.rid not in ttft and len(item.token_ids):
+                    ttft[item.rid] = now - started[item.rid]
+                if item.finish_reason:
+                    done.add(item.rid)
+        if ctl.num_errors:
+            raise RuntimeError(f"worker errors: {ctl.errors()[:3]}")
+        if now - t0 > args.timeout:
             raise TimeoutError("workload did not finish")
     if last is not None:
         s._process(*last)
-    return ttft, time.perf_counter() - t0, sum(len(v) for v in ctl.outputs().values())
+    return ttft, time.perf_counter() - t0, tokens
 
 
 def multi_turn(loaded, args, host_tier_gb: float, layerwise: bool = True) -> dict:
