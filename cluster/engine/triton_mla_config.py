@@ -79,14 +79,16 @@ class DecodeConfig:
         return f"DecodeConfig({', '.join(self.changes())})"
 
 
-# Per head count (the smallest bound at or above the model's), bfloat16 / float16, on an H100.
-# 16 heads: the 13:08 UTC call of 2026-12-07 (batch 64, 2,048 tokens): 4 splits, fused merge
-# 0.0710 ms against 0.0726 for the separate merge. Larger: the defaults until the sweep measures them.
+# Per head count (the smallest bound at or above the model's), bfloat16 / float16, on an H100, batch
+# 64 x 2,048 tokens (benchmarks/mla_decode_sweep.py). 16 heads: fused merge (13:08 UTC call of
+# 2026-12-07: 0.0710 ms against 0.0726 for the separate merge; at 17:29 a third stage gave 0.0729
+# against 0.0732, within noise, so not taken). 32 / 64 / 128 heads: the 17:29 UTC sweep's winners,
+# 0.1151 / 0.1328 / 0.2300 ms against 0.1438 / 0.1410 / 0.2500 for the defaults.
 TABLE: dict[int, DecodeConfig] = {
     16: DecodeConfig(fused_merge=True),
-    32: DecodeConfig(),
-    64: DecodeConfig(),
-    128: DecodeConfig(),
+    32: DecodeConfig(block_h=16, num_warps=4, fused_merge=True),
+    64: DecodeConfig(programs_per_sm=1, block_h=64, num_warps=8, fused_merge=True),
+    128: DecodeConfig(programs_per_sm=1, block_h=64, num_warps=8, fused_merge=True),
 }
 
 
