@@ -19,7 +19,6 @@ Writes host_path_gpu.json and host_path_gpu.md (a table) into --out.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -29,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.client_procs import closed_loop  # noqa: E402
 from benchmarks.cluster_itl_gpu import stop_launcher, wait_ready, write_model_dir  # noqa: E402
-from cluster.bench import cli as bench  # noqa: E402
 
 PORT = 8123
 PAGE_SIZE = 16
@@ -78,9 +77,12 @@ def write_config(path: str, model_dir: str, args) -> None:
     with open(path, "w") as f:
         f.write(f'[model]\nname = "dummy"\npath = "{model_dir}"\nload_format = "dummy"\n'
                 f'dtype = "{args.dtype}"\ndevice = "{args.device}"\n\n[router]\nport = {PORT}\n'
-                f'max_queued_requests = {4 * args.streams}\n\n'
+                f'max_queued_requests = {4 * args.streams}\n'
+                + (f'api_servers = {args.api_servers}\n' if args.api_servers >= 0 else '') + '\n'
                 f'[scheduler]\nnum_pages = {num_pages_for(args)}\nmax_running_requests = {args.streams}\n'
-                f'page_size = {PAGE_SIZE}\n\n' + workers(args.layout, args.device))
+                f'page_size = {PAGE_SIZE}\n'
+                + (f'max_prefill_tokens = {args.max_prefill_tokens}\n' if args.max_prefill_tokens else '')
+                + '\n' + workers(args.layout, args.device))
 
 
 def tree_cpu_seconds(root: int) -> dict[str, float]:
@@ -106,6 +108,7 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
             continue
         _, cpu, cmd = stats[pid]
         name = ("launcher" if pid == root else "unified" if "-m cluster.unified " in cmd else
+                "frontend" if "-m cluster.router.frontend " in cmd else
                 "router" if "-m cluster.router " in cmd else "prefill" if "-m prefill_worker " in cmd else
                 "decode" if "-m decode_worker " in cmd else "other")
         out[name] = out.get(name, 0.0) + cpu
@@ -142,13 +145,19 @@ def cluster_run(model_dir: str, out: str, args) -> dict:
         req = dict(url=f"http://127.0.0.1:{PORT}/v1", model=None, prompt_len=PROMPT_WORDS, api_key="", json=True,
                    concurrency=args.streams)
         warm = argparse.Namespace(**req, num_requests=args.streams, max_tokens=4)   # kernels, graphs, connections
-        asyncio.run(bench.run_closed_loop(warm))
-        cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
-        results, duration = asyncio.run(bench.run_closed_loop(
-            argparse.Namespace(**req, num_requests=args.streams, max_tokens=args.max_tokens)))
-        cpu1, wall = tree_cpu_seconds(proc.pid), time.perf_counter() - t0
+        closed_loop(warm, args.client_procs)
+        start = {}
+
+        def at_start():                                    # the clients are up: the window starts
+            start.update(cpu0=tree_cpu_seconds(proc.pid), t0=time.perf_counter())
+        results, duration, client_cpu = closed_loop(
+            argparse.Namespace(**req, num_requests=args.streams, max_tokens=args.max_tokens), args.client_procs,
+            at_start)
+        cpu0, cpu1, wall = start["cpu0"], tree_cpu_seconds(proc.pid), time.perf_counter() - start["t0"]
         s = summary(results, duration)
         s["cpu_percent"] = {k: round(100 * (cpu1.get(k, 0) - cpu0.get(k, 0)) / wall) for k in cpu1}
+        # the streaming client's own CPU (all its processes): near 100 % per process, the client limits the figures
+        s["client_procs"], s["cpu_percent"]["client"] = args.client_procs, round(100 * client_cpu / wall)
         return s
     finally:
         stop_launcher(proc)
@@ -159,7 +168,8 @@ def table(report: dict, args) -> str:
              f"{args.device} {args.dtype}.", "",
              "| preset | engine ms/step (b=" + "/".join(args.batches.split(",")) + ") | engine tok/s at "
              f"b={args.streams} | cluster tok/s | ratio | TPOT p50 ms | TPOT / engine step | TTFT p50 ms | "
-             "ITL p50 ms | tokens/event | streams cut | CPU % (worker or prefill / decode, router) |", "|" + "---|" * 12]
+             "ITL p50 ms | tokens/event | streams cut | CPU % (worker or prefill / decode, router, front ends, "
+             "client / its processes) |", "|" + "---|" * 12]
     for preset, r in report["presets"].items():
         eng, c = r.get("engine", {}), r.get("cluster", {})
         steps = eng.get("ms_per_step", {})
@@ -175,7 +185,8 @@ def table(report: dict, args) -> str:
         lines.append(f"| {preset} | {' / '.join(str(v) for v in steps.values())} | {eng_tok_s} | "
                      f"{c['delivered_tok_s']} | {ratio} | {c['tpot_ms_p50']} | {tpot_ratio} | {c['ttft_ms_p50']} | "
                      f"{c['itl_ms_p50']} | {c['tokens_per_event']} | {c['streams_cut']} | "
-                     f"{worker_cpu}, {cpu.get('router')} |")
+                     f"{worker_cpu}, {cpu.get('router')}, {cpu.get('frontend', '-')}, "
+                     f"{cpu.get('client')} / {c.get('client_procs', 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,6 +206,10 @@ def main() -> None:
     ap.add_argument("--parts", default="engine,cluster", help="engine, cluster or both")
     ap.add_argument("--layout", choices=LAYOUTS, default="unified", help="the cluster's workers")
     ap.add_argument("--cluster-tree", help="serve the cluster from this checkout (default: this one)")
+    ap.add_argument("--client-procs", type=int, default=1, help="spread the streaming client over N processes "
+                    "(benchmarks/client_procs.py); 1: in this process, as before")
+    ap.add_argument("--api-servers", type=int, default=-1, help="[router] api_servers (-1: the config's default)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=0, help="[scheduler] key (0: the config's default)")
     args = ap.parse_args()
     if args.write_tokenizer:   # on a machine with the default GGUF (the device has none)
         from cluster.engine.model_files import load_tokenizer

@@ -5,7 +5,9 @@
 #   python benchmarks/host_path_gpu.py --write-tokenizer .carry-hostpath/tokenizer.json
 # Wheels in .whl/ (the project's deps the device lacks) go to a private target dir on PYTHONPATH, so
 # the system Python is left as it is. Knobs: PRESETS, STREAMS, MAX_TOKENS, BATCHES, DEVICE, DTYPE, PY,
-# PARTS (engine,cluster), CLUSTER_TREE (serve the cluster from another checkout: the 'before' of a pair).
+# PARTS (engine,cluster), CLUSTER_TREE (serve the cluster from another checkout: the 'before' of a pair),
+# CLIENT_PROCS (the streaming client's processes; default 1), API_SERVERS ([router] api_servers; default the
+# config's: 4 on 16 cores), MAX_PREFILL_TOKENS ([scheduler] key; default the config's).
 # CPU rehearsal (tiny sizes, ~3 min on a 2-core VM), from the repo root:
 #   PY=/work/main/.venv/bin/python DEVICE=cpu DTYPE=float32 PRESETS=tiny-llama STREAMS=8 MAX_TOKENS=16 \
 #     BATCHES=1,8 bash benchmarks/host_path_gpu.sh /tmp/tok.json /tmp/hostpath 400
@@ -27,7 +29,8 @@ cat "$OUT/machine.txt" | tail -3
 timeout -s TERM -k 20 "$BUDGET" $PY benchmarks/host_path_gpu.py --tokenizer-json "$TOK" --out "$W/run" \
   --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" --streams "${STREAMS:-256}" --max-tokens "${MAX_TOKENS:-256}" \
   --batches "${BATCHES:-1,64,256}" --device "${DEVICE:-cuda:0}" --dtype "${DTYPE:-bfloat16}" \
-  --parts "${PARTS:-engine,cluster}" ${CLUSTER_TREE:+--cluster-tree "$CLUSTER_TREE"} 2>&1 | tee "$W/run.log" | tail -40
+  --parts "${PARTS:-engine,cluster}" ${CLUSTER_TREE:+--cluster-tree "$CLUSTER_TREE"} \
+  --client-procs "${CLIENT_PROCS:-1}" --api-servers "${API_SERVERS:--1}" --max-prefill-tokens "${MAX_PREFILL_TOKENS:-0}" 2>&1 | tee "$W/run.log" | tail -40
 echo "rc=${PIPESTATUS[0]}" >> "$OUT/machine.txt"
 cp "$W"/run/host_path_gpu.json "$W"/run/host_path_gpu.md "$OUT/" 2>/dev/null
 tar -czf "$OUT/logs.tar.gz" -C "$W" run.log $(cd "$W" && ls -d run/*/logs 2>/dev/null) 2>/dev/null
