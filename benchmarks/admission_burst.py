@@ -1,7 +1,7 @@
 """TTFT of a burst through a unified cluster whose forward costs nothing: the admission host path.
 
     PYTHONPATH=$PWD python benchmarks/admission_burst.py [--streams 256] [--max-tokens 16] [--rounds 2]
-        [--max-prefill-tokens N] [--prefix-cache] [--tree DIR] [--pyspy PREFIX]
+        [--max-prefill-tokens N] [--prefix-cache] [--api-servers N] [--tree DIR] [--pyspy PREFIX]
 
 Three processes besides this one:
 - the real router (`python -m cluster.router`, run through this file to log its GC passes);
@@ -123,7 +123,8 @@ def write_config(path: str, args) -> None:
     """One unified worker sized for the burst; the prefix cache off unless asked: every stream
     sends the same prompt, which distinct prompts would not share."""
     with open(path, "w") as f:
-        f.write(f'[model]\nname = "{MODEL}"\n\n[router]\nmax_queued_requests = {4 * args.streams}\n\n'
+        f.write(f'[model]\nname = "{MODEL}"\n\n[router]\nmax_queued_requests = {4 * args.streams}\n'
+                + (f'api_servers = {args.api_servers}\n' if args.api_servers >= 0 else '') + '\n'
                 f'[scheduler]\nnum_pages = {args.streams * 16 + 256}\nmax_running_requests = {args.streams}\n'
                 + (f'max_prefill_tokens = {args.max_prefill_tokens}\n' if args.max_prefill_tokens else '')
                 + f'\n[cache]\nprefix_cache = {str(args.prefix_cache).lower()}\n\n[[unified]]\ncount = 1\n')
@@ -252,6 +253,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="bursts, one after the other, on one cluster")
     ap.add_argument("--max-prefill-tokens", type=int, default=0, help="[scheduler] key; 0: the default")
     ap.add_argument("--prefix-cache", action="store_true", help="[cache] prefix_cache (default off)")
+    ap.add_argument("--api-servers", type=int, default=-1, help="[router] api_servers (-1: the default, 1 on 2 cores)")
     ap.add_argument("--tree", default="", help="run the router and worker from this checkout")
     ap.add_argument("--pyspy", default="", help="PREFIX: py-spy profiles of the router and the worker "
                     "over the last burst")

@@ -228,12 +228,18 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return names
 
 
+_AS_IS = frozenset({int, float, str, bool, bytes, type(None), dict, tuple})   # no dataclass inside (as before)
+
+
 def _plain(v: Any) -> Any:
     """A checked field as msgpack takes it: nested frozen items become maps."""
+    t = type(v)
+    if t in _AS_IS:
+        return v
+    if t is list:
+        return [_plain(x) for x in v] if v and dataclasses.is_dataclass(v[0]) else v
     if dataclasses.is_dataclass(v):
-        return {name: _plain(getattr(v, name)) for name in _field_names(type(v))}
-    if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
-        return [_plain(x) for x in v]
+        return {name: _plain(getattr(v, name)) for name in _field_names(t)}
     return v
 
 
