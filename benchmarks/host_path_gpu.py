@@ -116,6 +116,20 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
     return out
 
 
+def worker_decode_rate(log_dir: str, streams: int):
+    """Median `gen throughput` of the decode worker's batch lines with >= 90 % of the streams running:
+    what the worker itself generated per second at full batch, whatever the router and client did after."""
+    import re
+    rates = []
+    for name in ("unified-0.log", "decode-0.log"):
+        path = os.path.join(log_dir, name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                rates += [float(r) for n, r in re.findall(r"Decode batch.*?#running-req: (\d+).*?gen throughput "
+                                                          r"\(token/s\): ([\d.]+)", f.read()) if int(n) >= 0.9 * streams]
+    return round(sorted(rates)[len(rates) // 2]) if rates else None
+
+
 def summary(results: list[dict], duration: float) -> dict:
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["num_tokens"] for r in ok)
@@ -158,6 +172,7 @@ def cluster_run(model_dir: str, out: str, args) -> dict:
         s["cpu_percent"] = {k: round(100 * (cpu1.get(k, 0) - cpu0.get(k, 0)) / wall) for k in cpu1}
         # the streaming client's own CPU (all its processes): near 100 % per process, the client limits the figures
         s["client_procs"], s["cpu_percent"]["client"] = args.client_procs, round(100 * client_cpu / wall)
+        s["worker_decode_tok_s_p50"] = worker_decode_rate(os.path.join(out, "logs"), args.streams)
         return s
     finally:
         stop_launcher(proc)
@@ -169,14 +184,14 @@ def table(report: dict, args) -> str:
              "| preset | engine ms/step (b=" + "/".join(args.batches.split(",")) + ") | engine tok/s at "
              f"b={args.streams} | cluster tok/s | ratio | TPOT p50 ms | TPOT / engine step | TTFT p50 ms | "
              "ITL p50 ms | tokens/event | streams cut | CPU % (worker or prefill / decode, router, front ends, "
-             "client / its processes) |", "|" + "---|" * 12]
+             "client / its processes) | worker's own decode tok/s at full batch (its log, p50) |", "|" + "---|" * 13]
     for preset, r in report["presets"].items():
         eng, c = r.get("engine", {}), r.get("cluster", {})
         steps = eng.get("ms_per_step", {})
         step = steps.get(args.streams) or steps.get(str(args.streams))
         eng_tok_s = round(args.streams / step * 1e3) if step else None
         if "error" in c or not c:
-            lines.append(f"| {preset} | {steps} | {eng_tok_s} | {c.get('error', 'not run')} |" + " |" * 8)
+            lines.append(f"| {preset} | {steps} | {eng_tok_s} | {c.get('error', 'not run')} |" + " |" * 9)
             continue
         ratio = round(c["delivered_tok_s"] / eng_tok_s, 2) if eng_tok_s else None
         tpot_ratio = round(c["tpot_ms_p50"] / step, 2) if step and c["tpot_ms_p50"] else None
@@ -186,7 +201,7 @@ def table(report: dict, args) -> str:
                      f"{c['delivered_tok_s']} | {ratio} | {c['tpot_ms_p50']} | {tpot_ratio} | {c['ttft_ms_p50']} | "
                      f"{c['itl_ms_p50']} | {c['tokens_per_event']} | {c['streams_cut']} | "
                      f"{worker_cpu}, {cpu.get('router')}, {cpu.get('frontend', '-')}, "
-                     f"{cpu.get('client')} / {c.get('client_procs', 1)} |")
+                     f"{cpu.get('client')} / {c.get('client_procs', 1)} | {c.get('worker_decode_tok_s_p50')} |")
     return "\n".join(lines) + "\n"
 
 
