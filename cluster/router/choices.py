@@ -132,15 +132,20 @@ async def _interleaved(service, gens) -> AsyncIterator[bytes]:
 async def _choice_chunks(service, gen, wire: Callable[[], Optional[ChunkWire]] = lambda: None
                          ) -> AsyncIterator[list[bytes]]:
     """The SSE events of one generation, a list per batch of deltas that arrived together.
-    With a `wire`, once the first token is out and every event is a plain text delta (no
-    tools, logprobs or echo left), later plain tokens may bypass this generator: the mailbox
-    hands them to `service.steady_writer` while it waits here (mailbox.py)."""
+    With a `wire`, once every event is a plain text delta (no tools, logprobs or echo left:
+    from the first token on where there are none), plain tokens may bypass this generator: the
+    mailbox hands them to `service.steady_writer` while it waits here (mailbox.py)."""
     w, p = gen.writer, gen.parsed
     tools = p is not None and p.kind == "chat" and p.functions and p.tool_choice.mode != "none"
     auto = ToolCallStream(p.functions) if tools and p.tool_choice.mode == "auto" else None
     held: list[str] = []                       # a constrained call: sent whole at the end
     num_calls = 0
     deltas = service.deltas(gen)
+
+    def go_steady() -> None:
+        if (gen.mailbox.steady is None and not tools and not w.logprobs and not echo
+                and (chunk_wire := wire()) is not None):
+            gen.mailbox.steady = service.steady_writer(gen, chunk_wire)
     try:
         echo = _echo(gen)
         if w.kind == "chat":                   # the role chunk, at once
@@ -148,6 +153,9 @@ async def _choice_chunks(service, gen, wire: Callable[[], Optional[ChunkWire]] =
         elif echo and not w.logprobs:
             yield [w.event(echo, None)]
             echo = ""
+        # NOTE: from the first token on: in a burst, a stream's coroutine is woken behind the
+        # admission of every request queued on the loop; its first token need not wait for that
+        go_steady()
         async for batch in deltas:
             out: list[dict] = []
             for delta in batch:
@@ -181,8 +189,6 @@ async def _choice_chunks(service, gen, wire: Callable[[], Optional[ChunkWire]] =
                     out.append(w.event(text, finish, lp))
             if out:
                 yield out
-            if (gen.mailbox.steady is None and gen.first_token_at is not None and not tools
-                    and not w.logprobs and not echo and (chunk_wire := wire()) is not None):
-                gen.mailbox.steady = service.steady_writer(gen, chunk_wire)
+            go_steady()
     finally:
         await deltas.aclose()

@@ -257,8 +257,8 @@ class RouterService:
 
     def steady_writer(self, gen: Generation, wire) -> Callable[[int], bool]:
         """A stream's plain tokens written straight to `wire` (event_stream.ChunkWire) by its
-        mailbox: what `deltas` and the stream's chunk do with such a token (count, ITL, text,
-        one event when there is text to send), on the HTTP loop with no coroutine woken.
+        mailbox: what `deltas` and the stream's chunk do with such a token (count, TTFT or ITL,
+        text, one event when there is text to send), on the HTTP loop with no coroutine woken.
         False (the token is then queued for the coroutine) while the client cannot take
         more. A failure here fails the request with an error event, as one in `deltas` does."""
         observe_itl, text, event = self.metrics.itl.observe, gen.text, gen.writer.text_event
@@ -269,7 +269,11 @@ class RouterService:
             try:
                 now = time.monotonic()
                 gen.num_output += 1
-                observe_itl(now - gen.last_token_at)
+                if gen.last_token_at is None:          # the first token (TTFT), as `deltas` counts it
+                    gen.first_token_at = now
+                    self.metrics.ttft.observe(now - gen.arrival)
+                else:
+                    observe_itl(now - gen.last_token_at)
                 gen.last_token_at = now
                 delta = text.add_token(token_id)
                 if delta:
