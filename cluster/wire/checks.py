@@ -150,17 +150,30 @@ def Map(key: Check, value: Check, max_len: int = MAX_KEYS) -> Check:
     return check
 
 
+def _check_keys(v: Any, path: str, names: frozenset) -> None:
+    if not isinstance(v, dict):
+        fail(path, f"expected map, got {_kind(v)}")
+    if v.keys() != names:
+        missing, extra = sorted(names - v.keys()), sorted(map(str, v.keys() - names))
+        fail(path, f"missing keys {missing}, unexpected keys {extra}")
+
+
+MAX_PATHS = 256            # a record's field paths kept per parent path (parents are few: lists pass theirs on)
+
+
 def Record(fields: dict[str, Check]) -> Check:
     """A map with exactly these keys (no missing, no extra)."""
     names = frozenset(fields)
+    paths: dict[str, dict[str, str]] = {}            # NOTE: a field's path is built once, not per message
 
     def check(v: Any, path: str) -> dict:
-        if not isinstance(v, dict):
-            fail(path, f"expected map, got {_kind(v)}")
-        if v.keys() != names:
-            missing, extra = sorted(names - v.keys()), sorted(map(str, v.keys() - names))
-            fail(path, f"missing keys {missing}, unexpected keys {extra}")
-        return {k: c(v[k], f"{path}.{k}") for k, c in fields.items()}
+        _check_keys(v, path, names)
+        sub = paths.get(path)
+        if sub is None:
+            sub = {k: f"{path}.{k}" for k in fields}
+            if len(paths) < MAX_PATHS:
+                paths[path] = sub
+        return {k: c(v[k], sub[k]) for k, c in fields.items()}
     return check
 
 
@@ -171,7 +184,14 @@ def Typed(cls: type, fields: Optional[dict[str, Check]] = None) -> Check:
     field checks here (its own `__post_init__` is the check: SamplingParams) is taken as
     it is: it was checked when it was built (31 us a `generate`, rebuilt for nothing)."""
     names = [f.name for f in dataclasses.fields(cls)]
-    record = Record(fields if fields is not None else {n: lambda x, p: x for n in names})
+    if fields is None:                             # the keys alone: no identity check per field
+        key_set = frozenset(names)
+
+        def record(v: Any, path: str) -> dict:
+            _check_keys(v, path, key_set)
+            return v
+    else:
+        record = Record(fields)
     checks_itself = fields is None and dataclasses.fields(cls) and cls.__dataclass_params__.frozen
 
     def check(v: Any, path: str) -> Any:
