@@ -72,6 +72,29 @@ def test_stream_sends_one_event_per_token_when_the_client_keeps_up(make_router, 
     assert texts == pieces                              # one event per token, in order
 
 
+def test_a_first_token_written_on_the_steady_path_is_counted_as_ttft(make_router):
+    """A plain first token that arrives once the stream waits is written from the step's
+    hand-off (no coroutine woken): still one event, one TTFT sample, ITL for the rest."""
+    from tests.test_router_api import metric_values
+    r = make_router()
+    ids = r.service.tokenizer_for(MODEL).encode(WORDS)
+
+    def reply(worker, gen):
+        def run():
+            time.sleep(0.3)                             # the response has started and waits
+            for t in ids[:-1]:
+                worker.plain_tokens([gen.rid], [t])
+            worker.tokens(gen.rid, [ids[-1]], "length")
+        threading.Thread(target=run, daemon=True).start()
+    r.worker("unified-0", "unified", MODEL, reply=reply)
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+    texts, ended = stream_texts(r, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)})
+    assert ended == "done" and len(texts) == len(ids)
+    values = metric_values(r.http.get("/metrics").text)
+    assert values[("pdcluster:time_to_first_token_seconds_count", ())] == 1
+    assert values[("pdcluster:inter_token_latency_seconds_count", ())] == len(ids) - 1
+
+
 def raw_stream(url: str, body: dict, http_version: str) -> tuple[bytes, bytes]:
     """(head, body bytes as sent) of one streamed completion over a raw socket."""
     import socket
