@@ -26,6 +26,7 @@ from cluster.router.mailbox import deliver_all
 from cluster.router.placer import Placer
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.request_table import RequestTable
+from cluster.router.request_trace import TokenArrival
 from cluster.router.role_switch import RoleSwitches
 from cluster.router.worker_directory import WorkerDirectory, WorkerInfo
 from cluster.wire.frontend_messages import FRONTEND_MESSAGES
@@ -251,7 +252,8 @@ class Dispatcher:
     def _plain_tokens(self, sender: str, rows, now: float) -> list:
         """(sink, token id) of a step's packed rows: one token each and nothing else, so no
         item or event is built per row."""
-        requests, forward_iter, t = self.requests, rows.forward_iter, time.time()
+        requests = self.requests
+        arrival = TokenArrival(time.time(), 1, rows.forward_iter)   # one for the step: no object per row
         out = []
         for rid, token_id in zip(rows.rids, rows.token_ids):
             st = requests.get(rid)
@@ -259,7 +261,7 @@ class Dispatcher:
                 continue                                   # finished, aborted or stale attempt
             st.output_ids.append(token_id)
             if st.trace is not None:
-                st.trace.add_tokens(1, forward_iter, t)
+                st.trace.add_arrival(arrival)
             st.last_progress = now
             out.append((st.sink, token_id))
         return out

@@ -79,10 +79,11 @@ class RemoteSink:
     `frontend_events` message (`outbox.send_events(frontend_id, [(rid, event), ...], [(rid,
     plain token id), ...])`)."""
 
-    __slots__ = ("outbox", "frontend_id", "rid")
+    __slots__ = ("outbox", "frontend_id", "rid", "key")
 
     def __init__(self, outbox, frontend_id: str, rid: str):
         self.outbox, self.frontend_id, self.rid = outbox, frontend_id, rid
+        self.key = (outbox, frontend_id)                   # deliver_all's grouping, built once
 
     def __call__(self, event: Event) -> None:
         self.outbox.send_events(self.frontend_id, [(self.rid, event)], [])
@@ -97,11 +98,17 @@ def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]],
     by_loop: dict = {}
     by_frontend: dict = {}
     for i, rows in enumerate((pairs, plain)):
-        for sink, event in rows:
+        for sink, event in rows:                           # NOTE: per token: no list built per row
             if isinstance(sink, Mailbox):
-                by_loop.setdefault(sink.loop, ([], []))[i].append((sink, event))
+                lists = by_loop.get(sink.loop)
+                if lists is None:
+                    lists = by_loop[sink.loop] = ([], [])
+                lists[i].append((sink, event))
             elif isinstance(sink, RemoteSink):
-                by_frontend.setdefault((sink.outbox, sink.frontend_id), ([], []))[i].append((sink.rid, event))
+                lists = by_frontend.get(sink.key)
+                if lists is None:
+                    lists = by_frontend[sink.key] = ([], [])
+                lists[i].append((sink.rid, event))
             else:
                 sink(event if i == 0 else TokensEvent([event], None, None))
     for loop, (events, tokens) in by_loop.items():

@@ -111,6 +111,12 @@ class RequestTrace:
             self.tokens.append(TokenArrival(time.time() if t is None else t, num_tokens,
                                             forward_iter))
 
+    def add_arrival(self, arrival: TokenArrival) -> None:
+        """`add_tokens` of an arrival built once for a whole step (frozen: shared by its rows)."""
+        self.num_tokens += arrival.num_tokens
+        if len(self.tokens) < MAX_TOKEN_EVENTS:
+            self.tokens.append(arrival)
+
     def finish(self, outcome: str, finish_reason: Optional[str] = None,
                error: Optional[str] = None, t: Optional[float] = None) -> None:
         self.outcome, self.finish_reason = outcome, finish_reason
