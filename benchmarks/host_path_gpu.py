@@ -8,7 +8,10 @@ tokenizer given, so the router detokenizes; bf16 on CUDA):
    prompts and `--max-tokens` output tokens each (ignore_eos) at concurrency `--streams`, through the
    OpenAI API, measured by `pdcluster bench`'s client: delivered tok/s, TPOT p50 (each stream's
    (e2e - TTFT) / (tokens - 1)), TTFT p50, ITL p50, streams cut (ended
-   without their tokens: transport errors or error events), the worker's and router's CPU.
+   without their tokens: transport errors or error events), the worker's, router's, front ends' and
+   the client's own CPU (`--client-procs N`: the client spread over N processes, client_procs.py),
+   the worker's own decode tok/s at full batch (its log) and, from the router's traces, where the
+   first tokens were (p50 of `generate` sent, prefill launched / done, the token at the router).
 Writes host_path_gpu.json and host_path_gpu.md (a table) into --out.
 
     python benchmarks/host_path_gpu.py --tokenizer-json tokenizer.json --out OUT
@@ -130,6 +133,31 @@ def worker_decode_rate(log_dir: str, streams: int):
     return round(sorted(rates)[len(rates) // 2]) if rates else None
 
 
+PHASE_ENDS = {"router_queue": "dispatched", "prefill_queue": "prefill_launched", "prefill_forward": "prefill_done"}
+
+
+def first_token_phases(results: list[dict]) -> dict:
+    """p50 over the streams of where each one's first token was, in ms from the router's arrival
+    (`GET /debug/requests/{id}`): `generate` sent, prefill launched, prefill done, the first token at
+    the router; beside the client's TTFT p50, what is left is the client's own send and read."""
+    import urllib.request
+    marks: dict[str, list[float]] = {m: [] for m in (*PHASE_ENDS.values(), "router_token")}
+    for r in results:
+        if "error" in r or not r.get("request_id"):
+            continue
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/debug/requests/{r['request_id']}", timeout=5) as f:
+                trace = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        for p in trace.get("phases", []):
+            if p["phase"] in PHASE_ENDS and p["end_s"] is not None:
+                marks[PHASE_ENDS[p["phase"]]].append(p["end_s"])
+        if trace.get("tokens"):
+            marks["router_token"].append(trace["tokens"][0]["t_s"])
+    return {m: round(1e3 * sorted(v)[len(v) // 2], 1) if v else None for m, v in marks.items()}
+
+
 def summary(results: list[dict], duration: float) -> dict:
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["num_tokens"] for r in ok)
@@ -173,6 +201,7 @@ def cluster_run(model_dir: str, out: str, args) -> dict:
         # the streaming client's own CPU (all its processes): near 100 % per process, the client limits the figures
         s["client_procs"], s["cpu_percent"]["client"] = args.client_procs, round(100 * client_cpu / wall)
         s["worker_decode_tok_s_p50"] = worker_decode_rate(os.path.join(out, "logs"), args.streams)
+        s["first_token_ms_p50_from_router_arrival"] = first_token_phases(results)
         return s
     finally:
         stop_launcher(proc)
@@ -202,6 +231,12 @@ def table(report: dict, args) -> str:
                      f"{c['itl_ms_p50']} | {c['tokens_per_event']} | {c['streams_cut']} | "
                      f"{worker_cpu}, {cpu.get('router')}, {cpu.get('frontend', '-')}, "
                      f"{cpu.get('client')} / {c.get('client_procs', 1)} | {c.get('worker_decode_tok_s_p50')} |")
+    for preset, r in report["presets"].items():
+        phases = r.get("cluster", {}).get("first_token_ms_p50_from_router_arrival")
+        if phases:
+            lines.append(f"\n{preset}, the first token's way (p50, ms from the router's arrival): "
+                         + ", ".join(f"{k} {v}" for k, v in phases.items())
+                         + f"; the client's TTFT p50 {r['cluster']['ttft_ms_p50']}")
     return "\n".join(lines) + "\n"
 
 
