@@ -124,6 +124,20 @@ def List(item: Check, max_len: int = MAX_ITEMS, min_len: int = 0) -> Check:
 
 
 _INT_ONLY = frozenset({int})
+_STR_ONLY = frozenset({str})
+
+
+def Strs(max_str: int = MAX_STR, max_len: int = MAX_ITEMS) -> Check:
+    """A list of short strings (the request ids of a packed block of rows): checked in C where
+    they all are, not one Python call per row."""
+    slow = List(Str(max_len=max_str), max_len=max_len)
+
+    def check(v: Any, path: str) -> list:
+        if (isinstance(v, list) and len(v) <= max_len and set(map(type, v)) <= _STR_ONLY
+                and max(map(len, v), default=0) <= max_str):
+            return v
+        return slow(v, path)
+    return check
 
 
 def TokenIds(min_len: int = 0) -> Check:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from cluster.sampling_params import SamplingParams
-from cluster.wire.checks import Float, Int, List, Map, MAX_KEYS, Number, Opt, Scalar, Str, TokenIds, Typed
+from cluster.wire.checks import Float, Int, List, Map, MAX_KEYS, Number, Opt, Scalar, Str, Strs, TokenIds, Typed
 
 QUERIES = ("health", "metrics", "debug_request", "internal_workers", "worker_exit", "admin_workers",
            "switch_role")
@@ -137,7 +137,7 @@ FRONTEND_FIELDS = {
         "rid": ID, "model": TEXT, "route": Str(choices=("pd", "dllm")), "input_ids": TokenIds(min_len=1),
         "sampling": Typed(SamplingParams), "dllm": Map(Str(max_len=64), Scalar(), max_len=16),
         "arrival": Float(finite=True), "traceparent": Opt(Str(max_len=256))}), min_len=1, max_len=MAX_KEYS)},
-    FrontendEvents: {"items": List(_EVENT, max_len=MAX_KEYS), "plain_rids": List(ID, max_len=MAX_KEYS),
+    FrontendEvents: {"items": List(_EVENT, max_len=MAX_KEYS), "plain_rids": Strs(1024, MAX_KEYS),
                      "plain_token_ids": TokenIds()},
     FrontendAbort: {"rid": ID, "reason": TEXT},
     FrontendEnd: {"rid": ID, "outcome": Str(choices=OUTCOMES), "finish_reason": Opt(TEXT), "error": Opt(TEXT)},

@@ -29,7 +29,7 @@ from cluster.roles import ROLES, SWITCHABLE_ROLES
 from cluster.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from cluster.dllm_params import MAX_BLOCK_SIZE, DllmParams
 from cluster.wire.checks import (Bool, INT32_MAX, MAX_KEYS, MAX_ITEMS, MAX_STR, Check, Float, Int, List, Map,
-                                Number, Opt, ProtocolError, Record, Scalar, Str, TokenIds, Typed,
+                                Number, Opt, ProtocolError, Record, Scalar, Str, Strs, TokenIds, Typed,
                                 fail)
 from cluster.wire.frontend_messages import (FRONTEND_FIELDS, FrontendAbort, FrontendEnd, FrontendEvent,
                                             FrontendEvents, FrontendQuery, FrontendReply, FrontendReport,
@@ -67,13 +67,6 @@ def _ids_or_tensor(v: Any, path: str) -> Any:
     return TokenIds(min_len=1)(v, path)
 
 
-def _ids(v: Any, path: str) -> list:
-    """Request ids, one per row of a packed block: checked in C where they are all short strings."""
-    if isinstance(v, list) and len(v) <= MAX_KEYS and set(map(type, v)) <= {str} and max(map(len, v), default=0) <= MAX_ID_LEN:
-        return v
-    return List(ID, max_len=MAX_KEYS)(v, path)
-
-
 def _dllm_overrides(v: Any, path: str) -> dict:
     """DLLM overrides: some of DllmParams' fields, bounded by DllmParams itself."""
     d = Map(Str(max_len=64), lambda x, p: x, max_len=16)(v, path)
@@ -87,6 +80,7 @@ def _dllm_overrides(v: Any, path: str) -> dict:
 
 MAX_ID_LEN = 1024
 ID, TEXT = Str(max_len=MAX_ID_LEN), Str()
+_ids = Strs(MAX_ID_LEN, MAX_KEYS)                # request ids, one per row of a packed block
 MAX_SIBLINGS = 63                       # n > 1: choices forked from one prefill (the router's n is smaller)
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
