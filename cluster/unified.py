@@ -18,6 +18,7 @@ from cluster.runtime.worker_scheduler import WorkerScheduler
 class UnifiedScheduler(WorkerScheduler):
     role = "unified"
     supports_prefix_cache = True
+    supports_deferred_reads = True
 
     def __init__(self, config, worker_id, runner, control):
         super().__init__(config, worker_id, runner, control)

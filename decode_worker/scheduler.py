@@ -48,6 +48,7 @@ CORRUPT_KV_ENV = "PDCLUSTER_TEST_CORRUPT_KV"
 class DecodeScheduler(WorkerScheduler):
     role = "decode"
     supports_prefix_cache = True
+    supports_deferred_reads = True
 
     def __init__(self, config, worker_id, runner, control, handoff: KvHandoff, timeouts,
                  tpot: Optional[float] = None):

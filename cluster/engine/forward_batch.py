@@ -18,12 +18,15 @@ them concatenated in request order, `[sum(logits_lens), vocab]`. Empty = every e
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from cluster.sampling_params import SamplingParams
+
+READ_TIMEOUT_S = 600.0   # a deferred read that takes longer is a hung device, not a slow batch
 
 
 @dataclass
@@ -81,11 +84,26 @@ class ForwardOutput:
     top_logprobs: Optional[torch.Tensor] = None   # float32 [num_reqs, k], sorted descending
     prompt_logprobs: Optional[list] = None  # per request: raw logprobs of its prompt_targets, or None
     timings: dict[str, Any] = field(default_factory=dict)
-    ready: Any = None                       # CUDA event: next_token_ids is still being copied until it fires
+    ready: Any = None                       # CUDA event: the host tensors are still being copied until it fires
+    started: Any = None                     # CUDA timing event where the forward began on its stream (deferred)
 
-    def wait(self) -> "ForwardOutput":
-        """Block until the host copies have landed (`forward(..., wait=False)` returns before)."""
+    def wait(self, timeout: float = READ_TIMEOUT_S) -> "ForwardOutput":
+        """Block until the host copies have landed (`forward(..., wait=False)` returns before). A deferred
+        forward's `step_s` is its span on the device, from `started` to `ready`: the forward thread
+        returned at launch, so its own clock says nothing of the forward's cost (step costs)."""
         if self.ready is not None:
-            self.ready.synchronize()
-            self.ready = None
+            wait_for_event(self.ready, timeout)
+            if self.started is not None:
+                self.timings["step_s"] = self.started.elapsed_time(self.ready) / 1e3
+            self.ready = self.started = None
         return self
+
+
+def wait_for_event(event, timeout: float) -> None:
+    """Until `event` has fired, polling with the GIL let go between polls (the forward thread is
+    launching meanwhile); TimeoutError past `timeout` seconds: the device hangs."""
+    deadline = time.monotonic() + timeout
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the device did not finish a forward in {timeout:g} s")
+        time.sleep(0)

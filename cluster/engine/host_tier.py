@@ -294,6 +294,8 @@ class HostTier:
                     return forward(fi)
                 t0 = time.perf_counter()
                 out = forward(fi)
+                if getattr(out, "ready", None) is not None:
+                    out.wait()      # a deferred read: the cost model needs the prefill's device time
                 self.cost.observe_prefill(sum(fi.extend_lens), time.perf_counter() - t0)
                 return out
             finally:

@@ -136,15 +136,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, fi: ForwardInput, wait: bool = True) -> ForwardOutput:
-        """`wait=False`: a graphed greedy step returns as soon as it is launched, its token ids still being
-        copied into pinned memory; call `.wait()` on the output before reading them. Later steps may be
-        launched meanwhile (they read these tokens as futures), which hides the host's work per step."""
+        """`wait=False` (CUDA): the forward returns as soon as it is launched, its outputs still being
+        copied into pinned memory behind it on the stream; call `.wait()` on the output before reading
+        them. Later steps may be launched meanwhile (they read these tokens as futures), which hides the
+        host's work per step. What reads the host anyway (a grammar's matcher, penalties' last seen id,
+        returned logits, prompt logprobs) still waits inside the forward; the CPU always waits."""
         small_step = self.device.type == "cpu" and fi.is_decode and fi.num_reqs <= SMALL_STEP_REQS
         with small_ops_on_one_thread() if small_step else nullcontext():
             return self._forward(fi, wait)
 
     def _forward(self, fi: ForwardInput, wait: bool) -> ForwardOutput:
         t0 = time.perf_counter()
+        defer = not wait and self.device.type == "cuda"
+        started = _record(timing=True) if defer else None
         plain_greedy = fi.all_greedy or is_plain_greedy(fi.sampling, fi.prior_ids, fi.min_tokens_left, fi.grammars)
         if self.followers is not None:
             self.followers.send_forward(fi, plain_greedy)
@@ -159,9 +163,7 @@ class ModelRunner:
             # the graph took the argmax and stored it into the future map: only the host copy is left
             next_ids = torch.empty(fi.num_reqs, dtype=torch.int64, pin_memory=True)
             next_ids.copy_(graphed.greedy_ids[:fi.num_reqs], non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            out = ForwardOutput(next_token_ids=next_ids, ready=ready,
+            out = ForwardOutput(next_token_ids=next_ids, ready=_record(timing=defer), started=started,
                                 timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
             return out.wait() if wait else out
         rows = [i for i, s in enumerate(fi.sample) if s]
@@ -189,20 +191,23 @@ class ModelRunner:
                 ids = self.tp.broadcast(ids)   # NOTE: rank 0's draw on every rank, so their future maps agree
             if fi.future_slots:
                 self.store_future(fi.future_slots if every_row else [fi.future_slots[i] for i in rows], ids)
-            next_ids[rows] = ids.cpu()
-            if lps is not None:
-                logprobs = torch.zeros(fi.num_reqs, dtype=torch.float32)
-                logprobs[rows] = lps.float().cpu()
-            if top is not None:
-                top_ids = torch.zeros(fi.num_reqs, top[0].shape[1], dtype=torch.int64)
-                top_lps = torch.zeros(fi.num_reqs, top[0].shape[1], dtype=torch.float32)
-                top_ids[rows], top_lps[rows] = top[0].cpu(), top[1].float().cpu()
+            if defer:        # pinned copies behind the forward; the event below says when they landed
+                next_ids, logprobs, top_ids, top_lps = _pinned_rows(fi.num_reqs, rows, ids, lps, top)
+            else:
+                next_ids[rows] = ids.cpu()
+                if lps is not None:
+                    logprobs = torch.zeros(fi.num_reqs, dtype=torch.float32)
+                    logprobs[rows] = lps.float().cpu()
+                if top is not None:
+                    top_ids = torch.zeros(fi.num_reqs, top[0].shape[1], dtype=torch.int64)
+                    top_lps = torch.zeros(fi.num_reqs, top[0].shape[1], dtype=torch.float32)
+                    top_ids[rows], top_lps[rows] = top[0].cpu(), top[1].float().cpu()
         return ForwardOutput(next_token_ids=next_ids, logprobs=logprobs,
                              logits=None if logits_all is None else logits_all.float().cpu(),
                              top_ids=top_ids, top_logprobs=top_lps,
                              prompt_logprobs=self._prompt_logprobs(hidden, fi) if any(fi.prompt_targets) else None,
-                             timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
-
+                             timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0},
+                             ready=_record(timing=True) if defer else None, started=started)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, fi: ForwardInput) -> list:
         """Raw logprob of each target under the row before it (echo with logprobs): request i's first
@@ -217,6 +222,30 @@ class ModelRunner:
                 out.append(None)
             start += fi.extend_lens[i]
         return out
+
+
+def _record(timing: bool = False) -> torch.cuda.Event:
+    """An event at this point of the current stream; `timing` ones measure a deferred forward's span."""
+    event = torch.cuda.Event(enable_timing=timing)
+    event.record()
+    return event
+
+
+def _pinned_rows(n: int, rows: list[int], ids, lps, top) -> tuple:
+    """(next ids, logprobs, top ids, top logprobs) of the sampled `rows` of `n`, laid out as the waited
+    path does (-1 / 0 where a request sampled nothing), in pinned host memory being copied behind the
+    stream's work."""
+    at = None if len(rows) == n else torch.tensor(rows).to(ids.device, non_blocking=True)
+
+    def pinned(x: Optional[torch.Tensor], fill):
+        if x is None:
+            return None
+        if at is not None:
+            x = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device).index_copy_(0, at, x)
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+    top_ids, top_lps = top if top is not None else (None, None)
+    return (pinned(ids, -1), pinned(None if lps is None else lps.float(), 0), pinned(top_ids, 0),
+            pinned(None if top_lps is None else top_lps.float(), 0))
 
 
 def _last_rows(x: torch.Tensor, lens: list[int], rows: list[int], device) -> torch.Tensor:

@@ -87,6 +87,8 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             result = future.result(timeout=FORWARD_TIMEOUT_S)
+            if getattr(result, "ready", None) is not None:
+                result.wait()           # a deferred read (forward_executor.py): N's outputs land now
             t0 = time.perf_counter()
             self.on_result(batch)
             self.process_batch_result(batch, result)

@@ -3,16 +3,29 @@
 One thread, so forwards stay in launch order: batch N+1's forward starts only after
 N's finished, which is what lets N+1 read N's sampled tokens from the future map and
 lets pages freed while N+1 runs be reused only by N+2. On CUDA a forward whose output
-carries a pending `ready` event (a DLLM block round's deferred read) returns once launched:
-N+1 is then queued behind N on the same stream, which keeps that order on the device, and
-the scheduler waits for `ready` before it reads N's output.
+carries a pending `ready` event (a deferred read: an autoregressive step's tokens, a DLLM
+block round's) returns once launched: N+1 is then queued behind N on the same stream, which
+keeps that order on the device (N+1 resolves N's tokens from the future map there, and N+2,
+the first to get pages freed while N+1 runs, is queued behind N+1), and the scheduler waits
+for `ready` before it reads N's output (`Scheduler._process`). Such an output's `step_s` is
+its span on the device (`ForwardOutput.wait`), not the forward thread's clock, which stops
+at the launch.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
+
+DEFER_READS_ENV = "PDCLUSTER_DEFER_READS"   # 0 = an autoregressive forward returns once its outputs are on the host
+
+
+def defer_reads(on_cuda: bool, overlap: bool) -> bool:
+    """Whether a worker's forwards return at launch with their reads deferred: on CUDA under overlap
+    (a CPU forward is done when it returns; the normal loop reads each result before the next launch)."""
+    return on_cuda and overlap and os.environ.get(DEFER_READS_ENV, "1") != "0"
 
 
 class ForwardExecutor:
@@ -62,7 +75,8 @@ class ForwardExecutor:
         else:
             out = self.forward_fn(forward_input)
         timings = getattr(out, "timings", None)
-        if isinstance(timings, dict):   # the forward alone, not its wait behind the previous one (step costs)
+        if isinstance(timings, dict) and getattr(out, "ready", None) is None:
+            # the forward alone, not its wait behind the previous one (step costs)
             timings["step_s"] = time.perf_counter() - started
         if self.trace is not None:
             with self._trace_lock:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from cluster.wire import protocol as P
 from cluster.wire.gauges import WorkerGauges
 from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
+from cluster.runtime.forward_executor import defer_reads
 from cluster.runtime.output_processor import OutputProcessor
 from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.request_marks import MarkBook
@@ -48,13 +50,19 @@ class ControlPlane(Protocol):
 
 class WorkerScheduler(Scheduler):
     supports_prefix_cache = False   # roles whose requests extend from a shared prefix
+    supports_deferred_reads = False   # roles whose results are read only when processed (forward_executor.py)
 
     def __init__(self, config: SchedulerConfig, worker_id: str, runner, control: ControlPlane,
                  handoff: Optional["KvHandoff"] = None, on_launch: Optional[Callable[[int], None]] = None,
                  forward_fn: Optional[Callable] = None):
-        """`forward_fn`: what runs a launched batch's forward input (default `runner.forward`)."""
+        """`forward_fn`: what runs a launched batch's forward input (default `runner.forward`, its reads
+        deferred where the role supports it on CUDA under overlap, with one rank: `defers_reads`)."""
         on_cuda = str(runner.device).startswith("cuda")
-        super().__init__(config, worker_id, forward_fn or runner.forward, on_cuda=on_cuda, on_launch=on_launch,
+        self.defers_reads = (forward_fn is None and self.supports_deferred_reads and runner.followers is None
+                             and defer_reads(on_cuda, config.overlap))
+        if forward_fn is None:
+            forward_fn = partial(runner.forward, wait=False) if self.defers_reads else runner.forward
+        super().__init__(config, worker_id, forward_fn, on_cuda=on_cuda, on_launch=on_launch,
                          cpu_threads=None if on_cuda else runner.num_threads)
         self.runner = runner
         self.tokenizer = runner.tokenizer
