@@ -4,7 +4,8 @@ Run on a GPU machine: `python -m pytest tests/test_engine_cuda.py`. Small random
 against transformers on the same device; the scheduler's forward runs on a CUDA stream; the
 Triton paged-attention kernels against SDPA on gathered pages over random shapes; CUDA graph
 decode against eager and torch-backend decode; no host sync in sampling or in a graphed step
-but the token copy; the host KV tier's copies, whole and layer by layer (per-layer events).
+but the token copy; the host KV tier's copies, whole and layer by layer (per-layer events);
+deferred reads of the overlapped unified worker (its forward returns at launch) against waited ones.
 """
 import random
 import time
@@ -21,6 +22,7 @@ from cluster.engine.sampler import sample
 from cluster.sampling_params import SamplingParams
 from cluster.unified import UnifiedScheduler
 from tests.engine_fixtures import batch_input, greedy_decode, prefill_input, save_tiny_hf
+from tests.inprocess_workers import drain
 from tests.paged_attention_cases import (extend_args, extend_limits, make_case, reference_decode,
                                          reference_extend)
 from tests.queue_control import QueueControl
@@ -288,3 +290,67 @@ def test_host_tier_layer_loads_land_before_the_layer_that_waits_for_their_event(
     torch.cuda.synchronize()
     for layer, got in enumerate(seen):
         assert (got[:, :, 0] == layer + 1).all() and (got[:, :, 1] == 10 * (layer + 1)).all()
+
+
+# ---- deferred reads: the overlapped unified worker's forward returns at launch ------------------
+DEVICE_SLEEP_CYCLES = 10_000_000    # ~5 ms of device time queued ahead of every forward
+
+
+def serve_overlapped(runner, monkeypatch, prompts, params, defer: bool, slow_device: bool = False):
+    """The unified worker over `runner` (overlap, prompts chunked by 64) with its reads deferred or
+    waited (`PDCLUSTER_DEFER_READS`); `slow_device`: each forward holds the stream ~5 ms longer."""
+    monkeypatch.setenv("PDCLUSTER_DEFER_READS", "1" if defer else "0")
+    ctl = QueueControl()
+    s = UnifiedScheduler(SchedulerConfig(overlap=True, max_running_requests=len(prompts), max_prefill_tokens=64),
+                         "unified-0", runner, ctl)
+    assert s.defers_reads == defer
+    if slow_device:
+        launch = s.executor.forward_fn            # runs inside the forward stream's context
+        s.executor.forward_fn = lambda fi: (torch.cuda._sleep(DEVICE_SLEEP_CYCLES), launch(fi))[1]
+    s.executor.trace, s.trace = [], []
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        ctl.generate(f"r{i}", p, **sp)
+    try:
+        drain([s], [None], lambda: len(ctl.finished()) + len(ctl.errors()) == len(prompts))
+    finally:
+        s.executor.shutdown()
+    assert not ctl.errors() and s.reqs == {}
+    return ctl, s
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_deferred_decode_equals_waited_decode(monkeypatch, batch):
+    """Greedy tokens identical; at batch 64 also rows that sample on the host side of the graph
+    (logprobs, a seed, penalties: the eager sampler's pinned copies) and prompts chunked (rows that
+    sample nothing in a prefill)."""
+    runner = _tiny_runner()
+    prompts = [[(17 * i + j) % 900 + 3 for j in range(1 + (37 * i) % 100)] for i in range(batch)]
+    params = [{"max_tokens": 12 + i % 5, "ignore_eos": True} for i in range(batch)]
+    if batch > 1:
+        params[1].update(logprobs=True, top_logprobs=3)
+        params[2].update(temperature=0.8, seed=7)
+        params[3].update(repetition_penalty=1.3)
+    waited, _ = serve_overlapped(runner, monkeypatch, prompts, params, defer=False)
+    deferred, s = serve_overlapped(runner, monkeypatch, prompts, params, defer=True)
+    assert deferred.outputs() == waited.outputs() and deferred.finished() == waited.finished()
+    lps = [[(it.rid, it.logprobs, it.top_logprobs) for m in c.sent if hasattr(m, "all_items")
+            for it in m.all_items() if it.logprobs] for c in (waited, deferred)]
+    assert lps[0] == lps[1]
+
+
+def test_deferred_decode_launches_n_plus_one_before_n_is_processed(monkeypatch):
+    """With ~5 ms of device time per forward: deferred, the forward thread returns from N+1 before
+    N's outputs are read in nearly every pass; waited, never (it syncs the stream)."""
+    runner = _tiny_runner()
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(8)]
+    params = [{"max_tokens": 24, "ignore_eos": True}] * len(prompts)
+    early = {}
+    for defer in (False, True):
+        _, s = serve_overlapped(runner, monkeypatch, prompts, params, defer=defer, slow_device=True)
+        returned = {it: t1 for _, it, _, t1 in s.executor.trace}
+        processed = {it: t0 for _, it, t0, _ in s.trace}     # t0: once N's outputs are on the host
+        pairs = [(returned[it + 1], processed[it]) for it in processed if it + 1 in returned]
+        assert len(pairs) >= 20
+        early[defer] = (sum(launch < read for launch, read in pairs), len(pairs))
+    assert early[False][0] == 0
+    assert early[True][0] >= early[True][1] - 2, early
