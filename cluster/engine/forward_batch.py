@@ -83,6 +83,7 @@ class ForwardOutput:
     top_ids: Optional[torch.Tensor] = None  # int64 [num_reqs, k]: the k most likely tokens (k = max top_logprobs)
     top_logprobs: Optional[torch.Tensor] = None   # float32 [num_reqs, k], sorted descending
     prompt_logprobs: Optional[list] = None  # per request: raw logprobs of its prompt_targets, or None
+    # model_s / total_s: the host's time in the forward (deferred: up to its launch); step_s: see `wait`
     timings: dict[str, Any] = field(default_factory=dict)
     ready: Any = None                       # CUDA event: the host tensors are still being copied until it fires
     started: Any = None                     # CUDA timing event where the forward began on its stream (deferred)
