@@ -340,7 +340,8 @@ def test_deferred_decode_equals_waited_decode(monkeypatch, batch):
 
 def test_deferred_decode_launches_n_plus_one_before_n_is_processed(monkeypatch):
     """With ~5 ms of device time per forward: deferred, the forward thread returns from N+1 before
-    N's outputs are read in nearly every pass; waited, never (it syncs the stream)."""
+    N's outputs are read in nearly every pass; waited, it cannot (it syncs the stream after N+1, which
+    ends ~5 ms after N), unless the scheduler thread stalls that long."""
     runner = _tiny_runner()
     prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(8)]
     params = [{"max_tokens": 24, "ignore_eos": True}] * len(prompts)
@@ -352,5 +353,5 @@ def test_deferred_decode_launches_n_plus_one_before_n_is_processed(monkeypatch):
         pairs = [(returned[it + 1], processed[it]) for it in processed if it + 1 in returned]
         assert len(pairs) >= 20
         early[defer] = (sum(launch < read for launch, read in pairs), len(pairs))
-    assert early[False][0] == 0
+    assert early[False][0] <= 1                # a stall of the scheduler thread past ~5 ms, at most
     assert early[True][0] >= early[True][1] - 2, early
