@@ -165,7 +165,10 @@ class ModelRunner:
             next_ids.copy_(graphed.greedy_ids[:fi.num_reqs], non_blocking=True)
             out = ForwardOutput(next_token_ids=next_ids, ready=_record(timing=defer), started=started,
                                 timings={"model_s": t1 - t0, "total_s": time.perf_counter() - t0})
-            return out.wait() if wait else out
+            if wait:           # on the forward thread, as before deferral (the scheduler's future times out)
+                out.ready.synchronize()
+                out.ready = None
+            return out
         rows = [i for i, s in enumerate(fi.sample) if s]
         next_ids = torch.full((fi.num_reqs,), -1, dtype=torch.int64)
         logprobs = top_ids = top_lps = None
