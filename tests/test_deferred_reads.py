@@ -124,8 +124,9 @@ def serve(loaded, deferred: bool, landing_s: float = LANDING_S):
     finally:
         s.executor.shutdown()
         stream.close()
-    logprobs = {it.rid: it.logprobs for m in ctl.sent if hasattr(m, "all_items") for it in m.all_items()
-                if it.logprobs}
+    logprobs = [(it.rid, it.logprobs, it.top_logprobs) for m in ctl.sent if hasattr(m, "all_items")
+                for it in m.all_items() if it.logprobs]
+    assert logprobs
     return ctl, s, steps, logprobs
 
 
