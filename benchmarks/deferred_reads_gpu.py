@@ -6,7 +6,7 @@ prefilled, then `--steps` steady decode steps are timed (wall ms per step). Each
 the two modes `--rounds` times, in swapped order every round, on the same runner:
 
 - waited (`PDCLUSTER_DEFER_READS=0`): the forward thread syncs the stream at the end of every forward;
-- deferred (default): the forward returns at launch, the scheduler waits for N's event when it processes N.
+- deferred (`PDCLUSTER_DEFER_READS=1`): the forward returns at launch, the scheduler waits for N's event when it processes N.
 
 Also per mode: the share of the wall time the forward stream was covered by a forward (CUDA events
 around each forward on the stream, from the forward thread's start to its end; gaps = the device
