@@ -50,21 +50,25 @@ def small_ops_on_one_thread():
         torch.set_num_threads(n)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, residual=None) -> torch.Tensor:
+    """`x @ weight.T + bias`, plus `residual` when given (a packed weight's bfloat16 output then adds into
+    it directly: the same float32 sum without a float32 copy of the output first)."""
     if not _matmul_threads:
-        return _linear(x, weight, bias)
+        return _linear(x, weight, bias, residual)
     torch.set_num_threads(_matmul_threads)   # < 1 us each way
     try:
-        return _linear(x, weight, bias)
+        return _linear(x, weight, bias, residual)
     finally:
         torch.set_num_threads(1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias=None, residual=None) -> torch.Tensor:
     packed = weight.__dict__.get("packed")   # plain dict read: a per-matmul getattr on a tensor is slower
     if packed is not None and x.shape[0] and x.device.type == "cpu":
-        return packed_linear(x, weight, packed, bias, _dense)
-    return _dense(x, weight, bias)
+        out = packed_linear(x, weight, packed, bias, _dense, out_float=residual is None)
+    else:
+        out = _dense(x, weight, bias)
+    return out if residual is None else residual + out
 
 
 def _dense(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

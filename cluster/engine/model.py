@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from cluster.engine.attention import AttentionContext, paged_attention
+from cluster.engine import cpu_decode
+from cluster.engine.cpu_decode import DecodePlan, run_layers
 from cluster.engine.linear import linear
 from cluster.engine.mla import MlaAttention
 from cluster.engine.model_config import ModelConfig
@@ -83,6 +85,8 @@ class LlamaModel(nn.Module):
                                     cfg.rope_theta, cfg.rope_scaling)
         self._layer_listeners: list[Callable[[int], None]] = []
         self._layer_gates: list[Callable[[int], None]] = []
+        self._decode_plan: Optional[DecodePlan] = None
+        self._plan_checked_for = None   # the KV caches DecodePlan.supports last judged (no plan: unsupported)
 
     @torch.no_grad()
     def set_tp_invariant(self, on: bool) -> None:
@@ -107,6 +111,9 @@ class LlamaModel(nn.Module):
         """-> final hidden states [num_tokens, hidden] (normed); `compute_logits` maps rows to vocab."""
         x = self._embed(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
+        plan = self._cpu_decode_plan(kv_caches, ctx)
+        if plan is not None:
+            return self.norm(run_layers(plan, x, rope, ctx))
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             for gate in self._layer_gates:
                 gate(i)
@@ -114,6 +121,20 @@ class LlamaModel(nn.Module):
             for listener in self._layer_listeners:
                 listener(i)          # NOTE: on CUDA, layer i's kernels are launched, not yet done
         return self.norm(x)
+
+    def _cpu_decode_plan(self, kv_caches, ctx: AttentionContext) -> Optional[DecodePlan]:
+        """The flat decode loop's plan (cpu_decode.py) for a CPU decode step with no per-layer hooks."""
+        if (not cpu_decode.FLAT_DECODE or not ctx.is_decode or ctx.backend != "torch" or self._layer_gates
+                or self._layer_listeners):
+            return None
+        plan = self._decode_plan
+        if plan is not None and plan.matches(self, kv_caches):
+            return plan
+        if self._plan_checked_for is kv_caches and plan is None:
+            return None
+        self._plan_checked_for = kv_caches
+        self._decode_plan = DecodePlan(self, kv_caches) if DecodePlan.supports(self, kv_caches) else None
+        return self._decode_plan if self._decode_plan is not None and self._decode_plan.matches(self, kv_caches) else None
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

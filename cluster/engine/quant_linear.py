@@ -141,16 +141,23 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for p in self.parts for t in (p.packed, p.scales))
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight, bias, dense_gemm):
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight, bias, dense_gemm,
+                  out_float: bool = True):
     """Packed kernel for decode-sized inputs; `dense_gemm` on `weight` (the exact float32 copy) for
     larger ones, with the same bfloat16 rounding of inputs and outputs. A weight split in two parts
     (Q8_0) always takes the kernels: its output is rounded once per part, which one GEMM cannot
-    reproduce (it serves the LM head, which sees few rows: the sampled ones)."""
+    reproduce (it serves the LM head, which sees few rows: the sampled ones). `out_float=False`: a
+    one-part kernel's bfloat16 output as it is (its float32 values are exactly those), without bias."""
     xb = x.to(torch.bfloat16)
     if x.shape[0] <= PACKED_MAX_ROWS or packed.is_split:
+        if not out_float and bias is None and not packed.is_split:
+            return packed.parts[0].matmul(xb)
         out = packed.matmul(xb)
     else:
-        out = dense_gemm(xb.float(), weight).bfloat16().float()
+        out = dense_gemm(xb.float(), weight).bfloat16()
+        if not out_float and bias is None:
+            return out
+        out = out.float()
     return out if bias is None else out + bias
 
 

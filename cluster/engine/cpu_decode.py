@@ -1,0 +1,142 @@
+"""A small decode step on the CPU in fewer eager ops: the decoder layers as one flat loop.
+
+A decode step of the default model on a small CPU spends about as long between its weight
+matmuls as in them: each of ~1,500 small eager ops costs 2-10 µs of dispatch whatever its
+size, and every module call adds Python on top (BENCHMARKS.md, "CPU decode in fewer ops").
+This loop runs the same arithmetic as `DecoderLayer` for dense Llama-family layers (no MoE,
+MLA or q/k norm, one rank), with fewer ops and no module calls:
+- RoPE in place on the q and k heads of the qkv output (`x * cos + rotate(x) * sin` as
+  roll, two in-place multiplies and one in-place add: the same roundings, so exact);
+- one KV write for K and V together, through a view of the layer's two planes as one
+  (the KV pool keeps V right after K);
+- one request on consecutive pages (`ctx.kv_span`) reads K and V in place through one
+  strided view each (the offsets computed once per step, not per layer);
+- the o and down projections add into the residual straight from the packed kernel's
+  bfloat16 output (`linear(..., residual=x)`: the same float32 sum, one conversion fewer).
+Everything else (several requests, scattered pages) goes through `decode_attention`.
+Every op rounds like the module path's, so the float32 path stays token-exact with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cluster.engine.attention import decode_attention
+from cluster.engine.attention_context import AttentionContext
+from cluster.engine.linear import linear
+
+FLAT_DECODE = True   # False: every step through the modules (tests compare the two)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    kv: tuple[torch.Tensor, torch.Tensor]   # the layer's K and V caches [kv_heads, num_pages, page_size, D]
+    kv_planes: torch.Tensor   # both as one [2 * kv_heads, num_pages * page_size, D]: K's heads, then V's
+    k_offset: int             # storage offsets of the layer's K and V planes
+    v_offset: int
+
+
+class DecodePlan:
+    """The layers' weights and KV planes in the order one decode step reads them, built once per
+    KV pool (`matches` says whether it still fits the model and caches at hand)."""
+
+    def __init__(self, model, kv_caches):
+        cfg = model.config
+        self.kv_caches = kv_caches
+        self.eps, self.hidden = cfg.rms_norm_eps, cfg.hidden_size
+        attn = model.layers[0].self_attn
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.scale = attn.scale
+        self.dtype = model.norm.weight.dtype
+        self.page_size = kv_caches[0][0].shape[2]
+        self.layers = [self._layer(layer, kv) for layer, kv in zip(model.layers, kv_caches)]
+
+    def _layer(self, layer, kv) -> LayerWeights:
+        k_cache, v_cache = kv
+        kvh, num_pages, page_size, d = k_cache.shape
+        planes = k_cache.as_strided((2 * kvh, num_pages * page_size, d), (num_pages * page_size * d, d, 1))
+        attn, mlp = layer.self_attn, layer.mlp
+        return LayerWeights(layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                            attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                            mlp.down_proj.weight, kv, planes, k_cache.storage_offset(), v_cache.storage_offset())
+
+    def matches(self, model, kv_caches) -> bool:
+        return kv_caches is self.kv_caches and model.layers[0].self_attn.o_proj.weight.dtype == self.dtype
+
+    @staticmethod
+    def supports(model, kv_caches) -> bool:
+        """Dense Llama-family layers on one rank, each layer's V plane right after its K plane."""
+        from cluster.engine.model import Attention
+        from cluster.engine.moe import MLP
+        if model.tp.size != 1 or model.norm.weight.device.type != "cpu" or model.norm.weight.dtype != torch.float32:
+            return False
+        for layer, kv in zip(model.layers, kv_caches):
+            attn = layer.self_attn
+            if not isinstance(attn, Attention) or attn.q_norm is not None or type(layer.mlp) is not MLP:
+                return False
+            if len(kv) != 2 or not _planes_adjacent(*kv):
+                return False
+        return True
+
+
+def _planes_adjacent(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+            and v_cache.data_ptr() == k_cache.data_ptr() + k_cache.numel() * k_cache.element_size())
+
+
+def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               ctx: AttentionContext) -> torch.Tensor:
+    """The decoder layers of a CPU decode step: x `[T, hidden]` -> the last layer's output (not normed)."""
+    num_tokens, heads, d = x.shape[0], plan.num_heads, plan.head_dim
+    cos, sin = rope
+    half, qk_heads = d // 2, heads + plan.num_kv_heads
+    span = SpanViews(plan, ctx.kv_span) if ctx.kv_span is not None else None
+    norm_shape, eps = (plan.hidden,), plan.eps
+    for w in plan.layers:
+        qkv = linear(F.rms_norm(x, norm_shape, w.input_norm, eps), w.qkv, w.qkv_bias).view(num_tokens, -1, d)
+        qk = qkv[:, :qk_heads]
+        rotated = qk.roll(half, -1).mul_(sin)            # rotate_half's sign lives in `sin` (rotary.py)
+        qk.mul_(cos).add_(rotated)
+        w.kv_planes.index_copy_(1, ctx.slot_mapping, qkv[:, heads:].transpose(0, 1))
+        if span is not None:
+            out = span.attention(qkv, w)
+        else:
+            out = decode_attention(qkv[:, :heads], *w.kv, ctx, plan.scale)
+        x = linear(out, w.o, residual=x)
+        gate, up = linear(F.rms_norm(x, norm_shape, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
+        x = linear(F.silu(gate) * up, w.down, residual=x)
+    return x
+
+
+class SpanViews:
+    """One request on consecutive pages: its K (transposed) and V read in place, `[kv_heads, D, L]` and
+    `[kv_heads, L, D]` strided views of each layer's planes; the same arithmetic as attention._decode_span."""
+
+    def __init__(self, plan: DecodePlan, kv_span: tuple[int, int]):
+        first_page, seq_len = kv_span
+        kvh, d = plan.num_kv_heads, plan.head_dim
+        plane = plan.layers[0].kv_planes
+        head_stride = plane.stride(0)
+        self.start = first_page * plan.page_size * d
+        self.k_shape, self.k_strides = (kvh, d, seq_len), (head_stride, 1, d)
+        self.v_shape, self.v_strides = (kvh, seq_len, d), (head_stride, d, 1)
+        self.q_shape, self.q_strides = (kvh, plan.num_heads // kvh, d), (plan.num_heads // kvh * d, d, 1)
+        self.out_shape = (1, plan.num_heads * d)
+        self.scale = plan.scale
+
+    def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset()).mul(self.scale)
+        keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
+        values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
+        probs = torch.matmul(q, keys_t).softmax(dim=-1)
+        return torch.matmul(probs, values).view(self.out_shape)
