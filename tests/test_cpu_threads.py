@@ -26,7 +26,8 @@ def two_threads():
 def test_inside_small_ops_on_one_thread_only_weight_matmuls_get_every_thread(two_threads, monkeypatch):
     seen = []
     real = linear_mod._linear
-    monkeypatch.setattr(linear_mod, "_linear", lambda x, w, b=None: seen.append(torch.get_num_threads()) or real(x, w, b))
+    monkeypatch.setattr(linear_mod, "_linear", lambda x, w, b=None, residual=None:
+                        seen.append(torch.get_num_threads()) or real(x, w, b, residual))
     x, w = torch.randn(1, 8), torch.randn(4, 8)
     with linear_mod.small_ops_on_one_thread():
         inside = torch.get_num_threads()

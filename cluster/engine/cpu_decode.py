@@ -18,6 +18,7 @@ Every op rounds like the module path's, so the float32 path stays token-exact wi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,13 +77,10 @@ class DecodePlan:
     @staticmethod
     def supports(model, kv_caches) -> bool:
         """Dense Llama-family layers on one rank, each layer's V plane right after its K plane."""
-        from cluster.engine.model import Attention
-        from cluster.engine.moe import MLP
         if model.tp.size != 1 or model.norm.weight.device.type != "cpu" or model.norm.weight.dtype != torch.float32:
             return False
         for layer, kv in zip(model.layers, kv_caches):
-            attn = layer.self_attn
-            if not isinstance(attn, Attention) or attn.q_norm is not None or type(layer.mlp) is not MLP:
+            if not layer.is_plain:
                 return False
             if len(kv) != 2 or not _planes_adjacent(*kv):
                 return False
@@ -98,9 +96,9 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
                ctx: AttentionContext) -> torch.Tensor:
     """The decoder layers of a CPU decode step: x `[T, hidden]` -> the last layer's output (not normed)."""
     num_tokens, heads, d = x.shape[0], plan.num_heads, plan.head_dim
-    cos, sin = rope
     half, qk_heads = d // 2, heads + plan.num_kv_heads
-    span = SpanViews(plan, ctx.kv_span) if ctx.kv_span is not None else None
+    cos, sin, scale = _rope_rows(plan, rope)
+    span = SpanViews(plan, ctx.kv_span, scale) if ctx.kv_span is not None else None
     norm_shape, eps = (plan.hidden,), plan.eps
     for w in plan.layers:
         qkv = linear(F.rms_norm(x, norm_shape, w.input_norm, eps), w.qkv, w.qkv_bias).view(num_tokens, -1, d)
@@ -111,18 +109,29 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
         if span is not None:
             out = span.attention(qkv, w)
         else:
-            out = decode_attention(qkv[:, :heads], *w.kv, ctx, plan.scale)
+            out = decode_attention(qkv[:, :heads], *w.kv, ctx, scale)
         x = linear(out, w.o, residual=x)
         gate, up = linear(F.rms_norm(x, norm_shape, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
         x = linear(F.silu(gate) * up, w.down, residual=x)
     return x
 
 
+def _rope_rows(plan: DecodePlan, rope) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """cos, sin rows `[T, q + k heads, D]` and the softmax scale still to apply to q. A power-of-two scale
+    (head_dim 64: 1/8) goes into q's rows: `(x * c) * s == x * (c * s)` exactly, one op per layer fewer."""
+    cos, sin = rope
+    if math.frexp(plan.scale)[0] != 0.5:
+        return cos, sin, plan.scale
+    t, kvh = cos.shape[0], plan.num_kv_heads
+    rows = [torch.cat(((r * plan.scale).expand(t, plan.num_heads, -1), r.expand(t, kvh, -1)), dim=1) for r in rope]
+    return rows[0], rows[1], 1.0
+
+
 class SpanViews:
     """One request on consecutive pages: its K (transposed) and V read in place, `[kv_heads, D, L]` and
     `[kv_heads, L, D]` strided views of each layer's planes; the same arithmetic as attention._decode_span."""
 
-    def __init__(self, plan: DecodePlan, kv_span: tuple[int, int]):
+    def __init__(self, plan: DecodePlan, kv_span: tuple[int, int], scale: float):
         first_page, seq_len = kv_span
         kvh, d = plan.num_kv_heads, plan.head_dim
         plane = plan.layers[0].kv_planes
@@ -132,10 +141,12 @@ class SpanViews:
         self.v_shape, self.v_strides = (kvh, seq_len, d), (head_stride, d, 1)
         self.q_shape, self.q_strides = (kvh, plan.num_heads // kvh, d), (plan.num_heads // kvh * d, d, 1)
         self.out_shape = (1, plan.num_heads * d)
-        self.scale = plan.scale
+        self.scale = scale
 
     def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset()).mul(self.scale)
+        q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset())
+        if self.scale != 1.0:
+            q = q.mul(self.scale)
         keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
         values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
         probs = torch.matmul(q, keys_t).softmax(dim=-1)

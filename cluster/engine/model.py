@@ -63,6 +63,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.moe is not None and index in cfg.moe.sparse_layers
         self.mlp = SparseMoe(cfg) if sparse else MLP(cfg.hidden_size, layout.intermediate_size, tp)
+        self.is_plain = cfg.mla is None and not cfg.qk_norm and not sparse   # what cpu_decode.py runs
 
     def forward(self, x, rope, kv, ctx):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, ctx)

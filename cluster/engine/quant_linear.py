@@ -31,6 +31,7 @@ from cluster.engine.gguf_blocks import GROUP, QuantBlocks
 
 logger = logging.getLogger(__name__)
 
+_INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None)   # the direct binding: ~1 µs less than torch.ops
 PACKED_MAX_ROWS = 16          # up to this many rows the packed kernel beats the float32 GEMM
 _VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 
@@ -69,7 +70,7 @@ class _Int4Part:
         return groups.view(rows, cols)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
+        return (_INT4_MM or torch.ops.aten._weight_int4pack_mm_for_cpu)(x, self.packed, GROUP, self.scales)
 
 
 class _Int8RowsPart:
