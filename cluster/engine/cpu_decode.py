@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from cluster.engine.attention import decode_attention
 from cluster.engine.attention_context import AttentionContext
@@ -96,23 +95,24 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
                ctx: AttentionContext) -> torch.Tensor:
     """The decoder layers of a CPU decode step: x `[T, hidden]` -> the last layer's output (not normed)."""
     num_tokens, heads, d = x.shape[0], plan.num_heads, plan.head_dim
-    half, qk_heads = d // 2, heads + plan.num_kv_heads
+    kvh = plan.num_kv_heads
+    half, qk_heads = d // 2, heads + kvh
     cos, sin, scale = _rope_rows(plan, rope)
     span = SpanViews(plan, ctx.kv_span, scale) if ctx.kv_span is not None else None
-    norm_shape, eps = (plan.hidden,), plan.eps
+    norm_shape, eps, rms_norm, silu = (plan.hidden,), plan.eps, torch.rms_norm, torch._C._nn.silu   # no F wrappers
     for w in plan.layers:
-        qkv = linear(F.rms_norm(x, norm_shape, w.input_norm, eps), w.qkv, w.qkv_bias).view(num_tokens, -1, d)
-        qk = qkv[:, :qk_heads]
+        qkv = linear(rms_norm(x, norm_shape, w.input_norm, eps), w.qkv, w.qkv_bias).view(num_tokens, -1, d)
+        qk = qkv.narrow(1, 0, qk_heads)
         rotated = qk.roll(half, -1).mul_(sin)            # rotate_half's sign lives in `sin` (rotary.py)
         qk.mul_(cos).add_(rotated)
-        w.kv_planes.index_copy_(1, ctx.slot_mapping, qkv[:, heads:].transpose(0, 1))
+        w.kv_planes.index_copy_(1, ctx.slot_mapping, qkv.narrow(1, heads, 2 * kvh).transpose(0, 1))
         if span is not None:
             out = span.attention(qkv, w)
         else:
-            out = decode_attention(qkv[:, :heads], *w.kv, ctx, scale)
+            out = decode_attention(qkv.narrow(1, 0, heads), *w.kv, ctx, scale)
         x = linear(out, w.o, residual=x)
-        gate, up = linear(F.rms_norm(x, norm_shape, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
-        x = linear(F.silu(gate) * up, w.down, residual=x)
+        gate, up = linear(rms_norm(x, norm_shape, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
+        x = linear(silu(gate) * up, w.down, residual=x)
     return x
 
 
@@ -149,5 +149,5 @@ class SpanViews:
             q = q.mul(self.scale)
         keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
         values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
-        probs = torch.matmul(q, keys_t).softmax(dim=-1)
-        return torch.matmul(probs, values).view(self.out_shape)
+        probs = torch.bmm(q, keys_t).softmax(dim=-1)   # what matmul runs for 3-D operands, minus its checks
+        return torch.bmm(probs, values).view(self.out_shape)
