@@ -82,8 +82,9 @@ def cpu_model() -> str:
 
 
 # one process per measurement: the tree's own engine (its PYTHONPATH), native weights, this thread.
-# Prints the median wall and the median CPU time of this thread per decode step: on a shared machine
-# the CPU time (1 thread) moves far less than the wall time with other processes' load.
+# Prints the median wall and the median CPU time of this thread per decode step (on a shared machine
+# the CPU time, 1 thread, moves far less than the wall time with other processes' load), and the
+# top-level aten ops of one decode step (torch profiler; ops called by other ops not counted).
 TREE_PROBE = """
 import statistics, sys, time, torch
 from benchmarks.cpu_decode import PROMPT, _input
@@ -92,7 +93,7 @@ threads, tokens = int(sys.argv[1]), int(sys.argv[2])
 llm = LLM(num_pages=64, page_size=16)
 torch.set_num_threads(threads)
 ids, runner = llm.tokenizer.encode(PROMPT), llm.runner
-pages = runner.page_allocator.allocate(-(-(len(ids) + tokens + 4) // runner.page_size))
+pages = runner.page_allocator.allocate(-(-(len(ids) + tokens + 5) // runner.page_size))
 walls, cpus = [], []
 with torch.inference_mode():
     token = int(runner.forward(_input(ids, 0, pages, False)).next_token_ids[0])
@@ -102,7 +103,11 @@ with torch.inference_mode():
         if i >= 4:   # warm-up steps
             walls.append(time.perf_counter() - t)
             cpus.append(time.thread_time() - c)
-print(statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:   # ops of one step
+        runner.forward(_input([token], len(ids) + tokens + 4, pages, True))
+ops = [e for e in prof.events() if e.name.startswith("aten::")]
+top = sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+print(statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3, top)
 """
 
 
@@ -117,11 +122,12 @@ def compare_trees(trees: list[str], args) -> None:
                 out = subprocess.run([sys.executable, "-c", TREE_PROBE, str(threads), str(args.tokens)], check=True,
                                      env={**os.environ, "PYTHONPATH": tree}, cwd=tree, capture_output=True,
                                      text=True, timeout=900)
-                wall, cpu = map(float, out.stdout.split()[-2:])
-                row.append((tree, wall, cpu, os.getloadavg()[0]))
+                wall, cpu, ops = map(float, out.stdout.split()[-3:])
+                row.append((tree, wall, cpu, int(ops), os.getloadavg()[0]))
             print(f"round {r}, {threads} threads: " + "; ".join(
                 f"{t}: {wall:.2f} ms wall ({wall / row[0][1]:.2f}x), {cpu:.2f} ms CPU of the forward's thread "
-                f"({cpu / row[0][2]:.2f}x), load {load:.1f}" for t, wall, cpu, load in row), flush=True)
+                f"({cpu / row[0][2]:.2f}x), {ops} ops per step, load {load:.1f}" for t, wall, cpu, ops, load in row),
+                flush=True)
 
 
 def report(results: dict[int, dict[str, tuple[float, float]]], num_prompt: int, args) -> str:
