@@ -67,3 +67,12 @@ def test_models_with_q_k_norms_keep_the_module_path(tmp_path, monkeypatch):
     runner = _tiny_runner(tmp_path, architectures=["Qwen3ForCausalLM"], model_type="qwen3")
     _decode_logits(runner, [[5, 9, 11]], [[1, 2]], True, monkeypatch, num_steps=1)
     assert runner.model._decode_plan is None
+
+
+def test_float64_row_parallel_weights_keep_the_module_path(tmp_path, monkeypatch):
+    runner = _tiny_runner(tmp_path)
+    _decode_logits(runner, [[5, 9, 11]], [[1, 2]], True, monkeypatch, num_steps=1)
+    assert runner.model._decode_plan is not None
+    runner.model.set_tp_invariant(True)   # o and down in float64 (tp_invariant): not what the flat loop runs
+    _decode_logits(runner, [[5, 9, 11]], [[3, 4]], True, monkeypatch, num_steps=1)
+    assert runner.model._decode_plan is None

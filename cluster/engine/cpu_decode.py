@@ -1,8 +1,8 @@
 """A small decode step on the CPU in fewer eager ops: the decoder layers as one flat loop.
 
-A decode step of the default model on a small CPU spends about as long between its weight
-matmuls as in them: each of ~1,500 small eager ops costs 2-10 µs of dispatch whatever its
-size, and every module call adds Python on top (BENCHMARKS.md, "CPU decode in fewer ops").
+A decode step of the default model on a small CPU spent a third of its time between its weight
+matmuls: each of ~1,500 small eager ops costs 2-10 µs whatever its size, and every module call
+adds Python on top (BENCHMARKS.md, "CPU decode in fewer ops": ~1,060 ops now).
 This loop runs the same arithmetic as `DecoderLayer` for dense Llama-family layers (no MoE,
 MLA or q/k norm, one rank), with fewer ops and no module calls:
 - RoPE in place on the q and k heads of the qkv output (`x * cos + rotate(x) * sin` as
@@ -52,7 +52,6 @@ class DecodePlan:
 
     def __init__(self, model, kv_caches):
         cfg = model.config
-        self.kv_caches = kv_caches
         self.eps, self.hidden = cfg.rms_norm_eps, cfg.hidden_size
         attn = model.layers[0].self_attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -70,13 +69,17 @@ class DecodePlan:
                             attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
                             mlp.down_proj.weight, kv, planes, k_cache.storage_offset(), v_cache.storage_offset())
 
-    def matches(self, model, kv_caches) -> bool:
-        return kv_caches is self.kv_caches and model.layers[0].self_attn.o_proj.weight.dtype == self.dtype
+    def matches(self, model) -> bool:
+        """False once the row-parallel weights went float64 (`set_tp_invariant`): the modules then."""
+        return model.layers[0].self_attn.o_proj.weight.dtype == self.dtype
 
     @staticmethod
     def supports(model, kv_caches) -> bool:
         """Dense Llama-family layers on one rank, each layer's V plane right after its K plane."""
-        if model.tp.size != 1 or model.norm.weight.device.type != "cpu" or model.norm.weight.dtype != torch.float32:
+        weight = model.norm.weight
+        if model.tp.size != 1 or weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return False
+        if model.layers[0].self_attn.o_proj.weight.dtype != weight.dtype:
             return False
         for layer, kv in zip(model.layers, kv_caches):
             if not layer.is_plain:

@@ -87,7 +87,7 @@ class LlamaModel(nn.Module):
         self._layer_listeners: list[Callable[[int], None]] = []
         self._layer_gates: list[Callable[[int], None]] = []
         self._decode_plan: Optional[DecodePlan] = None
-        self._plan_checked_for = None   # the KV caches DecodePlan.supports last judged (no plan: unsupported)
+        self._plan_checked_for = None   # the KV caches the plan was last built or refused for
 
     @torch.no_grad()
     def set_tp_invariant(self, on: bool) -> None:
@@ -129,13 +129,10 @@ class LlamaModel(nn.Module):
                 or self._layer_listeners):
             return None
         plan = self._decode_plan
-        if plan is not None and plan.matches(self, kv_caches):
-            return plan
-        if self._plan_checked_for is kv_caches and plan is None:
-            return None
-        self._plan_checked_for = kv_caches
-        self._decode_plan = DecodePlan(self, kv_caches) if DecodePlan.supports(self, kv_caches) else None
-        return self._decode_plan if self._decode_plan is not None and self._decode_plan.matches(self, kv_caches) else None
+        if self._plan_checked_for is not kv_caches or (plan is not None and not plan.matches(self)):
+            self._plan_checked_for = kv_caches
+            plan = self._decode_plan = DecodePlan(self, kv_caches) if DecodePlan.supports(self, kv_caches) else None
+        return plan
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
