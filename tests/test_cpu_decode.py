@@ -76,3 +76,16 @@ def test_float64_row_parallel_weights_keep_the_module_path(tmp_path, monkeypatch
     runner.model.set_tp_invariant(True)   # o and down in float64 (tp_invariant): not what the flat loop runs
     _decode_logits(runner, [[5, 9, 11]], [[3, 4]], True, monkeypatch, num_steps=1)
     assert runner.model._decode_plan is None
+
+
+def test_flat_decode_calls_layer_gates_and_listeners_around_each_layer(tmp_path, monkeypatch):
+    runner = _tiny_runner(tmp_path)
+    calls = []
+    runner.add_layer_gate(lambda i: calls.append(("gate", i)))
+    runner.add_layer_listener(lambda i: calls.append(("listener", i)))
+    flat = _decode_logits(runner, [[5, 9, 11]], [[1, 2]], True, monkeypatch, num_steps=1)
+    assert runner.model._decode_plan is not None
+    assert calls[-4:] == [("gate", 0), ("listener", 0), ("gate", 1), ("listener", 1)]
+    calls.clear()
+    assert torch.equal(flat, _decode_logits(runner, [[5, 9, 11]], [[3, 4]], False, monkeypatch, num_steps=1))
+    assert calls[-4:] == [("gate", 0), ("listener", 0), ("gate", 1), ("listener", 1)]

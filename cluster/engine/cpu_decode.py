@@ -13,7 +13,8 @@ MLA or q/k norm, one rank), with fewer ops and no module calls:
   strided view each (the offsets computed once per step, not per layer);
 - the o and down projections add into the residual straight from the packed kernel's
   bfloat16 output (`linear(..., residual=x)`: the same float32 sum, one conversion fewer).
-Everything else (several requests, scattered pages) goes through `decode_attention`.
+Several requests or scattered pages go through `decode_attention`; layer gates and listeners
+(host tier loads, layer-wise KV) run around each layer as in the model's own loop.
 Every op rounds like the module path's, so the float32 path stays token-exact with it.
 """
 from __future__ import annotations
@@ -94,16 +95,19 @@ def _planes_adjacent(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
             and v_cache.data_ptr() == k_cache.data_ptr() + k_cache.numel() * k_cache.element_size())
 
 
-def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               ctx: AttentionContext) -> torch.Tensor:
-    """The decoder layers of a CPU decode step: x `[T, hidden]` -> the last layer's output (not normed)."""
+def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext,
+               gates=(), listeners=()) -> torch.Tensor:
+    """The decoder layers of a CPU decode step: x `[T, hidden]` -> the last layer's output (not normed).
+    `gate(i)` / `listener(i)` before / after layer i, as the model's own loop calls them."""
     num_tokens, heads, d = x.shape[0], plan.num_heads, plan.head_dim
     kvh = plan.num_kv_heads
     half, qk_heads = d // 2, heads + kvh
     cos, sin, scale = _rope_rows(plan, rope)
     span = SpanViews(plan, ctx.kv_span, scale) if ctx.kv_span is not None else None
     norm_shape, eps, rms_norm, silu = (plan.hidden,), plan.eps, torch.rms_norm, torch._C._nn.silu   # no F wrappers
-    for w in plan.layers:
+    for i, w in enumerate(plan.layers):
+        for hook in gates:
+            hook(i)
         qkv = linear(rms_norm(x, norm_shape, w.input_norm, eps), w.qkv, w.qkv_bias).view(num_tokens, -1, d)
         qk = qkv.narrow(1, 0, qk_heads)
         rotated = qk.roll(half, -1).mul_(sin)            # rotate_half's sign lives in `sin` (rotary.py)
@@ -116,6 +120,8 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
         x = linear(out, w.o, residual=x)
         gate, up = linear(rms_norm(x, norm_shape, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
         x = linear(silu(gate) * up, w.down, residual=x)
+        for hook in listeners:
+            hook(i)
     return x
 
 

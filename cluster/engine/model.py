@@ -114,7 +114,7 @@ class LlamaModel(nn.Module):
         rope = self.rope.lookup(positions, x.dtype)
         plan = self._cpu_decode_plan(kv_caches, ctx)
         if plan is not None:
-            return self.norm(run_layers(plan, x, rope, ctx))
+            return self.norm(run_layers(plan, x, rope, ctx, self._layer_gates, self._layer_listeners))
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             for gate in self._layer_gates:
                 gate(i)
@@ -124,9 +124,8 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
     def _cpu_decode_plan(self, kv_caches, ctx: AttentionContext) -> Optional[DecodePlan]:
-        """The flat decode loop's plan (cpu_decode.py) for a CPU decode step with no per-layer hooks."""
-        if (not cpu_decode.FLAT_DECODE or not ctx.is_decode or ctx.backend != "torch" or self._layer_gates
-                or self._layer_listeners):
+        """The flat decode loop's plan (cpu_decode.py) for a CPU decode step of a model it covers."""
+        if not cpu_decode.FLAT_DECODE or not ctx.is_decode or ctx.backend != "torch":
             return None
         plan = self._decode_plan
         if self._plan_checked_for is not kv_caches or (plan is not None and not plan.matches(self)):
