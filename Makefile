@@ -21,8 +21,10 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/pdcluster launch configs/local.toml
 
+# two lanes on two cores: the integration tests one after another, every other module beside them
+# (tests/xdist_lanes.py)
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

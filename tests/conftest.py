@@ -7,9 +7,18 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist: the integration tests in one lane, other modules whole (xdist_lanes.py)."""
+    from tests.xdist_lanes import lane_scheduler
+    return lane_scheduler(config, log)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
     from tests.cluster_pool import group_by_shared_cluster
+    from tests.xdist_lanes import check_lanes
+    check_lanes(items)
     items[:] = group_by_shared_cluster(items)
 
 
