@@ -85,12 +85,22 @@ def test_recomputing_when_the_cost_model_says_loading_is_slower(loaded, cold):
     check_tiers(on)
 
 
+def retraction_waves(tok) -> list[list[list[int]]]:
+    first, second = turns(tok)
+    return [first + second + [ids[:40] + tok.encode(" Say hi.") for ids in first], filler(tok), second]
+
+
+@pytest.fixture(scope="module")
+def retraction_reference(loaded):
+    """The waves' output in a pool that never retracts: one reference for both loops."""
+    waves = retraction_waves(loaded.tokenizer)
+    return [serve(unified(loaded, 0, 256, overlap=False), p, f"w{i}-") for i, p in enumerate(waves)]
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["normal", "overlap"])
-def test_retractions_under_page_pressure_with_the_host_tier_keep_output_and_tiers_consistent(loaded, overlap):
-    first, second = turns(loaded.tokenizer)
-    tok = loaded.tokenizer
-    waves = [first + second + [ids[:40] + tok.encode(" Say hi.") for ids in first], filler(tok), second]
-    ref = [serve(unified(loaded, 0, 256, overlap=False), p, f"w{i}-") for i, p in enumerate(waves)]
+def test_retractions_under_page_pressure_with_the_host_tier_keep_output_and_tiers_consistent(
+        loaded, retraction_reference, overlap):
+    waves, ref = retraction_waves(loaded.tokenizer), retraction_reference
     small = unified(loaded, HOST_TIER_GB, 10, overlap)
     assert [serve(small, p, f"w{i}-") for i, p in enumerate(waves)] == ref
     assert small.decode.num_retracted_total > 0 and small.cache.num_host_hit_tokens > 0
