@@ -14,6 +14,16 @@ def pytest_xdist_make_scheduler(config, log):
     return lane_scheduler(config, log)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lane_torch_threads():
+    """Under xdist, one torch thread per lane unless a test asks for more (torch's default is a
+    thread per core, and each lane has one)."""
+    from tests.xdist_lanes import lane_threads
+    if lane_threads() == 1:
+        import torch
+        torch.set_num_threads(1)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
     from tests.cluster_pool import group_by_shared_cluster
@@ -100,10 +110,12 @@ def tiny_llama_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def loaded():
-    """The default model (SmolLM2-135M-Instruct), loaded once per module, two torch threads; float32
+    """The default model (SmolLM2-135M-Instruct), loaded once per module, two torch threads (one per
+    xdist lane); float32
     weights, because these tests compare runs that batch or split the same requests differently token
     for token (native weights' bfloat16 activations are not batch-invariant)."""
     import torch
     from cluster.engine.loader import load_model
-    torch.set_num_threads(2)
+    from tests.xdist_lanes import lane_threads
+    torch.set_num_threads(lane_threads())
     return load_model(cpu_weights="float32")

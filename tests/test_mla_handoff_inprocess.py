@@ -15,7 +15,8 @@ from tests.test_handoff_inprocess import (  # noqa: F401  (collected here, on th
 def loaded(tmp_path_factory):
     import torch
     from cluster.engine.loader import load_model
-    torch.set_num_threads(2)
+    from tests.xdist_lanes import lane_threads
+    torch.set_num_threads(lane_threads())
     path = tmp_path_factory.mktemp("deepseek_v2")
     save_tiny(path, "deepseek_v2", vocab_size=DEFAULT_VOCAB)
     model = load_model("tiny-deepseek-v2", path=str(path))

@@ -12,6 +12,7 @@ from cluster.unified import UnifiedScheduler
 from cluster.wire import protocol as P
 from tests.queue_control import QueueControl
 from tests.test_handoff_inprocess import drain, runner_for
+from tests.xdist_lanes import lane_threads
 
 BATCH = 64
 MAX_TOKENS = 6
@@ -26,7 +27,7 @@ class CodecControl(QueueControl):
 
 @pytest.fixture(scope="module")
 def llm():
-    torch.set_num_threads(2)
+    torch.set_num_threads(lane_threads())
     return LLM()
 
 

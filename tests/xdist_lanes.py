@@ -10,11 +10,19 @@ each worker checks that against the marks it collected (`check_lanes`)."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
 INTEGRATION = "integration"
 DECLARES_INTEGRATION = re.compile(r"pytest\.mark\.integration\b")
+
+
+def lane_threads() -> int:
+    """Torch threads for a test that wants the cores: one per lane under xdist (the other lane keeps
+    the second core busy, and an OpenMP thread waiting for it made a forward 6x slower on a loaded
+    2-core box), two in a plain run."""
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 @functools.lru_cache(maxsize=None)
