@@ -111,9 +111,8 @@ def tiny_llama_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def loaded():
     """The default model (SmolLM2-135M-Instruct), loaded once per module, two torch threads (one per
-    xdist lane); float32
-    weights, because these tests compare runs that batch or split the same requests differently token
-    for token (native weights' bfloat16 activations are not batch-invariant)."""
+    xdist lane); float32 weights, because these tests compare runs that batch or split the same
+    requests differently token for token (native weights' bfloat16 activations are not batch-invariant)."""
     import torch
     from cluster.engine.loader import load_model
     from tests.xdist_lanes import lane_threads
