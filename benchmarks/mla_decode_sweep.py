@@ -100,14 +100,7 @@ def bandwidth_probe(device: str, latent_bytes: int) -> dict:
         return {}
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    out = {"copy_1gib_eager_gb_s": 2 * 10 * (1 << 30) / (1e-3 * start.elapsed_time(end)) / 1e9}
+    out = {"copy_1gib_eager_gb_s": eager_copy_rate(src, dst) / 1e9}
     n = latent_bytes // 2
     a, b = src[:2 * n].view(torch.bfloat16), dst[:2 * n].view(torch.bfloat16)
     out["copy_latent_graph_gb_s"] = 2 * latent_bytes / (1e-3 * graph_ms(lambda: b.copy_(a))) / 1e9
@@ -128,14 +121,19 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     graphed = 2 * nbytes / (1e-3 * graph_ms(lambda: dst.copy_(src), calls=5))
     if not device.startswith("cuda"):
         return graphed
+    return max(graphed, eager_copy_rate(src, dst))
+
+
+def eager_copy_rate(src: torch.Tensor, dst: torch.Tensor, times: int = 10) -> float:
+    """Bytes/s moved (read + written) by `times` eager CUDA copies of `src` into `dst`, timed with events."""
     dst.copy_(src)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(10):
+    for _ in range(times):
         dst.copy_(src)
     end.record()
     end.synchronize()
-    return max(graphed, 2 * 10 * nbytes / (1e-3 * start.elapsed_time(end)))
+    return 2 * times * src.numel() * src.element_size() / (1e-3 * start.elapsed_time(end))
 
 
 def latent_case(batch: int, context: int, heads: int, rank: int, rope: int, page: int, dtype, device: str, seed=0):
