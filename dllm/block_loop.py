@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cluster.engine.cuda_graphs import cuda_graphs_enabled
-from cluster.engine.forward_batch import ForwardInput
+from cluster.engine.forward_batch import READ_TIMEOUT_S, ForwardInput, wait_for_event
 from cluster.runtime.schedule_batch import ForwardMode, ScheduleBatch
 from dllm.block_graphs import BlockGraphs, plan_for
 from dllm.carry import Carry, carry_of
@@ -78,9 +78,11 @@ class BlockResult:
     ready: Optional[torch.cuda.Event] = None
     pinned: Optional[list[torch.Tensor]] = None
 
-    def wait(self) -> "BlockResult":
+    def wait(self, timeout: float = READ_TIMEOUT_S) -> "BlockResult":
+        """The round's tokens, once its pinned copies have landed (TimeoutError past `timeout`: the
+        device hangs, and the scheduler fails the round's requests instead of waiting forever)."""
         if self.ready is not None:
-            self.ready.synchronize()
+            wait_for_event(self.ready, timeout)
             self.tokens, self.logprobs, self.commit_step, self.num_steps = (t.tolist() for t in self.pinned)
             self.ready = self.pinned = None
         return self
