@@ -22,72 +22,15 @@ import json
 import os
 import re
 import selectors
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("_router_stream", os.path.join(HERE, "router_stream.py"))
 router_stream = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(router_stream)
-MODEL, TOKEN_IDS = router_stream.MODEL, router_stream.TOKEN_IDS     # " the cat sat on mat": one word a token
-
-
-def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
-    from cluster.wire import protocol
-    from cluster.wire.gauges import WorkerGauges
-    from cluster.wire.transport import ControlClient
-    client = ControlClient(endpoint, "unified-0")
-    client.send(protocol.Register(
-        worker_id="unified-0", role="unified", model=MODEL, data_addr="", pid=os.getpid(),
-        capacity={"num_pages": 65536, "page_size": 16, "max_running_requests": 1024, "tp": 1},
-        kv_fingerprint={"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32", "page_size": 16,
-                        "layout": "kv"}))
-    running: dict[str, list[int]] = {}                     # rid -> [left, sent]
-    log = open(log_path, "w", buffering=1)
-    stop: list = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    next_step = next_beat = time.monotonic()
-    step = 0
-    while not stop:
-        now = time.monotonic()
-        if now >= next_beat:
-            client.send(protocol.Heartbeat(worker_id="unified-0", forward_ct=step, gauges=WorkerGauges()))
-            next_beat = now + 0.5
-        if now >= next_step:
-            if running:
-                step += 1
-                items, rids, ids = [], [], []
-                for rid, state in list(running.items()):
-                    state[0] -= 1
-                    state[1] += 1
-                    if state[1] == 1:
-                        log.write(f"F {rid} {step}\n")
-                    token = TOKEN_IDS[state[1] % len(TOKEN_IDS)]
-                    if state[0] > 0:
-                        rids.append(rid)
-                        ids.append(token)
-                        continue
-                    items.append(protocol.TokensItem(rid, [token], "length", forward_iter=step))
-                    del running[rid]
-                plain = protocol.PlainTokens(rids, ids, step) if rids else None
-                client.send(protocol.Tokens(worker_id="unified-0", items=items, plain=plain))
-                log.write(f"S {step} {time.monotonic():.6f}\n")
-            next_step += step_s
-            if next_step < now:
-                next_step = now + step_s
-        msg = client.recv(timeout=max(0.0, min(next_step, next_beat) - time.monotonic()))
-        while msg is not None:
-            if isinstance(msg, protocol.Generate):
-                running[msg.rid] = [msg.sampling.max_tokens, 0]
-            elif isinstance(msg, protocol.Abort):
-                running.pop(msg.rid, None)
-            msg = client.recv(timeout=0)
-    log.close()
-    client.close()
 
 
 def run_client(url: str, streams: int, max_tokens: int) -> None:
@@ -159,7 +102,7 @@ def measure(url: str, router_pid: int, args, log_path: str) -> dict:
             kind, a, b = line.split()
             if kind == "S":
                 sent[int(a)] = float(b)
-            else:
+            elif kind == "F":
                 first[a.split(".")[0]] = int(b)
     latencies, tokens, events = [], 0, 0
     for stream in reads:
@@ -177,53 +120,21 @@ def measure(url: str, router_pid: int, args, log_path: str) -> dict:
 
 
 def cluster(args, api_servers: int) -> list[dict]:
-    import httpx
-    tmp = tempfile.mkdtemp(prefix="hop-latency-")
-    port, control = router_stream.free_port(), f"tcp://127.0.0.1:{router_stream.free_port()}"
-    config = os.path.join(tmp, "router.toml")
-    with open(config, "w") as f:
-        f.write(f"[router]\nmax_queued_requests = 4096\napi_servers = {api_servers}\n")
-    router = subprocess.Popen([sys.executable, "-m", "cluster.router", "--config", config, "--port", str(port),
-                               "--control", control, "--log-dir", tmp])
-    log_path = os.path.join(tmp, "steps.log")
-    worker = subprocess.Popen([sys.executable, __file__, "--role", "worker", "--endpoint", control,
-                               "--step-ms", str(args.step_ms), "--log", log_path])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    with router_stream.fake_cluster(args.step_ms, api_servers) as (url, router, log_path):
         args.api_servers_now = api_servers
         return [measure(url, router.pid, args, log_path) for _ in range(args.rounds)]
-    finally:
-        for p in (worker, router):
-            p.send_signal(signal.SIGTERM)
-        for p in (worker, router):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--role", default="driver", choices=["driver", "worker", "client"])
+    ap.add_argument("--role", default="driver", choices=["driver", "client"])
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--step-ms", type=float, default=20.0)
     ap.add_argument("--api-servers", default="1,2", help="[router] api_servers values, run in turn")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--url", default="")
-    ap.add_argument("--endpoint", default="")
-    ap.add_argument("--log", default="")
     args = ap.parse_args()
-    if args.role == "worker":
-        return run_worker(args.endpoint, args.step_ms / 1e3, args.log)
     if args.role == "client":
         return run_client(args.url, args.streams, args.max_tokens)
     for n in [int(x) for x in args.api_servers.split(",")]:

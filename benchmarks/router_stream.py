@@ -7,7 +7,8 @@ Three processes besides this one, so that only the router is measured:
 - a fake worker speaking the real wire protocol (ControlClient, msgpack): it registers as a
   unified worker, heartbeats, and answers each `generate` by streaming `max_tokens` tokens,
   one `tokens` message per step for every running request (a decode batch), every
-  `--step-ms`; it logs when each `generate` arrived;
+  `--step-ms`; it logs when each `generate` arrived (`G rid t`), the step at which each stream got
+  its first token (`F rid step`) and when each step left (`S step t`: hop_latency.py's clock);
 - a streaming client on raw sockets: N connections opened beforehand, N `/v1/completions`
   streams of a ~130-token prompt sent at once, every SSE event read (so the client costs
   little CPU and sends the burst in microseconds).
@@ -23,9 +24,11 @@ PYTHONPATH names, so a `git worktree` of another commit can be compared with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -50,7 +53,8 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- fake worker
 
 def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
-    """A unified worker whose forward costs nothing: a fixed-rate decode step."""
+    """A unified worker whose forward costs nothing: a fixed-rate decode step (its log: see the
+    module docstring)."""
     from cluster.wire import protocol
     from cluster.wire.transport import ControlClient
     client = ControlClient(endpoint, "unified-0")
@@ -90,6 +94,8 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
                 for rid, state in list(running.items()):
                     state[0] -= 1
                     state[1] += 1
+                    if state[1] == 1:
+                        log.write(f"F {rid} {forward_ct}\n")
                     token = TOKEN_IDS[state[1] % len(TOKEN_IDS)]
                     if state[0] > 0 and plain is not None:  # a steady row: packed, as the real worker sends it
                         plain_rids.append(rid)
@@ -101,19 +107,62 @@ def run_worker(endpoint: str, step_s: float, log_path: str) -> None:
                         del running[rid]
                 extra = {"plain": plain(plain_rids, plain_ids, forward_ct)} if plain_rids else {}
                 client.send(protocol.Tokens(worker_id="unified-0", items=items, **extra))
+                log.write(f"S {forward_ct} {time.monotonic():.6f}\n")
             next_step += step_s
             if next_step < now:                            # fell behind: no catch-up burst
                 next_step = now + step_s
         msg = client.recv(timeout=max(0.0, min(next_step, next_beat) - time.monotonic()))
         while msg is not None:
             if isinstance(msg, protocol.Generate):
-                log.write(f"{msg.rid} {time.monotonic():.6f}\n")
+                log.write(f"G {msg.rid} {time.monotonic():.6f}\n")
                 running[msg.rid] = [msg.sampling.max_tokens, 0]
             elif isinstance(msg, protocol.Abort):
                 running.pop(msg.rid, None)
             msg = client.recv(timeout=0)
     log.close()
     client.close()
+
+
+@contextlib.contextmanager
+def fake_cluster(step_ms: float, api_servers: Optional[int] = None, python_args: tuple = ()):
+    """The real router (`python -m cluster.router`, `api_servers` front ends) over this file's fake
+    worker, up and healthy -> (url, router process, worker log); both stopped and the temp dir
+    removed on exit. `python_args`: before the router's `-m` (a profiler)."""
+    import httpx
+    tmp = tempfile.mkdtemp(prefix="router-stream-")
+    port, control = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    config = os.path.join(tmp, "router.toml")
+    with open(config, "w") as f:
+        f.write("[router]\nmax_queued_requests = 4096\n")
+        if api_servers is not None:
+            f.write(f"api_servers = {api_servers}\n")
+    router = subprocess.Popen([sys.executable, *python_args, "-m", "cluster.router", "--config", config,
+                               "--port", str(port), "--control", control, "--log-dir", tmp])
+    log = os.path.join(tmp, "worker.log")
+    worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", "worker", "--endpoint", control,
+                               "--step-ms", str(step_ms), "--log", log])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router at {url} was not healthy in 60 s (logs in {tmp})")
+            time.sleep(0.2)
+        yield url, router, log
+    finally:
+        for p in (worker, router):
+            p.send_signal(signal.SIGTERM)
+        for p in (worker, router):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------- client
@@ -241,8 +290,9 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
     arrived = {}
     with open(gen_log) as f:
         for line in f:
-            rid, t = line.split()
-            arrived[rid.split(".")[0]] = float(t)
+            kind, rid, t = line.split()
+            if kind == "G":
+                arrived[rid.split(".")[0]] = float(t)
     admission = sorted(arrived[r["rid"]] - r["sent"] for r in results if r["rid"] in arrived)
     window = report["t1"] - report["t0"]
     return {"streams": streams, "tokens": tokens, "window_s": round(window, 2),
@@ -272,44 +322,13 @@ def main() -> None:
         return run_worker(args.endpoint, args.step_ms / 1e3, args.log)
     if args.role == "client":
         return run_client(args.url, int(args.streams), args.max_tokens)
-    import httpx
     import psutil
-    tmp = tempfile.mkdtemp(prefix="router-stream-")
-    port, control = free_port(), f"tcp://127.0.0.1:{free_port()}"
-    config = os.path.join(tmp, "router.toml")
-    with open(config, "w") as f:
-        f.write("[router]\nmax_queued_requests = 4096\n")
-        if args.api_servers is not None:
-            f.write(f"api_servers = {args.api_servers}\n")
     profile = ["-m", "cProfile", "-o", os.environ["ROUTER_CPROFILE"]] if os.environ.get("ROUTER_CPROFILE") else []
-    router = subprocess.Popen([sys.executable, *profile, "-m", "cluster.router", "--config", config, "--port", str(port),
-                               "--control", control, "--log-dir", tmp])
-    gen_log = os.path.join(tmp, "generate.log")
-    worker = subprocess.Popen([sys.executable, __file__, "--role", "worker", "--endpoint", control,
-                               "--step-ms", str(args.step_ms), "--log", gen_log])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    with fake_cluster(args.step_ms, args.api_servers, profile) as (url, router, gen_log):
         proc = psutil.Process(router.pid)
         for n in [int(s) for s in args.streams.split(",")]:
             max_tokens = args.max_tokens or (200 if n == 1 else 64)
             print(json.dumps(measure(url, proc, n, max_tokens, gen_log)), flush=True)
-    finally:
-        for p in (worker, router):
-            p.send_signal(signal.SIGTERM)
-        for p in (worker, router):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
 
 if __name__ == "__main__":
     main()
