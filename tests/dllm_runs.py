@@ -54,6 +54,14 @@ def run_dllm(runner, requests, params=DllmParams(), overlap=False, spec=None, tr
     return control, sched
 
 
+def chained_and_sequential(runner, requests, params, **kw):
+    """(chained run, sequential block-round run) of the same requests under overlap with the block
+    loop: each a (control, scheduler) of `run_dllm`."""
+    chained = run_dllm(runner, requests, params, overlap=True, block_loop=True, **kw)
+    sequential = run_dllm(runner, requests, params, overlap=True, block_loop=True, chain_rounds=False, **kw)
+    return chained, sequential
+
+
 def reqs(prompts=PROMPTS, extra=None, **sampling):
     sampling = {"max_tokens": 11, **sampling}
     return [(f"r{i}", p, sampling, extra or {}) for i, p in enumerate(prompts)]

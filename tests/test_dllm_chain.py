@@ -14,7 +14,7 @@ from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from dllm.model_spec import DllmModelSpec, detect_spec
 from dllm.scheduler import DllmScheduler
-from tests.dllm_runs import PLACEHOLDER, PROMPTS, reqs, run_dllm
+from tests.dllm_runs import PLACEHOLDER, PROMPTS, chained_and_sequential, reqs, run_dllm
 from tests.queue_control import QueueControl
 from tests.test_dllm_block_loop import (commits_by_request, ids_only, interpreted_triton,  # noqa: F401 (fixtures)
                                         kernels)
@@ -29,13 +29,6 @@ PARAMS = [DllmParams(block_size=1),
 @pytest.fixture(scope="module")
 def runner(tiny_llama_dir):
     return ModelRunner(ids_only(load_model("tiny", tiny_llama_dir, load_format="dummy")), num_pages=256, page_size=4)
-
-
-def chained_and_sequential(runner, requests, params, **kw):
-    """(chained run, sequential block-round run): their controls and schedulers."""
-    chained = run_dllm(runner, requests, params, overlap=True, block_loop=True, **kw)
-    sequential = run_dllm(runner, requests, params, overlap=True, block_loop=True, chain_rounds=False, **kw)
-    return chained, sequential
 
 
 @pytest.mark.parametrize("params", PARAMS)

@@ -16,7 +16,7 @@ from cluster.dllm_params import DllmParams
 from cluster.engine.cuda_graphs import batch_buckets
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
-from tests.dllm_runs import PROMPTS, reqs, run_dllm
+from tests.dllm_runs import PROMPTS, chained_and_sequential, reqs, run_dllm
 from dllm.model_spec import detect_spec
 from tests.test_dllm_block_loop import commits_by_request, ids_only
 from tests.test_dllm_models import llada_dir, sdar_dir  # noqa: F401  (fixtures)
@@ -120,12 +120,6 @@ def test_block_rounds_never_sync_the_device_and_read_once_per_round(runner, para
 
 
 # ---- chained rounds: launched from the tokens of the round before, still on the device ----------------
-def chained_and_sequential(runner, requests, params, **kw):
-    chained = run_dllm(runner, requests, params, overlap=True, block_loop=True, **kw)
-    sequential = run_dllm(runner, requests, params, overlap=True, block_loop=True, chain_rounds=False, **kw)
-    return chained, sequential
-
-
 @pytest.mark.parametrize("params", PARAMS)
 def test_chained_graph_rounds_equal_sequential_graph_rounds_and_host_rounds(runner, params):
     requests = reqs(max_tokens=13, ignore_eos=True, logprobs=True)
