@@ -14,7 +14,6 @@ contiguous operands).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -25,48 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.mla_decode_candidates import candidates  # noqa: E402
 from cluster.engine import triton_mla_config  # noqa: E402
 from cluster.engine.attention_context import AttentionContext  # noqa: E402
 from cluster.engine.model_config import PRESETS  # noqa: E402
 from cluster.engine.triton_mla_config import DecodeConfig  # noqa: E402
-
-C = DecodeConfig
-# 16 heads (one head block): the split count (as programs per SM: 1.5 / 2 / 2.5 / 3 / 4 give 3 / 4 / 5 / 6 / 8
-# splits at batch 64 on 132 SMs) across tile, pipeline depth, warps and page-read variants
-SPLIT_GRID = (1.5, 2, 2.5, 3, 4)
-VARIANTS_16 = (C(), C(fused_merge=True), C(fused_merge=True, page_rows=True), C(fused_merge=True, prefetch_pages=True),
-               C(fused_merge=True, prefetch_pages=True, page_rows=True), C(fused_merge=True, float32_partials=True),
-               C(fused_merge=True, num_stages=3), C(fused_merge=True, prefetch_pages=True, num_stages=3),
-               C(fused_merge=True, block_n=16, num_stages=3), C(fused_merge=True, block_n=16, num_stages=4),
-               C(fused_merge=True, block_n=16, num_stages=4, prefetch_pages=True),
-               C(fused_merge=True, block_n=64, num_warps=8), C(fused_merge=True, num_warps=8),
-               C(fused_merge=True, num_warps=2), C(fused_merge=True, reload_q=True), C(prefetch_pages=True),
-               C(page_rows=True), C(fused_merge=True, tokens_major=True),
-               # the latent axis over warps: one chunk of it per warp (3-D dots put every warp on the chunk axis)
-               C(r_chunks=4, num_warps=4), C(fused_merge=True, r_chunks=4, num_warps=4),
-               C(fused_merge=True, r_chunks=8, num_warps=8), C(fused_merge=True, r_chunks=2, num_warps=2),
-               C(fused_merge=True, r_chunks=4, num_warps=4, prefetch_pages=True),
-               C(fused_merge=True, r_chunks=4, num_warps=4, num_stages=3),
-               C(fused_merge=True, r_chunks=8, num_warps=8, num_stages=3),
-               C(fused_merge=True, r_chunks=8, num_warps=8, block_n=64),
-               C(fused_merge=True, r_chunks=4, num_warps=4, block_n=16, num_stages=4),
-               C(fused_merge=True, r_chunks=4, num_warps=4, block_n=16, num_stages=3),   # 3 programs per SM fit
-               # 16 heads padded to a 64-row block: the Hopper tensor-core instruction's height (4x the dots)
-               C(fused_merge=True, block_h=64, num_warps=8))
-# more heads: head blocks of 16 to 64 (blocks of one latent slice side by side, sharing it in L2), warps,
-# the latent axis in chunks
-HEAD_BLOCKS = ((16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1), (16, 4, 4), (32, 4, 4), (32, 8, 8), (64, 8, 8))
-MANY_SPLITS = (1, 2, 4)
-
-
-def candidates(heads: int, quick: bool = False) -> list[DecodeConfig]:
-    if heads <= 16:
-        variants = VARIANTS_16[:2] + VARIANTS_16[19:21] if quick else VARIANTS_16
-        return [dataclasses.replace(v, programs_per_sm=p) for v in variants for p in SPLIT_GRID[:2 if quick else None]]
-    blocks = HEAD_BLOCKS[::4] if quick else HEAD_BLOCKS
-    return [triton_mla_config.decode_config(heads, torch.bfloat16)] + [
-        C(block_h=bh, num_warps=w, r_chunks=r, fused_merge=True, programs_per_sm=p) for bh, w, r in blocks
-        if bh <= max(16, heads) for p in MANY_SPLITS[:1 if quick else None]]
 
 
 def graph_ms(fn, calls: int = 20, rounds: int = 5) -> float:

@@ -96,10 +96,14 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
     (0, {"block_n": 16, "num_stages": 4, "prefetch_pages": True}), (2, {"block_n": 64, "num_warps": 8}),
     (0, {"block_h": 16, "num_warps": 4, "fused_merge": True}), (4, {"r_chunks": 4, "num_warps": 4}),
     (6, {"r_chunks": 8, "num_warps": 8, "fused_merge": True, "prefetch_pages": True}),
-    (3, {"r_chunks": 4, "num_warps": 4, "block_h": 32, "fused_merge": True})])
+    (3, {"r_chunks": 4, "num_warps": 4, "block_h": 32, "fused_merge": True}),
+    (0, {"tma_pages": True, "fused_merge": True, "num_stages": 3}),
+    (4, {"tma_pages": True, "block_n": 16, "num_stages": 4}),
+    (0, {"tma_pages": True, "block_n": 64, "block_h": 64, "num_warps": 8, "fused_merge": True})])
 def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, splits, tune):
     """The sweep's variants (mla_decode_sweep.py) in bfloat16, what runs them: page ids per page or two
-    tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps."""
+    tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps, whole
+    pages through tensor descriptors (TMA)."""
     _check_mla_decode(torch.bfloat16, 2e-2, heads, splits, tune)
 
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from cluster.engine.triton_attention import LOG2E, _num_sms, _precision
-from cluster.engine.triton_mla_attend import _attend_heads_major, _attend_split_r, _attend_tokens_major
+from cluster.engine.triton_mla_attend import _attend_heads_major, _attend_pages_tma, _attend_split_r, _attend_tokens_major
 from cluster.engine.triton_mla_config import DecodeConfig, decode_config
 
 MAX_BLOCK_H = 64  # heads per program: the float32 accumulator [64, 512] fills 8 warps' registers
@@ -59,12 +59,12 @@ def _split_range(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_splits"])   # one compile for every split count
-def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, OUT, COUNTERS, qk_scale,
+def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, OUT, COUNTERS, qk_scale,
                       num_splits, num_heads, stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
                       RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr, PAGE_ROWS: tl.constexpr,
-                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr):
+                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr, TMA: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -81,7 +81,10 @@ def _mla_split_kernel(QC, QP, CACHE, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_L
         q_p = tl.load(QP + b64 * stride_qpb + h[:, None] * stride_qph + tl.arange(0, P)[None, :],
                       mask=live[:, None], other=0.0)
         pages = PAGES + tl.load(PAGE_START + b)
-        if TOKENS_MAJOR:
+        if TMA:
+            m, total, acc = _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, CACHE, pages, start, end, stride_page,
+                                              qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
+        elif TOKENS_MAJOR:
             m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
                                                  PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, PAGE_ROWS)
         elif R_CHUNKS > 1:
@@ -173,17 +176,32 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     fused_merge = cfg.fused_merge and splits > 1 and b * head_blocks <= MAX_COUNTERS
     counters = _merge_counters(q_latent.device) if fused_merge else part_lse
     page_size = cache.shape[1]
+    desc_c, desc_p = _page_descriptors(cache, r, p, cfg.block_n) if cfg.tma_pages else (None, None)
     _mla_split_kernel[(head_blocks, splits, b)](
-        q_latent, q_pe, cache, pages, page_start, seq_lens, part_o, part_lse, out, counters, scale * LOG2E,
+        q_latent, q_pe, cache, desc_c, desc_p, pages, page_start, seq_lens, part_o, part_lse, out, counters, scale * LOG2E,
         splits, h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=page_size, R=r, P=p, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
         PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=cfg.tokens_major, RELOAD_Q=cfg.reload_q,
         FUSED_MERGE=fused_merge, PAGE_ROWS=cfg.page_rows and cfg.block_n % page_size == 0,
-        PREFETCH=cfg.prefetch_pages, R_CHUNKS=cfg.r_chunks, num_warps=cfg.warps(block_h), num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch_pages, R_CHUNKS=cfg.r_chunks, TMA=desc_c is not None,
+        num_warps=cfg.warps(block_h), num_stages=cfg.num_stages)
     if splits > 1 and not fused_merge:
         _mla_merge_kernel[(triton.cdiv(h, MERGE_ROWS), b)](part_o, part_lse, seq_lens, out, splits, h, R=r,
                                                             ROWS=MERGE_ROWS, BLOCK_N=cfg.block_n, num_warps=4)
     return out
+
+
+def _page_descriptors(cache: torch.Tensor, r: int, p: int, block_n: int):
+    """`tma_pages`' tensor descriptors over the cache as rows `[pages * page_size, R + P]`: blocks of a
+    page's latents and of its rope keys; (None, None) (the pointer walks) where the pages are not rows
+    of one matrix, a tile is not whole pages, or a page is shorter than a dot's 16 rows."""
+    num_pages, page_size, width = cache.shape
+    if page_size < 16 or block_n % page_size or cache.stride(1) != width or cache.stride(0) != page_size * width:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    rows = cache.as_strided((num_pages * page_size, width), (width, 1))
+    return (TensorDescriptor(rows, list(rows.shape), [width, 1], [page_size, r]),
+            TensorDescriptor(rows, list(rows.shape), [width, 1], [page_size, p]))
 
 
 _counters: dict = {}

@@ -143,3 +143,48 @@ def _attend_split_r(QC, q_p, b64, h, live, stride_qcb, stride_qch, CACHE, pages,
         acc = acc * alpha[None, :, None] + tl.dot(prob3, c, input_precision=PRECISION)
         m = m_new
     return m, total, tl.reshape(tl.permute(acc, (1, 0, 2)), [BLOCK_H, R])
+
+
+@triton.jit
+def _online(m, total, acc, s, c, PRECISION: tl.constexpr):
+    """One online-softmax step: scores `s` `[H, N]` (base 2, masked) over latents `c` `[N, R]`."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    prob = tl.exp2(s - m_new[:, None])
+    total = total * alpha + tl.sum(prob, 1)
+    acc = acc * alpha[:, None] + tl.dot(prob.to(c.dtype), c, input_precision=PRECISION)
+    return m_new, total, acc
+
+
+@triton.jit
+def _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, CACHE, pages, start, end, stride_page, qk_scale,
+                      PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Heads-major over whole pages read through tensor descriptors (TMA on Hopper: one bulk copy per
+    page part straight into shared memory, no per-token addresses, nothing staged in registers). A tile
+    is BLOCK_N // PAGE_SIZE pages, each its own online-softmax step, so the pipeliner keeps every page
+    of the next tiles in flight. The descriptors view the cache as rows `[pages * PAGE_SIZE, R + P]`:
+    DESC_C's blocks are a page's latents `[PAGE_SIZE, R]`, DESC_P's its rope keys `[PAGE_SIZE, P]`.
+    Whole tiles only: a request's last partial tile (a page holding tokens past its length) goes
+    through masked pointer loads, so no stale value past the length reaches a dot."""
+    PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    whole = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, whole, BLOCK_N):
+        for j in tl.static_range(PAGES):
+            row = tl.load(pages + n0 // PAGE_SIZE + j).to(tl.int32) * PAGE_SIZE
+            c = DESC_C.load([row, 0])
+            pe = DESC_P.load([row, R])
+            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+            s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
+            m, total, acc = _online(m, total, acc, s * qk_scale, c, PRECISION)
+    if whole < end:
+        row = _rows(pages, whole, end, stride_page, PAGE_SIZE, R, P, BLOCK_N, False)
+        valid, c, pe = _tile(CACHE, row, whole, end, R, P, BLOCK_N)
+        s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+        s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m, total, acc = _online(m, total, acc, s, c, PRECISION)
+    return m, total, acc

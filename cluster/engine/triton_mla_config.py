@@ -29,7 +29,9 @@ class DecodeConfig:
     the latent load never waits on them; float32_partials: split-K partials kept in float32;
     r_chunks: the latent axis cut into this many chunks, one per warp when it equals num_warps (3-D
     dots put the warps on the chunk axis: a warp holds a chunk of the query and the accumulator,
-    not all of it), 1 = plain 2-D dots."""
+    not all of it), 1 = plain 2-D dots; tma_pages: whole pages read through tensor descriptors (TMA
+    on Hopper), a tile being block_n // page_size pages (pages of 16 tokens or more; else the pointer
+    walk)."""
     num_splits: int = 0
     programs_per_sm: float = 2
     block_n: int = 32
@@ -43,6 +45,7 @@ class DecodeConfig:
     prefetch_pages: bool = False
     float32_partials: bool = False
     r_chunks: int = 1
+    tma_pages: bool = False
 
     def __post_init__(self):
         assert 0 <= self.num_splits <= MAX_SPLITS and self.programs_per_sm > 0, self
@@ -50,6 +53,7 @@ class DecodeConfig:
         assert self.block_h in (0, 16, 32, 64) and self.num_warps in (0, 1, 2, 4, 8, 16), self
         assert self.num_stages >= 1 and self.r_chunks in (1, 2, 4, 8), self
         assert not (self.r_chunks > 1 and (self.tokens_major or self.reload_q)), self
+        assert not (self.tma_pages and (self.tokens_major or self.r_chunks > 1 or self.reload_q)), self
         if self.tokens_major and self.block_n > 32:
             # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than
             # the default orientation; refused until someone finds why

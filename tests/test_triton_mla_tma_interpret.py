@@ -1,0 +1,83 @@
+"""The MLA decode kernel's `tma_pages` walk (whole pages through tensor descriptors) under Triton's CPU
+interpreter against gathered latents and a float32 softmax: one or several pages a tile, requests
+ending mid-page (the last partial tile through masked pointers), on a page boundary, empty, split
+over several splits and head blocks. Skipped where Triton is missing and on CUDA machines."""
+import pytest
+import torch
+
+from tests.triton_interpreter import interpreted_kernels
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA machines test the compiled kernels")
+
+kernels = interpreted_kernels("triton_mla")
+RANK, ROPE, PAGE = 32, 16, 16
+
+
+def _case(seed: int, lens: list[int], heads: int, dtype=torch.float32):
+    """(q, cache, flat page table, page starts, per-request tables) over shuffled pages."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // PAGE) for n in lens]
+    cache = torch.randn(sum(need) + 3, PAGE, RANK + ROPE, generator=g).to(dtype)
+    table = torch.randperm(sum(need) + 2, generator=g)[:sum(need)]
+    starts = torch.tensor([sum(need[:i]) for i in range(len(lens))])
+    q = torch.randn(len(lens), heads, RANK + ROPE, generator=g).to(dtype)
+    tables = [table[s:s + k] for s, k in zip(starts.tolist(), need)]
+    for t, n in zip(tables, lens):
+        if n % PAGE:
+            cache[t[-1], n % PAGE:] = float("nan")    # past the request's length: must never reach a dot
+    return q, cache, table, starts, tables
+
+
+def _reference(q, cache, tables, lens, scale):
+    out = []
+    for b, (table, n) in enumerate(zip(tables, lens)):
+        lat = cache[table].reshape(-1, RANK + ROPE)[:n].float()
+        probs = torch.softmax((q[b].float() @ lat.T) * scale, dim=-1)
+        out.append(probs @ lat[:, :RANK] if n else torch.zeros(q.shape[1], RANK))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("block_n, splits, heads, tune", [
+    (16, 3, 4, {}),                              # one page a tile
+    (32, 3, 4, {}),                              # two pages a tile
+    (64, 2, 4, {"fused_merge": True}),           # four pages a tile, the last split merges
+    (16, 1, 4, {}),                              # one split: written in place
+    (32, 4, 20, {"block_h": 32}),                # 20 heads in one 32-row block, 12 rows masked
+    (16, 2, 20, {}),                             # float32: two head blocks of 16
+    (32, 0, 4, {"num_stages": 3})])              # the split count from the batch shape
+def test_tma_pages_walk_gives_the_latents_of_the_gathered_softmax(kernels, block_n, splits, heads, tune):
+    lens = [30, 96, 1, 0, 47]    # mid-page, on a page boundary, one token, empty (graph padding), partial tile
+    q, cache, table, starts, tables = _case(block_n + splits, lens, heads)
+    got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, starts, torch.tensor(lens), 0.125,
+                                num_splits=splits, block_n=block_n, tma_pages=True, **tune)
+    torch.testing.assert_close(got, _reference(q, cache, tables, lens, 0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_tma_pages_half_precision_close_to_float32(kernels):
+    """float16 stands for bfloat16 (the interpreter's dot cannot multiply raw bfloat16)."""
+    lens = [40, 64]
+    q, cache, table, starts, tables = _case(7, lens, 16, torch.float16)
+    got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, starts, torch.tensor(lens), 0.125,
+                                num_splits=2, block_n=32, tma_pages=True, fused_merge=True)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), _reference(q, cache, tables, lens, 0.125), atol=2e-2, rtol=2e-2)
+
+
+def test_descriptors_only_where_pages_are_whole_rows_of_a_tile(kernels):
+    """Pages of 16 tokens as rows of one matrix get descriptors; pages too short for a dot, tiles that
+    are not whole pages and strided caches take the pointer walk."""
+    cache = torch.randn(6, PAGE, RANK + ROPE)
+    desc_c, desc_p = kernels._page_descriptors(cache, RANK, ROPE, 32)
+    assert desc_c.block_shape == [PAGE, RANK] and desc_p.block_shape == [PAGE, ROPE]
+    assert desc_c.shape == [6 * PAGE, RANK + ROPE]
+    assert kernels._page_descriptors(torch.randn(6, 4, RANK + ROPE), RANK, ROPE, 32) == (None, None)
+    assert kernels._page_descriptors(torch.randn(6, 32, RANK + ROPE), RANK, ROPE, 16) == (None, None)
+    assert kernels._page_descriptors(torch.randn(6, PAGE, 2 * (RANK + ROPE))[..., :RANK + ROPE], RANK, ROPE,
+                                     32) == (None, None)
+
+
+def test_tma_pages_refuses_the_other_walks():
+    from cluster.engine.triton_mla_config import DecodeConfig
+    for other in ({"tokens_major": True}, {"r_chunks": 2}, {"reload_q": True}):
+        with pytest.raises(AssertionError):
+            DecodeConfig(tma_pages=True, **other)
