@@ -33,26 +33,27 @@ VARIANTS_16 = (C(), C(fused_merge=True), C(fused_merge=True, page_rows=True), C(
                # 16 heads padded to a 64-row block: the Hopper tensor-core instruction's height (4x the dots)
                C(fused_merge=True, block_h=64, num_warps=8))
 # whole pages through tensor descriptors (TMA): a tile of block_n // 16 pages, each one bulk copy into shared
-# memory, pipelined num_stages tiles deep; the first four are quick mode's guesses
-TMA_16 = (C(fused_merge=True, tma_pages=True, block_n=32, num_stages=3),
-          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=4),
-          C(fused_merge=True, tma_pages=True, block_n=64, num_stages=2),
-          C(fused_merge=True, tma_pages=True, block_h=64, num_warps=8, num_stages=3),     # wgmma's 64 rows
-          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=6),
-          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=3),
-          C(fused_merge=True, tma_pages=True, block_n=32, num_stages=2),
-          C(fused_merge=True, tma_pages=True, block_n=32, num_stages=4),
-          C(fused_merge=True, tma_pages=True, block_n=64, num_stages=3),
-          C(fused_merge=True, tma_pages=True, block_n=64, num_warps=8, num_stages=2),
-          C(fused_merge=True, tma_pages=True, num_warps=8, num_stages=3),
-          C(tma_pages=True, num_stages=3),
-          C(fused_merge=True, tma_pages=True, block_h=64, num_warps=8, block_n=16, num_stages=4),
-          C(fused_merge=True, tma_pages=True, block_h=64, num_warps=8, block_n=64, num_stages=2))
+# memory. The page-id loads take half the pipeline's stages, so a tile gets (num_stages - 1) // 2 buffers
+# (mla_compile_check.py, sm_90a): 16-token tiles at 7 / 9 stages hold 3 / 4 pages in flight in 89 / 107 KB
+# (two programs per SM, 240 registers, no spills). The first four are quick mode's guesses.
+TMA_16 = (C(fused_merge=True, tma_pages=True, block_n=16, num_stages=7),
+          C(fused_merge=True, tma_pages=True, block_n=32, num_stages=5),
+          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=9),
+          C(fused_merge=True, tma_pages=True, block_h=64, num_warps=8, block_n=16, num_stages=5),   # wgmma
+          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=5),
+          C(fused_merge=True, tma_pages=True, block_n=32, num_stages=7),       # one program per SM
+          C(fused_merge=True, tma_pages=True, block_n=32, num_stages=9),
+          C(fused_merge=True, tma_pages=True, block_n=64, num_stages=5),
+          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=7, num_warps=8),
+          C(fused_merge=True, tma_pages=True, block_h=64, num_warps=8, block_n=16, num_stages=7),
+          C(tma_pages=True, block_n=16, num_stages=7),
+          C(fused_merge=True, tma_pages=True, block_n=16, num_stages=7, float32_partials=True))
 # more heads: head blocks of 16 to 64 (blocks of one latent slice side by side, sharing it in L2), warps,
 # the latent axis in chunks
 HEAD_BLOCKS = ((16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1), (16, 4, 4), (32, 4, 4), (32, 8, 8), (64, 8, 8))
-# the TMA page walk for more heads: (head block, warps, tile, stages); the first two are quick mode's
-TMA_BLOCKS = ((64, 8, 32, 3), (32, 4, 32, 3), (16, 4, 32, 3), (64, 8, 16, 4), (32, 8, 32, 3), (64, 8, 64, 2))
+# the TMA page walk for more heads: (head block, warps, tile, stages); the first two are quick mode's. 32-head
+# blocks spill (450-800 bytes), 64-head blocks of 32-token tiles spill 12 KB: left out
+TMA_BLOCKS = ((64, 8, 16, 5), (16, 4, 16, 7), (64, 8, 16, 7), (16, 4, 32, 5), (16, 4, 16, 9), (64, 16, 16, 7))
 MANY_SPLITS = (1, 2, 4)
 
 

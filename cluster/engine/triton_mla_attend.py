@@ -157,7 +157,7 @@ def _online(m, total, acc, s, c, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, CACHE, pages, start, end, stride_page, qk_scale,
+def _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, pages, start, end, qk_scale,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Heads-major over whole pages read through tensor descriptors (TMA on Hopper: one bulk copy per
@@ -165,8 +165,8 @@ def _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, CACHE, pages, start, end, stride
     is BLOCK_N // PAGE_SIZE pages, each its own online-softmax step, so the pipeliner keeps every page
     of the next tiles in flight. The descriptors view the cache as rows `[pages * PAGE_SIZE, R + P]`:
     DESC_C's blocks are a page's latents `[PAGE_SIZE, R]`, DESC_P's its rope keys `[PAGE_SIZE, P]`.
-    Whole tiles only: a request's last partial tile (a page holding tokens past its length) goes
-    through masked pointer loads, so no stale value past the length reaches a dot."""
+    A request's last partial tile goes page by page, its rows past the length zeroed, so no stale
+    value there (NaN in a fresh pool) reaches a dot."""
     PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
@@ -180,11 +180,12 @@ def _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, CACHE, pages, start, end, stride
             s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
             s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
             m, total, acc = _online(m, total, acc, s * qk_scale, c, PRECISION)
-    if whole < end:
-        row = _rows(pages, whole, end, stride_page, PAGE_SIZE, R, P, BLOCK_N, False)
-        valid, c, pe = _tile(CACHE, row, whole, end, R, P, BLOCK_N)
+    for t0 in range(whole, end, PAGE_SIZE):     # the last partial tile, page by page: rows past `end` zeroed
+        row = tl.load(pages + t0 // PAGE_SIZE).to(tl.int32) * PAGE_SIZE
+        valid = t0 + tl.arange(0, PAGE_SIZE) < end
+        c = tl.where(valid[:, None], DESC_C.load([row, 0]), 0.0)
         s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
-        s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
+        s += tl.dot(q_p, tl.trans(DESC_P.load([row, R])), input_precision=PRECISION)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m, total, acc = _online(m, total, acc, s, c, PRECISION)
     return m, total, acc
