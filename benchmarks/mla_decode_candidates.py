@@ -48,6 +48,13 @@ TMA_16 = (C(fused_merge=True, tma_pages=True, block_n=16, num_stages=7),
           C(fused_merge=True, tma_pages=True, block_h=64, num_warps=8, block_n=16, num_stages=7),
           C(tma_pages=True, block_n=16, num_stages=7),
           C(fused_merge=True, tma_pages=True, block_n=16, num_stages=7, float32_partials=True))
+# the pointer walk with deeper pipelines: its page-id loads also take half the stages, so 2 / 3 stages (all
+# that was swept before) give one tile buffer; 5 give two, 7 three (mla_compile_check.py). The first two
+# are quick mode's.
+DEEP_16 = (C(fused_merge=True, num_stages=5), C(fused_merge=True, block_n=16, num_stages=7),
+           C(fused_merge=True, block_n=16, num_stages=9), C(fused_merge=True, num_stages=7),
+           C(fused_merge=True, block_n=16, num_stages=5), C(fused_merge=True, r_chunks=4, num_warps=4, num_stages=5),
+           C(fused_merge=True, r_chunks=4, num_warps=4, block_n=16, num_stages=7))
 # more heads: head blocks of 16 to 64 (blocks of one latent slice side by side, sharing it in L2), warps,
 # the latent axis in chunks
 HEAD_BLOCKS = ((16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1), (16, 4, 4), (32, 4, 4), (32, 8, 8), (64, 8, 8))
@@ -59,7 +66,8 @@ MANY_SPLITS = (1, 2, 4)
 
 def candidates(heads: int, quick: bool = False) -> list[DecodeConfig]:
     if heads <= 16:
-        variants = VARIANTS_16[:2] + VARIANTS_16[19:21] + TMA_16[:4] if quick else VARIANTS_16 + TMA_16
+        variants = (VARIANTS_16[:2] + VARIANTS_16[19:21] + DEEP_16[:2] + TMA_16[:4] if quick
+                    else VARIANTS_16 + DEEP_16 + TMA_16)
         return [dataclasses.replace(v, programs_per_sm=p) for v in variants for p in SPLIT_GRID[:2 if quick else None]]
     blocks, tma = (HEAD_BLOCKS[::4], TMA_BLOCKS[:2]) if quick else (HEAD_BLOCKS, TMA_BLOCKS)
     splits = MANY_SPLITS[:1 if quick else None]

@@ -8,8 +8,10 @@ contiguous operands).
 
     python benchmarks/mla_decode_sweep.py --json mla.json                          # on the GPU machine
     TRITON_INTERPRET=1 python benchmarks/mla_decode_sweep.py --device cpu --dtype float32 \\
-        --preset tiny-deepseek-v2 --batch 2 --context 64 --page-size 4 --mla-heads 16,32 --mla-quick  # rehearsal
-(moe_gpu.py --parts mla-sweep runs the same.) Pages are shuffled, as in a long-running pool.
+        --preset tiny-deepseek-v2 --batch 2 --context 72 --page-size 16 --mla-heads 16,32 --mla-quick  # rehearsal
+(moe_gpu.py --parts mla-sweep runs the same.) Pages are shuffled, as in a long-running pool. Pages of 16
+tokens or more take the `tma_pages` walk where a candidate asks for it (shorter ones the pointer walks).
+The candidates are in mla_decode_candidates.py; mla_compile_check.py compiles them for an H100 on a CPU.
 """
 from __future__ import annotations
 
