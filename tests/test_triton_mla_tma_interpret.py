@@ -44,12 +44,23 @@ def _reference(q, cache, tables, lens, scale):
     (16, 1, 4, {}),                              # one split: written in place
     (32, 4, 20, {"block_h": 32}),                # 20 heads in one 32-row block, 12 rows masked
     (16, 2, 20, {}),                             # float32: two head blocks of 16
-    (32, 0, 4, {"num_stages": 3})])              # the split count from the batch shape
+    (32, 0, 4, {"num_stages": 3}),               # the split count from the batch shape
+    (16, 3, 4, {"prefetch_pages": True}),        # page ids read a chunk at once into registers
+    (64, 2, 20, {"prefetch_pages": True, "fused_merge": True})])
 def test_tma_pages_walk_gives_the_latents_of_the_gathered_softmax(kernels, block_n, splits, heads, tune):
     lens = [30, 96, 1, 0, 47]    # mid-page, on a page boundary, one token, empty (graph padding), partial tile
     q, cache, table, starts, tables = _case(block_n + splits, lens, heads)
     got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, starts, torch.tensor(lens), 0.125,
                                 num_splits=splits, block_n=block_n, tma_pages=True, **tune)
+    torch.testing.assert_close(got, _reference(q, cache, tables, lens, 0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_tma_pages_ids_in_registers_across_chunks_of_128_pages(kernels):
+    """prefetch_pages reads 128 page ids at a time: one split of 2,100 tokens crosses into a second chunk."""
+    lens = [2100, 17]
+    q, cache, table, starts, tables = _case(11, lens, 4)
+    got = kernels.decode_latent(q[..., :RANK], q[..., RANK:], cache, table, starts, torch.tensor(lens), 0.125,
+                                num_splits=1, block_n=32, tma_pages=True, prefetch_pages=True)
     torch.testing.assert_close(got, _reference(q, cache, tables, lens, 0.125), atol=1e-5, rtol=1e-5)
 
 

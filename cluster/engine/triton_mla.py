@@ -82,7 +82,8 @@ def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS
                       mask=live[:, None], other=0.0)
         pages = PAGES + tl.load(PAGE_START + b)
         if TMA:
-            m, total, acc = _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION)
+            m, total, acc = _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE, R, P,
+                                              BLOCK_H, BLOCK_N, PRECISION, PREFETCH)
         elif TOKENS_MAJOR:
             m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
                                                  PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, PAGE_ROWS)

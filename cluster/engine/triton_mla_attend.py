@@ -157,29 +157,47 @@ def _online(m, total, acc, s, c, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _page_step(q_c, q_p, DESC_C, DESC_P, row, m, total, acc, qk_scale, R: tl.constexpr, PRECISION: tl.constexpr):
+    """One whole page at cache row `row`: its latents and rope keys by descriptor, one online-softmax step."""
+    c = DESC_C.load([row, 0])
+    s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+    s += tl.dot(q_p, tl.trans(DESC_P.load([row, R])), input_precision=PRECISION)
+    return _online(m, total, acc, s * qk_scale, c, PRECISION)
+
+
+@triton.jit
 def _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, pages, start, end, qk_scale,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
     """Heads-major over whole pages read through tensor descriptors (TMA on Hopper: one bulk copy per
     page part straight into shared memory, no per-token addresses, nothing staged in registers). A tile
     is BLOCK_N // PAGE_SIZE pages, each its own online-softmax step, so the pipeliner keeps every page
     of the next tiles in flight. The descriptors view the cache as rows `[pages * PAGE_SIZE, R + P]`:
     DESC_C's blocks are a page's latents `[PAGE_SIZE, R]`, DESC_P's its rope keys `[PAGE_SIZE, P]`.
-    A request's last partial tile goes page by page, its rows past the length zeroed, so no stale
-    value there (NaN in a fresh pool) reaches a dot."""
+    A page's id loaded in the loop takes half of the pipeline's stages (a load feeding a load);
+    `PREFETCH` instead reads ID_CHUNK ids at once into registers and picks each out with a masked sum,
+    so the descriptor loads get every stage. A request's last partial tile goes page by page, its
+    rows past the length zeroed, so no stale value there (NaN in a fresh pool) reaches a dot."""
     PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+    ID_CHUNK: tl.constexpr = 128
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     whole = start + (end - start) // BLOCK_N * BLOCK_N
-    for n0 in range(start, whole, BLOCK_N):
-        for j in tl.static_range(PAGES):
-            row = tl.load(pages + n0 // PAGE_SIZE + j).to(tl.int32) * PAGE_SIZE
-            c = DESC_C.load([row, 0])
-            pe = DESC_P.load([row, R])
-            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
-            s += tl.dot(q_p, tl.trans(pe), input_precision=PRECISION)
-            m, total, acc = _online(m, total, acc, s * qk_scale, c, PRECISION)
+    if PREFETCH:
+        k = tl.arange(0, ID_CHUNK)
+        for c0 in range(start, whole, ID_CHUNK * PAGE_SIZE):
+            c_end = tl.minimum(c0 + ID_CHUNK * PAGE_SIZE, whole)
+            ids = tl.load(pages + c0 // PAGE_SIZE + k, mask=c0 + k * PAGE_SIZE < c_end, other=0).to(tl.int32)
+            for n0 in range(c0, c_end, BLOCK_N):
+                for j in tl.static_range(PAGES):
+                    row = tl.sum(tl.where(k == (n0 - c0) // PAGE_SIZE + j, ids, 0)) * PAGE_SIZE
+                    m, total, acc = _page_step(q_c, q_p, DESC_C, DESC_P, row, m, total, acc, qk_scale, R, PRECISION)
+    else:
+        for n0 in range(start, whole, BLOCK_N):
+            for j in tl.static_range(PAGES):
+                row = tl.load(pages + n0 // PAGE_SIZE + j).to(tl.int32) * PAGE_SIZE
+                m, total, acc = _page_step(q_c, q_p, DESC_C, DESC_P, row, m, total, acc, qk_scale, R, PRECISION)
     for t0 in range(whole, end, PAGE_SIZE):     # the last partial tile, page by page: rows past `end` zeroed
         row = tl.load(pages + t0 // PAGE_SIZE).to(tl.int32) * PAGE_SIZE
         valid = t0 + tl.arange(0, PAGE_SIZE) < end
