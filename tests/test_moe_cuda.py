@@ -99,7 +99,10 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
     (3, {"r_chunks": 4, "num_warps": 4, "block_h": 32, "fused_merge": True}),
     (0, {"tma_pages": True, "fused_merge": True, "num_stages": 3}),
     (4, {"tma_pages": True, "block_n": 16, "num_stages": 4}),
-    (0, {"tma_pages": True, "block_n": 64, "block_h": 64, "num_warps": 8, "fused_merge": True})])
+    (0, {"tma_pages": True, "block_n": 64, "block_h": 64, "num_warps": 8, "fused_merge": True}),
+    (5, {"tma_pages": True, "prefetch_pages": True, "block_n": 16, "num_stages": 5, "fused_merge": True}),
+    (3, {"tma_pages": True, "prefetch_pages": True, "block_n": 32, "num_stages": 3}),
+    (0, {"block_n": 16, "num_stages": 7, "fused_merge": True})])
 def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, splits, tune):
     """The sweep's variants (mla_decode_sweep.py) in bfloat16, what runs them: page ids per page or two
     tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps, whole
@@ -128,10 +131,13 @@ def test_mla_fused_merge_equals_the_merge_kernel_launch_after_launch():
 
 
 @pytest.mark.parametrize("tune", [{}, {"r_chunks": 4, "num_warps": 4, "fused_merge": True, "num_splits": 6},
-                                  {"prefetch_pages": True, "page_rows": True, "fused_merge": True, "num_splits": 5}])
+                                  {"prefetch_pages": True, "page_rows": True, "fused_merge": True, "num_splits": 5},
+                                  {"tma_pages": True, "prefetch_pages": True, "block_n": 16, "num_stages": 5,
+                                   "fused_merge": True, "num_splits": 4}])
 def test_mla_decode_table_config_replays_from_a_cuda_graph(tune):
     """The table's configuration for bfloat16 16 heads (the fused merge: arrival counters reset by
-    the merging program) and two sweep candidates, captured once at DeepSeek-V2-Lite's latent shape
+    the merging program) and sweep candidates (tma_pages: its descriptors are kernel parameters, captured
+    by value), captured once at DeepSeek-V2-Lite's latent shape
     and replayed with new queries, equal eager launches with the separate merge kernel."""
     from cluster.engine.triton_mla import decode_latent
     rank, rope, page, b = 512, 64, 16, 8
