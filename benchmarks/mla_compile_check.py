@@ -65,7 +65,8 @@ def compile_for_h100(args, kwargs, arch: int = 90) -> dict:
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     ptx = compiled.asm["ptx"]
-    # the pipeliner's buffers: the depth of each multi-buffered tile (the leading axis of a 3-D allocation)
+    # the pipeliner's buffers: the depth of each multi-buffered tile (the leading axis of a 3-D allocation);
+    # 0: the tiles are not pipelined at all (plain loads into registers, the latency exposed every tile)
     depths = [int(d) for d in re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])]
     out = {"shared_kb": compiled.metadata.shared / 1024, "tma_copies": ptx.count("cp.async.bulk.tensor"),
            "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"), "wgmma": ptx.count("wgmma.mma_async"),
