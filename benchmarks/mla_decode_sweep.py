@@ -131,6 +131,8 @@ def sweep_heads(args, heads: int, floor_ms: float) -> list[dict]:
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     rows = []
     for cfg in candidates(heads, args.quick):
+        if args.only not in cfg.brief() or (args.skip and args.skip in cfg.brief()):
+            continue
         run = lambda cfg=cfg: decode_latent(q_latent, q_pe, cache, pages, starts, seq_lens, scale, cfg)  # noqa: E731
         row = {"heads": heads, "config": cfg.brief(), "ms": None}
         try:
@@ -235,6 +237,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mla-quick", dest="quick", action="store_true", help="a few candidates only (rehearsals)")
     ap.add_argument("--mla-calls", dest="calls", type=int, default=20, help="calls per timed CUDA graph")
     ap.add_argument("--mla-no-step", dest="step", action="store_false", help="skip the whole absorbed step")
+    ap.add_argument("--mla-only", dest="only", default="", help="only candidates whose config names this (tma_pages)")
+    ap.add_argument("--mla-skip", dest="skip", default="", help="no candidates whose config names this (a variant "
+                    "that left the CUDA context broken fails every later one)")
 
 
 def interpret_on_cpu() -> None:
