@@ -102,7 +102,11 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
     (0, {"tma_pages": True, "block_n": 64, "block_h": 64, "num_warps": 8, "fused_merge": True}),
     (5, {"tma_pages": True, "prefetch_pages": True, "block_n": 16, "num_stages": 5, "fused_merge": True}),
     (3, {"tma_pages": True, "prefetch_pages": True, "block_n": 32, "num_stages": 3}),
-    (0, {"block_n": 16, "num_stages": 7, "fused_merge": True})])
+    (0, {"block_n": 16, "num_stages": 7, "fused_merge": True}),
+    (4, {"tma_pages": True, "prefetch_pages": True, "block_n": 16, "num_stages": 5, "r_chunks": 4, "num_warps": 4,
+         "fused_merge": True}),
+    (2, {"tma_pages": True, "prefetch_pages": True, "block_n": 16, "num_stages": 5, "r_chunks": 8, "num_warps": 8,
+         "block_h": 32})])
 def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, splits, tune):
     """The sweep's variants (mla_decode_sweep.py) in bfloat16, what runs them: page ids per page or two
     tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps, whole

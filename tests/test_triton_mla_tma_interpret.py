@@ -1,7 +1,7 @@
 """The MLA decode kernel's `tma_pages` walk (whole pages through tensor descriptors) under Triton's CPU
-interpreter against gathered latents and a float32 softmax: one or several pages a tile, requests
-ending mid-page (the last partial tile through masked pointers), on a page boundary, empty, split
-over several splits and head blocks. Skipped where Triton is missing and on CUDA machines."""
+interpreter against gathered latents and a float32 softmax: one or several pages a tile, the latent
+axis whole or in chunks, page ids read in the loop or ahead, requests ending mid-page (the rows past
+the length, NaN here, zeroed), on a page boundary, empty, split over several splits and head blocks. Skipped where Triton is missing and on CUDA machines."""
 import pytest
 import torch
 
@@ -46,7 +46,9 @@ def _reference(q, cache, tables, lens, scale):
     (16, 2, 20, {}),                             # float32: two head blocks of 16
     (32, 0, 4, {"num_stages": 3}),               # the split count from the batch shape
     (16, 3, 4, {"prefetch_pages": True}),        # page ids read a chunk at once into registers
-    (64, 2, 20, {"prefetch_pages": True, "fused_merge": True})])
+    (64, 2, 20, {"prefetch_pages": True, "fused_merge": True}),
+    (16, 3, 4, {"r_chunks": 2}),                 # the latent axis in chunks: 3-D page blocks
+    (32, 2, 20, {"r_chunks": 2, "block_h": 32, "prefetch_pages": True, "fused_merge": True})])
 def test_tma_pages_walk_gives_the_latents_of_the_gathered_softmax(kernels, block_n, splits, heads, tune):
     lens = [30, 96, 1, 0, 47]    # mid-page, on a page boundary, one token, empty (graph padding), partial tile
     q, cache, table, starts, tables = _case(block_n + splits, lens, heads)
@@ -81,6 +83,8 @@ def test_descriptors_only_where_pages_are_whole_rows_of_a_tile(kernels):
     desc_c, desc_p = kernels._page_descriptors(cache, RANK, ROPE, 32)
     assert desc_c.block_shape == [PAGE, RANK] and desc_p.block_shape == [PAGE, ROPE]
     assert desc_c.shape == [6 * PAGE, RANK + ROPE]
+    chunked, _ = kernels._page_descriptors(cache, RANK, ROPE, 32, 2)
+    assert chunked.block_shape == [PAGE, 2, RANK // 2] and chunked.strides == [RANK + ROPE, RANK // 2, 1]
     assert kernels._page_descriptors(torch.randn(6, 4, RANK + ROPE), RANK, ROPE, 32) == (None, None)
     assert kernels._page_descriptors(torch.randn(6, 32, RANK + ROPE), RANK, ROPE, 16) == (None, None)
     assert kernels._page_descriptors(torch.randn(6, PAGE, 2 * (RANK + ROPE))[..., :RANK + ROPE], RANK, ROPE,
@@ -89,6 +93,6 @@ def test_descriptors_only_where_pages_are_whole_rows_of_a_tile(kernels):
 
 def test_tma_pages_refuses_the_other_walks():
     from cluster.engine.triton_mla_config import DecodeConfig
-    for other in ({"tokens_major": True}, {"r_chunks": 2}, {"reload_q": True}):
+    for other in ({"tokens_major": True}, {"reload_q": True}):
         with pytest.raises(AssertionError):
             DecodeConfig(tma_pages=True, **other)

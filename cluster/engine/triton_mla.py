@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from cluster.engine.triton_attention import LOG2E, _num_sms, _precision
-from cluster.engine.triton_mla_attend import _attend_heads_major, _attend_pages_tma, _attend_split_r, _attend_tokens_major
+from cluster.engine.triton_mla_attend import _attend_heads_major, _attend_split_r, _attend_tokens_major
+from cluster.engine.triton_mla_pages import _attend_pages_tma, _query_chunks
 from cluster.engine.triton_mla_config import DecodeConfig, decode_config
 
 MAX_BLOCK_H = 64  # heads per program: the float32 accumulator [64, 512] fills 8 warps' registers
@@ -82,8 +83,9 @@ def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS
                       mask=live[:, None], other=0.0)
         pages = PAGES + tl.load(PAGE_START + b)
         if TMA:
-            m, total, acc = _attend_pages_tma(q_c, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE, R, P,
-                                              BLOCK_H, BLOCK_N, PRECISION, PREFETCH)
+            q = q_c if R_CHUNKS == 1 else _query_chunks(QC, b64, h, live, stride_qcb, stride_qch, R, R_CHUNKS)
+            m, total, acc = _attend_pages_tma(q, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE, R,
+                                              BLOCK_H, BLOCK_N, PRECISION, PREFETCH, R_CHUNKS)
         elif TOKENS_MAJOR:
             m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
                                                  PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, PAGE_ROWS)
@@ -176,7 +178,7 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     fused_merge = cfg.fused_merge and splits > 1 and b * head_blocks <= MAX_COUNTERS
     counters = _merge_counters(q_latent.device) if fused_merge else part_lse
     page_size = cache.shape[1]
-    desc_c, desc_p = _page_descriptors(cache, r, p, cfg.block_n) if cfg.tma_pages else (None, None)
+    desc_c, desc_p = _page_descriptors(cache, r, p, cfg.block_n, cfg.r_chunks) if cfg.tma_pages else (None, None)
     _mla_split_kernel[(head_blocks, splits, b)](
         q_latent, q_pe, cache, desc_c, desc_p, pages, page_start, seq_lens, part_o, part_lse, out, counters, scale * LOG2E,
         splits, h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
@@ -191,17 +193,21 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     return out
 
 
-def _page_descriptors(cache: torch.Tensor, r: int, p: int, block_n: int):
+def _page_descriptors(cache: torch.Tensor, r: int, p: int, block_n: int, r_chunks: int = 1):
     """`tma_pages`' tensor descriptors over the cache as rows `[pages * page_size, R + P]`: blocks of a
-    page's latents and of its rope keys; (None, None) (the pointer walks) where the pages are not rows
-    of one matrix, a tile is not whole pages, or a page is shorter than a dot's 16 rows."""
+    page's latents (`[page_size, R]`, or `[page_size, r_chunks, R // r_chunks]`) and of its rope keys;
+    (None, None) (the pointer walks) where the pages are not rows of one matrix, a tile is not whole
+    pages, or a page is shorter than a dot's 16 rows."""
     num_pages, page_size, width = cache.shape
     if page_size < 16 or block_n % page_size or cache.stride(1) != width or cache.stride(0) != page_size * width:
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
     rows = cache.as_strided((num_pages * page_size, width), (width, 1))
-    return (TensorDescriptor(rows, list(rows.shape), [width, 1], [page_size, r]),
-            TensorDescriptor(rows, list(rows.shape), [width, 1], [page_size, p]))
+    desc_p = TensorDescriptor(rows, list(rows.shape), [width, 1], [page_size, p])
+    if r_chunks == 1:
+        return TensorDescriptor(rows, list(rows.shape), [width, 1], [page_size, r]), desc_p
+    rc = r // r_chunks
+    return TensorDescriptor(rows, [rows.shape[0], r_chunks, rc], [width, rc, 1], [page_size, r_chunks, rc]), desc_p
 
 
 _counters: dict = {}

@@ -53,7 +53,7 @@ class DecodeConfig:
         assert self.block_h in (0, 16, 32, 64) and self.num_warps in (0, 1, 2, 4, 8, 16), self
         assert self.num_stages >= 1 and self.r_chunks in (1, 2, 4, 8), self
         assert not (self.r_chunks > 1 and (self.tokens_major or self.reload_q)), self
-        assert not (self.tma_pages and (self.tokens_major or self.r_chunks > 1 or self.reload_q)), self
+        assert not (self.tma_pages and (self.tokens_major or self.reload_q)), self
         if self.tokens_major and self.block_n > 32:
             # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than
             # the default orientation; refused until someone finds why
