@@ -28,7 +28,9 @@ holds a program's walk over its tiles: heads-major, the latent axis split over w
 - Partials are kept in q's dtype (float32 models stay float32; the log-sum-exp is always
   float32), so the split-K traffic is small against the latent it summarises.
 - A tile's rows come from the page table: one page id per token, or per page (`page_rows`), read
-  in the iteration that loads the tile or two tiles ahead (`prefetch_pages`).
+  in the iteration that loads the tile or two tiles ahead (`prefetch_pages`). Or whole pages by tensor
+  descriptor (`tma_pages`, triton_mla_pages.py: TMA on Hopper, straight into shared memory), the
+  descriptors built here per call (host-side, kernel parameters, so a CUDA graph captures them).
 How a shape runs (splits, tile, pipeline depth, warps, head block, these variants) is one
 `DecodeConfig`, by default the measured table's row for the head count (triton_mla_config.py;
 benchmarks/mla_decode_sweep.py measures the candidates). R and P must be powers of two >= 16 (`supports`). TRITON_INTERPRET=1 before import runs it on CPU
