@@ -10,9 +10,10 @@ from cluster.engine import triton_mla_config
 from cluster.engine.triton_mla_config import DecodeConfig
 
 C = DecodeConfig
-# 16 heads (one head block): the split count (as programs per SM: 1.5 / 2 / 2.5 / 3 / 4 give 3 / 4 / 5 / 6 / 8
-# splits at batch 64 on 132 SMs) across tile, pipeline depth, warps and page-read variants
-SPLIT_GRID = (1.5, 2, 2.5, 3, 4)
+# 16 heads (one head block): the split count (as programs per SM: 1 / 1.5 / 2 / 2.5 / 3 / 4 give 2 / 3 / 4 / 5 / 6
+# / 8 splits at batch 64 on 132 SMs; 1 is one wave for the deep pipelines that fit one program per SM) across
+# tile, pipeline depth, warps and page-read variants; quick mode takes the first three
+SPLIT_GRID = (1, 1.5, 2, 2.5, 3, 4)
 VARIANTS_16 = (C(), C(fused_merge=True), C(fused_merge=True, page_rows=True), C(fused_merge=True, prefetch_pages=True),
                C(fused_merge=True, prefetch_pages=True, page_rows=True), C(fused_merge=True, float32_partials=True),
                C(fused_merge=True, num_stages=3), C(fused_merge=True, prefetch_pages=True, num_stages=3),
@@ -84,7 +85,7 @@ def candidates(heads: int, quick: bool = False) -> list[DecodeConfig]:
     if heads <= 16:
         variants = (VARIANTS_16[:2] + VARIANTS_16[19:21] + DEEP_16[:2] + TMA_16[:6] if quick
                     else VARIANTS_16 + DEEP_16 + TMA_16)
-        return [dataclasses.replace(v, programs_per_sm=p) for v in variants for p in SPLIT_GRID[:2 if quick else None]]
+        return [dataclasses.replace(v, programs_per_sm=p) for v in variants for p in SPLIT_GRID[:3 if quick else None]]
     blocks, tma = (HEAD_BLOCKS[::4], TMA_BLOCKS[:3]) if quick else (HEAD_BLOCKS, TMA_BLOCKS)
     splits = MANY_SPLITS[:1 if quick else None]
     return [triton_mla_config.decode_config(heads, torch.bfloat16)] + [
