@@ -1,7 +1,8 @@
 """The MLA decode kernel's `tma_pages` walk (whole pages through tensor descriptors) under Triton's CPU
 interpreter against gathered latents and a float32 softmax: one or several pages a tile, the latent
 axis whole or in chunks, page ids read in the loop or ahead, requests ending mid-page (the rows past
-the length, NaN here, zeroed), on a page boundary, empty, split over several splits and head blocks. Skipped where Triton is missing and on CUDA machines."""
+the length, NaN here, zeroed), on a page boundary, empty, split over several splits and head blocks.
+Skipped where Triton is missing and on CUDA machines."""
 import pytest
 import torch
 

@@ -62,8 +62,8 @@ def _split_range(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_splits"])   # one compile for every split count
-def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, OUT, COUNTERS, qk_scale,
-                      num_splits, num_heads, stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
+def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS, PART_O, PART_LSE, OUT, COUNTERS,
+                      qk_scale, num_splits, num_heads, stride_qcb, stride_qch, stride_qpb, stride_qph, stride_page,
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
                       RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr, PAGE_ROWS: tl.constexpr,
@@ -182,8 +182,8 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     page_size = cache.shape[1]
     desc_c, desc_p = _page_descriptors(cache, r, p, cfg.block_n, cfg.r_chunks) if cfg.tma_pages else (None, None)
     _mla_split_kernel[(head_blocks, splits, b)](
-        q_latent, q_pe, cache, desc_c, desc_p, pages, page_start, seq_lens, part_o, part_lse, out, counters, scale * LOG2E,
-        splits, h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
+        q_latent, q_pe, cache, desc_c, desc_p, pages, page_start, seq_lens, part_o, part_lse, out, counters,
+        scale * LOG2E, splits, h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         PAGE_SIZE=page_size, R=r, P=p, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
         PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=cfg.tokens_major, RELOAD_Q=cfg.reload_q,
         FUSED_MERGE=fused_merge, PAGE_ROWS=cfg.page_rows and cfg.block_n % page_size == 0,

@@ -26,7 +26,8 @@ class DecodeConfig:
     tokens_major: tokens as the dots' rows (block_n <= 32: 64 was wrong on an H100);
     page_rows: a tile's rows from one page id per page (block_n a multiple of the page size)
     instead of one per token; prefetch_pages: the page ids of a tile read two tiles ahead, so
-    the latent load never waits on them (with tma_pages: 128 page ids at once, into registers); float32_partials: split-K partials kept in float32;
+    the latent load never waits on them (with tma_pages: 128 page ids at once, into registers);
+    float32_partials: split-K partials kept in float32;
     r_chunks: the latent axis cut into this many chunks, one per warp when it equals num_warps (3-D
     dots put the warps on the chunk axis: a warp holds a chunk of the query and the accumulator,
     not all of it), 1 = plain 2-D dots; tma_pages: whole pages read through tensor descriptors (TMA

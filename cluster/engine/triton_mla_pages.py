@@ -85,14 +85,14 @@ def _attend_pages_tma(q, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_
             for n0 in range(c0, c_end, BLOCK_N):
                 for j in tl.static_range(PAGES):
                     row = tl.sum(tl.where(k == (n0 - c0) // PAGE_SIZE + j, ids, 0)) * PAGE_SIZE
-                    m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0, end, m, total, acc, qk_scale,
-                                               PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
+                    m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0 + j * PAGE_SIZE, end, m, total, acc,
+                                               qk_scale, PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
     else:
         for n0 in range(start, whole, BLOCK_N):
             for j in tl.static_range(PAGES):
                 row = tl.load(pages + n0 // PAGE_SIZE + j).to(tl.int32) * PAGE_SIZE
-                m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0, end, m, total, acc, qk_scale,
-                                           PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
+                m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0 + j * PAGE_SIZE, end, m, total, acc,
+                                           qk_scale, PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
     for t0 in range(whole, end, PAGE_SIZE):     # the last partial tile
         row = tl.load(pages + t0 // PAGE_SIZE).to(tl.int32) * PAGE_SIZE
         m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, t0, end, m, total, acc, qk_scale,
