@@ -27,7 +27,9 @@ import torch
 
 from cluster.engine.attention import decode_attention
 from cluster.engine.attention_context import AttentionContext
-from cluster.engine.linear import linear
+from cluster.engine.gguf_blocks import GROUP
+from cluster.engine.linear import linear, matmul_threads
+from cluster.engine.quant_linear import _INT4_MM, PACKED_MAX_ROWS, _Int4Part
 
 FLAT_DECODE = True   # False: every step through the modules (tests compare the two)
 
@@ -45,6 +47,10 @@ class LayerWeights:
     kv_planes: torch.Tensor   # both as one [2 * kv_heads, num_pages * page_size, D]: K's heads, then V's
     k_offset: int             # storage offsets of the layer's K and V planes
     v_offset: int
+    qkv_int4: Optional[_Int4Part] = None   # each weight's one packed int4 matmul (native Q4 weights), or None
+    o_int4: Optional[_Int4Part] = None
+    gate_up_int4: Optional[_Int4Part] = None
+    down_int4: Optional[_Int4Part] = None
 
 
 class DecodePlan:
@@ -60,15 +66,17 @@ class DecodePlan:
         self.dtype = model.norm.weight.dtype
         self.page_size = kv_caches[0][0].shape[2]
         self.layers = [self._layer(layer, kv) for layer, kv in zip(model.layers, kv_caches)]
+        self.native = all(w.qkv_int4 and w.o_int4 and w.gate_up_int4 and w.down_int4 for w in self.layers)
 
     def _layer(self, layer, kv) -> LayerWeights:
         k_cache, v_cache = kv
         kvh, num_pages, page_size, d = k_cache.shape
         planes = k_cache.as_strided((2 * kvh, num_pages * page_size, d), (num_pages * page_size * d, d, 1))
         attn, mlp = layer.self_attn, layer.mlp
-        return LayerWeights(layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                            attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                            mlp.down_proj.weight, kv, planes, k_cache.storage_offset(), v_cache.storage_offset())
+        weights = (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        return LayerWeights(layer.input_layernorm.weight, weights[0], attn.qkv_proj.bias, weights[1],
+                            layer.post_attention_layernorm.weight, *weights[2:], kv, planes, k_cache.storage_offset(),
+                            v_cache.storage_offset(), *map(_one_int4_part, weights))
 
     def matches(self, model) -> bool:
         """False once the row-parallel weights went float64 (`set_tp_invariant`): the modules then."""
@@ -90,6 +98,13 @@ class DecodePlan:
         return True
 
 
+def _one_int4_part(weight: torch.Tensor) -> Optional[_Int4Part]:
+    packed = weight.__dict__.get("packed")
+    if packed is None or packed.is_split or not isinstance(packed.parts[0], _Int4Part):
+        return None
+    return packed.parts[0]
+
+
 def _planes_adjacent(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     return (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
             and v_cache.data_ptr() == k_cache.data_ptr() + k_cache.numel() * k_cache.element_size())
@@ -99,30 +114,89 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
                gates=(), listeners=()) -> torch.Tensor:
     """The decoder layers of a CPU decode step: x `[T, hidden]` -> the last layer's output (not normed).
     `gate(i)` / `listener(i)` before / after layer i, as the model's own loop calls them."""
-    num_tokens, heads, d = x.shape[0], plan.num_heads, plan.head_dim
-    kvh = plan.num_kv_heads
-    half, qk_heads = d // 2, heads + kvh
+    num_tokens, d = x.shape[0], plan.head_dim
     cos, sin, scale = _rope_rows(plan, rope)
-    span = SpanViews(plan, ctx.kv_span, scale) if ctx.kv_span is not None else None
+    attend = Attend(plan, ctx, cos, sin, scale)
+    if plan.native and num_tokens <= PACKED_MAX_ROWS:
+        return _run_native(plan, x, attend, gates, listeners)
     norm_shape, eps, rms_norm, silu = (plan.hidden,), plan.eps, torch.rms_norm, torch._C._nn.silu   # no F wrappers
     for i, w in enumerate(plan.layers):
         for hook in gates:
             hook(i)
         qkv = linear(rms_norm(x, norm_shape, w.input_norm, eps), w.qkv, w.qkv_bias).view(num_tokens, -1, d)
-        qk = qkv.narrow(1, 0, qk_heads)
-        rotated = qk.roll(half, -1).mul_(sin)            # rotate_half's sign lives in `sin` (rotary.py)
-        qk.mul_(cos).add_(rotated)
-        w.kv_planes.index_copy_(1, ctx.slot_mapping, qkv.narrow(1, heads, 2 * kvh).transpose(0, 1))
-        if span is not None:
-            out = span.attention(qkv, w)
-        else:
-            out = decode_attention(qkv.narrow(1, 0, heads), *w.kv, ctx, scale)
-        x = linear(out, w.o, residual=x)
+        x = linear(attend(qkv, w), w.o, residual=x)
         gate, up = linear(rms_norm(x, norm_shape, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
         x = linear(silu(gate) * up, w.down, residual=x)
         for hook in listeners:
             hook(i)
     return x
+
+
+def _run_native(plan: DecodePlan, x: torch.Tensor, attend: "Attend", gates, listeners) -> torch.Tensor:
+    """`run_layers` with every weight one packed int4 matmul (GGUF Q4): the kernels called directly, and
+    what enters them (both norms, silu(gate) * up) rounded to bfloat16 by the op that computes it, into
+    one buffer each, instead of a float32 result and a conversion after it. The same values as `linear`."""
+    num_tokens, d, eps = x.shape[0], plan.head_dim, plan.eps
+    normed = x.new_empty((num_tokens, plan.hidden), dtype=torch.bfloat16)
+    inter = plan.layers[0].gate_up.shape[0] // 2
+    act = x.new_empty((num_tokens, inter), dtype=torch.bfloat16)
+    mm, mul, silu, bf16 = _int4_matmul(matmul_threads()), torch.mul, torch._C._nn.silu, torch.bfloat16
+    for i, w in enumerate(plan.layers):
+        for hook in gates:
+            hook(i)
+        qkv = mm(rms_norm_into(x, w.input_norm, eps, normed), w.qkv_int4).float()
+        if w.qkv_bias is not None:
+            qkv = qkv + w.qkv_bias
+        x = x + mm(attend(qkv.view(num_tokens, -1, d), w).to(bf16), w.o_int4)
+        gate_up = mm(rms_norm_into(x, w.post_norm, eps, normed), w.gate_up_int4).float()
+        x = x + mm(mul(silu(gate_up.narrow(1, 0, inter)), gate_up.narrow(1, inter, inter), out=act), w.down_int4)
+        for hook in listeners:
+            hook(i)
+    return x
+
+
+def rms_norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """`torch.rms_norm(x, ..., weight, eps)` (float32) rounded into `out`: the ops of torch's CPU composite
+    (x * x, mean, + eps, rsqrt, * rstd, * weight: the same roundings) without its dtype casts and checks,
+    its last multiply writing `out`'s dtype directly (computed in float32, rounded once)."""
+    rstd = torch.mean(x * x, -1, True).add_(eps).rsqrt_()
+    return torch.mul(x * rstd, weight, out=out)
+
+
+def _int4_matmul(threads: int):
+    """`mm(x_bf16, part)` -> the packed kernel's bfloat16 output, on `threads` torch threads (0: as set)."""
+    kernel = _INT4_MM or torch.ops.aten._weight_int4pack_mm_for_cpu
+    if not threads:
+        return lambda xb, part: kernel(xb, part.packed, GROUP, part.scales)
+    set_threads = torch.set_num_threads
+
+    def mm(xb: torch.Tensor, part) -> torch.Tensor:
+        set_threads(threads)
+        try:
+            return kernel(xb, part.packed, GROUP, part.scales)
+        finally:
+            set_threads(1)
+    return mm
+
+
+class Attend:
+    """One layer's attention for the flat loop: RoPE in place on the q and k heads of `qkv` `[T, heads, D]`,
+    the KV write, attention -> `[T, heads * D]` (float32)."""
+
+    def __init__(self, plan: DecodePlan, ctx: AttentionContext, cos, sin, scale: float):
+        self.heads, kvh = plan.num_heads, plan.num_kv_heads
+        self.kv_heads2, self.half, self.qk_heads = 2 * kvh, plan.head_dim // 2, plan.num_heads + kvh
+        self.cos, self.sin, self.scale, self.ctx = cos, sin, scale, ctx
+        self.span = SpanViews(plan, ctx.kv_span, scale) if ctx.kv_span is not None else None
+
+    def __call__(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        qk = qkv.narrow(1, 0, self.qk_heads)
+        rotated = qk.roll(self.half, -1).mul_(self.sin)            # rotate_half's sign lives in `sin` (rotary.py)
+        qk.mul_(self.cos).add_(rotated)
+        w.kv_planes.index_copy_(1, self.ctx.slot_mapping, qkv.narrow(1, self.heads, self.kv_heads2).transpose(0, 1))
+        if self.span is not None:
+            return self.span.attention(qkv, w)
+        return decode_attention(qkv.narrow(1, 0, self.heads), *w.kv, self.ctx, self.scale)
 
 
 def _rope_rows(plan: DecodePlan, rope) -> tuple[torch.Tensor, torch.Tensor, float]:

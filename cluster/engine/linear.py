@@ -50,6 +50,11 @@ def small_ops_on_one_thread():
         torch.set_num_threads(n)
 
 
+def matmul_threads() -> int:
+    """The torch threads a weight matmul gets inside `small_ops_on_one_thread` (0 outside it: leave them)."""
+    return _matmul_threads
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, residual=None) -> torch.Tensor:
     """`x @ weight.T + bias`, plus `residual` when given (a packed weight's bfloat16 output then adds into
     it directly: the same float32 sum without a float32 copy of the output first)."""
