@@ -187,7 +187,7 @@ class Attend:
         self.heads, kvh = plan.num_heads, plan.num_kv_heads
         self.kv_heads2, self.half, self.qk_heads = 2 * kvh, plan.head_dim // 2, plan.num_heads + kvh
         self.cos, self.sin, self.scale, self.ctx = cos, sin, scale, ctx
-        self.span = SpanViews(plan, ctx.kv_span, scale) if ctx.kv_span is not None else None
+        self.span = SpanViews(plan, ctx.kv_span, scale, matmul_threads()) if ctx.kv_span is not None else None
 
     def __call__(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         qk = qkv.narrow(1, 0, self.qk_heads)
@@ -214,7 +214,7 @@ class SpanViews:
     """One request on consecutive pages: its K (transposed) and V read in place, `[kv_heads, D, L]` and
     `[kv_heads, L, D]` strided views of each layer's planes; the same arithmetic as attention._decode_span."""
 
-    def __init__(self, plan: DecodePlan, kv_span: tuple[int, int], scale: float):
+    def __init__(self, plan: DecodePlan, kv_span: tuple[int, int], scale: float, threads: int = 0):
         first_page, seq_len = kv_span
         kvh, d = plan.num_kv_heads, plan.head_dim
         plane = plan.layers[0].kv_planes
@@ -225,6 +225,18 @@ class SpanViews:
         self.q_shape, self.q_strides = (kvh, plan.num_heads // kvh, d), (plan.num_heads // kvh * d, d, 1)
         self.out_shape = (1, plan.num_heads * d)
         self.scale = scale
+        self.threads = threads
+
+    def _bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """On the weight matmuls' threads: at a few hundred keys the two matmuls wait on memory (K and V are
+        out of cache after a layer's weights went through), so a second core reads half of each."""
+        if not self.threads:
+            return torch.bmm(a, b)
+        torch.set_num_threads(self.threads)
+        try:
+            return torch.bmm(a, b)
+        finally:
+            torch.set_num_threads(1)
 
     def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset())
@@ -232,5 +244,5 @@ class SpanViews:
             q = q.mul(self.scale)
         keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
         values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
-        probs = torch.bmm(q, keys_t).softmax(dim=-1)   # what matmul runs for 3-D operands, minus its checks
-        return torch.bmm(probs, values).view(self.out_shape)
+        probs = self._bmm(q, keys_t).softmax(dim=-1)   # what matmul runs for 3-D operands, minus its checks
+        return self._bmm(probs, values).view(self.out_shape)
