@@ -12,7 +12,12 @@ MLA or q/k norm, one rank), with fewer ops and no module calls:
 - one request on consecutive pages (`ctx.kv_span`) reads K and V in place through one
   strided view each (the offsets computed once per step, not per layer);
 - the o and down projections add into the residual straight from the packed kernel's
-  bfloat16 output (`linear(..., residual=x)`: the same float32 sum, one conversion fewer).
+  bfloat16 output (`linear(..., residual=x)`: the same float32 sum, one conversion fewer);
+- with native Q4 weights (every projection one packed int4 matmul) the kernel is called directly,
+  and the ops that feed it (both RMSNorms, silu(gate) * up) round to bfloat16 as they compute,
+  into one buffer each, instead of a float32 result and a conversion after it;
+- one request's two attention matmuls run on the weight matmuls' threads: K and V come from
+  memory (the layer's weights pushed them out of cache), and a second core reads half of them.
 Several requests or scattered pages go through `decode_attention`; layer gates and listeners
 (host tier loads, layer-wise KV) run around each layer as in the model's own loop.
 Every op rounds like the module path's, so the float32 path stays token-exact with it.
