@@ -9,6 +9,7 @@ round reported) and prefill tok/s for a ~200-word prompt (best round).
     python benchmarks/cpu_decode.py --tokens 32 --rounds 2 --threads 2
     python benchmarks/cpu_decode.py --write-md           # update BENCHMARKS.md ("CPU weights")
     python benchmarks/cpu_decode.py --trees /path/to/before,.  # two checkouts, native, alternating processes
+    python benchmarks/cpu_decode.py --agreement 48       # native decode logits against float32's
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -74,6 +76,40 @@ def measure(llms: dict[str, LLM], threads: int, args) -> dict[str, tuple[float, 
             old = best.get(mode, (float("inf"), 0.0))
             best[mode] = (min(old[0], ms), max(old[1], tps))
     return best
+
+
+def stream_logits(llm: LLM, prompt_ids: list[int], tokens: Optional[list[int]], num_tokens: int):
+    """Decode logits `[num_tokens, vocab]` of one stream, fed `tokens` (or its own greedy picks); -> (logits, tokens)."""
+    runner = llm.runner
+    pages = runner.page_allocator.allocate(-(-(len(prompt_ids) + num_tokens) // runner.page_size))
+    try:
+        token = int(runner.forward(_input(prompt_ids, 0, pages, False)).next_token_ids[0])
+        fed, rows = [], []
+        for i in range(num_tokens):
+            token = tokens[i] if tokens is not None else token
+            fi = _input([token], len(prompt_ids) + i, pages, True)
+            fi.return_logits = True
+            out = runner.forward(fi)
+            fed.append(token)
+            rows.append(out.logits[0])
+            token = int(out.next_token_ids[0])
+    finally:
+        runner.page_allocator.free(pages)
+    return torch.stack(rows), fed
+
+
+def agreement(llms: dict[str, LLM], num_tokens: int) -> str:
+    """Native against float32 weights along float32's greedy stream (both fed its tokens): per decode step,
+    the largest logit difference, and whether the argmax agrees."""
+    prompt_ids = llms["float32"].tokenizer.encode(PROMPT)
+    with torch.inference_mode():
+        ref, tokens = stream_logits(llms["float32"], prompt_ids, None, num_tokens)
+        native, _ = stream_logits(llms["native"], prompt_ids, tokens, num_tokens)
+    diff = (native - ref).abs().amax(dim=-1)
+    same = (native.argmax(-1) == ref.argmax(-1)).float().mean()
+    return (f"native vs float32 decode logits, {num_tokens} steps of float32's greedy stream ({len(prompt_ids)}-token "
+            f"prompt): max abs difference per step median {diff.median():.3f}, max {diff.max():.3f} (float32 logits "
+            f"span {ref.min():.1f} to {ref.max():.1f}); argmax agrees on {same * 100:.1f}% of steps")
 
 
 def cpu_model() -> str:
@@ -165,11 +201,15 @@ def main() -> None:
     ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     ap.add_argument("--write-md", action="store_true")
     ap.add_argument("--trees", default="", help="','-separated checkouts: compare their engines instead")
+    ap.add_argument("--agreement", type=int, default=0, help="decode steps: native logits against float32's")
     args = ap.parse_args()
     if args.trees:
         compare_trees(args.trees.split(","), args)
         return
     llms = {mode: LLM(num_pages=64, page_size=16, cpu_weights=mode) for mode in MODES}
+    if args.agreement:
+        print(agreement(llms, args.agreement))
+        return
     num_prompt = len(llms["float32"].tokenizer.encode(PROMPT))
     with torch.inference_mode():
         results = {t: measure(llms, t, args) for t in args.threads}
