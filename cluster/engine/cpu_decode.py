@@ -193,12 +193,23 @@ class Attend:
         self.kv_heads2, self.half, self.qk_heads = 2 * kvh, plan.head_dim // 2, plan.num_heads + kvh
         self.cos, self.sin, self.scale, self.ctx = cos, sin, scale, ctx
         self.span = SpanViews(plan, ctx.kv_span, scale, matmul_threads()) if ctx.kv_span is not None else None
+        self.slot_rows = None   # one token: its K and V rows as one strided copy, not an index_copy_
+        if ctx.slot_mapping.numel() == 1:
+            d = plan.head_dim
+            self.slot_rows = ((self.kv_heads2, d), (plan.layers[0].kv_planes.stride(0), 1), int(ctx.slot_mapping) * d,
+                              (self.kv_heads2, d), (d, 1), self.heads * d)
 
     def __call__(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         qk = qkv.narrow(1, 0, self.qk_heads)
         rotated = qk.roll(self.half, -1).mul_(self.sin)            # rotate_half's sign lives in `sin` (rotary.py)
         qk.mul_(self.cos).add_(rotated)
-        w.kv_planes.index_copy_(1, self.ctx.slot_mapping, qkv.narrow(1, self.heads, self.kv_heads2).transpose(0, 1))
+        if self.slot_rows is not None and qkv.is_contiguous():
+            shape, strides, offset, src_shape, src_strides, src_offset = self.slot_rows
+            w.kv_planes.as_strided(shape, strides, w.k_offset + offset).copy_(
+                qkv.as_strided(src_shape, src_strides, qkv.storage_offset() + src_offset))
+        else:
+            w.kv_planes.index_copy_(1, self.ctx.slot_mapping,
+                                    qkv.narrow(1, self.heads, self.kv_heads2).transpose(0, 1))
         if self.span is not None:
             return self.span.attention(qkv, w)
         return decode_attention(qkv.narrow(1, 0, self.heads), *w.kv, self.ctx, self.scale)
