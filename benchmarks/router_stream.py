@@ -258,6 +258,21 @@ def cpu_seconds(proc, kind: str = "both", children: bool = True) -> float:
     return total
 
 
+def thread_seconds(proc) -> dict:
+    """User + system CPU seconds per thread of `proc` and its children, keyed "pid/main" (the
+    event loop of a router or front end) or "pid/other" (I/O, liveness, tokenize threads)."""
+    import psutil
+    out: dict = {}
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            for t in p.threads():
+                key = f"{p.pid}/{'main' if t.id == p.pid else 'other'}"
+                out[key] = out.get(key, 0.0) + t.user_time + t.system_time
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> dict:
     client = subprocess.Popen([sys.executable, __file__, "--role", "client", "--url", url,
                                "--streams", str(streams), "--max-tokens", str(max_tokens)],
@@ -275,11 +290,13 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
     cpu0, sys0, own0 = cpu_seconds(router), cpu_seconds(router, "system"), cpu_seconds(router, children=False)
+    threads0 = thread_seconds(router)
     client.stdin.write("GO\n")
     client.stdin.flush()
     report = json.loads(client.stdout.readline())
     cpu, system = cpu_seconds(router) - cpu0, cpu_seconds(router, "system") - sys0
     own = cpu_seconds(router, children=False) - own0     # with front ends: the dispatcher's process alone
+    threads = thread_seconds(router)
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=30)
@@ -299,6 +316,11 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
             "router_cpu_s": round(cpu, 3), "router_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
             "dispatcher_us_per_token": round(own / max(tokens, 1) * 1e6, 1),
             "of_it_system_us": round(system / max(tokens, 1) * 1e6, 1),
+            "threads_us_per_token": {("dispatcher" if k.split("/")[0] == str(router.pid) else "frontend")
+                                     + "/" + k.split("/")[1] + ("" if k.split("/")[0] == str(router.pid) else
+                                                                 "-" + k.split("/")[0]):
+                                     round((v - threads0.get(k, 0.0)) / max(tokens, 1) * 1e6, 1)
+                                     for k, v in sorted(threads.items())},
             "idle_cpu_per_s": round(idle_rate, 4), "events_per_token": round(events / max(tokens, 1), 3),
             "tok_per_s": round(tokens / window, 0),
             "admission_p50_ms": round(statistics.median(admission) * 1e3, 1) if admission else None,
