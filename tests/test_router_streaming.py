@@ -134,7 +134,7 @@ def test_steady_tokens_go_straight_to_the_socket_framed_as_the_server_frames_the
     """Once a stream is under way its plain tokens are written to the client's socket from the
     step's hand-off (no coroutine woken): each is one well-framed chunk holding one event,
     and an HTTP/1.0 client (no chunked encoding) gets the same events unframed."""
-    from cluster.router.service import RouterService
+    from cluster.router import choices
     r = make_router()
     tok = r.service.tokenizer_for(MODEL)
     ids = tok.encode(WORDS)
@@ -142,12 +142,12 @@ def test_steady_tokens_go_straight_to_the_socket_framed_as_the_server_frames_the
     r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.03))
     assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
     written = []
-    real = RouterService.steady_writer
+    real = choices.steady_writer
 
-    def counting(self, gen, wire):
-        write = real(self, gen, wire)
+    def counting(service, gen, wire):
+        write = real(service, gen, wire)
         return lambda token_id: write(token_id) and not written.append(token_id)
-    monkeypatch.setattr(RouterService, "steady_writer", counting)
+    monkeypatch.setattr(choices, "steady_writer", counting)
     body = {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)}
     head, raw = raw_stream(r.url, body, "1.1")
     assert b"transfer-encoding: chunked" in head.lower()

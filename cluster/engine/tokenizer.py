@@ -173,6 +173,8 @@ class IncrementalDetokenizer:
     back while it ends with U+FFFD (an incomplete multi-byte character).
     """
 
+    __slots__ = ("tokenizer", "skip_special_tokens", "pieces", "ids", "deltas", "prefix_offset", "read_offset")
+
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens

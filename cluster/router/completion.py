@@ -21,7 +21,7 @@ class TextDelta:
     prompt_logprobs: Optional[list] = None     # echo with logprobs: prompt tokens 1..
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionText:
     detokenizer: object                        # IncrementalDetokenizer
     stop: list[str]

@@ -9,7 +9,7 @@ one list append and at most one future resolution.
 
 A stream under way may set `steady`: a plain token (one token, nothing else) that arrives
 while its coroutine waits here with nothing queued is handed to it instead, and written to
-the client from this callback (service.py `steady_writer`), with no coroutine woken. The
+the client from this callback (steady_stream.py), with no coroutine woken. The
 order holds: a waiting coroutine has sent everything it took, and whatever `steady`
 refuses (a paused or gone client) is queued as usual, behind which the next tokens queue.
 """

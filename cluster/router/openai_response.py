@@ -142,11 +142,15 @@ class ResponseWriter:
 
     def text_event(self, text: str) -> bytes:
         """The event of a plain text delta (no finish, no logprobs)."""
+        head, tail = self.text_template()
+        return head + encode_basestring_ascii(text).encode() + tail
+
+    def text_template(self) -> tuple[bytes, bytes]:
+        """(head, tail): a plain text delta's event is head + its JSON-escaped text + tail."""
         if self._template is None:
             head, _, tail = sse(self.chunk(_MARK, None)).partition(encode_basestring_ascii(_MARK).encode())
             self._template = head, tail
-        head, tail = self._template
-        return head + encode_basestring_ascii(text).encode() + tail
+        return self._template
 
     def usage_chunk(self, num_prompt: int, num_completion: int) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

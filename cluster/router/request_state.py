@@ -83,7 +83,7 @@ class Placement:
         return Placement(self.route, None, self.decode)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestState:
     rid: str
     model: str

@@ -69,7 +69,7 @@ class TokenArrival:
                                            # request's first token: the prefill worker's)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestTrace:
     rid: str
     model: str

@@ -40,7 +40,7 @@ MAX_EVENTS_BEHIND = 8          # more events waiting than this: sent as one delt
 TOKENIZE_THREADS = 2            # tokenizing releases the GIL; more threads than cores buy nothing
 
 
-@dataclass
+@dataclass(slots=True)
 class Generation:
     st: RequestState
     mailbox: Mailbox
@@ -254,38 +254,6 @@ class RouterService:
                 self.metrics.count_outcome("aborted")
                 self.tracing.end(gen.st.trace, "aborted", error="client disconnected")
                 self.dispatcher.abort(gen.st, "client disconnected")
-
-    def steady_writer(self, gen: Generation, wire) -> Callable[[int], bool]:
-        """A stream's plain tokens written straight to `wire` (event_stream.ChunkWire) by its
-        mailbox: what `deltas` and the stream's chunk do with such a token (count, TTFT or ITL,
-        text, one event when there is text to send), on the HTTP loop with no coroutine woken.
-        False (the token is then queued for the coroutine) while the client cannot take
-        more. A failure here fails the request with an error event, as one in `deltas` does."""
-        observe_itl, text, event = self.metrics.itl.observe, gen.text, gen.writer.text_event
-
-        def write_token(token_id: int) -> bool:
-            if not wire.is_writable():
-                return False
-            try:
-                now = time.monotonic()
-                gen.num_output += 1
-                if gen.last_token_at is None:          # the first token (TTFT), as `deltas` counts it
-                    gen.first_token_at = now
-                    self.metrics.ttft.observe(now - gen.arrival)
-                else:
-                    observe_itl(now - gen.last_token_at)
-                gen.last_token_at = now
-                delta = text.add_token(token_id)
-                if delta:
-                    wire.write(event(delta))
-            except Exception as e:
-                log.exception("stream of %s failed", gen.st.rid)
-                gen.mailbox.steady = None
-                self.dispatcher.abort(gen.st, "router failure")
-                gen.mailbox.events.append(FailedEvent(500, f"internal error: {type(e).__name__}: {e}"))
-                return False                   # queued behind the failure: the coroutine wakes
-            return True
-        return write_token
 
     # shutdown
     async def drain(self, seconds: float) -> None:
