@@ -39,6 +39,8 @@ import time
 from dataclasses import replace
 from typing import Optional
 
+ROUTER_CPU = None                                          # router_cpu.py, loaded by the driver
+
 MODEL = "smollm2-135m-instruct"
 PROMPT = " ".join(f"word{i % 10}" for i in range(65))       # ~130 tokens
 TOKEN_IDS = [260, 2644, 2643, 335, 1171]                   # " the cat sat on mat": plain ASCII words
@@ -223,6 +225,7 @@ def run_client(url: str, streams: int, max_tokens: int) -> None:
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ, i)
     left = streams
+    num_started = num_events = 0                          # SSE events seen (a split "\n\n" is missed)
     while left:
         events = sel.select(timeout=120)
         if not events:
@@ -230,11 +233,17 @@ def run_client(url: str, streams: int, max_tokens: int) -> None:
         for key, _ in events:
             i = key.data
             data = key.fileobj.recv(1 << 16)
+            num_events += data.count(b"\n\n")
             if first[i] is None and b'"text":"' in data and b'"text":""' not in data:
                 first[i] = time.monotonic()
+                num_started += 1
+                if num_started == streams:                # the steady window opens: every stream under way
+                    print("STEADY", num_events, flush=True)
             raw[i] += data
             tail = bytes(raw[i][-200:])
             if not data or b"data: [DONE]" in tail or b'data: {"error"' in raw[i]:
+                if left == streams:                       # ... and closes: the first stream ended
+                    print("ENDING", num_events, flush=True)
                 sel.unregister(key.fileobj)
                 key.fileobj.close()
                 left -= 1
@@ -245,35 +254,9 @@ def run_client(url: str, streams: int, max_tokens: int) -> None:
 
 # --------------------------------------------------------------------------------- driver
 
-def cpu_seconds(proc, kind: str = "both", children: bool = True) -> float:
-    """User + system CPU seconds of `proc` and its children (or `kind` "system" alone)."""
-    import psutil
-    total = 0.0
-    for p in [proc] + (proc.children(recursive=True) if children else []):
-        try:
-            t = p.cpu_times()
-            total += t.system if kind == "system" else t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def thread_seconds(proc) -> dict:
-    """User + system CPU seconds per thread of `proc` and its children, keyed "pid/main" (the
-    event loop of a router or front end) or "pid/other" (I/O, liveness, tokenize threads)."""
-    import psutil
-    out: dict = {}
-    for p in [proc] + proc.children(recursive=True):
-        try:
-            for t in p.threads():
-                key = f"{p.pid}/{'main' if t.id == p.pid else 'other'}"
-                out[key] = out.get(key, 0.0) + t.user_time + t.system_time
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> dict:
+    cpu_seconds, thread_seconds, per_thread, steady_window = (ROUTER_CPU.cpu_seconds, ROUTER_CPU.thread_seconds,
+                                                              ROUTER_CPU.per_thread, ROUTER_CPU.steady_window)
     client = subprocess.Popen([sys.executable, __file__, "--role", "client", "--url", url,
                                "--streams", str(streams), "--max-tokens", str(max_tokens)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -293,7 +276,12 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
     threads0 = thread_seconds(router)
     client.stdin.write("GO\n")
     client.stdin.flush()
-    report = json.loads(client.stdout.readline())
+    steady = {}                                           # marker -> (events so far, CPU, CPU per thread)
+    line = client.stdout.readline()
+    while line.startswith(("STEADY", "ENDING")):
+        steady[line.split()[0]] = (int(line.split()[1]), cpu_seconds(router), thread_seconds(router))
+        line = client.stdout.readline()
+    report = json.loads(line)
     cpu, system = cpu_seconds(router) - cpu0, cpu_seconds(router, "system") - sys0
     own = cpu_seconds(router, children=False) - own0     # with front ends: the dispatcher's process alone
     threads = thread_seconds(router)
@@ -316,20 +304,29 @@ def measure(url: str, router, streams: int, max_tokens: int, gen_log: str) -> di
             "router_cpu_s": round(cpu, 3), "router_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
             "dispatcher_us_per_token": round(own / max(tokens, 1) * 1e6, 1),
             "of_it_system_us": round(system / max(tokens, 1) * 1e6, 1),
-            "threads_us_per_token": {("dispatcher" if k.split("/")[0] == str(router.pid) else "frontend")
-                                     + "/" + k.split("/")[1] + ("" if k.split("/")[0] == str(router.pid) else
-                                                                 "-" + k.split("/")[0]):
-                                     round((v - threads0.get(k, 0.0)) / max(tokens, 1) * 1e6, 1)
-                                     for k, v in sorted(threads.items())},
+            "threads_us_per_token": per_thread(router.pid, threads0, threads, tokens),
             "idle_cpu_per_s": round(idle_rate, 4), "events_per_token": round(events / max(tokens, 1), 3),
             "tok_per_s": round(tokens / window, 0),
+            **steady_window(steady, router.pid),
             "admission_p50_ms": round(statistics.median(admission) * 1e3, 1) if admission else None,
             "admission_max_ms": round(admission[-1] * 1e3, 1) if admission else None,
             "ttft_p50_ms": round(statistics.median(r["first"] - r["sent"] for r in results if "first" in r) * 1e3, 1),
             "ended": {e: sum(r["ended"] == e for r in results) for e in {r["ended"] for r in results}}}
 
 
+def _sibling(name: str):
+    """A module of this directory, by its path (this file also runs as a script and is loaded by path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                            f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
+    global ROUTER_CPU
+    ROUTER_CPU = _sibling("router_cpu")
     ap = argparse.ArgumentParser()
     ap.add_argument("--role", default="driver", choices=["driver", "worker", "client"])
     ap.add_argument("--streams", default="1,64,256")
