@@ -181,7 +181,7 @@ def test_steady_tokens_hold_back_a_possible_stop_string_as_events_do(tokenizers)
                 assert (steady.add([t], None, None).text if as_event else steady.add_token(t)) == got
             tail = ids[cut - 1:cut]
             assert steady.add(tail, None, "stop").text == events.add(tail, None, "stop").text
-            assert steady.token_ids == ids[:cut]
+            assert steady.detokenizer.ids == ids[:cut] and steady.num_tokens == cut
     stop_at = next(i for i in range(len(ids)) if "STOP" in tok.decode(ids[:i + 1]))
     text = CompletionText(IncrementalDetokenizer(tok), ["STOP"])
     sent = "".join(text.add_token(t) for t in ids[:stop_at]) + text.add(ids[stop_at:stop_at + 1], None, "stop").text

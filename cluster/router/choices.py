@@ -23,7 +23,7 @@ log = logging.getLogger("pdcluster.router")
 
 def _usage(gens) -> tuple[int, int]:
     prompts = {g.prompt_index: g.num_prompt for g in gens}
-    return sum(prompts.values()), sum(len(g.text.token_ids) for g in gens)
+    return sum(prompts.values()), sum(g.text.num_tokens for g in gens)
 
 
 def _echo(gen) -> str:

@@ -26,16 +26,18 @@ class CompletionText:
     detokenizer: object                        # IncrementalDetokenizer
     stop: list[str]
     unsent: str = ""                           # decoded, not handed to the client yet
-    token_ids: list[int] = field(default_factory=list)
     hold_back: int = field(init=False)         # characters that could start a stop string
 
     def __post_init__(self) -> None:
         self.hold_back = max((len(s) for s in self.stop), default=1) - 1
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.detokenizer.ids)      # NOTE: the ids are the detokenizer's, kept once
+
     def add(self, token_ids: list[int], logprobs: Optional[list[float]],
             finish_reason: Optional[str]) -> TextDelta:
         """New tokens in; the text that may be sent now out (all of it once finished)."""
-        self.token_ids += token_ids
         if token_ids:
             self.unsent += self.detokenizer.add(token_ids)
         if finish_reason is None:
@@ -47,7 +49,6 @@ class CompletionText:
 
     def add_token(self, token_id: int) -> str:
         """`add` of one token that does not finish: the text that may be sent now."""
-        self.token_ids.append(token_id)
         if not self.hold_back and not self.unsent:    # no stop string to watch for
             return self.detokenizer.add_one(token_id)
         self.unsent += self.detokenizer.add_one(token_id)
