@@ -170,23 +170,19 @@ class IncrementalDetokenizer:
     """Streams text for a growing id list; never emits half a UTF-8 character.
 
     Decodes a short window (`prefix_offset:`) rather than everything, and holds new text
-    back while it ends with U+FFFD (an incomplete multi-byte character).
+    back while it ends with U+FFFD (an incomplete multi-byte character). It keeps the ids, not
+    the text: the caller has every delta it returned.
     """
 
-    __slots__ = ("tokenizer", "skip_special_tokens", "pieces", "ids", "deltas", "prefix_offset", "read_offset")
+    __slots__ = ("tokenizer", "skip_special_tokens", "pieces", "ids", "prefix_offset", "read_offset")
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.pieces = tokenizer.piece_texts
         self.ids: list[int] = []
-        self.deltas: list[str] = []            # the text, as returned (joined only when asked)
         self.prefix_offset = 0
         self.read_offset = 0
-
-    @property
-    def text(self) -> str:
-        return "".join(self.deltas)
 
     def add_one(self, token_id: int) -> str:
         """`add([token_id])`; the common case (a context-free piece, nothing held back) first."""
@@ -196,7 +192,6 @@ class IncrementalDetokenizer:
                 self.ids.append(token_id)
                 self.prefix_offset = self.read_offset
                 self.read_offset += 1
-                self.deltas.append(piece)
                 return piece
         return self.add((token_id,))
 
@@ -209,7 +204,6 @@ class IncrementalDetokenizer:
             except (TypeError, IndexError):    # a piece that needs its context: decode the window
                 return self._advance(final=False)
             self.prefix_offset, self.read_offset = start, len(self.ids)
-            self.deltas.append(delta)
             return delta
         return self._advance(final=False)
 
@@ -226,7 +220,6 @@ class IncrementalDetokenizer:
             return ""
         delta = new_text[len(prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.deltas.append(delta)
         return delta
 
 

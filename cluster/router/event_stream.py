@@ -46,7 +46,9 @@ class ChunkWire:
         return cls(cycle)
 
     def is_writable(self) -> bool:
-        return not (self.flow.write_paused or self.cycle.disconnected or self.transport.is_closing())
+        # NOTE: a gone client's transport is closing before uvicorn marks the cycle disconnected
+        # (connection_lost), so the cycle itself (a large object, cold per token) is not read
+        return not (self.flow.write_paused or self.transport.is_closing())
 
     def write(self, data: bytes) -> None:
         self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
