@@ -247,17 +247,14 @@ class Dispatcher:
                 self.table.remember_finished(st)
                 self.table.release(st)
             ready.append((st.sink, event))
-        if msg.plain is None:
-            deliver_all(ready)
-        else:
-            deliver_all(ready, *self._plain_tokens(sender, msg.plain, now))
+        deliver_all(ready, self._plain_tokens(sender, msg.plain, now) if msg.plain is not None else ())
 
-    def _plain_tokens(self, sender: str, rows, now: float) -> tuple[list, list]:
-        """The sinks of a step's packed rows and their tokens, as two lists: one token each and
-        nothing else, so no item, event or tuple is built per row."""
+    def _plain_tokens(self, sender: str, rows, now: float) -> list:
+        """(sink, token id) of a step's packed rows: one token each and nothing else, so no
+        item or event is built per row."""
         requests = self.requests
         arrival = TokenArrival(time.time(), 1, rows.forward_iter)   # one for the step: no object per row
-        sinks, token_ids = [], []
+        out = []
         for rid, token_id in zip(rows.rids, rows.token_ids):
             st = requests.get(rid)
             if st is None or st.token_source != sender:
@@ -266,9 +263,8 @@ class Dispatcher:
             if st.trace is not None:
                 st.trace.add_arrival(arrival)
             st.last_progress = now
-            sinks.append(st.sink)
-            token_ids.append(token_id)
-        return sinks, token_ids
+            out.append((st.sink, token_id))
+        return out
 
     def _on_marks(self, sender: str, msg) -> None:
         for item in msg.items:

@@ -156,7 +156,7 @@ class DispatcherLink:
     def _on_message(self, msg) -> None:
         """On the control client's I/O thread."""
         if isinstance(msg, FrontendEvents):
-            deliver_all(self._events(msg.items), *self._plain_tokens(msg.plain_rids, msg.plain_token_ids))
+            deliver_all(self._events(msg.items), self._plain_tokens(msg.plain_rids, msg.plain_token_ids))
         elif isinstance(msg, FrontendReply):
             waiting = self._waiting.get(msg.ticket)
             if waiting is not None:
@@ -182,13 +182,9 @@ class DispatcherLink:
             pairs.append((st.sink, event))
         return pairs
 
-    def _plain_tokens(self, rids: list, token_ids: list) -> tuple[list, list]:
-        """Sinks and tokens of the rows still here (all of them, but for an abort on the way)."""
-        states = list(map(self.requests.get, rids))
-        sinks = [st.sink for st in states if st is not None]
-        if len(sinks) == len(states):
-            return sinks, token_ids
-        return sinks, [t for st, t in zip(states, token_ids) if st is not None]
+    def _plain_tokens(self, rids: list, token_ids: list) -> list:
+        requests = self.requests
+        return [(st.sink, t) for rid, t in zip(rids, token_ids) if (st := requests.get(rid)) is not None]
 
     def _report(self) -> None:
         if self.metrics is None:

@@ -46,10 +46,10 @@ class FrontendHub:
             return
         handler(sender, msg)
 
-    def send_events(self, frontend_id: str, items: list, plain_rids: list, plain_ids: list) -> None:
-        """[(rid, event)] and the plain tokens (rids, token ids) of one worker message -> one
+    def send_events(self, frontend_id: str, items: list, plain: list) -> None:
+        """[(rid, event)] and [(rid, plain token id)] of one worker message -> one
         `frontend_events` to that front end."""
-        out = []
+        out, plain_rids, plain_ids = [], [rid for rid, _ in plain], [t for _, t in plain]
         for rid, ev in items:
             if isinstance(ev, FailedEvent):
                 out.append(FrontendEvent(rid, [], status=ev.status, message=ev.message, error_type=ev.type))

@@ -16,7 +16,6 @@ refuses (a paused or gone client) is queued as usual, behind which the next toke
 from __future__ import annotations
 
 import asyncio
-from operator import attrgetter
 from typing import Callable, Optional
 
 from cluster.router.request_state import Event, TokensEvent
@@ -25,10 +24,10 @@ from cluster.router.request_state import Event, TokensEvent
 class Mailbox:
     """One request's events; `self(event)` may be called from any thread."""
 
-    __slots__ = ("loop", "events", "waiter", "steady", "route")
+    __slots__ = ("loop", "events", "waiter", "steady")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = self.route = loop                      # route: deliver_all's grouping
+        self.loop = loop
         self.events: list[Event] = []
         self.waiter: Optional[asyncio.Future] = None
         self.steady: Optional[Callable[[int], bool]] = None   # token id -> written to the client
@@ -77,69 +76,49 @@ def _wake(waiter: asyncio.Future) -> None:
 
 class RemoteSink:
     """A request admitted by a front-end process: its events leave in that front end's next
-    `frontend_events` message (`outbox.send_events(frontend_id, [(rid, event), ...], plain
-    rids, plain token ids)`)."""
+    `frontend_events` message (`outbox.send_events(frontend_id, [(rid, event), ...], [(rid,
+    plain token id), ...])`)."""
 
-    __slots__ = ("outbox", "frontend_id", "rid", "route")
+    __slots__ = ("outbox", "frontend_id", "rid", "key")
 
     def __init__(self, outbox, frontend_id: str, rid: str):
         self.outbox, self.frontend_id, self.rid = outbox, frontend_id, rid
-        self.route = (outbox, frontend_id)                 # deliver_all's grouping, built once
+        self.key = (outbox, frontend_id)                   # deliver_all's grouping, built once
 
     def __call__(self, event: Event) -> None:
-        self.outbox.send_events(self.frontend_id, [(self.rid, event)], [], [])
-
-
-_route = attrgetter("route")
+        self.outbox.send_events(self.frontend_id, [(self.rid, event)], [])
 
 
 def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]],
-                sinks: list = (), token_ids: list = ()) -> None:
+                plain: list[tuple[Callable[[Event], None], int]] = ()) -> None:
     """Hand one message's events to their requests, waking each event loop once for all of
-    them and sending each front end one message. `sinks[i]` got the plain token `token_ids[i]`
-    (one token and nothing else: no event object is built unless one must be queued), after
-    `pairs`. Order per request is kept. Any other sink is called directly."""
-    routes: dict = {}
-    for sink, event in pairs:
-        route = getattr(sink, "route", None)
-        if route is None:
-            sink(event)
-        else:
-            _group(routes, route)[0].append((sink, event))
-    try:
-        plain_routes = set(map(_route, sinks))
-    except AttributeError:                                 # a sink of its own: called per token
-        plain_routes = ()
-    if len(plain_routes) == 1:                             # NOTE: per token: one place, no copy
-        group = _group(routes, sinks[0].route)
-        group[1], group[2] = sinks, token_ids
-    else:
-        for sink, token_id in zip(sinks, token_ids):
-            route = getattr(sink, "route", None)
-            if route is None:
-                sink(TokensEvent([token_id], None, None))
-                continue
-            group = _group(routes, route)
-            group[1].append(sink)
-            group[2].append(token_id)
-    for route, (events, route_sinks, route_ids) in routes.items():
-        if type(route) is tuple:                           # a front end's
-            outbox, frontend_id = route
-            outbox.send_events(frontend_id, [(sink.rid, event) for sink, event in events],
-                               [sink.rid for sink in route_sinks], route_ids)
-        else:                                              # an event loop's mailboxes
-            route.call_soon_threadsafe(_put_all, events, route_sinks, route_ids)
+    them and sending each front end one message. `plain`: (sink, token id) of requests that
+    got one token and nothing else, after `pairs` (no event object is built for them unless
+    one must be queued). Order per request is kept. Any other sink is called directly."""
+    by_loop: dict = {}
+    by_frontend: dict = {}
+    for i, rows in enumerate((pairs, plain)):
+        for sink, event in rows:                           # NOTE: per token: no list built per row
+            if isinstance(sink, Mailbox):
+                lists = by_loop.get(sink.loop)
+                if lists is None:
+                    lists = by_loop[sink.loop] = ([], [])
+                lists[i].append((sink, event))
+            elif isinstance(sink, RemoteSink):
+                lists = by_frontend.get(sink.key)
+                if lists is None:
+                    lists = by_frontend[sink.key] = ([], [])
+                lists[i].append((sink.rid, event))
+            else:
+                sink(event if i == 0 else TokensEvent([event], None, None))
+    for loop, (events, tokens) in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, events, tokens)
+    for (outbox, frontend_id), (events, tokens) in by_frontend.items():
+        outbox.send_events(frontend_id, events, tokens)
 
 
-def _group(routes: dict, route) -> list:
-    group = routes.get(route)
-    if group is None:
-        group = routes[route] = [[], [], []]               # events, plain sinks, their token ids
-    return group
-
-
-def _put_all(events: list, mailboxes: list, token_ids: list) -> None:
+def _put_all(events: list, tokens: list) -> None:
     for mailbox, event in events:
         mailbox.put(event)
-    for mailbox, token_id in zip(mailboxes, token_ids):
+    for mailbox, token_id in tokens:
         mailbox.put_token(token_id)
