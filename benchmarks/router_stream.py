@@ -17,6 +17,10 @@ Router CPU = user + system time of the router process and its children (front en
 the streaming window, divided by the tokens the client received; "dispatcher" is the router
 process alone (with `--api-servers N` > 1, the dispatcher without its front ends). "events/token" is the SSE
 content chunks the client saw per token (1.0 = every token sent as it arrived).
+"threads_us_per_token": the same CPU per thread, each process's main thread (its event loop)
+apart from the rest (the control socket's I/O thread, ZeroMQ's, tokenize, liveness). "steady_*":
+CPU per SSE event from the moment every stream had its first token to the first [DONE] (no
+admission, no first or last token; router_cpu.py).
 "admission" is the time from the client's request to the worker's receipt of its
 `generate` (p50 / max over the burst). The script measures whatever `cluster` package
 PYTHONPATH names, so a `git worktree` of another commit can be compared with the same client.
