@@ -120,7 +120,7 @@ def measure(url: str, router_pid: int, args, log_path: str) -> dict:
 
 
 def cluster(args, api_servers: int) -> list[dict]:
-    with router_stream.fake_cluster(args.step_ms, api_servers) as (url, router, log_path):
+    with router_stream.FAKE.fake_cluster(args.step_ms, api_servers) as (url, router, log_path):
         args.api_servers_now = api_servers
         return [measure(url, router.pid, args, log_path) for _ in range(args.rounds)]
 
