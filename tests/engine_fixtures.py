@@ -6,6 +6,8 @@ import os
 import torch
 
 from cluster.engine.forward_batch import ForwardInput
+from cluster.engine.loader import load_model
+from cluster.engine.model_runner import ModelRunner
 from cluster.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=1)
@@ -76,3 +78,23 @@ def save_tiny_hf(tmp_path, kind: str) -> tuple[str, object]:
     path = str(tmp_path / kind)
     model.save_pretrained(path, safe_serialization=True)
     return path, model.eval()
+
+
+class ByteTokenizer:
+    """Dummy weights carry no tokenizer (and the GPU machine has no default model)."""
+    eos_token_ids = frozenset()
+
+    def encode(self, text):
+        return [ord(c) % 1000 + 1 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def tiny_cuda_runner(monkeypatch=None, **env):
+    """A tiny-llama ModelRunner with dummy weights on CUDA, `env` set first (through monkeypatch)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    loaded = load_model("tiny-llama", load_format="dummy", device="cuda")
+    loaded._tokenizer = ByteTokenizer()
+    return ModelRunner(loaded, 1024, 16, "cuda", "float32", max_decode_batch=96)

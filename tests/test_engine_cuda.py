@@ -4,8 +4,8 @@ Run on a GPU machine: `python -m pytest tests/test_engine_cuda.py`. Small random
 against transformers on the same device; the scheduler's forward runs on a CUDA stream; the
 Triton paged-attention kernels against SDPA on gathered pages over random shapes; CUDA graph
 decode against eager and torch-backend decode; no host sync in sampling or in a graphed step
-but the token copy; the host KV tier's copies, whole and layer by layer (per-layer events);
-deferred reads of the overlapped unified worker (its forward returns at launch) against waited ones.
+but the token copy; the host KV tier's copies, whole and layer by layer (per-layer events)
+(deferred reads of the overlapped unified worker: test_deferred_reads_cuda.py).
 """
 import random
 import time
@@ -21,8 +21,7 @@ from cluster.engine.model_runner import ModelRunner
 from cluster.engine.sampler import sample
 from cluster.sampling_params import SamplingParams
 from cluster.unified import UnifiedScheduler
-from tests.engine_fixtures import batch_input, greedy_decode, prefill_input, save_tiny_hf
-from tests.inprocess_workers import drain
+from tests.engine_fixtures import ByteTokenizer, batch_input, greedy_decode, prefill_input, save_tiny_hf, tiny_cuda_runner
 from tests.paged_attention_cases import (extend_args, extend_limits, make_case, reference_decode,
                                          reference_extend)
 from tests.queue_control import QueueControl
@@ -49,17 +48,6 @@ def test_tiny_model_on_cuda_matches_transformers(tmp_path, kind, dtype):
     else:
         cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
         assert cos.min() > 0.99, cos.min()
-
-
-class ByteTokenizer:
-    """Dummy weights carry no tokenizer (and the GPU machine has no default model)."""
-    eos_token_ids = frozenset()
-
-    def encode(self, text):
-        return [ord(c) % 1000 + 1 for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
 
 
 def test_batched_decode_on_cuda_equals_alone():
@@ -157,16 +145,9 @@ def test_triton_extend_over_paged_prefix_matches_sdpa(seed):
     torch.testing.assert_close(out.float(), reference_extend(case, limits, d ** -0.5), atol=tol, rtol=tol)
 
 
-def _tiny_runner(monkeypatch=None, **env):
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    loaded = load_model("tiny-llama", load_format="dummy", device="cuda")
-    loaded._tokenizer = ByteTokenizer()
-    return ModelRunner(loaded, 1024, 16, "cuda", "float32", max_decode_batch=96)
-
 
 def test_decode_graphs_captured_at_startup_for_every_batch_bucket():
-    runner = _tiny_runner()
+    runner = tiny_cuda_runner()
     assert runner.attention_backend == "triton"
     graphs = runner.decode_graphs
     assert set(graphs.steps) == set(batch_buckets(96)) and graphs.buckets[-1] == 96
@@ -175,14 +156,14 @@ def test_decode_graphs_captured_at_startup_for_every_batch_bucket():
 
 def test_graph_decode_equals_eager_and_torch_decode_at_large_batch(monkeypatch):
     prompts = [[(13 * i + j) % 900 + 3 for j in range(1 + (7 * i) % 40)] for i in range(70)]   # bucket 80
-    graphed = decode_batch(_tiny_runner(), prompts, 20)
-    eager = decode_batch(_tiny_runner(monkeypatch, PDCLUSTER_CUDA_GRAPHS="0"), prompts, 20)
-    torch_path = decode_batch(_tiny_runner(monkeypatch, PDCLUSTER_ATTENTION="torch"), prompts, 20)
+    graphed = decode_batch(tiny_cuda_runner(), prompts, 20)
+    eager = decode_batch(tiny_cuda_runner(monkeypatch, PDCLUSTER_CUDA_GRAPHS="0"), prompts, 20)
+    torch_path = decode_batch(tiny_cuda_runner(monkeypatch, PDCLUSTER_ATTENTION="torch"), prompts, 20)
     assert graphed == eager == torch_path
 
 
 def test_chunked_prefill_over_cached_prefix_matches_whole_prompt():
-    runner = _tiny_runner()
+    runner = tiny_cuda_runner()
     prompt = [(5 * j) % 800 + 3 for j in range(75)]
     pages = runner.page_allocator.allocate(5)
     whole = runner.forward(prefill_input(prompt, pages, return_logits=True)).logits
@@ -214,7 +195,7 @@ def test_sampling_on_cuda_never_waits_for_the_device():
 
 
 def test_graph_decode_step_never_waits_and_overlapped_steps_equal_waited_ones():
-    runner = _tiny_runner()
+    runner = tiny_cuda_runner()
     prompts = [[(3 * i + j) % 500 + 3 for j in range(5 + 4 * i)] for i in range(3)]
     tables = [runner.page_allocator.allocate(8) for _ in prompts]
     waited = [[int(runner.forward(batch_input([p], [0], [t])).next_token_ids[0])] for p, t in zip(prompts, tables)]
@@ -290,68 +271,3 @@ def test_host_tier_layer_loads_land_before_the_layer_that_waits_for_their_event(
     torch.cuda.synchronize()
     for layer, got in enumerate(seen):
         assert (got[:, :, 0] == layer + 1).all() and (got[:, :, 1] == 10 * (layer + 1)).all()
-
-
-# ---- deferred reads: the overlapped unified worker's forward returns at launch ------------------
-DEVICE_SLEEP_CYCLES = 10_000_000    # ~5 ms of device time queued ahead of every forward
-
-
-def serve_overlapped(runner, monkeypatch, prompts, params, defer: bool, slow_device: bool = False):
-    """The unified worker over `runner` (overlap, prompts chunked by 64) with its reads deferred or
-    waited (`PDCLUSTER_DEFER_READS`); `slow_device`: each forward holds the stream ~5 ms longer."""
-    monkeypatch.setenv("PDCLUSTER_DEFER_READS", "1" if defer else "0")
-    ctl = QueueControl()
-    s = UnifiedScheduler(SchedulerConfig(overlap=True, max_running_requests=len(prompts), max_prefill_tokens=64),
-                         "unified-0", runner, ctl)
-    assert s.defers_reads == defer
-    if slow_device:
-        launch = s.executor.forward_fn            # runs inside the forward stream's context
-        s.executor.forward_fn = lambda fi: (torch.cuda._sleep(DEVICE_SLEEP_CYCLES), launch(fi))[1]
-    s.executor.trace, s.trace = [], []
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        ctl.generate(f"r{i}", p, **sp)
-    try:
-        drain([s], [None], lambda: len(ctl.finished()) + len(ctl.errors()) == len(prompts))
-    finally:
-        s.executor.shutdown()
-    assert not ctl.errors() and s.reqs == {}
-    return ctl, s
-
-
-@pytest.mark.parametrize("batch", [1, 64])
-def test_deferred_decode_equals_waited_decode(monkeypatch, batch):
-    """Greedy tokens identical; at batch 64 also rows that sample on the host side of the graph
-    (logprobs, a seed, penalties: the eager sampler's pinned copies) and prompts chunked (rows that
-    sample nothing in a prefill)."""
-    runner = _tiny_runner()
-    prompts = [[(17 * i + j) % 900 + 3 for j in range(1 + (37 * i) % 100)] for i in range(batch)]
-    params = [{"max_tokens": 12 + i % 5, "ignore_eos": True} for i in range(batch)]
-    if batch > 1:
-        params[1].update(logprobs=True, top_logprobs=3)
-        params[2].update(temperature=0.8, seed=7)
-        params[3].update(repetition_penalty=1.3)
-    waited, _ = serve_overlapped(runner, monkeypatch, prompts, params, defer=False)
-    deferred, s = serve_overlapped(runner, monkeypatch, prompts, params, defer=True)
-    assert deferred.outputs() == waited.outputs() and deferred.finished() == waited.finished()
-    lps = [[(it.rid, it.logprobs, it.top_logprobs) for m in c.sent if hasattr(m, "all_items")
-            for it in m.all_items() if it.logprobs] for c in (waited, deferred)]
-    assert lps[0] == lps[1]
-
-
-def test_deferred_decode_launches_n_plus_one_before_n_is_processed(monkeypatch):
-    """With ~5 ms of device time per forward: deferred, the forward thread returns from N+1 before
-    N's outputs are read in nearly every pass; waited, it cannot (it syncs the stream after N+1, which
-    ends ~5 ms after N), unless the scheduler thread stalls that long."""
-    runner = _tiny_runner()
-    prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(8)]
-    params = [{"max_tokens": 24, "ignore_eos": True}] * len(prompts)
-    early = {}
-    for defer in (False, True):
-        _, s = serve_overlapped(runner, monkeypatch, prompts, params, defer=defer, slow_device=True)
-        returned = {it: t1 for _, it, _, t1 in s.executor.trace}
-        processed = {it: t0 for _, it, t0, _ in s.trace}     # t0: once N's outputs are on the host
-        pairs = [(returned[it + 1], processed[it]) for it in processed if it + 1 in returned]
-        assert len(pairs) >= 20
-        early[defer] = (sum(launch < read for launch, read in pairs), len(pairs))
-    assert early[False][0] <= 1                # a stall of the scheduler thread past ~5 ms, at most
-    assert early[True][0] >= early[True][1] - 2, early
