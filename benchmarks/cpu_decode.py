@@ -126,7 +126,7 @@ import statistics, sys, time, torch
 from benchmarks.cpu_decode import PROMPT, _input
 from cluster.engine.llm import LLM
 threads, tokens = int(sys.argv[1]), int(sys.argv[2])
-llm = LLM(num_pages=64, page_size=16)
+llm = LLM(num_pages=64, page_size=16, **({"kv_dtype": sys.argv[3]} if sys.argv[3:] else {}))
 torch.set_num_threads(threads)
 ids, runner = llm.tokenizer.encode(PROMPT), llm.runner
 pages = runner.page_allocator.allocate(-(-(len(ids) + tokens + 5) // runner.page_size))
@@ -150,16 +150,20 @@ print(statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3, top)
 def compare_trees(trees: list[str], args) -> None:
     """ms per decode token of each checkout's engine (wall and this thread's CPU time), in alternating
     processes (native weights); the ratios to the first tree per round, and the load average with each."""
+    kv_dtypes = args.kv_dtypes.split(",") if args.kv_dtypes else [""] * len(trees)
+    if len(kv_dtypes) != len(trees):
+        raise SystemExit("--kv-dtypes: one per tree")
     for r in range(args.rounds):
         for threads in args.threads:
             row = []
-            for tree in trees:
+            for tree, kv_dtype in zip(trees, kv_dtypes):
                 tree = os.path.abspath(tree)
-                out = subprocess.run([sys.executable, "-c", TREE_PROBE, str(threads), str(args.tokens)], check=True,
+                extra = [kv_dtype] if kv_dtype else []
+                out = subprocess.run([sys.executable, "-c", TREE_PROBE, str(threads), str(args.tokens), *extra], check=True,
                                      env={**os.environ, "PYTHONPATH": tree}, cwd=tree, capture_output=True,
                                      text=True, timeout=900)
                 wall, cpu, ops = map(float, out.stdout.split()[-3:])
-                row.append((tree, wall, cpu, int(ops), os.getloadavg()[0]))
+                row.append((tree + (f" kv {kv_dtype}" if kv_dtype else ""), wall, cpu, int(ops), os.getloadavg()[0]))
             print(f"round {r}, {threads} threads: " + "; ".join(
                 f"{t}: {wall:.2f} ms wall ({wall / row[0][1]:.2f}x), {cpu:.2f} ms CPU of the forward's thread "
                 f"({cpu / row[0][2]:.2f}x), {ops} ops per step, load {load:.1f}" for t, wall, cpu, ops, load in row),
@@ -201,15 +205,18 @@ def main() -> None:
     ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     ap.add_argument("--write-md", action="store_true")
     ap.add_argument("--trees", default="", help="','-separated checkouts: compare their engines instead")
+    ap.add_argument("--kv-dtypes", default="", help="with --trees: each tree's [model] kv_dtype (',' list)")
     ap.add_argument("--agreement", type=int, default=0, help="decode steps: native logits against float32's")
     args = ap.parse_args()
     if args.trees:
         compare_trees(args.trees.split(","), args)
         return
-    llms = {mode: LLM(num_pages=64, page_size=16, cpu_weights=mode) for mode in MODES}
-    if args.agreement:
+    if args.agreement:   # --kv-dtypes D: the native engine's KV cache in D (float32's stays the reference)
+        llms = {mode: LLM(num_pages=64, page_size=16, cpu_weights=mode,
+                          kv_dtype=args.kv_dtypes or "auto" if mode == "native" else "auto") for mode in MODES}
         print(agreement(llms, args.agreement))
         return
+    llms = {mode: LLM(num_pages=64, page_size=16, cpu_weights=mode) for mode in MODES}
     num_prompt = len(llms["float32"].tokenizer.encode(PROMPT))
     with torch.inference_mode():
         results = {t: measure(llms, t, args) for t in args.threads}

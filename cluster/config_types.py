@@ -20,6 +20,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"              # the embedded weights (eng
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 CPU_WEIGHTS = ("native", "float32")
+KV_DTYPES = ("auto", "float32", "bfloat16")
 ROUTER_POLICIES = ("round_robin", "least_load", "cache_aware")
 KV_BACKENDS = ("zmq", "shm", "cuda_ipc", "nccl")      # what a kv_batch may name on the wire
 CURVE_MODES = ("auto", "on", "off")
@@ -43,6 +44,9 @@ class ModelConfigSection(Section):
     cpu_weights: str = option("native", "on the CPU, a quantized GGUF file's weights stay packed in their "
                               "quantization (native; bfloat16 activations into each matmul) or are "
                               "dequantized to float32 (the reference path)", choices=CPU_WEIGHTS)
+    kv_dtype: str = option("auto", "the KV cache's dtype; auto = `dtype`. bfloat16 under float32 halves the "
+                           "bytes attention reads (CPU only; not latent attention), but on a CPU without AMX "
+                           "its attention ran slower than float32's", choices=KV_DTYPES)
     tp_invariant: bool = option(False, "TP-invariant numerics: the row-parallel sums (attention o and "
                                 "MLP down projections) in float64 at every tp, 1 included, rounded once, "
                                 "so the logits do not depend on tp (the default model at tp=3: equal to "
@@ -52,6 +56,9 @@ class ModelConfigSection(Section):
     def __post_init__(self) -> None:
         check_fields(self)
         check_tp_invariant(self.tp_invariant, self.device, self.cpu_weights, type(self).__name__)
+        if self.kv_dtype not in ("auto", self.dtype) and self.device != "cpu":
+            raise ConfigError(type(self).__name__, "kv_dtype", f"{self.kv_dtype!r} differs from dtype {self.dtype!r}: "
+                              "a KV cache in another dtype than the model's is CPU-only")
 
 
 def check_tp_invariant(tp_invariant: bool, device: str, cpu_weights: str, source: str = "model") -> None:

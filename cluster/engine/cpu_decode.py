@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from cluster.engine.attention import decode_attention
+from cluster.engine.attention import decode_attention, lowp_attention
 from cluster.engine.attention_context import AttentionContext
 from cluster.engine.gguf_blocks import GROUP
 from cluster.engine.linear import linear, matmul_threads
@@ -146,6 +146,7 @@ def _run_native(plan: DecodePlan, x: torch.Tensor, attend: "Attend", gates, list
     inter = plan.layers[0].gate_up.shape[0] // 2
     act = x.new_empty((num_tokens, inter), dtype=torch.bfloat16)
     mm, mul, silu, bf16 = _int4_matmul(matmul_threads()), torch.mul, torch._C._nn.silu, torch.bfloat16
+    attend.raw = True
     for i, w in enumerate(plan.layers):
         for hook in gates:
             hook(i)
@@ -192,6 +193,7 @@ class Attend:
         self.heads, kvh = plan.num_heads, plan.num_kv_heads
         self.kv_heads2, self.half, self.qk_heads = 2 * kvh, plan.head_dim // 2, plan.num_heads + kvh
         self.cos, self.sin, self.scale, self.ctx = cos, sin, scale, ctx
+        self.raw = False   # True: a bfloat16 KV cache's attention output stays bfloat16 (the native loop's o kernel input)
         self.span = SpanViews(plan, ctx.kv_span, scale, matmul_threads()) if ctx.kv_span is not None else None
         self.slot_rows = None   # one token: its K and V rows as one strided copy, not an index_copy_
         if ctx.slot_mapping.numel() == 1:
@@ -209,9 +211,10 @@ class Attend:
                 qkv.as_strided(src_shape, src_strides, qkv.storage_offset() + src_offset))
         else:
             w.kv_planes.index_copy_(1, self.ctx.slot_mapping,
-                                    qkv.narrow(1, self.heads, self.kv_heads2).transpose(0, 1))
+                                    qkv.narrow(1, self.heads, self.kv_heads2).transpose(0, 1).to(w.kv_planes.dtype))
         if self.span is not None:
-            return self.span.attention(qkv, w)
+            out = self.span.attention(qkv, w)
+            return out if self.raw else out.float()
         return decode_attention(qkv.narrow(1, 0, self.heads), *w.kv, self.ctx, self.scale)
 
 
@@ -242,23 +245,28 @@ class SpanViews:
         self.out_shape = (1, plan.num_heads * d)
         self.scale = scale
         self.threads = threads
+        self.kv_dtype = plane.dtype
 
-    def _bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _bmm(self, a: torch.Tensor, b: torch.Tensor, op=torch.bmm, **kw) -> torch.Tensor:
         """On the weight matmuls' threads: at a few hundred keys the two matmuls wait on memory (K and V are
         out of cache after a layer's weights went through), so a second core reads half of each."""
         if not self.threads:
-            return torch.bmm(a, b)
+            return op(a, b, **kw)
         torch.set_num_threads(self.threads)
         try:
-            return torch.bmm(a, b)
+            return op(a, b, **kw)
         finally:
             torch.set_num_threads(1)
 
     def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset())
+        values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
+        if self.kv_dtype != q.dtype:   # bfloat16 KV: attention.span_attention_lowp's arithmetic, output bfloat16
+            keys = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.k_offset + self.start)
+            return self._bmm(q.to(self.kv_dtype).unsqueeze(1), keys, op=lowp_attention, values=values,
+                             scale=self.scale).view(self.out_shape)
         if self.scale != 1.0:
             q = q.mul(self.scale)
         keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
-        values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
         probs = self._bmm(q, keys_t).softmax(dim=-1)   # what matmul runs for 3-D operands, minus its checks
         return self._bmm(probs, values).view(self.out_shape)

@@ -62,12 +62,13 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, path: str = "", load_format: str = "auto",
                  dtype: str = "float32", device: str = "cpu", num_pages: int = 4096, page_size: int = 16,
                  max_batch_size: int = 256, max_prefill_tokens: int = 4096, seed: int = 0,
-                 tp: TpGroup = TpGroup(), cpu_weights: str = "native", tp_invariant: bool = False):
+                 tp: TpGroup = TpGroup(), cpu_weights: str = "native", tp_invariant: bool = False,
+                 kv_dtype: str = "auto"):
         """`tp`: this process is one rank of a tensor-parallel group; every rank calls `generate`
-        with the same arguments (parallel.py). `cpu_weights`, `tp_invariant`: as `[model]`'s."""
+        with the same arguments (parallel.py). `cpu_weights`, `tp_invariant`, `kv_dtype`: as `[model]`'s."""
         self.loaded = load_model(model, path, load_format, dtype, device, seed, tp=tp, cpu_weights=cpu_weights,
                                  tp_invariant=tp_invariant)
-        self.runner = ModelRunner(self.loaded, num_pages, page_size, device, dtype)
+        self.runner = ModelRunner(self.loaded, num_pages, page_size, device, dtype, kv_dtype=kv_dtype)
         self.tokenizer = self.loaded.tokenizer
         self.device = device
         self.max_batch_size = max_batch_size

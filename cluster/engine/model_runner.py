@@ -29,14 +29,28 @@ NUM_FUTURE_SLOTS = 4096
 SMALL_STEP_REQS = 4   # CPU decode steps up to this batch run their small ops on one thread (linear.py)
 
 
+def kv_dtype_of(loaded: LoadedModel, kv_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """`[model] kv_dtype` for this model: "auto" is the model's dtype. bfloat16 under float32 activations
+    (CPU) halves the bytes attention reads, but torch's bfloat16 attention kernels on a CPU without AMX
+    ran slower than float32's (BENCHMARKS.md, "A bfloat16 KV cache"), so it is not the default."""
+    if kv_dtype == "auto":
+        return dtype
+    chosen = DTYPES[kv_dtype]
+    if chosen != dtype and loaded.config.mla is not None:
+        raise ValueError(f"kv_dtype {kv_dtype!r}: latent attention keeps its KV in the model's dtype")
+    return chosen
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_pages: int, page_size: int, device="cpu", dtype="float32",
                  num_threads: Optional[int] = None, max_decode_batch: int = 256,
-                 kv_storage: Optional[torch.Tensor] = None, kv_segment=None, import_fence=None, followers=None):
+                 kv_storage: Optional[torch.Tensor] = None, kv_segment=None, import_fence=None, followers=None,
+                 kv_dtype: str = "auto"):
         """`max_decode_batch`: the largest decode batch CUDA graphs are captured for (at startup).
         `kv_segment`: the shared-memory segment `kv_storage` lives in (same-host readers map it);
         `import_fence`: a decode worker's kv_transfer.ImportFence, the KV imports its forwards wait for;
-        `followers`: rank 0's runtime.tp_ranks.TpFollowers, the other ranks each forward is sent to."""
+        `followers`: rank 0's runtime.tp_ranks.TpFollowers, the other ranks each forward is sent to;
+        `kv_dtype`: `[model] kv_dtype` (`kv_dtype_of`)."""
         if num_threads:   # several workers on few cores: 1 thread each (see BENCHMARKS.md)
             torch.set_num_threads(num_threads)
         self.num_threads = torch.get_num_threads()   # what its forwards use (a forward thread sets its own)
@@ -50,7 +64,8 @@ class ModelRunner:
         cfg = self.config
         self.tp = self.model.tp
         planes, kv_heads, kv_dim = self.model.layout.kv_cache_shape   # this rank's heads only
-        self.kv_pool = KVPool(cfg.num_layers, kv_heads, kv_dim, num_pages, page_size, self.dtype, self.device,
+        self.kv_dtype = kv_dtype_of(loaded, kv_dtype, self.dtype)
+        self.kv_pool = KVPool(cfg.num_layers, kv_heads, kv_dim, num_pages, page_size, self.kv_dtype, self.device,
                               storage=kv_storage, num_planes=planes)
         self.kv_segment, self.import_fence = kv_segment, import_fence
         self.followers = followers
@@ -85,7 +100,7 @@ class ModelRunner:
         pool, mla = self.kv_pool, self.config.mla
         layout = "kv" if mla is None else f"latent:{mla.kv_lora_rank}+{mla.qk_rope_head_dim}"
         return {"num_layers": pool.num_layers, "num_kv_heads": self.config.kv_cache_shape[1], "head_dim": pool.head_dim,
-                "dtype": str(self.dtype).removeprefix("torch."), "page_size": self.page_size, "layout": layout}
+                "dtype": str(self.kv_dtype).removeprefix("torch."), "page_size": self.page_size, "layout": layout}
 
     # future-token map
     def resolve_future(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
     rank 0's tp_ranks.TpFollowers, sent each forward."""
     from cluster.engine.parallel import TpGroup
     from cluster.engine.loader import DTYPES, load_model
-    from cluster.engine.model_runner import ModelRunner
+    from cluster.engine.model_runner import ModelRunner, kv_dtype_of
     m, s = config.model, group.scheduler
     loaded = load_model(name=m.name, path=model_path or m.path, load_format=m.load_format,
                         dtype=m.dtype, device=m.device, cpu_weights=m.cpu_weights, tp=tp or TpGroup(),
@@ -81,7 +81,8 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
         from cluster.kv_transfer.shm_backend import shared_pool_storage
         planes, kv_heads, kv_dim = loaded.model.layout.kv_cache_shape
         storage, segment = shared_pool_storage(
-            (loaded.config.num_layers, planes, kv_heads, s.num_pages, s.page_size, kv_dim), DTYPES[m.dtype])
+            (loaded.config.num_layers, planes, kv_heads, s.num_pages, s.page_size, kv_dim),
+            kv_dtype_of(loaded, m.kv_dtype, DTYPES[m.dtype]))
     # decode batches never exceed the running set: CUDA graphs up to that size only
     fence = None
     if import_fence:
@@ -90,7 +91,7 @@ def load_runner(config: ClusterConfig, group: WorkerGroup, model_path: str = "",
         fence = ImportFence(torch.device(m.device))
     return ModelRunner(loaded, num_pages=s.num_pages, page_size=s.page_size, device=m.device,
                        dtype=m.dtype, kv_storage=storage, kv_segment=segment, import_fence=fence,
-                       max_decode_batch=s.max_running_requests, followers=followers)
+                       max_decode_batch=s.max_running_requests, followers=followers, kv_dtype=m.kv_dtype)
 
 
 def run_worker(role: str, argv, build: Callable) -> int:
