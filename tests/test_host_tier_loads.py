@@ -38,10 +38,11 @@ def test_an_evicted_prefix_comes_back_from_the_host_tier_into_fresh_device_pages
     check(cm, [])
 
 
-@pytest.mark.parametrize("planes", [1, 2])
-def test_host_tier_copies_every_plane_and_layer_of_a_page(planes):
-    pool = KVPool(3, 2, 4, 6, PAGE, num_planes=planes)
+@pytest.mark.parametrize("planes,dtype", [(1, torch.float32), (2, torch.float32), (2, torch.bfloat16)])
+def test_host_tier_copies_every_plane_and_layer_of_a_page(planes, dtype):
+    pool = KVPool(3, 2, 4, 6, PAGE, num_planes=planes, dtype=dtype)   # bfloat16: `[model] kv_dtype`
     tier = HostTier(pool, 5)
+    assert tier.kv.dtype == dtype
     pool.kv.copy_(torch.randn(pool.kv.shape))
     before = pool.kv[:, :, :, [1, 4]].clone()
     tier.write([1, 4], [3, 0])
