@@ -36,10 +36,10 @@ def drain(schedulers, lasts, done, timeout=120):
             lasts[i] = None
 
 
-def runner_for(loaded, num_pages=256, import_fence=None):
+def runner_for(loaded, num_pages=256, import_fence=None, kv_dtype="auto"):
     weight = next(loaded.model.parameters())
     return ModelRunner(loaded, num_pages, 16, device=str(weight.device), dtype=weight.dtype,
-                       import_fence=import_fence)
+                       import_fence=import_fence, kv_dtype=kv_dtype)
 
 
 def serve(s, prompts, tag, max_tokens=8) -> dict[str, list[int]]:
@@ -52,9 +52,9 @@ def serve(s, prompts, tag, max_tokens=8) -> dict[str, list[int]]:
     return {rid: t for rid, t in ctl.outputs().items() if rid.startswith(tag)}
 
 
-def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS, **sampling):
+def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS, kv_dtype="auto", **sampling):
     ctl = QueueControl()
-    s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded), ctl)
+    s = UnifiedScheduler(SchedulerConfig(overlap=overlap), "unified-0", runner_for(loaded, kv_dtype=kv_dtype), ctl)
     free_before = s.runner.page_allocator.num_free_pages    # CUDA graphs hold one scratch page
     for i, p in enumerate(prompts):
         ctl.generate(f"r{i}", loaded.tokenizer.encode(p), max_tokens=max_tokens, **sampling)
@@ -67,7 +67,7 @@ def run_unified(loaded, prompts, overlap, max_tokens=MAX_TOKENS, **sampling):
 class Pair:
     """One prefill and one decode worker connected by real data planes."""
 
-    def __init__(self, loaded, overlap=True, decode_pages=256):
+    def __init__(self, loaded, overlap=True, decode_pages=256, kv_dtype="auto"):
         self.pc, self.dc = QueueControl(), QueueControl()
         t = TimeoutsConfig()
         # whole-request handoff, checksummed: both workers share one model here, and a layer-wise
@@ -75,8 +75,8 @@ class Pair:
         # zmq, because `auto` picks cuda_ipc on a GPU and CUDA cannot open an IPC handle in the
         # process that exported it (both workers live in this one)
         kv = KvTransferConfig(backend="zmq", verify=True, layerwise=False)
-        prefill_runner = runner_for(loaded)
-        decode_runner = runner_for(loaded, decode_pages, ImportFence(next(loaded.model.parameters()).device))
+        prefill_runner = runner_for(loaded, kv_dtype=kv_dtype)
+        decode_runner = runner_for(loaded, decode_pages, ImportFence(next(loaded.model.parameters()).device), kv_dtype)
         self.prefill = PrefillScheduler(SchedulerConfig(overlap=overlap), "prefill-0", prefill_runner, self.pc,
                                         KvHandoff.open("prefill-0", prefill_runner.kv_pool, kv), t)
         self.decode = DecodeScheduler(SchedulerConfig(overlap=overlap), "decode-0", decode_runner, self.dc,

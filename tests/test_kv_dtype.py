@@ -14,6 +14,7 @@ from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from cluster.kv_transfer.checksum import kv_checksum
 from tests.engine_fixtures import TINY_LLAMA, batch_input, prefill_input
+from tests.inprocess_workers import Pair, run_unified
 from tests.test_cpu_decode import LAYOUTS, _decode_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,3 +80,18 @@ def test_kv_dtype_config(tmp_path):
     path.write_text('[model]\ndevice = "cuda"\ndtype = "bfloat16"\nkv_dtype = "float32"\n')
     with pytest.raises(ConfigError, match="CPU-only"):
         load_config(path, env={})
+
+
+def test_a_bfloat16_handoff_between_workers_decodes_as_the_unified_worker(loaded):
+    """Prefill -> decode over real zmq frames, checksummed: the same greedy ids as one worker, both in bfloat16."""
+    prompts = ["The capital of France is", "Once upon a time"]
+    ref = run_unified(loaded, prompts, overlap=True, kv_dtype="bfloat16")
+    pair = Pair(loaded, kv_dtype="bfloat16")
+    assert pair.prefill.runner.kv_pool.kv.dtype == pair.decode.runner.kv_pool.kv.dtype == torch.bfloat16
+    for i, p in enumerate(prompts):
+        pair.submit(f"r{i}", p)
+    try:
+        assert pair.run(len(prompts)) == ref
+        assert pair.dc.errors() == [] and pair.pc.errors() == []
+    finally:
+        pair.close()
