@@ -261,7 +261,7 @@ class SpanViews:
     def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset())
         values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
-        if self.kv_dtype != q.dtype:   # bfloat16 KV: attention.span_attention_lowp's arithmetic, output bfloat16
+        if self.kv_dtype != q.dtype:   # bfloat16 KV: attention._decode_span_lowp's arithmetic, output bfloat16
             keys = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.k_offset + self.start)
             return self._bmm(q.to(self.kv_dtype).unsqueeze(1), keys, op=lowp_attention, values=values,
                              scale=self.scale).view(self.out_shape)
