@@ -8,12 +8,15 @@ with float32 activations they run a scalar reference loop (~20x slower, measured
 AVX-512), so native weights round the activations entering each matmul and its outputs to
 bfloat16, on every CPU where the kernels are vectorized (AVX2 and up; detected at run time).
 
-Packed kernels win only while a matmul is memory-bound: at about 16 rows and more, oneDNN's
-float32 GEMM is faster (BENCHMARKS.md, "CPU weights"). Larger forwards (prefill) therefore
-use a float32 copy that holds exactly the packed weights' values, with the same bfloat16
-rounding of activations and outputs: the two paths differ only in summation order. bfloat16
-rounding can still amplify that (and any other batching difference) into ~1% logit noise:
-native weights are not batch-invariant, so token-for-token comparisons use float32 weights.
+Packed kernels win only for a few rows: they dequantize in registers, once per few rows, so their
+time grows with the rows (compute-bound) while a GEMM's stays near its weight read. From
+`DENSE_MIN_ROWS` rows on (a decode batch, a prefill) a bfloat16 copy of the dequantized weights
+(built on first use, ~2 bytes a weight) goes through oneDNN's bfloat16 GEMM: 1.6x the packed
+kernel at 16 rows, 2x the float32 GEMM at 200 (AVX-512 with bf16; BENCHMARKS.md, "A decode batch
+of 16 on the CPU"). That copy rounds each dequantized weight to bfloat16 (8 significant bits), the
+activations and outputs round as the kernel's do. bfloat16 rounding turns any batching difference
+into ~1% logit noise: native weights are not batch-invariant, so token-for-token comparisons use
+float32 weights (whose parameters hold exactly the packed values).
 
 The kernel's dequantization is `(q - 8) * scale + zero`: a GGUF int4 group `q * scale + low`
 maps exactly with `zero = low + 8 * scale`; only scale and zero are rounded to bfloat16 (the
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None)   # the direct binding: ~1 µs less than torch.ops
 PACKED_MAX_ROWS = 16          # up to this many rows the packed kernel beats the float32 GEMM
+DENSE_MIN_ROWS = 6            # from this many rows a bfloat16 GEMM over dequantized weights beats the kernel
 _VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 
 
@@ -62,6 +66,8 @@ class _Int4Part:
         self.scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()   # [groups, rows, 2]
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self._unpacked = (q, scale.float(), zero.float())   # the float32 copy's source, dropped after
+        self.exact: Optional[torch.Tensor] = None   # float32 [rows, cols] holding exactly its values (attach_packed)
+        self._bf16: Optional[torch.Tensor] = None
 
     def dequantize(self) -> torch.Tensor:
         q, scale, zero = self._unpacked
@@ -71,6 +77,12 @@ class _Int4Part:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return (_INT4_MM or torch.ops.aten._weight_int4pack_mm_for_cpu)(x, self.packed, GROUP, self.scales)
+
+    def bf16(self) -> torch.Tensor:
+        """The dequantized weights rounded to bfloat16 (built on first use, from `exact`)."""
+        if self._bf16 is None:
+            self._bf16 = _bf16_copy(self.exact)
+        return self._bf16
 
 
 class _Int8RowsPart:
@@ -98,6 +110,8 @@ class PackedWeight:
 
     def __init__(self, blocks: QuantBlocks):
         self.shape = tuple(blocks.q.shape)
+        self.exact: Optional[torch.Tensor] = None   # float32 holding exactly the packed values (attach_packed)
+        self._bf16: Optional[torch.Tensor] = None
         if blocks.is_int4:
             self.parts = [_Int4Part(blocks.q, blocks.scale, blocks.low + 8 * blocks.scale)]
         elif blocks.group_size == GROUP:
@@ -128,6 +142,20 @@ class PackedWeight:
             out += p.matmul(x)
         return out
 
+    def bf16(self) -> torch.Tensor:
+        """bfloat16 [rows, cols]: the dequantized weights rounded (built on first use, from `exact`)."""
+        if not self.is_split and isinstance(self.parts[0], _Int4Part):
+            return self.parts[0].bf16()
+        if self._bf16 is None:
+            self._bf16 = _bf16_copy(self.exact)
+        return self._bf16
+
+    def set_exact(self, weight: torch.Tensor) -> None:
+        """`weight` (float32) holds exactly the packed values: the source of the bfloat16 copy."""
+        self.exact = weight
+        if not self.is_split and isinstance(self.parts[0], _Int4Part):
+            self.parts[0].exact = weight
+
     @property
     def is_split(self) -> bool:
         return len(self.parts) > 1
@@ -142,20 +170,26 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for p in self.parts for t in (p.packed, p.scales))
 
 
+def _bf16_copy(exact: Optional[torch.Tensor]) -> torch.Tensor:
+    if exact is None:
+        raise RuntimeError("packed weight without its float32 values (attach_packed sets them)")
+    return exact.detach().to(torch.bfloat16)
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight, bias, dense_gemm,
                   out_float: bool = True):
-    """Packed kernel for decode-sized inputs; `dense_gemm` on `weight` (the exact float32 copy) for
-    larger ones, with the same bfloat16 rounding of inputs and outputs. A weight split in two parts
-    (Q8_0) always takes the kernels: its output is rounded once per part, which one GEMM cannot
-    reproduce (it serves the LM head, which sees few rows: the sampled ones). `out_float=False`: a
-    one-part kernel's bfloat16 output as it is (its float32 values are exactly those), without bias."""
+    """Packed kernels below `DENSE_MIN_ROWS` rows; from there `dense_gemm` in bfloat16 on the weights'
+    bfloat16 copy, with the same bfloat16 rounding of inputs and outputs. `out_float=False`: a bfloat16
+    output as it is (one-part kernel or GEMM: its float32 values are exactly those), without bias."""
     xb = x.to(torch.bfloat16)
-    if x.shape[0] <= PACKED_MAX_ROWS or packed.is_split:
+    if x.shape[0] < DENSE_MIN_ROWS:
         if not out_float and bias is None and not packed.is_split:
             return packed.parts[0].matmul(xb)
         out = packed.matmul(xb)
     else:
-        out = dense_gemm(xb.float(), weight).bfloat16()
+        if packed.exact is None:
+            packed.set_exact(weight)
+        out = dense_gemm(xb, packed.bf16())
         if not out_float and bias is None:
             return out
         out = out.float()
@@ -191,6 +225,7 @@ def attach_packed(model: torch.nn.Module, blocks: dict[str, QuantBlocks]) -> int
             raise ValueError(f"packed {name}: shape {packed.shape} != {tuple(param.shape)} or a shard missing")
         param.copy_(packed.dequantize())
         packed.release_unpacked()
+        packed.set_exact(param)
         param.packed = packed
     return len(by_param)
 
