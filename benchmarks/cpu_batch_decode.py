@@ -9,6 +9,7 @@ spread by +-25%) prefilled, then `--steps` decode steps of all of them at once, 
     python benchmarks/cpu_batch_decode.py --batch 1,4,16 --weights native,float32
     python benchmarks/cpu_batch_decode.py --profile                # top ops of one step (torch profiler)
     python benchmarks/cpu_batch_decode.py --trees /path/to/before,.  # two checkouts in alternating processes
+    python benchmarks/cpu_batch_decode.py --agreement 32           # native batch logits against float32's
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,18 +50,20 @@ class Batch:
                        for i, (n, p) in enumerate(zip(lens, self.pages))]
         self.positions = list(lens)
 
-    def step(self) -> float:
+    def step(self, tokens: Optional[list[int]] = None, logits: bool = False):
+        """One decode step of every request (fed `tokens` instead of their own picks when given);
+        -> seconds, or with `logits` the step's float32 logits `[B, vocab]`."""
         b = len(self.tokens)
-        fi = ForwardInput(input_ids=torch.tensor(self.tokens, dtype=torch.int64), extend_lens=[1] * b,
+        fi = ForwardInput(input_ids=torch.tensor(tokens or self.tokens, dtype=torch.int64), extend_lens=[1] * b,
                           prefix_lens=list(self.positions), page_tables=[[]] * b, sample=[True] * b,
                           sampling=[GREEDY] * b, is_decode=True, block_table=torch.from_numpy(self.table),
-                          all_greedy=True)
+                          all_greedy=True, return_logits=logits)
         t0 = time.perf_counter()
         out = self.runner.forward(fi)
         dt = time.perf_counter() - t0
         self.tokens = out.next_token_ids.tolist()
         self.positions = [p + 1 for p in self.positions]
-        return dt
+        return out.logits if logits else dt
 
     def free(self) -> None:
         for p in self.pages:
@@ -93,6 +97,27 @@ def profile(llm: LLM, batch: int, args) -> None:
     finally:
         b.free()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
+def agreement(llms: dict[str, LLM], batch: int, args) -> str:
+    """Native against float32 weights over `args.agreement` decode steps of a batch, both fed float32's
+    greedy tokens: the largest logit difference per (step, request), and how often the argmax agrees."""
+    ref, native = (Batch(llms[w], batch, args.context, args.agreement) for w in ("float32", "native"))
+    try:
+        diffs, same = [], []
+        fed = ref.tokens
+        for _ in range(args.agreement):
+            a, b = ref.step(fed, logits=True), native.step(fed, logits=True)
+            fed = ref.tokens
+            diffs.append((b - a).abs().amax(dim=-1))
+            same.append(b.argmax(-1) == a.argmax(-1))
+    finally:
+        ref.free()
+        native.free()
+    diff, agree = torch.cat(diffs), torch.cat(same).float().mean()
+    return (f"batch {batch}, {args.agreement} steps: native vs float32 decode logits, max abs difference per "
+            f"request and step median {diff.median():.3f}, max {diff.max():.3f}; argmax agrees on "
+            f"{agree * 100:.1f}% (prompts prefilled by each, so the KV differs too)")
 
 
 TREE_PROBE = """
@@ -137,6 +162,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--trees", default="", help="','-separated checkouts: compare their engines instead")
+    ap.add_argument("--agreement", type=int, default=0, help="decode steps: native batch logits against float32's")
     return ap.parse_args(argv)
 
 
@@ -148,9 +174,15 @@ def main() -> None:
         i = argv.index("--trees")
         compare_trees(args.trees.split(","), argv[:i] + argv[i + 2:], args)
         return
+    if args.agreement:
+        args.weights = ["native", "float32"]
     llms = {w: LLM(num_pages=1024, page_size=16, cpu_weights=w) for w in args.weights}
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
+        if args.agreement:
+            for batch in args.batch:
+                print(agreement(llms, batch, args))
+            return
         if args.profile:
             for w, llm in llms.items():
                 print(f"{w} weights, batch {args.batch[0]}:")
