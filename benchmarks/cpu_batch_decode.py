@@ -10,6 +10,8 @@ spread by +-25%) prefilled, then `--steps` decode steps of all of them at once, 
     python benchmarks/cpu_batch_decode.py --profile                # top ops of one step (torch profiler)
     python benchmarks/cpu_batch_decode.py --trees /path/to/before,.  # two checkouts in alternating processes
     python benchmarks/cpu_batch_decode.py --agreement 32           # native batch logits against float32's
+    python benchmarks/cpu_batch_decode.py --kernel-ab              # steps alternating: LM head on the packed
+                                                                   # kernel (as before) / on the bf16 GEMM
 """
 from __future__ import annotations
 
@@ -120,6 +122,28 @@ def agreement(llms: dict[str, LLM], batch: int, args) -> str:
             f"{agree * 100:.1f}% (prompts prefilled by each, so the KV differs too)")
 
 
+def kernel_ab(llm: LLM, batch: int, args) -> str:
+    """Decode steps of one batch alternating between the LM head's two packed int4 passes at every row
+    count (the tree before) and its bfloat16 GEMM above SPLIT_PACKED_MAX_ROWS rows: pairs of steps under
+    the same load; -> the medians and the median per-pair ratio."""
+    from cluster.engine import quant_linear
+    split_rows = quant_linear.SPLIT_PACKED_MAX_ROWS
+    b = Batch(llm, batch, args.context, 2 * args.steps + 4)
+    kernel, dense = [], []
+    try:
+        for i in range(args.steps + 2):
+            for rows, out in ((1 << 30, kernel), (split_rows, dense)):
+                quant_linear.SPLIT_PACKED_MAX_ROWS = rows
+                out.append(b.step())
+    finally:
+        quant_linear.SPLIT_PACKED_MAX_ROWS = split_rows
+        b.free()
+    kernel, dense = kernel[2:], dense[2:]
+    ratio = statistics.median(d / k for k, d in zip(kernel, dense))
+    return (f"batch {batch}: packed kernel {statistics.median(kernel) * 1e3:.1f} ms/step, bf16 GEMM "
+            f"{statistics.median(dense) * 1e3:.1f} ms/step, median ratio of pairs {ratio:.2f}x")
+
+
 TREE_PROBE = """
 import sys, torch
 from benchmarks.cpu_batch_decode import measure, parse
@@ -163,6 +187,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--trees", default="", help="','-separated checkouts: compare their engines instead")
     ap.add_argument("--agreement", type=int, default=0, help="decode steps: native batch logits against float32's")
+    ap.add_argument("--kernel-ab", action="store_true", help="alternate steps: packed kernel / bf16 GEMM")
     return ap.parse_args(argv)
 
 
@@ -182,6 +207,12 @@ def main() -> None:
         if args.agreement:
             for batch in args.batch:
                 print(agreement(llms, batch, args))
+            return
+        if args.kernel_ab:
+            for r in range(args.rounds):
+                for batch in args.batch:
+                    print(f"round {r}: {kernel_ab(llms[args.weights[0]], batch, args)} "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
             return
         if args.profile:
             for w, llm in llms.items():

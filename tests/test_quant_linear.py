@@ -87,15 +87,16 @@ def test_fused_shards_of_mixed_kinds_fall_back_to_int8_rows():
 
 
 def test_small_and_large_forwards_agree_row_for_row():
-    """Decode-sized inputs take the packed kernel, larger ones the float32 copy: a row gets the same
-    output (to one bfloat16 rounding) either way, so batching does not change a request's numbers."""
+    """Decode-sized inputs take the packed kernel, larger ones a bfloat16 GEMM over the weights rounded to
+    bfloat16: a row's output differs between the two by about one bfloat16 rounding (of the weights,
+    not only of the output), so batching changes a request's numbers by noise, not more."""
     raw = random_blocks(T.Q4_1, 128, 256)
     packed = PackedWeight.fuse([from_gguf(raw, T.Q4_1, 128, 256)])
     weight = torch.nn.Parameter(packed.dequantize(), requires_grad=False)
     weight.packed = packed
     x = torch.randn(PACKED_MAX_ROWS + 8, 256, generator=torch.Generator().manual_seed(4))
     large, small = linear(x, weight), linear(x[:PACKED_MAX_ROWS], weight)
-    torch.testing.assert_close(small, large[:PACKED_MAX_ROWS], rtol=2 ** -7, atol=1e-3)
+    assert relative_error(small, large[:PACKED_MAX_ROWS]) < 2 ** -8
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from cluster.engine.attention import decode_attention, lowp_attention
 from cluster.engine.attention_context import AttentionContext
 from cluster.engine.gguf_blocks import GROUP
 from cluster.engine.linear import linear, matmul_threads
-from cluster.engine.quant_linear import _INT4_MM, DENSE_MIN_ROWS, _Int4Part
+from cluster.engine.quant_linear import _INT4_MM, PACKED_MAX_ROWS, _Int4Part
 
 FLAT_DECODE = True   # False: every step through the modules (tests compare the two)
 
@@ -122,7 +122,7 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
     num_tokens, d = x.shape[0], plan.head_dim
     cos, sin, scale = _rope_rows(plan, rope)
     attend = Attend(plan, ctx, cos, sin, scale)
-    if plan.native:
+    if plan.native and num_tokens <= PACKED_MAX_ROWS:
         return _run_native(plan, x, attend, gates, listeners)
     norm_shape, eps, rms_norm, silu = (plan.hidden,), plan.eps, torch.rms_norm, torch._C._nn.silu   # no F wrappers
     for i, w in enumerate(plan.layers):
@@ -138,16 +138,14 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
 
 
 def _run_native(plan: DecodePlan, x: torch.Tensor, attend: "Attend", gates, listeners) -> torch.Tensor:
-    """`run_layers` with every weight one packed int4 matmul (GGUF Q4): the kernels (from `DENSE_MIN_ROWS`
-    rows the bfloat16 GEMM over the weights' bfloat16 copy) called directly, and what enters them (both
-    norms, silu(gate) * up) rounded to bfloat16 by the op that computes it, into one buffer each, instead
-    of a float32 result and a conversion after it. The same values as `linear`."""
+    """`run_layers` with every weight one packed int4 matmul (GGUF Q4): the kernels called directly, and
+    what enters them (both norms, silu(gate) * up) rounded to bfloat16 by the op that computes it, into
+    one buffer each, instead of a float32 result and a conversion after it. The same values as `linear`."""
     num_tokens, d, eps = x.shape[0], plan.head_dim, plan.eps
     normed = x.new_empty((num_tokens, plan.hidden), dtype=torch.bfloat16)
     inter = plan.layers[0].gate_up.shape[0] // 2
     act = x.new_empty((num_tokens, inter), dtype=torch.bfloat16)
-    mm = _int4_matmul(matmul_threads()) if num_tokens < DENSE_MIN_ROWS else _bf16_matmul
-    mul, silu, bf16 = torch.mul, torch._C._nn.silu, torch.bfloat16
+    mm, mul, silu, bf16 = _int4_matmul(matmul_threads()), torch.mul, torch._C._nn.silu, torch.bfloat16
     attend.raw = True
     for i, w in enumerate(plan.layers):
         for hook in gates:
@@ -185,11 +183,6 @@ def _int4_matmul(threads: int):
         finally:
             set_threads(1)
     return mm
-
-
-def _bf16_matmul(xb: torch.Tensor, part: _Int4Part) -> torch.Tensor:
-    """`mm(x_bf16, part)` from `DENSE_MIN_ROWS` rows: oneDNN's bfloat16 GEMM on the part's bfloat16 copy."""
-    return torch._C._nn.linear(xb, part.bf16())
 
 
 class Attend:
