@@ -7,7 +7,7 @@ AVX-512 there: about 2x faster at every shape the model uses (1 to 4096 rows).
 
 A weight loaded with `cpu_weights = "native"` carries `weight.packed` (quant_linear.PackedWeight):
 its GGUF quantization packed for torch's int4/int8 kernels; the tensor itself holds the same
-values in float32 for forwards too large for them.
+values in float32, the source of the bfloat16 copy that forwards too large for the kernels use.
 
 Inside `small_ops_on_one_thread()` (a small CPU decode step, model_runner.py) only these weight
 matmuls run on all torch threads; the ~1,000 small ops between them (norms, rotary, attention
