@@ -9,13 +9,13 @@ AVX-512), so native weights round the activations entering each matmul and its o
 bfloat16, on every CPU where the kernels are vectorized (AVX2 and up; detected at run time).
 
 Packed kernels win only for a few rows: they dequantize in registers, once per few rows, so their
-time grows with the rows (compute-bound) while a GEMM's stays near its weight read. From
-`PACKED_MAX_ROWS` rows (a prefill, a decode batch above 16) a bfloat16 copy of the dequantized weights
-(built on first use, ~2 bytes a weight) goes through oneDNN's bfloat16 GEMM: 2x the float32 GEMM at
-200 rows (AVX-512 with bf16). In a decode step, whose weights come from memory, that GEMM only breaks
-even with the kernel at 16 rows, but the LM head (Q8_0: two kernel passes) gains from 6 rows on
-(BENCHMARKS.md, "A decode batch of 16 on the CPU"). That copy rounds each dequantized weight to bfloat16 (8 significant bits), the
-activations and outputs round as the kernel's do. bfloat16 rounding turns any batching difference
+time grows with the rows (compute-bound) while a GEMM's stays near its weight read. Above
+`PACKED_MAX_ROWS` rows (a prefill, a decode batch above 16) a bfloat16 copy of the dequantized
+weights (built on first use, ~2 bytes a weight) goes through oneDNN's bfloat16 GEMM: 2x the float32
+GEMM at 200 rows (AVX-512 with bf16). In a decode step, whose weights come from memory, that GEMM
+only breaks even with the kernel at 16 rows, but the LM head (Q8_0: two kernel passes) gains from 6
+rows on (BENCHMARKS.md, "A decode batch of 16 on the CPU"). That copy rounds each dequantized weight
+to bfloat16 (8 significant bits); activations and outputs round as the kernel's do. bfloat16 rounding turns any batching difference
 into ~1% logit noise: native weights are not batch-invariant, so token-for-token comparisons use
 float32 weights (whose parameters hold exactly the packed values).
 
@@ -180,8 +180,9 @@ def _bf16_copy(exact: Optional[torch.Tensor]) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight, bias, dense_gemm,
                   out_float: bool = True):
     """Packed kernels up to `PACKED_MAX_ROWS` rows (`SPLIT_PACKED_MAX_ROWS` for a weight in two parts);
-    above, `dense_gemm` in bfloat16 on the weights' bfloat16 copy, with the same bfloat16 rounding of inputs and outputs. `out_float=False`: a bfloat16
-    output as it is (one-part kernel or GEMM: its float32 values are exactly those), without bias."""
+    above, `dense_gemm` in bfloat16 on the weights' bfloat16 copy, with the same bfloat16 rounding of
+    inputs and outputs. `out_float=False`: a bfloat16 output as it is (one-part kernel or GEMM: its
+    float32 values are exactly those), without bias."""
     xb = x.to(torch.bfloat16)
     if x.shape[0] <= (SPLIT_PACKED_MAX_ROWS if packed.is_split else PACKED_MAX_ROWS):
         if not out_float and bias is None and not packed.is_split:
