@@ -15,9 +15,9 @@ weights (built on first use, ~2 bytes a weight) goes through oneDNN's bfloat16 G
 GEMM at 200 rows (AVX-512 with bf16). In a decode step, whose weights come from memory, that GEMM
 only breaks even with the kernel at 16 rows, but the LM head (Q8_0: two kernel passes) gains from 6
 rows on (BENCHMARKS.md, "A decode batch of 16 on the CPU"). That copy rounds each dequantized weight
-to bfloat16 (8 significant bits); activations and outputs round as the kernel's do. bfloat16 rounding turns any batching difference
-into ~1% logit noise: native weights are not batch-invariant, so token-for-token comparisons use
-float32 weights (whose parameters hold exactly the packed values).
+to bfloat16 (8 significant bits); activations and outputs round as the kernel's do. bfloat16
+rounding turns any batching difference into ~1% logit noise: native weights are not batch-invariant,
+so token-for-token comparisons use float32 weights (whose parameters hold exactly the packed values).
 
 The kernel's dequantization is `(q - 8) * scale + zero`: a GGUF int4 group `q * scale + low`
 maps exactly with `zero = low + 8 * scale`; only scale and zero are rounded to bfloat16 (the
