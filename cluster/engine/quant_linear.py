@@ -13,8 +13,10 @@ time grows with the rows (compute-bound) while a GEMM's stays near its weight re
 `PACKED_MAX_ROWS` rows (a prefill, a decode batch above 16) a bfloat16 copy of the dequantized
 weights (built on first use, ~2 bytes a weight) goes through oneDNN's bfloat16 GEMM: 2x the float32
 GEMM at 200 rows (AVX-512 with bf16). In a decode step, whose weights come from memory, that GEMM
-only breaks even with the kernel at 16 rows, but the LM head (Q8_0: two kernel passes) gains from 6
-rows on (BENCHMARKS.md, "A decode batch of 16 on the CPU"). That copy rounds each dequantized weight
+only breaks even with the kernel at 16 rows (BENCHMARKS.md, "A decode batch of 16 on the CPU"). The LM
+head (Q8_0: two kernel passes) would gain from 6 rows on, but it stays on the kernels at every row count:
+its logprobs must not depend on how many rows share a step (the unified worker returns the offline
+engine's logprobs: tests/test_unified_batch.py). That copy rounds each dequantized weight
 to bfloat16 (8 significant bits); activations and outputs round as the kernel's do. bfloat16
 rounding turns any batching difference into ~1% logit noise: native weights are not batch-invariant,
 so token-for-token comparisons use float32 weights (whose parameters hold exactly the packed values).
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None)   # the direct binding: ~1 µs less than torch.ops
 PACKED_MAX_ROWS = 16          # up to this many rows the packed kernel; above, a bfloat16 GEMM (dequantized copy)
-SPLIT_PACKED_MAX_ROWS = 5     # the same for a weight in two int4 parts (Q8_0: the tied LM head): two kernel passes
+SPLIT_PACKED_MAX_ROWS = 1 << 30   # a weight in two int4 parts (Q8_0: the tied LM head): always the kernels (row-invariant)
 _VECTOR_CAPABILITIES = ("AVX2", "AVX512")
 
 
