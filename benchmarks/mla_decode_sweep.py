@@ -69,7 +69,7 @@ def bandwidth_probe(device: str, latent_bytes: int) -> dict:
     a, b = src[:2 * n].view(torch.bfloat16), dst[:2 * n].view(torch.bfloat16)
     out["copy_latent_graph_gb_s"] = 2 * latent_bytes / (1e-3 * graph_ms(lambda: b.copy_(a))) / 1e9
     total = torch.empty((), dtype=torch.float32, device=device)
-    out["read_latent_graph_gb_s"] = latent_bytes / (1e-3 * graph_ms(lambda: torch.sum(a, dtype=torch.float32, out=total))) / 1e9
+    out["read_latent_graph_gb_s"] = latent_bytes / (1e-3 * graph_ms(lambda: torch.sum(a, 0, dtype=torch.float32, out=total))) / 1e9
     return out
 
 

@@ -85,12 +85,12 @@ class DecodeConfig:
 
 
 # Per head count (the smallest bound at or above the model's), bfloat16 / float16, on an H100, batch
-# 64 x 2,048 tokens (benchmarks/mla_decode_sweep.py). 16 heads: fused merge (13:08 UTC call of
-# 2026-12-07: 0.0710 ms against 0.0726 for the separate merge; at 17:29 a third stage gave 0.0729
-# against 0.0732, within noise, so not taken). 32 / 64 / 128 heads: the 17:29 UTC sweep's winners,
+# 64 x 2,048 tokens (benchmarks/mla_decode_sweep.py). 16 heads: whole pages through TMA, 16-token tiles,
+# 7 stages (22:00 UTC call of 2026-12-07: 0.0672 ms against 0.0724 for the pointer walk with fused merge;
+# pages shorter than 16 tokens or not contiguous take that pointer walk). 32 / 64 / 128 heads: the 17:29 UTC sweep's winners,
 # 0.1151 / 0.1328 / 0.2300 ms against 0.1438 / 0.1410 / 0.2500 for the defaults.
 TABLE: dict[int, DecodeConfig] = {
-    16: DecodeConfig(fused_merge=True),
+    16: DecodeConfig(block_n=16, num_stages=7, fused_merge=True, tma_pages=True),
     32: DecodeConfig(block_h=16, num_warps=4, fused_merge=True),
     64: DecodeConfig(programs_per_sm=1, block_h=64, num_warps=8, fused_merge=True),
     128: DecodeConfig(programs_per_sm=1, block_h=64, num_warps=8, fused_merge=True),
