@@ -19,16 +19,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
-# 1 = an autoregressive forward returns at launch, its outputs read later (opt-in: its CUDA tests and its
-# timing have not yet run on a GPU; the DLLM chained rounds' deferred reads have, and need no switch)
+# 1 (the default) = an autoregressive forward returns at launch, its outputs read later; 0 = the forward
+# thread syncs the stream after each forward (H100, 1B: deferred steps 0.72-0.74x waited ones, BENCHMARKS.md)
 DEFER_READS_ENV = "PDCLUSTER_DEFER_READS"
 
 
 def defer_reads(on_cuda: bool, overlap: bool) -> bool:
     """Whether a worker's forwards return at launch with their reads deferred: on CUDA under overlap
-    when switched on (a CPU forward is done when it returns; the normal loop reads each result before
+    unless switched off (a CPU forward is done when it returns; the normal loop reads each result before
     the next launch)."""
-    return on_cuda and overlap and os.environ.get(DEFER_READS_ENV, "0") == "1"
+    return on_cuda and overlap and os.environ.get(DEFER_READS_ENV, "1") != "0"
 
 
 class ForwardExecutor:
