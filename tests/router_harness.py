@@ -158,7 +158,9 @@ def assert_error(resp: httpx.Response, status: int, *needles: str) -> dict:
 def pd_pair(r, reply_decode: Optional[Reply] = None, suffix: str = "0"):
     prefill = r.worker(f"prefill-{suffix}", "prefill", MODEL)
     decode = r.worker(f"decode-{suffix}", "decode", MODEL, reply=reply_decode)
-    assert wait_for(lambda: r.dispatcher.directory.has_pair())
+    # this pair's own registration: a second pair must not be posted to before the router knows it
+    directory = r.dispatcher.directory
+    assert wait_for(lambda: directory.get(prefill.worker_id) is not None and directory.get(decode.worker_id) is not None)
     return prefill, decode
 
 
