@@ -50,11 +50,8 @@ class ChunkWire:
         # (connection_lost), so the cycle itself (a large object, cold per token) is not read
         return not (self.flow.write_paused or self.transport.is_closing())
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-
     def write_parts(self, head: bytes, middle: bytes, tail: bytes) -> None:
-        """`write(head + middle + tail)`, framed in one step (a token's event: no copy between)."""
+        """`head + middle + tail` as one chunk, framed in one step (a token's event: no copy between)."""
         self.transport.write(b"%x\r\n%b%b%b\r\n" % (len(head) + len(middle) + len(tail), head, middle, tail))
 
 
