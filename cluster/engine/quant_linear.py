@@ -69,8 +69,6 @@ class _Int4Part:
         self.scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()   # [groups, rows, 2]
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self._unpacked = (q, scale.float(), zero.float())   # the float32 copy's source, dropped after
-        self.exact: Optional[torch.Tensor] = None   # float32 [rows, cols] holding exactly its values (attach_packed)
-        self._bf16: Optional[torch.Tensor] = None
 
     def dequantize(self) -> torch.Tensor:
         q, scale, zero = self._unpacked
@@ -80,12 +78,6 @@ class _Int4Part:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return (_INT4_MM or torch.ops.aten._weight_int4pack_mm_for_cpu)(x, self.packed, GROUP, self.scales)
-
-    def bf16(self) -> torch.Tensor:
-        """The dequantized weights rounded to bfloat16 (built on first use, from `exact`)."""
-        if self._bf16 is None:
-            self._bf16 = _bf16_copy(self.exact)
-        return self._bf16
 
 
 class _Int8RowsPart:
@@ -147,17 +139,9 @@ class PackedWeight:
 
     def bf16(self) -> torch.Tensor:
         """bfloat16 [rows, cols]: the dequantized weights rounded (built on first use, from `exact`)."""
-        if not self.is_split and isinstance(self.parts[0], _Int4Part):
-            return self.parts[0].bf16()
         if self._bf16 is None:
             self._bf16 = _bf16_copy(self.exact)
         return self._bf16
-
-    def set_exact(self, weight: torch.Tensor) -> None:
-        """`weight` (float32) holds exactly the packed values: the source of the bfloat16 copy."""
-        self.exact = weight
-        if not self.is_split and isinstance(self.parts[0], _Int4Part):
-            self.parts[0].exact = weight
 
     @property
     def is_split(self) -> bool:
@@ -191,8 +175,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight, b
             return packed.parts[0].matmul(xb)
         out = packed.matmul(xb)
     else:
-        if packed.exact is None:
-            packed.set_exact(weight)
+        if packed.exact is None:   # a packed weight not made by attach_packed: `weight` holds its values
+            packed.exact = weight
         out = dense_gemm(xb, packed.bf16())
         if not out_float and bias is None:
             return out
@@ -229,7 +213,7 @@ def attach_packed(model: torch.nn.Module, blocks: dict[str, QuantBlocks]) -> int
             raise ValueError(f"packed {name}: shape {packed.shape} != {tuple(param.shape)} or a shard missing")
         param.copy_(packed.dequantize())
         packed.release_unpacked()
-        packed.set_exact(param)
+        packed.exact = param   # holds exactly the packed values: the source of the bfloat16 copy
         param.packed = packed
     return len(by_param)
 
