@@ -127,7 +127,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     loaded = load_model(args.preset, load_format="dummy", dtype=args.dtype, device=args.device)
     loaded._tokenizer = IdsOnlyTokenizer()
-    tokens = PROMPT_LEN + WARMUP_STEPS + args.steps + 8
+    # the scheduler's runs and the engine alone (at context PROMPT_LEN + steps // 2, then `steps` more)
+    tokens = max(PROMPT_LEN + WARMUP_STEPS + args.steps + 8, PROMPT_LEN + args.steps // 2 + args.steps + 2)
     num_pages = max(batches) * (-(-tokens // PAGE_SIZE) + 1) + 64
     t0 = time.perf_counter()
     runner = ModelRunner(loaded, num_pages, PAGE_SIZE, args.device, args.dtype, max_decode_batch=max(batches))
