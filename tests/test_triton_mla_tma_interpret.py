@@ -1,6 +1,6 @@
 """The MLA decode kernel's `tma_pages` walk (whole pages through tensor descriptors) under Triton's CPU
-interpreter against gathered latents and a float32 softmax: one or several pages a tile, the latent
-axis whole or in chunks, page ids read in the loop or ahead, requests ending mid-page (the rows past
+interpreter against gathered latents and a float32 softmax: one or several pages a tile, page by page or
+in pairs, the latent axis whole or in chunks, page ids read in the loop or ahead, requests ending mid-page (the rows past
 the length, NaN here, zeroed), on a page boundary, empty, split over several splits and head blocks.
 Skipped where Triton is missing and on CUDA machines."""
 import pytest
@@ -49,7 +49,11 @@ def _reference(q, cache, tables, lens, scale):
     (16, 3, 4, {"prefetch_pages": True}),        # page ids read a chunk at once into registers
     (64, 2, 20, {"prefetch_pages": True, "fused_merge": True}),
     (16, 3, 4, {"r_chunks": 2}),                 # the latent axis in chunks: 3-D page blocks
-    (32, 2, 20, {"r_chunks": 2, "block_h": 32, "prefetch_pages": True, "fused_merge": True})])
+    (32, 2, 20, {"r_chunks": 2, "block_h": 32, "prefetch_pages": True, "fused_merge": True}),
+    (32, 3, 4, {"page_pairs": True}),            # two pages per softmax step, ids read in the loop
+    (64, 2, 20, {"page_pairs": True, "prefetch_pages": True, "fused_merge": True}),   # two pairs a tile
+    (32, 2, 4, {"page_pairs": True, "r_chunks": 2, "max_registers": 128}),   # pairs in chunks; the cap
+    (16, 3, 4, {"page_pairs": True})])           # one page a tile: page by page
 def test_tma_pages_walk_gives_the_latents_of_the_gathered_softmax(kernels, block_n, splits, heads, tune):
     lens = [30, 96, 1, 0, 47]    # mid-page, on a page boundary, one token, empty (graph padding), partial tile
     q, cache, table, starts, tables = _case(block_n + splits, lens, heads)
@@ -97,3 +101,8 @@ def test_tma_pages_refuses_the_other_walks():
     for other in ({"tokens_major": True}, {"reload_q": True}):
         with pytest.raises(AssertionError):
             DecodeConfig(tma_pages=True, **other)
+    with pytest.raises(AssertionError):
+        DecodeConfig(page_pairs=True)                 # pairs of pages exist in the TMA walk only
+    for cap in (8, 256):
+        with pytest.raises(AssertionError):
+            DecodeConfig(max_registers=cap)

@@ -67,7 +67,8 @@ def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS
                       PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
                       RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr, PAGE_ROWS: tl.constexpr,
-                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr, TMA: tl.constexpr):
+                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr, TMA: tl.constexpr,
+                      PAIRS: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -87,7 +88,7 @@ def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS
         if TMA:
             q = q_c if R_CHUNKS == 1 else _query_chunks(QC, b64, h, live, stride_qcb, stride_qch, R, R_CHUNKS)
             m, total, acc = _attend_pages_tma(q, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE, R,
-                                              BLOCK_H, BLOCK_N, PRECISION, PREFETCH, R_CHUNKS)
+                                              BLOCK_H, BLOCK_N, PRECISION, PREFETCH, R_CHUNKS, PAIRS)
         elif TOKENS_MAJOR:
             m, total, acc = _attend_tokens_major(q_c, q_p, CACHE, pages, start, end, stride_page, qk_scale,
                                                  PAGE_SIZE, R, P, BLOCK_H, BLOCK_N, PRECISION, PAGE_ROWS)
@@ -187,8 +188,8 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         PAGE_SIZE=page_size, R=r, P=p, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
         PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=cfg.tokens_major, RELOAD_Q=cfg.reload_q,
         FUSED_MERGE=fused_merge, PAGE_ROWS=cfg.page_rows and cfg.block_n % page_size == 0,
-        PREFETCH=cfg.prefetch_pages, R_CHUNKS=cfg.r_chunks, TMA=desc_c is not None,
-        num_warps=cfg.warps(block_h), num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch_pages, R_CHUNKS=cfg.r_chunks, TMA=desc_c is not None, PAIRS=cfg.page_pairs,
+        num_warps=cfg.warps(block_h), num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
     if splits > 1 and not fused_merge:
         _mla_merge_kernel[(triton.cdiv(h, MERGE_ROWS), b)](part_o, part_lse, seq_lens, out, splits, h, R=r,
                                                             ROWS=MERGE_ROWS, BLOCK_N=cfg.block_n, num_warps=4)

@@ -32,7 +32,10 @@ class DecodeConfig:
     dots put the warps on the chunk axis: a warp holds a chunk of the query and the accumulator,
     not all of it), 1 = plain 2-D dots; tma_pages: whole pages read through tensor descriptors (TMA
     on Hopper), a tile being block_n // page_size pages (pages of 16 tokens or more; else the pointer
-    walk)."""
+    walk); max_registers: the compiler's cap on registers per thread (ptx .maxnreg; 0: its own choice),
+    to fit more programs per SM (65,536 registers: 4 warps at <= 168 fit three, 8 warps at <= 128 two);
+    page_pairs: with tma_pages, a tile's pages two at a time through one online-softmax step (tiles of
+    an even number of pages; else page by page)."""
     num_splits: int = 0
     programs_per_sm: float = 2
     block_n: int = 32
@@ -47,14 +50,18 @@ class DecodeConfig:
     float32_partials: bool = False
     r_chunks: int = 1
     tma_pages: bool = False
+    max_registers: int = 0
+    page_pairs: bool = False
 
     def __post_init__(self):
         assert 0 <= self.num_splits <= MAX_SPLITS and self.programs_per_sm > 0, self
         assert self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0, self
         assert self.block_h in (0, 16, 32, 64) and self.num_warps in (0, 1, 2, 4, 8, 16), self
         assert self.num_stages >= 1 and self.r_chunks in (1, 2, 4, 8), self
+        assert self.max_registers == 0 or 24 <= self.max_registers <= 255, self
         assert not (self.r_chunks > 1 and (self.tokens_major or self.reload_q)), self
         assert not (self.tma_pages and (self.tokens_major or self.reload_q)), self
+        assert self.tma_pages or not self.page_pairs, self
         if self.tokens_major and self.block_n > 32:
             # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than
             # the default orientation; refused until someone finds why

@@ -11,6 +11,11 @@ and picks each out with a masked sum, so the descriptor loads get every stage. A
 tile goes page by page with its rows past the length zeroed: no stale value there (NaN in a fresh pool)
 reaches a dot.
 
+`PAIRS`: a whole tile's pages go two at a time through one online-softmax step (`_pair_step`): both
+pages' score dots are independent (their chains of tensor-core steps interleave), and the row max, the
+row sum and the accumulator's rescale, each a round trip between warps or a pass over the accumulator,
+come once per 32 tokens instead of once per page.
+
 With R_CHUNKS > 1 the query `[C, H, RC]`, each page `[C, N, RC]` and the accumulator `[C, H, RC]` carry
 the chunk as a batch axis of 3-D dots, one chunk per warp when R_CHUNKS equals num_warps: a warp keeps its
 query chunk in registers and reads only its chunk of each page from shared memory, where heads-major
@@ -63,10 +68,54 @@ def _page_step(q, q_p, DESC_C, DESC_P, row, t0, end, m, total, acc, qk_scale, PA
 
 
 @triton.jit
+def _page_scores(q, q_p, DESC_C, DESC_P, row, qk_scale, R: tl.constexpr, R_CHUNKS: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """(latents of the whole page at cache row `row`, its scores `[H, PAGE_SIZE]` in base 2)."""
+    if R_CHUNKS > 1:
+        c = DESC_C.load([row, 0, 0])                                                  # [N, C, RC]
+        s = tl.sum(tl.dot(q, tl.permute(c, (1, 2, 0)), input_precision=PRECISION), 0)   # [H, N]
+    else:
+        c = DESC_C.load([row, 0])                                                     # [N, R]
+        s = tl.dot(q, tl.trans(c), input_precision=PRECISION)
+    s += tl.dot(q_p, tl.trans(DESC_P.load([row, R])), input_precision=PRECISION)
+    return c, s * qk_scale
+
+
+@triton.jit
+def _weighted(prob, c, acc, R_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + prob @ c: prob `[H, N]`, c a page's latents as loaded (`[N, R]` or `[N, C, RC]`)."""
+    if R_CHUNKS > 1:
+        prob3 = tl.broadcast_to(prob.to(c.dtype)[None, :, :], [R_CHUNKS, prob.shape[0], prob.shape[1]])
+        acc = tl.dot(prob3, tl.permute(c, (1, 0, 2)), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(prob.to(c.dtype), c, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _pair_step(q, q_p, DESC_C, DESC_P, row0, row1, m, total, acc, qk_scale, R: tl.constexpr,
+               R_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """Two whole pages (cache rows `row0`, `row1`) as one online-softmax step."""
+    c0, s0 = _page_scores(q, q_p, DESC_C, DESC_P, row0, qk_scale, R, R_CHUNKS, PRECISION)
+    c1, s1 = _page_scores(q, q_p, DESC_C, DESC_P, row1, qk_scale, R, R_CHUNKS, PRECISION)
+    m_new = tl.maximum(m, tl.max(tl.maximum(s0, s1), 1))
+    alpha = tl.exp2(m - m_new)
+    p0 = tl.exp2(s0 - m_new[:, None])
+    p1 = tl.exp2(s1 - m_new[:, None])
+    total = total * alpha + tl.sum(p0 + p1, 1)
+    if R_CHUNKS > 1:
+        acc = acc * alpha[None, :, None]
+    else:
+        acc = acc * alpha[:, None]
+    acc = _weighted(p1, c1, _weighted(p0, c0, acc, R_CHUNKS, PRECISION), R_CHUNKS, PRECISION)
+    return m_new, total, acc
+
+
+@triton.jit
 def _attend_pages_tma(q, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE: tl.constexpr,
                       R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr):
-    """Online softmax over [start, end) page by page -> (max, sum, accumulator `[H, R]`), base 2. `q`:
+                      PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr, PAIRS: tl.constexpr):
+    """Online softmax over [start, end) page by page (or pair by pair, `PAIRS`) -> (max, sum, accumulator `[H, R]`), base 2. `q`:
     `[H, R]`, or `_query_chunks`' `[C, H, RC]` with R_CHUNKS > 1."""
     PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
     ID_CHUNK: tl.constexpr = 128
@@ -77,22 +126,33 @@ def _attend_pages_tma(q, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_
     else:
         acc = tl.zeros([BLOCK_H, R], tl.float32)
     whole = start + (end - start) // BLOCK_N * BLOCK_N
+    STEP: tl.constexpr = 2 if PAIRS and PAGES % 2 == 0 else 1      # pages per online-softmax step
     if PREFETCH:
         k = tl.arange(0, ID_CHUNK)
         for c0 in range(start, whole, ID_CHUNK * PAGE_SIZE):
             c_end = tl.minimum(c0 + ID_CHUNK * PAGE_SIZE, whole)
             ids = tl.load(pages + c0 // PAGE_SIZE + k, mask=c0 + k * PAGE_SIZE < c_end, other=0).to(tl.int32)
             for n0 in range(c0, c_end, BLOCK_N):
-                for j in tl.static_range(PAGES):
+                for j in tl.static_range(0, PAGES, STEP):
                     row = tl.sum(tl.where(k == (n0 - c0) // PAGE_SIZE + j, ids, 0)) * PAGE_SIZE
-                    m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0 + j * PAGE_SIZE, end, m, total, acc,
-                                               qk_scale, PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
+                    if STEP == 2:
+                        row1 = tl.sum(tl.where(k == (n0 - c0) // PAGE_SIZE + j + 1, ids, 0)) * PAGE_SIZE
+                        m, total, acc = _pair_step(q, q_p, DESC_C, DESC_P, row, row1, m, total, acc, qk_scale, R,
+                                                   R_CHUNKS, PRECISION)
+                    else:
+                        m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0 + j * PAGE_SIZE, end, m, total,
+                                                   acc, qk_scale, PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
     else:
         for n0 in range(start, whole, BLOCK_N):
-            for j in tl.static_range(PAGES):
+            for j in tl.static_range(0, PAGES, STEP):
                 row = tl.load(pages + n0 // PAGE_SIZE + j).to(tl.int32) * PAGE_SIZE
-                m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0 + j * PAGE_SIZE, end, m, total, acc,
-                                           qk_scale, PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
+                if STEP == 2:
+                    row1 = tl.load(pages + n0 // PAGE_SIZE + j + 1).to(tl.int32) * PAGE_SIZE
+                    m, total, acc = _pair_step(q, q_p, DESC_C, DESC_P, row, row1, m, total, acc, qk_scale, R,
+                                               R_CHUNKS, PRECISION)
+                else:
+                    m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, n0 + j * PAGE_SIZE, end, m, total, acc,
+                                               qk_scale, PAGE_SIZE, R, R_CHUNKS, False, PRECISION)
     for t0 in range(whole, end, PAGE_SIZE):     # the last partial tile
         row = tl.load(pages + t0 // PAGE_SIZE).to(tl.int32) * PAGE_SIZE
         m, total, acc = _page_step(q, q_p, DESC_C, DESC_P, row, t0, end, m, total, acc, qk_scale,
