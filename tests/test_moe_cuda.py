@@ -110,9 +110,9 @@ def test_mla_decode_kernel_matches_gathered_latents_on_cuda(dtype, tol, heads, s
     (4, {"tma_pages": True, "page_pairs": True, "block_n": 32, "num_stages": 5, "fused_merge": True}),
     (3, {"tma_pages": True, "page_pairs": True, "prefetch_pages": True, "block_n": 64, "num_stages": 3}),
     (4, {"tma_pages": True, "block_n": 16, "num_stages": 7, "r_chunks": 8, "num_warps": 8, "max_registers": 128,
-         "fused_merge": True}),
+         "block_h": 16, "fused_merge": True}),
     (6, {"tma_pages": True, "block_n": 16, "num_stages": 5, "r_chunks": 4, "num_warps": 4, "max_registers": 168,
-         "fused_merge": True})])
+         "block_h": 16, "fused_merge": True})])
 def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, splits, tune):
     """The sweep's variants (mla_decode_sweep.py) in bfloat16, what runs them: page ids per page or two
     tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps, whole
