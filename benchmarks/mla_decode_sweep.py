@@ -1,17 +1,19 @@
 """MLA decode attention (DeepSeek-V2-Lite's latent: 512 + 64 per token, bf16) on one GPU: every candidate
 configuration of the latent kernels (triton_mla_config.DecodeConfig) timed from CUDA graphs against reading
 the latent once at the copy bandwidth measured here (goal: ratio <= 1.3), each checked against a float32
-softmax over the gathered latents first; the best per head count printed with its ratio and as a `TABLE`
-row for triton_mla_config.py. Then the whole absorbed step of one MlaAttention layer (W_UK absorption,
-the kernels, W_UV) with the table's configuration and with the best, and each of its matmuls alone (also on
-contiguous operands).
+softmax over the gathered latents first, the fastest few timed again in turns; per head count a line with
+the best (mla_sweep_report.py), then the `TABLE` to paste into triton_mla_config.py. Then the whole absorbed
+step of one MlaAttention layer (W_UK absorption, the kernels, W_UV) with the table's configuration and with
+the best, and each of its matmuls alone (also on contiguous operands).
 
-    python benchmarks/mla_decode_sweep.py --json mla.json                          # on the GPU machine
-    TRITON_INTERPRET=1 python benchmarks/mla_decode_sweep.py --device cpu --dtype float32 \\
+    python benchmarks/mla_decode_sweep.py --mla-quick --mla-no-step --mla-precompile 8 --mla-budget-s 200 \
+        --out OUT                                                                  # on the GPU machine
+    TRITON_INTERPRET=1 python benchmarks/mla_decode_sweep.py --device cpu --dtype float32 \
         --preset tiny-deepseek-v2 --batch 2 --context 72 --page-size 16 --mla-heads 16,32 --mla-quick  # rehearsal
 (moe_gpu.py --parts mla-sweep runs the same.) Pages are shuffled, as in a long-running pool. Pages of 16
 tokens or more take the `tma_pages` walk where a candidate asks for it (shorter ones the pointer walks).
-The candidates are in mla_decode_candidates.py; mla_compile_check.py compiles them for an H100 on a CPU.
+The candidates are in mla_decode_candidates.py; mla_compile_check.py compiles them for an H100 on a CPU;
+--mla-precompile compiles them in parallel processes first (mla_precompile.py).
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.mla_decode_candidates import candidates  # noqa: E402
+from benchmarks.mla_precompile import compile_key  # noqa: E402
+from benchmarks.mla_sweep_report import markdown, summary  # noqa: E402
 from cluster.engine import triton_mla_config  # noqa: E402
-from cluster.engine.attention_context import AttentionContext  # noqa: E402
 from cluster.engine.model_config import PRESETS  # noqa: E402
-from cluster.engine.triton_mla_config import DecodeConfig  # noqa: E402
 
 
 def graph_ms(fn, calls: int = 20, rounds: int = 5) -> float:
@@ -120,8 +122,9 @@ def reference(q_latent, q_pe, cache, tables, context: int, scale: float) -> torc
     return torch.bmm(probs, lat[..., :q_latent.shape[-1]])
 
 
-def sweep_heads(args, heads: int, floor_ms: float) -> list[dict]:
-    """Every candidate at this head count: its error against the float32 reference, then its time."""
+def sweep_heads(args, heads: int, floor_ms: float, deadline: float) -> list[dict]:
+    """Every candidate at this head count: its error against the float32 reference, then its time (none
+    past `deadline`, time.monotonic()); then the fastest few and the table's row timed again in turns."""
     from cluster.engine.triton_mla import decode_latent
     dtype = getattr(torch, args.dtype)
     q_latent, q_pe, cache, pages, starts, seq_lens, tables = latent_case(
@@ -135,58 +138,43 @@ def sweep_heads(args, heads: int, floor_ms: float) -> list[dict]:
             continue
         run = lambda cfg=cfg: decode_latent(q_latent, q_pe, cache, pages, starts, seq_lens, scale, cfg)  # noqa: E731
         row = {"heads": heads, "config": cfg.brief(), "ms": None}
+        if rows and time.monotonic() > deadline:          # the table's row (first) always runs
+            rows.append({**row, "ok": False, "skipped": "time budget", "_config": cfg})
+            continue
+        if (heads, compile_key(cfg).brief()) in args.broken:    # it would break this process's CUDA context
+            rows.append({**row, "ok": False, "skipped": "broke a precompile worker's CUDA context", "_config": cfg})
+            continue
+        t0 = time.monotonic()
         try:
             err = (run().float() - want).abs().max().item()
-            row.update(max_abs_err=err, ok=err <= tol)
+            row.update(max_abs_err=err, ok=err <= tol, first_call_s=round(time.monotonic() - t0, 2))
             row["ms"] = graph_ms(run, args.calls) if row["ok"] else None
         except Exception as e:  # noqa: BLE001 - triton's OutOfResources and compile errors alike
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
         if row["ms"]:
             row["ratio"] = row["ms"] / floor_ms
         print(json.dumps(row), flush=True)
-        rows.append({**row, "_config": cfg})
-    return rows
+        rows.append({**row, "_config": cfg, "_run": run})
+    confirm(rows, args, floor_ms)
+    return [{k: v for k, v in r.items() if k != "_run"} for r in rows]
 
 
-def bench_step(args, best: DecodeConfig | None, floor_ms: float) -> dict:
-    """One DeepSeek-V2-Lite MlaAttention layer's absorbed decode step from CUDA graphs, with the table's
-    configuration and with `best` in its place, and its two matmuls (W_UK absorption, W_UV) alone."""
-    from cluster.engine.mla import MlaAttention
-    cfg = PRESETS[args.preset]
-    dtype = getattr(torch, args.dtype)
-    layer = MlaAttention(cfg).to(device=args.device, dtype=dtype).eval()
-    m, b, length = cfg.mla, args.batch, args.context
-    _, _, cache, _, _, _, tables = latent_case(b, length, cfg.num_heads, m.kv_lora_rank, m.qk_rope_head_dim,
-                                               args.page_size, dtype, args.device)
-    ctx = AttentionContext.build([1] * b, [length - 1] * b, tables.tolist(), [0] * b, args.page_size, True,
-                                 args.device, None, dtype, "triton")
-    q_nope = torch.randn(b, cfg.num_heads, m.qk_nope_head_dim, device=args.device, dtype=dtype)
-    q_pe = torch.randn(b, cfg.num_heads, m.qk_rope_head_dim, device=args.device, dtype=dtype)
-    w_uk, w_uv = layer._up_weights()
-    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)
-    out = torch.empty(b, cfg.num_heads, m.v_head_dim, device=args.device, dtype=dtype)
-    lat = torch.randn(b, cfg.num_heads, m.kv_lora_rank, device=args.device, dtype=dtype)
-    row = {"step_absorb_ms": graph_ms(lambda: torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_latent), args.calls),
-           "step_up_ms": graph_ms(lambda: torch.bmm(lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1)),
-                                  args.calls)}
-    # the same matmuls on contiguous operands (weights copied once, as a loader could keep them): does
-    # cuBLAS pick a slower kernel for the kv_b_proj views and the [H, B] transposes?
-    q_heads, w_uk_c, w_uv_c = q_nope.transpose(0, 1).contiguous(), w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
-    lat_heads, out_heads = lat.transpose(0, 1).contiguous(), out.transpose(0, 1).contiguous()
-    row.update(step_absorb_contiguous_ms=graph_ms(lambda: torch.bmm(q_heads, w_uk_c, out=q_latent), args.calls),
-               step_up_contiguous_ms=graph_ms(lambda: torch.bmm(lat_heads, w_uv_c, out=out_heads), args.calls))
-    step = lambda: layer._decode_absorbed(q_nope, q_pe, cache[None], ctx)  # noqa: E731
-    row["step_table_ms"] = graph_ms(step, args.calls)
-    if best is not None:
-        key = min(h for h in triton_mla_config.TABLE if h >= cfg.num_heads)
-        kept = triton_mla_config.TABLE[key]
-        triton_mla_config.TABLE[key] = best        # the table as it would be with the sweep's winner
-        try:
-            row["step_best_ms"] = graph_ms(step, args.calls)
-        finally:
-            triton_mla_config.TABLE[key] = kept
-    row.update({k.replace("_ms", "_ratio"): v / floor_ms for k, v in list(row.items()) if k.startswith("step_")})
-    return row
+def confirm(rows: list[dict], args, floor_ms: float, top: int = 4, turns: int = 3) -> None:
+    """The fastest `top` rows and the table's (the first) timed again, in turns, `turns` times each: their
+    median is `confirm_ms`, what picks the winner (one timing each can order near-equal configs by noise)."""
+    timed = sorted((r for r in rows if r["ms"]), key=lambda r: r["ms"])[:top]
+    finalists = timed + [r for r in rows[:1] if r["ms"] and r not in timed]
+    if len(finalists) < 2 or not args.device.startswith("cuda"):
+        return
+    times = {id(r): [] for r in finalists}
+    for _ in range(turns):
+        for r in finalists:
+            times[id(r)].append(graph_ms(r["_run"], args.calls))
+    for r in finalists:
+        r["confirm_ms"] = statistics.median(times[id(r)])
+        r["ratio"] = r["confirm_ms"] / floor_ms
+    print(json.dumps({"heads": rows[0]["heads"], "confirmed": {r["config"]: round(r["confirm_ms"], 5)
+                                                               for r in finalists}}), flush=True)
 
 
 @torch.inference_mode()
@@ -200,35 +188,46 @@ def run_sweep(args) -> dict:
            "copy_gb_s": bandwidth / 1e9, "latent_read_ms": floor_ms, "mla_sweep": [], "mla_best": {}}
     out.update(bandwidth_probe(args.device, latent_bytes))
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (list, dict))}), flush=True)
-    best_16, summary = None, []
-    for heads in [int(h) for h in args.heads.split(",")]:
-        rows = sweep_heads(args, heads, floor_ms)
-        timed = sorted((r for r in rows if r["ms"]), key=lambda r: r["ms"])
-        table_brief = triton_mla_config.decode_config(heads, getattr(torch, args.dtype)).brief()
-        table_ms = next((r["ms"] for r in rows if r["config"] == table_brief and r["ms"]), None)
+    heads_list = [int(h) for h in args.heads.split(",")]
+    work = {h: [c for c in candidates(h, args.quick) if args.only in c.brief() and not (args.skip and args.skip in c.brief())]
+            for h in heads_list}
+    start, args.broken = time.monotonic(), set()
+    if args.precompile:
+        from benchmarks.mla_precompile import broken_contexts, precompile
+        from cluster.engine.triton_attention import _num_sms
+        out.update(precompile(args, work, args.precompile, _num_sms(torch.device(args.device)),
+                              timeout_s=args.budget_s / 2 if args.budget_s else 240))
+        args.broken = broken_contexts(out["precompile_errors"])
+        print(json.dumps({k: v for k, v in out.items() if k.startswith("precompile")}), flush=True)
+    # the time budget (precompiling included) shared by head count in proportion to its candidates; each
+    # still times its table row
+    total, done = sum(len(c) for c in work.values()), 0
+    best_16 = None
+    for heads in heads_list:
+        done += len(work[heads])
+        deadline = start + args.budget_s * done / max(1, total) if args.budget_s else float("inf")
+        rows = sweep_heads(args, heads, floor_ms, deadline)
+        timed = sorted((r for r in rows if r["ms"]), key=lambda r: r.get("confirm_ms") or r["ms"])
+        table_cfg = triton_mla_config.decode_config(heads, getattr(torch, args.dtype))
+        table = next((r for r in rows if r["config"] == table_cfg.brief() and r["ms"]), None)
         if timed:
             best = timed[0]
-            if heads == 16:
-                best_16 = best["_config"]
-            row = f"{heads}: {best['_config'].code()},"
-            out["mla_best"][heads] = {"config": best["config"], "ms": best["ms"], "ratio": best["ratio"],
-                                      "table_row": row, "table_config": table_brief, "table_ms": table_ms}
-            summary.append(f"{heads} heads: best {best['ms']:.4f} ms = {best['ratio']:.2f}x of one latent read; "
-                           f"table now ({table_brief}): {table_ms and f'{table_ms:.4f} ms = {table_ms / floor_ms:.2f}x'}; "
-                           f"TABLE row  {row}")
-            summary += [f"    {r['ms']:.4f} ms {r['ratio']:.2f}x  {r['config']}" for r in timed[:6]]
-        failed = [r["config"] for r in rows if not r["ok"]]
-        if failed:
-            summary.append(f"    {len(failed)} failed or wrong: {'; '.join(failed)}")
+            best_16 = best["_config"] if heads == 16 else best_16
+            out["mla_best"][heads] = {"config": best["config"], "code": best["_config"].code(),
+                                      "ms": best.get("confirm_ms") or best["ms"], "ratio": best["ratio"],
+                                      "table_config": table_cfg.brief(),
+                                      "table_ms": table and (table.get("confirm_ms") or table["ms"])}
         out["mla_sweep"] += [{k: v for k, v in r.items() if k != "_config"} for r in rows]
     if args.step:
+        from benchmarks.mla_step_bench import bench_step
         try:
             out.update(bench_step(args, best_16, floor_ms))
-            summary.append(json.dumps({k: round(v, 5) for k, v in out.items() if k.startswith("step_")}))
         except Exception as e:  # noqa: BLE001 - the sweep's summary still prints
-            summary.append(f"whole step failed: {type(e).__name__}: {str(e)[:300]}")
-    print(f"MLA decode, batch {args.batch} x {args.context} tokens, {out['latent_mb']:.0f} MB of latent read once "
-          f"at {out['copy_gb_s']:.0f} GB/s in {floor_ms:.4f} ms:", *summary, sep="\n", flush=True)
+            out["step_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    out["sweep_s"] = time.monotonic() - start
+    print(summary(out), flush=True)
+    steps = {k: round(v, 5) for k, v in out.items() if k.startswith("step_") and isinstance(v, float)}
+    print(json.dumps({**steps, "step_error": out.get("step_error"), "sweep_s": round(out["sweep_s"], 1)}), flush=True)
     return out
 
 
@@ -240,6 +239,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mla-only", dest="only", default="", help="only candidates whose config names this (tma_pages)")
     ap.add_argument("--mla-skip", dest="skip", default="", help="no candidates whose config names this (a variant "
                     "that left the CUDA context broken fails every later one)")
+    ap.add_argument("--mla-budget-s", dest="budget_s", type=float, default=0, help="seconds for all head counts "
+                    "(shared by their candidates; past a head count's share only its table row is timed); 0: no limit")
+    ap.add_argument("--mla-precompile", dest="precompile", type=int, default=0, help="compile the candidates in "
+                    "this many processes first (mla_precompile.py); 0: each on its first call")
 
 
 def interpret_on_cpu() -> None:
@@ -257,6 +260,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--json", default="")
+    ap.add_argument("--out", default="", help="a directory for mla_sweep.json and mla_sweep.md")
     add_arguments(ap)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -264,8 +268,14 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     result = {"device": name, **run_sweep(args)}
-    if args.json:
-        with open(args.json, "w") as f:
+    paths = [args.json] if args.json else []
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        paths.append(os.path.join(args.out, "mla_sweep.json"))
+        with open(os.path.join(args.out, "mla_sweep.md"), "w") as f:
+            f.write(markdown(result))
+    for path in paths:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
 
 
