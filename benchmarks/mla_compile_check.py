@@ -34,12 +34,14 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def launch_args(cfg, heads: int, rank: int = 512, rope: int = 64, page: int = 16, batch: int = 64, context: int = 2048):
-    """The split kernel's (args, kwargs) as decode_latent would launch it for `cfg` (CPU tensors
-    stand in: only dtypes, alignment and strides reach the compiler)."""
+def launch_args(cfg, heads: int, rank: int = 512, rope: int = 64, page: int = 16, batch: int = 64, context: int = 2048,
+                num_sms: int = 132):
+    """The split kernel's (args, kwargs) as decode_latent would launch it for `cfg` on an H100's `num_sms`
+    SMs (the split count decides whether the kernel merges; CPU tensors stand in: only dtypes, alignment
+    and strides reach the compiler)."""
     from cluster.engine import triton_mla
-    kept, recorder = triton_mla._mla_split_kernel, _Recorder()
-    triton_mla._mla_split_kernel = recorder
+    kept, kept_sms, recorder = triton_mla._mla_split_kernel, triton_mla._num_sms, _Recorder()
+    triton_mla._mla_split_kernel, triton_mla._num_sms = recorder, lambda device: num_sms
     try:
         per = context // page
         cache = torch.zeros(batch * per, page, rank + rope, dtype=torch.bfloat16)
@@ -47,7 +49,7 @@ def launch_args(cfg, heads: int, rank: int = 512, rope: int = 64, page: int = 16
         triton_mla.decode_latent(q[..., :rank], q[..., rank:], cache, torch.zeros(batch * per, dtype=torch.int64),
                                  torch.zeros(batch, dtype=torch.int64), torch.full((batch,), context), 0.07, cfg)
     finally:
-        triton_mla._mla_split_kernel = kept
+        triton_mla._mla_split_kernel, triton_mla._num_sms = kept, kept_sms
     return recorder.calls[0]
 
 

@@ -83,27 +83,31 @@ MANY_SPLITS = (1, 2, 4)
 # Quick mode, 16 heads (issue 21: the table's row at 1.35x of one latent read on an H100). Each entry: a
 # config and its programs per SM (batch 64 on 132 SMs: 2 / 1.5 give 4 / 3 splits, 256 / 192 programs; 3 /
 # 2.5 give 6 / 5). Figures from mla_compile_check.py (sm_90a): pages in flight per program, registers,
-# programs an SM holds; nothing spills in a main loop, and every grid is one wave.
+# shared memory; nothing spills in a main loop, every grid is one wave. All but the table's own row merge
+# with every split's loads issued at once (merge_at_once: the kernel's tail, about one L2 round trip
+# instead of two per split); the table's row with it alone measures that.
+M = dict(fused_merge=True, tma_pages=True, merge_at_once=True)
 R8 = dict(r_chunks=8, num_warps=8, max_registers=128)     # 8 warps capped at 128 registers: two per SM
 QUICK_16 = (
-    (C(**T, block_n=16, num_stages=7), (2, 1.5)),                       # the table's: 3 pages, 240 regs, 89 KB
-    (C(**T, block_n=16, num_stages=9), (2, 1.5)),                       # 4 pages, 107 KB: still two per SM
+    (C(**T, block_n=16, num_stages=7), (2, 1.5)),                       # the table's: 3 pages, 242 regs, 89 KB
+    (C(**M, block_n=16, num_stages=7), (2, 1.5)),
+    (C(**M, block_n=16, num_stages=9), (2, 1.5)),                       # 4 pages, 107 KB: still two per SM
     # two pages per online-softmax step: their score dots interleave, one max / sum / rescale per 32 tokens
-    (C(**T, page_pairs=True, block_n=32, num_stages=5), (2, 1.5)),      # 2 x 2 pages, 241 regs, 91 KB
-    (C(**T, page_pairs=True, prefetch_pages=True, block_n=32, num_stages=3), (2,)),   # 2 x 2 pages, 247 regs
+    (C(**M, page_pairs=True, block_n=32, num_stages=5), (2, 1.5)),      # 2 x 2 pages, 241 regs, 91 KB
+    (C(**M, page_pairs=True, prefetch_pages=True, block_n=32, num_stages=3), (2,)),   # 2 x 2 pages, 246 regs
     # the latent in 8 chunks over 8 warps (uncapped: 166 registers, one program per SM, so the sweeps at
-    # two per SM ran two waves): 16 warps per SM, QK chains of 4 tensor-core steps instead of 32
-    (C(**T, **R8, block_n=16, num_stages=7), (2, 1.5)),                 # 3 pages, 88 KB
-    (C(**T, **R8, block_n=16, num_stages=9), (2,)),                     # 4 pages, 106 KB
-    (C(**T, **R8, prefetch_pages=True, block_n=16, num_stages=4), (2,)),  # 3 pages, 80 KB
-    (C(**T, **R8, page_pairs=True, block_n=32, num_stages=5), (2,)),    # 2 x 2 pages, 98 KB (12 B spilled
-                                                                        # outside the main loop)
-    # three programs per SM: 4 warps capped at 168 registers, 70 KB (24 B spilled outside the main loop)
-    (C(**T, r_chunks=4, num_warps=4, max_registers=168, block_n=16, num_stages=5), (3, 2.5)))
+    # two per SM ran two waves): 16 warps per SM, QK chains of 4 tensor-core steps instead of 36
+    (C(**M, **R8, block_n=16, num_stages=7), (2, 1.5)),                 # 3 pages, 88 KB
+    (C(**M, **R8, block_n=16, num_stages=9), (2,)),                     # 4 pages, 106 KB
+    (C(**M, **R8, prefetch_pages=True, block_n=16, num_stages=4), (2,)),  # 3 pages, 80 KB
+    (C(**M, **R8, page_pairs=True, block_n=32, num_stages=5), (2,)),    # 2 x 2 pages, 98 KB (12 B spilled,
+                                                                        # none in the main loop)
+    # three programs per SM: 4 warps capped at 168 registers, 70 KB (68 B spilled, none in the main loop)
+    (C(**M, r_chunks=4, num_warps=4, max_registers=168, block_n=16, num_stages=5), (3, 2.5)))
 # quick mode, more heads: the table's row, then the TMA walk in head blocks of 16 (the 16-head shapes: every
 # block reads the latent, all but the first from L2), 32 and 64 (their accumulators fit one program per SM)
-QUICK_MORE = (C(**T, block_h=16, block_n=16, num_stages=7), C(**T, **R8, block_h=16, block_n=16, num_stages=7),
-              C(**T, block_h=32, num_warps=8, r_chunks=8, block_n=16, num_stages=5, prefetch_pages=True,
+QUICK_MORE = (C(**M, block_h=16, block_n=16, num_stages=7), C(**M, **R8, block_h=16, block_n=16, num_stages=7),
+              C(**M, block_h=32, num_warps=8, r_chunks=8, block_n=16, num_stages=5, prefetch_pages=True,
                 programs_per_sm=1),
               C(**T, block_h=64, num_warps=8, block_n=16, num_stages=5, programs_per_sm=1))
 

@@ -189,8 +189,8 @@ def run_sweep(args) -> dict:
     out.update(bandwidth_probe(args.device, latent_bytes))
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (list, dict))}), flush=True)
     heads_list = [int(h) for h in args.heads.split(",")]
-    work = {h: [c for c in candidates(h, args.quick) if args.only in c.brief() and not (args.skip and args.skip in c.brief())]
-            for h in heads_list}
+    work = {h: [c for c in candidates(h, args.quick)
+                if args.only in c.brief() and not (args.skip and args.skip in c.brief())] for h in heads_list}
     start, args.broken = time.monotonic(), set()
     if args.precompile:
         from benchmarks.mla_precompile import broken_contexts, precompile

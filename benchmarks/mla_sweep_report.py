@@ -49,14 +49,16 @@ def summary(out: dict) -> str:
              f"latent read once at {out['copy_gb_s']:.0f} GB/s (copy) in {out['latent_read_ms']:.4f} ms:"]
     for line, heads in zip(head_lines(out), sorted(out["mla_best"], key=int)):
         lines.append(line)
-        lines += [f"    {(r.get('confirm_ms') or r['ms']):.4f} ms {(r.get('confirm_ms') or r['ms']) / out['latent_read_ms']:.2f}x"
-                  f"  {r['config']}" for r in fastest(out, heads)]
+        for r in fastest(out, heads):
+            ms = r.get("confirm_ms") or r["ms"]
+            lines.append(f"    {ms:.4f} ms {ms / out['latent_read_ms']:.2f}x  {r['config']}")
     bad = [f"{r['heads']}: {r['config']}" for r in out["mla_sweep"] if not r.get("ok") and not r.get("skipped")]
     skipped = [r for r in out["mla_sweep"] if r.get("skipped")]
     if bad:
         lines.append(f"{len(bad)} failed or wrong: " + "; ".join(bad))
     if skipped:
-        lines.append(f"{len(skipped)} skipped (time budget): " + "; ".join(f"{r['heads']}: {r['config']}" for r in skipped))
+        lines.append(f"{len(skipped)} skipped: " + "; ".join(f"{r['heads']}: {r['config']} ({r['skipped']})"
+                                                          for r in skipped))
     lines += ["TABLE rows to paste into cluster/engine/triton_mla_config.py:", table_block(out)]
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ CONFIGS = {
     "tma_chunks": "DecodeConfig(fused_merge=True, tma_pages=True, prefetch_pages=True, block_n=16, num_stages=5, "
                   "r_chunks=4, num_warps=4)",
     "tma_ids_in_loop": "DecodeConfig(fused_merge=True, tma_pages=True, block_n=16, num_stages=7)",
-    "tma_pairs": "DecodeConfig(fused_merge=True, tma_pages=True, page_pairs=True, block_n=32, num_stages=5)",
+    "tma_pairs": "DecodeConfig(fused_merge=True, tma_pages=True, page_pairs=True, block_n=32, num_stages=5, "
+                 "merge_at_once=True)",
     "tma_chunks_capped": "DecodeConfig(fused_merge=True, tma_pages=True, block_n=16, num_stages=7, r_chunks=8, "
                          "num_warps=8, max_registers=128)",
     "three_per_sm": "DecodeConfig(fused_merge=True, tma_pages=True, block_n=16, num_stages=5, r_chunks=4, num_warps=4, "

@@ -59,4 +59,4 @@ def test_report_gives_a_line_per_head_count_and_the_table_to_paste():
     exec(block, namespace)                          # pastes as Python: the winner and the other rows as they are
     assert namespace["TABLE"] == {**triton_mla_config.TABLE, 16: best}
     text = summary(out)
-    assert "1 failed or wrong: 16: fused_merge=True" in text and "1 skipped (time budget)" in text
+    assert "1 failed or wrong: 16: fused_merge=True" in text and "1 skipped: 32: block_h=16 (time budget)" in text

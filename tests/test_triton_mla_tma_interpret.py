@@ -1,7 +1,8 @@
 """The MLA decode kernel's `tma_pages` walk (whole pages through tensor descriptors) under Triton's CPU
 interpreter against gathered latents and a float32 softmax: one or several pages a tile, page by page or
-in pairs, the latent axis whole or in chunks, page ids read in the loop or ahead, requests ending mid-page (the rows past
-the length, NaN here, zeroed), on a page boundary, empty, split over several splits and head blocks.
+in pairs, the latent axis whole or in chunks, page ids read in the loop or ahead, the fused merge in a loop
+or unrolled, requests ending mid-page (the rows past the length, NaN here, zeroed), on a page boundary,
+empty, split over several splits and head blocks.
 Skipped where Triton is missing and on CUDA machines."""
 import pytest
 import torch
@@ -53,7 +54,9 @@ def _reference(q, cache, tables, lens, scale):
     (32, 3, 4, {"page_pairs": True}),            # two pages per softmax step, ids read in the loop
     (64, 2, 20, {"page_pairs": True, "prefetch_pages": True, "fused_merge": True}),   # two pairs a tile
     (32, 2, 4, {"page_pairs": True, "r_chunks": 2, "max_registers": 128}),   # pairs in chunks; the cap
-    (16, 3, 4, {"page_pairs": True})])           # one page a tile: page by page
+    (16, 3, 4, {"page_pairs": True}),            # one page a tile: page by page
+    (32, 3, 20, {"fused_merge": True, "merge_at_once": True}),   # the merge unrolled to 4 splits, 1 masked
+    (16, 5, 4, {"fused_merge": True, "merge_at_once": True, "page_pairs": True})])
 def test_tma_pages_walk_gives_the_latents_of_the_gathered_softmax(kernels, block_n, splits, heads, tune):
     lens = [30, 96, 1, 0, 47]    # mid-page, on a page boundary, one token, empty (graph padding), partial tile
     q, cache, table, starts, tables = _case(block_n + splits, lens, heads)

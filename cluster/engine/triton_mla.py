@@ -52,6 +52,7 @@ from cluster.engine.triton_mla_config import DecodeConfig, decode_config
 MAX_BLOCK_H = 64  # heads per program: the float32 accumulator [64, 512] fills 8 warps' registers
 MERGE_ROWS = 4    # heads per merge program
 MAX_COUNTERS = 1 << 16   # (request, head block) pairs the fused merge can count
+MERGE_AT_ONCE = 8        # most splits `merge_at_once` unrolls (more: one after another)
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TOKENS_MAJOR: tl.constexpr,
                       RELOAD_Q: tl.constexpr, FUSED_MERGE: tl.constexpr, PAGE_ROWS: tl.constexpr,
                       PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr, TMA: tl.constexpr,
-                      PAIRS: tl.constexpr):
+                      PAIRS: tl.constexpr, MERGE_SPLITS: tl.constexpr):
     h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -112,7 +113,11 @@ def _mla_split_kernel(QC, QP, CACHE, DESC_C, DESC_P, PAGES, PAGE_START, SEQ_LENS
                 tl.debug_barrier()                        # NOTE: all of this block's partial stored first
                 counter = COUNTERS + b64 * tl.num_programs(0) + tl.program_id(0)
                 if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:   # the last split to finish merges
-                    _merge_rows(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R, BLOCK_H, ".cg")
+                    if MERGE_SPLITS:
+                        _merge_rows_at_once(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R, BLOCK_H,
+                                            MERGE_SPLITS)
+                    else:
+                        _merge_rows(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R, BLOCK_H, ".cg")
                     tl.store(counter, 0)                  # ready for the next launch (graph replays too)
 
 
@@ -131,6 +136,29 @@ def _merge_rows(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R: tl.const
         w = tl.exp2(tl.load(PART_LSE + rows * num_splits + i, mask=live, other=0.0, cache_modifier=CACHE) - top)
         acc += w[:, None] * tl.load(PART_O + (rows * num_splits + i)[:, None] * R + r[None, :], mask=live[:, None],
                                     other=0.0, cache_modifier=CACHE).to(tl.float32)
+        total += w
+    tl.store(OUT + rows[:, None] * R + r[None, :], (acc / total[:, None]).to(OUT.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit
+def _merge_rows_at_once(PART_O, PART_LSE, OUT, rows, live, num_splits, used, R: tl.constexpr, ROWS: tl.constexpr,
+                        SPLITS: tl.constexpr):
+    """`_merge_rows` (read past L1) over SPLITS >= used splits unrolled, those past `used` masked off: no
+    load waits on another, so the merge, the kernel's tail, takes about one round trip to L2 instead of
+    two per split."""
+    r = tl.arange(0, R)
+    top = tl.full([ROWS], float("-inf"), tl.float32)
+    for i in tl.static_range(SPLITS):
+        lse = tl.load(PART_LSE + rows * num_splits + i, mask=live & (i < used), other=0.0, cache_modifier=".cg")
+        top = tl.maximum(top, tl.where(i < used, lse, float("-inf")))
+    acc = tl.zeros([ROWS, R], tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    for i in tl.static_range(SPLITS):
+        use = live & (i < used)
+        lse = tl.load(PART_LSE + rows * num_splits + i, mask=use, other=0.0, cache_modifier=".cg")
+        w = tl.where(i < used, tl.exp2(lse - top), 0.0)
+        acc += w[:, None] * tl.load(PART_O + (rows * num_splits + i)[:, None] * R + r[None, :], mask=use[:, None],
+                                    other=0.0, cache_modifier=".cg").to(tl.float32)
         total += w
     tl.store(OUT + rows[:, None] * R + r[None, :], (acc / total[:, None]).to(OUT.dtype.element_ty), mask=live[:, None])
 
@@ -189,6 +217,8 @@ def decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         PRECISION=_precision(q_latent.dtype), TOKENS_MAJOR=cfg.tokens_major, RELOAD_Q=cfg.reload_q,
         FUSED_MERGE=fused_merge, PAGE_ROWS=cfg.page_rows and cfg.block_n % page_size == 0,
         PREFETCH=cfg.prefetch_pages, R_CHUNKS=cfg.r_chunks, TMA=desc_c is not None, PAIRS=cfg.page_pairs,
+        MERGE_SPLITS=triton.next_power_of_2(splits) if fused_merge and cfg.merge_at_once and splits <= MERGE_AT_ONCE
+        else 0,
         num_warps=cfg.warps(block_h), num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
     if splits > 1 and not fused_merge:
         _mla_merge_kernel[(triton.cdiv(h, MERGE_ROWS), b)](part_o, part_lse, seq_lens, out, splits, h, R=r,

@@ -35,7 +35,8 @@ class DecodeConfig:
     walk); max_registers: the compiler's cap on registers per thread (ptx .maxnreg; 0: its own choice),
     to fit more programs per SM (65,536 registers: 4 warps at <= 168 fit three, 8 warps at <= 128 two);
     page_pairs: with tma_pages, a tile's pages two at a time through one online-softmax step (tiles of
-    an even number of pages; else page by page)."""
+    an even number of pages; else page by page); merge_at_once: the fused merge (the kernel's tail) with
+    its loop over splits unrolled to a power of two, so every split's loads are issued before any is used."""
     num_splits: int = 0
     programs_per_sm: float = 2
     block_n: int = 32
@@ -52,6 +53,7 @@ class DecodeConfig:
     tma_pages: bool = False
     max_registers: int = 0
     page_pairs: bool = False
+    merge_at_once: bool = False
 
     def __post_init__(self):
         assert 0 <= self.num_splits <= MAX_SPLITS and self.programs_per_sm > 0, self
@@ -62,6 +64,7 @@ class DecodeConfig:
         assert not (self.r_chunks > 1 and (self.tokens_major or self.reload_q)), self
         assert not (self.tma_pages and (self.tokens_major or self.reload_q)), self
         assert self.tma_pages or not self.page_pairs, self
+        assert self.fused_merge or not self.merge_at_once, self
         if self.tokens_major and self.block_n > 32:
             # measured wrong on an H100 in bfloat16 (64-token tiles, 16 heads) and never faster than
             # the default orientation; refused until someone finds why

@@ -115,8 +115,8 @@ def _pair_step(q, q_p, DESC_C, DESC_P, row0, row1, m, total, acc, qk_scale, R: t
 def _attend_pages_tma(q, q_p, DESC_C, DESC_P, pages, start, end, qk_scale, PAGE_SIZE: tl.constexpr,
                       R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                       PREFETCH: tl.constexpr, R_CHUNKS: tl.constexpr, PAIRS: tl.constexpr):
-    """Online softmax over [start, end) page by page (or pair by pair, `PAIRS`) -> (max, sum, accumulator `[H, R]`), base 2. `q`:
-    `[H, R]`, or `_query_chunks`' `[C, H, RC]` with R_CHUNKS > 1."""
+    """Online softmax over [start, end) page by page (or pair by pair, `PAIRS`) -> (max, sum, accumulator
+    `[H, R]`), base 2. `q`: `[H, R]`, or `_query_chunks`' `[C, H, RC]` with R_CHUNKS > 1."""
     PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
     ID_CHUNK: tl.constexpr = 128
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
