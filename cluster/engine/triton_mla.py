@@ -20,7 +20,8 @@ holds a program's walk over its tiles: heads-major, the latent axis split over w
   contiguous, BLOCK_N-aligned slice of the request's tokens and writes its normalised partial
   output and base-2 log-sum-exp; a second kernel merges the splits of each (request, head), or
   with `fused_merge` the split of a head block that finishes last does (an arrival counter per
-  block, reset by that program). The split count fills about two programs per SM in one wave
+  block, reset by that program; `merge_at_once`: its loads all issued before any is used, the
+  kernel's tail one round trip to L2 instead of two per split). The split count fills about two programs per SM in one wave
   (`DecodeConfig.splits`) and depends on the batch shape only, never on lengths, so a decode CUDA
   graph captures a fixed grid. Each request uses only the splits its length fills with whole tiles
   (`_split_range`, in both kernels): the programs of the rest return at once, and a request with
