@@ -233,7 +233,7 @@ def run_sweep(args) -> dict:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mla-heads", dest="heads", default="16,32,64,128", help="head counts to sweep (the first 16: the step)")
-    ap.add_argument("--mla-quick", dest="quick", action="store_true", help="a few candidates only (rehearsals)")
+    ap.add_argument("--mla-quick", dest="quick", action="store_true", help="the few best guesses per head count (short GPU calls, rehearsals)")
     ap.add_argument("--mla-calls", dest="calls", type=int, default=20, help="calls per timed CUDA graph")
     ap.add_argument("--mla-no-step", dest="step", action="store_false", help="skip the whole absorbed step")
     ap.add_argument("--mla-only", dest="only", default="", help="only candidates whose config names this (tma_pages)")
