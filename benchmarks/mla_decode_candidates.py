@@ -102,6 +102,10 @@ QUICK_16 = (
     (C(**M, **R8, prefetch_pages=True, block_n=16, num_stages=4), (2,)),  # 3 pages, 80 KB
     (C(**M, **R8, page_pairs=True, block_n=32, num_stages=5), (2,)),    # 2 x 2 pages, 98 KB (12 B spilled,
                                                                         # none in the main loop)
+    # the table's pipeline with the latent in 4 / 2 chunks over 4 warps: QK chains of 8 / 16 steps
+    (C(**M, r_chunks=4, num_warps=4, block_n=16, num_stages=7), (2,)),  # 3 pages, 221 regs, 88 KB
+    (C(**M, r_chunks=2, num_warps=4, block_n=16, num_stages=7), (2,)),  # 255 regs (44 B spilled, not in
+                                                                        # the main loop)
     # three programs per SM: 4 warps capped at 168 registers, 70 KB (68 B spilled, none in the main loop)
     (C(**M, r_chunks=4, num_warps=4, max_registers=168, block_n=16, num_stages=5), (3, 2.5)))
 # quick mode, more heads: the table's row, then the TMA walk in head blocks of 16 (the 16-head shapes: every
