@@ -19,11 +19,12 @@ Invariants:
 With a host tier (`host_allocator` + `write_back`), a node's KV is on the device (`page`),
 in host memory (`host_page`), or both; -1 where it is not. The device-resident nodes are
 closed under taking the parent, so a request's matched device pages are a prefix and only
-device nodes are ever referenced. Evicting a device page writes it to a host page first
-(unless it has one), the node staying in the tree host-only; host pages are evicted least
-recently used too: a node's copy on both tiers loses its host copy, a host-only leaf goes. A
-device page evicted while a host load into it is still queued (its request was aborted) has that
-load cancelled (`cancel_loads`) before the page goes back to the allocator.
+device nodes are ever referenced. Evicting device pages writes those the tier's policy wants
+(`should_write`; `reused`: the node was part of a match) to host pages first, unless they have
+one, those nodes staying in the tree host-only; host pages are evicted least recently used too,
+once per device eviction: a copy on both tiers loses its host copy, a host-only leaf goes. A device
+page evicted while a host load into it is still queued (its request was aborted) has that load
+cancelled (`cancel_loads`) before the page goes back to the allocator.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from cluster.engine.page_allocator import PageAllocator
 
 
 class RadixNode:
-    __slots__ = ("key", "page", "host_page", "parent", "children", "ref_count", "last_used")
+    __slots__ = ("key", "page", "host_page", "parent", "children", "ref_count", "last_used", "reused")
 
     def __init__(self, key: tuple, page: int, parent: Optional["RadixNode"]):
         self.key = key                 # the page's token ids
@@ -43,8 +44,7 @@ class RadixNode:
         self.host_page = -1            # host-tier page; -1 when not there
         self.parent = parent
         self.children: dict[tuple, RadixNode] = {}
-        self.ref_count = 0
-        self.last_used = 0
+        self.ref_count, self.last_used, self.reused = 0, 0, False
 
     @property
     def depth(self) -> int:
@@ -65,14 +65,14 @@ CancelLoads = Callable[[list], None]         # (device pages): drop the host loa
 class RadixCache:
     def __init__(self, allocator: PageAllocator, page_size: int,
                  host_allocator: Optional[PageAllocator] = None, write_back: Optional[WriteBack] = None,
-                 host_pinned: Collection[int] = (), cancel_loads: Optional[CancelLoads] = None):
+                 host_pinned: Collection[int] = (), cancel_loads: Optional[CancelLoads] = None,
+                 should_write: Optional[Callable[[RadixNode], bool]] = None):
         assert page_size >= 1 and (host_allocator is None) == (write_back is None)
-        self.allocator = allocator
-        self.page_size = page_size
-        self.host_allocator = host_allocator
-        self.write_back = write_back
+        self.allocator, self.page_size = allocator, page_size
+        self.host_allocator, self.write_back = host_allocator, write_back
         self.host_pinned = host_pinned     # host pages a queued load still reads: not evicted
         self.cancel_loads = cancel_loads   # an evicted device page's queued load must not land later
+        self.should_write = should_write or (lambda node: True)   # the host tier's write policy
         self.root = RadixNode((), -1, None)
         self.root.ref_count = 1        # never evicted
         self.num_cached_pages = 0      # device-resident nodes below the root
@@ -104,6 +104,7 @@ class RadixCache:
             if child is None or child.page < 0:
                 break
             node = child
+            node.reused = True
             pages.append(node.page)
         self._touch(node)
         return pages, node
@@ -117,6 +118,7 @@ class RadixCache:
             if node is None or (node.page < 0 and node.host_page < 0):
                 break
             if node.page < 0:
+                node.reused = True
                 out.append(node)
         if out:
             self._touch(out[-1])               # most recent now: not what the host tier evicts next
@@ -151,9 +153,8 @@ class RadixCache:
             node = node.parent
 
     def unadopt(self, nodes: Sequence[RadixNode]) -> list[int]:
-        """Undo `adopt` where nobody references the pages yet (the request that loaded them was
-        not scheduled): deepest first, back to host-only; -> the device pages given up (the
-        caller frees them)."""
+        """Undo `adopt` where nobody references the pages yet (the request that loaded them was not
+        scheduled): deepest first, back to host-only; -> the device pages given up (caller frees)."""
         pages = []
         for node in reversed(nodes):
             if node.ref_count or any(c.page >= 0 for c in node.children.values()):
@@ -167,11 +168,9 @@ class RadixCache:
     # ---- insertion ---------------------------------------------------------------
     def insert(self, token_ids: Sequence[int], pages: Sequence[int], namespace: int = 0) -> tuple[RadixNode, int]:
         """Cache the whole pages of `token_ids` (KV in `pages`); -> (last node, pages added).
-
-        `pages[i]` holds tokens `[i * page_size, (i + 1) * page_size)`; pages beyond the
-        whole-page part of `token_ids` are not the tree's business. A given page the tree
-        already has a different page for is freed (two requests computed the same prefix).
-        """
+        `pages[i]` holds tokens `[i * page_size, (i + 1) * page_size)`; pages beyond the whole-page
+        part of `token_ids` are not the tree's business. A given page the tree already has a
+        different page for is freed (two requests computed the same prefix)."""
         num = min(len(token_ids) // self.page_size, len(pages))
         node, added, duplicates = self.root, 0, []
         for key, page in zip(self._keys(token_ids, num, namespace), pages):
@@ -196,30 +195,41 @@ class RadixCache:
     # ---- eviction ----------------------------------------------------------------
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` device pages of unreferenced nodes, least recently used
-        leaf (of the device nodes) first; with a host tier their KV goes there first."""
-        heap = [n for n in self._nodes() if n.page >= 0 and n.ref_count == 0
+        leaf (of the device nodes) first; with a host tier their KV goes there first (those
+        `should_write` wants), room made there by one host eviction for all of them."""
+        heap = [n for n in self._nodes(device_only=True) if n.ref_count == 0
                 and not any(c.page >= 0 for c in n.children.values())]
         heapq.heapify(heap)
-        freed, written, hosts = [], [], []
-        while heap and len(freed) < num_pages:
+        victims, chosen = [], set()
+        while heap and len(victims) < num_pages:
             node = heapq.heappop(heap)
+            victims.append(node)
+            chosen.add(node)
             parent = node.parent
-            if node.host_page < 0 and self.host_allocator is not None and self._host_allocate(node):
-                written.append(node.page)
-                hosts.append(node.host_page)
-            freed.append(node.page)
+            if parent is not self.root and parent.ref_count == 0 \
+                    and all(c.page < 0 or c in chosen for c in parent.children.values()):
+                heapq.heappush(heap, parent)
+        to_host = []
+        if self.host_allocator is not None:
+            to_host = [n for n in victims if n.host_page < 0 and self.should_write(n)]
+            short = len(to_host) - self.host_allocator.num_free_pages
+            if short > 0:              # NOTE: once for all: a walk of the tree per page was the cost
+                self.evict_host(short)
+            to_host = to_host[max(0, len(to_host) - self.host_allocator.num_free_pages):]   # parents last: kept
+            written, hosts = [n.page for n in to_host], self.host_allocator.allocate(len(to_host))
+            for node, host in zip(to_host, hosts):
+                node.host_page = host
+            self.num_host_pages += len(hosts)
+        freed = [n.page for n in victims]
+        for node in victims:
             node.page = -1
             if node.host_page < 0:             # nowhere else: the node goes (its subtree is host-only)
                 self._drop(node)
-            if parent is not self.root and parent.ref_count == 0 \
-                    and not any(c.page >= 0 for c in parent.children.values()):
-                heapq.heappush(heap, parent)
-        if written:
+        if to_host:
             self.write_back(written, hosts)
         if freed and self.cancel_loads is not None:
             self.cancel_loads(freed)           # NOTE: before the pages can be allocated again
-        if freed:
-            self.allocator.free(freed)
+        self.allocator.free(freed)
         self.num_cached_pages -= len(freed)
         self.num_evictable_pages -= len(freed)
         return len(freed)
@@ -237,17 +247,6 @@ class RadixCache:
         if hosts:
             self.host_allocator.free(hosts)
             self.num_host_pages -= len(hosts)
-
-    def _host_allocate(self, node: RadixNode) -> bool:
-        """Give `node` a host page, evicting the least recently used host copy if none is
-        free; -> whether it has one."""
-        if not self.host_allocator.num_free_pages:
-            self.evict_host(1)
-        if not self.host_allocator.num_free_pages:
-            return False
-        node.host_page = self.host_allocator.allocate(1)[0]
-        self.num_host_pages += 1
-        return True
 
     def evict_host(self, num_pages: int) -> int:
         """Free up to `num_pages` host pages, least recently used first: a node on both tiers
@@ -267,8 +266,7 @@ class RadixCache:
                 if parent.page < 0 and parent.host_page >= 0 and not parent.children \
                         and parent.host_page not in pinned:
                     heapq.heappush(heap, parent)
-        if freed:
-            self.host_allocator.free(freed)
+        self.host_allocator.free(freed)
         self.num_host_pages -= len(freed)
         return len(freed)
 
@@ -280,16 +278,20 @@ class RadixCache:
         return self.allocator.allocate(num_pages)
 
     # ---- introspection -----------------------------------------------------------
-    def _nodes(self):
+    def _nodes(self, device_only: bool = False):
+        """Every node; with `device_only` those with a device page (closed under the parent, so
+        host-only subtrees are not walked)."""
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
+            if device_only and node.page < 0:
+                continue
             yield node
             stack.extend(node.children.values())
 
     def pages(self) -> list[int]:
         """Device pages of the tree."""
-        return [n.page for n in self._nodes() if n.page >= 0]
+        return [n.page for n in self._nodes(device_only=True)]
 
     def host_pages(self) -> list[int]:
         return [n.host_page for n in self._nodes() if n.host_page >= 0]
