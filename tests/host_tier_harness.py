@@ -12,10 +12,12 @@ PAGE = 2
 NUM_PAGES = 6
 
 
-def manager(num_pages: int = NUM_PAGES, host_pages: int = 64, planes: int = 2) -> CacheManager:
+def manager(num_pages: int = NUM_PAGES, host_pages: int = 64, planes: int = 2, adaptive: bool = True) -> CacheManager:
+    """`adaptive=False`: the tier writes every evicted page (tests that expect all of them back)."""
     pool = KVPool(2, 1, 3, num_pages, PAGE, num_planes=planes)
     cm = CacheManager(PageAllocator(num_pages), PAGE)
     cm.enable_prefix_cache(HostTier(pool, host_pages))
+    cm.host_tier.policy.adaptive = adaptive
     return cm
 
 

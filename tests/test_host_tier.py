@@ -30,7 +30,7 @@ ops = st.one_of(
 
 
 def run_program(program, host_pages: int, exact: bool) -> None:
-    cm, model, live, n = manager(host_pages=host_pages), set(), [], 0
+    cm, model, live, n = manager(host_pages=host_pages, adaptive=not exact), set(), [], 0
 
     def request(ids: tuple, keep_live: bool) -> None:
         nonlocal n

@@ -5,10 +5,11 @@ device pool's planes, latent layout included), so one layer of a run of consecut
 is one contiguous block: one DMA per layer and run, which lets a load go layer by layer. On CUDA
 the memory is pinned.
 
-Write-back (`write`, on eviction from the device) runs at once: the pages are the tree's,
-which no forward writes, and once read they may be reused by anyone (a decode worker's KV
-import included). On CUDA a side stream gathers them into a staging block (the host waits for
-that gather only) and another carries the block to host memory behind the forwards.
+Write-back (`write`, on eviction from the device, of the pages `policy` wants: host_tier_policy.py)
+is issued at once: the pages are the tree's, which no forward writes. On CUDA the host waits for
+nothing: a side stream gathers them into a staging block, another carries it to host memory with
+one 2-D copy per run of host pages, and what may write the device pages next waits for the
+gather on the device (host_tier_copy.py; the forward stream in `flush`).
 
 Loads (`load`, on a host hit) must not run before the forwards already launched have
 finished: a freshly allocated page may still be written by one of them (a finished request
@@ -36,32 +37,13 @@ from typing import Optional
 
 import torch
 
+from cluster.engine.host_tier_copy import by_host_page, runs, write_cpu, write_cuda
+from cluster.engine.host_tier_policy import WritePolicy
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.load_cost import LoadCost, copy_bandwidth
 from cluster.engine.page_allocator import PageAllocator
 
 LAYERWISE_MIN_BYTES = 16 << 20   # a load this long goes layer by layer, overlapped with the forward
-
-
-def _by_host_page(host: list[int], dev: list[int], last_wins: bool = False) -> tuple[list[int], list[int]]:
-    """The (host, device) pairs in host page order: a prefix evicted leaf first got its host pages
-    in reverse, and sorted they are one run again (one DMA per layer and run). `last_wins` (a
-    write-back): a host page named twice keeps its last pair, since one eviction may give a host
-    page, take it back (the host tier's own eviction) and give it again before the copies run."""
-    pairs = sorted(dict(zip(host, dev)).items() if last_wins else zip(host, dev))
-    return [h for h, _ in pairs], [d for _, d in pairs]
-
-
-def _runs(pages: list[int]) -> list[tuple[int, int, int]]:
-    """(index into `pages`, first page, length) of each run of consecutive page ids."""
-    out, i = [], 0
-    while i < len(pages):
-        j = i + 1
-        while j < len(pages) and pages[j] == pages[j - 1] + 1:
-            j += 1
-        out.append((i, pages[i], j - i))
-        i = j
-    return out
 
 
 class HostTier:
@@ -76,7 +58,11 @@ class HostTier:
         if self.on_cuda:
             self.gather_stream, self.to_host_stream, self.load_stream = (
                 torch.cuda.Stream(pool.device) for _ in range(3))
-            self._gathered = None                  # event: the last write-back's pages are read
+        self._gathered = None                      # CUDA event: the last write-back's pages are read
+        self.reusers: list = []                    # CUDA streams that may write freed device pages (imports)
+        self.policy = WritePolicy(num_pages)
+        self.num_write_copies = 0                  # copies the write-backs issued (host-side work)
+        self._timed: list = []                     # (tokens, output) of deferred prefills, timed once read
         self.bytes_to_host = self.bytes_to_device = 0
         self.mirror = None                         # rank 0 of several: mirror(op, num_pages, host, device)
         self.layerwise_min_bytes = LAYERWISE_MIN_BYTES
@@ -107,30 +93,17 @@ class HostTier:
 
     # ---- device -> host, at once -------------------------------------------------
     def write(self, device_pages: list[int], host_pages: list[int]) -> None:
-        """Copy device pages to host pages (eviction from the device); the device pages may
-        be reused as soon as this returns."""
+        """Copy device pages to host pages (eviction from the device). On the CPU they are copied
+        when this returns; on CUDA the copy is queued and whatever may write the device pages next
+        waits for it on the device (the caller's stream, `reusers`, forwards through `flush`)."""
         if not device_pages:
             return
-        kv = self.pool.kv                          # [layers, planes, heads, pages, page_size, dim]
-        host_pages, device_pages = _by_host_page(host_pages, device_pages, last_wins=True)
-        index = torch.tensor(device_pages, dtype=torch.int64, device=kv.device)
-        if not self.on_cuda:
-            block = kv.index_select(3, index).permute(0, 3, 1, 2, 4, 5)
-            for i, first, n in _runs(host_pages):
-                self.kv[:, first:first + n].copy_(block[:, i:i + n])
+        host_pages, device_pages = by_host_page(host_pages, device_pages, last_wins=True)
+        if self.on_cuda:
+            self._gathered, copies = write_cuda(self, host_pages, device_pages, self.reusers)
         else:
-            self.gather_stream.wait_stream(torch.cuda.current_stream(kv.device))
-            with torch.cuda.stream(self.gather_stream):
-                block = kv.index_select(3, index).permute(0, 3, 1, 2, 4, 5).contiguous()
-                self._gathered = self.gather_stream.record_event()
-            self.to_host_stream.wait_event(self._gathered)
-            self.to_host_stream.wait_stream(self.load_stream)   # NOTE: a host page is read by its load first
-            with torch.cuda.stream(self.to_host_stream):
-                block.record_stream(self.to_host_stream)
-                for layer in range(block.shape[0]):    # host pages are layer-major: one DMA per layer and run
-                    for i, first, n in _runs(host_pages):
-                        self.kv[layer, first:first + n].copy_(block[layer, i:i + n], non_blocking=True)
-            self._gathered.synchronize()           # the device pages are free to reuse now
+            copies = write_cpu(self.kv, self.pool.kv, host_pages, device_pages)
+        self.num_write_copies += copies
         self.bytes_to_host += len(device_pages) * self.page_bytes
         if self.mirror is not None:
             self.mirror("tier_write", self.num_pages, host_pages, device_pages)
@@ -143,6 +116,7 @@ class HostTier:
                 self._pending.append((list(host_pages), list(device_pages)))
                 self._pin(host_pages)
             self.bytes_to_device += len(device_pages) * self.page_bytes
+            self.policy.on_load(len(device_pages))
 
     def cancel_load(self, device_pages: list[int]) -> None:
         """Drop the loads into `device_pages` that have not run (their request was not scheduled,
@@ -184,7 +158,11 @@ class HostTier:
         """Run the loads sealed for forwards up to the one about to run (on the forward thread).
         With `layerwise` (an eager forward that calls `before_layer`) a load of at least
         `layerwise_min_bytes` goes layer by layer: layer i of the forward waits for layer i's
-        copy only (on the CPU the copy runs then)."""
+        copy only (on the CPU the copy runs then). On CUDA the forward first waits for the
+        write-backs' gathers: it may write pages they read."""
+        gathered = self._gathered
+        if gathered is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(gathered)
         with self._lock:
             due = [pair for it, loads in self._sealed if it <= self._launching for pair in loads]
             self._sealed = [(it, loads) for it, loads in self._sealed if it > self._launching]
@@ -271,9 +249,9 @@ class HostTier:
 
     def _plan(self, host: list[int], dev: list[int]) -> tuple[list, Optional[torch.Tensor]]:
         """(runs of the host pages, device page index) of a load, for `_load_layer`."""
-        host, dev = _by_host_page(host, dev)
+        host, dev = by_host_page(host, dev)
         index = torch.tensor(dev, dtype=torch.int64).to(self.pool.device, non_blocking=True) if dev else None
-        return _runs(host), index
+        return runs(host), index
 
     def _load_layer(self, layer: int, runs: list, index: Optional[torch.Tensor]) -> None:
         if index is None:
@@ -285,8 +263,8 @@ class HostTier:
 
     def wrap_forward(self, forward):
         """`forward` preceded by `flush` and followed by `end_forward`; a prefill's time feeds the
-        cost model (on CUDA the forward returns once its result is on the host, so the time is the
-        device's)."""
+        cost model: its span on the device once its reader has waited for it (a deferred read,
+        `ForwardOutput.wait`: waiting here would hold back the next launch), else its time here."""
         def run(fi):
             self.flush(layerwise=not fi.is_decode)
             try:
@@ -295,12 +273,20 @@ class HostTier:
                 t0 = time.perf_counter()
                 out = forward(fi)
                 if getattr(out, "ready", None) is not None:
-                    out.wait()      # a deferred read: the cost model needs the prefill's device time
-                self.cost.observe_prefill(sum(fi.extend_lens), time.perf_counter() - t0)
+                    self._timed = self._observe_read(self._timed) + [(sum(fi.extend_lens), out)]
+                else:
+                    self.cost.observe_prefill(sum(fi.extend_lens), time.perf_counter() - t0)
                 return out
             finally:
                 self.end_forward()
         return run
+
+    def _observe_read(self, timed: list) -> list:
+        """Feed the cost model the deferred prefills read since; -> those still unread (the last 8)."""
+        for n, out in timed:
+            if out.ready is None and "step_s" in out.timings:
+                self.cost.observe_prefill(n, out.timings["step_s"])
+        return [(n, out) for n, out in timed if out.ready is not None][-8:]
 
 
 def attach_host_tier(executor, runner, gigabytes: float) -> HostTier:
@@ -309,6 +295,10 @@ def attach_host_tier(executor, runner, gigabytes: float) -> HostTier:
     by layer inside it (`runner`'s model calls `before_layer`); the wrapper also times prefills
     for its cost model."""
     tier = HostTier.sized(runner.kv_pool, gigabytes)
+    fence = getattr(runner, "import_fence", None)
+    if tier.on_cuda and fence is not None:         # a decode worker's KV imports may take evicted pages
+        with fence.stream():
+            tier.reusers.append(torch.cuda.current_stream(tier.pool.device))
     if runner.followers is not None:               # the other ranks keep theirs in step
         tier.mirror = runner.followers.send_tier
     runner.add_layer_gate(tier.before_layer)

@@ -40,7 +40,7 @@ class CacheManager:
                 self.tree = RadixCache(self.allocator, self.page_size)
             else:
                 self.tree = RadixCache(self.allocator, self.page_size, host_tier.allocator, host_tier.write,
-                                       host_tier.loading, host_tier.cancel_load)
+                                       host_tier.loading, host_tier.cancel_load, host_tier.policy.wants)
 
     def drop_prefix_cache(self) -> None:
         """Free every cached page (no request may hold any): the pool goes to another role."""
