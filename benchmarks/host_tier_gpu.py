@@ -133,12 +133,13 @@ def multi_turn(loaded, args, host_tier_gb: float, layerwise: bool = True) -> dic
         convs = [ids + out[f"c{i}t{turn}"] + [rng.randrange(3, vocab) for _ in range(args.turn_tokens)]
                  for i, ids in enumerate(convs)]
     cache, where = s.cache, phases(s, sent_at)
+    written = writes(cache.host_tier)
     release(s)
     layered = cache.host_tier.num_layerwise_loads if cache.host_tier is not None else 0
     return {"ttft_p50_turn2plus_s": round(statistics.median(later), 4), "turn2plus": where,
             "layerwise_loads": layered,
             "hit_tokens": cache.tier_gauges()["prefix_cache_hit_tokens_total"],
-            "query_tokens": cache.num_query_tokens, **{k: v for k, v in cache.tier_gauges().items()
+            "query_tokens": cache.num_query_tokens, **written, **{k: v for k, v in cache.tier_gauges().items()
                                                        if k != "prefix_cache_hit_tokens_total"}}
 
 
@@ -148,8 +149,17 @@ def no_reuse(loaded, args, host_tier_gb: float) -> dict:
     s = scheduler(loaded, args, host_tier_gb)
     prompts = {f"u{i}": [rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for i in range(args.unique)}
     _, seconds, tokens = serve(s, prompts, args)
+    tier = s.cache.host_tier
     release(s)
-    return {"tok_s": round(tokens / seconds, 1), "seconds": round(seconds, 2)}
+    return {"tok_s": round(tokens / seconds, 1), "seconds": round(seconds, 2), **writes(tier)}
+
+
+def writes(tier) -> dict:
+    """What the tier's write-backs did: pages written and skipped (its write policy), copies issued."""
+    if tier is None:
+        return {}
+    return {"pages_written": tier.bytes_to_host // tier.page_bytes, "pages_skipped": tier.policy.num_skipped,
+            "write_copies": tier.num_write_copies, "selective_at_end": tier.policy.selective}
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def unique_prompts(cm, count: int, pages: int = 3, first: int = 1000) -> None:
 
 
 def test_without_reuse_the_tier_turns_selective_after_a_window_and_writes_few_pages():
-    cm = manager(num_pages=8, host_pages=64)
+    cm = manager(num_pages=8, host_pages=48)
     policy = cm.host_tier.policy
     assert policy.window == 64 and not policy.selective
     unique_prompts(cm, 40)                        # 120 pages evicted, none ever loaded

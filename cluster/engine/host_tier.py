@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from cluster.engine.host_tier_copy import by_host_page, runs, write_cpu, write_cuda
+from cluster.engine.host_tier_copy import by_host_page, runs_of, write_cpu, write_cuda
 from cluster.engine.host_tier_policy import WritePolicy
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.load_cost import LoadCost, copy_bandwidth
@@ -251,7 +251,7 @@ class HostTier:
         """(runs of the host pages, device page index) of a load, for `_load_layer`."""
         host, dev = by_host_page(host, dev)
         index = torch.tensor(dev, dtype=torch.int64).to(self.pool.device, non_blocking=True) if dev else None
-        return runs(host), index
+        return runs_of(host), index
 
     def _load_layer(self, layer: int, runs: list, index: Optional[torch.Tensor]) -> None:
         if index is None:

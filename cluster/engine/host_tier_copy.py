@@ -12,9 +12,8 @@ decode worker's KV imports) and, through `HostTier.flush`, the forward stream. A
 gathered after what the caller's stream launched so far; the tree's pages are written by no
 forward, so nothing in flight elsewhere changes them.
 
-Measured on this VM's CPU with an 8B-shaped pool (32 layers, benchmarks/host_tier_gpu.py
---count-copies): one write-back of a 64-page prefix issued 32 copies (one per layer and run),
-now one per run.
+An 8B's write-back of one evicted 64-page prefix (one run of host pages) issued 32 copies and
+waited for its gather on the host; now it issues one copy and waits for nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +23,10 @@ import torch
 
 from cluster.kv_transfer import cuda_memcpy
 from cluster.kv_transfer.page_copy import Copy2D
+
+# cudaMemcpy2D's largest pitch (cudaDevAttrMaxPitch): a host tier whose layer is longer (~32 GB of
+# an 8B's pages) takes the per-layer copies; a refused 2-D copy would turn 2-D copies off process-wide
+MAX_PITCH = (1 << 31) - 1
 
 
 def by_host_page(host: list[int], dev: list[int], last_wins: bool = False) -> tuple[list[int], list[int]]:
@@ -35,7 +38,7 @@ def by_host_page(host: list[int], dev: list[int], last_wins: bool = False) -> tu
     return [h for h, _ in pairs], [d for _, d in pairs]
 
 
-def runs(pages: list[int]) -> list[tuple[int, int, int]]:
+def runs_of(pages: list[int]) -> list[tuple[int, int, int]]:
     """(index into `pages`, first page, length) of each run of consecutive page ids."""
     out, i = [], 0
     while i < len(pages):
@@ -64,9 +67,11 @@ def plan_2d(host_kv: torch.Tensor, block: torch.Tensor, host_runs: list) -> list
 
 def copy_to_host(host_kv: torch.Tensor, block: torch.Tensor, host_runs: list, stream) -> int:
     """Enqueue the block's runs into the host pages on `stream` (current); -> copies issued."""
-    if host_kv.is_pinned() and cuda_memcpy.memcpy_2d(plan_2d(host_kv, block, host_runs), block.data_ptr(),
-                                                     host_kv.data_ptr(), stream.cuda_stream):
-        return len(host_runs)
+    plan = plan_2d(host_kv, block, host_runs)
+    if host_kv.is_pinned() and max(plan[0].src_pitch, plan[0].dst_pitch) <= MAX_PITCH:
+        with torch.cuda.device(block.device):
+            if cuda_memcpy.memcpy_2d(plan, block.data_ptr(), host_kv.data_ptr(), stream.cuda_stream):
+                return len(host_runs)
     for layer in range(block.shape[0]):        # the fallback: one copy per layer and run
         for i, first, n in host_runs:
             host_kv[layer, first:first + n].copy_(block[layer, i:i + n], non_blocking=True)
@@ -76,7 +81,7 @@ def copy_to_host(host_kv: torch.Tensor, block: torch.Tensor, host_runs: list, st
 def write_cpu(host_kv: torch.Tensor, pool_kv: torch.Tensor, host_pages: list[int], device_pages: list[int]) -> int:
     """Synchronous write-back; -> copies issued."""
     block = gather(pool_kv, device_pages)
-    host_runs = runs(host_pages)
+    host_runs = runs_of(host_pages)
     for i, first, n in host_runs:
         host_kv[:, first:first + n].copy_(block[:, i:i + n])
     return len(host_runs)
@@ -96,7 +101,7 @@ def write_cuda(tier, host_pages: list[int], device_pages: list[int], reusers: It
     tier.to_host_stream.wait_stream(tier.load_stream)
     with torch.cuda.stream(tier.to_host_stream):
         block.record_stream(tier.to_host_stream)
-        copies = copy_to_host(tier.kv, block, runs(host_pages), tier.to_host_stream)
+        copies = copy_to_host(tier.kv, block, runs_of(host_pages), tier.to_host_stream)
     caller.wait_event(gathered)                   # NOTE: the device pages may be taken again from here on
     for stream in reusers:
         stream.wait_event(gathered)

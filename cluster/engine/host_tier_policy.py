@@ -6,7 +6,9 @@ while its measured usefulness says reuse exists, and only a few otherwise (selec
 
 - usefulness, over windows of `window` device pages offered to the tier (evicted with no host
   copy): host pages loaded / host pages written in the window. A page written lives in the host
-  tier for about its capacity in further writes, so its reuse shows within a window of half that.
+  tier for about its capacity in further writes, so a reuse the tier can serve shows within a
+  window of that many (half of it was too short: a 16-conversation chat on the CPU turned
+  selective in its first turn).
 - below `min_useful` the tier turns selective: it writes a page a match has reused (`RadixNode.reused`)
   and the pages of one prefix in `sample` (chosen by the prefix's first page, so a sampled
   prefix is written whole and can be loaded back). Loads of those keep measuring usefulness: at
@@ -27,7 +29,7 @@ MIN_WINDOW = 64          # pages offered per window, at least
 class WritePolicy:
     def __init__(self, host_pages: int, adaptive: bool = True, window: int = 0):
         self.adaptive = adaptive             # False: write every evicted page (write-back)
-        self.window = window or max(MIN_WINDOW, host_pages // 2)
+        self.window = window or max(MIN_WINDOW, host_pages)
         self.min_useful, self.sample = MIN_USEFUL, SAMPLE
         self.selective = False
         self.offered = self.written = self.loaded = 0     # in the current window
