@@ -85,6 +85,21 @@ def test_selective_writes_keep_a_reused_page_and_sampled_prefixes_whole():
     tree.check_integrity()
 
 
+def test_a_selective_tier_writes_every_page_again_once_its_sampled_writes_are_loaded():
+    policy = WritePolicy(host_pages=64)
+    prefixes = [SimpleNamespace(key=(k, k), parent=SimpleNamespace(parent=None), reused=False) for k in range(64)]
+    assert all(policy.wants(n) for n in prefixes)             # the first window writes everything
+    assert not policy.wants(next(n for n in prefixes if hash(n.key) % policy.sample))   # no loads: selective
+    assert policy.selective
+    written = sum(policy.wants(n) for n in prefixes[1:])
+    assert 0 < written < 64 // 2
+    policy.on_load(written)                                   # the sampled prefixes came back
+    policy.wants(prefixes[0])
+    assert not policy.selective and all(policy.wants(n) for n in prefixes[1:])   # to the window's end
+    unadaptive = WritePolicy(host_pages=64, adaptive=False)
+    assert all(unadaptive.wants(n) for n in prefixes * 3) and not unadaptive.selective
+
+
 def test_a_device_eviction_evicts_the_host_tier_once():
     cm = manager(num_pages=8, host_pages=6, adaptive=False)
     calls = []
