@@ -22,9 +22,9 @@ closed under taking the parent, so a request's matched device pages are a prefix
 device nodes are ever referenced. Evicting device pages writes those the tier's policy wants
 (`should_write`; `reused`: the node was part of a match) to host pages first, unless they have
 one, those nodes staying in the tree host-only; host pages are evicted least recently used too,
-once per device eviction: a copy on both tiers loses its host copy, a host-only leaf goes. A device
-page evicted while a host load into it is still queued (its request was aborted) has that load
-cancelled (`cancel_loads`) before the page goes back to the allocator.
+once per device eviction (1/32 of the tier ahead): a copy on both tiers loses its host copy, a
+host-only leaf goes. A device page evicted while a host load into it is still queued (its request
+was aborted) has that load cancelled (`cancel_loads`) before the page goes back to the allocator.
 """
 from __future__ import annotations
 
@@ -213,8 +213,8 @@ class RadixCache:
         if self.host_allocator is not None:
             to_host = [n for n in victims if n.host_page < 0 and self.should_write(n)]
             short = len(to_host) - self.host_allocator.num_free_pages
-            if short > 0:              # NOTE: once for all: a walk of the tree per page was the cost
-                self.evict_host(short)
+            if short > 0:   # NOTE: once for all and 1/32 of the tier ahead: each call walks the tree
+                self.evict_host(max(short, self.host_allocator.num_pages // 32))
             to_host = to_host[max(0, len(to_host) - self.host_allocator.num_free_pages):]   # parents last: kept
             written, hosts = [n.page for n in to_host], self.host_allocator.allocate(len(to_host))
             for node, host in zip(to_host, hosts):
