@@ -5,7 +5,7 @@ run of consecutive host pages is, across all layers, `layers` equal blocks one h
 one 2-D copy (`cudaMemcpy2DAsync`, rows = layers) per run.
 
 On CUDA (`write_cuda`) nothing waits on the host: a side stream gathers the pages into one
-staging block (one kernel), the to-host stream carries it to host memory with one 2-D copy per
+staging block in host layout, the to-host stream carries it to host memory with one 2-D copy per
 run, and whatever may write the device pages next waits for the gather on the device: the
 caller's stream (the scheduler's own copies; a TP rank's forwards), the streams in `reusers` (a
 decode worker's KV imports) and, through `HostTier.flush`, the forward stream. A page is

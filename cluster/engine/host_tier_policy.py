@@ -17,7 +17,10 @@ while its measured usefulness says reuse exists, and only a few otherwise (selec
 Multi-turn chat (turn k + 1 extends turn k's prompt and answer, never hit before its eviction) is
 reuse the window sees: the first window writes everything, and the loads of the next turns keep
 the ratio near 1. A workload without reuse turns selective after one window and then writes
-1 / `sample` of its evictions.
+1 / `sample` of its evictions. One window is a whole tier of writes: in host_tier_gpu.py's
+no-reuse run on the GPU (8 GB tier, 4,096 pages of an 8B model; 96 prompts evict ~5,600) it
+covers two thirds of the run, so what makes that run cheap is the write-back's own cost
+(host_tier_copy.py: no host wait, one copy per run), not this policy.
 """
 from __future__ import annotations
 
