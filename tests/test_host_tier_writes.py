@@ -13,7 +13,7 @@ from cluster.engine.host_tier import HostTier
 from cluster.engine.host_tier_policy import WritePolicy
 from cluster.engine.kv_cache import KVPool
 from cluster.engine.page_allocator import PageAllocator
-from cluster.engine.radix_cache import RadixCache
+from cluster.engine.radix_cache import RadixCache, RadixNode
 from cluster.runtime.schedule_batch import Req
 from cluster.sampling_params import SamplingParams
 from tests.host_tier_harness import PAGE, check, compute, manager
@@ -87,7 +87,8 @@ def test_selective_writes_keep_a_reused_page_and_sampled_prefixes_whole():
 
 def test_a_selective_tier_writes_every_page_again_once_its_sampled_writes_are_loaded():
     policy = WritePolicy(host_pages=64)
-    prefixes = [SimpleNamespace(key=(k, k), parent=SimpleNamespace(parent=None), reused=False) for k in range(64)]
+    root = RadixNode((), -1, None)
+    prefixes = [RadixNode((k, k), k, root) for k in range(64)]
     assert all(policy.wants(n) for n in prefixes)             # the first window writes everything
     assert not policy.wants(next(n for n in prefixes if hash(n.key) % policy.sample))   # no loads: selective
     assert policy.selective

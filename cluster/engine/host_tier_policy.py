@@ -37,6 +37,7 @@ class WritePolicy:
         self.selective = False
         self.offered = self.written = self.loaded = 0     # in the current window
         self.num_skipped = 0                              # pages not written, in all
+        self._sampled_at: dict = {}                       # node -> its prefix's draw, this window
 
     def wants(self, node) -> bool:
         """Whether `node`'s page, evicted from the device with no host copy, goes to the host."""
@@ -55,8 +56,16 @@ class WritePolicy:
     def _next_window(self) -> None:
         self.selective = self.adaptive and self.loaded < self.min_useful * max(self.written, 1)
         self.offered = self.written = self.loaded = 0
+        self._sampled_at.clear()
 
     def _sampled(self, node) -> bool:
-        while node.parent is not None and node.parent.parent is not None:
-            node = node.parent             # the prefix's first page decides for all of its pages
-        return hash(node.key) % self.sample == 0
+        """The prefix's first page decides for all of its pages (remembered along the way: an
+        eviction asks for a leaf, then for its parent, ...)."""
+        path, known = [], self._sampled_at.get(node)
+        while known is None and node.parent is not None and node.parent.parent is not None:
+            path.append(node)
+            node = node.parent
+            known = self._sampled_at.get(node)
+        drawn = (hash(node.key) % self.sample == 0) if known is None else known
+        self._sampled_at.update(dict.fromkeys(path, drawn))
+        return drawn
