@@ -190,3 +190,17 @@ def test_cuda_a_host_page_written_then_loaded_comes_back():
     tier.flush()
     torch.cuda.synchronize()
     assert torch.equal(tier.pool.kv[:, :, :, [10, 11]], want)
+
+
+@cuda
+def test_cuda_a_decode_workers_import_stream_waits_for_write_backs():
+    """attach_host_tier registers the import fence's stream, where KV imports into freed pages run."""
+    from cluster.engine.host_tier import attach_host_tier
+    from cluster.kv_transfer.base import ImportFence
+    pool = cuda_tier().pool
+    fence = ImportFence(torch.device("cuda"))
+    runner = SimpleNamespace(kv_pool=pool, followers=None, import_fence=fence, add_layer_gate=lambda gate: None)
+    executor = SimpleNamespace(forward_fn=lambda fi: None, on_launch=None)
+    tier = attach_host_tier(executor, runner, 1e-5)
+    with fence.stream():
+        assert tier.reusers == [torch.cuda.current_stream()]
