@@ -250,7 +250,9 @@ class HostTier:
     def _plan(self, host: list[int], dev: list[int]) -> tuple[list, Optional[torch.Tensor]]:
         """(runs of the host pages, device page index) of a load, for `_load_layer`."""
         host, dev = by_host_page(host, dev)
-        index = torch.tensor(dev, dtype=torch.int64).to(self.pool.device, non_blocking=True) if dev else None
+        index = torch.tensor(dev, dtype=torch.int64) if dev else None
+        if index is not None and self.on_cuda:     # NOTE: pinned: a pageable copy may wait for the stream
+            index = index.pin_memory().to(self.pool.device, non_blocking=True)
         return runs_of(host), index
 
     def _load_layer(self, layer: int, runs: list, index: Optional[torch.Tensor]) -> None:
