@@ -80,34 +80,29 @@ TMA_BLOCKS = ((32, 8, 16, 5, True, 8), (64, 8, 16, 5, False, 1), (16, 4, 16, 5, 
               (64, 8, 16, 7, False, 1), (16, 4, 32, 3, True, 1), (16, 4, 16, 7, False, 1), (64, 16, 16, 7, False, 1))
 MANY_SPLITS = (1, 2, 4)
 
-# Quick mode, 16 heads (issue 21: the table's row at 1.35x of one latent read on an H100). Each entry: a
-# config and its programs per SM (batch 64 on 132 SMs: 2 / 1.5 give 4 / 3 splits, 256 / 192 programs; 3 /
-# 2.5 give 6 / 5). Figures from mla_compile_check.py (sm_90a): pages in flight per program, registers,
-# shared memory; nothing spills in a main loop, every grid is one wave. All but the table's own row merge
-# with every split's loads issued at once (merge_at_once: the kernel's tail, about one L2 round trip
-# instead of two per split); the table's row with it alone measures that.
+# Quick mode, 16 heads (issue 21: 1.3x of one latent read on an H100). Each entry: a config and its
+# programs per SM (batch 64 on 132 SMs: 2 give 4 splits, 256 programs in one wave at two per SM; the
+# 23:39 UTC sweep had 3 splits 20% slower). Centered on that sweep's winner, the table's row (page pairs,
+# 32-token tiles, 5 stages: 2 x 2 pages in flight, 91 KB, 241 registers; 0.0662 ms = 1.33x). Figures from
+# mla_compile_check.py (sm_90a); none spills. Screened out for spills in the main loop: three programs per
+# SM (168 registers, any tile), page pairs in 8 warps at 128 registers, r_chunks=2 with pairs (255
+# registers); for one program per SM (2 waves): pairs at 7 stages, in 8 warps uncapped, ids ahead at 4.
 M = dict(fused_merge=True, tma_pages=True, merge_at_once=True)
+P = dict(M, page_pairs=True)
 R8 = dict(r_chunks=8, num_warps=8, max_registers=128)     # 8 warps capped at 128 registers: two per SM
 QUICK_16 = (
-    (C(**T, block_n=16, num_stages=7), (2, 1.5)),                       # the table's: 3 pages, 242 regs, 89 KB
-    (C(**M, block_n=16, num_stages=7), (2, 1.5)),
-    (C(**M, block_n=16, num_stages=9), (2, 1.5)),                       # 4 pages, 107 KB: still two per SM
-    # two pages per online-softmax step: their score dots interleave, one max / sum / rescale per 32 tokens
-    (C(**M, page_pairs=True, block_n=32, num_stages=5), (2, 1.5)),      # 2 x 2 pages, 241 regs, 91 KB
-    (C(**M, page_pairs=True, prefetch_pages=True, block_n=32, num_stages=3), (2,)),   # 2 x 2 pages, 246 regs
-    # the latent in 8 chunks over 8 warps (uncapped: 166 registers, one program per SM, so the sweeps at
-    # two per SM ran two waves): 16 warps per SM, QK chains of 4 tensor-core steps instead of 36
-    (C(**M, **R8, block_n=16, num_stages=7), (2, 1.5)),                 # 3 pages, 88 KB
-    (C(**M, **R8, block_n=16, num_stages=9), (2,)),                     # 4 pages, 106 KB
-    (C(**M, **R8, prefetch_pages=True, block_n=16, num_stages=4), (2,)),  # 3 pages, 80 KB
-    (C(**M, **R8, page_pairs=True, block_n=32, num_stages=5), (2,)),    # 2 x 2 pages, 98 KB (12 B spilled,
-                                                                        # none in the main loop)
-    # the table's pipeline with the latent in 4 / 2 chunks over 4 warps: QK chains of 8 / 16 steps
-    (C(**M, r_chunks=4, num_warps=4, block_n=16, num_stages=7), (2,)),  # 3 pages, 221 regs, 88 KB
-    (C(**M, r_chunks=2, num_warps=4, block_n=16, num_stages=7), (2,)),  # 255 regs (44 B spilled, not in
-                                                                        # the main loop)
-    # three programs per SM: 4 warps capped at 168 registers, 70 KB (68 B spilled, none in the main loop)
-    (C(**M, r_chunks=4, num_warps=4, max_registers=168, block_n=16, num_stages=5), (3, 2.5)))
+    (C(**T, block_n=16, num_stages=7), (2,)),                           # the old row: 0.0672 ms
+    (C(**M, block_n=16, num_stages=7), (2,)),                           # 0.0669: 3 pages, page by page
+    (C(**M, num_stages=5), (2,)),                                       # the winner's pipeline, page by page
+    (C(**P, num_stages=4), (2,)),                                       # 1 x 2 pages, 55 KB
+    (C(**P, num_stages=6), (2,)),                                       # as 5 stages (91 KB): the noise
+    (C(**P, block_n=64, num_stages=3), (2,)),                           # 1 x 4 pages, 2 pairs a tile, 91 KB
+    # page ids read ahead into registers: every stage for the descriptors
+    (C(**P, prefetch_pages=True, num_stages=3), (2,)),                  # 2 x 2 pages: 0.0669
+    (C(**P, prefetch_pages=True, block_n=64, num_stages=2), (2,)),      # 1 x 4 pages, 91 KB
+    (C(**M, prefetch_pages=True, block_n=16, num_stages=4), (2,)),      # 3 pages, 73 KB
+    (C(**M, prefetch_pages=True, block_n=16, num_stages=3), (2,)),      # 2 pages, 55 KB
+    (C(**M, block_n=16, num_stages=5), (2,)))                           # 2 pages, 71 KB
 # quick mode, more heads: the table's row, then the TMA walk in head blocks of 16 (the 16-head shapes: every
 # block reads the latent, all but the first from L2), 32 and 64 (their accumulators fit one program per SM)
 QUICK_MORE = (C(**M, block_h=16, block_n=16, num_stages=7), C(**M, **R8, block_h=16, block_n=16, num_stages=7),
@@ -125,8 +120,10 @@ def candidates(heads: int, quick: bool = False) -> list[DecodeConfig]:
             found += [dataclasses.replace(v, programs_per_sm=p) for v in VARIANTS_16 + DEEP_16 + TMA_16
                       for p in SPLIT_GRID]
     else:
-        found = [c for c in QUICK_MORE if c.block_h <= max(16, heads)]
+        # quick mode: the table's row alone (a short call; the 23:39 UTC sweep's alternatives all lost)
+        found = []
         if not quick:
+            found += [c for c in QUICK_MORE if c.block_h <= max(16, heads)]
             found += [C(block_h=bh, num_warps=w, r_chunks=r, fused_merge=True, programs_per_sm=p)
                       for bh, w, r in HEAD_BLOCKS if bh <= max(16, heads) for p in MANY_SPLITS] + [
                 C(**T, block_h=bh, num_warps=w, block_n=n, num_stages=st, prefetch_pages=ahead, r_chunks=r,

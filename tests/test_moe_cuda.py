@@ -58,13 +58,14 @@ def test_sparse_block_replays_from_a_cuda_graph():
     assert not torch.equal(out, want)
 
 
-def _check_mla_decode(dtype, tol, heads, splits, tune):
+def _check_mla_decode(dtype, tol, heads, splits, tune, lens=(1, 70, 300, 0)):
     from cluster.engine.triton_mla import decode_latent
-    rank, rope, page, lens = 512, 64, 16, [1, 70, 300, 0]
+    rank, rope, page, lens = 512, 64, 16, list(lens)
     g = torch.Generator(device="cuda").manual_seed(0)
-    cache = torch.randn(96, page, rank + rope, generator=g, device="cuda").to(dtype)
     width = max(-(-n // page) for n in lens)
-    tables = torch.randperm(96, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
+    pool = max(96, len(lens) * width)
+    cache = torch.randn(pool, page, rank + rope, generator=g, device="cuda").to(dtype)
+    tables = torch.randperm(pool, generator=g, device="cuda")[:len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, rank + rope, generator=g, device="cuda").to(dtype)
     got = decode_latent(q[..., :rank], q[..., rank:], cache, tables.reshape(-1),
                         torch.arange(0, len(lens) * width, width, device="cuda"), torch.tensor(lens, device="cuda"), 0.07,
@@ -118,6 +119,23 @@ def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, spl
     tiles ahead, deeper pipelines, other tiles, warps and head blocks, the latent axis over warps, whole
     pages through tensor descriptors (TMA), page by page or in pairs, registers capped."""
     _check_mla_decode(torch.bfloat16, 2e-2, heads, splits, tune)
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3, 4, 6])
+@pytest.mark.parametrize("tune", [
+    {},                                         # the table's row (16 heads: page pairs, the merge at once)
+    {"tma_pages": True, "page_pairs": True, "block_n": 64, "num_stages": 3, "fused_merge": True, "merge_at_once": True},
+    {"tma_pages": True, "page_pairs": True, "prefetch_pages": True, "block_n": 64, "num_stages": 2,
+     "fused_merge": True, "merge_at_once": True},
+    {"tma_pages": True, "prefetch_pages": True, "block_n": 16, "num_stages": 4, "fused_merge": True,
+     "merge_at_once": True}])
+def test_mla_decode_page_pairs_at_tile_and_split_edges(splits, tune):
+    """DeepSeek-V2-Lite's 16 heads: the table's row and the quick sweep's page-pair variants in bfloat16 at
+    lengths on and beside page, tile and pair edges (a lone page, an odd page count, a partial page after
+    whole tiles, a full 2,048-token request), split counts that are and are not a power of two
+    (merge_at_once pads to one)."""
+    _check_mla_decode(torch.bfloat16, 2e-2, 16, splits, tune,
+                      lens=(16, 17, 32, 48, 63, 64, 65, 96, 130, 2047, 2048, 0))
 
 
 def test_mla_fused_merge_equals_the_merge_kernel_launch_after_launch():

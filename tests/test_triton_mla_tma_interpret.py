@@ -56,7 +56,9 @@ def _reference(q, cache, tables, lens, scale):
     (32, 2, 4, {"page_pairs": True, "r_chunks": 2, "max_registers": 128}),   # pairs in chunks; the cap
     (16, 3, 4, {"page_pairs": True}),            # one page a tile: page by page
     (32, 3, 20, {"fused_merge": True, "merge_at_once": True}),   # the merge unrolled to 4 splits, 1 masked
-    (16, 5, 4, {"fused_merge": True, "merge_at_once": True, "page_pairs": True})])
+    (16, 5, 4, {"fused_merge": True, "merge_at_once": True, "page_pairs": True}),
+    (32, 4, 4, {"num_stages": 5, "fused_merge": True, "page_pairs": True, "merge_at_once": True}),   # the table's
+    (64, 3, 4, {"num_stages": 3, "fused_merge": True, "page_pairs": True, "merge_at_once": True})])
 def test_tma_pages_walk_gives_the_latents_of_the_gathered_softmax(kernels, block_n, splits, heads, tune):
     lens = [30, 96, 1, 0, 47]    # mid-page, on a page boundary, one token, empty (graph padding), partial tile
     q, cache, table, starts, tables = _case(block_n + splits, lens, heads)
