@@ -97,6 +97,7 @@ QUICK_16 = (
     (C(**P, num_stages=4), (2,)),                                       # 1 x 2 pages, 55 KB
     (C(**P, num_stages=6), (2,)),                                       # as 5 stages (91 KB): the noise
     (C(**P, block_n=64, num_stages=3), (2,)),                           # 1 x 4 pages, 2 pairs a tile, 91 KB
+    (C(**M, block_n=64, num_stages=3), (2,)),                           # the same page by page
     # page ids read ahead into registers: every stage for the descriptors
     (C(**P, prefetch_pages=True, num_stages=3), (2,)),                  # 2 x 2 pages: 0.0669
     (C(**P, prefetch_pages=True, block_n=64, num_stages=2), (2,)),      # 1 x 4 pages, 91 KB
