@@ -10,6 +10,7 @@ ratios within a run.
     python benchmarks/cpu_cluster.py                                    # 1 stream, 2 rounds
     python benchmarks/cpu_cluster.py --streams 16 --requests 32 --rounds 1
     python benchmarks/cpu_cluster.py --variants "default;OMP_WAIT_POLICY=ACTIVE"
+    python benchmarks/cpu_cluster.py --requests 3 --tokens 600 --cpu-window 12   # + CPU per token per thread
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import thread_cpu as THREAD_CPU  # noqa: E402
 from benchmarks.cpu_decode import PROMPT, one_stream  # noqa: E402
 from cluster.engine.llm import LLM  # noqa: E402
 from cluster.engine.quant_linear import describe_cpu  # noqa: E402
@@ -79,18 +81,50 @@ def serve_and_bench(config: str, port: int, env: dict[str, str], args) -> dict:
         try:
             wait_serving(launch)
             out = os.path.join(tmp, "bench.json")
-            subprocess.run([sys.executable, "-m", "cluster.launch.cli", "bench", "--url", f"http://127.0.0.1:{port}/v1",
-                            "--num-requests", str(args.requests), "--concurrency", str(args.streams),
-                            "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.tokens), "--json", out],
-                           env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, check=True, timeout=600)
+            bench = subprocess.Popen([sys.executable, "-m", "cluster.launch.cli", "bench", "--url",
+                                      f"http://127.0.0.1:{port}/v1", "--num-requests", str(args.requests),
+                                      "--concurrency", str(args.streams), "--prompt-len", str(args.prompt_len),
+                                      "--max-tokens", str(args.tokens), "--json", out],
+                                     env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL)
+            cpu = cpu_window(launch.pid, bench.pid, port, args) if args.cpu_window else None
+            if bench.wait(timeout=600) != 0:
+                raise RuntimeError(f"pdcluster bench exited with {bench.returncode}")
             with open(out) as f:
-                return json.load(f)
+                return {**json.load(f), "cpu_us_per_token": cpu}
         finally:
             launch.send_signal(signal.SIGINT)
             try:
                 launch.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 launch.kill()
+
+
+def itl_count(port: int) -> int:
+    """Inter-token gaps the router has timed so far (one per streamed token after a stream's first)."""
+    import httpx
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return int(sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("pdcluster:inter_token_latency_seconds_count")))
+
+
+def cpu_window(launch_pid: int, bench_pid: int, port: int, args) -> dict:
+    """CPU per streamed token of each process (the router, each worker, the bench client) and its
+    threads over `--cpu-window` seconds of steady streaming, `--cpu-after` seconds into the bench."""
+    import psutil
+    time.sleep(args.cpu_after)
+    procs = {p.cmdline()[2].rsplit(".", 1)[-1] + (f"-{p.pid}" if "router" not in p.cmdline()[2] else ""): p.pid
+             for p in psutil.Process(launch_pid).children() if len(p.cmdline()) > 2}
+    procs["bench"] = bench_pid
+    names = {k: THREAD_CPU.thread_names(pid) for k, pid in procs.items()}
+    before = {k: THREAD_CPU.thread_seconds(pid) for k, pid in procs.items()}
+    n0, load0 = itl_count(port), os.getloadavg()[0]
+    time.sleep(args.cpu_window)
+    after = {k: THREAD_CPU.thread_seconds(pid) for k, pid in procs.items()}
+    tokens = itl_count(port) - n0
+    if not tokens or any(not a for a in after.values()):
+        raise RuntimeError("the bench ended inside the CPU window: raise --tokens or --requests")
+    return {"tokens": tokens, "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
+            **{k: THREAD_CPU.per_token_us(before[k], after[k], names[k], tokens) for k in procs}}
 
 
 def wait_serving(launch: subprocess.Popen) -> None:
@@ -115,6 +149,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--engine-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--port", type=int, default=8231)
+    ap.add_argument("--cpu-window", type=float, default=0.0,
+                    help="> 0: also CPU per token per process and thread over this many seconds of the bench")
+    ap.add_argument("--cpu-after", type=float, default=5.0, help="seconds into the bench the CPU window opens")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(";")]
     llm = LLM(num_pages=64, page_size=16) if args.streams == 1 else None
@@ -135,6 +172,8 @@ def main() -> None:
             print(f"round {r}: {v}: TPOT median {s['median_tpot_ms']:.2f} ms{ratio}, "
                   f"{s['output_throughput']:.1f} tok/s ({s['completed']} of {args.requests} completed; "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
+            if s["cpu_us_per_token"]:
+                print(f"round {r}: {v}: CPU us per token {json.dumps(s['cpu_us_per_token'])}", flush=True)
     for v, xs in rows.items():
         best = min(t for t, _ in xs)
         print(f"best {v}: TPOT {best:.2f} ms, {max(x for _, x in xs):.1f} tok/s"
