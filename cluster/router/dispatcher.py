@@ -33,7 +33,8 @@ from cluster.wire.frontend_messages import FRONTEND_MESSAGES
 from cluster.wire.gauges import WorkerGauges
 
 log = logging.getLogger("pdcluster.router")
-CHECK_S = 0.1                   # liveness is judged this often
+CHECK_S = 0.1                   # liveness is judged this often, or a tenth of heartbeat_dead_after if longer
+MAX_CHECK_S = 0.5               # ... but at least this often (a wake-up per check costs the streams' CPU)
 STALL_S = 0.5                   # a longer gap between liveness checks means this process stalled
 
 
@@ -162,12 +163,13 @@ class Dispatcher:
 
     def _check_loop(self) -> None:
         """Liveness is judged on a thread of its own: a busy HTTP loop cannot delay it."""
+        check_s = min(MAX_CHECK_S, max(CHECK_S, self.cfg.timeouts.heartbeat_dead_after / 10))
         last_check = time.monotonic()
-        while not self._stopping.wait(CHECK_S):
+        while not self._stopping.wait(check_s):
             try:
                 with self.lock:
                     now = time.monotonic()
-                    stall = now - last_check - CHECK_S
+                    stall = now - last_check - check_s
                     if stall > STALL_S:                    # NOTE: this process was starved,
                         self.directory.excuse(stall)       # not the workers: do not convict
                     self.failover.check_liveness(now)
