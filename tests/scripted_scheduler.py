@@ -22,7 +22,7 @@ class ScriptedScheduler(Scheduler):
 
     def __init__(self, script: list[str], overlap: bool, forward_s: float = 0.0,
                  process_s: float = 0.0, log_forward_iters: bool = True):
-        cfg = SchedulerConfig(overlap=overlap, log_forward_iters=log_forward_iters)
+        cfg = SchedulerConfig(overlap=overlap, log_forward_iters=log_forward_iters, decode_log_interval=1)
         super().__init__(cfg, "scripted-0", self._forward)
         self.script = list(script)
         self.forward_s, self.process_s = forward_s, process_s

@@ -62,6 +62,7 @@ control = "{self.router_ep}"
 [scheduler]
 num_pages = 160
 max_running_requests = 8
+decode_log_interval = 1
 [timeouts]
 register = 240
 heartbeat_interval = 1.0
