@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Hashable, Optional
 
 import zmq
@@ -59,7 +60,9 @@ class SocketLoop:
         self.arrivals = arrivals           # set on every inbox item (a waiter's wake-up), often shared
         self._ctx = zmq.Context(io_threads=1)
         self._inbox: queue.Queue = queue.Queue()
-        self._outbox: queue.Queue = queue.Queue()   # (destination key, frames | None)
+        # (destination key, frames | None); a deque: appends and pops are atomic, and the I/O thread,
+        # its only reader, checks it empty without a lock or a raised queue.Empty per wake-up
+        self._outbox: deque = deque()
         self._backlog = SendBacklog(name, self._send_frames, self._forget)
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
@@ -130,7 +133,7 @@ class SocketLoop:
     def _enqueue(self, key: Hashable, msg: Optional[Message]) -> None:
         if self._closed.is_set():
             raise RuntimeError(f"{self.name}: send after close()")
-        self._outbox.put((key, None if msg is None else encode(msg)))
+        self._outbox.append((key, None if msg is None else encode(msg)))
         with self._wake_lock:
             if not self._closed.is_set():
                 try:
@@ -190,7 +193,7 @@ class SocketLoop:
         is_reading = True
         try:
             while not self._closed.is_set():
-                has_room = self._inbox.qsize() < MAX_INBOX
+                has_room = self._on_message is not None or self._inbox.qsize() < MAX_INBOX
                 if has_room != is_reading:         # NOTE: back-pressure: stop reading
                     is_reading = has_room
                     for sock in self._recv_sockets():

@@ -9,7 +9,6 @@ thread only (`SocketLoop` owns one).
 from __future__ import annotations
 
 import logging
-import queue
 from collections import deque
 from typing import Callable, Hashable
 
@@ -35,20 +34,17 @@ class SendBacklog:
         """Some send waits for a peer (the I/O thread polls faster meanwhile)."""
         return bool(self._pending)
 
-    def flush(self, outbox: queue.Queue) -> None:
+    def flush(self, outbox: deque) -> None:
         """Retry waiting destinations first, in order; then send what `outbox` holds
-        ((key, frames), or (key, None): the destination is gone)."""
+        ((key, frames), or (key, None): the destination is gone; this thread alone pops it)."""
         for key in list(self._pending):
             pending = self._pending[key]
             while pending and self._try_send(key, pending[0]):
                 pending.popleft()
             if not pending:
                 del self._pending[key]
-        while True:
-            try:
-                key, frames = outbox.get_nowait()
-            except queue.Empty:
-                return
+        while outbox:
+            key, frames = outbox.popleft()
             if frames is None:
                 self._pending.pop(key, None)
                 self._forget(key)
