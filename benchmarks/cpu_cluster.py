@@ -3,9 +3,9 @@
 Each round measures the engine alone (ModelRunner forwards in this process, one greedy stream,
 the worker's torch thread count) and then, per variant, the cluster (`pdcluster launch CONFIG`
 in its own processes, `pdcluster bench` as the client in another): median TPOT and output
-tok/s. Variants are environment settings of the launched cluster (`NAME=VALUE,...`), tried in
-turn within each round, so a shared machine's load falls on all of them alike; compare the
-ratios within a run.
+tok/s. Variants are environment settings of the launched cluster (`NAME=VALUE,...`; a PYTHONPATH
+naming another tree runs that tree's cluster and client), tried in turn within each round, so a
+shared machine's load falls on all of them alike; compare the ratios within a run.
 
     python benchmarks/cpu_cluster.py                                    # 1 stream, 2 rounds
     python benchmarks/cpu_cluster.py --streams 16 --requests 32 --rounds 1
@@ -85,7 +85,8 @@ def serve_and_bench(config: str, port: int, env: dict[str, str], args) -> dict:
                                       f"http://127.0.0.1:{port}/v1", "--num-requests", str(args.requests),
                                       "--concurrency", str(args.streams), "--prompt-len", str(args.prompt_len),
                                       "--max-tokens", str(args.tokens), "--json", out],
-                                     env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL)
+                                     env={**os.environ, "PYTHONPATH": env.get("PYTHONPATH", ROOT)},
+                                     cwd=env.get("PYTHONPATH", ROOT), stdout=subprocess.DEVNULL)   # the variant's client
             cpu = cpu_window(launch.pid, bench.pid, port, args) if args.cpu_window else None
             if bench.wait(timeout=600) != 0:
                 raise RuntimeError(f"pdcluster bench exited with {bench.returncode}")
