@@ -3,6 +3,7 @@ input: test_protocol_hostile.py)."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -191,3 +192,27 @@ def test_plain_tokens_arrive_packed_and_read_as_items_after_the_others():
 def test_role_switch_names_a_role_a_worker_may_switch_to():
     with pytest.raises(P.ProtocolError):
         P.decode(P.encode(P.RoleSwitch("dllm")))
+
+
+def test_steady_tokens_take_their_own_path_with_the_generic_bytes_and_refusals():
+    import msgpack
+    for msg in [P.Tokens("w", [], plain=P.PlainTokens(["a.0"], [7], forward_iter=5)),
+                P.Tokens("w", (), plain=P.PlainTokens(["a", "b"], [1, 2])),
+                P.Tokens("w", [], plain=P.PlainTokens([], [], 3))]:
+        body = {n: getattr(msg, n) for n in ("worker_id", "items", "plain")}
+        generic = msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "tokens", **{
+            k: P._plain(v) for k, v in P._check_body(P.Tokens, body).items()}}, use_bin_type=True)
+        assert P.encode(msg) == [generic]
+        assert P.decode([generic]) == P.Tokens("w", [], plain=P.PlainTokens(list(msg.plain.rids), msg.plain.token_ids,
+                                                                             msg.plain.forward_iter))
+    for bad, why in [(P.Tokens(5, [], plain=P.PlainTokens(["a"], [1])), "tokens.worker_id: expected str"),
+                     (P.Tokens("w", None, plain=P.PlainTokens(["a"], [1])), "tokens.items: expected list"),
+                     (P.Tokens("w", [], plain=P.PlainTokens(["a"], [True])), "tokens.plain.token_ids[0]: expected int")]:
+        with pytest.raises(P.ProtocolError, match=re.escape(why)):
+            P.encode(bad)
+    head = {"v": P.PROTOCOL_VERSION, "type": "tokens", "worker_id": "w", "items": []}
+    for plain, why in [({"rids": ["a"], "token_ids": [1, 2], "forward_iter": 1}, "tokens.plain: 1 rids for 2 tokens"),
+                       ({"rids": ["a"], "token_ids": [1], "forward_iter": -1}, "tokens.plain.forward_iter: -1 is below 0"),
+                       ({"rids": ["a"], "token_ids": [1]}, "tokens.plain: missing keys ['forward_iter']")]:
+        with pytest.raises(P.ProtocolError, match=re.escape(why)):
+            P.decode([msgpack.packb({**head, "plain": plain})])

@@ -40,6 +40,7 @@ from cluster.wire.messages import (Abort, DecodeReady, Error, Generate, Heartbea
                                    Peer, PlainTokens, Register, Reprefill,
                                    RequestMark, RequestMarks, RoleSwitch, Shutdown, Tokens, TokensItem,
                                    WORKER_MARKS)
+from cluster.wire.steady_tokens import SteadyTokens
 from cluster.wire.tensor_frames import (FRAME_BYTES, TENSOR_DESC, FramedTensor, TensorFrames, frame_buffer,
                                         framed_from_frames, tensor_from_frames)
 
@@ -81,6 +82,7 @@ def _dllm_overrides(v: Any, path: str) -> dict:
 MAX_ID_LEN = 1024
 ID, TEXT = Str(max_len=MAX_ID_LEN), Str()
 _ids = Strs(MAX_ID_LEN, MAX_KEYS)                # request ids, one per row of a packed block
+_PLAIN_FIELDS = {"rids": _ids, "token_ids": TokenIds(), "forward_iter": Opt(Int(lo=0))}   # a packed block of rows
 MAX_SIBLINGS = 63                       # n > 1: choices forked from one prefill (the router's n is smaller)
 SAMPLING = Typed(SamplingParams)        # its __post_init__ checks types and bounds
 TOP = List(List(Number(), min_len=2, max_len=2), max_len=MAX_TOP_LOGPROBS)   # [[token_id, logprob], ...]
@@ -163,8 +165,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
                                               "forward_iter": Opt(Int(lo=0)),
                                               "prompt_logprobs": Opt(PROMPT_LPS)}),
                            max_len=MAX_KEYS),
-             "plain": Opt(Typed(PlainTokens, {"rids": _ids, "token_ids": TokenIds(),
-                                              "forward_iter": Opt(Int(lo=0))}))},
+             "plain": Opt(Typed(PlainTokens, _PLAIN_FIELDS))},
     RequestMarks: {"worker_id": ID, "items": List(Typed(MarksItem, {
         "rid": ID, "marks": List(Typed(RequestMark, {
             "name": Str(choices=WORKER_MARKS), "t": Float(finite=True),
@@ -178,6 +179,7 @@ _FIELDS: dict[type, dict[str, Check]] = {
 _FIELDS.update(FRONTEND_FIELDS)                  # the router's own processes (api_servers > 1)
 _TYPES: dict[str, type] = {cls.TYPE: cls for cls in _FIELDS}
 _RECORDS: dict[type, Check] = {cls: Record(f) for cls, f in _FIELDS.items()}
+_STEADY = SteadyTokens(PROTOCOL_VERSION, ID, _PLAIN_FIELDS)     # the per-step message, on its own path
 for _cls, _f in _FIELDS.items():   # the schema and the dataclass must agree
     assert [x.name for x in dataclasses.fields(_cls)] == list(_f), _cls
 
@@ -248,6 +250,8 @@ def encode(msg: Message, frame_bytes: int = FRAME_BYTES) -> list[Union[bytes, me
     cls = type(msg)
     if cls not in _FIELDS:
         raise ProtocolError(f"cannot encode {cls.__name__}: not a wire message")
+    if SteadyTokens.is_steady(msg):
+        return [_STEADY.encode(msg)]
     body = {name: getattr(msg, name) for name in _FIELDS[cls]}
     tensors = TensorFrames(frame_bytes)
     if cls is Generate and isinstance(body["input_ids"], (list, tuple)) and len(body["input_ids"]) > INLINE_IDS:
@@ -293,6 +297,9 @@ def decode(frames: Sequence[Any]) -> Message:
     cls = _TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {str(type_name)[:64]!r}")
+    steady = _STEADY.decode(body) if cls is Tokens and len(buffers) == 1 else None
+    if steady is not None:
+        return steady
     body = _check_body(cls, body)
     used = [True] + [False] * (len(buffers) - 1)
     if cls is Generate and isinstance(body["input_ids"], dict):
