@@ -200,6 +200,7 @@ cpu_weights = "{cpu_weights}"
 [scheduler]
 num_pages = 512
 max_running_requests = 64
+decode_log_interval = 1              # every step's line: tests check each one's iteration
 {scheduler}
 
 [timeouts]

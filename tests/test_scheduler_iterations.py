@@ -119,3 +119,11 @@ def test_overlap_is_real(overlap):
         assert frac >= 0.9, frac
     else:
         assert frac == 0.0, frac
+
+
+def test_decode_lines_come_for_the_first_batch_then_every_interval_naming_their_iteration():
+    from cluster.runtime.stats import DecodeStats, IterationStats
+    stats = IterationStats(log_forward_iters=True, decode_log_interval=3)
+    lines = [stats.report_decode(it, 1, DecodeStats(1, 4)) for it in range(10, 17)]
+    assert [line_iters([l])[0] for l in lines if l is not None] == [10, 13, 16]
+    assert stats.forward_iter == 16 and stats.reported_iters == [("decode", 10), ("decode", 13), ("decode", 16)]

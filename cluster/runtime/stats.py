@@ -107,11 +107,11 @@ class IterationStats:
             del self.reported_iters[:MAX_REPORTED_ITERS // 2]
 
     def report_decode(self, it: int, num_new_tokens: int, stats: DecodeStats) -> Optional[str]:
-        """Counts every decode batch; logs one line every `decode_log_interval` batches."""
+        """Counts every decode batch; logs the first one's line, then one every `decode_log_interval`."""
         self._num_decode_batches += 1
         self._decode_tokens_since_log += num_new_tokens
         self.forward_iter = it
-        if self._num_decode_batches % self.decode_log_interval != 0:
+        if (self._num_decode_batches - 1) % self.decode_log_interval != 0:
             return None
         now = time.perf_counter()
         self.gen_throughput = self._decode_tokens_since_log / max(now - self._last_decode_log, 1e-9)
