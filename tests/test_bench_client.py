@@ -122,3 +122,23 @@ def test_stream_timed_over_raw_streams_for_http_urls():
         return r
     r = asyncio.run(run())
     assert (r["text"], r["num_tokens"], len(r["arrivals"]), r["request_id"]) == ("Hello world", 4, 4, "r1")
+
+
+def test_raw_streams_send_again_once_when_a_kept_alive_connection_was_closed_before_answering():
+    from cluster.bench.raw_stream import RawStreams
+
+    async def run():
+        host, port, server, seen = await served([chunked(BODY, 64), chunked(BODY, 64)])
+        streams = RawStreams(host, port)
+        await streams.post("/v1/completions", {"i": 0}, lambda d: None)
+        stale = streams._idle[0]
+        stale.is_closed = False                 # the server's close not seen yet: it is reused
+        stale.transport.close()
+        payloads = []
+        status, _, _ = await streams.post("/v1/completions", {"i": 1}, payloads.append)
+        streams.close()
+        server.close()
+        return status, [json.loads(p) for p in payloads], seen
+    status, got, seen = asyncio.run(run())
+    assert (status, got) == (200, EVENTS)
+    assert [body for _, body in seen] == [{"i": 0}, {"i": 1}]

@@ -77,6 +77,11 @@ class SseResponse(asyncio.Protocol):
             self.transport.close()
             self.done.set_exception(HttpError(str(e)))
 
+    @property
+    def has_head(self) -> bool:
+        """The response's head has arrived (a request that failed before it may be sent again)."""
+        return self._head_done
+
     # parsing
     def _take(self, data: bytes) -> None:
         buf = self._buf
@@ -167,18 +172,26 @@ class RawStreams:
         auth = f"Authorization: {self.authorization}\r\n" if self.authorization else ""
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Accept: text/event-stream\r\n{auth}Content-Length: {len(payload)}\r\n\r\n").encode()
-        while self._idle:
+        conn = None
+        while self._idle and conn is None:
             conn = self._idle.pop()
-            if not conn.is_closed:
+            conn = None if conn.is_closed else conn
+        reused = conn is not None
+        while True:
+            if conn is None:
+                _, conn = await asyncio.get_running_loop().create_connection(SseResponse, self.host, self.port)
+            try:
+                conn.request(head, payload, on_data)
+                status = await conn.wait()
                 break
-        else:
-            _, conn = await asyncio.get_running_loop().create_connection(SseResponse, self.host, self.port)
-        try:
-            conn.request(head, payload, on_data)
-            status = await conn.wait()
-        except BaseException:
-            conn.transport.close()
-            raise
+            except HttpError:
+                conn.transport.close()
+                if not reused or conn.has_head:
+                    raise
+                conn, reused = None, False    # a kept-alive connection the server closed meanwhile: once more
+            except BaseException:
+                conn.transport.close()
+                raise
         if not conn.is_closed:
             self._idle.append(conn)
         return status, conn.headers, bytes(conn.body)
