@@ -95,8 +95,8 @@ class SchedulerConfig(Section):
     num_pages: int = option(2048, "KV pages in a worker's pool", lo=1)
     max_running_requests: int = option(64, "requests in one running batch at most", lo=1)
     max_prefill_tokens: int = option(4096, "new tokens in one prefill batch at most", lo=1)
-    decode_log_interval: int = option(40, "a Decode batch line for the first decode iteration, then every N "
-                                          "(SGLang's default; 1 = every one)", lo=1)
+    decode_log_interval: int = option(1, "a Decode batch line for the first decode iteration, then every N "
+                                          "(1 = every one; SGLang's default is 40)", lo=1)
     threads: int = option(0, "torch threads per worker; 0 = cores / workers on this host", lo=0)
 
 

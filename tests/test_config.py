@@ -36,7 +36,7 @@ page_size = 16
 num_pages = 2048
 max_running_requests = 64
 max_prefill_tokens = 4096
-decode_log_interval = 40
+decode_log_interval = 1
 
 [timeouts]
 register = 120
