@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 POLL_MS = 100              # idle poll tick (the stop flag is seen within this)
 BACKLOG_POLL_MS = 5        # poll tick while some send waits for a peer
-RECV_BURST = 256           # messages read per socket per pass before sending again
+RECV_BURST = 256           # messages read per socket per pass (a callback's sends leave after it)
 CLOSE_TIMEOUT_S = 2.0
 MAX_INBOX = 4096           # undelivered received items before reading pauses
 MAX_FRAME_BYTES = MAX_HEADER_BYTES + (1 << 20)
@@ -266,3 +266,5 @@ class SocketLoop:
                 self._on_message(item)
             except Exception:
                 logger.exception("%s: on_message callback failed", self.name)
+            if self._outbox:   # NOTE: what the callback sent leaves now, not after the whole burst
+                self._backlog.flush(self._outbox)
