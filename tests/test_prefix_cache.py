@@ -161,7 +161,9 @@ def test_decode_side_reuse_transfers_only_the_pages_decode_does_not_hold(loaded)
         pair.close()
 
 
-def test_an_aborted_request_drops_its_references_and_caches_nothing(loaded):
+def test_an_aborted_request_drops_its_references_and_keeps_only_its_prefilled_prompt_pages(loaded):
+    """Its prompt's pages joined the cache when its prefill ended (their forward returned); the
+    pages its decode steps wrote go back to the pool."""
     first, second = turns(loaded.tokenizer)
     s = unified(loaded, prefix_cache=True)
     ref = serve(unified(loaded, prefix_cache=False), [second[1]], "r")["r0"]
@@ -177,7 +179,8 @@ def test_an_aborted_request_drops_its_references_and_caches_nothing(loaded):
     ctl.inbound.put(P.Abort(rid="gone", reason="client went away"))
     drain([s], [last], lambda: "r0" in ctl.finished())
     assert ctl.outputs()["r0"] == ref
-    # the finished request's pages joined the cache; the aborted one's own pages were freed
-    assert len(s.cache.tree.match_prefix(gone)[0]) == len(first[0]) // 16 < len(gone) // 16
+    # the finished request's pages joined the cache; of the aborted one's, only its prompt's
+    assert len(s.cache.tree.match_prefix(gone)[0]) == len(gone) // 16
+    assert len(s.cache.tree.match_prefix(gone + ctl.outputs().get("gone", []))[0]) == len(gone) // 16
     assert len(s.cache.tree.match_prefix(second[1])[0]) == len(second[1]) // 16
     check_pages(s)

@@ -5,7 +5,9 @@ tree (`req.num_shared_pages` of them, referenced through `req.cache_node`); the 
 its own. A finished request gives its whole pages to the tree (`release(keep_kv=True)`),
 so the next request with the same prefix extends from them; an aborted or failed one
 only drops its references. Cached pages nobody references are evicted, least recently
-used first, when an allocation runs short: for scheduling they count as free.
+used first, when an allocation runs short: for scheduling they count as free. A prompt's
+whole pages join the tree already when its prefill forward returns (`cache_prefix`), so
+requests running at the same time share them.
 
 With a host tier (`engine/host_tier.py`) evicted pages go to host memory instead of away,
 and a request whose prefix continues there gets those pages loaded back into fresh device
@@ -140,6 +142,32 @@ class CacheManager:
     @property
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+    # ---- a prompt's pages join the tree when its prefill ends ------------------------
+    def cache_prefix(self, req: Req, num_tokens: int) -> None:
+        """The whole pages of `req`'s first `num_tokens` positions, whose forward has returned,
+        go to the prefix cache now rather than at finish (SGLang's `cache_unfinished_req`), so
+        a request running beside it extends from them; `req` references them until released.
+
+        Only pages the tree does not hold are given: when another request cached the same
+        prefix first, ours stay private until release. So `req.page_table` never changes here,
+        and a forward in flight, a running batch's page rows or KV being sent still read the
+        pages they were planned with."""
+        if self.tree is None or req.is_finished or req.kv_len < num_tokens:   # released meanwhile
+            return
+        unit = self.whole_blocks(req)
+        n = min(num_tokens, len(req.page_table) * self.page_size) // unit * unit // self.page_size
+        if n <= req.num_shared_pages:
+            return
+        ids, namespace = req.all_ids[:n * self.page_size], kv_namespace(req)
+        held, _ = self.tree.match_prefix(ids, namespace)
+        if held != req.page_table[:len(held)]:
+            return
+        node, _ = self.tree.insert(ids, req.page_table[:n], namespace)   # new nodes only: nothing freed
+        self.tree.lock(node)
+        if req.cache_node is not None:
+            self.tree.unlock(req.cache_node)
+        req.cache_node, req.num_shared_pages = node, n
 
     # ---- n > 1: fork one prefilled prompt into n sequences --------------------------
     def fork(self, parent: Req, children: list[Req], num_tokens: int) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ from collections import deque
 from typing import Optional
 
 from cluster.runtime.cache_manager import CacheManager
+from cluster.runtime.prefix_sharing import PrefixSharing
 from cluster.runtime.schedule_batch import ForwardMode, Req, ScheduleBatch
 
 
@@ -14,6 +15,7 @@ class PrefillManager:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_running_requests = max_running_requests
         self.waiting: deque[Req] = deque()
+        self.sharing = PrefixSharing(cache.page_size)
 
     def add(self, req: Req, front: bool = False) -> None:
         (self.waiting.appendleft if front else self.waiting.append)(req)
@@ -34,7 +36,7 @@ class PrefillManager:
         return sum(r.seq_len - r.kv_len for r in list(self.waiting))   # NOTE: a copy: the heartbeat reads it
 
     def schedule(self, num_running: int, reserve_pages: int = 0,
-                 budget: Optional[int] = None) -> Optional[ScheduleBatch]:
+                 budget: Optional[int] = None, hold: bool = True) -> Optional[ScheduleBatch]:
         """Take waiting requests (whole, or the first one chunked) within the token budget.
 
         A request's remaining tokens are `all_ids[kv_len:]` (prompt, plus output when it
@@ -42,9 +44,15 @@ class PrefillManager:
         longest prefix the prefix cache holds. Only the chunk that reaches
         the end of the sequence samples. `reserve_pages` keeps room for running decodes;
         `budget` (at most `max_prefill_tokens`) caps the new tokens, e.g. a decode step's chunk.
+        With `hold` and the prefix cache, a fresh request whose next pages a request of this
+        batch or of the one in flight computes waits a batch (prefix_sharing.py), unless
+        nothing else would run: no other prefill and no decode rows (`num_running`).
         """
         budget = self.max_prefill_tokens if budget is None else min(budget, self.max_prefill_tokens)
-        num_hit_tokens = 0
+        num_hit_tokens, num_held = 0, 0
+        share = self.cache.tree is not None
+        hold = hold and share
+        chosen: set[int] = set()             # keys of the pages this batch computes
         reqs, extend_lens, prefix_lens, is_last_chunk = [], [], [], []
         for req in list(self.waiting):
             if budget <= 0 or num_running + len(reqs) >= self.max_running_requests:
@@ -52,6 +60,10 @@ class PrefillManager:
             if req.num_pending:      # a result for it is still in flight
                 continue
             hit = self.cache.match_prefix(req)   # a fresh request extends from its cached prefix
+            if hold and req.kv_len == hit and self.sharing.should_wait(req, hit, chosen):
+                self.cache.unmatch(req)          # next batch it hits what the sharer computes now
+                num_held += 1
+                continue
             remaining = req.seq_len - req.kv_len
             chunk = min(remaining, budget)
             if chunk < remaining and req.dllm_attn_block > 1:   # block-causal KV: whole blocks per forward
@@ -66,6 +78,12 @@ class PrefillManager:
             extend_lens.append(chunk)
             is_last_chunk.append(chunk == remaining)
             budget -= chunk
+            if share:
+                chosen.update(self.sharing.keys_of(req, req.kv_len + chunk))
+        if not reqs and num_held and not num_running:   # holding would leave the worker idle
+            return self.schedule(num_running, reserve_pages, budget, hold=False)
+        self.sharing.num_held_total += num_held
+        self.sharing.in_flight = chosen
         if not reqs:
             return None
         for req, chunk, done in zip(reqs, extend_lens, is_last_chunk):

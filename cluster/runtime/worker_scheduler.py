@@ -20,6 +20,7 @@ from cluster.runtime.batch_builder import build_forward_input
 from cluster.runtime.cache_manager import CacheManager, SlotAllocator
 from cluster.runtime.forward_executor import defer_reads
 from cluster.runtime.output_processor import OutputProcessor
+from cluster.runtime.prefix_sharing import cache_prefilled
 from cluster.runtime.stats import DecodeStats, PrefillStats
 from cluster.runtime.request_marks import MarkBook
 from cluster.runtime.token_outbox import TokenOutbox
@@ -254,6 +255,8 @@ class WorkerScheduler(Scheduler):
         return future
 
     def on_result(self, batch: ScheduleBatch) -> None:
+        if batch.mode == ForwardMode.EXTEND:   # NOTE: before its tokens commit (a finish releases)
+            cache_prefilled(self.cache, batch)   # its prompt pages are written: others may share them now
         self.marks.on_processing(batch)
 
     def build_forward_input(self, batch: ScheduleBatch):
