@@ -91,7 +91,9 @@ def serve_and_bench(config: str, port: int, env: dict[str, str], args) -> dict:
             if bench.wait(timeout=600) != 0:
                 raise RuntimeError(f"pdcluster bench exited with {bench.returncode}")
             with open(out) as f:
-                return {**json.load(f), "cpu_us_per_token": cpu}
+                summary = {**json.load(f), "cpu_us_per_token": cpu}
+            summary.update(prefix_cache_tokens(port))
+            return summary
         finally:
             launch.send_signal(signal.SIGINT)
             try:
@@ -126,6 +128,23 @@ def cpu_window(launch_pid: int, bench_pid: int, port: int, args) -> dict:
         raise RuntimeError("the bench ended inside the CPU window: raise --tokens or --requests")
     return {"tokens": tokens, "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
             **{k: THREAD_CPU.per_token_us(before[k], after[k], names[k], tokens) for k in procs}}
+
+
+def prefix_cache_tokens(port: int) -> dict[str, float]:
+    """The workers' prefix-cache hit and query tokens, summed from the router's /metrics (from
+    the last heartbeats: a second's worth may be missing)."""
+    import urllib.request
+    time.sleep(1.5)   # a heartbeat after the last request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {"cache_hit_tokens": 0.0, "cache_query_tokens": 0.0}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name == "pdcluster:prefix_cache_hit_tokens_total":
+            out["cache_hit_tokens"] += float(line.rsplit(" ", 1)[1])
+        elif name == "pdcluster:prefix_cache_query_tokens_total":
+            out["cache_query_tokens"] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def wait_serving(launch: subprocess.Popen) -> None:
@@ -171,7 +190,9 @@ def main() -> None:
             rows[v].append((s["median_tpot_ms"], s["output_throughput"]))
             ratio = f" = {s['median_tpot_ms'] / engine[-1]:.2f}x the engine" if engine else ""
             print(f"round {r}: {v}: TPOT median {s['median_tpot_ms']:.2f} ms{ratio}, "
-                  f"{s['output_throughput']:.1f} tok/s ({s['completed']} of {args.requests} completed; "
+                  f"{s['output_throughput']:.1f} tok/s, TTFT median {s['median_ttft_ms']:.0f} ms "
+                  f"p99 {s['p99_ttft_ms']:.0f} ms, prefix-cache hits {s['cache_hit_tokens']:.0f} of "
+                  f"{s['cache_query_tokens']:.0f} tokens ({s['completed']} of {args.requests} completed; "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
             if s["cpu_us_per_token"]:
                 print(f"round {r}: {v}: CPU us per token {json.dumps(s['cpu_us_per_token'])}", flush=True)
