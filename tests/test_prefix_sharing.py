@@ -146,11 +146,12 @@ def test_a_held_request_waits_only_while_its_sharer_runs_and_never_leaves_the_wo
     assert pm.schedule(num_running=0).reqs == [b2]  # nothing else would run: no hold
 
 
-def test_a_prefix_shorter_than_the_threshold_is_computed_again_at_once():
+def test_a_short_common_prefix_or_an_echo_request_is_computed_at_once():
     cache, pm = sharing_manager()
     a, b = prompt_req("a", range(64)), prompt_req("b", list(range(20)) + list(range(500, 544)))
-    pm.add(a), pm.add(b)
-    assert pm.schedule(num_running=0).reqs == [a, b]
+    echo = Req("e", list(range(64)), SamplingParams(max_tokens=4, prompt_logprobs=True))   # never hits the cache
+    pm.add(a), pm.add(b), pm.add(echo)
+    assert pm.schedule(num_running=0).reqs == [a, b, echo]
 
 
 # a few shared prompts, so that requests start on one prefix before the first one's prefill ends

@@ -60,7 +60,8 @@ class PrefillManager:
             if req.num_pending:      # a result for it is still in flight
                 continue
             hit = self.cache.match_prefix(req)   # a fresh request extends from its cached prefix
-            if hold and req.kv_len == hit and self.sharing.should_wait(req, hit, chosen):
+            fresh = req.cache_node is not None and req.kv_len == hit   # matched now (an echo never is)
+            if hold and fresh and self.sharing.should_wait(req, hit, chosen):
                 self.cache.unmatch(req)          # next batch it hits what the sharer computes now
                 num_held += 1
                 continue
