@@ -146,6 +146,23 @@ def test_a_held_request_waits_only_while_its_sharer_runs_and_never_leaves_the_wo
     assert pm.schedule(num_running=0).reqs == [b2]  # nothing else would run: no hold
 
 
+def test_each_processed_chunk_of_a_chunked_prefill_is_shared_before_the_prompt_ends():
+    cache = CacheManager(PageAllocator(64), page_size=16)
+    cache.enable_prefix_cache()
+    pm = PrefillManager(cache, max_prefill_tokens=40, max_running_requests=8)
+    a, b = prompt_req("a", range(96)), prompt_req("b", range(96))
+    pm.add(a)
+    cache_prefilled(cache, pm.schedule(num_running=0))      # positions 0..39: two whole pages
+    assert a.num_shared_pages == 2
+    pm.add(b)
+    second = pm.schedule(num_running=0)
+    assert second.reqs == [a] and second.extend_lens == [40]    # the budget ends with a's chunk
+    cache_prefilled(cache, second)
+    assert a.num_shared_pages == 5 and not any(second.is_last_chunk)
+    third = pm.schedule(num_running=0)
+    assert third.reqs == [a, b] and third.prefix_lens == [80, 80] and third.extend_lens == [16, 16]
+
+
 def test_a_short_common_prefix_or_an_echo_request_is_computed_at_once():
     cache, pm = sharing_manager()
     a, b = prompt_req("a", range(64)), prompt_req("b", list(range(20)) + list(range(500, 544)))
