@@ -6,7 +6,7 @@ distinct), greedy, ignore_eos, without the router and HTTP in the way.
 - first wave: 16 requests arriving together, `--wave-tokens` tokens each: seconds, prompt tokens
   computed, cache hits;
 - closed loop: `--requests` requests, `--streams` at a time (a new one when one finishes),
-  `--tokens` each: output tok/s, and the process's CPU seconds (the steadier figure on a shared
+  `--tokens` each: output tok/s, TTFT, and the process's CPU seconds (the steadier figure on a shared
   machine: wall time follows how much of the cores the others leave).
 
     python benchmarks/prefix_sharing.py [--rounds 3] [--streams 16 --requests 32 --tokens 64]
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -27,6 +28,7 @@ from cluster.bench.client import cycled_prompt  # noqa: E402
 from cluster.config import SchedulerConfig  # noqa: E402
 from cluster.engine.loader import load_model  # noqa: E402
 from cluster.unified import UnifiedScheduler  # noqa: E402
+from cluster.wire import protocol as P  # noqa: E402
 from tests.inprocess_workers import drain, runner_for  # noqa: E402
 from tests.queue_control import QueueControl  # noqa: E402
 
@@ -59,16 +61,26 @@ def first_wave(loaded, prompts, sharing: bool, tokens: int) -> str:
 def closed_loop(loaded, prompts, sharing: bool, args) -> str:
     s = worker(loaded, sharing)
     ctl = s.control
-    sent, last = 0, None
+    sent, last, started, ttft = 0, None, {}, {}
+    send = ctl.send
+
+    def timed_send(msg) -> None:   # the first token of each request, as the router would see it
+        if isinstance(msg, P.Tokens):
+            for item in msg.all_items():
+                ttft.setdefault(item.rid, time.perf_counter() - started[item.rid])
+        send(msg)
+    ctl.send = timed_send
     t0, cpu0 = time.perf_counter(), time.process_time()
     while ctl.num_finished < args.requests:
         while sent < args.requests and sent - ctl.num_finished < args.streams:
+            started[f"r{sent}"] = time.perf_counter()
             ctl.generate(f"r{sent}", prompts[sent % len(prompts)], max_tokens=args.tokens, ignore_eos=True)
             sent += 1
         last = s.overlap_step(last)
     wall = time.perf_counter() - t0
+    ms = sorted(1000 * t for t in ttft.values())
     return (f"closed loop {args.requests * args.tokens / wall:.1f} tok/s, {time.process_time() - cpu0:.1f} CPU s, "
-            f"cache hits {s.cache.num_hit_tokens}")
+            f"TTFT p50 {statistics.median(ms):.0f} ms max {ms[-1]:.0f} ms, cache hits {s.cache.num_hit_tokens}")
 
 
 def main() -> None:
