@@ -13,9 +13,9 @@ from cluster.runtime.schedule_batch import Req
 from cluster.sampling_params import SamplingParams
 from cluster.wire import protocol as P
 from cluster.unified import UnifiedScheduler
-from tests.inprocess_workers import drain, runner_for, serve
+from tests.inprocess_workers import Pair, drain, runner_for, serve
 from tests.queue_control import QueueControl
-from tests.test_prefix_cache import check_pages
+from tests.test_prefix_cache import check_pages, submit_ids
 
 SYSTEM = ("You are a helpful assistant. Answer in one short sentence, politely, and never "
           "mention that you are a language model. Keep answers factual and brief. Think twice "
@@ -98,6 +98,24 @@ def test_aborting_the_first_while_the_second_runs_on_its_pages_keeps_the_second_
     check_pages(s)
 
 
+def test_a_prefill_worker_given_one_prompt_twice_at_once_computes_it_once(loaded):
+    """Disaggregated: the second waits while the first's prefill runs (the worker has nothing
+    else to launch, but that forward is running), then extends from its pages."""
+    ids = loaded.tokenizer.encode(SYSTEM + "Name a large ocean.")
+    ref = serve(unified(loaded, prefix_cache=False), [ids], "r")["r0"]
+    pair = Pair(loaded)
+    pair.prefill.enable_prefix_cache()
+    try:
+        for rid in ("a", "b"):
+            submit_ids(pair, rid, ids)
+        assert pair.run(2) == {"a": ref, "b": ref}
+        assert pair.prefill.cache.num_hit_tokens == (len(ids) - 1) // 16 * 16
+        assert pair.dc.errors() == [] and pair.pc.errors() == []
+        check_pages(pair.prefill)
+    finally:
+        pair.close()
+
+
 def test_without_overlap_sharing_keeps_greedy_output(loaded):
     tok = loaded.tokenizer
     prompts = [tok.encode(SYSTEM + q) for q in ("Say hi.", "Say bye.", "Say hi.")]
@@ -132,18 +150,19 @@ def test_a_request_sharing_pages_chosen_for_this_batch_waits_one_batch_then_hits
     assert second.reqs == [b] and second.prefix_lens == [48] and second.extend_lens == [16]
 
 
-def test_a_held_request_waits_only_while_its_sharer_runs_and_never_leaves_the_worker_idle():
+def test_a_held_request_waits_only_while_its_sharers_forward_runs():
     cache, pm = sharing_manager()
     a, b = prompt_req("a", range(64)), prompt_req("b", range(64))
     pm.add(a), pm.add(b)
     assert pm.schedule(num_running=0).reqs == [a]
     assert pm.schedule(num_running=1) is None   # a's prefill in flight: a decode step runs instead
-    assert pm.schedule(num_running=1).reqs == [b]   # the next batch it goes, hit or not
+    assert pm.schedule(num_running=1).reqs == [b]   # the next batch it goes, hit or not (a never came back)
     a2, b2 = prompt_req("a2", range(64)), prompt_req("b2", range(64))
     _, pm = sharing_manager()
     pm.add(a2), pm.add(b2)
     assert pm.schedule(num_running=0).reqs == [a2]
-    assert pm.schedule(num_running=0).reqs == [b2]  # nothing else would run: no hold
+    assert pm.schedule(num_running=0) is None   # nothing else to launch: the loop processes a2's forward
+    assert pm.schedule(num_running=0).reqs == [b2]  # never held twice in a row on nothing
 
 
 def test_each_processed_chunk_of_a_chunked_prefill_is_shared_before_the_prompt_ends():

@@ -36,7 +36,7 @@ class PrefillManager:
         return sum(r.seq_len - r.kv_len for r in list(self.waiting))   # NOTE: a copy: the heartbeat reads it
 
     def schedule(self, num_running: int, reserve_pages: int = 0,
-                 budget: Optional[int] = None, hold: bool = True) -> Optional[ScheduleBatch]:
+                 budget: Optional[int] = None) -> Optional[ScheduleBatch]:
         """Take waiting requests (whole, or the first one chunked) within the token budget.
 
         A request's remaining tokens are `all_ids[kv_len:]` (prompt, plus output when it
@@ -44,14 +44,12 @@ class PrefillManager:
         longest prefix the prefix cache holds. Only the chunk that reaches
         the end of the sequence samples. `reserve_pages` keeps room for running decodes;
         `budget` (at most `max_prefill_tokens`) caps the new tokens, e.g. a decode step's chunk.
-        With `hold` and the prefix cache, a fresh request whose next pages a request of this
-        batch or of the one in flight computes waits a batch (prefix_sharing.py), unless
-        nothing else would run: no other prefill and no decode rows (`num_running`).
+        With the prefix cache, a fresh request whose next pages a request of this
+        batch or of the forward in flight computes waits a batch (prefix_sharing.py).
         """
         budget = self.max_prefill_tokens if budget is None else min(budget, self.max_prefill_tokens)
         num_hit_tokens, num_held = 0, 0
         share = self.cache.tree is not None
-        hold = hold and share
         chosen: set[int] = set()             # keys of the pages this batch computes
         reqs, extend_lens, prefix_lens, is_last_chunk = [], [], [], []
         for req in list(self.waiting):
@@ -61,7 +59,7 @@ class PrefillManager:
                 continue
             hit = self.cache.match_prefix(req)   # a fresh request extends from its cached prefix
             fresh = req.cache_node is not None and req.kv_len == hit   # matched now (an echo never is)
-            if hold and fresh and self.sharing.should_wait(req, hit, chosen):
+            if share and fresh and self.sharing.should_wait(req, hit, chosen):
                 self.cache.unmatch(req)          # next batch it hits what the sharer computes now
                 num_held += 1
                 continue
@@ -81,10 +79,8 @@ class PrefillManager:
             budget -= chunk
             if share:
                 chosen.update(self.sharing.keys_of(req, req.kv_len + chunk))
-        if not reqs and num_held and not num_running:   # holding would leave the worker idle
-            return self.schedule(num_running, reserve_pages, budget, hold=False)
         self.sharing.num_held_total += num_held
-        self.sharing.in_flight = chosen
+        self.sharing.in_flight = chosen      # NOTE: emptied by a batch of none: no hold twice in a row on nothing
         if not reqs:
             return None
         for req, chunk, done in zip(reqs, extend_lens, is_last_chunk):

@@ -9,7 +9,11 @@ Two halves, as SGLang does them:
   batch, or by the previous prefill batch, still in flight. It prefills one batch later on
   the cached pages instead of computing the same prefix again. It is held only while the
   sharer's forward is in flight (once it is processed, the request's cache hit covers those
-  pages and the check no longer matches), and never when nothing else would run.
+  pages and the check no longer matches). A hold may leave nothing to launch beside that
+  forward (a prefill worker): the overlap loop then processes it at once and the next pass
+  prefills the held request on its pages, which beats computing them again a batch later.
+  The in-flight keys are those of the last batch built, emptied when none was: a stale key (a
+  sharer aborted in flight) holds a request for at most one such pass.
 
 Pages are compared by chain keys: key k hashes the first k + 1 pages of token ids (with the
 KV namespace), so equal keys mean equal whole-page prefixes (a hash collision costs one
