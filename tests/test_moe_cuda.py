@@ -8,6 +8,7 @@ import torch
 
 from cluster.engine.model_config import ModelConfig, MoeConfig
 from cluster.engine.moe import SparseMoe
+from cluster.engine.triton_mla_config import PAGE_PAIRS_16
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                                 reason="needs CUDA and Triton")
@@ -123,7 +124,8 @@ def test_mla_decode_sweep_variants_match_gathered_latents_in_bfloat16(heads, spl
 
 @pytest.mark.parametrize("splits", [0, 1, 3, 4, 6])
 @pytest.mark.parametrize("tune", [
-    {},                                         # the table's row (16 heads: page pairs, the merge at once)
+    {},                                         # the table's row (16 heads: 16-token tiles, 7 stages)
+    {"config": PAGE_PAIRS_16},                  # the row once these pass on a GPU (triton_mla_config.py)
     {"tma_pages": True, "page_pairs": True, "block_n": 64, "num_stages": 3, "fused_merge": True, "merge_at_once": True},
     {"tma_pages": True, "page_pairs": True, "prefetch_pages": True, "block_n": 64, "num_stages": 2,
      "fused_merge": True, "merge_at_once": True},

@@ -95,14 +95,17 @@ class DecodeConfig:
 
 
 # Per head count (the smallest bound at or above the model's), bfloat16 / float16, on an H100, batch
-# 64 x 2,048 tokens (benchmarks/mla_decode_sweep.py). 16 heads: whole pages through TMA, 32-token tiles
-# of two pages through one online-softmax step, 5 stages (2 x 2 pages in flight), the merge's loads all
-# issued at once (23:39 UTC sweep of 2026-12-07: 0.0662 ms = 1.33x one latent read, against 0.0672 for
-# 16-token tiles at 7 stages, 0.0724 for the pointer walk; pages shorter than 16 tokens or not contiguous
-# take that pointer walk). 32 / 64 / 128 heads: the 17:29 UTC sweep's winners, 0.1151 / 0.1328 / 0.2300 ms
-# against 0.1438 / 0.1410 / 0.2500 for the defaults (0.1127 / 0.1321 / 0.2308 at 23:39).
+# 64 x 2,048 tokens (benchmarks/mla_decode_sweep.py). 16 heads: whole pages through TMA, 16-token tiles,
+# 7 stages (22:00 UTC sweep of 2026-12-07: 0.0672 ms = 1.35x one latent read, against 0.0724 for the
+# pointer walk; pages shorter than 16 tokens or not contiguous take that pointer walk). The 23:39 UTC
+# sweep measured two-page tiles faster (`PAGE_PAIRS_16`: 0.0662 ms = 1.33x); it becomes this row once
+# test_moe_cuda.py's page-pair cases have passed on a GPU (they passed the interpreter and the sweep's
+# float32 check at 2,048 tokens only). 32 / 64 / 128 heads: the 17:29 UTC sweep's winners,
+# 0.1151 / 0.1328 / 0.2300 ms against 0.1438 / 0.1410 / 0.2500 for the defaults (0.1127 / 0.1321 /
+# 0.2308 at 23:39).
+PAGE_PAIRS_16 = DecodeConfig(num_stages=5, fused_merge=True, tma_pages=True, page_pairs=True, merge_at_once=True)
 TABLE: dict[int, DecodeConfig] = {
-    16: DecodeConfig(num_stages=5, fused_merge=True, tma_pages=True, page_pairs=True, merge_at_once=True),
+    16: DecodeConfig(block_n=16, num_stages=7, fused_merge=True, tma_pages=True),
     32: DecodeConfig(block_h=16, num_warps=4, fused_merge=True),
     64: DecodeConfig(programs_per_sm=1, block_h=64, num_warps=8, fused_merge=True),
     128: DecodeConfig(programs_per_sm=1, block_h=64, num_warps=8, fused_merge=True),
