@@ -53,8 +53,8 @@ def sibling(name: str):
     return module
 
 
-router_stream = sibling("router_stream")
-MODEL, TOKEN_IDS, free_port, run_client = (router_stream.MODEL, router_stream.TOKEN_IDS, router_stream.free_port,
+router_stream, fake_cluster = sibling("router_stream"), sibling("fake_cluster")
+MODEL, TOKEN_IDS, free_port, run_client = (fake_cluster.MODEL, fake_cluster.TOKEN_IDS, fake_cluster.free_port,
                                            router_stream.run_client)
 
 BOUNDARIES = ("arrival", "dispatched", "worker_recv", "prefill_launched", "prefill_done", "router_token",
@@ -213,7 +213,10 @@ def burst(cluster: Cluster, streams: int, max_tokens: int, pyspy: str = "") -> d
     cpu0 = cluster.cpu_seconds()
     client.stdin.write("GO\n")
     client.stdin.flush()
-    report = json.loads(client.stdout.readline())
+    line = client.stdout.readline()
+    while line and not line.startswith("{"):              # the client's STEADY / ENDING marks come first
+        line = client.stdout.readline()
+    report = json.loads(line)
     cpu = {name: round(t - cpu0[name], 2) for name, t in cluster.cpu_seconds().items()}
     client.wait(timeout=30)
     for spy in spies:
