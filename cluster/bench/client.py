@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from cluster.bench.raw_stream import RawStreams
+from cluster.bench.raw_stream import RawStreams, SseSplitter
 
 PROMPT_WORDS = ("alpha", "beta", "gamma", "delta", "omega")
 
@@ -101,18 +101,12 @@ async def sse_data(resp):
     """The payload of each `data: ` line of an event stream but `[DONE]`, as it arrives. Splits the
     response's bytes itself: httpx's line iterator (a text decoder and a line decoder per chunk)
     cost the client about as much CPU per token as the router spends, on the same cores."""
-    rest = b""
+    sse = SseSplitter()
     async for chunk in resp.aiter_bytes():
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            rest += chunk
-            continue
-        lines, rest = (rest + chunk[:end]).split(b"\n"), chunk[end + 1:]
-        for line in lines:
-            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                yield line[6:]
-    if rest.startswith(b"data: ") and not rest.startswith(b"data: [DONE]"):
-        yield rest[6:]
+        for payload in sse.feed(chunk):
+            yield payload
+    for payload in sse.end():
+        yield payload
 
 
 def relative_to(results: list[dict], start: float) -> None:

@@ -21,6 +21,30 @@ class HttpError(Exception):
     """A response the stream cannot be read from (bad framing, closed early)."""
 
 
+def _is_data(line: bytes) -> bool:
+    return line.startswith(b"data: ") and not line.startswith(b"data: [DONE]")
+
+
+class SseSplitter:
+    """An event stream's bytes, however split -> the payload of each `data: ` line but `[DONE]`, once
+    its line is complete (`end()`: a last line without a newline)."""
+
+    def __init__(self):
+        self._rest = b""
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        end = piece.rfind(b"\n")
+        if end < 0:
+            self._rest += piece
+            return []
+        lines, self._rest = (self._rest + piece[:end]).split(b"\n"), piece[end + 1:]
+        return [line[6:] for line in lines if _is_data(line)]
+
+    def end(self) -> list[bytes]:
+        rest, self._rest = self._rest, b""
+        return [rest[6:]] if _is_data(rest) else []
+
+
 class SseResponse(asyncio.Protocol):
     """One connection; one response at a time. `on_data(payload)` for each `data: ` line."""
 
@@ -34,7 +58,7 @@ class SseResponse(asyncio.Protocol):
         self.on_data = on_data
         self.status, self.headers, self.body = 0, {}, bytearray()   # body: a non-200 answer's
         self.done: Optional[asyncio.Future] = None
-        self._buf, self._rest = bytearray(), b""
+        self._buf, self._sse = bytearray(), SseSplitter()
         self._head_done, self._chunk_left, self._content_left = False, 0, -1
         self._is_chunked = False
 
@@ -139,19 +163,12 @@ class SseResponse(asyncio.Protocol):
         if self.status != 200:
             self.body += piece
             return
-        end = piece.rfind(b"\n")
-        if end < 0:
-            self._rest += piece
-            return
-        lines, self._rest = (self._rest + piece[:end]).split(b"\n"), piece[end + 1:]
-        for line in lines:
-            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                self.on_data(line[6:])
+        for payload in self._sse.feed(piece):
+            self.on_data(payload)
 
     def _finish(self) -> None:
-        if self._rest.startswith(b"data: ") and not self._rest.startswith(b"data: [DONE]"):
-            self.on_data(self._rest[6:])
-        self._rest = b""
+        for payload in self._sse.end():
+            self.on_data(payload)
         if self.headers.get("connection", "").lower() == "close":
             self.is_closed = True
             self.transport.close()
