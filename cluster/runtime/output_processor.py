@@ -82,8 +82,6 @@ class OutputProcessor:
         only the rows that finish or ask for more (stop strings or ids, logprobs) go one by one
         through `commit_token`. The rest append their token and leave in one `emit_plain`."""
         rows = batch.rows
-        if len(batch.reqs) == 1:
-            return self._commit_one(batch.reqs[0], rows, result)
         ids = result.next_token_ids.numpy()
         is_eos = (ids[:, None] == rows.eos_ids[None, :]).any(axis=1)   # a few EOS ids: cheaper than np.isin
         done = (rows.out_lens >= rows.max_tokens) | (rows.eos_on & is_eos & (rows.out_lens >= rows.min_tokens))
@@ -107,19 +105,3 @@ class OutputProcessor:
                     self.commit_token(req, tokens[i], logprobs[i] if logprobs is not None and req.sampling.logprobs
                                       else None, _top_pairs(result, i, req.sampling.top_logprobs))
 
-    def _commit_one(self, req: Req, rows, result) -> None:
-        """`commit_decode` of a one-row step (one stream) in Python scalars: the same checks without a
-        dozen numpy ops on one-element arrays (each ~1 µs of the scheduler thread, beside the forward)."""
-        token = result.next_token_ids.item()
-        out_len = rows.out_lens[0]
-        done = out_len >= rows.max_tokens[0] or bool(rows.eos_on[0] and out_len >= rows.min_tokens[0]
-                                                     and token in rows.eos_ids.tolist())
-        req.num_pending -= 1
-        if req.finish_reason is not None:   # finished earlier: overlap's extra token
-            return
-        if done or not rows.plain_result[0]:
-            logprob = result.logprobs.tolist()[0] if result.logprobs is not None and req.sampling.logprobs else None
-            self.commit_token(req, token, logprob, _top_pairs(result, 0, req.sampling.top_logprobs))
-            return
-        req.output_ids.append(token)
-        self.emit_plain([req.rid], [token])
