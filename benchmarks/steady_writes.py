@@ -6,9 +6,9 @@ N loopback TCP connections accepted by an asyncio server (a forked reader drains
 router_stream's client does). Each 5 ms step hands every stream one token the way the
 dispatcher does (`mailbox._put_all`), and the step's thread CPU is counted. Three writers take
 turns step by step, so load on the machine hits them alike:
-- `send`: `os.write` of a prebuilt 230-byte chunk to the socket (the floor: kernel + a bare loop);
-- `transport`: asyncio's `transport.write` of the same chunk;
-- `router`: the stream's real steady writer (steady_stream.py: count, ITL, detokenize, the
+- `send`: `os.write` of a prebuilt 230-byte chunk to each socket in a bare loop (the floor);
+- `transport`: asyncio's `transport.write` of the same chunk, in the same loop;
+- `router`: the real hand-off (`mailbox._put_all`) into each stream's real steady writer (steady_stream.py: count, ITL, detokenize, the
   event from the request's template, one chunk on a ChunkWire over a uvicorn-like cycle).
 `router` - `send` is what the router's own work costs per token; the script measures whatever
 `cluster` PYTHONPATH names.
@@ -88,19 +88,20 @@ async def run(streams: int, steps: int) -> dict:
         gen = Generation(st, box, CompletionText(IncrementalDetokenizer(tok), []), writer, 1, time.monotonic())
         fd = t.get_extra_info("socket").fileno()
         writers.append({"send": lambda _, fd=fd: bool(os.write(fd, chunk)),
-                        "transport": lambda _, t=t: not t.write(chunk),
-                        "router": steady_writer(service, gen, ChunkWire(Cycle(t)))})
+                        "transport": lambda _, t=t: not t.write(chunk)})
+        box.steady = steady_writer(service, gen, ChunkWire(Cycle(t)))
         box.waiter = loop.create_future()                  # the stream's coroutine waits: tokens go steady
         boxes.append(box)
     cpu = dict.fromkeys(WRITERS, 0.0)
     for step in range(steps):
         name = WRITERS[step % len(WRITERS)]
-        for box, w in zip(boxes, writers):
-            box.steady = w[name]
-        t0 = time.thread_time()
         hand = [TOKEN_IDS[step % len(TOKEN_IDS)]] * streams
-        args = ([], boxes, hand) if TWO_LISTS else ([], list(zip(boxes, hand)))
-        mailbox._put_all(*args)
+        t0 = time.thread_time()
+        if name == "router":                               # the real hand-off, into the real writers
+            mailbox._put_all(*(([], boxes, hand) if TWO_LISTS else ([], list(zip(boxes, hand)))))
+        else:                                              # a bare loop over the sockets
+            for w, token_id in zip(writers, hand):
+                w[name](token_id)
         cpu[name] += time.thread_time() - t0
         await asyncio.sleep(0.005)
     server.close()

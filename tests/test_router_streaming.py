@@ -134,20 +134,18 @@ def test_steady_tokens_go_straight_to_the_socket_framed_as_the_server_frames_the
     """Once a stream is under way its plain tokens are written to the client's socket from the
     step's hand-off (no coroutine woken): each is one well-framed chunk holding one event,
     and an HTTP/1.0 client (no chunked encoding) gets the same events unframed."""
-    from cluster.router import choices
+    from cluster.router import mailbox
     r = make_router()
     tok = r.service.tokenizer_for(MODEL)
     ids = tok.encode(WORDS)
     pieces = [tok.decode([t]) for t in ids]
     r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.03))
     assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
-    written = []
-    real = choices.steady_writer
-
-    def counting(service, gen, wire):
-        write = real(service, gen, wire)
-        return lambda token_id: write(token_id) and not written.append(token_id)
-    monkeypatch.setattr(choices, "steady_writer", counting)
+    plain, queued = [], []                   # written from the hand-off = plain - queued
+    real_put, real_queue = mailbox.put_tokens, mailbox.Mailbox.queue_token
+    monkeypatch.setattr(mailbox, "put_tokens", lambda rows: (plain.extend(rows), real_put(rows)))
+    monkeypatch.setattr(mailbox.Mailbox, "queue_token", lambda box, t: (queued.append(t), real_queue(box, t)))
+    written = lambda: len(plain) - len(queued)  # noqa: E731
     body = {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids)}
     head, raw = raw_stream(r.url, body, "1.1")
     assert b"transfer-encoding: chunked" in head.lower()
@@ -155,11 +153,11 @@ def test_steady_tokens_go_straight_to_the_socket_framed_as_the_server_frames_the
     texts = [t for c in chunks for t in event_texts(c)]
     assert texts == pieces and chunks[-2] == b"data: [DONE]\n\n" and chunks[-1] == b""
     assert all(len(event_texts(c)) <= 1 for c in chunks)           # one event per chunk
-    assert len(written) >= len(ids) - 3                               # all but the first and last
-    written.clear()
+    assert written() >= len(ids) - 3                                  # all but the first and last
+    plain.clear(), queued.clear()
     head, raw = raw_stream(r.url, body, "1.0")
     assert b"chunked" not in head.lower() and event_texts(raw) == pieces and raw.endswith(b"data: [DONE]\n\n")
-    assert not written                                                # no wire under HTTP/1.0
+    assert plain and written() == 0                                   # no wire under HTTP/1.0
 
 
 def test_steady_tokens_hold_back_a_possible_stop_string_as_events_do(tokenizers):

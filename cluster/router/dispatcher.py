@@ -259,11 +259,12 @@ class Dispatcher:
         out = []
         for rid, token_id in zip(rows.rids, rows.token_ids):
             st = requests.get(rid)
-            if st is None or st.token_source != sender:
+            # NOTE: `token_source` inline (a property call per row); every read here is cold
+            if st is None or (placement := st.placement) is None or placement.decode != sender:
                 continue                                   # finished, aborted or stale attempt
             st.output_ids.append(token_id)
-            if st.trace is not None:
-                st.trace.add_arrival(arrival)
+            if (trace := st.trace) is not None:
+                trace.add_arrival(arrival)
             st.last_progress = now
             out.append((st.sink, token_id))
         return out

@@ -8,9 +8,9 @@ looked (`take`), in order. No asyncio.Queue and no `wait_for` task per event: a 
 one list append and at most one future resolution.
 
 A stream under way may set `steady`: a plain token (one token, nothing else) that arrives
-while its coroutine waits here with nothing queued is handed to it instead, and written to
-the client from this callback (steady_stream.py), with no coroutine woken. The
-order holds: a waiting coroutine has sent everything it took, and whatever `steady`
+while its coroutine waits here with nothing queued is written to the client from this
+callback instead (steady_stream.put_tokens, once for the step's plain tokens of every
+stream on the loop), with no coroutine woken. The order holds: a waiting coroutine has sent everything it took, and whatever `steady`
 refuses (a paused or gone client) is queued as usual, behind which the next tokens queue.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import asyncio
 from typing import Callable, Optional
 
 from cluster.router.request_state import Event, TokensEvent
+from cluster.router.steady_stream import SteadyStream, put_tokens
 
 
 class Mailbox:
@@ -30,7 +31,7 @@ class Mailbox:
         self.loop = loop
         self.events: list[Event] = []
         self.waiter: Optional[asyncio.Future] = None
-        self.steady: Optional[Callable[[int], bool]] = None   # token id -> written to the client
+        self.steady: Optional[SteadyStream] = None   # its plain tokens' writer to the client
 
     def __call__(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.put, event)
@@ -42,11 +43,12 @@ class Mailbox:
         self._queue(event)
 
     def put_token(self, token_id: int) -> None:
-        """A plain token, on the loop's thread: to `steady` when the coroutine waits here with
-        nothing queued and the writer takes it, else queued as an event."""
-        if (self.steady is not None and not self.events and self.waiter is not None
-                and not self.waiter.done() and self.steady(token_id)):
-            return
+        """A plain token, on the loop's thread: written by `steady` when the coroutine waits
+        here with nothing queued and the client takes it, else queued as an event."""
+        put_tokens(((self, token_id),))
+
+    def queue_token(self, token_id: int) -> None:
+        """A plain token for the coroutine, on the loop's thread."""
         self._queue(TokensEvent([token_id], None, None))
 
     def _queue(self, event: Event) -> None:
@@ -98,12 +100,13 @@ def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]],
     by_loop: dict = {}
     by_frontend: dict = {}
     for i, rows in enumerate((pairs, plain)):
-        for sink, event in rows:                           # NOTE: per token: no list built per row
+        for row in rows:                                   # NOTE: per token: no list or tuple built per row
+            sink, event = row
             if isinstance(sink, Mailbox):
                 lists = by_loop.get(sink.loop)
                 if lists is None:
                     lists = by_loop[sink.loop] = ([], [])
-                lists[i].append((sink, event))
+                lists[i].append(row)
             elif isinstance(sink, RemoteSink):
                 lists = by_frontend.get(sink.key)
                 if lists is None:
@@ -120,5 +123,5 @@ def deliver_all(pairs: list[tuple[Callable[[Event], None], Event]],
 def _put_all(events: list, tokens: list) -> None:
     for mailbox, event in events:
         mailbox.put(event)
-    for mailbox, token_id in tokens:
-        mailbox.put_token(token_id)
+    if tokens:
+        put_tokens(tokens)
