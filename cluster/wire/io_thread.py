@@ -43,6 +43,9 @@ CLOSE_TIMEOUT_S = 2.0
 MAX_INBOX = 4096           # undelivered received items before reading pauses
 MAX_FRAME_BYTES = MAX_HEADER_BYTES + (1 << 20)
 _ids = itertools.count()
+# NOTE: plain ints: zmq's enum members make every `getsockopt(EVENTS) & POLLIN` build a Flag
+# (enum machinery, ~2 us each, run cold once per message on the socket threads)
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class SocketLoop:
@@ -201,7 +204,7 @@ class SocketLoop:
                 busy = self._backlog or not has_room
                 events = dict(poller.poll(BACKLOG_POLL_MS if busy else POLL_MS))
                 if self._wake_rx in events:
-                    while self._wake_rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    while self._wake_rx.getsockopt(EVENTS) & POLLIN:
                         self._wake_rx.recv()
                 if self._zap in events:
                     self.curve.answer_zap(self._zap)
@@ -243,7 +246,7 @@ class SocketLoop:
         # NOTE: asks the socket before each read instead of reading until zmq.Again: at one stream
         # every wake-up reads one message, and the raised Again cost as much as the read (cold)
         for _ in range(RECV_BURST):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.getsockopt(EVENTS) & POLLIN:
                 return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
