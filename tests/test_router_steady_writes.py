@@ -159,3 +159,30 @@ def test_a_failure_on_the_steady_path_queues_an_error_then_the_token_and_aborts(
         assert gen.mailbox.waiter.done()
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": 1}, {"n": 2, "seed": 3}])
+def test_streams_with_logprobs_or_several_choices_never_take_the_steady_path(make_router, monkeypatch, extra):
+    """Logprobs and n > 1 (interleaved choices) stay on the coroutine path: every plain token
+    is queued for it, and the events carry what only that path formats (logprobs, indexes)."""
+    from cluster.router import mailbox
+    from tests.router_harness import MODEL, wait_for
+    from tests.test_router_streaming import WORDS, dechunked, paced_reply, raw_stream
+    r = make_router()
+    ids = r.service.tokenizer_for(MODEL).encode(WORDS)
+    r.worker("unified-0", "unified", MODEL, reply=paced_reply(ids, 1, 0.02))
+    assert wait_for(lambda: r.dispatcher.directory.count("unified") == 1)
+    plain, queued = [], []
+    real_put, real_queue = mailbox.put_tokens, Mailbox.queue_token
+    monkeypatch.setattr(mailbox, "put_tokens", lambda rows: (plain.extend(rows), real_put(rows)))
+    monkeypatch.setattr(Mailbox, "queue_token", lambda box, t: (queued.append(t), real_queue(box, t)))
+    _, raw = raw_stream(r.url, {"model": MODEL, "prompt": "Count:", "max_tokens": len(ids), **extra}, "1.1")
+    events = [e for c in dechunked(raw) for e in c.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]" and plain and len(queued) == len(plain)
+    choices = [c for e in events[:-1] for c in json.loads(e[len(b"data: "):])["choices"]]
+    indexes = {c["index"] for c in choices}
+    assert indexes == set(range(extra.get("n", 1)))
+    for i in indexes:
+        assert "".join(c["text"] for c in choices if c["index"] == i) == WORDS
+    if "logprobs" in extra:
+        assert all(c["logprobs"] is not None for c in choices if c["text"])
