@@ -49,6 +49,7 @@ def workers(c) -> dict:
 def test_switch_mid_stream_loses_and_repeats_nothing_and_the_worker_then_decodes(cluster):
     ref, tokenizer = reference()
     first_token = threading.Event()
+    pid = cluster.worker_pids()["prefill-1"]
 
     def stream(prompt: str):
         text, finishes = [], []
@@ -77,7 +78,12 @@ def test_switch_mid_stream_loses_and_repeats_nothing_and_the_worker_then_decodes
     for prompt, (text, finishes) in zip(PROMPTS, results):
         assert finishes == ["length"], prompt                       # ended once
         assert text == tokenizer.decode(ref[prompt]), prompt         # nothing lost, nothing twice
-    assert switch_s < 5.0, switch_s
+    # in place: the same process switched on the model it had loaded (no restart, no second load);
+    # how many seconds that took is the machine's business (1.7 s alone, far more on loaded CI cores)
+    log = cluster.log("prefill-1")
+    assert cluster.worker_pids()["prefill-1"] == pid, switch_s
+    assert log.count("torch threads:") == 1 and "prefill-1: switching to decode" in log, switch_s
+    assert log.index("prefill-1 (prefill) serving") < log.index("prefill-1 (decode) serving")
 
     before = len(cluster.iterations("prefill-1", "Decode"))
     for p in PROMPTS[:4]:                                           # round robin over both decoders
