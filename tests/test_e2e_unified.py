@@ -126,15 +126,23 @@ def test_both_front_ends_stream_the_engines_greedy_text(cluster, reference):
 
 
 def settled_successes(cluster) -> float:
-    """requests_total{success} once two reads 0.7 s apart agree (front ends report every 0.5 s)."""
-    last, deadline = None, time.monotonic() + 15
-    while time.monotonic() < deadline:
-        now = metric(cluster.metrics(), "pdcluster:requests_total", outcome="success")
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.7)
-    return last
+    """requests_total{success} once every front end has reported twice since the call: a report
+    carries its cumulative counts and its CPU seconds, which move with each one, and a request is
+    counted before its client gets the last chunk. (Two reads 0.7 s apart agreeing was a guess
+    that a report late on loaded cores could beat, reading a count one request short.)"""
+    page = cluster.metrics()
+    frontends = re.findall(r'^pdcluster:router_cpu_seconds_total\{process="(frontend-\d+)"\}', page, re.M)
+    assert frontends, page
+    reports = {fe: [metric(page, "pdcluster:router_cpu_seconds_total", process=fe)] for fe in frontends}
+    deadline = time.monotonic() + 60
+    while any(len(cpu) < 3 for cpu in reports.values()):
+        assert time.monotonic() < deadline, f"front ends did not report twice in 60 s: {reports}"
+        time.sleep(0.1)
+        page = cluster.metrics()
+        for fe, cpu in reports.items():
+            if (now := metric(page, "pdcluster:router_cpu_seconds_total", process=fe)) != cpu[-1]:
+                cpu.append(now)
+    return metric(page, "pdcluster:requests_total", outcome="success")
 
 
 def test_metrics_count_each_request_once_and_each_front_ends_cpu(cluster):
