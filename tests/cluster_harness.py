@@ -24,7 +24,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import httpx
 try:
@@ -155,6 +155,10 @@ class LaunchedCluster:
     def metrics(self) -> str:
         return httpx.get(self.base_url + "/metrics", timeout=10).text
 
+    def wait_heartbeats(self, worker_id: str, n: int = 2) -> None:
+        wait_heartbeats(lambda: httpx.get(self.base_url + "/admin/workers", timeout=10).json()["workers"],
+                        worker_id, n)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> list[psutil.Process]:
         """Signal the launcher; return the descendants still alive afterwards (then killed)."""
         if self.proc.poll() is None:
@@ -235,3 +239,19 @@ def offline_greedy(prompts: list[str], max_tokens: int, cpu_weights: str = REFER
     llm = reference_llm(cpu_weights)
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens))
     return {p: o.token_ids for p, o in zip(prompts, outs)}, llm.tokenizer
+
+
+def wait_heartbeats(workers: Callable[[], list], worker_id: str, n: int = 2, timeout_s: float = 60.0) -> None:
+    """Return once the router has heard `n` more heartbeats from idle `worker_id` (its
+    seconds_since_heartbeat in `workers()`, GET /admin/workers, fell n times): the gauges then hold
+    what it had counted before the call. A sleep of about a heartbeat interval is a guess that a
+    heartbeat late on loaded cores beats."""
+    def since() -> float:
+        return next(w["seconds_since_heartbeat"] for w in workers() if w["worker_id"] == worker_id)
+    deadline, last, heard = time.monotonic() + timeout_s, since(), 0
+    while heard < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{worker_id}: {heard} of {n} heartbeats in {timeout_s:.0f} s")
+        time.sleep(0.1)
+        now = since()
+        heard, last = heard + (now <= last), now

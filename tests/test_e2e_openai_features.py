@@ -69,22 +69,11 @@ def kv_bytes(cluster) -> float:
                if line.startswith("pdcluster:kv_transfer_bytes_total{") and 'worker="decode-0"' in line)
 
 
-def kv_bytes_after(cluster, before: float) -> float:
-    """The decode worker's KV bytes once its heartbeat reported the last transfer."""
-    deadline = time.monotonic() + 10
-    while (got := kv_bytes(cluster)) <= before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.5)                                          # one more heartbeat: nothing else arrives
+def reported_kv_bytes(cluster) -> float:
+    """The decode worker's KV bytes once its heartbeats reported every transfer so far (a request
+    that ended had its KV imported before its first token)."""
+    cluster.wait_heartbeats("decode-0")
     return kv_bytes(cluster)
-
-
-def settled_kv_bytes(cluster) -> float:
-    """The decode worker's KV bytes once two heartbeats agree: earlier tests' transfers counted."""
-    deadline, last = time.monotonic() + 15, None
-    while (now := kv_bytes(cluster)) != last and time.monotonic() < deadline:
-        last = now
-        time.sleep(1.5)
-    return now
 
 
 def new_prefills(log: str) -> list[tuple[int, int]]:
@@ -93,16 +82,16 @@ def new_prefills(log: str) -> list[tuple[int, int]]:
 
 
 def test_n_choices_are_prefilled_and_transferred_once(cluster):
-    base = settled_kv_bytes(cluster)
+    base = reported_kv_bytes(cluster)
     one = cluster.client.completions.create(model=MODEL, prompt="The river that runs through Paris",
                                             max_tokens=2, temperature=0)
-    per_token = (kv_bytes_after(cluster, base) - base) / one.usage.prompt_tokens
+    per_token = (reported_kv_bytes(cluster) - base) / one.usage.prompt_tokens
     before_log, before = len(cluster.log("prefill-0")), kv_bytes(cluster)
     many = cluster.client.completions.create(model=MODEL, prompt="Three colours of the autumn leaves are",
                                              max_tokens=4, temperature=1.0, n=3, seed=11)
     assert sorted(c.index for c in many.choices) == [0, 1, 2]
     assert all(c.finish_reason in ("length", "stop") for c in many.choices)
-    shipped = kv_bytes_after(cluster, before) - before
+    shipped = reported_kv_bytes(cluster) - before
     assert shipped == pytest.approx(per_token * many.usage.prompt_tokens, rel=0.05)   # one prompt, not 3
     time.sleep(0.5)
     prefills = new_prefills(cluster.log("prefill-0")[before_log:])
