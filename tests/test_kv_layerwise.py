@@ -2,6 +2,7 @@
 (tiny, random) Llama forward, each layer of a planned request leaves in its own kv_layers
 message before the forward has finished, through the real codec; landed on a decode pool layer
 by layer it is exactly the request's KV, and the kv_batch item then moves no bytes."""
+import threading
 import time
 
 import torch
@@ -25,14 +26,22 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layer
 PAGE, LENGTH, PAGES = 4, 10, [5, 2, 9]
 
 
-class SlowLayer(torch.nn.Module):
-    """A decoder layer that takes a while, so staging can be seen to overlap later layers."""
+HANDSHAKE_TIMEOUT_S = 30.0     # bounds a hang only: a streamer that keeps up releases each layer at once
 
-    def __init__(self, layer):
+
+class SlowLayer(torch.nn.Module):
+    """A decoder layer that takes a while and starts only once the layers before it have left the
+    wire, so staging overlaps the later layers by construction rather than by the streamer thread
+    winning a 50 ms race on loaded cores; a stream that sent at the forward's end would leave every
+    layer waiting out the timeout (`wire.late`)."""
+
+    def __init__(self, layer, index: int, wire: "Wire"):
         super().__init__()
-        self.layer = layer
+        self.layer, self.index, self.wire = layer, index, wire
 
     def forward(self, *args):
+        if not self.wire.wait_sent(self.index, HANDSHAKE_TIMEOUT_S):
+            self.wire.late.append(self.index)
         time.sleep(0.05)
         return self.layer(*args)
 
@@ -50,9 +59,17 @@ class Wire:
 
     def __init__(self):
         self.sent: list[tuple[str, P.KvLayers, float]] = []
+        self.late: list[int] = []           # layers that waited in vain for the ones before them
+        self._sent = threading.Condition()
 
     def __call__(self, peer: str, msg: P.KvLayers) -> None:
-        self.sent.append((peer, P.decode([bytes(f) for f in P.encode(msg)]), time.perf_counter()))
+        with self._sent:
+            self.sent.append((peer, P.decode([bytes(f) for f in P.encode(msg)]), time.perf_counter()))
+            self._sent.notify_all()
+
+    def wait_sent(self, num_layers: int, timeout_s: float) -> bool:
+        with self._sent:
+            return self._sent.wait_for(lambda: len(self.sent) >= num_layers, timeout_s)
 
 
 def planned(backend, rid="r1", attempt=0) -> Planned:
@@ -76,9 +93,9 @@ def land(msgs, backend, decode_pool, dst_pages, num_layers):
 def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_holds_it():
     torch.manual_seed(0)
     model = LlamaModel(CFG)
-    model.layers = torch.nn.ModuleList(SlowLayer(layer) for layer in model.layers)
-    pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE)
     wire = Wire()
+    model.layers = torch.nn.ModuleList(SlowLayer(layer, i, wire) for i, layer in enumerate(model.layers))
+    pool = KVPool(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, 16, PAGE)
     stream, zmq = LayerStream(CFG.num_layers, pool.device, "prefill-0", wire), ZmqSender(pool, "prefill-0", verify=True)
     model.add_layer_listener(stream.on_layer)
     try:
@@ -87,7 +104,7 @@ def test_each_layer_leaves_before_the_forward_finishes_and_lands_as_the_pool_hol
         stream.launching(7)
         done = forward(model, pool)
         packed, sent_at = stream.finish("r1")
-        assert [m.layer for _, m, _ in wire.sent] == list(range(CFG.num_layers))
+        assert [m.layer for _, m, _ in wire.sent] == list(range(CFG.num_layers)) and wire.late == []
         assert all(m.forward_iter == 7 and m.reqs[0].rid == "r1" for _, m, _ in wire.sent)
         assert all(t < done for _, _, t in wire.sent[:-1])   # layers 0..n-2 left while later ones ran
         assert wire.sent[0][2] < wire.sent[-2][2] - 0.1      # ... spread over the forward, not at its end
