@@ -98,7 +98,7 @@ class Pair:
     def run(self, n, lasts=None):
         schedulers = [self.prefill, self.decode]
         drain(schedulers, lasts or [None, None], lambda: len(self.dc.finished()) == n)
-        deadline = time.monotonic() + 10              # let the last kv_acks reach prefill
+        deadline = time.monotonic() + 60              # let the last kv_acks reach prefill (a bound on a hang)
         while self.prefill.inflight_queue and time.monotonic() < deadline:
             self.prefill.recv_requests()
         return self.dc.outputs()

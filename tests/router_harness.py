@@ -57,7 +57,7 @@ class RunningRouter:
         self.server = uvicorn.Server(http_config(app, "127.0.0.1", port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60              # a bound on a hang, not on a loaded machine
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.02)
         self.http = httpx.Client(base_url=self.url, timeout=10)
@@ -137,7 +137,9 @@ def register_again(worker, role: str) -> None:
         data_addr="tcp://127.0.0.1:19999", pid=1))
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Whether `cond` came true within `timeout`: a bound on a hang, never what a healthy run on a
+    loaded 2-core CI machine should trip over (every caller waits for something that must happen)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():

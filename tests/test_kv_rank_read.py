@@ -15,6 +15,7 @@ from cluster.wire import protocol as P
 LAYERS, KV_HEADS, HEAD_DIM, PAGES, PAGE_SIZE = 2, 3, 4, 8, 4
 SEQ_LEN = 10                                  # three pages, the last one partial
 SRC_PAGES, DST_PAGES = [5, 1, 6], [2, 3, 7]
+READ_TIMEOUT_S = 30          # bounds a hang only: a local read is answered in ms, on a loaded box in more
 
 
 def pool(heads: int, storage=None) -> KVPool:
@@ -66,7 +67,7 @@ def test_each_decode_rank_lands_exactly_its_heads(full, transport, src_tp, dst_t
         P.decode(P.encode(P.KvBatch(3, "prefill-0", [item], [], backend=transport, source=source)))
         for rank, layerwise in ((r, lw) for r in range(dst_tp) for lw in (False, True)):
             p = pool(dst.heads_per_rank)
-            reader = RankReader(p, rank, dst_tp, KV_HEADS, timeout_s=5)
+            reader = RankReader(p, rank, dst_tp, KV_HEADS, timeout_s=READ_TIMEOUT_S)
             # layer-wise: each layer as its kv_layers message names it, then the kv_batch's empty rest
             spans = [(l, l + 1) for l in range(LAYERS)] + [(LAYERS, LAYERS)] if layerwise else [(0, LAYERS)]
             landed = sum(reader.land(transport, "prefill-0", source, import_job(item, DST_PAGES, span))
@@ -99,7 +100,8 @@ def test_with_verify_the_decode_ranks_heads_check_against_the_prefill_ranks_chec
         item, source = prefill.item(checksum=expected), prefill.sender.source()
         landed, readers = {}, []
         for rank in range(dst_tp):
-            reader = RankReader(pool(HeadSplit(KV_HEADS, dst_tp).heads_per_rank), rank, dst_tp, KV_HEADS, timeout_s=5)
+            reader = RankReader(pool(HeadSplit(KV_HEADS, dst_tp).heads_per_rank), rank, dst_tp, KV_HEADS,
+                                timeout_s=READ_TIMEOUT_S)
             job = import_job(item, DST_PAGES, (0, LAYERS), verify=True)
             reader.land("shm", "prefill-0", source, job)
             landed |= reader.head_checksums(job)
@@ -157,9 +159,9 @@ def test_a_hostile_slice_request_is_answered_with_an_error_and_the_server_keeps_
                        [msgpack.packb({"id": 3, "pages": ["0"], "heads": [0, 1], "layers": [0, 1]})],
                        [b"\xc1not msgpack"], [b"a", b"b"], [msgpack.packb([1, 2])]):
             sock.send_multipart(frames)
-            assert sock.poll(5000), frames
+            assert sock.poll(READ_TIMEOUT_S * 1000), frames
             assert "error" in msgpack.unpackb(sock.recv_multipart()[0])
-        client = SliceClient(timeout_s=5)
+        client = SliceClient(timeout_s=READ_TIMEOUT_S)
         got = client.read(server.address, [0, 1], (0, 1), (0, 1))
         assert torch.equal(got, p.kv[0:1, :, 0:1].index_select(3, torch.tensor([0, 1])))
         client.close()
@@ -179,7 +181,7 @@ def test_with_curve_a_slice_server_answers_only_holders_of_the_cluster_key(tmp_p
     keys = write_keys(str(tmp_path / "keys"))
     p = pool(3)
     server = SliceServer(p, curve=keys)
-    member = SliceClient(timeout_s=5, curve=keys)
+    member = SliceClient(timeout_s=READ_TIMEOUT_S, curve=keys)
     intruder = zmq.Context.instance().socket(zmq.DEALER)
     intruder.setsockopt(zmq.LINGER, 0)
     CurveKeys(*zmq.curve_keypair()).dial(intruder)
