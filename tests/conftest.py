@@ -5,6 +5,12 @@ the default model loaded once per module for the in-process worker tests."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis times itself too: no per-example deadline and no too_slow health check anywhere, so a
+# loaded 2-core CI machine never fails a property that holds (each module's @settings keeps its counts)
+settings.register_profile("loaded-ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("loaded-ci")
 
 
 @pytest.hookimpl(optionalhook=True)
