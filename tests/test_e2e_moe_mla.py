@@ -82,7 +82,7 @@ def decode_metric(cluster, name: str) -> float:
                if line.startswith(f"pdcluster:{name}{{") and 'worker="decode-0"' in line)
 
 
-def decode_bytes(cluster, want: float, timeout: float = 15.0) -> float:
+def decode_bytes(cluster, want: float, timeout: float = 60.0) -> float:
     """decode-0's kv_transfer_bytes_total once its heartbeat reports `want` (or the timeout passes)."""
     deadline, got = time.monotonic() + timeout, -1.0
     while time.monotonic() < deadline:

@@ -92,14 +92,14 @@ def test_stalled_prefill_worker_makes_decode_prefill_new_requests_itself(cluster
         # no heartbeat for heartbeat_dead_after: gone from the worker directory, nothing is predicted to
         # prefill in time any more; the cluster stays healthy, degraded: decode prefills itself
         health = wait_for(lambda: (h := httpx.get(cluster.base_url + "/health", timeout=5)).json()["workers"]
-                          ["prefill"] == 0 and h, 10, "prefill-0 declared dead")
+                          ["prefill"] == 0 and h, 60, "prefill-0 declared dead")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
         with cf.ThreadPoolExecutor(len(STALL_PROMPTS)) as pool:
             assert list(pool.map(complete, STALL_PROMPTS)) == ref
         assert len(re.findall(r"decode-side prefill: request \S+ on decode-0", cluster.log("router"))) >= 3
         counted = re.compile(r'pdcluster:decode_side_prefill_tokens_total\{role="decode",worker="decode-0"\} (\S+)')
         num_prompt_tokens = sum(n for _, n in ref)            # the gauges come with the next heartbeat
-        wait_for(lambda: (m := counted.search(cluster.metrics())) and float(m.group(1)) >= num_prompt_tokens, 5,
+        wait_for(lambda: (m := counted.search(cluster.metrics())) and float(m.group(1)) >= num_prompt_tokens, 60,
                  "decode_side_prefill_tokens_total counting the prompts")
         for taken, budget in re.findall(r"Mixed step \[\d+\]: .*#prefill-token: (\d+), chunk budget: (\d+)",
                                         cluster.log("decode-0")):
