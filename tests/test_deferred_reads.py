@@ -31,6 +31,7 @@ from tests.test_dllm_block_loop import ids_only
 LANDING_S = 0.02        # how long an emulated forward stays on the "device" after its launch
 SLOW_LANDING_S = 0.1    # longer than a tiny CPU forward on a busy machine
 GARBAGE = -7            # what a host tensor holds until its copy lands
+HANDSHAKE_TIMEOUT_S = 30.0   # bounds a hang only: a forward thread that never waits releases it at once
 
 
 class Marker:
@@ -59,18 +60,22 @@ class EmulatedStream:
 
     def __init__(self, landing_s: float):
         self.landing_s = landing_s
+        self.forward_iter = None             # of the forward now enqueueing (set by a LandingGate)
+        self.gate = None                     # gate(forward_iter) before that forward lands
         self.work: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def enqueue(self, land) -> tuple[Marker, Marker]:
         started, ready = Marker(), Marker()
-        self.work.put((started, land, ready))
+        self.work.put((started, land, ready, self.forward_iter))
         return started, ready
 
     def _run(self) -> None:
         while (item := self.work.get()) is not None:
-            started, land, ready = item
+            started, land, ready, forward_iter = item
+            if self.gate is not None:
+                self.gate(forward_iter)
             started.fire()
             time.sleep(self.landing_s)
             land()
@@ -79,6 +84,51 @@ class EmulatedStream:
     def close(self) -> None:
         self.work.put(None)
         self.thread.join(10)
+
+
+class LandingGate:
+    """Holds batch N on the emulated device until the forward thread has returned from N+1 (its
+    trace line written), or until N is processed with nothing launched after it. A forward thread
+    that never waits for the device then returns N+1 before N lands in every such pass, however
+    loaded the machine (a 0.1 s landing against a tiny forward was a race CI-like load lost); one
+    that waited for N would leave N waiting out the timeout (`late`)."""
+
+    def __init__(self, s, stream: EmulatedStream):
+        self.may_land: dict[int, threading.Event] = {}
+        self.late: list[int] = []
+        self._lock = threading.Lock()
+        gate = self
+
+        class ReleasingTrace(list):
+            def append(self, line) -> None:      # ("forward", N+1, launched, returned)
+                super().append(line)
+                gate.release(line[1] - 1)
+
+        launch, process = s.executor.on_launch, s._process
+
+        def on_launch(forward_iter: int) -> None:   # the forward thread, right before that forward
+            if launch is not None:
+                launch(forward_iter)
+            stream.forward_iter = forward_iter
+
+        def process_last(batch, future) -> None:
+            if s.forward_ct == batch.forward_iter:  # nothing launched after N: no N+1 to wait for
+                gate.release(batch.forward_iter)
+            process(batch, future)
+
+        s.executor.trace, s.executor.on_launch, s._process = ReleasingTrace(), on_launch, process_last
+        stream.gate = self.wait
+
+    def release(self, forward_iter: int) -> None:
+        self._event(forward_iter).set()
+
+    def wait(self, forward_iter: int) -> None:
+        if not self._event(forward_iter).wait(HANDSHAKE_TIMEOUT_S):
+            self.late.append(forward_iter)
+
+    def _event(self, forward_iter: int) -> threading.Event:
+        with self._lock:
+            return self.may_land.setdefault(forward_iter, threading.Event())
 
 
 def landing_later(runner: ModelRunner, stream: EmulatedStream):
@@ -106,7 +156,7 @@ PARAMS = [{"max_tokens": 9, "ignore_eos": True}, {"max_tokens": 4, "ignore_eos":
           {"max_tokens": 8, "repetition_penalty": 1.2, "ignore_eos": True}]
 
 
-def serve(loaded, deferred: bool, landing_s: float = LANDING_S):
+def serve(loaded, deferred: bool, landing_s: float = LANDING_S, gated: bool = False):
     ctl = QueueControl()
     runner = ModelRunner(loaded, 128, 16)
     stream = EmulatedStream(landing_s)
@@ -115,6 +165,7 @@ def serve(loaded, deferred: bool, landing_s: float = LANDING_S):
     if deferred:
         s.executor.forward_fn = landing_later(runner, stream)
     s.executor.trace, s.trace, steps = [], [], []
+    s.landing_gate = LandingGate(s, stream) if gated else None
     process = s.process_batch_result
     s.process_batch_result = lambda b, r: (steps.append((r.ready, r.timings.get("step_s"))), process(b, r))[1]
     for i, sp in enumerate(PARAMS):
@@ -142,13 +193,16 @@ def test_deferred_results_are_read_only_once_landed_and_equal_waited_ones(loaded
 
 def test_batch_n_plus_one_is_launched_before_batch_n_lands(loaded):
     """The forward thread returned from N+1 before N's outputs landed (the emulated device still ran N)
-    in nearly every overlapped pass: it never waited for the device."""
-    _, s, _, _ = serve(loaded, deferred=True, landing_s=SLOW_LANDING_S)
+    in every pass that launched N+1 before processing N, nearly all of them: it never waited for the
+    device. The landing gate holds N until N+1 returned, so no load decides it."""
+    _, s, _, _ = serve(loaded, deferred=True, landing_s=SLOW_LANDING_S, gated=True)
+    launched = {it: t0 for _, it, t0, _ in s.executor.trace}    # both stamped by the scheduler thread
     returned = {it: t1 for _, it, _, t1 in s.executor.trace}
     processed = {it: t0 for _, it, t0, _ in s.trace}     # t0: after N's wait, when its processing starts
-    pairs = [(returned[it + 1], processed[it]) for it in processed if it + 1 in returned]
-    assert len(pairs) >= 10
-    assert sum(launch < landed for launch, landed in pairs) >= len(pairs) - 2
+    overlapped = [it for it in processed if it + 1 in launched and launched[it + 1] < processed[it]]
+    assert s.landing_gate.late == []
+    assert len(overlapped) >= 10 and len(overlapped) >= sum(it + 1 in launched for it in processed) - 2
+    assert all(returned[it + 1] < processed[it] for it in overlapped)
 
 
 def test_a_read_that_never_lands_times_out():
