@@ -65,7 +65,7 @@ class OtlpReceiver:
                             "status": s.status.code, "resource": resource})
             self._cond.notify_all()
 
-    def wait_for(self, trace_id: str, names: set, timeout: float = 20.0) -> list[dict]:
+    def wait_for(self, trace_id: str, names: set, timeout: float = 60.0) -> list[dict]:
         """The spans of `trace_id` once all of `names` arrived (or what came by the timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
