@@ -222,12 +222,19 @@ def test_abort_mid_answer_frees_the_request_and_spares_the_others(runner, overla
     long, short = SamplingParams(max_tokens=200, ignore_eos=True), SamplingParams(max_tokens=30, ignore_eos=True)
     control.inbound.put(P.Generate(rid="long", input_ids=PROMPTS[0], sampling=long))
     control.inbound.put(P.Generate(rid="short", input_ids=PROMPTS[1], sampling=short))
+    send, aborted = control.send, []
+
+    def send_then_abort(msg) -> None:
+        # NOTE: the client goes away on the scheduler thread, as long's 4th token leaves: a test thread
+        # polling for it could wake on loaded cores only after long's 200 tokens (100 tiny rounds)
+        send(msg)
+        if not aborted and len(control.outputs().get("long", [])) >= 4:
+            aborted.append(True)
+            control.inbound.put(P.Abort(rid="long", reason="client went away"))
+    control.send = send_then_abort
     loop = threading.Thread(target=sched.event_loop, daemon=True)
     loop.start()
     deadline = time.monotonic() + 60
-    while len(control.outputs().get("long", [])) < 4 and time.monotonic() < deadline:
-        time.sleep(0.002)
-    control.inbound.put(P.Abort(rid="long", reason="client went away"))
     while "short" not in control.finished() and time.monotonic() < deadline:
         time.sleep(0.002)
     while "long" in sched.reqs and time.monotonic() < deadline:
