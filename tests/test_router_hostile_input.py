@@ -103,7 +103,9 @@ def test_non_ascii_api_key_header_is_401_and_metrics_can_require_the_key(make_ro
 
 
 def test_large_body_does_not_stall_running_streams_or_kill_workers(make_router):
-    r = make_router(timeouts={"heartbeat_interval": 0.1, "heartbeat_dead_after": 1.0})
+    # 3 s: a stall of the kind this guards against (tokenizing 8 MiB) takes several seconds, while
+    # a loaded 2-core CI machine may hold a healthy loop for most of a second
+    r = make_router(timeouts={"heartbeat_interval": 0.1, "heartbeat_dead_after": 3.0})
     tok = r.service.tokenizer_for(MODEL)
     one = tok.encode(" a")
 
@@ -136,6 +138,6 @@ def test_large_body_does_not_stall_running_streams_or_kill_workers(make_router):
     for t in streams:
         t.join(60)
     assert len(gaps) >= 3 * 150
-    assert max(gaps[1:]) < 1.0, sorted(gaps)[-5:]
+    assert max(gaps[1:]) < 3.0, sorted(gaps)[-5:]
     assert r.dispatcher.directory.has_pair()        # nobody was declared dead
     assert not r.dispatcher.directory.departed
