@@ -14,8 +14,7 @@ MLA or q/k norm, one rank), with fewer ops and no module calls:
 - the o and down projections add into the residual straight from the packed kernel's
   bfloat16 output (`linear(..., residual=x)`: the same float32 sum, one conversion fewer);
 - with native Q4 weights (every projection one packed int4 matmul) the kernel is called directly,
-  and the ops that feed it (both RMSNorms, silu(gate) * up) round to bfloat16 as they compute,
-  into one buffer each, instead of a float32 result and a conversion after it;
+  between buffers made once (cpu_decode_native.py);
 - one request's two attention matmuls run on the weight matmuls' threads: K and V come from
   memory (the layer's weights pushed them out of cache), and a second core reads half of them.
 Several requests or scattered pages go through `decode_attention`; layer gates and listeners
@@ -32,9 +31,9 @@ import torch
 
 from cluster.engine.attention import decode_attention, lowp_attention
 from cluster.engine.attention_context import AttentionContext
-from cluster.engine.gguf_blocks import GROUP
+from cluster.engine.cpu_decode_native import run_native
 from cluster.engine.linear import linear, matmul_threads
-from cluster.engine.quant_linear import _INT4_MM, PACKED_MAX_ROWS, _Int4Part
+from cluster.engine.quant_linear import PACKED_MAX_ROWS, _Int4Part
 
 FLAT_DECODE = True   # False: every step through the modules (tests compare the two)
 
@@ -72,6 +71,7 @@ class DecodePlan:
         self.page_size = kv_caches[0][0].shape[2]
         self.layers = [self._layer(layer, kv) for layer, kv in zip(model.layers, kv_caches)]
         self.native = all(w.qkv_int4 and w.o_int4 and w.gate_up_int4 and w.down_int4 for w in self.layers)
+        self.native_buffers: dict = {}   # rows -> cpu_decode_native.NativeBuffers
 
     def _layer(self, layer, kv) -> LayerWeights:
         k_cache, v_cache = kv
@@ -123,7 +123,7 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
     cos, sin, scale = _rope_rows(plan, rope)
     attend = Attend(plan, ctx, cos, sin, scale)
     if plan.native and num_tokens <= PACKED_MAX_ROWS:
-        return _run_native(plan, x, attend, gates, listeners)
+        return run_native(plan, x, attend, gates, listeners)
     norm_shape, eps, rms_norm, silu = (plan.hidden,), plan.eps, torch.rms_norm, torch._C._nn.silu   # no F wrappers
     for i, w in enumerate(plan.layers):
         for hook in gates:
@@ -137,52 +137,12 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
     return x
 
 
-def _run_native(plan: DecodePlan, x: torch.Tensor, attend: "Attend", gates, listeners) -> torch.Tensor:
-    """`run_layers` with every weight one packed int4 matmul (GGUF Q4): the kernels called directly, and
-    what enters them (both norms, silu(gate) * up) rounded to bfloat16 by the op that computes it, into
-    one buffer each, instead of a float32 result and a conversion after it. The same values as `linear`."""
-    num_tokens, d, eps = x.shape[0], plan.head_dim, plan.eps
-    normed = x.new_empty((num_tokens, plan.hidden), dtype=torch.bfloat16)
-    inter = plan.layers[0].gate_up.shape[0] // 2
-    act = x.new_empty((num_tokens, inter), dtype=torch.bfloat16)
-    mm, mul, silu, bf16 = _int4_matmul(matmul_threads()), torch.mul, torch._C._nn.silu, torch.bfloat16
-    attend.raw = True
-    for i, w in enumerate(plan.layers):
-        for hook in gates:
-            hook(i)
-        qkv = mm(rms_norm_into(x, w.input_norm, eps, normed), w.qkv_int4).float()
-        if w.qkv_bias is not None:
-            qkv = qkv + w.qkv_bias
-        x = x + mm(attend(qkv.view(num_tokens, -1, d), w).to(bf16), w.o_int4)
-        gate_up = mm(rms_norm_into(x, w.post_norm, eps, normed), w.gate_up_int4).float()
-        x = x + mm(mul(silu(gate_up.narrow(1, 0, inter)), gate_up.narrow(1, inter, inter), out=act), w.down_int4)
-        for hook in listeners:
-            hook(i)
-    return x
-
-
 def rms_norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
     """`torch.rms_norm(x, ..., weight, eps)` (float32) rounded into `out`: the ops of torch's CPU composite
     (x * x, mean, + eps, rsqrt, * rstd, * weight: the same roundings) without its dtype casts and checks,
     its last multiply writing `out`'s dtype directly (computed in float32, rounded once)."""
     rstd = torch.mean(x * x, -1, True).add_(eps).rsqrt_()
     return torch.mul(x * rstd, weight, out=out)
-
-
-def _int4_matmul(threads: int):
-    """`mm(x_bf16, part)` -> the packed kernel's bfloat16 output, on `threads` torch threads (0: as set)."""
-    kernel = _INT4_MM or torch.ops.aten._weight_int4pack_mm_for_cpu
-    if not threads:
-        return lambda xb, part: kernel(xb, part.packed, GROUP, part.scales)
-    set_threads = torch.set_num_threads
-
-    def mm(xb: torch.Tensor, part) -> torch.Tensor:
-        set_threads(threads)
-        try:
-            return kernel(xb, part.packed, GROUP, part.scales)
-        finally:
-            set_threads(1)
-    return mm
 
 
 class Attend:
@@ -193,7 +153,6 @@ class Attend:
         self.heads, kvh = plan.num_heads, plan.num_kv_heads
         self.kv_heads2, self.half, self.qk_heads = 2 * kvh, plan.head_dim // 2, plan.num_heads + kvh
         self.cos, self.sin, self.scale, self.ctx = cos, sin, scale, ctx
-        self.raw = False   # True: a bfloat16 KV cache's attention output stays bfloat16 (the native loop's o kernel input)
         self.span = SpanViews(plan, ctx.kv_span, scale, matmul_threads()) if ctx.kv_span is not None else None
         self.slot_rows = None   # one token: its K and V rows as one strided copy, not an index_copy_
         if ctx.slot_mapping.numel() == 1:
@@ -213,8 +172,7 @@ class Attend:
             w.kv_planes.index_copy_(1, self.ctx.slot_mapping,
                                     qkv.narrow(1, self.heads, self.kv_heads2).transpose(0, 1).to(w.kv_planes.dtype))
         if self.span is not None:
-            out = self.span.attention(qkv, w)
-            return out if self.raw else out.float()
+            return self.span.attention(qkv, w).float()
         return decode_attention(qkv.narrow(1, 0, self.heads), *w.kv, self.ctx, self.scale)
 
 
@@ -259,7 +217,10 @@ class SpanViews:
             torch.set_num_threads(1)
 
     def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        q = qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset())
+        return self.attention_of(qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset()), w)
+
+    def attention_of(self, q: torch.Tensor, w: LayerWeights, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q `[kv_heads, G, D]` -> `[1, heads * D]`; `out`: a float32 `[kv_heads, G, D]` buffer it lands in."""
         values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
         if self.kv_dtype != q.dtype:   # bfloat16 KV: attention._decode_span_lowp's arithmetic, output bfloat16
             keys = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.k_offset + self.start)
@@ -269,4 +230,4 @@ class SpanViews:
             q = q.mul(self.scale)
         keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
         probs = self._bmm(q, keys_t).softmax(dim=-1)   # what matmul runs for 3-D operands, minus its checks
-        return self._bmm(probs, values).view(self.out_shape)
+        return self._bmm(probs, values, out=out).view(self.out_shape)
