@@ -1,6 +1,7 @@
 """The flat CPU decode loop (cpu_decode.py) against the decoder modules it stands in for: the same
-logits bit for bit, on every attention path (one request in place, scattered pages, several requests)
-and with float32 or packed (native) weights; models it does not cover keep the module path."""
+logits bit for bit with float32 weights, on every attention path (one request in place, scattered pages,
+several requests); models it does not cover keep the module path. Packed (native) weights' loop:
+test_cpu_decode_native.py."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import json
 import pytest
 import torch
 
-from cluster.engine import cpu_decode, quant_linear
+from cluster.engine import cpu_decode
 from cluster.engine.loader import load_model
 from cluster.engine.model_runner import ModelRunner
 from tests.engine_fixtures import TINY_LLAMA, batch_input, prefill_input
@@ -52,15 +53,6 @@ def test_flat_decode_logits_equal_the_module_path(tmp_path, monkeypatch, layout,
     flat = _decode_logits(runner, prompts, tables, True, monkeypatch)
     assert runner.model._decode_plan is not None
     assert torch.equal(flat, _decode_logits(runner, prompts, tables, False, monkeypatch))
-
-
-@pytest.mark.skipif(not quant_linear.native_kernels_available(), reason="torch's packed kernels are not vectorized")
-def test_flat_decode_with_native_weights_equals_the_module_path(monkeypatch):
-    runner = ModelRunner(load_model(cpu_weights="native"), num_pages=16, page_size=16)
-    prompt = runner.tokenizer.encode("The printing press changed Europe because")
-    tables = [list(range(2, 2 + -(-(len(prompt) + 4) // 16)))]
-    flat = _decode_logits(runner, [prompt], tables, True, monkeypatch)
-    assert torch.equal(flat, _decode_logits(runner, [prompt], tables, False, monkeypatch))
 
 
 def test_models_with_q_k_norms_keep_the_module_path(tmp_path, monkeypatch):

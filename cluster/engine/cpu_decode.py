@@ -72,6 +72,7 @@ class DecodePlan:
         self.layers = [self._layer(layer, kv) for layer, kv in zip(model.layers, kv_caches)]
         self.native = all(w.qkv_int4 and w.o_int4 and w.gate_up_int4 and w.down_int4 for w in self.layers)
         self.native_buffers: dict = {}   # rows -> cpu_decode_native.NativeBuffers
+        self.native_norms = None         # cpu_decode_native.native_norms
 
     def _layer(self, layer, kv) -> LayerWeights:
         k_cache, v_cache = kv
@@ -217,17 +218,19 @@ class SpanViews:
             torch.set_num_threads(1)
 
     def attention(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        return self.attention_of(qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset()), w)
+        return self.attention_of(qkv.as_strided(self.q_shape, self.q_strides, qkv.storage_offset()), w).view(
+            self.out_shape)
 
     def attention_of(self, q: torch.Tensor, w: LayerWeights, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q `[kv_heads, G, D]` -> `[1, heads * D]`; `out`: a float32 `[kv_heads, G, D]` buffer it lands in."""
+        """q `[kv_heads, G, D]` -> `[kv_heads, G, D]` (a bfloat16 KV: `[kv_heads, 1, G, D]`); `out`: a float32
+        `[kv_heads, G, D]` buffer it lands in."""
         values = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.v_offset + self.start)
         if self.kv_dtype != q.dtype:   # bfloat16 KV: attention._decode_span_lowp's arithmetic, output bfloat16
             keys = w.kv_planes.as_strided(self.v_shape, self.v_strides, w.k_offset + self.start)
             return self._bmm(q.to(self.kv_dtype).unsqueeze(1), keys, op=lowp_attention, values=values,
-                             scale=self.scale).view(self.out_shape)
+                             scale=self.scale)
         if self.scale != 1.0:
             q = q.mul(self.scale)
         keys_t = w.kv_planes.as_strided(self.k_shape, self.k_strides, w.k_offset + self.start)
         probs = self._bmm(q, keys_t).softmax(dim=-1)   # what matmul runs for 3-D operands, minus its checks
-        return self._bmm(probs, values, out=out).view(self.out_shape)
+        return self._bmm(probs, values, out=out)

@@ -12,6 +12,8 @@ Every op rounds as the module path's, so the logits are those of the modules (te
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cluster.engine.attention import decode_attention
@@ -28,8 +30,9 @@ class NativeBuffers:
         qk_heads, half = heads + kvh, d // 2
         inter = plan.layers[0].gate_up.shape[0] // 2
         self.rows, self.qkv_shape = rows, (rows, qk_heads + kvh, d)
-        self.norm_sq = torch.empty(rows, plan.hidden)          # x * x, then x * rstd
-        self.norm_ms = torch.empty(rows, 1)
+        self.norm_tmp = torch.empty(rows, plan.hidden)         # x / root
+        self.norm_root = torch.empty(rows, 1)                   # sqrt(sum(x^2) + H * eps)
+        self.norm_eps = torch.tensor(math.sqrt(plan.hidden * plan.eps))
         self.normed = torch.empty(rows, plan.hidden, dtype=torch.bfloat16)
         wide = torch.empty(rows, qk_heads + kvh, d + half)      # q, k, v heads, each row + its first half again
         self.qkv = wide[:, :, :d]
@@ -43,7 +46,9 @@ class NativeBuffers:
         self.gate_up = torch.empty(rows, 2 * inter)
         self.gate, self.up = self.gate_up[:, :inter], self.gate_up[:, inter:]
         self.act = torch.empty(rows, inter, dtype=torch.bfloat16)
+        self.kv_row = self.kv[0] if rows == 1 else None           # one token's K then V heads [2 * kv_heads, D]
         self.q_groups = self.q[0].unflatten(0, (kvh, heads // kvh)) if rows == 1 else None   # [kv_heads, G, D]
+        self.attn_groups = self.attn.view(kvh, heads // kvh, d) if rows == 1 else None
         self.span_out = torch.empty(kvh, heads // kvh, d)   # one request's attention output (float32 KV)
         self.qkv_biases = [None if w.qkv_bias is None else w.qkv_bias.view(qk_heads + kvh, d) for w in plan.layers]
 
@@ -55,32 +60,43 @@ def buffers_for(plan, rows: int) -> NativeBuffers:
     return buffers
 
 
+def native_norms(plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer its two RMSNorm weights times sqrt(hidden) (`_norm`), made once per plan."""
+    if plan.native_norms is None:
+        root = math.sqrt(plan.hidden)
+        plan.native_norms = [(w.input_norm * root, w.post_norm * root) for w in plan.layers]
+    return plan.native_norms
+
+
 def run_native(plan, x: torch.Tensor, attend, gates, listeners) -> torch.Tensor:
     """The decoder layers (x `[T, hidden]` float32 -> the last layer's output, not normed) with every weight
     one packed int4 kernel; `attend` is cpu_decode.Attend (its cos/sin rows, KV write slots and span views)."""
     b = buffers_for(plan, x.shape[0])
     x = x.clone()   # the residual stream, added into in place
-    eps, mm, silu_, mul = plan.eps, int4_matmul(matmul_threads()), torch._C._nn.silu_, torch.mul
-    for i, w in enumerate(plan.layers):
+    mm, silu_, mul = int4_matmul(matmul_threads()), torch._C._nn.silu_, torch.mul
+    for i, (w, norm_weights) in enumerate(zip(plan.layers, native_norms(plan))):
         for hook in gates:
             hook(i)
-        b.qkv.copy_(mm(_norm(x, w.input_norm, eps, b), w.qkv_int4).view(b.qkv_shape))
+        b.qkv.copy_(mm(_norm(x, norm_weights[0], b), w.qkv_int4).view(b.qkv_shape))
         if w.qkv_bias is not None:
             b.qkv.add_(b.qkv_biases[i])
         _attention(attend, b, w)
         x.add_(mm(b.attn, w.o_int4))
-        b.gate_up.copy_(mm(_norm(x, w.post_norm, eps, b), w.gate_up_int4))
+        b.gate_up.copy_(mm(_norm(x, norm_weights[1], b), w.gate_up_int4))
         x.add_(mm(mul(silu_(b.gate), b.up, out=b.act), w.down_int4))
         for hook in listeners:
             hook(i)
     return x
 
 
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, b: NativeBuffers) -> torch.Tensor:
-    """`rms_norm_into(x, weight, eps, b.normed)` through the step's buffers (no allocation)."""
-    sq = torch.mul(x, x, out=b.norm_sq)
-    rstd = torch.mean(sq, -1, True, out=b.norm_ms).add_(eps).rsqrt_()
-    return torch.mul(torch.mul(x, rstd, out=sq), weight, out=b.normed)
+def _norm(x: torch.Tensor, weight: torch.Tensor, b: NativeBuffers) -> torch.Tensor:
+    """RMSNorm rounded into `b.normed`: `x / sqrt(sum(x^2) + H * eps) * (weight * sqrt(H))` (`weight` comes
+    scaled: `NativeWeights`), which is `x * rsqrt(mean(x^2) + eps) * weight`: one reduction kernel and
+    three elementwise ones, where torch's composite takes six (mean is two). It rounds differently in
+    float32's last bits, so the bfloat16 values differ from the module path's in a few elements per
+    million (tests/test_cpu_decode_native.py)."""
+    root = torch.hypot(torch.linalg.vector_norm(x, 2, -1, True, out=b.norm_root), b.norm_eps, out=b.norm_root)
+    return torch.mul(torch.div(x, root, out=b.norm_tmp), weight, out=b.normed)
 
 
 def _attention(attend, b: NativeBuffers, w) -> None:
@@ -90,14 +106,16 @@ def _attention(attend, b: NativeBuffers, w) -> None:
     b.qk.mul_(attend.cos).add_(b.rotated_sin)
     if attend.slot_rows is not None:
         shape, strides, offset = attend.slot_rows[:3]
-        w.kv_planes.as_strided(shape, strides, w.k_offset + offset).copy_(b.kv[0])
+        w.kv_planes.as_strided(shape, strides, w.k_offset + offset).copy_(b.kv_row)
     else:
         w.kv_planes.index_copy_(1, attend.ctx.slot_mapping, b.kv_by_head.to(w.kv_planes.dtype))
     span = attend.span
     if span is None:
         b.attn.copy_(decode_attention(b.q, *w.kv, attend.ctx, attend.scale).view(b.attn.shape))
+    elif span.kv_dtype != torch.float32:
+        b.attn.copy_(span.attention_of(b.q_groups, w).view(b.attn.shape))
     else:
-        b.attn.copy_(span.attention_of(b.q_groups, w, out=b.span_out if span.kv_dtype == torch.float32 else None))
+        b.attn_groups.copy_(span.attention_of(b.q_groups, w, out=b.span_out))
 
 
 def int4_matmul(threads: int):

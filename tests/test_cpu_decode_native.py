@@ -1,0 +1,85 @@
+"""The native flat decode loop (cpu_decode_native.py): its RoPE over the widened qkv rows against apply_rope
+(bit for bit), its RMSNorm against torch's (bfloat16 results, a last-bit difference in a few elements), and
+its decode logits against the module path's with the same native weights, fed the same tokens."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cluster.engine import cpu_decode, cpu_decode_native, quant_linear
+from cluster.engine.loader import load_model
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.rotary import RotaryEmbedding, apply_rope
+from tests.engine_fixtures import batch_input, prefill_input
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _plan(heads=9, kv_heads=3, head_dim=64, hidden=96, inter=40):
+    layer = SimpleNamespace(gate_up=torch.empty(2 * inter, hidden), qkv_bias=None)
+    return SimpleNamespace(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads, hidden=hidden, eps=1e-5,
+                           layers=[layer])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rope_over_the_widened_rows_equals_apply_rope(rows):
+    torch.manual_seed(0)
+    plan = _plan()
+    b = cpu_decode_native.NativeBuffers(plan, rows)
+    qkv = torch.randn(rows, 15, 64)
+    cos, sin = RotaryEmbedding(64, 512, 10000.0).lookup(torch.tensor([7, 300, 511][:rows]), torch.float32)
+    b.qkv.copy_(qkv)
+    b.first_half_again.copy_(b.first_half)
+    torch.mul(b.rotated, sin, out=b.rotated_sin)
+    b.qk.mul_(cos).add_(b.rotated_sin)
+    assert torch.equal(b.qk, apply_rope(qkv[:, :12], cos, sin))
+    assert torch.equal(b.kv, torch.cat((apply_rope(qkv[:, 9:12], cos, sin), qkv[:, 12:]), dim=1))
+    assert torch.equal(b.kv_by_head, b.kv.transpose(0, 1)) and torch.equal(b.q, b.qkv[:, :9])
+
+
+def test_norm_rounds_as_torch_rms_norm_but_for_a_last_bit_here_and_there():
+    """`x / sqrt(sum(x^2) + H eps) * (w sqrt(H))` against `torch.rms_norm`, both rounded to bfloat16:
+    at most one bfloat16 step apart, and in at most 1 element in 1000."""
+    torch.manual_seed(0)
+    plan = _plan(hidden=576)
+    b = cpu_decode_native.NativeBuffers(plan, 4)
+    weight = torch.randn(576)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(4, 576) * scale
+        fast = cpu_decode_native._norm(x, weight * math.sqrt(576), b).float()
+        exact = torch.rms_norm(x, (576,), weight, 1e-5).bfloat16().float()
+        ulp = exact.abs() * 2 ** -7
+        assert ((fast - exact).abs() <= ulp).all()
+        assert (fast != exact).float().mean() <= 1e-3
+
+
+@pytest.mark.skipif(not quant_linear.native_kernels_available(), reason="torch's packed kernels are not vectorized")
+def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(monkeypatch):
+    """Both paths fed the same tokens: their logits differ by the last-bit roundings of the norm only, which
+    bfloat16 activations carry through 30 layers into ~1% logit noise, as any change of summation order
+    does (test_engine_runner.py); native weights' own error against float32 weights is larger (max abs
+    logit difference per step ~0.3: `benchmarks/cpu_decode.py --agreement`)."""
+    runner = ModelRunner(load_model(cpu_weights="native"), num_pages=16, page_size=16)
+    prompt = runner.tokenizer.encode("The printing press changed Europe because")
+    pages = list(range(2, 2 + -(-(len(prompt) + 8) // 16)))
+    fed = [504, 7510, 1757, 4247, 1910, 975]
+
+    def logits(flat: bool) -> torch.Tensor:
+        monkeypatch.setattr(cpu_decode, "FLAT_DECODE", flat)
+        runner.forward(prefill_input(prompt, pages))
+        rows = []
+        for i, token in enumerate(fed):
+            fi = batch_input([[token]], [len(prompt) + i], [pages], is_decode=True)
+            fi.return_logits = True
+            rows.append(runner.forward(fi).logits[0])
+        return torch.stack(rows)
+
+    flat, modules = logits(True), logits(False)
+    assert runner.model._decode_plan is not None and runner.model._decode_plan.native_buffers
+    diff = (flat - modules).abs().amax(dim=-1)
+    assert diff.max() < 0.35, diff
+    assert ((flat - modules).norm(dim=-1) / modules.norm(dim=-1)).max() < 0.03
+    assert (flat.argmax(-1) == modules.argmax(-1)).float().mean() >= 5 / 6
