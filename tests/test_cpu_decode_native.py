@@ -83,3 +83,13 @@ def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(monke
     assert diff.max() < 0.35, diff
     assert ((flat - modules).norm(dim=-1) / modules.norm(dim=-1)).max() < 0.03
     assert (flat.argmax(-1) == modules.argmax(-1)).float().mean() >= 5 / 6
+
+
+def test_greedy_ids_pick_argmax_first_maximum_and_nan():
+    from cluster.engine.model_runner import greedy_ids
+    torch.manual_seed(0)
+    for _ in range(50):
+        logits = torch.randint(0, 5, (3, 4099)).float()   # many ties
+        logits[0, torch.randint(0, 4099, (2,))] = float("nan")
+        logits[1] = float("-inf")
+        assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))

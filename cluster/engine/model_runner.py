@@ -201,7 +201,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(_last_rows(hidden[:fi.num_tokens], fi.extend_lens, rows,
                                                               self.device))
             if plain_greedy and every_row:    # nothing to process: the argmax is the token
-                ids, lps, top = logits.argmax(dim=-1), None, None
+                ids, lps, top = greedy_ids(logits), None, None
             else:
                 prior_ids = self.resolve_prior(pick(fi.prior_ids))
                 ids, lps, top = sample(logits, pick(fi.sampling), pick(fi.generators), prior_ids,
@@ -240,6 +240,12 @@ class ModelRunner:
                 out.append(None)
             start += fi.extend_lens[i]
         return out
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)`: on the CPU as `max(-1)`'s indices, the same first maximum (NaN counted as the largest,
+    as argmax does) from a reduction ~2x faster over a vocabulary row (50 against 100 µs for 49152 logits)."""
+    return torch.max(logits, dim=-1).indices if logits.is_cpu else logits.argmax(dim=-1)
 
 
 def _record(timing: bool = False) -> torch.cuda.Event:
