@@ -56,29 +56,44 @@ def test_norm_rounds_as_torch_rms_norm_but_for_a_last_bit_here_and_there():
         assert (fast != exact).float().mean() <= 1e-3
 
 
+@pytest.fixture(scope="module")
+def native_runner():
+    return ModelRunner(load_model(cpu_weights="native"), num_pages=32, page_size=16)
+
+
+PROMPTS = ["The printing press changed Europe because", "def add(a, b):", "Once upon a time"]
+LAYOUTS = {   # one request on consecutive pages (span views), on scattered pages, three requests
+    "one_in_place": [[2, 3]],
+    "one_scattered": [[9, 4]],
+    "three": [[1, 2], [12, 8], [20, 21]],
+}
+
+
 @pytest.mark.skipif(not quant_linear.native_kernels_available(), reason="torch's packed kernels are not vectorized")
-def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(native_runner, monkeypatch, layout):
     """Both paths fed the same tokens: their logits differ by the last-bit roundings of the norm only, which
     bfloat16 activations carry through 30 layers into ~1% logit noise, as any change of summation order
     does (test_engine_runner.py); native weights' own error against float32 weights is larger (max abs
     logit difference per step ~0.3: `benchmarks/cpu_decode.py --agreement`)."""
-    runner = ModelRunner(load_model(cpu_weights="native"), num_pages=16, page_size=16)
-    prompt = runner.tokenizer.encode("The printing press changed Europe because")
-    pages = list(range(2, 2 + -(-(len(prompt) + 8) // 16)))
-    fed = [504, 7510, 1757, 4247, 1910, 975]
+    runner, tables = native_runner, LAYOUTS[layout]
+    prompts = [runner.tokenizer.encode(p) for p in PROMPTS[:len(tables)]]
+    fed = [[504, 7510, 1757, 4247, 1910, 975][i::len(tables)] for i in range(len(tables))]
 
     def logits(flat: bool) -> torch.Tensor:
         monkeypatch.setattr(cpu_decode, "FLAT_DECODE", flat)
-        runner.forward(prefill_input(prompt, pages))
-        rows = []
-        for i, token in enumerate(fed):
-            fi = batch_input([[token]], [len(prompt) + i], [pages], is_decode=True)
+        for p, pages in zip(prompts, tables):
+            runner.forward(prefill_input(p, pages))
+        steps = []
+        for i in range(min(len(f) for f in fed)):
+            fi = batch_input([[f[i]] for f in fed], [len(p) + i for p in prompts], tables, is_decode=True)
             fi.return_logits = True
-            rows.append(runner.forward(fi).logits[0])
-        return torch.stack(rows)
+            steps.append(runner.forward(fi).logits)
+        return torch.cat(steps)
 
     flat, modules = logits(True), logits(False)
-    assert runner.model._decode_plan is not None and runner.model._decode_plan.native_buffers
+    plan = runner.model._decode_plan
+    assert plan is not None and plan.native and len(tables) in plan.native_buffers
     diff = (flat - modules).abs().amax(dim=-1)
     assert diff.max() < 0.35, diff
     assert ((flat - modules).norm(dim=-1) / modules.norm(dim=-1)).max() < 0.03
