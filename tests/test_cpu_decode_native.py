@@ -57,8 +57,8 @@ def test_norm_rounds_as_torch_rms_norm_but_for_a_last_bit_here_and_there():
 
 
 @pytest.fixture(scope="module")
-def native_runner():
-    return ModelRunner(load_model(cpu_weights="native"), num_pages=32, page_size=16)
+def native_model():
+    return load_model(cpu_weights="native")
 
 
 PROMPTS = ["The printing press changed Europe because", "def add(a, b):", "Once upon a time"]
@@ -70,13 +70,14 @@ LAYOUTS = {   # one request on consecutive pages (span views), on scattered page
 
 
 @pytest.mark.skipif(not quant_linear.native_kernels_available(), reason="torch's packed kernels are not vectorized")
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(native_runner, monkeypatch, layout):
+@pytest.mark.parametrize("layout,kv_dtype", [(layout, "auto") for layout in LAYOUTS] + [("one_in_place", "bfloat16")])
+def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(native_model, monkeypatch, layout, kv_dtype):
     """Both paths fed the same tokens: their logits differ by the last-bit roundings of the norm only, which
     bfloat16 activations carry through 30 layers into ~1% logit noise, as any change of summation order
     does (test_engine_runner.py); native weights' own error against float32 weights is larger (max abs
     logit difference per step ~0.3: `benchmarks/cpu_decode.py --agreement`)."""
-    runner, tables = native_runner, LAYOUTS[layout]
+    runner = ModelRunner(native_model, num_pages=32, page_size=16, kv_dtype=kv_dtype)
+    tables = LAYOUTS[layout]
     prompts = [runner.tokenizer.encode(p) for p in PROMPTS[:len(tables)]]
     fed = [[504, 7510, 1757, 4247, 1910, 975][i::len(tables)] for i in range(len(tables))]
 
