@@ -133,3 +133,57 @@ def test_greedy_ids_pick_argmax_first_maximum_and_nan():
         logits[0, torch.randint(0, 4099, (2,))] = float("nan")
         logits[1] = float("-inf")
         assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
+
+
+def _pack_int4(model) -> None:
+    """Every projection of a dummy-weight model as int4 groups of 32 (`w = q * scale + low`), attached as
+    native weights: what a Q4_1 GGUF file gives (quant_linear.attach_packed)."""
+    from cluster.engine.gguf_blocks import GROUP, QuantBlocks
+    cfg, blocks = model.config, {}
+    splits = {"qkv_proj": (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)),
+              "gate_up_proj": (("gate_proj", None), ("up_proj", None)), "o_proj": (("o_proj", None),),
+              "down_proj": (("down_proj", None),)}
+    for name, p in model.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        proj = prefix.rpartition(".")[2]
+        if leaf != "weight" or proj not in splits:
+            continue
+        sizes = [s or p.shape[0] // len(splits[proj]) for _, s in splits[proj]]
+        for (hf, _), w in zip(splits[proj], p.detach().split(sizes)):
+            groups = w.reshape(w.shape[0], -1, GROUP)
+            low, high = groups.amin(-1), groups.amax(-1)
+            scale = ((high - low) / 15).clamp(min=1e-8)
+            q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+            blocks[f"model.{prefix.rpartition('.')[0]}.{hf}.weight"] = QuantBlocks(q.view(w.shape), scale, low)
+    quant_linear.attach_packed(model, blocks)
+
+
+@pytest.mark.skipif(not quant_linear.native_kernels_available(), reason="torch's packed kernels are not vectorized")
+def test_native_flat_decode_with_qkv_biases(tmp_path, monkeypatch):
+    """A Qwen2-style tiny model (q/k/v biases, head_dim 32, softmax scale not a power of two) packed as int4:
+    the native loop (bias added to the widened qkv rows) within bfloat16 noise of the module path."""
+    import json
+    from tests.engine_fixtures import TINY_LLAMA
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_LLAMA, "architectures": ["Qwen2ForCausalLM"],
+                                                      "model_type": "qwen2", "head_dim": 32, "hidden_size": 96}))
+    loaded = load_model("tiny", str(tmp_path), load_format="dummy")
+    with torch.no_grad():
+        for layer in loaded.model.layers:
+            layer.self_attn.qkv_proj.bias.normal_(0, 0.5)
+    _pack_int4(loaded.model)
+    runner = ModelRunner(loaded, num_pages=16, page_size=4)
+    prompt, pages, fed = [5, 9, 11, 3, 7], [2, 3, 4], [13, 21, 8, 40]
+
+    def logits(flat: bool) -> torch.Tensor:
+        monkeypatch.setattr(cpu_decode, "FLAT_DECODE", flat)
+        runner.forward(prefill_input(prompt, pages))
+        steps = []
+        for i, token in enumerate(fed):
+            fi = batch_input([[token]], [len(prompt) + i], [pages], is_decode=True)
+            fi.return_logits = True
+            steps.append(runner.forward(fi).logits)
+        return torch.cat(steps)
+
+    flat, modules = logits(True), logits(False)
+    assert runner.model._decode_plan.native and runner.model._decode_plan.layers[0].qkv_bias is not None
+    assert ((flat - modules).norm(dim=-1) / modules.norm(dim=-1)).max() < 0.03
