@@ -56,6 +56,20 @@ def test_norm_rounds_as_torch_rms_norm_but_for_a_last_bit_here_and_there():
         assert (fast != exact).float().mean() <= 1e-3
 
 
+def _fed_logits(runner: ModelRunner, prompts: list[list[int]], tables: list[list[int]],
+                fed: list[list[int]]) -> torch.Tensor:
+    """Prefill each prompt on its pages, then decode all of them together fed `fed[r][i]` at step i (the same
+    tokens for every path compared, whatever each would pick): the decode logits, steps stacked."""
+    for p, pages in zip(prompts, tables):
+        runner.forward(prefill_input(p, pages))
+    steps = []
+    for i in range(min(len(f) for f in fed)):
+        fi = batch_input([[f[i]] for f in fed], [len(p) + i for p in prompts], tables, is_decode=True)
+        fi.return_logits = True
+        steps.append(runner.forward(fi).logits)
+    return torch.cat(steps)
+
+
 @pytest.fixture(scope="module")
 def native_model():
     return load_model(cpu_weights="native")
@@ -83,14 +97,7 @@ def test_native_flat_decode_stays_within_bfloat16_noise_of_the_module_path(nativ
 
     def logits(flat: bool) -> torch.Tensor:
         monkeypatch.setattr(cpu_decode, "FLAT_DECODE", flat)
-        for p, pages in zip(prompts, tables):
-            runner.forward(prefill_input(p, pages))
-        steps = []
-        for i in range(min(len(f) for f in fed)):
-            fi = batch_input([[f[i]] for f in fed], [len(p) + i for p in prompts], tables, is_decode=True)
-            fi.return_logits = True
-            steps.append(runner.forward(fi).logits)
-        return torch.cat(steps)
+        return _fed_logits(runner, prompts, tables, fed)
 
     flat, modules = logits(True), logits(False)
     plan = runner.model._decode_plan
@@ -109,16 +116,7 @@ def test_native_flat_decode_stays_near_the_float32_path(native_model):
     runners = [ModelRunner(m, num_pages=16, page_size=16) for m in (native_model, load_model(cpu_weights="float32"))]
     prompt = runners[0].tokenizer.encode("The printing press changed Europe because")
     pages, fed = [2, 3], [504, 7510, 1757, 4247, 1910, 975]
-    logits = []
-    for runner in runners:
-        runner.forward(prefill_input(prompt, pages))
-        steps = []
-        for i, token in enumerate(fed):
-            fi = batch_input([[token]], [len(prompt) + i], [pages], is_decode=True)
-            fi.return_logits = True
-            steps.append(runner.forward(fi).logits)
-        logits.append(torch.cat(steps))
-    native, ref = logits
+    native, ref = [_fed_logits(runner, [prompt], [pages], [fed]) for runner in runners]
     assert runners[0].model._decode_plan.native and runners[0].model._decode_plan.native_buffers
     assert (native - ref).abs().amax(dim=-1).max() < 1.0
     assert ((native - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.05
@@ -176,13 +174,7 @@ def test_native_flat_decode_with_qkv_biases(tmp_path, monkeypatch):
 
     def logits(flat: bool) -> torch.Tensor:
         monkeypatch.setattr(cpu_decode, "FLAT_DECODE", flat)
-        runner.forward(prefill_input(prompt, pages))
-        steps = []
-        for i, token in enumerate(fed):
-            fi = batch_input([[token]], [len(prompt) + i], [pages], is_decode=True)
-            fi.return_logits = True
-            steps.append(runner.forward(fi).logits)
-        return torch.cat(steps)
+        return _fed_logits(runner, [prompt], [pages], [fed])
 
     flat, modules = logits(True), logits(False)
     assert runner.model._decode_plan.native and runner.model._decode_plan.layers[0].qkv_bias is not None
