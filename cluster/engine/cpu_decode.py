@@ -138,14 +138,6 @@ def run_layers(plan: DecodePlan, x: torch.Tensor, rope: tuple[torch.Tensor, torc
     return x
 
 
-def rms_norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """`torch.rms_norm(x, ..., weight, eps)` (float32) rounded into `out`: the ops of torch's CPU composite
-    (x * x, mean, + eps, rsqrt, * rstd, * weight: the same roundings) without its dtype casts and checks,
-    its last multiply writing `out`'s dtype directly (computed in float32, rounded once)."""
-    rstd = torch.mean(x * x, -1, True).add_(eps).rsqrt_()
-    return torch.mul(x * rstd, weight, out=out)
-
-
 class Attend:
     """One layer's attention for the flat loop: RoPE in place on the q and k heads of `qkv` `[T, heads, D]`,
     the KV write, attention -> `[T, heads * D]` (float32)."""

@@ -96,7 +96,7 @@ def run_native(plan, x: torch.Tensor, attend, gates, listeners) -> torch.Tensor:
 def _norm(x: torch.Tensor, weight: torch.Tensor, b: NativeBuffers) -> torch.Tensor:
     """RMSNorm rounded into `b.normed`: `x / sqrt(sum(x^2) + H * eps) * (weight * sqrt(H))` (`weight` comes
     scaled: `native_norms`), which is `x * rsqrt(mean(x^2) + eps) * weight` in one reduction kernel and
-    three elementwise ones, all into buffers: 6.4 against 12.6 us (`cpu_decode.rms_norm_into`: six ops,
+    three elementwise ones, all into buffers: 6.4 against 12.6 us (the six-op form it replaced,
     mean two of them) and 15 us (`torch.rms_norm`, a composite of ~20 on the CPU) here. It rounds
     differently in float32's last bits: its bfloat16 values are torch.rms_norm's but for one step in
     ~1 element in 100,000 (tests/test_cpu_decode_native.py)."""
