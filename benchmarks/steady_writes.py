@@ -33,10 +33,13 @@ from cluster.router.openai_response import ResponseWriter
 from cluster.router.request_state import RequestState
 from cluster.router.service import Generation
 try:
-    from cluster.router.steady_stream import steady_writer
-except ImportError:                                        # a tree from before steady_stream.py
-    from cluster.router.service import RouterService
-    steady_writer = RouterService.steady_writer
+    from cluster.router.steady_stream import SteadyStream as steady_writer
+except ImportError:                                        # older trees: a writer function
+    try:
+        from cluster.router.steady_stream import steady_writer
+    except ImportError:                                    # a tree from before steady_stream.py
+        from cluster.router.service import RouterService
+        steady_writer = RouterService.steady_writer
 from cluster.sampling_params import SamplingParams
 
 TOKEN_IDS = [260, 2644, 2643, 335, 1171]                   # " the cat sat on mat", as router_stream's worker

@@ -15,7 +15,7 @@ from cluster.router.metrics import RouterMetrics
 from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.request_state import FailedEvent, RequestState, TokensEvent
 from cluster.router.service import Generation
-from cluster.router.steady_stream import put_tokens, steady_writer
+from cluster.router.steady_stream import SteadyStream, put_tokens
 from cluster.sampling_params import SamplingParams
 
 TEXTS = ['plain words and "quotes", a \\ backslash,\ttab and\nnewline',
@@ -54,7 +54,7 @@ def stream(tok, loop, kind="completion", stop=(), index=0):
     gen = Generation(st, mailbox, CompletionText(IncrementalDetokenizer(tok), list(stop)), writer, 1,
                      time.monotonic(), index=index)
     wire, service = Wire(), Service()
-    mailbox.steady = steady_writer(service, gen, wire)
+    mailbox.steady = SteadyStream(service, gen, wire)
     mailbox.waiter = loop.create_future()
     return gen, wire, service
 

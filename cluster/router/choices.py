@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from cluster.router.errors import APIError, error_body
 from cluster.router.event_stream import ChunkWire
-from cluster.router.steady_stream import steady_writer
+from cluster.router.steady_stream import SteadyStream
 from cluster.router.openai_response import ResponseWriter, sse
 from cluster.router.tool_calls import ToolCallStream, calls_from_constrained, parse_tool_calls
 
@@ -135,7 +135,7 @@ async def _choice_chunks(service, gen, wire: Callable[[], Optional[ChunkWire]] =
     """The SSE events of one generation, a list per batch of deltas that arrived together.
     With a `wire`, once every event is a plain text delta (no tools, logprobs or echo left:
     from the first token on where there are none), plain tokens may bypass this generator: the
-    mailbox hands them to its `steady_writer` (steady_stream.py) while it waits here (mailbox.py)."""
+    mailbox hands them to its `SteadyStream` (steady_stream.py) while it waits here (mailbox.py)."""
     w, p = gen.writer, gen.parsed
     tools = p is not None and p.kind == "chat" and p.functions and p.tool_choice.mode != "none"
     auto = ToolCallStream(p.functions) if tools and p.tool_choice.mode == "auto" else None
@@ -146,7 +146,7 @@ async def _choice_chunks(service, gen, wire: Callable[[], Optional[ChunkWire]] =
     def go_steady() -> None:
         if (gen.mailbox.steady is None and not tools and not w.logprobs and not echo
                 and (chunk_wire := wire()) is not None):
-            gen.mailbox.steady = steady_writer(service, gen, chunk_wire)
+            gen.mailbox.steady = SteadyStream(service, gen, chunk_wire)
     try:
         echo = _echo(gen)
         if w.kind == "chat":                   # the role chunk, at once

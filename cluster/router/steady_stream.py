@@ -44,10 +44,6 @@ class SteadyStream:
         self.size = len(self.head) + len(self.tail)
 
 
-def steady_writer(service, gen, wire) -> SteadyStream:
-    return SteadyStream(service, gen, wire)
-
-
 def put_tokens(rows) -> None:
     """[(mailbox, token id)] of one step, on the loop's thread, in order: each token to its
     stream's client when its mailbox is steady and its coroutine waits with nothing queued,
